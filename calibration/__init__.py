@@ -1,0 +1,1 @@
+"""Data readers, quantization recipes and the bundled sample data (see data/README.md)."""

@@ -1,0 +1,242 @@
+"""Artifact folders, atomic writes and manifests.
+
+Every stage writes into its own folder. The order is what makes a crash harmless: the old manifest
+is removed first (the folder no longer claims to be complete), each output is written to a
+temporary name, fsynced and moved into place with ``os.replace``, and the new manifest is written
+last. A folder is complete only when its manifest says so and every output's sha256 matches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__
+from pipeline.errors import ArtifactError, InputError
+
+MANIFEST_NAME = "manifest.json"
+SCHEMA_VERSION = 1
+_TMP_MARK = ".tmp-"
+_VERSIONED_PACKAGES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxsim",
+    "numpy",
+)
+
+
+def sha256_file(path: Path) -> str:
+    """Return the hex sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(value: Any) -> str:
+    """Return the sha256 of a value's canonical JSON form (sorted keys, no spaces)."""
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of Python, this tool and the libraries that shape the artifacts."""
+    versions = {
+        "python": platform.python_version(),
+        "bert-compiler": __version__,
+        "platform": f"{sys.platform}-{platform.machine()}",
+    }
+    for name in _VERSIONED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename is durable only once the directory entry itself is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success fsync it and rename it into place.
+
+    On any exception the temporary file is removed and ``final`` is left as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}{_TMP_MARK}{os.getpid()}")
+    try:
+        yield staging
+        if not staging.exists():
+            raise ArtifactError(
+                f"{final}: the stage wrote nothing to its staging file {staging.name}"
+            )
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            staging.unlink()
+        raise
+
+
+def atomic_write_text(final: Path, text: str) -> None:
+    """Write text to ``final`` atomically (temporary name, fsync, rename)."""
+    with atomic_path(final) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage declares about one run: its inputs' hashes, its settings and its results."""
+
+    stage: str
+    inputs: Mapping[str, Any]
+    spec: Mapping[str, Any]
+
+    def input_key(self, versions: Mapping[str, str]) -> str:
+        """One hash over everything that determines the outputs: inputs, settings, tool versions."""
+        return sha256_json(
+            {"stage": self.stage, "inputs": self.inputs, "spec": self.spec, "versions": versions}
+        )
+
+
+class ArtifactDir:
+    """One stage's output folder and its manifest."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST_NAME
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None when the folder has none (never built, or interrupted)."""
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ArtifactError(
+                f"{self.manifest_path}: manifest is not valid JSON ({err}); "
+                "delete the folder or rerun with --force"
+            ) from err
+        if not isinstance(manifest, dict):
+            raise ArtifactError(f"{self.manifest_path}: manifest is not a JSON object")
+        return manifest
+
+    def require_complete(self) -> dict[str, Any]:
+        """Return the manifest after checking every output against its recorded sha256.
+
+        Raises:
+            ArtifactError: the folder has no complete manifest or an output does not match it.
+        """
+        manifest = self.read_manifest()
+        if manifest is None or not manifest.get("complete"):
+            raise ArtifactError(
+                f"{self.path}: no complete artifact here (missing or interrupted); run the stage "
+                "that makes it first"
+            )
+        for name, entry in manifest.get("outputs", {}).items():
+            self._check_output(name, entry)
+        return manifest
+
+    def _check_output(self, name: str, entry: Mapping[str, Any]) -> None:
+        path = self.output_path(name)
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in {self.manifest_path.name} but missing; rebuild")
+        actual = sha256_file(path)
+        if actual != entry.get("sha256"):
+            raise ArtifactError(
+                f"{path}: sha256 {actual[:12]}… does not match the manifest "
+                f"({str(entry.get('sha256'))[:12]}…): truncated or modified after it was built; "
+                "rebuild with --force"
+            )
+
+    def output_path(self, name: str) -> Path:
+        """Path of an output named in a manifest, refusing names that leave the folder."""
+        candidate = (self.path / name).resolve()
+        if candidate.parent != self.path.resolve() or name.startswith("."):
+            raise ArtifactError(f"{self.manifest_path}: output name {name!r} leaves its folder")
+        return candidate
+
+    def is_up_to_date(self, record: StageRecord) -> bool:
+        """True when a complete manifest exists for exactly these inputs, settings and versions."""
+        try:
+            manifest = self.read_manifest()
+        except ArtifactError:
+            return False
+        if manifest is None or not manifest.get("complete"):
+            return False
+        if manifest.get("input_key") != record.input_key(tool_versions()):
+            return False
+        try:
+            for name, entry in manifest.get("outputs", {}).items():
+                self._check_output(name, entry)
+        except ArtifactError:
+            return False
+        return True
+
+    def begin(self) -> None:
+        """Mark the folder incomplete before any output is replaced, and clear old staging files."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise InputError(f"{self.path}: cannot create output folder ({err.strerror})") from err
+        if not os.access(self.path, os.W_OK):
+            raise InputError(f"{self.path}: output folder is not writable; choose another --out")
+        with contextlib.suppress(FileNotFoundError):
+            self.manifest_path.unlink()
+        for leftover in self.path.glob(f".*{_TMP_MARK}*"):
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+    def commit(
+        self, record: StageRecord, outputs: list[str], results: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Hash the outputs and write the manifest last; return it."""
+        versions = tool_versions()
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "stage": record.stage,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions,
+            "inputs": dict(record.inputs),
+            "spec": dict(record.spec),
+            "input_key": record.input_key(versions),
+            "outputs": {
+                name: {
+                    "sha256": sha256_file(self.path / name),
+                    "bytes": (self.path / name).stat().st_size,
+                }
+                for name in outputs
+            },
+            "results": dict(results or {}),
+            "complete": True,
+        }
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
+        return manifest

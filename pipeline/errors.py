@@ -1,0 +1,69 @@
+"""Errors the user can act on, each with a stable exit code.
+
+A ``BertCompileError`` is printed as one line (what, where, what to do) and exits with its code; any
+other exception is an internal error and keeps its traceback. Codes are documented in the README.
+"""
+
+from __future__ import annotations
+
+
+class BertCompileError(Exception):
+    """Base of all user-facing errors: bad input, unsupported model, failed gate."""
+
+    exit_code = 3
+    kind = "error"
+
+
+class InputError(BertCompileError):
+    """A file, folder, flag or dataset the user gave cannot be used."""
+
+    exit_code = 3
+    kind = "input"
+
+
+class UnsupportedModelError(BertCompileError):
+    """The model's architecture or configuration is not one this tool compiles."""
+
+    exit_code = 4
+    kind = "unsupported-model"
+
+
+class ParityError(BertCompileError):
+    """The engine's outputs or task metric are outside tolerance against PyTorch."""
+
+    exit_code = 5
+    kind = "parity"
+
+
+class EnvironmentProblem(BertCompileError):
+    """A package, provider or device the requested target needs is missing."""
+
+    exit_code = 6
+    kind = "environment"
+
+
+class FusionError(BertCompileError):
+    """A graph that should have fused did not: it would run, but silently slower."""
+
+    exit_code = 7
+    kind = "fusion"
+
+
+class ArtifactError(BertCompileError):
+    """An artifact on disk does not match its manifest (missing, truncated, tampered)."""
+
+    exit_code = 8
+    kind = "artifact"
+
+
+EXIT_CODES = {
+    cls.kind: cls.exit_code
+    for cls in (
+        InputError,
+        UnsupportedModelError,
+        ParityError,
+        EnvironmentProblem,
+        FusionError,
+        ArtifactError,
+    )
+}

@@ -1,0 +1,156 @@
+"""fuse: ORT's transformers optimizer for ONNX Runtime targets, with its fusion counts checked.
+
+ORT's optimizer reports what it fused and carries on when a pattern does not match; a graph that
+should have fused and did not still runs, only slower. This stage compares the counts with what the
+architecture's spec expects and fails loudly, then checks the fused graph computes the same outputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.artifacts import StageRecord, atomic_path, sha256_file
+from pipeline.errors import FusionError
+from pipeline.models import ModelInfo
+from pipeline.onnx_io import load_onnx, op_counts
+from pipeline.stage import StageResult, run_stage
+
+log = logging.getLogger("bert_compile")
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class FuseSpec:
+    """Settings of the fuse stage.
+
+    Attributes:
+        require_fusions: fail when fused-operator counts differ from the architecture's expectation.
+        check_atol: largest absolute difference allowed between unfused and fused outputs on the
+            stage's own check inputs (float32).
+    """
+
+    require_fusions: bool = True
+    check_atol: float = 1e-4
+
+
+def compare_fusions(actual: dict[str, int], expected: dict[str, int]) -> list[str]:
+    """List the mismatches between fused-operator counts and expectations (empty when all match).
+
+    A key starting with ``*`` in ``expected`` sums every operator in ``actual`` that ends with the
+    rest of it (``*Gelu``: Gelu, BiasGelu and FastGelu).
+    """
+    problems = []
+    for key, want in expected.items():
+        if key.startswith("*"):
+            got = sum(v for op, v in actual.items() if op.endswith(key[1:]))
+        else:
+            got = actual.get(key, 0)
+        if got != want:
+            problems.append(f"{key}: expected {want}, got {got}")
+    return problems
+
+
+def _check_same_outputs(before: Path, after: Path, atol: float) -> float:
+    """Run both graphs with ORT on CPU on a small padded batch; return the max abs difference."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from pipeline.simplify import SimplifySpec, _check_inputs
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sessions = [
+        ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+        for p in (before, after)
+    ]
+    feeds = _check_inputs(load_onnx(before), SimplifySpec(check_batch=3, check_sequence=11))
+    mask = feeds.get("attention_mask")
+    outs = [s.run(None, feeds)[0] for s in sessions]
+    if outs[0].shape != outs[1].shape:
+        raise FusionError(f"{after}: fused output shape {outs[1].shape} != {outs[0].shape}")
+    diff = np.abs(outs[0] - outs[1])
+    if diff.ndim == 3 and mask is not None:
+        diff = diff[mask.astype(bool)]  # padded positions carry no meaning in either graph
+    worst = float(diff.max())
+    if not np.isfinite(worst) or worst > atol:
+        raise FusionError(
+            f"{after}: fused graph differs from its input by {worst:.3g} (> {atol:g}); "
+            "ORT's optimizer changed the numbers"
+        )
+    return worst
+
+
+def fuse(
+    *,
+    info: ModelInfo,
+    source: Path,
+    out_dir: Path,
+    spec: FuseSpec = FuseSpec(),
+    force: bool = False,
+) -> StageResult:
+    """Apply ORT's transformers fusions to ``source`` into ``out_dir/model.onnx``.
+
+    Guarantees: fused-operator counts equal the architecture's expectation (unless
+    ``require_fusions`` is off) and outputs match the unfused graph within ``check_atol``.
+
+    Raises:
+        FusionError: counts differ from expectations, or the fused graph computes different numbers.
+    """
+    source = Path(source)
+    expected = info.architecture.expected_fusions(info.config)
+    record = StageRecord(
+        stage="fuse",
+        inputs={"onnx": {"path": str(source), "sha256": sha256_file(source)}},
+        spec={
+            **asdict(spec),
+            "optimizer_model_type": info.architecture.ort_optimizer_type,
+            "num_heads": info.num_heads,
+            "hidden_size": info.hidden_size,
+        },
+    )
+
+    def body(artifact):
+        from onnxruntime.transformers.fusion_options import FusionOptions
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        model = load_onnx(source)
+        options = FusionOptions(info.architecture.ort_optimizer_type)
+        try:
+            optimized = optimize_model(
+                model,
+                model_type=info.architecture.ort_optimizer_type,
+                num_heads=info.num_heads,
+                hidden_size=info.hidden_size,
+                optimization_options=options,
+                opt_level=0,  # pattern fusions only; ORT's own graph passes run in build
+            )
+        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+            raise FusionError(f"{source}: ORT's transformers optimizer failed ({err})") from err
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        problems = compare_fusions(fused, expected)
+        if problems:
+            message = (
+                f"{source}: fusion incomplete for {info.architecture.model_type} "
+                f"({'; '.join(problems)}); the engine would run unfused attention"
+            )
+            if spec.require_fusions:
+                raise FusionError(message + " (pass --allow-unfused to build it anyway)")
+            log.warning("[fuse] %s", message)
+        with atomic_path(artifact.path / MODEL_FILE) as staging:
+            optimized.save_model_to_file(str(staging))
+            fused_graph = load_onnx(staging)
+        max_diff = _check_same_outputs(source, artifact.path / MODEL_FILE, spec.check_atol)
+        log.info("[fuse] fused %s (check max abs diff %.2g)", fused, max_diff)
+        return [MODEL_FILE], {
+            "fused_operators": fused,
+            "expected_fusions": expected,
+            "fusions_complete": not problems,
+            "nodes": len(fused_graph.graph.node),
+            "op_counts": op_counts(fused_graph),
+            "check_max_abs_diff": max_diff,
+        }
+
+    return run_stage(record, Path(out_dir), body, force=force)

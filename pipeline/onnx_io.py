@@ -1,0 +1,123 @@
+"""Loading and saving ONNX graphs without trusting them.
+
+onnx has had several path-traversal CVEs in external-data handling, so containment is checked here,
+before onnx opens any external file: a location must be relative, free of ``..``, not a symlink, and
+resolve inside the model's folder.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+from pipeline.artifacts import atomic_path
+from pipeline.errors import InputError
+
+# Standard ops plus the contrib domain ORT's fusions emit; anything else (custom domains, plugin
+# ops, EPContext nodes pointing at engine blobs) is rejected by the stage that reads the graph.
+ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "com.microsoft"})
+FORBIDDEN_OPS = frozenset({"EPContext", "If", "Loop", "Scan"})
+_MAX_PROTO_BYTES = 2**31 - 1
+
+
+def _external_locations(model) -> list[str]:
+    from onnx import TensorProto
+
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                tensors.append(attr.t)
+    locations = []
+    for tensor in tensors:
+        if tensor.data_location == TensorProto.EXTERNAL:
+            entries = {e.key: e.value for e in tensor.external_data}
+            locations.append(entries.get("location", ""))
+    return locations
+
+
+def check_external_data(model, path: Path) -> None:
+    """Refuse external-data locations that could leave the model's folder.
+
+    Raises:
+        InputError: a location is absolute, contains ``..``, is a symlink, or is missing.
+    """
+    folder = path.parent.resolve()
+    for location in _external_locations(model):
+        pure = PurePosixPath(location.replace("\\", "/"))
+        if not location or pure.is_absolute() or ".." in pure.parts or ":" in location:
+            raise InputError(
+                f"{path}: external data location {location!r} is outside the model's folder; "
+                "refused"
+            )
+        target = folder / Path(*pure.parts)
+        if target.is_symlink() or not target.resolve().is_relative_to(folder):
+            raise InputError(f"{path}: external data {location!r} is a link out of the folder")
+        if not target.is_file():
+            raise InputError(f"{path}: external data file {location!r} is missing")
+
+
+def load_onnx(path: Path, *, check_ops: bool = True):
+    """Load and check an ONNX graph.
+
+    Args:
+        path: the .onnx file.
+        check_ops: reject operators outside the BERT allowlist.
+
+    Returns:
+        The onnx ModelProto, external data loaded.
+
+    Raises:
+        InputError: missing, empty, corrupt or truncated file; unsafe external data; bad operators.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ONNX file not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: ONNX file is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{path}: not a valid ONNX file (corrupt or truncated: {err})") from err
+    check_external_data(model, path)
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{path}: ONNX graph fails onnx.checker ({first})") from err
+    if not model.graph.node or not model.graph.output:
+        raise InputError(f"{path}: ONNX graph has no nodes or no outputs (truncated?)")
+    if check_ops:
+        for node in model.graph.node:
+            if node.domain not in ALLOWED_DOMAINS or node.op_type in FORBIDDEN_OPS:
+                raise InputError(
+                    f"{path}: node {node.name!r} uses operator {node.domain or 'ai.onnx'}::"
+                    f"{node.op_type}, which is outside the BERT allowlist"
+                )
+    return model
+
+
+def save_onnx(model, final: Path) -> None:
+    """Write a graph atomically (staging name, fsync, rename).
+
+    Raises:
+        InputError: the graph is too large for a single protobuf file.
+    """
+    import onnx
+
+    if model.ByteSize() > _MAX_PROTO_BYTES:
+        raise InputError(
+            f"{final}: graph is {model.ByteSize()} bytes, over protobuf's 2 GiB single-file limit; "
+            "models this large are not supported yet"
+        )
+    with atomic_path(final) as staging:
+        onnx.save(model, str(staging))
+
+
+def op_counts(model) -> dict[str, int]:
+    """Operator type -> node count, most frequent first."""
+    return dict(Counter(node.op_type for node in model.graph.node).most_common())

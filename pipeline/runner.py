@@ -1,0 +1,144 @@
+"""The whole chain: export -> simplify -> fuse -> build -> verify, skipping what is up to date.
+
+Output tree under ``out``::
+
+    export/    model.onnx + manifest.json
+    simplify/  model.onnx + manifest.json
+    fuse/      model.onnx + manifest.json
+    engines/<backend>-<device>-<precision>/  engine + manifest.json
+    verify/<backend>-<device>-<precision>/   report.json + manifest.json
+    run.json   the summary ``run --json`` prints
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_write_text
+from pipeline.build import BuildSpec, build
+from pipeline.export import MODEL_FILE, ExportSpec, export
+from pipeline.fuse import FuseSpec, fuse
+from pipeline.models import ModelInfo
+from pipeline.simplify import SimplifySpec, simplify
+from pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
+
+SUMMARY_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each stage of one run writes."""
+
+    root: Path
+
+    @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
+    def simplify(self) -> Path:
+        return self.root / "simplify"
+
+    @property
+    def fuse(self) -> Path:
+        return self.root / "fuse"
+
+    def engine(self, build_spec: BuildSpec) -> Path:
+        return self.root / "engines" / build_spec.engine_name
+
+    def verify(self, build_spec: BuildSpec) -> Path:
+        return self.root / "verify" / build_spec.engine_name
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Settings of a whole run, one spec per stage."""
+
+    export: ExportSpec = ExportSpec()
+    simplify: SimplifySpec = SimplifySpec()
+    fuse: FuseSpec = FuseSpec()
+    builds: tuple[BuildSpec, ...] = (BuildSpec(),)
+    verify: VerifySpec = VerifySpec()
+
+
+def run_pipeline(
+    *, info: ModelInfo, out: Path, spec: RunSpec, force: bool = False
+) -> dict[str, Any]:
+    """Run every stage for ``info`` into ``out`` and return the summary (also written to run.json).
+
+    A failed verification does not raise here: the summary's ``ok`` is False and each engine lists
+    its failures, so callers (the CLI, CI) get the full report before deciding how to fail.
+    """
+    layout = Layout(Path(out))
+    stages = {}
+    exported = export(info=info, out_dir=layout.export, spec=spec.export, force=force)
+    simplified = simplify(
+        source=exported.output(MODEL_FILE), out_dir=layout.simplify, spec=spec.simplify, force=force
+    )
+    fused = fuse(
+        info=info,
+        source=simplified.output(MODEL_FILE),
+        out_dir=layout.fuse,
+        spec=spec.fuse,
+        force=force,
+    )
+    for result in (exported, simplified, fused):
+        stages[result.stage] = _stage_summary(result)
+    engines = []
+    pytorch_metric = None
+    for build_spec in spec.builds:
+        built = build(
+            source=fused.output(MODEL_FILE),
+            out_dir=layout.engine(build_spec),
+            spec=build_spec,
+            force=force,
+        )
+        verify_spec = VerifySpec(**{**spec.verify.__dict__, "precision": build_spec.precision})
+        verified = verify(
+            info=info,
+            engine_dir=built.path,
+            out_dir=layout.verify(build_spec),
+            spec=verify_spec,
+            force=force,
+        )
+        stages[f"build:{build_spec.engine_name}"] = _stage_summary(built)
+        stages[f"verify:{build_spec.engine_name}"] = _stage_summary(verified)
+        report = verified.results
+        pytorch_metric = report["pytorch_metric"]
+        engines.append(
+            {
+                "backend": build_spec.backend,
+                "precision": build_spec.precision,
+                "device": build_spec.device,
+                "path": str(built.output(built.results["engine_file"])),
+                "manifest": str(built.path / "manifest.json"),
+                "report": str(verified.output(REPORT_FILE)),
+                "parity": summarize_parity(report["parity"]),
+                "metric": {"name": report["metric"]["name"], "value": report["metric"]["value"]},
+                "passed": report["passed"],
+                "failures": report["failures"],
+            }
+        )
+    summary = {
+        "ok": all(e["passed"] for e in engines),
+        "model": {"name": info.name, "path": str(info.path), "task": info.task},
+        "out": str(layout.root),
+        "fused_operators": fused.results.get("fused_operators", {}),
+        "pytorch_fp32_metric": pytorch_metric
+        and {"name": pytorch_metric["name"], "value": pytorch_metric["value"]},
+        "engines": engines,
+        "stages": stages,
+    }
+    atomic_write_text(layout.root / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _stage_summary(result) -> dict[str, Any]:
+    return {
+        "path": str(result.path),
+        "skipped": result.skipped,
+        "seconds": result.results.get("seconds"),
+    }

@@ -1,0 +1,50 @@
+"""The one way a stage runs: skip when up to date, else invalidate, build, commit the manifest."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import ArtifactDir, StageRecord
+
+log = logging.getLogger("bert_compile")
+
+# A stage body writes its outputs into the folder (atomically) and returns (output names, results).
+StageBody = Callable[[ArtifactDir], tuple[list[str], Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage produced: its folder, its manifest, and whether it was reused."""
+
+    stage: str
+    path: Path
+    manifest: dict[str, Any]
+    skipped: bool
+
+    def output(self, name: str) -> Path:
+        return ArtifactDir(self.path).output_path(name)
+
+    @property
+    def results(self) -> dict[str, Any]:
+        return self.manifest.get("results", {})
+
+
+def run_stage(record: StageRecord, folder: Path, body: StageBody, *, force: bool) -> StageResult:
+    """Run ``body`` into ``folder`` unless a complete manifest for the same record exists."""
+    artifact = ArtifactDir(folder)
+    if not force and artifact.is_up_to_date(record):
+        log.info("[%s] up to date: %s", record.stage, folder)
+        return StageResult(record.stage, folder, artifact.read_manifest() or {}, skipped=True)
+    log.info("[%s] running -> %s", record.stage, folder)
+    started = time.perf_counter()
+    artifact.begin()
+    outputs, results = body(artifact)
+    results = {**results, "seconds": round(time.perf_counter() - started, 3)}
+    manifest = artifact.commit(record, outputs, results)
+    log.info("[%s] done in %.1fs", record.stage, results["seconds"])
+    return StageResult(record.stage, folder, manifest, skipped=False)

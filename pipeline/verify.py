@@ -1,0 +1,343 @@
+"""verify: an engine against the PyTorch model, on real tokenized text, plus the task metric.
+
+Parity inputs are SST-2 dev sentences (never the calibration sentences) batched at several sizes,
+plus edge rows: an empty string (2 tokens), a single word, a row at the maximum length, and batches
+that mix short and long rows. The metric is STS-B dev Spearman x100 for embedding models and SST-2
+dev accuracy x100 for two-class classifiers, computed for PyTorch fp32 and for the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration import datasets
+from pipeline.artifacts import StageRecord, atomic_write_text, sha256_file
+from pipeline.errors import InputError, ParityError
+from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
+from pipeline.parity import (
+    DEFAULT_MAX_METRIC_DROP,
+    DEFAULT_TOLERANCES,
+    OutputParity,
+    Tolerance,
+    compare_batch,
+)
+from pipeline.stage import StageResult, run_stage
+
+log = logging.getLogger("bert_compile")
+
+REPORT_FILE = "report.json"
+PARITY_BATCH_SIZES = (1, 2, 7, 16, 32)
+METRIC_BATCH_SIZE = 64
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    """Settings of the verify stage.
+
+    Attributes:
+        precision: selects the default tolerances.
+        tolerance: per-output limits; None takes the precision's default.
+        max_metric_drop: largest metric drop (points) allowed against PyTorch; None: default.
+        max_length: truncation length in tokens; None takes the model's.
+        parity_sentences: how many SST-2 dev sentences go into the parity batches.
+        metric_limit: use only the first N metric examples (None: the whole dev set).
+    """
+
+    precision: str = "fp32"
+    tolerance: Tolerance | None = None
+    max_metric_drop: float | None = None
+    max_length: int | None = None
+    parity_sentences: int = 96
+    metric_limit: int | None = None
+
+    def resolved_tolerance(self) -> Tolerance:
+        return self.tolerance or DEFAULT_TOLERANCES[self.precision]
+
+    def resolved_metric_drop(self) -> float:
+        if self.max_metric_drop is not None:
+            return self.max_metric_drop
+        return DEFAULT_MAX_METRIC_DROP[self.precision]
+
+
+@dataclass
+class MetricResult:
+    name: str
+    value: float | None
+    examples: int
+    note: str = ""
+
+
+@dataclass
+class VerifyOutcome:
+    parity: dict[str, dict]
+    pytorch_metric: MetricResult
+    engine_metric: MetricResult
+    passed: bool
+    failures: list[str] = field(default_factory=list)
+
+
+def resolve_max_length(info: ModelInfo, requested: int | None) -> int:
+    """The truncation length, refusing one longer than the model's position table."""
+    positions = int(info.config["max_position_embeddings"])
+    length = requested if requested is not None else info.max_length
+    if not 2 <= length <= positions:
+        raise InputError(
+            f"--max-length {length}: must be between 2 and the model's "
+            f"max_position_embeddings ({positions}) in {info.path / 'config.json'}"
+        )
+    return length
+
+
+def check_feeds(feeds: Mapping[str, np.ndarray], info: ModelInfo, max_length: int) -> None:
+    """Validate token feeds on the host before any engine sees them."""
+    shapes = {name: array.shape for name, array in feeds.items()}
+    first = next(iter(feeds.values()))
+    for name, array in feeds.items():
+        if array.dtype != np.int64 or array.ndim != 2 or array.shape != first.shape:
+            raise InputError(f"input {name}: expected int64 [batch, sequence], got {shapes}")
+    batch, sequence = first.shape
+    if batch == 0 or sequence == 0 or sequence > max_length:
+        raise InputError(
+            f"inputs of shape {first.shape}: batch >= 1, 1 <= sequence <= {max_length}"
+        )
+    ids = feeds["input_ids"]
+    if ids.min() < 0 or ids.max() >= info.config["vocab_size"]:
+        raise InputError(f"input_ids outside [0, {info.config['vocab_size']})")
+    types = feeds.get("token_type_ids")
+    if types is not None and (
+        types.min() < 0 or types.max() >= max(1, info.config["type_vocab_size"])
+    ):
+        raise InputError(f"token_type_ids outside [0, {info.config['type_vocab_size']})")
+
+
+def tokenize(
+    tokenizer, texts: list[str], info: ModelInfo, max_length: int
+) -> dict[str, np.ndarray]:
+    """Tokenize a batch to the graph's int64 inputs, padded to the longest row."""
+    encoded = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
+    )
+    feeds = {}
+    for name in info.architecture.input_names:
+        if name == "token_type_ids" and name not in encoded:
+            feeds[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
+        else:
+            feeds[name] = np.asarray(encoded[name], dtype=np.int64)
+    check_feeds(feeds, info, max_length)
+    return feeds
+
+
+def parity_batches(sentences: list[str], max_length: int) -> list[list[str]]:
+    """Real sentences in batches of several sizes, then edge-row batches."""
+    batches, start = [], 0
+    sizes = iter(PARITY_BATCH_SIZES * (1 + len(sentences) // sum(PARITY_BATCH_SIZES)))
+    while start < len(sentences):
+        size = next(sizes)
+        batches.append(sentences[start : start + size])
+        start += size
+    long_text = " ".join(sentences)  # longer than any position table: truncated to max_length
+    batches.append(["", sentences[0], long_text])
+    batches.append(["a"])
+    batches.append([long_text])
+    return batches
+
+
+def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> tuple[Runner, str]:
+    """PyTorch fp32 with the library's default attention (not the export's eager form)."""
+    import torch
+
+    from pipeline.export import ExportSpec, build_wrapper, output_name
+
+    model = load_torch_model(info, attn_implementation="sdpa")
+    wrapper = build_wrapper(info, model, pooling_in_graph=pooling_in_graph)
+    name = output_name(info, ExportSpec(pooling_in_graph=pooling_in_graph))
+
+    def run(feeds):
+        args = tuple(torch.from_numpy(feeds[n]) for n in info.architecture.input_names)
+        with torch.inference_mode():
+            return {name: wrapper(*args).numpy()}
+
+    return run, name
+
+
+def _embeddings(outputs: dict[str, np.ndarray], feeds, info: ModelInfo) -> np.ndarray:
+    if "sentence_embedding" in outputs:
+        return outputs["sentence_embedding"]
+    hidden = outputs["last_hidden_state"]
+    mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
+    if info.pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def _batched(items: list[str], size: int) -> Iterable[tuple[list[int], list[str]]]:
+    # Length-sorted batches: far less padding; the metric does not depend on order.
+    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    for start in range(0, len(order), size):
+        index = order[start : start + size]
+        yield index, [items[i] for i in index]
+
+
+def compute_metric(
+    run: Runner, tokenizer, info: ModelInfo, max_length: int, limit: int | None, label: str
+) -> MetricResult:
+    """The task metric of one runner over the bundled dev set."""
+    from scipy.stats import spearmanr
+    from tqdm import tqdm
+
+    if info.task == "sequence-classification":
+        if info.num_labels != 2:
+            return MetricResult(
+                "sst2_accuracy", None, 0, f"{info.num_labels}-class head: no metric"
+            )
+        data = datasets.load_sst2()
+        sentences, labels = data.sentences[:limit], np.asarray(data.labels[:limit])
+        predictions = np.empty(len(sentences), dtype=np.int64)
+        for index, texts in tqdm(
+            list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
+        ):
+            feeds = tokenize(tokenizer, texts, info, max_length)
+            predictions[index] = run(feeds)["logits"].argmax(axis=1)
+        value = float((predictions == labels).mean() * 100)
+        return MetricResult("sst2_accuracy", value, len(sentences))
+    pairs = datasets.load_stsb()
+    first, second = pairs.sentences1[:limit], pairs.sentences2[:limit]
+    sentences = first + second
+    embeddings: list[np.ndarray | None] = [None] * len(sentences)
+    for index, texts in tqdm(
+        list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
+    ):
+        feeds = tokenize(tokenizer, texts, info, max_length)
+        pooled = _embeddings(run(feeds), feeds, info)
+        for i, row in zip(index, pooled, strict=True):
+            embeddings[i] = row
+    matrix = np.stack(embeddings).astype(np.float64)
+    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    count = len(first)
+    cosine = (matrix[:count] * matrix[count:]).sum(axis=1)
+    value = float(spearmanr(cosine, pairs.scores[:limit]).statistic * 100)
+    return MetricResult("stsb_spearman", value, count)
+
+
+def run_verification(
+    *, info: ModelInfo, engine_run: Runner, pooling_in_graph: bool, spec: VerifySpec
+) -> VerifyOutcome:
+    """Compare ``engine_run`` with PyTorch fp32 on the parity set, then both task metrics."""
+    from tqdm import tqdm
+
+    max_length = resolve_max_length(info, spec.max_length)
+    tokenizer = load_tokenizer(info)
+    reference, _ = torch_runner(info, pooling_in_graph)
+    tolerance = spec.resolved_tolerance()
+
+    sentences = datasets.load_sst2().sentences[: spec.parity_sentences]
+    parity: dict[str, OutputParity] = {}
+    for texts in tqdm(
+        parity_batches(sentences, max_length), desc="parity", disable=None, leave=False
+    ):
+        feeds = tokenize(tokenizer, texts, info, max_length)
+        compare_batch(parity, reference(feeds), engine_run(feeds), feeds["attention_mask"])
+    parity_report = {name: entry.report(tolerance) for name, entry in parity.items()}
+
+    torch_metric = compute_metric(
+        reference, tokenizer, info, max_length, spec.metric_limit, "pytorch metric"
+    )
+    engine_metric = compute_metric(
+        engine_run, tokenizer, info, max_length, spec.metric_limit, "engine metric"
+    )
+    failures = [
+        f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]
+    ]
+    if torch_metric.value is not None and engine_metric.value is not None:
+        drop = torch_metric.value - engine_metric.value
+        if drop > spec.resolved_metric_drop():
+            failures.append(
+                f"{engine_metric.name} {engine_metric.value:.2f} is {drop:.3f} points below "
+                f"PyTorch's {torch_metric.value:.2f} (allowed {spec.resolved_metric_drop():g})"
+            )
+    return VerifyOutcome(parity_report, torch_metric, engine_metric, not failures, failures)
+
+
+def summarize_parity(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Worst case over all outputs, the shape the run summary reports."""
+    reports = list(parity.values())
+    return {
+        "max_abs_err": max((r["max_abs_err"] for r in reports), default=None),
+        "rel_l2_err": max((r["rel_l2_err"] for r in reports), default=None),
+        "min_cosine": min((r["min_cosine"] for r in reports), default=None),
+        "passed": bool(reports) and all(r["passed"] for r in reports),
+    }
+
+
+def verify(
+    *,
+    info: ModelInfo,
+    engine_dir: Path,
+    out_dir: Path,
+    spec: VerifySpec = VerifySpec(),
+    force: bool = False,
+) -> StageResult:
+    """Verify the engine in ``engine_dir``; write ``out_dir/report.json`` and its manifest.
+
+    The report is written whether parity passes or not (CI reads it); the caller raises ParityError
+    from ``require_passed``.
+    """
+    from pipeline.build import load_engine
+
+    engine, engine_manifest = load_engine(engine_dir)
+    engine_file = engine.path
+    data_files = [datasets.SST2_DEV, datasets.STSB_DEV]
+    record = StageRecord(
+        stage="verify",
+        inputs={
+            "engine": {"path": str(engine_file), "sha256": sha256_file(engine_file)},
+            "model": info.fingerprint(),
+            "data": {p.name: sha256_file(p) for p in data_files},
+        },
+        spec={
+            **asdict(spec),
+            "resolved_tolerance": asdict(spec.resolved_tolerance()),
+            "resolved_max_metric_drop": spec.resolved_metric_drop(),
+            "engine": engine_manifest.get("spec", {}),
+        },
+    )
+    pooling_in_graph = "sentence_embedding" in engine.output_names
+
+    def body(artifact):
+        outcome = run_verification(
+            info=info, engine_run=engine.run, pooling_in_graph=pooling_in_graph, spec=spec
+        )
+        report = {
+            "engine": str(engine_dir),
+            "passed": outcome.passed,
+            "failures": outcome.failures,
+            "parity": outcome.parity,
+            "summary": summarize_parity(outcome.parity),
+            "metric": asdict(outcome.engine_metric),
+            "pytorch_metric": asdict(outcome.pytorch_metric),
+        }
+        atomic_write_text(artifact.path / REPORT_FILE, json.dumps(report, indent=2) + "\n")
+        return [REPORT_FILE], report
+
+    return run_stage(record, Path(out_dir), body, force=force)
+
+
+def require_passed(result: StageResult) -> None:
+    """Raise ParityError when a verify result failed; the message lists every failure."""
+    if not result.results.get("passed"):
+        reasons = "; ".join(result.results.get("failures", [])) or "unknown"
+        raise ParityError(
+            f"{result.output(REPORT_FILE)}: parity failed ({reasons}); loosen tolerances only with "
+            "--max-abs-err/--min-cosine/--max-metric-drop if you accept the difference"
+        )
