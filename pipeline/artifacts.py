@@ -136,7 +136,7 @@ class ArtifactDir:
         """The manifest, or None when the folder has none (never built, or interrupted)."""
         try:
             text = self.manifest_path.read_text(encoding="utf-8")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         try:
             manifest = json.loads(text)

@@ -7,6 +7,7 @@ configs (10,000 layers, a vocabulary of 10^9) and remote code are refused up fro
 from __future__ import annotations
 
 import json
+import pickle  # only for its exception type: weights load through safetensors/weights_only
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,7 +356,7 @@ def load_torch_model(
             attn_implementation=attn_implementation,
             output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as err:
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise InputError(
             f"{info.weights}: cannot load weights ({str(err).splitlines()[0]})"
         ) from err

@@ -37,11 +37,21 @@ class SimplifySpec:
     check_sequence: int = 16
 
 
+def _vocab_size(model) -> int:
+    """Rows of the embedding table that input_ids index (1 if the graph hides it)."""
+    tables = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1:] == ["input_ids"] and node.input[0] in tables:
+            return int(tables[node.input[0]].dims[0])
+    return 1
+
+
 def _check_inputs(model, spec: SimplifySpec) -> dict:
     """Valid token inputs for onnxsim's check: ids inside the vocabulary, a partly padded mask."""
     import numpy as np
 
     shape = (spec.check_batch, spec.check_sequence)
+    vocab = _vocab_size(model)
     rng = np.random.default_rng(0)
     feeds = {}
     for graph_input in model.graph.input:
@@ -52,8 +62,7 @@ def _check_inputs(model, spec: SimplifySpec) -> dict:
         elif graph_input.name == "token_type_ids":
             feeds[graph_input.name] = np.zeros(shape, dtype=np.int64)
         else:
-            # 0..99 is inside every vocabulary this tool accepts (the tiny test models have 99).
-            feeds[graph_input.name] = rng.integers(0, 99, size=shape, dtype=np.int64)
+            feeds[graph_input.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
     return feeds
 
 

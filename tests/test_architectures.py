@@ -1,0 +1,29 @@
+"""Every registered architecture has a tiny model that exports, simplifies and fuses completely."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.architectures import ARCHITECTURES, architecture_for
+from pipeline.errors import UnsupportedModelError
+from pipeline.export import export
+from pipeline.fuse import fuse
+from pipeline.models import resolve_model
+from pipeline.simplify import simplify
+from tests.tiny_models import make_tiny_model
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_registered_architecture_compiles_with_full_fusion(model_type, tmp_path):
+    folder = make_tiny_model(tmp_path / model_type, model_type=model_type)
+    info = resolve_model(folder)
+    exported = export(info=info, out_dir=tmp_path / "export")
+    simplified = simplify(source=exported.output("model.onnx"), out_dir=tmp_path / "simplify")
+    fused = fuse(info=info, source=simplified.output("model.onnx"), out_dir=tmp_path / "fuse")
+    assert fused.results["fusions_complete"]
+    assert fused.results["expected_fusions"] == info.architecture.expected_fusions(info.config)
+
+
+def test_unregistered_architecture_is_refused():
+    with pytest.raises(UnsupportedModelError, match="supported: bert"):
+        architecture_for("llama", "config.json")

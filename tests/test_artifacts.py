@@ -1,0 +1,88 @@
+"""Atomic writes and manifests: nothing half-written looks complete; tampering is caught."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.artifacts import ArtifactDir, StageRecord, atomic_path, atomic_write_text
+from pipeline.errors import ArtifactError
+from pipeline.stage import run_stage
+
+
+def test_atomic_path_leaves_old_file_on_failure(tmp_path):
+    final = tmp_path / "a.txt"
+    final.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(final) as staging:
+        staging.write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert final.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_atomic_write_replaces(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "new")
+    assert (tmp_path / "a.txt").read_text() == "new"
+
+
+def _body(text):
+    def body(artifact):
+        atomic_write_text(artifact.path / "out.txt", text)
+        return ["out.txt"], {"length": len(text)}
+
+    return body
+
+
+def test_stage_skips_when_up_to_date_and_reruns_on_change(tmp_path):
+    record = StageRecord("demo", {"x": 1}, {"k": "v"})
+    first = run_stage(record, tmp_path / "s", _body("a"), force=False)
+    assert not first.skipped and first.manifest["complete"]
+    assert first.manifest["outputs"]["out.txt"]["bytes"] == 1
+    assert run_stage(record, tmp_path / "s", _body("a"), force=False).skipped
+    assert not run_stage(record, tmp_path / "s", _body("a"), force=True).skipped
+    changed = StageRecord("demo", {"x": 2}, {"k": "v"})
+    assert not run_stage(changed, tmp_path / "s", _body("b"), force=False).skipped
+
+
+def test_tampered_output_is_detected_and_rebuilt(tmp_path):
+    record = StageRecord("demo", {"x": 1}, {})
+    run_stage(record, tmp_path / "s", _body("abc"), force=False)
+    (tmp_path / "s" / "out.txt").write_text("abd")
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        ArtifactDir(tmp_path / "s").require_complete()
+    assert not run_stage(record, tmp_path / "s", _body("abc"), force=False).skipped
+
+
+def test_interrupted_stage_leaves_no_complete_manifest(tmp_path):
+    record = StageRecord("demo", {"x": 1}, {})
+    run_stage(record, tmp_path / "s", _body("abc"), force=False)
+
+    def crashing(artifact):
+        (artifact.path / ".out.txt.tmp-999").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(record, tmp_path / "s", crashing, force=True)
+    assert ArtifactDir(tmp_path / "s").read_manifest() is None
+    with pytest.raises(ArtifactError, match="no complete artifact"):
+        ArtifactDir(tmp_path / "s").require_complete()
+    rerun = run_stage(record, tmp_path / "s", _body("abc"), force=False)
+    assert not rerun.skipped
+    assert not list((tmp_path / "s").glob(".*tmp-*"))
+
+
+def test_manifest_names_cannot_escape(tmp_path):
+    folder = tmp_path / "s"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(
+        json.dumps({"complete": True, "outputs": {"../../etc/passwd": {"sha256": "0"}}})
+    )
+    with pytest.raises(ArtifactError, match="leaves its folder"):
+        ArtifactDir(folder).require_complete()
+
+
+def test_corrupt_manifest_is_an_artifact_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        ArtifactDir(tmp_path).require_complete()

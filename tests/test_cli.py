@@ -1,0 +1,134 @@
+"""The CLI: exit codes, one stderr line, JSON as the last stdout line, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.tiny_models import edit_config
+
+QUICK = ["--metric-limit", "100", "--max-metric-drop", "100"]  # see conftest.TINY_VERIFY
+
+
+def _invoke(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def _last_json(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_run_json_last_line(tiny_embedding_model, tmp_path):
+    result = _invoke("run", "--model", tiny_embedding_model, "--out", tmp_path, "--json", *QUICK)
+    assert result.exit_code == 0, result.output
+    summary = _last_json(result)
+    engine = summary["engines"][0]
+    assert summary["ok"] and engine["passed"]
+    for key in ("backend", "precision", "device", "path", "parity", "metric"):
+        assert key in engine
+    assert set(engine["parity"]) >= {"max_abs_err", "rel_l2_err", "min_cosine", "passed"}
+    assert set(engine["metric"]) == {"name", "value"}
+    assert summary["pytorch_fp32_metric"]["name"] == "stsb_spearman"
+    assert Path(engine["path"]).is_file()
+
+
+def test_stage_commands_chain(tiny_embedding_model, tmp_path):
+    common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json"]
+    for stage in ("export", "simplify", "fuse", "build"):
+        result = _invoke(stage, *common)
+        assert result.exit_code == 0, result.output
+        assert _last_json(result)["stage"] == stage
+    result = _invoke("verify", *common, *QUICK)
+    assert result.exit_code == 0 and _last_json(result)["ok"]
+    strict = _invoke("verify", *common, *QUICK, "--max-abs-err", "0", "--force")
+    assert strict.exit_code == 5
+    assert "parity error" in strict.stderr and "max_abs_err" in strict.stderr
+    assert _last_json(strict)["ok"] is False
+    assert (tmp_path / "verify/onnxruntime-cpu-fp32/report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "message"),
+    [
+        (lambda m, t: t / "missing", 3, "no such local folder"),
+        (lambda m, t: (edit_config(m, model_type="t5"), m)[1], 4, "unsupported architecture"),
+        (lambda m, t: (edit_config(m, auto_map={"AutoModel": "evil.M"}), m)[1], 4, "auto_map"),
+    ],
+)
+def test_bad_models_exit_with_their_code(tiny_model_copy, tmp_path, setup, code, message):
+    model = setup(tiny_model_copy, tmp_path)
+    out = tmp_path / "out"
+    result = _invoke("run", "--model", model, "--out", out, "--json")
+    assert result.exit_code == code
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _last_json(result)["error"]["exit_code"] == code
+    assert not out.exists() or not list(out.rglob("manifest.json"))
+
+
+def test_sequence_longer_than_positions(tiny_embedding_model, tmp_path):
+    result = _invoke(
+        "run", "--model", tiny_embedding_model, "--out", tmp_path, "--max-length", "4096"
+    )
+    assert result.exit_code == 3
+    assert "max_position_embeddings (128)" in result.stderr
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00garbage\xff" * 100])
+def test_corrupt_onnx_input(tiny_embedding_model, tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    result = _invoke("simplify", "--input", bad, "--out", tmp_path / "out")
+    assert result.exit_code == 3 and str(bad) in result.stderr
+    assert not (tmp_path / "out" / "simplify" / "manifest.json").exists()
+
+
+def test_stage_without_its_input_says_what_to_run(tmp_path):
+    result = _invoke("build", "--out", tmp_path)
+    assert result.exit_code == 8 and "run the stage that makes it first" in result.stderr
+
+
+def test_truncated_artifact_is_detected(tiny_embedding_model, tmp_path):
+    assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
+    exported = tmp_path / "export" / "model.onnx"
+    exported.write_bytes(exported.read_bytes()[:1000])
+    result = _invoke("simplify", "--out", tmp_path)
+    assert result.exit_code == 8 and "does not match the manifest" in result.stderr
+
+
+def test_unwritable_output_folder(tiny_embedding_model, tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits; a path under a regular file cannot be created by anyone
+        out = tmp_path / "file"
+        out.write_text("x")
+        out = out / "sub"
+    else:
+        out = tmp_path / "ro"
+        out.mkdir(mode=0o500)
+    result = _invoke("export", "--model", tiny_embedding_model, "--out", out)
+    assert result.exit_code == 3 and "output folder" in result.stderr
+
+
+def test_every_help_runs_without_heavy_imports():
+    code = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from pipeline.cli import cli\n"
+        "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify']):\n"
+        "    r = CliRunner().invoke(cli, cmd + ['--help'])\n"
+        "    assert r.exit_code == 0, (cmd, r.output)\n"
+        "heavy = {'torch', 'onnxruntime', 'tensorrt', 'transformers', 'onnxsim'}\n"
+        "heavy &= set(sys.modules)\n"
+        "print(sorted(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from calibration import datasets
+from pipeline.errors import InputError
+
+
+def test_bundled_dev_sets_have_official_row_counts():
+    stsb = datasets.load_stsb()
+    sst2 = datasets.load_sst2()
+    assert len(stsb.sentences1) == len(stsb.sentences2) == len(stsb.scores) == 1500
+    assert len(sst2.sentences) == 872 and sum(sst2.labels) == 444
+    assert all(0 <= s <= 5 for s in stsb.scores)
+    rows = datasets.read_tsv(datasets.CALIBRATION_SENTENCES, ("sentence", "source"))
+    assert len(rows) == 4096
+
+
+def test_sentences_with_quotes_are_kept_verbatim(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence\tlabel\nhe said "hi\t1\n')
+    assert datasets.load_sst2(path).sentences == ['he said "hi']
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "empty"),
+        (b"sentence\tlabel\n", "no data rows"),
+        (b"\xef\xbb\xbfsentence\tlabel\nok\t1\n", "byte-order mark"),
+        (b"sentence\tlabel\r\nok\t1\r\n", ":1: CRLF"),
+        (b"sentence\tlabel\nok\t1\nbad \xff bytes\t0\n", ":3: not valid UTF-8"),
+        (b"text\tlabel\nok\t1\n", "lacks column(s) ['sentence']"),
+        (b"sentence\tlabel\nok\t1\t2\n", ":2: 3 fields, header has 2"),
+        (b"sentence\tlabel\nok\tmaybe\n", ":2: label 'maybe'"),
+        (b"sentence\tlabel\n" + b"x" * (11 << 20) + b"\t1\n", ":2: line is"),
+    ],
+)
+def test_bad_dataset_files_fail_with_the_line(tmp_path, content, message):
+    path = tmp_path / "data.tsv"
+    path.write_bytes(content)
+    with pytest.raises(InputError) as caught:
+        datasets.load_sst2(path)
+    assert message in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_missing_dataset_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        datasets.load_stsb(tmp_path / "nope.tsv")
+
+
+def test_stsb_score_must_be_a_number_in_range(tmp_path):
+    path = tmp_path / "sts.tsv"
+    path.write_text("score\tsentence1\tsentence2\n7\ta\tb\n")
+    with pytest.raises(InputError, match=r":2: score 7.0 is outside \[0, 5\]"):
+        datasets.load_stsb(path)

@@ -1,0 +1,63 @@
+"""The real default model (all-MiniLM-L6-v2) end to end through the CLI: the product's promise."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STSB_DEV_SPEARMAN_FP32 = 86.72  # shared/data/README.md: sentence-transformers fp32 on CPU
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "run", "--out", str(out), "--json", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_default_engine_passes_parity_and_keeps_the_metric(default_run):
+    _out, summary = default_run
+    assert summary["ok"]
+    assert summary["fused_operators"] == {
+        "EmbedLayerNormalization": 1,
+        "Attention": 6,
+        "BiasGelu": 6,
+        "SkipLayerNormalization": 12,
+    }
+    torch_metric = summary["pytorch_fp32_metric"]["value"]
+    assert abs(torch_metric - STSB_DEV_SPEARMAN_FP32) < 0.01
+    (engine,) = summary["engines"]
+    assert engine["parity"]["min_cosine"] >= 0.9999
+    assert abs(engine["metric"]["value"] - torch_metric) <= 0.05
+
+
+def test_engine_matches_sentence_transformers(default_run):
+    """An independent reference: the sentence-transformers library's own encode()."""
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer
+
+    from pipeline.build import load_engine
+    from pipeline.models import default_model_path
+
+    out, _summary = default_run
+    sentences = ["A man is playing a guitar.", "", "The quick brown fox jumps over the lazy dog."]
+    expected = SentenceTransformer(str(default_model_path()), device="cpu").encode(sentences)
+    engine, _ = load_engine(out / "engines" / "onnxruntime-cpu-fp32")
+    feeds = AutoTokenizer.from_pretrained(str(default_model_path()))(
+        sentences, padding=True, return_tensors="np"
+    )
+    got = engine.run({k: feeds[k].astype(np.int64) for k in engine.input_names})
+    cosine = (got["sentence_embedding"] * expected).sum(axis=1)
+    assert cosine.min() > 0.9999

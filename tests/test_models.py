@@ -1,0 +1,159 @@
+"""Model folders, friendly and hostile: validated before any weights are allocated."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from pipeline.errors import InputError, UnsupportedModelError
+from pipeline.models import load_torch_model, resolve_model
+from tests.tiny_models import edit_config
+
+
+def test_default_model_resolves_to_the_packaged_minilm():
+    info = resolve_model("default")
+    assert info.name == "all-MiniLM-L6-v2"
+    assert info.task == "sentence-embedding"
+    assert (info.pooling, info.normalize) == ("mean", True)
+    assert info.max_length == 256  # sentence_bert_config.json, not the 512 positions
+    assert info.weights.name == "model.safetensors"
+
+
+def test_tiny_model_tasks(tiny_embedding_model, tiny_classifier_model):
+    assert resolve_model(tiny_embedding_model).task == "sentence-embedding"
+    classifier = resolve_model(tiny_classifier_model)
+    assert (classifier.task, classifier.num_labels, classifier.pooling) == (
+        "sequence-classification",
+        2,
+        None,
+    )
+    plain = resolve_model(tiny_embedding_model, task="feature-extraction")
+    assert (plain.pooling, plain.normalize) == (None, False)
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(InputError, match="no such local folder"):
+        resolve_model(tmp_path / "absent")
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(InputError, match="no config.json"):
+        resolve_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        (
+            {"model_type": "gpt2"},
+            UnsupportedModelError,
+            "unsupported architecture model_type='gpt2'",
+        ),
+        ({"auto_map": {"AutoModel": "x.Model"}}, UnsupportedModelError, "auto_map"),
+        ({"vocab_size": 0}, UnsupportedModelError, "vocab_size=0"),
+        ({"max_position_embeddings": 10**9}, UnsupportedModelError, "max_position_embeddings"),
+        ({"num_hidden_layers": 10000}, UnsupportedModelError, "num_hidden_layers=10000"),
+        ({"num_attention_heads": 5}, UnsupportedModelError, "not divisible"),
+        ({"hidden_size": "32"}, UnsupportedModelError, "hidden_size='32'"),
+        ({"position_embedding_type": "relative_key"}, UnsupportedModelError, "relative_key"),
+        ({"vocab_size": None}, InputError, "has no 'vocab_size'"),
+    ],
+)
+def test_hostile_configs_are_refused_before_loading(tiny_model_copy, changes, error, message):
+    edit_config(tiny_model_copy, **changes)
+    with pytest.raises(error) as caught:
+        resolve_model(tiny_model_copy)
+    assert message in str(caught.value)
+    assert "config.json" in str(caught.value)
+
+
+def test_config_that_is_not_json(tiny_model_copy):
+    (tiny_model_copy / "config.json").write_bytes(b"\xff{not json")
+    with pytest.raises(InputError, match="not valid UTF-8 JSON"):
+        resolve_model(tiny_model_copy)
+
+
+def _header_length(path):
+    return struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_truncated_safetensors(tiny_model_copy):
+    weights = tiny_model_copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(InputError, match="outside the file"):
+        resolve_model(tiny_model_copy)
+
+
+def test_safetensors_header_longer_than_file(tiny_model_copy):
+    weights = tiny_model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(struct.pack("<Q", len(data) * 2) + data[8:])
+    with pytest.raises(InputError, match="header claims"):
+        resolve_model(tiny_model_copy)
+
+
+def test_safetensors_offsets_out_of_range(tiny_model_copy):
+    weights = tiny_model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    length = _header_length(weights)
+    header = json.loads(data[8 : 8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"] = [0, 10**12]
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+    with pytest.raises(InputError, match=f"tensor '{name}'"):
+        resolve_model(tiny_model_copy)
+
+
+def test_weights_not_matching_config_are_refused(tiny_model_copy):
+    edit_config(tiny_model_copy, intermediate_size=40)  # the file's FFN tensors are 37 wide
+    info = resolve_model(tiny_model_copy)
+    with pytest.raises(InputError, match="model.safetensors"):
+        load_torch_model(info)
+
+
+class _Exploit:
+    """A pickle payload that would create a marker file when unpickled unsafely."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _pickle_only(folder, marker=None):
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    if marker is not None:
+        state["exploit"] = _Exploit(marker)
+    torch.save(state, folder / "pytorch_model.bin")
+
+
+def test_pickle_checkpoint_is_refused_by_default(tiny_model_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    _pickle_only(tiny_model_copy, marker)
+    with pytest.raises(InputError, match="--allow-pickle"):
+        resolve_model(tiny_model_copy)
+    assert not marker.exists()
+
+
+def test_allowed_pickle_still_runs_no_code(tiny_model_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    _pickle_only(tiny_model_copy, marker)
+    info = resolve_model(tiny_model_copy, allow_pickle=True)
+    assert info.weights.name == "pytorch_model.bin"
+    with pytest.raises(InputError):  # weights_only=True refuses the payload
+        load_torch_model(info)
+    assert not marker.exists()
+
+
+def test_allowed_pickle_loads_plain_weights(tiny_model_copy):
+    _pickle_only(tiny_model_copy)
+    model = load_torch_model(resolve_model(tiny_model_copy, allow_pickle=True))
+    assert sum(p.numel() for p in model.parameters()) > 0
