@@ -163,6 +163,19 @@ def _verify_options(func):
         default=None,
         help="Score only the first N metric examples (quick checks).",
     )
+    @click.option(
+        "--parity-data",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="TSV with a 'sentence' column for parity (default: bundled SST-2 dev).",
+    )
+    @click.option(
+        "--metric-data",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="TSV for the metric: STS-B columns (sentence1, sentence2, score), or for "
+        "classifiers SST-2 columns (sentence, label). Default: the bundled dev set.",
+    )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -189,6 +202,8 @@ def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
         max_metric_drop=kwargs["max_metric_drop"],
         max_length=kwargs["max_length"],
         metric_limit=kwargs["metric_limit"],
+        parity_data=kwargs["parity_data"],
+        metric_data=kwargs["metric_data"],
     )
 
 

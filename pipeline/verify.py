@@ -48,8 +48,11 @@ class VerifySpec:
         tolerance: per-output limits; None takes the precision's default.
         max_metric_drop: largest metric drop (points) allowed against PyTorch; None: default.
         max_length: truncation length in tokens; None takes the model's.
-        parity_sentences: how many SST-2 dev sentences go into the parity batches.
+        parity_sentences: how many sentences go into the parity batches.
         metric_limit: use only the first N metric examples (None: the whole dev set).
+        parity_data: TSV with a ``sentence`` column for parity (None: bundled SST-2 dev).
+        metric_data: TSV for the task metric, STS-B columns for embedding models or SST-2
+            columns for classifiers (None: the bundled dev set).
     """
 
     precision: str = "fp32"
@@ -58,6 +61,16 @@ class VerifySpec:
     max_length: int | None = None
     parity_sentences: int = 96
     metric_limit: int | None = None
+    parity_data: Path | None = None
+    metric_data: Path | None = None
+
+    def parity_file(self) -> Path:
+        return Path(self.parity_data) if self.parity_data else datasets.SST2_DEV
+
+    def metric_file(self, info: ModelInfo) -> Path:
+        if self.metric_data:
+            return Path(self.metric_data)
+        return datasets.SST2_DEV if info.task == "sequence-classification" else datasets.STSB_DEV
 
     def resolved_tolerance(self) -> Tolerance:
         return self.tolerance or DEFAULT_TOLERANCES[self.precision]
@@ -190,7 +203,13 @@ def _batched(items: list[str], size: int) -> Iterable[tuple[list[int], list[str]
 
 
 def compute_metric(
-    run: Runner, tokenizer, info: ModelInfo, max_length: int, limit: int | None, label: str
+    run: Runner,
+    tokenizer,
+    info: ModelInfo,
+    max_length: int,
+    limit: int | None,
+    label: str,
+    data_file: Path,
 ) -> MetricResult:
     """The task metric of one runner over the bundled dev set."""
     from scipy.stats import spearmanr
@@ -201,7 +220,7 @@ def compute_metric(
             return MetricResult(
                 "sst2_accuracy", None, 0, f"{info.num_labels}-class head: no metric"
             )
-        data = datasets.load_sst2()
+        data = datasets.load_sst2(data_file)
         sentences, labels = data.sentences[:limit], np.asarray(data.labels[:limit])
         predictions = np.empty(len(sentences), dtype=np.int64)
         for index, texts in tqdm(
@@ -211,7 +230,7 @@ def compute_metric(
             predictions[index] = run(feeds)["logits"].argmax(axis=1)
         value = float((predictions == labels).mean() * 100)
         return MetricResult("sst2_accuracy", value, len(sentences))
-    pairs = datasets.load_stsb()
+    pairs = datasets.load_stsb(data_file)
     first, second = pairs.sentences1[:limit], pairs.sentences2[:limit]
     sentences = first + second
     embeddings: list[np.ndarray | None] = [None] * len(sentences)
@@ -241,7 +260,8 @@ def run_verification(
     reference, _ = torch_runner(info, pooling_in_graph)
     tolerance = spec.resolved_tolerance()
 
-    sentences = datasets.load_sst2().sentences[: spec.parity_sentences]
+    rows = datasets.read_tsv(spec.parity_file(), ("sentence",))
+    sentences = [row["sentence"].strip() for row in rows][: spec.parity_sentences]
     parity: dict[str, OutputParity] = {}
     for texts in tqdm(
         parity_batches(sentences, max_length), desc="parity", disable=None, leave=False
@@ -251,10 +271,22 @@ def run_verification(
     parity_report = {name: entry.report(tolerance) for name, entry in parity.items()}
 
     torch_metric = compute_metric(
-        reference, tokenizer, info, max_length, spec.metric_limit, "pytorch metric"
+        reference,
+        tokenizer,
+        info,
+        max_length,
+        spec.metric_limit,
+        "pytorch metric",
+        spec.metric_file(info),
     )
     engine_metric = compute_metric(
-        engine_run, tokenizer, info, max_length, spec.metric_limit, "engine metric"
+        engine_run,
+        tokenizer,
+        info,
+        max_length,
+        spec.metric_limit,
+        "engine metric",
+        spec.metric_file(info),
     )
     failures = [
         f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]
@@ -297,13 +329,16 @@ def verify(
 
     engine, engine_manifest = load_engine(engine_dir)
     engine_file = engine.path
-    data_files = [datasets.SST2_DEV, datasets.STSB_DEV]
+    data_files = {"parity": spec.parity_file(), "metric": spec.metric_file(info)}
     record = StageRecord(
         stage="verify",
         inputs={
             "engine": {"path": str(engine_file), "sha256": sha256_file(engine_file)},
             "model": info.fingerprint(),
-            "data": {p.name: sha256_file(p) for p in data_files},
+            "data": {
+                role: {"path": str(path), "sha256": datasets.file_sha256(path)}
+                for role, path in data_files.items()
+            },
         },
         spec={
             **asdict(spec),

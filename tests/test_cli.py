@@ -132,3 +132,54 @@ def test_every_help_runs_without_heavy_imports():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "dataset file not found"),
+        (b"", "dataset file is empty"),
+        (b"sentence\tlabel\nfine\t1\nbad \xc3\x28 bytes\t0\n", ":3: not valid UTF-8"),
+    ],
+)
+def test_bad_parity_dataset(tiny_embedding_model, tmp_path, content, message):
+    data = tmp_path / "parity.tsv"
+    if content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out"
+    result = _invoke(
+        "run", "--model", tiny_embedding_model, "--out", out, "--parity-data", data, *QUICK
+    )
+    assert result.exit_code == 3
+    assert message in result.stderr and str(data) in result.stderr
+    assert not (out / "verify" / "onnxruntime-cpu-fp32" / "manifest.json").exists()
+    assert not (out / "run.json").exists()
+
+
+def test_user_metric_dataset(tiny_embedding_model, tmp_path):
+    data = tmp_path / "sts.tsv"
+    rows = [
+        "sentence1\tsentence2\tscore",
+        "a cat sits\ta cat sat\t4.5",
+        "a dog runs\tstocks fell\t0.2",
+        "it rains\tit is raining\t4.8",
+        "red car\tblue sea\t0.5",
+    ]
+    data.write_text("\n".join(rows) + "\n")
+    result = _invoke(
+        "run",
+        "--model",
+        tiny_embedding_model,
+        "--out",
+        tmp_path / "out",
+        "--json",
+        "--metric-data",
+        data,
+        "--max-metric-drop",
+        "100",
+    )
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((tmp_path / "out/verify/onnxruntime-cpu-fp32/report.json").read_text())
+    assert report["metric"]["examples"] == 4
+    manifest = json.loads((tmp_path / "out/verify/onnxruntime-cpu-fp32/manifest.json").read_text())
+    assert manifest["inputs"]["data"]["metric"]["path"] == str(data)

@@ -55,3 +55,15 @@ def test_stsb_score_must_be_a_number_in_range(tmp_path):
     path.write_text("score\tsentence1\tsentence2\n7\ta\tb\n")
     with pytest.raises(InputError, match=r":2: score 7.0 is outside \[0, 5\]"):
         datasets.load_stsb(path)
+
+
+def test_bundled_files_match_the_checksums_in_their_readme():
+    import re
+
+    from pipeline.artifacts import sha256_file
+
+    table = (datasets.DATA_DIR / "README.md").read_text()
+    listed = dict(re.findall(r"^\| (\S+) \| \S+ \| ([0-9a-f]{64}) \|", table, flags=re.M))
+    assert set(listed) == {p.name for p in datasets.DATA_DIR.iterdir() if p.suffix != ".md"}
+    for name, digest in listed.items():
+        assert sha256_file(datasets.DATA_DIR / name) == digest, name
