@@ -121,3 +121,35 @@ def save_onnx(model, final: Path) -> None:
 def op_counts(model) -> dict[str, int]:
     """Operator type -> node count, most frequent first."""
     return dict(Counter(node.op_type for node in model.graph.node).most_common())
+
+
+def _vocab_size(model) -> int:
+    """Rows of the embedding table that input_ids index (1 if the graph hides it)."""
+    tables = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[1:] == ["input_ids"] and node.input[0] in tables:
+            return int(tables[node.input[0]].dims[0])
+    return 1
+
+
+def sample_token_feeds(model, *, batch: int, sequence: int) -> dict:
+    """Valid random token inputs for a BERT graph: ids inside its vocabulary, a partly padded mask.
+
+    Used where a stage checks a rewrite numerically (onnxsim's check, fusion before vs after).
+    """
+    import numpy as np
+
+    shape = (batch, sequence)
+    vocab = _vocab_size(model)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for graph_input in model.graph.input:
+        if graph_input.name == "attention_mask":
+            mask = np.ones(shape, dtype=np.int64)
+            mask[-1, sequence // 2 :] = 0
+            feeds[graph_input.name] = mask
+        elif graph_input.name == "token_type_ids":
+            feeds[graph_input.name] = np.zeros(shape, dtype=np.int64)
+        else:
+            feeds[graph_input.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
+    return feeds

@@ -13,7 +13,7 @@ Output tree under ``out``::
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,7 @@ def run_pipeline(
             spec=build_spec,
             force=force,
         )
-        verify_spec = VerifySpec(**{**spec.verify.__dict__, "precision": build_spec.precision})
+        verify_spec = replace(spec.verify, precision=build_spec.precision)
         verified = verify(
             info=info,
             engine_dir=built.path,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.artifacts import StageRecord, sha256_file
 from pipeline.errors import InputError
-from pipeline.onnx_io import load_onnx, op_counts, save_onnx
+from pipeline.onnx_io import load_onnx, op_counts, sample_token_feeds, save_onnx
 from pipeline.stage import StageResult, run_stage
 
 log = logging.getLogger("bert_compile")
@@ -35,35 +35,6 @@ class SimplifySpec:
     check_runs: int = 3
     check_batch: int = 2
     check_sequence: int = 16
-
-
-def _vocab_size(model) -> int:
-    """Rows of the embedding table that input_ids index (1 if the graph hides it)."""
-    tables = {init.name: init for init in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[1:] == ["input_ids"] and node.input[0] in tables:
-            return int(tables[node.input[0]].dims[0])
-    return 1
-
-
-def _check_inputs(model, spec: SimplifySpec) -> dict:
-    """Valid token inputs for onnxsim's check: ids inside the vocabulary, a partly padded mask."""
-    import numpy as np
-
-    shape = (spec.check_batch, spec.check_sequence)
-    vocab = _vocab_size(model)
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for graph_input in model.graph.input:
-        if graph_input.name == "attention_mask":
-            mask = np.ones(shape, dtype=np.int64)
-            mask[-1, spec.check_sequence // 2 :] = 0
-            feeds[graph_input.name] = mask
-        elif graph_input.name == "token_type_ids":
-            feeds[graph_input.name] = np.zeros(shape, dtype=np.int64)
-        else:
-            feeds[graph_input.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
-    return feeds
 
 
 DYNAMIC_AXES = ("batch", "sequence")
@@ -103,7 +74,7 @@ def simplify(
         model = load_onnx(source)
         before_dims = _dynamic_dims(model)
         before = op_counts(model)
-        feeds = _check_inputs(model, spec)
+        feeds = sample_token_feeds(model, batch=spec.check_batch, sequence=spec.check_sequence)
         try:
             with contextlib.redirect_stdout(sys.stderr):  # onnxsim prints progress to stdout
                 simplified, ok = onnxsim.simplify(

@@ -157,14 +157,16 @@ def parity_batches(sentences: list[str], max_length: int) -> list[list[str]]:
         size = next(sizes)
         batches.append(sentences[start : start + size])
         start += size
-    long_text = " ".join(sentences)  # longer than any position table: truncated to max_length
+    # At least max_length words, so at least max_length tokens: this row is truncated to the limit.
+    words = " ".join(sentences).split() or ["word"]
+    long_text = " ".join(words * (1 + max_length // len(words)))
     batches.append(["", sentences[0], long_text])
     batches.append(["a"])
     batches.append([long_text])
     return batches
 
 
-def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> tuple[Runner, str]:
+def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> Runner:
     """PyTorch fp32 with the library's default attention (not the export's eager form)."""
     import torch
 
@@ -179,7 +181,7 @@ def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> tuple[Runner, str]:
         with torch.inference_mode():
             return {name: wrapper(*args).numpy()}
 
-    return run, name
+    return run
 
 
 def _embeddings(outputs: dict[str, np.ndarray], feeds, info: ModelInfo) -> np.ndarray:
@@ -257,7 +259,7 @@ def run_verification(
 
     max_length = resolve_max_length(info, spec.max_length)
     tokenizer = load_tokenizer(info)
-    reference, _ = torch_runner(info, pooling_in_graph)
+    reference = torch_runner(info, pooling_in_graph)
     tolerance = spec.resolved_tolerance()
 
     rows = datasets.read_tsv(spec.parity_file(), ("sentence",))

@@ -173,3 +173,20 @@ def test_classifier_and_host_pooling_variants(
     assert host_pooled["ok"]
     model = onnx.load(str(tmp_path / "tok" / "fuse" / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["last_hidden_state"]
+
+
+def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
+    from pipeline.models import load_tokenizer
+    from pipeline.verify import PARITY_BATCH_SIZES, parity_batches, tokenize
+
+    info = resolve_model(tiny_embedding_model)
+    tokenizer = load_tokenizer(info)
+    batches = parity_batches(["one short sentence", "two"] * 48, max_length=64)
+    sizes = [len(b) for b in batches]
+    assert sizes[: len(PARITY_BATCH_SIZES)] == list(PARITY_BATCH_SIZES)
+    lengths = [tokenize(tokenizer, b, info, 64)["attention_mask"].sum(axis=1) for b in batches]
+    every_row = np.concatenate(lengths)
+    assert every_row.min() == 2  # the empty string: [CLS] [SEP]
+    assert every_row.max() == 64  # truncated exactly at the limit
+    mixed = tokenize(tokenizer, batches[-3], info, 64)["attention_mask"].sum(axis=1)
+    assert len(set(mixed.tolist())) == 3  # one batch mixing short and maximal rows
