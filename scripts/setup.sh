@@ -13,6 +13,8 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# Run pip with its exit status intact, dropping only the noise about absent extra index folders.
+quiet_pip() { { "${pip[@]}" "$@" 2>&1; } | { grep -v "is ignored" || true; } >&2; }
 # A local folder of wheels (this workplace keeps the CPU torch wheel in /opt/wheels) is preferred.
 find_links=()
 [ -d /opt/wheels ] && find_links=(--find-links /opt/wheels)
@@ -20,10 +22,10 @@ find_links=()
 # torch first and pinned: with 2.13.0 installed, nothing later can pull a CUDA build of torch.
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
   echo "setup: installing torch==$torch_version (CPU)" >&2
-  "${pip[@]}" install "${find_links[@]}" "torch==$torch_version" 2>&1 | grep -v "is ignored" >&2 || true
+  quiet_pip install "${find_links[@]}" "torch==$torch_version"
 fi
 echo "setup: installing bert-compiler and its pinned dependencies" >&2
-"${pip[@]}" install "${find_links[@]}" -e ".[test]" 2>&1 | grep -v "is ignored" >&2 || true
+quiet_pip install "${find_links[@]}" -e ".[test]"
 
 # Fail loudly rather than leave a broken or CUDA-bloated environment behind.
 "$venv/bin/python" - <<'PY'
