@@ -36,20 +36,6 @@ class LabeledSentences:
     labels: list[int]
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a dataset file, for manifests.
-
-    Raises:
-        InputError: the file does not exist or is not a file.
-    """
-    from pipeline.artifacts import sha256_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: dataset file not found")
-    return sha256_file(path)
-
-
 def read_tsv(
     path: Path, columns: tuple[str, ...], *, max_line_bytes: int = MAX_LINE_BYTES
 ) -> list[dict[str, str]]:

@@ -48,6 +48,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def input_file(path: Path, what: str) -> dict[str, str]:
+    """A stage input as a manifest records it: its path and sha256.
+
+    Raises:
+        InputError: the path is not an existing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    return {"path": str(path), "sha256": sha256_file(path)}
+
+
 def sha256_json(value: Any) -> str:
     """Return the sha256 of a value's canonical JSON form (sorted keys, no spaces)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import ArtifactDir, StageRecord, atomic_path, sha256_file
+from pipeline.artifacts import ArtifactDir, StageRecord, atomic_path, input_file
 from pipeline.errors import ArtifactError, InputError
 from pipeline.stage import StageResult, run_stage
 
@@ -61,7 +61,7 @@ def build(*, source: Path, out_dir: Path, spec: BuildSpec, force: bool = False) 
     )
     record = StageRecord(
         stage="build",
-        inputs={"onnx": {"path": str(source), "sha256": sha256_file(source)}},
+        inputs={"onnx": input_file(source, "ONNX file")},
         spec={
             "backend": spec.backend,
             "device": spec.device,

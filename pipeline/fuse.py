@@ -11,7 +11,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageRecord, atomic_path, sha256_file
+from pipeline.artifacts import StageRecord, atomic_path, input_file
 from pipeline.errors import FusionError
 from pipeline.models import ModelInfo
 from pipeline.onnx_io import load_onnx, op_counts, sample_token_feeds
@@ -101,7 +101,7 @@ def fuse(
     expected = info.architecture.expected_fusions(info.config)
     record = StageRecord(
         stage="fuse",
-        inputs={"onnx": {"path": str(source), "sha256": sha256_file(source)}},
+        inputs={"onnx": input_file(source, "ONNX file")},
         spec={
             **asdict(spec),
             "optimizer_model_type": info.architecture.ort_optimizer_type,

@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageRecord, sha256_file
+from pipeline.artifacts import StageRecord, input_file
 from pipeline.errors import InputError
 from pipeline.onnx_io import load_onnx, op_counts, sample_token_feeds, save_onnx
 from pipeline.stage import StageResult, run_stage
@@ -64,7 +64,7 @@ def simplify(
     source = Path(source)
     record = StageRecord(
         stage="simplify",
-        inputs={"onnx": {"path": str(source), "sha256": sha256_file(source)}},
+        inputs={"onnx": input_file(source, "ONNX file")},
         spec={**asdict(spec), "skipped_optimizers": list(SKIPPED_OPTIMIZERS)},
     )
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from calibration import datasets
-from pipeline.artifacts import StageRecord, atomic_write_text, sha256_file
+from pipeline.artifacts import StageRecord, atomic_write_text, input_file
 from pipeline.errors import InputError, ParityError
 from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
 from pipeline.parity import (
@@ -335,10 +335,10 @@ def verify(
     record = StageRecord(
         stage="verify",
         inputs={
-            "engine": {"path": str(engine_file), "sha256": sha256_file(engine_file)},
+            "engine": input_file(engine_file, "engine file"),
             "model": info.fingerprint(),
             "data": {
-                role: {"path": str(path), "sha256": datasets.file_sha256(path)}
+                role: input_file(path, "dataset file")
                 for role, path in data_files.items()
             },
         },

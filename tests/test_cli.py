@@ -183,3 +183,8 @@ def test_user_metric_dataset(tiny_embedding_model, tmp_path):
     assert report["metric"]["examples"] == 4
     manifest = json.loads((tmp_path / "out/verify/onnxruntime-cpu-fp32/manifest.json").read_text())
     assert manifest["inputs"]["data"]["metric"]["path"] == str(data)
+
+
+def test_missing_input_file(tmp_path):
+    result = _invoke("simplify", "--input", tmp_path / "absent.onnx", "--out", tmp_path / "out")
+    assert result.exit_code == 3 and "absent.onnx: ONNX file not found" in result.stderr
