@@ -1,7 +1,8 @@
-"""Every module imports on a CPU machine without pulling heavy or GPU-only packages."""
+"""Every module imports, and every --help runs, without pulling heavy or GPU-only packages."""
 
 from __future__ import annotations
 
+import json
 import pkgutil
 import subprocess
 import sys
@@ -15,18 +16,31 @@ MODULES = sorted(
     for package in (pipeline, engines, calibration)
     for info in pkgutil.iter_modules(package.__path__)
 )
+HEAVY = ("torch", "onnxruntime", "tensorrt", "transformers", "onnxsim", "onnx")
+
+
+def _heavy_modules_loaded_by(code: str) -> list[str]:
+    """Run ``code`` in a fresh interpreter; return the heavy packages it ended up importing."""
+    loaded = f"sorted(set({HEAVY!r}) & set(sys.modules))"
+    probe = f"{code}\nimport json, sys\nprint(json.dumps({loaded}))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_every_module_imports_lazily():
     assert "engines.onnxruntime" in MODULES and "pipeline.cli" in MODULES
+    code = f"import importlib\nfor name in {MODULES!r}:\n    importlib.import_module(name)"
+    assert _heavy_modules_loaded_by(code) == []
+
+
+def test_every_help_runs_without_heavy_imports():
     code = (
-        "import importlib, sys\n"
-        f"for name in {MODULES!r}:\n"
-        "    importlib.import_module(name)\n"
-        "heavy = {'torch', 'onnxruntime', 'tensorrt', 'transformers', 'onnxsim', 'onnx'}\n"
-        "print(sorted(heavy & set(sys.modules)))\n"
+        "from click.testing import CliRunner\n"
+        "from pipeline.cli import cli\n"
+        "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify']):\n"
+        "    r = CliRunner().invoke(cli, cmd + ['--help'])\n"
+        "    assert r.exit_code == 0, (cmd, r.output)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip() == "[]"
+    assert _heavy_modules_loaded_by(code) == []
