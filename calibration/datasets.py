@@ -51,34 +51,9 @@ def read_tsv(
             wrong column count or an over-long line; the message names the line.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: dataset file not found") from err
-    except IsADirectoryError as err:
-        raise InputError(f"{path}: is a folder, expected a TSV file") from err
-    if not data.strip():
-        raise InputError(f"{path}: dataset file is empty")
-    if data.startswith(b"\xef\xbb\xbf"):
-        raise InputError(f"{path}:1: file starts with a UTF-8 byte-order mark; save it without one")
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
     header: list[str] | None = None
     rows: list[dict[str, str]] = []
-    for number, raw in enumerate(lines, start=1):
-        if len(raw) > max_line_bytes:
-            raise InputError(
-                f"{path}:{number}: line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
-            )
-        if raw.endswith(b"\r"):
-            raise InputError(f"{path}:{number}: CRLF line ending; convert the file to LF")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"{path}:{number}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8"
-            ) from err
+    for number, line in _strict_lines(path, max_line_bytes):
         fields = line.split("\t")
         if header is None:
             header = fields
@@ -128,3 +103,76 @@ def load_sst2(path: Path = SST2_DEV) -> LabeledSentences:
             raise InputError(f"{path}:{number}: label {row['label']!r} is not 0 or 1")
         labels.append(int(row["label"]))
     return LabeledSentences(sentences=[r["sentence"].strip() for r in rows], labels=labels)
+
+
+def load_texts(
+    path: Path, *, column: str = "sentence", max_line_bytes: int = MAX_LINE_BYTES
+) -> list[str]:
+    """Sentences from a TSV (named column), JSONL (named key) or TXT (one per line) file.
+
+    Raises:
+        InputError: unreadable or malformed file, a row without the column, or no sentences.
+    """
+    import json
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".tsv":
+        texts = [
+            row[column].strip() for row in read_tsv(path, (column,), max_line_bytes=max_line_bytes)
+        ]
+    elif suffix in (".txt", ".jsonl"):
+        lines = _strict_lines(path, max_line_bytes)
+        texts = []
+        for number, line in lines:
+            if suffix == ".txt":
+                texts.append(line.strip())
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            value = record.get(column) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise InputError(f"{path}:{number}: no string field {column!r}")
+            texts.append(value.strip())
+    else:
+        raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
+    texts = [t for t in texts if t]
+    if not texts:
+        raise InputError(f"{path}: no non-empty sentences")
+    return texts
+
+
+def _strict_lines(path: Path, max_line_bytes: int) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8, LF, BOM-free file, with the same checks as read_tsv."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: dataset file not found") from err
+    except IsADirectoryError as err:
+        raise InputError(f"{path}: is a folder, expected a file") from err
+    if not data.strip():
+        raise InputError(f"{path}: dataset file is empty")
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise InputError(f"{path}:1: file starts with a UTF-8 byte-order mark; save it without one")
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    decoded = []
+    for number, raw in enumerate(lines, start=1):
+        if len(raw) > max_line_bytes:
+            raise InputError(
+                f"{path}:{number}: line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
+            )
+        if raw.endswith(b"\r"):
+            raise InputError(f"{path}:{number}: CRLF line ending; convert the file to LF")
+        try:
+            decoded.append((number, raw.decode("utf-8")))
+        except UnicodeDecodeError as err:
+            raise InputError(
+                f"{path}:{number}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8"
+            ) from err
+    return decoded

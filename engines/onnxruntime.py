@@ -30,19 +30,28 @@ class OrtEngineOptions:
             the building machine.
         runtime_level: optimizations applied again when the engine is loaded.
         intra_op_num_threads: 0 lets ORT use one thread per physical core.
+        quantize_attention: give fused Attention nodes INT8 weights with dynamically quantized
+            inputs (ORT's QAttention): static Q/DQ cannot reach the weights inside a fused
+            Attention, and leaving them in float costs a third of the INT8 speed-up (measured).
+        float_attention: Attention node names to keep in float (the precision fallback).
     """
 
     device: str = "cpu"
     offline_level: str = "extended"
     runtime_level: str = "all"
     intra_op_num_threads: int = 0
+    quantize_attention: bool = False
+    float_attention: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OrtEngineOptions:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "float_attention" in values:
+            values["float_attention"] = tuple(values["float_attention"])
+        return cls(**values)
 
 
 def _session_options(level: str, threads: int):
@@ -83,18 +92,63 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
         InputError: ORT cannot load or optimize the graph.
         EnvironmentProblem: the requested device's provider is not available.
     """
+    import tempfile
+
     import onnxruntime as ort
 
     provider = _provider(options.device)
-    session_options = _session_options(options.offline_level, options.intra_op_num_threads)
-    session_options.optimized_model_filepath = str(destination)
-    try:
-        ort.InferenceSession(str(source), session_options, providers=[provider])
-    except (RuntimeError, ValueError) as err:
-        raise InputError(f"{source}: ONNX Runtime cannot build an engine from it ({err})") from err
+    facts: dict[str, Any] = {"provider": provider, "onnxruntime": ort.__version__}
+    with tempfile.TemporaryDirectory(dir=Path(destination).parent) as scratch:
+        if options.quantize_attention:
+            quantized = Path(scratch) / "attention-int8.onnx"
+            facts["quantized_attention"] = quantize_attention(
+                source, quantized, keep_float=options.float_attention
+            )
+            source = quantized
+        session_options = _session_options(options.offline_level, options.intra_op_num_threads)
+        session_options.optimized_model_filepath = str(destination)
+        try:
+            ort.InferenceSession(str(source), session_options, providers=[provider])
+        except (RuntimeError, ValueError) as err:
+            raise InputError(
+                f"{source}: ONNX Runtime cannot build an engine from it ({err})"
+            ) from err
     if not Path(destination).is_file():
         raise InputError(f"{source}: ONNX Runtime wrote no optimized model")
-    return {"provider": provider, "onnxruntime": ort.__version__}
+    return facts
+
+
+def attention_nodes(model) -> list[str]:
+    """Names of the fused Attention nodes of a graph."""
+    return [n.name for n in model.graph.node if n.op_type == "Attention"]
+
+
+def quantize_attention(
+    source: Path, destination: Path, *, keep_float: tuple[str, ...]
+) -> list[str]:
+    """Turn fused Attention nodes into QAttention (INT8 weights, inputs quantized per batch).
+
+    Returns:
+        The Attention node names that were quantized.
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    names = attention_nodes(onnx.load(str(source), load_external_data=False))
+    unknown = set(keep_float) - set(names)
+    if unknown:
+        raise InputError(f"--keep-float names no Attention node of {source}: {sorted(unknown)}")
+    quantize_dynamic(
+        str(source),
+        str(destination),
+        op_types_to_quantize=["Attention"],
+        nodes_to_exclude=list(keep_float),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        # ORT's quantizer cannot infer the type of every tensor in these graphs without it.
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return [n for n in names if n not in keep_float]
 
 
 class OrtEngine:

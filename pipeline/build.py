@@ -13,7 +13,7 @@ from pipeline.stage import StageResult, run_stage
 log = logging.getLogger("bert_compile")
 
 BACKENDS = ("onnxruntime",)
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -23,14 +23,17 @@ class BuildSpec:
     Attributes:
         backend: engine backend (``onnxruntime``; ``tensorrt`` arrives with the GPU issue).
         device: ``cpu``.
-        precision: ``fp32`` (fp16 and int8 arrive with their issues).
+        precision: ``fp32``, or ``int8`` from a calibrated Q/DQ graph (fp16 arrives with the GPU
+            issue).
         intra_op_num_threads: ONNX Runtime threads; 0 means one per physical core.
+        float_attention: int8 only: Attention node names kept in float (precision fallback).
     """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     precision: str = "fp32"
     intra_op_num_threads: int = 0
+    float_attention: tuple[str, ...] = ()
 
     @property
     def engine_name(self) -> str:
@@ -57,7 +60,10 @@ def build(*, source: Path, out_dir: Path, spec: BuildSpec, force: bool = False) 
     spec.validate()
     source = Path(source)
     options = ort_engine.OrtEngineOptions(
-        device=spec.device, intra_op_num_threads=spec.intra_op_num_threads
+        device=spec.device,
+        intra_op_num_threads=spec.intra_op_num_threads,
+        quantize_attention=spec.precision == "int8",
+        float_attention=spec.float_attention,
     )
     record = StageRecord(
         stage="build",

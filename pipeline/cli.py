@@ -158,6 +158,12 @@ def _verify_options(func):
         help="Largest task-metric drop (points) against PyTorch fp32.",
     )
     @click.option(
+        "--min-metric-retention",
+        type=float,
+        default=None,
+        help="Smallest fraction of PyTorch fp32's metric to keep (int8 default 0.995).",
+    )
+    @click.option(
         "--metric-limit",
         type=int,
         default=None,
@@ -183,23 +189,85 @@ def _verify_options(func):
     return wrapper
 
 
-def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
-    from dataclasses import replace
+def _calibration_options(func):
+    @click.option(
+        "--method",
+        type=click.Choice(["minmax", "percentile", "entropy"]),
+        default="percentile",
+        show_default=True,
+        help="INT8 range calibration method.",
+    )
+    @click.option(
+        "--percentile",
+        type=float,
+        default=99.99,
+        show_default=True,
+        help="With --method percentile: share of magnitudes kept unclipped.",
+    )
+    @click.option(
+        "--num-samples",
+        type=int,
+        default=512,
+        show_default=True,
+        help="Calibration sentences to use.",
+    )
+    @click.option(
+        "--min-samples",
+        type=int,
+        default=32,
+        show_default=True,
+        help="Fewer distinct sentences than this is an error.",
+    )
+    @click.option(
+        "--calibration-data",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="A .tsv, .txt or .jsonl file (default: bundled calibration sentences).",
+    )
+    @click.option(
+        "--text-column",
+        default="sentence",
+        show_default=True,
+        help="TSV column or JSONL key holding the text.",
+    )
+    @click.option(
+        "--keep-float", multiple=True, help="Operator (node) name to keep in float; repeatable."
+    )
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
 
-    from pipeline.parity import DEFAULT_TOLERANCES
+    return wrapper
+
+
+def _calibration_spec(kwargs: dict[str, Any]):
+    from pipeline.calibrate import CalibrationSpec
+
+    return CalibrationSpec(
+        method=kwargs["method"],
+        percentile=kwargs["percentile"],
+        num_samples=kwargs["num_samples"],
+        min_samples=kwargs["min_samples"],
+        data=kwargs["calibration_data"],
+        text_column=kwargs["text_column"],
+        max_length=kwargs.get("max_length"),
+        keep_float=tuple(kwargs["keep_float"]),
+    )
+
+
+def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
     from pipeline.verify import VerifySpec
 
-    base = DEFAULT_TOLERANCES[precision]
     overrides = {
         "max_abs_err": kwargs["max_abs_err"],
         "rel_l2_err": kwargs["max_rel_l2"],
         "min_cosine": kwargs["min_cosine"],
     }
-    tolerance = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     return VerifySpec(
         precision=precision,
-        tolerance=tolerance if tolerance != base else None,
+        tolerance_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
         max_metric_drop=kwargs["max_metric_drop"],
+        min_metric_retention=kwargs["min_metric_retention"],
         max_length=kwargs["max_length"],
         metric_limit=kwargs["metric_limit"],
         parity_data=kwargs["parity_data"],
@@ -278,6 +346,41 @@ def fuse_command(input_path: Path | None, allow_unfused: bool, **kwargs: Any) ->
     _emit(_stage_output(result), kwargs["as_json"], f"fused: {result.results['fused_operators']}")
 
 
+@cli.command("calibrate")
+@common_options
+@_calibration_options
+@click.option(
+    "--target",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="onnxruntime: the fused graph (ORT INT8 engine); tensorrt: the standard-ops "
+    "graph TensorRT builds INT8 from.",
+)
+@click.option("--max-length", type=int, default=None, help="Token limit (default: the model's).")
+@_input_option("Float ONNX file to calibrate (default: OUT/fuse or OUT/simplify, by --target).")
+def calibrate_command(target: str, input_path: Path | None, **kwargs: Any) -> None:
+    """Calibrate INT8 ranges on text and write a Q/DQ graph (OUT/calibrate/TARGET)."""
+    from pipeline.calibrate import calibrate
+    from pipeline.runner import Layout
+
+    layout = Layout(kwargs["out"])
+    info = _resolve(kwargs)
+    source = input_path or _stage_file(layout.fuse if target == "onnxruntime" else layout.simplify)
+    result = calibrate(
+        info=info,
+        source=source,
+        out_dir=layout.calibrate(target),
+        spec=_calibration_spec(kwargs),
+        force=kwargs["force"],
+    )
+    summary = {
+        **_stage_output(result),
+        "results": {k: v for k, v in result.results.items() if k != "scales"},
+    }
+    _emit(summary, kwargs["as_json"], f"calibrated: {result.output('model.onnx')}")
+
+
 @cli.command("build")
 @common_options
 @_input_option("ONNX file to build from (default: OUT/fuse/model.onnx).")
@@ -288,14 +391,31 @@ def fuse_command(input_path: Path | None, allow_unfused: bool, **kwargs: Any) ->
     show_default=True,
     help="ONNX Runtime intra-op threads recorded with the engine (0: one per core).",
 )
-def build_command(input_path: Path | None, threads: int, **kwargs: Any) -> None:
-    """Build a CPU ONNX Runtime engine (OUT/engines/onnxruntime-cpu-fp32)."""
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="int8 builds from OUT/calibrate/onnxruntime.",
+)
+@click.option(
+    "--keep-float", multiple=True, help="int8: Attention node name to keep in float; repeatable."
+)
+def build_command(
+    input_path: Path | None,
+    threads: int,
+    precision: str,
+    keep_float: tuple[str, ...],
+    **kwargs: Any,
+) -> None:
+    """Build a CPU ONNX Runtime engine (OUT/engines/onnxruntime-cpu-PRECISION)."""
     from pipeline.build import BuildSpec, build
     from pipeline.runner import Layout
 
     layout = Layout(kwargs["out"])
-    spec = BuildSpec(intra_op_num_threads=threads)
-    source = input_path or _stage_file(layout.fuse)
+    spec = BuildSpec(intra_op_num_threads=threads, precision=precision, float_attention=keep_float)
+    default = layout.fuse if precision == "fp32" else layout.calibrate("onnxruntime")
+    source = input_path or _stage_file(default)
     result = build(source=source, out_dir=layout.engine(spec), spec=spec, force=kwargs["force"])
     _emit(_stage_output(result), kwargs["as_json"], f"engine: {result.path}")
 
@@ -310,7 +430,14 @@ def build_command(input_path: Path | None, threads: int, **kwargs: Any) -> None:
     default=None,
     help="Engine folder (default: OUT/engines/onnxruntime-cpu-fp32).",
 )
-def verify_command(engine_dir: Path | None, **kwargs: Any) -> None:
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="Selects the default engine folder and tolerances.",
+)
+def verify_command(engine_dir: Path | None, precision: str, **kwargs: Any) -> None:
     """Check an engine against PyTorch on real text plus the task metric; exit 5 on failure."""
     from pipeline.build import BuildSpec
     from pipeline.runner import Layout
@@ -318,7 +445,7 @@ def verify_command(engine_dir: Path | None, **kwargs: Any) -> None:
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
-    build_spec = BuildSpec()
+    build_spec = BuildSpec(precision=precision)
     engine_dir = engine_dir or layout.engine(build_spec)
     result = verify(
         info=info,
@@ -338,6 +465,22 @@ def verify_command(engine_dir: Path | None, **kwargs: Any) -> None:
 @cli.command("run")
 @common_options
 @_verify_options
+@_calibration_options
+@click.option(
+    "--precision",
+    "precisions",
+    type=click.Choice(["fp32", "int8"]),
+    multiple=True,
+    default=("fp32",),
+    show_default=True,
+    help="Engines to build; repeatable.",
+)
+@click.option(
+    "--fallback/--no-fallback",
+    default=True,
+    show_default=True,
+    help="int8: keep the most sensitive operators in float until the gate passes.",
+)
 @click.option(
     "--threads",
     type=int,
@@ -352,8 +495,15 @@ def verify_command(engine_dir: Path | None, **kwargs: Any) -> None:
     show_default=True,
     help="Sentence-embedding models: mean pooling + L2 norm in the graph.",
 )
-def run_command(threads: int, allow_unfused: bool, pooling: bool, **kwargs: Any) -> None:
-    """Run every stage: export, simplify, fuse, build, verify. Exit 5 when parity fails."""
+def run_command(
+    threads: int,
+    allow_unfused: bool,
+    pooling: bool,
+    precisions: tuple[str, ...],
+    fallback: bool,
+    **kwargs: Any,
+) -> None:
+    """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
     from pipeline.build import BuildSpec
     from pipeline.export import ExportSpec
     from pipeline.fuse import FuseSpec
@@ -363,8 +513,12 @@ def run_command(threads: int, allow_unfused: bool, pooling: bool, **kwargs: Any)
     spec = RunSpec(
         export=ExportSpec(pooling_in_graph=pooling),
         fuse=FuseSpec(require_fusions=not allow_unfused),
-        builds=(BuildSpec(intra_op_num_threads=threads),),
+        builds=tuple(
+            BuildSpec(intra_op_num_threads=threads, precision=p) for p in dict.fromkeys(precisions)
+        ),
         verify=_verify_spec(kwargs),
+        calibration=_calibration_spec(kwargs),
+        fallback=fallback,
     )
     summary = run_pipeline(info=info, out=kwargs["out"], spec=spec, force=kwargs["force"])
     lines = [f"summary: {Path(summary['out']) / SUMMARY_FILE}"]

@@ -5,6 +5,8 @@ Output tree under ``out``::
     export/    model.onnx + manifest.json
     simplify/  model.onnx + manifest.json
     fuse/      model.onnx + manifest.json
+    calibrate/onnxruntime/  Q/DQ INT8 of the fused graph (the ORT INT8 engine's input)
+    calibrate/tensorrt/     Q/DQ INT8 of the standard-ops graph (TensorRT's input) + cache
     engines/<backend>-<device>-<precision>/  engine + manifest.json
     verify/<backend>-<device>-<precision>/   report.json + manifest.json
     run.json   the summary ``run --json`` prints
@@ -13,12 +15,14 @@ Output tree under ``out``::
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import atomic_write_text
 from pipeline.build import BuildSpec, build
+from pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
 from pipeline.export import MODEL_FILE, ExportSpec, export
 from pipeline.fuse import FuseSpec, fuse
 from pipeline.models import ModelInfo
@@ -26,6 +30,7 @@ from pipeline.simplify import SimplifySpec, simplify
 from pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
 
 SUMMARY_FILE = "run.json"
+log = logging.getLogger("bert_compile")
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,9 @@ class Layout:
     def engine(self, build_spec: BuildSpec) -> Path:
         return self.root / "engines" / build_spec.engine_name
 
+    def calibrate(self, target: str) -> Path:
+        return self.root / "calibrate" / target
+
     def verify(self, build_spec: BuildSpec) -> Path:
         return self.root / "verify" / build_spec.engine_name
 
@@ -62,6 +70,8 @@ class RunSpec:
     fuse: FuseSpec = FuseSpec()
     builds: tuple[BuildSpec, ...] = (BuildSpec(),)
     verify: VerifySpec = VerifySpec()
+    calibration: CalibrationSpec = CalibrationSpec()
+    fallback: bool = True
 
 
 def run_pipeline(
@@ -90,22 +100,36 @@ def run_pipeline(
     engines = []
     pytorch_metric = None
     for build_spec in spec.builds:
-        built = build(
-            source=fused.output(MODEL_FILE),
-            out_dir=layout.engine(build_spec),
-            spec=build_spec,
-            force=force,
-        )
-        verify_spec = replace(spec.verify, precision=build_spec.precision)
-        verified = verify(
-            info=info,
-            engine_dir=built.path,
-            out_dir=layout.verify(build_spec),
-            spec=verify_spec,
-            force=force,
-        )
-        stages[f"build:{build_spec.engine_name}"] = _stage_summary(built)
-        stages[f"verify:{build_spec.engine_name}"] = _stage_summary(verified)
+        if build_spec.precision == "int8":
+            stages["calibrate:tensorrt"] = _stage_summary(
+                calibrate(
+                    info=info,
+                    source=simplified.output(MODEL_FILE),
+                    out_dir=layout.calibrate("tensorrt"),
+                    spec=spec.calibration,
+                    force=force,
+                )
+            )
+            built, verified, fallback = _int8_with_fallback(
+                info=info,
+                layout=layout,
+                fused=fused,
+                build_spec=build_spec,
+                spec=spec,
+                force=force,
+                stages=stages,
+            )
+        else:
+            built, verified = _build_and_verify(
+                info=info,
+                layout=layout,
+                source=fused.output(MODEL_FILE),
+                build_spec=build_spec,
+                spec=spec,
+                force=force,
+                stages=stages,
+            )
+            fallback = None
         report = verified.results
         pytorch_metric = report["pytorch_metric"]
         engines.append(
@@ -120,6 +144,7 @@ def run_pipeline(
                 "metric": {"name": report["metric"]["name"], "value": report["metric"]["value"]},
                 "passed": report["passed"],
                 "failures": report["failures"],
+                **({"fallback": fallback} if fallback is not None else {}),
             }
         )
     summary = {
@@ -134,6 +159,84 @@ def run_pipeline(
     }
     atomic_write_text(layout.root / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
+    built = build(source=source, out_dir=layout.engine(build_spec), spec=build_spec, force=force)
+    verified = verify(
+        info=info,
+        engine_dir=built.path,
+        out_dir=layout.verify(build_spec),
+        spec=replace(spec.verify, precision=build_spec.precision),
+        force=force,
+    )
+    stages[f"build:{build_spec.engine_name}"] = _stage_summary(built)
+    stages[f"verify:{build_spec.engine_name}"] = _stage_summary(verified)
+    return built, verified
+
+
+def _int8_with_fallback(*, info, layout, fused, build_spec, spec, force, stages):
+    """Calibrate the fused graph, build and verify; while the gate fails, keep the next most
+    sensitive operator in float and try again, until it passes or nothing is left."""
+    kept: list[tuple[str, str]] = []  # (node name, kind), in the order they were kept
+    ranking = None
+    steps = []
+    while True:
+        calibrated = calibrate(
+            info=info,
+            source=fused.output(MODEL_FILE),
+            out_dir=layout.calibrate("onnxruntime"),
+            spec=replace(
+                spec.calibration, keep_float=tuple(n for n, kind in kept if kind == "MatMul")
+            ),
+            force=force,
+        )
+        stages["calibrate:onnxruntime"] = _stage_summary(calibrated)
+        attempt = replace(
+            build_spec, float_attention=tuple(n for n, kind in kept if kind == "Attention")
+        )
+        built, verified = _build_and_verify(
+            info=info,
+            layout=layout,
+            source=calibrated.output(MODEL_FILE),
+            build_spec=attempt,
+            spec=spec,
+            force=force,
+            stages=stages,
+        )
+        steps.append(
+            {
+                "kept_float": [n for n, _ in kept],
+                "metric": verified.results["metric"]["value"],
+                "passed": verified.results["passed"],
+            }
+        )
+        if verified.results["passed"] or not spec.fallback:
+            break
+        if ranking is None:
+            log.info("[fallback] INT8 gate failed; ranking operators by sensitivity")
+            ranking = rank_for_fallback(
+                info=info,
+                float_source=fused.output(MODEL_FILE),
+                calibrated=calibrated,
+                spec=spec.calibration,
+            )
+        remaining = [s for s in ranking if s.node not in {n for n, _ in kept}]
+        if not remaining:
+            break
+        kept.append((remaining[0].node, remaining[0].kind))
+        log.info(
+            "[fallback] keeping %s %s in float (error alone %.2e)",
+            remaining[0].kind,
+            remaining[0].node,
+            remaining[0].error,
+        )
+    fallback = {
+        "kept_float": [n for n, _ in kept],
+        "steps": steps,
+        "ranking": [{"node": s.node, "kind": s.kind, "error": s.error} for s in ranking or []],
+    }
+    return built, verified, fallback
 
 
 def _stage_summary(result) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from pipeline.errors import InputError, ParityError
 from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
 from pipeline.parity import (
     DEFAULT_MAX_METRIC_DROP,
+    DEFAULT_MIN_METRIC_RETENTION,
     DEFAULT_TOLERANCES,
     OutputParity,
     Tolerance,
@@ -45,8 +46,10 @@ class VerifySpec:
 
     Attributes:
         precision: selects the default tolerances.
-        tolerance: per-output limits; None takes the precision's default.
+        tolerance_overrides: (limit, value) pairs replacing the precision's default limits
+            (max_abs_err, rel_l2_err, min_cosine).
         max_metric_drop: largest metric drop (points) allowed against PyTorch; None: default.
+        min_metric_retention: smallest fraction of PyTorch's metric to keep; None: default.
         max_length: truncation length in tokens; None takes the model's.
         parity_sentences: how many sentences go into the parity batches.
         metric_limit: use only the first N metric examples (None: the whole dev set).
@@ -56,8 +59,9 @@ class VerifySpec:
     """
 
     precision: str = "fp32"
-    tolerance: Tolerance | None = None
+    tolerance_overrides: tuple[tuple[str, float], ...] = ()
     max_metric_drop: float | None = None
+    min_metric_retention: float | None = None
     max_length: int | None = None
     parity_sentences: int = 96
     metric_limit: int | None = None
@@ -73,12 +77,17 @@ class VerifySpec:
         return datasets.SST2_DEV if info.task == "sequence-classification" else datasets.STSB_DEV
 
     def resolved_tolerance(self) -> Tolerance:
-        return self.tolerance or DEFAULT_TOLERANCES[self.precision]
+        return replace(DEFAULT_TOLERANCES[self.precision], **dict(self.tolerance_overrides))
 
-    def resolved_metric_drop(self) -> float:
+    def resolved_metric_drop(self) -> float | None:
         if self.max_metric_drop is not None:
             return self.max_metric_drop
         return DEFAULT_MAX_METRIC_DROP[self.precision]
+
+    def resolved_metric_retention(self) -> float | None:
+        if self.min_metric_retention is not None:
+            return self.min_metric_retention
+        return DEFAULT_MIN_METRIC_RETENTION[self.precision]
 
 
 @dataclass
@@ -251,6 +260,29 @@ def compute_metric(
     return MetricResult("stsb_spearman", value, count)
 
 
+def metric_gate_failures(
+    reference: MetricResult, engine: MetricResult, spec: VerifySpec
+) -> list[str]:
+    """Why the engine's task metric fails its gates against PyTorch (empty when it passes)."""
+    if reference.value is None or engine.value is None:
+        return []
+    failures = []
+    drop = reference.value - engine.value
+    max_drop = spec.resolved_metric_drop()
+    if max_drop is not None and drop > max_drop:
+        failures.append(
+            f"{engine.name} {engine.value:.2f} is {drop:.3f} points below PyTorch's "
+            f"{reference.value:.2f} (allowed {max_drop:g})"
+        )
+    retention = spec.resolved_metric_retention()
+    if retention is not None and engine.value < retention * reference.value:
+        failures.append(
+            f"{engine.name} {engine.value:.2f} keeps {engine.value / reference.value:.2%} of "
+            f"PyTorch's {reference.value:.2f} (needs {retention:.1%})"
+        )
+    return failures
+
+
 def run_verification(
     *, info: ModelInfo, engine_run: Runner, pooling_in_graph: bool, spec: VerifySpec
 ) -> VerifyOutcome:
@@ -293,13 +325,7 @@ def run_verification(
     failures = [
         f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]
     ]
-    if torch_metric.value is not None and engine_metric.value is not None:
-        drop = torch_metric.value - engine_metric.value
-        if drop > spec.resolved_metric_drop():
-            failures.append(
-                f"{engine_metric.name} {engine_metric.value:.2f} is {drop:.3f} points below "
-                f"PyTorch's {torch_metric.value:.2f} (allowed {spec.resolved_metric_drop():g})"
-            )
+    failures.extend(metric_gate_failures(torch_metric, engine_metric, spec))
     return VerifyOutcome(parity_report, torch_metric, engine_metric, not failures, failures)
 
 
@@ -337,15 +363,13 @@ def verify(
         inputs={
             "engine": input_file(engine_file, "engine file"),
             "model": info.fingerprint(),
-            "data": {
-                role: input_file(path, "dataset file")
-                for role, path in data_files.items()
-            },
+            "data": {role: input_file(path, "dataset file") for role, path in data_files.items()},
         },
         spec={
             **asdict(spec),
             "resolved_tolerance": asdict(spec.resolved_tolerance()),
             "resolved_max_metric_drop": spec.resolved_metric_drop(),
+            "resolved_min_metric_retention": spec.resolved_metric_retention(),
             "engine": engine_manifest.get("spec", {}),
         },
     )

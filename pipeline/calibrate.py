@@ -1,0 +1,225 @@
+"""calibrate: real text -> activation ranges -> an explicit-quantization (Q/DQ) INT8 graph.
+
+TensorRT 11 has no implicit calibrators: INT8 must be in the graph. This stage runs the calibration
+sentences through the float graph, derives each MatMul input's amax (minmax, percentile or entropy),
+and writes the graph with symmetric INT8 Q/DQ on those inputs and per-channel INT8 weights, every
+scale (also in the manifest), and a TensorRT calibration cache for users of older TensorRT.
+
+Run on the standard-ops graph it gives TensorRT's input; run on the fused graph it gives the ONNX
+Runtime INT8 engine's input (tensor names differ between the two, so each is calibrated on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from calibration import datasets
+from calibration.qdq import insert_qdq, quantizable_matmuls
+from calibration.ranges import METHODS, collect_histograms, compute_amax
+from pipeline.artifacts import StageRecord, atomic_write_text, input_file
+from pipeline.errors import InputError
+from pipeline.models import ModelInfo, load_tokenizer
+from pipeline.onnx_io import load_onnx, op_counts, save_onnx
+from pipeline.stage import StageResult, run_stage
+
+log = logging.getLogger("bert_compile")
+
+MODEL_FILE = "model.onnx"
+SCALES_FILE = "scales.json"
+TRT_CACHE_FILE = "calibration.cache"
+# The cache header names the algorithm; TensorRT only reads caches whose header it recognises.
+TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
+
+
+@dataclass(frozen=True)
+class CalibrationSpec:
+    """Settings of the calibrate stage.
+
+    Attributes:
+        method: minmax, percentile or entropy.
+        percentile: for ``percentile``: the share of magnitudes kept unclipped.
+        num_samples: sentences used (the first N of the file).
+        min_samples: fewer usable sentences than this is an error.
+        batch_size: sentences per calibration batch, in file order (realistic mixed lengths).
+        bins: histogram bins for percentile and entropy.
+        max_length: token limit (None: the model's).
+        data: a .tsv/.txt/.jsonl file (None: the bundled calibration sentences).
+        text_column: the TSV column or JSONL key holding the text.
+        keep_float: MatMul node names to leave in float (the precision fallback fills this).
+    """
+
+    method: str = "percentile"
+    percentile: float = 99.99
+    num_samples: int = 512
+    min_samples: int = 32
+    batch_size: int = 32
+    bins: int = 2048
+    max_length: int | None = None
+    data: Path | None = None
+    text_column: str = "sentence"
+    keep_float: tuple[str, ...] = ()
+
+    def data_file(self) -> Path:
+        return Path(self.data) if self.data else datasets.CALIBRATION_SENTENCES
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if not 0 < self.percentile <= 100:
+            raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
+        if self.num_samples < 1 or self.batch_size < 1 or self.bins < 256:
+            raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
+
+
+def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]:
+    """The sentences to calibrate on, and counts worth recording (duplicates, shortfall).
+
+    Raises:
+        InputError: unreadable file, or fewer distinct sentences than ``min_samples``.
+    """
+    path = spec.data_file()
+    texts = datasets.load_texts(path, column=spec.text_column)
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) < spec.min_samples:
+        raise InputError(
+            f"{path}: {len(distinct)} distinct sentences, calibration needs at least "
+            f"{spec.min_samples} (ask for fewer with --min-samples at your own risk)"
+        )
+    chosen = distinct[: spec.num_samples]
+    counts = {
+        "sentences_in_file": len(texts),
+        "duplicates_dropped": len(texts) - len(distinct),
+        "used": len(chosen),
+        "shortfall": max(0, spec.num_samples - len(chosen)),
+    }
+    return chosen, counts
+
+
+def trt_calibration_cache(scales: dict[str, float]) -> str:
+    """TensorRT's cache text: a header, then ``tensor: scale`` as big-endian float32 hex."""
+    lines = [TRT_CACHE_HEADER]
+    for name, scale in sorted(scales.items()):
+        lines.append(f"{name}: {struct.pack('>f', scale).hex()}")
+    return "\n".join(lines) + "\n"
+
+
+def calibrate(
+    *,
+    info: ModelInfo,
+    source: Path,
+    out_dir: Path,
+    spec: CalibrationSpec = CalibrationSpec(),
+    force: bool = False,
+) -> StageResult:
+    """Calibrate ``source`` on text and write its Q/DQ INT8 version to ``out_dir``.
+
+    Guarantees: every MatMul with a constant weight (except ``keep_float``) reads INT8 Q/DQ inputs;
+    scales.json and the manifest list every quantized tensor's scale.
+
+    Raises:
+        InputError: bad calibration data or settings, or a graph with nothing to quantize.
+    """
+    from tqdm import tqdm
+
+    from pipeline.verify import resolve_max_length, tokenize
+
+    spec.validate()
+    source = Path(source)
+    max_length = resolve_max_length(info, spec.max_length)
+    record = StageRecord(
+        stage="calibrate",
+        inputs={
+            "onnx": input_file(source, "ONNX file"),
+            "data": input_file(spec.data_file(), "calibration data file"),
+            "model": info.fingerprint(),
+        },
+        spec={**asdict(spec), "max_length": max_length},
+    )
+
+    def body(artifact):
+        texts, counts = calibration_texts(spec)
+        tokenizer = load_tokenizer(info)
+        batches = [
+            tokenize(tokenizer, texts[i : i + spec.batch_size], info, max_length)
+            for i in range(0, len(texts), spec.batch_size)
+        ]
+        truncated = sum(
+            len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
+        )
+        model = load_onnx(source)
+        targets = quantizable_matmuls(model)
+        unknown = set(spec.keep_float) - {t.node_name for t in targets}
+        if unknown:
+            raise InputError(f"--keep-float names no quantizable MatMul: {sorted(unknown)}")
+        if not targets:
+            raise InputError(f"{source}: no MatMul with a constant weight to quantize")
+        activations = sorted({t.activation for t in targets})
+        log.info(
+            "[calibrate] %d sentences, %d MatMuls, method %s", len(texts), len(targets), spec.method
+        )
+        histograms = collect_histograms(
+            model,
+            activations,
+            batches,
+            bins=spec.bins,
+            progress=lambda it: tqdm(
+                it, total=len(batches), desc="calibrate", disable=None, leave=False
+            ),
+        )
+        amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
+        quantized, scales = insert_qdq(model, amax, exclude=frozenset(spec.keep_float))
+        save_onnx(quantized, artifact.path / MODEL_FILE)
+        atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
+        activation_scales = {n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"}
+        atomic_write_text(artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales))
+        quantized_nodes = [t.node_name for t in targets if t.node_name not in spec.keep_float]
+        return [MODEL_FILE, SCALES_FILE, TRT_CACHE_FILE], {
+            **counts,
+            "sentences_truncated": int(truncated),
+            "method": spec.method,
+            "quantized_matmuls": quantized_nodes,
+            "kept_float": list(spec.keep_float),
+            "scales": scales,
+            "op_counts": op_counts(quantized),
+        }
+
+    return run_stage(record, Path(out_dir), body, force=force)
+
+
+def rank_for_fallback(
+    *,
+    info: ModelInfo,
+    float_source: Path,
+    calibrated: StageResult,
+    spec: CalibrationSpec,
+    sentences: int = 128,
+) -> list:
+    """Rank the quantized operators of ``calibrated`` by the error each alone adds.
+
+    Uses the first ``sentences`` calibration sentences (never the evaluation set).
+    """
+    from calibration.sensitivity import rank_sensitivity
+    from engines.onnxruntime import quantize_attention
+    from pipeline.verify import resolve_max_length, tokenize
+
+    texts, _ = calibration_texts(spec)
+    texts = texts[:sentences]
+    tokenizer = load_tokenizer(info)
+    max_length = resolve_max_length(info, spec.max_length)
+    batches = [
+        tokenize(tokenizer, texts[i : i + spec.batch_size], info, max_length)
+        for i in range(0, len(texts), spec.batch_size)
+    ]
+    amax = {
+        n: r["amax"] for n, r in calibrated.results["scales"].items() if r["kind"] == "activation"
+    }
+    return rank_sensitivity(
+        float_model=load_onnx(float_source),
+        amax=amax,
+        batches=batches,
+        quantize_attention=quantize_attention,
+    )
