@@ -153,7 +153,7 @@ def amax_entropy(hist: TensorHistogram, *, levels: int = INT8_LEVELS + 1) -> flo
 
 
 def compute_amax(
-    histograms: Mapping[str, TensorHistogram], method: str, *, percentile: float = 99.99
+    histograms: Mapping[str, TensorHistogram], method: str, *, percentile: float = 99.999
 ) -> dict[str, float]:
     """Per-tensor amax by ``method`` (minmax, percentile or entropy).
 

@@ -1,4 +1,4 @@
-"""Which quantized operators hurt most: quantize one at a time and measure the output error.
+"""Which quantized MatMuls hurt most: quantize one at a time and measure the output error.
 
 Used by the precision fallback: the most sensitive operators are kept in float, one more at a time,
 until the engine passes its gate. The measurement runs on calibration sentences, never on the
@@ -20,7 +20,6 @@ class Sensitivity:
     """Output error when only ``node`` is quantized (1 - mean cosine against float)."""
 
     node: str
-    kind: str
     error: float
 
 
@@ -52,17 +51,14 @@ def rank_sensitivity(
     float_model,
     amax: Mapping[str, float],
     batches: list[dict],
-    quantize_attention: Callable[..., object] | None = None,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[Sensitivity]:
-    """Rank every quantizable MatMul (and fused Attention) by the error it alone introduces.
+    """Rank every quantizable MatMul by the error it alone introduces.
 
     Args:
         float_model: the float graph (ONNX ModelProto) that calibration quantizes.
         amax: calibrated activation magnitudes (from the calibrate stage).
         batches: token feeds from the calibration sentences.
-        quantize_attention: turns Attention nodes into QAttention, keeping the named ones float
-            (engines.onnxruntime.quantize_attention); None skips Attention nodes.
 
     Returns:
         Sensitivities, most harmful first.
@@ -72,25 +68,15 @@ def rank_sensitivity(
     from calibration.qdq import insert_qdq, quantizable_matmuls
 
     matmuls = [m.node_name for m in quantizable_matmuls(float_model)]
-    attention = [n.name for n in float_model.graph.node if n.op_type == "Attention"]
-    if quantize_attention is None:
-        attention = []
-    units = [(name, "MatMul") for name in matmuls] + [(name, "Attention") for name in attention]
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         float_path = Path(scratch) / "float.onnx"
         onnx.save(float_model, str(float_path))
         reference = _outputs(float_path, batches)
-        for name, kind in progress(units):
+        for name in progress(matmuls):
+            model, _ = insert_qdq(float_model, amax, exclude=frozenset(matmuls) - {name})
             path = Path(scratch) / "one.onnx"
-            if kind == "MatMul":
-                others = frozenset(matmuls) - {name}
-                model, _ = insert_qdq(float_model, amax, exclude=others)
-                onnx.save(model, str(path))
-            else:
-                others = tuple(a for a in attention if a != name)
-                quantize_attention(float_path, path, keep_float=others)
-            results.append(
-                Sensitivity(name, kind, _error(reference, _outputs(path, batches), batches))
-            )
+            onnx.save(model, str(path))
+            error = _error(reference, _outputs(path, batches), batches)
+            results.append(Sensitivity(name, error))
     return sorted(results, key=lambda s: s.error, reverse=True)

@@ -14,6 +14,8 @@ log = logging.getLogger("bert_compile")
 
 BACKENDS = ("onnxruntime",)
 PRECISIONS = ("fp32", "int8")
+# See engines.onnxruntime.OrtEngineOptions.disabled_optimizers.
+INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
 
 @dataclass(frozen=True)
@@ -26,14 +28,12 @@ class BuildSpec:
         precision: ``fp32``, or ``int8`` from a calibrated Q/DQ graph (fp16 arrives with the GPU
             issue).
         intra_op_num_threads: ONNX Runtime threads; 0 means one per physical core.
-        float_attention: int8 only: Attention node names kept in float (precision fallback).
     """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     precision: str = "fp32"
     intra_op_num_threads: int = 0
-    float_attention: tuple[str, ...] = ()
 
     @property
     def engine_name(self) -> str:
@@ -62,8 +62,7 @@ def build(*, source: Path, out_dir: Path, spec: BuildSpec, force: bool = False) 
     options = ort_engine.OrtEngineOptions(
         device=spec.device,
         intra_op_num_threads=spec.intra_op_num_threads,
-        quantize_attention=spec.precision == "int8",
-        float_attention=spec.float_attention,
+        disabled_optimizers=INT8_DISABLED_OPTIMIZERS if spec.precision == "int8" else (),
     )
     record = StageRecord(
         stage="build",

@@ -5,8 +5,11 @@ sentences through the float graph, derives each MatMul input's amax (minmax, per
 and writes the graph with symmetric INT8 Q/DQ on those inputs and per-channel INT8 weights, every
 scale (also in the manifest), and a TensorRT calibration cache for users of older TensorRT.
 
-Run on the standard-ops graph it gives TensorRT's input; run on the fused graph it gives the ONNX
-Runtime INT8 engine's input (tensor names differ between the two, so each is calibrated on its own).
+It runs on the standard-ops (simplified, unfused) graph, and the one Q/DQ graph it writes is the
+input of both INT8 engines: TensorRT builds from it, and ONNX Runtime turns every Q/DQ MatMul into
+MatMulIntegerToFloat. Measured on all-MiniLM-L6-v2 (2-core CPU, batch 32): faster than ORT's dynamic
+INT8 in the same run and 0.14 Spearman points more accurate; the fused-graph alternative (Q/DQ on
+the FFN plus dynamic QAttention) was slower and needed two quantization recipes.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class CalibrationSpec:
 
     Attributes:
         method: minmax, percentile or entropy.
-        percentile: for ``percentile``: the share of magnitudes kept unclipped.
+        percentile: for ``percentile``: the share of magnitudes kept unclipped. Measured on
+            all-MiniLM-L6-v2 STS-B dev (fp32 86.72): 99.999 -> 86.52, 99.99 -> 86.51,
+            minmax 86.47, entropy 84.83, 99.9 -> 83.35: clipping BERT's outlier channels hurts.
         num_samples: sentences used (the first N of the file).
         min_samples: fewer usable sentences than this is an error.
         batch_size: sentences per calibration batch, in file order (realistic mixed lengths).
@@ -53,7 +58,7 @@ class CalibrationSpec:
     """
 
     method: str = "percentile"
-    percentile: float = 99.99
+    percentile: float = 99.999
     num_samples: int = 512
     min_samples: int = 32
     batch_size: int = 32
@@ -203,7 +208,6 @@ def rank_for_fallback(
     Uses the first ``sentences`` calibration sentences (never the evaluation set).
     """
     from calibration.sensitivity import rank_sensitivity
-    from engines.onnxruntime import quantize_attention
     from pipeline.verify import resolve_max_length, tokenize
 
     texts, _ = calibration_texts(spec)
@@ -217,9 +221,4 @@ def rank_for_fallback(
     amax = {
         n: r["amax"] for n, r in calibrated.results["scales"].items() if r["kind"] == "activation"
     }
-    return rank_sensitivity(
-        float_model=load_onnx(float_source),
-        amax=amax,
-        batches=batches,
-        quantize_attention=quantize_attention,
-    )
+    return rank_sensitivity(float_model=load_onnx(float_source), amax=amax, batches=batches)

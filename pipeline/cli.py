@@ -200,7 +200,7 @@ def _calibration_options(func):
     @click.option(
         "--percentile",
         type=float,
-        default=99.99,
+        default=99.999,
         show_default=True,
         help="With --method percentile: share of magnitudes kept unclipped.",
     )
@@ -231,7 +231,7 @@ def _calibration_options(func):
         help="TSV column or JSONL key holding the text.",
     )
     @click.option(
-        "--keep-float", multiple=True, help="Operator (node) name to keep in float; repeatable."
+        "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
     )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
@@ -349,28 +349,20 @@ def fuse_command(input_path: Path | None, allow_unfused: bool, **kwargs: Any) ->
 @cli.command("calibrate")
 @common_options
 @_calibration_options
-@click.option(
-    "--target",
-    type=click.Choice(["onnxruntime", "tensorrt"]),
-    default="onnxruntime",
-    show_default=True,
-    help="onnxruntime: the fused graph (ORT INT8 engine); tensorrt: the standard-ops "
-    "graph TensorRT builds INT8 from.",
-)
 @click.option("--max-length", type=int, default=None, help="Token limit (default: the model's).")
-@_input_option("Float ONNX file to calibrate (default: OUT/fuse or OUT/simplify, by --target).")
-def calibrate_command(target: str, input_path: Path | None, **kwargs: Any) -> None:
-    """Calibrate INT8 ranges on text and write a Q/DQ graph (OUT/calibrate/TARGET)."""
+@_input_option("Float ONNX file to calibrate (default: OUT/simplify/model.onnx).")
+def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
+    """Calibrate INT8 ranges on text and write the Q/DQ graph every INT8 engine builds from."""
     from pipeline.calibrate import calibrate
     from pipeline.runner import Layout
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
-    source = input_path or _stage_file(layout.fuse if target == "onnxruntime" else layout.simplify)
+    source = input_path or _stage_file(layout.simplify)
     result = calibrate(
         info=info,
         source=source,
-        out_dir=layout.calibrate(target),
+        out_dir=layout.calibrate,
         spec=_calibration_spec(kwargs),
         force=kwargs["force"],
     )
@@ -396,25 +388,16 @@ def calibrate_command(target: str, input_path: Path | None, **kwargs: Any) -> No
     type=click.Choice(["fp32", "int8"]),
     default="fp32",
     show_default=True,
-    help="int8 builds from OUT/calibrate/onnxruntime.",
+    help="fp32 builds from OUT/fuse, int8 from OUT/calibrate.",
 )
-@click.option(
-    "--keep-float", multiple=True, help="int8: Attention node name to keep in float; repeatable."
-)
-def build_command(
-    input_path: Path | None,
-    threads: int,
-    precision: str,
-    keep_float: tuple[str, ...],
-    **kwargs: Any,
-) -> None:
+def build_command(input_path: Path | None, threads: int, precision: str, **kwargs: Any) -> None:
     """Build a CPU ONNX Runtime engine (OUT/engines/onnxruntime-cpu-PRECISION)."""
     from pipeline.build import BuildSpec, build
     from pipeline.runner import Layout
 
     layout = Layout(kwargs["out"])
-    spec = BuildSpec(intra_op_num_threads=threads, precision=precision, float_attention=keep_float)
-    default = layout.fuse if precision == "fp32" else layout.calibrate("onnxruntime")
+    spec = BuildSpec(intra_op_num_threads=threads, precision=precision)
+    default = layout.fuse if precision == "fp32" else layout.calibrate
     source = input_path or _stage_file(default)
     result = build(source=source, out_dir=layout.engine(spec), spec=spec, force=kwargs["force"])
     _emit(_stage_output(result), kwargs["as_json"], f"engine: {result.path}")

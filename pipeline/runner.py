@@ -5,8 +5,8 @@ Output tree under ``out``::
     export/    model.onnx + manifest.json
     simplify/  model.onnx + manifest.json
     fuse/      model.onnx + manifest.json
-    calibrate/onnxruntime/  Q/DQ INT8 of the fused graph (the ORT INT8 engine's input)
-    calibrate/tensorrt/     Q/DQ INT8 of the standard-ops graph (TensorRT's input) + cache
+    calibrate/ model.onnx (Q/DQ INT8, standard ops: the input of every INT8 engine), scales.json,
+               calibration.cache (TensorRT) + manifest.json
     engines/<backend>-<device>-<precision>/  engine + manifest.json
     verify/<backend>-<device>-<precision>/   report.json + manifest.json
     run.json   the summary ``run --json`` prints
@@ -54,8 +54,9 @@ class Layout:
     def engine(self, build_spec: BuildSpec) -> Path:
         return self.root / "engines" / build_spec.engine_name
 
-    def calibrate(self, target: str) -> Path:
-        return self.root / "calibrate" / target
+    @property
+    def calibrate(self) -> Path:
+        return self.root / "calibrate"
 
     def verify(self, build_spec: BuildSpec) -> Path:
         return self.root / "verify" / build_spec.engine_name
@@ -101,19 +102,10 @@ def run_pipeline(
     pytorch_metric = None
     for build_spec in spec.builds:
         if build_spec.precision == "int8":
-            stages["calibrate:tensorrt"] = _stage_summary(
-                calibrate(
-                    info=info,
-                    source=simplified.output(MODEL_FILE),
-                    out_dir=layout.calibrate("tensorrt"),
-                    spec=spec.calibration,
-                    force=force,
-                )
-            )
             built, verified, fallback = _int8_with_fallback(
                 info=info,
                 layout=layout,
-                fused=fused,
+                float_graph=simplified.output(MODEL_FILE),
                 build_spec=build_spec,
                 spec=spec,
                 force=force,
@@ -175,38 +167,33 @@ def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
     return built, verified
 
 
-def _int8_with_fallback(*, info, layout, fused, build_spec, spec, force, stages):
-    """Calibrate the fused graph, build and verify; while the gate fails, keep the next most
-    sensitive operator in float and try again, until it passes or nothing is left."""
-    kept: list[tuple[str, str]] = []  # (node name, kind), in the order they were kept
+def _int8_with_fallback(*, info, layout, float_graph, build_spec, spec, force, stages):
+    """Calibrate, build and verify; while the gate fails, keep the next most sensitive MatMul in
+    float and try again, until the engine passes or nothing is left to keep."""
+    kept: list[str] = []
     ranking = None
     steps = []
     while True:
         calibrated = calibrate(
             info=info,
-            source=fused.output(MODEL_FILE),
-            out_dir=layout.calibrate("onnxruntime"),
-            spec=replace(
-                spec.calibration, keep_float=tuple(n for n, kind in kept if kind == "MatMul")
-            ),
+            source=float_graph,
+            out_dir=layout.calibrate,
+            spec=replace(spec.calibration, keep_float=tuple(kept)),
             force=force,
         )
-        stages["calibrate:onnxruntime"] = _stage_summary(calibrated)
-        attempt = replace(
-            build_spec, float_attention=tuple(n for n, kind in kept if kind == "Attention")
-        )
+        stages["calibrate"] = _stage_summary(calibrated)
         built, verified = _build_and_verify(
             info=info,
             layout=layout,
             source=calibrated.output(MODEL_FILE),
-            build_spec=attempt,
+            build_spec=build_spec,
             spec=spec,
             force=force,
             stages=stages,
         )
         steps.append(
             {
-                "kept_float": [n for n, _ in kept],
+                "kept_float": list(kept),
                 "metric": verified.results["metric"]["value"],
                 "passed": verified.results["passed"],
             }
@@ -214,27 +201,23 @@ def _int8_with_fallback(*, info, layout, fused, build_spec, spec, force, stages)
         if verified.results["passed"] or not spec.fallback:
             break
         if ranking is None:
-            log.info("[fallback] INT8 gate failed; ranking operators by sensitivity")
+            log.info("[fallback] INT8 gate failed; ranking MatMuls by sensitivity")
             ranking = rank_for_fallback(
-                info=info,
-                float_source=fused.output(MODEL_FILE),
-                calibrated=calibrated,
-                spec=spec.calibration,
+                info=info, float_source=float_graph, calibrated=calibrated, spec=spec.calibration
             )
-        remaining = [s for s in ranking if s.node not in {n for n, _ in kept}]
+        remaining = [s for s in ranking if s.node not in kept]
         if not remaining:
             break
-        kept.append((remaining[0].node, remaining[0].kind))
+        kept.append(remaining[0].node)
         log.info(
-            "[fallback] keeping %s %s in float (error alone %.2e)",
-            remaining[0].kind,
+            "[fallback] keeping %s in float (error alone %.2e)",
             remaining[0].node,
             remaining[0].error,
         )
     fallback = {
-        "kept_float": [n for n, _ in kept],
+        "kept_float": kept,
         "steps": steps,
-        "ranking": [{"node": s.node, "kind": s.kind, "error": s.error} for s in ranking or []],
+        "ranking": [{"node": s.node, "error": s.error} for s in ranking or []],
     }
     return built, verified, fallback
 

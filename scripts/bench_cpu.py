@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Throughput of the compiled ORT engine vs PyTorch fp32, side by side in one run, on CPU.
+"""CPU throughput (and STS-B dev Spearman) of this project's engines vs PyTorch and ORT peers.
 
-Same pre-tokenized STS-B dev sentences (3000, original order, padded per batch) for every runner;
-tokenization is outside the timed region. Runners alternate round by round so drift on a shared
-machine hits all of them; the median round is reported with its ratio to PyTorch.
+Every runner sees the same pre-tokenized STS-B dev sentences (3000, original order, padded per
+batch); tokenization is outside the timed region. Runners alternate round by round so drift on a
+shared machine hits all of them; the median round is reported with its ratio to PyTorch fp32.
 
-    .venv/bin/python scripts/bench_cpu.py --threads 2 --batch-sizes 1,32
+    .venv/bin/python scripts/bench_cpu.py --threads 2 --batch-sizes 1,32          # fp32
+    .venv/bin/python scripts/bench_cpu.py --threads 2 --batch-sizes 32 --int8     # + INT8
 
-Builds (or reuses) the engine under --out with the pipeline's own stages.
+Engines are built (or reused) under --out with the pipeline's own stages. --int8 adds ORT dynamic
+INT8 (the usual Optimum path: per-tensor weights on the exported graph), the same on the fused graph
+with per-channel weights (the strongest dynamic peer), and this project's INT8 engine.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,12 +35,16 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--batch-sizes", default="32")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--int8", action="store_true", help="add the INT8 runners")
+    parser.add_argument("--no-metric", action="store_true", help="skip the Spearman column")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     return parser.parse_args()
 
 
-def _engines(info, out: Path, threads: int):
+def _stages(info, out: Path, threads: int, int8: bool):
+    """Build (or reuse) the fp32 and INT8 engines; return them and the graphs peers start from."""
     from pipeline.build import BuildSpec, build, load_engine
+    from pipeline.calibrate import calibrate
     from pipeline.export import export
     from pipeline.fuse import fuse
     from pipeline.runner import Layout
@@ -46,10 +54,39 @@ def _engines(info, out: Path, threads: int):
     exported = export(info=info, out_dir=layout.export)
     simplified = simplify(source=exported.output("model.onnx"), out_dir=layout.simplify)
     fused = fuse(info=info, source=simplified.output("model.onnx"), out_dir=layout.fuse)
-    spec = BuildSpec(intra_op_num_threads=threads)
-    built = build(source=fused.output("model.onnx"), out_dir=layout.engine(spec), spec=spec)
-    engine, _ = load_engine(built.path)
-    return engine, simplified.output("model.onnx")
+    graphs = {
+        "export": exported.output("model.onnx"),
+        "simplify": simplified.output("model.onnx"),
+        "fuse": fused.output("model.onnx"),
+    }
+    fp32 = BuildSpec(intra_op_num_threads=threads)
+    engines = {
+        "fp32": load_engine(
+            build(source=graphs["fuse"], out_dir=layout.engine(fp32), spec=fp32).path
+        )[0]
+    }
+    if int8:
+        calibrated = calibrate(info=info, source=graphs["simplify"], out_dir=layout.calibrate)
+        spec = BuildSpec(intra_op_num_threads=threads, precision="int8")
+        built = build(
+            source=calibrated.output("model.onnx"), out_dir=layout.engine(spec), spec=spec
+        )
+        engines["int8"] = load_engine(built.path)[0]
+    return engines, graphs
+
+
+def _dynamic_int8(source: Path, destination: Path, per_channel: bool) -> Path:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(destination),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return destination
 
 
 def main() -> None:
@@ -57,31 +94,49 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from calibration.datasets import load_stsb
+    from calibration.datasets import STSB_DEV, load_stsb
     from pipeline.export import build_wrapper
     from pipeline.models import load_tokenizer, load_torch_model, resolve_model
+    from pipeline.verify import compute_metric
 
     torch.set_num_threads(args.threads)
     info = resolve_model(args.model)
-    engine, unfused_path = _engines(info, args.out, args.threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    unfused = ort.InferenceSession(str(unfused_path), options, providers=["CPUExecutionProvider"])
+    engines, graphs = _stages(info, args.out, args.threads, args.int8)
     wrapper = build_wrapper(info, load_torch_model(info, attn_implementation="sdpa"))
     tokenizer = load_tokenizer(info)
     pairs = load_stsb()
     sentences = (pairs.sentences1 + pairs.sentences2)[: args.sentences]
     names = list(info.architecture.input_names)
+    output = engines["fp32"].output_names[0]
+
+    def session(path: Path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def torch_run(feeds):
         with torch.inference_mode():
             return wrapper(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
 
-    runners = {
-        "torch fp32 (sdpa)": torch_run,
-        "ORT unfused (simplified graph)": lambda feeds: unfused.run(None, feeds)[0],
-        "bert-compiler ORT engine": lambda feeds: engine.run(feeds)[engine.output_names[0]],
-    }
+    runners = {"torch fp32 (sdpa)": torch_run}
+    scratch = tempfile.TemporaryDirectory()
+    if args.int8:
+        runners["ORT fp32 engine (this project)"] = lambda f: engines["fp32"].run(f)[output]
+        for label, graph, per_channel in (
+            ("ORT dynamic INT8, exported graph", "export", False),
+            ("ORT dynamic INT8, fused, per-channel", "fuse", True),
+        ):
+            dynamic = session(
+                _dynamic_int8(graphs[graph], Path(scratch.name) / f"{graph}.onnx", per_channel)
+            )
+            runners[label] = lambda f, s=dynamic: s.run(None, f)[0]
+        runners["INT8 engine (this project)"] = lambda f: engines["int8"].run(f)[output]
+    else:
+        unfused = session(graphs["simplify"])
+        runners["ORT unfused (simplified graph)"] = lambda f: unfused.run(None, f)[0]
+        runners["bert-compiler ORT engine"] = lambda f: engines["fp32"].run(f)[output]
+
     results = []
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         batches = []
@@ -115,17 +170,35 @@ def main() -> None:
                     "vs_torch": round(rate / base, 3),
                 }
             )
+    metrics = {}
+    if not args.no_metric:
+        for name, run in runners.items():
+            metric = compute_metric(
+                lambda f, r=run: {output: r(f)},
+                tokenizer,
+                info,
+                info.max_length,
+                None,
+                name,
+                STSB_DEV,
+            )
+            metrics[name] = round(metric.value, 3)
+    for row in results:
+        row["stsb_spearman"] = metrics.get(row["runner"])
     print(
         f"model {info.name}; {len(sentences)} STS-B dev sentences; threads {args.threads}; "
-        f"{args.rounds} rounds (median); {platform.processor() or platform.machine()}; "
+        f"{args.rounds} rounds (median); {platform.machine()}; "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}",
         file=sys.stderr,
     )
-    print(f"{'runner':34} {'batch':>5} {'sent/s':>9} {'vs torch':>9}", file=sys.stderr)
+    print(
+        f"{'runner':38} {'batch':>5} {'sent/s':>8} {'vs torch':>9} {'Spearman':>9}", file=sys.stderr
+    )
     for row in results:
+        spearman = "" if row["stsb_spearman"] is None else f"{row['stsb_spearman']:.2f}"
         print(
-            f"{row['runner']:34} {row['batch']:>5} {row['sentences_per_s']:>9.1f} "
-            f"{row['vs_torch']:>8.2f}x",
+            f"{row['runner']:38} {row['batch']:>5} {row['sentences_per_s']:>8.1f} "
+            f"{row['vs_torch']:>8.2f}x {spearman:>9}",
             file=sys.stderr,
         )
     if args.json:
