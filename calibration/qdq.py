@@ -3,10 +3,9 @@
 This is the form TensorRT 10/11 builds INT8 from (explicit quantization: precision lives in the
 graph) and ONNX Runtime runs too. Only MatMuls with a constant 2-D weight (the projections and the
 FFN) are quantized; LayerNorm, Softmax, GELU, residual adds and the attention score products stay in
-float. Every consuming MatMul gets its own Q/DQ pair, all with the tensor's one scale: ONNX
-Runtime fuses Q/DQ into MatMulIntegerToFloat only for a pair with a single consumer (measured: pairs
-shared by the Q, K and V projections left those 18 MatMuls in float), and TensorRT reads either form
-the same way.
+float. Activations get one Q/DQ pair per tensor, shared by all its consumers (the Q, K and V
+projections read one): TensorRT fuses it that way, and the ONNX Runtime INT8 engine lowers it to
+one QuantizeLinear per tensor (engines/ort_int8.py).
 """
 
 from __future__ import annotations
@@ -88,7 +87,7 @@ def insert_qdq(
     nodes_by_name = {node.name: node for node in graph.node}
     record: dict[str, dict] = {}
     new_nodes: dict[str, list] = {}  # inserted before the node that first needs them
-    dequantized: dict[str, str] = {}  # weight -> its DQ output (one weight, one consumer)
+    dequantized: dict[str, str] = {}
 
     def add_const(name: str, array: np.ndarray) -> str:
         graph.initializer.append(numpy_helper.from_array(array, name))
@@ -97,31 +96,35 @@ def insert_qdq(
     for target in targets:
         node = nodes_by_name[target.node_name]
         pending = new_nodes.setdefault(target.node_name, [])
-        if target.activation not in amax:
-            raise InputError(f"calibration: no range for tensor {target.activation!r}")
-        scale = activation_scale(amax[target.activation])
-        base = f"{target.activation}_int8"
-        if target.activation not in record:
-            add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
-            add_const(f"{base}_zero_point", np.array(0, dtype=np.int8))
+        if target.activation not in dequantized:
+            if target.activation not in amax:
+                raise InputError(f"calibration: no range for tensor {target.activation!r}")
+            scale = activation_scale(amax[target.activation])
+            base = f"{target.activation}_int8"
+            s_name = add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
+            z_name = add_const(f"{base}_zero_point", np.array(0, dtype=np.int8))
+            pending.append(
+                helper.make_node(
+                    "QuantizeLinear",
+                    [target.activation, s_name, z_name],
+                    [f"{base}_q"],
+                    name=f"{base}_Q",
+                )
+            )
+            pending.append(
+                helper.make_node(
+                    "DequantizeLinear",
+                    [f"{base}_q", s_name, z_name],
+                    [f"{base}_dq"],
+                    name=f"{base}_DQ",
+                )
+            )
+            dequantized[target.activation] = f"{base}_dq"
             record[target.activation] = {
                 "kind": "activation",
                 "amax": amax[target.activation],
                 "scale": scale,
             }
-        pair = f"{base}_for_{target.node_name}"
-        scale_zp = [f"{base}_scale", f"{base}_zero_point"]
-        pending.append(
-            helper.make_node(
-                "QuantizeLinear", [target.activation, *scale_zp], [f"{pair}_q"], name=f"{pair}_Q"
-            )
-        )
-        pending.append(
-            helper.make_node(
-                "DequantizeLinear", [f"{pair}_q", *scale_zp], [f"{pair}_dq"], name=f"{pair}_DQ"
-            )
-        )
-        activation_dq = f"{pair}_dq"
         if target.weight not in dequantized:
             weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
             scales = weight_scales(weight)
@@ -141,7 +144,7 @@ def insert_qdq(
             )
             dequantized[target.weight] = f"{base}_dq"
             record[target.weight] = {"kind": "weight", "axis": 1, "scale": scales.tolist()}
-        node.input[0] = activation_dq
+        node.input[0] = dequantized[target.activation]
         node.input[1] = dequantized[target.weight]
 
     ordered = []

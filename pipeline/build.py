@@ -14,8 +14,6 @@ log = logging.getLogger("bert_compile")
 
 BACKENDS = ("onnxruntime",)
 PRECISIONS = ("fp32", "int8")
-# See engines.onnxruntime.OrtEngineOptions.disabled_optimizers.
-INT8_DISABLED_OPTIMIZERS = ("CommonSubexpressionElimination",)
 
 
 @dataclass(frozen=True)
@@ -62,7 +60,7 @@ def build(*, source: Path, out_dir: Path, spec: BuildSpec, force: bool = False) 
     options = ort_engine.OrtEngineOptions(
         device=spec.device,
         intra_op_num_threads=spec.intra_op_num_threads,
-        disabled_optimizers=INT8_DISABLED_OPTIMIZERS if spec.precision == "int8" else (),
+        lower_int8=spec.precision == "int8",
     )
     record = StageRecord(
         stage="build",

@@ -50,6 +50,7 @@ class VerifySpec:
             (max_abs_err, rel_l2_err, min_cosine).
         max_metric_drop: largest metric drop (points) allowed against PyTorch; None: default.
         min_metric_retention: smallest fraction of PyTorch's metric to keep; None: default.
+        metric_gate: apply the two metric gates (the metric is always reported).
         max_length: truncation length in tokens; None takes the model's.
         parity_sentences: how many sentences go into the parity batches.
         metric_limit: use only the first N metric examples (None: the whole dev set).
@@ -62,6 +63,7 @@ class VerifySpec:
     tolerance_overrides: tuple[tuple[str, float], ...] = ()
     max_metric_drop: float | None = None
     min_metric_retention: float | None = None
+    metric_gate: bool = True
     max_length: int | None = None
     parity_sentences: int = 96
     metric_limit: int | None = None
@@ -264,7 +266,7 @@ def metric_gate_failures(
     reference: MetricResult, engine: MetricResult, spec: VerifySpec
 ) -> list[str]:
     """Why the engine's task metric fails its gates against PyTorch (empty when it passes)."""
-    if reference.value is None or engine.value is None:
+    if not spec.metric_gate or reference.value is None or engine.value is None:
         return []
     failures = []
     drop = reference.value - engine.value

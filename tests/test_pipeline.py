@@ -146,7 +146,7 @@ def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
         info=info,
         engine_run=engine.run,
         pooling_in_graph=True,
-        spec=replace(TINY_VERIFY, max_metric_drop=-1.0),
+        spec=replace(TINY_VERIFY, metric_gate=True, max_metric_drop=-1.0),
     )
     assert outcome.parity["sentence_embedding"]["passed"]
     assert not outcome.passed

@@ -1,0 +1,188 @@
+"""INT8 calibration on tiny models: each method, the Q/DQ graph, scales, cache, bad data."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import onnx
+import pytest
+
+from calibration import datasets
+from calibration.qdq import insert_qdq, quantizable_matmuls, weight_scales
+from calibration.ranges import (
+    TensorHistogram,
+    amax_entropy,
+    amax_percentile,
+    compute_amax,
+)
+from pipeline.calibrate import (
+    TRT_CACHE_HEADER,
+    CalibrationSpec,
+    calibrate,
+    trt_calibration_cache,
+)
+from pipeline.errors import InputError
+
+QUICK = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
+
+
+def _hist(values, bins=2048):
+    values = np.abs(np.asarray(values, dtype=np.float64))
+    counts, _ = np.histogram(values, bins=bins, range=(0, values.max()))
+    return TensorHistogram(float(values.max()), counts)
+
+
+def test_percentile_and_entropy_clip_outliers_minmax_keeps_them():
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 100_000), [80.0]])
+    hist = _hist(values)
+    amax = compute_amax({"t": hist}, "minmax")["t"]
+    assert amax == pytest.approx(80.0)
+    assert 3.0 < amax_percentile(hist, 99.99) < 6.0
+    assert 2.0 < amax_entropy(hist) < 20.0
+
+
+def test_unknown_method_and_bad_percentile():
+    with pytest.raises(InputError, match="--method 'kl'"):
+        compute_amax({}, "kl")
+    with pytest.raises(InputError, match="--percentile 0"):
+        compute_amax({}, "percentile", percentile=0)
+
+
+def test_weight_scales_are_symmetric_per_output_channel():
+    weight = np.array([[1.0, -4.0, 0.0], [-2.0, 2.0, 0.0]], dtype=np.float32)
+    np.testing.assert_allclose(weight_scales(weight), [2 / 127, 4 / 127, 1.0])
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_run, tmp_path_factory):
+    info, out, _spec, _summary = tiny_run
+    results = {}
+    for method in ("minmax", "percentile", "entropy"):
+        results[method] = calibrate(
+            info=info,
+            source=out / "simplify" / "model.onnx",
+            out_dir=tmp_path_factory.mktemp(method),
+            spec=CalibrationSpec(**{**QUICK.__dict__, "method": method}),
+        )
+    return info, out, results
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, method):
+    import onnxruntime as ort
+
+    from pipeline.onnx_io import sample_token_feeds
+
+    info, out, results = calibrated
+    result = results[method]
+    graph = onnx.load(str(result.output("model.onnx")))
+    float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
+    targets = quantizable_matmuls(float_graph)
+    assert len(targets) == 6 * info.num_layers  # Q, K, V, output, FFN in, FFN out
+    ops = [n.op_type for n in graph.graph.node]
+    # One pair per activation tensor (4 per layer: Q/K/V share one), one DQ per weight.
+    assert ops.count("QuantizeLinear") == 4 * info.num_layers
+    assert ops.count("DequantizeLinear") == 4 * info.num_layers + len(targets)
+    for node in graph.graph.node:  # LayerNorm, Softmax and GELU stay in float
+        if node.op_type in ("LayerNormalization", "Softmax", "Erf"):
+            assert all("int8" not in i for i in node.input)
+    weights = [i for i in graph.graph.initializer if i.name.endswith("_int8_q")]
+    assert weights and all(w.data_type == onnx.TensorProto.INT8 for w in weights)
+
+    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    outputs = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (out / "simplify" / "model.onnx", result.output("model.onnx"))
+    ]
+    cosine = (outputs[0] * outputs[1]).sum(1) / (
+        np.linalg.norm(outputs[0], axis=1) * np.linalg.norm(outputs[1], axis=1)
+    )
+    assert cosine.min() > 0.9
+
+
+def test_scales_are_recorded_everywhere(calibrated):
+    _info, _out, results = calibrated
+    result = results["percentile"]
+    scales = json.loads(result.output("scales.json").read_text())
+    assert scales == result.manifest["results"]["scales"]
+    activations = {n: r for n, r in scales.items() if r["kind"] == "activation"}
+    weights = {n: r for n, r in scales.items() if r["kind"] == "weight"}
+    assert len(activations) == 4 * 2 and len(weights) == 6 * 2  # per layer: 4 inputs, 6 weights
+    for record in activations.values():
+        assert record["scale"] == pytest.approx(record["amax"] / 127)
+    cache = result.output("calibration.cache").read_text().splitlines()
+    assert cache[0] == TRT_CACHE_HEADER and len(cache) == 1 + len(activations)
+    name, _, hex_scale = cache[1].rpartition(": ")
+    assert struct.unpack(">f", bytes.fromhex(hex_scale))[0] == pytest.approx(
+        activations[name]["scale"], rel=1e-6
+    )
+
+
+def test_methods_differ_and_minmax_is_widest(calibrated):
+    _info, _out, results = calibrated
+
+    def amaxes(method):
+        scales = results[method].manifest["results"]["scales"]
+        return {n: r["amax"] for n, r in scales.items() if r["kind"] == "activation"}
+
+    minmax, percentile = amaxes("minmax"), amaxes("percentile")
+    assert all(percentile[n] <= minmax[n] + 1e-9 for n in minmax)
+    assert amaxes("entropy") != minmax
+
+
+def test_keep_float_leaves_matmuls_unquantized(tiny_run):
+    info, out, _spec, _summary = tiny_run
+    model = onnx.load(str(out / "simplify" / "model.onnx"))
+    targets = quantizable_matmuls(model)
+    amax = {t.activation: 1.0 for t in targets}
+    quantized, record = insert_qdq(model, amax, exclude=frozenset({targets[0].node_name}))
+    node = next(n for n in quantized.graph.node if n.name == targets[0].node_name)
+    assert list(node.input) == [targets[0].activation, targets[0].weight]
+    assert targets[0].weight not in record
+
+
+def test_trt_cache_format():
+    text = trt_calibration_cache({"b": 1 / 127, "a": 0.5})
+    assert text == f"{TRT_CACHE_HEADER}\na: 3f000000\nb: 3c010204\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("empty.txt", b"", "dataset file is empty"),
+        ("bad.txt", b"ok\n\xff\xfe\n", ":2: not valid UTF-8"),
+        ("long.txt", b"x" * (11 << 20) + b"\n", ":1: line is"),
+        ("few.txt", b"one\ntwo\nthree\n", "3 distinct sentences, calibration needs at least 32"),
+        ("dups.txt", b"same\n" * 100, "1 distinct sentences"),
+        ("bad.jsonl", b'{"sentence": "a"}\n{oops\n', ":2: not valid JSON"),
+        ("nokey.jsonl", b'{"other": "a"}\n', ":1: no string field 'sentence'"),
+        ("data.csv", b"a,b\n", "unsupported dataset type '.csv'"),
+    ],
+)
+def test_bad_calibration_data_fails_before_writing(tiny_run, tmp_path, name, content, message):
+    info, out, _spec, _summary = tiny_run
+    data = tmp_path / name
+    data.write_bytes(content)
+    target = tmp_path / "calibrate"
+    with pytest.raises(InputError) as caught:
+        calibrate(
+            info=info,
+            source=out / "simplify" / "model.onnx",
+            out_dir=target,
+            spec=CalibrationSpec(data=data),
+        )
+    assert message in str(caught.value)
+    assert not (target / "model.onnx").exists() and not (target / "manifest.json").exists()
+
+
+def test_user_text_formats(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "hello there"}\n\n{"text": "general kenobi"}\n')
+    assert datasets.load_texts(tmp_path / "s.jsonl", column="text") == [
+        "hello there",
+        "general kenobi",
+    ]
+    (tmp_path / "s.tsv").write_text("id\ttext\n1\tfirst one\n")
+    assert datasets.load_texts(tmp_path / "s.tsv", column="text") == ["first one"]
