@@ -26,12 +26,15 @@ class BuildSpec:
         precision: ``fp32``, or ``int8`` from a calibrated Q/DQ graph (fp16 arrives with the GPU
             issue).
         intra_op_num_threads: ONNX Runtime threads; 0 means one per physical core.
+        pack_tokens: run feed-forward blocks on valid tokens only where the graph has them
+            (the standard-ops INT8 graph does; the fused fp32 graph's blocks are not matched yet).
     """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     precision: str = "fp32"
     intra_op_num_threads: int = 0
+    pack_tokens: bool = True
 
     @property
     def engine_name(self) -> str:
@@ -61,6 +64,7 @@ def build(*, source: Path, out_dir: Path, spec: BuildSpec, force: bool = False) 
         device=spec.device,
         intra_op_num_threads=spec.intra_op_num_threads,
         lower_int8=spec.precision == "int8",
+        pack_tokens=spec.pack_tokens,
     )
     record = StageRecord(
         stage="build",

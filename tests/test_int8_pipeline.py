@@ -44,6 +44,7 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     manifest = json.loads((out / "engines/onnxruntime-cpu-int8/manifest.json").read_text())
     assert manifest["inputs"]["onnx"]["path"] == str(out / "calibrate" / "model.onnx")
     assert manifest["spec"]["session"]["lower_int8"] is True
+    assert manifest["results"]["packed_regions"] == 2  # one feed-forward block per layer
     assert 0 < engine["parity"]["max_abs_err"] < 1.0  # quantized: close, not identical
 
 

@@ -1,0 +1,92 @@
+"""The ORT engine's graph rewrites: INT8 lowering and feed-forward token packing.
+
+Each has a structure test (which operators result) and a numbers test (ORT on CPU, before, after).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from calibration.qdq import insert_qdq, quantizable_matmuls
+from engines.ort_int8 import lower_qdq_matmuls
+from engines.token_packing import find_feed_forward_regions, pack_feed_forward
+
+
+def _run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def _feeds(lengths, width, vocab=80, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, vocab, size=(len(lengths), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_run):
+    info, out, _spec, _summary = tiny_run
+    float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
+    amax = {t.activation: 4.0 for t in quantizable_matmuls(float_graph)}
+    qdq, _ = insert_qdq(float_graph, amax)
+    return info, float_graph, qdq
+
+
+def test_lowering_structure(graphs):
+    info, float_graph, qdq = graphs
+    ops = Counter(n.op_type for n in lower_qdq_matmuls(qdq).graph.node)
+    assert ops["MatMulIntegerToFloat"] == len(quantizable_matmuls(float_graph)) == 12
+    assert ops["DequantizeLinear"] == 0
+    assert ops["QuantizeLinear"] == 4 * info.num_layers  # Q, K and V share one
+    # Every projection's bias Add is folded in: only residual and mask Adds remain.
+    assert ops["Add"] < Counter(n.op_type for n in qdq.graph.node)["Add"] - 10
+
+
+def test_lowering_numbers_match_the_qdq_graph(graphs):
+    _info, _float_graph, qdq = graphs
+    feeds = _feeds([9, 4, 1], 9)
+    np.testing.assert_allclose(_run(lower_qdq_matmuls(qdq), feeds), _run(qdq, feeds), atol=1e-5)
+
+
+def test_packing_finds_one_region_per_layer_and_rewires_it(graphs):
+    info, float_graph, _qdq = graphs
+    regions = find_feed_forward_regions(float_graph)
+    assert len(regions) == info.num_layers
+    assert all(r.hidden == info.hidden_size for r in regions)
+    ops = Counter(n.op_type for n in pack_feed_forward(float_graph).graph.node)
+    assert ops["NonZero"] == 1 and ops["Gather"] >= info.num_layers
+    assert ops["ScatterND"] == info.num_layers
+
+
+@pytest.mark.parametrize("lengths", [[9, 4, 1], [9, 9], [1], [9, 2, 2, 7, 3]])
+def test_packing_keeps_float_outputs(graphs, lengths):
+    _info, float_graph, _qdq = graphs
+    feeds = _feeds(lengths, max(lengths))
+    np.testing.assert_allclose(
+        _run(pack_feed_forward(float_graph), feeds), _run(float_graph, feeds), atol=1e-5
+    )
+
+
+def test_packing_int8_stays_close(graphs):
+    # Float reordering can flip an INT8 rounding, so INT8 is close rather than identical.
+    _info, _float_graph, qdq = graphs
+    lowered = lower_qdq_matmuls(qdq)
+    feeds = _feeds([9, 4, 1], 9)
+    a, b = _run(pack_feed_forward(lowered), feeds), _run(lowered, feeds)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.999
+
+
+def test_fused_graph_has_no_packable_region(tiny_run):
+    _info, out, _spec, _summary = tiny_run
+    fused = onnx.load(str(out / "fuse" / "model.onnx"))
+    assert find_feed_forward_regions(fused) == []
+    assert pack_feed_forward(fused) == fused
