@@ -164,6 +164,12 @@ def _verify_options(func):
         help="Smallest fraction of PyTorch fp32's metric to keep (int8 default 0.995).",
     )
     @click.option(
+        "--metric-gate/--no-metric-gate",
+        default=True,
+        show_default=True,
+        help="Fail on the task-metric gates (the metric is reported either way).",
+    )
+    @click.option(
         "--metric-limit",
         type=int,
         default=None,
@@ -268,6 +274,7 @@ def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
         tolerance_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
         max_metric_drop=kwargs["max_metric_drop"],
         min_metric_retention=kwargs["min_metric_retention"],
+        metric_gate=kwargs["metric_gate"],
         max_length=kwargs["max_length"],
         metric_limit=kwargs["metric_limit"],
         parity_data=kwargs["parity_data"],

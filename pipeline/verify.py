@@ -277,7 +277,13 @@ def metric_gate_failures(
             f"{reference.value:.2f} (allowed {max_drop:g})"
         )
     retention = spec.resolved_metric_retention()
-    if retention is not None and engine.value < retention * reference.value:
+    if retention is not None and reference.value <= 0:
+        failures.append(
+            f"{engine.name}: PyTorch's {reference.value:.2f} is not positive, so a retention "
+            "fraction means nothing (an untrained model?); use --no-metric-gate or "
+            "--max-metric-drop"
+        )
+    elif retention is not None and engine.value < retention * reference.value:
         failures.append(
             f"{engine.name} {engine.value:.2f} keeps {engine.value / reference.value:.2%} of "
             f"PyTorch's {reference.value:.2f} (needs {retention:.1%})"

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from tests.tiny_models import edit_config
 
-QUICK = ["--metric-limit", "100", "--max-metric-drop", "100"]  # see conftest.TINY_VERIFY
+QUICK = ["--metric-limit", "100", "--no-metric-gate"]  # see conftest.TINY_VERIFY
 
 
 def _invoke(*args):
@@ -168,3 +168,26 @@ def test_user_metric_dataset(tiny_embedding_model, tmp_path):
 def test_missing_input_file(tmp_path):
     result = _invoke("simplify", "--input", tmp_path / "absent.onnx", "--out", tmp_path / "out")
     assert result.exit_code == 3 and "absent.onnx: ONNX file not found" in result.stderr
+
+
+def test_int8_stage_commands(tiny_embedding_model, tmp_path):
+    common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json"]
+    for stage in ("export", "simplify"):
+        assert _invoke(stage, *common).exit_code == 0
+    calibrated = _invoke("calibrate", *common, "--method", "entropy", "--num-samples", "64")
+    assert calibrated.exit_code == 0, calibrated.stderr
+    results = _last_json(calibrated)["results"]
+    assert results["method"] == "entropy" and results["used"] == 64
+    assert "scales" not in results  # thousands of numbers: in scales.json and the manifest
+    assert _invoke("build", *common, "--precision", "int8").exit_code == 0
+    verified = _invoke("verify", *common, "--precision", "int8", *QUICK)
+    assert verified.exit_code == 0, verified.stderr
+    assert (tmp_path / "verify" / "onnxruntime-cpu-int8" / "report.json").is_file()
+
+
+def test_calibrate_with_unknown_keep_float_name(tiny_embedding_model, tmp_path):
+    common = ["--model", tiny_embedding_model, "--out", tmp_path]
+    for stage in ("export", "simplify"):
+        assert _invoke(stage, *common).exit_code == 0
+    result = _invoke("calibrate", *common, "--keep-float", "no/such/MatMul")
+    assert result.exit_code == 3 and "--keep-float names no quantizable MatMul" in result.stderr

@@ -43,6 +43,37 @@ def test_default_engine_passes_parity_and_keeps_the_metric(default_run):
     assert abs(engine["metric"]["value"] - torch_metric) <= 0.05
 
 
+def test_int8_engine_keeps_the_metric(default_run):
+    out, summary = default_run
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+            "--precision",
+            "fp32",
+            "--precision",
+            "int8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    int8 = json.loads(result.stdout.strip().splitlines()[-1])
+    (engine,) = [e for e in int8["engines"] if e["precision"] == "int8"]
+    torch_metric = int8["pytorch_fp32_metric"]["value"]
+    # The INT8 target: within 0.2 Spearman points of PyTorch fp32, with no layer kept in float.
+    assert torch_metric - engine["metric"]["value"] <= 0.2
+    assert engine["fallback"]["kept_float"] == []
+    assert int8["stages"]["export"]["skipped"]  # the fp32 stages are reused
+
+
 def test_engine_matches_sentence_transformers(default_run):
     """An independent reference: the sentence-transformers library's own encode()."""
     from sentence_transformers import SentenceTransformer

@@ -110,3 +110,14 @@ def test_metric_gates():
         "0.070 points below"
         in metric_gate_failures(torch_metric, MetricResult("stsb_spearman", 86.65, 1500), fp32)[0]
     )
+
+
+def test_retention_of_a_non_positive_metric_is_refused():
+    from pipeline.verify import MetricResult, VerifySpec
+
+    failures = metric_gate_failures(
+        MetricResult("stsb_spearman", -6.3, 100),
+        MetricResult("stsb_spearman", -9.9, 100),
+        VerifySpec(precision="int8"),
+    )
+    assert len(failures) == 1 and "is not positive" in failures[0]
