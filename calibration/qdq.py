@@ -17,6 +17,7 @@ import numpy as np
 
 from calibration.ranges import INT8_LEVELS
 from pipeline.errors import InputError
+from pipeline.onnx_io import splice_nodes
 
 
 @dataclass(frozen=True)
@@ -147,15 +148,5 @@ def insert_qdq(
         node.input[0] = dequantized[target.activation]
         node.input[1] = dequantized[target.weight]
 
-    ordered = []
-    for node in graph.node:
-        ordered.extend(new_nodes.get(node.name, []))
-        ordered.append(node)
-    del graph.node[:]
-    graph.node.extend(ordered)
-    # The float weights that were replaced by int8 copies are no longer read by anything.
-    used = {name for node in graph.node for name in node.input}
-    kept = [init for init in graph.initializer if init.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    splice_nodes(graph, before=new_nodes)
     return quantized, record

@@ -14,6 +14,7 @@ from collections import defaultdict
 import numpy as np
 
 from pipeline.errors import InputError
+from pipeline.onnx_io import splice_nodes
 
 CONTRIB = "com.microsoft"
 _UINT8_ZERO = 128
@@ -104,17 +105,7 @@ def lower_qdq_matmuls(model):
 
     if not quantized:
         return lowered
-    ordered = []
-    for node in graph.node:
-        ordered.extend(replacements.get(node.name, []))
-        if node.name not in removed:
-            ordered.append(node)
-    del graph.node[:]
-    graph.node.extend(ordered)
-    used = {name for node in graph.node for name in node.input}
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    splice_nodes(graph, before=replacements, remove=removed)
     if not any(o.domain == CONTRIB for o in lowered.opset_import):
         lowered.opset_import.append(helper.make_opsetid(CONTRIB, 1))
     return lowered

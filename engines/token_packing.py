@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.onnx_io import splice_nodes
+
 # Operators that act on each token (row) independently, given constant other inputs.
 PER_TOKEN_OPS = frozenset(
     {
@@ -213,13 +215,8 @@ def pack_feed_forward(model, *, mask_input: str = "attention_mask"):
                 "Reshape", [f"{tag}_scattered", f"{tag}_shape"], [result], name=f"{tag}_unpack"
             ),
         ]
-    ordered = list(prologue)
-    for node in graph.node:
-        ordered += before.get(node.name, [])
-        ordered.append(node)
-        ordered += after.get(node.name, [])
-    del graph.node[:]
-    graph.node.extend(ordered)
+    before[graph.node[0].name] = prologue + before[graph.node[0].name]
+    splice_nodes(graph, before=before, after=after)
     # Intermediate shapes recorded by the exporter were [batch, sequence, ...]; inside the
     # regions they are now [tokens, ...], so drop them and let ONNX Runtime infer.
     del graph.value_info[:]

@@ -153,3 +153,22 @@ def sample_token_feeds(model, *, batch: int, sequence: int) -> dict:
         else:
             feeds[graph_input.name] = rng.integers(0, vocab, size=shape, dtype=np.int64)
     return feeds
+
+
+def splice_nodes(graph, *, before=None, after=None, remove=frozenset()) -> None:
+    """Rebuild ``graph.node`` in order: per node name, insert ``before[name]`` ahead of it and
+    ``after[name]`` behind it, and leave out the names in ``remove``; then drop initializers that
+    nothing reads any more (the float weights a quantized copy replaced, for instance)."""
+    before, after = before or {}, after or {}
+    ordered = []
+    for node in graph.node:
+        ordered.extend(before.get(node.name, []))
+        if node.name not in remove:
+            ordered.append(node)
+        ordered.extend(after.get(node.name, []))
+    del graph.node[:]
+    graph.node.extend(ordered)
+    used = {name for node in graph.node for name in node.input}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
