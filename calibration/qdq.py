@@ -19,19 +19,30 @@ from calibration.ranges import INT8_LEVELS
 from pipeline.errors import InputError
 from pipeline.onnx_io import splice_nodes
 
+# Operators whose float inputs stay float unless the user names them (--quantize-op): LayerNorm,
+# Softmax and GELU are numerically fragile, and residual adds carry the unnormalised signal.
+OPTIONAL_QUANTIZED_OPS = frozenset({"Add", "LayerNormalization", "Softmax", "Erf", "Gelu"})
+
 
 @dataclass(frozen=True)
 class QuantizableMatMul:
-    """One MatMul whose second input is a constant [in, out] weight."""
+    """One MatMul or Gemm whose second input is a constant 2-D weight.
+
+    Attributes:
+        weight_axis: the weight's output-channel axis (1 for MatMul [in, out]; 0 for a Gemm with
+            transB=1, whose weight is [out, in]).
+    """
 
     node_name: str
     activation: str
     weight: str
+    weight_axis: int = 1
 
 
 def quantizable_matmuls(model) -> list[QuantizableMatMul]:
-    """MatMuls in graph order whose weight is a 2-D float initializer."""
-    from onnx import TensorProto
+    """MatMuls and plain Gemms (alpha 1, A not transposed) in graph order whose weight is a 2-D
+    float initializer."""
+    from onnx import TensorProto, helper
 
     weights = {
         init.name: init
@@ -40,16 +51,55 @@ def quantizable_matmuls(model) -> list[QuantizableMatMul]:
     }
     found = []
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and node.input[0] not in weights:
-            if not node.name:
-                raise InputError("calibration: a MatMul without a node name cannot be tracked")
-            found.append(QuantizableMatMul(node.name, node.input[0], node.input[1]))
+        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+            continue
+        if node.input[1] not in weights or node.input[0] in weights:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Gemm" and (attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0):
+            continue
+        if not node.name:
+            raise InputError(f"calibration: a {node.op_type} without a node name cannot be tracked")
+        axis = 0 if node.op_type == "Gemm" and attrs.get("transB", 0) else 1
+        found.append(QuantizableMatMul(node.name, node.input[0], node.input[1], axis))
     return found
 
 
-def weight_scales(weight: np.ndarray) -> np.ndarray:
-    """Symmetric per-output-channel scales of a [in, out] weight."""
-    amax = np.abs(weight).max(axis=0)
+def optional_inputs(model, op_types) -> list[tuple[str, int, str]]:
+    """(node name, input index, tensor) of every non-constant float input of ``op_types`` nodes.
+
+    Raises:
+        InputError: an op type outside OPTIONAL_QUANTIZED_OPS.
+    """
+    import onnx
+    from onnx import TensorProto
+
+    unknown = set(op_types) - OPTIONAL_QUANTIZED_OPS
+    if unknown:
+        raise InputError(
+            f"--quantize-op {sorted(unknown)}: expected some of {sorted(OPTIONAL_QUANTIZED_OPS)}"
+        )
+    if not op_types:
+        return []
+    inferred = onnx.shape_inference.infer_shapes(model)
+    float_tensors = {
+        v.name
+        for v in list(inferred.graph.value_info) + list(inferred.graph.input)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT
+    }
+    constants = {init.name for init in model.graph.initializer}
+    found = []
+    for node in model.graph.node:
+        if node.op_type in op_types:
+            for index, tensor in enumerate(node.input):
+                if tensor in float_tensors and tensor not in constants:
+                    found.append((node.name, index, tensor))
+    return found
+
+
+def weight_scales(weight: np.ndarray, axis: int = 1) -> np.ndarray:
+    """Symmetric per-output-channel scales of a 2-D weight whose output channels lie on ``axis``."""
+    amax = np.abs(weight).max(axis=1 - axis)
     return np.where(amax > 0, amax / INT8_LEVELS, 1.0).astype(np.float32)
 
 
@@ -63,6 +113,7 @@ def insert_qdq(
     amax: Mapping[str, float],
     *,
     exclude: frozenset[str] = frozenset(),
+    quantize_ops: tuple[str, ...] = (),
 ) -> tuple[object, dict[str, dict]]:
     """Return a copy of ``model`` with Q/DQ on the inputs of every quantizable MatMul.
 
@@ -70,6 +121,7 @@ def insert_qdq(
         model: a float ONNX graph.
         amax: calibrated magnitude per activation tensor name.
         exclude: MatMul node names to keep in float.
+        quantize_ops: op types of OPTIONAL_QUANTIZED_OPS whose float inputs get Q/DQ too.
 
     Returns:
         The quantized graph and a record of every quantized tensor: its kind, scale(s) and amax.
@@ -87,49 +139,58 @@ def insert_qdq(
     targets = [m for m in quantizable_matmuls(quantized) if m.node_name not in exclude]
     nodes_by_name = {node.name: node for node in graph.node}
     record: dict[str, dict] = {}
-    new_nodes: dict[str, list] = {}  # inserted before the node that first needs them
+    new_nodes: dict[str, list] = {}  # weight DQs, inserted before their MatMul
     dequantized: dict[str, str] = {}
 
     def add_const(name: str, array: np.ndarray) -> str:
         graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
+    producers = {out: node.name for node in graph.node for out in node.output}
+    after_nodes: dict[str, list] = {}
+
+    def quantize_activation(tensor: str) -> str:
+        """The DQ output standing for ``tensor``: one Q/DQ pair per tensor, shared."""
+        if tensor not in dequantized:
+            if tensor not in amax:
+                raise InputError(f"calibration: no range for tensor {tensor!r}")
+            scale = activation_scale(amax[tensor])
+            base = f"{tensor}_int8"
+            s_name = add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
+            z_name = add_const(f"{base}_zero_point", np.array(0, dtype=np.int8))
+            # Right after the producer (first, for a graph input): valid for every consumer.
+            producer = producers.get(tensor)
+            if producer is None:
+                slot = new_nodes.setdefault(graph.node[0].name, [])
+            else:
+                slot = after_nodes.setdefault(producer, [])
+            slot.extend(
+                [
+                    helper.make_node(
+                        "QuantizeLinear", [tensor, s_name, z_name], [f"{base}_q"], name=f"{base}_Q"
+                    ),
+                    helper.make_node(
+                        "DequantizeLinear",
+                        [f"{base}_q", s_name, z_name],
+                        [f"{base}_dq"],
+                        name=f"{base}_DQ",
+                    ),
+                ]
+            )
+            dequantized[tensor] = f"{base}_dq"
+            record[tensor] = {"kind": "activation", "amax": amax[tensor], "scale": scale}
+        return dequantized[tensor]
+
+    extra = optional_inputs(quantized, quantize_ops)
     for target in targets:
         node = nodes_by_name[target.node_name]
         pending = new_nodes.setdefault(target.node_name, [])
-        if target.activation not in dequantized:
-            if target.activation not in amax:
-                raise InputError(f"calibration: no range for tensor {target.activation!r}")
-            scale = activation_scale(amax[target.activation])
-            base = f"{target.activation}_int8"
-            s_name = add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
-            z_name = add_const(f"{base}_zero_point", np.array(0, dtype=np.int8))
-            pending.append(
-                helper.make_node(
-                    "QuantizeLinear",
-                    [target.activation, s_name, z_name],
-                    [f"{base}_q"],
-                    name=f"{base}_Q",
-                )
-            )
-            pending.append(
-                helper.make_node(
-                    "DequantizeLinear",
-                    [f"{base}_q", s_name, z_name],
-                    [f"{base}_dq"],
-                    name=f"{base}_DQ",
-                )
-            )
-            dequantized[target.activation] = f"{base}_dq"
-            record[target.activation] = {
-                "kind": "activation",
-                "amax": amax[target.activation],
-                "scale": scale,
-            }
+        activation_dq = quantize_activation(target.activation)
         if target.weight not in dequantized:
             weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
-            scales = weight_scales(weight)
-            q_weight = np.clip(np.round(weight / scales), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
+            scales = weight_scales(weight, target.weight_axis)
+            shaped = scales if target.weight_axis == 1 else scales[:, None]
+            q_weight = np.clip(np.round(weight / shaped), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
             base = f"{target.weight}_int8"
             q_name = add_const(f"{base}_q", q_weight)
             s_name = add_const(f"{base}_scale", scales)
@@ -140,13 +201,19 @@ def insert_qdq(
                     [q_name, s_name, z_name],
                     [f"{base}_dq"],
                     name=f"{base}_DQ",
-                    axis=1,
+                    axis=target.weight_axis,
                 )
             )
             dequantized[target.weight] = f"{base}_dq"
-            record[target.weight] = {"kind": "weight", "axis": 1, "scale": scales.tolist()}
-        node.input[0] = dequantized[target.activation]
+            record[target.weight] = {
+                "kind": "weight",
+                "axis": target.weight_axis,
+                "scale": scales.tolist(),
+            }
+        node.input[0] = activation_dq
         node.input[1] = dequantized[target.weight]
+    for node_name, index, tensor in extra:
+        nodes_by_name[node_name].input[index] = quantize_activation(tensor)
 
-    splice_nodes(graph, before=new_nodes)
+    splice_nodes(graph, before=new_nodes, after=after_nodes)
     return quantized, record

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from calibration import datasets
-from calibration.qdq import insert_qdq, quantizable_matmuls
+from calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
 from calibration.ranges import METHODS, collect_histograms, compute_amax
 from pipeline.artifacts import StageRecord, atomic_write_text, input_file
 from pipeline.errors import InputError
@@ -55,6 +55,8 @@ class CalibrationSpec:
         data: a .tsv/.txt/.jsonl file (None: the bundled calibration sentences).
         text_column: the TSV column or JSONL key holding the text.
         keep_float: MatMul node names to leave in float (the precision fallback fills this).
+        quantize_ops: op types (of calibration.qdq.OPTIONAL_QUANTIZED_OPS: Add, LayerNormalization,
+            Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
     """
 
     method: str = "percentile"
@@ -67,6 +69,7 @@ class CalibrationSpec:
     data: Path | None = None
     text_column: str = "sentence"
     keep_float: tuple[str, ...] = ()
+    quantize_ops: tuple[str, ...] = ()
 
     def data_file(self) -> Path:
         return Path(self.data) if self.data else datasets.CALIBRATION_SENTENCES
@@ -162,7 +165,8 @@ def calibrate(
             raise InputError(f"--keep-float names no quantizable MatMul: {sorted(unknown)}")
         if not targets:
             raise InputError(f"{source}: no MatMul with a constant weight to quantize")
-        activations = sorted({t.activation for t in targets})
+        extra = optional_inputs(model, spec.quantize_ops)
+        activations = sorted({t.activation for t in targets} | {tensor for *_, tensor in extra})
         log.info(
             "[calibrate] %d sentences, %d MatMuls, method %s", len(texts), len(targets), spec.method
         )
@@ -176,7 +180,9 @@ def calibrate(
             ),
         )
         amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
-        quantized, scales = insert_qdq(model, amax, exclude=frozenset(spec.keep_float))
+        quantized, scales = insert_qdq(
+            model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
+        )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
         activation_scales = {n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"}

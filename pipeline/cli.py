@@ -239,6 +239,12 @@ def _calibration_options(func):
     @click.option(
         "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
     )
+    @click.option(
+        "--quantize-op",
+        multiple=True,
+        type=click.Choice(["Add", "LayerNormalization", "Softmax", "Erf", "Gelu"]),
+        help="Also quantize this op type's float inputs (kept float by default); repeatable.",
+    )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
@@ -258,6 +264,7 @@ def _calibration_spec(kwargs: dict[str, Any]):
         text_column=kwargs["text_column"],
         max_length=kwargs.get("max_length"),
         keep_float=tuple(kwargs["keep_float"]),
+        quantize_ops=tuple(kwargs["quantize_op"]),
     )
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import struct
+from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
 
 from calibration import datasets
-from calibration.qdq import insert_qdq, quantizable_matmuls, weight_scales
+from calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls, weight_scales
 from calibration.ranges import (
     TensorHistogram,
     amax_entropy,
@@ -186,3 +187,82 @@ def test_user_text_formats(tmp_path):
     ]
     (tmp_path / "s.tsv").write_text("id\ttext\n1\tfirst one\n")
     assert datasets.load_texts(tmp_path / "s.tsv", column="text") == ["first one"]
+
+
+def _gemm_graph(trans_b):
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((6, 4) if trans_b else (4, 6)).astype(np.float32)
+    weight[0] *= 10  # one output channel (trans_b) or input row (not) much wider than the rest
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="proj", transB=trans_b)]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 6])],
+        [
+            numpy_helper.from_array(weight, "w"),
+            numpy_helper.from_array(np.full(6, 0.5, dtype=np.float32), "b"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_gemm_weights_are_quantized_per_output_channel(trans_b):
+    import onnxruntime as ort
+
+    model = _gemm_graph(trans_b)
+    (target,) = quantizable_matmuls(model)
+    assert target.weight_axis == (0 if trans_b else 1)
+    quantized, record = insert_qdq(model, {"x": 3.0})
+    assert len(record["w"]["scale"]) == 6 and record["w"]["axis"] == target.weight_axis
+    onnx.checker.check_model(quantized)
+    x = np.random.default_rng(4).uniform(-3, 3, (3, 4)).astype(np.float32)
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        for m in (model, quantized)
+    ]
+    np.testing.assert_allclose(run[1], run[0], rtol=0.05, atol=0.15)
+
+
+def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_path):
+    import onnxruntime as ort
+
+    from pipeline.onnx_io import sample_token_feeds
+
+    info, out, results = calibrated
+    default_ops = Counter(
+        n.op_type for n in onnx.load(str(results["minmax"].output("model.onnx"))).graph.node
+    )
+    configured = calibrate(
+        info=info,
+        source=out / "simplify" / "model.onnx",
+        out_dir=tmp_path / "c",
+        spec=CalibrationSpec(
+            **{
+                **QUICK.__dict__,
+                "method": "minmax",
+                "quantize_ops": ("LayerNormalization", "Softmax"),
+            }
+        ),
+    )
+    graph = onnx.load(str(configured.output("model.onnx")))
+    for node in graph.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax"):
+            assert node.input[0].endswith("_int8_dq"), node.name
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert ops["QuantizeLinear"] > default_ops["QuantizeLinear"]
+    float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
+    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    a, b = (
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (out / "simplify" / "model.onnx", configured.output("model.onnx"))
+    )
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() > 0.9
+    with pytest.raises(InputError, match="--quantize-op \\['MatMul'\\]"):
+        optional_inputs(float_graph, ("MatMul",))
