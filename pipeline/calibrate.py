@@ -107,6 +107,18 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]
     return chosen, counts
 
 
+def calibration_batches(info: ModelInfo, texts: list[str], spec: CalibrationSpec) -> list[dict]:
+    """Token feeds of ``texts`` in file order, ``spec.batch_size`` sentences a batch."""
+    from pipeline.verify import resolve_max_length, tokenize
+
+    tokenizer = load_tokenizer(info)
+    max_length = resolve_max_length(info, spec.max_length)
+    return [
+        tokenize(tokenizer, texts[i : i + spec.batch_size], info, max_length)
+        for i in range(0, len(texts), spec.batch_size)
+    ]
+
+
 def trt_calibration_cache(scales: dict[str, float]) -> str:
     """TensorRT's cache text: a header, then ``tensor: scale`` as big-endian float32 hex."""
     lines = [TRT_CACHE_HEADER]
@@ -133,7 +145,7 @@ def calibrate(
     """
     from tqdm import tqdm
 
-    from pipeline.verify import resolve_max_length, tokenize
+    from pipeline.verify import resolve_max_length
 
     spec.validate()
     source = Path(source)
@@ -150,11 +162,8 @@ def calibrate(
 
     def body(artifact):
         texts, counts = calibration_texts(spec)
+        batches = calibration_batches(info, texts, spec)
         tokenizer = load_tokenizer(info)
-        batches = [
-            tokenize(tokenizer, texts[i : i + spec.batch_size], info, max_length)
-            for i in range(0, len(texts), spec.batch_size)
-        ]
         truncated = sum(
             len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
         )
@@ -214,16 +223,9 @@ def rank_for_fallback(
     Uses the first ``sentences`` calibration sentences (never the evaluation set).
     """
     from calibration.sensitivity import rank_sensitivity
-    from pipeline.verify import resolve_max_length, tokenize
 
     texts, _ = calibration_texts(spec)
-    texts = texts[:sentences]
-    tokenizer = load_tokenizer(info)
-    max_length = resolve_max_length(info, spec.max_length)
-    batches = [
-        tokenize(tokenizer, texts[i : i + spec.batch_size], info, max_length)
-        for i in range(0, len(texts), spec.batch_size)
-    ]
+    batches = calibration_batches(info, texts[:sentences], spec)
     amax = {
         n: r["amax"] for n, r in calibrated.results["scales"].items() if r["kind"] == "activation"
     }
