@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from calibration import datasets
-from pipeline.artifacts import StageRecord, atomic_write_text, input_file
+from pipeline.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
 from pipeline.errors import InputError, ParityError
 from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
 from pipeline.parity import (
@@ -38,6 +38,7 @@ PARITY_BATCH_SIZES = (1, 2, 7, 16, 32)
 METRIC_BATCH_SIZE = 64
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+_PYTORCH_METRICS: dict[tuple, MetricResult] = {}
 
 
 @dataclass(frozen=True)
@@ -312,15 +313,28 @@ def run_verification(
         compare_batch(parity, reference(feeds), engine_run(feeds), feeds["attention_mask"])
     parity_report = {name: entry.report(tolerance) for name, entry in parity.items()}
 
-    torch_metric = compute_metric(
-        reference,
-        tokenizer,
-        info,
+    # PyTorch's metric depends only on the model, the data and the length: computed once per
+    # process, not again for every engine or every precision-fallback step.
+    metric_file = spec.metric_file(info)
+    key = (
+        info.fingerprint()["sha256"],
+        str(metric_file),
+        sha256_file(metric_file),
         max_length,
         spec.metric_limit,
-        "pytorch metric",
-        spec.metric_file(info),
+        pooling_in_graph,
     )
+    if key not in _PYTORCH_METRICS:
+        _PYTORCH_METRICS[key] = compute_metric(
+            reference,
+            tokenizer,
+            info,
+            max_length,
+            spec.metric_limit,
+            "pytorch metric",
+            metric_file,
+        )
+    torch_metric = _PYTORCH_METRICS[key]
     engine_metric = compute_metric(
         engine_run,
         tokenizer,
@@ -328,7 +342,7 @@ def run_verification(
         max_length,
         spec.metric_limit,
         "engine metric",
-        spec.metric_file(info),
+        metric_file,
     )
     failures = [
         f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]

@@ -5,8 +5,8 @@ Every runner sees the same pre-tokenized STS-B dev sentences (3000, original ord
 batch); tokenization is outside the timed region. Runners alternate round by round so drift on a
 shared machine hits all of them; the median round is reported with its ratio to PyTorch fp32.
 Idle threads do not spin (ORT allow_spinning=0, OMP_WAIT_POLICY=PASSIVE): with several runners in
-one process, a spinning pool steals the cores from whichever runner goes next (measured: it cut
-one runner from 735 to 526 sentences/s).
+one process, a spinning pool steals the cores from whichever runner goes next (seen once: one
+runner dropped by almost 30%).
 
     .venv/bin/python scripts/bench_cpu.py --threads 2 --batch-sizes 1,32          # fp32
     .venv/bin/python scripts/bench_cpu.py --threads 2 --batch-sizes 32 --int8     # + INT8
@@ -77,15 +77,18 @@ def _stages(info, out: Path, threads: int, int8: bool):
 
 
 def _quiet(engine_dir: Path):
-    """Load a built engine (hash-checked) with its recorded options, spinning off."""
+    """Load a built engine, hash-checked against its manifest, with its recorded options but
+    idle threads not spinning."""
     from dataclasses import replace
 
     from engines import onnxruntime as ort_engine
-    from pipeline.build import load_engine
+    from pipeline.artifacts import ArtifactDir
 
-    engine, manifest = load_engine(engine_dir)
+    folder = ArtifactDir(engine_dir)
+    manifest = folder.require_complete()
     options = ort_engine.OrtEngineOptions.from_dict(manifest["spec"]["session"])
-    return ort_engine.load(engine.path, replace(options, allow_spinning=False))
+    engine_file = folder.output_path(manifest["results"]["engine_file"])
+    return ort_engine.load(engine_file, replace(options, allow_spinning=False))
 
 
 def _dynamic_int8(source: Path, destination: Path, per_channel: bool) -> Path:
