@@ -32,9 +32,9 @@ class OrtEngineOptions:
         intra_op_num_threads: 0 lets ORT use one thread per physical core.
         lower_int8: rewrite Q/DQ MatMuls to MatMulIntegerToFloat before optimizing
             (engines/ort_int8.py): ORT's own QDQ fusion quantizes a shared input once per
-            consumer and keeps every bias Add apart (measured 684 vs 754 sentences/s).
+            consumer and keeps every bias Add apart (about 10% slower, one-off measurement).
         pack_tokens: run each layer's feed-forward block on the valid tokens only
-            (engines/token_packing.py; measured 793 -> 1088 sentences/s for INT8 on STS-B dev,
+            (engines/token_packing.py; about 1.37x for INT8 on STS-B dev in a one-off measurement,
             batch 32, where 39% of the positions are padding).
         allow_spinning: let idle intra-op threads spin (ORT's default: lowest latency for one
             model alone); turn off where several models or processes share the cores.
