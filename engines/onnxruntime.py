@@ -1,9 +1,10 @@
-"""ONNX Runtime backend: an offline-optimized graph plus the session options to load it with."""
+"""ONNX Runtime backend: an offline-optimized graph plus the session and provider options to load
+it with, on CPU or CUDA (optionally through ORT's TensorRT provider)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ class OrtEngineOptions:
     """How the engine is optimized offline and how it must be loaded.
 
     Attributes:
-        device: ``cpu`` (``cuda`` arrives with the GPU issue).
+        device: ``cpu`` or ``cuda``.
         offline_level: graph optimizations baked into the engine file. ``extended`` is the highest
             level whose output stays portable across CPUs; ``all`` adds layout changes specific to
             the building machine.
@@ -38,6 +39,14 @@ class OrtEngineOptions:
             batch 32, where 39% of the positions are padding).
         allow_spinning: let idle intra-op threads spin (ORT's default: lowest latency for one
             model alone); turn off where several models or processes share the cores.
+        fp16: convert the graph to fp16 before optimizing (pipeline/fp16.py: LayerNorm
+            statistics, softmax and the pooling head stay float32).
+        keep_float_ops: further op types kept float32 in an fp16 engine.
+        device_id: CUDA device ordinal.
+        cuda_graph: capture each input shape's run as a CUDA graph and replay it (one graph per
+            [batch, sequence], buffers fixed per shape): removes kernel-launch gaps at small batch.
+        tensorrt_provider: run through ORT's TensorRT provider (CUDA for what it cannot take),
+            with its engine cache in ``trt_cache_dir`` inside the engine folder.
     """
 
     device: str = "cpu"
@@ -47,13 +56,64 @@ class OrtEngineOptions:
     lower_int8: bool = False
     pack_tokens: bool = False
     allow_spinning: bool = True
+    fp16: bool = False
+    keep_float_ops: tuple[str, ...] = ()
+    device_id: int = 0
+    cuda_graph: bool = False
+    tensorrt_provider: bool = False
+    trt_cache_dir: str = "trt-cache"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OrtEngineOptions:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "keep_float_ops" in values:
+            values["keep_float_ops"] = tuple(values["keep_float_ops"])
+        return cls(**values)
+
+    def validate(self) -> None:
+        if self.device not in _PROVIDERS:
+            raise InputError(
+                f"ONNX Runtime device {self.device!r}: expected one of {', '.join(_PROVIDERS)}"
+            )
+        if self.device == "cpu" and (self.fp16 or self.cuda_graph or self.tensorrt_provider):
+            raise InputError(
+                "fp16, CUDA graphs and the TensorRT provider need --device cuda; the CPU engine "
+                "is fp32 or int8"
+            )
+
+
+def provider_entries(options: OrtEngineOptions, engine_dir: Path | None) -> list:
+    """The (provider, options) list a session is created with; recorded in the manifest.
+
+    Args:
+        engine_dir: folder of the engine, where the TensorRT provider keeps its engine cache
+            (None while building: no cache is written then).
+    """
+    if options.device == "cpu":
+        return [("CPUExecutionProvider", {})]
+    cuda = {
+        "device_id": str(options.device_id),
+        "enable_cuda_graph": "1" if options.cuda_graph else "0",
+        # fp16 GEMMs keep float32 accumulation; TF32 would only touch float32 MatMuls.
+        "use_tf32": "0",
+    }
+    entries = []
+    if options.tensorrt_provider:
+        trt = {
+            "device_id": str(options.device_id),
+            "trt_fp16_enable": "1" if options.fp16 else "0",
+            "trt_engine_cache_enable": "1" if engine_dir is not None else "0",
+        }
+        if engine_dir is not None:
+            trt["trt_engine_cache_path"] = str(Path(engine_dir) / options.trt_cache_dir)
+            trt["trt_timing_cache_enable"] = "1"
+            trt["trt_timing_cache_path"] = str(Path(engine_dir) / options.trt_cache_dir)
+        entries.append(("TensorrtExecutionProvider", trt))
+    entries.append(("CUDAExecutionProvider", cuda))
+    return entries
 
 
 def _session_options(level: str, threads: int, allow_spinning: bool = True):
@@ -72,18 +132,23 @@ def _session_options(level: str, threads: int, allow_spinning: bool = True):
     return options
 
 
-def _provider(device: str) -> str:
+def _check_providers(entries: list) -> str:
+    """Fail unless every provider asked for exists here; return the one expected to run first."""
     import onnxruntime as ort
 
-    provider = _PROVIDERS.get(device)
-    if provider is None:
-        raise InputError(f"ONNX Runtime device {device!r}: expected one of {', '.join(_PROVIDERS)}")
-    if provider not in ort.get_available_providers():
-        raise EnvironmentProblem(
-            f"ONNX Runtime {ort.__version__} has no {provider} on this machine "
-            f"(available: {', '.join(ort.get_available_providers())})"
-        )
-    return provider
+    available = ort.get_available_providers()
+    for name, _ in entries:
+        if name not in available:
+            hint = " (install onnxruntime-gpu)" if name != "CPUExecutionProvider" else ""
+            raise EnvironmentProblem(
+                f"ONNX Runtime {ort.__version__} has no {name} on this machine "
+                f"(available: {', '.join(available)}){hint}"
+            )
+    if entries[0][0] != "CPUExecutionProvider":
+        preload = getattr(ort, "preload_dlls", None)
+        if preload is not None:
+            preload()  # onnxruntime-gpu finds CUDA/cuDNN from the nvidia-* wheels this way
+    return entries[0][0]
 
 
 def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> dict[str, Any]:
@@ -98,17 +163,26 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
     """
     import onnxruntime as ort
 
-    provider = _provider(options.device)
+    options.validate()
+    # The TensorRT provider compiles at load time, into the engine folder's cache; the graph
+    # written here is optimized for the CUDA provider that runs whatever TensorRT does not take.
+    entries = provider_entries(replace(options, tensorrt_provider=False, cuda_graph=False), None)
+    provider = _check_providers(entries)
     session_options = _session_options(options.offline_level, options.intra_op_num_threads)
     session_options.optimized_model_filepath = str(destination)
     facts: dict[str, Any] = {"provider": provider, "onnxruntime": ort.__version__}
     model: Any = str(source)
-    if options.lower_int8 or options.pack_tokens:
+    if options.lower_int8 or options.pack_tokens or options.fp16:
         from engines.ort_int8 import lower_qdq_matmuls
         from engines.token_packing import find_feed_forward_regions, pack_feed_forward
         from pipeline.onnx_io import load_onnx
 
         graph = load_onnx(Path(source))
+        if options.fp16:
+            from pipeline.fp16 import convert_to_fp16, float16_fraction
+
+            graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
+            facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)
         if options.lower_int8:
             graph = lower_qdq_matmuls(graph)
         if options.pack_tokens:
@@ -116,7 +190,12 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
             graph = pack_feed_forward(graph)
         model = graph.SerializeToString()
     try:
-        ort.InferenceSession(model, session_options, providers=[provider])
+        ort.InferenceSession(
+            model,
+            session_options,
+            providers=[name for name, _ in entries],
+            provider_options=[opts for _, opts in entries],
+        )
     except (RuntimeError, ValueError) as err:
         raise InputError(f"{source}: ONNX Runtime cannot build an engine from it ({err})") from err
     if not Path(destination).is_file():
@@ -125,22 +204,119 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
 
 
 class OrtEngine:
-    """A loaded engine: one ORT session on the provider it was built for."""
+    """A loaded engine: one ORT session on the provider it was built for.
 
-    def __init__(self, session, provider: str, path: Path):
+    ``run`` takes numpy feeds (verify); ``run_device`` takes torch CUDA tensors and binds them
+    with IO binding, so a GPU engine reads and writes device memory without host copies.
+    """
+
+    def __init__(self, session, provider: str, path: Path, options: OrtEngineOptions):
         self.session = session
         self.provider = provider
         self.path = path
+        self.options = options
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        self._input_axes = {i.name: i.shape for i in session.get_inputs()}
+        self._output_axes = {o.name: o.shape for o in session.get_outputs()}
+        self._graph_buffers: dict[tuple[int, ...], tuple[dict, dict, str]] = {}
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one batch; ``feeds`` maps every input name to an int64 array [batch, sequence]."""
         missing = set(self.input_names) - set(feeds)
         if missing:
             raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
+        if self.options.device == "cuda":
+            import torch
+
+            outputs = self.run_device(
+                {n: torch.from_numpy(feeds[n]).to("cuda") for n in self.input_names}
+            )
+            return {n: t.float().cpu().numpy() for n, t in outputs.items()}
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs, strict=True))
+
+    def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """An output's concrete shape for inputs of ``shape``, from the graph's axis names."""
+        sizes = dict(zip(self._input_axes[self.input_names[0]], shape, strict=True))
+        try:
+            return tuple(d if isinstance(d, int) else sizes[d] for d in self._output_axes[name])
+        except KeyError as err:
+            raise InputError(
+                f"{self.path}: output {name} has axis {err} that no input defines"
+            ) from err
+
+    def run_device(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
+        """Run one batch of torch CUDA tensors [batch, sequence]; returns torch CUDA tensors.
+
+        With ``cuda_graph`` each distinct shape gets fixed input and output buffers and its own
+        graph id: ORT captures the graph on the first runs of that shape and replays it after.
+        The returned tensors are then those fixed buffers, overwritten by the next run of the
+        same shape: copy them to keep them.
+        """
+        import numpy as np
+        import onnxruntime as ort
+        import torch
+
+        missing = set(self.input_names) - set(tensors)
+        if missing:
+            raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
+        shape = tuple(tensors[self.input_names[0]].shape)
+        device = torch.device("cuda", self.options.device_id)
+        run_options = ort.RunOptions()
+        if self.options.cuda_graph:
+            if shape not in self._graph_buffers:
+                graph_id = str(len(self._graph_buffers) + 1)  # ORT reserves id -1 and uses 0
+                self._graph_buffers[shape] = (
+                    {
+                        n: torch.empty(shape, dtype=torch.int64, device=device)
+                        for n in self.input_names
+                    },
+                    {
+                        n: torch.empty(
+                            self.output_shape(n, shape), dtype=torch.float32, device=device
+                        )
+                        for n in self.output_names
+                    },
+                    graph_id,
+                )
+            inputs, outputs, graph_id = self._graph_buffers[shape]
+            for name in self.input_names:
+                inputs[name].copy_(tensors[name])
+            run_options.add_run_config_entry("gpu_graph_id", graph_id)
+        else:
+            inputs = {
+                n: tensors[n].to(device=device, dtype=torch.int64).contiguous()
+                for n in self.input_names
+            }
+            outputs = {
+                n: torch.empty(self.output_shape(n, shape), dtype=torch.float32, device=device)
+                for n in self.output_names
+            }
+        # ORT runs on its own stream: what the caller queued on torch's must be done first.
+        torch.cuda.current_stream(device).synchronize()
+        binding = self.session.io_binding()
+        for name, tensor in inputs.items():
+            binding.bind_input(
+                name,
+                "cuda",
+                self.options.device_id,
+                np.int64,
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
+        for name, tensor in outputs.items():
+            binding.bind_output(
+                name,
+                "cuda",
+                self.options.device_id,
+                np.float32,
+                tuple(tensor.shape),
+                tensor.data_ptr(),
+            )
+        self.session.run_with_iobinding(binding, run_options)
+        binding.synchronize_outputs()
+        return dict(outputs)
 
 
 def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
@@ -149,16 +325,24 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
     The caller checks the file's sha256 against its manifest first (pipeline.build.load_engine).
 
     Raises:
-        EnvironmentProblem: ORT placed the graph on another provider than the one requested.
+        EnvironmentProblem: a provider is missing, or ORT placed the graph on another provider
+            than the one requested (no silent CPU fallback).
     """
     import onnxruntime as ort
 
-    provider = _provider(options.device)
+    options.validate()
+    entries = provider_entries(options, Path(path).parent)
+    provider = _check_providers(entries)
     session_options = _session_options(
         options.runtime_level, options.intra_op_num_threads, options.allow_spinning
     )
     try:
-        session = ort.InferenceSession(str(path), session_options, providers=[provider])
+        session = ort.InferenceSession(
+            str(path),
+            session_options,
+            providers=[name for name, _ in entries],
+            provider_options=[opts for _, opts in entries],
+        )
     except (RuntimeError, ValueError) as err:
         raise InputError(f"{path}: ONNX Runtime cannot load the engine ({err})") from err
     active = session.get_providers()
@@ -167,4 +351,4 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
             f"{path}: asked ONNX Runtime for {provider} but it runs on {active}; refusing a "
             "silent fallback"
         )
-    return OrtEngine(session, provider, Path(path))
+    return OrtEngine(session, provider, Path(path), options)

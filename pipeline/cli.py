@@ -252,6 +252,124 @@ def _calibration_options(func):
     return wrapper
 
 
+def _target_options(func):
+    """Where engines are built for, and the GPU backends' settings (build and run)."""
+
+    @click.option(
+        "--target",
+        type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+        default="cpu",
+        show_default=True,
+        help="auto: TensorRT and ONNX Runtime CUDA engines for every distinct GPU here, or the "
+        "CPU engine when there is no GPU or GPU backend; cuda: ONNX Runtime CUDA; tensorrt.",
+    )
+    @click.option(
+        "--threads",
+        type=int,
+        default=0,
+        show_default=True,
+        help="ONNX Runtime CPU intra-op threads recorded with the engine (0: one per core).",
+    )
+    @click.option(
+        "--keep-float-op",
+        "keep_float_ops",
+        multiple=True,
+        help="fp16: also keep this op type in float32 (repeatable), e.g. Softmax.",
+    )
+    @click.option("--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: replay CUDA graphs.")
+    @click.option(
+        "--ort-tensorrt-provider",
+        is_flag=True,
+        help="ONNX Runtime CUDA: put ORT's TensorRT provider first (needs TensorRT).",
+    )
+    @click.option(
+        "--profile",
+        "profiles",
+        multiple=True,
+        help="TensorRT optimization profile min:opt:max as BxS:BxS:BxS (batch x sequence), "
+        "repeatable; default: derived from the calibration sentences' token lengths.",
+    )
+    @click.option(
+        "--profile-max-batch",
+        type=int,
+        default=64,
+        show_default=True,
+        help="Largest batch of derived TensorRT profiles.",
+    )
+    @click.option(
+        "--builder-optimization-level",
+        type=click.IntRange(0, 5),
+        default=3,
+        show_default=True,
+        help="TensorRT builder optimization level.",
+    )
+    @click.option(
+        "--timing-cache",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="TensorRT timing cache file (default: OUT/engines/timing-cache/...).",
+    )
+    @click.option(
+        "--hardware-compatibility",
+        type=click.Choice(["none", "ampere_plus", "same_compute_capability"]),
+        default="none",
+        show_default=True,
+        help="TensorRT: build one plan for several GPU generations (slower).",
+    )
+    @click.option(
+        "--version-compatible",
+        is_flag=True,
+        help="TensorRT: plan runs on later TensorRT versions (embeds host code).",
+    )
+    @click.option("--workspace-mib", type=int, default=0, help="TensorRT workspace cap (MiB).")
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
+    """Parse target flags into one BuildSpec per engine to build on this machine."""
+    from engines.tensorrt import Profile, TensorRTOptions
+    from pipeline.build import BuildSpec
+    from pipeline.targets import detect, plan_targets
+
+    env = detect() if kwargs["target"] != "cpu" else None
+    if env is None:
+        from pipeline.targets import Environment
+
+        env = Environment()
+    plan = plan_targets(kwargs["target"], tuple(dict.fromkeys(precisions)), env)
+    for note in plan.notes:
+        log.warning("[target] %s", note)
+    trt_options = TensorRTOptions(
+        profiles=tuple(Profile.parse(p) for p in kwargs["profiles"]),
+        builder_optimization_level=kwargs["builder_optimization_level"],
+        workspace_mib=kwargs["workspace_mib"],
+        timing_cache=str(kwargs["timing_cache"] or ""),
+        hardware_compatibility=kwargs["hardware_compatibility"],
+        version_compatible=kwargs["version_compatible"],
+    )
+    specs = []
+    for engine in plan.engines:
+        gpu_ort = engine["backend"] == "onnxruntime" and engine["device"] == "cuda"
+        spec = BuildSpec(
+            backend=engine["backend"],
+            device=engine["device"],
+            precision=engine["precision"],
+            compute_capability=engine["compute_capability"],
+            intra_op_num_threads=kwargs["threads"],
+            cuda_graph=kwargs["cuda_graph"] and gpu_ort,
+            ort_tensorrt_provider=kwargs["ort_tensorrt_provider"] and gpu_ort,
+            keep_float_ops=tuple(kwargs["keep_float_ops"]),
+            tensorrt=trt_options,
+        )
+        spec.validate()
+        specs.append(spec)
+    return tuple(specs), plan.notes
+
+
 def _calibration_spec(kwargs: dict[str, Any]):
     from pipeline.calibrate import CalibrationSpec
 
@@ -294,10 +412,49 @@ def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
 def cli() -> None:
     """Compile BERT-family encoders into verified inference engines.
 
-    Stages: export -> simplify -> fuse -> build -> verify; `run` chains them and skips what is up
-    to date. Each stage writes OUT/<stage>/ with a manifest.json (inputs' and outputs' sha256, tool
-    versions, settings, results).
+    Stages: export -> simplify -> fuse -> [calibrate ->] build -> verify; `run` chains them and
+    skips what is up to date; `targets` shows what this machine can build for. Each stage writes
+    OUT/<stage>/ with a manifest.json (inputs' and outputs' sha256, tool versions, settings,
+    results).
     """
+
+
+@cli.command("targets")
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,
+    callback=_set_json,
+    help="Print one JSON object as the last stdout line.",
+)
+def targets_command(as_json: bool) -> None:
+    """Show the GPUs, TensorRT and ONNX Runtime providers here, and what --target auto builds."""
+    from pipeline.targets import detect, plan_targets
+
+    env = detect()
+    plan = plan_targets("auto", ("fp16",), env)
+    lines = [
+        f"GPU {g.index}: {g.name}, compute capability {g.compute_capability} ({g.sm}), "
+        f"{g.memory_mib} MiB, driver {g.driver}"
+        for g in env.gpus
+    ] or ["GPU: none"]
+    lines.append(f"TensorRT: {env.tensorrt or 'no (' + env.tensorrt_problem + ')'}")
+    lines.append(
+        f"ONNX Runtime: {env.onnxruntime or 'no'} (providers: {', '.join(env.ort_providers)})"
+    )
+    lines.extend(f"note: {n}" for n in (*env.notes, *plan.notes))
+    lines.extend(
+        "auto builds: "
+        + " ".join(
+            f"{e['backend']}-{e['device']}"
+            + (f"-sm{e['compute_capability'].replace('.', '')}" if e["compute_capability"] else "")
+            + f"-{e['precision']}"
+        )
+        for e in plan.engines
+    )
+    result = {"ok": True, **env.to_dict(), "auto": list(plan.engines), "notes": list(plan.notes)}
+    _emit(result, as_json, "\n".join(lines))
 
 
 @cli.command("export")
@@ -389,32 +546,44 @@ def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
 
 @cli.command("build")
 @common_options
-@_input_option("ONNX file to build from (default: OUT/fuse/model.onnx).")
-@click.option(
-    "--threads",
-    type=int,
-    default=0,
-    show_default=True,
-    help="ONNX Runtime intra-op threads recorded with the engine (0: one per core).",
-)
+@_target_options
+@_input_option("ONNX file to build from (default: the stage folder the engine needs).")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
-    default="fp32",
+    "precisions",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    multiple=True,
+    default=("fp32",),
     show_default=True,
-    help="fp32 builds from OUT/fuse, int8 from OUT/calibrate.",
+    help="Repeatable. fp32/fp16 build from OUT/fuse (ONNX Runtime) or OUT/simplify (TensorRT); "
+    "int8 from OUT/calibrate.",
 )
-def build_command(input_path: Path | None, threads: int, precision: str, **kwargs: Any) -> None:
-    """Build a CPU ONNX Runtime engine (OUT/engines/onnxruntime-cpu-PRECISION)."""
-    from pipeline.build import BuildSpec, build
-    from pipeline.runner import Layout
+def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs: Any) -> None:
+    """Build engines for --target (OUT/engines/MODEL/ENGINE, one folder per engine)."""
+    from pipeline.build import build
+    from pipeline.runner import Layout, RunSpec, _engine_name, resolve_build_spec
 
     layout = Layout(kwargs["out"])
-    spec = BuildSpec(intra_op_num_threads=threads, precision=precision)
-    default = layout.fuse if precision == "fp32" else layout.calibrate
-    source = input_path or _stage_file(default)
-    result = build(source=source, out_dir=layout.engine(spec), spec=spec, force=kwargs["force"])
-    _emit(_stage_output(result), kwargs["as_json"], f"engine: {result.path}")
+    info = _resolve(kwargs)
+    specs, notes = _build_specs(kwargs, precisions)
+    run_spec = RunSpec(profile_max_batch=kwargs["profile_max_batch"])
+    built = []
+    for requested in specs:
+        spec = resolve_build_spec(requested, info=info, layout=layout, spec=run_spec)
+        name = _engine_name(spec)
+        result = build(
+            source=input_path or _stage_file(layout.root / spec.source_stage),
+            out_dir=layout.engine(info.name, name),
+            spec=spec,
+            input_names=tuple(info.architecture.input_names),
+            force=kwargs["force"],
+        )
+        built.append(_stage_output(result))
+    _emit(
+        {"ok": True, "notes": list(notes), "engines": built},
+        kwargs["as_json"],
+        "\n".join([*(f"note: {n}" for n in notes), *(f"engine: {b['path']}" for b in built)]),
+    )
 
 
 @cli.command("verify")
@@ -425,30 +594,27 @@ def build_command(input_path: Path | None, threads: int, precision: str, **kwarg
     "engine_dir",
     type=click.Path(path_type=Path),
     default=None,
-    help="Engine folder (default: OUT/engines/onnxruntime-cpu-fp32).",
+    help="Engine folder (default: the only engine of --precision under OUT/engines/MODEL).",
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "int8"]),
-    default="fp32",
-    show_default=True,
-    help="Selects the default engine folder and tolerances.",
+    type=click.Choice(["fp32", "fp16", "int8"]),
+    default=None,
+    help="Tolerances to apply (default: the engine's own precision).",
 )
-def verify_command(engine_dir: Path | None, precision: str, **kwargs: Any) -> None:
+def verify_command(engine_dir: Path | None, precision: str | None, **kwargs: Any) -> None:
     """Check an engine against PyTorch on real text plus the task metric; exit 5 on failure."""
-    from pipeline.build import BuildSpec
-    from pipeline.runner import Layout
+    from pipeline.runner import Layout, find_engine
     from pipeline.verify import REPORT_FILE, require_passed, verify
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
-    build_spec = BuildSpec(precision=precision)
-    engine_dir = engine_dir or layout.engine(build_spec)
+    engine_dir, engine_precision = find_engine(layout, info.name, engine_dir, precision)
     result = verify(
         info=info,
         engine_dir=engine_dir,
-        out_dir=layout.root / "verify" / Path(engine_dir).name,
-        spec=_verify_spec(kwargs, build_spec.precision),
+        out_dir=layout.verify(info.name, Path(engine_dir).name),
+        spec=_verify_spec(kwargs, precision or engine_precision),
         force=kwargs["force"],
     )
     _emit(
@@ -463,27 +629,20 @@ def verify_command(engine_dir: Path | None, precision: str, **kwargs: Any) -> No
 @common_options
 @_verify_options
 @_calibration_options
+@_target_options
 @click.option(
     "--precision",
     "precisions",
-    type=click.Choice(["fp32", "int8"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     multiple=True,
-    default=("fp32",),
-    show_default=True,
-    help="Engines to build; repeatable.",
+    default=None,
+    help="Engines to build; repeatable (default: fp32 on CPU, fp16 on GPU targets).",
 )
 @click.option(
     "--fallback/--no-fallback",
     default=True,
     show_default=True,
     help="int8: keep the most sensitive operators in float until the gate passes.",
-)
-@click.option(
-    "--threads",
-    type=int,
-    default=0,
-    show_default=True,
-    help="ONNX Runtime intra-op threads recorded with the engine (0: one per core).",
 )
 @click.option("--allow-unfused", is_flag=True, help="Warn instead of failing on missing fusions.")
 @click.option(
@@ -493,7 +652,6 @@ def verify_command(engine_dir: Path | None, precision: str, **kwargs: Any) -> No
     help="Sentence-embedding models: mean pooling + L2 norm in the graph.",
 )
 def run_command(
-    threads: int,
     allow_unfused: bool,
     pooling: bool,
     precisions: tuple[str, ...],
@@ -501,24 +659,26 @@ def run_command(
     **kwargs: Any,
 ) -> None:
     """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
-    from pipeline.build import BuildSpec
     from pipeline.export import ExportSpec
     from pipeline.fuse import FuseSpec
     from pipeline.runner import SUMMARY_FILE, RunSpec, run_pipeline
 
     info = _resolve(kwargs)
+    if not precisions:
+        precisions = ("fp32",) if kwargs["target"] == "cpu" else ("fp16",)
+    builds, notes = _build_specs(kwargs, precisions)
     spec = RunSpec(
         export=ExportSpec(pooling_in_graph=pooling),
         fuse=FuseSpec(require_fusions=not allow_unfused),
-        builds=tuple(
-            BuildSpec(intra_op_num_threads=threads, precision=p) for p in dict.fromkeys(precisions)
-        ),
+        builds=builds,
         verify=_verify_spec(kwargs),
         calibration=_calibration_spec(kwargs),
         fallback=fallback,
+        profile_max_batch=kwargs["profile_max_batch"],
     )
     summary = run_pipeline(info=info, out=kwargs["out"], spec=spec, force=kwargs["force"])
-    lines = [f"summary: {Path(summary['out']) / SUMMARY_FILE}"]
+    summary["notes"] = list(notes)
+    lines = [*(f"note: {n}" for n in notes), f"summary: {Path(summary['out']) / SUMMARY_FILE}"]
     torch_value = (summary["pytorch_fp32_metric"] or {}).get("value")
     for engine in summary["engines"]:
         metric = engine["metric"]

@@ -7,8 +7,10 @@ Output tree under ``out``::
     fuse/      model.onnx + manifest.json
     calibrate/ model.onnx (Q/DQ INT8, standard ops: the input of every INT8 engine), scales.json,
                calibration.cache (TensorRT) + manifest.json
-    engines/<backend>-<device>-<precision>/  engine + manifest.json
-    verify/<backend>-<device>-<precision>/   report.json + manifest.json
+    engines/<model>/<engine>/  engine + manifest.json; <engine> names backend and version, device
+                               or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
+    engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
+    verify/<model>/<engine>/   report.json + manifest.json
     run.json   the summary ``run --json`` prints
 """
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.artifacts import atomic_write_text
-from pipeline.build import BuildSpec, build
+from pipeline.build import BuildSpec, backend_version, build, engine_name, model_slug
 from pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
 from pipeline.export import MODEL_FILE, ExportSpec, export
 from pipeline.fuse import FuseSpec, fuse
@@ -51,15 +53,19 @@ class Layout:
     def fuse(self) -> Path:
         return self.root / "fuse"
 
-    def engine(self, build_spec: BuildSpec) -> Path:
-        return self.root / "engines" / build_spec.engine_name
+    def engine(self, model: str, name: str) -> Path:
+        return self.root / "engines" / model_slug(model) / name
+
+    def timing_cache(self, tensorrt_version: str, compute_capability: str) -> Path:
+        sm = compute_capability.replace(".", "")
+        return self.root / "engines" / "timing-cache" / f"trt{tensorrt_version}-sm{sm}.cache"
 
     @property
     def calibrate(self) -> Path:
         return self.root / "calibrate"
 
-    def verify(self, build_spec: BuildSpec) -> Path:
-        return self.root / "verify" / build_spec.engine_name
+    def verify(self, model: str, name: str) -> Path:
+        return self.root / "verify" / model_slug(model) / name
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,8 @@ class RunSpec:
     verify: VerifySpec = VerifySpec()
     calibration: CalibrationSpec = CalibrationSpec()
     fallback: bool = True
+    profile_max_batch: int = 64
+    profile_buckets: int = 2
 
 
 def run_pipeline(
@@ -100,12 +108,14 @@ def run_pipeline(
         stages[result.stage] = _stage_summary(result)
     engines = []
     pytorch_metric = None
-    for build_spec in spec.builds:
+    graphs = {"simplify": simplified.output(MODEL_FILE), "fuse": fused.output(MODEL_FILE)}
+    for requested in spec.builds:
+        build_spec = resolve_build_spec(requested, info=info, layout=layout, spec=spec)
         if build_spec.precision == "int8":
             built, verified, fallback = _int8_with_fallback(
                 info=info,
                 layout=layout,
-                float_graph=simplified.output(MODEL_FILE),
+                float_graph=graphs["simplify"],
                 build_spec=build_spec,
                 spec=spec,
                 force=force,
@@ -115,7 +125,7 @@ def run_pipeline(
             built, verified = _build_and_verify(
                 info=info,
                 layout=layout,
-                source=fused.output(MODEL_FILE),
+                source=graphs[build_spec.source_stage],
                 build_spec=build_spec,
                 spec=spec,
                 force=force,
@@ -129,6 +139,8 @@ def run_pipeline(
                 "backend": build_spec.backend,
                 "precision": build_spec.precision,
                 "device": build_spec.device,
+                "compute_capability": build_spec.compute_capability or None,
+                "name": built.path.name,
                 "path": str(built.output(built.results["engine_file"])),
                 "manifest": str(built.path / "manifest.json"),
                 "report": str(verified.output(REPORT_FILE)),
@@ -153,17 +165,88 @@ def run_pipeline(
     return summary
 
 
+def resolve_build_spec(
+    requested: BuildSpec, *, info: ModelInfo, layout: Layout, spec: RunSpec
+) -> BuildSpec:
+    """Fill in what a GPU build learns from this machine and the data: the compute capability,
+    TensorRT profiles derived from the calibration sentences' token lengths, and the timing cache
+    shared by every TensorRT build of this output tree."""
+    requested.validate()
+    if requested.device != "cuda":
+        return requested
+    resolved = requested
+    if not resolved.compute_capability:
+        import torch
+
+        from pipeline.errors import EnvironmentProblem
+
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                "a CUDA engine was asked for but torch sees no GPU; use --target auto to fall "
+                "back to the CPU engine"
+            )
+        major, minor = torch.cuda.get_device_capability()
+        resolved = replace(resolved, compute_capability=f"{major}.{minor}")
+    if resolved.backend == "tensorrt":
+        options = resolved.tensorrt
+        if not options.profiles:
+            options = replace(options, profiles=derive_dataset_profiles(info, spec))
+        if not options.timing_cache:
+            cache = layout.timing_cache(backend_version("tensorrt"), resolved.compute_capability)
+            options = replace(options, timing_cache=str(cache))
+        resolved = replace(resolved, tensorrt=options)
+    return resolved
+
+
+def derive_dataset_profiles(info: ModelInfo, spec: RunSpec):
+    """TensorRT profiles from the token lengths of the calibration sentences (engines/tensorrt)."""
+    from calibration import datasets
+    from engines.tensorrt import derive_profiles
+    from pipeline.models import load_tokenizer
+    from pipeline.verify import resolve_max_length
+
+    max_length = resolve_max_length(info, spec.verify.max_length)
+    texts = datasets.load_texts(spec.calibration.data_file(), column=spec.calibration.text_column)
+    tokenizer = load_tokenizer(info)
+    lengths = [
+        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ]
+    profiles = derive_profiles(
+        lengths,
+        max_batch=spec.profile_max_batch,
+        max_length=max_length,
+        buckets=spec.profile_buckets,
+    )
+    log.info(
+        "[build] TensorRT profiles from %d sentences: %s",
+        len(lengths),
+        ", ".join(str(p) for p in profiles),
+    )
+    return profiles
+
+
+def _engine_name(build_spec: BuildSpec) -> str:
+    return engine_name(build_spec, backend_version(build_spec.backend))
+
+
 def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
-    built = build(source=source, out_dir=layout.engine(build_spec), spec=build_spec, force=force)
+    name = _engine_name(build_spec)
+    built = build(
+        source=source,
+        out_dir=layout.engine(info.name, name),
+        spec=build_spec,
+        input_names=tuple(info.architecture.input_names),
+        force=force,
+    )
     verified = verify(
         info=info,
         engine_dir=built.path,
-        out_dir=layout.verify(build_spec),
+        out_dir=layout.verify(info.name, name),
         spec=replace(spec.verify, precision=build_spec.precision),
         force=force,
     )
-    stages[f"build:{build_spec.engine_name}"] = _stage_summary(built)
-    stages[f"verify:{build_spec.engine_name}"] = _stage_summary(verified)
+    stages[f"build:{name}"] = _stage_summary(built)
+    stages[f"verify:{name}"] = _stage_summary(verified)
     return built, verified
 
 
@@ -228,3 +311,38 @@ def _stage_summary(result) -> dict[str, Any]:
         "skipped": result.skipped,
         "seconds": result.results.get("seconds"),
     }
+
+
+def find_engine(
+    layout: Layout, model: str, engine_dir: Path | None, precision: str | None
+) -> tuple[Path, str]:
+    """The engine folder to verify and its precision: ``engine_dir`` if given, else the only
+    complete engine of ``precision`` (any, when None) under OUT/engines/MODEL.
+
+    Raises:
+        InputError: no such engine, or several and none chosen.
+    """
+    from pipeline.artifacts import ArtifactDir
+    from pipeline.errors import InputError
+
+    def precision_of(folder: Path) -> str | None:
+        manifest = ArtifactDir(folder).read_manifest()
+        return (manifest or {}).get("spec", {}).get("precision")
+
+    if engine_dir is not None:
+        return Path(engine_dir), precision or precision_of(Path(engine_dir)) or "fp32"
+    root = layout.root / "engines" / model_slug(model)
+    candidates = [
+        folder
+        for folder in sorted(root.glob("*"))
+        if folder.is_dir()
+        and precision_of(folder) is not None
+        and (precision is None or precision_of(folder) == precision)
+    ]
+    if len(candidates) != 1:
+        found = ", ".join(c.name for c in candidates) or "none"
+        raise InputError(
+            f"{root}: {len(candidates)} engines{' of ' + precision if precision else ''} "
+            f"({found}); pass --engine FOLDER"
+        )
+    return candidates[0], precision_of(candidates[0]) or "fp32"

@@ -46,3 +46,10 @@ def tiny_run(tiny_embedding_model, tmp_path_factory):
     spec = RunSpec(verify=TINY_VERIFY)
     summary = run_pipeline(info=info, out=out, spec=spec)
     return info, out, spec, summary
+
+
+def cpu_engine_dir(out: Path, precision: str = "fp32", stage: str = "engines") -> Path:
+    """The one CPU ONNX Runtime engine folder (or its verify folder) of ``precision`` in a run:
+    OUT/<stage>/<model>/ort<version>-cpu-<precision>."""
+    (folder,) = sorted(Path(out).glob(f"{stage}/*/ort*-cpu-{precision}"))
+    return folder

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
+from tests.conftest import cpu_engine_dir
 from tests.tiny_models import edit_config
 
 QUICK = ["--metric-limit", "100", "--no-metric-gate"]  # see conftest.TINY_VERIFY
@@ -40,17 +41,21 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
 
 def test_stage_commands_chain(tiny_embedding_model, tmp_path):
     common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json"]
-    for stage in ("export", "simplify", "fuse", "build"):
+    for stage in ("export", "simplify", "fuse"):
         result = _invoke(stage, *common)
         assert result.exit_code == 0, result.output
         assert _last_json(result)["stage"] == stage
+    built = _invoke("build", *common)
+    assert built.exit_code == 0, built.output
+    (engine,) = _last_json(built)["engines"]
+    assert engine["stage"] == "build" and Path(engine["path"]) == cpu_engine_dir(tmp_path)
     result = _invoke("verify", *common, *QUICK)
     assert result.exit_code == 0 and _last_json(result)["ok"]
     strict = _invoke("verify", *common, *QUICK, "--max-abs-err", "0", "--force")
     assert strict.exit_code == 5
     assert "parity error" in strict.stderr and "max_abs_err" in strict.stderr
     assert _last_json(strict)["ok"] is False
-    assert (tmp_path / "verify/onnxruntime-cpu-fp32/report.json").is_file()
+    assert (cpu_engine_dir(tmp_path, "fp32", "verify") / "report.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -132,7 +137,7 @@ def test_bad_parity_dataset(tiny_embedding_model, tmp_path, content, message):
     )
     assert result.exit_code == 3
     assert message in result.stderr and str(data) in result.stderr
-    assert not (out / "verify" / "onnxruntime-cpu-fp32" / "manifest.json").exists()
+    assert not list(out.glob("verify/*/*/manifest.json"))
     assert not (out / "run.json").exists()
 
 
@@ -159,9 +164,13 @@ def test_user_metric_dataset(tiny_embedding_model, tmp_path):
         "100",
     )
     assert result.exit_code == 0, result.stderr
-    report = json.loads((tmp_path / "out/verify/onnxruntime-cpu-fp32/report.json").read_text())
+    report = json.loads(
+        (cpu_engine_dir(tmp_path / "out", "fp32", "verify") / "report.json").read_text()
+    )
     assert report["metric"]["examples"] == 4
-    manifest = json.loads((tmp_path / "out/verify/onnxruntime-cpu-fp32/manifest.json").read_text())
+    manifest = json.loads(
+        (cpu_engine_dir(tmp_path / "out", "fp32", "verify") / "manifest.json").read_text()
+    )
     assert manifest["inputs"]["data"]["metric"]["path"] == str(data)
 
 
@@ -182,7 +191,7 @@ def test_int8_stage_commands(tiny_embedding_model, tmp_path):
     assert _invoke("build", *common, "--precision", "int8").exit_code == 0
     verified = _invoke("verify", *common, "--precision", "int8", *QUICK)
     assert verified.exit_code == 0, verified.stderr
-    assert (tmp_path / "verify" / "onnxruntime-cpu-int8" / "report.json").is_file()
+    assert (cpu_engine_dir(tmp_path, "int8", "verify") / "report.json").is_file()
 
 
 def test_calibrate_with_unknown_keep_float_name(tiny_embedding_model, tmp_path):

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import cpu_engine_dir
+
 pytestmark = pytest.mark.slow
 
 STSB_DEV_SPEARMAN_FP32 = 86.72  # shared/data/README.md: sentence-transformers fp32 on CPU
@@ -85,7 +87,7 @@ def test_engine_matches_sentence_transformers(default_run):
     out, _summary = default_run
     sentences = ["A man is playing a guitar.", "", "The quick brown fox jumps over the lazy dog."]
     expected = SentenceTransformer(str(default_model_path()), device="cpu").encode(sentences)
-    engine, _ = load_engine(out / "engines" / "onnxruntime-cpu-fp32")
+    engine, _ = load_engine(cpu_engine_dir(out, "fp32"))
     feeds = AutoTokenizer.from_pretrained(str(default_model_path()))(
         sentences, padding=True, return_tensors="np"
     )

@@ -11,7 +11,7 @@ from pipeline.calibrate import CalibrationSpec
 from pipeline.models import resolve_model
 from pipeline.runner import RunSpec, run_pipeline
 from pipeline.verify import metric_gate_failures
-from tests.conftest import TINY_VERIFY
+from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 CALIBRATION = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
 
@@ -41,7 +41,7 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     assert engine["fallback"]["kept_float"] == []
     for name in ("model.onnx", "scales.json", "calibration.cache", "manifest.json"):
         assert (out / "calibrate" / name).is_file()
-    manifest = json.loads((out / "engines/onnxruntime-cpu-int8/manifest.json").read_text())
+    manifest = json.loads((cpu_engine_dir(out, "int8") / "manifest.json").read_text())
     assert manifest["inputs"]["onnx"]["path"] == str(out / "calibrate" / "model.onnx")
     assert manifest["spec"]["session"]["lower_int8"] is True
     assert manifest["results"]["packed_regions"] == 2  # one feed-forward block per layer
@@ -52,10 +52,7 @@ def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
     import onnx
 
     out, _summary, _engine = int8_run
-    ops = [
-        n.op_type
-        for n in onnx.load(str(out / "engines/onnxruntime-cpu-int8/model.onnx")).graph.node
-    ]
+    ops = [n.op_type for n in onnx.load(str(cpu_engine_dir(out, "int8") / "model.onnx")).graph.node]
     # 2 layers x (Q, K, V, output, FFN in, FFN out); float MatMuls left: attention scores only.
     assert ops.count("MatMulIntegerToFloat") == 12
 

@@ -16,7 +16,7 @@ from pipeline.errors import ArtifactError
 from pipeline.models import resolve_model
 from pipeline.runner import Layout, run_pipeline
 from pipeline.verify import run_verification
-from tests.conftest import TINY_VERIFY
+from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
 def test_run_produces_a_verified_engine(tiny_run):
@@ -73,9 +73,11 @@ def test_manifests_record_inputs_versions_and_outputs(tiny_run):
     assert (
         simplify_manifest["results"]["nodes_after"] < simplify_manifest["results"]["nodes_before"]
     )
-    engine_manifest = json.loads((out / "engines/onnxruntime-cpu-fp32/manifest.json").read_text())
+    engine_manifest = json.loads((cpu_engine_dir(out, "fp32") / "manifest.json").read_text())
     assert engine_manifest["spec"]["session"]["offline_level"] == "extended"
-    verify_manifest = json.loads((out / "verify/onnxruntime-cpu-fp32/manifest.json").read_text())
+    verify_manifest = json.loads(
+        (cpu_engine_dir(out, "fp32", "verify") / "manifest.json").read_text()
+    )
     assert verify_manifest["results"]["parity"]["sentence_embedding"]["passed"]
 
 
@@ -91,7 +93,7 @@ def test_engine_loads_in_a_fresh_process(tiny_run):
         "print(engine.provider, out['sentence_embedding'].shape)\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(out / "engines/onnxruntime-cpu-fp32")],
+        [sys.executable, "-c", code, str(cpu_engine_dir(out, "fp32"))],
         capture_output=True,
         text=True,
         check=True,
@@ -110,7 +112,7 @@ def test_tampered_engine_is_refused_before_loading(tiny_run, tmp_path):
 
     _info, out, _spec, _summary = tiny_run
     engine_dir = tmp_path / "engine"
-    shutil.copytree(out / "engines/onnxruntime-cpu-fp32", engine_dir)
+    shutil.copytree(cpu_engine_dir(out, "fp32"), engine_dir)
     data = bytearray((engine_dir / "model.onnx").read_bytes())
     data[len(data) // 2] ^= 0x01
     (engine_dir / "model.onnx").write_bytes(bytes(data))
@@ -121,7 +123,7 @@ def test_tampered_engine_is_refused_before_loading(tiny_run, tmp_path):
 def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
     _info, out, _spec, _summary = tiny_run
     info = resolve_model(tiny_embedding_model)
-    engine, _ = load_engine(out / "engines/onnxruntime-cpu-fp32")
+    engine, _ = load_engine(cpu_engine_dir(out, "fp32"))
 
     def perturbed(feeds):
         outputs = engine.run(feeds)
@@ -139,7 +141,7 @@ def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
 def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
     _info, out, _spec, _summary = tiny_run
     info = resolve_model(tiny_embedding_model)
-    engine, _ = load_engine(out / "engines/onnxruntime-cpu-fp32")
+    engine, _ = load_engine(cpu_engine_dir(out, "fp32"))
     # A negative allowance demands the engine beat PyTorch by a point: an engine with perfect
     # parity must then fail on the metric alone.
     outcome = run_verification(

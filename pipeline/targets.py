@@ -1,0 +1,238 @@
+"""Targets: which GPUs and backends this machine has, and which engines ``--target`` builds.
+
+Detection never initialises CUDA in this process when it can help it: GPUs come from
+``nvidia-smi`` (present wherever the NVIDIA driver is), so ``bert-compile targets`` answers on a
+CPU-only machine, in a container without torch's CUDA build and on a GPU runner alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+import subprocess  # nosec B404: fixed argv, no shell
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipeline.errors import EnvironmentProblem, InputError
+
+log = logging.getLogger("bert_compile")
+
+TARGET_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+_SMI_FIELDS = "index,name,compute_cap,memory.total,driver_version"
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU as the driver reports it."""
+
+    index: int
+    name: str
+    compute_capability: str  # "9.0"
+    memory_mib: int
+    driver: str
+
+    @property
+    def sm(self) -> str:
+        """The compute capability as it appears in engine paths: ``sm90``."""
+        return "sm" + self.compute_capability.replace(".", "")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What this machine offers the build stage."""
+
+    gpus: tuple[Gpu, ...] = ()
+    tensorrt: str | None = None  # version, or None when ``import tensorrt`` fails
+    tensorrt_problem: str = ""
+    onnxruntime: str | None = None
+    ort_providers: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def has_ort_cuda(self) -> bool:
+        return "CUDAExecutionProvider" in self.ort_providers
+
+    def compute_capabilities(self) -> list[Gpu]:
+        """One GPU per distinct compute capability (the first of each): engines are per SM."""
+        seen: dict[str, Gpu] = {}
+        for gpu in self.gpus:
+            seen.setdefault(gpu.compute_capability, gpu)
+        return list(seen.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["gpus"] = [{**asdict(g), "sm": g.sm} for g in self.gpus]
+        return data
+
+
+def parse_nvidia_smi(text: str) -> tuple[Gpu, ...]:
+    """Parse ``nvidia-smi --query-gpu=<_SMI_FIELDS> --format=csv,noheader,nounits`` output.
+
+    Raises:
+        EnvironmentProblem: a line does not have the expected fields.
+    """
+    gpus = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 5:
+            raise EnvironmentProblem(f"nvidia-smi printed an unexpected line: {line!r}")
+        index, name, capability, memory, driver = parts
+        try:
+            gpus.append(Gpu(int(index), name, capability, int(float(memory)), driver))
+        except ValueError as err:
+            raise EnvironmentProblem(f"nvidia-smi printed an unexpected line: {line!r}") from err
+    return tuple(gpus)
+
+
+def _detect_gpus() -> tuple[tuple[Gpu, ...], list[str]]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return (), ["no nvidia-smi on PATH: no NVIDIA driver, so no GPU"]
+    try:
+        done = subprocess.run(  # nosec B603: fixed argv
+            [smi, f"--query-gpu={_SMI_FIELDS}", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return (), [f"nvidia-smi failed: {err}"]
+    if done.returncode != 0:
+        return (), [f"nvidia-smi exited {done.returncode}: {done.stderr.strip()[:200]}"]
+    return parse_nvidia_smi(done.stdout), []
+
+
+def _detect_tensorrt() -> tuple[str | None, str]:
+    if importlib.util.find_spec("tensorrt") is None:
+        return None, "the tensorrt package is not installed"
+    try:
+        import tensorrt
+    except (ImportError, OSError) as err:  # the PyPI stub and missing libnvinfer both land here
+        return None, f"import tensorrt failed: {err}"
+    version = getattr(tensorrt, "__version__", None)
+    if not version:
+        return None, "import tensorrt gave a module without __version__ (a download stub?)"
+    return version, ""
+
+
+def _detect_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
+    try:
+        import onnxruntime
+    except ImportError:
+        return None, ()
+    preload = getattr(onnxruntime, "preload_dlls", None)
+    if preload is not None and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        # onnxruntime-gpu wheels find the CUDA/cuDNN libraries of the nvidia-* wheels only once
+        # preloaded; without it a CUDA session fails at creation with a missing libcudnn.
+        preload()
+    return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
+
+
+def detect() -> Environment:
+    """Look at GPUs, TensorRT and ONNX Runtime on this machine."""
+    gpus, notes = _detect_gpus()
+    trt_version, trt_problem = _detect_tensorrt()
+    ort_version, providers = _detect_onnxruntime()
+    return Environment(
+        gpus=gpus,
+        tensorrt=trt_version,
+        tensorrt_problem=trt_problem,
+        onnxruntime=ort_version,
+        ort_providers=providers,
+        notes=tuple(notes),
+    )
+
+
+@dataclass(frozen=True)
+class TargetPlan:
+    """The engines one ``--target`` resolves to on this machine, and why."""
+
+    engines: tuple[dict[str, str], ...]  # backend, device, precision, compute_capability
+    notes: tuple[str, ...] = ()
+
+
+def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+    """Resolve ``--target`` and ``--precision`` to the engines to build here.
+
+    ``auto`` builds, for every distinct compute capability present, a TensorRT engine where
+    TensorRT imports and an ONNX Runtime CUDA engine where ORT has the CUDA provider; with no GPU
+    (or neither backend) it builds the CPU ONNX Runtime engine instead and says why in one note.
+    fp16 has no CPU engine: on the CPU fallback it becomes fp32, also with a note.
+
+    Raises:
+        InputError: unknown target.
+        EnvironmentProblem: an explicit GPU target that this machine cannot build.
+    """
+    if target not in TARGET_CHOICES:
+        raise InputError(f"--target {target!r}: expected one of {', '.join(TARGET_CHOICES)}")
+    gpus = env.compute_capabilities()
+    notes: list[str] = []
+    engines: list[dict[str, str]] = []
+
+    def gpu_engines(backend: str, device: str) -> None:
+        for gpu in gpus:
+            for precision in precisions:
+                engines.append(
+                    {
+                        "backend": backend,
+                        "device": device,
+                        "precision": precision,
+                        "compute_capability": gpu.compute_capability,
+                    }
+                )
+
+    if target == "tensorrt":
+        if not gpus or env.tensorrt is None:
+            raise EnvironmentProblem(
+                "--target tensorrt: "
+                + ("no NVIDIA GPU found" if not gpus else env.tensorrt_problem)
+                + "; use --target auto to fall back to ONNX Runtime"
+            )
+        gpu_engines("tensorrt", "cuda")
+    elif target == "cuda":
+        if not gpus or not env.has_ort_cuda:
+            raise EnvironmentProblem(
+                "--target cuda: "
+                + (
+                    "no NVIDIA GPU found"
+                    if not gpus
+                    else f"ONNX Runtime {env.onnxruntime} has no CUDAExecutionProvider "
+                    "(install onnxruntime-gpu)"
+                )
+                + "; use --target auto to fall back to the CPU engine"
+            )
+        gpu_engines("onnxruntime", "cuda")
+    elif target == "auto" and gpus and (env.tensorrt or env.has_ort_cuda):
+        if env.tensorrt:
+            gpu_engines("tensorrt", "cuda")
+        else:
+            notes.append(f"no TensorRT ({env.tensorrt_problem}): building ONNX Runtime CUDA only")
+        if env.has_ort_cuda:
+            gpu_engines("onnxruntime", "cuda")
+    else:
+        if target == "cpu" and "fp16" in precisions:
+            raise InputError("--target cpu --precision fp16: the CPU engine is fp32 or int8")
+        if target == "auto":
+            why = (
+                "no NVIDIA GPU found"
+                if not gpus
+                else f"GPU present but neither TensorRT ({env.tensorrt_problem}) nor ONNX "
+                "Runtime's CUDA provider is available"
+            )
+            notes.append(f"{why}: building the CPU ONNX Runtime engine instead")
+        for precision in dict.fromkeys("fp32" if p == "fp16" else p for p in precisions):
+            engines.append(
+                {
+                    "backend": "onnxruntime",
+                    "device": "cpu",
+                    "precision": precision,
+                    "compute_capability": "",
+                }
+            )
+        if "fp16" in precisions:
+            notes.append("fp16 has no CPU engine: built fp32 instead")
+    return TargetPlan(tuple(engines), tuple(notes))
