@@ -219,7 +219,7 @@ class OrtEngine:
         self.output_names = [o.name for o in session.get_outputs()]
         self._input_axes = {i.name: i.shape for i in session.get_inputs()}
         self._output_axes = {o.name: o.shape for o in session.get_outputs()}
-        self._graph_buffers: dict[tuple[int, ...], tuple[dict, dict, str]] = {}
+        self._graph_buffers: dict[tuple[int, ...], tuple[dict, dict, Any, Any]] = {}
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one batch; ``feeds`` maps every input name to an int64 array [batch, sequence]."""
@@ -254,8 +254,6 @@ class OrtEngine:
         The returned tensors are then those fixed buffers, overwritten by the next run of the
         same shape: copy them to keep them.
         """
-        import numpy as np
-        import onnxruntime as ort
         import torch
 
         missing = set(self.input_names) - set(tensors)
@@ -263,47 +261,48 @@ class OrtEngine:
             raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
         shape = tuple(tensors[self.input_names[0]].shape)
         device = torch.device("cuda", self.options.device_id)
-        run_options = ort.RunOptions()
         if self.options.cuda_graph:
             if shape not in self._graph_buffers:
-                graph_id = str(len(self._graph_buffers) + 1)  # ORT reserves id -1 and uses 0
-                self._graph_buffers[shape] = (
+                self._graph_buffers[shape] = self._bind(
                     {
                         n: torch.empty(shape, dtype=torch.int64, device=device)
                         for n in self.input_names
                     },
-                    {
-                        n: torch.empty(
-                            self.output_shape(n, shape), dtype=torch.float32, device=device
-                        )
-                        for n in self.output_names
-                    },
-                    graph_id,
+                    graph_id=str(len(self._graph_buffers) + 1),  # ORT reserves -1 and uses 0
                 )
-            inputs, outputs, graph_id = self._graph_buffers[shape]
+            inputs, outputs, binding, run_options = self._graph_buffers[shape]
             for name in self.input_names:
                 inputs[name].copy_(tensors[name])
-            run_options.add_run_config_entry("gpu_graph_id", graph_id)
         else:
-            inputs = {
-                n: tensors[n].to(device=device, dtype=torch.int64).contiguous()
-                for n in self.input_names
-            }
-            outputs = {
-                n: torch.empty(self.output_shape(n, shape), dtype=torch.float32, device=device)
-                for n in self.output_names
-            }
+            inputs, outputs, binding, run_options = self._bind(
+                {
+                    n: tensors[n].to(device=device, dtype=torch.int64).contiguous()
+                    for n in self.input_names
+                },
+                graph_id=None,
+            )
         # ORT runs on its own stream: what the caller queued on torch's must be done first.
         torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding, run_options)
+        binding.synchronize_outputs()
+        return dict(outputs)
+
+    def _bind(self, inputs: dict, graph_id: str | None) -> tuple[dict, dict, Any, Any]:
+        """IO binding of ``inputs`` and freshly allocated float32 outputs on the same device."""
+        import numpy as np
+        import onnxruntime as ort
+        import torch
+
+        shape = tuple(inputs[self.input_names[0]].shape)
+        device = inputs[self.input_names[0]].device
+        outputs = {
+            n: torch.empty(self.output_shape(n, shape), dtype=torch.float32, device=device)
+            for n in self.output_names
+        }
         binding = self.session.io_binding()
         for name, tensor in inputs.items():
             binding.bind_input(
-                name,
-                "cuda",
-                self.options.device_id,
-                np.int64,
-                tuple(tensor.shape),
-                tensor.data_ptr(),
+                name, "cuda", self.options.device_id, np.int64, shape, tensor.data_ptr()
             )
         for name, tensor in outputs.items():
             binding.bind_output(
@@ -314,9 +313,10 @@ class OrtEngine:
                 tuple(tensor.shape),
                 tensor.data_ptr(),
             )
-        self.session.run_with_iobinding(binding, run_options)
-        binding.synchronize_outputs()
-        return dict(outputs)
+        run_options = ort.RunOptions()
+        if graph_id is not None:
+            run_options.add_run_config_entry("gpu_graph_id", graph_id)
+        return inputs, outputs, binding, run_options
 
 
 def load(path: Path, options: OrtEngineOptions) -> OrtEngine:

@@ -561,7 +561,7 @@ def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
 def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs: Any) -> None:
     """Build engines for --target (OUT/engines/MODEL/ENGINE, one folder per engine)."""
     from pipeline.build import build
-    from pipeline.runner import Layout, RunSpec, _engine_name, resolve_build_spec
+    from pipeline.runner import Layout, RunSpec, engine_folder_name, resolve_build_spec
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
@@ -570,7 +570,7 @@ def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs
     built = []
     for requested in specs:
         spec = resolve_build_spec(requested, info=info, layout=layout, spec=run_spec)
-        name = _engine_name(spec)
+        name = engine_folder_name(spec)
         result = build(
             source=input_path or _stage_file(layout.root / spec.source_stage),
             out_dir=layout.engine(info.name, name),

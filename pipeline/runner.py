@@ -225,12 +225,12 @@ def derive_dataset_profiles(info: ModelInfo, spec: RunSpec):
     return profiles
 
 
-def _engine_name(build_spec: BuildSpec) -> str:
+def engine_folder_name(build_spec: BuildSpec) -> str:
     return engine_name(build_spec, backend_version(build_spec.backend))
 
 
 def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
-    name = _engine_name(build_spec)
+    name = engine_folder_name(build_spec)
     built = build(
         source=source,
         out_dir=layout.engine(info.name, name),

@@ -51,7 +51,7 @@ def _stages(info, out: Path, threads: int, int8: bool):
     from pipeline.calibrate import calibrate
     from pipeline.export import export
     from pipeline.fuse import fuse
-    from pipeline.runner import Layout
+    from pipeline.runner import Layout, engine_folder_name
     from pipeline.simplify import simplify
 
     layout = Layout(out)
@@ -64,13 +64,17 @@ def _stages(info, out: Path, threads: int, int8: bool):
         "fuse": fused.output("model.onnx"),
     }
     fp32 = BuildSpec(intra_op_num_threads=threads)
-    built_fp32 = build(source=graphs["fuse"], out_dir=layout.engine(fp32), spec=fp32)
+    built_fp32 = build(
+        source=graphs["fuse"], out_dir=layout.engine(info.name, engine_folder_name(fp32)), spec=fp32
+    )
     engines = {"fp32": _quiet(built_fp32.path)}
     if int8:
         calibrated = calibrate(info=info, source=graphs["simplify"], out_dir=layout.calibrate)
         spec = BuildSpec(intra_op_num_threads=threads, precision="int8")
         built = build(
-            source=calibrated.output("model.onnx"), out_dir=layout.engine(spec), spec=spec
+            source=calibrated.output("model.onnx"),
+            out_dir=layout.engine(info.name, engine_folder_name(spec)),
+            spec=spec,
         )
         engines["int8"] = _quiet(built.path)
     return engines, graphs

@@ -1,0 +1,149 @@
+"""GPU engines on a real GPU: ONNX Runtime CUDA (marked gpu) and TensorRT (marked tensorrt).
+
+Each builds, runs and verifies a tiny BERT through the pipeline on the GPU it finds; where the
+package or the GPU is missing, the test is skipped with a reason naming what is missing. Nothing
+here fakes a backend: the CPU-side logic of both backends is tested in test_targets.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engines.tensorrt import Profile, TensorRTOptions
+from pipeline.build import BuildSpec, load_engine
+from pipeline.errors import EnvironmentProblem
+from pipeline.models import resolve_model
+from pipeline.runner import RunSpec, run_pipeline
+from tests.conftest import TINY_VERIFY
+
+
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU visible to torch"
+    return None
+
+
+def _ort_cuda_reason() -> str | None:
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return (
+            f"onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
+            "(the onnxruntime-gpu package is not installed)"
+        )
+    return _cuda_reason()
+
+
+def _tensorrt_reason() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "the tensorrt package is not installed"
+    try:
+        import tensorrt  # noqa: F401
+    except (ImportError, OSError) as err:
+        return f"import tensorrt failed: {err}"
+    return _cuda_reason()
+
+
+def _skip_unless(reason: str | None) -> None:
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.mark.gpu
+def test_ort_cuda_fp16_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path):
+    _skip_unless(_ort_cuda_reason())
+    info = resolve_model(tiny_embedding_model)
+    builds = (
+        BuildSpec(device="cuda", precision="fp16"),
+        BuildSpec(device="cuda", precision="fp16", cuda_graph=True),
+        BuildSpec(device="cuda", precision="fp32"),
+    )
+    summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
+    assert summary["ok"], summary["engines"]
+    names = [e["name"] for e in summary["engines"]]
+    assert all("-cuda-sm" in n for n in names) and names[1].endswith("-fp16-cudagraph")
+    for engine in summary["engines"]:
+        manifest = json.loads(Path(engine["manifest"]).read_text())
+        assert manifest["results"]["provider"] == "CUDAExecutionProvider"
+        assert manifest["spec"]["providers"][0][0] == "CUDAExecutionProvider"
+    fp16 = json.loads(Path(summary["engines"][0]["manifest"]).read_text())
+    assert fp16["results"]["fp16_weight_fraction"] > 0.9
+
+
+@pytest.mark.gpu
+def test_ort_cuda_engine_refused_on_another_gpu(tiny_embedding_model, tmp_path):
+    _skip_unless(_ort_cuda_reason())
+    info = resolve_model(tiny_embedding_model)
+    spec = RunSpec(builds=(BuildSpec(device="cuda", precision="fp16"),), verify=TINY_VERIFY)
+    summary = run_pipeline(info=info, out=tmp_path / "run", spec=spec)
+    engine_dir = Path(summary["engines"][0]["manifest"]).parent
+    moved = tmp_path / "other-gpu"
+    shutil.copytree(engine_dir, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["results"]["compute_capability"] = "7.0"
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EnvironmentProblem, match="compute capability 7.0"):
+        load_engine(moved)
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path):
+    _skip_unless(_tensorrt_reason())
+    info = resolve_model(tiny_embedding_model)
+    two_profiles = TensorRTOptions(
+        profiles=(Profile(1, 8, 16, 1, 16, 16), Profile(1, 16, 64, 17, 128, 128))
+    )
+    builds = (
+        BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
+        BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
+    )
+    summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
+    assert summary["ok"], summary["engines"]
+    fp16, fp32 = summary["engines"]
+    assert fp16["name"].startswith("trt") and "-sm" in fp16["name"]
+    engine, manifest = load_engine(Path(fp16["manifest"]).parent)
+    assert manifest["results"]["profiles"] == [str(p) for p in two_profiles.profiles]
+    # A shape in each profile, then one outside all of them.
+    import numpy as np
+
+    for batch, seq in ((2, 5), (3, 40)):
+        feeds = {n: np.ones((batch, seq), dtype=np.int64) for n in info.architecture.input_names}
+        (out,) = engine.run(feeds).values()
+        assert out.shape[0] == batch and np.isfinite(out).all()
+    from pipeline.errors import InputError
+
+    with pytest.raises(InputError, match="outside every profile"):
+        engine.run({n: np.ones((65, 8), dtype=np.int64) for n in info.architecture.input_names})
+    # The timing cache written by the first build is read by a forced rebuild.
+    rebuilt = run_pipeline(
+        info=info,
+        out=tmp_path,
+        spec=RunSpec(builds=builds[:1], verify=TINY_VERIFY),
+        force=True,
+    )
+    manifest = json.loads(Path(rebuilt["engines"][0]["manifest"]).read_text())
+    assert manifest["results"]["timing_cache_hit"] is True
+
+
+@pytest.mark.tensorrt
+def test_tensorrt_int8_engine_from_qdq_graph(tiny_embedding_model, tmp_path):
+    _skip_unless(_tensorrt_reason())
+    info = resolve_model(tiny_embedding_model)
+    spec = RunSpec(
+        builds=(BuildSpec(backend="tensorrt", device="cuda", precision="int8"),),
+        verify=replace(TINY_VERIFY, precision="int8"),
+    )
+    summary = run_pipeline(info=info, out=tmp_path, spec=spec)
+    (engine,) = summary["engines"]
+    assert engine["name"].endswith("-int8")
+    assert engine["parity"]["min_cosine"] > 0.9

@@ -1,0 +1,394 @@
+"""GPU-target logic that needs no GPU: detection parsing, target plans, engine naming, TensorRT
+profiles and compatibility rules, fp16 graph preparation, and the CPU fallback end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from engines import onnxruntime as ort_engine
+from engines.tensorrt import (
+    Profile,
+    TensorRTOptions,
+    compatibility_problems,
+    derive_profiles,
+    prepare_network_graph,
+    select_profile,
+)
+from pipeline.build import BuildSpec, engine_name, model_slug
+from pipeline.cli import cli
+from pipeline.errors import EnvironmentProblem, InputError
+from pipeline.fp16 import convert_to_fp16, float16_fraction, head_nodes
+from pipeline.onnx_io import load_onnx, sample_token_feeds
+from pipeline.targets import Environment, Gpu, detect, parse_nvidia_smi, plan_targets
+
+H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 81559, "580.159.04")
+A100 = Gpu(1, "NVIDIA A100-SXM4-80GB", "8.0", 81920, "580.159.04")
+ORT_CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+# --- detection and plans -------------------------------------------------------------------
+
+
+def test_parse_nvidia_smi():
+    text = "0, NVIDIA H100 80GB HBM3, 9.0, 81559, 580.159.04\n1, NVIDIA A100, 8.0, 40960, 580.1\n"
+    gpus = parse_nvidia_smi(text)
+    assert [g.sm for g in gpus] == ["sm90", "sm80"] and gpus[0].memory_mib == 81559
+    with pytest.raises(EnvironmentProblem, match="unexpected line"):
+        parse_nvidia_smi("0, H100, 9.0\n")
+
+
+def test_detect_on_this_machine_reports_what_is_missing():
+    env = detect()
+    assert env.onnxruntime == ort.__version__
+    if env.tensorrt is None:
+        assert "tensorrt" in env.tensorrt_problem
+    if not env.gpus:
+        assert env.notes
+
+
+def test_auto_without_gpu_falls_back_to_cpu_with_one_note():
+    plan = plan_targets(
+        "auto", ("fp16", "int8"), Environment(ort_providers=("CPUExecutionProvider",))
+    )
+    assert [(e["backend"], e["device"], e["precision"]) for e in plan.engines] == [
+        ("onnxruntime", "cpu", "fp32"),
+        ("onnxruntime", "cpu", "int8"),
+    ]
+    assert any("no NVIDIA GPU found" in n and "CPU ONNX Runtime engine" in n for n in plan.notes)
+    assert any("fp16 has no CPU engine" in n for n in plan.notes)
+
+
+def test_auto_with_gpu_but_no_backend_falls_back():
+    plan = plan_targets("auto", ("fp16",), Environment(gpus=(H100,), tensorrt_problem="absent"))
+    assert plan.engines[0]["device"] == "cpu"
+    assert "neither TensorRT (absent)" in plan.notes[0]
+
+
+def test_auto_builds_per_distinct_compute_capability():
+    env = Environment(gpus=(H100, H100, A100), ort_providers=ORT_CUDA, tensorrt_problem="absent")
+    plan = plan_targets("auto", ("fp16",), env)
+    assert [(e["backend"], e["compute_capability"]) for e in plan.engines] == [
+        ("onnxruntime", "9.0"),
+        ("onnxruntime", "8.0"),
+    ]
+    assert "no TensorRT (absent)" in plan.notes[0]
+    both = plan_targets(
+        "auto", ("fp16",), Environment(gpus=(H100,), tensorrt="10.13.3", ort_providers=ORT_CUDA)
+    )
+    assert [e["backend"] for e in both.engines] == ["tensorrt", "onnxruntime"]
+    assert not both.notes
+
+
+def test_explicit_gpu_targets_fail_clearly_without_their_backend():
+    with pytest.raises(EnvironmentProblem, match="no NVIDIA GPU found.*--target auto"):
+        plan_targets("tensorrt", ("fp16",), Environment())
+    with pytest.raises(EnvironmentProblem, match="not installed"):
+        plan_targets(
+            "tensorrt",
+            ("fp16",),
+            Environment(gpus=(H100,), tensorrt_problem="the tensorrt package is not installed"),
+        )
+    with pytest.raises(EnvironmentProblem, match="onnxruntime-gpu"):
+        plan_targets("cuda", ("fp16",), Environment(gpus=(H100,), onnxruntime="1.32.0"))
+    with pytest.raises(InputError, match="CPU engine is fp32 or int8"):
+        plan_targets("cpu", ("fp16",), Environment())
+    with pytest.raises(InputError, match="--target 'tpu'"):
+        plan_targets("tpu", ("fp32",), Environment())
+
+
+# --- build specs and names -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (BuildSpec(precision="fp16"), "needs a GPU target"),
+        (BuildSpec(device="cuda", precision="int8"), "no fast path for Q/DQ"),
+        (BuildSpec(backend="tensorrt", device="cpu"), "cuda only"),
+        (BuildSpec(backend="tvm"), "--backend 'tvm'"),
+        (
+            BuildSpec(
+                backend="tensorrt",
+                device="cuda",
+                tensorrt=TensorRTOptions(builder_optimization_level=9),
+            ),
+            "expected 0-5",
+        ),
+    ],
+)
+def test_build_spec_refuses_impossible_combinations(spec, message):
+    with pytest.raises(InputError, match=message):
+        spec.validate()
+
+
+def test_engine_names_carry_backend_version_gpu_and_precision():
+    assert engine_name(BuildSpec(), "1.32.0") == "ort1.32.0-cpu-fp32"
+    cuda = BuildSpec(device="cuda", precision="fp16", compute_capability="9.0", cuda_graph=True)
+    assert engine_name(cuda, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-cudagraph"
+    trt = BuildSpec(backend="tensorrt", device="cuda", precision="int8", compute_capability="8.9")
+    assert engine_name(trt, "10.13.3") == "trt10.13.3-sm89-int8"
+    portable = BuildSpec(
+        backend="tensorrt",
+        device="cuda",
+        compute_capability="9.0",
+        precision="fp16",
+        tensorrt=TensorRTOptions(hardware_compatibility="ampere_plus", version_compatible=True),
+    )
+    assert engine_name(portable, "10.13.3") == "trt10.13.3-ampere_plus-fp16-vc"
+    assert model_slug("../odd name/") == "odd-name"
+
+
+def test_source_stage_per_backend_and_precision():
+    assert BuildSpec().source_stage == "fuse"
+    assert BuildSpec(backend="tensorrt", device="cuda", precision="fp16").source_stage == "simplify"
+    assert (
+        BuildSpec(backend="tensorrt", device="cuda", precision="int8").source_stage == "calibrate"
+    )
+
+
+def test_ort_cuda_provider_options_are_explicit(tmp_path):
+    options = ort_engine.OrtEngineOptions(device="cuda", fp16=True, cuda_graph=True)
+    ((name, cuda),) = ort_engine.provider_entries(options, tmp_path)
+    assert name == "CUDAExecutionProvider" and cuda["enable_cuda_graph"] == "1"
+    with_trt = ort_engine.provider_entries(
+        ort_engine.OrtEngineOptions(device="cuda", fp16=True, tensorrt_provider=True), tmp_path
+    )
+    assert [n for n, _ in with_trt] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert with_trt[0][1]["trt_engine_cache_path"] == str(tmp_path / "trt-cache")
+    with pytest.raises(InputError, match="need --device cuda"):
+        ort_engine.OrtEngineOptions(device="cpu", fp16=True).validate()
+
+
+def test_cuda_engine_on_a_cpu_machine_is_an_environment_error(tmp_path):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has ORT's CUDA provider")
+    with pytest.raises(EnvironmentProblem, match="onnxruntime-gpu"):
+        ort_engine.build_engine(
+            tmp_path / "x.onnx", tmp_path / "y.onnx", ort_engine.OrtEngineOptions(device="cuda")
+        )
+
+
+# --- TensorRT profiles and compatibility ---------------------------------------------------
+
+
+def test_profile_parse_round_trip_and_bounds():
+    profile = Profile.parse("1x8:32x128:64x128")
+    assert str(profile) == "1x8:32x128:64x128" and profile.accepts(64, 8)
+    for bad in ("1x8:32x128", "1x8:axb:64x128", "1:2:3"):
+        with pytest.raises(InputError, match="--profile"):
+            Profile.parse(bad)
+    for absurd in ("0x8:1x8:1x8", "1x8:4x8:2x8", "1x8:1x8:100000x8", "1x0:1x8:1x8"):
+        with pytest.raises(InputError, match="profile"):
+            Profile.parse(absurd).validate(512)
+    with pytest.raises(InputError, match="max_position_embeddings"):
+        Profile.parse("1x8:1x8:1x1024").validate(512)
+
+
+def test_derived_profiles_cover_every_length_and_split_at_quantiles():
+    lengths = [5] * 50 + [12] * 30 + [40] * 20
+    profiles = derive_profiles(lengths, max_batch=32, max_length=128, buckets=2)
+    assert [(p.min_seq, p.max_seq) for p in profiles] == [(1, 8), (9, 128)]
+    assert all(p.max_batch == 32 and p.opt_seq == p.max_seq for p in profiles)
+    for length in range(1, 129):
+        select_profile(profiles, 32, length)
+    assert len(derive_profiles(lengths, max_batch=8, max_length=128, buckets=1)) == 1
+    three = derive_profiles(lengths, max_batch=8, max_length=128, buckets=3)
+    assert [p.max_seq for p in three] == [8, 16, 128]
+    with pytest.raises(InputError, match="empty dataset"):
+        derive_profiles([], max_batch=8, max_length=128)
+
+
+def test_select_profile_takes_the_narrowest_fit():
+    profiles = (Profile(1, 64, 64, 1, 128, 128), Profile(1, 64, 64, 1, 16, 16))
+    assert select_profile(profiles, 4, 10) == 1
+    assert select_profile(profiles, 4, 100) == 0
+    with pytest.raises(InputError, match="outside every profile"):
+        select_profile(profiles, 65, 10)
+
+
+def test_tensorrt_options_round_trip_through_the_manifest():
+    options = TensorRTOptions(
+        profiles=(Profile(1, 8, 16, 1, 16, 16),),
+        builder_optimization_level=5,
+        timing_cache="cache.bin",
+        hardware_compatibility="ampere_plus",
+        version_compatible=True,
+    )
+    assert TensorRTOptions.from_dict(json.loads(json.dumps(options.to_dict()))) == options
+
+
+@pytest.mark.parametrize(
+    ("built", "runtime", "options", "problem"),
+    [
+        (("10.13.3", "9.0"), ("10.13.3", "9.0"), TensorRTOptions(), None),
+        (("10.13.3", "9.0"), ("10.14.1", "9.0"), TensorRTOptions(), "built with TensorRT 10.13.3"),
+        (("10.13.3", "9.0"), ("10.13.3", "8.9"), TensorRTOptions(), "compute capability 9.0"),
+        (("10.13.3", "9.0"), ("10.14.1", "9.0"), TensorRTOptions(version_compatible=True), None),
+        (("10.13.3", "9.0"), ("11.0.0", "9.0"), TensorRTOptions(version_compatible=True), None),
+        (
+            ("10.13.3", "9.0"),
+            ("10.9.0", "9.0"),
+            TensorRTOptions(version_compatible=True),
+            "version-compatible",
+        ),
+        (
+            ("10.13.3", "8.0"),
+            ("10.13.3", "9.0"),
+            TensorRTOptions(hardware_compatibility="ampere_plus"),
+            None,
+        ),
+        (
+            ("10.13.3", "8.0"),
+            ("10.13.3", "7.5"),
+            TensorRTOptions(hardware_compatibility="ampere_plus"),
+            "Ampere and newer",
+        ),
+    ],
+)
+def test_plan_compatibility_rules(built, runtime, options, problem):
+    problems = compatibility_problems(
+        built_tensorrt=built[0],
+        built_compute_capability=built[1],
+        options=options,
+        runtime_tensorrt=runtime[0],
+        runtime_compute_capability=runtime[1],
+    )
+    if problem is None:
+        assert problems == []
+    else:
+        assert len(problems) == 1 and problem in problems[0]
+
+
+# --- graph preparation ---------------------------------------------------------------------
+
+
+def _run_cpu(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def test_tensorrt_graph_refuses_contrib_ops_and_int8_without_qdq(tiny_run):
+    _, out, _, _ = tiny_run
+    with pytest.raises(InputError, match="contrib ops.*Attention"):
+        prepare_network_graph(load_onnx(out / "fuse/model.onnx"), precision="fp16")
+    with pytest.raises(InputError, match="Q/DQ graph"):
+        prepare_network_graph(load_onnx(out / "simplify/model.onnx"), precision="int8")
+
+
+@pytest.mark.parametrize("stage", ["simplify", "fuse"])
+def test_fp16_graph_keeps_fragile_parts_in_float32_and_matches(tiny_run, stage):
+    _, out, _, _ = tiny_run
+    graph = load_onnx(out / f"{stage}/model.onnx")
+    half = (
+        prepare_network_graph(graph, precision="fp16")
+        if stage == "simplify"
+        else convert_to_fp16(graph)
+    )
+    # Structure: weights fp16, inputs/outputs unchanged, the pooling head float32.
+    assert float16_fraction(half) > 0.95
+    assert [i.type.tensor_type.elem_type for i in half.graph.input] == [onnx.TensorProto.INT64] * 3
+    assert half.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    head = set(head_nodes(graph))
+    assert {n.op_type for n in graph.graph.node if n.name in head} >= {"ReduceSum", "ReduceL2"}
+    half_types = {v.name: v.type.tensor_type.elem_type for v in half.graph.value_info}
+    reduce_sum = next(n for n in half.graph.node if n.op_type == "ReduceSum" and n.name in head)
+    assert half_types.get(reduce_sum.output[0], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+    for node in half.graph.node:
+        if node.op_type == "LayerNormalization":
+            assert all(a.i == 1 for a in node.attribute if a.name == "stash_type")
+    # Numbers: within fp16 error of the float32 graph (ORT CPU runs fp16 kernels).
+    feeds = sample_token_feeds(graph, batch=3, sequence=11)
+    diff = np.abs(_run_cpu(half, feeds) - _run_cpu(graph, feeds)).max()
+    assert diff < 5e-3
+
+
+def test_fp16_refuses_fp16_layer_norm_statistics(tiny_run):
+    _, out, _, _ = tiny_run
+    graph = load_onnx(out / "simplify/model.onnx")
+    norm = next(n for n in graph.graph.node if n.op_type == "LayerNormalization")
+    norm.attribute.append(onnx.helper.make_attribute("stash_type", 0))
+    with pytest.raises(InputError, match="stash_type=0"):
+        convert_to_fp16(graph)
+    with pytest.raises(InputError, match="already holds fp16"):
+        convert_to_fp16(convert_to_fp16(load_onnx(out / "simplify/model.onnx")))
+
+
+def test_keep_float_ops_keeps_softmax_float32(tiny_run):
+    _, out, _, _ = tiny_run
+    graph = load_onnx(out / "simplify/model.onnx")
+    half = convert_to_fp16(graph, keep_float_ops=("Softmax",))
+    softmax = [n for n in half.graph.node if n.op_type == "Softmax"]
+    producers = {o: n for n in half.graph.node for o in n.output}
+    assert softmax and all(producers[s.input[0]].op_type == "Cast" for s in softmax)
+
+
+# --- the CPU fallback end to end -----------------------------------------------------------
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_targets_command_json():
+    result = _invoke("targets", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["ok"] and report["onnxruntime"] == ort.__version__
+    assert report["auto"] and {"backend", "device", "precision"} <= set(report["auto"][0])
+
+
+def test_run_target_auto_without_gpu_falls_back_to_cpu(tiny_embedding_model, tmp_path):
+    if detect().gpus:
+        pytest.skip("this machine has a GPU: auto builds GPU engines here")
+    result = _invoke(
+        "run",
+        "--model",
+        tiny_embedding_model,
+        "--out",
+        tmp_path,
+        "--target",
+        "auto",
+        "--no-metric-gate",
+        "--metric-limit",
+        "100",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    assert "no NVIDIA GPU found: building the CPU ONNX Runtime engine instead" in result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    (engine,) = summary["engines"]
+    assert engine["device"] == "cpu" and engine["precision"] == "fp32" and engine["passed"]
+    assert Path(engine["path"]).parent.parent.name == "tiny-embed"
+    assert summary["notes"] and "fp16 has no CPU engine" in summary["notes"][1]
+
+
+@pytest.mark.parametrize(
+    ("target", "needle"), [("cuda", "--target cuda"), ("tensorrt", "--target tensorrt")]
+)
+def test_explicit_gpu_target_without_gpu_is_one_line_exit_6(
+    tiny_embedding_model, tmp_path, target, needle
+):
+    if detect().gpus:
+        pytest.skip("this machine has a GPU")
+    result = _invoke(
+        "build",
+        "--model",
+        tiny_embedding_model,
+        "--out",
+        tmp_path,
+        "--target",
+        target,
+        "--precision",
+        "fp16",
+    )
+    assert result.exit_code == 6
+    (line,) = result.stderr.strip().splitlines()
+    assert needle in line and "--target auto" in line
+    assert not (tmp_path / "engines").exists()
