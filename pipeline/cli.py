@@ -444,15 +444,9 @@ def targets_command(as_json: bool) -> None:
         f"ONNX Runtime: {env.onnxruntime or 'no'} (providers: {', '.join(env.ort_providers)})"
     )
     lines.extend(f"note: {n}" for n in (*env.notes, *plan.notes))
-    lines.extend(
-        "auto builds: "
-        + " ".join(
-            f"{e['backend']}-{e['device']}"
-            + (f"-sm{e['compute_capability'].replace('.', '')}" if e["compute_capability"] else "")
-            + f"-{e['precision']}"
-        )
-        for e in plan.engines
-    )
+    for e in plan.engines:
+        gpu = f"-sm{e['compute_capability'].replace('.', '')}" if e["compute_capability"] else ""
+        lines.append(f"auto builds: {e['backend']}-{e['device']}{gpu}-{e['precision']}")
     result = {"ok": True, **env.to_dict(), "auto": list(plan.engines), "notes": list(plan.notes)}
     _emit(result, as_json, "\n".join(lines))
 

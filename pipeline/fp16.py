@@ -78,13 +78,37 @@ def convert_to_fp16(model, *, keep_float_ops: Iterable[str] = ()):
         raise InputError("graph already holds fp16 weights; expected the float32 graph")
     _check_layer_norm_statistics(model)
     _name_unnamed_nodes(model)
-    return convert_float_to_float16(
+    converted = convert_float_to_float16(
         model,
         keep_io_types=True,
         # Empty, not None: ORT's default block list is for its own CPU kernels, not ours.
         op_block_list=list(keep_float_ops),
         node_block_list=head_nodes(model),
     )
+    _unique_node_names(converted)
+    return converted
+
+
+def _unique_node_names(model) -> None:
+    # onnxruntime-gpu 1.31's converter adds one Cast per float32 consumer of an fp16 tensor and
+    # names node and output after the tensor, so two consumers give two identical Casts with the
+    # same names, which ORT refuses to load (seen on the H100). Keep the first of each.
+    produced: set[str] = set()
+    names: set[str] = set()
+    kept = []
+    for node in model.graph.node:
+        if node.op_type == "Cast" and all(o in produced for o in node.output):
+            continue
+        produced.update(node.output)
+        name, suffix = node.name, 1
+        while node.name in names:
+            node.name = f"{name}_{suffix}"
+            suffix += 1
+        names.add(node.name)
+        kept.append(node)
+    if len(kept) != len(model.graph.node):
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
 
 
 def float16_fraction(model) -> float:
