@@ -18,14 +18,14 @@ _LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# ORT's own exception types (Fail, InvalidGraph, ...) derive from Exception directly.
-_ORT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
-try:
-    from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-    _ORT_ERRORS += (_ort_state.Fail, _ort_state.InvalidGraph, _ort_state.InvalidArgument)
-except ImportError:  # onnxruntime missing: every call below fails earlier with a clear error
-    pass
+
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    """ORT's failures: its own exception types (Fail, InvalidGraph, ...) derive from Exception
+    directly, so ``except RuntimeError`` misses them. Evaluated only when something was raised."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return (RuntimeError, ValueError, state.Fail, state.InvalidGraph, state.InvalidArgument)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
             providers=[name for name, _ in entries],
             provider_options=[opts for _, opts in entries],
         )
-    except _ORT_ERRORS as err:
+    except _ort_errors() as err:
         raise InputError(f"{source}: ONNX Runtime cannot build an engine from it ({err})") from err
     if not Path(destination).is_file():
         raise InputError(f"{source}: ONNX Runtime wrote no optimized model")
@@ -351,7 +351,7 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
             providers=[name for name, _ in entries],
             provider_options=[opts for _, opts in entries],
         )
-    except _ORT_ERRORS as err:
+    except _ort_errors() as err:
         raise InputError(f"{path}: ONNX Runtime cannot load the engine ({err})") from err
     active = session.get_providers()
     if not active or active[0] != provider:

@@ -258,7 +258,7 @@ def _target_options(func):
     @click.option(
         "--target",
         type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
-        default="cpu",
+        default="auto",
         show_default=True,
         help="auto: TensorRT and ONNX Runtime CUDA engines for every distinct GPU here, or the "
         "CPU engine when there is no GPU or GPU backend; cuda: ONNX Runtime CUDA; tensorrt.",
@@ -433,7 +433,7 @@ def targets_command(as_json: bool) -> None:
     from pipeline.targets import detect, plan_targets
 
     env = detect()
-    plan = plan_targets("auto", ("fp16",), env)
+    plan = plan_targets("auto", (), env)
     lines = [
         f"GPU {g.index}: {g.name}, compute capability {g.compute_capability} ({g.sm}), "
         f"{g.memory_mib} MiB, driver {g.driver}"
@@ -547,9 +547,9 @@ def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
     "precisions",
     type=click.Choice(["fp32", "fp16", "int8"]),
     multiple=True,
-    default=("fp32",),
-    show_default=True,
-    help="Repeatable. fp32/fp16 build from OUT/fuse (ONNX Runtime) or OUT/simplify (TensorRT); "
+    default=None,
+    help="Repeatable (default: fp16 on GPUs, fp32 on the CPU). fp32/fp16 build from OUT/fuse "
+    "(ONNX Runtime) or OUT/simplify (TensorRT); "
     "int8 from OUT/calibrate.",
 )
 def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs: Any) -> None:
@@ -658,8 +658,6 @@ def run_command(
     from pipeline.runner import SUMMARY_FILE, RunSpec, run_pipeline
 
     info = _resolve(kwargs)
-    if not precisions:
-        precisions = ("fp32",) if kwargs["target"] == "cpu" else ("fp16",)
     builds, notes = _build_specs(kwargs, precisions)
     spec = RunSpec(
         export=ExportSpec(pooling_in_graph=pooling),

@@ -161,7 +161,8 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
     ``auto`` builds, for every distinct compute capability present, a TensorRT engine where
     TensorRT imports and an ONNX Runtime CUDA engine where ORT has the CUDA provider; with no GPU
     (or neither backend) it builds the CPU ONNX Runtime engine instead and says why in one note.
-    fp16 has no CPU engine: on the CPU fallback it becomes fp32, also with a note.
+    fp16 has no CPU engine: on the CPU fallback it becomes fp32, also with a note. No
+    precisions means the defaults: fp16 on GPUs, fp32 on the CPU.
 
     Raises:
         InputError: unknown target.
@@ -170,12 +171,13 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
     if target not in TARGET_CHOICES:
         raise InputError(f"--target {target!r}: expected one of {', '.join(TARGET_CHOICES)}")
     gpus = env.compute_capabilities()
+    defaulted = not precisions
     notes: list[str] = []
     engines: list[dict[str, str]] = []
 
     def gpu_engines(backend: str, device: str) -> None:
         for gpu in gpus:
-            for precision in precisions:
+            for precision in precisions or ("fp16",):
                 engines.append(
                     {
                         "backend": backend,
@@ -224,7 +226,9 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
                 "Runtime's CUDA provider is available"
             )
             notes.append(f"{why}: building the CPU ONNX Runtime engine instead")
-        for precision in dict.fromkeys("fp32" if p == "fp16" else p for p in precisions):
+        for precision in dict.fromkeys(
+            "fp32" if p == "fp16" else p for p in precisions or ("fp32",)
+        ):
             engines.append(
                 {
                     "backend": "onnxruntime",
@@ -233,6 +237,6 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
                     "compute_capability": "",
                 }
             )
-        if "fp16" in precisions:
+        if "fp16" in precisions and not defaulted:
             notes.append("fp16 has no CPU engine: built fp32 instead")
     return TargetPlan(tuple(engines), tuple(notes))

@@ -39,7 +39,8 @@ def test_every_help_runs_without_heavy_imports():
     code = (
         "from click.testing import CliRunner\n"
         "from pipeline.cli import cli\n"
-        "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify']):\n"
+        "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify'],\n"
+        "            ['targets']):\n"
         "    r = CliRunner().invoke(cli, cmd + ['--help'])\n"
         "    assert r.exit_code == 0, (cmd, r.output)\n"
     )

@@ -65,6 +65,13 @@ def test_auto_without_gpu_falls_back_to_cpu_with_one_note():
     assert any("fp16 has no CPU engine" in n for n in plan.notes)
 
 
+def test_default_precisions_are_fp16_on_gpus_and_fp32_on_cpu():
+    gpu = plan_targets("auto", (), Environment(gpus=(H100,), ort_providers=ORT_CUDA))
+    cpu = plan_targets("auto", (), Environment())
+    assert [e["precision"] for e in gpu.engines] == ["fp16"]
+    assert [e["precision"] for e in cpu.engines] == ["fp32"] and len(cpu.notes) == 1
+
+
 def test_auto_with_gpu_but_no_backend_falls_back():
     plan = plan_targets("auto", ("fp16",), Environment(gpus=(H100,), tensorrt_problem="absent"))
     assert plan.engines[0]["device"] == "cpu"
@@ -366,7 +373,7 @@ def test_run_target_auto_without_gpu_falls_back_to_cpu(tiny_embedding_model, tmp
     (engine,) = summary["engines"]
     assert engine["device"] == "cpu" and engine["precision"] == "fp32" and engine["passed"]
     assert Path(engine["path"]).parent.parent.name == "tiny-embed"
-    assert summary["notes"] and "fp16 has no CPU engine" in summary["notes"][1]
+    assert len(summary["notes"]) == 1  # default precisions: fp32 on the CPU, no fp16 note
 
 
 @pytest.mark.parametrize(
