@@ -290,10 +290,11 @@ def _make_logger(trt):
             self.errors: list[str] = []
 
         def log(self, severity, msg):
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+            levels = trt.ILogger.Severity
+            if severity in (levels.INTERNAL_ERROR, levels.ERROR):
                 self.errors.append(msg)
                 log.error("[tensorrt] %s", msg)
-            elif severity == trt.ILogger.WARNING:
+            elif severity == levels.WARNING:
                 log.warning("[tensorrt] %s", msg)
             else:
                 log.debug("[tensorrt] %s", msg)
@@ -409,6 +410,14 @@ _TORCH_DTYPES = {
 }
 
 
+def _torch_dtype(trt, torch, dtype):
+    """The torch dtype of a TensorRT DataType (matched by member name across versions)."""
+    for name, torch_name in _TORCH_DTYPES.items():
+        if getattr(trt.DataType, name, None) == dtype:
+            return getattr(torch, torch_name)
+    raise InputError(f"engine tensor type {dtype} has no torch equivalent")
+
+
 class TensorRTEngine:
     """A deserialized plan with one execution context on its own CUDA stream.
 
@@ -439,9 +448,7 @@ class TensorRTEngine:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
-        self._dtypes = {
-            n: getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(n).name]) for n in names
-        }
+        self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
         self._profile = 0
 
     def run_device(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
