@@ -179,11 +179,9 @@ def _gpu_facts(spec: BuildSpec) -> dict[str, Any]:
     return {"compute_capability": built_for, "gpu": torch.cuda.get_device_name()}
 
 
-def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool) -> StageResult:
-    from engines import onnxruntime as ort_engine
-
-    options = _ort_options(spec)
-    record = StageRecord(
+def _build_record(source: Path, spec: BuildSpec, **backend_settings: Any) -> StageRecord:
+    """The build stage's record: the graph's hash, the target, and the backend's own settings."""
+    return StageRecord(
         stage="build",
         inputs={"onnx": input_file(source, "ONNX file")},
         spec={
@@ -191,10 +189,21 @@ def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool
             "device": spec.device,
             "precision": spec.precision,
             "compute_capability": spec.compute_capability,
-            "session": options.to_dict(),
-            # Relative cache path: the record must not change when the output tree moves.
-            "providers": ort_engine.provider_entries(options, Path(".")),
+            **backend_settings,
         },
+    )
+
+
+def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool) -> StageResult:
+    from engines import onnxruntime as ort_engine
+
+    options = _ort_options(spec)
+    record = _build_record(
+        source,
+        spec,
+        session=options.to_dict(),
+        # Relative cache path: the record must not change when the output tree moves.
+        providers=ort_engine.provider_entries(options, Path(".")),
     )
 
     def body(artifact):
@@ -221,17 +230,11 @@ def _build_tensorrt(
 
     if not spec.tensorrt.profiles:
         raise InputError("TensorRT build needs profiles (given, or derived by the runner)")
-    record = StageRecord(
-        stage="build",
-        inputs={"onnx": input_file(source, "ONNX file")},
-        spec={
-            "backend": spec.backend,
-            "device": spec.device,
-            "precision": spec.precision,
-            "compute_capability": spec.compute_capability,
-            "keep_float_ops": list(spec.keep_float_ops),
-            "tensorrt": spec.tensorrt.to_dict(),
-        },
+    record = _build_record(
+        source,
+        spec,
+        keep_float_ops=list(spec.keep_float_ops),
+        tensorrt=spec.tensorrt.to_dict(),
     )
 
     def body(artifact):
