@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from engines.feeds import require_inputs, run_numpy_on_gpu
 from pipeline.errors import EnvironmentProblem, InputError
 
 ENGINE_FILE = "model.onnx"
@@ -231,16 +232,9 @@ class OrtEngine:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one batch; ``feeds`` maps every input name to an int64 array [batch, sequence]."""
-        missing = set(self.input_names) - set(feeds)
-        if missing:
-            raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
+        require_inputs(self.path, self.input_names, feeds)
         if self.options.device == "cuda":
-            import torch
-
-            outputs = self.run_device(
-                {n: torch.from_numpy(feeds[n]).to("cuda") for n in self.input_names}
-            )
-            return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+            return run_numpy_on_gpu(self.run_device, self.input_names, feeds)
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs, strict=True))
 
@@ -264,9 +258,7 @@ class OrtEngine:
         """
         import torch
 
-        missing = set(self.input_names) - set(tensors)
-        if missing:
-            raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
+        require_inputs(self.path, self.input_names, tensors)
         shape = tuple(tensors[self.input_names[0]].shape)
         device = torch.device("cuda", self.options.device_id)
         if self.options.cuda_graph:

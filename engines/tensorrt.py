@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engines.feeds import require_inputs, run_numpy_on_gpu
 from pipeline.errors import ArtifactError, EnvironmentProblem, InputError
 
 log = logging.getLogger("bert_compile")
@@ -455,9 +456,7 @@ class TensorRTEngine:
         """Run one batch of CUDA tensors [batch, sequence]; returns CUDA tensors, synchronised
         with the caller's current stream."""
         torch = self._torch
-        missing = set(self.input_names) - set(tensors)
-        if missing:
-            raise InputError(f"{self.path}: feeds lack inputs {sorted(missing)}")
+        require_inputs(self.path, self.input_names, tensors)
         batch, seq = tensors[self.input_names[0]].shape
         profile = select_profile(self.options.profiles, batch, seq)
         caller = torch.cuda.current_stream()
@@ -485,10 +484,8 @@ class TensorRTEngine:
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one batch of numpy int64 feeds; returns float32 numpy outputs."""
-        torch = self._torch
-        device = {n: torch.from_numpy(feeds[n]).to("cuda") for n in self.input_names if n in feeds}
-        outputs = self.run_device(device)
-        return {n: t.float().cpu().numpy() for n, t in outputs.items()}
+        require_inputs(self.path, self.input_names, feeds)
+        return run_numpy_on_gpu(self.run_device, self.input_names, feeds)
 
 
 def load(
