@@ -21,6 +21,7 @@ from typing import Any
 
 from engines.feeds import require_inputs, run_numpy_on_gpu
 from pipeline.errors import ArtifactError, EnvironmentProblem, InputError
+from pipeline.targets import current_gpu
 
 log = logging.getLogger("bert_compile")
 
@@ -335,13 +336,11 @@ def build_engine(
         InputError: the parser or builder rejects the graph (their messages included).
         EnvironmentProblem: tensorrt or a GPU is missing.
     """
-    import torch
 
     from pipeline.artifacts import atomic_path
 
     trt = _import_tensorrt()
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem("building a TensorRT plan needs a CUDA GPU; none is visible")
+    capability, gpu = current_gpu("building a TensorRT plan")
     if not options.profiles:
         raise InputError("TensorRT build needs at least one optimization profile")
     logger = _make_logger(trt)
@@ -387,12 +386,11 @@ def build_engine(
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(cache_file) as staging:
             staging.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    major, minor = torch.cuda.get_device_capability()
     return asdict(
         BuildFacts(
             tensorrt=trt.__version__,
-            compute_capability=f"{major}.{minor}",
-            gpu=torch.cuda.get_device_name(),
+            compute_capability=capability,
+            gpu=gpu,
             profiles=[str(p) for p in options.profiles],
             timing_cache_hit=bool(cache_bytes),
             plan_bytes=Path(plan_path).stat().st_size,
@@ -504,18 +502,15 @@ def load(
         EnvironmentProblem: no GPU, no tensorrt, or the plan does not fit this machine.
         ArtifactError: TensorRT cannot deserialize the plan.
     """
-    import torch
 
     trt = _import_tensorrt()
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem(f"{plan_path}: running a TensorRT plan needs a CUDA GPU")
-    major, minor = torch.cuda.get_device_capability()
+    capability, _ = current_gpu(f"{plan_path}: running a TensorRT plan")
     problems = compatibility_problems(
         built_tensorrt=built_tensorrt,
         built_compute_capability=built_compute_capability,
         options=options,
         runtime_tensorrt=trt.__version__,
-        runtime_compute_capability=f"{major}.{minor}",
+        runtime_compute_capability=capability,
     )
     if problems:
         raise EnvironmentProblem(f"{plan_path}: " + "; ".join(problems))

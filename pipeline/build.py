@@ -167,16 +167,15 @@ def build(
 def _gpu_facts(spec: BuildSpec) -> dict[str, Any]:
     if spec.device != "cuda":
         return {}
-    import torch
+    from pipeline.targets import current_gpu
 
-    major, minor = torch.cuda.get_device_capability()
-    built_for = f"{major}.{minor}"
+    built_for, gpu = current_gpu("building a GPU engine")
     if spec.compute_capability and spec.compute_capability != built_for:
         raise InputError(
             f"asked to build for compute capability {spec.compute_capability} on a "
-            f"{torch.cuda.get_device_name()} ({built_for}); build on that GPU"
+            f"{gpu} ({built_for}); build on that GPU"
         )
-    return {"compute_capability": built_for, "gpu": torch.cuda.get_device_name()}
+    return {"compute_capability": built_for, "gpu": gpu}
 
 
 def _build_record(source: Path, spec: BuildSpec, **backend_settings: Any) -> StageRecord:
@@ -300,15 +299,12 @@ def load_engine(engine_dir: Path):
 
 def _check_ort_gpu(engine_dir: Path, results: dict[str, Any]) -> None:
     """An ORT CUDA engine is optimized offline for one GPU: refuse it on another."""
-    import torch
-
     from pipeline.errors import EnvironmentProblem
+    from pipeline.targets import current_gpu
 
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem(f"{engine_dir}: a CUDA engine needs a GPU; none is visible")
-    major, minor = torch.cuda.get_device_capability()
-    if results.get("compute_capability") != f"{major}.{minor}":
+    capability, _ = current_gpu(f"{engine_dir}: this CUDA engine")
+    if results.get("compute_capability") != capability:
         raise EnvironmentProblem(
             f"{engine_dir}: built for compute capability {results.get('compute_capability')}, "
-            f"this GPU is {major}.{minor}; build an engine for it (--target auto)"
+            f"this GPU is {capability}; build an engine for it (--target auto)"
         )

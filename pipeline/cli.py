@@ -333,13 +333,10 @@ def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
     """Parse target flags into one BuildSpec per engine to build on this machine."""
     from engines.tensorrt import Profile, TensorRTOptions
     from pipeline.build import BuildSpec
-    from pipeline.targets import detect, plan_targets
+    from pipeline.targets import Environment, detect, plan_targets
 
-    env = detect() if kwargs["target"] != "cpu" else None
-    if env is None:
-        from pipeline.targets import Environment
-
-        env = Environment()
+    # --target cpu needs nothing from the machine; every other target looks at it.
+    env = Environment() if kwargs["target"] == "cpu" else detect()
     plan = plan_targets(kwargs["target"], tuple(dict.fromkeys(precisions)), env)
     for note in plan.notes:
         log.warning("[target] %s", note)

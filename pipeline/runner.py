@@ -176,17 +176,10 @@ def resolve_build_spec(
         return requested
     resolved = requested
     if not resolved.compute_capability:
-        import torch
+        from pipeline.targets import current_gpu
 
-        from pipeline.errors import EnvironmentProblem
-
-        if not torch.cuda.is_available():
-            raise EnvironmentProblem(
-                "a CUDA engine was asked for but torch sees no GPU; use --target auto to fall "
-                "back to the CPU engine"
-            )
-        major, minor = torch.cuda.get_device_capability()
-        resolved = replace(resolved, compute_capability=f"{major}.{minor}")
+        capability, _ = current_gpu("a CUDA engine (use --target auto to fall back to the CPU)")
+        resolved = replace(resolved, compute_capability=capability)
     if resolved.backend == "tensorrt":
         options = resolved.tensorrt
         if not options.profiles:

@@ -106,6 +106,20 @@ def _detect_gpus() -> tuple[tuple[Gpu, ...], list[str]]:
     return parse_nvidia_smi(done.stdout), []
 
 
+def current_gpu(needed_for: str) -> tuple[str, str]:
+    """(compute capability such as ``"9.0"``, name) of the GPU torch runs on.
+
+    Raises:
+        EnvironmentProblem: torch sees no CUDA GPU; the message starts with ``needed_for``.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem(f"{needed_for} needs a CUDA GPU; torch sees none")
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}", torch.cuda.get_device_name()
+
+
 def _detect_tensorrt() -> tuple[str | None, str]:
     if importlib.util.find_spec("tensorrt") is None:
         return None, "the tensorrt package is not installed"
@@ -124,11 +138,8 @@ def _detect_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
         import onnxruntime
     except ImportError:
         return None, ()
-    preload = getattr(onnxruntime, "preload_dlls", None)
-    if preload is not None and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-        # onnxruntime-gpu wheels find the CUDA/cuDNN libraries of the nvidia-* wheels only once
-        # preloaded; without it a CUDA session fails at creation with a missing libcudnn.
-        preload()
+    # Listing providers needs no CUDA libraries; engines/onnxruntime.py preloads them before
+    # it creates a CUDA session.
     return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
 
 
