@@ -43,6 +43,8 @@ class OrtEngineOptions:
         lower_int8: rewrite Q/DQ MatMuls to MatMulIntegerToFloat before optimizing
             (engines/ort_int8.py): ORT's own QDQ fusion quantizes a shared input once per
             consumer and keeps every bias Add apart (about 10% slower, one-off measurement).
+        int8_weights: weight type of the lowered INT8 MatMuls (engines/ort_int8.py): ``s8``
+            where the building CPU has VNNI, else ``u8``, which stays exact on CPUs without it.
         pack_tokens: run each layer's feed-forward block on the valid tokens only
             (engines/token_packing.py; about 1.37x for INT8 on STS-B dev in a one-off measurement,
             batch 32, where 39% of the positions are padding).
@@ -63,6 +65,7 @@ class OrtEngineOptions:
     runtime_level: str = "all"
     intra_op_num_threads: int = 0
     lower_int8: bool = False
+    int8_weights: str = "s8"
     pack_tokens: bool = False
     allow_spinning: bool = True
     fp16: bool = False
@@ -193,7 +196,8 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
             graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
             facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)
         if options.lower_int8:
-            graph = lower_qdq_matmuls(graph)
+            graph = lower_qdq_matmuls(graph, weights=options.int8_weights)
+            facts["int8_weights"] = options.int8_weights
         if options.pack_tokens:
             facts["packed_regions"] = len(find_feed_forward_regions(graph))
             graph = pack_feed_forward(graph)

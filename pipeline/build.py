@@ -127,11 +127,15 @@ def engine_name(spec: BuildSpec, version: str) -> str:
 
 def _ort_options(spec: BuildSpec):
     from engines import onnxruntime as ort_engine
+    from engines.ort_int8 import weight_type_for_this_cpu
 
+    int8 = spec.precision == "int8"
     return ort_engine.OrtEngineOptions(
         device=spec.device,
         intra_op_num_threads=spec.intra_op_num_threads,
-        lower_int8=spec.precision == "int8",
+        lower_int8=int8,
+        # Part of the build record: an engine built on a VNNI CPU differs from one built without.
+        int8_weights=weight_type_for_this_cpu() if int8 else "s8",
         pack_tokens=spec.pack_tokens and spec.device == "cpu",
         fp16=spec.precision == "fp16",
         keep_float_ops=spec.keep_float_ops,

@@ -11,14 +11,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
 from calibration.qdq import insert_qdq, quantizable_matmuls
-from engines.ort_int8 import lower_qdq_matmuls
+from engines.ort_int8 import lower_qdq_matmuls, weight_type_for_this_cpu
 from engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 
-def _run(model, feeds):
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+def _run(model, feeds, optimize=True):
+    options = ort.SessionOptions()
+    if not optimize:
+        # The exact reference: DequantizeLinear then a float MatMul, no integer kernels.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     return session.run(None, feeds)[0]
 
 
@@ -53,7 +60,38 @@ def test_lowering_structure(graphs):
 def test_lowering_numbers_match_the_qdq_graph(graphs):
     _info, _float_graph, qdq = graphs
     feeds = _feeds([9, 4, 1], 9)
-    np.testing.assert_allclose(_run(lower_qdq_matmuls(qdq), feeds), _run(qdq, feeds), atol=1e-5)
+    exact = _run(qdq, feeds, optimize=False)
+    lowered = lower_qdq_matmuls(qdq, weights=weight_type_for_this_cpu())
+    np.testing.assert_allclose(_run(lowered, feeds), exact, atol=1e-5)
+    # u8 weights are the same integers shifted by 128: exact on every CPU.
+    np.testing.assert_allclose(_run(lower_qdq_matmuls(qdq, weights="u8"), feeds), exact, atol=1e-5)
+
+
+def test_u8_weights_are_the_int8_weights_shifted(graphs):
+    _info, _float_graph, qdq = graphs
+    s8, u8 = (lower_qdq_matmuls(qdq, weights=w) for w in ("s8", "u8"))
+    node = next(n for n in u8.graph.node if n.op_type == "MatMulIntegerToFloat")
+    twin = next(n for n in s8.graph.node if n.name == node.name)
+    inits = {i.name: numpy_helper.to_array(i) for g in (s8, u8) for i in g.graph.initializer}
+    weight, zero = inits[node.input[1]], inits[node.input[5]]
+    assert weight.dtype == zero.dtype == np.uint8 and (zero == 128).all()
+    np.testing.assert_array_equal(weight.astype(np.int16) - 128, inits[twin.input[1]])
+    assert not any(
+        i.dtype == np.int8 and i.ndim == 2 for i in map(numpy_helper.to_array, u8.graph.initializer)
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse avx2 avx512f avx512_vnni", "s8"),
+        ("fpu sse avx2 avx_vnni", "s8"),
+        ("fpu sse avx2 fma", "u8"),
+        ("", "u8"),
+    ],
+)
+def test_weight_type_follows_vnni(flags, expected):
+    assert weight_type_for_this_cpu(f"processor\t: 0\nflags\t\t: {flags}\n") == expected
 
 
 def test_packing_finds_one_region_per_layer_and_rewires_it(graphs):
