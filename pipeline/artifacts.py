@@ -14,11 +14,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipeline import __version__
@@ -113,6 +114,40 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+def replace_tree(staging: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing ``final`` and everything in it.
+
+    Two renames: ``final`` (if any) to a hidden ``.NAME.old-PID`` beside it, then ``staging`` to
+    ``final``; the old tree is deleted last. A crash in between leaves no ``final`` at all (never a
+    mix of old and new files); ``clear_staging`` removes the hidden leftovers on the next run.
+    """
+    staging, final = Path(staging), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def staging_tree(final: Path) -> Path:
+    """A fresh hidden folder beside ``final`` to build a replacement tree in (replace_tree)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clear_staging(final)
+    staging = final.with_name(f".{final.name}{_TMP_MARK}{os.getpid()}")
+    staging.mkdir()
+    return staging
+
+
+def clear_staging(final: Path) -> None:
+    """Remove what interrupted tree builds and swaps of ``final`` left beside it."""
+    final = Path(final)
+    for leftover in final.parent.glob(f".{final.name}.*"):
+        if _TMP_MARK in leftover.name or ".old-" in leftover.name:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def atomic_write_text(final: Path, text: str) -> None:
     """Write text to ``final`` atomically (temporary name, fsync, rename)."""
     with atomic_path(final) as staging:
@@ -190,9 +225,19 @@ class ArtifactDir:
             )
 
     def output_path(self, name: str) -> Path:
-        """Path of an output named in a manifest, refusing names that leave the folder."""
+        """Path of an output named in a manifest (``model.onnx``, or ``sub/dir/file`` for a tree
+        such as a Triton repository), refusing names that leave the folder: absolute, ``..``,
+        hidden parts (staging files), or a link out."""
+        pure = PurePosixPath(name)
+        root = self.path.resolve()
         candidate = (self.path / name).resolve()
-        if candidate.parent != self.path.resolve() or name.startswith("."):
+        if (
+            not name
+            or pure.is_absolute()
+            or any(part.startswith(".") for part in pure.parts)
+            or not candidate.is_relative_to(root)
+            or candidate == root
+        ):
             raise ArtifactError(f"{self.manifest_path}: output name {name!r} leaves its folder")
         return candidate
 

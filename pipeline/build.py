@@ -283,32 +283,44 @@ def load_engine(engine_dir: Path):
     if manifest.get("stage") != "build" or spec.get("backend") not in BACKENDS:
         raise ArtifactError(f"{engine_dir}: not an engine folder this tool built")
     engine_path = folder.output_path(results["engine_file"])
+    return load_recorded_engine(engine_path, spec, results), manifest
+
+
+def load_recorded_engine(engine_path: Path, spec: dict[str, Any], results: dict[str, Any]):
+    """Load an engine file with the settings its build manifest recorded (``spec``, ``results``).
+
+    The caller has checked the file's sha256 against a manifest this tool wrote (an engine
+    folder's, or a Triton repository's that copied it).
+
+    Raises:
+        EnvironmentProblem: the engine was built for another GPU or backend version, or needs a
+            device or package this machine lacks.
+    """
     if spec["backend"] == "tensorrt":
         from engines import tensorrt as trt_engine
 
-        engine = trt_engine.load(
+        return trt_engine.load(
             engine_path,
             TensorRTOptions.from_dict(spec.get("tensorrt", {})),
             built_tensorrt=results["tensorrt"],
             built_compute_capability=results["compute_capability"],
         )
-        return engine, manifest
     from engines import onnxruntime as ort_engine
 
     options = ort_engine.OrtEngineOptions.from_dict(spec.get("session", {}))
     if options.device == "cuda":
-        _check_ort_gpu(engine_dir, results)
-    return ort_engine.load(engine_path, options), manifest
+        _check_ort_gpu(engine_path, results)
+    return ort_engine.load(engine_path, options)
 
 
-def _check_ort_gpu(engine_dir: Path, results: dict[str, Any]) -> None:
+def _check_ort_gpu(engine_path: Path, results: dict[str, Any]) -> None:
     """An ORT CUDA engine is optimized offline for one GPU: refuse it on another."""
     from pipeline.errors import EnvironmentProblem
     from pipeline.targets import current_gpu
 
-    capability, _ = current_gpu(f"{engine_dir}: this CUDA engine")
+    capability, _ = current_gpu(f"{engine_path}: this CUDA engine")
     if results.get("compute_capability") != capability:
         raise EnvironmentProblem(
-            f"{engine_dir}: built for compute capability {results.get('compute_capability')}, "
+            f"{engine_path}: built for compute capability {results.get('compute_capability')}, "
             f"this GPU is {capability}; build an engine for it (--target auto)"
         )

@@ -329,6 +329,74 @@ def _target_options(func):
     return wrapper
 
 
+def _package_options(func):
+    """Triton repository settings (package and run)."""
+
+    @click.option(
+        "--repository",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Triton model repository folder (default: OUT/triton).",
+    )
+    @click.option(
+        "--max-batch-size",
+        type=click.IntRange(1, 4096),
+        default=64,
+        show_default=True,
+        help="Largest batch of ONNX Runtime models (TensorRT: from the profiles).",
+    )
+    @click.option(
+        "--max-queue-delay-us",
+        type=click.IntRange(0, 10_000_000),
+        default=0,
+        show_default=True,
+        help="Dynamic batcher: microseconds to wait for a fuller batch.",
+    )
+    @click.option(
+        "--instances",
+        type=click.IntRange(1, 64),
+        default=1,
+        show_default=True,
+        help="Model instances per GPU (GPU models) or in all (CPU models).",
+    )
+    @click.option(
+        "--python-cpu-engine",
+        is_flag=True,
+        help="Also serve CPU ONNX Runtime engines on Triton's Python backend (for Triton "
+        "builds without the onnxruntime backend).",
+    )
+    @click.option(
+        "--warmup/--no-warmup",
+        default=True,
+        show_default=True,
+        help="Real-token warmup requests when Triton loads an engine model.",
+    )
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def _package_spec(kwargs: dict[str, Any], engines: tuple[str, ...] = ()):
+    from pipeline.package import PackageSpec
+
+    return PackageSpec(
+        engines=engines,
+        max_batch_size=kwargs["max_batch_size"],
+        max_queue_delay_us=kwargs["max_queue_delay_us"],
+        instances=kwargs["instances"],
+        python_cpu_engine=kwargs["python_cpu_engine"],
+        warmup=kwargs["warmup"],
+    )
+
+
+def _repository_path(kwargs: dict[str, Any]) -> Path:
+    from pipeline.package import REPOSITORY_FOLDER
+
+    return kwargs["repository"] or Path(kwargs["out"]) / REPOSITORY_FOLDER
+
+
 def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
     """Parse target flags into one BuildSpec per engine to build on this machine."""
     from engines.tensorrt import Profile, TensorRTOptions
@@ -593,13 +661,28 @@ def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs
     default=None,
     help="Tolerances to apply (default: the engine's own precision).",
 )
-def verify_command(engine_dir: Path | None, precision: str | None, **kwargs: Any) -> None:
-    """Check an engine against PyTorch on real text plus the task metric; exit 5 on failure."""
+@click.option(
+    "--repository",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Verify a Triton repository written by `package` instead: files against its manifest, "
+    "configs, the tokenizer model, and every engine this machine can run.",
+)
+def verify_command(
+    engine_dir: Path | None, precision: str | None, repository: Path | None, **kwargs: Any
+) -> None:
+    """Check an engine (or a Triton repository) against PyTorch on real text plus the task
+    metric; exit 5 on failure."""
     from pipeline.runner import Layout, find_engine
     from pipeline.verify import REPORT_FILE, require_passed, verify
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
+    if repository is not None:
+        if engine_dir is not None:
+            raise click.UsageError("--engine and --repository exclude each other")
+        _verify_repository(info, repository, layout, kwargs)
+        return
     engine_dir, engine_precision = find_engine(layout, info.name, engine_dir, precision)
     result = verify(
         info=info,
@@ -616,11 +699,83 @@ def verify_command(engine_dir: Path | None, precision: str | None, **kwargs: Any
     require_passed(result)
 
 
+def _verify_repository(info, repository: Path, layout, kwargs: dict[str, Any]) -> None:
+    from pipeline.verify import verify_repository
+
+    summary = verify_repository(
+        info=info,
+        repository=repository,
+        out_root=layout.root / "verify" / "repository",
+        spec=_verify_spec(kwargs),
+        force=kwargs["force"],
+    )
+    tokenizer = summary["tokenizer"]
+    lines = [
+        f"{'PASS' if tokenizer['identical'] else 'FAIL'} tokenizer {tokenizer['model']}: "
+        f"{tokenizer['batches']} batches compared with the pipeline's tokenization"
+    ]
+    for entry in summary["engines"]:
+        where = f"{entry['model']}/{entry['file']}"
+        if entry["status"] == "skipped":
+            lines.append(f"SKIP {where}: {entry['reason']}")
+        else:
+            lines.append(
+                f"{entry['status'].upper()} {where}: min_cosine="
+                f"{entry['parity']['min_cosine']:.6f} {entry['metric']['name']}="
+                f"{_fmt(entry['metric']['value'])}"
+            )
+    _emit(summary, kwargs["as_json"], "\n".join(lines))
+    if not summary["ok"]:
+        failed = [
+            f"{e['model']}/{e['file']}: {'; '.join(e['failures'])}"
+            for e in summary["engines"]
+            if e["status"] == "failed"
+        ]
+        failed += [f"tokenizer: {m}" for m in tokenizer["mismatches"][:3]]
+        raise ParityError(f"{repository}: " + " | ".join(failed))
+
+
+@cli.command("package")
+@common_options
+@_package_options
+@click.option(
+    "--engine",
+    "engines",
+    multiple=True,
+    help="Engine folder name under OUT/engines/MODEL to package; repeatable (default: all).",
+)
+def package_command(engines: tuple[str, ...], **kwargs: Any) -> None:
+    """Write a Triton model repository from the verified engines (default OUT/triton)."""
+    from pipeline.package import package, repository_summary
+
+    info = _resolve(kwargs)
+    result = package(
+        info=info,
+        out=kwargs["out"],
+        repository=_repository_path(kwargs),
+        spec=_package_spec(kwargs, engines),
+        force=kwargs["force"],
+    )
+    summary = {"ok": True, "stage": "package", **repository_summary(result)}
+    lines = [f"repository: {result.path}"] + [
+        f"  {name} ({role})" for name, role in summary["models"].items()
+    ]
+    _emit(summary, kwargs["as_json"], "\n".join(lines))
+
+
 @cli.command("run")
 @common_options
 @_verify_options
 @_calibration_options
 @_target_options
+@_package_options
+@click.option(
+    "--package/--no-package",
+    "make_package",
+    default=True,
+    show_default=True,
+    help="End with a Triton repository of the engines (when every one passed).",
+)
 @click.option(
     "--precision",
     "precisions",
@@ -647,6 +802,7 @@ def run_command(
     pooling: bool,
     precisions: tuple[str, ...],
     fallback: bool,
+    make_package: bool,
     **kwargs: Any,
 ) -> None:
     """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
@@ -664,6 +820,8 @@ def run_command(
         calibration=_calibration_spec(kwargs),
         fallback=fallback,
         profile_max_batch=kwargs["profile_max_batch"],
+        package=_package_spec(kwargs) if make_package else None,
+        repository=_repository_path(kwargs) if make_package else None,
     )
     summary = run_pipeline(info=info, out=kwargs["out"], spec=spec, force=kwargs["force"])
     summary["notes"] = list(notes)
@@ -679,6 +837,8 @@ def run_command(
             f"{metric['name']}={_fmt(metric['value'])} (PyTorch fp32 {_fmt(torch_value)})"
             f"\n  report: {engine['report']}"
         )
+    if summary.get("repository"):
+        lines.append(f"Triton repository: {summary['repository']['path']}")
     _emit(summary, kwargs["as_json"], "\n".join(lines))
     if not summary["ok"]:
         failed = [

@@ -11,6 +11,7 @@ Output tree under ``out``::
                                or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
     engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
     verify/<model>/<engine>/   report.json + manifest.json
+    triton/                    Triton model repository of the run's engines (pipeline/package.py)
     run.json   the summary ``run --json`` prints
 """
 
@@ -28,6 +29,7 @@ from pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
 from pipeline.export import MODEL_FILE, ExportSpec, export
 from pipeline.fuse import FuseSpec, fuse
 from pipeline.models import ModelInfo
+from pipeline.package import REPOSITORY_FOLDER, PackageSpec, package, repository_summary
 from pipeline.simplify import SimplifySpec, simplify
 from pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
 
@@ -81,6 +83,8 @@ class RunSpec:
     fallback: bool = True
     profile_max_batch: int = 64
     profile_buckets: int = 2
+    package: PackageSpec | None = None
+    repository: Path | None = None
 
 
 def run_pipeline(
@@ -151,14 +155,28 @@ def run_pipeline(
                 **({"fallback": fallback} if fallback is not None else {}),
             }
         )
+    ok = all(e["passed"] for e in engines)
+    repository = None
+    if ok and spec.package is not None:
+        # Only this run's engines: older engine folders under OUT are not silently shipped.
+        packaged = package(
+            info=info,
+            out=layout.root,
+            repository=spec.repository or layout.root / REPOSITORY_FOLDER,
+            spec=replace(spec.package, engines=tuple(e["name"] for e in engines)),
+            force=force,
+        )
+        stages["package"] = _stage_summary(packaged)
+        repository = repository_summary(packaged)
     summary = {
-        "ok": all(e["passed"] for e in engines),
+        "ok": ok,
         "model": {"name": info.name, "path": str(info.path), "task": info.task},
         "out": str(layout.root),
         "fused_operators": fused.results.get("fused_operators", {}),
         "pytorch_fp32_metric": pytorch_metric
         and {"name": pytorch_metric["name"], "value": pytorch_metric["value"]},
         "engines": engines,
+        "repository": repository,
         "stages": stages,
     }
     atomic_write_text(layout.root / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")

@@ -378,12 +378,35 @@ def verify(
     from pipeline.build import load_engine
 
     engine, engine_manifest = load_engine(engine_dir)
-    engine_file = engine.path
+    return verify_engine(
+        info=info,
+        engine=engine,
+        engine_spec=engine_manifest.get("spec", {}),
+        label=str(engine_dir),
+        out_dir=out_dir,
+        spec=spec,
+        force=force,
+    )
+
+
+def verify_engine(
+    *,
+    info: ModelInfo,
+    engine,
+    engine_spec: Mapping[str, Any],
+    label: str,
+    out_dir: Path,
+    spec: VerifySpec,
+    force: bool = False,
+) -> StageResult:
+    """Verify a loaded engine (any backend: ``run`` on numpy feeds, ``path``, ``output_names``)
+    whose file was already checked against a manifest; ``engine_spec`` is its recorded build spec
+    and ``label`` names it in the report."""
     data_files = {"parity": spec.parity_file(), "metric": spec.metric_file(info)}
     record = StageRecord(
         stage="verify",
         inputs={
-            "engine": input_file(engine_file, "engine file"),
+            "engine": input_file(engine.path, "engine file"),
             "model": info.fingerprint(),
             "data": {role: input_file(path, "dataset file") for role, path in data_files.items()},
         },
@@ -392,7 +415,7 @@ def verify(
             "resolved_tolerance": asdict(spec.resolved_tolerance()),
             "resolved_max_metric_drop": spec.resolved_metric_drop(),
             "resolved_min_metric_retention": spec.resolved_metric_retention(),
-            "engine": engine_manifest.get("spec", {}),
+            "engine": dict(engine_spec),
         },
     )
     pooling_in_graph = "sentence_embedding" in engine.output_names
@@ -402,7 +425,7 @@ def verify(
             info=info, engine_run=engine.run, pooling_in_graph=pooling_in_graph, spec=spec
         )
         report = {
-            "engine": str(engine_dir),
+            "engine": label,
             "passed": outcome.passed,
             "failures": outcome.failures,
             "parity": outcome.parity,
@@ -424,3 +447,104 @@ def require_passed(result: StageResult) -> None:
             f"{result.output(REPORT_FILE)}: parity failed ({reasons}); loosen tolerances only with "
             "--max-abs-err/--min-cosine/--max-metric-drop if you accept the difference"
         )
+
+
+def verify_repository(
+    *, info: ModelInfo, repository: Path, out_root: Path, spec: VerifySpec, force: bool = False
+) -> dict[str, Any]:
+    """The pre-deployment gate for a Triton repository this tool wrote.
+
+    Every file is checked against the repository's manifest (nothing modified, nothing added),
+    every config.pbtxt is parsed and cross-checked again, the tokenizer model's tokenizer.json is
+    compared with the pipeline's tokenization, and each engine this machine can run is loaded from
+    the repository and verified against PyTorch (parity and task metric) into
+    ``out_root/<triton model>/``. Engines this machine cannot run (another GPU, no TensorRT) are
+    listed as skipped with the reason.
+
+    Returns:
+        The summary: ``ok``, the tokenizer check, and one entry per engine model file.
+
+    Raises:
+        ArtifactError: the repository does not match its manifest.
+        InputError: it was packaged from another model, or a config fails its checks.
+        EnvironmentProblem: no engine in it can run on this machine.
+    """
+    from pipeline.build import load_recorded_engine
+    from pipeline.errors import EnvironmentProblem
+    from pipeline.package import open_repository, tokenizer_mismatches
+
+    opened = open_repository(repository)
+    packaged = opened.manifest["inputs"]["model"]["sha256"]
+    if packaged != info.fingerprint()["sha256"]:
+        raise InputError(
+            f"{repository}: packaged from another model than {info.path}; pass that model "
+            "with --model"
+        )
+    tokenizer_name, tokenizer = next(
+        (n, r) for n, r in opened.models.items() if r["role"] == "tokenizer"
+    )
+    max_length = tokenizer["max_length"]
+    check = tokenizer_mismatches(info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length)
+    entries: list[dict[str, Any]] = []
+    by_hash: dict[str, dict[str, Any]] = {}
+    for name, record in opened.models.items():
+        if record["role"] not in ("engine", "python-engine"):
+            continue
+        for relative, entry in record["files"].items():
+            label = f"{name}/{relative}"
+            if entry["sha256"] in by_hash:
+                # The Python-backend model serves a byte-identical copy: one verification.
+                entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
+                continue
+            try:
+                engine = load_recorded_engine(
+                    opened.file(name, relative), entry["spec"], entry["results"]
+                )
+            except EnvironmentProblem as err:
+                entries.append(
+                    {"model": name, "file": relative, "status": "skipped", "reason": str(err)}
+                )
+                continue
+            result = verify_engine(
+                info=info,
+                engine=engine,
+                engine_spec=entry["spec"],
+                label=label,
+                out_dir=Path(out_root) / name / Path(relative).stem,
+                spec=replace(spec, precision=entry["spec"]["precision"], max_length=max_length),
+                force=force,
+            )
+            report = result.results
+            entries.append(
+                {
+                    "model": name,
+                    "file": relative,
+                    "status": "passed" if report["passed"] else "failed",
+                    "failures": report["failures"],
+                    "parity": summarize_parity(report["parity"]),
+                    "metric": {
+                        "name": report["metric"]["name"],
+                        "value": report["metric"]["value"],
+                    },
+                    "report": str(result.output(REPORT_FILE)),
+                }
+            )
+            by_hash[entry["sha256"]] = entries[-1]
+    ran = [e for e in entries if e["status"] != "skipped"]
+    if not ran:
+        reasons = "; ".join(e["reason"] for e in entries) or "no engine models"
+        raise EnvironmentProblem(
+            f"{repository}: no engine in it can run on this machine ({reasons})"
+        )
+    tokenizer_ok = not check["mismatches"]
+    return {
+        "ok": tokenizer_ok and all(e["status"] == "passed" for e in ran),
+        "repository": str(repository),
+        "tokenizer": {
+            "model": tokenizer_name,
+            "batches": check["batches"],
+            "identical": tokenizer_ok,
+            "mismatches": check["mismatches"],
+        },
+        "engines": entries,
+    }

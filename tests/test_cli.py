@@ -200,3 +200,47 @@ def test_calibrate_with_unknown_keep_float_name(tiny_embedding_model, tmp_path):
         assert _invoke(stage, *common).exit_code == 0
     result = _invoke("calibrate", *common, "--keep-float", "no/such/MatMul")
     assert result.exit_code == 3 and "--keep-float names no quantizable MatMul" in result.stderr
+
+
+def test_run_ends_with_a_repository_and_verify_repository_gates_it(tiny_embedding_model, tmp_path):
+    common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json", *QUICK]
+    result = _invoke("run", *common)
+    assert result.exit_code == 0, result.output
+    repository = _last_json(result)["repository"]
+    assert Path(repository["path"]) == tmp_path / "triton"
+    assert sorted(repository["models"].values()) == ["engine", "ensemble", "tokenizer"]
+    checked = _invoke("verify", *common, "--repository", repository["path"])
+    assert checked.exit_code == 0, checked.output
+    summary = _last_json(checked)
+    assert summary["ok"] and [e["status"] for e in summary["engines"]] == ["passed"]
+
+    config = Path(repository["path"]) / "tiny-embed-ort-cpu-fp32" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 64", "max_batch_size: 640"))
+    tampered = _invoke("verify", *common, "--repository", repository["path"])
+    assert tampered.exit_code == 8 and "config.pbtxt" in tampered.stderr
+    assert _last_json(tampered)["error"]["kind"] == "artifact"
+
+    repackaged = _invoke("package", *common[: -len(QUICK)], "--force")
+    assert repackaged.exit_code == 0, repackaged.output
+    assert _last_json(repackaged)["skipped"] is False
+
+
+def test_package_without_engines_says_what_to_run(tiny_embedding_model, tmp_path):
+    result = _invoke("package", "--model", tiny_embedding_model, "--out", tmp_path)
+    assert result.exit_code == 3 and "no engines to package" in result.stderr
+    assert not (tmp_path / "triton").exists()
+
+
+def test_verify_takes_an_engine_or_a_repository(tiny_embedding_model, tmp_path):
+    result = _invoke(
+        "verify",
+        "--model",
+        tiny_embedding_model,
+        "--out",
+        tmp_path,
+        "--engine",
+        tmp_path,
+        "--repository",
+        tmp_path,
+    )
+    assert result.exit_code == 2 and "exclude each other" in result.output

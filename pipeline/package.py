@@ -1,0 +1,798 @@
+"""package: verified engines -> a Triton model repository.
+
+Only engines whose verify report passed, for the same engine file and the same model, are
+packaged. The repository (default ``OUT/triton``) holds, for model M::
+
+    manifest.json                  what was packaged from what; Triton ignores files at the root
+    M-tokenizer/                   Python backend: TEXT (strings) -> input_ids, attention_mask, ...
+        config.pbtxt  1/model.py  1/tokenizer.json
+    M-ort-cpu-fp32/                onnxruntime_onnx on KIND_CPU instances (also -int8)
+        config.pbtxt  1/model.onnx  warmup/...
+    M-ort-cuda-fp16/               onnxruntime_onnx on KIND_GPU, one file per compute capability
+        config.pbtxt  1/model.sm90.onnx  1/model.sm80.onnx ...   (cc_model_filenames)
+    M-trt-fp16/                    tensorrt_plan, one plan per compute capability, every profile
+        config.pbtxt  1/model.sm90.plan ...
+    M-<engine model>-text/         ensemble: TEXT -> tokenizer -> engine -> outputs
+        config.pbtxt  1/
+
+No GPU model has a default file: a GPU whose compute capability has no engine fails to load the
+model instead of running a plan or graph built for another GPU (hardware-compatible TensorRT
+plans are the exception, and are named ``M-trt-ampere_plus-...``).
+
+The tree is built in a hidden folder beside the repository, every config.pbtxt is parsed back
+with Triton's protobuf and cross-checked against the engine files and the ensembles' wiring, the
+manifest is written last, and the finished tree replaces the old one in two renames.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import triton_config as tc
+from pipeline.artifacts import (
+    ArtifactDir,
+    StageRecord,
+    clear_staging,
+    replace_tree,
+    sha256_file,
+    staging_tree,
+)
+from pipeline.errors import ArtifactError, InputError, ParityError
+from pipeline.models import ModelInfo
+from pipeline.stage import StageResult
+from pipeline.triton_tokenizer_model import TEXT_INPUT
+
+log = logging.getLogger("bert_compile")
+
+REPOSITORY_FOLDER = "triton"
+VERSION = "1"
+TEXT = tc.TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))
+_TEMPLATES = {
+    "tokenizer": Path(__file__).with_name("triton_tokenizer_model.py"),
+    "python-engine": Path(__file__).with_name("triton_onnxruntime_model.py"),
+}
+_WARMUP_TEXT = (
+    "A man is playing a large flute while a small crowd listens in the park, and two dogs run "
+    "across the wide green field together before the rain begins to fall on the old town. "
+)
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    """Settings of the package stage.
+
+    Attributes:
+        engines: engine folder names under OUT/engines/MODEL to package; empty: all of them.
+        max_batch_size: largest batch of ONNX Runtime models (TensorRT models take the largest
+            batch every profile accepts).
+        max_queue_delay_us: how long Triton's dynamic batcher waits to fill a batch.
+        instances: model instances per GPU (GPU models) or in all (CPU models).
+        python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
+            backend, for Triton builds without the onnxruntime backend.
+        warmup: run real-token warmup requests when Triton loads an engine model.
+    """
+
+    engines: tuple[str, ...] = ()
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    instances: int = 1
+    python_cpu_engine: bool = False
+    warmup: bool = True
+
+    def validate(self) -> None:
+        if not 1 <= self.max_batch_size <= 4096:
+            raise InputError(f"--max-batch-size {self.max_batch_size}: expected 1 to 4096")
+        if not 0 <= self.max_queue_delay_us <= 10_000_000:
+            raise InputError(
+                f"--max-queue-delay-us {self.max_queue_delay_us}: expected 0 to 10000000"
+            )
+        if not 1 <= self.instances <= 64:
+            raise InputError(f"--instances {self.instances}: expected 1 to 64")
+
+
+@dataclass(frozen=True)
+class VerifiedEngine:
+    """An engine folder whose verify report passed for this engine file and this model."""
+
+    name: str
+    folder: Path
+    spec: Mapping[str, Any]
+    results: Mapping[str, Any]
+    engine_file: Path
+    engine_sha256: str
+    versions: Mapping[str, str]
+    report: Mapping[str, Any]
+    max_length: int
+
+
+def verified_engines(
+    *, info: ModelInfo, out: Path, names: Sequence[str] = ()
+) -> list[VerifiedEngine]:
+    """The engines under OUT/engines/MODEL (or those named) with a passing verify report.
+
+    Raises:
+        InputError: no engines, a named one missing, or an engine never verified (or verified
+            as another file or against another model).
+        ParityError: an engine failed verification.
+        ArtifactError: an engine or report does not match its manifest.
+    """
+    from pipeline.runner import Layout
+    from pipeline.verify import resolve_max_length
+
+    layout = Layout(Path(out))
+    root = layout.root / "engines" / _slug(info.name)
+    folders = sorted(f for f in root.glob("*") if f.is_dir() and not f.name.startswith("."))
+    if names:
+        missing = sorted(set(names) - {f.name for f in folders})
+        if missing:
+            raise InputError(f"{root}: no engine folder {', '.join(missing)}")
+        folders = [f for f in folders if f.name in names]
+    if not folders:
+        raise InputError(f"{root}: no engines to package; run `bert-compile run` or build first")
+    fingerprint = info.fingerprint()["sha256"]
+    engines = []
+    for folder in folders:
+        manifest = ArtifactDir(folder).require_complete()
+        if manifest.get("stage") != "build":
+            raise ArtifactError(f"{folder}: not an engine folder this tool built")
+        results = manifest["results"]
+        engine_sha = manifest["outputs"][results["engine_file"]]["sha256"]
+        verify_dir = layout.verify(info.name, folder.name)
+        hint = f"run `bert-compile verify --engine {folder}` first"
+        report = ArtifactDir(verify_dir).read_manifest()
+        if report is None or not report.get("complete"):
+            raise InputError(f"{folder}: never verified (no report in {verify_dir}); {hint}")
+        ArtifactDir(verify_dir).require_complete()
+        if report["inputs"]["engine"]["sha256"] != engine_sha:
+            raise InputError(f"{folder}: the report in {verify_dir} is for another build; {hint}")
+        if report["inputs"]["model"]["sha256"] != fingerprint:
+            raise InputError(f"{folder}: verified against another model than {info.path}; {hint}")
+        if not report["results"].get("passed"):
+            reasons = "; ".join(report["results"].get("failures", [])) or "unknown"
+            raise ParityError(
+                f"{folder}: failed verification ({reasons}); only engines that pass are packaged"
+            )
+        engines.append(
+            VerifiedEngine(
+                name=folder.name,
+                folder=folder,
+                spec=manifest["spec"],
+                results=results,
+                engine_file=ArtifactDir(folder).output_path(results["engine_file"]),
+                engine_sha256=engine_sha,
+                versions=manifest.get("versions", {}),
+                report=report["results"],
+                max_length=resolve_max_length(info, report["spec"].get("max_length")),
+            )
+        )
+    lengths = {e.max_length for e in engines}
+    if len(lengths) != 1:
+        raise InputError(
+            f"{root}: engines were verified at different --max-length values {sorted(lengths)}; "
+            "one tokenizer serves them all: verify them at one length"
+        )
+    return engines
+
+
+def _slug(name: str) -> str:
+    from pipeline.build import model_slug
+
+    return model_slug(name)
+
+
+def engine_kind(spec: Mapping[str, Any]) -> str:
+    """The Triton model suffix of an engine: backend, device, precision, variants; never the GPU,
+    so engines for several GPUs of one kind share a model (``ort-cuda-fp16``, ``trt-int8``)."""
+    if spec["backend"] == "tensorrt":
+        options = spec.get("tensorrt", {})
+        parts = ["trt"]
+        if options.get("hardware_compatibility", "none") != "none":
+            parts.append(options["hardware_compatibility"])
+        parts.append(spec["precision"])
+        if options.get("version_compatible"):
+            parts.append("vc")
+        return "-".join(parts)
+    session = spec.get("session", {})
+    parts = ["ort", spec["device"], spec["precision"]]
+    if session.get("cuda_graph"):
+        parts.append("cudagraph")
+    if session.get("tensorrt_provider"):
+        parts.append("trtep")
+    return "-".join(parts)
+
+
+@dataclass
+class _ModelPlan:
+    """One Triton model of the repository before it is written."""
+
+    name: str
+    role: str
+    config: Any
+    files: dict[str, Path | str | bytes] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def _engine_files(
+    kind: str, engines: list[VerifiedEngine]
+) -> tuple[dict[str, VerifiedEngine], str]:
+    """File name in the version folder for each engine, and the default file name (or '')."""
+    first = engines[0]
+    suffix = ".plan" if first.spec["backend"] == "tensorrt" else ".onnx"
+    if first.spec["device"] == "cpu":
+        if len(engines) > 1:
+            raise InputError(
+                f"{kind}: {len(engines)} CPU engines ({', '.join(e.name for e in engines)}) "
+                "would share one Triton model; package one of them with --engine"
+            )
+        return {f"model{suffix}": first}, ""
+    portable = first.spec.get("tensorrt", {}).get("hardware_compatibility", "none") != "none"
+    if portable:
+        if len(engines) > 1:
+            raise InputError(f"{kind}: several hardware-compatible plans; package one")
+        return {f"model{suffix}": first}, f"model{suffix}"
+    files: dict[str, VerifiedEngine] = {}
+    for engine in engines:
+        capability = engine.results["compute_capability"]
+        filename = f"model.sm{capability.replace('.', '')}{suffix}"
+        if filename in files:
+            raise InputError(
+                f"{kind}: {files[filename].name} and {engine.name} both target compute "
+                f"capability {capability}; package one of them with --engine"
+            )
+        files[filename] = engine
+    return files, ""
+
+
+def _check_one_version(kind: str, engines: list[VerifiedEngine]) -> str:
+    """A Triton server runs one TensorRT and one ONNX Runtime: one version per model."""
+    backend = engines[0].spec["backend"]
+    key = "tensorrt" if backend == "tensorrt" else "onnxruntime"
+    versions = {e.results[key] for e in engines}
+    if len(versions) != 1:
+        raise InputError(f"{kind}: engines built with {backend} {sorted(map(str, versions))}")
+    return str(versions.pop())
+
+
+def _engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
+    """The tensors Triton sees: from the ONNX Runtime engine itself, or from the exact graph
+    TensorRT parsed (kept beside the plan)."""
+    from pipeline.onnx_io import load_onnx
+
+    if engine.spec["backend"] == "tensorrt":
+        graph = ArtifactDir(engine.folder).output_path(engine.results["network_file"])
+    else:
+        graph = engine.engine_file
+    return tc.onnx_tensor_specs(load_onnx(graph))
+
+
+def _batching(
+    kind: str, engine: VerifiedEngine, spec: PackageSpec, max_length: int
+) -> tuple[int, list[int], list[str], list[int]]:
+    """(max_batch_size, preferred batch sizes, profile indices, warmup lengths) of a model.
+
+    Raises:
+        InputError: TensorRT profiles that leave some batch from 1 to the model's largest, or
+            some length up to what the tokenizer sends, without a profile.
+    """
+    if engine.spec["backend"] != "tensorrt":
+        return spec.max_batch_size, [], [], [min(max_length, 128)]
+    from engines.tensorrt import Profile
+
+    profiles = [Profile.parse(p) for p in engine.spec["tensorrt"]["profiles"]]
+    max_batch = min(p.max_batch for p in profiles)
+    covered = 0
+    for profile in sorted(profiles, key=lambda p: p.min_seq):
+        if profile.min_batch != 1:
+            raise InputError(
+                f"{kind}: profile {profile} starts at batch {profile.min_batch}; Triton sends "
+                "batches from 1 up: rebuild with profiles starting at batch 1"
+            )
+        if profile.min_seq <= covered + 1:
+            covered = max(covered, profile.max_seq)
+    if covered < max_length:
+        raise InputError(
+            f"{kind}: the profiles cover sequences up to {covered} tokens but the tokenizer sends "
+            f"up to {max_length}; rebuild with a profile reaching {max_length} (or verify and "
+            f"package with --max-length {covered})"
+        )
+    preferred = sorted({p.opt_batch for p in profiles if p.opt_batch <= max_batch})
+    lengths = sorted({min(p.opt_seq, max_length) for p in profiles})
+    return max_batch, preferred, [str(i) for i in range(len(profiles))], lengths
+
+
+def tokenizer_json(info: ModelInfo, max_length: int) -> str:
+    """The model's fast tokenizer as tokenizer.json, with verify's truncation and padding set in
+    it (padding to the longest row, truncation at ``max_length``).
+
+    Raises:
+        InputError: the model folder has only a slow (Python) tokenizer.
+    """
+    from tokenizers import Tokenizer
+
+    from pipeline.models import load_tokenizer
+
+    hf = load_tokenizer(info)
+    if not getattr(hf, "is_fast", False):
+        raise InputError(f"{info.path}: only a slow tokenizer; the Triton model needs a fast one")
+    tokenizer = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length=max_length, direction=hf.truncation_side)
+    tokenizer.enable_padding(
+        direction=hf.padding_side,
+        pad_id=hf.pad_token_id,
+        pad_type_id=hf.pad_token_type_id,
+        pad_token=hf.pad_token,
+    )
+    return tokenizer.to_str()
+
+
+def tokenizer_mismatches(info: ModelInfo, tokenizer_file: Path, max_length: int) -> dict[str, Any]:
+    """Compare a tokenizer.json, run as the Triton tokenizer model runs it, with the pipeline's
+    tokenization on verify's parity batches (real sentences plus edge rows).
+
+    Returns:
+        ``{"batches": N, "mismatches": [...]}``; empty mismatches means identical tensors.
+    """
+    from tokenizers import Tokenizer
+
+    from calibration import datasets
+    from pipeline.models import load_tokenizer
+    from pipeline.triton_tokenizer_model import encode
+    from pipeline.verify import VerifySpec, parity_batches, tokenize
+
+    try:
+        repository_tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    except Exception as err:  # tokenizers raises its own Exception subclass for a bad file
+        raise InputError(f"{tokenizer_file}: not a tokenizer.json ({err})") from err
+    hf = load_tokenizer(info)
+    rows = datasets.read_tsv(VerifySpec().parity_file(), ("sentence",))
+    sentences = [row["sentence"].strip() for row in rows][: VerifySpec().parity_sentences]
+    names = list(info.architecture.input_names)
+    batches = parity_batches(sentences, max_length)
+    mismatches = []
+    for index, texts in enumerate(batches):
+        expected = tokenize(hf, texts, info, max_length)
+        actual = encode(repository_tokenizer, texts, names)
+        for name in names:
+            if actual[name].shape != expected[name].shape or (actual[name] != expected[name]).any():
+                mismatches.append(
+                    f"batch {index} ({len(texts)} texts): {name} {actual[name].shape} differs "
+                    f"from the pipeline's {expected[name].shape}"
+                )
+    return {"batches": len(batches), "mismatches": mismatches}
+
+
+def _warmups(
+    info: ModelInfo, lengths: Sequence[int], max_batch: int, input_names: Sequence[str]
+) -> tuple[list[tc.Warmup], dict[str, bytes]]:
+    """Warmup requests of real tokens at each length, batch 1 and the largest batch."""
+    import numpy as np
+
+    from pipeline.models import load_tokenizer
+
+    tokenizer = load_tokenizer(info)
+    warmups, files = [], {}
+    for length in lengths:
+        encoded = tokenizer(
+            [_WARMUP_TEXT * (1 + length // 8)],
+            truncation=True,
+            max_length=length,
+            padding="max_length",
+            return_tensors="np",
+        )
+        names = {}
+        for name in input_names:
+            values = encoded.get(name)
+            if values is None:
+                values = np.zeros_like(encoded["input_ids"])
+            names[name] = f"{name}_s{length}"
+            files[f"{tc.WARMUP_FOLDER}/{names[name]}"] = np.asarray(
+                values[0], dtype="<i8"
+            ).tobytes()
+        for batch in sorted({1, max_batch}):
+            warmups.append(tc.Warmup(f"batch{batch}_seq{length}", batch, length, names))
+    return warmups, files
+
+
+def plan_repository(
+    *, info: ModelInfo, engines: list[VerifiedEngine], spec: PackageSpec
+) -> list[_ModelPlan]:
+    """Every model of the repository: configs (protobuf messages) and the files each holds.
+
+    Raises:
+        InputError: names unsafe for Triton, engines that cannot share a model, profiles that
+            do not cover what the tokenizer sends.
+    """
+    slug = tc.check_name(_slug(info.name), "model name")
+    max_length = engines[0].max_length
+    input_names = list(info.architecture.input_names)
+    groups: dict[str, list[VerifiedEngine]] = {}
+    for engine in engines:
+        groups.setdefault(engine_kind(engine.spec), []).append(engine)
+    tokenizer_name = f"{slug}-tokenizer"
+    plans: list[_ModelPlan] = []
+    ensembles: list[tuple[str, list[tc.TensorSpec], int]] = []
+    for kind, members in sorted(groups.items()):
+        name = tc.check_name(f"{slug}-{kind}", "model name")
+        files, default_file = _engine_files(kind, members)
+        version = _check_one_version(kind, members)
+        inputs, outputs = _engine_io(members[0])
+        for member in members[1:]:
+            if _engine_io(member) != (inputs, outputs):
+                raise InputError(f"{kind}: {member.name} has other tensors than {members[0].name}")
+        for tensor in (*inputs, *outputs):
+            tc.check_name(tensor.name, f"{members[0].engine_file}: tensor name")
+        if [t.name for t in inputs] != input_names or any(
+            t.data_type != "TYPE_INT64" for t in inputs
+        ):
+            raise InputError(
+                f"{members[0].engine_file}: inputs {[str(t) for t in inputs]}; the tokenizer "
+                f"model sends int64 {input_names}"
+            )
+        max_batch, preferred, profiles, lengths = _batching(kind, members[0], spec, max_length)
+        warmups, warmup_files = (
+            _warmups(info, lengths, max_batch, input_names) if spec.warmup else ([], {})
+        )
+        backend = members[0].spec["backend"]
+        session = members[0].spec.get("session", {})
+        gpu = members[0].spec["device"] == "cuda"
+        model = tc.EngineModel(
+            name=name,
+            platform="tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx",
+            kind="KIND_GPU" if gpu else "KIND_CPU",
+            inputs=inputs,
+            outputs=outputs,
+            max_batch_size=max_batch,
+            preferred_batch_sizes=preferred,
+            max_queue_delay_us=spec.max_queue_delay_us,
+            instance_count=spec.instances,
+            default_model_filename=default_file,
+            cc_model_filenames={}
+            if default_file or not gpu
+            else {e.results["compute_capability"]: f for f, e in files.items()},
+            profiles=profiles,
+            graph_level=tc.ORT_GRAPH_LEVELS[session.get("runtime_level", "all")]
+            if backend == "onnxruntime"
+            else 0,
+            parameters=_ort_parameters(session) if backend == "onnxruntime" else {},
+            # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
+            gpu_accelerator={"use_tf32": "0"}
+            if backend == "onnxruntime" and gpu and members[0].spec["precision"] == "fp32"
+            else None,
+            warmups=warmups,
+        )
+        record = _engine_record(kind, backend, version, files, members, max_length)
+        if backend == "tensorrt":
+            # A plan cannot be opened without TensorRT: keep the tensors of the graph it was
+            # built from, so the config can be checked against them anywhere.
+            record["io"] = {
+                "inputs": [asdict(t) for t in inputs],
+                "outputs": [asdict(t) for t in outputs],
+            }
+        plans.append(
+            _ModelPlan(
+                name,
+                "engine",
+                tc.engine_config(model),
+                {**{f"{VERSION}/{f}": e.engine_file for f, e in files.items()}, **warmup_files},
+                record,
+            )
+        )
+        ensembles.append((name, outputs, max_batch))
+        if spec.python_cpu_engine and backend == "onnxruntime" and not gpu:
+            python_name = tc.check_name(f"{name}-python", "model name")
+            config = tc.python_config(
+                name=python_name,
+                inputs=inputs,
+                outputs=outputs,
+                max_batch_size=max_batch,
+                instance_count=spec.instances,
+                parameters=_ort_parameters(session, python=True),
+            )
+            python_files = {
+                f"{VERSION}/model.py": _TEMPLATES["python-engine"],
+                **{f"{VERSION}/{f}": e.engine_file for f, e in files.items()},
+            }
+            python_record = {**record, "role": "python-engine"}
+            plans.append(
+                _ModelPlan(python_name, "python-engine", config, python_files, python_record)
+            )
+            ensembles.append((python_name, outputs, max_batch))
+
+    token_outputs = [tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names]
+    plans.insert(
+        0,
+        _ModelPlan(
+            tokenizer_name,
+            "tokenizer",
+            tc.python_config(
+                name=tokenizer_name,
+                inputs=[TEXT],
+                outputs=token_outputs,
+                max_batch_size=max(batch for *_, batch in ensembles),
+                instance_count=spec.instances,
+                parameters={"max_length": str(max_length)},
+            ),
+            {
+                f"{VERSION}/model.py": _TEMPLATES["tokenizer"],
+                f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
+            },
+            {"role": "tokenizer", "max_length": max_length, "inputs": input_names},
+        ),
+    )
+    for engine_model, outputs, max_batch in ensembles:
+        name = tc.check_name(f"{engine_model}-text", "model name")
+        # Token-level outputs are padded: hand the mask back so a client can tell which are real.
+        extra = (
+            [t for t in token_outputs if t.name == "attention_mask"]
+            if any(-1 in t.dims for t in outputs)
+            else []
+        )
+        config = tc.ensemble_config(
+            name=name,
+            inputs=[TEXT],
+            outputs=[*outputs, *extra],
+            max_batch_size=max_batch,
+            steps=[
+                (
+                    tokenizer_name,
+                    {TEXT.name: TEXT.name},
+                    {n: n for n in input_names},
+                ),
+                (engine_model, {n: n for n in input_names}, {t.name: t.name for t in outputs}),
+            ],
+        )
+        plans.append(
+            _ModelPlan(name, "ensemble", config, {}, {"role": "ensemble", "engine": engine_model})
+        )
+    return plans
+
+
+def _ort_parameters(session: Mapping[str, Any], python: bool = False) -> dict[str, str]:
+    parameters = {}
+    if session.get("intra_op_num_threads"):
+        parameters["intra_op_thread_count"] = str(session["intra_op_num_threads"])
+    if python:
+        parameters["graph_optimization_level"] = session.get("runtime_level", "all")
+    return parameters
+
+
+def _engine_record(kind, backend, version, files, members, max_length) -> dict[str, Any]:
+    """What the repository manifest says of an engine model: where each file came from, how it
+    was built and loaded, and its verification."""
+    return {
+        "role": "engine",
+        "kind": kind,
+        "backend": backend,
+        "backend_version": version,
+        "device": members[0].spec["device"],
+        "precision": members[0].spec["precision"],
+        "max_length": max_length,
+        "files": {
+            f"{VERSION}/{filename}": {
+                "engine": engine.name,
+                "sha256": engine.engine_sha256,
+                "compute_capability": engine.results.get("compute_capability") or None,
+                "spec": dict(engine.spec),
+                "results": {
+                    k: v
+                    for k, v in engine.results.items()
+                    if k in ("tensorrt", "compute_capability", "gpu", "onnxruntime", "profiles")
+                },
+                "verification": {
+                    "passed": engine.report["passed"],
+                    "summary": engine.report.get("summary"),
+                    "metric": engine.report.get("metric"),
+                    "pytorch_metric": engine.report.get("pytorch_metric"),
+                },
+            }
+            for filename, engine in files.items()
+        },
+    }
+
+
+def _write(plans: list[_ModelPlan], folder: Path) -> list[str]:
+    """Write every planned model into ``folder``; return the written files (relative)."""
+    written = []
+    for plan in plans:
+        model_dir = folder / plan.name
+        (model_dir / VERSION).mkdir(parents=True)
+        (model_dir / tc.CONFIG_FILE).write_text(tc.render(plan.config), encoding="utf-8")
+        written.append(f"{plan.name}/{tc.CONFIG_FILE}")
+        for relative, source in sorted(plan.files.items()):
+            target = model_dir / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(source, Path):
+                shutil.copyfile(source, target)
+            elif isinstance(source, bytes):
+                target.write_bytes(source)
+            else:
+                target.write_text(source, encoding="utf-8")
+            written.append(f"{plan.name}/{relative}")
+    return written
+
+
+def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Parse every config.pbtxt with Triton's protobuf and cross-check it: name, the engine
+    files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
+    recorded), file hashes against the engines they were copied from, the tokenizer's outputs
+    against the engines' inputs, and each ensemble's wiring."""
+    from pipeline.onnx_io import load_onnx
+
+    configs, problems = {}, []
+    for name in records:
+        path = folder / name / tc.CONFIG_FILE
+        configs[name] = tc.parse(path.read_text(encoding="utf-8"), path)
+        if configs[name].name != name:
+            problems.append(f"{path}: names model {configs[name].name!r}, folder is {name!r}")
+    for name, record in records.items():
+        config = configs[name]
+        where = str(folder / name / tc.CONFIG_FILE)
+        if record["role"] in ("engine", "python-engine"):
+            for relative, entry in record["files"].items():
+                path = folder / name / relative
+                if sha256_file(path) != entry["sha256"]:
+                    problems.append(f"{path}: differs from the verified engine {entry['engine']}")
+                if path.suffix == ".onnx":
+                    inputs, outputs = tc.onnx_tensor_specs(load_onnx(path))
+                else:
+                    inputs, outputs = (
+                        [tc.TensorSpec(**t) for t in record["io"][role]]
+                        for role in ("inputs", "outputs")
+                    )
+                problems.extend(tc.io_problems(config, inputs, outputs, where))
+            if record["role"] == "engine":
+                expected = {f: e["compute_capability"] for f, e in record["files"].items()}
+                named = {f"{VERSION}/{f}": cc for cc, f in config.cc_model_filenames.items()}
+                if record["device"] == "cuda" and not config.default_model_filename:
+                    if named != expected:
+                        problems.append(
+                            f"{where}: cc_model_filenames {named} do not match the engines "
+                            f"{expected}"
+                        )
+        elif record["role"] == "ensemble":
+            problems.extend(tc.ensemble_problems(config, configs, where))
+    return problems
+
+
+def package(
+    *, info: ModelInfo, out: Path, repository: Path, spec: PackageSpec, force: bool = False
+) -> StageResult:
+    """Write the Triton model repository for the verified engines of ``info`` under ``out``.
+
+    Raises:
+        InputError: nothing verified to package, unsafe names, engines that cannot share a model,
+            or ``repository`` is a folder this tool did not write.
+        ParityError: an engine failed verification.
+        ArtifactError: an engine, report or repository file does not match its manifest.
+    """
+    spec.validate()
+    repository = Path(repository)
+    engines = verified_engines(info=info, out=out, names=spec.engines)
+    record = StageRecord(
+        stage="package",
+        inputs={
+            "model": info.fingerprint(),
+            "engines": {
+                e.name: {"sha256": e.engine_sha256, "report": e.report.get("summary")}
+                for e in engines
+            },
+            "templates": {role: sha256_file(path) for role, path in _TEMPLATES.items()},
+        },
+        spec=asdict(spec),
+    )
+    final = ArtifactDir(repository)
+    if not force and final.is_up_to_date(record):
+        log.info("[package] up to date: %s", repository)
+        return StageResult("package", repository, final.read_manifest() or {}, skipped=True)
+    _refuse_foreign(repository)
+    log.info("[package] writing the Triton repository -> %s", repository)
+    plans = plan_repository(info=info, engines=engines, spec=spec)
+    tokenizer = next(p for p in plans if p.role == "tokenizer")
+    staging = staging_tree(repository)
+    try:
+        outputs = _write(plans, staging)
+        check = tokenizer_mismatches(
+            info, staging / tokenizer.name / VERSION / "tokenizer.json", engines[0].max_length
+        )
+        if check["mismatches"]:
+            raise InputError(
+                f"{info.path}: the tokenizer model would not tokenize as verify did: "
+                + "; ".join(check["mismatches"][:3])
+            )
+        records = {p.name: p.record for p in plans}
+        problems = repository_problems(staging, records)
+        if problems:
+            raise InputError("generated repository fails its checks: " + "; ".join(problems))
+        results = {
+            "model": {"name": info.name, "task": info.task},
+            "models": records,
+            "tokenizer_check": {"batches": check["batches"], "identical": True},
+        }
+        manifest = ArtifactDir(staging).commit(record, outputs, results)
+        replace_tree(staging, repository)
+    finally:
+        clear_staging(repository)
+    log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
+    return StageResult("package", repository, manifest, skipped=False)
+
+
+def _refuse_foreign(repository: Path) -> None:
+    """Replace only an empty folder or a repository this tool wrote (never a user's folder)."""
+    if not repository.exists():
+        return
+    if not repository.is_dir():
+        raise InputError(f"{repository}: exists and is not a folder; choose another --repository")
+    try:
+        manifest = ArtifactDir(repository).read_manifest()
+    except ArtifactError:
+        manifest = None
+    if any(repository.iterdir()) and (manifest or {}).get("stage") != "package":
+        raise InputError(
+            f"{repository}: not empty and not a repository bert-compile wrote; choose another "
+            "--repository or remove it"
+        )
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A packaged repository read back: its manifest and its models' records, hash-checked."""
+
+    path: Path
+    manifest: Mapping[str, Any]
+
+    @property
+    def models(self) -> Mapping[str, Mapping[str, Any]]:
+        return self.manifest["results"]["models"]
+
+    def file(self, model: str, relative: str) -> Path:
+        return ArtifactDir(self.path).output_path(f"{model}/{relative}")
+
+
+def open_repository(path: Path) -> Repository:
+    """Read a repository this tool wrote, checking every file against its manifest, that no model
+    folder is there that the manifest does not list (Triton would load it), and every config.
+
+    Raises:
+        ArtifactError: no complete manifest, a file missing or modified, an unlisted model.
+        InputError: a config that fails its checks.
+    """
+    path = Path(path)
+    folder = ArtifactDir(path)
+    manifest = folder.require_complete()
+    if manifest.get("stage") != "package":
+        raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
+    records = manifest["results"]["models"]
+    for name in records:
+        tc.check_name(name, f"{folder.manifest_path}: model")
+    strays = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in records)
+    if strays:
+        raise ArtifactError(
+            f"{path}: model folders {strays} are not in its manifest (Triton would serve them); "
+            "remove them or package again"
+        )
+    listed = set(manifest["outputs"])
+    for name in records:
+        for file in (path / name).rglob("*"):
+            relative = file.relative_to(path).as_posix()
+            if file.is_file() and relative not in listed:
+                raise ArtifactError(f"{file}: not written by bert-compile package; remove it")
+    problems = repository_problems(path, records)
+    if problems:
+        raise InputError(f"{path}: " + "; ".join(problems))
+    return Repository(path, manifest)
+
+
+def repository_summary(result: StageResult) -> dict[str, Any]:
+    """The part of ``run --json`` / ``package --json`` that describes a repository."""
+    models = result.results.get("models", {})
+    return {
+        "path": str(result.path),
+        "skipped": result.skipped,
+        "models": {name: record["role"] for name, record in models.items()},
+    }

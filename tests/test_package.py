@@ -1,0 +1,392 @@
+"""package: the Triton repository generator, its checks, and verify --repository on tiny models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from pipeline import triton_config as tc
+from pipeline.artifacts import sha256_file
+from pipeline.errors import ArtifactError, InputError, ParityError
+from pipeline.package import (
+    PackageSpec,
+    VerifiedEngine,
+    _batching,
+    _engine_files,
+    engine_kind,
+    open_repository,
+    package,
+    tokenizer_json,
+)
+from pipeline.triton_tokenizer_model import decode_texts, encode
+from pipeline.verify import tokenize, verify_repository
+from tests.conftest import TINY_VERIFY, cpu_engine_dir
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_run, tmp_path_factory):
+    info, out, _spec, _summary = tiny_run
+    path = tmp_path_factory.mktemp("triton") / "repo"
+    result = package(info=info, out=out, repository=path, spec=PackageSpec(python_cpu_engine=True))
+    return info, out, result
+
+
+def _configs(path: Path) -> dict[str, model_config_pb2.ModelConfig]:
+    return {
+        folder.name: text_format.Parse(
+            (folder / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        for folder in sorted(path.iterdir())
+        if folder.is_dir()
+    }
+
+
+def test_every_config_parses_with_tritons_proto(repository):
+    info, _out, result = repository
+    configs = _configs(result.path)
+    slug = info.name
+    assert set(configs) == {
+        f"{slug}-tokenizer",
+        f"{slug}-ort-cpu-fp32",
+        f"{slug}-ort-cpu-fp32-text",
+        f"{slug}-ort-cpu-fp32-python",
+        f"{slug}-ort-cpu-fp32-python-text",
+    }
+    assert all(config.name == name for name, config in configs.items())
+    engine = configs[f"{slug}-ort-cpu-fp32"]
+    assert engine.platform == "onnxruntime_onnx" and engine.max_batch_size == 64
+    assert [g.kind for g in engine.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
+    assert not engine.cc_model_filenames and engine.HasField("dynamic_batching")
+    assert configs[f"{slug}-tokenizer"].backend == "python"
+    assert configs[f"{slug}-ort-cpu-fp32-text"].platform == "ensemble"
+
+
+def test_engine_config_matches_the_engine_file(repository):
+    info, out, result = repository
+    config = _configs(result.path)[f"{info.name}-ort-cpu-fp32"]
+    engine_file = result.path / f"{info.name}-ort-cpu-fp32" / "1" / "model.onnx"
+    assert sha256_file(engine_file) == sha256_file(cpu_engine_dir(out) / "model.onnx")
+    graph = onnx.load(str(engine_file))
+    assert [i.name for i in config.input] == [i.name for i in graph.graph.input]
+    inputs, outputs = tc.onnx_tensor_specs(graph)
+    assert tc.io_problems(config, inputs, outputs, "here") == []
+    assert [str(t) for t in outputs] == [f"sentence_embedding TYPE_FP32 [{info.hidden_size}]"]
+    wrong = [replace(outputs[0], dims=(7,))]
+    assert "sentence_embedding" in tc.io_problems(config, inputs, wrong, "here")[0]
+
+
+def test_warmup_files_are_real_tokens_of_the_declared_shape(repository):
+    info, _out, result = repository
+    model_dir = result.path / f"{info.name}-ort-cpu-fp32"
+    config = _configs(result.path)[model_dir.name]
+    assert [w.batch_size for w in config.model_warmup] == [1, 64]
+    for warmup in config.model_warmup:
+        for name, data in warmup.inputs.items():
+            values = np.fromfile(model_dir / "warmup" / data.input_data_file, dtype="<i8")
+            assert values.size == data.dims[0] == 128
+            if name == "attention_mask":
+                assert (values == 1).all()  # a long real text fills every position
+            if name == "input_ids":
+                assert values[0] != values[1] and values.max() < info.config["vocab_size"]
+
+
+def test_ensemble_wiring_is_checked(repository):
+    info, _out, result = repository
+    configs = _configs(result.path)
+    ensemble = configs[f"{info.name}-ort-cpu-fp32-text"]
+    assert tc.ensemble_problems(ensemble, configs, "e") == []
+    broken = model_config_pb2.ModelConfig()
+    broken.CopyFrom(ensemble)
+    del broken.ensemble_scheduling.step[1].input_map["token_type_ids"]
+    broken.ensemble_scheduling.step[1].input_map["token_typ_ids"] = "token_type_ids"
+    problems = tc.ensemble_problems(broken, configs, "e")
+    assert any("token_typ_ids" in p for p in problems)
+    broken.ensemble_scheduling.step[0].model_name = "missing-model"
+    assert any("not in the repository" in p for p in tc.ensemble_problems(broken, configs, "e"))
+
+
+HARD_TEXTS = [
+    "",
+    " ",
+    "a",
+    "Ünïcödé façade — naïve café 東京 🙂",
+    "tab\tand\nnewline",
+    "word " * 400,
+    "don't STOP: 3.14!",
+]
+
+
+def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
+    from tokenizers import Tokenizer
+
+    from pipeline.models import load_tokenizer
+
+    info, _out, result = repository
+    folder = result.path / f"{info.name}-tokenizer"
+    config = _configs(result.path)[folder.name]
+    assert config.parameters["max_length"].string_value == "128"
+    tokenizer = Tokenizer.from_file(str(folder / "1" / "tokenizer.json"))
+    names = list(info.architecture.input_names)
+    expected = tokenize(load_tokenizer(info), HARD_TEXTS, info, 128)
+    actual = encode(tokenizer, HARD_TEXTS, names)
+    for name in names:
+        np.testing.assert_array_equal(actual[name], expected[name])
+    assert actual["input_ids"].shape == (len(HARD_TEXTS), 128)  # truncated at max_length
+    raw = np.array([[t.encode()] for t in HARD_TEXTS], dtype=object)
+    assert decode_texts(raw) == HARD_TEXTS
+    with pytest.raises(UnicodeDecodeError):
+        decode_texts(np.array([[b"\xff\xfe"]], dtype=object))
+
+
+def test_tokenizer_json_carries_truncation_and_padding(tiny_run):
+    info = tiny_run[0]
+    settings = json.loads(tokenizer_json(info, 17))
+    assert settings["truncation"]["max_length"] == 17
+    assert settings["padding"]["strategy"] == "BatchLongest"
+
+
+def test_rerun_is_skipped_and_manifest_lists_every_file(repository, tiny_run):
+    info, out, result = repository
+    again = package(
+        info=info, out=out, repository=result.path, spec=PackageSpec(python_cpu_engine=True)
+    )
+    assert again.skipped
+    listed = set(result.manifest["outputs"])
+    on_disk = {
+        p.relative_to(result.path).as_posix()
+        for p in result.path.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    }
+    assert listed == on_disk
+    assert result.manifest["results"]["models"][f"{info.name}-ort-cpu-fp32"]["files"][
+        "1/model.onnx"
+    ]["verification"]["passed"]
+
+
+def test_verify_repository_passes(repository):
+    info, out, result = repository
+    summary = verify_repository(
+        info=info, repository=result.path, out_root=out / "verify-repo", spec=TINY_VERIFY
+    )
+    assert summary["ok"] and summary["tokenizer"]["identical"]
+    statuses = {(e["model"], e["status"]) for e in summary["engines"]}
+    assert statuses == {
+        (f"{info.name}-ort-cpu-fp32", "passed"),
+        (f"{info.name}-ort-cpu-fp32-python", "passed"),
+    }
+    assert all(e["parity"]["min_cosine"] > 0.9999 for e in summary["engines"])
+
+
+@pytest.fixture()
+def repository_copy(repository, tmp_path):
+    info, out, result = repository
+    copy = tmp_path / "repo"
+    shutil.copytree(result.path, copy)
+    return info, out, copy
+
+
+def test_flipped_byte_is_refused(repository_copy):
+    info, out, copy = repository_copy
+    engine = copy / f"{info.name}-ort-cpu-fp32" / "1" / "model.onnx"
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    engine.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="does not match the manifest"):
+        verify_repository(info=info, repository=copy, out_root=out / "v", spec=TINY_VERIFY)
+
+
+def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp_path):
+    """Someone edits the engine's weights and the manifest's hashes: the numbers catch it."""
+    info, out, copy = repository_copy
+    name = f"{info.name}-ort-cpu-fp32"
+    engine_file = copy / name / "1" / "model.onnx"
+    model = onnx.load(str(engine_file))
+    weight = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = onnx.numpy_helper.to_array(weight) * np.float32(1.5)
+    weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(engine_file))
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    digest = sha256_file(engine_file)
+    manifest["outputs"][f"{name}/1/model.onnx"]["sha256"] = digest
+    manifest["results"]["models"][name]["files"]["1/model.onnx"]["sha256"] = digest
+    manifest_path.write_text(json.dumps(manifest))
+    summary = verify_repository(
+        info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY
+    )
+    assert not summary["ok"]
+    failed = [e for e in summary["engines"] if e["status"] == "failed"]
+    assert [e["model"] for e in failed] == [name] and failed[0]["failures"]
+
+
+def test_files_the_packager_did_not_write_are_refused(repository_copy):
+    info, _out, copy = repository_copy
+    (copy / f"{info.name}-tokenizer" / "1" / "libevil.so").write_bytes(b"\x7fELF")
+    with pytest.raises(ArtifactError, match="not written by bert-compile"):
+        open_repository(copy)
+    (copy / f"{info.name}-tokenizer" / "1" / "libevil.so").unlink()
+    (copy / "stray-model").mkdir()
+    with pytest.raises(ArtifactError, match="not in its manifest"):
+        open_repository(copy)
+
+
+def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier_model):
+    from pipeline.models import resolve_model
+
+    _info, out, copy = repository_copy
+    other = resolve_model(tiny_classifier_model)
+    with pytest.raises(InputError, match="another model"):
+        verify_repository(info=other, repository=copy, out_root=out / "v", spec=TINY_VERIFY)
+
+
+def test_a_foreign_folder_is_never_replaced(tiny_run, tmp_path):
+    info, out, _spec, _summary = tiny_run
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(InputError, match="not a repository bert-compile wrote"):
+        package(info=info, out=out, repository=target, spec=PackageSpec())
+    assert (target / "notes.txt").read_text() == "keep me"
+    assert not list(tmp_path.glob(".mine*"))
+
+
+def _copy_run(tiny_run, tmp_path) -> Path:
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[1], out)
+    return out
+
+
+def test_unverified_and_failed_engines_are_refused(tiny_run, tmp_path):
+    info = tiny_run[0]
+    out = _copy_run(tiny_run, tmp_path)
+    verify_dir = cpu_engine_dir(out, "fp32", "verify")
+    manifest = json.loads((verify_dir / "manifest.json").read_text())
+    manifest["results"]["passed"] = False
+    manifest["results"]["failures"] = ["sentence_embedding: min_cosine 0.5 < 0.9999"]
+    (verify_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ParityError, match="min_cosine 0.5"):
+        package(info=info, out=out, repository=tmp_path / "r", spec=PackageSpec())
+    shutil.rmtree(verify_dir)
+    with pytest.raises(InputError, match="never verified"):
+        package(info=info, out=out, repository=tmp_path / "r", spec=PackageSpec())
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ['a"b', "a\nb", "a{b}", "../up", "a/b", " lead", ".hidden", "-dash", "a..b", "", "x" * 129],
+)
+def test_unsafe_names_are_refused(name):
+    with pytest.raises(InputError, match="not a safe Triton name"):
+        tc.check_name(name, "model name")
+
+
+@pytest.mark.parametrize("name", ["all-MiniLM-L6-v2", "bert_base.v1", "input_ids", "x" * 128])
+def test_safe_names_pass(name):
+    assert tc.check_name(name, "model name") == name
+
+
+def _gpu_engine(backend: str, capability: str, **spec) -> VerifiedEngine:
+    """An engine record as a GPU build writes it (no GPU or TensorRT needed to plan with it)."""
+    base = {"backend": backend, "device": "cuda", "precision": "fp16"}
+    return VerifiedEngine(
+        name=f"{backend}-sm{capability.replace('.', '')}",
+        folder=Path("/nowhere"),
+        spec={**base, **spec},
+        results={"compute_capability": capability, "tensorrt": "10.13.3"},
+        engine_file=Path("/nowhere/model"),
+        engine_sha256="0" * 64,
+        versions={},
+        report={"passed": True},
+        max_length=128,
+    )
+
+
+def _trt(capability: str, *profiles: str, **options) -> VerifiedEngine:
+    return _gpu_engine(
+        "tensorrt",
+        capability,
+        tensorrt={"profiles": list(profiles), "hardware_compatibility": "none", **options},
+    )
+
+
+def test_gpu_engines_share_a_model_with_one_file_per_compute_capability():
+    engines = [_trt("9.0", "1x1:64x128:64x128"), _trt("8.0", "1x1:64x128:64x128")]
+    files, default = _engine_files("trt-fp16", engines)
+    assert default == "" and {f: e.results["compute_capability"] for f, e in files.items()} == {
+        "model.sm90.plan": "9.0",
+        "model.sm80.plan": "8.0",
+    }
+    with pytest.raises(InputError, match="both target compute capability 9.0"):
+        _engine_files("trt-fp16", [engines[0], engines[0]])
+    portable = _trt("8.6", "1x1:8x128:8x128", hardware_compatibility="ampere_plus")
+    assert _engine_files("trt-ampere_plus-fp16", [portable]) == (
+        {"model.plan": portable},
+        "model.plan",
+    )
+    assert engine_kind(portable.spec) == "trt-ampere_plus-fp16"
+    assert (
+        engine_kind(
+            {
+                "backend": "onnxruntime",
+                "device": "cuda",
+                "precision": "fp16",
+                "session": {"cuda_graph": True},
+            }
+        )
+        == "ort-cuda-fp16-cudagraph"
+    )
+
+
+def test_tensorrt_batching_comes_from_the_profiles():
+    engine = _trt("9.0", "1x1:64x48:64x48", "1x49:32x128:32x128")
+    max_batch, preferred, profiles, lengths = _batching("k", engine, PackageSpec(), 128)
+    assert (max_batch, preferred, profiles, lengths) == (32, [32], ["0", "1"], [48, 128])
+
+
+@pytest.mark.parametrize(
+    ("profiles", "message"),
+    [
+        (("2x1:64x128:64x128",), "starts at batch 2"),
+        (("1x1:64x64:64x64",), "cover sequences up to 64 tokens"),
+        (("1x1:64x32:64x32", "1x40:64x128:64x128"), "cover sequences up to 32 tokens"),
+    ],
+)
+def test_tensorrt_profiles_that_leave_requests_uncovered_are_refused(profiles, message):
+    with pytest.raises(InputError, match=message):
+        _batching("k", _trt("9.0", *profiles), PackageSpec(), 128)
+
+
+def test_gpu_config_names_a_file_per_capability_and_no_default():
+    tensor = tc.TensorSpec("input_ids", "TYPE_INT64", (-1,))
+    config = tc.engine_config(
+        tc.EngineModel(
+            name="m-trt-fp16",
+            platform="tensorrt_plan",
+            kind="KIND_GPU",
+            inputs=[tensor],
+            outputs=[tc.TensorSpec("logits", "TYPE_FP32", (2,))],
+            max_batch_size=32,
+            preferred_batch_sizes=[32],
+            cc_model_filenames={"9.0": "model.sm90.plan", "8.0": "model.sm80.plan"},
+            profiles=["0", "1"],
+        )
+    )
+    parsed = tc.parse(tc.render(config), Path("config.pbtxt"))
+    assert dict(parsed.cc_model_filenames) == {"9.0": "model.sm90.plan", "8.0": "model.sm80.plan"}
+    assert not parsed.default_model_filename
+    assert list(parsed.instance_group[0].profile) == ["0", "1"]
+    assert list(parsed.dynamic_batching.preferred_batch_size) == [32]
+
+
+def test_broken_config_text_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="not a valid Triton ModelConfig"):
+        tc.parse('name: "x"\nmax_batch_size: "lots"\n', tmp_path / "config.pbtxt")
