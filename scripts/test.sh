@@ -3,6 +3,6 @@
 # cores). Extra arguments go to pytest, e.g. scripts/test.sh -m "not slow".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --triton-server
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

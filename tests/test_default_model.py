@@ -45,6 +45,45 @@ def test_default_engine_passes_parity_and_keeps_the_metric(default_run):
     assert abs(engine["metric"]["value"] - torch_metric) <= 0.05
 
 
+def test_default_repository_passes_the_deployment_gate(default_run):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    out, summary = default_run
+    repository = summary["repository"]["path"]
+    assert summary["repository"]["models"] == {
+        "all-MiniLM-L6-v2-tokenizer": "tokenizer",
+        "all-MiniLM-L6-v2-ort-cpu-fp32": "engine",
+        "all-MiniLM-L6-v2-ort-cpu-fp32-text": "ensemble",
+    }
+    for name in summary["repository"]["models"]:
+        text = (out / "triton" / name / "config.pbtxt").read_text()
+        assert text_format.Parse(text, model_config_pb2.ModelConfig()).name == name
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "verify",
+            "--repository",
+            repository,
+            "--out",
+            str(out),
+            "--json",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    gate = json.loads(result.stdout.strip().splitlines()[-1])
+    assert gate["ok"] and gate["tokenizer"]["identical"]
+    (engine,) = gate["engines"]
+    assert engine["status"] == "passed"
+    assert abs(engine["metric"]["value"] - summary["pytorch_fp32_metric"]["value"]) <= 0.05
+
+
 def test_int8_engine_keeps_the_metric(default_run):
     out, summary = default_run
     result = subprocess.run(
@@ -74,6 +113,7 @@ def test_int8_engine_keeps_the_metric(default_run):
     assert torch_metric - engine["metric"]["value"] <= 0.2
     assert engine["fallback"]["kept_float"] == []
     assert int8["stages"]["export"]["skipped"]  # the fp32 stages are reused
+    assert int8["repository"]["models"]["all-MiniLM-L6-v2-ort-cpu-int8"] == "engine"
 
 
 def test_engine_matches_sentence_transformers(default_run):

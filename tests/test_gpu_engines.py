@@ -96,6 +96,54 @@ def test_ort_cuda_engine_refused_on_another_gpu(tiny_embedding_model, tmp_path):
         load_engine(moved)
 
 
+def _engine_config(repository: Path, name: str):
+    from pipeline.triton_config import parse
+
+    path = repository / name / "config.pbtxt"
+    return parse(path.read_text(), path)
+
+
+@pytest.mark.gpu
+def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_path):
+    """ORT CUDA fp16 + fp32 and the CPU engine packaged together; verify --repository loads the
+    file named for this GPU's compute capability and re-verifies every engine."""
+    _skip_unless(_ort_cuda_reason())
+    from pipeline.package import PackageSpec
+    from pipeline.targets import current_gpu
+    from pipeline.verify import verify_repository
+
+    info = resolve_model(tiny_embedding_model)
+    builds = (
+        BuildSpec(device="cuda", precision="fp16"),
+        BuildSpec(device="cuda", precision="fp32"),
+        BuildSpec(),
+    )
+    spec = RunSpec(builds=builds, verify=TINY_VERIFY, package=PackageSpec())
+    summary = run_pipeline(info=info, out=tmp_path, spec=spec)
+    assert summary["ok"], summary["engines"]
+    repository = Path(summary["repository"]["path"])
+    capability, _ = current_gpu("the test")
+    filename = f"model.sm{capability.replace('.', '')}.onnx"
+    fp16 = _engine_config(repository, f"{info.name}-ort-cuda-fp16")
+    assert dict(fp16.cc_model_filenames) == {capability: filename}
+    assert not fp16.default_model_filename and (repository / fp16.name / "1" / filename).is_file()
+    assert fp16.instance_group[0].kind == fp16.instance_group[0].KIND_GPU
+    fp32 = _engine_config(repository, f"{info.name}-ort-cuda-fp32")
+    (accelerator,) = fp32.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "cuda" and accelerator.parameters["use_tf32"] == "0"
+    cpu = _engine_config(repository, f"{info.name}-ort-cpu-fp32")
+    assert cpu.instance_group[0].kind == cpu.instance_group[0].KIND_CPU
+    gate = verify_repository(
+        info=info, repository=repository, out_root=tmp_path / "gate", spec=TINY_VERIFY
+    )
+    assert gate["ok"], gate
+    assert sorted((e["model"], e["status"]) for e in gate["engines"]) == [
+        (f"{info.name}-ort-cpu-fp32", "passed"),
+        (f"{info.name}-ort-cuda-fp16", "passed"),
+        (f"{info.name}-ort-cuda-fp32", "passed"),
+    ]
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path):
     _skip_unless(_tensorrt_reason())
@@ -107,9 +155,27 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
         BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
     )
-    summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
+    from pipeline.package import PackageSpec
+    from pipeline.verify import verify_repository
+
+    summary = run_pipeline(
+        info=info,
+        out=tmp_path,
+        spec=RunSpec(builds=builds, verify=TINY_VERIFY, package=PackageSpec()),
+    )
     assert summary["ok"], summary["engines"]
     fp16, fp32 = summary["engines"]
+    repository = Path(summary["repository"]["path"])
+    config = _engine_config(repository, f"{info.name}-trt-fp16")
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
+    assert list(config.instance_group[0].profile) == ["0", "1"]
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 16]
+    (plan,) = config.cc_model_filenames.values()
+    assert (repository / config.name / "1" / plan).is_file()
+    gate = verify_repository(
+        info=info, repository=repository, out_root=tmp_path / "gate", spec=TINY_VERIFY
+    )
+    assert gate["ok"] and {e["status"] for e in gate["engines"]} == {"passed"}
     assert fp16["name"].startswith("trt") and "-sm" in fp16["name"]
     engine, manifest = load_engine(Path(fp16["manifest"]).parent)
     assert manifest["results"]["profiles"] == [str(p) for p in two_profiles.profiles]
