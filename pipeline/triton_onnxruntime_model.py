@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 
 ENGINE_FILE = "model.onnx"
+# The names engines/onnxruntime.py records; repeated here because this file runs inside Triton's
+# Python, where bert-compiler is not installed.
 _LEVELS = {
     "disable": "ORT_DISABLE_ALL",
     "basic": "ORT_ENABLE_BASIC",

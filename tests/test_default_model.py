@@ -16,17 +16,22 @@ pytestmark = pytest.mark.slow
 STSB_DEV_SPEARMAN_FP32 = 86.72  # shared/data/README.md: sentence-transformers fp32 on CPU
 
 
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default")
+def _cli(*args: str) -> dict:
+    """Run bert-compile in a fresh process with --json --quiet; its JSON summary (exit 0)."""
     result = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--out", str(out), "--json", "--quiet"],
+        [sys.executable, "-m", "pipeline.cli", *args, "--json", "--quiet"],
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default")
+    return out, _cli("run", "--out", str(out))
 
 
 def test_default_engine_passes_parity_and_keeps_the_metric(default_run):
@@ -59,25 +64,7 @@ def test_default_repository_passes_the_deployment_gate(default_run):
     for name in summary["repository"]["models"]:
         text = (out / "triton" / name / "config.pbtxt").read_text()
         assert text_format.Parse(text, model_config_pb2.ModelConfig()).name == name
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "verify",
-            "--repository",
-            repository,
-            "--out",
-            str(out),
-            "--json",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    gate = json.loads(result.stdout.strip().splitlines()[-1])
+    gate = _cli("verify", "--repository", repository, "--out", str(out))
     assert gate["ok"] and gate["tokenizer"]["identical"]
     (engine,) = gate["engines"]
     assert engine["status"] == "passed"
@@ -86,27 +73,7 @@ def test_default_repository_passes_the_deployment_gate(default_run):
 
 def test_int8_engine_keeps_the_metric(default_run):
     out, summary = default_run
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "run",
-            "--out",
-            str(out),
-            "--json",
-            "--quiet",
-            "--precision",
-            "fp32",
-            "--precision",
-            "int8",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    int8 = json.loads(result.stdout.strip().splitlines()[-1])
+    int8 = _cli("run", "--out", str(out), "--precision", "fp32", "--precision", "int8")
     (engine,) = [e for e in int8["engines"] if e["precision"] == "int8"]
     torch_metric = int8["pytorch_fp32_metric"]["value"]
     # The INT8 target: within 0.2 Spearman points of PyTorch fp32, with no layer kept in float.
