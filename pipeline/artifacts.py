@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ from pipeline.errors import ArtifactError, InputError
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 _TMP_MARK = ".tmp-"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_SPACE_MARGIN_MIB = 16
 _VERSIONED_PACKAGES = (
     "torch",
     "transformers",
@@ -108,10 +111,38 @@ def atomic_path(final: Path) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(staging, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             staging.unlink()
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            raise InputError(
+                f"{final}: no space left while writing it ({_free_mib(final.parent)} MiB free); "
+                "free space or choose another --out, then rerun"
+            ) from err
         raise
+
+
+def _free_mib(folder: Path) -> int:
+    existing = Path(folder)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free >> 20
+
+
+def check_free_space(folder: Path, needed_bytes: int) -> None:
+    """Refuse to start writing ``folder`` when its disk has less than ``needed_bytes`` (plus a
+    margin) free: a preflight, so the previous complete artifact is never touched.
+
+    Raises:
+        InputError: not enough space.
+    """
+    needed_mib = (needed_bytes >> 20) + _SPACE_MARGIN_MIB
+    free = _free_mib(folder)
+    if free < needed_mib:
+        raise InputError(
+            f"{folder}: needs about {needed_mib} MiB but {free} MiB are free; free space or "
+            "choose another --out"
+        )
 
 
 def replace_tree(staging: Path, final: Path) -> None:
@@ -241,6 +272,16 @@ class ArtifactDir:
             raise ArtifactError(f"{self.manifest_path}: output name {name!r} leaves its folder")
         return candidate
 
+    def expected_bytes(self, record: StageRecord) -> int:
+        """What a rebuild will write, roughly: the previous outputs' size, or else the size of
+        the input files (an engine or graph is about as large as the graph it came from)."""
+        with contextlib.suppress(ArtifactError):
+            previous = self.read_manifest() or {}
+            sizes = [entry.get("bytes", 0) for entry in previous.get("outputs", {}).values()]
+            if sizes:
+                return sum(sizes)
+        return sum(_input_sizes(record.inputs))
+
     def is_up_to_date(self, record: StageRecord) -> bool:
         """True when a complete manifest exists for exactly these inputs, settings and versions."""
         try:
@@ -297,3 +338,14 @@ class ArtifactDir:
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
         return manifest
+
+
+def _input_sizes(value: Any) -> Iterator[int]:
+    """Sizes of the files a record's inputs name (``{"path": ..., "sha256": ...}`` entries)."""
+    if isinstance(value, Mapping):
+        path = value.get("path")
+        if isinstance(path, str) and "sha256" in value and Path(path).is_file():
+            yield Path(path).stat().st_size
+        for item in value.values():
+            if isinstance(item, Mapping):
+                yield from _input_sizes(item)

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import BertCompileError, ParityError
+from pipeline.errors import BertCompileError, Interrupted, ParityError
 
 _JSON_KEY = "bert_compile.json"
 log = logging.getLogger("bert_compile")
@@ -32,6 +32,16 @@ class _Cli(click.Group):
             click.echo(f"bert-compile: {err.kind} error: {err}", err=True)
             if ctx.meta.get(_JSON_KEY):
                 error = {"kind": err.kind, "message": str(err), "exit_code": err.exit_code}
+                click.echo(json.dumps({"ok": False, "error": error}))
+            ctx.exit(err.exit_code)
+        except Interrupted as err:
+            message = (
+                f"interrupted by {err.signal_name}: the stage in progress has no manifest, so "
+                "nothing half-written looks complete; run the same command again to resume"
+            )
+            click.echo(f"bert-compile: {message}", err=True)
+            if ctx.meta.get(_JSON_KEY):
+                error = {"kind": "interrupted", "message": message, "exit_code": err.exit_code}
                 click.echo(json.dumps({"ok": False, "error": error}))
             ctx.exit(err.exit_code)
 
@@ -91,6 +101,13 @@ def common_options(func):
         help="Accept a config.json whose auto_map runs the model's own code.",
     )
     @click.option("--force", is_flag=True, help="Rebuild even when the stage is up to date.")
+    @click.option(
+        "--wait-lock",
+        type=click.FloatRange(0, 86_400),
+        default=0,
+        show_default=True,
+        help="Seconds to wait for another bert-compile writing the same --out (0: fail now).",
+    )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
     @click.option(
         "--json",
@@ -102,8 +119,12 @@ def common_options(func):
     )
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from pipeline.lock import output_lock
+
         _configure_logging(kwargs["quiet"])
-        return func(*args, **kwargs)
+        # One writer per output folder: a second command fails (or waits) naming the holder.
+        with output_lock(kwargs["out"], wait_s=kwargs.pop("wait_lock")):
+            return func(*args, **kwargs)
 
     return wrapper
 
@@ -862,8 +883,20 @@ def _stage_file(folder: Path) -> Path:
     return artifact.output_path("model.onnx")
 
 
+def _raise_interrupted(signum: int, _frame) -> None:
+    import signal
+
+    name = signal.Signals(signum).name
+    raise Interrupted(name, 128 + signum)
+
+
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: SIGINT and SIGTERM unwind like an exception (staging files removed,
+    lock released, one line, exit 130/143) instead of killing the process mid-write."""
+    import signal
+
+    signal.signal(signal.SIGINT, _raise_interrupted)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
     cli(prog_name="bert-compile")
 
 

@@ -56,6 +56,22 @@ class ArtifactError(BertCompileError):
     kind = "artifact"
 
 
+class BusyError(BertCompileError):
+    """Another bert-compile process is writing the same output folder."""
+
+    exit_code = 9
+    kind = "busy"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: unwind (staging files removed, lock released) and exit."""
+
+    def __init__(self, signal_name: str, exit_code: int):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
 EXIT_CODES = {
     cls.kind: cls.exit_code
     for cls in (
@@ -65,5 +81,6 @@ EXIT_CODES = {
         EnvironmentProblem,
         FusionError,
         ArtifactError,
+        BusyError,
     )
 }

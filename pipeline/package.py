@@ -37,6 +37,7 @@ from pipeline import triton_config as tc
 from pipeline.artifacts import (
     ArtifactDir,
     StageRecord,
+    check_free_space,
     clear_staging,
     replace_tree,
     sha256_file,
@@ -693,6 +694,11 @@ def package(
     _refuse_foreign(repository)
     log.info("[package] writing the Triton repository -> %s", repository)
     plans = plan_repository(info=info, engines=engines, spec=spec)
+    # The new tree is complete beside the old one before they swap: room for both.
+    check_free_space(
+        repository,
+        sum(Path(f).stat().st_size for p in plans for f in p.files.values() if isinstance(f, Path)),
+    )
     tokenizer = next(p for p in plans if p.role == "tokenizer")
     staging = staging_tree(repository)
     try:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ArtifactDir, StageRecord
+from pipeline.artifacts import ArtifactDir, StageRecord, check_free_space
 
 log = logging.getLogger("bert_compile")
 
@@ -40,6 +40,7 @@ def run_stage(record: StageRecord, folder: Path, body: StageBody, *, force: bool
     if not force and artifact.is_up_to_date(record):
         log.info("[%s] up to date: %s", record.stage, folder)
         return StageResult(record.stage, folder, artifact.read_manifest() or {}, skipped=True)
+    check_free_space(folder, artifact.expected_bytes(record))
     log.info("[%s] running -> %s", record.stage, folder)
     started = time.perf_counter()
     artifact.begin()

@@ -1,0 +1,162 @@
+"""Faults CI runners and shared machines throw at a build: a second writer, signals, SIGKILL,
+a full disk. Each leaves a clear error and an output tree where nothing incomplete looks
+complete, and the next run resumes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.artifacts import ArtifactDir
+from pipeline.cli import cli
+from pipeline.errors import ArtifactError
+
+QUICK = ["--metric-limit", "100", "--no-metric-gate"]
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def _start(*args, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _assert_nothing_incomplete_looks_complete(out: Path) -> list[Path]:
+    """Every folder whose manifest says complete matches it; return the folders without one."""
+    incomplete = []
+    for folder in sorted({p.parent for p in out.rglob("*") if p.is_file()}):
+        manifest = ArtifactDir(folder).read_manifest()
+        if manifest is None:
+            incomplete.append(folder)
+        elif manifest.get("complete"):
+            ArtifactDir(folder).require_complete()  # raises on any mismatch
+    return incomplete
+
+
+def test_a_second_writer_is_refused_naming_the_holder(tiny_embedding_model, tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from pipeline.lock import output_lock\n"
+            "with output_lock(sys.argv[1]):\n"
+            "    print('held', flush=True)\n"
+            "    time.sleep(60)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        result = _invoke(
+            "export", "--model", tiny_embedding_model, "--out", tmp_path, "--wait-lock", 0.5
+        )
+        assert result.exit_code == 9
+        assert f"pid {holder.pid}" in result.stderr and "--wait-lock" in result.stderr
+        assert time.monotonic() - started >= 0.5
+        assert not (tmp_path / "export").exists()
+    finally:
+        holder.kill()  # SIGKILL: the kernel drops the lock with the process
+        holder.wait()
+    result = _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_sigterm_unwinds_with_one_line(tiny_embedding_model, tmp_path):
+    process = _start("run", "--model", tiny_embedding_model, "--out", tmp_path, *QUICK)
+    _wait_for(lambda: (tmp_path / "export" / "manifest.json").exists(), process)
+    process.send_signal(signal.SIGTERM)
+    _stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted by SIGTERM" in stderr and "Traceback" not in stderr
+    _assert_nothing_incomplete_looks_complete(tmp_path)
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # staging files removed on the way out
+    assert not (tmp_path / ".bert-compile.lock.json").exists()
+
+
+def test_sigkill_mid_build_then_the_next_run_resumes(tiny_embedding_model, tmp_path):
+    process = _start("run", "--model", tiny_embedding_model, "--out", tmp_path, *QUICK)
+    engines = tmp_path / "engines"
+    _wait_for(lambda: engines.exists() and any(engines.rglob("*cpu-fp32")), process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run.json").exists()  # killed before the end
+    for folder in _assert_nothing_incomplete_looks_complete(tmp_path):
+        with pytest.raises(ArtifactError, match="no complete artifact"):
+            ArtifactDir(folder).require_complete()
+
+    # The lock died with the process; the rerun skips what finished and verifies.
+    result = _invoke("run", "--model", tiny_embedding_model, "--out", tmp_path, "--json", *QUICK)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["stages"]["export"]["skipped"]
+    _assert_nothing_incomplete_looks_complete(tmp_path)
+
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+
+
+def test_too_little_space_is_refused_before_the_old_artifact_is_touched(
+    tiny_embedding_model, tmp_path, monkeypatch
+):
+    assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
+    before = (tmp_path / "export" / "manifest.json").read_text()
+    import pipeline.artifacts
+
+    monkeypatch.setattr(
+        pipeline.artifacts.shutil, "disk_usage", lambda _p: DiskUsage(1 << 40, 1 << 40, 1 << 20)
+    )
+    result = _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path, "--force")
+    assert result.exit_code == 3
+    assert "needs about" in result.stderr and "1 MiB are free" in result.stderr
+    assert (tmp_path / "export" / "manifest.json").read_text() == before
+    ArtifactDir(tmp_path / "export").require_complete()
+
+
+def test_disk_full_mid_write_is_a_clear_error_and_the_rerun_resumes(
+    tiny_embedding_model, tmp_path, monkeypatch
+):
+    assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
+    import pipeline.artifacts
+
+    def full(_fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline.artifacts.os, "fsync", full)
+        result = _invoke("simplify", "--out", tmp_path)
+    assert result.exit_code == 3 and "no space left while writing" in result.stderr
+    assert "Traceback" not in result.output
+    assert ArtifactDir(tmp_path / "simplify").read_manifest() is None
+    assert not list((tmp_path / "simplify").glob(".*tmp-*"))
+    ArtifactDir(tmp_path / "export").require_complete()  # earlier stages untouched
+    assert _invoke("simplify", "--out", tmp_path).exit_code == 0
