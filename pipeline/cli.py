@@ -63,9 +63,30 @@ def _configure_logging(quiet: bool) -> None:
     transformers.logging.disable_progress_bar()
 
 
+def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
+    """Turn a TOML config into this command's defaults (flags on the command line still win)."""
+    if value is not None:
+        from pipeline.config import command_defaults
+
+        commands = ctx.find_root().command.commands
+        defaults = command_defaults(value, ctx.command, commands, ctx)
+        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
 def common_options(func):
     """Options every stage command takes."""
 
+    @click.option(
+        "--config",
+        type=click.Path(path_type=Path),
+        default=None,
+        is_eager=True,
+        expose_value=False,
+        callback=_load_config,
+        help="TOML file of option values (keys are option names; [run], [build], ... tables "
+        "per command). Command-line options win.",
+    )
     @click.option(
         "--model",
         "model",
@@ -535,6 +556,60 @@ def targets_command(as_json: bool) -> None:
         lines.append(f"auto builds: {e['backend']}-{e['device']}{gpu}-{e['precision']}")
     result = {"ok": True, **env.to_dict(), "auto": list(plan.engines), "notes": list(plan.notes)}
     _emit(result, as_json, "\n".join(lines))
+
+
+@cli.command("doctor")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=Path("bert-compile-out"),
+    show_default=True,
+    help="Where outputs would go (free space and writability are checked there).",
+)
+@click.option(
+    "--target",
+    type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+    default="auto",
+    show_default=True,
+    help="Exit 6 unless this target can be built here (auto: report only).",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,
+    callback=_set_json,
+    help="Print one JSON object as the last stdout line.",
+)
+def doctor_command(out: Path, target: str, as_json: bool) -> None:
+    """Check this machine: versions, GPUs, TensorRT, ONNX Runtime providers, disk; say what is
+    missing for which target."""
+    from pipeline.doctor import diagnose, require_target
+    from pipeline.errors import InputError
+    from pipeline.targets import detect
+
+    report = diagnose(detect(), out)
+    lines = [
+        f"bert-compiler {report['versions']['bert-compiler']}, python "
+        f"{report['versions']['python']}, onnxruntime {report['versions'].get('onnxruntime')}"
+    ]
+    lines += [f"GPU {g['index']}: {g['name']} ({g['sm']})" for g in report["gpus"]] or ["GPU: none"]
+    lines.append(f"TensorRT: {report['tensorrt']}")
+    for name, entry in report["targets"].items():
+        state = "ready: " + ", ".join(entry["builds"]) if entry["ready"] else entry["missing"]
+        lines.append(f"target {name}: {state}")
+    package = report["package"]
+    lines.append(f"package: {'ready' if package['ready'] else package['missing']}")
+    disk = report["disk"]
+    lines.append(
+        f"disk: {disk['free_mib']} MiB free at {disk['path']}"
+        f"{'' if disk['writable'] else ' (not writable)'}"
+    )
+    lines += [f"problem: {p}" for p in report["problems"]]
+    _emit(report, as_json, "\n".join(lines))
+    if not disk["writable"]:
+        raise InputError(report["problems"][0])
+    require_target(report, target)
 
 
 @cli.command("export")
