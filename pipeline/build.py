@@ -209,6 +209,12 @@ def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool
         providers=ort_engine.provider_entries(options, Path(".")),
     )
 
+    def prepare():
+        # ORT would follow the graph's external-data paths itself: check containment first.
+        from pipeline.onnx_io import load_onnx
+
+        load_onnx(source)
+
     def body(artifact):
         facts = _gpu_facts(spec)
         with atomic_path(artifact.path / ort_engine.ENGINE_FILE) as staging:
@@ -222,7 +228,7 @@ def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool
             "outputs": engine.output_names,
         }
 
-    return run_stage(record, out_dir, body, force=force)
+    return run_stage(record, out_dir, body, force=force, prepare=prepare)
 
 
 def _build_tensorrt(
@@ -240,10 +246,15 @@ def _build_tensorrt(
         tensorrt=spec.tensorrt.to_dict(),
     )
 
+    loaded = {}
+
+    def prepare():
+        loaded["model"] = load_onnx(source)
+
     def body(artifact):
         _gpu_facts(spec)
         network = trt_engine.prepare_network_graph(
-            load_onnx(source), precision=spec.precision, keep_float_ops=spec.keep_float_ops
+            loaded["model"], precision=spec.precision, keep_float_ops=spec.keep_float_ops
         )
         names = input_names or tuple(i.name for i in network.graph.input)
         save_onnx(network, artifact.path / trt_engine.NETWORK_FILE)
@@ -265,7 +276,7 @@ def _build_tensorrt(
             "outputs": engine.output_names,
         }
 
-    return run_stage(record, out_dir, body, force=force)
+    return run_stage(record, out_dir, body, force=force, prepare=prepare)
 
 
 def load_engine(engine_dir: Path):

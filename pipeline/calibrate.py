@@ -160,20 +160,27 @@ def calibrate(
         spec={**asdict(spec), "max_length": max_length},
     )
 
-    def body(artifact):
-        texts, counts = calibration_texts(spec)
-        batches = calibration_batches(info, texts, spec)
-        tokenizer = load_tokenizer(info)
-        truncated = sum(
-            len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
-        )
-        model = load_onnx(source)
-        targets = quantizable_matmuls(model)
+    loaded = {}
+
+    def prepare():
+        # Data and graph are checked before the previous calibration is touched.
+        loaded["texts"], loaded["counts"] = calibration_texts(spec)
+        loaded["model"] = load_onnx(source)
+        targets = quantizable_matmuls(loaded["model"])
         unknown = set(spec.keep_float) - {t.node_name for t in targets}
         if unknown:
             raise InputError(f"--keep-float names no quantizable MatMul: {sorted(unknown)}")
         if not targets:
             raise InputError(f"{source}: no MatMul with a constant weight to quantize")
+        loaded["targets"] = targets
+
+    def body(artifact):
+        texts, counts, model, targets = (loaded[k] for k in ("texts", "counts", "model", "targets"))
+        batches = calibration_batches(info, texts, spec)
+        tokenizer = load_tokenizer(info)
+        truncated = sum(
+            len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
+        )
         extra = optional_inputs(model, spec.quantize_ops)
         activations = sorted({t.activation for t in targets} | {tensor for *_, tensor in extra})
         log.info(
@@ -207,7 +214,7 @@ def calibrate(
             "op_counts": op_counts(quantized),
         }
 
-    return run_stage(record, Path(out_dir), body, force=force)
+    return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)
 
 
 def rank_for_fallback(

@@ -445,11 +445,8 @@ def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
     from pipeline.build import BuildSpec
     from pipeline.targets import Environment, detect, plan_targets
 
-    # --target cpu needs nothing from the machine; every other target looks at it.
-    env = Environment() if kwargs["target"] == "cpu" else detect()
-    plan = plan_targets(kwargs["target"], tuple(dict.fromkeys(precisions)), env)
-    for note in plan.notes:
-        log.warning("[target] %s", note)
+    # Flags first: a malformed profile is a usage problem on any machine, not hidden behind
+    # "no GPU found".
     trt_options = TensorRTOptions(
         profiles=tuple(Profile.parse(p) for p in kwargs["profiles"]),
         builder_optimization_level=kwargs["builder_optimization_level"],
@@ -458,6 +455,12 @@ def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
         hardware_compatibility=kwargs["hardware_compatibility"],
         version_compatible=kwargs["version_compatible"],
     )
+    trt_options.validate()
+    # --target cpu needs nothing from the machine; every other target looks at it.
+    env = Environment() if kwargs["target"] == "cpu" else detect()
+    plan = plan_targets(kwargs["target"], tuple(dict.fromkeys(precisions)), env)
+    for note in plan.notes:
+        log.warning("[target] %s", note)
     specs = []
     for engine in plan.engines:
         gpu_ort = engine["backend"] == "onnxruntime" and engine["device"] == "cuda"

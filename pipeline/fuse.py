@@ -110,11 +110,16 @@ def fuse(
         },
     )
 
+    loaded = {}
+
+    def prepare():
+        loaded["model"] = load_onnx(source)
+
     def body(artifact):
         from onnxruntime.transformers.fusion_options import FusionOptions
         from onnxruntime.transformers.optimizer import optimize_model
 
-        model = load_onnx(source)
+        model = loaded["model"]
         options = FusionOptions(info.architecture.ort_optimizer_type)
         try:
             optimized = optimize_model(
@@ -151,4 +156,4 @@ def fuse(
             "check_max_abs_diff": max_diff,
         }
 
-    return run_stage(record, Path(out_dir), body, force=force)
+    return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)

@@ -68,10 +68,15 @@ def simplify(
         spec={**asdict(spec), "skipped_optimizers": list(SKIPPED_OPTIMIZERS)},
     )
 
+    loaded = {}
+
+    def prepare():
+        loaded["model"] = load_onnx(source)
+
     def body(artifact):
         import onnxsim
 
-        model = load_onnx(source)
+        model = loaded["model"]
         before_dims = _dynamic_dims(model)
         before = op_counts(model)
         feeds = sample_token_feeds(model, batch=spec.check_batch, sequence=spec.check_sequence)
@@ -104,4 +109,4 @@ def simplify(
             "op_counts": after,
         }
 
-    return run_stage(record, Path(out_dir), body, force=force)
+    return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)

@@ -34,12 +34,27 @@ class StageResult:
         return self.manifest.get("results", {})
 
 
-def run_stage(record: StageRecord, folder: Path, body: StageBody, *, force: bool) -> StageResult:
-    """Run ``body`` into ``folder`` unless a complete manifest for the same record exists."""
+def run_stage(
+    record: StageRecord,
+    folder: Path,
+    body: StageBody,
+    *,
+    force: bool,
+    prepare: Callable[[], None] | None = None,
+) -> StageResult:
+    """Run ``body`` into ``folder`` unless a complete manifest for the same record exists.
+
+    Args:
+        prepare: loads and checks the stage's inputs (what the stage requires); it runs only
+            when the stage will run, and before the folder is touched, so a bad input fails
+            with the previous complete artifact still intact.
+    """
     artifact = ArtifactDir(folder)
     if not force and artifact.is_up_to_date(record):
         log.info("[%s] up to date: %s", record.stage, folder)
         return StageResult(record.stage, folder, artifact.read_manifest() or {}, skipped=True)
+    if prepare is not None:
+        prepare()
     check_free_space(folder, artifact.expected_bytes(record))
     log.info("[%s] running -> %s", record.stage, folder)
     started = time.perf_counter()

@@ -1,0 +1,135 @@
+"""The hostile inputs of issue 6, one corpus: each case breaks something, runs the command a user
+would, and must give one clear line with its exit code while the existing output tree stays
+exactly as it was (no manifest changed, none added, no staging file left, no payload run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from tests.conftest import cpu_engine_dir
+from tests.test_models import _pickle_only
+from tests.test_onnx_io import _with_external_location
+from tests.tiny_models import edit_config
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def external_data_outside(out, model, tmp):
+    (tmp / "evil").mkdir()
+    evil = _with_external_location(tmp / "evil", "../../etc/passwd")
+    return ["simplify", "--input", evil, "--out", out], 3, "outside the model's folder"
+
+
+def build_from_external_data_outside(out, model, tmp):
+    (tmp / "evil").mkdir()
+    evil = _with_external_location(tmp / "evil", "/etc/passwd")
+    argv = ["build", "--model", model, "--out", out, "--target", "cpu", "--input", evil, "--force"]
+    return argv, 3, "outside the model's folder"
+
+
+def empty_calibration_data(out, model, tmp):
+    data = tmp / "calibration.txt"
+    data.write_text("\n\n")
+    argv = ["calibrate", "--model", model, "--out", out, "--calibration-data", data]
+    return argv, 3, "dataset file is empty"
+
+
+def bit_flipped_engine(out, model, tmp):
+    _flip_byte(cpu_engine_dir(out) / "model.onnx")
+    return ["verify", "--model", model, "--out", out], 8, "does not match the manifest"
+
+
+def truncated_stage_graph(out, model, tmp):
+    graph = out / "export" / "model.onnx"
+    graph.write_bytes(graph.read_bytes()[:2000])
+    return ["simplify", "--out", out], 8, "truncated or modified"
+
+
+def engine_for_another_gpu(out, model, tmp):
+    folder = cpu_engine_dir(out)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["spec"]["session"]["device"] = "cuda"
+    manifest["results"]["compute_capability"] = "7.0"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return ["verify", "--model", model, "--out", out], 6, "needs a CUDA GPU"
+
+
+def pickle_checkpoint(out, model, tmp):
+    marker = tmp / "pwned"
+    _pickle_only(model, marker)
+    return ["run", "--model", model, "--out", out], 3, "pickle"
+
+
+def remote_code(out, model, tmp):
+    edit_config(model, auto_map={"AutoModel": "evil.Model"})
+    return ["run", "--model", model, "--out", out], 4, "auto_map"
+
+
+def absurd_profile(out, model, tmp):
+    return (
+        ["run", "--model", model, "--out", out, "--profile", "64x8:1x8:1x8"],
+        3,
+        "profile batch (64, 1, 1)",
+    )
+
+
+def config_of_the_wrong_type(out, model, tmp):
+    config = tmp / "bad.toml"
+    config.write_text('max-abs-err = "tiny"\n')
+    return ["run", "--model", model, "--out", out, "--config", config], 3, "max-abs-err = 'tiny'"
+
+
+def tampered_repository(out, model, tmp):
+    result = CliRunner().invoke(cli, ["package", "--model", str(model), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (out / "triton" / "stray-model").mkdir()
+    return ["verify", "--model", model, "--out", out, "--repository", out / "triton"], 8, "stray"
+
+
+CASES = [
+    external_data_outside,
+    build_from_external_data_outside,
+    empty_calibration_data,
+    bit_flipped_engine,
+    truncated_stage_graph,
+    engine_for_another_gpu,
+    pickle_checkpoint,
+    remote_code,
+    absurd_profile,
+    config_of_the_wrong_type,
+    tampered_repository,
+]
+
+
+def _manifests(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("manifest.json")}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
+def test_hostile_input_gives_one_line_and_leaves_the_tree_intact(
+    case, tiny_run, tiny_embedding_model, tmp_path
+):
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[1], out)
+    # A private copy under the same name: the tree's engines and reports are this model's.
+    model = tmp_path / tiny_embedding_model.name
+    shutil.copytree(tiny_embedding_model, model)
+    argv, code, message = case(out, model, tmp_path)
+    before = _manifests(out)
+    result = CliRunner().invoke(cli, [str(a) for a in argv])
+    assert result.exit_code == code, result.output
+    assert message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert _manifests(out) == before
+    assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
+    assert not (tmp_path / "pwned").exists()
