@@ -43,6 +43,7 @@ from pipeline.artifacts import (
     sha256_file,
     staging_tree,
 )
+from pipeline.build import model_slug
 from pipeline.errors import ArtifactError, InputError, ParityError
 from pipeline.models import ModelInfo
 from pipeline.stage import StageResult
@@ -106,7 +107,6 @@ class VerifiedEngine:
     results: Mapping[str, Any]
     engine_file: Path
     engine_sha256: str
-    versions: Mapping[str, str]
     report: Mapping[str, Any]
     max_length: int
 
@@ -126,7 +126,7 @@ def verified_engines(
     from pipeline.verify import resolve_max_length
 
     layout = Layout(Path(out))
-    root = layout.root / "engines" / _slug(info.name)
+    root = layout.root / "engines" / model_slug(info.name)
     folders = sorted(f for f in root.glob("*") if f.is_dir() and not f.name.startswith("."))
     if names:
         missing = sorted(set(names) - {f.name for f in folders})
@@ -156,7 +156,8 @@ def verified_engines(
         if not report["results"].get("passed"):
             reasons = "; ".join(report["results"].get("failures", [])) or "unknown"
             raise ParityError(
-                f"{folder}: failed verification ({reasons}); only engines that pass are packaged"
+                f"{folder}: failed verification ({reasons}); only engines that pass are "
+                "packaged (name the others with --engine)"
             )
         engines.append(
             VerifiedEngine(
@@ -166,7 +167,6 @@ def verified_engines(
                 results=results,
                 engine_file=ArtifactDir(folder).output_path(results["engine_file"]),
                 engine_sha256=engine_sha,
-                versions=manifest.get("versions", {}),
                 report=report["results"],
                 max_length=resolve_max_length(info, report["spec"].get("max_length")),
             )
@@ -178,12 +178,6 @@ def verified_engines(
             "one tokenizer serves them all: verify them at one length"
         )
     return engines
-
-
-def _slug(name: str) -> str:
-    from pipeline.build import model_slug
-
-    return model_slug(name)
 
 
 def engine_kind(spec: Mapping[str, Any]) -> str:
@@ -231,7 +225,9 @@ def _engine_files(
                 "would share one Triton model; package one of them with --engine"
             )
         return {f"model{suffix}": first}, ""
-    portable = first.spec.get("tensorrt", {}).get("hardware_compatibility", "none") != "none"
+    # An ampere_plus plan runs on every sm80+ GPU: the model's default file. A plan built
+    # same_compute_capability still belongs to one compute capability.
+    portable = first.spec.get("tensorrt", {}).get("hardware_compatibility") == "ampere_plus"
     if portable:
         if len(engines) > 1:
             raise InputError(f"{kind}: several hardware-compatible plans; package one")
@@ -298,8 +294,8 @@ def _batching(
     if covered < max_length:
         raise InputError(
             f"{kind}: the profiles cover sequences up to {covered} tokens but the tokenizer sends "
-            f"up to {max_length}; rebuild with a profile reaching {max_length} (or verify and "
-            f"package with --max-length {covered})"
+            f"up to {max_length}; rebuild with a profile reaching {max_length} (or verify with "
+            f"--max-length {covered} and package again)"
         )
     preferred = sorted({p.opt_batch for p in profiles if p.opt_batch <= max_batch})
     lengths = sorted({min(p.opt_seq, max_length) for p in profiles})
@@ -409,149 +405,163 @@ def plan_repository(
         InputError: names unsafe for Triton, engines that cannot share a model, profiles that
             do not cover what the tokenizer sends.
     """
-    slug = tc.check_name(_slug(info.name), "model name")
-    max_length = engines[0].max_length
-    input_names = list(info.architecture.input_names)
+    slug = tc.check_name(model_slug(info.name), "model name")
     groups: dict[str, list[VerifiedEngine]] = {}
     for engine in engines:
         groups.setdefault(engine_kind(engine.spec), []).append(engine)
-    tokenizer_name = f"{slug}-tokenizer"
-    plans: list[_ModelPlan] = []
-    ensembles: list[tuple[str, list[tc.TensorSpec], int]] = []
+    served: list[_ModelPlan] = []
     for kind, members in sorted(groups.items()):
-        name = tc.check_name(f"{slug}-{kind}", "model name")
-        files, default_file = _engine_files(kind, members)
-        version = _check_one_version(kind, members)
-        inputs, outputs = _engine_io(members[0])
-        for member in members[1:]:
-            if _engine_io(member) != (inputs, outputs):
-                raise InputError(f"{kind}: {member.name} has other tensors than {members[0].name}")
-        for tensor in (*inputs, *outputs):
-            tc.check_name(tensor.name, f"{members[0].engine_file}: tensor name")
-        if [t.name for t in inputs] != input_names or any(
-            t.data_type != "TYPE_INT64" for t in inputs
-        ):
-            raise InputError(
-                f"{members[0].engine_file}: inputs {[str(t) for t in inputs]}; the tokenizer "
-                f"model sends int64 {input_names}"
-            )
-        max_batch, preferred, profiles, lengths = _batching(kind, members[0], spec, max_length)
-        warmups, warmup_files = (
-            _warmups(info, lengths, max_batch, input_names) if spec.warmup else ([], {})
-        )
-        backend = members[0].spec["backend"]
-        session = members[0].spec.get("session", {})
-        gpu = members[0].spec["device"] == "cuda"
-        model = tc.EngineModel(
-            name=name,
-            platform="tensorrt_plan" if backend == "tensorrt" else "onnxruntime_onnx",
-            kind="KIND_GPU" if gpu else "KIND_CPU",
-            inputs=inputs,
-            outputs=outputs,
-            max_batch_size=max_batch,
-            preferred_batch_sizes=preferred,
-            max_queue_delay_us=spec.max_queue_delay_us,
-            instance_count=spec.instances,
-            default_model_filename=default_file,
-            cc_model_filenames={}
-            if default_file or not gpu
-            else {e.results["compute_capability"]: f for f, e in files.items()},
-            profiles=profiles,
-            graph_level=tc.ORT_GRAPH_LEVELS[session.get("runtime_level", "all")]
-            if backend == "onnxruntime"
-            else 0,
-            parameters=_ort_parameters(session) if backend == "onnxruntime" else {},
-            # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
-            gpu_accelerator={"use_tf32": "0"}
-            if backend == "onnxruntime" and gpu and members[0].spec["precision"] == "fp32"
-            else None,
-            warmups=warmups,
-        )
-        record = _engine_record(kind, backend, version, files, members, max_length)
-        if backend == "tensorrt":
-            # A plan cannot be opened without TensorRT: keep the tensors of the graph it was
-            # built from, so the config can be checked against them anywhere.
-            record["io"] = {
-                "inputs": [asdict(t) for t in inputs],
-                "outputs": [asdict(t) for t in outputs],
-            }
-        plans.append(
-            _ModelPlan(
-                name,
-                "engine",
-                tc.engine_config(model),
-                {**{f"{VERSION}/{f}": e.engine_file for f, e in files.items()}, **warmup_files},
-                record,
-            )
-        )
-        ensembles.append((name, outputs, max_batch))
-        if spec.python_cpu_engine and backend == "onnxruntime" and not gpu:
-            python_name = tc.check_name(f"{name}-python", "model name")
-            config = tc.python_config(
-                name=python_name,
-                inputs=inputs,
-                outputs=outputs,
-                max_batch_size=max_batch,
-                instance_count=spec.instances,
-                parameters=_ort_parameters(session, python=True),
-            )
-            python_files = {
-                f"{VERSION}/model.py": _TEMPLATES["python-engine"],
-                **{f"{VERSION}/{f}": e.engine_file for f, e in files.items()},
-            }
-            python_record = {**record, "role": "python-engine"}
-            plans.append(
-                _ModelPlan(python_name, "python-engine", config, python_files, python_record)
-            )
-            ensembles.append((python_name, outputs, max_batch))
-
-    token_outputs = [tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names]
-    plans.insert(
-        0,
-        _ModelPlan(
-            tokenizer_name,
-            "tokenizer",
-            tc.python_config(
-                name=tokenizer_name,
-                inputs=[TEXT],
-                outputs=token_outputs,
-                max_batch_size=max(batch for *_, batch in ensembles),
-                instance_count=spec.instances,
-                parameters={"max_length": str(max_length)},
-            ),
-            {
-                f"{VERSION}/model.py": _TEMPLATES["tokenizer"],
-                f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
-            },
-            {"role": "tokenizer", "max_length": max_length, "inputs": input_names},
-        ),
+        engine_plan = _plan_engine(f"{slug}-{kind}", kind, members, info=info, spec=spec)
+        served.append(engine_plan)
+        if spec.python_cpu_engine and engine_plan.record["device"] == "cpu":
+            served.append(_plan_python_engine(engine_plan, members[0], spec))
+    tokenizer = _plan_tokenizer(
+        f"{slug}-tokenizer",
+        info,
+        engines[0].max_length,
+        max_batch=max(p.config.max_batch_size for p in served),
+        spec=spec,
     )
-    for engine_model, outputs, max_batch in ensembles:
-        name = tc.check_name(f"{engine_model}-text", "model name")
-        # Token-level outputs are padded: hand the mask back so a client can tell which are real.
-        extra = (
-            [t for t in token_outputs if t.name == "attention_mask"]
-            if any(-1 in t.dims for t in outputs)
-            else []
+    ensembles = [_plan_ensemble(p, tokenizer) for p in served]
+    return [tokenizer, *served, *ensembles]
+
+
+def _plan_engine(
+    name: str, kind: str, members: list[VerifiedEngine], *, info: ModelInfo, spec: PackageSpec
+) -> _ModelPlan:
+    """The Triton model serving every engine of one kind (one file per compute capability)."""
+    name = tc.check_name(name, "model name")
+    first = members[0]
+    max_length = first.max_length
+    input_names = list(info.architecture.input_names)
+    files, default_file = _engine_files(kind, members)
+    version = _check_one_version(kind, members)
+    inputs, outputs = _engine_io(first)
+    for member in members[1:]:
+        if _engine_io(member) != (inputs, outputs):
+            raise InputError(f"{kind}: {member.name} has other tensors than {first.name}")
+        if member.spec.get("tensorrt") != first.spec.get("tensorrt"):
+            # One config serves every plan: batch limits come from one set of profiles.
+            raise InputError(
+                f"{kind}: {member.name} was built with other TensorRT options than "
+                f"{first.name}; build every GPU's plan with the same profiles"
+            )
+    for tensor in (*inputs, *outputs):
+        tc.check_name(tensor.name, f"{first.engine_file}: tensor name")
+    if [t.name for t in inputs] != input_names or any(t.data_type != "TYPE_INT64" for t in inputs):
+        raise InputError(
+            f"{first.engine_file}: inputs {[str(t) for t in inputs]}; the tokenizer model sends "
+            f"int64 {input_names}"
         )
-        config = tc.ensemble_config(
-            name=name,
-            inputs=[TEXT],
-            outputs=[*outputs, *extra],
-            max_batch_size=max_batch,
-            steps=[
-                (
-                    tokenizer_name,
-                    {TEXT.name: TEXT.name},
-                    {n: n for n in input_names},
-                ),
-                (engine_model, {n: n for n in input_names}, {t.name: t.name for t in outputs}),
-            ],
-        )
-        plans.append(
-            _ModelPlan(name, "ensemble", config, {}, {"role": "ensemble", "engine": engine_model})
-        )
-    return plans
+    max_batch, preferred, profiles, lengths = _batching(kind, first, spec, max_length)
+    warmups, warmup_files = (
+        _warmups(info, lengths, max_batch, input_names) if spec.warmup else ([], {})
+    )
+    backend = first.spec["backend"]
+    session = first.spec.get("session", {})
+    gpu = first.spec["device"] == "cuda"
+    ort = backend == "onnxruntime"
+    model = tc.EngineModel(
+        name=name,
+        platform="onnxruntime_onnx" if ort else "tensorrt_plan",
+        kind="KIND_GPU" if gpu else "KIND_CPU",
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=max_batch,
+        preferred_batch_sizes=preferred,
+        max_queue_delay_us=spec.max_queue_delay_us,
+        instance_count=spec.instances,
+        default_model_filename=default_file,
+        cc_model_filenames={}
+        if default_file or not gpu
+        else {e.results["compute_capability"]: f for f, e in files.items()},
+        profiles=profiles,
+        graph_level=tc.ORT_GRAPH_LEVELS[session.get("runtime_level", "all")] if ort else 0,
+        parameters=_ort_parameters(session) if ort else {},
+        # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
+        gpu_accelerator={"use_tf32": "0"}
+        if ort and gpu and first.spec["precision"] == "fp32"
+        else None,
+        warmups=warmups,
+    )
+    record = _engine_record(kind, backend, version, files, members, max_length)
+    if not ort:
+        # A plan cannot be opened without TensorRT: keep the tensors of the graph it was built
+        # from, so the config can be checked against them anywhere.
+        record["io"] = {
+            "inputs": [asdict(t) for t in inputs],
+            "outputs": [asdict(t) for t in outputs],
+        }
+    files_out = {**{f"{VERSION}/{f}": e.engine_file for f, e in files.items()}, **warmup_files}
+    return _ModelPlan(name, "engine", tc.engine_config(model), files_out, record)
+
+
+def _plan_python_engine(
+    engine_plan: _ModelPlan, engine: VerifiedEngine, spec: PackageSpec
+) -> _ModelPlan:
+    """The same CPU engine served by Triton's Python backend (onnxruntime inside model.py)."""
+    name = tc.check_name(f"{engine_plan.name}-python", "model name")
+    inputs, outputs = tc.tensor_specs(engine_plan.config)
+    config = tc.python_config(
+        name=name,
+        inputs=inputs,
+        outputs=outputs,
+        max_batch_size=engine_plan.config.max_batch_size,
+        instance_count=spec.instances,
+        parameters=_ort_parameters(engine.spec.get("session", {}), python=True),
+    )
+    files = {
+        f"{VERSION}/model.py": _TEMPLATES["python-engine"],
+        **{k: v for k, v in engine_plan.files.items() if k.startswith(f"{VERSION}/")},
+    }
+    return _ModelPlan(
+        name, "python-engine", config, files, {**engine_plan.record, "role": "python-engine"}
+    )
+
+
+def _plan_tokenizer(
+    name: str, info: ModelInfo, max_length: int, *, max_batch: int, spec: PackageSpec
+) -> _ModelPlan:
+    """TEXT -> the engines' int64 token inputs, with verify's truncation and padding."""
+    input_names = list(info.architecture.input_names)
+    config = tc.python_config(
+        name=tc.check_name(name, "model name"),
+        inputs=[TEXT],
+        outputs=[tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names],
+        max_batch_size=max_batch,
+        instance_count=spec.instances,
+        parameters={"max_length": str(max_length)},
+    )
+    files = {
+        f"{VERSION}/model.py": _TEMPLATES["tokenizer"],
+        f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
+    }
+    record = {"role": "tokenizer", "max_length": max_length, "inputs": input_names}
+    return _ModelPlan(name, "tokenizer", config, files, record)
+
+
+def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan:
+    """TEXT -> tokenizer -> engine -> the engine's outputs."""
+    name = tc.check_name(f"{engine_plan.name}-text", "model name")
+    inputs, outputs = tc.tensor_specs(engine_plan.config)
+    tokens = tc.tensor_specs(tokenizer.config)[1]
+    # Token-level outputs are padded: hand the mask back so a client can tell which are real.
+    padded = any(-1 in t.dims for t in outputs)
+    extra = [t for t in tokens if t.name == "attention_mask"] if padded else []
+    names = [t.name for t in inputs]
+    config = tc.ensemble_config(
+        name=name,
+        inputs=[TEXT],
+        outputs=[*outputs, *extra],
+        max_batch_size=engine_plan.config.max_batch_size,
+        steps=[
+            (tokenizer.name, {TEXT.name: TEXT.name}, {t.name: t.name for t in tokens}),
+            (engine_plan.name, {n: n for n in names}, {t.name: t.name for t in outputs}),
+        ],
+    )
+    return _ModelPlan(
+        name, "ensemble", config, {}, {"role": "ensemble", "engine": engine_plan.name}
+    )
 
 
 def _ort_parameters(session: Mapping[str, Any], python: bool = False) -> dict[str, str]:

@@ -304,7 +304,6 @@ def _gpu_engine(backend: str, capability: str, **spec) -> VerifiedEngine:
         results={"compute_capability": capability, "tensorrt": "10.13.3"},
         engine_file=Path("/nowhere/model"),
         engine_sha256="0" * 64,
-        versions={},
         report={"passed": True},
         max_length=128,
     )
