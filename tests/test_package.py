@@ -332,6 +332,8 @@ def test_gpu_engines_share_a_model_with_one_file_per_compute_capability():
         "model.plan",
     )
     assert engine_kind(portable.spec) == "trt-ampere_plus-fp16"
+    same_cc = _trt("8.9", "1x1:8x128:8x128", hardware_compatibility="same_compute_capability")
+    assert _engine_files("k", [same_cc]) == ({"model.sm89.plan": same_cc}, "")
     assert (
         engine_kind(
             {
