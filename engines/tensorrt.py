@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engines.feeds import require_inputs, run_numpy_on_gpu
-from pipeline.errors import ArtifactError, EnvironmentProblem, InputError
+from pipeline.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
 from pipeline.targets import current_gpu
 
 log = logging.getLogger("bert_compile")
@@ -304,6 +306,70 @@ def _make_logger(trt):
     return Logger()
 
 
+class SignalWatch:
+    """Notices SIGINT/SIGTERM while the main thread is inside a long native call.
+
+    Python runs signal handlers only between bytecodes, so during ``build_serialized_network``
+    a Ctrl-C would wait for the whole build. The interpreter's C-level handler writes each
+    signal's number to the fd given to ``signal.set_wakeup_fd`` at once, whatever the main thread
+    is doing; TensorRT's progress monitor (called on its own threads) polls it through
+    ``requested()`` and cancels the build. Inactive (never requested) off the main thread.
+    """
+
+    def __init__(self):
+        self.received: signal.Signals | None = None
+        self._read = self._write = -1
+        self._previous: int | None = None
+
+    def __enter__(self) -> SignalWatch:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        try:
+            self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread: signals are not ours to watch
+            self._previous = None
+        return self
+
+    def requested(self) -> bool:
+        """True once SIGINT or SIGTERM arrived (other signals are ignored)."""
+        try:
+            data = os.read(self._read, 64)
+        except (BlockingIOError, OSError):
+            data = b""
+        for number in data:
+            if number in (signal.SIGINT, signal.SIGTERM):
+                self.received = signal.Signals(number)
+        return self.received is not None
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.set_wakeup_fd(self._previous)
+        self.requested()
+        os.close(self._read)
+        os.close(self._write)
+
+
+def _make_progress_monitor(trt, signals: SignalWatch):
+    class ProgressMonitor(trt.IProgressMonitor):
+        """Logs the builder's phases (a long build shows progress) and cancels it on a signal."""
+
+        def __init__(self):
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            if parent_phase is None:
+                log.info("[tensorrt] %s (%d steps)", phase_name, num_steps)
+
+        def step_complete(self, phase_name, step):
+            return not signals.requested()  # False asks TensorRT to cancel the build
+
+        def phase_finish(self, phase_name):
+            pass
+
+    return ProgressMonitor()
+
+
 @dataclass
 class BuildFacts:
     """What the manifest records about a TensorRT build."""
@@ -376,8 +442,14 @@ def build_engine(
     cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
     config.set_timing_cache(timing_cache, ignore_mismatch=False)
-    plan = builder.build_serialized_network(network, config)
+    with SignalWatch() as signals:
+        # Kept referenced until the build returns: TensorRT holds only a raw pointer to it.
+        monitor = _make_progress_monitor(trt, signals)
+        config.progress_monitor = monitor
+        plan = builder.build_serialized_network(network, config)
     if plan is None:
+        if signals.received is not None:
+            raise Interrupted(signals.received.name, 128 + signals.received)
         raise InputError(
             f"{network_onnx}: TensorRT could not build a plan: {'; '.join(logger.errors) or '?'}"
         )

@@ -399,3 +399,47 @@ def test_explicit_gpu_target_without_gpu_is_one_line_exit_6(
     (line,) = result.stderr.strip().splitlines()
     assert needle in line and "--target auto" in line
     assert not (tmp_path / "engines").exists()
+
+
+def test_signal_watch_sees_sigterm_while_the_main_thread_waits_in_native_code():
+    """What the TensorRT progress monitor relies on to cancel a build on Ctrl-C/SIGTERM."""
+    import os
+    import select
+    import signal
+    import threading
+    import time
+
+    from engines.tensorrt import SignalWatch
+
+    handled = []
+    previous = {
+        s: signal.signal(s, lambda n, _f: handled.append(n))
+        for s in (signal.SIGTERM, signal.SIGUSR1)
+    }
+    try:
+        with SignalWatch() as watch:
+            assert not watch.requested()
+            os.kill(os.getpid(), signal.SIGUSR1)  # not a stop request
+            seen = threading.Event()
+
+            def poll():  # stands in for TensorRT's builder thread calling step_complete
+                deadline = time.monotonic() + 5
+                while time.monotonic() < deadline and not watch.requested():
+                    time.sleep(0.005)
+                if watch.requested():
+                    seen.set()
+
+            poller = threading.Thread(target=poll)
+            poller.start()
+            time.sleep(0.05)
+            assert not seen.is_set()
+            started = time.monotonic()
+            os.kill(os.getpid(), signal.SIGTERM)
+            select.select([], [], [], 1.0)  # the main thread in a native wait
+            poller.join()
+            assert seen.is_set() and watch.received == signal.SIGTERM
+            assert time.monotonic() - started < 2
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    assert signal.SIGTERM in handled and signal.SIGUSR1 in handled
