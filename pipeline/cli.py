@@ -51,6 +51,16 @@ def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
     return value
 
 
+_json_option = click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    is_eager=True,
+    callback=_set_json,
+    help="Print one JSON object as the last stdout line.",
+)
+
+
 def _configure_logging(quiet: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -130,14 +140,7 @@ def common_options(func):
         help="Seconds to wait for another bert-compile writing the same --out (0: fail now).",
     )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
-    @click.option(
-        "--json",
-        "as_json",
-        is_flag=True,
-        is_eager=True,
-        callback=_set_json,
-        help="Print one JSON object as the last stdout line.",
-    )
+    @_json_option
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         from pipeline.lock import output_lock
@@ -530,14 +533,7 @@ def cli() -> None:
 
 
 @cli.command("targets")
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    is_eager=True,
-    callback=_set_json,
-    help="Print one JSON object as the last stdout line.",
-)
+@_json_option
 def targets_command(as_json: bool) -> None:
     """Show the GPUs, TensorRT and ONNX Runtime providers here, and what --target auto builds."""
     from pipeline.targets import detect, plan_targets
@@ -576,14 +572,7 @@ def targets_command(as_json: bool) -> None:
     show_default=True,
     help="Exit 6 unless this target can be built here (auto: report only).",
 )
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    is_eager=True,
-    callback=_set_json,
-    help="Print one JSON object as the last stdout line.",
-)
+@_json_option
 def doctor_command(out: Path, target: str, as_json: bool) -> None:
     """Check this machine: versions, GPUs, TensorRT, ONNX Runtime providers, disk; say what is
     missing for which target."""
