@@ -122,11 +122,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
         raise
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself, or its nearest parent that exists (where a new folder's disk is)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _free_mib(folder: Path) -> int:
-    existing = Path(folder)
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return shutil.disk_usage(existing).free >> 20
+    return shutil.disk_usage(existing_ancestor(folder)).free >> 20
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:

@@ -13,19 +13,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import tool_versions
+from pipeline.artifacts import existing_ancestor, tool_versions
 from pipeline.errors import EnvironmentProblem, InputError
 from pipeline.targets import Environment, plan_targets
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 # Below this, a BERT-base run (graphs, engines for one GPU, a repository) will not fit.
 MIN_FREE_MIB = 4096
-
-
-def _existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def diagnose(env: Environment, out: Path) -> dict[str, Any]:
@@ -47,7 +41,7 @@ def diagnose(env: Environment, out: Path) -> dict[str, Any]:
             for e in plan.engines
         ]
         targets[target] = {"ready": True, "builds": builds}
-    folder = _existing(Path(out).resolve())
+    folder = existing_ancestor(Path(out).resolve())
     free_mib = shutil.disk_usage(folder).free >> 20
     writable = os.access(folder, os.W_OK)
     disk = {"path": str(folder), "free_mib": free_mib, "writable": writable}
