@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.errors import InputError
+from bert_compiler.core.errors import InputError
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STSB_DEV = DATA_DIR / "stsb-dev.tsv"

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from calibration.ranges import INT8_LEVELS
-from pipeline.errors import InputError
-from pipeline.onnx_io import splice_nodes
+from bert_compiler.calibration.ranges import INT8_LEVELS
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import splice_nodes
 
 # Operators whose float inputs stay float unless the user names them (--quantize-op): LayerNorm,
 # Softmax and GELU are numerically fragile, and residual adds carry the unnormalised signal.

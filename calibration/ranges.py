@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import InputError
+from bert_compiler.core.errors import InputError
 
 METHODS = ("minmax", "percentile", "entropy")
 INT8_LEVELS = 127

@@ -65,7 +65,7 @@ def rank_sensitivity(
     """
     import onnx
 
-    from calibration.qdq import insert_qdq, quantizable_matmuls
+    from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
 
     matmuls = [m.node_name for m in quantizable_matmuls(float_model)]
     results = []

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from bert_compiler.core.errors import InputError
 
 
 def require_inputs(path: Path, input_names: Sequence[str], feeds: Mapping[str, Any]) -> None:

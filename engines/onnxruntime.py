@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engines.feeds import require_inputs, run_numpy_on_gpu
-from pipeline.errors import EnvironmentProblem, InputError
+from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 
 ENGINE_FILE = "model.onnx"
 _LEVELS = {
@@ -50,7 +50,7 @@ class OrtEngineOptions:
             batch 32, where 39% of the positions are padding).
         allow_spinning: let idle intra-op threads spin (ORT's default: lowest latency for one
             model alone); turn off where several models or processes share the cores.
-        fp16: convert the graph to fp16 before optimizing (pipeline/fp16.py: LayerNorm
+        fp16: convert the graph to fp16 before optimizing (engines/fp16.py: LayerNorm
             statistics, softmax and the pooling head stay float32).
         keep_float_ops: further op types kept float32 in an fp16 engine.
         device_id: CUDA device ordinal.
@@ -185,13 +185,13 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
     facts: dict[str, Any] = {"provider": provider, "onnxruntime": ort.__version__}
     model: Any = str(source)
     if options.lower_int8 or options.pack_tokens or options.fp16:
-        from engines.ort_int8 import lower_qdq_matmuls
-        from engines.token_packing import find_feed_forward_regions, pack_feed_forward
-        from pipeline.onnx_io import load_onnx
+        from bert_compiler.core.onnx_io import load_onnx
+        from bert_compiler.engines.ort_int8 import lower_qdq_matmuls
+        from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
         graph = load_onnx(Path(source))
         if options.fp16:
-            from pipeline.fp16 import convert_to_fp16, float16_fraction
+            from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
 
             graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
             facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)

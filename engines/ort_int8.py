@@ -13,8 +13,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipeline.errors import InputError
-from pipeline.onnx_io import splice_nodes
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import splice_nodes
 
 CONTRIB = "com.microsoft"
 _UINT8_ZERO = 128

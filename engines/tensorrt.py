@@ -1,7 +1,7 @@
 """TensorRT backend: a serialized plan built from the standard-ops ONNX graph, strongly typed.
 
 Precision comes from the graph, never from builder flags (TensorRT 11 removed the FP16/INT8 flags
-and implicit calibration): the build stage hands this module an fp16 graph (pipeline/fp16.py) or
+and implicit calibration): the build stage hands this module an fp16 graph (engines/fp16.py) or
 the explicit Q/DQ graph of the calibrate stage, and the network is created STRONGLY_TYPED so
 TensorRT runs each tensor in the type the graph gives it.
 
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.feeds import require_inputs, run_numpy_on_gpu
-from pipeline.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
-from pipeline.targets import current_gpu
+from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
+from bert_compiler.core.targets import current_gpu
+from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 
 log = logging.getLogger("bert_compile")
 
@@ -253,7 +253,7 @@ def prepare_network_graph(model, *, precision: str, keep_float_ops: Sequence[str
         InputError: the graph holds ORT contrib ops (a fused graph), or an int8 build got a graph
             without Q/DQ, or an unknown precision.
     """
-    from pipeline.fp16 import convert_to_fp16
+    from bert_compiler.engines.fp16 import convert_to_fp16
 
     contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if contrib:
@@ -403,7 +403,7 @@ def build_engine(
         EnvironmentProblem: tensorrt or a GPU is missing.
     """
 
-    from pipeline.artifacts import atomic_path
+    from bert_compiler.core.artifacts import atomic_path
 
     trt = _import_tensorrt()
     capability, gpu = current_gpu("building a TensorRT plan")

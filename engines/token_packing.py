@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.onnx_io import splice_nodes
+from bert_compiler.core.onnx_io import splice_nodes
 
 # Operators that act on each token (row) independently, given constant other inputs.
 PER_TOKEN_OPS = frozenset(

@@ -1,7 +1,6 @@
-"""bert-compiler: stages that turn Hugging Face BERT-family encoders into verified engines.
+"""bert-compiler's stages, runner and CLI: Hugging Face BERT-family encoders -> verified engines.
 
-Stages are plain functions from artifacts to artifacts (export, simplify, fuse, build, verify); the
-runner chains them and skips what is up to date; the CLI (``bert-compile``) is thin over them.
+Stages are plain functions from artifacts to artifacts (export, simplify, fuse, calibrate, build,
+verify); ``triton/`` packages verified engines and gates the repository; the runner chains them and
+skips what is up to date; the CLI (``bert-compile``) parses option groups into specs and calls them.
 """
-
-__version__ = "0.1.0"

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import UnsupportedModelError
+from bert_compiler.core.errors import UnsupportedModelError
 
 
 def _bert_expected_fusions(config: Mapping[str, Any]) -> dict[str, int]:

@@ -6,7 +6,7 @@ Which graph each engine builds from:
     onnxruntime cuda fp32, fp16 -> fuse/                   int8 -> refused (no fast ORT CUDA INT8)
     tensorrt         fp32, fp16 -> simplify/ (standard ops) int8 -> calibrate/ (Q/DQ)
 
-fp16 graphs are made inside the build (pipeline/fp16.py) and kept in the engine folder, so the
+fp16 graphs are made inside the build (engines/fp16.py) and kept in the engine folder, so the
 manifest names the exact graph each engine was compiled from.
 """
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engines.tensorrt import TensorRTOptions, target_tag
-from pipeline.artifacts import ArtifactDir, StageRecord, atomic_path, input_file
-from pipeline.errors import ArtifactError, InputError
-from pipeline.stage import StageResult, run_stage
+from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_path, input_file
+from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.core.stage import StageResult, run_stage
+from bert_compiler.engines.tensorrt import TensorRTOptions, target_tag
 
 log = logging.getLogger("bert_compile")
 
@@ -45,7 +45,7 @@ class BuildSpec:
             matched yet).
         cuda_graph: ORT CUDA: capture and replay CUDA graphs per input shape.
         ort_tensorrt_provider: ORT CUDA: put ORT's TensorRT provider first.
-        keep_float_ops: fp16: op types kept in float32 beyond the defaults (pipeline/fp16.py).
+        keep_float_ops: fp16: op types kept in float32 beyond the defaults (engines/fp16.py).
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 
@@ -89,7 +89,7 @@ class BuildSpec:
 def backend_version(backend: str) -> str:
     """The installed version of ``backend`` (it goes into engine paths and manifests)."""
     if backend == "tensorrt":
-        from engines.tensorrt import _import_tensorrt
+        from bert_compiler.engines.tensorrt import _import_tensorrt
 
         return _import_tensorrt().__version__
     import onnxruntime
@@ -126,8 +126,8 @@ def engine_name(spec: BuildSpec, version: str) -> str:
 
 
 def _ort_options(spec: BuildSpec):
-    from engines import onnxruntime as ort_engine
-    from engines.ort_int8 import weight_type_for_this_cpu
+    from bert_compiler.engines import onnxruntime as ort_engine
+    from bert_compiler.engines.ort_int8 import weight_type_for_this_cpu
 
     int8 = spec.precision == "int8"
     return ort_engine.OrtEngineOptions(
@@ -171,7 +171,7 @@ def build(
 def _gpu_facts(spec: BuildSpec) -> dict[str, Any]:
     if spec.device != "cuda":
         return {}
-    from pipeline.targets import current_gpu
+    from bert_compiler.core.targets import current_gpu
 
     built_for, gpu = current_gpu("building a GPU engine")
     if spec.compute_capability and spec.compute_capability != built_for:
@@ -198,7 +198,7 @@ def _build_record(source: Path, spec: BuildSpec, **backend_settings: Any) -> Sta
 
 
 def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool) -> StageResult:
-    from engines import onnxruntime as ort_engine
+    from bert_compiler.engines import onnxruntime as ort_engine
 
     options = _ort_options(spec)
     record = _build_record(
@@ -211,7 +211,7 @@ def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool
 
     def prepare():
         # ORT would follow the graph's external-data paths itself: check containment first.
-        from pipeline.onnx_io import load_onnx
+        from bert_compiler.core.onnx_io import load_onnx
 
         load_onnx(source)
 
@@ -234,8 +234,8 @@ def _build_onnxruntime(source: Path, out_dir: Path, spec: BuildSpec, force: bool
 def _build_tensorrt(
     source: Path, out_dir: Path, spec: BuildSpec, input_names: tuple[str, ...], force: bool
 ) -> StageResult:
-    from engines import tensorrt as trt_engine
-    from pipeline.onnx_io import load_onnx, save_onnx
+    from bert_compiler.core.onnx_io import load_onnx, save_onnx
+    from bert_compiler.engines import tensorrt as trt_engine
 
     if not spec.tensorrt.profiles:
         raise InputError("TensorRT build needs profiles (given, or derived by the runner)")
@@ -308,7 +308,7 @@ def load_recorded_engine(engine_path: Path, spec: dict[str, Any], results: dict[
             device or package this machine lacks.
     """
     if spec["backend"] == "tensorrt":
-        from engines import tensorrt as trt_engine
+        from bert_compiler.engines import tensorrt as trt_engine
 
         return trt_engine.load(
             engine_path,
@@ -316,7 +316,7 @@ def load_recorded_engine(engine_path: Path, spec: dict[str, Any], results: dict[
             built_tensorrt=results["tensorrt"],
             built_compute_capability=results["compute_capability"],
         )
-    from engines import onnxruntime as ort_engine
+    from bert_compiler.engines import onnxruntime as ort_engine
 
     options = ort_engine.OrtEngineOptions.from_dict(spec.get("session", {}))
     if options.device == "cuda":
@@ -326,8 +326,8 @@ def load_recorded_engine(engine_path: Path, spec: dict[str, Any], results: dict[
 
 def _check_ort_gpu(engine_path: Path, results: dict[str, Any]) -> None:
     """An ORT CUDA engine is optimized offline for one GPU: refuse it on another."""
-    from pipeline.errors import EnvironmentProblem
-    from pipeline.targets import current_gpu
+    from bert_compiler.core.errors import EnvironmentProblem
+    from bert_compiler.core.targets import current_gpu
 
     capability, _ = current_gpu(f"{engine_path}: this CUDA engine")
     if results.get("compute_capability") != capability:

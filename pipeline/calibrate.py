@@ -20,14 +20,14 @@ import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from calibration import datasets
-from calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
-from calibration.ranges import METHODS, collect_histograms, compute_amax
-from pipeline.artifacts import StageRecord, atomic_write_text, input_file
-from pipeline.errors import InputError
-from pipeline.models import ModelInfo, load_tokenizer
-from pipeline.onnx_io import load_onnx, op_counts, save_onnx
-from pipeline.stage import StageResult, run_stage
+from bert_compiler.calibration import datasets
+from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
+from bert_compiler.calibration.ranges import METHODS, collect_histograms, compute_amax
+from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import load_onnx, op_counts, save_onnx
+from bert_compiler.core.stage import StageResult, run_stage
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
 
 log = logging.getLogger("bert_compile")
 
@@ -109,7 +109,7 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]
 
 def calibration_batches(info: ModelInfo, texts: list[str], spec: CalibrationSpec) -> list[dict]:
     """Token feeds of ``texts`` in file order, ``spec.batch_size`` sentences a batch."""
-    from pipeline.verify import resolve_max_length, tokenize
+    from bert_compiler.pipeline.verify import resolve_max_length, tokenize
 
     tokenizer = load_tokenizer(info)
     max_length = resolve_max_length(info, spec.max_length)
@@ -145,7 +145,7 @@ def calibrate(
     """
     from tqdm import tqdm
 
-    from pipeline.verify import resolve_max_length
+    from bert_compiler.pipeline.verify import resolve_max_length
 
     spec.validate()
     source = Path(source)
@@ -229,7 +229,7 @@ def rank_for_fallback(
 
     Uses the first ``sentences`` calibration sentences (never the evaluation set).
     """
-    from calibration.sensitivity import rank_sensitivity
+    from bert_compiler.calibration.sensitivity import rank_sensitivity
 
     texts, _ = calibration_texts(spec)
     batches = calibration_batches(info, texts[:sentences], spec)

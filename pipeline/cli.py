@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipeline.errors import BertCompileError, Interrupted, ParityError
+from bert_compiler.core.errors import BertCompileError, Interrupted, ParityError
 
 _JSON_KEY = "bert_compile.json"
 log = logging.getLogger("bert_compile")
@@ -76,7 +76,7 @@ def _configure_logging(quiet: bool) -> None:
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
     """Turn a TOML config into this command's defaults (flags on the command line still win)."""
     if value is not None:
-        from pipeline.config import command_defaults
+        from bert_compiler.pipeline.config import command_defaults
 
         commands = ctx.find_root().command.commands
         defaults = command_defaults(value, ctx.command, commands, ctx)
@@ -143,7 +143,7 @@ def common_options(func):
     @_json_option
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from pipeline.lock import output_lock
+        from bert_compiler.core.lock import output_lock
 
         _configure_logging(kwargs["quiet"])
         # One writer per output folder: a second command fails (or waits) naming the holder.
@@ -154,7 +154,7 @@ def common_options(func):
 
 
 def _resolve(kwargs: dict[str, Any]):
-    from pipeline.models import resolve_model
+    from bert_compiler.pipeline.models import resolve_model
 
     return resolve_model(
         kwargs["model"],
@@ -424,7 +424,7 @@ def _package_options(func):
 
 
 def _package_spec(kwargs: dict[str, Any], engines: tuple[str, ...] = ()):
-    from pipeline.package import PackageSpec
+    from bert_compiler.pipeline.triton.package import PackageSpec
 
     return PackageSpec(
         engines=engines,
@@ -437,16 +437,16 @@ def _package_spec(kwargs: dict[str, Any], engines: tuple[str, ...] = ()):
 
 
 def _repository_path(kwargs: dict[str, Any]) -> Path:
-    from pipeline.package import REPOSITORY_FOLDER
+    from bert_compiler.pipeline.triton.package import REPOSITORY_FOLDER
 
     return kwargs["repository"] or Path(kwargs["out"]) / REPOSITORY_FOLDER
 
 
 def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
     """Parse target flags into one BuildSpec per engine to build on this machine."""
-    from engines.tensorrt import Profile, TensorRTOptions
-    from pipeline.build import BuildSpec
-    from pipeline.targets import Environment, detect, plan_targets
+    from bert_compiler.core.targets import Environment, detect, plan_targets
+    from bert_compiler.engines.tensorrt import Profile, TensorRTOptions
+    from bert_compiler.pipeline.build import BuildSpec
 
     # Flags first: a malformed profile is a usage problem on any machine, not hidden behind
     # "no GPU found".
@@ -484,7 +484,7 @@ def _build_specs(kwargs: dict[str, Any], precisions: tuple[str, ...]):
 
 
 def _calibration_spec(kwargs: dict[str, Any]):
-    from pipeline.calibrate import CalibrationSpec
+    from bert_compiler.pipeline.calibrate import CalibrationSpec
 
     return CalibrationSpec(
         method=kwargs["method"],
@@ -500,7 +500,7 @@ def _calibration_spec(kwargs: dict[str, Any]):
 
 
 def _verify_spec(kwargs: dict[str, Any], precision: str = "fp32"):
-    from pipeline.verify import VerifySpec
+    from bert_compiler.pipeline.verify import VerifySpec
 
     overrides = {
         "max_abs_err": kwargs["max_abs_err"],
@@ -536,7 +536,7 @@ def cli() -> None:
 @_json_option
 def targets_command(as_json: bool) -> None:
     """Show the GPUs, TensorRT and ONNX Runtime providers here, and what --target auto builds."""
-    from pipeline.targets import detect, plan_targets
+    from bert_compiler.core.targets import detect, plan_targets
 
     env = detect()
     plan = plan_targets("auto", (), env)
@@ -576,9 +576,9 @@ def targets_command(as_json: bool) -> None:
 def doctor_command(out: Path, target: str, as_json: bool) -> None:
     """Check this machine: versions, GPUs, TensorRT, ONNX Runtime providers, disk; say what is
     missing for which target."""
-    from pipeline.doctor import diagnose, require_target
-    from pipeline.errors import InputError
-    from pipeline.targets import detect
+    from bert_compiler.core.errors import InputError
+    from bert_compiler.core.targets import detect
+    from bert_compiler.pipeline.doctor import diagnose, require_target
 
     report = diagnose(detect(), out)
     lines = [
@@ -615,8 +615,8 @@ def doctor_command(out: Path, target: str, as_json: bool) -> None:
 )
 def export_command(opset: int, pooling: bool, **kwargs: Any) -> None:
     """Export the model to ONNX with dynamic batch and sequence axes (OUT/export)."""
-    from pipeline.export import ExportSpec, export
-    from pipeline.runner import Layout
+    from bert_compiler.pipeline.export import ExportSpec, export
+    from bert_compiler.pipeline.runner import Layout
 
     info = _resolve(kwargs)
     result = export(
@@ -633,8 +633,8 @@ def export_command(opset: int, pooling: bool, **kwargs: Any) -> None:
 @_input_option("ONNX file to simplify (default: OUT/export/model.onnx).")
 def simplify_command(input_path: Path | None, **kwargs: Any) -> None:
     """Simplify the exported graph with onnxsim, checked numerically (OUT/simplify)."""
-    from pipeline.runner import Layout
-    from pipeline.simplify import simplify
+    from bert_compiler.pipeline.runner import Layout
+    from bert_compiler.pipeline.simplify import simplify
 
     layout = Layout(kwargs["out"])
     source = input_path or _stage_file(layout.export)
@@ -648,8 +648,8 @@ def simplify_command(input_path: Path | None, **kwargs: Any) -> None:
 @click.option("--allow-unfused", is_flag=True, help="Warn instead of failing on missing fusions.")
 def fuse_command(input_path: Path | None, allow_unfused: bool, **kwargs: Any) -> None:
     """Apply ORT's transformers fusions and check their counts (OUT/fuse)."""
-    from pipeline.fuse import FuseSpec, fuse
-    from pipeline.runner import Layout
+    from bert_compiler.pipeline.fuse import FuseSpec, fuse
+    from bert_compiler.pipeline.runner import Layout
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
@@ -671,8 +671,8 @@ def fuse_command(input_path: Path | None, allow_unfused: bool, **kwargs: Any) ->
 @_input_option("Float ONNX file to calibrate (default: OUT/simplify/model.onnx).")
 def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
     """Calibrate INT8 ranges on text and write the Q/DQ graph every INT8 engine builds from."""
-    from pipeline.calibrate import calibrate
-    from pipeline.runner import Layout
+    from bert_compiler.pipeline.calibrate import calibrate
+    from bert_compiler.pipeline.runner import Layout
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
@@ -707,8 +707,13 @@ def calibrate_command(input_path: Path | None, **kwargs: Any) -> None:
 )
 def build_command(input_path: Path | None, precisions: tuple[str, ...], **kwargs: Any) -> None:
     """Build engines for --target (OUT/engines/MODEL/ENGINE, one folder per engine)."""
-    from pipeline.build import build
-    from pipeline.runner import Layout, RunSpec, engine_folder_name, resolve_build_spec
+    from bert_compiler.pipeline.build import build
+    from bert_compiler.pipeline.runner import (
+        Layout,
+        RunSpec,
+        engine_folder_name,
+        resolve_build_spec,
+    )
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
@@ -761,8 +766,8 @@ def verify_command(
 ) -> None:
     """Check an engine (or a Triton repository) against PyTorch on real text plus the task
     metric; exit 5 on failure."""
-    from pipeline.runner import Layout, find_engine
-    from pipeline.verify import REPORT_FILE, require_passed, verify
+    from bert_compiler.pipeline.runner import Layout, find_engine
+    from bert_compiler.pipeline.verify import REPORT_FILE, require_passed, verify
 
     layout = Layout(kwargs["out"])
     info = _resolve(kwargs)
@@ -788,7 +793,7 @@ def verify_command(
 
 
 def _verify_repository(info, repository: Path, layout, kwargs: dict[str, Any]) -> None:
-    from pipeline.verify import verify_repository
+    from bert_compiler.pipeline.verify import verify_repository
 
     summary = verify_repository(
         info=info,
@@ -834,7 +839,7 @@ def _verify_repository(info, repository: Path, layout, kwargs: dict[str, Any]) -
 )
 def package_command(engines: tuple[str, ...], **kwargs: Any) -> None:
     """Write a Triton model repository from the verified engines (default OUT/triton)."""
-    from pipeline.package import package, repository_summary
+    from bert_compiler.pipeline.triton.package import package, repository_summary
 
     info = _resolve(kwargs)
     result = package(
@@ -894,9 +899,9 @@ def run_command(
     **kwargs: Any,
 ) -> None:
     """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
-    from pipeline.export import ExportSpec
-    from pipeline.fuse import FuseSpec
-    from pipeline.runner import SUMMARY_FILE, RunSpec, run_pipeline
+    from bert_compiler.pipeline.export import ExportSpec
+    from bert_compiler.pipeline.fuse import FuseSpec
+    from bert_compiler.pipeline.runner import SUMMARY_FILE, RunSpec, run_pipeline
 
     info = _resolve(kwargs)
     builds, notes = _build_specs(kwargs, precisions)
@@ -943,7 +948,7 @@ def _fmt(value: float | None) -> str:
 
 def _stage_file(folder: Path) -> Path:
     """The model.onnx of a complete stage folder, checked against its manifest."""
-    from pipeline.artifacts import ArtifactDir
+    from bert_compiler.core.artifacts import ArtifactDir
 
     artifact = ArtifactDir(folder)
     artifact.require_complete()

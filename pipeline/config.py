@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import InputError
+from bert_compiler.core.errors import InputError
 
 MAX_CONFIG_BYTES = 1 << 20
 _NOT_CONFIGURABLE = {"config", "help", "version"}

@@ -13,9 +13,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import existing_ancestor, tool_versions
-from pipeline.errors import EnvironmentProblem, InputError
-from pipeline.targets import Environment, plan_targets
+from bert_compiler.core.artifacts import existing_ancestor, tool_versions
+from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.core.targets import Environment, plan_targets
 
 TARGETS = ("cpu", "cuda", "tensorrt")
 # Below this, a BERT-base run (graphs, engines for one GPU, a repository) will not fit.

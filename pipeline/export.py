@@ -13,11 +13,11 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageRecord, atomic_path
-from pipeline.errors import InputError
-from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
-from pipeline.onnx_io import load_onnx, op_counts
-from pipeline.stage import StageResult, run_stage
+from bert_compiler.core.artifacts import StageRecord, atomic_path
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import load_onnx, op_counts
+from bert_compiler.core.stage import StageResult, run_stage
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, load_torch_model
 
 log = logging.getLogger("bert_compile")
 

@@ -11,11 +11,11 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageRecord, atomic_path, input_file
-from pipeline.errors import FusionError
-from pipeline.models import ModelInfo
-from pipeline.onnx_io import load_onnx, op_counts, sample_token_feeds
-from pipeline.stage import StageResult, run_stage
+from bert_compiler.core.artifacts import StageRecord, atomic_path, input_file
+from bert_compiler.core.errors import FusionError
+from bert_compiler.core.onnx_io import load_onnx, op_counts, sample_token_feeds
+from bert_compiler.core.stage import StageResult, run_stage
+from bert_compiler.pipeline.models import ModelInfo
 
 log = logging.getLogger("bert_compile")
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.architectures import ArchitectureSpec, architecture_for
-from pipeline.artifacts import sha256_file, sha256_json
-from pipeline.errors import InputError, UnsupportedModelError
+from bert_compiler.core.artifacts import sha256_file, sha256_json
+from bert_compiler.core.errors import InputError, UnsupportedModelError
+from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_for
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 _DEFAULT_ALIASES = {

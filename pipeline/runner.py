@@ -11,7 +11,7 @@ Output tree under ``out``::
                                or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
     engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
     verify/<model>/<engine>/   report.json + manifest.json
-    triton/                    Triton model repository of the run's engines (pipeline/package.py)
+    triton/                    Triton model repository of the run's engines (pipeline/triton/package.py)
     run.json   the summary ``run --json`` prints
 """
 
@@ -23,15 +23,20 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_write_text
-from pipeline.build import BuildSpec, backend_version, build, engine_name, model_slug
-from pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
-from pipeline.export import MODEL_FILE, ExportSpec, export
-from pipeline.fuse import FuseSpec, fuse
-from pipeline.models import ModelInfo
-from pipeline.package import REPOSITORY_FOLDER, PackageSpec, package, repository_summary
-from pipeline.simplify import SimplifySpec, simplify
-from pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
+from bert_compiler.core.artifacts import atomic_write_text
+from bert_compiler.pipeline.build import BuildSpec, backend_version, build, engine_name, model_slug
+from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
+from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
+from bert_compiler.pipeline.fuse import FuseSpec, fuse
+from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.pipeline.simplify import SimplifySpec, simplify
+from bert_compiler.pipeline.triton.package import (
+    REPOSITORY_FOLDER,
+    PackageSpec,
+    package,
+    repository_summary,
+)
+from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
 
 SUMMARY_FILE = "run.json"
 log = logging.getLogger("bert_compile")
@@ -194,7 +199,7 @@ def resolve_build_spec(
         return requested
     resolved = requested
     if not resolved.compute_capability:
-        from pipeline.targets import current_gpu
+        from bert_compiler.core.targets import current_gpu
 
         capability, _ = current_gpu("a CUDA engine (use --target auto to fall back to the CPU)")
         resolved = replace(resolved, compute_capability=capability)
@@ -211,10 +216,10 @@ def resolve_build_spec(
 
 def derive_dataset_profiles(info: ModelInfo, spec: RunSpec):
     """TensorRT profiles from the token lengths of the calibration sentences (engines/tensorrt)."""
-    from calibration import datasets
-    from engines.tensorrt import derive_profiles
-    from pipeline.models import load_tokenizer
-    from pipeline.verify import resolve_max_length
+    from bert_compiler.calibration import datasets
+    from bert_compiler.engines.tensorrt import derive_profiles
+    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.verify import resolve_max_length
 
     max_length = resolve_max_length(info, spec.verify.max_length)
     texts = datasets.load_texts(spec.calibration.data_file(), column=spec.calibration.text_column)
@@ -333,8 +338,8 @@ def find_engine(
     Raises:
         InputError: no such engine, or several and none chosen.
     """
-    from pipeline.artifacts import ArtifactDir
-    from pipeline.errors import InputError
+    from bert_compiler.core.artifacts import ArtifactDir
+    from bert_compiler.core.errors import InputError
 
     def precision_of(folder: Path) -> str | None:
         manifest = ArtifactDir(folder).read_manifest()

@@ -8,10 +8,10 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import StageRecord, input_file
-from pipeline.errors import InputError
-from pipeline.onnx_io import load_onnx, op_counts, sample_token_feeds, save_onnx
-from pipeline.stage import StageResult, run_stage
+from bert_compiler.core.artifacts import StageRecord, input_file
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import load_onnx, op_counts, sample_token_feeds, save_onnx
+from bert_compiler.core.stage import StageResult, run_stage
 
 log = logging.getLogger("bert_compile")
 

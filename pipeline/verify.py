@@ -17,11 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from calibration import datasets
-from pipeline.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
-from pipeline.errors import InputError, ParityError
-from pipeline.models import ModelInfo, load_tokenizer, load_torch_model
-from pipeline.parity import (
+from bert_compiler.calibration import datasets
+from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
+from bert_compiler.core.errors import InputError, ParityError
+from bert_compiler.core.stage import StageResult, run_stage
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, load_torch_model
+from bert_compiler.pipeline.parity import (
     DEFAULT_MAX_METRIC_DROP,
     DEFAULT_MIN_METRIC_RETENTION,
     DEFAULT_TOLERANCES,
@@ -29,7 +30,6 @@ from pipeline.parity import (
     Tolerance,
     compare_batch,
 )
-from pipeline.stage import StageResult, run_stage
 
 log = logging.getLogger("bert_compile")
 
@@ -182,7 +182,7 @@ def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> Runner:
     """PyTorch fp32 with the library's default attention (not the export's eager form)."""
     import torch
 
-    from pipeline.export import ExportSpec, build_wrapper, output_name
+    from bert_compiler.pipeline.export import ExportSpec, build_wrapper, output_name
 
     model = load_torch_model(info, attn_implementation="sdpa")
     wrapper = build_wrapper(info, model, pooling_in_graph=pooling_in_graph)
@@ -375,7 +375,7 @@ def verify(
     The report is written whether parity passes or not (CI reads it); the caller raises ParityError
     from ``require_passed``.
     """
-    from pipeline.build import load_engine
+    from bert_compiler.pipeline.build import load_engine
 
     engine, engine_manifest = load_engine(engine_dir)
     return verify_engine(
@@ -469,9 +469,9 @@ def verify_repository(
         InputError: it was packaged from another model, or a config fails its checks.
         EnvironmentProblem: no engine in it can run on this machine.
     """
-    from pipeline.build import load_recorded_engine
-    from pipeline.errors import EnvironmentProblem
-    from pipeline.package import open_repository, tokenizer_mismatches
+    from bert_compiler.core.errors import EnvironmentProblem
+    from bert_compiler.pipeline.build import load_recorded_engine
+    from bert_compiler.pipeline.triton.package import open_repository, tokenizer_mismatches
 
     opened = open_repository(repository)
     packaged = opened.manifest["inputs"]["model"]["sha256"]

@@ -47,12 +47,12 @@ def _parse() -> argparse.Namespace:
 
 def _stages(info, out: Path, threads: int, int8: bool):
     """Build (or reuse) the fp32 and INT8 engines; return them and the graphs peers start from."""
-    from pipeline.build import BuildSpec, build
-    from pipeline.calibrate import calibrate
-    from pipeline.export import export
-    from pipeline.fuse import fuse
-    from pipeline.runner import Layout, engine_folder_name
-    from pipeline.simplify import simplify
+    from bert_compiler.pipeline.build import BuildSpec, build
+    from bert_compiler.pipeline.calibrate import calibrate
+    from bert_compiler.pipeline.export import export
+    from bert_compiler.pipeline.fuse import fuse
+    from bert_compiler.pipeline.runner import Layout, engine_folder_name
+    from bert_compiler.pipeline.simplify import simplify
 
     layout = Layout(out)
     exported = export(info=info, out_dir=layout.export)
@@ -85,8 +85,8 @@ def _quiet(engine_dir: Path):
     idle threads not spinning."""
     from dataclasses import replace
 
-    from engines import onnxruntime as ort_engine
-    from pipeline.artifacts import ArtifactDir
+    from bert_compiler.core.artifacts import ArtifactDir
+    from bert_compiler.engines import onnxruntime as ort_engine
 
     folder = ArtifactDir(engine_dir)
     manifest = folder.require_complete()
@@ -115,10 +115,10 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from calibration.datasets import STSB_DEV, load_stsb
-    from pipeline.export import build_wrapper
-    from pipeline.models import load_tokenizer, load_torch_model, resolve_model
-    from pipeline.verify import compute_metric
+    from bert_compiler.calibration.datasets import STSB_DEV, load_stsb
+    from bert_compiler.pipeline.export import build_wrapper
+    from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
+    from bert_compiler.pipeline.verify import compute_metric
 
     torch.set_num_threads(args.threads)
     info = resolve_model(args.model)

@@ -127,12 +127,12 @@ def main() -> None:  # noqa: C901 - a linear script: build, then measure each ru
     import torch
 
     ort.preload_dlls()
-    from calibration.datasets import load_stsb
-    from pipeline.build import BuildSpec, load_engine
-    from pipeline.export import MODEL_FILE, build_wrapper
-    from pipeline.models import load_tokenizer, load_torch_model, resolve_model
-    from pipeline.runner import Layout, RunSpec, run_pipeline
-    from pipeline.verify import VerifySpec
+    from bert_compiler.calibration.datasets import load_stsb
+    from bert_compiler.pipeline.build import BuildSpec, load_engine
+    from bert_compiler.pipeline.export import MODEL_FILE, build_wrapper
+    from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
+    from bert_compiler.pipeline.runner import Layout, RunSpec, run_pipeline
+    from bert_compiler.pipeline.verify import VerifySpec
 
     started = time.perf_counter()
     results: dict = {
@@ -198,7 +198,7 @@ def main() -> None:  # noqa: C901 - a linear script: build, then measure each ru
             runners["torch.compile fp16 (CUDA graphs)"] = lambda feeds, m=compiled: torch_run(
                 feeds, m
             )
-        from engines import onnxruntime as ort_engine
+        from bert_compiler.engines import onnxruntime as ort_engine
 
         try:
             plain = plain_ort_graph(

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verify import VerifySpec
+from bert_compiler.pipeline.verify import VerifySpec
 from tests.tiny_models import make_tiny_model
 
 # A random model embeds every sentence almost identically, so 1e-7 differences reorder STS-B
@@ -38,8 +38,8 @@ def tiny_model_copy(tiny_embedding_model, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_embedding_model, tmp_path_factory):
     """One full pipeline run on the tiny embedding model, shared by read-only tests."""
-    from pipeline.models import resolve_model
-    from pipeline.runner import RunSpec, run_pipeline
+    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 
     info = resolve_model(tiny_embedding_model)
     out = tmp_path_factory.mktemp("runs") / "tiny"

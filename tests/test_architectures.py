@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.architectures import ARCHITECTURES, architecture_for
-from pipeline.errors import UnsupportedModelError
-from pipeline.export import export
-from pipeline.fuse import fuse
-from pipeline.models import resolve_model
-from pipeline.simplify import simplify
+from bert_compiler.core.errors import UnsupportedModelError
+from bert_compiler.pipeline.architectures import ARCHITECTURES, architecture_for
+from bert_compiler.pipeline.export import export
+from bert_compiler.pipeline.fuse import fuse
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.simplify import simplify
 from tests.tiny_models import make_tiny_model
 
 

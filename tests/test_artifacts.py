@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipeline.artifacts import ArtifactDir, StageRecord, atomic_path, atomic_write_text
-from pipeline.errors import ArtifactError
-from pipeline.stage import run_stage
+from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_path, atomic_write_text
+from bert_compiler.core.errors import ArtifactError
+from bert_compiler.core.stage import run_stage
 
 
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):

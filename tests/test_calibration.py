@@ -10,21 +10,26 @@ import numpy as np
 import onnx
 import pytest
 
-from calibration import datasets
-from calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls, weight_scales
-from calibration.ranges import (
+from bert_compiler.calibration import datasets
+from bert_compiler.calibration.qdq import (
+    insert_qdq,
+    optional_inputs,
+    quantizable_matmuls,
+    weight_scales,
+)
+from bert_compiler.calibration.ranges import (
     TensorHistogram,
     amax_entropy,
     amax_percentile,
     compute_amax,
 )
-from pipeline.calibrate import (
+from bert_compiler.core.errors import InputError
+from bert_compiler.pipeline.calibrate import (
     TRT_CACHE_HEADER,
     CalibrationSpec,
     calibrate,
     trt_calibration_cache,
 )
-from pipeline.errors import InputError
 
 QUICK = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
 
@@ -75,7 +80,7 @@ def calibrated(tiny_run, tmp_path_factory):
 def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, method):
     import onnxruntime as ort
 
-    from pipeline.onnx_io import sample_token_feeds
+    from bert_compiler.core.onnx_io import sample_token_feeds
 
     info, out, results = calibrated
     result = results[method]
@@ -232,7 +237,7 @@ def test_gemm_weights_are_quantized_per_output_channel(trans_b):
 def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_path):
     import onnxruntime as ort
 
-    from pipeline.onnx_io import sample_token_feeds
+    from bert_compiler.core.onnx_io import sample_token_feeds
 
     info, out, results = calibrated
     default_ops = Counter(

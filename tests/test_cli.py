@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from bert_compiler.pipeline.cli import cli
 from tests.conftest import cpu_engine_dir
 from tests.tiny_models import edit_config
 

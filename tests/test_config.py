@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from calibration import datasets
-from pipeline.cli import cli
-from pipeline.config import command_defaults
-from pipeline.doctor import diagnose
-from pipeline.errors import InputError
-from pipeline.targets import Environment, Gpu
+from bert_compiler.calibration import datasets
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.targets import Environment, Gpu
+from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.config import command_defaults
+from bert_compiler.pipeline.doctor import diagnose
 from tests.conftest import cpu_engine_dir
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml"

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from calibration import datasets
-from pipeline.errors import InputError
+from bert_compiler.calibration import datasets
+from bert_compiler.core.errors import InputError
 
 
 def test_bundled_dev_sets_have_official_row_counts():
@@ -60,7 +60,7 @@ def test_stsb_score_must_be_a_number_in_range(tmp_path):
 def test_bundled_files_match_the_checksums_in_their_readme():
     import re
 
-    from pipeline.artifacts import sha256_file
+    from bert_compiler.core.artifacts import sha256_file
 
     table = (datasets.DATA_DIR / "README.md").read_text()
     listed = dict(re.findall(r"^\| (\S+) \| \S+ \| ([0-9a-f]{64}) \|", table, flags=re.M))

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from calibration.qdq import insert_qdq, quantizable_matmuls
-from engines.ort_int8 import lower_qdq_matmuls, weight_type_for_this_cpu
-from engines.token_packing import find_feed_forward_regions, pack_feed_forward
+from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, weight_type_for_this_cpu
+from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 
 def _run(model, feeds, optimize=True):

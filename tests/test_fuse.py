@@ -7,9 +7,9 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from pipeline.errors import FusionError
-from pipeline.fuse import compare_fusions, fuse
-from pipeline.models import resolve_model
+from bert_compiler.core.errors import FusionError
+from bert_compiler.pipeline.fuse import compare_fusions, fuse
+from bert_compiler.pipeline.models import resolve_model
 
 
 def test_compare_fusions_sums_the_gelu_family():

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engines.tensorrt import Profile, TensorRTOptions
-from pipeline.build import BuildSpec, load_engine
-from pipeline.errors import EnvironmentProblem
-from pipeline.models import resolve_model
-from pipeline.runner import RunSpec, run_pipeline
+from bert_compiler.core.errors import EnvironmentProblem
+from bert_compiler.engines.tensorrt import Profile, TensorRTOptions
+from bert_compiler.pipeline.build import BuildSpec, load_engine
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from tests.conftest import TINY_VERIFY
 
 
@@ -97,7 +97,7 @@ def test_ort_cuda_engine_refused_on_another_gpu(tiny_embedding_model, tmp_path):
 
 
 def _engine_config(repository: Path, name: str):
-    from pipeline.triton_config import parse
+    from bert_compiler.pipeline.triton.config import parse
 
     path = repository / name / "config.pbtxt"
     return parse(path.read_text(), path)
@@ -108,9 +108,9 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     """ORT CUDA fp16 + fp32 and the CPU engine packaged together; verify --repository loads the
     file named for this GPU's compute capability and re-verifies every engine."""
     _skip_unless(_ort_cuda_reason())
-    from pipeline.package import PackageSpec
-    from pipeline.targets import current_gpu
-    from pipeline.verify import verify_repository
+    from bert_compiler.core.targets import current_gpu
+    from bert_compiler.pipeline.triton.package import PackageSpec
+    from bert_compiler.pipeline.verify import verify_repository
 
     info = resolve_model(tiny_embedding_model)
     builds = (
@@ -155,8 +155,8 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
         BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
     )
-    from pipeline.package import PackageSpec
-    from pipeline.verify import verify_repository
+    from bert_compiler.pipeline.triton.package import PackageSpec
+    from bert_compiler.pipeline.verify import verify_repository
 
     summary = run_pipeline(
         info=info,
@@ -186,7 +186,7 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         feeds = {n: np.ones((batch, seq), dtype=np.int64) for n in info.architecture.input_names}
         (out,) = engine.run(feeds).values()
         assert out.shape[0] == batch and np.isfinite(out).all()
-    from pipeline.errors import InputError
+    from bert_compiler.core.errors import InputError
 
     with pytest.raises(InputError, match="outside every profile"):
         engine.run({n: np.ones((65, 8), dtype=np.int64) for n in info.architecture.input_names})

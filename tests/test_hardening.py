@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.artifacts import ArtifactDir
-from pipeline.cli import cli
-from pipeline.errors import ArtifactError
+from bert_compiler.core.artifacts import ArtifactDir
+from bert_compiler.core.errors import ArtifactError
+from bert_compiler.pipeline.cli import cli
 
 QUICK = ["--metric-limit", "100", "--no-metric-gate"]
 
@@ -30,7 +30,7 @@ def _invoke(*args):
 
 def _start(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *map(str, args)],
+        [sys.executable, "-m", "bert_compiler.pipeline.cli", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -64,7 +64,7 @@ def test_a_second_writer_is_refused_naming_the_holder(tiny_embedding_model, tmp_
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from pipeline.lock import output_lock\n"
+            "from bert_compiler.core.lock import output_lock\n"
             "with output_lock(sys.argv[1]):\n"
             "    print('held', flush=True)\n"
             "    time.sleep(60)\n",
@@ -130,10 +130,12 @@ def test_too_little_space_is_refused_before_the_old_artifact_is_touched(
 ):
     assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
     before = (tmp_path / "export" / "manifest.json").read_text()
-    import pipeline.artifacts
+    import bert_compiler.core.artifacts
 
     monkeypatch.setattr(
-        pipeline.artifacts.shutil, "disk_usage", lambda _p: DiskUsage(1 << 40, 1 << 40, 1 << 20)
+        bert_compiler.core.artifacts.shutil,
+        "disk_usage",
+        lambda _p: DiskUsage(1 << 40, 1 << 40, 1 << 20),
     )
     result = _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path, "--force")
     assert result.exit_code == 3
@@ -146,13 +148,13 @@ def test_disk_full_mid_write_is_a_clear_error_and_the_rerun_resumes(
     tiny_embedding_model, tmp_path, monkeypatch
 ):
     assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
-    import pipeline.artifacts
+    import bert_compiler.core.artifacts
 
     def full(_fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline.artifacts.os, "fsync", full)
+        patch.setattr(bert_compiler.core.artifacts.os, "fsync", full)
         result = _invoke("simplify", "--out", tmp_path)
     assert result.exit_code == 3 and "no space left while writing" in result.stderr
     assert "Traceback" not in result.output

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli import cli
+from bert_compiler.pipeline.cli import cli
 from tests.conftest import cpu_engine_dir
 from tests.test_models import _pickle_only
 from tests.test_onnx_io import _with_external_location

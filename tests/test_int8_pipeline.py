@@ -6,11 +6,11 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline.build import BuildSpec
-from pipeline.calibrate import CalibrationSpec
-from pipeline.models import resolve_model
-from pipeline.runner import RunSpec, run_pipeline
-from pipeline.verify import metric_gate_failures
+from bert_compiler.pipeline.build import BuildSpec
+from bert_compiler.pipeline.calibrate import CalibrationSpec
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+from bert_compiler.pipeline.verify import metric_gate_failures
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 CALIBRATION = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
@@ -90,7 +90,7 @@ def test_fallback_reports_failure_when_nothing_is_left(tiny_embedding_model, tmp
 
 
 def test_metric_gates():
-    from pipeline.verify import MetricResult, VerifySpec
+    from bert_compiler.pipeline.verify import MetricResult, VerifySpec
 
     torch_metric = MetricResult("stsb_spearman", 86.72, 1500)
     int8 = VerifySpec(precision="int8")
@@ -110,7 +110,7 @@ def test_metric_gates():
 
 
 def test_retention_of_a_non_positive_metric_is_refused():
-    from pipeline.verify import MetricResult, VerifySpec
+    from bert_compiler.pipeline.verify import MetricResult, VerifySpec
 
     failures = metric_gate_failures(
         MetricResult("stsb_spearman", -6.3, 100),

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from pipeline.errors import InputError, UnsupportedModelError
-from pipeline.models import load_torch_model, resolve_model
+from bert_compiler.core.errors import InputError, UnsupportedModelError
+from bert_compiler.pipeline.models import load_torch_model, resolve_model
 from tests.tiny_models import edit_config
 
 

@@ -9,8 +9,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.errors import InputError
-from pipeline.onnx_io import load_onnx
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import load_onnx
 
 
 def _graph(node=None, initializer=None):

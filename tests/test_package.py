@@ -13,10 +13,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from pipeline import triton_config as tc
-from pipeline.artifacts import sha256_file
-from pipeline.errors import ArtifactError, InputError, ParityError
-from pipeline.package import (
+from bert_compiler.core.artifacts import sha256_file
+from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.package import (
     PackageSpec,
     VerifiedEngine,
     _batching,
@@ -26,8 +26,8 @@ from pipeline.package import (
     package,
     tokenizer_json,
 )
-from pipeline.triton_tokenizer_model import decode_texts, encode
-from pipeline.verify import tokenize, verify_repository
+from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode
+from bert_compiler.pipeline.verify import tokenize, verify_repository
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
@@ -127,7 +127,7 @@ HARD_TEXTS = [
 def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
     from tokenizers import Tokenizer
 
-    from pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.models import load_tokenizer
 
     info, _out, result = repository
     folder = result.path / f"{info.name}-tokenizer"
@@ -239,7 +239,7 @@ def test_files_the_packager_did_not_write_are_refused(repository_copy):
 
 
 def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier_model):
-    from pipeline.models import resolve_model
+    from bert_compiler.pipeline.models import resolve_model
 
     _info, out, copy = repository_copy
     other = resolve_model(tiny_classifier_model)

@@ -12,8 +12,12 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from engines import onnxruntime as ort_engine
-from engines.tensorrt import (
+from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
+from bert_compiler.core.targets import Environment, Gpu, detect, parse_nvidia_smi, plan_targets
+from bert_compiler.engines import onnxruntime as ort_engine
+from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
+from bert_compiler.engines.tensorrt import (
     Profile,
     TensorRTOptions,
     compatibility_problems,
@@ -21,12 +25,8 @@ from engines.tensorrt import (
     prepare_network_graph,
     select_profile,
 )
-from pipeline.build import BuildSpec, engine_name, model_slug
-from pipeline.cli import cli
-from pipeline.errors import EnvironmentProblem, InputError
-from pipeline.fp16 import convert_to_fp16, float16_fraction, head_nodes
-from pipeline.onnx_io import load_onnx, sample_token_feeds
-from pipeline.targets import Environment, Gpu, detect, parse_nvidia_smi, plan_targets
+from bert_compiler.pipeline.build import BuildSpec, engine_name, model_slug
+from bert_compiler.pipeline.cli import cli
 
 H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 81559, "580.159.04")
 A100 = Gpu(1, "NVIDIA A100-SXM4-80GB", "8.0", 81920, "580.159.04")
@@ -409,7 +409,7 @@ def test_signal_watch_sees_sigterm_while_the_main_thread_waits_in_native_code():
     import threading
     import time
 
-    from engines.tensorrt import SignalWatch
+    from bert_compiler.engines.tensorrt import SignalWatch
 
     handled = []
     previous = {

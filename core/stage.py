@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import ArtifactDir, StageRecord, check_free_space
+from bert_compiler.core.artifacts import ArtifactDir, StageRecord, check_free_space
 
 log = logging.getLogger("bert_compile")
 

@@ -33,8 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import triton_config as tc
-from pipeline.artifacts import (
+from bert_compiler.core.artifacts import (
     ArtifactDir,
     StageRecord,
     check_free_space,
@@ -43,11 +42,12 @@ from pipeline.artifacts import (
     sha256_file,
     staging_tree,
 )
-from pipeline.build import model_slug
-from pipeline.errors import ArtifactError, InputError, ParityError
-from pipeline.models import ModelInfo
-from pipeline.stage import StageResult
-from pipeline.triton_tokenizer_model import TEXT_INPUT
+from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.core.stage import StageResult
+from bert_compiler.pipeline.build import model_slug
+from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.tokenizer_model import TEXT_INPUT
 
 log = logging.getLogger("bert_compile")
 
@@ -55,8 +55,8 @@ REPOSITORY_FOLDER = "triton"
 VERSION = "1"
 TEXT = tc.TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))
 _TEMPLATES = {
-    "tokenizer": Path(__file__).with_name("triton_tokenizer_model.py"),
-    "python-engine": Path(__file__).with_name("triton_onnxruntime_model.py"),
+    "tokenizer": Path(__file__).with_name("tokenizer_model.py"),
+    "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
 }
 _WARMUP_TEXT = (
     "A man is playing a large flute while a small crowd listens in the park, and two dogs run "
@@ -122,8 +122,8 @@ def verified_engines(
         ParityError: an engine failed verification.
         ArtifactError: an engine or report does not match its manifest.
     """
-    from pipeline.runner import Layout
-    from pipeline.verify import resolve_max_length
+    from bert_compiler.pipeline.runner import Layout
+    from bert_compiler.pipeline.verify import resolve_max_length
 
     layout = Layout(Path(out))
     root = layout.root / "engines" / model_slug(info.name)
@@ -258,7 +258,7 @@ def _check_one_version(kind: str, engines: list[VerifiedEngine]) -> str:
 def _engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
     """The tensors Triton sees: from the ONNX Runtime engine itself, or from the exact graph
     TensorRT parsed (kept beside the plan)."""
-    from pipeline.onnx_io import load_onnx
+    from bert_compiler.core.onnx_io import load_onnx
 
     if engine.spec["backend"] == "tensorrt":
         graph = ArtifactDir(engine.folder).output_path(engine.results["network_file"])
@@ -278,7 +278,7 @@ def _batching(
     """
     if engine.spec["backend"] != "tensorrt":
         return spec.max_batch_size, [], [], [min(max_length, 128)]
-    from engines.tensorrt import Profile
+    from bert_compiler.engines.tensorrt import Profile
 
     profiles = [Profile.parse(p) for p in engine.spec["tensorrt"]["profiles"]]
     max_batch = min(p.max_batch for p in profiles)
@@ -311,7 +311,7 @@ def tokenizer_json(info: ModelInfo, max_length: int) -> str:
     """
     from tokenizers import Tokenizer
 
-    from pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.models import load_tokenizer
 
     hf = load_tokenizer(info)
     if not getattr(hf, "is_fast", False):
@@ -337,10 +337,10 @@ def tokenizer_mismatches(info: ModelInfo, tokenizer_file: Path, max_length: int)
     """
     from tokenizers import Tokenizer
 
-    from calibration import datasets
-    from pipeline.models import load_tokenizer
-    from pipeline.triton_tokenizer_model import encode
-    from pipeline.verify import VerifySpec, parity_batches, tokenize
+    from bert_compiler.calibration import datasets
+    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.triton.tokenizer_model import encode
+    from bert_compiler.pipeline.verify import VerifySpec, parity_batches, tokenize
 
     try:
         repository_tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -370,7 +370,7 @@ def _warmups(
     """Warmup requests of real tokens at each length, batch 1 and the largest batch."""
     import numpy as np
 
-    from pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(info)
     warmups, files = [], {}
@@ -633,7 +633,7 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
     files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
     recorded), file hashes against the engines they were copied from, the tokenizer's outputs
     against the engines' inputs, and each ensemble's wiring."""
-    from pipeline.onnx_io import load_onnx
+    from bert_compiler.core.onnx_io import load_onnx
 
     configs, problems = {}, []
     for name in records:

@@ -14,7 +14,7 @@ import subprocess  # nosec B404: fixed argv, no shell
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipeline.errors import EnvironmentProblem, InputError
+from bert_compiler.core.errors import EnvironmentProblem, InputError
 
 log = logging.getLogger("bert_compile")
 

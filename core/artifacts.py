@@ -23,8 +23,8 @@ from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pipeline import __version__
-from pipeline.errors import ArtifactError, InputError
+from bert_compiler.core import __version__
+from bert_compiler.core.errors import ArtifactError, InputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1

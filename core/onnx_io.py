@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from pipeline.artifacts import atomic_path
-from pipeline.errors import InputError
+from bert_compiler.core.artifacts import atomic_path
+from bert_compiler.core.errors import InputError
 
 # Standard ops plus the contrib domain ORT's fusions emit; anything else (custom domains, plugin
 # ops, EPContext nodes pointing at engine blobs) is rejected by the stage that reads the graph.

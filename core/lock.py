@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.errors import BusyError, InputError
+from bert_compiler.core.errors import BusyError, InputError
 
 LOCK_FILE = ".bert-compile.lock"
 HOLDER_FILE = ".bert-compile.lock.json"

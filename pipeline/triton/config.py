@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import EnvironmentProblem, InputError
+from bert_compiler.core.errors import EnvironmentProblem, InputError
 
 CONFIG_FILE = "config.pbtxt"
 WARMUP_FOLDER = "warmup"

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from pipeline.errors import InputError
+from bert_compiler.core.errors import InputError
 
 _ENCODER_LAST_OPS = ("LayerNormalization", "SkipLayerNormalization")
 

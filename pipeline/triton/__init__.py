@@ -1,0 +1,1 @@
+"""Triton Inference Server: the model repository of verified engines and its deployment gate."""
