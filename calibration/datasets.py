@@ -17,6 +17,8 @@ STSB_DEV = DATA_DIR / "stsb-dev.tsv"
 SST2_DEV = DATA_DIR / "sst2-dev.tsv"
 CALIBRATION_SENTENCES = DATA_DIR / "calibration-sentences.tsv"
 MAX_LINE_BYTES = 1 << 20
+# The column (TSV) or key (JSONL) that holds the text unless the user names another.
+TEXT_COLUMN = "sentence"
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ def load_sst2(path: Path = SST2_DEV) -> LabeledSentences:
 
 
 def load_texts(
-    path: Path, *, column: str = "sentence", max_line_bytes: int = MAX_LINE_BYTES
+    path: Path, *, column: str = TEXT_COLUMN, max_line_bytes: int = MAX_LINE_BYTES
 ) -> list[str]:
     """Sentences from a TSV (named column), JSONL (named key) or TXT (one per line) file.
 

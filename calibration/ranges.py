@@ -153,7 +153,7 @@ def amax_entropy(hist: TensorHistogram, *, levels: int = INT8_LEVELS + 1) -> flo
 
 
 def compute_amax(
-    histograms: Mapping[str, TensorHistogram], method: str, *, percentile: float = 99.999
+    histograms: Mapping[str, TensorHistogram], method: str, *, percentile: float | None = None
 ) -> dict[str, float]:
     """Per-tensor amax by ``method`` (minmax, percentile or entropy).
 
@@ -162,7 +162,7 @@ def compute_amax(
     """
     if method not in METHODS:
         raise InputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    if method == "percentile" and not 0 < percentile <= 100:
+    if method == "percentile" and (percentile is None or not 0 < percentile <= 100):
         raise InputError(f"--percentile {percentile}: must be in (0, 100]")
     pick = {
         "minmax": amax_minmax,

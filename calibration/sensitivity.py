@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+
 
 @dataclass(frozen=True)
 class Sensitivity:
@@ -64,8 +66,6 @@ def rank_sensitivity(
         Sensitivities, most harmful first.
     """
     import onnx
-
-    from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
 
     matmuls = [m.node_name for m in quantizable_matmuls(float_model)]
     results = []

@@ -19,6 +19,9 @@ from bert_compiler.core.errors import EnvironmentProblem, InputError
 log = logging.getLogger("bert_compile")
 
 TARGET_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+DEFAULT_TARGET = "auto"
+PRECISIONS = ("fp32", "fp16", "int8")
+DEVICES = ("cpu", "cuda")
 _SMI_FIELDS = "index,name,compute_cap,memory.total,driver_version"
 
 

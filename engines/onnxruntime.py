@@ -8,8 +8,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.core.onnx_io import load_onnx
+from bert_compiler.core.targets import current_gpu
+from bert_compiler.engines.backend import Backend, BuildJob, BuildSpec, gpu_facts, register
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
+from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
+from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, weight_type_for_this_cpu
+from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 ENGINE_FILE = "model.onnx"
 _LEVELS = {
@@ -19,6 +26,9 @@ _LEVELS = {
     "all": "ORT_ENABLE_ALL",
 }
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# ORT graph optimization levels as Triton's ONNX Runtime backend spells them in
+# optimization.graph.level (0, the default, is ORT_ENABLE_ALL).
+TRITON_GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disable": 2}
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -185,14 +195,8 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
     facts: dict[str, Any] = {"provider": provider, "onnxruntime": ort.__version__}
     model: Any = str(source)
     if options.lower_int8 or options.pack_tokens or options.fp16:
-        from bert_compiler.core.onnx_io import load_onnx
-        from bert_compiler.engines.ort_int8 import lower_qdq_matmuls
-        from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
-
         graph = load_onnx(Path(source))
         if options.fp16:
-            from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
-
             graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
             facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)
         if options.lower_int8:
@@ -326,7 +330,7 @@ class OrtEngine:
 def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
     """Create a session for an engine file with its recorded options.
 
-    The caller checks the file's sha256 against its manifest first (pipeline.build.load_engine).
+    The caller checks the file's sha256 against its manifest first (backend.load_engine).
 
     Raises:
         EnvironmentProblem: a provider is missing, or ORT placed the graph on another provider
@@ -356,3 +360,135 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
             "silent fallback"
         )
     return OrtEngine(session, provider, Path(path), options)
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime on the CPU or CUDA: the fused graph (fp32, fp16) or the lowered Q/DQ graph
+    (int8, CPU only), optimized offline and loaded with the recorded session options."""
+
+    name = "onnxruntime"
+    tag = "ort"
+    file_suffix = ".onnx"
+    triton_platform = "onnxruntime_onnx"
+    version_key = "onnxruntime"
+
+    def version(self) -> str:
+        import onnxruntime
+
+        return onnxruntime.__version__
+
+    def check(self, spec: BuildSpec) -> None:
+        if spec.device == "cuda" and spec.precision == "int8":
+            raise InputError(
+                "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
+                "with --target tensorrt, or fp16 for ONNX Runtime CUDA"
+            )
+
+    def applicable(self, spec: BuildSpec) -> BuildSpec:
+        # CUDA graphs and ORT's TensorRT provider exist only on the CUDA provider.
+        return spec if spec.device == "cuda" else super().applicable(spec)
+
+    def source_stage(self, spec: BuildSpec) -> str:
+        return "calibrate" if spec.precision == "int8" else "fuse"
+
+    def folder_parts(self, spec: BuildSpec) -> list[str]:
+        if spec.device == "cuda":
+            return [spec.device, "sm" + spec.compute_capability.replace(".", "")]
+        return [spec.device]
+
+    def variants(self, spec: BuildSpec) -> list[str]:
+        return [
+            name
+            for name, on in (("cudagraph", spec.cuda_graph), ("trtep", spec.ort_tensorrt_provider))
+            if on
+        ]
+
+    @staticmethod
+    def options(spec: BuildSpec) -> OrtEngineOptions:
+        """The engine options a build spec asks for."""
+        int8 = spec.precision == "int8"
+        return OrtEngineOptions(
+            device=spec.device,
+            intra_op_num_threads=spec.intra_op_num_threads,
+            lower_int8=int8,
+            # Part of the build record: an engine built on a VNNI CPU differs from one without.
+            int8_weights=weight_type_for_this_cpu() if int8 else "s8",
+            pack_tokens=spec.pack_tokens and spec.device == "cpu",
+            fp16=spec.precision == "fp16",
+            keep_float_ops=spec.keep_float_ops,
+            cuda_graph=spec.cuda_graph,
+            tensorrt_provider=spec.ort_tensorrt_provider,
+        )
+
+    def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
+        options = self.options(spec)
+
+        def prepare() -> None:
+            # ORT would follow the graph's external-data paths itself: check containment first.
+            load_onnx(source)
+
+        def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
+            facts = gpu_facts(spec)
+            with atomic_path(folder / ENGINE_FILE) as staging:
+                facts.update(build_engine(source, staging, options))
+            # Prove the engine loads with the options recorded for it before calling it complete.
+            engine = load(folder / ENGINE_FILE, options)
+            return [ENGINE_FILE], {
+                **facts,
+                "engine_file": ENGINE_FILE,
+                "inputs": engine.input_names,
+                "outputs": engine.output_names,
+            }
+
+        settings = {
+            "session": options.to_dict(),
+            # Relative cache path: the record must not change when the output tree moves.
+            "providers": provider_entries(options, Path(".")),
+        }
+        return BuildJob(settings=settings, prepare=prepare, body=body)
+
+    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+        options = OrtEngineOptions.from_dict(spec.get("session", {}))
+        if options.device == "cuda":
+            # An ORT CUDA engine is optimized offline for one GPU: refuse it on another.
+            capability, _ = current_gpu(f"{engine_path}: this CUDA engine")
+            if results.get("compute_capability") != capability:
+                raise EnvironmentProblem(
+                    f"{engine_path}: built for compute capability "
+                    f"{results.get('compute_capability')}, this GPU is {capability}; build an "
+                    "engine for it (--target auto)"
+                )
+        return load(engine_path, options)
+
+    def triton_kind(self, spec: Mapping[str, Any]) -> str:
+        session = spec.get("session", {})
+        parts = ["ort", spec["device"], spec["precision"]]
+        if session.get("cuda_graph"):
+            parts.append("cudagraph")
+        if session.get("tensorrt_provider"):
+            parts.append("trtep")
+        return "-".join(parts)
+
+    def triton_parameters(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        session = spec.get("session", {})
+        gpu = spec["device"] == "cuda"
+        return {
+            "graph_level": TRITON_GRAPH_LEVELS[session.get("runtime_level", "all")],
+            "parameters": session_parameters(session),
+            # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
+            "gpu_accelerator": {"use_tf32": "0"} if gpu and spec["precision"] == "fp32" else None,
+        }
+
+
+def session_parameters(session: Mapping[str, Any], python: bool = False) -> dict[str, str]:
+    """Triton parameters that load a recorded ORT engine as its build recorded: the thread count,
+    and (for the Python backend, which creates its own session) the graph optimization level."""
+    parameters = {}
+    if session.get("intra_op_num_threads"):
+        parameters["intra_op_thread_count"] = str(session["intra_op_num_threads"])
+    if python:
+        parameters["graph_optimization_level"] = session.get("runtime_level", "all")
+    return parameters
+
+
+BACKEND = register(OnnxRuntimeBackend())

@@ -13,237 +13,40 @@ options) is plain Python and tested on CPU; ``tensorrt`` and ``torch.cuda`` are 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
+from bert_compiler.core.onnx_io import load_onnx, save_onnx
 from bert_compiler.core.targets import current_gpu
+from bert_compiler.engines.backend import (
+    Backend,
+    BuildJob,
+    BuildSpec,
+    TritonBatching,
+    gpu_facts,
+    register,
+)
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
+from bert_compiler.engines.fp16 import convert_to_fp16
+from bert_compiler.engines.tensorrt_options import (
+    Profile,
+    TensorRTOptions,
+    compatibility_problems,
+    select_profile,
+    target_tag,
+)
 
 log = logging.getLogger("bert_compile")
 
 PLAN_FILE = "model.plan"
 NETWORK_FILE = "network.onnx"
-HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
-MAX_PROFILE_BATCH = 4096
 _TRT_LEVELS = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
-
-
-@dataclass(frozen=True)
-class Profile:
-    """One optimization profile: the batch and sequence ranges an engine accepts, and the shape
-    its kernels are tuned for (``opt``)."""
-
-    min_batch: int
-    opt_batch: int
-    max_batch: int
-    min_seq: int
-    opt_seq: int
-    max_seq: int
-
-    def validate(self, max_positions: int | None = None) -> None:
-        """Raises InputError for empty, inverted or absurd ranges."""
-        batch = (self.min_batch, self.opt_batch, self.max_batch)
-        seq = (self.min_seq, self.opt_seq, self.max_seq)
-        if not (1 <= batch[0] <= batch[1] <= batch[2] <= MAX_PROFILE_BATCH):
-            raise InputError(
-                f"profile batch {batch}: need 1 <= min <= opt <= max <= {MAX_PROFILE_BATCH}"
-            )
-        limit = max_positions or 1 << 16
-        if not (1 <= seq[0] <= seq[1] <= seq[2] <= limit):
-            raise InputError(
-                f"profile sequence {seq}: need 1 <= min <= opt <= max <= {limit} "
-                "(the model's max_position_embeddings)"
-            )
-
-    def accepts(self, batch: int, seq: int) -> bool:
-        return self.min_batch <= batch <= self.max_batch and self.min_seq <= seq <= self.max_seq
-
-    def shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-        """(min, opt, max) shapes of every [batch, sequence] input."""
-        return (
-            (self.min_batch, self.min_seq),
-            (self.opt_batch, self.opt_seq),
-            (self.max_batch, self.max_seq),
-        )
-
-    @classmethod
-    def parse(cls, text: str) -> Profile:
-        """Parse ``BxS:BxS:BxS`` (min, opt, max; batch x sequence), e.g. ``1x8:32x128:64x128``.
-
-        Raises:
-            InputError: malformed text.
-        """
-        try:
-            shapes = [tuple(int(v) for v in part.split("x")) for part in text.split(":")]
-            if len(shapes) != 3 or any(len(s) != 2 for s in shapes):
-                raise ValueError
-        except ValueError as err:
-            raise InputError(
-                f"--profile {text!r}: expected min:opt:max as BxS:BxS:BxS, e.g. 1x8:32x128:64x128"
-            ) from err
-        (b0, s0), (b1, s1), (b2, s2) = shapes
-        return cls(b0, b1, b2, s0, s1, s2)
-
-    def __str__(self) -> str:
-        (b0, s0), (b1, s1), (b2, s2) = self.shapes()
-        return f"{b0}x{s0}:{b1}x{s1}:{b2}x{s2}"
-
-
-def derive_profiles(
-    token_lengths: Sequence[int], *, max_batch: int, max_length: int, buckets: int = 2
-) -> tuple[Profile, ...]:
-    """Profiles from the token lengths of a sample of real inputs.
-
-    Sequence ranges split at length quantiles (rounded up to a multiple of 8, where tensor-core
-    kernels tile), so short inputs run on kernels tuned for short shapes; the last profile always
-    reaches ``max_length`` so no input is refused. Each profile is tuned at its largest sequence
-    and the full batch: the shape that decides throughput.
-
-    Raises:
-        InputError: no lengths, or bad limits.
-    """
-    if not token_lengths:
-        raise InputError("cannot derive profiles from an empty dataset")
-    if buckets < 1 or max_batch < 1 or max_length < 1:
-        raise InputError("profiles need buckets, max_batch and max_length >= 1")
-    ordered = sorted(token_lengths)
-    bounds: list[int] = []
-    for k in range(1, buckets):
-        quantile = ordered[min(len(ordered) - 1, math.ceil(k * len(ordered) / buckets) - 1)]
-        bound = min(max_length, max(8, -(-quantile // 8) * 8))
-        if bound < max_length and (not bounds or bound > bounds[-1]):
-            bounds.append(bound)
-    bounds.append(max_length)
-    profiles = []
-    low = 1
-    for bound in bounds:
-        profiles.append(Profile(1, max_batch, max_batch, low, bound, bound))
-        low = bound + 1
-    return tuple(profiles)
-
-
-def select_profile(profiles: Sequence[Profile], batch: int, seq: int) -> int:
-    """Index of the profile to run ``[batch, seq]`` with: the narrowest one that accepts it.
-
-    Raises:
-        InputError: no profile accepts the shape.
-    """
-    fits = [i for i, p in enumerate(profiles) if p.accepts(batch, seq)]
-    if not fits:
-        ranges = ", ".join(str(p) for p in profiles)
-        raise InputError(
-            f"input shape batch={batch} sequence={seq} is outside every profile of the engine "
-            f"({ranges}); rebuild with a --profile that covers it"
-        )
-    return min(fits, key=lambda i: (profiles[i].max_seq, profiles[i].max_batch))
-
-
-@dataclass(frozen=True)
-class TensorRTOptions:
-    """How a plan is built and what it needs at load time.
-
-    Attributes:
-        profiles: optimization profiles; empty means derive them from the dataset's token lengths.
-        builder_optimization_level: 0-5; higher searches more tactics (slower build).
-        workspace_mib: cap on the builder's scratch memory; 0 leaves TensorRT's default.
-        timing_cache: file the timing cache is read from and written back to; reused across
-            builds (and models) of the same TensorRT version and GPU, it skips re-timing tactics.
-        hardware_compatibility: ``none`` (this compute capability only), ``ampere_plus`` (any
-            sm80+) or ``same_compute_capability``.
-        version_compatible: plan runs on later TensorRT versions; it embeds host code, which the
-            loader must explicitly allow.
-    """
-
-    profiles: tuple[Profile, ...] = ()
-    builder_optimization_level: int = 3
-    workspace_mib: int = 0
-    timing_cache: str = ""
-    hardware_compatibility: str = "none"
-    version_compatible: bool = False
-
-    def validate(self, max_positions: int | None = None) -> None:
-        if not 0 <= self.builder_optimization_level <= 5:
-            raise InputError(
-                f"--builder-optimization-level {self.builder_optimization_level}: expected 0-5"
-            )
-        if self.hardware_compatibility not in HARDWARE_COMPATIBILITY:
-            raise InputError(
-                f"--hardware-compatibility {self.hardware_compatibility!r}: expected one of "
-                f"{', '.join(HARDWARE_COMPATIBILITY)}"
-            )
-        if self.workspace_mib < 0:
-            raise InputError(f"--workspace-mib {self.workspace_mib}: must be >= 0")
-        for profile in self.profiles:
-            profile.validate(max_positions)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["profiles"] = [str(p) for p in self.profiles]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TensorRTOptions:
-        values = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        values["profiles"] = tuple(Profile.parse(p) for p in data.get("profiles", ()))
-        return cls(**values)
-
-
-def target_tag(compute_capability: str, options: TensorRTOptions) -> str:
-    """The GPU part of an engine's folder name: ``sm90``, or the compatibility level."""
-    if options.hardware_compatibility == "ampere_plus":
-        return "ampere_plus"
-    return "sm" + compute_capability.replace(".", "")
-
-
-def compatibility_problems(
-    *,
-    built_tensorrt: str,
-    built_compute_capability: str,
-    options: TensorRTOptions,
-    runtime_tensorrt: str,
-    runtime_compute_capability: str,
-) -> list[str]:
-    """Why a plan built with ``built_*`` cannot run here (empty when it can).
-
-    TensorRT's own rules: a plan runs only on the TensorRT version that built it unless it is
-    version-compatible (then on the same or a later version of that major, and TensorRT 10 plans
-    on 11); only on the building GPU's compute capability unless built hardware-compatible
-    (``ampere_plus``: any sm80 or newer).
-    """
-    problems = []
-    built_v = tuple(int(p) for p in built_tensorrt.split(".")[:3] if p.isdigit())
-    runtime_v = tuple(int(p) for p in runtime_tensorrt.split(".")[:3] if p.isdigit())
-    if options.version_compatible:
-        if runtime_v < built_v or runtime_v[:1] > (built_v[0] + 1,):
-            problems.append(
-                f"TensorRT {runtime_tensorrt} cannot run a version-compatible plan built with "
-                f"{built_tensorrt} (needs that version or a later one, up to the next major)"
-            )
-    elif runtime_v != built_v:
-        problems.append(
-            f"plan built with TensorRT {built_tensorrt}, this machine has {runtime_tensorrt}; "
-            "rebuild it here (or build with --version-compatible)"
-        )
-    built_cc = tuple(int(p) for p in built_compute_capability.split("."))
-    runtime_cc = tuple(int(p) for p in runtime_compute_capability.split("."))
-    if options.hardware_compatibility == "ampere_plus":
-        if runtime_cc < (8, 0):
-            problems.append(
-                f"plan is hardware-compatible for Ampere and newer; this GPU is sm"
-                f"{runtime_compute_capability.replace('.', '')}"
-            )
-    elif runtime_cc != built_cc:
-        problems.append(
-            f"plan built for compute capability {built_compute_capability}, this GPU is "
-            f"{runtime_compute_capability}; build an engine for this GPU (--target auto)"
-        )
-    return problems
 
 
 def prepare_network_graph(model, *, precision: str, keep_float_ops: Sequence[str] = ()):
@@ -253,8 +56,6 @@ def prepare_network_graph(model, *, precision: str, keep_float_ops: Sequence[str
         InputError: the graph holds ORT contrib ops (a fused graph), or an int8 build got a graph
             without Q/DQ, or an unknown precision.
     """
-    from bert_compiler.engines.fp16 import convert_to_fp16
-
     contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if contrib:
         raise InputError(
@@ -402,8 +203,6 @@ def build_engine(
         InputError: the parser or builder rejects the graph (their messages included).
         EnvironmentProblem: tensorrt or a GPU is missing.
     """
-
-    from bert_compiler.core.artifacts import atomic_path
 
     trt = _import_tensorrt()
     capability, gpu = current_gpu("building a TensorRT plan")
@@ -567,7 +366,7 @@ def load(
 ) -> TensorRTEngine:
     """Check the plan fits this GPU and TensorRT version, then deserialize it.
 
-    The caller has checked the plan's sha256 against its manifest (pipeline.build.load_engine):
+    The caller has checked the plan's sha256 against its manifest (backend.load_engine):
     a plan is executable code and only plans this tool recorded are loaded.
 
     Raises:
@@ -587,3 +386,141 @@ def load(
     if problems:
         raise EnvironmentProblem(f"{plan_path}: " + "; ".join(problems))
     return TensorRTEngine(Path(plan_path).read_bytes(), options, Path(plan_path))
+
+
+class TensorRTBackend(Backend):
+    """TensorRT plans, strongly typed, from the standard-ops graph (fp32, fp16) or the calibrated
+    Q/DQ graph (int8), with optimization profiles and a timing cache shared per GPU."""
+
+    name = "tensorrt"
+    tag = "trt"
+    file_suffix = ".plan"
+    triton_platform = "tensorrt_plan"
+    version_key = "tensorrt"
+
+    def version(self) -> str:
+        return str(_import_tensorrt().__version__)
+
+    def check(self, spec: BuildSpec) -> None:
+        if spec.device != "cuda":
+            raise InputError("TensorRT engines run on cuda only")
+
+    def source_stage(self, spec: BuildSpec) -> str:
+        return "calibrate" if spec.precision == "int8" else "simplify"
+
+    def folder_parts(self, spec: BuildSpec) -> list[str]:
+        return [target_tag(spec.compute_capability, spec.tensorrt)]
+
+    def variants(self, spec: BuildSpec) -> list[str]:
+        return ["vc"] if spec.tensorrt.version_compatible else []
+
+    def complete(self, spec, *, derive_profiles, timing_cache):
+        options = spec.tensorrt
+        if not options.profiles:
+            options = replace(options, profiles=derive_profiles())
+        if not options.timing_cache:
+            cache = timing_cache(self.version(), spec.compute_capability)
+            options = replace(options, timing_cache=str(cache))
+        return replace(spec, tensorrt=options)
+
+    def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
+        if not spec.tensorrt.profiles:
+            raise InputError("TensorRT build needs profiles (given, or derived by the runner)")
+        loaded = {}
+
+        def prepare() -> None:
+            loaded["model"] = load_onnx(source)
+
+        def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
+            gpu_facts(spec)
+            network = prepare_network_graph(
+                loaded["model"], precision=spec.precision, keep_float_ops=spec.keep_float_ops
+            )
+            names = input_names or tuple(i.name for i in network.graph.input)
+            save_onnx(network, folder / NETWORK_FILE)
+            with atomic_path(folder / PLAN_FILE) as staging:
+                facts = build_engine(
+                    folder / NETWORK_FILE, staging, spec.tensorrt, input_names=names
+                )
+            engine = load(
+                folder / PLAN_FILE,
+                spec.tensorrt,
+                built_tensorrt=facts["tensorrt"],
+                built_compute_capability=facts["compute_capability"],
+            )
+            return [NETWORK_FILE, PLAN_FILE], {
+                **facts,
+                "engine_file": PLAN_FILE,
+                "network_file": NETWORK_FILE,
+                "inputs": engine.input_names,
+                "outputs": engine.output_names,
+            }
+
+        settings = {
+            "keep_float_ops": list(spec.keep_float_ops),
+            "tensorrt": spec.tensorrt.to_dict(),
+        }
+        return BuildJob(settings=settings, prepare=prepare, body=body)
+
+    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+        return load(
+            engine_path,
+            TensorRTOptions.from_dict(spec.get("tensorrt", {})),
+            built_tensorrt=results["tensorrt"],
+            built_compute_capability=results["compute_capability"],
+        )
+
+    def triton_kind(self, spec: Mapping[str, Any]) -> str:
+        options = spec.get("tensorrt", {})
+        parts = ["trt"]
+        if options.get("hardware_compatibility", "none") != "none":
+            parts.append(options["hardware_compatibility"])
+        parts.append(spec["precision"])
+        if options.get("version_compatible"):
+            parts.append("vc")
+        return "-".join(parts)
+
+    def portable(self, spec: Mapping[str, Any]) -> bool:
+        # An ampere_plus plan runs on every sm80+ GPU; a same_compute_capability plan still
+        # belongs to one compute capability.
+        return spec.get("tensorrt", {}).get("hardware_compatibility") == "ampere_plus"
+
+    def shared_settings(self, spec: Mapping[str, Any]) -> Any:
+        # One config serves every GPU's plan: batch limits come from one set of profiles.
+        return spec.get("tensorrt")
+
+    def io_graph(self, folder: Path, results: Mapping[str, Any]) -> str:
+        # A plan cannot be opened without TensorRT: its tensors are those of the graph it parsed.
+        return str(results["network_file"])
+
+    def triton_batching(
+        self, spec: Mapping[str, Any], *, max_batch_size: int, max_length: int, where: str
+    ) -> TritonBatching:
+        profiles = [Profile.parse(p) for p in spec["tensorrt"]["profiles"]]
+        max_batch = min(p.max_batch for p in profiles)
+        covered = 0
+        for profile in sorted(profiles, key=lambda p: p.min_seq):
+            if profile.min_batch != 1:
+                raise InputError(
+                    f"{where}: profile {profile} starts at batch {profile.min_batch}; Triton "
+                    "sends batches from 1 up: rebuild with profiles starting at batch 1"
+                )
+            if profile.min_seq <= covered + 1:
+                covered = max(covered, profile.max_seq)
+        if covered < max_length:
+            raise InputError(
+                f"{where}: the profiles cover sequences up to {covered} tokens but the tokenizer "
+                f"sends up to {max_length}; rebuild with a profile reaching {max_length} (or "
+                f"verify with --max-length {covered} and package again)"
+            )
+        return TritonBatching(
+            max_batch_size=max_batch,
+            preferred_batch_sizes=tuple(
+                sorted({p.opt_batch for p in profiles if p.opt_batch <= max_batch})
+            ),
+            profiles=tuple(str(i) for i in range(len(profiles))),
+            warmup_lengths=tuple(sorted({min(p.opt_seq, max_length) for p in profiles})),
+        )
+
+
+BACKEND = register(TensorRTBackend())

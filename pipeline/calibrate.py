@@ -23,11 +23,13 @@ from pathlib import Path
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
 from bert_compiler.calibration.ranges import METHODS, collect_histograms, compute_amax
+from bert_compiler.calibration.sensitivity import rank_sensitivity
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, op_counts, save_onnx
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
+from bert_compiler.pipeline.text import resolve_max_length, tokenize
 
 log = logging.getLogger("bert_compile")
 
@@ -67,7 +69,7 @@ class CalibrationSpec:
     bins: int = 2048
     max_length: int | None = None
     data: Path | None = None
-    text_column: str = "sentence"
+    text_column: str = datasets.TEXT_COLUMN
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
 
@@ -109,8 +111,6 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]
 
 def calibration_batches(info: ModelInfo, texts: list[str], spec: CalibrationSpec) -> list[dict]:
     """Token feeds of ``texts`` in file order, ``spec.batch_size`` sentences a batch."""
-    from bert_compiler.pipeline.verify import resolve_max_length, tokenize
-
     tokenizer = load_tokenizer(info)
     max_length = resolve_max_length(info, spec.max_length)
     return [
@@ -144,8 +144,6 @@ def calibrate(
         InputError: bad calibration data or settings, or a graph with nothing to quantize.
     """
     from tqdm import tqdm
-
-    from bert_compiler.pipeline.verify import resolve_max_length
 
     spec.validate()
     source = Path(source)
@@ -229,8 +227,6 @@ def rank_for_fallback(
 
     Uses the first ``sentences`` calibration sentences (never the evaluation set).
     """
-    from bert_compiler.calibration.sensitivity import rank_sensitivity
-
     texts, _ = calibration_texts(spec)
     batches = calibration_batches(info, texts[:sentences], spec)
     amax = {

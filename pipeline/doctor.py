@@ -15,9 +15,10 @@ from typing import Any
 
 from bert_compiler.core.artifacts import existing_ancestor, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.core.targets import Environment, plan_targets
+from bert_compiler.core.targets import DEFAULT_TARGET, TARGET_CHOICES, Environment, plan_targets
 
-TARGETS = ("cpu", "cuda", "tensorrt")
+# Every target but auto, which only picks among them.
+TARGETS = tuple(t for t in TARGET_CHOICES if t != DEFAULT_TARGET)
 # Below this, a BERT-base run (graphs, engines for one GPU, a repository) will not fit.
 MIN_FREE_MIB = 4096
 

@@ -17,16 +17,17 @@ from bert_compiler.core.artifacts import StageRecord, atomic_path
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, op_counts
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, load_torch_model
+from bert_compiler.pipeline.models import (
+    ModelInfo,
+    build_wrapper,
+    load_tokenizer,
+    load_torch_model,
+    output_name,
+)
 
 log = logging.getLogger("bert_compile")
 
 MODEL_FILE = "model.onnx"
-OUTPUT_NAMES = {
-    "sentence-embedding": "sentence_embedding",
-    "feature-extraction": "last_hidden_state",
-    "sequence-classification": "logits",
-}
 # Two real sentences of different lengths: the traced graph then contains the padding-mask path.
 _TRACE_TEXT = ["A man is playing a guitar.", "Two dogs run across a wide green field together."]
 
@@ -44,54 +45,6 @@ class ExportSpec:
 
     opset: int = 17
     pooling_in_graph: bool = True
-
-
-def output_name(info: ModelInfo, spec: ExportSpec) -> str:
-    """Name of the one output the exported graph has."""
-    if info.task == "sentence-embedding" and not spec.pooling_in_graph:
-        return "last_hidden_state"
-    return OUTPUT_NAMES[info.task]
-
-
-def build_wrapper(info: ModelInfo, model, *, pooling_in_graph: bool = True):
-    """Wrap the HF model so forward takes the graph inputs positionally and returns one tensor."""
-    import torch
-
-    input_names = info.architecture.input_names
-    pool = info.pooling if (info.task == "sentence-embedding" and pooling_in_graph) else None
-
-    class EncoderForExport(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, *inputs):
-            kwargs = dict(zip(input_names, inputs, strict=True))
-            out = self.model(**kwargs, return_dict=True)
-            if info.task == "sequence-classification":
-                return out.logits
-            hidden = out.last_hidden_state
-            if pool is None:
-                return hidden
-            return pool_embeddings(
-                hidden, kwargs["attention_mask"], mode=pool, normalize=info.normalize
-            )
-
-    return EncoderForExport().eval()
-
-
-def pool_embeddings(hidden, attention_mask, *, mode: str, normalize: bool):
-    """sentence-transformers pooling: masked mean (or CLS), then optional L2 normalisation."""
-    import torch
-
-    if mode == "cls":
-        pooled = hidden[:, 0]
-    else:
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    if normalize:
-        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-    return pooled
 
 
 def export(
@@ -124,7 +77,7 @@ def export(
         encoded = tokenizer(_TRACE_TEXT, padding=True, return_tensors="pt")
         args = tuple(encoded[name] for name in info.architecture.input_names)
         wrapper = build_wrapper(info, model, pooling_in_graph=spec.pooling_in_graph)
-        out_name = output_name(info, spec)
+        out_name = output_name(info, pooling_in_graph=spec.pooling_in_graph)
         dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in info.architecture.input_names}
         dynamic_axes[out_name] = (
             {0: "batch", 1: "sequence"} if out_name == "last_hidden_state" else {0: "batch"}

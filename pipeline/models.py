@@ -18,13 +18,20 @@ from bert_compiler.core.errors import InputError, UnsupportedModelError
 from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_for
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
+# What --model says to mean the packaged default.
+DEFAULT_MODEL_ALIAS = "default"
 _DEFAULT_ALIASES = {
-    "default",
+    DEFAULT_MODEL_ALIAS,
     DEFAULT_MODEL.lower(),
     f"sentence-transformers/{DEFAULT_MODEL}".lower(),
 }
 
 TASKS = ("sentence-embedding", "feature-extraction", "sequence-classification")
+OUTPUT_NAMES = {
+    "sentence-embedding": "sentence_embedding",
+    "feature-extraction": "last_hidden_state",
+    "sequence-classification": "logits",
+}
 _MAX_JSON_BYTES = 4 << 20
 _SAFETENSORS_MAX_HEADER = 100 << 20
 # Bounds that keep a hostile config from allocating absurd tensors before anything is checked.
@@ -371,3 +378,51 @@ def load_torch_model(
             f"{len(mismatched)} mis-shaped tensors, e.g. {shown})"
         )
     return model.eval()
+
+
+def output_name(info: ModelInfo, *, pooling_in_graph: bool) -> str:
+    """Name of the one output the exported graph (and the PyTorch wrapper) has."""
+    if info.task == "sentence-embedding" and not pooling_in_graph:
+        return "last_hidden_state"
+    return OUTPUT_NAMES[info.task]
+
+
+def build_wrapper(info: ModelInfo, model, *, pooling_in_graph: bool = True):
+    """Wrap the HF model so forward takes the graph inputs positionally and returns one tensor."""
+    import torch
+
+    input_names = info.architecture.input_names
+    pool = info.pooling if (info.task == "sentence-embedding" and pooling_in_graph) else None
+
+    class EncoderForExport(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            kwargs = dict(zip(input_names, inputs, strict=True))
+            out = self.model(**kwargs, return_dict=True)
+            if info.task == "sequence-classification":
+                return out.logits
+            hidden = out.last_hidden_state
+            if pool is None:
+                return hidden
+            return pool_embeddings(
+                hidden, kwargs["attention_mask"], mode=pool, normalize=info.normalize
+            )
+
+    return EncoderForExport().eval()
+
+
+def pool_embeddings(hidden, attention_mask, *, mode: str, normalize: bool):
+    """sentence-transformers pooling: masked mean (or CLS), then optional L2 normalisation."""
+    import torch
+
+    if mode == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if normalize:
+        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+    return pooled

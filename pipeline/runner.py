@@ -1,19 +1,5 @@
-"""The whole chain: export -> simplify -> fuse -> build -> verify, skipping what is up to date.
-
-Output tree under ``out``::
-
-    export/    model.onnx + manifest.json
-    simplify/  model.onnx + manifest.json
-    fuse/      model.onnx + manifest.json
-    calibrate/ model.onnx (Q/DQ INT8, standard ops: the input of every INT8 engine), scales.json,
-               calibration.cache (TensorRT) + manifest.json
-    engines/<model>/<engine>/  engine + manifest.json; <engine> names backend and version, device
-                               or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
-    engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
-    verify/<model>/<engine>/   report.json + manifest.json
-    triton/                    Triton model repository of the run's engines (pipeline/triton/package.py)
-    run.json   the summary ``run --json`` prints
-"""
+"""The whole chain: export -> simplify -> fuse -> [calibrate ->] build -> verify -> package,
+skipping what is up to date (the output tree: pipeline/layout.py)."""
 
 from __future__ import annotations
 
@@ -24,55 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import atomic_write_text
-from bert_compiler.pipeline.build import BuildSpec, backend_version, build, engine_name, model_slug
+from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.engines.tensorrt_options import ProfileDerivation
+from bert_compiler.pipeline.build import (
+    ProfileText,
+    build,
+    engine_folder_name,
+    resolve_build_spec,
+)
 from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
 from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
 from bert_compiler.pipeline.fuse import FuseSpec, fuse
+from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo
 from bert_compiler.pipeline.simplify import SimplifySpec, simplify
-from bert_compiler.pipeline.triton.package import (
-    REPOSITORY_FOLDER,
-    PackageSpec,
-    package,
-    repository_summary,
-)
+from bert_compiler.pipeline.triton.package import PackageSpec, package, repository_summary
 from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
 
-SUMMARY_FILE = "run.json"
 log = logging.getLogger("bert_compile")
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where each stage of one run writes."""
-
-    root: Path
-
-    @property
-    def export(self) -> Path:
-        return self.root / "export"
-
-    @property
-    def simplify(self) -> Path:
-        return self.root / "simplify"
-
-    @property
-    def fuse(self) -> Path:
-        return self.root / "fuse"
-
-    def engine(self, model: str, name: str) -> Path:
-        return self.root / "engines" / model_slug(model) / name
-
-    def timing_cache(self, tensorrt_version: str, compute_capability: str) -> Path:
-        sm = compute_capability.replace(".", "")
-        return self.root / "engines" / "timing-cache" / f"trt{tensorrt_version}-sm{sm}.cache"
-
-    @property
-    def calibrate(self) -> Path:
-        return self.root / "calibrate"
-
-    def verify(self, model: str, name: str) -> Path:
-        return self.root / "verify" / model_slug(model) / name
 
 
 @dataclass(frozen=True)
@@ -86,8 +41,7 @@ class RunSpec:
     verify: VerifySpec = VerifySpec()
     calibration: CalibrationSpec = CalibrationSpec()
     fallback: bool = True
-    profile_max_batch: int = 64
-    profile_buckets: int = 2
+    profiles: ProfileDerivation = ProfileDerivation()
     package: PackageSpec | None = None
     repository: Path | None = None
 
@@ -119,7 +73,15 @@ def run_pipeline(
     pytorch_metric = None
     graphs = {"simplify": simplified.output(MODEL_FILE), "fuse": fused.output(MODEL_FILE)}
     for requested in spec.builds:
-        build_spec = resolve_build_spec(requested, info=info, layout=layout, spec=spec)
+        build_spec = resolve_build_spec(
+            requested,
+            info=info,
+            layout=layout,
+            text=ProfileText(
+                spec.calibration.data_file(), spec.calibration.text_column, spec.verify.max_length
+            ),
+            derivation=spec.profiles,
+        )
         if build_spec.precision == "int8":
             built, verified, fallback = _int8_with_fallback(
                 info=info,
@@ -167,7 +129,7 @@ def run_pipeline(
         packaged = package(
             info=info,
             out=layout.root,
-            repository=spec.repository or layout.root / REPOSITORY_FOLDER,
+            repository=spec.repository or layout.repository,
             spec=replace(spec.package, engines=tuple(e["name"] for e in engines)),
             force=force,
         )
@@ -184,65 +146,8 @@ def run_pipeline(
         "repository": repository,
         "stages": stages,
     }
-    atomic_write_text(layout.root / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def resolve_build_spec(
-    requested: BuildSpec, *, info: ModelInfo, layout: Layout, spec: RunSpec
-) -> BuildSpec:
-    """Fill in what a GPU build learns from this machine and the data: the compute capability,
-    TensorRT profiles derived from the calibration sentences' token lengths, and the timing cache
-    shared by every TensorRT build of this output tree."""
-    requested.validate()
-    if requested.device != "cuda":
-        return requested
-    resolved = requested
-    if not resolved.compute_capability:
-        from bert_compiler.core.targets import current_gpu
-
-        capability, _ = current_gpu("a CUDA engine (use --target auto to fall back to the CPU)")
-        resolved = replace(resolved, compute_capability=capability)
-    if resolved.backend == "tensorrt":
-        options = resolved.tensorrt
-        if not options.profiles:
-            options = replace(options, profiles=derive_dataset_profiles(info, spec))
-        if not options.timing_cache:
-            cache = layout.timing_cache(backend_version("tensorrt"), resolved.compute_capability)
-            options = replace(options, timing_cache=str(cache))
-        resolved = replace(resolved, tensorrt=options)
-    return resolved
-
-
-def derive_dataset_profiles(info: ModelInfo, spec: RunSpec):
-    """TensorRT profiles from the token lengths of the calibration sentences (engines/tensorrt)."""
-    from bert_compiler.calibration import datasets
-    from bert_compiler.engines.tensorrt import derive_profiles
-    from bert_compiler.pipeline.models import load_tokenizer
-    from bert_compiler.pipeline.verify import resolve_max_length
-
-    max_length = resolve_max_length(info, spec.verify.max_length)
-    texts = datasets.load_texts(spec.calibration.data_file(), column=spec.calibration.text_column)
-    tokenizer = load_tokenizer(info)
-    lengths = [
-        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
-    profiles = derive_profiles(
-        lengths,
-        max_batch=spec.profile_max_batch,
-        max_length=max_length,
-        buckets=spec.profile_buckets,
-    )
-    log.info(
-        "[build] TensorRT profiles from %d sentences: %s",
-        len(lengths),
-        ", ".join(str(p) for p in profiles),
-    )
-    return profiles
-
-
-def engine_folder_name(build_spec: BuildSpec) -> str:
-    return engine_name(build_spec, backend_version(build_spec.backend))
 
 
 def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
@@ -327,38 +232,3 @@ def _stage_summary(result) -> dict[str, Any]:
         "skipped": result.skipped,
         "seconds": result.results.get("seconds"),
     }
-
-
-def find_engine(
-    layout: Layout, model: str, engine_dir: Path | None, precision: str | None
-) -> tuple[Path, str]:
-    """The engine folder to verify and its precision: ``engine_dir`` if given, else the only
-    complete engine of ``precision`` (any, when None) under OUT/engines/MODEL.
-
-    Raises:
-        InputError: no such engine, or several and none chosen.
-    """
-    from bert_compiler.core.artifacts import ArtifactDir
-    from bert_compiler.core.errors import InputError
-
-    def precision_of(folder: Path) -> str | None:
-        manifest = ArtifactDir(folder).read_manifest()
-        return (manifest or {}).get("spec", {}).get("precision")
-
-    if engine_dir is not None:
-        return Path(engine_dir), precision or precision_of(Path(engine_dir)) or "fp32"
-    root = layout.root / "engines" / model_slug(model)
-    candidates = [
-        folder
-        for folder in sorted(root.glob("*"))
-        if folder.is_dir()
-        and precision_of(folder) is not None
-        and (precision is None or precision_of(folder) == precision)
-    ]
-    if len(candidates) != 1:
-        found = ", ".join(c.name for c in candidates) or "none"
-        raise InputError(
-            f"{root}: {len(candidates)} engines{' of ' + precision if precision else ''} "
-            f"({found}); pass --engine FOLDER"
-        )
-    return candidates[0], precision_of(candidates[0]) or "fp32"

@@ -19,9 +19,16 @@ import numpy as np
 
 from bert_compiler.calibration import datasets
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
-from bert_compiler.core.errors import InputError, ParityError
+from bert_compiler.core.errors import ParityError
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, load_torch_model
+from bert_compiler.engines.backend import load_engine
+from bert_compiler.pipeline.models import (
+    ModelInfo,
+    build_wrapper,
+    load_tokenizer,
+    load_torch_model,
+    output_name,
+)
 from bert_compiler.pipeline.parity import (
     DEFAULT_MAX_METRIC_DROP,
     DEFAULT_MIN_METRIC_RETENTION,
@@ -30,11 +37,17 @@ from bert_compiler.pipeline.parity import (
     Tolerance,
     compare_batch,
 )
+from bert_compiler.pipeline.text import (
+    PARITY_SENTENCES,
+    parity_batches,
+    parity_sentences,
+    resolve_max_length,
+    tokenize,
+)
 
 log = logging.getLogger("bert_compile")
 
 REPORT_FILE = "report.json"
-PARITY_BATCH_SIZES = (1, 2, 7, 16, 32)
 METRIC_BATCH_SIZE = 64
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -66,7 +79,7 @@ class VerifySpec:
     min_metric_retention: float | None = None
     metric_gate: bool = True
     max_length: int | None = None
-    parity_sentences: int = 96
+    parity_sentences: int = PARITY_SENTENCES
     metric_limit: int | None = None
     parity_data: Path | None = None
     metric_data: Path | None = None
@@ -110,83 +123,13 @@ class VerifyOutcome:
     failures: list[str] = field(default_factory=list)
 
 
-def resolve_max_length(info: ModelInfo, requested: int | None) -> int:
-    """The truncation length, refusing one longer than the model's position table."""
-    positions = int(info.config["max_position_embeddings"])
-    length = requested if requested is not None else info.max_length
-    if not 2 <= length <= positions:
-        raise InputError(
-            f"--max-length {length}: must be between 2 and the model's "
-            f"max_position_embeddings ({positions}) in {info.path / 'config.json'}"
-        )
-    return length
-
-
-def check_feeds(feeds: Mapping[str, np.ndarray], info: ModelInfo, max_length: int) -> None:
-    """Validate token feeds on the host before any engine sees them."""
-    shapes = {name: array.shape for name, array in feeds.items()}
-    first = next(iter(feeds.values()))
-    for name, array in feeds.items():
-        if array.dtype != np.int64 or array.ndim != 2 or array.shape != first.shape:
-            raise InputError(f"input {name}: expected int64 [batch, sequence], got {shapes}")
-    batch, sequence = first.shape
-    if batch == 0 or sequence == 0 or sequence > max_length:
-        raise InputError(
-            f"inputs of shape {first.shape}: batch >= 1, 1 <= sequence <= {max_length}"
-        )
-    ids = feeds["input_ids"]
-    if ids.min() < 0 or ids.max() >= info.config["vocab_size"]:
-        raise InputError(f"input_ids outside [0, {info.config['vocab_size']})")
-    types = feeds.get("token_type_ids")
-    if types is not None and (
-        types.min() < 0 or types.max() >= max(1, info.config["type_vocab_size"])
-    ):
-        raise InputError(f"token_type_ids outside [0, {info.config['type_vocab_size']})")
-
-
-def tokenize(
-    tokenizer, texts: list[str], info: ModelInfo, max_length: int
-) -> dict[str, np.ndarray]:
-    """Tokenize a batch to the graph's int64 inputs, padded to the longest row."""
-    encoded = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-    )
-    feeds = {}
-    for name in info.architecture.input_names:
-        if name == "token_type_ids" and name not in encoded:
-            feeds[name] = np.zeros_like(encoded["input_ids"], dtype=np.int64)
-        else:
-            feeds[name] = np.asarray(encoded[name], dtype=np.int64)
-    check_feeds(feeds, info, max_length)
-    return feeds
-
-
-def parity_batches(sentences: list[str], max_length: int) -> list[list[str]]:
-    """Real sentences in batches of several sizes, then edge-row batches."""
-    batches, start = [], 0
-    sizes = iter(PARITY_BATCH_SIZES * (1 + len(sentences) // sum(PARITY_BATCH_SIZES)))
-    while start < len(sentences):
-        size = next(sizes)
-        batches.append(sentences[start : start + size])
-        start += size
-    # At least max_length words, so at least max_length tokens: this row is truncated to the limit.
-    words = " ".join(sentences).split() or ["word"]
-    long_text = " ".join(words * (1 + max_length // len(words)))
-    batches.append(["", sentences[0], long_text])
-    batches.append(["a"])
-    batches.append([long_text])
-    return batches
-
-
 def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> Runner:
     """PyTorch fp32 with the library's default attention (not the export's eager form)."""
     import torch
 
-    from bert_compiler.pipeline.export import ExportSpec, build_wrapper, output_name
-
     model = load_torch_model(info, attn_implementation="sdpa")
     wrapper = build_wrapper(info, model, pooling_in_graph=pooling_in_graph)
-    name = output_name(info, ExportSpec(pooling_in_graph=pooling_in_graph))
+    name = output_name(info, pooling_in_graph=pooling_in_graph)
 
     def run(feeds):
         args = tuple(torch.from_numpy(feeds[n]) for n in info.architecture.input_names)
@@ -303,8 +246,7 @@ def run_verification(
     reference = torch_runner(info, pooling_in_graph)
     tolerance = spec.resolved_tolerance()
 
-    rows = datasets.read_tsv(spec.parity_file(), ("sentence",))
-    sentences = [row["sentence"].strip() for row in rows][: spec.parity_sentences]
+    sentences = parity_sentences(spec.parity_file(), spec.parity_sentences)
     parity: dict[str, OutputParity] = {}
     for texts in tqdm(
         parity_batches(sentences, max_length), desc="parity", disable=None, leave=False
@@ -375,8 +317,6 @@ def verify(
     The report is written whether parity passes or not (CI reads it); the caller raises ParityError
     from ``require_passed``.
     """
-    from bert_compiler.pipeline.build import load_engine
-
     engine, engine_manifest = load_engine(engine_dir)
     return verify_engine(
         info=info,
@@ -447,104 +387,3 @@ def require_passed(result: StageResult) -> None:
             f"{result.output(REPORT_FILE)}: parity failed ({reasons}); loosen tolerances only with "
             "--max-abs-err/--min-cosine/--max-metric-drop if you accept the difference"
         )
-
-
-def verify_repository(
-    *, info: ModelInfo, repository: Path, out_root: Path, spec: VerifySpec, force: bool = False
-) -> dict[str, Any]:
-    """The pre-deployment gate for a Triton repository this tool wrote.
-
-    Every file is checked against the repository's manifest (nothing modified, nothing added),
-    every config.pbtxt is parsed and cross-checked again, the tokenizer model's tokenizer.json is
-    compared with the pipeline's tokenization, and each engine this machine can run is loaded from
-    the repository and verified against PyTorch (parity and task metric) into
-    ``out_root/<triton model>/``. Engines this machine cannot run (another GPU, no TensorRT) are
-    listed as skipped with the reason.
-
-    Returns:
-        The summary: ``ok``, the tokenizer check, and one entry per engine model file.
-
-    Raises:
-        ArtifactError: the repository does not match its manifest.
-        InputError: it was packaged from another model, or a config fails its checks.
-        EnvironmentProblem: no engine in it can run on this machine.
-    """
-    from bert_compiler.core.errors import EnvironmentProblem
-    from bert_compiler.pipeline.build import load_recorded_engine
-    from bert_compiler.pipeline.triton.package import open_repository, tokenizer_mismatches
-
-    opened = open_repository(repository)
-    packaged = opened.manifest["inputs"]["model"]["sha256"]
-    if packaged != info.fingerprint()["sha256"]:
-        raise InputError(
-            f"{repository}: packaged from another model than {info.path}; pass that model "
-            "with --model"
-        )
-    tokenizer_name, tokenizer = next(
-        (n, r) for n, r in opened.models.items() if r["role"] == "tokenizer"
-    )
-    max_length = tokenizer["max_length"]
-    check = tokenizer_mismatches(info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length)
-    entries: list[dict[str, Any]] = []
-    by_hash: dict[str, dict[str, Any]] = {}
-    for name, record in opened.models.items():
-        if record["role"] not in ("engine", "python-engine"):
-            continue
-        for relative, entry in record["files"].items():
-            label = f"{name}/{relative}"
-            if entry["sha256"] in by_hash:
-                # The Python-backend model serves a byte-identical copy: one verification.
-                entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
-                continue
-            try:
-                engine = load_recorded_engine(
-                    opened.file(name, relative), entry["spec"], entry["results"]
-                )
-            except EnvironmentProblem as err:
-                entries.append(
-                    {"model": name, "file": relative, "status": "skipped", "reason": str(err)}
-                )
-                continue
-            result = verify_engine(
-                info=info,
-                engine=engine,
-                engine_spec=entry["spec"],
-                label=label,
-                out_dir=Path(out_root) / name / Path(relative).stem,
-                spec=replace(spec, precision=entry["spec"]["precision"], max_length=max_length),
-                force=force,
-            )
-            report = result.results
-            entries.append(
-                {
-                    "model": name,
-                    "file": relative,
-                    "status": "passed" if report["passed"] else "failed",
-                    "failures": report["failures"],
-                    "parity": summarize_parity(report["parity"]),
-                    "metric": {
-                        "name": report["metric"]["name"],
-                        "value": report["metric"]["value"],
-                    },
-                    "report": str(result.output(REPORT_FILE)),
-                }
-            )
-            by_hash[entry["sha256"]] = entries[-1]
-    ran = [e for e in entries if e["status"] != "skipped"]
-    if not ran:
-        reasons = "; ".join(e["reason"] for e in entries) or "no engine models"
-        raise EnvironmentProblem(
-            f"{repository}: no engine in it can run on this machine ({reasons})"
-        )
-    tokenizer_ok = not check["mismatches"]
-    return {
-        "ok": tokenizer_ok and all(e["status"] == "passed" for e in ran),
-        "repository": str(repository),
-        "tokenizer": {
-            "model": tokenizer_name,
-            "batches": check["batches"],
-            "identical": tokenizer_ok,
-            "mismatches": check["mismatches"],
-        },
-        "engines": entries,
-    }

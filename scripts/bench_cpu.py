@@ -47,11 +47,12 @@ def _parse() -> argparse.Namespace:
 
 def _stages(info, out: Path, threads: int, int8: bool):
     """Build (or reuse) the fp32 and INT8 engines; return them and the graphs peers start from."""
-    from bert_compiler.pipeline.build import BuildSpec, build
+    from bert_compiler.engines.backend import BuildSpec
+    from bert_compiler.pipeline.build import build, engine_folder_name
     from bert_compiler.pipeline.calibrate import calibrate
     from bert_compiler.pipeline.export import export
     from bert_compiler.pipeline.fuse import fuse
-    from bert_compiler.pipeline.runner import Layout, engine_folder_name
+    from bert_compiler.pipeline.layout import Layout
     from bert_compiler.pipeline.simplify import simplify
 
     layout = Layout(out)
@@ -116,8 +117,12 @@ def main() -> None:
     import torch
 
     from bert_compiler.calibration.datasets import STSB_DEV, load_stsb
-    from bert_compiler.pipeline.export import build_wrapper
-    from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
+    from bert_compiler.pipeline.models import (
+        build_wrapper,
+        load_tokenizer,
+        load_torch_model,
+        resolve_model,
+    )
     from bert_compiler.pipeline.verify import compute_metric
 
     torch.set_num_threads(args.threads)

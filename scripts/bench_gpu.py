@@ -128,10 +128,16 @@ def main() -> None:  # noqa: C901 - a linear script: build, then measure each ru
 
     ort.preload_dlls()
     from bert_compiler.calibration.datasets import load_stsb
-    from bert_compiler.pipeline.build import BuildSpec, load_engine
-    from bert_compiler.pipeline.export import MODEL_FILE, build_wrapper
-    from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
-    from bert_compiler.pipeline.runner import Layout, RunSpec, run_pipeline
+    from bert_compiler.engines.backend import BuildSpec, load_engine
+    from bert_compiler.pipeline.export import MODEL_FILE
+    from bert_compiler.pipeline.layout import Layout
+    from bert_compiler.pipeline.models import (
+        build_wrapper,
+        load_tokenizer,
+        load_torch_model,
+        resolve_model,
+    )
+    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
     from bert_compiler.pipeline.verify import VerifySpec
 
     started = time.perf_counter()

@@ -88,7 +88,7 @@ def test_engine_matches_sentence_transformers(default_run):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoTokenizer
 
-    from bert_compiler.pipeline.build import load_engine
+    from bert_compiler.engines.backend import load_engine
     from bert_compiler.pipeline.models import default_model_path
 
     out, _summary = default_run

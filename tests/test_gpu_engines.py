@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from bert_compiler.core.errors import EnvironmentProblem
-from bert_compiler.engines.tensorrt import Profile, TensorRTOptions
-from bert_compiler.pipeline.build import BuildSpec, load_engine
+from bert_compiler.engines.backend import BuildSpec, load_engine
+from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from tests.conftest import TINY_VERIFY
@@ -109,8 +109,8 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     file named for this GPU's compute capability and re-verifies every engine."""
     _skip_unless(_ort_cuda_reason())
     from bert_compiler.core.targets import current_gpu
+    from bert_compiler.pipeline.triton.gate import verify_repository
     from bert_compiler.pipeline.triton.package import PackageSpec
-    from bert_compiler.pipeline.verify import verify_repository
 
     info = resolve_model(tiny_embedding_model)
     builds = (
@@ -155,8 +155,8 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
         BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
     )
+    from bert_compiler.pipeline.triton.gate import verify_repository
     from bert_compiler.pipeline.triton.package import PackageSpec
-    from bert_compiler.pipeline.verify import verify_repository
 
     summary = run_pipeline(
         info=info,

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from bert_compiler.pipeline.build import BuildSpec
+from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline

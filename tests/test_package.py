@@ -15,7 +15,9 @@ from tritonclient.grpc import model_config_pb2
 
 from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import (
     PackageSpec,
     VerifiedEngine,
@@ -27,7 +29,6 @@ from bert_compiler.pipeline.triton.package import (
     tokenizer_json,
 )
 from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode
-from bert_compiler.pipeline.verify import tokenize, verify_repository
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 

@@ -12,9 +12,10 @@ import onnx
 import pytest
 
 from bert_compiler.core.errors import ArtifactError
-from bert_compiler.pipeline.build import load_engine
+from bert_compiler.engines.backend import load_engine
+from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import Layout, run_pipeline
+from bert_compiler.pipeline.runner import run_pipeline
 from bert_compiler.pipeline.verify import run_verification
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
@@ -85,7 +86,7 @@ def test_engine_loads_in_a_fresh_process(tiny_run):
     _info, out, _spec, _summary = tiny_run
     code = (
         "import sys, numpy as np\n"
-        "from bert_compiler.pipeline.build import load_engine\n"
+        "from bert_compiler.engines.backend import load_engine\n"
         "engine, manifest = load_engine(sys.argv[1])\n"
         "ids = np.array([[2, 10, 11, 3]], dtype=np.int64)\n"
         "out = engine.run({'input_ids': ids, 'attention_mask': np.ones_like(ids),"
@@ -179,7 +180,7 @@ def test_classifier_and_host_pooling_variants(
 
 def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
     from bert_compiler.pipeline.models import load_tokenizer
-    from bert_compiler.pipeline.verify import PARITY_BATCH_SIZES, parity_batches, tokenize
+    from bert_compiler.pipeline.text import PARITY_BATCH_SIZES, parity_batches, tokenize
 
     info = resolve_model(tiny_embedding_model)
     tokenizer = load_tokenizer(info)

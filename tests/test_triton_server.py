@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from bert_compiler.pipeline.build import load_engine
+from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.models import load_tokenizer
+from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton.package import PackageSpec, package
-from bert_compiler.pipeline.verify import tokenize, torch_runner
+from bert_compiler.pipeline.verify import torch_runner
 from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server, triton_server
 

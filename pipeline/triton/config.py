@@ -28,9 +28,6 @@ _ONNX_TO_TRITON = {
     7: "TYPE_INT64",
     6: "TYPE_INT32",
 }
-# ORT graph optimization levels as Triton's ONNX Runtime backend spells them in
-# optimization.graph.level (0, the default, is ORT_ENABLE_ALL).
-ORT_GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disable": 2}
 
 
 def check_name(name: str, what: str) -> str:

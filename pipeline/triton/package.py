@@ -43,11 +43,20 @@ from bert_compiler.core.artifacts import (
     staging_tree,
 )
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.stage import StageResult
-from bert_compiler.pipeline.build import model_slug
-from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.engines.backend import get_backend
+from bert_compiler.engines.onnxruntime import session_parameters
+from bert_compiler.pipeline.layout import Layout, model_slug
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
+from bert_compiler.pipeline.text import (
+    parity_batches,
+    parity_sentences,
+    resolve_max_length,
+    tokenize,
+)
 from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.tokenizer_model import TEXT_INPUT
+from bert_compiler.pipeline.triton.tokenizer_model import TEXT_INPUT, encode
 
 log = logging.getLogger("bert_compile")
 
@@ -62,6 +71,14 @@ _WARMUP_TEXT = (
     "A man is playing a large flute while a small crowd listens in the park, and two dogs run "
     "across the wide green field together before the rain begins to fall on the old town. "
 )
+
+
+# Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
+PACKAGE_LIMITS = {
+    "max_batch_size": (1, 4096),
+    "max_queue_delay_us": (0, 10_000_000),
+    "instances": (1, 64),
+}
 
 
 @dataclass(frozen=True)
@@ -87,14 +104,11 @@ class PackageSpec:
     warmup: bool = True
 
     def validate(self) -> None:
-        if not 1 <= self.max_batch_size <= 4096:
-            raise InputError(f"--max-batch-size {self.max_batch_size}: expected 1 to 4096")
-        if not 0 <= self.max_queue_delay_us <= 10_000_000:
-            raise InputError(
-                f"--max-queue-delay-us {self.max_queue_delay_us}: expected 0 to 10000000"
-            )
-        if not 1 <= self.instances <= 64:
-            raise InputError(f"--instances {self.instances}: expected 1 to 64")
+        for name, (low, high) in PACKAGE_LIMITS.items():
+            value = getattr(self, name)
+            if not low <= value <= high:
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag} {value}: expected {low} to {high}")
 
 
 @dataclass(frozen=True)
@@ -122,11 +136,8 @@ def verified_engines(
         ParityError: an engine failed verification.
         ArtifactError: an engine or report does not match its manifest.
     """
-    from bert_compiler.pipeline.runner import Layout
-    from bert_compiler.pipeline.verify import resolve_max_length
-
     layout = Layout(Path(out))
-    root = layout.root / "engines" / model_slug(info.name)
+    root = layout.engines(info.name)
     folders = sorted(f for f in root.glob("*") if f.is_dir() and not f.name.startswith("."))
     if names:
         missing = sorted(set(names) - {f.name for f in folders})
@@ -183,22 +194,7 @@ def verified_engines(
 def engine_kind(spec: Mapping[str, Any]) -> str:
     """The Triton model suffix of an engine: backend, device, precision, variants; never the GPU,
     so engines for several GPUs of one kind share a model (``ort-cuda-fp16``, ``trt-int8``)."""
-    if spec["backend"] == "tensorrt":
-        options = spec.get("tensorrt", {})
-        parts = ["trt"]
-        if options.get("hardware_compatibility", "none") != "none":
-            parts.append(options["hardware_compatibility"])
-        parts.append(spec["precision"])
-        if options.get("version_compatible"):
-            parts.append("vc")
-        return "-".join(parts)
-    session = spec.get("session", {})
-    parts = ["ort", spec["device"], spec["precision"]]
-    if session.get("cuda_graph"):
-        parts.append("cudagraph")
-    if session.get("tensorrt_provider"):
-        parts.append("trtep")
-    return "-".join(parts)
+    return get_backend(spec["backend"]).triton_kind(spec)
 
 
 @dataclass
@@ -217,7 +213,8 @@ def _engine_files(
 ) -> tuple[dict[str, VerifiedEngine], str]:
     """File name in the version folder for each engine, and the default file name (or '')."""
     first = engines[0]
-    suffix = ".plan" if first.spec["backend"] == "tensorrt" else ".onnx"
+    backend = get_backend(first.spec["backend"])
+    suffix = backend.file_suffix
     if first.spec["device"] == "cpu":
         if len(engines) > 1:
             raise InputError(
@@ -225,10 +222,9 @@ def _engine_files(
                 "would share one Triton model; package one of them with --engine"
             )
         return {f"model{suffix}": first}, ""
-    # An ampere_plus plan runs on every sm80+ GPU: the model's default file. A plan built
-    # same_compute_capability still belongs to one compute capability.
-    portable = first.spec.get("tensorrt", {}).get("hardware_compatibility") == "ampere_plus"
-    if portable:
+    # A portable engine (a TensorRT ampere_plus plan) runs on every GPU of its kind: the model's
+    # default file.
+    if backend.portable(first.spec):
         if len(engines) > 1:
             raise InputError(f"{kind}: several hardware-compatible plans; package one")
         return {f"model{suffix}": first}, f"model{suffix}"
@@ -247,24 +243,18 @@ def _engine_files(
 
 def _check_one_version(kind: str, engines: list[VerifiedEngine]) -> str:
     """A Triton server runs one TensorRT and one ONNX Runtime: one version per model."""
-    backend = engines[0].spec["backend"]
-    key = "tensorrt" if backend == "tensorrt" else "onnxruntime"
-    versions = {e.results[key] for e in engines}
+    backend = get_backend(engines[0].spec["backend"])
+    versions = {e.results[backend.version_key] for e in engines}
     if len(versions) != 1:
-        raise InputError(f"{kind}: engines built with {backend} {sorted(map(str, versions))}")
+        raise InputError(f"{kind}: engines built with {backend.name} {sorted(map(str, versions))}")
     return str(versions.pop())
 
 
 def _engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
-    """The tensors Triton sees: from the ONNX Runtime engine itself, or from the exact graph
-    TensorRT parsed (kept beside the plan)."""
-    from bert_compiler.core.onnx_io import load_onnx
-
-    if engine.spec["backend"] == "tensorrt":
-        graph = ArtifactDir(engine.folder).output_path(engine.results["network_file"])
-    else:
-        graph = engine.engine_file
-    return tc.onnx_tensor_specs(load_onnx(graph))
+    """The tensors Triton sees: from the ONNX engine itself, or, for an engine file that cannot
+    be opened without its backend (a TensorRT plan), from the exact graph it was built from."""
+    graph = get_backend(engine.spec["backend"]).io_graph(engine.folder, engine.results)
+    return tc.onnx_tensor_specs(load_onnx(ArtifactDir(engine.folder).output_path(graph)))
 
 
 def _batching(
@@ -276,30 +266,15 @@ def _batching(
         InputError: TensorRT profiles that leave some batch from 1 to the model's largest, or
             some length up to what the tokenizer sends, without a profile.
     """
-    if engine.spec["backend"] != "tensorrt":
-        return spec.max_batch_size, [], [], [min(max_length, 128)]
-    from bert_compiler.engines.tensorrt import Profile
-
-    profiles = [Profile.parse(p) for p in engine.spec["tensorrt"]["profiles"]]
-    max_batch = min(p.max_batch for p in profiles)
-    covered = 0
-    for profile in sorted(profiles, key=lambda p: p.min_seq):
-        if profile.min_batch != 1:
-            raise InputError(
-                f"{kind}: profile {profile} starts at batch {profile.min_batch}; Triton sends "
-                "batches from 1 up: rebuild with profiles starting at batch 1"
-            )
-        if profile.min_seq <= covered + 1:
-            covered = max(covered, profile.max_seq)
-    if covered < max_length:
-        raise InputError(
-            f"{kind}: the profiles cover sequences up to {covered} tokens but the tokenizer sends "
-            f"up to {max_length}; rebuild with a profile reaching {max_length} (or verify with "
-            f"--max-length {covered} and package again)"
-        )
-    preferred = sorted({p.opt_batch for p in profiles if p.opt_batch <= max_batch})
-    lengths = sorted({min(p.opt_seq, max_length) for p in profiles})
-    return max_batch, preferred, [str(i) for i in range(len(profiles))], lengths
+    batching = get_backend(engine.spec["backend"]).triton_batching(
+        engine.spec, max_batch_size=spec.max_batch_size, max_length=max_length, where=kind
+    )
+    return (
+        batching.max_batch_size,
+        list(batching.preferred_batch_sizes),
+        list(batching.profiles),
+        list(batching.warmup_lengths),
+    )
 
 
 def tokenizer_json(info: ModelInfo, max_length: int) -> str:
@@ -310,8 +285,6 @@ def tokenizer_json(info: ModelInfo, max_length: int) -> str:
         InputError: the model folder has only a slow (Python) tokenizer.
     """
     from tokenizers import Tokenizer
-
-    from bert_compiler.pipeline.models import load_tokenizer
 
     hf = load_tokenizer(info)
     if not getattr(hf, "is_fast", False):
@@ -337,18 +310,12 @@ def tokenizer_mismatches(info: ModelInfo, tokenizer_file: Path, max_length: int)
     """
     from tokenizers import Tokenizer
 
-    from bert_compiler.calibration import datasets
-    from bert_compiler.pipeline.models import load_tokenizer
-    from bert_compiler.pipeline.triton.tokenizer_model import encode
-    from bert_compiler.pipeline.verify import VerifySpec, parity_batches, tokenize
-
     try:
         repository_tokenizer = Tokenizer.from_file(str(tokenizer_file))
     except Exception as err:  # tokenizers raises its own Exception subclass for a bad file
         raise InputError(f"{tokenizer_file}: not a tokenizer.json ({err})") from err
     hf = load_tokenizer(info)
-    rows = datasets.read_tsv(VerifySpec().parity_file(), ("sentence",))
-    sentences = [row["sentence"].strip() for row in rows][: VerifySpec().parity_sentences]
+    sentences = parity_sentences()
     names = list(info.architecture.input_names)
     batches = parity_batches(sentences, max_length)
     mismatches = []
@@ -369,8 +336,6 @@ def _warmups(
 ) -> tuple[list[tc.Warmup], dict[str, bytes]]:
     """Warmup requests of real tokens at each length, batch 1 and the largest batch."""
     import numpy as np
-
-    from bert_compiler.pipeline.models import load_tokenizer
 
     tokenizer = load_tokenizer(info)
     warmups, files = [], {}
@@ -434,14 +399,15 @@ def _plan_engine(
     first = members[0]
     max_length = first.max_length
     input_names = list(info.architecture.input_names)
+    backend = get_backend(first.spec["backend"])
     files, default_file = _engine_files(kind, members)
     version = _check_one_version(kind, members)
     inputs, outputs = _engine_io(first)
     for member in members[1:]:
         if _engine_io(member) != (inputs, outputs):
             raise InputError(f"{kind}: {member.name} has other tensors than {first.name}")
-        if member.spec.get("tensorrt") != first.spec.get("tensorrt"):
-            # One config serves every plan: batch limits come from one set of profiles.
+        if backend.shared_settings(member.spec) != backend.shared_settings(first.spec):
+            # One config serves every GPU's engine: batch limits come from one set of profiles.
             raise InputError(
                 f"{kind}: {member.name} was built with other TensorRT options than "
                 f"{first.name}; build every GPU's plan with the same profiles"
@@ -457,13 +423,10 @@ def _plan_engine(
     warmups, warmup_files = (
         _warmups(info, lengths, max_batch, input_names) if spec.warmup else ([], {})
     )
-    backend = first.spec["backend"]
-    session = first.spec.get("session", {})
     gpu = first.spec["device"] == "cuda"
-    ort = backend == "onnxruntime"
     model = tc.EngineModel(
         name=name,
-        platform="onnxruntime_onnx" if ort else "tensorrt_plan",
+        platform=backend.triton_platform,
         kind="KIND_GPU" if gpu else "KIND_CPU",
         inputs=inputs,
         outputs=outputs,
@@ -476,18 +439,13 @@ def _plan_engine(
         if default_file or not gpu
         else {e.results["compute_capability"]: f for f, e in files.items()},
         profiles=profiles,
-        graph_level=tc.ORT_GRAPH_LEVELS[session.get("runtime_level", "all")] if ort else 0,
-        parameters=_ort_parameters(session) if ort else {},
-        # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
-        gpu_accelerator={"use_tf32": "0"}
-        if ort and gpu and first.spec["precision"] == "fp32"
-        else None,
         warmups=warmups,
+        **backend.triton_parameters(first.spec),
     )
-    record = _engine_record(kind, backend, version, files, members, max_length)
-    if not ort:
-        # A plan cannot be opened without TensorRT: keep the tensors of the graph it was built
-        # from, so the config can be checked against them anywhere.
+    record = _engine_record(kind, backend.name, version, files, members, max_length)
+    if backend.io_graph(first.folder, first.results) != first.results["engine_file"]:
+        # An engine file that cannot be opened without its backend (a TensorRT plan): keep the
+        # tensors of the graph it was built from, so the config can be checked anywhere.
         record["io"] = {
             "inputs": [asdict(t) for t in inputs],
             "outputs": [asdict(t) for t in outputs],
@@ -508,7 +466,7 @@ def _plan_python_engine(
         outputs=outputs,
         max_batch_size=engine_plan.config.max_batch_size,
         instance_count=spec.instances,
-        parameters=_ort_parameters(engine.spec.get("session", {}), python=True),
+        parameters=session_parameters(engine.spec.get("session", {}), python=True),
     )
     files = {
         f"{VERSION}/model.py": _TEMPLATES["python-engine"],
@@ -562,15 +520,6 @@ def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan
     return _ModelPlan(
         name, "ensemble", config, {}, {"role": "ensemble", "engine": engine_plan.name}
     )
-
-
-def _ort_parameters(session: Mapping[str, Any], python: bool = False) -> dict[str, str]:
-    parameters = {}
-    if session.get("intra_op_num_threads"):
-        parameters["intra_op_thread_count"] = str(session["intra_op_num_threads"])
-    if python:
-        parameters["graph_optimization_level"] = session.get("runtime_level", "all")
-    return parameters
 
 
 def _engine_record(kind, backend, version, files, members, max_length) -> dict[str, Any]:
@@ -633,8 +582,6 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
     files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
     recorded), file hashes against the engines they were copied from, the tokenizer's outputs
     against the engines' inputs, and each ensemble's wiring."""
-    from bert_compiler.core.onnx_io import load_onnx
-
     configs, problems = {}, []
     for name in records:
         path = folder / name / tc.CONFIG_FILE

@@ -1,0 +1,283 @@
+"""What every engine backend is, and the one registry of them.
+
+Each engine module (engines/onnxruntime.py, engines/tensorrt.py) defines one ``Backend`` object and
+registers it here; importing ``bert_compiler.engines`` registers them all. Everything that differs
+by backend (the graph it builds from, its folder and Triton names, its build record, how it loads,
+which of its files Triton serves) is a method of that object, so no other module tests a backend's
+name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from bert_compiler.core.artifacts import ArtifactDir
+from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu
+from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
+
+
+@dataclass(frozen=True)
+class BuildSpec:
+    """Settings of the build stage: one engine for one target.
+
+    Attributes:
+        backend: a registered backend's name (``onnxruntime``, ``tensorrt``).
+        device: ``cpu`` or ``cuda`` (TensorRT is always ``cuda``).
+        precision: ``fp32``; ``fp16`` (GPU only); ``int8`` from the calibrated Q/DQ graph.
+        compute_capability: the target GPU's (``"9.0"``) for GPU engines; detected when empty.
+        intra_op_num_threads: ONNX Runtime CPU threads; 0 means one per physical core.
+        pack_tokens: CPU ORT: run feed-forward blocks on valid tokens only where the graph has
+            them (the standard-ops INT8 graph does; the fused fp32 graph's blocks are not
+            matched yet).
+        cuda_graph: ORT CUDA: capture and replay CUDA graphs per input shape.
+        ort_tensorrt_provider: ORT CUDA: put ORT's TensorRT provider first.
+        keep_float_ops: fp16: op types kept in float32 beyond the defaults (engines/fp16.py).
+        tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
+    """
+
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: str = "fp32"
+    compute_capability: str = ""
+    intra_op_num_threads: int = 0
+    pack_tokens: bool = True
+    cuda_graph: bool = False
+    ort_tensorrt_provider: bool = False
+    keep_float_ops: tuple[str, ...] = ()
+    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+
+    def validate(self) -> None:
+        """Raises InputError for a combination no backend builds."""
+        backend = get_backend(self.backend)
+        if self.precision not in PRECISIONS:
+            raise InputError(f"--precision {self.precision!r}: supported: {', '.join(PRECISIONS)}")
+        if self.device not in DEVICES:
+            raise InputError(f"--device {self.device!r}: supported: {', '.join(DEVICES)}")
+        if self.device == "cpu" and self.precision == "fp16":
+            raise InputError("--precision fp16 needs a GPU target; the CPU engine is fp32 or int8")
+        backend.check(self)
+        self.tensorrt.validate()
+
+    @property
+    def source_stage(self) -> str:
+        """The stage folder whose model.onnx this engine builds from."""
+        return get_backend(self.backend).source_stage(self)
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """A backend's build of one engine, as the build stage runs it.
+
+    Attributes:
+        settings: the backend's own settings for the build record (they decide the output).
+        prepare: loads and checks the source graph before the previous engine is touched.
+        body: writes the engine into the folder it is given; returns (output file names,
+            results for the manifest).
+    """
+
+    settings: Mapping[str, Any]
+    prepare: Callable[[], None]
+    body: Callable[[Path], tuple[list[str], dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class TritonBatching:
+    """How Triton batches an engine model: its largest batch, the preferred batch sizes, the
+    optimization profiles each instance may use, and the sequence lengths worth warming up."""
+
+    max_batch_size: int
+    preferred_batch_sizes: tuple[int, ...] = ()
+    profiles: tuple[str, ...] = ()
+    warmup_lengths: tuple[int, ...] = ()
+
+
+class Backend:
+    """One inference backend: how it builds, names, loads and serves its engines.
+
+    Subclasses set the class attributes and implement the methods that raise
+    NotImplementedError; the defaults fit a backend with no options of its own.
+
+    Attributes:
+        name: the name in BuildSpec.backend and in every manifest.
+        tag: the short prefix of engine folders and Triton model names (``ort``, ``trt``).
+        file_suffix: the engine file's suffix (``.onnx``, ``.plan``).
+        triton_platform: the Triton ``platform`` that serves the engine file.
+        version_key: the key of a build manifest's results that holds the backend version.
+    """
+
+    name: str
+    tag: str
+    file_suffix: str
+    triton_platform: str
+    version_key: str
+
+    def version(self) -> str:
+        """The installed version (it goes into engine folder names and manifests).
+
+        Raises:
+            EnvironmentProblem: the backend's package is missing.
+        """
+        raise NotImplementedError
+
+    def check(self, spec: BuildSpec) -> None:
+        """Raises InputError for a device or precision this backend does not build."""
+
+    def applicable(self, spec: BuildSpec) -> BuildSpec:
+        """``spec`` without the settings that do not apply to this backend on its device (one
+        set of command-line flags feeds every engine of a run)."""
+        return replace(spec, cuda_graph=False, ort_tensorrt_provider=False)
+
+    def source_stage(self, spec: BuildSpec) -> str:
+        """The stage folder whose graph this engine builds from."""
+        raise NotImplementedError
+
+    def folder_parts(self, spec: BuildSpec) -> list[str]:
+        """The device/GPU part of the engine folder name (``cpu``, ``cuda-sm90``, ``sm90``)."""
+        raise NotImplementedError
+
+    def variants(self, spec: BuildSpec) -> list[str]:
+        """Suffixes naming build variants (``cudagraph``, ``vc``) after the precision."""
+        return []
+
+    def complete(
+        self,
+        spec: BuildSpec,
+        *,
+        derive_profiles: Callable[[], tuple[Profile, ...]],
+        timing_cache: Callable[[str, str], Path],
+    ) -> BuildSpec:
+        """Fill in what a build learns from the data and the output tree (profiles derived from
+        the calibration sentences, the shared timing cache); most backends need nothing."""
+        return spec
+
+    def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
+        """How the build stage builds ``spec`` from the graph at ``source``."""
+        raise NotImplementedError
+
+    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+        """Load an engine file with the settings its build manifest recorded.
+
+        The caller has checked the file's sha256 against a manifest this tool wrote.
+
+        Raises:
+            EnvironmentProblem: the engine was built for another GPU or backend version, or needs
+                a device or package this machine lacks.
+        """
+        raise NotImplementedError
+
+    def triton_kind(self, spec: Mapping[str, Any]) -> str:
+        """The Triton model suffix of a recorded engine: backend, device, precision, variants;
+        never the GPU, so engines for several GPUs of one kind share a model."""
+        raise NotImplementedError
+
+    def portable(self, spec: Mapping[str, Any]) -> bool:
+        """True when one engine file runs on every GPU of its kind (the model's default file)."""
+        return False
+
+    def shared_settings(self, spec: Mapping[str, Any]) -> Any:
+        """Recorded settings every engine of one Triton model must share (they set its config)."""
+        return None
+
+    def io_graph(self, folder: Path, results: Mapping[str, Any]) -> str:
+        """The output name (in the engine folder) of the ONNX graph whose tensors Triton sees."""
+        return str(results["engine_file"])
+
+    def triton_batching(
+        self, spec: Mapping[str, Any], *, max_batch_size: int, max_length: int, where: str
+    ) -> TritonBatching:
+        """Triton's batching for a recorded engine.
+
+        Raises:
+            InputError: the engine cannot take every batch and length Triton will send.
+        """
+        return TritonBatching(max_batch_size, warmup_lengths=(min(max_length, 128),))
+
+    def triton_parameters(self, spec: Mapping[str, Any]) -> dict[str, Any]:
+        """Backend-specific parts of the Triton engine config (tc.EngineModel fields)."""
+        return {}
+
+
+def gpu_facts(spec: BuildSpec) -> dict[str, Any]:
+    """The GPU a CUDA engine is built on, refusing a build for another compute capability."""
+    if spec.device != "cuda":
+        return {}
+    built_for, gpu = current_gpu("building a GPU engine")
+    if spec.compute_capability and spec.compute_capability != built_for:
+        raise InputError(
+            f"asked to build for compute capability {spec.compute_capability} on a "
+            f"{gpu} ({built_for}); build on that GPU"
+        )
+    return {"compute_capability": built_for, "gpu": gpu}
+
+
+_REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> Backend:
+    """Add a backend to the registry (each engine module registers its one object)."""
+    _REGISTRY[backend.name] = backend
+    return backend
+
+
+def get_backend(name: str) -> Backend:
+    """The registered backend called ``name``.
+
+    Raises:
+        InputError: no such backend.
+    """
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise InputError(f"--backend {name!r}: supported: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def engine_name(spec: BuildSpec, version: str) -> str:
+    """Folder name of an engine: backend and version, device or GPU, precision, variants.
+
+    ``ort1.32.0-cpu-fp32``, ``ort1.31.1-cuda-sm90-fp16-cudagraph``, ``trt10.13.3-sm90-fp16``,
+    ``trt10.13.3-ampere_plus-int8-vc``.
+    """
+    backend = get_backend(spec.backend)
+    parts = [f"{backend.tag}{version}", *backend.folder_parts(spec), spec.precision]
+    return "-".join(parts + backend.variants(spec))
+
+
+def load_recorded_engine(engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+    """Load an engine file with the settings its build manifest recorded (``spec``, ``results``).
+
+    The caller has checked the file's sha256 against a manifest this tool wrote (an engine
+    folder's, or a Triton repository's that copied it).
+
+    Raises:
+        ArtifactError: the manifest names no registered backend.
+        EnvironmentProblem: the engine was built for another GPU or backend version, or needs a
+            device or package this machine lacks.
+    """
+    if spec.get("backend") not in _REGISTRY:
+        raise ArtifactError(f"{engine_path}: recorded backend {spec.get('backend')!r} is unknown")
+    return _REGISTRY[spec["backend"]].load(engine_path, spec, results)
+
+
+def load_engine(engine_dir: Path):
+    """Load an engine folder after checking every file against its manifest and, for TensorRT,
+    that the plan fits this GPU and TensorRT version.
+
+    Returns:
+        (the loaded engine, its build manifest).
+
+    Raises:
+        ArtifactError: no complete manifest, or a file's sha256 differs from it.
+        EnvironmentProblem: the engine was built for another GPU or backend version.
+    """
+    folder = ArtifactDir(Path(engine_dir))
+    manifest = folder.require_complete()
+    spec = manifest.get("spec", {})
+    results = manifest.get("results", {})
+    if manifest.get("stage") != "build" or spec.get("backend") not in _REGISTRY:
+        raise ArtifactError(f"{engine_dir}: not an engine folder this tool built")
+    engine_path = folder.output_path(results["engine_file"])
+    return load_recorded_engine(engine_path, spec, results), manifest

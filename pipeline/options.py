@@ -1,0 +1,560 @@
+"""Option groups: each owns its command-line flags and builds the frozen spec they describe.
+
+Shaped after Polygraphy's ``tools/args`` classes: a group declares its options (``options``, like
+``add_parser_args_impl``) and turns the parsed values into its spec (``parse``, like
+``parse_impl`` + ``create_config``). A command lists the groups it uses (``@uses(...)``) and
+calls each group's ``parse`` on the values click hands it. Defaults and choices are never written
+here: they come from the spec dataclass or the module that owns the concept (``default_of``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bert_compiler.calibration import datasets
+from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS
+from bert_compiler.calibration.ranges import METHODS
+from bert_compiler.core.targets import (
+    DEFAULT_TARGET,
+    PRECISIONS,
+    TARGET_CHOICES,
+    Environment,
+    detect,
+    plan_targets,
+)
+from bert_compiler.engines.backend import BuildSpec, get_backend
+from bert_compiler.engines.tensorrt_options import (
+    BUILDER_OPTIMIZATION_LEVELS,
+    HARDWARE_COMPATIBILITY,
+    Profile,
+    ProfileDerivation,
+    TensorRTOptions,
+)
+from bert_compiler.pipeline.calibrate import CalibrationSpec
+from bert_compiler.pipeline.export import ExportSpec
+from bert_compiler.pipeline.fuse import FuseSpec
+from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout
+from bert_compiler.pipeline.models import DEFAULT_MODEL_ALIAS, TASKS, ModelInfo, resolve_model
+from bert_compiler.pipeline.triton.package import PACKAGE_LIMITS, PackageSpec
+from bert_compiler.pipeline.verify import VerifySpec
+
+log = logging.getLogger("bert_compile")
+
+Values = Mapping[str, Any]
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def default_of(spec: type, name: str) -> Any:
+    """The default of field ``name`` of the dataclass ``spec``: the one place it is written."""
+    for item in dataclasses.fields(spec):
+        if item.name == name:
+            if item.default is not dataclasses.MISSING:
+                return item.default
+            if item.default_factory is not dataclasses.MISSING:
+                return item.default_factory()
+    raise KeyError(f"{spec.__name__} has no field {name!r} with a default")
+
+
+def _int_range(bounds: tuple[int, int]) -> click.IntRange:
+    return click.IntRange(*bounds)
+
+
+class OptionGroup:
+    """A set of options and the spec they build. Subclasses implement ``options`` and ``parse``."""
+
+    def options(self) -> list[Decorator]:
+        raise NotImplementedError
+
+    def parse(self, values: Values) -> Any:
+        raise NotImplementedError
+
+
+def uses(*groups: OptionGroup) -> Decorator:
+    """Add every option of ``groups`` to a click command (first group's options listed first)."""
+
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        for group in reversed(groups):
+            for option in reversed(group.options()):
+                func = option(func)
+        return func
+
+    return decorate
+
+
+def precision_option(*, multiple: bool, help: str) -> Decorator:
+    """``--precision``: repeatable where a command builds engines, single where it checks one."""
+    return click.option(
+        "--precision",
+        "precisions" if multiple else "precision",
+        type=click.Choice(PRECISIONS),
+        multiple=multiple,
+        default=None,
+        help=help,
+    )
+
+
+def target_option(help: str) -> Decorator:
+    return click.option(
+        "--target",
+        type=click.Choice(TARGET_CHOICES),
+        default=DEFAULT_TARGET,
+        show_default=True,
+        help=help,
+    )
+
+
+def input_option(help: str) -> Decorator:
+    return click.option(
+        "--input", "input_path", type=click.Path(path_type=Path), default=None, help=help
+    )
+
+
+def out_option(help: str) -> Decorator:
+    return click.option(
+        "--out",
+        "out",
+        type=click.Path(path_type=Path),
+        default=DEFAULT_OUT,
+        show_default=True,
+        help=help,
+    )
+
+
+class ModelOptions(OptionGroup):
+    """Which model, read how: ``--model`` and the safety switches -> a validated ModelInfo."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--model",
+                "model",
+                default=DEFAULT_MODEL_ALIAS,
+                show_default=True,
+                help="'default' (all-MiniLM-L6-v2 from its PyPI package) or a local model folder.",
+            ),
+            click.option(
+                "--task",
+                type=click.Choice(["auto", *TASKS]),
+                default="auto",
+                show_default=True,
+                help="What the engine outputs; auto reads the model folder.",
+            ),
+            click.option(
+                "--allow-pickle",
+                is_flag=True,
+                help="Accept pytorch_model.bin (loaded with torch.load(weights_only=True)).",
+            ),
+            click.option(
+                "--trust-remote-code",
+                is_flag=True,
+                help="Accept a config.json whose auto_map runs the model's own code.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> ModelInfo:
+        return resolve_model(
+            values["model"],
+            task=values["task"],
+            allow_pickle=values["allow_pickle"],
+            trust_remote_code=values["trust_remote_code"],
+        )
+
+
+class ExportOptions(OptionGroup):
+    """Export settings (``--opset`` only where the command exports on its own)."""
+
+    def __init__(self, *, opset: bool):
+        self.opset = opset
+
+    def options(self) -> list[Decorator]:
+        options = []
+        if self.opset:
+            options.append(
+                click.option(
+                    "--opset", type=int, default=default_of(ExportSpec, "opset"), show_default=True
+                )
+            )
+        options.append(
+            click.option(
+                "--pooling/--no-pooling",
+                default=default_of(ExportSpec, "pooling_in_graph"),
+                show_default=True,
+                help="Sentence-embedding models: mean pooling + L2 norm in the graph.",
+            )
+        )
+        return options
+
+    def parse(self, values: Values) -> ExportSpec:
+        opset = values["opset"] if self.opset else default_of(ExportSpec, "opset")
+        return ExportSpec(opset=opset, pooling_in_graph=values["pooling"])
+
+
+class FuseOptions(OptionGroup):
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--allow-unfused", is_flag=True, help="Warn instead of failing on missing fusions."
+            )
+        ]
+
+    def parse(self, values: Values) -> FuseSpec:
+        return FuseSpec(require_fusions=not values["allow_unfused"])
+
+
+class MaxLengthOptions(OptionGroup):
+    """``--max-length``: truncation of every tokenized text (verify, calibrate, profiles)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--max-length",
+                type=int,
+                default=None,
+                help="Truncate text to this many tokens (default: the model's).",
+            )
+        ]
+
+    def parse(self, values: Values) -> int | None:
+        return values["max_length"]
+
+
+class VerifyOptions(OptionGroup):
+    """Parity and task-metric gates -> VerifySpec (needs MaxLengthOptions)."""
+
+    _TOLERANCE_FLAGS = {"max_abs_err": "max_abs_err", "max_rel_l2": "rel_l2_err"}
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--max-abs-err", type=float, default=None, help="Override the max abs error."
+            ),
+            click.option(
+                "--max-rel-l2", type=float, default=None, help="Override the relative L2 error."
+            ),
+            click.option(
+                "--min-cosine", type=float, default=None, help="Override the minimum cosine."
+            ),
+            click.option(
+                "--max-metric-drop",
+                type=float,
+                default=None,
+                help="Largest task-metric drop (points) against PyTorch fp32.",
+            ),
+            click.option(
+                "--min-metric-retention",
+                type=float,
+                default=None,
+                help="Smallest fraction of PyTorch fp32's metric to keep (int8 default 0.995).",
+            ),
+            click.option(
+                "--metric-gate/--no-metric-gate",
+                default=default_of(VerifySpec, "metric_gate"),
+                show_default=True,
+                help="Fail on the task-metric gates (the metric is reported either way).",
+            ),
+            click.option(
+                "--metric-limit",
+                type=int,
+                default=None,
+                help="Score only the first N metric examples (quick checks).",
+            ),
+            click.option(
+                "--parity-data",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="TSV with a 'sentence' column for parity (default: bundled SST-2 dev).",
+            ),
+            click.option(
+                "--metric-data",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="TSV for the metric: STS-B columns (sentence1, sentence2, score), or for "
+                "classifiers SST-2 columns (sentence, label). Default: the bundled dev set.",
+            ),
+        ]
+
+    def parse(self, values: Values, precision: str | None = None) -> VerifySpec:
+        overrides = {
+            "max_abs_err": values["max_abs_err"],
+            "rel_l2_err": values["max_rel_l2"],
+            "min_cosine": values["min_cosine"],
+        }
+        return VerifySpec(
+            precision=precision or default_of(VerifySpec, "precision"),
+            tolerance_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
+            max_metric_drop=values["max_metric_drop"],
+            min_metric_retention=values["min_metric_retention"],
+            metric_gate=values["metric_gate"],
+            max_length=values["max_length"],
+            metric_limit=values["metric_limit"],
+            parity_data=values["parity_data"],
+            metric_data=values["metric_data"],
+        )
+
+
+class TextOptions(OptionGroup):
+    """The calibration text (also what TensorRT profiles are derived from)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--calibration-data",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="A .tsv, .txt or .jsonl file (default: bundled calibration sentences).",
+            ),
+            click.option(
+                "--text-column",
+                default=datasets.TEXT_COLUMN,
+                show_default=True,
+                help="TSV column or JSONL key holding the text.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> tuple[Path, str]:
+        """The text file (default: the bundled calibration sentences) and its column."""
+        return values["calibration_data"] or datasets.CALIBRATION_SENTENCES, values["text_column"]
+
+
+class CalibrationOptions(OptionGroup):
+    """INT8 calibration -> CalibrationSpec (needs TextOptions and MaxLengthOptions)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--method",
+                type=click.Choice(METHODS),
+                default=default_of(CalibrationSpec, "method"),
+                show_default=True,
+                help="INT8 range calibration method.",
+            ),
+            click.option(
+                "--percentile",
+                type=float,
+                default=default_of(CalibrationSpec, "percentile"),
+                show_default=True,
+                help="With --method percentile: share of magnitudes kept unclipped.",
+            ),
+            click.option(
+                "--num-samples",
+                type=int,
+                default=default_of(CalibrationSpec, "num_samples"),
+                show_default=True,
+                help="Calibration sentences to use.",
+            ),
+            click.option(
+                "--min-samples",
+                type=int,
+                default=default_of(CalibrationSpec, "min_samples"),
+                show_default=True,
+                help="Fewer distinct sentences than this is an error.",
+            ),
+            click.option(
+                "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
+            ),
+            click.option(
+                "--quantize-op",
+                multiple=True,
+                type=click.Choice(sorted(OPTIONAL_QUANTIZED_OPS)),
+                help="Also quantize this op type's float inputs (kept float by default); "
+                "repeatable.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> CalibrationSpec:
+        return CalibrationSpec(
+            method=values["method"],
+            percentile=values["percentile"],
+            num_samples=values["num_samples"],
+            min_samples=values["min_samples"],
+            data=values["calibration_data"],
+            text_column=values["text_column"],
+            max_length=values.get("max_length"),
+            keep_float=tuple(values["keep_float"]),
+            quantize_ops=tuple(values["quantize_op"]),
+        )
+
+
+class TargetOptions(OptionGroup):
+    """Where engines are built for and the GPU backends' settings -> one BuildSpec per engine to
+    build on this machine, and the notes of how ``--target`` resolved (build and run)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            target_option(
+                "auto: TensorRT and ONNX Runtime CUDA engines for every distinct GPU here, or "
+                "the CPU engine when there is no GPU or GPU backend; cuda: ONNX Runtime CUDA; "
+                "tensorrt."
+            ),
+            click.option(
+                "--threads",
+                type=int,
+                default=default_of(BuildSpec, "intra_op_num_threads"),
+                show_default=True,
+                help="ONNX Runtime CPU intra-op threads recorded with the engine (0: one per "
+                "core).",
+            ),
+            click.option(
+                "--keep-float-op",
+                "keep_float_ops",
+                multiple=True,
+                help="fp16: also keep this op type in float32 (repeatable), e.g. Softmax.",
+            ),
+            click.option(
+                "--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: replay CUDA graphs."
+            ),
+            click.option(
+                "--ort-tensorrt-provider",
+                is_flag=True,
+                help="ONNX Runtime CUDA: put ORT's TensorRT provider first (needs TensorRT).",
+            ),
+            click.option(
+                "--profile",
+                "profiles",
+                multiple=True,
+                help="TensorRT optimization profile min:opt:max as BxS:BxS:BxS (batch x "
+                "sequence), repeatable; default: derived from the calibration sentences' token "
+                "lengths.",
+            ),
+            click.option(
+                "--profile-max-batch",
+                type=int,
+                default=default_of(ProfileDerivation, "max_batch"),
+                show_default=True,
+                help="Largest batch of derived TensorRT profiles.",
+            ),
+            click.option(
+                "--builder-optimization-level",
+                type=_int_range(BUILDER_OPTIMIZATION_LEVELS),
+                default=default_of(TensorRTOptions, "builder_optimization_level"),
+                show_default=True,
+                help="TensorRT builder optimization level.",
+            ),
+            click.option(
+                "--timing-cache",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="TensorRT timing cache file (default: OUT/engines/timing-cache/...).",
+            ),
+            click.option(
+                "--hardware-compatibility",
+                type=click.Choice(HARDWARE_COMPATIBILITY),
+                default=default_of(TensorRTOptions, "hardware_compatibility"),
+                show_default=True,
+                help="TensorRT: build one plan for several GPU generations (slower).",
+            ),
+            click.option(
+                "--version-compatible",
+                is_flag=True,
+                help="TensorRT: plan runs on later TensorRT versions (embeds host code).",
+            ),
+            click.option(
+                "--workspace-mib",
+                type=int,
+                default=default_of(TensorRTOptions, "workspace_mib"),
+                help="TensorRT workspace cap (MiB).",
+            ),
+        ]
+
+    def parse_derivation(self, values: Values) -> ProfileDerivation:
+        return ProfileDerivation(max_batch=values["profile_max_batch"])
+
+    def parse(self, values: Values) -> tuple[tuple[BuildSpec, ...], tuple[str, ...]]:
+        # Flags first: a malformed profile is a usage problem on any machine, not hidden behind
+        # "no GPU found".
+        tensorrt = TensorRTOptions(
+            profiles=tuple(Profile.parse(p) for p in values["profiles"]),
+            builder_optimization_level=values["builder_optimization_level"],
+            workspace_mib=values["workspace_mib"],
+            timing_cache=str(values["timing_cache"] or ""),
+            hardware_compatibility=values["hardware_compatibility"],
+            version_compatible=values["version_compatible"],
+        )
+        tensorrt.validate()
+        # --target cpu needs nothing from the machine; every other target looks at it.
+        env = Environment() if values["target"] == "cpu" else detect()
+        precisions = tuple(dict.fromkeys(values["precisions"] or ()))
+        plan = plan_targets(values["target"], precisions, env)
+        for note in plan.notes:
+            log.warning("[target] %s", note)
+        specs = []
+        for target in plan.engines:
+            requested = BuildSpec(
+                **target,
+                intra_op_num_threads=values["threads"],
+                cuda_graph=values["cuda_graph"],
+                ort_tensorrt_provider=values["ort_tensorrt_provider"],
+                keep_float_ops=tuple(values["keep_float_ops"]),
+                tensorrt=tensorrt,
+            )
+            # Flags for another backend or device (--cuda-graph on the CPU engine) do not apply.
+            spec = get_backend(requested.backend).applicable(requested)
+            spec.validate()
+            specs.append(spec)
+        return tuple(specs), plan.notes
+
+
+class PackageOptions(OptionGroup):
+    """Triton repository settings -> PackageSpec and the repository folder (package and run)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--repository",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Triton model repository folder (default: OUT/triton).",
+            ),
+            click.option(
+                "--max-batch-size",
+                type=_int_range(PACKAGE_LIMITS["max_batch_size"]),
+                default=default_of(PackageSpec, "max_batch_size"),
+                show_default=True,
+                help="Largest batch of ONNX Runtime models (TensorRT: from the profiles).",
+            ),
+            click.option(
+                "--max-queue-delay-us",
+                type=_int_range(PACKAGE_LIMITS["max_queue_delay_us"]),
+                default=default_of(PackageSpec, "max_queue_delay_us"),
+                show_default=True,
+                help="Dynamic batcher: microseconds to wait for a fuller batch.",
+            ),
+            click.option(
+                "--instances",
+                type=_int_range(PACKAGE_LIMITS["instances"]),
+                default=default_of(PackageSpec, "instances"),
+                show_default=True,
+                help="Model instances per GPU (GPU models) or in all (CPU models).",
+            ),
+            click.option(
+                "--python-cpu-engine",
+                is_flag=True,
+                help="Also serve CPU ONNX Runtime engines on Triton's Python backend (for Triton "
+                "builds without the onnxruntime backend).",
+            ),
+            click.option(
+                "--warmup/--no-warmup",
+                default=default_of(PackageSpec, "warmup"),
+                show_default=True,
+                help="Real-token warmup requests when Triton loads an engine model.",
+            ),
+        ]
+
+    def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
+        return PackageSpec(
+            engines=engines,
+            max_batch_size=values["max_batch_size"],
+            max_queue_delay_us=values["max_queue_delay_us"],
+            instances=values["instances"],
+            python_cpu_engine=values["python_cpu_engine"],
+            warmup=values["warmup"],
+        )
+
+    def repository(self, values: Values) -> Path:
+        return values["repository"] or Layout(Path(values["out"])).repository
