@@ -14,6 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 WORKDIR /opt/bert-compiler
 COPY pyproject.toml README.md ./
+COPY core core
 COPY pipeline pipeline
 COPY engines engines
 COPY calibration calibration

@@ -140,7 +140,17 @@ class Backend:
         raise NotImplementedError
 
     def variants(self, spec: BuildSpec) -> list[str]:
-        """Suffixes naming build variants (``cudagraph``, ``vc``) after the precision."""
+        """Suffixes naming build variants (``cudagraph``, ``vc``) after the precision: in engine
+        folder names and Triton model names alike."""
+        return []
+
+    def from_record(self, spec: Mapping[str, Any]) -> BuildSpec:
+        """The BuildSpec a build manifest's ``spec`` records (what names and loads the engine)."""
+        raise NotImplementedError
+
+    def kind_parts(self, spec: BuildSpec) -> list[str]:
+        """The part of a Triton model name before the precision: the device or the hardware
+        compatibility, never the GPU (engines for several GPUs of one kind share a model)."""
         return []
 
     def complete(
@@ -172,7 +182,9 @@ class Backend:
     def triton_kind(self, spec: Mapping[str, Any]) -> str:
         """The Triton model suffix of a recorded engine: backend, device, precision, variants;
         never the GPU, so engines for several GPUs of one kind share a model."""
-        raise NotImplementedError
+        build = self.from_record(spec)
+        parts = [self.tag, *self.kind_parts(build), build.precision, *self.variants(build)]
+        return "-".join(parts)
 
     def portable(self, spec: Mapping[str, Any]) -> bool:
         """True when one engine file runs on every GPU of its kind (the model's default file)."""

@@ -460,14 +460,22 @@ class OnnxRuntimeBackend(Backend):
                 )
         return load(engine_path, options)
 
-    def triton_kind(self, spec: Mapping[str, Any]) -> str:
-        session = spec.get("session", {})
-        parts = ["ort", spec["device"], spec["precision"]]
-        if session.get("cuda_graph"):
-            parts.append("cudagraph")
-        if session.get("tensorrt_provider"):
-            parts.append("trtep")
-        return "-".join(parts)
+    def from_record(self, spec: Mapping[str, Any]) -> BuildSpec:
+        session = OrtEngineOptions.from_dict(spec.get("session", {}))
+        return BuildSpec(
+            backend=self.name,
+            device=spec["device"],
+            precision=spec["precision"],
+            compute_capability=spec.get("compute_capability", ""),
+            intra_op_num_threads=session.intra_op_num_threads,
+            pack_tokens=session.pack_tokens,
+            cuda_graph=session.cuda_graph,
+            ort_tensorrt_provider=session.tensorrt_provider,
+            keep_float_ops=session.keep_float_ops,
+        )
+
+    def kind_parts(self, spec: BuildSpec) -> list[str]:
+        return [spec.device]
 
     def triton_parameters(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         session = spec.get("session", {})

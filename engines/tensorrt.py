@@ -35,7 +35,6 @@ from bert_compiler.engines.backend import (
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16
 from bert_compiler.engines.tensorrt_options import (
-    Profile,
     TensorRTOptions,
     compatibility_problems,
     select_profile,
@@ -465,25 +464,29 @@ class TensorRTBackend(Backend):
     def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
         return load(
             engine_path,
-            TensorRTOptions.from_dict(spec.get("tensorrt", {})),
+            self.from_record(spec).tensorrt,
             built_tensorrt=results["tensorrt"],
             built_compute_capability=results["compute_capability"],
         )
 
-    def triton_kind(self, spec: Mapping[str, Any]) -> str:
-        options = spec.get("tensorrt", {})
-        parts = ["trt"]
-        if options.get("hardware_compatibility", "none") != "none":
-            parts.append(options["hardware_compatibility"])
-        parts.append(spec["precision"])
-        if options.get("version_compatible"):
-            parts.append("vc")
-        return "-".join(parts)
+    def from_record(self, spec: Mapping[str, Any]) -> BuildSpec:
+        return BuildSpec(
+            backend=self.name,
+            device=spec["device"],
+            precision=spec["precision"],
+            compute_capability=spec.get("compute_capability", ""),
+            keep_float_ops=tuple(spec.get("keep_float_ops", ())),
+            tensorrt=TensorRTOptions.from_dict(spec.get("tensorrt", {})),
+        )
+
+    def kind_parts(self, spec: BuildSpec) -> list[str]:
+        level = spec.tensorrt.hardware_compatibility
+        return [] if level == "none" else [level]
 
     def portable(self, spec: Mapping[str, Any]) -> bool:
         # An ampere_plus plan runs on every sm80+ GPU; a same_compute_capability plan still
         # belongs to one compute capability.
-        return spec.get("tensorrt", {}).get("hardware_compatibility") == "ampere_plus"
+        return self.from_record(spec).tensorrt.hardware_compatibility == "ampere_plus"
 
     def shared_settings(self, spec: Mapping[str, Any]) -> Any:
         # One config serves every GPU's plan: batch limits come from one set of profiles.
@@ -496,7 +499,7 @@ class TensorRTBackend(Backend):
     def triton_batching(
         self, spec: Mapping[str, Any], *, max_batch_size: int, max_length: int, where: str
     ) -> TritonBatching:
-        profiles = [Profile.parse(p) for p in spec["tensorrt"]["profiles"]]
+        profiles = self.from_record(spec).tensorrt.profiles
         max_batch = min(p.max_batch for p in profiles)
         covered = 0
         for profile in sorted(profiles, key=lambda p: p.min_seq):

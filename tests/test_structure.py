@@ -117,3 +117,9 @@ def test_the_wheel_installs_only_the_bert_compiler_namespace(tmp_path):
         "bert_compiler/calibration/data/calibration-sentences.tsv",
     ):
         assert expected in names
+
+
+def test_the_gpu_image_copies_every_product_folder():
+    dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    for folder in PRODUCT:
+        assert f"COPY {folder} {folder}\n" in dockerfile
