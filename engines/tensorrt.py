@@ -15,10 +15,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
@@ -35,6 +36,7 @@ from bert_compiler.engines.backend import (
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16
 from bert_compiler.engines.tensorrt_options import (
+    Profile,
     TensorRTOptions,
     compatibility_problems,
     select_profile,
@@ -45,10 +47,9 @@ log = logging.getLogger("bert_compile")
 
 PLAN_FILE = "model.plan"
 NETWORK_FILE = "network.onnx"
-_TRT_LEVELS = {"ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 
 
-def prepare_network_graph(model, *, precision: str, keep_float_ops: Sequence[str] = ()):
+def prepare_network_graph(model: Any, *, precision: str, keep_float_ops: Sequence[str] = ()) -> Any:
     """The graph TensorRT parses: standard ops only, in the precision asked for.
 
     Raises:
@@ -72,7 +73,15 @@ def prepare_network_graph(model, *, precision: str, keep_float_ops: Sequence[str
     raise InputError(f"TensorRT precision {precision!r}: expected fp32, fp16 or int8")
 
 
-def _import_tensorrt():
+if TYPE_CHECKING:
+    # The TensorRT API as the type check sees it (tensorrt-stubs; pyproject.toml [tool.mypy]). At
+    # run time tensorrt is imported only inside the functions that need it, after
+    # _import_tensorrt() has checked that it imports, as `import tensorrt as trt`: a local name
+    # bound by an import keeps the module's types, where one returned by a function would not.
+    import tensorrt as trt
+
+
+def _import_tensorrt() -> ModuleType:
     try:
         import tensorrt
     except (ImportError, OSError) as err:
@@ -85,25 +94,29 @@ def _import_tensorrt():
     return tensorrt
 
 
-def _make_logger(trt):
+def _make_logger() -> tuple[trt.ILogger, list[str]]:
+    """A logger for Builder/Runtime, and the list it collects TensorRT's error messages in."""
+    import tensorrt as trt
+
+    errors: list[str] = []
+
     class Logger(trt.ILogger):
         """Routes TensorRT's messages to our log and keeps the errors for the one-line report."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.errors: list[str] = []
 
-        def log(self, severity, msg):
+        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
             levels = trt.ILogger.Severity
             if severity in (levels.INTERNAL_ERROR, levels.ERROR):
-                self.errors.append(msg)
+                errors.append(msg)
                 log.error("[tensorrt] %s", msg)
             elif severity == levels.WARNING:
                 log.warning("[tensorrt] %s", msg)
             else:
                 log.debug("[tensorrt] %s", msg)
 
-    return Logger()
+    return Logger(), errors
 
 
 class SignalWatch:
@@ -116,7 +129,7 @@ class SignalWatch:
     ``requested()`` and cancels the build. Inactive (never requested) off the main thread.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: signal.Signals | None = None
         self._read = self._write = -1
         self._previous: int | None = None
@@ -142,7 +155,7 @@ class SignalWatch:
                 self.received = signal.Signals(number)
         return self.received is not None
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.set_wakeup_fd(self._previous)
         self.requested()
@@ -150,21 +163,24 @@ class SignalWatch:
         os.close(self._write)
 
 
-def _make_progress_monitor(trt, signals: SignalWatch):
+def _make_progress_monitor(signals: SignalWatch) -> trt.IProgressMonitor:
+    import tensorrt as trt
+
     class ProgressMonitor(trt.IProgressMonitor):
         """Logs the builder's phases (a long build shows progress) and cancels it on a signal."""
 
-        def __init__(self):
+        def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
 
-        def phase_start(self, phase_name, parent_phase, num_steps):
+        # parent_phase is None for a top-level phase (the stubs say str; TensorRT passes None).
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
             if parent_phase is None:
                 log.info("[tensorrt] %s (%d steps)", phase_name, num_steps)
 
-        def step_complete(self, phase_name, step):
+        def step_complete(self, phase_name: str, step: int) -> bool:
             return not signals.requested()  # False asks TensorRT to cancel the build
 
-        def phase_finish(self, phase_name):
+        def phase_finish(self, phase_name: str) -> None:
             pass
 
     return ProgressMonitor()
@@ -203,12 +219,16 @@ def build_engine(
         EnvironmentProblem: tensorrt or a GPU is missing.
     """
 
-    trt = _import_tensorrt()
+    _import_tensorrt()
+    import tensorrt as trt
+
     capability, gpu = current_gpu("building a TensorRT plan")
     if not options.profiles:
         raise InputError("TensorRT build needs at least one optimization profile")
-    logger = _make_logger(trt)
+    logger, trt_errors = _make_logger()
     builder = trt.Builder(logger)
+    # TensorRT 11 builds every network strongly typed and ignores this flag (still defined there,
+    # deprecated); 10.x needs it. The bit comes from the enum, whose value differs between the two.
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(network_onnx)):
@@ -218,10 +238,11 @@ def build_engine(
     config.builder_optimization_level = options.builder_optimization_level
     if options.workspace_mib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    if options.hardware_compatibility != "none":
-        config.hardware_compatibility_level = getattr(
-            trt.HardwareCompatibilityLevel, _TRT_LEVELS[options.hardware_compatibility]
-        )
+    # One member looked up at a time: SAME_COMPUTE_CAPABILITY first appears in TensorRT 10.10.
+    if options.hardware_compatibility == "ampere_plus":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    elif options.hardware_compatibility == "same_compute_capability":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
     if options.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
@@ -232,7 +253,8 @@ def build_engine(
         )
     for profile in options.profiles:
         trt_profile = builder.create_optimization_profile()
-        low, opt, high = profile.shapes()
+        # Dims built here rather than by pybind11's implicit tuple conversion, which the stubs lack.
+        low, opt, high = (trt.Dims(list(shape)) for shape in profile.shapes())
         for name in input_names:
             trt_profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(trt_profile)
@@ -242,14 +264,14 @@ def build_engine(
     config.set_timing_cache(timing_cache, ignore_mismatch=False)
     with SignalWatch() as signals:
         # Kept referenced until the build returns: TensorRT holds only a raw pointer to it.
-        monitor = _make_progress_monitor(trt, signals)
+        monitor = _make_progress_monitor(signals)
         config.progress_monitor = monitor
         plan = builder.build_serialized_network(network, config)
     if plan is None:
         if signals.received is not None:
             raise Interrupted(signals.received.name, 128 + signals.received)
         raise InputError(
-            f"{network_onnx}: TensorRT could not build a plan: {'; '.join(logger.errors) or '?'}"
+            f"{network_onnx}: TensorRT could not build a plan: {'; '.join(trt_errors) or '?'}"
         )
     Path(plan_path).write_bytes(memoryview(plan))
     if cache_file is not None:
@@ -279,11 +301,10 @@ _TORCH_DTYPES = {
 }
 
 
-def _torch_dtype(trt, torch, dtype):
+def _torch_dtype(torch: Any, dtype: trt.DataType) -> Any:
     """The torch dtype of a TensorRT DataType (matched by member name across versions)."""
-    for name, torch_name in _TORCH_DTYPES.items():
-        if getattr(trt.DataType, name, None) == dtype:
-            return getattr(torch, torch_name)
+    if dtype.name in _TORCH_DTYPES:
+        return getattr(torch, _TORCH_DTYPES[dtype.name])
     raise InputError(f"engine tensor type {dtype} has no torch equivalent")
 
 
@@ -297,11 +318,13 @@ class TensorRTEngine:
     def __init__(self, plan: bytes, options: TensorRTOptions, path: Path):
         import torch
 
-        trt = _import_tensorrt()
+        _import_tensorrt()
+        import tensorrt as trt
+
         self._torch = torch
         self.path = path
         self.options = options
-        self._logger = _make_logger(trt)
+        self._logger, self._errors = _make_logger()
         self._runtime = trt.Runtime(self._logger)
         # Version-compatible plans carry a lean runtime (host code); allowed only for them.
         self._runtime.engine_host_code_allowed = options.version_compatible
@@ -309,7 +332,7 @@ class TensorRTEngine:
         if self.engine is None:
             raise ArtifactError(
                 f"{path}: TensorRT could not deserialize the plan: "
-                f"{'; '.join(self._logger.errors) or 'no message'}"
+                f"{'; '.join(self._errors) or 'no message'}"
             )
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()
@@ -317,7 +340,7 @@ class TensorRTEngine:
         is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
         self.input_names = [n for n in names if is_input[n]]
         self.output_names = [n for n in names if not is_input[n]]
-        self._dtypes = {n: _torch_dtype(trt, torch, self.engine.get_tensor_dtype(n)) for n in names}
+        self._dtypes = {n: _torch_dtype(torch, self.engine.get_tensor_dtype(n)) for n in names}
         self._profile = 0
 
     def run_device(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
@@ -340,7 +363,8 @@ class TensorRTEngine:
             self.context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for name in self.output_names:
-            shape = tuple(self.context.get_tensor_shape(name))
+            # Dims[:] is a tuple; tuple(Dims) iterates only through __getitem__, unknown to mypy.
+            shape = self.context.get_tensor_shape(name)[:]
             outputs[name] = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
             self.context.set_tensor_address(name, outputs[name].data_ptr())
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -413,7 +437,13 @@ class TensorRTBackend(Backend):
     def variants(self, spec: BuildSpec) -> list[str]:
         return ["vc"] if spec.tensorrt.version_compatible else []
 
-    def complete(self, spec, *, derive_profiles, timing_cache):
+    def complete(
+        self,
+        spec: BuildSpec,
+        *,
+        derive_profiles: Callable[[], tuple[Profile, ...]],
+        timing_cache: Callable[[str, str], Path],
+    ) -> BuildSpec:
         options = spec.tensorrt
         if not options.profiles:
             options = replace(options, profiles=derive_profiles())
@@ -461,7 +491,9 @@ class TensorRTBackend(Backend):
         }
         return BuildJob(settings=settings, prepare=prepare, body=body)
 
-    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+    def load(
+        self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]
+    ) -> TensorRTEngine:
         return load(
             engine_path,
             self.from_record(spec).tensorrt,

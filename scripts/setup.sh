@@ -38,6 +38,43 @@ fi
 echo "setup: installing bert-compiler and its pinned dependencies" >&2
 quiet_pip install "${find_links[@]}" -e ".[test]"
 
+# The TensorRT 10.13 API stubs the type check reads (pyproject.toml [tool.mypy] mypy_path), in
+# $venv/typing and not site-packages: the wheel ships tensorrt/__init__.pyi in a folder without
+# __init__.py, which on sys.path would make `import tensorrt` succeed as an empty namespace package.
+# --no-deps: it requires tensorrt==10.13.0.35 and tensorrt-cu12-bindings, download stubs here.
+stubs_version=10.13.0.35.1
+stubs_dir="$venv/typing"
+if [ ! -f "$stubs_dir/.complete-$stubs_version" ]; then
+  echo "setup: installing tensorrt-stubs==$stubs_version into $stubs_dir" >&2
+  rm -rf "$stubs_dir"
+  quiet_pip install --no-deps --target "$stubs_dir" "tensorrt-stubs==$stubs_version"
+  # The generated stubs do not parse as shipped, and mypy stops at a syntax error: four
+  # parameters named `in` (plugin methods) and add_scale_nd's required channel_axis after
+  # defaulted parameters (given here no defaults: stricter than TensorRT, never looser). And a
+  # module-level `bool: DataType` (trt.bool) shadows the builtin in every `-> bool` of the
+  # bindings module, making them all Any; tensorrt/__init__.pyi declares trt.bool itself.
+  "$venv/bin/python" - "$stubs_dir/tensorrt_bindings/tensorrt.pyi" <<'PY'
+import re
+import sys
+from pathlib import Path
+
+path = Path(sys.argv[1])
+text = path.read_text()
+fixes = [
+    (r"(\(self(?:: \w+)?), in: ", r"\1, in_: ", 4),
+    (r"shift: Weights = None, scale: Weights = None, power: Weights = None, channel_axis: int\)",
+     "shift: Weights, scale: Weights, power: Weights, channel_axis: int)", 1),
+    (r"(?m)^bool: DataType  # .*\n", "", 1),
+]
+for pattern, replacement, expected in fixes:
+    text, count = re.subn(pattern, replacement, text)
+    if count != expected:
+        sys.exit(f"setup: tensorrt-stubs patch {pattern!r} matched {count} times, not {expected}")
+path.write_text(text)
+PY
+  touch "$stubs_dir/.complete-$stubs_version"
+fi
+
 if [ "$triton_server" = 1 ]; then
   # Only the server binary and its libraries: pytriton's own Python dependencies are not used.
   quiet_pip install --no-deps "nvidia-pytriton==0.7.0"
@@ -60,6 +97,7 @@ fi
 # Fail loudly rather than leave a broken or CUDA-bloated environment behind.
 "$venv/bin/python" - <<'PY'
 import importlib.metadata as md
+import importlib.util
 import sys
 
 import torch
@@ -74,5 +112,11 @@ if missing:
     sys.exit(f"setup: missing after install: {missing}")
 if torch.version.cuda is None and cuda_wheels:
     sys.exit(f"setup: CUDA wheels were installed next to a CPU torch: {cuda_wheels}")
+# A real tensorrt may be installed (GPU machines); an empty namespace package (a stubs-only
+# tensorrt/ folder on sys.path) must not be: the product would take it for TensorRT.
+trt_spec = importlib.util.find_spec("tensorrt")
+if trt_spec is not None and trt_spec.origin is None:
+    where = list(trt_spec.submodule_search_locations or ())
+    sys.exit(f"setup: `import tensorrt` finds a bare folder, no TensorRT: {where}")
 print(f"setup: ok (torch {torch.__version__})", file=sys.stderr)
 PY
