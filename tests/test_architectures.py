@@ -13,6 +13,7 @@ from bert_compiler.pipeline.simplify import simplify
 from tests.tiny_models import make_tiny_model
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
 def test_registered_architecture_compiles_with_full_fusion(model_type, tmp_path):
     folder = make_tiny_model(tmp_path / model_type, model_type=model_type)

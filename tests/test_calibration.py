@@ -76,6 +76,7 @@ def calibrated(tiny_run, tmp_path_factory):
     return info, out, results
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
 def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, method):
     import onnxruntime as ort
@@ -109,6 +110,7 @@ def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, met
     assert cosine.min() > 0.9
 
 
+@pytest.mark.e2e
 def test_scales_are_recorded_everywhere(calibrated):
     _info, _out, results = calibrated
     result = results["percentile"]
@@ -127,6 +129,7 @@ def test_scales_are_recorded_everywhere(calibrated):
     )
 
 
+@pytest.mark.e2e
 def test_methods_differ_and_minmax_is_widest(calibrated):
     _info, _out, results = calibrated
 
@@ -139,6 +142,7 @@ def test_methods_differ_and_minmax_is_widest(calibrated):
     assert amaxes("entropy") != minmax
 
 
+@pytest.mark.e2e
 def test_keep_float_leaves_matmuls_unquantized(tiny_run):
     info, out, _spec, _summary = tiny_run
     model = onnx.load(str(out / "simplify" / "model.onnx"))
@@ -155,6 +159,7 @@ def test_trt_cache_format():
     assert text == f"{TRT_CACHE_HEADER}\na: 3f000000\nb: 3c010204\n"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("name", "content", "message"),
     [
@@ -234,6 +239,7 @@ def test_gemm_weights_are_quantized_per_output_channel(trans_b):
     np.testing.assert_allclose(run[1], run[0], rtol=0.05, atol=0.15)
 
 
+@pytest.mark.e2e
 def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_path):
     import onnxruntime as ort
 

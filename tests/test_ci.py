@@ -30,6 +30,7 @@ def _config(tmp_path: Path, model: Path) -> Path:
     return config
 
 
+@pytest.mark.e2e
 def test_ci_build_script_builds_verifies_packages_and_gates(tiny_embedding_model, tmp_path):
     out = tmp_path / "out"
     result = subprocess.run(
@@ -53,6 +54,7 @@ def test_ci_build_script_builds_verifies_packages_and_gates(tiny_embedding_model
     assert gate["ok"] and [e["status"] for e in gate["engines"]] == ["passed"]
 
 
+@pytest.mark.e2e
 def test_ci_build_script_fails_the_job_on_a_missing_backend(tiny_embedding_model, tmp_path):
     result = subprocess.run(
         [

@@ -25,6 +25,7 @@ def _last_json(result):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_run_json_last_line(tiny_embedding_model, tmp_path):
     result = _invoke("run", "--model", tiny_embedding_model, "--out", tmp_path, "--json", *QUICK)
     assert result.exit_code == 0, result.output
@@ -39,6 +40,7 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
     assert Path(engine["path"]).is_file()
 
 
+@pytest.mark.e2e
 def test_stage_commands_chain(tiny_embedding_model, tmp_path):
     common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json"]
     for stage in ("export", "simplify", "fuse"):
@@ -76,6 +78,7 @@ def test_bad_models_exit_with_their_code(tiny_model_copy, tmp_path, setup, code,
     assert not out.exists() or not list(out.rglob("manifest.json"))
 
 
+@pytest.mark.e2e
 def test_sequence_longer_than_positions(tiny_embedding_model, tmp_path):
     result = _invoke(
         "run", "--model", tiny_embedding_model, "--out", tmp_path, "--max-length", "4096"
@@ -98,6 +101,7 @@ def test_stage_without_its_input_says_what_to_run(tmp_path):
     assert result.exit_code == 8 and "run the stage that makes it first" in result.stderr
 
 
+@pytest.mark.e2e
 def test_truncated_artifact_is_detected(tiny_embedding_model, tmp_path):
     assert _invoke("export", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
     exported = tmp_path / "export" / "model.onnx"
@@ -119,6 +123,7 @@ def test_unwritable_output_folder(tiny_embedding_model, tmp_path):
     assert result.exit_code == 3 and "output folder" in result.stderr
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -141,6 +146,7 @@ def test_bad_parity_dataset(tiny_embedding_model, tmp_path, content, message):
     assert not (out / "run.json").exists()
 
 
+@pytest.mark.e2e
 def test_user_metric_dataset(tiny_embedding_model, tmp_path):
     data = tmp_path / "sts.tsv"
     rows = [
@@ -179,6 +185,7 @@ def test_missing_input_file(tmp_path):
     assert result.exit_code == 3 and "absent.onnx: ONNX file not found" in result.stderr
 
 
+@pytest.mark.e2e
 def test_int8_stage_commands(tiny_embedding_model, tmp_path):
     common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json"]
     for stage in ("export", "simplify"):
@@ -194,6 +201,7 @@ def test_int8_stage_commands(tiny_embedding_model, tmp_path):
     assert (cpu_engine_dir(tmp_path, "int8", "verify") / "report.json").is_file()
 
 
+@pytest.mark.e2e
 def test_calibrate_with_unknown_keep_float_name(tiny_embedding_model, tmp_path):
     common = ["--model", tiny_embedding_model, "--out", tmp_path]
     for stage in ("export", "simplify"):
@@ -202,6 +210,7 @@ def test_calibrate_with_unknown_keep_float_name(tiny_embedding_model, tmp_path):
     assert result.exit_code == 3 and "--keep-float names no quantizable MatMul" in result.stderr
 
 
+@pytest.mark.e2e
 def test_run_ends_with_a_repository_and_verify_repository_gates_it(tiny_embedding_model, tmp_path):
     common = ["--model", tiny_embedding_model, "--out", tmp_path, "--json", *QUICK]
     result = _invoke("run", *common)

@@ -72,6 +72,7 @@ def test_example_config_is_valid_for_run_and_package():
     assert _defaults(EXAMPLE, "package")["max_batch_size"] == 64
 
 
+@pytest.mark.e2e
 def test_config_drives_a_run_and_flags_win(tiny_embedding_model, tmp_path):
     config = tmp_path / "pipeline.toml"
     config.write_text(

@@ -47,6 +47,7 @@ def graphs(tiny_run):
     return info, float_graph, qdq
 
 
+@pytest.mark.e2e
 def test_lowering_structure(graphs):
     info, float_graph, qdq = graphs
     ops = Counter(n.op_type for n in lower_qdq_matmuls(qdq).graph.node)
@@ -57,6 +58,7 @@ def test_lowering_structure(graphs):
     assert ops["Add"] < Counter(n.op_type for n in qdq.graph.node)["Add"] - 10
 
 
+@pytest.mark.e2e
 def test_lowering_numbers_match_the_qdq_graph(graphs):
     _info, _float_graph, qdq = graphs
     feeds = _feeds([9, 4, 1], 9)
@@ -67,6 +69,7 @@ def test_lowering_numbers_match_the_qdq_graph(graphs):
     np.testing.assert_allclose(_run(lower_qdq_matmuls(qdq, weights="u8"), feeds), exact, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_u8_weights_are_the_int8_weights_shifted(graphs):
     _info, _float_graph, qdq = graphs
     s8, u8 = (lower_qdq_matmuls(qdq, weights=w) for w in ("s8", "u8"))
@@ -94,6 +97,7 @@ def test_weight_type_follows_vnni(flags, expected):
     assert weight_type_for_this_cpu(f"processor\t: 0\nflags\t\t: {flags}\n") == expected
 
 
+@pytest.mark.e2e
 def test_packing_finds_one_region_per_layer_and_rewires_it(graphs):
     info, float_graph, _qdq = graphs
     regions = find_feed_forward_regions(float_graph)
@@ -104,6 +108,7 @@ def test_packing_finds_one_region_per_layer_and_rewires_it(graphs):
     assert ops["ScatterND"] == info.num_layers
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("lengths", [[9, 4, 1], [9, 9], [1], [9, 2, 2, 7, 3]])
 def test_packing_keeps_float_outputs(graphs, lengths):
     _info, float_graph, _qdq = graphs
@@ -113,6 +118,7 @@ def test_packing_keeps_float_outputs(graphs, lengths):
     )
 
 
+@pytest.mark.e2e
 def test_packing_int8_stays_close(graphs):
     # Float reordering can flip an INT8 rounding, so INT8 is close rather than identical.
     _info, _float_graph, qdq = graphs
@@ -123,6 +129,7 @@ def test_packing_int8_stays_close(graphs):
     assert cosine.min() > 0.999
 
 
+@pytest.mark.e2e
 def test_fused_graph_has_no_packable_region(tiny_run):
     _info, out, _spec, _summary = tiny_run
     fused = onnx.load(str(out / "fuse" / "model.onnx"))

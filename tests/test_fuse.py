@@ -20,6 +20,7 @@ def test_compare_fusions_sums_the_gelu_family():
     ]
 
 
+@pytest.mark.e2e
 def test_fused_graph_structure(tiny_run):
     _info, out, _spec, _summary = tiny_run
     ops = {node.op_type for node in onnx.load(str(out / "fuse" / "model.onnx")).graph.node}
@@ -27,6 +28,7 @@ def test_fused_graph_structure(tiny_run):
     assert "Softmax" not in ops and "Erf" not in ops
 
 
+@pytest.mark.e2e
 def test_fused_graph_numbers_match_unfused(tiny_run):
     _info, out, _spec, _summary = tiny_run
     rng = np.random.default_rng(1)
@@ -44,6 +46,7 @@ def test_fused_graph_numbers_match_unfused(tiny_run):
     np.testing.assert_allclose(results[1], results[0], atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_unfusable_graph_is_an_error_not_a_slow_engine(tiny_run, tmp_path):
     import onnxsim
 

@@ -22,6 +22,8 @@ from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from tests.conftest import TINY_VERIFY
 
+pytestmark = pytest.mark.e2e
+
 
 def _cuda_reason() -> str | None:
     try:

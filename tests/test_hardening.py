@@ -21,6 +21,8 @@ from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError
 from bert_compiler.pipeline.cli import cli
 
+pytestmark = pytest.mark.e2e
+
 QUICK = ["--metric-limit", "100", "--no-metric-gate"]
 
 

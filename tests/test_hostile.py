@@ -17,6 +17,8 @@ from tests.test_models import _pickle_only
 from tests.test_onnx_io import _with_external_location
 from tests.tiny_models import edit_config
 
+pytestmark = pytest.mark.e2e
+
 
 def _flip_byte(path: Path) -> None:
     data = bytearray(path.read_bytes())

@@ -33,6 +33,7 @@ def int8_run(tiny_embedding_model, tmp_path_factory):
     return out, *_run(tiny_embedding_model, out)
 
 
+@pytest.mark.e2e
 def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     import json
 
@@ -48,6 +49,7 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     assert 0 < engine["parity"]["max_abs_err"] < 1.0  # quantized: close, not identical
 
 
+@pytest.mark.e2e
 def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
     import onnx
 
@@ -57,6 +59,7 @@ def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
     assert ops.count("MatMulIntegerToFloat") == 12
 
 
+@pytest.mark.e2e
 def test_fallback_keeps_sensitive_matmuls_until_the_gate_passes(
     tiny_embedding_model, int8_run, tmp_path
 ):
@@ -80,6 +83,7 @@ def test_fallback_keeps_sensitive_matmuls_until_the_gate_passes(
     ]
 
 
+@pytest.mark.e2e
 def test_fallback_reports_failure_when_nothing_is_left(tiny_embedding_model, tmp_path):
     summary, engine = _run(
         tiny_embedding_model, tmp_path, metric_gate=True, min_metric_retention=2.0

@@ -50,6 +50,7 @@ def _configs(path: Path) -> dict[str, model_config_pb2.ModelConfig]:
     }
 
 
+@pytest.mark.e2e
 def test_every_config_parses_with_tritons_proto(repository):
     info, _out, result = repository
     configs = _configs(result.path)
@@ -70,6 +71,7 @@ def test_every_config_parses_with_tritons_proto(repository):
     assert configs[f"{slug}-ort-cpu-fp32-text"].platform == "ensemble"
 
 
+@pytest.mark.e2e
 def test_engine_config_matches_the_engine_file(repository):
     info, out, result = repository
     config = _configs(result.path)[f"{info.name}-ort-cpu-fp32"]
@@ -84,6 +86,7 @@ def test_engine_config_matches_the_engine_file(repository):
     assert "sentence_embedding" in tc.io_problems(config, inputs, wrong, "here")[0]
 
 
+@pytest.mark.e2e
 def test_warmup_files_are_real_tokens_of_the_declared_shape(repository):
     info, _out, result = repository
     model_dir = result.path / f"{info.name}-ort-cpu-fp32"
@@ -99,6 +102,7 @@ def test_warmup_files_are_real_tokens_of_the_declared_shape(repository):
                 assert values[0] != values[1] and values.max() < info.config["vocab_size"]
 
 
+@pytest.mark.e2e
 def test_ensemble_wiring_is_checked(repository):
     info, _out, result = repository
     configs = _configs(result.path)
@@ -125,6 +129,7 @@ HARD_TEXTS = [
 ]
 
 
+@pytest.mark.e2e
 def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
     from tokenizers import Tokenizer
 
@@ -147,6 +152,7 @@ def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
         decode_texts(np.array([[b"\xff\xfe"]], dtype=object))
 
 
+@pytest.mark.e2e
 def test_tokenizer_json_carries_truncation_and_padding(tiny_run):
     info = tiny_run[0]
     settings = json.loads(tokenizer_json(info, 17))
@@ -154,6 +160,7 @@ def test_tokenizer_json_carries_truncation_and_padding(tiny_run):
     assert settings["padding"]["strategy"] == "BatchLongest"
 
 
+@pytest.mark.e2e
 def test_rerun_is_skipped_and_manifest_lists_every_file(repository, tiny_run):
     info, out, result = repository
     again = package(
@@ -172,6 +179,7 @@ def test_rerun_is_skipped_and_manifest_lists_every_file(repository, tiny_run):
     ]["verification"]["passed"]
 
 
+@pytest.mark.e2e
 def test_verify_repository_passes(repository):
     info, out, result = repository
     summary = verify_repository(
@@ -194,6 +202,7 @@ def repository_copy(repository, tmp_path):
     return info, out, copy
 
 
+@pytest.mark.e2e
 def test_flipped_byte_is_refused(repository_copy):
     info, out, copy = repository_copy
     engine = copy / f"{info.name}-ort-cpu-fp32" / "1" / "model.onnx"
@@ -204,6 +213,7 @@ def test_flipped_byte_is_refused(repository_copy):
         verify_repository(info=info, repository=copy, out_root=out / "v", spec=TINY_VERIFY)
 
 
+@pytest.mark.e2e
 def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp_path):
     """Someone edits the engine's weights and the manifest's hashes: the numbers catch it."""
     info, out, copy = repository_copy
@@ -228,6 +238,7 @@ def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp
     assert [e["model"] for e in failed] == [name] and failed[0]["failures"]
 
 
+@pytest.mark.e2e
 def test_files_the_packager_did_not_write_are_refused(repository_copy):
     info, _out, copy = repository_copy
     (copy / f"{info.name}-tokenizer" / "1" / "libevil.so").write_bytes(b"\x7fELF")
@@ -239,6 +250,7 @@ def test_files_the_packager_did_not_write_are_refused(repository_copy):
         open_repository(copy)
 
 
+@pytest.mark.e2e
 def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier_model):
     from bert_compiler.pipeline.models import resolve_model
 
@@ -248,6 +260,7 @@ def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier
         verify_repository(info=other, repository=copy, out_root=out / "v", spec=TINY_VERIFY)
 
 
+@pytest.mark.e2e
 def test_a_foreign_folder_is_never_replaced(tiny_run, tmp_path):
     info, out, _spec, _summary = tiny_run
     target = tmp_path / "mine"
@@ -265,6 +278,7 @@ def _copy_run(tiny_run, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.e2e
 def test_unverified_and_failed_engines_are_refused(tiny_run, tmp_path):
     info = tiny_run[0]
     out = _copy_run(tiny_run, tmp_path)

@@ -20,6 +20,7 @@ from bert_compiler.pipeline.verify import run_verification
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
+@pytest.mark.e2e
 def test_run_produces_a_verified_engine(tiny_run):
     info, out, _spec, summary = tiny_run
     assert summary["ok"]
@@ -41,6 +42,7 @@ def test_run_produces_a_verified_engine(tiny_run):
     assert json.loads((out / "run.json").read_text()) == summary
 
 
+@pytest.mark.e2e
 def test_exported_graph_has_dynamic_axes_and_one_embedding_output(tiny_run):
     _info, out, _spec, _summary = tiny_run
     model = onnx.load(str(out / "export" / "model.onnx"))
@@ -58,6 +60,7 @@ def test_exported_graph_has_dynamic_axes_and_one_embedding_output(tiny_run):
     assert [o.name for o in model.graph.output] == ["sentence_embedding"]
 
 
+@pytest.mark.e2e
 def test_manifests_record_inputs_versions_and_outputs(tiny_run):
     _info, out, _spec, _summary = tiny_run
     layout = Layout(out)
@@ -82,6 +85,7 @@ def test_manifests_record_inputs_versions_and_outputs(tiny_run):
     assert verify_manifest["results"]["parity"]["sentence_embedding"]["passed"]
 
 
+@pytest.mark.e2e
 def test_engine_loads_in_a_fresh_process(tiny_run):
     _info, out, _spec, _summary = tiny_run
     code = (
@@ -102,12 +106,14 @@ def test_engine_loads_in_a_fresh_process(tiny_run):
     assert result.stdout.strip() == "CPUExecutionProvider (1, 32)"
 
 
+@pytest.mark.e2e
 def test_rerun_skips_every_stage(tiny_run):
     info, out, spec, _summary = tiny_run
     again = run_pipeline(info=info, out=out, spec=spec)
     assert all(stage["skipped"] for stage in again["stages"].values())
 
 
+@pytest.mark.e2e
 def test_tampered_engine_is_refused_before_loading(tiny_run, tmp_path):
     import shutil
 
@@ -121,6 +127,7 @@ def test_tampered_engine_is_refused_before_loading(tiny_run, tmp_path):
         load_engine(engine_dir)
 
 
+@pytest.mark.e2e
 def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
     _info, out, _spec, _summary = tiny_run
     info = resolve_model(tiny_embedding_model)
@@ -139,6 +146,7 @@ def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
     assert any("max_abs_err" in f for f in outcome.failures)
 
 
+@pytest.mark.e2e
 def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
     _info, out, _spec, _summary = tiny_run
     info = resolve_model(tiny_embedding_model)
@@ -156,6 +164,7 @@ def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
     assert len(outcome.failures) == 1 and "points below PyTorch's" in outcome.failures[0]
 
 
+@pytest.mark.e2e
 def test_classifier_and_host_pooling_variants(
     tiny_classifier_model, tiny_embedding_model, tmp_path
 ):

@@ -282,6 +282,7 @@ def _run_cpu(model, feeds):
     return session.run(None, feeds)[0]
 
 
+@pytest.mark.e2e
 def test_tensorrt_graph_refuses_contrib_ops_and_int8_without_qdq(tiny_run):
     _, out, _, _ = tiny_run
     with pytest.raises(InputError, match="contrib ops.*Attention"):
@@ -290,6 +291,7 @@ def test_tensorrt_graph_refuses_contrib_ops_and_int8_without_qdq(tiny_run):
         prepare_network_graph(load_onnx(out / "simplify/model.onnx"), precision="int8")
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", ["simplify", "fuse"])
 def test_fp16_graph_keeps_fragile_parts_in_float32_and_matches(tiny_run, stage):
     _, out, _, _ = tiny_run
@@ -317,6 +319,7 @@ def test_fp16_graph_keeps_fragile_parts_in_float32_and_matches(tiny_run, stage):
     assert diff < 5e-3
 
 
+@pytest.mark.e2e
 def test_fp16_refuses_fp16_layer_norm_statistics(tiny_run):
     _, out, _, _ = tiny_run
     graph = load_onnx(out / "simplify/model.onnx")
@@ -328,6 +331,7 @@ def test_fp16_refuses_fp16_layer_norm_statistics(tiny_run):
         convert_to_fp16(convert_to_fp16(load_onnx(out / "simplify/model.onnx")))
 
 
+@pytest.mark.e2e
 def test_keep_float_ops_keeps_softmax_float32(tiny_run):
     _, out, _, _ = tiny_run
     graph = load_onnx(out / "simplify/model.onnx")
@@ -352,6 +356,7 @@ def test_targets_command_json():
     assert report["auto"] and {"backend", "device", "precision"} <= set(report["auto"][0])
 
 
+@pytest.mark.e2e
 def test_run_target_auto_without_gpu_falls_back_to_cpu(tiny_embedding_model, tmp_path):
     if detect().gpus:
         pytest.skip("this machine has a GPU: auto builds GPU engines here")

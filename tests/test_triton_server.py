@@ -20,7 +20,7 @@ from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server, triton_server
 
 SERVER = find_server()
-pytestmark = pytest.mark.skipif(isinstance(SERVER, str), reason=str(SERVER))
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(isinstance(SERVER, str), reason=str(SERVER))]
 
 TEXTS = [
     "A man is playing a guitar.",
