@@ -28,7 +28,10 @@ from bert_compiler.core.errors import ArtifactError, InputError
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
-_TMP_MARK = ".tmp-"
+# Staging names carry the tool's name: leftovers of an interrupted write are removed by name, and a
+# user's own `.notes.tmp-1` must never match.
+_TMP_MARK = ".bert-compile.tmp-"
+_OLD_MARK = ".bert-compile.old-"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _SPACE_MARGIN_MIB = 16
 _VERSIONED_PACKAGES = (
@@ -153,12 +156,13 @@ def check_free_space(folder: Path, needed_bytes: int) -> None:
 def replace_tree(staging: Path, final: Path) -> None:
     """Move a finished folder into place, replacing ``final`` and everything in it.
 
-    Two renames: ``final`` (if any) to a hidden ``.NAME.old-PID`` beside it, then ``staging`` to
+    Two renames: ``final`` (if any) to a hidden ``.NAME.bert-compile.old-PID`` beside it, then
+    ``staging`` to
     ``final``; the old tree is deleted last. A crash in between leaves no ``final`` at all (never a
     mix of old and new files); ``clear_staging`` removes the hidden leftovers on the next run.
     """
     staging, final = Path(staging), Path(final)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    old = final.with_name(f".{final.name}{_OLD_MARK}{os.getpid()}")
     if final.exists():
         os.replace(final, old)
     os.replace(staging, final)
@@ -180,7 +184,7 @@ def clear_staging(final: Path) -> None:
     """Remove what interrupted tree builds and swaps of ``final`` left beside it."""
     final = Path(final)
     for leftover in final.parent.glob(f".{final.name}.*"):
-        if _TMP_MARK in leftover.name or ".old-" in leftover.name:
+        if _TMP_MARK in leftover.name or _OLD_MARK in leftover.name:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
@@ -246,6 +250,11 @@ class ArtifactDir:
             )
         for name, entry in manifest.get("outputs", {}).items():
             self._check_output(name, entry)
+        if not _sealed(manifest):
+            raise ArtifactError(
+                f"{self.manifest_path}: its inputs, settings or tool versions were edited after it "
+                "was written (they no longer hash to its input_key); rebuild with --force"
+            )
         return manifest
 
     def _check_output(self, name: str, entry: Mapping[str, Any]) -> None:
@@ -295,7 +304,12 @@ class ArtifactDir:
             return False
         if manifest is None or not manifest.get("complete"):
             return False
-        if manifest.get("input_key") != record.input_key(tool_versions()):
+        versions = tool_versions()
+        # The recorded versions themselves, not only the key: an edited "versions" would
+        # otherwise be skipped over and copied on (into a Triton repository's manifest).
+        if manifest.get("versions") != versions or not _sealed(manifest):
+            return False
+        if manifest.get("input_key") != record.input_key(versions):
             return False
         try:
             for name, entry in manifest.get("outputs", {}).items():
@@ -343,6 +357,16 @@ class ArtifactDir:
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
         return manifest
+
+
+def _sealed(manifest: Mapping[str, Any]) -> bool:
+    """True when the manifest's recorded stage, inputs, settings and versions still hash to the
+    input_key written with them (an edit of any of them breaks the seal)."""
+    try:
+        record = StageRecord(str(manifest["stage"]), manifest["inputs"], manifest["spec"])
+        return record.input_key(manifest["versions"]) == manifest.get("input_key")
+    except (KeyError, TypeError):
+        return False
 
 
 def _input_sizes(value: Any) -> Iterator[int]:

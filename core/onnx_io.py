@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path, PurePosixPath
+from typing import Any
 
-from bert_compiler.core.artifacts import atomic_path
+from bert_compiler.core.artifacts import atomic_path, sha256_file
 from bert_compiler.core.errors import InputError
 
 # Standard ops plus the contrib domain ORT's fusions emit; anything else (custom domains, plugin
@@ -55,6 +56,61 @@ def check_external_data(model, path: Path) -> None:
             raise InputError(f"{path}: external data {location!r} is a link out of the folder")
         if not target.is_file():
             raise InputError(f"{path}: external data file {location!r} is missing")
+        # A hard link resolves inside the folder yet may be any file on the disk: refused too.
+        if target.stat().st_nlink > 1:
+            raise InputError(
+                f"{path}: external data {location!r} is a hard link; copy the file instead"
+            )
+
+
+def _load_proto(path: Path):
+    """The graph's protobuf without its external data.
+
+    Raises:
+        InputError: missing, empty, corrupt or truncated file.
+    """
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: ONNX file not found")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: ONNX file is empty")
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except (DecodeError, ValueError, RuntimeError) as err:
+        raise InputError(f"{path}: not a valid ONNX file (corrupt or truncated: {err})") from err
+
+
+def check_onnx_file(path: Path) -> None:
+    """Check an ONNX file's external-data references before a runtime (which would follow them
+    itself) opens it.
+
+    Raises:
+        InputError: unreadable file, or external data outside its folder, linked or missing.
+    """
+    check_external_data(_load_proto(path), Path(path))
+
+
+def onnx_input(path: Path) -> dict[str, Any]:
+    """An ONNX stage input as a manifest records it: its path, its sha256 and the sha256 of every
+    external-data file it references, so replacing the weights beside a graph is a new input.
+
+    Raises:
+        InputError: the file is missing or unreadable, or its external data is unsafe.
+    """
+    path = Path(path)
+    model = _load_proto(path)
+    check_external_data(model, path)
+    external = {
+        location: sha256_file(path.parent / location)
+        for location in sorted(set(_external_locations(model)))
+    }
+    entry: dict[str, Any] = {"path": str(path), "sha256": sha256_file(path)}
+    if external:
+        entry["external_data"] = external
+    return entry
 
 
 def load_onnx(path: Path, *, check_ops: bool = True):
@@ -71,17 +127,9 @@ def load_onnx(path: Path, *, check_ops: bool = True):
         InputError: missing, empty, corrupt or truncated file; unsafe external data; bad operators.
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: ONNX file not found")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path}: ONNX file is empty")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as err:
-        raise InputError(f"{path}: not a valid ONNX file (corrupt or truncated: {err})") from err
+    model = _load_proto(path)
     check_external_data(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))

@@ -10,7 +10,7 @@ from typing import Any
 
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.core.onnx_io import load_onnx
+from bert_compiler.core.onnx_io import check_onnx_file, load_onnx
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import Backend, BuildJob, BuildSpec, gpu_facts, register
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
@@ -339,6 +339,9 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
     import onnxruntime as ort
 
     options.validate()
+    # ORT follows the file's external-data paths itself: the same containment check as every
+    # graph this tool reads (an engine folder or a repository can be edited after the build).
+    check_onnx_file(Path(path))
     entries = provider_entries(options, Path(path).parent)
     provider = _check_providers(entries)
     session_options = _session_options(

@@ -17,7 +17,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
-from bert_compiler.core.artifacts import StageRecord, input_file
+from bert_compiler.core.artifacts import StageRecord
+from bert_compiler.core.onnx_io import onnx_input
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
@@ -112,7 +113,7 @@ def build(
     # The graph's hash, the target, and the backend's own settings decide the engine.
     record = StageRecord(
         stage="build",
-        inputs={"onnx": input_file(source, "ONNX file")},
+        inputs={"onnx": onnx_input(source)},
         spec={
             "backend": spec.backend,
             "device": spec.device,

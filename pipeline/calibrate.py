@@ -26,7 +26,7 @@ from bert_compiler.calibration.ranges import METHODS, collect_histograms, comput
 from bert_compiler.calibration.sensitivity import rank_sensitivity
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file
 from bert_compiler.core.errors import InputError
-from bert_compiler.core.onnx_io import load_onnx, op_counts, save_onnx
+from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, save_onnx
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
 from bert_compiler.pipeline.text import resolve_max_length, tokenize
@@ -151,7 +151,7 @@ def calibrate(
     record = StageRecord(
         stage="calibrate",
         inputs={
-            "onnx": input_file(source, "ONNX file"),
+            "onnx": onnx_input(source),
             "data": input_file(spec.data_file(), "calibration data file"),
             "model": info.fingerprint(),
         },

@@ -11,9 +11,9 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bert_compiler.core.artifacts import StageRecord, atomic_path, input_file
+from bert_compiler.core.artifacts import StageRecord, atomic_path
 from bert_compiler.core.errors import FusionError
-from bert_compiler.core.onnx_io import load_onnx, op_counts, sample_token_feeds
+from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, sample_token_feeds
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.pipeline.models import ModelInfo
 
@@ -101,7 +101,7 @@ def fuse(
     expected = info.architecture.expected_fusions(info.config)
     record = StageRecord(
         stage="fuse",
-        inputs={"onnx": input_file(source, "ONNX file")},
+        inputs={"onnx": onnx_input(source)},
         spec={
             **asdict(spec),
             "optimizer_model_type": info.architecture.ort_optimizer_type,

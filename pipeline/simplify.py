@@ -8,9 +8,15 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bert_compiler.core.artifacts import StageRecord, input_file
+from bert_compiler.core.artifacts import StageRecord
 from bert_compiler.core.errors import InputError
-from bert_compiler.core.onnx_io import load_onnx, op_counts, sample_token_feeds, save_onnx
+from bert_compiler.core.onnx_io import (
+    load_onnx,
+    onnx_input,
+    op_counts,
+    sample_token_feeds,
+    save_onnx,
+)
 from bert_compiler.core.stage import StageResult, run_stage
 
 log = logging.getLogger("bert_compile")
@@ -64,7 +70,7 @@ def simplify(
     source = Path(source)
     record = StageRecord(
         stage="simplify",
-        inputs={"onnx": input_file(source, "ONNX file")},
+        inputs={"onnx": onnx_input(source)},
         spec={**asdict(spec), "skipped_optimizers": list(SKIPPED_OPTIMIZERS)},
     )
 

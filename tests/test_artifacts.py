@@ -59,7 +59,9 @@ def test_interrupted_stage_leaves_no_complete_manifest(tmp_path):
     run_stage(record, tmp_path / "s", _body("abc"), force=False)
 
     def crashing(artifact):
-        (artifact.path / ".out.txt.tmp-999").write_text("partial")
+        # What an interrupted atomic write leaves, beside a user's file of a similar name.
+        (artifact.path / ".out.txt.bert-compile.tmp-999").write_text("partial")
+        (artifact.path / ".notes.tmp-1").write_text("the user's")
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -69,7 +71,7 @@ def test_interrupted_stage_leaves_no_complete_manifest(tmp_path):
         ArtifactDir(tmp_path / "s").require_complete()
     rerun = run_stage(record, tmp_path / "s", _body("abc"), force=False)
     assert not rerun.skipped
-    assert not list((tmp_path / "s").glob(".*tmp-*"))
+    assert [p.name for p in (tmp_path / "s").glob(".*tmp-*")] == [".notes.tmp-1"]
 
 
 def test_manifest_names_cannot_escape(tmp_path):

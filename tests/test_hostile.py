@@ -5,12 +5,15 @@ exactly as it was (no manifest changed, none added, no staging file left, no pay
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.core.artifacts import StageRecord, sha256_file
 from bert_compiler.pipeline.cli import cli
 from tests.conftest import cpu_engine_dir
 from tests.test_models import _pickle_only
@@ -39,6 +42,29 @@ def build_from_external_data_outside(out, model, tmp):
     return argv, 3, "outside the model's folder"
 
 
+def _engine_with_external_weights(out, tmp) -> Path:
+    """The CPU engine rewritten with its weights in weights.bin, the manifest updated to match."""
+    folder = cpu_engine_dir(out)
+    graph = onnx.load(str(folder / "model.onnx"))
+    onnx.save_model(
+        graph, str(folder / "model.onnx"), save_as_external_data=True, location="weights.bin"
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["outputs"]["model.onnx"]["sha256"] = sha256_file(folder / "model.onnx")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def engine_external_data_hard_link(out, model, tmp):
+    # The runtime's own check stops symlinks only: a hard link resolves inside the folder.
+    folder = _engine_with_external_weights(out, tmp)
+    outside = tmp / "outside.bin"
+    (folder / "weights.bin").rename(outside)
+    os.link(outside, folder / "weights.bin")
+    argv = ["verify", "--model", model, "--out", out, "--engine", folder, "--force"]
+    return argv, 3, "hard link"
+
+
 def empty_calibration_data(out, model, tmp):
     data = tmp / "calibration.txt"
     data.write_text("\n\n")
@@ -57,13 +83,37 @@ def truncated_stage_graph(out, model, tmp):
     return ["simplify", "--out", out], 8, "truncated or modified"
 
 
+def _reseal(manifest: dict) -> dict:
+    """A manifest as the tool would have written it for these fields (its input_key matches)."""
+    record = StageRecord(manifest["stage"], manifest["inputs"], manifest["spec"])
+    return {**manifest, "input_key": record.input_key(manifest["versions"])}
+
+
 def engine_for_another_gpu(out, model, tmp):
     folder = cpu_engine_dir(out)
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["spec"]["session"]["device"] = "cuda"
     manifest["results"]["compute_capability"] = "7.0"
-    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "manifest.json").write_text(json.dumps(_reseal(manifest)))
     return ["verify", "--model", model, "--out", out], 6, "needs a CUDA GPU"
+
+
+def edited_engine_manifest(out, model, tmp):
+    folder = cpu_engine_dir(out)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["spec"]["session"]["intra_op_num_threads"] = 7
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return ["verify", "--model", model, "--out", out, "--force"], 8, "edited after it was written"
+
+
+def edited_tool_versions(out, model, tmp):
+    # Recorded versions that differ from the running ones: never up to date, never trusted.
+    folder = cpu_engine_dir(out)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["versions"]["onnxruntime"] = "1.31.0"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    argv = ["package", "--model", model, "--out", out, "--repository", tmp / "repo"]
+    return argv, 8, "edited after it was written"
 
 
 def pickle_checkpoint(out, model, tmp):
@@ -105,6 +155,9 @@ CASES = [
     bit_flipped_engine,
     truncated_stage_graph,
     engine_for_another_gpu,
+    engine_external_data_hard_link,
+    edited_engine_manifest,
+    edited_tool_versions,
     pickle_checkpoint,
     remote_code,
     absurd_profile,
@@ -135,3 +188,35 @@ def test_hostile_input_gives_one_line_and_leaves_the_tree_intact(
     assert _manifests(out) == before
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not (tmp_path / "pwned").exists()
+
+
+def test_replaced_external_weights_are_a_new_input(tiny_run, tmp_path):
+    """The up-to-date check hashes the external-data files a graph names, not only the graph."""
+    graph = onnx.load(str(tiny_run[1] / "export" / "model.onnx"))
+    source = tmp_path / "m" / "m.onnx"
+    source.parent.mkdir()
+    onnx.save_model(
+        graph, str(source), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    argv = ["simplify", "--input", str(source), "--out", str(tmp_path / "out"), "--json"]
+    first = CliRunner().invoke(cli, argv)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout.splitlines()[-1])["skipped"] is False
+    again = CliRunner().invoke(cli, argv)
+    assert json.loads(again.stdout.splitlines()[-1])["skipped"] is True
+    # Another model's weights of the same shapes beside the same graph file.
+    graph = onnx.load(str(tiny_run[1] / "export" / "model.onnx"))
+    for tensor in graph.graph.initializer:
+        values = onnx.numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f":
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values * 1.01, tensor.name))
+    other = tmp_path / "other" / "m.onnx"
+    other.parent.mkdir()
+    onnx.save_model(
+        graph, str(other), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    shutil.copyfile(other.parent / "weights.bin", source.parent / "weights.bin")
+    assert source.read_bytes() == other.read_bytes()
+    replaced = CliRunner().invoke(cli, argv)
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(replaced.stdout.splitlines()[-1])["skipped"] is False
