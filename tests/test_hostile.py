@@ -141,11 +141,42 @@ def config_of_the_wrong_type(out, model, tmp):
     return ["run", "--model", model, "--out", out, "--config", config], 3, "max-abs-err = 'tiny'"
 
 
-def tampered_repository(out, model, tmp):
+def _packaged(out, model) -> Path:
     result = CliRunner().invoke(cli, ["package", "--model", str(model), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    (out / "triton" / "stray-model").mkdir()
-    return ["verify", "--model", model, "--out", out, "--repository", out / "triton"], 8, "stray"
+    return out / "triton"
+
+
+def _gate(out, model, repository):
+    return ["verify", "--model", model, "--out", out, "--repository", repository]
+
+
+def tampered_repository(out, model, tmp):
+    repository = _packaged(out, model)
+    (repository / "stray-model").mkdir()
+    return _gate(out, model, repository), 8, "stray"
+
+
+def version_folder_linked_in(out, model, tmp):
+    # Triton would load version 2 and run the model.py it finds there.
+    repository = _packaged(out, model)
+    (tmp / "elsewhere").mkdir()
+    (tmp / "elsewhere" / "model.py").write_text("import os; os.system('touch pwned')\n")
+    (repository / f"{model.name}-tokenizer" / "2").symlink_to(tmp / "elsewhere")
+    return _gate(out, model, repository), 8, "a link inside a Triton repository"
+
+
+def empty_version_folder(out, model, tmp):
+    repository = _packaged(out, model)
+    (repository / f"{model.name}-tokenizer" / "2").mkdir()
+    return _gate(out, model, repository), 8, "a folder bert-compile package did not write"
+
+
+def hard_linked_repository_file(out, model, tmp):
+    repository = _packaged(out, model)
+    script = repository / f"{model.name}-tokenizer" / "1" / "model.py"
+    os.link(script, tmp / "same-inode.py")
+    return _gate(out, model, repository), 8, "a hard link inside a Triton repository"
 
 
 CASES = [
@@ -163,6 +194,9 @@ CASES = [
     absurd_profile,
     config_of_the_wrong_type,
     tampered_repository,
+    version_folder_linked_in,
+    empty_version_folder,
+    hard_linked_repository_file,
 ]
 
 

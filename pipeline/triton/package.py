@@ -27,13 +27,15 @@ manifest is written last, and the finished tree replaces the old one in two rena
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bert_compiler.core.artifacts import (
+    MANIFEST_NAME,
     ArtifactDir,
     StageRecord,
     check_free_space,
@@ -717,34 +719,91 @@ class Repository:
         return ArtifactDir(self.path).output_path(f"{model}/{relative}")
 
 
-def open_repository(path: Path) -> Repository:
-    """Read a repository this tool wrote, checking every file against its manifest, that no model
-    folder is there that the manifest does not list (Triton would load it), and every config.
+def _repository_entries(root: Path) -> tuple[set[str], set[str]]:
+    """Every file and folder under ``root`` as relative POSIX paths, never following a link.
 
     Raises:
-        ArtifactError: no complete manifest, a file missing or modified, an unlisted model.
-        InputError: a config that fails its checks.
+        ArtifactError: a link of any kind (Triton would follow a symbolic link; a hard link is
+            another file's content under a name we wrote), or something not a file or folder.
     """
-    path = Path(path)
-    folder = ArtifactDir(path)
-    manifest = folder.require_complete()
-    if manifest.get("stage") != "package":
-        raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
-    records = manifest["results"]["models"]
-    for name in records:
-        tc.check_name(name, f"{folder.manifest_path}: model")
-    strays = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in records)
+    files: set[str] = set()
+    folders: set[str] = set()
+    pending = [root]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                relative = Path(entry.path).relative_to(root).as_posix()
+                if entry.is_symlink():
+                    raise ArtifactError(
+                        f"{entry.path}: a link inside a Triton repository (Triton would follow "
+                        "it); a repository bert-compile wrote holds none: remove it"
+                    )
+                if entry.is_dir(follow_symlinks=False):
+                    folders.add(relative)
+                    pending.append(Path(entry.path))
+                elif not entry.is_file(follow_symlinks=False):
+                    raise ArtifactError(f"{entry.path}: neither a file nor a folder; remove it")
+                elif entry.stat(follow_symlinks=False).st_nlink > 1:
+                    raise ArtifactError(
+                        f"{entry.path}: a hard link inside a Triton repository; a repository "
+                        "bert-compile wrote holds none: package again"
+                    )
+                else:
+                    files.add(relative)
+    return files, folders
+
+
+def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Refuse every file, folder or link in the repository that its manifest does not name:
+    Triton loads any model folder and any version folder it finds.
+
+    Raises:
+        ArtifactError: an entry the manifest does not name.
+    """
+    try:
+        records, listed = dict(manifest["results"]["models"]), set(manifest["outputs"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: its manifest lists no models and outputs ({err})") from err
+    files, folders = _repository_entries(path)
+    strays = sorted(f for f in folders if "/" not in f and f not in records)
     if strays:
         raise ArtifactError(
             f"{path}: model folders {strays} are not in its manifest (Triton would serve them); "
             "remove them or package again"
         )
-    listed = set(manifest["outputs"])
+    for file in sorted(files - listed - {MANIFEST_NAME}):
+        raise ArtifactError(f"{path / file}: not written by bert-compile package; remove it")
+    expected = {*records, *(f"{name}/{VERSION}" for name in records)}
+    for file in listed:
+        expected.update(p.as_posix() for p in PurePosixPath(file).parents if str(p) != ".")
+    for folder in sorted(folders - expected):
+        raise ArtifactError(
+            f"{path / folder}: a folder bert-compile package did not write (Triton would load "
+            "it, e.g. as another model version); remove it"
+        )
+
+
+def open_repository(path: Path) -> Repository:
+    """Read a repository this tool wrote: every entry (file, folder, at any depth) must be one its
+    manifest names and none may be a link, every file must match its recorded hash, and every
+    config passes its checks.
+
+    Raises:
+        ArtifactError: no complete manifest, a file missing or modified, an unlisted entry, a link.
+        InputError: a config that fails its checks.
+    """
+    path = Path(path)
+    folder = ArtifactDir(path)
+    manifest = folder.read_manifest()
+    if manifest is not None and manifest.get("stage") != "package":
+        raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
+    if manifest is not None and manifest.get("complete"):
+        # Before any file is read through a path that might be a link.
+        _check_entries(path, manifest)
+    manifest = folder.require_complete()
+    records = manifest["results"]["models"]
     for name in records:
-        for file in (path / name).rglob("*"):
-            relative = file.relative_to(path).as_posix()
-            if file.is_file() and relative not in listed:
-                raise ArtifactError(f"{file}: not written by bert-compile package; remove it")
+        tc.check_name(name, f"{folder.manifest_path}: model")
     problems = repository_problems(path, records)
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
