@@ -20,6 +20,7 @@ import click
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
 from bert_compiler.core.lock import output_lock
+from bert_compiler.core.outdir import claim_output, release_if_unused
 from bert_compiler.core.stage import StageResult
 from bert_compiler.core.targets import detect, plan_targets
 from bert_compiler.pipeline.build import ProfileText, build, engine_folder_name, resolve_build_spec
@@ -151,14 +152,31 @@ def stage_command(func):
         show_default=True,
         help="Seconds to wait for another bert-compile writing the same --out (0: fail now).",
     )
+    @click.option(
+        "--force-out",
+        is_flag=True,
+        help="Write into a non-empty --out that bert-compile did not make (it never deletes or "
+        "overwrites a file it did not write).",
+    )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
     @_json_option
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _configure_logging(kwargs["quiet"])
-        # A second command fails (or waits) naming the holder.
-        with output_lock(kwargs["out"], wait_s=kwargs.pop("wait_lock")):
-            return func(*args, **kwargs)
+        out = Path(kwargs["out"])
+        # Before anything is written: never the root, the home folder, the model's parents or a
+        # user's folder.
+        created = claim_output(
+            out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out")
+        )
+        try:
+            # A second command fails (or waits) naming the holder.
+            with output_lock(out, wait_s=kwargs.pop("wait_lock")):
+                return func(*args, **kwargs)
+        except BaseException:
+            if created:
+                release_if_unused(out)
+            raise
 
     return wrapper
 

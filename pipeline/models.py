@@ -20,7 +20,7 @@ from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # What --model says to mean the packaged default.
 DEFAULT_MODEL_ALIAS = "default"
-_DEFAULT_ALIASES = {
+DEFAULT_MODEL_ALIASES = {
     DEFAULT_MODEL_ALIAS,
     DEFAULT_MODEL.lower(),
     f"sentence-transformers/{DEFAULT_MODEL}".lower(),
@@ -262,7 +262,7 @@ def resolve_model(
         UnsupportedModelError: the architecture or configuration is not supported.
     """
     text = str(model)
-    if text.lower() in _DEFAULT_ALIASES:
+    if text.lower() in DEFAULT_MODEL_ALIASES:
         folder, name = default_model_path(), DEFAULT_MODEL
     else:
         folder = Path(text).expanduser()

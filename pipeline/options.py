@@ -40,8 +40,19 @@ from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.export import ExportSpec
 from bert_compiler.pipeline.fuse import FuseSpec
 from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout
-from bert_compiler.pipeline.models import DEFAULT_MODEL_ALIAS, TASKS, ModelInfo, resolve_model
-from bert_compiler.pipeline.triton.package import PACKAGE_LIMITS, PackageSpec
+from bert_compiler.pipeline.models import (
+    DEFAULT_MODEL_ALIAS,
+    DEFAULT_MODEL_ALIASES,
+    TASKS,
+    ModelInfo,
+    default_model_path,
+    resolve_model,
+)
+from bert_compiler.pipeline.triton.package import (
+    PACKAGE_LIMITS,
+    PackageSpec,
+    check_repository_target,
+)
 from bert_compiler.pipeline.verify import VerifySpec
 
 log = logging.getLogger("bert_compile")
@@ -156,6 +167,14 @@ class ModelOptions(OptionGroup):
                 help="Accept a config.json whose auto_map runs the model's own code.",
             ),
         ]
+
+    def folder(self, values: Values) -> Path | None:
+        """The model folder ``--model`` names, unvalidated (None where there is none): where an
+        output folder must not be."""
+        if str(values["model"]).lower() in DEFAULT_MODEL_ALIASES:
+            return default_model_path()
+        folder = Path(values["model"]).expanduser()
+        return folder if folder.is_dir() else None
 
     def parse(self, values: Values) -> ModelInfo:
         return resolve_model(
@@ -557,4 +576,8 @@ class PackageOptions(OptionGroup):
         )
 
     def repository(self, values: Values) -> Path:
-        return values["repository"] or Layout(Path(values["out"])).repository
+        """The repository folder, checked before any stage runs: writable, and empty or one
+        bert-compile wrote."""
+        repository = values["repository"] or Layout(Path(values["out"])).repository
+        check_repository_target(repository)
+        return repository

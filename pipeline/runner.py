@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import atomic_write_text
+from bert_compiler.core.outdir import claim_output
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.pipeline.build import (
@@ -55,6 +56,9 @@ def run_pipeline(
     its failures, so callers (the CLI, CI) get the full report before deciding how to fail.
     """
     layout = Layout(Path(out))
+    # Library callers get the command line's guard too: never the root, the home folder, the
+    # model's parents or a user's folder (a no-op for a folder this tool already claimed).
+    claim_output(layout.root, model_folder=info.path)
     stages = {}
     exported = export(info=info, out_dir=layout.export, spec=spec.export, force=force)
     simplified = simplify(

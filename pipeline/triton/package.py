@@ -46,6 +46,7 @@ from bert_compiler.core.artifacts import (
 )
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.onnx_io import load_onnx
+from bert_compiler.core.outdir import require_writable
 from bert_compiler.core.stage import StageResult
 from bert_compiler.engines.backend import get_backend
 from bert_compiler.engines.onnxruntime import session_parameters
@@ -650,7 +651,7 @@ def package(
     if not force and final.is_up_to_date(record):
         log.info("[package] up to date: %s", repository)
         return StageResult("package", repository, final.read_manifest() or {}, skipped=True)
-    _refuse_foreign(repository)
+    check_repository_target(repository)
     log.info("[package] writing the Triton repository -> %s", repository)
     plans = plan_repository(info=info, engines=engines, spec=spec)
     # The new tree is complete beside the old one before they swap: room for both.
@@ -687,8 +688,15 @@ def package(
     return StageResult("package", repository, manifest, skipped=False)
 
 
-def _refuse_foreign(repository: Path) -> None:
-    """Replace only an empty folder or a repository this tool wrote (never a user's folder)."""
+def check_repository_target(repository: Path) -> None:
+    """Write only where the repository can be written, and replace only an empty folder or a
+    repository this tool wrote (never a user's folder).
+
+    Raises:
+        InputError: a read-only place, a file, or a user's non-empty folder.
+    """
+    repository = Path(repository)
+    require_writable(repository.parent, "--repository")
     if not repository.exists():
         return
     if not repository.is_dir():

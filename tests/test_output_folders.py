@@ -1,0 +1,105 @@
+"""Never touch what we did not write: output folders are claimed before anything is written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.core.outdir import MARKER_FILE
+from bert_compiler.pipeline.cli import cli
+
+
+def _invoke(*args, env=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], env=env)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _users_folder(tmp_path: Path) -> Path:
+    """A folder of a user's own, laid out like ours: the names alone must not make it ours."""
+    folder = tmp_path / "mine"
+    (folder / "export").mkdir(parents=True)
+    (folder / "export" / "model.onnx").write_bytes(b"my own graph")
+    (folder / "export" / "manifest.json").write_text('{"mine": true}')
+    (folder / "export" / ".notes.tmp-1").write_text("draft")
+    (folder / "run.json").write_text("{}")
+    return folder
+
+
+def test_a_users_folder_is_refused_before_anything_is_written(tiny_embedding_model, tmp_path):
+    folder = _users_folder(tmp_path)
+    before = _snapshot(folder)
+    result = _invoke("run", "--model", tiny_embedding_model, "--out", folder, "--target", "cpu")
+    assert result.exit_code == 3, result.output
+    assert (
+        "not an output folder of bert-compile" in result.stderr and "--force-out" in result.stderr
+    )
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert _snapshot(folder) == before
+    assert sorted(p.name for p in folder.iterdir()) == ["export", "run.json"]
+
+
+@pytest.mark.e2e
+def test_force_out_writes_beside_the_users_files_and_deletes_none(tiny_embedding_model, tmp_path):
+    folder = _users_folder(tmp_path)
+    result = _invoke("export", "--model", tiny_embedding_model, "--out", folder, "--force-out")
+    assert result.exit_code == 0, result.output
+    assert (folder / "export" / ".notes.tmp-1").read_text() == "draft"
+    assert (folder / "run.json").read_text() == "{}"
+    assert (folder / MARKER_FILE).is_file()
+    # Now ours: the next command needs no --force-out.
+    again = _invoke("export", "--model", tiny_embedding_model, "--out", folder)
+    assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("where", ["root", "home", "model parent", "model itself", "file"])
+def test_places_that_are_never_an_output_folder(where, tiny_model_copy, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    out = {
+        "root": Path("/"),
+        "home": home,
+        "model parent": tiny_model_copy.parent,
+        "model itself": tiny_model_copy,
+        "file": tmp_path / "a-file",
+    }[where]
+    if where == "file":
+        out.write_text("x")
+    before = _snapshot(tmp_path)
+    result = _invoke("export", "--model", tiny_model_copy, "--out", out, env={"HOME": str(home)})
+    assert result.exit_code == 3, result.output
+    message = {
+        "root": "the filesystem root",
+        "home": "your home folder",
+        "model parent": "holds the model folder",
+        "model itself": "holds the model folder",
+        "file": "is a file, not a folder",
+    }[where]
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert _snapshot(tmp_path) == before
+    assert not Path("/export").exists()
+
+
+def test_a_failed_command_leaves_no_folder_behind(tmp_path):
+    out = tmp_path / "out"
+    result = _invoke("run", "--model", tmp_path / "no-such-model", "--out", out)
+    assert result.exit_code == 3 and "no such local folder" in result.stderr
+    assert not out.exists()
+
+
+def test_an_unwritable_repository_is_refused_before_the_first_stage(tiny_embedding_model, tmp_path):
+    # Under a regular file nothing can be created, whoever runs the test (root included).
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x")
+    out = tmp_path / "out"
+    argv = ["run", "--model", tiny_embedding_model, "--out", out, "--target", "cpu"]
+    result = _invoke(*argv, "--repository", blocker / "repo", "--json")
+    assert result.exit_code == 3, result.output
+    assert "choose another output folder (--repository)" in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["error"]["kind"] == "input"
+    assert not out.exists()
