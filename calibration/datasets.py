@@ -7,6 +7,7 @@ line, not a silently skipped row.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,23 +39,20 @@ class LabeledSentences:
     labels: list[int]
 
 
-def read_tsv(
+def iter_tsv(
     path: Path, columns: tuple[str, ...], *, max_line_bytes: int = MAX_LINE_BYTES
-) -> list[dict[str, str]]:
-    """Read a strict TSV file and return the named columns of every row.
-
-    Args:
-        path: the file.
-        columns: columns that must be in the header; only these are returned.
-        max_line_bytes: longest line accepted.
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """Stream a strict TSV file: (line number, the named columns) of each data row, read one
+    line at a time, so memory stays bounded by the rows the caller keeps.
 
     Raises:
         InputError: missing or empty file, bad encoding, BOM, CRLF, missing header column,
-            wrong column count or an over-long line; the message names the line.
+            wrong column count or an over-long line; the message names the line. A file with
+            a header and no rows raises once the stream is exhausted.
     """
     path = Path(path)
     header: list[str] | None = None
-    rows: list[dict[str, str]] = []
+    rows = 0
     for number, line in _strict_lines(path, max_line_bytes):
         fields = line.split("\t")
         if header is None:
@@ -65,16 +63,28 @@ def read_tsv(
                     f"{path}:1: header {header} lacks column(s) {missing}; the first line must "
                     "name the columns"
                 )
+            positions = {c: header.index(c) for c in columns}
             continue
         if len(fields) != len(header):
             raise InputError(
                 f"{path}:{number}: {len(fields)} fields, header has {len(header)} "
                 "(TAB-separated, no quoting)"
             )
-        rows.append({c: fields[header.index(c)] for c in columns})
+        rows += 1
+        yield number, {c: fields[i] for c, i in positions.items()}
     if not rows:
         raise InputError(f"{path}: header only, no data rows")
-    return rows
+
+
+def read_tsv(
+    path: Path, columns: tuple[str, ...], *, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[dict[str, str]]:
+    """Read a strict TSV file and return the named columns of every row (iter_tsv, kept).
+
+    Raises:
+        InputError: as iter_tsv.
+    """
+    return [row for _, row in iter_tsv(path, columns, max_line_bytes=max_line_bytes)]
 
 
 def load_stsb(path: Path = STSB_DEV) -> SentencePairs:
@@ -107,74 +117,107 @@ def load_sst2(path: Path = SST2_DEV) -> LabeledSentences:
     return LabeledSentences(sentences=[r["sentence"].strip() for r in rows], labels=labels)
 
 
-def load_texts(
+def iter_texts(
     path: Path, *, column: str = TEXT_COLUMN, max_line_bytes: int = MAX_LINE_BYTES
-) -> list[str]:
-    """Sentences from a TSV (named column), JSONL (named key) or TXT (one per line) file.
+) -> Iterator[str]:
+    """Stream the non-empty sentences of a TSV (named column), JSONL (named key) or TXT (one per
+    line) file, one line at a time: the caller decides how many it keeps.
 
     Raises:
-        InputError: unreadable or malformed file, a row without the column, or no sentences.
+        InputError: unreadable or malformed file (at the first bad line), a row without the
+            column, or (once exhausted) no sentences at all.
     """
     import json
 
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".txt", ".jsonl"):
+        raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
+    found = False
     if suffix == ".tsv":
-        texts = [
-            row[column].strip() for row in read_tsv(path, (column,), max_line_bytes=max_line_bytes)
-        ]
-    elif suffix in (".txt", ".jsonl"):
+        lines = (
+            (n, row[column]) for n, row in iter_tsv(path, (column,), max_line_bytes=max_line_bytes)
+        )
+    else:
         lines = _strict_lines(path, max_line_bytes)
-        texts = []
-        for number, line in lines:
-            if suffix == ".txt":
-                texts.append(line.strip())
-                continue
+    for number, line in lines:
+        if suffix == ".jsonl":
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            except (json.JSONDecodeError, RecursionError) as err:
+                raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
             value = record.get(column) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 raise InputError(f"{path}:{number}: no string field {column!r}")
-            texts.append(value.strip())
-    else:
-        raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
-    texts = [t for t in texts if t]
-    if not texts:
+            line = value
+        text = line.strip()
+        if text:
+            found = True
+            yield text
+    if not found:
         raise InputError(f"{path}: no non-empty sentences")
-    return texts
 
 
-def _strict_lines(path: Path, max_line_bytes: int) -> list[tuple[int, str]]:
-    """(line number, text) of a UTF-8, LF, BOM-free file, with the same checks as read_tsv."""
+def load_texts(
+    path: Path, *, column: str = TEXT_COLUMN, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[str]:
+    """Every non-empty sentence of a dataset file (iter_texts, kept).
+
+    Raises:
+        InputError: as iter_texts.
+    """
+    return list(iter_texts(path, column=column, max_line_bytes=max_line_bytes))
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _strict_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8, LF, BOM-free file, read one line at a time: a line over
+    ``max_line_bytes`` is refused after reading at most that many bytes of it.
+
+    Raises:
+        InputError: missing file, a folder, a BOM, CRLF, undecodable bytes, an over-long line, or
+            (once exhausted) a file with nothing but whitespace.
+    """
     try:
-        data = path.read_bytes()
+        handle = open(path, "rb")  # closed by the with block below
     except FileNotFoundError as err:
         raise InputError(f"{path}: dataset file not found") from err
     except IsADirectoryError as err:
         raise InputError(f"{path}: is a folder, expected a file") from err
-    if not data.strip():
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the dataset file ({err.strerror})") from err
+    content = False
+    with handle:
+        number = 0
+        while True:
+            try:
+                raw = handle.readline(max_line_bytes + 1)
+            except OSError as err:
+                raise InputError(f"{path}: cannot read the dataset file ({err.strerror})") from err
+            if not raw:
+                break
+            number += 1
+            line = raw[:-1] if raw.endswith(b"\n") else raw
+            if len(line) > max_line_bytes:
+                raise InputError(f"{path}:{number}: line is over the {max_line_bytes}-byte limit")
+            if number == 1 and line.startswith(_BOM):
+                raise InputError(
+                    f"{path}:1: file starts with a UTF-8 byte-order mark; save it without one"
+                )
+            if line.endswith(b"\r"):
+                raise InputError(f"{path}:{number}: CRLF line ending; convert the file to LF")
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise InputError(
+                    f"{path}:{number}: not valid UTF-8 at byte {err.start}; re-encode the file "
+                    "as UTF-8"
+                ) from err
+            content = content or bool(text.strip())
+            yield number, text
+    if not content:
         raise InputError(f"{path}: dataset file is empty")
-    if data.startswith(b"\xef\xbb\xbf"):
-        raise InputError(f"{path}:1: file starts with a UTF-8 byte-order mark; save it without one")
-    lines = data.split(b"\n")
-    if lines[-1] == b"":
-        lines.pop()
-    decoded = []
-    for number, raw in enumerate(lines, start=1):
-        if len(raw) > max_line_bytes:
-            raise InputError(
-                f"{path}:{number}: line is {len(raw)} bytes, over the {max_line_bytes}-byte limit"
-            )
-        if raw.endswith(b"\r"):
-            raise InputError(f"{path}:{number}: CRLF line ending; convert the file to LF")
-        try:
-            decoded.append((number, raw.decode("utf-8")))
-        except UnicodeDecodeError as err:
-            raise InputError(
-                f"{path}:{number}: not valid UTF-8 at byte {err.start}; re-encode the file as UTF-8"
-            ) from err
-    return decoded

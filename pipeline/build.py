@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
@@ -28,6 +29,9 @@ from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
 from bert_compiler.pipeline.text import resolve_max_length
 
 log = logging.getLogger("bert_compile")
+
+# How many sentences of the profile text are tokenized to derive TensorRT profiles.
+PROFILE_SENTENCES = 4096
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,8 @@ def derive_dataset_profiles(
 ) -> tuple[Profile, ...]:
     """TensorRT profiles from the token lengths of ``text`` (engines/tensorrt_options)."""
     max_length = resolve_max_length(info, text.max_length)
-    texts = datasets.load_texts(text.file, column=text.column)
+    # The first sentences of a file of any size: length quantiles need no more.
+    texts = list(islice(datasets.iter_texts(text.file, column=text.column), PROFILE_SENTENCES))
     tokenizer = load_tokenizer(info)
     lengths = [
         len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]

@@ -88,21 +88,33 @@ class CalibrationSpec:
 def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]:
     """The sentences to calibrate on, and counts worth recording (duplicates, shortfall).
 
+    The file is streamed and reading stops once enough distinct sentences are in hand, so a
+    file far larger than what is used costs neither the time nor the memory of reading it whole.
+
     Raises:
-        InputError: unreadable file, or fewer distinct sentences than ``min_samples``.
+        InputError: unreadable file (at its first bad line), or fewer distinct sentences than
+            ``min_samples``.
     """
     path = spec.data_file()
-    texts = datasets.load_texts(path, column=spec.text_column)
-    distinct = list(dict.fromkeys(texts))
+    needed = max(spec.num_samples, spec.min_samples)
+    distinct: dict[str, None] = {}
+    read = 0
+    for text in datasets.iter_texts(path, column=spec.text_column):
+        read += 1
+        distinct.setdefault(text)
+        if len(distinct) >= needed:
+            break
     if len(distinct) < spec.min_samples:
         raise InputError(
             f"{path}: {len(distinct)} distinct sentences, calibration needs at least "
             f"{spec.min_samples} (ask for fewer with --min-samples at your own risk)"
         )
-    chosen = distinct[: spec.num_samples]
+    chosen = list(distinct)[: spec.num_samples]
     counts = {
-        "sentences_in_file": len(texts),
-        "duplicates_dropped": len(texts) - len(distinct),
+        # Sentences read until enough distinct ones were found (the whole file when it has
+        # fewer), and the duplicates among them.
+        "sentences_read": read,
+        "duplicates_dropped": read - len(distinct),
         "used": len(chosen),
         "shortfall": max(0, spec.num_samples - len(chosen)),
     }

@@ -16,6 +16,12 @@ from bert_compiler.pipeline.models import ModelInfo
 PARITY_BATCH_SIZES = (1, 2, 7, 16, 32)
 # Real sentences in the parity set (edge rows come on top).
 PARITY_SENTENCES = 96
+# The long edge row of verify has as many words as the model's maximum length, but at most this
+# many: so it is truncated at exactly the maximum length for models of up to 512 positions (every
+# BERT-family encoder trained here), while a model allowing 65,536 positions gets a row of a few
+# hundred to a few thousand tokens instead of a full-length attention matrix (about 12 GB for a
+# tiny BERT).
+EDGE_ROW_MAX_WORDS = 512
 
 
 def resolve_max_length(info: ModelInfo, requested: int | None) -> int:
@@ -83,9 +89,10 @@ def parity_batches(sentences: list[str], max_length: int) -> list[list[str]]:
         size = next(sizes)
         batches.append(sentences[start : start + size])
         start += size
-    # At least max_length words, so at least max_length tokens: this row is truncated to the limit.
+    # At least one token per word, so at max_length tokens after truncation (EDGE_ROW_MAX_WORDS).
+    count = min(max_length, EDGE_ROW_MAX_WORDS)
     words = " ".join(sentences).split() or ["word"]
-    long_text = " ".join(words * (1 + max_length // len(words)))
+    long_text = " ".join((words * (1 + count // len(words)))[:count])
     batches.append(["", sentences[0], long_text])
     batches.append(["a"])
     batches.append([long_text])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from bert_compiler.calibration import datasets
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
-from bert_compiler.core.errors import ParityError
+from bert_compiler.core.errors import EnvironmentProblem, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.models import (
@@ -48,6 +49,10 @@ from bert_compiler.pipeline.text import (
 log = logging.getLogger("bert_compile")
 
 REPORT_FILE = "report.json"
+# How PyTorch's and ONNX Runtime's allocators say they ran out of memory.
+_OUT_OF_MEMORY = re.compile(
+    r"not enough memory|out of memory|failed to allocate|can't allocate", re.IGNORECASE
+)
 METRIC_BATCH_SIZE = 64
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -361,9 +366,18 @@ def verify_engine(
     pooling_in_graph = "sentence_embedding" in engine.output_names
 
     def body(artifact):
-        outcome = run_verification(
-            info=info, engine_run=engine.run, pooling_in_graph=pooling_in_graph, spec=spec
-        )
+        try:
+            outcome = run_verification(
+                info=info, engine_run=engine.run, pooling_in_graph=pooling_in_graph, spec=spec
+            )
+        except (MemoryError, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not _OUT_OF_MEMORY.search(str(err)):
+                raise
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise EnvironmentProblem(
+                f"{label}: verify ran out of memory ({reason}); verify shorter rows with "
+                "--max-length, or use a machine with more memory"
+            ) from err
         report = {
             "engine": label,
             "passed": outcome.passed,

@@ -67,3 +67,51 @@ def test_bundled_files_match_the_checksums_in_their_readme():
     assert set(listed) == {p.name for p in datasets.DATA_DIR.iterdir() if p.suffix != ".md"}
     for name, digest in listed.items():
         assert sha256_file(datasets.DATA_DIR / name) == digest, name
+
+
+def _peak_mib(function) -> float:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        function()
+    finally:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    return peak / (1 << 20)
+
+
+def test_a_huge_file_fails_at_its_first_line_in_bounded_memory(tmp_path):
+    import time
+
+    path = tmp_path / "huge.txt"
+    with open(path, "wb") as handle:
+        handle.truncate(2 << 30)  # 2 GiB of NUL bytes without a newline, sparse on disk
+
+    def read():
+        with pytest.raises(InputError, match=r"huge.txt:1: line is over the 1048576-byte limit"):
+            datasets.load_texts(path)
+
+    started = time.perf_counter()
+    assert _peak_mib(read) < 16
+    assert time.perf_counter() - started < 5
+
+
+def test_calibration_reads_only_what_it_uses(tmp_path):
+    from bert_compiler.pipeline.calibrate import CalibrationSpec, calibration_texts
+
+    path = tmp_path / "big.tsv"
+    line = "sentence number {} of a file far larger than what calibration uses\t0\n"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("sentence\tlabel\n")
+        handle.writelines(line.format(i) for i in range(400_000))  # about 30 MB
+    spec = CalibrationSpec(data=path, num_samples=512)
+    result = {}
+
+    def calibrate():
+        result["texts"], result["counts"] = calibration_texts(spec)
+
+    assert _peak_mib(calibrate) < 8
+    texts, counts = result["texts"], result["counts"]
+    assert len(texts) == 512 and texts[0].startswith("sentence number 0 ")
+    assert counts == {"sentences_read": 512, "duplicates_dropped": 0, "used": 512, "shortfall": 0}

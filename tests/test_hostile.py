@@ -254,3 +254,42 @@ def test_replaced_external_weights_are_a_new_input(tiny_run, tmp_path):
     replaced = CliRunner().invoke(cli, argv)
     assert replaced.exit_code == 0, replaced.output
     assert json.loads(replaced.stdout.splitlines()[-1])["skipped"] is False
+
+
+def test_a_long_position_table_verifies_with_bounded_edge_rows(tmp_path):
+    """max_position_embeddings 65536 is allowed; verify's longest edge row stays small."""
+    from bert_compiler.pipeline.models import load_tokenizer, resolve_model
+    from bert_compiler.pipeline.text import EDGE_ROW_MAX_WORDS, parity_batches, tokenize
+    from tests.tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "long", config_overrides={"max_position_embeddings": 65536})
+    info = resolve_model(folder)
+    tokenizer = load_tokenizer(info)
+    batches = parity_batches(["a few real words here"] * 4, max_length=info.max_length)
+    longest = max(
+        tokenize(tokenizer, b, info, info.max_length)["input_ids"].shape[1] for b in batches
+    )
+    # The tiny vocabulary spells words letter by letter: a few tokens per word, never 65536.
+    assert EDGE_ROW_MAX_WORDS < longest < 8 * EDGE_ROW_MAX_WORDS
+    argv = ["run", "--model", folder, "--out", tmp_path / "out", "--target", "cpu"]
+    result = CliRunner().invoke(
+        cli, [str(a) for a in argv + ["--metric-limit", "40", "--no-metric-gate", "--no-package"]]
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_running_out_of_memory_in_verify_is_one_line(tiny_run, tmp_path, monkeypatch):
+    from bert_compiler.pipeline import verify
+
+    out = tmp_path / "out"
+    shutil.copytree(tiny_run[1], out)
+
+    def exhausted(**_kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 12 GB.")
+
+    monkeypatch.setattr(verify, "run_verification", exhausted)
+    argv = ["verify", "--model", tiny_run[0].path, "--out", out, "--force", "--quiet"]
+    result = CliRunner().invoke(cli, [str(a) for a in argv])
+    assert result.exit_code == 6, result.output
+    assert "verify ran out of memory (DefaultCPUAllocator" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -37,7 +37,7 @@ def make_tiny_model(
     tokenizer.save_pretrained(str(folder))
 
     spec = ARCHITECTURES[model_type]
-    config = BertConfig(vocab_size=len(vocab), **spec.tiny_config, **(config_overrides or {}))
+    config = BertConfig(vocab_size=len(vocab), **{**spec.tiny_config, **(config_overrides or {})})
     torch.manual_seed(seed)
     if task == "sequence-classification":
         config.num_labels = 2
