@@ -27,6 +27,8 @@ from bert_compiler.core import __version__
 from bert_compiler.core.errors import ArtifactError, InputError
 
 MANIFEST_NAME = "manifest.json"
+# Far above any manifest this tool writes (a Triton repository's is a few hundred KiB).
+MAX_MANIFEST_BYTES = 64 << 20
 SCHEMA_VERSION = 1
 # Staging names carry the tool's name: leftovers of an interrupted write are removed by name, and a
 # user's own `.notes.tmp-1` must never match.
@@ -220,20 +222,33 @@ class ArtifactDir:
         return self.path / MANIFEST_NAME
 
     def read_manifest(self) -> dict[str, Any] | None:
-        """The manifest, or None when the folder has none (never built, or interrupted)."""
+        """The manifest, or None when the folder has none (never built, or interrupted).
+
+        Raises:
+            ArtifactError: a manifest that is too large, not UTF-8 JSON, or not a JSON object.
+        """
         try:
-            text = self.manifest_path.read_text(encoding="utf-8")
+            if self.manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+                raise ArtifactError(
+                    f"{self.manifest_path}: over {MAX_MANIFEST_BYTES >> 20} MiB, no manifest this "
+                    "tool wrote; delete the folder or rerun with --force"
+                )
+            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
         except (FileNotFoundError, NotADirectoryError):
             return None
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise ArtifactError(
                 f"{self.manifest_path}: manifest is not valid JSON ({err}); "
                 "delete the folder or rerun with --force"
             ) from err
-        if not isinstance(manifest, dict):
-            raise ArtifactError(f"{self.manifest_path}: manifest is not a JSON object")
+        except OSError as err:
+            raise ArtifactError(f"{self.manifest_path}: cannot read it ({err.strerror})") from err
+        problem = _shape_problem(manifest)
+        if problem:
+            raise ArtifactError(
+                f"{self.manifest_path}: {problem}; not a manifest this tool wrote (delete the "
+                "folder or rerun with --force)"
+            )
         return manifest
 
     def require_complete(self) -> dict[str, Any]:
@@ -357,6 +372,32 @@ class ArtifactDir:
         }
         atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, default=str) + "\n")
         return manifest
+
+
+_MANIFEST_FIELDS = {
+    "stage": str,
+    "inputs": dict,
+    "spec": dict,
+    "versions": dict,
+    "outputs": dict,
+    "results": dict,
+    "input_key": str,
+    "complete": bool,
+}
+
+
+def _shape_problem(manifest: Any) -> str:
+    """Why ``manifest`` is not shaped like one this tool writes ('' when it is): every field of
+    the right type, each output a {"sha256": str, "bytes": int} entry."""
+    if not isinstance(manifest, dict):
+        return "manifest is not a JSON object"
+    for field, kind in _MANIFEST_FIELDS.items():
+        if field in manifest and not isinstance(manifest[field], kind):
+            return f"field {field!r} has the wrong type ({type(manifest[field]).__name__})"
+    for name, entry in manifest.get("outputs", {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            return f"output {name!r} has no sha256"
+    return ""
 
 
 def _sealed(manifest: Mapping[str, Any]) -> bool:

@@ -337,8 +337,12 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
         return AutoTokenizer.from_pretrained(
             str(info.path), local_files_only=True, trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:
-        raise InputError(f"{info.path}: cannot load the tokenizer ({err})") from err
+    except Exception as err:
+        # The tokenizer files are the user's input, and a malformed one makes transformers and
+        # tokenizers raise nearly anything (KeyError, TypeError, tokenizers' own Exception):
+        # found by tests/test_fuzz.py. The cause stays chained.
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{info.path}: cannot load the tokenizer ({reason})") from err
 
 
 def load_torch_model(

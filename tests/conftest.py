@@ -260,3 +260,20 @@ def cpu_engine_dir(out: Path, precision: str = "fp32", stage: str = "engines") -
     OUT/<stage>/<model>/ort<version>-cpu-<precision>."""
     (folder,) = sorted(Path(out).glob(f"{stage}/*/ort*-cpu-{precision}"))
     return folder
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many hostile cases and fuzzed inputs this session tried (tests/test_hostile.py,
+    tests/test_fuzz.py), so CI's log says how large the pass over bad input was."""
+    import sys
+
+    hostile = sys.modules.get("tests.test_hostile")
+    fuzz = sys.modules.get("tests.test_fuzz")
+    lines = []
+    if hostile is not None and hostile.TRIED:
+        lines.append(f"hostile corpus: {len(hostile.TRIED)} cases tried")
+    if fuzz is not None and fuzz.TRIED:
+        tried = ", ".join(f"{name} {count}" for name, count in sorted(fuzz.TRIED.items()))
+        lines.append(f"fuzzed inputs: {sum(fuzz.TRIED.values())} ({tried})")
+    for line in lines:
+        terminalreporter.write_line(line)

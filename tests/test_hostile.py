@@ -200,6 +200,10 @@ CASES = [
 ]
 
 
+# Every hostile case run, by name: conftest.py prints the corpus' size at the end of the session.
+TRIED: list[str] = []
+
+
 def _manifests(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("manifest.json")}
 
@@ -213,6 +217,7 @@ def test_hostile_input_gives_one_line_and_leaves_the_tree_intact(
     # A private copy under the same name: the tree's engines and reports are this model's.
     model = tmp_path / tiny_embedding_model.name
     shutil.copytree(tiny_embedding_model, model)
+    TRIED.append(case.__name__)
     argv, code, message = case(out, model, tmp_path)
     before = _manifests(out)
     result = CliRunner().invoke(cli, [str(a) for a in argv])

@@ -791,6 +791,48 @@ def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
         )
 
 
+_ROLES = ("tokenizer", "engine", "python-engine", "ensemble")
+
+
+def _record_problem(name: str, record: Any) -> str:
+    """Why a model's record in a repository manifest is not one ``package`` writes ('' if it is):
+    the gate loads engines by these records, so their shape is checked before any is used."""
+    if not isinstance(record, dict) or record.get("role") not in _ROLES:
+        return f"model {name!r} has no record of a known role"
+    role = record["role"]
+    if role == "tokenizer":
+        ok = isinstance(record.get("max_length"), int) and isinstance(record.get("inputs"), list)
+        return "" if ok else f"tokenizer {name!r} lacks max_length or inputs"
+    if role == "ensemble":
+        return "" if isinstance(record.get("engine"), str) else f"ensemble {name!r} names no engine"
+    files = record.get("files")
+    if not isinstance(files, dict) or not files or not isinstance(record.get("device"), str):
+        return f"engine model {name!r} lists no files or device"
+    for relative, entry in files.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("engine"), str)
+            and isinstance(entry.get("spec"), dict)
+            and isinstance(entry.get("results"), dict)
+            and isinstance(entry["spec"].get("backend"), str)
+            and isinstance(entry["spec"].get("precision"), str)
+        ):
+            return f"engine file {name}/{relative} has no complete record"
+    io = record.get("io")
+    if io is not None:
+        parts = [io.get(part) for part in ("inputs", "outputs")] if isinstance(io, dict) else []
+        if not parts or not all(
+            isinstance(tensors, list)
+            and all(
+                isinstance(t, dict) and set(t) == {"name", "data_type", "dims"} for t in tensors
+            )
+            for tensors in parts
+        ):
+            return f"engine model {name!r} has malformed tensor records"
+    return ""
+
+
 def open_repository(path: Path) -> Repository:
     """Read a repository this tool wrote: every entry (file, folder, at any depth) must be one its
     manifest names and none may be a link, every file must match its recorded hash, and every
@@ -810,8 +852,11 @@ def open_repository(path: Path) -> Repository:
         _check_entries(path, manifest)
     manifest = folder.require_complete()
     records = manifest["results"]["models"]
-    for name in records:
+    for name, record in records.items():
         tc.check_name(name, f"{folder.manifest_path}: model")
+        problem = _record_problem(name, record)
+        if problem:
+            raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
     problems = repository_problems(path, records)
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
