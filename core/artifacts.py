@@ -190,6 +190,17 @@ def clear_staging(final: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def clear_leftovers(folder: Path) -> None:
+    """Remove every staging or swap leftover this tool's interrupted writes left in ``folder``
+    (hidden entries named with its marks; nothing else is touched)."""
+    for leftover in Path(folder).glob(".*"):
+        if _TMP_MARK in leftover.name or _OLD_MARK in leftover.name:
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def atomic_write_text(final: Path, text: str) -> None:
     """Write text to ``final`` atomically (temporary name, fsync, rename)."""
     with atomic_path(final) as staging:
@@ -264,15 +275,16 @@ class ArtifactDir:
                 "that makes it first"
             )
         for name, entry in manifest.get("outputs", {}).items():
-            self._check_output(name, entry)
-        if not _sealed(manifest):
+            self.check_output(name, entry)
+        if not sealed(manifest):
             raise ArtifactError(
                 f"{self.manifest_path}: its inputs, settings or tool versions were edited after it "
                 "was written (they no longer hash to its input_key); rebuild with --force"
             )
         return manifest
 
-    def _check_output(self, name: str, entry: Mapping[str, Any]) -> None:
+    def check_output(self, name: str, entry: Mapping[str, Any]) -> None:
+        """Raises ArtifactError when output ``name`` is missing or differs from ``entry``."""
         path = self.output_path(name)
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in {self.manifest_path.name} but missing; rebuild")
@@ -322,13 +334,13 @@ class ArtifactDir:
         versions = tool_versions()
         # The recorded versions themselves, not only the key: an edited "versions" would
         # otherwise be skipped over and copied on (into a Triton repository's manifest).
-        if manifest.get("versions") != versions or not _sealed(manifest):
+        if manifest.get("versions") != versions or not sealed(manifest):
             return False
         if manifest.get("input_key") != record.input_key(versions):
             return False
         try:
             for name, entry in manifest.get("outputs", {}).items():
-                self._check_output(name, entry)
+                self.check_output(name, entry)
         except ArtifactError:
             return False
         return True
@@ -400,7 +412,7 @@ def _shape_problem(manifest: Any) -> str:
     return ""
 
 
-def _sealed(manifest: Mapping[str, Any]) -> bool:
+def sealed(manifest: Mapping[str, Any]) -> bool:
     """True when the manifest's recorded stage, inputs, settings and versions still hash to the
     input_key written with them (an edit of any of them breaks the seal)."""
     try:

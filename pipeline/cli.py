@@ -171,7 +171,7 @@ def stage_command(func):
         )
         try:
             # A second command fails (or waits) naming the holder.
-            with output_lock(out, wait_s=kwargs.pop("wait_lock")):
+            with output_lock(out, wait_s=kwargs["wait_lock"]):
                 return func(*args, **kwargs)
         except BaseException:
             if created:
@@ -398,8 +398,19 @@ def build_command(input_path: Path | None, **values: Any) -> None:
     help="Verify a Triton repository written by `package` instead: files against its manifest, "
     "configs, the tokenizer model, and every engine this machine can run.",
 )
+@click.option(
+    "--allow-foreign",
+    "foreign",
+    multiple=True,
+    help="With --repository: a top-level model folder or file of your own that the gate leaves "
+    "alone (it is not verified); repeatable. Anything else not packaged fails the gate.",
+)
 def verify_command(
-    engine_dir: Path | None, precision: str | None, repository: Path | None, **values: Any
+    engine_dir: Path | None,
+    precision: str | None,
+    repository: Path | None,
+    foreign: tuple[str, ...],
+    **values: Any,
 ) -> None:
     """Check an engine (or a Triton repository) against PyTorch on real text plus the task
     metric; exit 5 on failure."""
@@ -408,7 +419,7 @@ def verify_command(
     if repository is not None:
         if engine_dir is not None:
             raise click.UsageError("--engine and --repository exclude each other")
-        _verify_repository(info, repository, layout, values)
+        _verify_repository(info, repository, layout, values, foreign)
         return
     engine_dir, engine_precision = find_engine(layout, info.name, engine_dir, precision)
     result = verify(
@@ -426,19 +437,23 @@ def verify_command(
     require_passed(result)
 
 
-def _verify_repository(info, repository: Path, layout: Layout, values: dict[str, Any]) -> None:
+def _verify_repository(
+    info, repository: Path, layout: Layout, values: dict[str, Any], foreign: tuple[str, ...]
+) -> None:
     summary = verify_repository(
         info=info,
         repository=repository,
         out_root=layout.root / "verify" / "repository",
         spec=VERIFY.parse(values),
         force=values["force"],
+        foreign=foreign,
     )
     tokenizer = summary["tokenizer"]
     lines = [
         f"{'PASS' if tokenizer['identical'] else 'FAIL'} tokenizer {tokenizer['model']}: "
         f"{tokenizer['batches']} batches compared with the pipeline's tokenization"
     ]
+    lines += [f"FOREIGN {name}: yours, left alone (not verified)" for name in summary["foreign"]]
     for entry in summary["engines"]:
         where = f"{entry['model']}/{entry['file']}"
         if entry["status"] == "skipped":
@@ -477,6 +492,7 @@ def package_command(engines: tuple[str, ...], **values: Any) -> None:
         repository=PACKAGE.repository(values),
         spec=PACKAGE.parse(values, engines),
         force=values["force"],
+        wait_lock=values["wait_lock"],
     )
     summary = {"ok": True, "stage": "package", **repository_summary(result)}
     lines = [f"repository: {result.path}"] + [
@@ -521,7 +537,13 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
         package=PACKAGE.parse(values) if make_package else None,
         repository=PACKAGE.repository(values) if make_package else None,
     )
-    summary = run_pipeline(info=info, out=values["out"], spec=spec, force=values["force"])
+    summary = run_pipeline(
+        info=info,
+        out=values["out"],
+        spec=spec,
+        force=values["force"],
+        wait_lock=values["wait_lock"],
+    )
     summary["notes"] = list(notes)
     lines = [*(f"note: {n}" for n in notes), f"summary: {Layout(Path(summary['out'])).summary}"]
     torch_value = (summary["pytorch_fp32_metric"] or {}).get("value")

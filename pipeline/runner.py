@@ -48,12 +48,15 @@ class RunSpec:
 
 
 def run_pipeline(
-    *, info: ModelInfo, out: Path, spec: RunSpec, force: bool = False
+    *, info: ModelInfo, out: Path, spec: RunSpec, force: bool = False, wait_lock: float = 0.0
 ) -> dict[str, Any]:
     """Run every stage for ``info`` into ``out`` and return the summary (also written to run.json).
 
     A failed verification does not raise here: the summary's ``ok`` is False and each engine lists
     its failures, so callers (the CLI, CI) get the full report before deciding how to fail.
+
+    Args:
+        wait_lock: seconds to wait for another packager of the same Triton repository.
     """
     layout = Layout(Path(out))
     # Library callers get the command line's guard too: never the root, the home folder, the
@@ -136,6 +139,7 @@ def run_pipeline(
             repository=spec.repository or layout.repository,
             spec=replace(spec.package, engines=tuple(e["name"] for e in engines)),
             force=force,
+            wait_lock=wait_lock,
         )
         stages["package"] = _stage_summary(packaged)
         repository = repository_summary(packaged)

@@ -15,6 +15,7 @@ from tritonclient.grpc import model_config_pb2
 
 from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.gate import verify_repository
@@ -168,10 +169,11 @@ def test_rerun_is_skipped_and_manifest_lists_every_file(repository, tiny_run):
     )
     assert again.skipped
     listed = set(result.manifest["outputs"])
+    # Besides the listed files: the manifest itself and the packagers' lock (core/lock.py).
     on_disk = {
         p.relative_to(result.path).as_posix()
         for p in result.path.rglob("*")
-        if p.is_file() and p.name != "manifest.json"
+        if p.is_file() and p.name not in {"manifest.json", LOCK_FILE, HOLDER_FILE}
     }
     assert listed == on_disk
     assert result.manifest["results"]["models"][f"{info.name}-ort-cpu-fp32"]["files"][

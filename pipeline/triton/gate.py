@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,17 @@ from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_par
 
 
 def verify_repository(
-    *, info: ModelInfo, repository: Path, out_root: Path, spec: VerifySpec, force: bool = False
+    *,
+    info: ModelInfo,
+    repository: Path,
+    out_root: Path,
+    spec: VerifySpec,
+    force: bool = False,
+    foreign: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """The pre-deployment gate for a Triton repository this tool wrote.
+    """The pre-deployment gate for a Triton repository this tool wrote, for the package of
+    ``info`` (a repository may hold several models' packages and, named in ``foreign``, entries
+    of the user's own that the gate leaves alone).
 
     Every file is checked against the repository's manifest (nothing modified, nothing added),
     every config.pbtxt is parsed and cross-checked again, the tokenizer model's tokenizer.json is
@@ -33,15 +42,19 @@ def verify_repository(
         InputError: it was packaged from another model, or a config fails its checks.
         EnvironmentProblem: no engine in it can run on this machine.
     """
-    opened = open_repository(repository)
-    packaged = opened.manifest["inputs"]["model"]["sha256"]
-    if packaged != info.fingerprint()["sha256"]:
+    opened = open_repository(repository, foreign=foreign)
+    fingerprint = info.fingerprint()["sha256"]
+    packages = opened.manifest["inputs"]["packages"]
+    slug = next((s for s, p in packages.items() if p["model"]["sha256"] == fingerprint), None)
+    if slug is None:
         raise InputError(
-            f"{repository}: packaged from another model than {info.path}; pass that model "
-            "with --model"
+            f"{repository}: packaged from another model than {info.path} (it holds "
+            f"{', '.join(sorted(packages))}); pass that model with --model"
         )
     tokenizer_name, tokenizer = next(
-        (n, r) for n, r in opened.models.items() if r["role"] == "tokenizer"
+        (n, r)
+        for n, r in opened.models.items()
+        if r["role"] == "tokenizer" and r["package"] == slug
     )
     max_length = tokenizer["max_length"]
     check = tokenizer_mismatches(info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length)
@@ -49,6 +62,17 @@ def verify_repository(
     by_hash: dict[str, dict[str, Any]] = {}
     for name, record in opened.models.items():
         if record["role"] not in ("engine", "python-engine"):
+            continue
+        if record["package"] != slug:
+            entries.extend(
+                {
+                    "model": name,
+                    "file": relative,
+                    "status": "skipped",
+                    "reason": f"packaged from {record['package']}: gate it with that --model",
+                }
+                for relative in record["files"]
+            )
             continue
         for relative, entry in record["files"].items():
             label = f"{name}/{relative}"
@@ -97,9 +121,13 @@ def verify_repository(
             f"{repository}: no engine in it can run on this machine ({reasons})"
         )
     tokenizer_ok = not check["mismatches"]
+    present = sorted(n for n in foreign if (Path(repository) / n).exists())
     return {
         "ok": tokenizer_ok and all(e["status"] == "passed" for e in ran),
         "repository": str(repository),
+        "package": slug,
+        # Entries the user named as their own: left alone, never verified.
+        "foreign": present,
         "tokenizer": {
             "model": tokenizer_name,
             "batches": check["batches"],

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,12 +39,17 @@ from bert_compiler.core.artifacts import (
     ArtifactDir,
     StageRecord,
     check_free_space,
+    clear_leftovers,
     clear_staging,
     replace_tree,
+    sealed,
     sha256_file,
+    sha256_json,
     staging_tree,
+    tool_versions,
 )
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE, output_lock
 from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.outdir import require_writable
 from bert_compiler.core.stage import StageResult
@@ -621,76 +626,185 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
     return problems
 
 
+def _normalized(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A repository manifest in the per-package form: ``inputs`` and ``spec`` hold one section
+    per packaged model (by its slug), and every model record names its package. A manifest of an
+    older bert-compile, written for one model, is read as that one package."""
+    manifest = dict(manifest)
+    if "packages" in manifest.get("inputs", {}):
+        return manifest
+    results = manifest.get("results", {})
+    slug = model_slug(str(results.get("model", {}).get("name", "model")))
+    manifest["inputs"] = {"packages": {slug: manifest.get("inputs", {})}}
+    manifest["spec"] = {"packages": {slug: manifest.get("spec", {})}}
+    records = results.get("models", {})
+    manifest["results"] = {
+        "models": {
+            name: {**record, "package": slug} if isinstance(record, dict) else record
+            for name, record in records.items()
+        },
+        "packages": {
+            slug: {"model": results.get("model"), "tokenizer_check": results.get("tokenizer_check")}
+        },
+    }
+    return manifest
+
+
+def _package_of(manifest: Mapping[str, Any], slug: str) -> set[str]:
+    """The Triton models of one package in a normalized repository manifest."""
+    return {n for n, r in manifest["results"]["models"].items() if r.get("package") == slug}
+
+
+def _outputs_of(manifest: Mapping[str, Any], models: set[str]) -> dict[str, Any]:
+    return {n: e for n, e in manifest["outputs"].items() if n.split("/", 1)[0] in models}
+
+
 def package(
-    *, info: ModelInfo, out: Path, repository: Path, spec: PackageSpec, force: bool = False
+    *,
+    info: ModelInfo,
+    out: Path,
+    repository: Path,
+    spec: PackageSpec,
+    force: bool = False,
+    wait_lock: float = 0.0,
 ) -> StageResult:
-    """Write the Triton model repository for the verified engines of ``info`` under ``out``.
+    """Add (or replace) the Triton models of the verified engines of ``info`` under ``out`` in
+    ``repository``, touching nothing else in it: other models' folders (bert-compile's or a
+    user's) and other files stay as they are, and the repository manifest keeps describing every
+    package in it. Two packagers of one repository take turns (a lock in it).
 
     Raises:
         InputError: nothing verified to package, unsafe names, engines that cannot share a model,
-            or ``repository`` is a folder this tool did not write.
+            a model folder of the same name that is not this model's, or ``repository`` is a
+            non-empty folder this tool did not write.
         ParityError: an engine failed verification.
-        ArtifactError: an engine, report or repository file does not match its manifest.
+        ArtifactError: an engine, report or another package's file does not match its manifest.
+        BusyError: another packager holds the repository for longer than ``wait_lock`` seconds.
     """
     spec.validate()
     repository = Path(repository)
     engines = verified_engines(info=info, out=out, names=spec.engines)
-    record = StageRecord(
-        stage="package",
-        inputs={
-            "model": info.fingerprint(),
-            "engines": {
-                e.name: {"sha256": e.engine_sha256, "report": e.report.get("summary")}
-                for e in engines
-            },
-            "templates": {role: sha256_file(path) for role, path in _TEMPLATES.items()},
+    slug = tc.check_name(model_slug(info.name), "model name")
+    inputs = {
+        "model": info.fingerprint(),
+        "engines": {
+            e.name: {"sha256": e.engine_sha256, "report": e.report.get("summary")} for e in engines
         },
-        spec=asdict(spec),
-    )
-    final = ArtifactDir(repository)
-    if not force and final.is_up_to_date(record):
-        log.info("[package] up to date: %s", repository)
-        return StageResult("package", repository, final.read_manifest() or {}, skipped=True)
+        "templates": {role: sha256_file(path) for role, path in _TEMPLATES.items()},
+    }
+    settings = asdict(spec)
     check_repository_target(repository)
-    log.info("[package] writing the Triton repository -> %s", repository)
-    plans = plan_repository(info=info, engines=engines, spec=spec)
-    # The new tree is complete beside the old one before they swap: room for both.
-    check_free_space(
-        repository,
-        sum(Path(f).stat().st_size for p in plans for f in p.files.values() if isinstance(f, Path)),
-    )
-    tokenizer = next(p for p in plans if p.role == "tokenizer")
-    staging = staging_tree(repository)
-    try:
-        outputs = _write(plans, staging)
-        check = tokenizer_mismatches(
-            info, staging / tokenizer.name / VERSION / "tokenizer.json", engines[0].max_length
-        )
-        if check["mismatches"]:
+    with output_lock(repository, wait_s=wait_lock):
+        # Again under the lock: another packager may have written it meanwhile.
+        check_repository_target(repository)
+        folder = ArtifactDir(repository)
+        clear_leftovers(repository)
+        existing = folder.read_manifest()
+        if existing is not None:
+            existing = _checked_manifest(folder, existing)
+            # No link or stray entry inside the packages' folders; a user's own entries beside
+            # them are left alone.
+            _check_entries(repository, existing, foreign=_foreign_entries(repository, existing))
+        own = _package_of(existing, slug) if existing else set()
+        if not force and existing and _up_to_date(folder, existing, slug, inputs, settings):
+            log.info("[package] up to date: %s (%s)", repository, slug)
+            return StageResult("package", repository, existing, skipped=True)
+        log.info("[package] writing %s into the Triton repository %s", slug, repository)
+        plans = plan_repository(info=info, engines=engines, spec=spec)
+        names = {p.name for p in plans}
+        taken = sorted(n for n in names if (repository / n).exists() and n not in own)
+        if taken:
             raise InputError(
-                f"{info.path}: the tokenizer model would not tokenize as verify did: "
-                + "; ".join(check["mismatches"][:3])
+                f"{repository}: model folders {taken} exist and are not {info.name}'s (another "
+                "model's, or your own); rename the model or package into another --repository"
             )
-        records = {p.name: p.record for p in plans}
-        problems = repository_problems(staging, records)
-        if problems:
-            raise InputError("generated repository fails its checks: " + "; ".join(problems))
-        results = {
+        others = _outputs_of(existing, set(existing["results"]["models"]) - own) if existing else {}
+        for name, entry in others.items():
+            folder.check_output(name, entry)
+        # The new model folders are complete beside the old ones before they swap: room for both.
+        check_free_space(
+            repository,
+            sum(
+                Path(f).stat().st_size
+                for p in plans
+                for f in p.files.values()
+                if isinstance(f, Path)
+            ),
+        )
+        tokenizer = next(p for p in plans if p.role == "tokenizer")
+        staging = staging_tree(repository / slug)
+        try:
+            outputs = _write(plans, staging)
+            check = tokenizer_mismatches(
+                info, staging / tokenizer.name / VERSION / "tokenizer.json", engines[0].max_length
+            )
+            if check["mismatches"]:
+                raise InputError(
+                    f"{info.path}: the tokenizer model would not tokenize as verify did: "
+                    + "; ".join(check["mismatches"][:3])
+                )
+            records = {p.name: {**p.record, "package": slug} for p in plans}
+            problems = repository_problems(staging, records)
+            if problems:
+                raise InputError("generated repository fails its checks: " + "; ".join(problems))
+            for plan in plans:
+                replace_tree(staging / plan.name, repository / plan.name)
+            for stale in sorted(own - names):
+                shutil.rmtree(repository / stale)
+        finally:
+            clear_staging(repository / slug)
+        previous = existing or {"inputs": {}, "spec": {}, "results": {}}
+        packages = dict(previous["results"].get("packages", {}))
+        packages[slug] = {
             "model": {"name": info.name, "task": info.task},
-            "models": records,
             "tokenizer_check": {"batches": check["batches"], "identical": True},
         }
-        manifest = ArtifactDir(staging).commit(record, outputs, results)
-        replace_tree(staging, repository)
-    finally:
-        clear_staging(repository)
+        other_records = {
+            n: r for n, r in previous["results"].get("models", {}).items() if n not in own
+        }
+        record = StageRecord(
+            stage="package",
+            inputs={"packages": {**previous["inputs"].get("packages", {}), slug: inputs}},
+            spec={"packages": {**previous["spec"].get("packages", {}), slug: settings}},
+        )
+        manifest = folder.commit(
+            record,
+            [*sorted(others), *outputs],
+            {"models": {**other_records, **records}, "packages": packages},
+        )
     log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
     return StageResult("package", repository, manifest, skipped=False)
 
 
+def _up_to_date(
+    folder: ArtifactDir,
+    manifest: Mapping[str, Any],
+    slug: str,
+    inputs: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> bool:
+    """True when the repository already holds exactly this package, made by these tool versions,
+    with every one of its files unchanged."""
+    if not manifest.get("complete") or manifest.get("versions") != tool_versions():
+        return False
+    recorded = manifest["inputs"]["packages"].get(slug)
+    recorded_spec = manifest["spec"]["packages"].get(slug)
+    if sha256_json(recorded) != sha256_json(inputs) or sha256_json(recorded_spec) != sha256_json(
+        settings
+    ):
+        return False
+    try:
+        for name, entry in _outputs_of(manifest, _package_of(manifest, slug)).items():
+            folder.check_output(name, entry)
+    except ArtifactError:
+        return False
+    return True
+
+
 def check_repository_target(repository: Path) -> None:
-    """Write only where the repository can be written, and replace only an empty folder or a
-    repository this tool wrote (never a user's folder).
+    """Write only where the repository can be written, and only into an empty folder or a
+    repository this tool wrote (never a user's folder). A folder holding nothing but a
+    packager's lock is empty: another packager is making it.
 
     Raises:
         InputError: a read-only place, a file, or a user's non-empty folder.
@@ -705,7 +819,8 @@ def check_repository_target(repository: Path) -> None:
         manifest = ArtifactDir(repository).read_manifest()
     except ArtifactError:
         manifest = None
-    if any(repository.iterdir()) and (manifest or {}).get("stage") != "package":
+    contents = [e for e in repository.iterdir() if e.name not in {LOCK_FILE, HOLDER_FILE}]
+    if contents and (manifest or {}).get("stage") != "package":
         raise InputError(
             f"{repository}: not empty and not a repository bert-compile wrote; choose another "
             "--repository or remove it"
@@ -727,8 +842,9 @@ class Repository:
         return ArtifactDir(self.path).output_path(f"{model}/{relative}")
 
 
-def _repository_entries(root: Path) -> tuple[set[str], set[str]]:
-    """Every file and folder under ``root`` as relative POSIX paths, never following a link.
+def _repository_entries(root: Path, skip: Collection[str] = ()) -> tuple[set[str], set[str]]:
+    """Every file and folder under ``root`` as relative POSIX paths, never following a link
+    (top-level entries named in ``skip`` are not entered).
 
     Raises:
         ArtifactError: a link of any kind (Triton would follow a symbolic link; a hard link is
@@ -741,6 +857,8 @@ def _repository_entries(root: Path) -> tuple[set[str], set[str]]:
         with os.scandir(pending.pop()) as entries:
             for entry in entries:
                 relative = Path(entry.path).relative_to(root).as_posix()
+                if relative in skip:
+                    continue
                 if entry.is_symlink():
                     raise ArtifactError(
                         f"{entry.path}: a link inside a Triton repository (Triton would follow "
@@ -761,9 +879,10 @@ def _repository_entries(root: Path) -> tuple[set[str], set[str]]:
     return files, folders
 
 
-def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
+def _check_entries(path: Path, manifest: Mapping[str, Any], foreign: Collection[str] = ()) -> None:
     """Refuse every file, folder or link in the repository that its manifest does not name:
-    Triton loads any model folder and any version folder it finds.
+    Triton loads any model folder and any version folder it finds. Top-level entries named in
+    ``foreign`` (a user's own models and files) are left alone, unread.
 
     Raises:
         ArtifactError: an entry the manifest does not name.
@@ -772,14 +891,15 @@ def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
         records, listed = dict(manifest["results"]["models"]), set(manifest["outputs"])
     except (KeyError, TypeError, ValueError) as err:
         raise ArtifactError(f"{path}: its manifest lists no models and outputs ({err})") from err
-    files, folders = _repository_entries(path)
+    foreign = set(foreign) - set(records)
+    files, folders = _repository_entries(path, skip=foreign)
     strays = sorted(f for f in folders if "/" not in f and f not in records)
     if strays:
         raise ArtifactError(
             f"{path}: model folders {strays} are not in its manifest (Triton would serve them); "
-            "remove them or package again"
+            "remove them, package again, or name them with --allow-foreign"
         )
-    for file in sorted(files - listed - {MANIFEST_NAME}):
+    for file in sorted(files - listed - {MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}):
         raise ArtifactError(f"{path / file}: not written by bert-compile package; remove it")
     expected = {*records, *(f"{name}/{VERSION}" for name in records)}
     for file in listed:
@@ -789,6 +909,37 @@ def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
             f"{path / folder}: a folder bert-compile package did not write (Triton would load "
             "it, e.g. as another model version); remove it"
         )
+
+
+def _foreign_entries(path: Path, manifest: Mapping[str, Any]) -> set[str]:
+    """Top-level entries of a repository that no package of it wrote (a user's own models and
+    files): packaging leaves them alone."""
+    records = manifest.get("results", {}).get("models", {})
+    ours = {*records, MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}
+    return {entry.name for entry in path.iterdir() if entry.name not in ours}
+
+
+def _checked_manifest(folder: ArtifactDir, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """A repository manifest this tool wrote, unedited and complete, in the per-package form,
+    every model record of the shape ``package`` writes.
+
+    Raises:
+        ArtifactError: another stage's manifest, an incomplete or edited one, a malformed record.
+    """
+    if manifest.get("stage") != "package":
+        raise ArtifactError(f"{folder.path}: not a Triton repository bert-compile wrote")
+    if not manifest.get("complete") or not sealed(manifest):
+        raise ArtifactError(
+            f"{folder.manifest_path}: incomplete, or edited after it was written; package "
+            "into a new --repository, or remove it"
+        )
+    normalized = _normalized(manifest)
+    for name, record in normalized["results"]["models"].items():
+        tc.check_name(name, f"{folder.manifest_path}: model")
+        problem = _record_problem(name, record)
+        if problem:
+            raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
+    return normalized
 
 
 _ROLES = ("tokenizer", "engine", "python-engine", "ensemble")
@@ -833,10 +984,14 @@ def _record_problem(name: str, record: Any) -> str:
     return ""
 
 
-def open_repository(path: Path) -> Repository:
+def open_repository(path: Path, *, foreign: Collection[str] = ()) -> Repository:
     """Read a repository this tool wrote: every entry (file, folder, at any depth) must be one its
-    manifest names and none may be a link, every file must match its recorded hash, and every
-    config passes its checks.
+    manifest names and none may be a link, every file must match its recorded hash, the manifest
+    must be unedited, and every config passes its checks.
+
+    Args:
+        foreign: top-level entries the user put there on purpose (their own models, notes):
+            left alone and unread, never verified.
 
     Raises:
         ArtifactError: no complete manifest, a file missing or modified, an unlisted entry, a link.
@@ -849,15 +1004,9 @@ def open_repository(path: Path) -> Repository:
         raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
     if manifest is not None and manifest.get("complete"):
         # Before any file is read through a path that might be a link.
-        _check_entries(path, manifest)
-    manifest = folder.require_complete()
-    records = manifest["results"]["models"]
-    for name, record in records.items():
-        tc.check_name(name, f"{folder.manifest_path}: model")
-        problem = _record_problem(name, record)
-        if problem:
-            raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
-    problems = repository_problems(path, records)
+        _check_entries(path, manifest, foreign)
+    manifest = _checked_manifest(folder, folder.require_complete())
+    problems = repository_problems(path, manifest["results"]["models"])
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     return Repository(path, manifest)

@@ -1,0 +1,134 @@
+"""A Triton repository shared by several models: packaging one touches only its own folders, the
+manifest describes every package, two packagers take turns, and the gate checks one model's
+package while refusing (or, when named, leaving alone) what is not packaged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.core.errors import BusyError, InputError
+from bert_compiler.core.lock import output_lock
+from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+from bert_compiler.pipeline.triton.package import PackageSpec, open_repository, package
+from tests.conftest import TINY_VERIFY
+
+pytestmark = pytest.mark.e2e
+
+
+def _invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def classifier_run(tiny_classifier_model, tmp_path_factory):
+    info = resolve_model(tiny_classifier_model)
+    out = tmp_path_factory.mktemp("runs") / "classifier"
+    run_pipeline(info=info, out=out, spec=RunSpec(verify=TINY_VERIFY))
+    return info, out
+
+
+def test_two_models_and_a_users_own_share_one_repository(tiny_run, classifier_run, tmp_path):
+    embed, embed_out = tiny_run[0], tiny_run[1]
+    classifier, classifier_out = classifier_run
+    repository = tmp_path / "models"
+    package(info=embed, out=embed_out, repository=repository, spec=PackageSpec())
+    (repository / "NOTES.md").write_text("our deployment notes")
+    (repository / "my-custom-model" / "1").mkdir(parents=True)
+    (repository / "my-custom-model" / "config.pbtxt").write_text('name: "my-custom-model"\n')
+    embed_files = _snapshot(repository)
+
+    package(info=classifier, out=classifier_out, repository=repository, spec=PackageSpec())
+    after = _snapshot(repository)
+    assert {k: after[k] for k in embed_files if k != "manifest.json"} == {
+        k: v for k, v in embed_files.items() if k != "manifest.json"
+    }
+    manifest = json.loads((repository / "manifest.json").read_text())
+    assert sorted(manifest["inputs"]["packages"]) == ["tiny-cls", "tiny-embed"]
+    roles = {name: record["package"] for name, record in manifest["results"]["models"].items()}
+    assert {"tiny-embed-tokenizer", "tiny-cls-tokenizer"} <= set(roles)
+
+    # Re-packaging the first model replaces its own folders and nothing else.
+    classifier_files = {k: v for k, v in _snapshot(repository).items() if k.startswith("tiny-cls")}
+    again = package(
+        info=embed, out=embed_out, repository=repository, spec=PackageSpec(), force=True
+    )
+    assert not again.skipped
+    now = _snapshot(repository)
+    assert {k: now[k] for k in classifier_files} == classifier_files
+    assert now["NOTES.md"] == b"our deployment notes"
+    assert "my-custom-model/config.pbtxt" in now
+    assert sorted(json.loads((repository / "manifest.json").read_text())["inputs"]["packages"]) == [
+        "tiny-cls",
+        "tiny-embed",
+    ]
+
+    # The gate: what no package wrote fails it, unless named as the user's own.
+    gate = ["verify", "--out", tmp_path / "gate", "--repository", repository, "--quiet"]
+    refused = _invoke(*gate, "--model", embed.path, "--metric-limit", "40", "--no-metric-gate")
+    assert refused.exit_code == 8 and "my-custom-model" in refused.stderr
+    allowed = [*gate, "--allow-foreign", "my-custom-model", "--allow-foreign", "NOTES.md"]
+    for info in (embed, classifier):
+        result = _invoke(
+            *allowed, "--model", info.path, "--metric-limit", "40", "--no-metric-gate", "--json"
+        )
+        assert result.exit_code == 0, result.output
+        summary = json.loads(result.stdout.splitlines()[-1])
+        assert summary["foreign"] == ["NOTES.md", "my-custom-model"]
+        ran = [e for e in summary["engines"] if e["status"] != "skipped"]
+        assert ran and all(e["model"].startswith(info.name) for e in ran)
+        assert all(e["status"] == "passed" for e in ran)
+        skipped = [e for e in summary["engines"] if e["status"] == "skipped"]
+        assert skipped and all("gate it with that --model" in e["reason"] for e in skipped)
+
+
+def test_a_model_folder_of_another_is_never_replaced(tiny_run, classifier_run, tmp_path):
+    repository = tmp_path / "models"
+    package(info=tiny_run[0], out=tiny_run[1], repository=repository, spec=PackageSpec())
+    # A user's own folder with the name the classifier's tokenizer model would take.
+    (repository / "tiny-cls-tokenizer").mkdir()
+    (repository / "tiny-cls-tokenizer" / "mine.txt").write_text("keep")
+    with pytest.raises(InputError, match="exist and are not tiny-cls's"):
+        package(
+            info=classifier_run[0], out=classifier_run[1], repository=repository, spec=PackageSpec()
+        )
+    assert (repository / "tiny-cls-tokenizer" / "mine.txt").read_text() == "keep"
+    assert not [p for p in repository.iterdir() if ".bert-compile.tmp-" in p.name]
+
+
+def test_a_held_repository_is_busy(tiny_run, tmp_path):
+    repository = tmp_path / "models"
+    repository.mkdir()
+    with output_lock(repository):
+        with pytest.raises(BusyError, match="in use by"):
+            package(info=tiny_run[0], out=tiny_run[1], repository=repository, spec=PackageSpec())
+
+
+def test_two_packagers_of_one_repository_take_turns(tiny_run, tmp_path):
+    repository = tmp_path / "models"
+    processes = []
+    for index in range(2):
+        out = tmp_path / f"out{index}"
+        shutil.copytree(tiny_run[1], out)
+        argv = [sys.executable, "-m", "bert_compiler.pipeline.cli", "package", "--quiet"]
+        argv += ["--model", str(tiny_run[0].path), "--out", str(out), "--force"]
+        argv += ["--repository", str(repository), "--wait-lock", "300"]
+        processes.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    assert open_repository(repository).models
+    leftovers = [p.name for p in repository.iterdir() if ".bert-compile.tmp-" in p.name]
+    assert leftovers == [] and not list(repository.glob(".*.bert-compile.old-*"))
