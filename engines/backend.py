@@ -107,6 +107,8 @@ class Backend:
         file_suffix: the engine file's suffix (``.onnx``, ``.plan``).
         triton_platform: the Triton ``platform`` that serves the engine file.
         version_key: the key of a build manifest's results that holds the backend version.
+        opaque: the engine file cannot be read without the backend (a TensorRT plan): its
+            tensors are those of the graph it was built from, recorded beside it.
     """
 
     name: str
@@ -114,6 +116,7 @@ class Backend:
     file_suffix: str
     triton_platform: str
     version_key: str
+    opaque: bool = False
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).

@@ -420,6 +420,7 @@ class TensorRTBackend(Backend):
     file_suffix = ".plan"
     triton_platform = "tensorrt_plan"
     version_key = "tensorrt"
+    opaque = True
 
     def version(self) -> str:
         return str(_import_tensorrt().__version__)

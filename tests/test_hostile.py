@@ -157,6 +157,17 @@ def tampered_repository(out, model, tmp):
     return _gate(out, model, repository), 8, "stray"
 
 
+def edited_config_with_its_hash_rewritten(out, model, tmp):
+    # A config still valid for its engine, asking Triton for other settings than package chose.
+    repository = _packaged(out, model)
+    config = repository / f"{model.name}-ort-cpu-fp32" / "config.pbtxt"
+    config.write_text(config.read_text().replace("max_batch_size: 64", "max_batch_size: 8"))
+    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest["outputs"][f"{model.name}-ort-cpu-fp32/config.pbtxt"]["sha256"] = sha256_file(config)
+    (repository / "manifest.json").write_text(json.dumps(manifest))
+    return _gate(out, model, repository), 8, "not the config package writes"
+
+
 def version_folder_linked_in(out, model, tmp):
     # Triton would load version 2 and run the model.py it finds there.
     repository = _packaged(out, model)
@@ -194,6 +205,7 @@ CASES = [
     absurd_profile,
     config_of_the_wrong_type,
     tampered_repository,
+    edited_config_with_its_hash_rewritten,
     version_folder_linked_in,
     empty_version_folder,
     hard_linked_repository_file,

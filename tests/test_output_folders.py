@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bert_compiler.core.outdir import MARKER_FILE
+from bert_compiler.core.outdir import BOOKKEEPING, MARKER_FILE
 from bert_compiler.pipeline.cli import cli
 
 
@@ -103,3 +103,15 @@ def test_an_unwritable_repository_is_refused_before_the_first_stage(tiny_embeddi
     assert "choose another output folder (--repository)" in result.stderr
     assert json.loads(result.stdout.splitlines()[-1])["error"]["kind"] == "input"
     assert not out.exists()
+
+
+def test_a_foreign_repository_is_refused_before_the_first_stage(tiny_embedding_model, tmp_path):
+    out = tmp_path / "out"
+    (out / "triton").mkdir(parents=True)
+    (out / "triton" / "their-model.txt").write_text("not ours")
+    argv = ["run", "--model", tiny_embedding_model, "--out", out, "--target", "cpu", "--force-out"]
+    result = _invoke(*argv)
+    assert result.exit_code == 3 and "not a repository bert-compile wrote" in result.stderr
+    # Nothing but the tool's own bookkeeping was added: no stage ran.
+    assert {p.name for p in out.iterdir()} - BOOKKEEPING == {"triton"}
+    assert (out / "triton" / "their-model.txt").read_text() == "not ours"

@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from bert_compiler.core.artifacts import sha256_file
+from bert_compiler.core.artifacts import StageRecord, sha256_file
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.pipeline.text import tokenize
@@ -217,7 +217,9 @@ def test_flipped_byte_is_refused(repository_copy):
 
 @pytest.mark.e2e
 def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp_path):
-    """Someone edits the engine's weights and the manifest's hashes: the numbers catch it."""
+    """Someone edits the engine's weights and the manifest's hashes: a record edited alone breaks
+    the seal of the package inputs; a forger who rewrites and reseals everything is caught by the
+    numbers."""
     info, out, copy = repository_copy
     name = f"{info.name}-ort-cpu-fp32"
     engine_file = copy / name / "1" / "model.onnx"
@@ -230,7 +232,15 @@ def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp
     manifest = json.loads(manifest_path.read_text())
     digest = sha256_file(engine_file)
     manifest["outputs"][f"{name}/1/model.onnx"]["sha256"] = digest
-    manifest["results"]["models"][name]["files"]["1/model.onnx"]["sha256"] = digest
+    record = manifest["results"]["models"][name]["files"]["1/model.onnx"]
+    record["sha256"] = digest
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="record's sha256 was edited"):
+        verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
+    (package_inputs,) = manifest["inputs"]["packages"].values()
+    package_inputs["engines"][record["engine"]]["sha256"] = digest
+    sealed = StageRecord(manifest["stage"], manifest["inputs"], manifest["spec"])
+    manifest["input_key"] = sealed.input_key(manifest["versions"])
     manifest_path.write_text(json.dumps(manifest))
     summary = verify_repository(
         info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY

@@ -7,10 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.engines.backend import load_recorded_engine
 from bert_compiler.pipeline.models import ModelInfo
-from bert_compiler.pipeline.triton.package import open_repository, tokenizer_mismatches
+from bert_compiler.pipeline.triton.package import (
+    open_repository,
+    rederived_problems,
+    tokenizer_mismatches,
+)
 from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
 
 
@@ -50,6 +54,13 @@ def verify_repository(
         raise InputError(
             f"{repository}: packaged from another model than {info.path} (it holds "
             f"{', '.join(sorted(packages))}); pass that model with --model"
+        )
+    rederived = rederived_problems(opened, info, slug)
+    if rederived:
+        raise ArtifactError(
+            f"{repository}: not what package writes for its recorded settings: "
+            + "; ".join(rederived[:3])
+            + "; package again"
         )
     tokenizer_name, tokenizer = next(
         (n, r)

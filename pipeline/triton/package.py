@@ -131,6 +131,9 @@ class VerifiedEngine:
     engine_sha256: str
     report: Mapping[str, Any]
     max_length: int
+    # The tensors Triton sees, where they are known already (the gate re-deriving a repository
+    # reads them from its copy); None: read from the engine folder.
+    io: tuple[list[tc.TensorSpec], list[tc.TensorSpec]] | None = None
 
 
 def verified_engines(
@@ -261,6 +264,8 @@ def _check_one_version(kind: str, engines: list[VerifiedEngine]) -> str:
 def _engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
     """The tensors Triton sees: from the ONNX engine itself, or, for an engine file that cannot
     be opened without its backend (a TensorRT plan), from the exact graph it was built from."""
+    if engine.io is not None:
+        return engine.io
     graph = get_backend(engine.spec["backend"]).io_graph(engine.folder, engine.results)
     return tc.onnx_tensor_specs(load_onnx(ArtifactDir(engine.folder).output_path(graph)))
 
@@ -451,7 +456,7 @@ def _plan_engine(
         **backend.triton_parameters(first.spec),
     )
     record = _engine_record(kind, backend.name, version, files, members, max_length)
-    if backend.io_graph(first.folder, first.results) != first.results["engine_file"]:
+    if backend.opaque:
         # An engine file that cannot be opened without its backend (a TensorRT plan): keep the
         # tensors of the graph it was built from, so the config can be checked anywhere.
         record["io"] = {
@@ -530,6 +535,12 @@ def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan
     )
 
 
+def _recorded_results(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The build results a repository keeps of an engine: what loads and names it."""
+    keep = ("tensorrt", "compute_capability", "gpu", "onnxruntime", "profiles")
+    return {k: v for k, v in results.items() if k in keep}
+
+
 def _engine_record(kind, backend, version, files, members, max_length) -> dict[str, Any]:
     """What the repository manifest says of an engine model: where each file came from, how it
     was built and loaded, and its verification."""
@@ -547,11 +558,7 @@ def _engine_record(kind, backend, version, files, members, max_length) -> dict[s
                 "sha256": engine.engine_sha256,
                 "compute_capability": engine.results.get("compute_capability") or None,
                 "spec": dict(engine.spec),
-                "results": {
-                    k: v
-                    for k, v in engine.results.items()
-                    if k in ("tensorrt", "compute_capability", "gpu", "onnxruntime", "profiles")
-                },
+                "results": _recorded_results(engine.results),
                 "verification": {
                     "passed": engine.report["passed"],
                     "summary": engine.report.get("summary"),
@@ -687,8 +694,16 @@ def package(
     slug = tc.check_name(model_slug(info.name), "model name")
     inputs = {
         "model": info.fingerprint(),
+        # Each engine's build spec and results too: sealed with the manifest, so the gate can
+        # tell an edited model record from the one package wrote.
         "engines": {
-            e.name: {"sha256": e.engine_sha256, "report": e.report.get("summary")} for e in engines
+            e.name: {
+                "sha256": e.engine_sha256,
+                "report": e.report.get("summary"),
+                "spec": dict(e.spec),
+                "results": _recorded_results(e.results),
+            }
+            for e in engines
         },
         "templates": {role: sha256_file(path) for role, path in _TEMPLATES.items()},
     }
@@ -966,6 +981,8 @@ def _record_problem(name: str, record: Any) -> str:
             and isinstance(entry.get("engine"), str)
             and isinstance(entry.get("spec"), dict)
             and isinstance(entry.get("results"), dict)
+            and isinstance(entry.get("verification"), dict)
+            and isinstance(entry["verification"].get("passed"), bool)
             and isinstance(entry["spec"].get("backend"), str)
             and isinstance(entry["spec"].get("precision"), str)
         ):
@@ -1010,6 +1027,87 @@ def open_repository(path: Path, *, foreign: Collection[str] = ()) -> Repository:
     if problems:
         raise InputError(f"{path}: " + "; ".join(problems))
     return Repository(path, manifest)
+
+
+def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[str]:
+    """Plan the package ``slug`` again from what the manifest recorded (the sealed package
+    settings and engine records, the engines' tensors as the repository holds them) and compare:
+    every config.pbtxt must be the one package would write, every generated file (tokenizer.json,
+    model.py, warmup tokens) byte-identical, and every engine record the one sealed in the
+    manifest. An edited config with its hash rewritten fails here.
+
+    Returns:
+        One line per difference (empty when the package is exactly what package writes).
+    """
+    manifest = opened.manifest
+    sealed_inputs = manifest["inputs"]["packages"][slug]
+    sealed_engines = sealed_inputs.get("engines", {})
+    settings = dict(manifest["spec"]["packages"][slug])
+    settings["engines"] = tuple(settings.get("engines", ()))
+    try:
+        spec = PackageSpec(**settings)
+    except TypeError as err:
+        return [f"{slug}: recorded package settings are not package's ({err})"]
+    problems: list[str] = []
+    engines: list[VerifiedEngine] = []
+    own = {n: r for n, r in opened.models.items() if r["package"] == slug}
+    for name, record in own.items():
+        if record["role"] != "engine":
+            continue
+        for relative, entry in record["files"].items():
+            sealed = sealed_engines.get(entry["engine"], {})
+            for key in ("sha256", "spec", "results"):
+                if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
+                    problems.append(f"{name}/{relative}: its record's {key} was edited")
+            path = opened.file(name, relative)
+            if "io" in record:
+                io = tuple(
+                    [tc.TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in record["io"][part]]
+                    for part in ("inputs", "outputs")
+                )
+            else:
+                io = tc.onnx_tensor_specs(load_onnx(path))
+            engines.append(
+                VerifiedEngine(
+                    name=entry["engine"],
+                    folder=path.parent,
+                    spec=entry["spec"],
+                    results=entry["results"],
+                    engine_file=path,
+                    engine_sha256=entry["sha256"],
+                    report=entry["verification"],
+                    max_length=record["max_length"],
+                    io=io,
+                )
+            )
+    if problems or not engines:
+        return problems or [f"{slug}: no engine model to plan from"]
+    plans = plan_repository(info=info, engines=engines, spec=spec)
+    if {p.name for p in plans} != set(own):
+        return [
+            f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
+            f"repository holds {sorted(own)}"
+        ]
+    for plan in plans:
+        config_path = opened.path / plan.name / tc.CONFIG_FILE
+        if tc.parse(config_path.read_text(encoding="utf-8"), config_path) != plan.config:
+            problems.append(
+                f"{config_path}: not the config package writes for the recorded settings"
+            )
+        for relative, source in plan.files.items():
+            target = opened.path / plan.name / relative
+            if isinstance(source, Path):
+                # An engine file (its hash is its record's, checked above) or a model.py
+                # template, whose hash the sealed inputs hold.
+                role = next((r for r, t in _TEMPLATES.items() if t == source), None)
+                expected_hash = sealed_inputs.get("templates", {}).get(role)
+                if role and expected_hash and sha256_file(target) != expected_hash:
+                    problems.append(f"{target}: not the {role} model package wrote")
+                continue
+            expected = source if isinstance(source, bytes) else source.encode("utf-8")
+            if target.read_bytes() != expected:
+                problems.append(f"{target}: not what package writes")
+    return problems
 
 
 def repository_summary(result: StageResult) -> dict[str, Any]:
