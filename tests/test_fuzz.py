@@ -104,6 +104,18 @@ def _must_read_or_refuse(name: str, read: Callable[[], object]) -> None:
         pass
 
 
+def _fuzz_file(path: Path, base: bytes, read: Callable[[Path], object]) -> None:
+    """Write mutations of ``base`` to ``path`` and read each with ``read``."""
+
+    @FUZZ
+    @given(data=either_bytes(base))
+    def run(data):
+        path.write_bytes(data)
+        _must_read_or_refuse(path.name, lambda: read(path))
+
+    run()
+
+
 @pytest.fixture(scope="module")
 def model_files(tiny_embedding_model) -> dict[str, bytes]:
     names = ["config.json", "modules.json", "1_Pooling/config.json", "tokenizer.json"]
@@ -177,29 +189,12 @@ READERS = {
 
 @pytest.mark.parametrize("name", sorted(DATASETS))
 def test_dataset_files(name, tmp_path):
-    base, _ = DATASETS[name]
-    path = tmp_path / name
-
-    @FUZZ
-    @given(data=either_bytes(base))
-    def run(data):
-        path.write_bytes(data)
-        _must_read_or_refuse(name, lambda: READERS[name](path))
-
-    run()
+    _fuzz_file(tmp_path / name, DATASETS[name][0], READERS[name])
 
 
 def test_pipeline_toml(tmp_path):
     base = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml").read_bytes()
-    path = tmp_path / "pipeline.toml"
-
-    @FUZZ
-    @given(data=either_bytes(base))
-    def run(data):
-        path.write_bytes(data)
-        _must_read_or_refuse("pipeline.toml", lambda: read_toml(path))
-
-    run()
+    _fuzz_file(tmp_path / "pipeline.toml", base, read_toml)
 
 
 def test_stage_manifest(tmp_path):
@@ -231,15 +226,7 @@ def test_onnx_graph(tmp_path):
 
     base = _graph().SerializeToString()
     assert onnx.load_from_string(base)
-    path = tmp_path / "model.onnx"
-
-    @FUZZ
-    @given(data=either_bytes(base))
-    def run(data):
-        path.write_bytes(data)
-        _must_read_or_refuse("model.onnx", lambda: load_onnx(path))
-
-    run()
+    _fuzz_file(tmp_path / "model.onnx", base, load_onnx)
 
 
 def test_triton_config(tmp_path):
@@ -282,7 +269,8 @@ def test_the_pass_tried_every_format():
 @pytest.mark.e2e
 def test_repository_manifest(tiny_run, tmp_path):
     """The repository gate reads the models' records of its manifest: odd ones are refused."""
-    from bert_compiler.pipeline.triton.package import PackageSpec, open_repository, package
+    from bert_compiler.pipeline.triton.package import PackageSpec, package
+    from bert_compiler.pipeline.triton.repository import open_repository
 
     info, out = tiny_run[0], tmp_path / "out"
     shutil.copytree(tiny_run[1], out)

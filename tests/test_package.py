@@ -25,10 +25,10 @@ from bert_compiler.pipeline.triton.package import (
     _batching,
     _engine_files,
     engine_kind,
-    open_repository,
     package,
     tokenizer_json,
 )
+from bert_compiler.pipeline.triton.repository import open_repository
 from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 

@@ -18,7 +18,8 @@ from bert_compiler.core.lock import output_lock
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.triton.package import PackageSpec, open_repository, package
+from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.pipeline.triton.repository import open_repository
 from tests.conftest import TINY_VERIFY
 
 pytestmark = pytest.mark.e2e

@@ -7,14 +7,20 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
+from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.engines.backend import load_recorded_engine
 from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.package import (
-    open_repository,
-    rederived_problems,
+    TEMPLATES,
+    PackageSpec,
+    VerifiedEngine,
+    plan_repository,
     tokenizer_mismatches,
 )
+from bert_compiler.pipeline.triton.repository import Repository, open_repository
 from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
 
 
@@ -147,3 +153,84 @@ def verify_repository(
         },
         "engines": entries,
     }
+
+
+def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[str]:
+    """Plan the package ``slug`` again from what the manifest recorded (the sealed package
+    settings and engine records, the engines' tensors as the repository holds them) and compare:
+    every config.pbtxt must be the one package would write, every generated file (tokenizer.json,
+    model.py, warmup tokens) byte-identical, and every engine record the one sealed in the
+    manifest. An edited config with its hash rewritten fails here.
+
+    Returns:
+        One line per difference (empty when the package is exactly what package writes).
+    """
+    manifest = opened.manifest
+    sealed_inputs = manifest["inputs"]["packages"][slug]
+    sealed_engines = sealed_inputs.get("engines", {})
+    settings = dict(manifest["spec"]["packages"][slug])
+    settings["engines"] = tuple(settings.get("engines", ()))
+    try:
+        spec = PackageSpec(**settings)
+    except TypeError as err:
+        return [f"{slug}: recorded package settings are not package's ({err})"]
+    problems: list[str] = []
+    engines: list[VerifiedEngine] = []
+    own = {n: r for n, r in opened.models.items() if r["package"] == slug}
+    for name, record in own.items():
+        if record["role"] != "engine":
+            continue
+        for relative, entry in record["files"].items():
+            sealed = sealed_engines.get(entry["engine"], {})
+            for key in ("sha256", "spec", "results"):
+                if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
+                    problems.append(f"{name}/{relative}: its record's {key} was edited")
+            path = opened.file(name, relative)
+            if "io" in record:
+                io = tuple(
+                    [tc.TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in record["io"][part]]
+                    for part in ("inputs", "outputs")
+                )
+            else:
+                io = tc.onnx_tensor_specs(load_onnx(path))
+            engines.append(
+                VerifiedEngine(
+                    name=entry["engine"],
+                    folder=path.parent,
+                    spec=entry["spec"],
+                    results=entry["results"],
+                    engine_file=path,
+                    engine_sha256=entry["sha256"],
+                    report=entry["verification"],
+                    max_length=record["max_length"],
+                    io=io,
+                )
+            )
+    if problems or not engines:
+        return problems or [f"{slug}: no engine model to plan from"]
+    plans = plan_repository(info=info, engines=engines, spec=spec)
+    if {p.name for p in plans} != set(own):
+        return [
+            f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
+            f"repository holds {sorted(own)}"
+        ]
+    for plan in plans:
+        config_path = opened.path / plan.name / tc.CONFIG_FILE
+        if tc.parse(config_path.read_text(encoding="utf-8"), config_path) != plan.config:
+            problems.append(
+                f"{config_path}: not the config package writes for the recorded settings"
+            )
+        for relative, source in plan.files.items():
+            target = opened.path / plan.name / relative
+            if isinstance(source, Path):
+                # An engine file (its hash is its record's, checked above) or a model.py
+                # template, whose hash the sealed inputs hold.
+                role = next((r for r, t in TEMPLATES.items() if t == source), None)
+                expected_hash = sealed_inputs.get("templates", {}).get(role)
+                if role and expected_hash and sha256_file(target) != expected_hash:
+                    problems.append(f"{target}: not the {role} model package wrote")
+                continue
+            expected = source if isinstance(source, bytes) else source.encode("utf-8")
+            if target.read_bytes() != expected:
+                problems.append(f"{target}: not what package writes")
+    return problems

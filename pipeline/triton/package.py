@@ -27,22 +27,19 @@ manifest is written last, and the finished tree replaces the old one in two rena
 from __future__ import annotations
 
 import logging
-import os
 import shutil
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import (
-    MANIFEST_NAME,
     ArtifactDir,
     StageRecord,
     check_free_space,
     clear_leftovers,
     clear_staging,
     replace_tree,
-    sealed,
     sha256_file,
     sha256_json,
     staging_tree,
@@ -64,14 +61,22 @@ from bert_compiler.pipeline.text import (
     tokenize,
 )
 from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.repository import (
+    VERSION,
+    check_entries,
+    checked_manifest,
+    foreign_entries,
+    package_models,
+    package_outputs,
+    repository_problems,
+)
 from bert_compiler.pipeline.triton.tokenizer_model import TEXT_INPUT, encode
 
 log = logging.getLogger("bert_compile")
 
 REPOSITORY_FOLDER = "triton"
-VERSION = "1"
 TEXT = tc.TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))
-_TEMPLATES = {
+TEMPLATES = {
     "tokenizer": Path(__file__).with_name("tokenizer_model.py"),
     "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
 }
@@ -482,7 +487,7 @@ def _plan_python_engine(
         parameters=session_parameters(engine.spec.get("session", {}), python=True),
     )
     files = {
-        f"{VERSION}/model.py": _TEMPLATES["python-engine"],
+        f"{VERSION}/model.py": TEMPLATES["python-engine"],
         **{k: v for k, v in engine_plan.files.items() if k.startswith(f"{VERSION}/")},
     }
     return _ModelPlan(
@@ -504,7 +509,7 @@ def _plan_tokenizer(
         parameters={"max_length": str(max_length)},
     )
     files = {
-        f"{VERSION}/model.py": _TEMPLATES["tokenizer"],
+        f"{VERSION}/model.py": TEMPLATES["tokenizer"],
         f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
     }
     record = {"role": "tokenizer", "max_length": max_length, "inputs": input_names}
@@ -592,80 +597,6 @@ def _write(plans: list[_ModelPlan], folder: Path) -> list[str]:
     return written
 
 
-def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Parse every config.pbtxt with Triton's protobuf and cross-check it: name, the engine
-    files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
-    recorded), file hashes against the engines they were copied from, the tokenizer's outputs
-    against the engines' inputs, and each ensemble's wiring."""
-    configs, problems = {}, []
-    for name in records:
-        path = folder / name / tc.CONFIG_FILE
-        configs[name] = tc.parse(path.read_text(encoding="utf-8"), path)
-        if configs[name].name != name:
-            problems.append(f"{path}: names model {configs[name].name!r}, folder is {name!r}")
-    for name, record in records.items():
-        config = configs[name]
-        where = str(folder / name / tc.CONFIG_FILE)
-        if record["role"] in ("engine", "python-engine"):
-            for relative, entry in record["files"].items():
-                path = folder / name / relative
-                if sha256_file(path) != entry["sha256"]:
-                    problems.append(f"{path}: differs from the verified engine {entry['engine']}")
-                if path.suffix == ".onnx":
-                    inputs, outputs = tc.onnx_tensor_specs(load_onnx(path))
-                else:
-                    inputs, outputs = (
-                        [tc.TensorSpec(**t) for t in record["io"][role]]
-                        for role in ("inputs", "outputs")
-                    )
-                problems.extend(tc.io_problems(config, inputs, outputs, where))
-            if record["role"] == "engine":
-                expected = {f: e["compute_capability"] for f, e in record["files"].items()}
-                named = {f"{VERSION}/{f}": cc for cc, f in config.cc_model_filenames.items()}
-                if record["device"] == "cuda" and not config.default_model_filename:
-                    if named != expected:
-                        problems.append(
-                            f"{where}: cc_model_filenames {named} do not match the engines "
-                            f"{expected}"
-                        )
-        elif record["role"] == "ensemble":
-            problems.extend(tc.ensemble_problems(config, configs, where))
-    return problems
-
-
-def _normalized(manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """A repository manifest in the per-package form: ``inputs`` and ``spec`` hold one section
-    per packaged model (by its slug), and every model record names its package. A manifest of an
-    older bert-compile, written for one model, is read as that one package."""
-    manifest = dict(manifest)
-    if "packages" in manifest.get("inputs", {}):
-        return manifest
-    results = manifest.get("results", {})
-    slug = model_slug(str(results.get("model", {}).get("name", "model")))
-    manifest["inputs"] = {"packages": {slug: manifest.get("inputs", {})}}
-    manifest["spec"] = {"packages": {slug: manifest.get("spec", {})}}
-    records = results.get("models", {})
-    manifest["results"] = {
-        "models": {
-            name: {**record, "package": slug} if isinstance(record, dict) else record
-            for name, record in records.items()
-        },
-        "packages": {
-            slug: {"model": results.get("model"), "tokenizer_check": results.get("tokenizer_check")}
-        },
-    }
-    return manifest
-
-
-def _package_of(manifest: Mapping[str, Any], slug: str) -> set[str]:
-    """The Triton models of one package in a normalized repository manifest."""
-    return {n for n, r in manifest["results"]["models"].items() if r.get("package") == slug}
-
-
-def _outputs_of(manifest: Mapping[str, Any], models: set[str]) -> dict[str, Any]:
-    return {n: e for n, e in manifest["outputs"].items() if n.split("/", 1)[0] in models}
-
-
 def package(
     *,
     info: ModelInfo,
@@ -705,7 +636,7 @@ def package(
             }
             for e in engines
         },
-        "templates": {role: sha256_file(path) for role, path in _TEMPLATES.items()},
+        "templates": {role: sha256_file(path) for role, path in TEMPLATES.items()},
     }
     settings = asdict(spec)
     check_repository_target(repository)
@@ -716,11 +647,11 @@ def package(
         clear_leftovers(repository)
         existing = folder.read_manifest()
         if existing is not None:
-            existing = _checked_manifest(folder, existing)
+            existing = checked_manifest(folder, existing)
             # No link or stray entry inside the packages' folders; a user's own entries beside
             # them are left alone.
-            _check_entries(repository, existing, foreign=_foreign_entries(repository, existing))
-        own = _package_of(existing, slug) if existing else set()
+            check_entries(repository, existing, foreign=foreign_entries(repository, existing))
+        own = package_models(existing, slug) if existing else set()
         if not force and existing and _up_to_date(folder, existing, slug, inputs, settings):
             log.info("[package] up to date: %s (%s)", repository, slug)
             return StageResult("package", repository, existing, skipped=True)
@@ -733,7 +664,9 @@ def package(
                 f"{repository}: model folders {taken} exist and are not {info.name}'s (another "
                 "model's, or your own); rename the model or package into another --repository"
             )
-        others = _outputs_of(existing, set(existing["results"]["models"]) - own) if existing else {}
+        others = (
+            package_outputs(existing, set(existing["results"]["models"]) - own) if existing else {}
+        )
         for name, entry in others.items():
             folder.check_output(name, entry)
         # The new model folders are complete beside the old ones before they swap: room for both.
@@ -809,7 +742,7 @@ def _up_to_date(
     ):
         return False
     try:
-        for name, entry in _outputs_of(manifest, _package_of(manifest, slug)).items():
+        for name, entry in package_outputs(manifest, package_models(manifest, slug)).items():
             folder.check_output(name, entry)
     except ArtifactError:
         return False
@@ -840,274 +773,6 @@ def check_repository_target(repository: Path) -> None:
             f"{repository}: not empty and not a repository bert-compile wrote; choose another "
             "--repository or remove it"
         )
-
-
-@dataclass(frozen=True)
-class Repository:
-    """A packaged repository read back: its manifest and its models' records, hash-checked."""
-
-    path: Path
-    manifest: Mapping[str, Any]
-
-    @property
-    def models(self) -> Mapping[str, Mapping[str, Any]]:
-        return self.manifest["results"]["models"]
-
-    def file(self, model: str, relative: str) -> Path:
-        return ArtifactDir(self.path).output_path(f"{model}/{relative}")
-
-
-def _repository_entries(root: Path, skip: Collection[str] = ()) -> tuple[set[str], set[str]]:
-    """Every file and folder under ``root`` as relative POSIX paths, never following a link
-    (top-level entries named in ``skip`` are not entered).
-
-    Raises:
-        ArtifactError: a link of any kind (Triton would follow a symbolic link; a hard link is
-            another file's content under a name we wrote), or something not a file or folder.
-    """
-    files: set[str] = set()
-    folders: set[str] = set()
-    pending = [root]
-    while pending:
-        with os.scandir(pending.pop()) as entries:
-            for entry in entries:
-                relative = Path(entry.path).relative_to(root).as_posix()
-                if relative in skip:
-                    continue
-                if entry.is_symlink():
-                    raise ArtifactError(
-                        f"{entry.path}: a link inside a Triton repository (Triton would follow "
-                        "it); a repository bert-compile wrote holds none: remove it"
-                    )
-                if entry.is_dir(follow_symlinks=False):
-                    folders.add(relative)
-                    pending.append(Path(entry.path))
-                elif not entry.is_file(follow_symlinks=False):
-                    raise ArtifactError(f"{entry.path}: neither a file nor a folder; remove it")
-                elif entry.stat(follow_symlinks=False).st_nlink > 1:
-                    raise ArtifactError(
-                        f"{entry.path}: a hard link inside a Triton repository; a repository "
-                        "bert-compile wrote holds none: package again"
-                    )
-                else:
-                    files.add(relative)
-    return files, folders
-
-
-def _check_entries(path: Path, manifest: Mapping[str, Any], foreign: Collection[str] = ()) -> None:
-    """Refuse every file, folder or link in the repository that its manifest does not name:
-    Triton loads any model folder and any version folder it finds. Top-level entries named in
-    ``foreign`` (a user's own models and files) are left alone, unread.
-
-    Raises:
-        ArtifactError: an entry the manifest does not name.
-    """
-    try:
-        records, listed = dict(manifest["results"]["models"]), set(manifest["outputs"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ArtifactError(f"{path}: its manifest lists no models and outputs ({err})") from err
-    foreign = set(foreign) - set(records)
-    files, folders = _repository_entries(path, skip=foreign)
-    strays = sorted(f for f in folders if "/" not in f and f not in records)
-    if strays:
-        raise ArtifactError(
-            f"{path}: model folders {strays} are not in its manifest (Triton would serve them); "
-            "remove them, package again, or name them with --allow-foreign"
-        )
-    for file in sorted(files - listed - {MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}):
-        raise ArtifactError(f"{path / file}: not written by bert-compile package; remove it")
-    expected = {*records, *(f"{name}/{VERSION}" for name in records)}
-    for file in listed:
-        expected.update(p.as_posix() for p in PurePosixPath(file).parents if str(p) != ".")
-    for folder in sorted(folders - expected):
-        raise ArtifactError(
-            f"{path / folder}: a folder bert-compile package did not write (Triton would load "
-            "it, e.g. as another model version); remove it"
-        )
-
-
-def _foreign_entries(path: Path, manifest: Mapping[str, Any]) -> set[str]:
-    """Top-level entries of a repository that no package of it wrote (a user's own models and
-    files): packaging leaves them alone."""
-    records = manifest.get("results", {}).get("models", {})
-    ours = {*records, MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}
-    return {entry.name for entry in path.iterdir() if entry.name not in ours}
-
-
-def _checked_manifest(folder: ArtifactDir, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """A repository manifest this tool wrote, unedited and complete, in the per-package form,
-    every model record of the shape ``package`` writes.
-
-    Raises:
-        ArtifactError: another stage's manifest, an incomplete or edited one, a malformed record.
-    """
-    if manifest.get("stage") != "package":
-        raise ArtifactError(f"{folder.path}: not a Triton repository bert-compile wrote")
-    if not manifest.get("complete") or not sealed(manifest):
-        raise ArtifactError(
-            f"{folder.manifest_path}: incomplete, or edited after it was written; package "
-            "into a new --repository, or remove it"
-        )
-    normalized = _normalized(manifest)
-    for name, record in normalized["results"]["models"].items():
-        tc.check_name(name, f"{folder.manifest_path}: model")
-        problem = _record_problem(name, record)
-        if problem:
-            raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
-    return normalized
-
-
-_ROLES = ("tokenizer", "engine", "python-engine", "ensemble")
-
-
-def _record_problem(name: str, record: Any) -> str:
-    """Why a model's record in a repository manifest is not one ``package`` writes ('' if it is):
-    the gate loads engines by these records, so their shape is checked before any is used."""
-    if not isinstance(record, dict) or record.get("role") not in _ROLES:
-        return f"model {name!r} has no record of a known role"
-    role = record["role"]
-    if role == "tokenizer":
-        ok = isinstance(record.get("max_length"), int) and isinstance(record.get("inputs"), list)
-        return "" if ok else f"tokenizer {name!r} lacks max_length or inputs"
-    if role == "ensemble":
-        return "" if isinstance(record.get("engine"), str) else f"ensemble {name!r} names no engine"
-    files = record.get("files")
-    if not isinstance(files, dict) or not files or not isinstance(record.get("device"), str):
-        return f"engine model {name!r} lists no files or device"
-    for relative, entry in files.items():
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("sha256"), str)
-            and isinstance(entry.get("engine"), str)
-            and isinstance(entry.get("spec"), dict)
-            and isinstance(entry.get("results"), dict)
-            and isinstance(entry.get("verification"), dict)
-            and isinstance(entry["verification"].get("passed"), bool)
-            and isinstance(entry["spec"].get("backend"), str)
-            and isinstance(entry["spec"].get("precision"), str)
-        ):
-            return f"engine file {name}/{relative} has no complete record"
-    io = record.get("io")
-    if io is not None:
-        parts = [io.get(part) for part in ("inputs", "outputs")] if isinstance(io, dict) else []
-        if not parts or not all(
-            isinstance(tensors, list)
-            and all(
-                isinstance(t, dict) and set(t) == {"name", "data_type", "dims"} for t in tensors
-            )
-            for tensors in parts
-        ):
-            return f"engine model {name!r} has malformed tensor records"
-    return ""
-
-
-def open_repository(path: Path, *, foreign: Collection[str] = ()) -> Repository:
-    """Read a repository this tool wrote: every entry (file, folder, at any depth) must be one its
-    manifest names and none may be a link, every file must match its recorded hash, the manifest
-    must be unedited, and every config passes its checks.
-
-    Args:
-        foreign: top-level entries the user put there on purpose (their own models, notes):
-            left alone and unread, never verified.
-
-    Raises:
-        ArtifactError: no complete manifest, a file missing or modified, an unlisted entry, a link.
-        InputError: a config that fails its checks.
-    """
-    path = Path(path)
-    folder = ArtifactDir(path)
-    manifest = folder.read_manifest()
-    if manifest is not None and manifest.get("stage") != "package":
-        raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
-    if manifest is not None and manifest.get("complete"):
-        # Before any file is read through a path that might be a link.
-        _check_entries(path, manifest, foreign)
-    manifest = _checked_manifest(folder, folder.require_complete())
-    problems = repository_problems(path, manifest["results"]["models"])
-    if problems:
-        raise InputError(f"{path}: " + "; ".join(problems))
-    return Repository(path, manifest)
-
-
-def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[str]:
-    """Plan the package ``slug`` again from what the manifest recorded (the sealed package
-    settings and engine records, the engines' tensors as the repository holds them) and compare:
-    every config.pbtxt must be the one package would write, every generated file (tokenizer.json,
-    model.py, warmup tokens) byte-identical, and every engine record the one sealed in the
-    manifest. An edited config with its hash rewritten fails here.
-
-    Returns:
-        One line per difference (empty when the package is exactly what package writes).
-    """
-    manifest = opened.manifest
-    sealed_inputs = manifest["inputs"]["packages"][slug]
-    sealed_engines = sealed_inputs.get("engines", {})
-    settings = dict(manifest["spec"]["packages"][slug])
-    settings["engines"] = tuple(settings.get("engines", ()))
-    try:
-        spec = PackageSpec(**settings)
-    except TypeError as err:
-        return [f"{slug}: recorded package settings are not package's ({err})"]
-    problems: list[str] = []
-    engines: list[VerifiedEngine] = []
-    own = {n: r for n, r in opened.models.items() if r["package"] == slug}
-    for name, record in own.items():
-        if record["role"] != "engine":
-            continue
-        for relative, entry in record["files"].items():
-            sealed = sealed_engines.get(entry["engine"], {})
-            for key in ("sha256", "spec", "results"):
-                if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
-                    problems.append(f"{name}/{relative}: its record's {key} was edited")
-            path = opened.file(name, relative)
-            if "io" in record:
-                io = tuple(
-                    [tc.TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in record["io"][part]]
-                    for part in ("inputs", "outputs")
-                )
-            else:
-                io = tc.onnx_tensor_specs(load_onnx(path))
-            engines.append(
-                VerifiedEngine(
-                    name=entry["engine"],
-                    folder=path.parent,
-                    spec=entry["spec"],
-                    results=entry["results"],
-                    engine_file=path,
-                    engine_sha256=entry["sha256"],
-                    report=entry["verification"],
-                    max_length=record["max_length"],
-                    io=io,
-                )
-            )
-    if problems or not engines:
-        return problems or [f"{slug}: no engine model to plan from"]
-    plans = plan_repository(info=info, engines=engines, spec=spec)
-    if {p.name for p in plans} != set(own):
-        return [
-            f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
-            f"repository holds {sorted(own)}"
-        ]
-    for plan in plans:
-        config_path = opened.path / plan.name / tc.CONFIG_FILE
-        if tc.parse(config_path.read_text(encoding="utf-8"), config_path) != plan.config:
-            problems.append(
-                f"{config_path}: not the config package writes for the recorded settings"
-            )
-        for relative, source in plan.files.items():
-            target = opened.path / plan.name / relative
-            if isinstance(source, Path):
-                # An engine file (its hash is its record's, checked above) or a model.py
-                # template, whose hash the sealed inputs hold.
-                role = next((r for r, t in _TEMPLATES.items() if t == source), None)
-                expected_hash = sealed_inputs.get("templates", {}).get(role)
-                if role and expected_hash and sha256_file(target) != expected_hash:
-                    problems.append(f"{target}: not the {role} model package wrote")
-                continue
-            expected = source if isinstance(source, bytes) else source.encode("utf-8")
-            if target.read_bytes() != expected:
-                problems.append(f"{target}: not what package writes")
-    return problems
 
 
 def repository_summary(result: StageResult) -> dict[str, Any]:
