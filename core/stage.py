@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import ArtifactDir, StageRecord, check_free_space
+from bert_compiler.core.interrupts import checkpoint
 
 log = logging.getLogger("bert_compile")
 
@@ -49,6 +50,7 @@ def run_stage(
             when the stage will run, and before the folder is touched, so a bad input fails
             with the previous complete artifact still intact.
     """
+    checkpoint()
     artifact = ArtifactDir(folder)
     if not force and artifact.is_up_to_date(record):
         log.info("[%s] up to date: %s", record.stage, folder)
@@ -60,6 +62,9 @@ def run_stage(
     started = time.perf_counter()
     artifact.begin()
     outputs, results = body(artifact)
+    # Before the manifest makes the stage complete: a signal whose exception was swallowed
+    # inside the body still stops here.
+    checkpoint()
     results = {**results, "seconds": round(time.perf_counter() - started, 3)}
     manifest = artifact.commit(record, outputs, results)
     log.info("[%s] done in %.1fs", record.stage, results["seconds"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import click
 
+from bert_compiler.core import interrupts
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
 from bert_compiler.core.lock import output_lock
@@ -569,20 +570,10 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
         raise ParityError(" | ".join(failed))
 
 
-def _raise_interrupted(signum: int, _frame) -> None:
-    import signal
-
-    name = signal.Signals(signum).name
-    raise Interrupted(name, 128 + signum)
-
-
 def main() -> None:
     """Console entry point: SIGINT and SIGTERM unwind like an exception (staging files removed,
     lock released, one line, exit 130/143) instead of killing the process mid-write."""
-    import signal
-
-    signal.signal(signal.SIGINT, _raise_interrupted)
-    signal.signal(signal.SIGTERM, _raise_interrupted)
+    interrupts.install()
     cli(prog_name="bert-compile")
 
 

@@ -141,4 +141,7 @@ def _checked_one(param, value: Any, where: str, base: Path, ctx, click) -> Any:
         param.type.convert(value, param, ctx)
     except click.BadParameter as err:
         raise InputError(f"{where}: {err.format_message()}") from err
+    except (OverflowError, ValueError, TypeError) as err:
+        # click converts a float to int with int(): infinity and NaN escape its own checks.
+        raise InputError(f"{where}: not a {param.type.name} ({err})") from err
     return value

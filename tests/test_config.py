@@ -231,3 +231,12 @@ def test_doctor_names_what_each_target_lacks(tmp_path):
     no_ort = diagnose(Environment(), tmp_path)
     assert no_ort["targets"]["cpu"] == {"ready": False, "missing": "onnxruntime is not installed"}
     assert not no_ort["ok"]
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_non_finite_number_for_an_integer_option_is_one_input_error(tmp_path, value):
+    # Found by the property test below: click converts floats to int with int().
+    config = tmp_path / "c.toml"
+    config.write_text(f"threads = {value}\n")
+    with pytest.raises(InputError, match="threads"):
+        _defaults(config)

@@ -46,6 +46,7 @@ from bert_compiler.core.artifacts import (
     tool_versions,
 )
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
+from bert_compiler.core.interrupts import checkpoint
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE, output_lock
 from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.outdir import require_writable
@@ -695,6 +696,7 @@ def package(
             problems = repository_problems(staging, records)
             if problems:
                 raise InputError("generated repository fails its checks: " + "; ".join(problems))
+            checkpoint()
             for plan in plans:
                 replace_tree(staging / plan.name, repository / plan.name)
             for stale in sorted(own - names):
