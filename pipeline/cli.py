@@ -151,13 +151,14 @@ def stage_command(func):
         type=click.FloatRange(0, 86_400),
         default=0,
         show_default=True,
-        help="Seconds to wait for another bert-compile writing the same --out (0: fail now).",
+        help="Seconds to wait for another bert-compile writing the same --out or Triton "
+        "repository (0: fail now).",
     )
     @click.option(
         "--force-out",
         is_flag=True,
-        help="Write into a non-empty --out that bert-compile did not make (it never deletes or "
-        "overwrites a file it did not write).",
+        help="Write into a non-empty --out that bert-compile did not make: it replaces only the "
+        "stage outputs it names (export/model.onnx, ...) and deletes no file it did not write.",
     )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
     @_json_option
