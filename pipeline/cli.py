@@ -55,6 +55,7 @@ from bert_compiler.pipeline.triton.package import package, repository_summary
 from bert_compiler.pipeline.verify import REPORT_FILE, require_passed, verify
 
 _JSON_KEY = "bert_compile.json"
+_FORCE_KEY = "bert_compile.force"
 log = logging.getLogger("bert_compile")
 
 
@@ -71,9 +72,11 @@ class _Cli(click.Group):
                 click.echo(json.dumps({"ok": False, "error": error}))
             ctx.exit(err.exit_code)
         except Interrupted as err:
+            # With --force the same command starts over; without it, it resumes.
+            again = "without --force " if ctx.meta.get(_FORCE_KEY) else ""
             message = (
                 f"interrupted by {err.signal_name}: the stage in progress has no manifest, so "
-                "nothing half-written looks complete; run the same command again to resume"
+                f"nothing half-written looks complete; run the command again {again}to resume"
             )
             click.echo(f"bert-compile: {message}", err=True)
             if ctx.meta.get(_JSON_KEY):
@@ -165,6 +168,7 @@ def stage_command(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _configure_logging(kwargs["quiet"])
+        click.get_current_context().meta[_FORCE_KEY] = kwargs["force"]
         out = Path(kwargs["out"])
         # Before anything is written: never the root, the home folder, the model's parents or a
         # user's folder.
@@ -445,7 +449,7 @@ def _verify_repository(
     summary = verify_repository(
         info=info,
         repository=repository,
-        out_root=layout.root / "verify" / "repository",
+        out_root=layout.repository_reports,
         spec=VERIFY.parse(values),
         force=values["force"],
         foreign=foreign,
@@ -456,6 +460,7 @@ def _verify_repository(
         f"{tokenizer['batches']} batches compared with the pipeline's tokenization"
     ]
     lines += [f"FOREIGN {name}: yours, left alone (not verified)" for name in summary["foreign"]]
+    lines.append(f"reports: {summary['reports']}")
     for entry in summary["engines"]:
         where = f"{entry['model']}/{entry['file']}"
         if entry["status"] == "skipped":

@@ -78,6 +78,11 @@ class Layout:
     def repository(self) -> Path:
         return self.root / REPOSITORY_FOLDER
 
+    @property
+    def repository_reports(self) -> Path:
+        """Where verify --repository writes its reports (one folder per Triton model)."""
+        return self.root / "verify" / "repository"
+
 
 def find_engine(
     layout: Layout, model: str, engine_dir: Path | None, precision: str | None

@@ -33,12 +33,21 @@ import numpy as np
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="default")
-    parser.add_argument("--out", type=Path, default=Path("bert-compile-out"))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--batch-sizes", default="32")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sentences", type=int, default=3000)
+    parser.add_argument("--model", default="default", help="'default' or a model folder")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bert-compile-out"), help="output folder of the engines"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every runner")
+    parser.add_argument("--batch-sizes", default="32", help="comma-separated, e.g. 1,32")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="timed passes per runner, interleaved; the median is reported",
+    )
+    parser.add_argument(
+        "--sentences", type=int, default=3000, help="STS-B dev sentences per timed pass"
+    )
     parser.add_argument("--int8", action="store_true", help="add the INT8 runners")
     parser.add_argument("--no-metric", action="store_true", help="skip the Spearman column")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")

@@ -7,4 +7,5 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bert-compile run --out bert-compile-out "$@"
 echo "engines: bert-compile-out/engines/all-MiniLM-L6-v2/*/ (each with its manifest.json)" >&2
-echo "reports: bert-compile-out/verify/all-MiniLM-L6-v2/*/report.json; Triton repository: bert-compile-out/triton; summary: bert-compile-out/run.json" >&2
+# `run` itself has printed the summary and the Triton repository paths.
+echo "reports: bert-compile-out/verify/all-MiniLM-L6-v2/*/report.json" >&2

@@ -253,3 +253,21 @@ def test_verify_takes_an_engine_or_a_repository(tiny_embedding_model, tmp_path):
         tmp_path,
     )
     assert result.exit_code == 2 and "exclude each other" in result.output
+
+
+@pytest.mark.parametrize(
+    ("force", "advice"), [(False, "again to resume"), (True, "again without --force to resume")]
+)
+def test_the_interrupt_message_says_how_to_resume(
+    tiny_embedding_model, tmp_path, monkeypatch, force, advice
+):
+    from bert_compiler.core.errors import Interrupted
+    from bert_compiler.pipeline import cli as cli_module
+
+    def interrupted(**_kwargs):
+        raise Interrupted("SIGINT", 130)
+
+    monkeypatch.setattr(cli_module, "export", interrupted)
+    argv = ["export", "--model", tiny_embedding_model, "--out", tmp_path / "out"]
+    result = _invoke(*argv, *(["--force"] if force else []))
+    assert result.exit_code == 130 and f"run the command {advice}" in result.stderr

@@ -51,7 +51,10 @@ def test_two_models_and_a_users_own_share_one_repository(tiny_run, classifier_ru
     (repository / "my-custom-model" / "config.pbtxt").write_text('name: "my-custom-model"\n')
     embed_files = _snapshot(repository)
 
-    package(info=classifier, out=classifier_out, repository=repository, spec=PackageSpec())
+    packaged = package(
+        info=classifier, out=classifier_out, repository=repository, spec=PackageSpec()
+    )
+    assert packaged.results["seconds"] > 0  # the run summary's package time
     after = _snapshot(repository)
     assert {k: after[k] for k in embed_files if k != "manifest.json"} == {
         k: v for k, v in embed_files.items() if k != "manifest.json"
@@ -88,6 +91,8 @@ def test_two_models_and_a_users_own_share_one_repository(tiny_run, classifier_ru
         assert result.exit_code == 0, result.output
         summary = json.loads(result.stdout.splitlines()[-1])
         assert summary["foreign"] == ["NOTES.md", "my-custom-model"]
+        reports = tmp_path / "gate" / "verify" / "repository"
+        assert summary["reports"] == str(reports) and f"reports: {reports}" in result.stderr
         ran = [e for e in summary["engines"] if e["status"] != "skipped"]
         assert ran and all(e["model"].startswith(info.name) for e in ran)
         assert all(e["status"] == "passed" for e in ran)

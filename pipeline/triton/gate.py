@@ -143,6 +143,7 @@ def verify_repository(
         "ok": tokenizer_ok and all(e["status"] == "passed" for e in ran),
         "repository": str(repository),
         "package": slug,
+        "reports": str(out_root),
         # Entries the user named as their own: left alone, never verified.
         "foreign": present,
         "tokenizer": {

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -657,6 +658,7 @@ def package(
             log.info("[package] up to date: %s (%s)", repository, slug)
             return StageResult("package", repository, existing, skipped=True)
         log.info("[package] writing %s into the Triton repository %s", slug, repository)
+        started = time.perf_counter()
         plans = plan_repository(info=info, engines=engines, spec=spec)
         names = {p.name for p in plans}
         taken = sorted(n for n in names if (repository / n).exists() and n not in own)
@@ -720,7 +722,11 @@ def package(
         manifest = folder.commit(
             record,
             [*sorted(others), *outputs],
-            {"models": {**other_records, **records}, "packages": packages},
+            {
+                "models": {**other_records, **records},
+                "packages": packages,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
         )
     log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
     return StageResult("package", repository, manifest, skipped=False)
