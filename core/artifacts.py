@@ -190,11 +190,16 @@ def clear_staging(final: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def is_leftover(name: str) -> bool:
+    """True for the name of a staging or swap leftover of this tool's interrupted writes."""
+    return name.startswith(".") and (_TMP_MARK in name or _OLD_MARK in name)
+
+
 def clear_leftovers(folder: Path) -> None:
     """Remove every staging or swap leftover this tool's interrupted writes left in ``folder``
     (hidden entries named with its marks; nothing else is touched)."""
     for leftover in Path(folder).glob(".*"):
-        if _TMP_MARK in leftover.name or _OLD_MARK in leftover.name:
+        if is_leftover(leftover.name):
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -407,8 +412,12 @@ def _shape_problem(manifest: Any) -> str:
         if field in manifest and not isinstance(manifest[field], kind):
             return f"field {field!r} has the wrong type ({type(manifest[field]).__name__})"
     for name, entry in manifest.get("outputs", {}).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
-            return f"output {name!r} has no sha256"
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("sha256"), str)
+            or not isinstance(entry.get("bytes", 0), int)
+        ):
+            return f"output {name!r} has no sha256 or size"
     return ""
 
 

@@ -175,14 +175,16 @@ def stage_command(func):
         created = claim_output(
             out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out")
         )
-        try:
-            # A second command fails (or waits) naming the holder.
-            with output_lock(out, wait_s=kwargs["wait_lock"]):
+        # A second command fails (or waits) naming the holder; then nothing of ours is cleaned
+        # up, since the folder is the holder's.
+        with output_lock(out, wait_s=kwargs["wait_lock"]):
+            try:
                 return func(*args, **kwargs)
-        except BaseException:
-            if created:
-                release_if_unused(out)
-            raise
+            except BaseException:
+                if created:
+                    # Under the lock: nobody else writes into the folder meanwhile.
+                    release_if_unused(out)
+                raise
 
     return wrapper
 

@@ -168,6 +168,31 @@ def edited_config_with_its_hash_rewritten(out, model, tmp):
     return _gate(out, model, repository), 8, "not the config package writes"
 
 
+def extra_version_listed_in_the_manifest(out, model, tmp):
+    # A version 2 with another engine, added to the manifest's outputs: Triton would serve it.
+    repository = _packaged(out, model)
+    engine = f"{model.name}-ort-cpu-fp32"
+    (repository / engine / "2").mkdir()
+    shutil.copyfile(
+        repository / engine / "1" / "model.onnx", repository / engine / "2" / "model.onnx"
+    )
+    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest["outputs"][f"{engine}/2/model.onnx"] = dict(
+        manifest["outputs"][f"{engine}/1/model.onnx"]
+    )
+    (repository / "manifest.json").write_text(json.dumps(manifest))
+    return _gate(out, model, repository), 8, "not a file package writes"
+
+
+def renamed_engine_record(out, model, tmp):
+    repository = _packaged(out, model)
+    manifest = json.loads((repository / "manifest.json").read_text())
+    record = manifest["results"]["models"][f"{model.name}-ort-cpu-fp32"]["files"]["1/model.onnx"]
+    record["engine"] = "renamed"
+    (repository / "manifest.json").write_text(json.dumps(manifest))
+    return _gate(out, model, repository), 8, "were edited"
+
+
 def version_folder_linked_in(out, model, tmp):
     # Triton would load version 2 and run the model.py it finds there.
     repository = _packaged(out, model)
@@ -206,6 +231,8 @@ CASES = [
     config_of_the_wrong_type,
     tampered_repository,
     edited_config_with_its_hash_rewritten,
+    extra_version_listed_in_the_manifest,
+    renamed_engine_record,
     version_folder_linked_in,
     empty_version_folder,
     hard_linked_repository_file,

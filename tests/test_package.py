@@ -13,7 +13,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from bert_compiler.core.artifacts import StageRecord, sha256_file
+from bert_compiler.core.artifacts import StageRecord, sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.pipeline.text import tokenize
@@ -235,10 +235,11 @@ def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp
     record = manifest["results"]["models"][name]["files"]["1/model.onnx"]
     record["sha256"] = digest
     manifest_path.write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="record's sha256 was edited"):
+    with pytest.raises(ArtifactError, match="records of package .* were edited"):
         verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
     (package_inputs,) = manifest["inputs"]["packages"].values()
     package_inputs["engines"][record["engine"]]["sha256"] = digest
+    package_inputs["records"] = sha256_json(manifest["results"]["models"])
     sealed = StageRecord(manifest["stage"], manifest["inputs"], manifest["spec"])
     manifest["input_key"] = sealed.input_key(manifest["versions"])
     manifest_path.write_text(json.dumps(manifest))

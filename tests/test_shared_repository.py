@@ -138,3 +138,86 @@ def test_two_packagers_of_one_repository_take_turns(tiny_run, tmp_path):
     assert open_repository(repository).models
     leftovers = [p.name for p in repository.iterdir() if ".bert-compile.tmp-" in p.name]
     assert leftovers == [] and not list(repository.glob(".*.bert-compile.old-*"))
+
+
+def test_an_interrupted_package_is_repaired_by_the_next(tiny_run, tmp_path, monkeypatch):
+    from bert_compiler.pipeline.triton import package as package_module
+
+    info, out = tiny_run[0], tiny_run[1]
+    real = package_module.replace_tree
+    calls = []
+
+    def dies_after_the_first_swap(staging, final):
+        calls.append(final)
+        real(staging, final)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # the process dies between two swaps
+
+    for first in (True, False):  # a first package, then a re-package with another model set
+        repository = tmp_path / f"models-{first}"
+        if not first:
+            package(info=info, out=out, repository=repository, spec=PackageSpec())
+        calls.clear()
+        monkeypatch.setattr(package_module, "replace_tree", dies_after_the_first_swap)
+        with pytest.raises(KeyboardInterrupt):
+            package(
+                info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True)
+            )
+        monkeypatch.setattr(package_module, "replace_tree", real)
+        with pytest.raises(Exception, match="interrupted"):
+            open_repository(repository)  # the gate refuses a half-swapped repository
+        done = package(
+            info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True)
+        )
+        assert not done.skipped and any(
+            n.endswith("-python") for n in open_repository(repository).models
+        )
+
+
+def test_a_stale_folder_already_gone_is_no_error(tiny_run, tmp_path):
+    info, out = tiny_run[0], tiny_run[1]
+    repository = tmp_path / "models"
+    package(info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True))
+    shutil.rmtree(repository / f"{info.name}-ort-cpu-fp32-python-text")
+    package(info=info, out=out, repository=repository, spec=PackageSpec())
+    assert not any("python" in name for name in open_repository(repository).models)
+
+
+def test_another_model_of_the_same_name_is_refused_unless_forced(tiny_run, tmp_path):
+    from bert_compiler.core.errors import InputError as Refused
+    from tests.tiny_models import make_tiny_model
+
+    info, out = tiny_run[0], tiny_run[1]
+    repository = tmp_path / "models"
+    package(info=info, out=out, repository=repository, spec=PackageSpec())
+    other = resolve_model(make_tiny_model(tmp_path / "elsewhere" / info.name, seed=1))
+    other_out = tmp_path / "other-out"
+    run_pipeline(info=other, out=other_out, spec=RunSpec(verify=TINY_VERIFY))
+    with pytest.raises(Refused, match="is of another model"):
+        package(info=other, out=other_out, repository=repository, spec=PackageSpec())
+    package(info=other, out=other_out, repository=repository, spec=PackageSpec(), force=True)
+
+
+def test_a_package_written_by_other_tool_versions_is_not_up_to_date(
+    tiny_run, classifier_run, tmp_path, monkeypatch
+):
+    from bert_compiler.pipeline.triton import package as package_module
+
+    info, out = tiny_run[0], tiny_run[1]
+    repository = tmp_path / "models"
+    package(info=info, out=out, repository=repository, spec=PackageSpec())
+    # The tool is upgraded, another model is packaged: the first package is still the old one's.
+    newer = {**package_module.tool_versions(), "bert-compiler": "9.9.9"}
+    monkeypatch.setattr(package_module, "tool_versions", lambda: newer)
+    package(
+        info=classifier_run[0], out=classifier_run[1], repository=repository, spec=PackageSpec()
+    )
+    assert not package(info=info, out=out, repository=repository, spec=PackageSpec()).skipped
+    assert package(info=info, out=out, repository=repository, spec=PackageSpec()).skipped
+
+
+def test_foreign_names_are_top_level_names(tiny_run, tmp_path):
+    repository = tmp_path / "models"
+    package(info=tiny_run[0], out=tiny_run[1], repository=repository, spec=PackageSpec())
+    with pytest.raises(InputError, match="top-level"):
+        open_repository(repository, foreign=["tiny-embed-ort-cpu-fp32/2"])

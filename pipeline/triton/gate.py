@@ -170,10 +170,10 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     sealed_inputs = manifest["inputs"]["packages"][slug]
     sealed_engines = sealed_inputs.get("engines", {})
     settings = dict(manifest["spec"]["packages"][slug])
-    settings["engines"] = tuple(settings.get("engines", ()))
     try:
+        settings["engines"] = tuple(settings.get("engines", ()))
         spec = PackageSpec(**settings)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         return [f"{slug}: recorded package settings are not package's ({err})"]
     problems: list[str] = []
     engines: list[VerifiedEngine] = []
@@ -215,6 +215,14 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
             f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
             f"repository holds {sorted(own)}"
         ]
+    # Exactly the files package writes: an added file (a version folder 2/ with its own engine,
+    # listed in the manifest) is no file of the plan.
+    planned = {
+        f"{plan.name}/{relative}" for plan in plans for relative in [tc.CONFIG_FILE, *plan.files]
+    }
+    listed = {o for o in manifest["outputs"] if o.split("/", 1)[0] in own}
+    problems.extend(f"{name}: not a file package writes" for name in sorted(listed - planned))
+    problems.extend(f"{name}: missing" for name in sorted(planned - listed))
     for plan in plans:
         config_path = opened.path / plan.name / tc.CONFIG_FILE
         if tc.parse(config_path.read_text(encoding="utf-8"), config_path) != plan.config:

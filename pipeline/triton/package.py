@@ -26,7 +26,9 @@ manifest is written last, and the finished tree replaces the old one in two rena
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -37,9 +39,11 @@ from typing import Any
 from bert_compiler.core.artifacts import (
     ArtifactDir,
     StageRecord,
+    atomic_write_text,
     check_free_space,
     clear_leftovers,
     clear_staging,
+    is_leftover,
     replace_tree,
     sha256_file,
     sha256_json,
@@ -64,6 +68,7 @@ from bert_compiler.pipeline.text import (
 )
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.repository import (
+    JOURNAL_FILE,
     VERSION,
     check_entries,
     checked_manifest,
@@ -639,6 +644,9 @@ def package(
             for e in engines
         },
         "templates": {role: sha256_file(path) for role, path in TEMPLATES.items()},
+        # This package's own tool versions: another package written later by another version
+        # of the tool must not make this one look up to date.
+        "versions": tool_versions(),
     }
     settings = asdict(spec)
     check_repository_target(repository)
@@ -651,9 +659,24 @@ def package(
         if existing is not None:
             existing = checked_manifest(folder, existing)
             # No link or stray entry inside the packages' folders; a user's own entries beside
-            # them are left alone.
-            check_entries(repository, existing, foreign=foreign_entries(repository, existing))
+            # them, and folders an interrupted package of this model swapped in, are left alone.
+            check_entries(
+                repository,
+                existing,
+                foreign=foreign_entries(repository, existing) | _pending_models(repository, slug),
+            )
         own = package_models(existing, slug) if existing else set()
+        # Model folders an interrupted package of this model swapped in before it could record
+        # them: its own. An interrupted package of another model must be finished first.
+        pending = _pending_models(repository, slug)
+        own |= pending
+        section = (existing or {}).get("inputs", {}).get("packages", {}).get(slug)
+        if section and section["model"]["sha256"] != inputs["model"]["sha256"] and not force:
+            raise InputError(
+                f"{repository}: its package {slug!r} is of another model (a folder of the same "
+                f"name than {info.path}); rename this model's folder, or pass --force to replace "
+                "that package"
+            )
         if not force and existing and _up_to_date(folder, existing, slug, inputs, settings):
             log.info("[package] up to date: %s (%s)", repository, slug)
             return StageResult("package", repository, existing, skipped=True)
@@ -661,7 +684,7 @@ def package(
         started = time.perf_counter()
         plans = plan_repository(info=info, engines=engines, spec=spec)
         names = {p.name for p in plans}
-        taken = sorted(n for n in names if (repository / n).exists() and n not in own)
+        taken = sorted(n for n in names if os.path.lexists(repository / n) and n not in own)
         if taken:
             raise InputError(
                 f"{repository}: model folders {taken} exist and are not {info.name}'s (another "
@@ -699,10 +722,12 @@ def package(
             if problems:
                 raise InputError("generated repository fails its checks: " + "; ".join(problems))
             checkpoint()
+            journal = {"package": slug, "models": sorted(names | own)}
+            atomic_write_text(repository / JOURNAL_FILE, json.dumps(journal) + "\n")
             for plan in plans:
                 replace_tree(staging / plan.name, repository / plan.name)
             for stale in sorted(own - names):
-                shutil.rmtree(repository / stale)
+                shutil.rmtree(repository / stale, ignore_errors=True)
         finally:
             clear_staging(repository / slug)
         previous = existing or {"inputs": {}, "spec": {}, "results": {}}
@@ -716,7 +741,13 @@ def package(
         }
         record = StageRecord(
             stage="package",
-            inputs={"packages": {**previous["inputs"].get("packages", {}), slug: inputs}},
+            inputs={
+                "packages": {
+                    **previous["inputs"].get("packages", {}),
+                    # The package's model records, sealed: an edited record is refused.
+                    slug: {**inputs, "records": sha256_json(records)},
+                }
+            },
             spec={"packages": {**previous["spec"].get("packages", {}), slug: settings}},
         )
         manifest = folder.commit(
@@ -728,8 +759,34 @@ def package(
                 "seconds": round(time.perf_counter() - started, 3),
             },
         )
+        # The manifest now describes every folder the journal named.
+        (repository / JOURNAL_FILE).unlink(missing_ok=True)
     log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
     return StageResult("package", repository, manifest, skipped=False)
+
+
+def _pending_models(repository: Path, slug: str) -> set[str]:
+    """The model folders an interrupted package of ``slug`` was swapping in (its journal).
+
+    Raises:
+        ArtifactError: the journal is unreadable, or names another model's interrupted package.
+    """
+    path = repository / JOURNAL_FILE
+    if not path.is_file():
+        return set()
+    try:
+        journal = json.loads(path.read_bytes().decode("utf-8"))
+        package, models = journal["package"], set(journal["models"])
+        if not isinstance(package, str) or not all(isinstance(m, str) for m in models):
+            raise TypeError("wrong types")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{path}: unreadable ({err}); remove it and package again") from err
+    if package != slug:
+        raise ArtifactError(
+            f"{repository}: the package of {package!r} into it was interrupted; package that "
+            "model again first"
+        )
+    return models
 
 
 def _up_to_date(
@@ -741,9 +798,12 @@ def _up_to_date(
 ) -> bool:
     """True when the repository already holds exactly this package, made by these tool versions,
     with every one of its files unchanged."""
-    if not manifest.get("complete") or manifest.get("versions") != tool_versions():
+    if not manifest.get("complete"):
         return False
-    recorded = manifest["inputs"]["packages"].get(slug)
+    # The package's own inputs hold the tool versions it was written with.
+    recorded = {
+        k: v for k, v in manifest["inputs"]["packages"].get(slug, {}).items() if k != "records"
+    }
     recorded_spec = manifest["spec"]["packages"].get(slug)
     if sha256_json(recorded) != sha256_json(inputs) or sha256_json(recorded_spec) != sha256_json(
         settings
@@ -775,8 +835,14 @@ def check_repository_target(repository: Path) -> None:
         manifest = ArtifactDir(repository).read_manifest()
     except ArtifactError:
         manifest = None
-    contents = [e for e in repository.iterdir() if e.name not in {LOCK_FILE, HOLDER_FILE}]
-    if contents and (manifest or {}).get("stage") != "package":
+    # A packager's lock, its journal and its staging leftovers are this tool's: a folder holding
+    # nothing else is empty (a first package was interrupted, or another one is making it).
+    bookkeeping = {LOCK_FILE, HOLDER_FILE, JOURNAL_FILE}
+    contents = [
+        e for e in repository.iterdir() if e.name not in bookkeeping and not is_leftover(e.name)
+    ]
+    journal = (repository / JOURNAL_FILE).is_file()
+    if contents and (manifest or {}).get("stage") != "package" and not journal:
         raise InputError(
             f"{repository}: not empty and not a repository bert-compile wrote; choose another "
             "--repository or remove it"

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bert_compiler.core.artifacts import MANIFEST_NAME, ArtifactDir, sealed, sha256_file
+from bert_compiler.core.artifacts import (
+    MANIFEST_NAME,
+    ArtifactDir,
+    sealed,
+    sha256_file,
+    sha256_json,
+)
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.core.onnx_io import load_onnx
@@ -21,6 +27,9 @@ from bert_compiler.pipeline.triton import config as tc
 
 # Every model of a repository has one version folder.
 VERSION = "1"
+# Written by package before it swaps any model folder in, removed once the manifest describes
+# them: the package whose swap was interrupted, and its model folders.
+JOURNAL_FILE = ".bert-compile.pending.json"
 
 
 def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -46,7 +55,10 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
                     inputs, outputs = tc.onnx_tensor_specs(load_onnx(path))
                 else:
                     inputs, outputs = (
-                        [tc.TensorSpec(**t) for t in record["io"][role]]
+                        [
+                            tc.TensorSpec(**{**t, "dims": tuple(t["dims"])})
+                            for t in record["io"][role]
+                        ]
                         for role in ("inputs", "outputs")
                     )
                 problems.extend(tc.io_problems(config, inputs, outputs, where))
@@ -69,10 +81,11 @@ def normalized(manifest: Mapping[str, Any]) -> dict[str, Any]:
     per packaged model (by its slug), and every model record names its package. A manifest of an
     older bert-compile, written for one model, is read as that one package."""
     manifest = dict(manifest)
-    if "packages" in manifest.get("inputs", {}):
-        return manifest
     results = manifest.get("results", {})
-    slug = model_slug(str(results.get("model", {}).get("name", "model")))
+    if "packages" in manifest.get("inputs", {}) or not isinstance(results.get("models"), dict):
+        return manifest  # the new form, or no form at all (checked_manifest refuses it)
+    model = results.get("model") if isinstance(results.get("model"), dict) else {}
+    slug = model_slug(str(model.get("name", "model")))
     manifest["inputs"] = {"packages": {slug: manifest.get("inputs", {})}}
     manifest["spec"] = {"packages": {slug: manifest.get("spec", {})}}
     records = results.get("models", {})
@@ -169,7 +182,7 @@ def check_entries(path: Path, manifest: Mapping[str, Any], foreign: Collection[s
             f"{path}: model folders {strays} are not in its manifest (Triton would serve them); "
             "remove them, package again, or name them with --allow-foreign"
         )
-    for file in sorted(files - listed - {MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}):
+    for file in sorted(files - listed - {MANIFEST_NAME, LOCK_FILE, HOLDER_FILE, JOURNAL_FILE}):
         raise ArtifactError(f"{path / file}: not written by bert-compile package; remove it")
     expected = {*records, *(f"{name}/{VERSION}" for name in records)}
     for file in listed:
@@ -185,7 +198,7 @@ def foreign_entries(path: Path, manifest: Mapping[str, Any]) -> set[str]:
     """Top-level entries of a repository that no package of it wrote (a user's own models and
     files): packaging leaves them alone."""
     records = manifest.get("results", {}).get("models", {})
-    ours = {*records, MANIFEST_NAME, LOCK_FILE, HOLDER_FILE}
+    ours = {*records, MANIFEST_NAME, LOCK_FILE, HOLDER_FILE, JOURNAL_FILE}
     return {entry.name for entry in path.iterdir() if entry.name not in ours}
 
 
@@ -204,12 +217,42 @@ def checked_manifest(folder: ArtifactDir, manifest: Mapping[str, Any]) -> dict[s
             "into a new --repository, or remove it"
         )
     result = normalized(manifest)
+    problem = _package_problem(result)
+    if problem:
+        raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
     for name, record in result["results"]["models"].items():
         tc.check_name(name, f"{folder.manifest_path}: model")
         problem = _record_problem(name, record)
         if problem:
             raise ArtifactError(f"{folder.manifest_path}: {problem}; package again")
     return result
+
+
+def _package_problem(manifest: Mapping[str, Any]) -> str:
+    """Why a normalized repository manifest is not shaped as ``package`` writes it ('' if it is):
+    one sealed section of inputs and one of settings per package, every model record in a known
+    package, and each package's records equal to the hash sealed with them."""
+    packages = manifest.get("inputs", {}).get("packages")
+    settings = manifest.get("spec", {}).get("packages")
+    models = manifest.get("results", {}).get("models")
+    if not isinstance(packages, dict) or not isinstance(settings, dict):
+        return "no package sections"
+    if set(packages) != set(settings) or not isinstance(models, dict):
+        return "package sections that do not match"
+    for slug, section in packages.items():
+        model = section.get("model") if isinstance(section, dict) else None
+        if not isinstance(model, dict) or not isinstance(model.get("sha256"), str):
+            return f"package {slug!r} names no model"
+        if not isinstance(settings[slug], dict):
+            return f"package {slug!r} has no settings"
+        own = {n: r for n, r in models.items() if isinstance(r, dict) and r.get("package") == slug}
+        # Older manifests sealed no records; newer ones seal each package's.
+        if "records" in section and section["records"] != sha256_json(own):
+            return f"the model records of package {slug!r} were edited after it was written"
+    for name, record in models.items():
+        if not isinstance(record, dict) or record.get("package") not in packages:
+            return f"model {name!r} belongs to no package"
+    return ""
 
 
 _ROLES = ("tokenizer", "engine", "python-engine", "ensemble")
@@ -229,6 +272,8 @@ def _record_problem(name: str, record: Any) -> str:
     files = record.get("files")
     if not isinstance(files, dict) or not files or not isinstance(record.get("device"), str):
         return f"engine model {name!r} lists no files or device"
+    if not isinstance(record.get("max_length"), int):
+        return f"engine model {name!r} has no max_length"
     for relative, entry in files.items():
         if not (
             isinstance(entry, dict)
@@ -270,7 +315,16 @@ def open_repository(path: Path, *, foreign: Collection[str] = ()) -> Repository:
         InputError: a config that fails its checks.
     """
     path = Path(path)
+    for name in foreign:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise InputError(
+                f"--allow-foreign {name!r}: name a top-level model folder or file of the repository"
+            )
     folder = ArtifactDir(path)
+    if (path / JOURNAL_FILE).exists():
+        raise ArtifactError(
+            f"{path}: a package into it was interrupted ({JOURNAL_FILE}); run that package again"
+        )
     manifest = folder.read_manifest()
     if manifest is not None and manifest.get("stage") != "package":
         raise ArtifactError(f"{path}: not a Triton repository bert-compile wrote")
