@@ -97,7 +97,8 @@ def claim_output(out: Path, *, model_folder: Path | None = None, force: bool = F
 
 def release_if_unused(out: Path) -> None:
     """Remove ``out`` again when it holds nothing but this tool's bookkeeping (the command that
-    created it failed before writing an artifact)."""
+    created it failed before writing an artifact). Call it holding the folder's lock, so no other
+    command writes into it meanwhile."""
     out = Path(out)
     try:
         entries = list(out.iterdir())

@@ -364,6 +364,7 @@ def build_command(input_path: Path | None, **values: Any) -> None:
     info = MODEL.parse(values)
     specs, notes = TARGETS.parse(values)
     text = ProfileText(*TEXT.parse(values), MAX_LENGTH.parse(values))
+    derivation = TARGETS.parse_derivation(values)
     built = []
     for requested in specs:
         spec = resolve_build_spec(
@@ -371,7 +372,7 @@ def build_command(input_path: Path | None, **values: Any) -> None:
             info=info,
             layout=layout,
             text=text,
-            derivation=TARGETS.parse_derivation(values),
+            derivation=derivation,
         )
         result = build(
             source=input_path or _stage_file(layout.root / spec.source_stage),

@@ -9,7 +9,6 @@ from typing import Any
 
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
-from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.engines.backend import load_recorded_engine
 from bert_compiler.pipeline.models import ModelInfo
 from bert_compiler.pipeline.triton import config as tc
@@ -20,7 +19,11 @@ from bert_compiler.pipeline.triton.package import (
     plan_repository,
     tokenizer_mismatches,
 )
-from bert_compiler.pipeline.triton.repository import Repository, open_repository
+from bert_compiler.pipeline.triton.repository import (
+    Repository,
+    engine_tensors,
+    open_repository,
+)
 from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
 
 
@@ -187,13 +190,6 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
                 if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
                     problems.append(f"{name}/{relative}: its record's {key} was edited")
             path = opened.file(name, relative)
-            if "io" in record:
-                io = tuple(
-                    [tc.TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in record["io"][part]]
-                    for part in ("inputs", "outputs")
-                )
-            else:
-                io = tc.onnx_tensor_specs(load_onnx(path))
             engines.append(
                 VerifiedEngine(
                     name=entry["engine"],
@@ -204,7 +200,7 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
                     engine_sha256=entry["sha256"],
                     report=entry["verification"],
                     max_length=record["max_length"],
-                    io=io,
+                    io=engine_tensors(path, record),
                 )
             )
     if problems or not engines:

@@ -655,21 +655,18 @@ def package(
         check_repository_target(repository)
         folder = ArtifactDir(repository)
         clear_leftovers(repository)
+        # Model folders an interrupted package of this model swapped in before it could record
+        # them: its own. An interrupted package of another model must be finished first.
+        pending = _pending_models(repository, slug)
         existing = folder.read_manifest()
         if existing is not None:
             existing = checked_manifest(folder, existing)
             # No link or stray entry inside the packages' folders; a user's own entries beside
-            # them, and folders an interrupted package of this model swapped in, are left alone.
+            # them, and the pending folders, are left alone.
             check_entries(
-                repository,
-                existing,
-                foreign=foreign_entries(repository, existing) | _pending_models(repository, slug),
+                repository, existing, foreign=foreign_entries(repository, existing) | pending
             )
-        own = package_models(existing, slug) if existing else set()
-        # Model folders an interrupted package of this model swapped in before it could record
-        # them: its own. An interrupted package of another model must be finished first.
-        pending = _pending_models(repository, slug)
-        own |= pending
+        own = (package_models(existing, slug) if existing else set()) | pending
         section = (existing or {}).get("inputs", {}).get("packages", {}).get(slug)
         if section and section["model"]["sha256"] != inputs["model"]["sha256"] and not force:
             raise InputError(

@@ -32,6 +32,20 @@ VERSION = "1"
 JOURNAL_FILE = ".bert-compile.pending.json"
 
 
+def engine_tensors(
+    path: Path, record: Mapping[str, Any]
+) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
+    """The tensors Triton sees of an engine file in a repository: read from an ONNX file, or,
+    for a file only its backend can open (a TensorRT plan), the ones its model record keeps."""
+    if path.suffix == ".onnx":
+        return tc.onnx_tensor_specs(load_onnx(path))
+    inputs, outputs = (
+        [tc.TensorSpec(**{**t, "dims": tuple(t["dims"])}) for t in record["io"][role]]
+        for role in ("inputs", "outputs")
+    )
+    return inputs, outputs
+
+
 def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Parse every config.pbtxt with Triton's protobuf and cross-check it: name, the engine
     files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
@@ -51,16 +65,7 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
                 path = folder / name / relative
                 if sha256_file(path) != entry["sha256"]:
                     problems.append(f"{path}: differs from the verified engine {entry['engine']}")
-                if path.suffix == ".onnx":
-                    inputs, outputs = tc.onnx_tensor_specs(load_onnx(path))
-                else:
-                    inputs, outputs = (
-                        [
-                            tc.TensorSpec(**{**t, "dims": tuple(t["dims"])})
-                            for t in record["io"][role]
-                        ]
-                        for role in ("inputs", "outputs")
-                    )
+                inputs, outputs = engine_tensors(path, record)
                 problems.extend(tc.io_problems(config, inputs, outputs, where))
             if record["role"] == "engine":
                 expected = {f: e["compute_capability"] for f, e in record["files"].items()}
