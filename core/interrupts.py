@@ -4,12 +4,14 @@
 Python runs a signal handler between bytecodes of whatever code is executing; when that is a
 ``__del__`` method or a callback from C (a garbage-collected tokenizer, an ONNX Runtime log
 hook), the exception it raises is printed as "Exception ignored" and dropped, and the command
-would run on to the end. So the handler also records the signal, and every stage checks for it.
+would run on to the end. So the handler also records the signal, every stage checks for it, and
+the "Exception ignored" report (a traceback a user would take for a crash) is kept quiet for it.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 from types import FrameType
 
 from bert_compiler.core.errors import Interrupted
@@ -23,10 +25,18 @@ def _handle(signum: int, _frame: FrameType | None) -> None:
     raise _pending
 
 
+def _quiet_when_interrupted(unraisable: sys.UnraisableHookArgs) -> None:
+    # The next checkpoint raises it again, so the report would only be a stray traceback.
+    if isinstance(unraisable.exc_value, Interrupted):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def install() -> None:
     """Make SIGINT and SIGTERM raise Interrupted in the main thread."""
     signal.signal(signal.SIGINT, _handle)
     signal.signal(signal.SIGTERM, _handle)
+    sys.unraisablehook = _quiet_when_interrupted
 
 
 def checkpoint() -> None:

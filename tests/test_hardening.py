@@ -191,3 +191,32 @@ def test_a_swallowed_interrupt_still_stops_at_the_next_stage(tmp_path, monkeypat
         run_stage(StageRecord("demo", {}, {}), tmp_path / "s", body, force=True)
     assert caught.value.exit_code == 128 + signal.SIGTERM and not ran
     assert ArtifactDir(tmp_path / "s").read_manifest() is None
+
+
+def test_a_signal_swallowed_in_a_finalizer_prints_no_traceback():
+    """Where Python drops the handler's exception (here a __del__), it would print "Exception
+    ignored ... Traceback"; a user reads that as a crash, so it stays quiet, while any other
+    unraisable exception is still reported."""
+    script = (
+        "import os, signal\n"
+        "from bert_compiler.core import interrupts\n"
+        "interrupts.install()\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(10**6): pass\n"
+        "class Broken:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('other fault')\n"
+        "Finalized(); Broken()\n"
+        "try:\n"
+        "    interrupts.checkpoint()\n"
+        "except BaseException as error:\n"
+        "    print('checkpoint raised', type(error).__name__)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout.strip() == "checkpoint raised Interrupted", result.stderr
+    assert "Interrupted" not in result.stderr
+    assert "ValueError: other fault" in result.stderr
