@@ -12,12 +12,33 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
+
+
+class Engine(Protocol):
+    """What ``Backend.load`` returns, whatever the backend.
+
+    Attributes:
+        path: the engine file.
+        device: ``cpu`` or ``cuda``; a ``cuda`` engine also has ``run_device``, which takes and
+            returns torch CUDA tensors [batch, sequence] without host copies.
+        max_batch: the largest batch it accepts (None: any).
+    """
+
+    path: Path
+    device: str
+    max_batch: int | None
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One batch of int64 numpy feeds [batch, sequence] -> float32 numpy outputs."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +192,9 @@ class Backend:
         """How the build stage builds ``spec`` from the graph at ``source``."""
         raise NotImplementedError
 
-    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+    def load(
+        self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]
+    ) -> Engine:
         """Load an engine file with the settings its build manifest recorded.
 
         The caller has checked the file's sha256 against a manifest this tool wrote.

@@ -232,6 +232,9 @@ class OrtEngine:
         self.provider = provider
         self.path = path
         self.options = options
+        self.device = options.device
+        # Any batch runs (no profiles to fit).
+        self.max_batch: int | None = None
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
         self._input_axes = {i.name: i.shape for i in session.get_inputs()}

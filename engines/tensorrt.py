@@ -324,6 +324,9 @@ class TensorRTEngine:
         self._torch = torch
         self.path = path
         self.options = options
+        self.device = "cuda"
+        # The largest batch some optimization profile accepts.
+        self.max_batch: int | None = max((p.max_batch for p in options.profiles), default=None)
         self._logger, self._errors = _make_logger()
         self._runtime = trt.Runtime(self._logger)
         # Version-compatible plans carry a lean runtime (host code); allowed only for them.

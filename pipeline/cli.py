@@ -24,6 +24,7 @@ from bert_compiler.core.lock import output_lock
 from bert_compiler.core.outdir import claim_output, release_if_unused
 from bert_compiler.core.stage import StageResult
 from bert_compiler.core.targets import detect, plan_targets
+from bert_compiler.pipeline.bench import format_table, run_bench, write_report
 from bert_compiler.pipeline.build import ProfileText, build, engine_folder_name, resolve_build_spec
 from bert_compiler.pipeline.calibrate import calibrate
 from bert_compiler.pipeline.config import command_defaults
@@ -32,6 +33,7 @@ from bert_compiler.pipeline.export import MODEL_FILE, export
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.layout import Layout, find_engine
 from bert_compiler.pipeline.options import (
+    BenchOptions,
     CalibrationOptions,
     ExportOptions,
     FuseOptions,
@@ -121,6 +123,7 @@ CALIBRATION = CalibrationOptions()
 TARGETS = TargetOptions()
 PACKAGE = PackageOptions()
 FUSE = FuseOptions()
+BENCH = BenchOptions()
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
@@ -577,6 +580,33 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
             if not e["passed"]
         ]
         raise ParityError(" | ".join(failed))
+
+
+@cli.command("bench")
+@uses(MODEL)
+@out_option("Output folder of `run`: its engines are timed; results go to OUT/bench/.")
+@click.option(
+    "--engine",
+    "engine_dirs",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="Engine folder to time (repeatable; default: every engine under OUT/engines/MODEL "
+    "that runs here).",
+)
+@uses(MAX_LENGTH, BENCH)
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+@_json_option
+def bench_command(engine_dirs: tuple[Path, ...], **values: Any) -> None:
+    """Time engines against PyTorch and plain ONNX Runtime on real text and fixed shapes, side
+    by side in one process: table on stdout, OUT/bench/bench.json, .txt and .png."""
+    _configure_logging(values["quiet"])
+    layout = Layout(values["out"])
+    info = MODEL.parse(values)
+    report = run_bench(info=info, layout=layout, engine_dirs=engine_dirs, spec=BENCH.parse(values))
+    written = write_report(report, layout.root / "bench")
+    report["files"] = {kind: str(path) for kind, path in written.items()}
+    lines = [format_table(report), *(f"{kind}: {path}" for kind, path in written.items())]
+    _emit(report, values["as_json"], "\n".join(lines))
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ from bert_compiler.engines.tensorrt_options import (
     ProfileDerivation,
     TensorRTOptions,
 )
+from bert_compiler.pipeline.bench import BenchSpec
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.export import ExportSpec
 from bert_compiler.pipeline.fuse import FuseSpec
@@ -581,3 +582,98 @@ class PackageOptions(OptionGroup):
         repository = values["repository"] or Layout(Path(values["out"])).repository
         check_repository_target(repository)
         return repository
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(item) for item in text.split(",") if item.strip())
+    except ValueError as err:
+        raise click.BadParameter(
+            f"{text!r}: expected comma-separated integers, e.g. 32,128"
+        ) from err
+    if any(v < 1 for v in values):
+        raise click.BadParameter(f"{text!r}: every value must be >= 1")
+    return values
+
+
+def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        batch, _, seq = item.partition("x")
+        if not (batch.isdigit() and seq.isdigit() and int(batch) >= 1 and int(seq) >= 2):
+            raise click.BadParameter(f"{item!r}: expected BATCHxSEQUENCE, e.g. 32x128")
+        shapes.append((int(batch), int(seq)))
+    return tuple(shapes)
+
+
+class BenchOptions(OptionGroup):
+    """What `bench` measures -> BenchSpec (needs MaxLengthOptions)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--data",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="Text to time (.tsv, .txt or .jsonl; default: the bundled STS-B dev "
+                "sentences, both columns).",
+            ),
+            click.option(
+                "--data-column",
+                default=default_of(BenchSpec, "text_column"),
+                show_default=True,
+                help="TSV column or JSONL key of --data.",
+            ),
+            click.option(
+                "--min-sentences",
+                type=click.IntRange(0, 10_000_000),
+                default=default_of(BenchSpec, "min_sentences"),
+                help="Repeat the text to at least this many sentences (default: 12,000 on a "
+                "GPU, the text once on a CPU).",
+            ),
+            click.option(
+                "--limit",
+                type=click.IntRange(1, None),
+                default=None,
+                help="Use only the first N sentences of the text.",
+            ),
+            click.option(
+                "--rounds",
+                type=click.IntRange(1, 100),
+                default=default_of(BenchSpec, "rounds"),
+                show_default=True,
+                help="Timed passes per runner, interleaved; the median is reported.",
+            ),
+            click.option(
+                "--peer-batches",
+                default=None,
+                help="Comma-separated batch sizes of the peers (default: 32,128 on a CPU; "
+                "32,128,512,1024 on a GPU).",
+            ),
+            click.option(
+                "--fixed-shapes",
+                default=",".join(f"{b}x{s}" for b, s in default_of(BenchSpec, "fixed_shapes")),
+                show_default=True,
+                help="Comma-separated BATCHxSEQUENCE shapes timed with every position real "
+                "('' for none).",
+            ),
+            click.option(
+                "--peers/--no-peers",
+                default=default_of(BenchSpec, "peers"),
+                show_default=True,
+                help="Also time PyTorch and plain ONNX Runtime.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> BenchSpec:
+        return BenchSpec(
+            data=values["data"],
+            text_column=values["data_column"],
+            min_sentences=values["min_sentences"],
+            limit=values["limit"],
+            rounds=values["rounds"],
+            peer_batches=_int_list(values["peer_batches"]) if values["peer_batches"] else (),
+            fixed_shapes=_shape_list(values["fixed_shapes"]),
+            peers=values["peers"],
+            max_length=values["max_length"],
+        )

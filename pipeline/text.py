@@ -48,12 +48,17 @@ def check_feeds(feeds: Mapping[str, np.ndarray], info: ModelInfo, max_length: in
         raise InputError(
             f"inputs of shape {first.shape}: batch >= 1, 1 <= sequence <= {max_length}"
         )
-    ids = feeds["input_ids"]
-    if ids.min() < 0 or ids.max() >= info.config["vocab_size"]:
+    check_token_values(feeds["input_ids"], feeds.get("token_type_ids"), info)
+
+
+def check_token_values(ids: np.ndarray, types: np.ndarray | None, info: ModelInfo) -> None:
+    """Token ids within the vocabulary and type ids within the type vocabulary."""
+    if ids.size and (ids.min() < 0 or ids.max() >= info.config["vocab_size"]):
         raise InputError(f"input_ids outside [0, {info.config['vocab_size']})")
-    types = feeds.get("token_type_ids")
-    if types is not None and (
-        types.min() < 0 or types.max() >= max(1, info.config["type_vocab_size"])
+    if (
+        types is not None
+        and types.size
+        and (types.min() < 0 or types.max() >= max(1, info.config["type_vocab_size"]))
     ):
         raise InputError(f"token_type_ids outside [0, {info.config['type_vocab_size']})")
 

@@ -38,6 +38,7 @@ from bert_compiler.pipeline.parity import (
     Tolerance,
     compare_batch,
 )
+from bert_compiler.pipeline.runtime import Encoder, pool_token_rows
 from bert_compiler.pipeline.text import (
     PARITY_SENTENCES,
     parity_batches,
@@ -56,6 +57,8 @@ _OUT_OF_MEMORY = re.compile(
 METRIC_BATCH_SIZE = 64
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+# Texts -> one row per text: logits, or the pooled, normalised sentence embedding.
+Embedder = Callable[[list[str]], np.ndarray]
 _PYTORCH_METRICS: dict[tuple, MetricResult] = {}
 
 
@@ -164,18 +167,45 @@ def _batched(items: list[str], size: int) -> Iterable[tuple[list[int], list[str]
         yield index, [items[i] for i in index]
 
 
-def compute_metric(
-    run: Runner,
-    tokenizer,
-    info: ModelInfo,
-    max_length: int,
-    limit: int | None,
-    label: str,
-    data_file: Path,
-) -> MetricResult:
-    """The task metric of one runner over the bundled dev set."""
-    from scipy.stats import spearmanr
+def torch_embedder(
+    run: Runner, tokenizer, info: ModelInfo, max_length: int, label: str
+) -> Embedder:
+    """Texts -> one row per text (logits, or pooled and normalised embeddings) from PyTorch."""
     from tqdm import tqdm
+
+    def embed(texts: list[str]) -> np.ndarray:
+        rows: list[np.ndarray | None] = [None] * len(texts)
+        for index, batch in tqdm(
+            list(_batched(texts, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
+        ):
+            feeds = tokenize(tokenizer, batch, info, max_length)
+            outputs = run(feeds)
+            values = outputs["logits"] if "logits" in outputs else _embeddings(outputs, feeds, info)
+            for i, row in zip(index, values, strict=True):
+                rows[i] = row
+        return np.stack(rows)
+
+    return embed
+
+
+def engine_embedder(encoder: Encoder) -> Embedder:
+    """Texts -> one row per text from an engine, through the runtime (what serving runs)."""
+
+    def embed(texts: list[str]) -> np.ndarray:
+        outputs = encoder.encode(texts)
+        for name in ("logits", "sentence_embedding"):
+            if name in outputs:
+                return outputs[name]
+        return pool_token_rows(outputs["last_hidden_state"], encoder.info.pooling or "mean")
+
+    return embed
+
+
+def compute_metric(
+    embed: Embedder, info: ModelInfo, limit: int | None, data_file: Path
+) -> MetricResult:
+    """The task metric of one runner over a dev set."""
+    from scipy.stats import spearmanr
 
     if info.task == "sequence-classification":
         if info.num_labels != 2:
@@ -184,26 +214,12 @@ def compute_metric(
             )
         data = datasets.load_sst2(data_file)
         sentences, labels = data.sentences[:limit], np.asarray(data.labels[:limit])
-        predictions = np.empty(len(sentences), dtype=np.int64)
-        for index, texts in tqdm(
-            list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
-        ):
-            feeds = tokenize(tokenizer, texts, info, max_length)
-            predictions[index] = run(feeds)["logits"].argmax(axis=1)
+        predictions = embed(sentences).argmax(axis=1)
         value = float((predictions == labels).mean() * 100)
         return MetricResult("sst2_accuracy", value, len(sentences))
     pairs = datasets.load_stsb(data_file)
     first, second = pairs.sentences1[:limit], pairs.sentences2[:limit]
-    sentences = first + second
-    embeddings: list[np.ndarray | None] = [None] * len(sentences)
-    for index, texts in tqdm(
-        list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
-    ):
-        feeds = tokenize(tokenizer, texts, info, max_length)
-        pooled = _embeddings(run(feeds), feeds, info)
-        for i, row in zip(index, pooled, strict=True):
-            embeddings[i] = row
-    matrix = np.stack(embeddings).astype(np.float64)
+    matrix = embed(first + second).astype(np.float64)
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
     count = len(first)
     cosine = (matrix[:count] * matrix[count:]).sum(axis=1)
@@ -240,10 +256,28 @@ def metric_gate_failures(
     return failures
 
 
+def _as_batch(rows: Any, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Rows of one output for one parity batch, in the batch's padded layout: token outputs
+    (one [length, hidden] array per row) are zero-padded, and compared on valid tokens only."""
+    if isinstance(rows, np.ndarray):
+        return rows
+    batch, sequence = feeds["attention_mask"].shape
+    padded = np.zeros((batch, sequence, rows[0].shape[-1]), dtype=np.float32)
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
+    return padded
+
+
 def run_verification(
-    *, info: ModelInfo, engine_run: Runner, pooling_in_graph: bool, spec: VerifySpec
+    *, info: ModelInfo, encoder: Encoder, pooling_in_graph: bool, spec: VerifySpec
 ) -> VerifyOutcome:
-    """Compare ``engine_run`` with PyTorch fp32 on the parity set, then both task metrics."""
+    """Compare the engine behind ``encoder`` with PyTorch fp32 on the parity set, then both task
+    metrics.
+
+    The engine runs through the runtime, as served: the parity texts once with the serving
+    batching (length-sorted batches padded to the ladder) and once one row at a time (the
+    latency path); each output row is compared with PyTorch's row for the same text.
+    """
     from tqdm import tqdm
 
     max_length = resolve_max_length(info, spec.max_length)
@@ -252,12 +286,25 @@ def run_verification(
     tolerance = spec.resolved_tolerance()
 
     sentences = parity_sentences(spec.parity_file(), spec.parity_sentences)
+    batches = [
+        (tokenize(tokenizer, texts, info, max_length), texts)
+        for texts in parity_batches(sentences, max_length)
+    ]
+    references = [
+        reference(feeds) for feeds, _ in tqdm(batches, desc="parity", disable=None, leave=False)
+    ]
+    texts = [text for _, batch in batches for text in batch]
     parity: dict[str, OutputParity] = {}
-    for texts in tqdm(
-        parity_batches(sentences, max_length), desc="parity", disable=None, leave=False
-    ):
-        feeds = tokenize(tokenizer, texts, info, max_length)
-        compare_batch(parity, reference(feeds), engine_run(feeds), feeds["attention_mask"])
+    for batching in (encoder.batching, replace(encoder.batching, max_batch=1)):
+        outputs = encoder.with_batching(batching).encode(texts)
+        start = 0
+        for (feeds, batch), expected in zip(batches, references, strict=True):
+            candidate = {
+                name: _as_batch(rows[start : start + len(batch)], feeds)
+                for name, rows in outputs.items()
+            }
+            compare_batch(parity, expected, candidate, feeds["attention_mask"])
+            start += len(batch)
     parity_report = {name: entry.report(tolerance) for name, entry in parity.items()}
 
     # PyTorch's metric depends only on the model, the data and the length: computed once per
@@ -272,25 +319,10 @@ def run_verification(
         pooling_in_graph,
     )
     if key not in _PYTORCH_METRICS:
-        _PYTORCH_METRICS[key] = compute_metric(
-            reference,
-            tokenizer,
-            info,
-            max_length,
-            spec.metric_limit,
-            "pytorch metric",
-            metric_file,
-        )
+        embed = torch_embedder(reference, tokenizer, info, max_length, "pytorch metric")
+        _PYTORCH_METRICS[key] = compute_metric(embed, info, spec.metric_limit, metric_file)
     torch_metric = _PYTORCH_METRICS[key]
-    engine_metric = compute_metric(
-        engine_run,
-        tokenizer,
-        info,
-        max_length,
-        spec.metric_limit,
-        "engine metric",
-        metric_file,
-    )
+    engine_metric = compute_metric(engine_embedder(encoder), info, spec.metric_limit, metric_file)
     failures = [
         f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]
     ]
@@ -364,11 +396,12 @@ def verify_engine(
         },
     )
     pooling_in_graph = "sentence_embedding" in engine.output_names
+    encoder = Encoder(engine, info, max_length=spec.max_length)
 
     def body(artifact):
         try:
             outcome = run_verification(
-                info=info, engine_run=engine.run, pooling_in_graph=pooling_in_graph, spec=spec
+                info=info, encoder=encoder, pooling_in_graph=pooling_in_graph, spec=spec
             )
         except (MemoryError, RuntimeError) as err:
             if isinstance(err, RuntimeError) and not _OUT_OF_MEMORY.search(str(err)):
@@ -386,6 +419,7 @@ def verify_engine(
             "summary": summarize_parity(outcome.parity),
             "metric": asdict(outcome.engine_metric),
             "pytorch_metric": asdict(outcome.pytorch_metric),
+            "batching": asdict(encoder.batching),
         }
         atomic_write_text(artifact.path / REPORT_FILE, json.dumps(report, indent=2) + "\n")
         return [REPORT_FILE], report

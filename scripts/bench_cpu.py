@@ -132,7 +132,7 @@ def main() -> None:
         load_torch_model,
         resolve_model,
     )
-    from bert_compiler.pipeline.verify import compute_metric
+    from bert_compiler.pipeline.verify import compute_metric, torch_embedder
 
     torch.set_num_threads(args.threads)
     info = resolve_model(args.model)
@@ -209,15 +209,10 @@ def main() -> None:
     metrics = {}
     if not args.no_metric:
         for name, run in runners.items():
-            metric = compute_metric(
-                lambda f, r=run: {output: r(f)},
-                tokenizer,
-                info,
-                info.max_length,
-                None,
-                name,
-                STSB_DEV,
+            embed = torch_embedder(
+                lambda f, r=run: {output: r(f)}, tokenizer, info, info.max_length, name
             )
+            metric = compute_metric(embed, info, None, STSB_DEV)
             metrics[name] = round(metric.value, 3)
     for row in results:
         row["stsb_spearman"] = metrics.get(row["runner"])

@@ -13,6 +13,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bert_compiler.core.errors import EnvironmentProblem
@@ -215,3 +216,26 @@ def test_tensorrt_int8_engine_from_qdq_graph(tiny_embedding_model, tmp_path):
     (engine,) = summary["engines"]
     assert engine["name"].endswith("-int8")
     assert engine["parity"]["min_cosine"] > 0.9
+
+
+@pytest.mark.gpu
+def test_runtime_on_a_cuda_graph_engine_matches_one_row_at_a_time(tiny_embedding_model, tmp_path):
+    """The runtime's GPU path (one upload, batches gathered on the device, ladder-padded shapes,
+    power-of-two row counts) gives each row what the engine gives it alone, in input order."""
+    _skip_unless(_ort_cuda_reason())
+    from bert_compiler.pipeline.runtime import Encoder
+
+    info = resolve_model(tiny_embedding_model)
+    builds = (BuildSpec(device="cuda", precision="fp16", cuda_graph=True),)
+    summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
+    assert summary["ok"], summary["engines"]
+    encoder = Encoder.open(Path(summary["engines"][0]["manifest"]).parent, info)
+    texts = [("word " * (i % 23)).strip() for i in range(300)]
+    embeddings = encoder.encode(texts)["sentence_embedding"]
+    assert encoder.on_gpu and encoder.batching.ladder and encoder.batching.round_rows
+    assert encoder.stats.shapes <= len(encoder.batching.ladder) * 11
+    for i in (0, 1, 5, 22, 299):
+        alone = encoder.engine.run(
+            encoder.tokenize([texts[i]]).matrices(encoder.engine.input_names, 0)
+        )
+        np.testing.assert_allclose(embeddings[i], alone["sentence_embedding"][0], atol=2e-3)

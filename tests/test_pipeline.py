@@ -16,6 +16,7 @@ from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import run_pipeline
+from bert_compiler.pipeline.runtime import Encoder
 from bert_compiler.pipeline.verify import run_verification
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
@@ -133,12 +134,16 @@ def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
     info = resolve_model(tiny_embedding_model)
     engine, _ = load_engine(cpu_engine_dir(out, "fp32"))
 
-    def perturbed(feeds):
-        outputs = engine.run(feeds)
-        return {k: v + np.float32(1e-2) for k, v in outputs.items()}
+    class Perturbed:
+        device, max_batch = engine.device, engine.max_batch
+        path, input_names, output_names = engine.path, engine.input_names, engine.output_names
+
+        def run(self, feeds):
+            outputs = engine.run(feeds)
+            return {k: v + np.float32(1e-2) for k, v in outputs.items()}
 
     outcome = run_verification(
-        info=info, engine_run=perturbed, pooling_in_graph=True, spec=TINY_VERIFY
+        info=info, encoder=Encoder(Perturbed(), info), pooling_in_graph=True, spec=TINY_VERIFY
     )
     assert not outcome.passed
     report = outcome.parity["sentence_embedding"]
@@ -155,7 +160,7 @@ def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
     # parity must then fail on the metric alone.
     outcome = run_verification(
         info=info,
-        engine_run=engine.run,
+        encoder=Encoder(engine, info),
         pooling_in_graph=True,
         spec=replace(TINY_VERIFY, metric_gate=True, max_metric_drop=-1.0),
     )

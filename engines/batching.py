@@ -1,0 +1,177 @@
+"""How variable-length rows become engine batches: sort by length, fill each batch up to a token
+budget and a row limit, pad it to a rung of a length ladder.
+
+Real text is short and uneven (STS-B dev: median 14 tokens, p99 38). Padding each batch of rows in
+dataset order to its longest row spends about half the positions on padding; sorting first makes
+every batch nearly uniform, so most of the compute goes to real tokens. A ladder of padded lengths
+bounds the number of distinct shapes an engine sees (one CUDA graph or TensorRT tuning per shape)
+and lets Triton batch requests of one rung together. The same module plans batches for the runtime
+(pipeline/runtime.py) and the ladder for the Triton tokenizer model, so both serve one set of
+shapes.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bert_compiler.core.errors import InputError
+
+# Shortest row any BERT-family tokenizer produces: [CLS] [SEP].
+MIN_ROW_TOKENS = 2
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """How rows are grouped into engine calls.
+
+    Attributes:
+        max_batch: most rows in one call.
+        token_budget: most padded positions (rows x padded length) in one call; a single row
+            longer than the budget still forms a batch of its own.
+        ladder: padded lengths, ascending; a batch is padded to the shortest rung that holds its
+            longest row. Empty: each batch is padded to its longest row.
+        round_rows: pad a batch's row count up to a power of two (at most ``max_batch``) with
+            copies of its first row, so a CUDA-graph engine captures a bounded set of shapes.
+        sort: order rows by length before batching (off: dataset order, the baseline).
+    """
+
+    max_batch: int = 64
+    token_budget: int = 8192
+    ladder: tuple[int, ...] = ()
+    round_rows: bool = False
+    sort: bool = True
+
+    def validate(self) -> None:
+        if self.max_batch < 1 or self.token_budget < 1:
+            raise InputError(
+                f"batching: max batch {self.max_batch} and token budget {self.token_budget} "
+                "must be >= 1"
+            )
+        if list(self.ladder) != sorted(set(self.ladder)) or (
+            self.ladder and self.ladder[0] < MIN_ROW_TOKENS
+        ):
+            raise InputError(
+                f"length ladder {list(self.ladder)}: expected distinct lengths >= "
+                f"{MIN_ROW_TOKENS} in ascending order"
+            )
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One engine call: ``rows`` (indices into the input) padded to ``length`` tokens, with
+    ``size - len(rows)`` filler rows appended."""
+
+    rows: np.ndarray
+    length: int
+    size: int
+
+
+def rung(ladder: Sequence[int], length: int) -> int:
+    """The shortest ladder length that holds ``length`` tokens (``length`` itself without a
+    ladder).
+
+    Raises:
+        InputError: the row is longer than the ladder's top rung.
+    """
+    if not ladder:
+        return length
+    index = bisect.bisect_left(ladder, length)
+    if index == len(ladder):
+        raise InputError(
+            f"a row of {length} tokens is longer than the length ladder's top rung {ladder[-1]}"
+        )
+    return int(ladder[index])
+
+
+def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tuple[int, ...]:
+    """The ladder of at most ``rungs`` lengths that pads a sample of real rows least, topped by
+    ``max_length`` (an exact 1-D partition of the length histogram by dynamic programming).
+
+    Raises:
+        InputError: no lengths, fewer than one rung, or a length outside [1, max_length].
+    """
+    if not len(lengths):
+        raise InputError("cannot derive a length ladder from no rows")
+    if rungs < 1 or max_length < MIN_ROW_TOKENS:
+        raise InputError(
+            f"a length ladder needs >= 1 rung and a maximum length >= {MIN_ROW_TOKENS}"
+        )
+    values, counts = np.unique(np.asarray(lengths, dtype=np.int64), return_counts=True)
+    if values[0] < 1 or values[-1] > max_length:
+        raise InputError(f"row lengths must lie in [1, {max_length}]")
+    distinct = len(values)
+    # cost(i, j): padding when rows of the distinct lengths i..j all pad to values[j].
+    prefix_rows = np.concatenate([[0], np.cumsum(counts)])
+    prefix_tokens = np.concatenate([[0], np.cumsum(counts * values)])
+
+    def cost(first: np.ndarray | int, last: int) -> np.ndarray:
+        # Padding when the rows of distinct lengths first..last all pad to values[last].
+        rows = prefix_rows[last + 1] - prefix_rows[first]
+        return values[last] * rows - (prefix_tokens[last + 1] - prefix_tokens[first])
+
+    steps = min(rungs, distinct)
+    inf = np.iinfo(np.int64).max // 4
+    # best[k, j]: least padding covering distinct lengths 0..j with k+1 rungs, the last at j.
+    best = np.full((steps, distinct), inf, dtype=np.int64)
+    choice = np.zeros((steps, distinct), dtype=np.int64)
+    best[0] = [cost(0, j) for j in range(distinct)]
+    for k in range(1, steps):
+        for j in range(k, distinct):
+            previous = np.arange(k - 1, j)  # the rung below: last length of the previous group
+            totals = best[k - 1, previous] + cost(previous + 1, j)
+            pick = int(np.argmin(totals))
+            best[k, j], choice[k, j] = totals[pick], previous[pick]
+    k = int(np.argmin(best[:, distinct - 1]))
+    ladder, j = [], distinct - 1
+    while True:
+        ladder.append(int(values[j]))
+        if k == 0:
+            break
+        j, k = int(choice[k][j]), k - 1
+    # A top rung at max_length, so that no row is ever refused.
+    ladder.append(max_length)
+    return tuple(sorted({max(MIN_ROW_TOKENS, length) for length in ladder}))
+
+
+def _round_up_rows(count: int, max_batch: int) -> int:
+    return min(max_batch, 1 << (count - 1).bit_length())
+
+
+def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
+    """Group rows of the given token lengths into batches (every row exactly once).
+
+    Sorted rows are taken shortest first; a batch grows while it stays within ``max_batch`` rows
+    and ``token_budget`` padded positions at the rung of its longest row.
+    """
+    spec.validate()
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(sizes, kind="stable") if spec.sort else np.arange(len(sizes))
+    batches: list[Batch] = []
+    start = 0
+    while start < len(order):
+        longest = 0
+        stop = start
+        while stop < len(order) and stop - start < spec.max_batch:
+            candidate = max(longest, int(sizes[order[stop]]))
+            if (
+                stop > start
+                and (stop - start + 1) * rung(spec.ladder, candidate) > spec.token_budget
+            ):
+                break
+            longest, stop = candidate, stop + 1
+        count = stop - start
+        size = _round_up_rows(count, spec.max_batch) if spec.round_rows else count
+        batches.append(Batch(order[start:stop], rung(spec.ladder, longest), max(size, count)))
+        start = stop
+    return batches
+
+
+def padding_fraction(batches: Sequence[Batch], lengths: Sequence[int]) -> float:
+    """Share of the computed positions (filler rows included) that are padding."""
+    computed = sum(batch.size * batch.length for batch in batches)
+    real = int(np.sum(np.asarray(lengths, dtype=np.int64)))
+    return 1.0 - real / computed if computed else 0.0

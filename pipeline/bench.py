@@ -1,0 +1,545 @@
+"""bench: this project's engines against their peers, side by side in one process, on real text
+and at fixed shapes.
+
+Real text is the bundled STS-B dev sentences (both columns) or the user's file, repeated to a
+minimum count. Every runner gets the same token rows (tokenization is timed on its own, as the
+``tokenizer`` runner), and runners alternate round by round so that drift on a shared machine hits
+them all; the median round's throughput is reported, with per-batch latency percentiles over all
+rounds (the GPU synchronised after each batch). Engines run through the runtime (pipeline/
+runtime.py), which is what serving and verify run; peers run the same rows batched the way a
+careful user would: PyTorch in dataset order and length-sorted, ONNX Runtime's own optimizer
+(fp16 and CUDA graphs on a GPU) length-sorted, and the engine itself fed in dataset order.
+
+Benchmarks measure; the tests only check that the command works.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bert_compiler.calibration import datasets
+from bert_compiler.core.artifacts import atomic_write_text, tool_versions
+from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.engines.backend import load_engine
+from bert_compiler.engines.batching import BatchingSpec, padding_fraction, plan_batches
+from bert_compiler.engines.onnxruntime import OrtEngine, OrtEngineOptions, provider_entries
+from bert_compiler.pipeline.layout import Layout
+from bert_compiler.pipeline.models import (
+    ModelInfo,
+    build_wrapper,
+    load_tokenizer,
+    load_torch_model,
+)
+from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows
+from bert_compiler.pipeline.text import resolve_max_length
+
+log = logging.getLogger("bert_compile")
+
+RESULTS_FILE = "bench.json"
+CHART_FILE = "bench.png"
+TABLE_FILE = "bench.txt"
+# Fixed-shape calls are repeated for at least this long (after a warm-up) per runner and shape.
+FIXED_SECONDS = 0.5
+# A batch size that means "no limit on padded tokens": peers are batched by row count alone.
+_UNLIMITED = 1 << 40
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """What bench measures.
+
+    Attributes:
+        data: text file (TSV with ``text_column``, or one sentence per line); None: the bundled
+            STS-B dev sentences.
+        text_column: TSV column of ``data``.
+        min_sentences: repeat the data to at least this many sentences (0: per device, 12,000
+            on a GPU, the data once on a CPU).
+        limit: use only the first N sentences of the data (before repeating).
+        rounds: timed passes per runner; the median is reported.
+        peer_batches: batch sizes of the peers (empty: 32 and 128 on a CPU; 32, 128, 512 and
+            1024 on a GPU).
+        fixed_shapes: (batch, sequence) shapes timed with all positions real.
+        peers: also run the peers (off: engines only).
+        max_length: truncation length; None takes the model's.
+    """
+
+    data: Path | None = None
+    text_column: str = datasets.TEXT_COLUMN
+    min_sentences: int = 0
+    limit: int | None = None
+    rounds: int = 3
+    peer_batches: tuple[int, ...] = ()
+    fixed_shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))
+    peers: bool = True
+    max_length: int | None = None
+
+
+@dataclass
+class Measurement:
+    """One row of bench's results (the JSON schema of ``results``)."""
+
+    model: str
+    runner: str
+    data: str
+    batching: str
+    batch: int
+    seq: int | None
+    sentences_per_s: float
+    tokens_per_s: float
+    padding_fraction: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class _Runner:
+    """A runner on real text: ``run(tokens)`` returns per-batch milliseconds and the padding
+    fraction; ``fixed(feeds)`` runs one fixed-shape batch (None: not timed there)."""
+
+    name: str
+    batching: str
+    batch: int
+    run: Callable[[Tokens], tuple[list[float], float]]
+    fixed: Callable[[dict[str, np.ndarray]], Any] | None = None
+    rounds: list[float] = field(default_factory=list)
+    batch_ms: list[float] = field(default_factory=list)
+    padding: float = 0.0
+
+
+def real_sentences(spec: BenchSpec, on_gpu: bool) -> list[str]:
+    """The benchmark's sentences: the data (limited), repeated to the minimum count."""
+    if spec.data is None:
+        pairs = datasets.load_stsb(datasets.STSB_DEV)
+        sentences = pairs.sentences1 + pairs.sentences2
+    else:
+        sentences = list(datasets.iter_texts(Path(spec.data), column=spec.text_column))
+    sentences = sentences[: spec.limit] if spec.limit else sentences
+    if not sentences:
+        raise InputError(f"{spec.data or datasets.STSB_DEV}: no sentences to benchmark")
+    minimum = spec.min_sentences or (12_000 if on_gpu else 0)
+    repeats = max(1, -(-minimum // len(sentences)))
+    return sentences * repeats
+
+
+def _percentile(values: Sequence[float], q: float) -> float | None:
+    return round(float(np.percentile(values, q)), 4) if len(values) else None
+
+
+def _engine_runner(name: str, batching: str, encoder: Encoder) -> _Runner:
+    def run(tokens: Tokens) -> tuple[list[float], float]:
+        encoder.run(tokens)
+        return encoder.stats.batch_ms, encoder.stats.padding_fraction
+
+    engine = encoder.engine
+    fixed = engine.run_device if encoder.on_gpu else engine.run
+    return _Runner(name, batching, encoder.batching.max_batch, run, fixed)
+
+
+def _feeds_runner(
+    name: str,
+    run_feeds: Callable[[dict[str, Any]], Any],
+    *,
+    input_names: Sequence[str],
+    pad_id: int,
+    batch: int,
+    sort: bool,
+    on_gpu: bool,
+) -> _Runner:
+    """A peer on real text: rows batched by count (sorted or in dataset order), each batch padded
+    to its longest row; on a GPU the batches are uploaded before timing (in the peer's favour)."""
+    prepared: dict[int, tuple[list, float]] = {}
+
+    def run(tokens: Tokens) -> tuple[list[float], float]:
+        key = id(tokens)
+        if key not in prepared:
+            prepared.clear()
+            batches = plan_batches(tokens.lengths, BatchingSpec(batch, _UNLIMITED, sort=sort))
+            matrices = tokens.matrices(input_names, pad_id)
+            feeds = [{n: m[b.rows, : b.length] for n, m in matrices.items()} for b in batches]
+            if on_gpu:
+                import torch
+
+                feeds = [{n: torch.from_numpy(a).cuda() for n, a in f.items()} for f in feeds]
+            prepared[key] = (feeds, padding_fraction(batches, tokens.lengths))
+        feeds, padding = prepared[key]
+        times = []
+        for item in feeds:
+            started = time.perf_counter()
+            run_feeds(item)
+            if on_gpu:
+                import torch
+
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - started) * 1e3)
+        return times, padding
+
+    batching = f"{'length-sorted' if sort else 'dataset order'}, batch {batch}"
+    return _Runner(name, batching, batch, run, run_feeds)
+
+
+def _torch_runner(info: ModelInfo, on_gpu: bool) -> Callable[[dict[str, Any]], Any]:
+    import torch
+
+    wrapper = build_wrapper(info, load_torch_model(info, attn_implementation="sdpa"))
+    if on_gpu:
+        wrapper = wrapper.half().cuda()
+    names = info.architecture.input_names
+
+    def run(feeds):
+        with torch.inference_mode():
+            args = [
+                f if isinstance(f, torch.Tensor) else torch.from_numpy(f)
+                for f in (feeds[n] for n in names)
+            ]
+            return wrapper(*args)
+
+    return run
+
+
+def plain_ort_engine(info: ModelInfo, exported: Path, folder: Path, on_gpu: bool) -> OrtEngine:
+    """The ONNX Runtime peer: ORT's transformer optimizer on the exported graph (and, on a GPU,
+    its fp16 conversion and CUDA graphs), nothing of this project's."""
+    import onnxruntime as ort
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    destination = folder / ("ort-plain-fp16.onnx" if on_gpu else "ort-plain-fp32.onnx")
+    if not destination.is_file():
+        model = optimize_model(
+            str(exported),
+            model_type="bert",
+            num_heads=info.num_heads,
+            hidden_size=info.hidden_size,
+            use_gpu=on_gpu,
+        )
+        if on_gpu:
+            model.convert_float_to_float16(keep_io_types=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_model_to_file(str(destination))
+    options = OrtEngineOptions(device="cuda" if on_gpu else "cpu", fp16=on_gpu, cuda_graph=on_gpu)
+    entries = provider_entries(options, None)
+    session = ort.InferenceSession(
+        str(destination),
+        providers=[name for name, _ in entries],
+        provider_options=[opts for _, opts in entries],
+    )
+    return OrtEngine(session, entries[0][0], destination, options)
+
+
+def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[Path]:
+    if given:
+        return [Path(g) for g in given]
+    root = layout.engines(model)
+    folders = [f for f in sorted(root.glob("*")) if (f / "manifest.json").is_file()]
+    if not folders:
+        raise InputError(
+            f"{root}: no engines to benchmark; build them with `bert-compile run` (or pass "
+            "--engine FOLDER)"
+        )
+    return folders
+
+
+def _loadable_engines(folders: Sequence[Path], explicit: bool) -> list[tuple[str, Any]]:
+    """(folder name, engine) for every folder this machine can run; an engine built for another
+    device is skipped with a note, unless it was asked for by name."""
+    loaded = []
+    for folder in folders:
+        try:
+            engine, _manifest = load_engine(folder)
+        except EnvironmentProblem as err:
+            if explicit:
+                raise
+            log.warning("[bench] skipping %s: %s", folder.name, err)
+            continue
+        loaded.append((folder.name, engine))
+    if not loaded:
+        raise InputError("no engine under --out runs on this machine; pass --engine FOLDER")
+    return loaded
+
+
+def run_bench(
+    *, info: ModelInfo, layout: Layout, engine_dirs: Sequence[Path], spec: BenchSpec
+) -> dict[str, Any]:
+    """Measure, and return bench's JSON object (``device``, ``results``, settings)."""
+    import torch
+
+    engines = _loadable_engines(_engine_folders(layout, info.name, engine_dirs), bool(engine_dirs))
+    on_gpu = any(engine.device == "cuda" for _, engine in engines)
+    max_length = resolve_max_length(info, spec.max_length)
+    tokenizer = load_tokenizer(info)
+    sentences = real_sentences(spec, on_gpu)
+
+    started = time.perf_counter()
+    tokens = tokenize_rows(tokenizer, sentences, info, max_length)
+    tokenize_s = time.perf_counter() - started
+    pad_id = int(tokenizer.pad_token_id or 0)
+
+    runners: list[_Runner] = []
+    for name, engine in engines:
+        if on_gpu and engine.device != "cuda":
+            continue  # a CPU engine beside GPU peers measures nothing useful
+        encoder = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer)
+        encoder.time_batches = True
+        ladder = f", ladder {list(encoder.batching.ladder)}" if encoder.batching.ladder else ""
+        runners.append(
+            _engine_runner(
+                f"{name} (runtime)",
+                f"length-sorted, <= {encoder.batching.max_batch} rows, "
+                f"<= {encoder.batching.token_budget} tokens{ladder}",
+                encoder,
+            )
+        )
+        baseline = 128 if on_gpu else 32
+        runners.append(
+            _feeds_runner(
+                f"{name} (fed in dataset order)",
+                engine.run_device if on_gpu else engine.run,
+                input_names=engine.input_names,
+                pad_id=pad_id,
+                batch=baseline,
+                sort=False,
+                on_gpu=on_gpu,
+            )
+        )
+    input_names = list(info.architecture.input_names)
+    if spec.peers:
+        torch_run = _torch_runner(info, on_gpu)
+        label = "torch fp16 eager" if on_gpu else "torch fp32 eager"
+        batches = spec.peer_batches or ((32, 128, 512, 1024) if on_gpu else (32, 128))
+        common = {"input_names": input_names, "pad_id": pad_id, "on_gpu": on_gpu}
+        runners.append(
+            _feeds_runner(label, torch_run, batch=128 if on_gpu else 32, sort=False, **common)
+        )
+        for batch in batches:
+            runners.append(_feeds_runner(label, torch_run, batch=batch, sort=True, **common))
+        exported = layout.export / "model.onnx"
+        if exported.is_file():
+            plain = plain_ort_engine(info, exported, layout.root / "bench" / "peers", on_gpu)
+            label = (
+                "ORT fp16 + CUDA graphs (ORT's optimizer)"
+                if on_gpu
+                else "ORT fp32 (ORT's optimizer)"
+            )
+            run_plain = plain.run_device if on_gpu else plain.run
+            for batch in batches:
+                runners.append(_feeds_runner(label, run_plain, batch=batch, sort=True, **common))
+        else:
+            log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
+
+    # Warm-up: sessions, allocators, CUDA graphs of every shape.
+    for runner in runners:
+        runner.run(tokens)
+    for round_index in range(spec.rounds):
+        for runner in runners:
+            started = time.perf_counter()
+            batch_ms, runner.padding = runner.run(tokens)
+            if on_gpu:
+                torch.cuda.synchronize()
+            runner.rounds.append(time.perf_counter() - started)
+            runner.batch_ms.extend(batch_ms)
+        log.info("[bench] round %d/%d done", round_index + 1, spec.rounds)
+
+    results = [
+        Measurement(
+            model=info.name,
+            runner="tokenizer (Hugging Face fast, not in the other rows)",
+            data="real",
+            batching="all sentences in one call",
+            batch=len(tokens),
+            seq=None,
+            sentences_per_s=round(len(tokens) / tokenize_s, 1),
+            tokens_per_s=round(float(tokens.lengths.sum()) / tokenize_s, 1),
+            padding_fraction=0.0,
+            p50_ms=None,
+            p99_ms=None,
+        )
+    ]
+    total_tokens = float(tokens.lengths.sum())
+    for runner in runners:
+        seconds = statistics.median(runner.rounds)
+        results.append(
+            Measurement(
+                model=info.name,
+                runner=runner.name,
+                data="real",
+                batching=runner.batching,
+                batch=runner.batch,
+                seq=None,
+                sentences_per_s=round(len(tokens) / seconds, 1),
+                tokens_per_s=round(total_tokens / seconds, 1),
+                padding_fraction=round(runner.padding, 4),
+                p50_ms=_percentile(runner.batch_ms, 50),
+                p99_ms=_percentile(runner.batch_ms, 99),
+            )
+        )
+    results.extend(_fixed_shapes(info, runners, spec, max_length, on_gpu))
+    return {
+        "ok": True,
+        "device": _device(on_gpu),
+        "sentences": len(tokens),
+        "data": str(spec.data or datasets.STSB_DEV),
+        "spec": {**asdict(spec), "data": str(spec.data) if spec.data else None},
+        "versions": tool_versions(),
+        "results": [asdict(r) for r in results],
+    }
+
+
+def _fixed_shapes(
+    info: ModelInfo,
+    runners: Sequence[_Runner],
+    spec: BenchSpec,
+    max_length: int,
+    on_gpu: bool,
+) -> list[Measurement]:
+    """Each distinct fixed-shape runner at each shape, every position a real token."""
+    rng = np.random.default_rng(0)
+    vocab = int(info.config["vocab_size"])
+    seen: set[str] = set()
+    results = []
+    for batch, seq in spec.fixed_shapes:
+        seq = min(seq, max_length)
+        feeds = {
+            "input_ids": rng.integers(min(1000, vocab - 1), vocab, (batch, seq)).astype(np.int64),
+            "attention_mask": np.ones((batch, seq), np.int64),
+            "token_type_ids": np.zeros((batch, seq), np.int64),
+        }
+        feeds = {n: feeds[n] for n in info.architecture.input_names}
+        if on_gpu:
+            import torch
+
+            feeds = {n: torch.from_numpy(a).cuda() for n, a in feeds.items()}
+        seen.clear()
+        for runner in runners:
+            # One engine is two real-text runners (runtime, dataset order) but one fixed one.
+            name = runner.name.removesuffix(" (fed in dataset order)").removesuffix(" (runtime)")
+            if runner.fixed is None or name in seen:
+                continue
+            seen.add(name)
+            times = _time_calls(runner.fixed, feeds, on_gpu)
+            seconds = statistics.median(times) / 1e3
+            results.append(
+                Measurement(
+                    model=info.name,
+                    runner=name,
+                    data="fixed",
+                    batching="fixed shape",
+                    batch=batch,
+                    seq=seq,
+                    sentences_per_s=round(batch / seconds, 1),
+                    tokens_per_s=round(batch * seq / seconds, 1),
+                    padding_fraction=0.0,
+                    p50_ms=_percentile(times, 50),
+                    p99_ms=_percentile(times, 99),
+                )
+            )
+    return results
+
+
+def _time_calls(run: Callable, feeds: dict[str, Any], on_gpu: bool) -> list[float]:
+    def sync():
+        if on_gpu:
+            import torch
+
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        run(feeds)
+    sync()
+    times: list[float] = []
+    deadline = time.perf_counter() + FIXED_SECONDS
+    while time.perf_counter() < deadline or len(times) < 5:
+        started = time.perf_counter()
+        run(feeds)
+        sync()
+        times.append((time.perf_counter() - started) * 1e3)
+    return times
+
+
+def _device(on_gpu: bool) -> dict[str, Any]:
+    import os
+
+    if on_gpu:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability()
+        return {
+            "kind": "cuda",
+            "name": torch.cuda.get_device_name(),
+            "compute_capability": f"{major}.{minor}",
+        }
+    return {
+        "kind": "cpu",
+        "name": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a fixed-width table."""
+    header = (
+        f"{'runner':<52} {'data':<5} {'batching':<44} {'sent/s':>10} {'pad':>5} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
+    lines = [header]
+    for row in report["results"]:
+        shape = f"{row['batch']}x{row['seq']}" if row["data"] == "fixed" else row["batching"]
+        lines.append(
+            f"{row['runner'][:52]:<52} {row['data']:<5} {shape[:44]:<44} "
+            f"{row['sentences_per_s']:>10,.0f} {row['padding_fraction']:>5.0%} "
+            f"{_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8}"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """A bar chart of real-text throughput per runner (None when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("[bench] no chart: matplotlib is not installed")
+        return None
+    rows = [r for r in report["results"] if r["data"] == "real" and "tokenizer" not in r["runner"]]
+    labels = [f"{r['runner']}\n{r['batching']}" for r in rows]
+    figure, axes = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
+    axes.barh(range(len(rows)), [r["sentences_per_s"] for r in rows], color="tab:blue")
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("sentences/s")
+    device = report["device"]["name"]
+    axes.set_title(
+        f"{rows[0]['model'] if rows else ''} on {device}: {report['sentences']} sentences"
+    )
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """bench.json, bench.txt and bench.png (when matplotlib is there) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"json": folder / RESULTS_FILE, "table": folder / TABLE_FILE}
+    atomic_write_text(written["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(written["table"], format_table(report) + "\n")
+    chart = write_chart(report, folder / CHART_FILE)
+    if chart is not None:
+        written["chart"] = chart
+    return written

@@ -1,0 +1,80 @@
+"""`bert-compile bench` works end to end on a tiny model (it measures nothing worth keeping here:
+benchmarks run on real models, see docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.pipeline.cli import cli
+
+pytestmark = pytest.mark.e2e
+
+FIELDS = {
+    "model",
+    "runner",
+    "data",
+    "batching",
+    "batch",
+    "seq",
+    "sentences_per_s",
+    "tokens_per_s",
+    "padding_fraction",
+    "p50_ms",
+    "p99_ms",
+}
+
+
+def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
+    info, out, _spec, _summary = tiny_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    args = ["bench", "--model", str(info.path), "--out", str(copy), "--limit", "40"]
+    args += ["--rounds", "2", "--peer-batches", "32", "--fixed-shapes", "2x16", "--json"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["device"]["kind"] == "cpu" and report["sentences"] == 40
+    rows = report["results"]
+    assert all(set(row) == FIELDS for row in rows)
+    runners = [(row["runner"], row["data"]) for row in rows]
+    engine = next(r["runner"] for r in rows if r["runner"].endswith("(runtime)"))
+    name = engine.removesuffix(" (runtime)")
+    assert {
+        (engine, "real"),
+        (f"{name} (fed in dataset order)", "real"),
+        ("torch fp32 eager", "real"),
+        ("ORT fp32 (ORT's optimizer)", "real"),
+        (name, "fixed"),
+        ("torch fp32 eager", "fixed"),
+    } <= set(runners)
+    assert runners.count((name, "fixed")) == 1
+    for row in rows:
+        assert row["sentences_per_s"] > 0 and row["tokens_per_s"] >= row["sentences_per_s"]
+        assert 0 <= row["padding_fraction"] < 1
+    sorted_peer = next(r for r in rows if r["batching"] == "length-sorted, batch 32")
+    in_order = next(r for r in rows if r["batching"] == "dataset order, batch 32")
+    assert sorted_peer["padding_fraction"] < in_order["padding_fraction"]
+    files = report["files"]
+    assert json.loads((copy / "bench" / "bench.json").read_text())["results"] == rows
+    assert (copy / "bench" / "bench.txt").read_text().startswith("runner")
+    if "chart" in files:
+        assert (copy / "bench" / "bench.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_without_engines_says_to_run_first(tiny_embedding_model, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["bench", "--model", str(tiny_embedding_model), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 3, result.output
+    assert "no engines to benchmark" in result.stderr and "bert-compile run" in result.stderr
+
+
+def test_bad_bench_shapes_are_one_line(tiny_embedding_model, tmp_path):
+    result = CliRunner().invoke(
+        cli, ["bench", "--model", str(tiny_embedding_model), "--fixed-shapes", "32by128"]
+    )
+    assert result.exit_code == 2 and "BATCHxSEQUENCE" in result.output

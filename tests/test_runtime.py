@@ -1,0 +1,93 @@
+"""The runtime (pipeline/runtime.py): texts in, outputs in input order, whatever the batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bert_compiler.engines.batching import BatchingSpec
+from bert_compiler.pipeline import runtime
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.runtime import Encoder
+from tests.conftest import cpu_engine_dir
+
+TEXTS = [
+    "a",
+    "the movie was long and slow , but the ending made up for every minute of it",
+    "",
+    "fine",
+    "an unexpectedly moving story about two brothers",
+    "ok then",
+] * 7
+
+
+class RecordingEngine:
+    """A numpy engine whose outputs are functions of its inputs, so that any row put back in the
+    wrong place, or padding leaking into a row, shows."""
+
+    device = "cpu"
+    max_batch = None
+    path = "recording"
+
+    def __init__(self):
+        self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
+        self.output_names = ["last_hidden_state", "row_sum"]
+        self.shapes = []
+
+    def run(self, feeds):
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        self.shapes.append(ids.shape)
+        hidden = np.stack([ids * mask, mask], axis=-1).astype(np.float32)
+        return {"last_hidden_state": hidden, "row_sum": (ids * mask).sum(1, keepdims=True)}
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        BatchingSpec(max_batch=4, token_budget=40),
+        BatchingSpec(max_batch=8, token_budget=10**6, ladder=(4, 9, 32), round_rows=True),
+        BatchingSpec(max_batch=3, sort=False),
+    ],
+)
+def test_rows_come_back_in_input_order(tiny_embedding_model, batching, monkeypatch):
+    monkeypatch.setattr(runtime, "CHUNK_ROWS", 16)  # several chunks
+    info = resolve_model(tiny_embedding_model)
+    engine = RecordingEngine()
+    encoder = Encoder(engine, info, max_length=32, batching=batching)
+    outputs = encoder.encode(TEXTS)
+    tokenizer = encoder.tokenizer
+    for i, text in enumerate(TEXTS):
+        ids = tokenizer(text, truncation=True, max_length=32)["input_ids"]
+        assert outputs["row_sum"][i, 0] == sum(ids)
+        row = outputs["last_hidden_state"][i]
+        assert row.shape == (len(ids), 2) and row[:, 0].tolist() == ids
+    assert all(shape[0] <= batching.max_batch for shape in engine.shapes)
+    if batching.ladder:
+        assert {shape[1] for shape in engine.shapes} <= set(batching.ladder)
+    assert encoder.stats.rows == len(TEXTS) and encoder.stats.batches >= len(TEXTS) // 8
+
+
+def test_a_ladder_below_the_maximum_length_is_refused(tiny_embedding_model):
+    from bert_compiler.core.errors import InputError
+
+    info = resolve_model(tiny_embedding_model)
+    with pytest.raises(InputError, match="top rung"):
+        Encoder(RecordingEngine(), info, max_length=32, batching=BatchingSpec(ladder=(8, 16)))
+
+
+@pytest.mark.e2e
+def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
+    info, out, _spec, _summary = tiny_run
+    encoder = Encoder.open(cpu_engine_dir(out), info)
+    batched = encoder.encode(TEXTS)["sentence_embedding"]
+    assert encoder.stats.rows == len(TEXTS) and encoder.stats.batches == 2
+    for i, text in enumerate(TEXTS[:6]):
+        single = encoder.engine.run(
+            {
+                k: v
+                for k, v in encoder.tokenize([text])
+                .matrices(encoder.engine.input_names, encoder.pad_id)
+                .items()
+            }
+        )["sentence_embedding"][0]
+        np.testing.assert_allclose(batched[i], single, atol=1e-5)
