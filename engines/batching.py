@@ -137,15 +137,20 @@ def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tu
     return tuple(sorted({max(MIN_ROW_TOKENS, length) for length in ladder}))
 
 
-def _round_up_rows(count: int, max_batch: int) -> int:
-    return min(max_batch, 1 << (count - 1).bit_length())
+def _row_cap(spec: BatchingSpec, length: int) -> int:
+    """Most rows of one batch padded to ``length``: a power of two with ``round_rows``, so that
+    full batches need no filler rows."""
+    cap = max(1, min(spec.max_batch, spec.token_budget // length))
+    return 1 << (cap.bit_length() - 1) if spec.round_rows else cap
 
 
 def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
     """Group rows of the given token lengths into batches (every row exactly once).
 
     Sorted rows are taken shortest first; a batch grows while it stays within ``max_batch`` rows
-    and ``token_budget`` padded positions at the rung of its longest row.
+    and ``token_budget`` padded positions at the rung of its longest row. With ``round_rows`` a
+    batch holds a power of two of rows, and the last one of a length is topped up with filler
+    rows to the next power of two.
     """
     spec.validate()
     sizes = np.asarray(lengths, dtype=np.int64)
@@ -153,19 +158,16 @@ def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
     batches: list[Batch] = []
     start = 0
     while start < len(order):
-        longest = 0
-        stop = start
-        while stop < len(order) and stop - start < spec.max_batch:
+        longest = int(sizes[order[start]])
+        stop = start + 1
+        while stop < len(order):
             candidate = max(longest, int(sizes[order[stop]]))
-            if (
-                stop > start
-                and (stop - start + 1) * rung(spec.ladder, candidate) > spec.token_budget
-            ):
+            if stop - start + 1 > _row_cap(spec, rung(spec.ladder, candidate)):
                 break
             longest, stop = candidate, stop + 1
         count = stop - start
-        size = _round_up_rows(count, spec.max_batch) if spec.round_rows else count
-        batches.append(Batch(order[start:stop], rung(spec.ladder, longest), max(size, count)))
+        size = 1 << (count - 1).bit_length() if spec.round_rows else count
+        batches.append(Batch(order[start:stop], rung(spec.ladder, longest), size))
         start = stop
     return batches
 

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The H100 benchmark of issue 13, run on the GPU machine from the repository root after the
+# onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (docs/benchmarks.md says how).
+#   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
+# For each model: random weights (scripts/random_encoder.py), `run` (export, simplify, fuse, fp16
+# ONNX Runtime CUDA engines with and without CUDA graphs, verify against PyTorch), then `bench`.
+set -euo pipefail
+like=$1 out=$2
+shift 2
+models=${*:-minilm bert-base}
+# bert_compiler is a namespace package made of the product folders (setuptools maps them at
+# install time; here links do it without pip).
+mkdir -p /tmp/bc/bert_compiler
+for part in core pipeline engines calibration; do ln -sfn "$PWD/$part" "/tmp/bc/bert_compiler/$part"; done
+export PYTHONPATH=/tmp/site:/tmp/bc PYTHONUNBUFFERED=1
+cli=(python3 -m bert_compiler.pipeline.cli)
+for model in $models; do
+  folder=/tmp/models/$model
+  extra=()
+  [ "$model" = bert-base ] && extra=(--bert-base)
+  python3 scripts/random_encoder.py --like "$like" --out "$folder" "${extra[@]}"
+  common=(--model "$folder" --out "$out/$model" --target cuda --precision fp16 --no-package
+          --metric-limit 300 --no-metric-gate -q)
+  "${cli[@]}" run "${common[@]}"
+  "${cli[@]}" run "${common[@]}" --cuda-graph
+  # shellcheck disable=SC2086 # BENCH_ARGS: extra bench options, split on spaces
+  "${cli[@]}" bench --model "$folder" --out "$out/$model" --json ${BENCH_ARGS:-} \
+    > "$out/$model/bench-stdout.json"
+done
