@@ -88,8 +88,8 @@ def rung(ladder: Sequence[int], length: int) -> int:
 
 
 def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tuple[int, ...]:
-    """The ladder of at most ``rungs`` lengths that pads a sample of real rows least, topped by
-    ``max_length`` (an exact 1-D partition of the length histogram by dynamic programming).
+    """The ladder of at most ``rungs`` lengths that pads a sample of real rows least, then rungs
+    1.5x apart up to ``max_length`` (an exact 1-D partition of the length histogram by dynamic programming).
 
     Raises:
         InputError: no lengths, fewer than one rung, or a length outside [1, max_length].
@@ -132,7 +132,12 @@ def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tu
         if k == 0:
             break
         j, k = int(choice[k][j]), k - 1
-    # A top rung at max_length, so that no row is ever refused.
+    # Above the longest row of the sample, rungs 1.5x apart up to max_length: unseen text has
+    # longer rows, and one rung at max_length would pad each of them to the full length.
+    top = ladder[0]
+    while top * 3 // 2 < max_length:
+        top = top * 3 // 2
+        ladder.append(top)
     ladder.append(max_length)
     return tuple(sorted({max(MIN_ROW_TOKENS, length) for length in ladder}))
 

@@ -21,7 +21,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ class BenchSpec:
         peer_batches: batch sizes of the peers (empty: 32 and 128 on a CPU; 32, 128, 512 and
             1024 on a GPU).
         fixed_shapes: (batch, sequence) shapes timed with all positions real.
+        runtime_batches: also run each engine through the runtime at these row limits (token
+            budget scaled with them), beside its default batching.
         peers: also run the peers (off: engines only).
         max_length: truncation length; None takes the model's.
     """
@@ -80,6 +82,7 @@ class BenchSpec:
     rounds: int = 3
     peer_batches: tuple[int, ...] = ()
     fixed_shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))
+    runtime_batches: tuple[int, ...] = ()
     peers: bool = True
     max_length: int | None = None
 
@@ -287,17 +290,27 @@ def run_bench(
     for name, engine in engines:
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
-        encoder = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer)
-        encoder.time_batches = True
-        ladder = f", ladder {list(encoder.batching.ladder)}" if encoder.batching.ladder else ""
-        runners.append(
-            _engine_runner(
-                f"{name} (runtime)",
-                f"length-sorted, <= {encoder.batching.max_batch} rows, "
-                f"<= {encoder.batching.token_budget} tokens{ladder}",
-                encoder,
-            )
+        encoder = Encoder(
+            engine, info, max_length=max_length, tokenizer=tokenizer, time_batches=True
         )
+        default = encoder.batching
+        variants = [
+            replace(
+                default, max_batch=b, token_budget=b * default.token_budget // default.max_batch
+            )
+            for b in spec.runtime_batches
+            if b != default.max_batch
+        ]
+        for batching in [default, *variants]:
+            ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
+            runners.append(
+                _engine_runner(
+                    f"{name} (runtime)",
+                    f"length-sorted, <= {batching.max_batch} rows, "
+                    f"<= {batching.token_budget} tokens{ladder}",
+                    encoder.with_batching(batching),
+                )
+            )
         baseline = 128 if on_gpu else 32
         runners.append(
             _feeds_runner(

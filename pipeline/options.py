@@ -658,6 +658,12 @@ class BenchOptions(OptionGroup):
                 "('' for none).",
             ),
             click.option(
+                "--runtime-batches",
+                default=None,
+                help="Comma-separated row limits at which each engine also runs through the "
+                "runtime, beside its default batching (token budget scaled alike).",
+            ),
+            click.option(
                 "--peers/--no-peers",
                 default=default_of(BenchSpec, "peers"),
                 show_default=True,
@@ -674,6 +680,9 @@ class BenchOptions(OptionGroup):
             rounds=values["rounds"],
             peer_batches=_int_list(values["peer_batches"]) if values["peer_batches"] else (),
             fixed_shapes=_shape_list(values["fixed_shapes"]),
+            runtime_batches=_int_list(values["runtime_batches"])
+            if values["runtime_batches"]
+            else (),
             peers=values["peers"],
             max_length=values["max_length"],
         )

@@ -65,6 +65,14 @@ class Tokens:
         index += np.arange(int(lengths.sum()))
         return Tokens(self.ids[index], self.type_ids[index], lengths)
 
+    def fill_and_values(self, name: str, pad_id: int) -> tuple[int, np.ndarray | int]:
+        """What graph input ``name`` holds at padded positions and at real ones."""
+        return {
+            "input_ids": (pad_id, self.ids),
+            "attention_mask": (0, 1),
+            "token_type_ids": (0, self.type_ids),
+        }[name]
+
     def matrices(
         self, input_names: Sequence[str], pad_id: int, width: int = 0
     ) -> dict[str, np.ndarray]:
@@ -74,15 +82,31 @@ class Tokens:
         valid = np.arange(longest)[None, :] < self.lengths[:, None]
         arrays = {}
         for name in input_names:
-            fill, values = {
-                "input_ids": (pad_id, self.ids),
-                "attention_mask": (0, 1),
-                "token_type_ids": (0, self.type_ids),
-            }[name]
+            fill, values = self.fill_and_values(name, pad_id)
             matrix = np.full(valid.shape, fill, dtype=np.int64)
             matrix[valid] = values
             arrays[name] = matrix
         return arrays
+
+    def device_matrices(
+        self, input_names: Sequence[str], pad_id: int, width: int
+    ) -> dict[str, Any]:
+        """The same as ``matrices``, built on the GPU: only the real tokens cross the bus
+        (through pinned memory), the padding is written there."""
+        import torch
+
+        def upload(array: np.ndarray):
+            return torch.from_numpy(array).pin_memory().to("cuda", non_blocking=True)
+
+        lengths = upload(self.lengths)
+        valid = torch.arange(width, device="cuda")[None, :] < lengths[:, None]
+        matrices = {}
+        for name in input_names:
+            fill, values = self.fill_and_values(name, pad_id)
+            matrix = torch.full(tuple(valid.shape), fill, dtype=torch.int64, device="cuda")
+            matrix[valid] = values if isinstance(values, int) else upload(values)
+            matrices[name] = matrix
+        return matrices
 
 
 def tokenize_rows(tokenizer, texts: Sequence[str], info: ModelInfo, max_length: int) -> Tokens:
@@ -238,12 +262,8 @@ class Encoder:
     def _run_gpu(self, tokens: Tokens, batches: list[Batch]) -> dict[str, Any]:
         import torch
 
-        host = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
-        # One pinned upload of the chunk, then every batch is a gather on the device.
-        device = {
-            name: torch.from_numpy(m).pin_memory().to("cuda", non_blocking=True)
-            for name, m in host.items()
-        }
+        # One upload of the chunk's tokens, then every batch is a gather on the device.
+        device = tokens.device_matrices(self.engine.input_names, self.pad_id, _width(batches))
         rows = torch.from_numpy(
             np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
         ).to("cuda", non_blocking=True)
@@ -255,7 +275,7 @@ class Encoder:
             index = rows[offset : offset + batch.size]
             offset += batch.size
             feeds = {
-                name: m.index_select(0, index)[:, : batch.length] for name, m in device.items()
+                name: m[:, : batch.length].index_select(0, index) for name, m in device.items()
             }
             outputs = self.engine.run_device(feeds)
             token_outputs = {}
