@@ -142,11 +142,24 @@ def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tu
     return tuple(sorted({max(MIN_ROW_TOKENS, length) for length in ladder}))
 
 
-def _row_cap(spec: BatchingSpec, length: int) -> int:
-    """Most rows of one batch padded to ``length``: a power of two with ``round_rows``, so that
+def _rungs(ladder: Sequence[int], lengths: np.ndarray) -> np.ndarray:
+    """``rung`` of every length at once."""
+    if not ladder:
+        return lengths
+    index = np.searchsorted(np.asarray(ladder), lengths, side="left")
+    if len(index) and index.max() == len(ladder):
+        rung(ladder, int(lengths.max()))  # raises, naming the row
+    return np.asarray(ladder, dtype=np.int64)[index]
+
+
+def _row_caps(spec: BatchingSpec, rungs: np.ndarray) -> np.ndarray:
+    """Most rows of one batch padded to each rung: a power of two with ``round_rows``, so that
     full batches need no filler rows."""
-    cap = max(1, min(spec.max_batch, spec.token_budget // length))
-    return 1 << (cap.bit_length() - 1) if spec.round_rows else cap
+    caps = np.maximum(1, np.minimum(spec.max_batch, spec.token_budget // rungs))
+    if spec.round_rows:
+        _mantissa, exponent = np.frexp(caps)  # caps = mantissa * 2**exponent, mantissa in [0.5, 1)
+        caps = np.left_shift(1, exponent - 1)
+    return caps
 
 
 def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
@@ -155,25 +168,24 @@ def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
     Sorted rows are taken shortest first; a batch grows while it stays within ``max_batch`` rows
     and ``token_budget`` padded positions at the rung of its longest row. With ``round_rows`` a
     batch holds a power of two of rows, and the last one of a length is topped up with filler
-    rows to the next power of two.
+    rows to the next power of two. Vectorised per batch: a runtime plans every call.
     """
     spec.validate()
     sizes = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(sizes, kind="stable") if spec.sort else np.arange(len(sizes))
+    rungs = _rungs(spec.ladder, sizes[order])
     batches: list[Batch] = []
     start = 0
     while start < len(order):
-        longest = int(sizes[order[start]])
-        stop = start + 1
-        while stop < len(order):
-            candidate = max(longest, int(sizes[order[stop]]))
-            if stop - start + 1 > _row_cap(spec, rung(spec.ladder, candidate)):
-                break
-            longest, stop = candidate, stop + 1
-        count = stop - start
+        window = min(spec.max_batch, len(order) - start)
+        # The rung of a batch of k rows is the largest rung among them; the k rows fit while
+        # k <= that rung's cap, which only shrinks as k grows.
+        longest = np.maximum.accumulate(rungs[start : start + window])
+        fits = np.arange(1, window + 1) <= _row_caps(spec, longest)
+        count = window if fits.all() else max(1, int(np.argmin(fits)))
         size = 1 << (count - 1).bit_length() if spec.round_rows else count
-        batches.append(Batch(order[start:stop], rung(spec.ladder, longest), size))
-        start = stop
+        batches.append(Batch(order[start : start + count], int(longest[count - 1]), size))
+        start += count
     return batches
 
 

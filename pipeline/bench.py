@@ -15,6 +15,7 @@ Benchmarks measure; the tests only check that the command works.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import platform
@@ -263,7 +264,7 @@ def _loadable_engines(folders: Sequence[Path], explicit: bool) -> list[tuple[str
                 raise
             log.warning("[bench] skipping %s: %s", folder.name, err)
             continue
-        loaded.append((folder.name, engine))
+        loaded.append((folder, engine))
     if not loaded:
         raise InputError("no engine under --out runs on this machine; pass --engine FOLDER")
     return loaded
@@ -286,14 +287,14 @@ def run_bench(
     tokenize_s = time.perf_counter() - started
     pad_id = int(tokenizer.pad_token_id or 0)
 
-    runners: list[_Runner] = []
-    for name, engine in engines:
+    # Factories: on a GPU each runner is made, measured and dropped in turn (fresh engine
+    # sessions), since the CUDA graphs and arenas of a dozen sessions at once crowd the GPU's
+    # memory and slow whichever runner allocates; on a CPU they alternate round by round.
+    factories: list[Callable[[], _Runner]] = []
+    for folder, engine in engines:
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
-        encoder = Encoder(
-            engine, info, max_length=max_length, tokenizer=tokenizer, time_batches=True
-        )
-        default = encoder.batching
+        default = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer).batching
         variants = [
             replace(
                 default, max_batch=b, token_budget=b * default.token_budget // default.max_batch
@@ -303,65 +304,46 @@ def run_bench(
         ]
         for batching in [default, *variants]:
             ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
-            runners.append(
-                _engine_runner(
-                    f"{name} (runtime)",
-                    f"length-sorted, <= {batching.max_batch} rows, "
-                    f"<= {batching.token_budget} tokens{ladder}",
-                    encoder.with_batching(batching),
+            factories.append(
+                lambda folder=folder, engine=engine, batching=batching, ladder=ladder: (
+                    _engine_runner(
+                        f"{folder.name} (runtime)",
+                        f"length-sorted, <= {batching.max_batch} rows, "
+                        f"<= {batching.token_budget} tokens{ladder}",
+                        Encoder(
+                            _fresh(folder, engine, on_gpu),
+                            info,
+                            max_length=max_length,
+                            batching=batching,
+                            tokenizer=tokenizer,
+                            time_batches=True,
+                        ),
+                    )
                 )
             )
-        baseline = 128 if on_gpu else 32
-        runners.append(
-            _feeds_runner(
-                f"{name} (fed in dataset order)",
-                engine.run_device if on_gpu else engine.run,
-                input_names=engine.input_names,
-                pad_id=pad_id,
-                batch=baseline,
-                sort=False,
-                on_gpu=on_gpu,
+        factories.append(
+            lambda folder=folder, engine=engine: _engine_in_order(
+                folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu
             )
         )
-    input_names = list(info.architecture.input_names)
     if spec.peers:
-        torch_run = _torch_runner(info, on_gpu)
-        label = "torch fp16 eager" if on_gpu else "torch fp32 eager"
-        batches = spec.peer_batches or ((32, 128, 512, 1024) if on_gpu else (32, 128))
-        common = {"input_names": input_names, "pad_id": pad_id, "on_gpu": on_gpu}
-        runners.append(
-            _feeds_runner(label, torch_run, batch=128 if on_gpu else 32, sort=False, **common)
-        )
-        for batch in batches:
-            runners.append(_feeds_runner(label, torch_run, batch=batch, sort=True, **common))
-        exported = layout.export / "model.onnx"
-        if exported.is_file():
-            plain = plain_ort_engine(info, exported, layout.root / "bench" / "peers", on_gpu)
-            label = (
-                "ORT fp16 + CUDA graphs (ORT's optimizer)"
-                if on_gpu
-                else "ORT fp32 (ORT's optimizer)"
-            )
-            run_plain = plain.run_device if on_gpu else plain.run
-            # With CUDA graphs every distinct padded shape keeps its own graph and buffers:
-            # small batches of exact lengths would make hundreds of them.
-            for batch in [b for b in batches if b >= 128] if on_gpu else batches:
-                runners.append(_feeds_runner(label, run_plain, batch=batch, sort=True, **common))
-        else:
-            log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
+        factories.extend(_peer_factories(info, layout, spec, pad_id, on_gpu))
 
-    # Warm-up: sessions, allocators, CUDA graphs of every shape.
-    for runner in runners:
-        runner.run(tokens)
-    for round_index in range(spec.rounds):
-        for runner in runners:
-            started = time.perf_counter()
-            batch_ms, runner.padding = runner.run(tokens)
-            if on_gpu:
-                torch.cuda.synchronize()
-            runner.rounds.append(time.perf_counter() - started)
-            runner.batch_ms.extend(batch_ms)
-        log.info("[bench] round %d/%d done", round_index + 1, spec.rounds)
+    runners: list[_Runner] = []
+    fixed: list[Measurement] = []
+    if on_gpu:
+        for make in factories:
+            runner = make()
+            _measure([runner], tokens, spec.rounds, on_gpu)
+            fixed.extend(_fixed_shapes(info, [runner], spec, max_length, on_gpu))
+            runner.run = runner.fixed = None  # type: ignore[assignment]
+            runners.append(runner)
+            gc.collect()
+            torch.cuda.empty_cache()
+    else:
+        runners = [make() for make in factories]
+        _measure(runners, tokens, spec.rounds, on_gpu)
+        fixed = _fixed_shapes(info, runners, spec, max_length, on_gpu)
 
     results = [
         Measurement(
@@ -396,16 +378,109 @@ def run_bench(
                 p99_ms=_percentile(runner.batch_ms, 99),
             )
         )
-    results.extend(_fixed_shapes(info, runners, spec, max_length, on_gpu))
+    results.extend(_dedupe_fixed(fixed))
     return {
         "ok": True,
         "device": _device(on_gpu),
+        "engine_load": "fresh engine per runner, measured in turn"
+        if on_gpu
+        else "runners alternate round by round",
         "sentences": len(tokens),
         "data": str(spec.data or datasets.STSB_DEV),
         "spec": {**asdict(spec), "data": str(spec.data) if spec.data else None},
         "versions": tool_versions(),
         "results": [asdict(r) for r in results],
     }
+
+
+def _fresh(folder: Path, loaded: Any, on_gpu: bool) -> Any:
+    """A newly loaded engine on a GPU (its graphs and arena go with the runner), else the one
+    already loaded."""
+    return load_engine(folder)[0] if on_gpu else loaded
+
+
+def _engine_in_order(name: str, engine: Any, pad_id: int, on_gpu: bool) -> _Runner:
+    """The engine fed as without the runtime: dataset order, each batch padded to its longest
+    row (batch 128 on a GPU, 32 on a CPU)."""
+    return _feeds_runner(
+        f"{name} (fed in dataset order)",
+        engine.run_device if on_gpu else engine.run,
+        input_names=engine.input_names,
+        pad_id=pad_id,
+        batch=128 if on_gpu else 32,
+        sort=False,
+        on_gpu=on_gpu,
+    )
+
+
+def _peer_factories(
+    info: ModelInfo, layout: Layout, spec: BenchSpec, pad_id: int, on_gpu: bool
+) -> list[Callable[[], _Runner]]:
+    """PyTorch in dataset order and length-sorted, and plain ONNX Runtime length-sorted."""
+    torch_run = _torch_runner(info, on_gpu)
+    label = "torch fp16 eager" if on_gpu else "torch fp32 eager"
+    batches = spec.peer_batches or ((32, 128, 512, 1024) if on_gpu else (32, 128))
+    common = {"input_names": list(info.architecture.input_names), "pad_id": pad_id}
+    common["on_gpu"] = on_gpu
+    factories: list[Callable[[], _Runner]] = [
+        lambda: _feeds_runner(label, torch_run, batch=128 if on_gpu else 32, sort=False, **common)
+    ]
+    for batch in batches:
+        factories.append(
+            lambda batch=batch: _feeds_runner(label, torch_run, batch=batch, sort=True, **common)
+        )
+    exported = layout.export / "model.onnx"
+    if not exported.is_file():
+        log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
+        return factories
+    folder = layout.root / "bench" / "peers"
+    plain_label = (
+        "ORT fp16 + CUDA graphs (ORT's optimizer)" if on_gpu else "ORT fp32 (ORT's optimizer)"
+    )
+    shared = None if on_gpu else plain_ort_engine(info, exported, folder, on_gpu)
+
+    def plain_runner(batch: int) -> _Runner:
+        plain = shared or plain_ort_engine(info, exported, folder, on_gpu)
+        run = plain.run_device if on_gpu else plain.run
+        return _feeds_runner(plain_label, run, batch=batch, sort=True, **common)
+
+    # With CUDA graphs every distinct padded shape keeps its own graph and buffers: small
+    # batches of exact lengths would make hundreds of them.
+    for batch in [b for b in batches if b >= 128] if on_gpu else batches:
+        factories.append(lambda batch=batch: plain_runner(batch))
+    return factories
+
+
+def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bool) -> None:
+    """A warm-up pass (sessions, allocators, CUDA graphs of every shape), then ``rounds`` timed
+    passes, alternating between ``runners``."""
+    import torch
+
+    for runner in runners:
+        runner.run(tokens)
+    for round_index in range(rounds):
+        for runner in runners:
+            started = time.perf_counter()
+            batch_ms, runner.padding = runner.run(tokens)
+            if on_gpu:
+                torch.cuda.synchronize()
+            runner.rounds.append(time.perf_counter() - started)
+            runner.batch_ms.extend(batch_ms)
+        log.info(
+            "[bench] %s: round %d/%d",
+            runners[0].name if len(runners) == 1 else "all",
+            round_index + 1,
+            rounds,
+        )
+
+
+def _dedupe_fixed(measurements: Sequence[Measurement]) -> list[Measurement]:
+    """One fixed-shape row per runner name and shape (an engine is several real-text runners),
+    ordered by shape."""
+    unique: dict[tuple, Measurement] = {}
+    for row in measurements:
+        unique.setdefault((row.batch, row.seq, row.runner), row)
+    return sorted(unique.values(), key=lambda row: (row.batch, row.seq))
 
 
 def _fixed_shapes(
