@@ -57,6 +57,9 @@ class BuildSpec:
         cuda_graph: ORT CUDA: capture and replay CUDA graphs per input shape.
         ort_tensorrt_provider: ORT CUDA: put ORT's TensorRT provider first.
         keep_float_ops: fp16: op types kept in float32 beyond the defaults (engines/fp16.py).
+        int8_weights: CPU ORT int8: ``s8`` (exact only with VNNI; without it ORT's u8 x s8 kernel
+            saturates, to be judged by verify), ``u8`` (exact everywhere, slower without VNNI)
+            or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 
@@ -69,6 +72,7 @@ class BuildSpec:
     cuda_graph: bool = False
     ort_tensorrt_provider: bool = False
     keep_float_ops: tuple[str, ...] = ()
+    int8_weights: str = "auto"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
     def validate(self) -> None:

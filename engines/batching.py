@@ -88,8 +88,9 @@ def rung(ladder: Sequence[int], length: int) -> int:
 
 
 def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tuple[int, ...]:
-    """The ladder of at most ``rungs`` lengths that pads a sample of real rows least, then rungs
-    1.5x apart up to ``max_length`` (an exact 1-D partition of the length histogram by dynamic programming).
+    """The ladder of at most ``rungs`` lengths that pads a sample of real rows least (an exact
+    1-D partition of the length histogram by dynamic programming), then rungs 1.5x apart up to
+    ``max_length``.
 
     Raises:
         InputError: no lengths, fewer than one rung, or a length outside [1, max_length].

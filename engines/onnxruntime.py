@@ -15,7 +15,7 @@ from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import Backend, BuildJob, BuildSpec, gpu_facts, register
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
-from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, weight_type_for_this_cpu
+from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, resolve_weight_type
 from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 ENGINE_FILE = "model.onnx"
@@ -384,6 +384,7 @@ class OnnxRuntimeBackend(Backend):
         return onnxruntime.__version__
 
     def check(self, spec: BuildSpec) -> None:
+        resolve_weight_type(spec.int8_weights)
         if spec.device == "cuda" and spec.precision == "int8":
             raise InputError(
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
@@ -391,7 +392,10 @@ class OnnxRuntimeBackend(Backend):
             )
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
-        # CUDA graphs and ORT's TensorRT provider exist only on the CUDA provider.
+        # CUDA graphs and ORT's TensorRT provider exist only on the CUDA provider, the INT8
+        # weight type only on the CPU int8 engine.
+        if spec.device != "cpu" or spec.precision != "int8":
+            spec = replace(spec, int8_weights="auto")
         return spec if spec.device == "cuda" else super().applicable(spec)
 
     def source_stage(self, spec: BuildSpec) -> str:
@@ -403,9 +407,15 @@ class OnnxRuntimeBackend(Backend):
         return [spec.device]
 
     def variants(self, spec: BuildSpec) -> list[str]:
+        # An explicit INT8 weight type names its engine, so that s8 and u8 engines of one model
+        # can be built, verified and benchmarked side by side; ``auto`` keeps the plain name.
         return [
             name
-            for name, on in (("cudagraph", spec.cuda_graph), ("trtep", spec.ort_tensorrt_provider))
+            for name, on in (
+                ("cudagraph", spec.cuda_graph),
+                ("trtep", spec.ort_tensorrt_provider),
+                (spec.int8_weights, spec.int8_weights != "auto"),
+            )
             if on
         ]
 
@@ -418,7 +428,7 @@ class OnnxRuntimeBackend(Backend):
             intra_op_num_threads=spec.intra_op_num_threads,
             lower_int8=int8,
             # Part of the build record: an engine built on a VNNI CPU differs from one without.
-            int8_weights=weight_type_for_this_cpu() if int8 else "s8",
+            int8_weights=resolve_weight_type(spec.int8_weights) if int8 else "s8",
             pack_tokens=spec.pack_tokens and spec.device == "cpu",
             fp16=spec.precision == "fp16",
             keep_float_ops=spec.keep_float_ops,
@@ -451,6 +461,9 @@ class OnnxRuntimeBackend(Backend):
             # Relative cache path: the record must not change when the output tree moves.
             "providers": provider_entries(options, Path(".")),
         }
+        if spec.int8_weights != "auto":
+            # What was asked for (it names the engine); the session records what it resolved to.
+            settings["int8_weights"] = spec.int8_weights
         return BuildJob(settings=settings, prepare=prepare, body=body)
 
     def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
@@ -478,6 +491,7 @@ class OnnxRuntimeBackend(Backend):
             cuda_graph=session.cuda_graph,
             ort_tensorrt_provider=session.tensorrt_provider,
             keep_float_ops=session.keep_float_ops,
+            int8_weights=spec.get("int8_weights", "auto"),
         )
 
     def kind_parts(self, spec: BuildSpec) -> list[str]:

@@ -21,8 +21,19 @@ _UINT8_ZERO = 128
 
 
 WEIGHT_TYPES = ("s8", "u8")
+# What a build may ask for: ``auto`` is weight_type_for_this_cpu().
+WEIGHT_CHOICES = ("auto", *WEIGHT_TYPES)
 # CPU flags (Linux /proc/cpuinfo) of the instructions that multiply u8 x s8 into int32 directly.
 _VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def resolve_weight_type(requested: str) -> str:
+    """The weight type a build asking for ``requested`` (one of WEIGHT_CHOICES) uses."""
+    if requested not in WEIGHT_CHOICES:
+        raise InputError(
+            f"--int8-weights {requested!r}: expected one of {', '.join(WEIGHT_CHOICES)}"
+        )
+    return weight_type_for_this_cpu() if requested == "auto" else requested
 
 
 def weight_type_for_this_cpu(cpuinfo: str | None = None) -> str:

@@ -29,6 +29,7 @@ from bert_compiler.core.targets import (
     plan_targets,
 )
 from bert_compiler.engines.backend import BuildSpec, get_backend
+from bert_compiler.engines.ort_int8 import WEIGHT_CHOICES
 from bert_compiler.engines.tensorrt_options import (
     BUILDER_OPTIMIZATION_LEVELS,
     HARDWARE_COMPATIBILITY,
@@ -430,6 +431,15 @@ class TargetOptions(OptionGroup):
                 "--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: replay CUDA graphs."
             ),
             click.option(
+                "--int8-weights",
+                type=click.Choice(WEIGHT_CHOICES),
+                default=default_of(BuildSpec, "int8_weights"),
+                show_default=True,
+                help="CPU INT8 engine weights: s8 (exact with VNNI; saturating without, judged "
+                "by verify), u8 (exact everywhere) or auto (s8 with VNNI, else u8). An explicit "
+                "choice names the engine (...-int8-s8), so both can be compared.",
+            ),
+            click.option(
                 "--ort-tensorrt-provider",
                 is_flag=True,
                 help="ONNX Runtime CUDA: put ORT's TensorRT provider first (needs TensorRT).",
@@ -509,6 +519,7 @@ class TargetOptions(OptionGroup):
                 **target,
                 intra_op_num_threads=values["threads"],
                 cuda_graph=values["cuda_graph"],
+                int8_weights=values["int8_weights"],
                 ort_tensorrt_provider=values["ort_tensorrt_provider"],
                 keep_float_ops=tuple(values["keep_float_ops"]),
                 tensorrt=tensorrt,

@@ -33,7 +33,8 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     args = ["bench", "--model", str(info.path), "--out", str(copy), "--limit", "40"]
-    args += ["--rounds", "2", "--peer-batches", "32", "--runtime-batches", "8", "--fixed-shapes", "2x16", "--json"]
+    args += ["--rounds", "2", "--peer-batches", "32", "--runtime-batches", "8"]
+    args += ["--fixed-shapes", "2x16", "--json"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
