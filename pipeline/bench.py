@@ -70,8 +70,9 @@ class BenchSpec:
         peer_batches: batch sizes of the peers (empty: 32 and 128 on a CPU; 32, 128, 512 and
             1024 on a GPU).
         fixed_shapes: (batch, sequence) shapes timed with all positions real.
-        runtime_batches: also run each engine through the runtime at these row limits (token
-            budget scaled with them), beside its default batching.
+        runtime_batches: also run each engine through the runtime at these (row limit, token
+            budget) pairs, beside its default batching; a budget of 0 scales the default's
+            budget with the row limit.
         peers: also run the peers (off: engines only).
         max_length: truncation length; None takes the model's.
     """
@@ -83,7 +84,7 @@ class BenchSpec:
     rounds: int = 3
     peer_batches: tuple[int, ...] = ()
     fixed_shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))
-    runtime_batches: tuple[int, ...] = ()
+    runtime_batches: tuple[tuple[int, int], ...] = ()
     peers: bool = True
     max_length: int | None = None
 
@@ -297,11 +298,13 @@ def run_bench(
         default = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer).batching
         variants = [
             replace(
-                default, max_batch=b, token_budget=b * default.token_budget // default.max_batch
+                default,
+                max_batch=rows,
+                token_budget=budget or rows * default.token_budget // default.max_batch,
             )
-            for b in spec.runtime_batches
-            if b != default.max_batch
+            for rows, budget in spec.runtime_batches
         ]
+        variants = [v for v in dict.fromkeys(variants) if v != default]
         for batching in [default, *variants]:
             ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
             factories.append(

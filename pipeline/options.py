@@ -607,6 +607,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _batching_list(text: str) -> tuple[tuple[int, int], ...]:
+    pairs = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        rows, _, budget = item.partition("x")
+        if not (rows.isdigit() and int(rows) >= 1 and (not budget or budget.isdigit())):
+            raise click.BadParameter(f"{item!r}: expected ROWS or ROWSxTOKENS, e.g. 1024x32768")
+        pairs.append((int(rows), int(budget or 0)))
+    return tuple(pairs)
+
+
 def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
     shapes = []
     for item in (i.strip() for i in text.split(",") if i.strip()):
@@ -671,8 +681,9 @@ class BenchOptions(OptionGroup):
             click.option(
                 "--runtime-batches",
                 default=None,
-                help="Comma-separated row limits at which each engine also runs through the "
-                "runtime, beside its default batching (token budget scaled alike).",
+                help="Comma-separated ROWS or ROWSxTOKENS: row limits (and token budgets) at which "
+                "each engine also runs through the runtime, beside its default batching (a "
+                "missing budget scales the default's), e.g. 1,1024x32768.",
             ),
             click.option(
                 "--peers/--no-peers",
@@ -691,9 +702,7 @@ class BenchOptions(OptionGroup):
             rounds=values["rounds"],
             peer_batches=_int_list(values["peer_batches"]) if values["peer_batches"] else (),
             fixed_shapes=_shape_list(values["fixed_shapes"]),
-            runtime_batches=_int_list(values["runtime_batches"])
-            if values["runtime_batches"]
-            else (),
+            runtime_batches=_batching_list(values["runtime_batches"] or ""),
             peers=values["peers"],
             max_length=values["max_length"],
         )

@@ -3,7 +3,8 @@
 # onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (docs/benchmarks.md says how).
 #   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
 # For each model: random weights (scripts/random_encoder.py), `run` (export, simplify, fuse, fp16
-# ONNX Runtime CUDA engines with and without CUDA graphs, verify against PyTorch), then `bench`.
+# ONNX Runtime CUDA engines with and without CUDA graphs, verify against PyTorch), then `bench`
+# (first on the calibration sentences with CHOOSE_ARGS when set, then on STS-B with BENCH_ARGS).
 set -euo pipefail
 like=$1 out=$2
 shift 2
@@ -23,6 +24,15 @@ for model in $models; do
           --metric-limit 300 --no-metric-gate -q)
   "${cli[@]}" run "${common[@]}"
   "${cli[@]}" run "${common[@]}" --cuda-graph
+  if [ -n "${CHOOSE_ARGS:-}" ]; then
+    # Batching candidates timed on the calibration sentences (where defaults are chosen), kept
+    # apart from the STS-B run that reports them.
+    # shellcheck disable=SC2086
+    "${cli[@]}" bench --model "$folder" --out "$out/$model" --json --no-peers --fixed-shapes '' \
+      --data calibration/data/calibration-sentences.tsv --min-sentences 12000 $CHOOSE_ARGS \
+      > "$out/$model/bench-choose-stdout.json"
+    rm -rf "$out/$model/bench-calibration" && mv "$out/$model/bench" "$out/$model/bench-calibration"
+  fi
   # shellcheck disable=SC2086 # BENCH_ARGS: extra bench options, split on spaces
   "${cli[@]}" bench --model "$folder" --out "$out/$model" --json ${BENCH_ARGS:-} \
     > "$out/$model/bench-stdout.json"

@@ -33,7 +33,7 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     args = ["bench", "--model", str(info.path), "--out", str(copy), "--limit", "40"]
-    args += ["--rounds", "2", "--peer-batches", "32", "--runtime-batches", "8"]
+    args += ["--rounds", "2", "--peer-batches", "32", "--runtime-batches", "8,32x4096"]
     args += ["--fixed-shapes", "2x16", "--json"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -53,7 +53,7 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
         ("torch fp32 eager", "fixed"),
     } <= set(runners)
     assert runners.count((name, "fixed")) == 1
-    assert runners.count((engine, "real")) == 2  # default batching and --runtime-batches 8
+    assert runners.count((engine, "real")) == 2  # default (also given as 32x4096) and 8
     assert any(r["batching"].startswith("length-sorted, <= 8 rows") for r in rows)
     for row in rows:
         assert row["sentences_per_s"] > 0 and row["tokens_per_s"] >= row["sentences_per_s"]
