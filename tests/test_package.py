@@ -23,6 +23,7 @@ from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import (
+    TRITON_LADDER_RUNGS,
     PackageSpec,
     VerifiedEngine,
     _batching,
@@ -179,7 +180,10 @@ def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(reposi
     slug = info.name
     configs = _configs(result.path)
     ladder = parse_ladder(configs[f"{slug}-tokenizer"].parameters["length_ladder"].string_value)
-    assert ladder == ladder_from_text(load_tokenizer(info), info, 128, CALIBRATION_SENTENCES)
+    fitted = ladder_from_text(
+        load_tokenizer(info), info, 128, CALIBRATION_SENTENCES, TRITON_LADDER_RUNGS
+    )
+    assert ladder == fitted
     assert ladder[-1] == 128 and len(ladder) > 2
     manifest = result.manifest
     assert tuple(manifest["spec"]["packages"][slug]["length_ladder"]) == ladder

@@ -102,6 +102,12 @@ _WARMUP_TEXT = (
 
 
 PADDINGS = ("ladder", "request")
+# Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
+# sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
+# Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
+# (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32:
+# 8 rungs 281 sentences/s, 12 257, 32 234, 4 228 (docs/benchmarks.md).
+TRITON_LADDER_RUNGS = 8
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
     "max_batch_size": (1, 4096),
@@ -129,7 +135,8 @@ class PackageSpec:
             longest texts have the same length: the behaviour before ladders).
         length_ladder: the rungs, ascending, the top one at the maximum length; filled by
             ``package`` from the bundled calibration sentences (engines/batching.py's
-            least-padding ladder, the one the runtime uses), never from evaluation text.
+            least-padding ladder with TRITON_LADDER_RUNGS fitted rungs), never from evaluation
+            text.
     """
 
     engines: tuple[str, ...] = ()
@@ -166,7 +173,11 @@ class PackageSpec:
             return self
         if not self.length_ladder:
             ladder = ladder_from_text(
-                load_tokenizer(info), info, max_length, datasets.CALIBRATION_SENTENCES
+                load_tokenizer(info),
+                info,
+                max_length,
+                datasets.CALIBRATION_SENTENCES,
+                TRITON_LADDER_RUNGS,
             )
             return replace(self, length_ladder=tuple(int(length) for length in ladder))
         if self.length_ladder[-1] < max_length:
