@@ -9,7 +9,7 @@ name.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -229,18 +229,50 @@ class Backend:
         return str(results["engine_file"])
 
     def triton_batching(
-        self, spec: Mapping[str, Any], *, max_batch_size: int, max_length: int, where: str
+        self,
+        spec: Mapping[str, Any],
+        *,
+        max_batch_size: int,
+        max_length: int,
+        where: str,
+        ladder: Sequence[int] = (),
+        token_budget: int = 0,
     ) -> TritonBatching:
-        """Triton's batching for a recorded engine.
+        """Triton's batching for a recorded engine whose requests come padded to the rungs of
+        ``ladder`` (empty: to any length up to ``max_length``).
+
+        By default the preferred batch sizes are, per rung, the rows that fill ``token_budget``
+        padded positions (a power of two, at most ``max_batch_size``): the batch the runtime
+        forms at that length. Triton's dynamic batcher joins only requests of one shape for
+        these backends, so requests of one rung batch together.
 
         Raises:
             InputError: the engine cannot take every batch and length Triton will send.
         """
-        return TritonBatching(max_batch_size, warmup_lengths=(min(max_length, 128),))
+        return TritonBatching(
+            max_batch_size,
+            preferred_batch_sizes=budget_batch_sizes(ladder, token_budget, max_batch_size),
+            warmup_lengths=(min(max_length, 128),),
+        )
 
     def triton_parameters(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         """Backend-specific parts of the Triton engine config (tc.EngineModel fields)."""
         return {}
+
+
+def budget_batch_sizes(
+    ladder: Sequence[int], token_budget: int, max_batch_size: int
+) -> tuple[int, ...]:
+    """Per rung of ``ladder``, the largest power-of-two row count whose padded positions stay
+    within ``token_budget`` (at least 1, at most ``max_batch_size``); empty without a ladder or
+    a budget."""
+    if not ladder or token_budget < 1:
+        return ()
+    sizes = set()
+    for length in ladder:
+        rows = max(1, min(max_batch_size, token_budget // length))
+        sizes.add(1 << (rows.bit_length() - 1))
+    return tuple(sorted(sizes))
 
 
 def gpu_facts(spec: BuildSpec) -> dict[str, Any]:

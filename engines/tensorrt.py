@@ -533,8 +533,17 @@ class TensorRTBackend(Backend):
         return str(results["network_file"])
 
     def triton_batching(
-        self, spec: Mapping[str, Any], *, max_batch_size: int, max_length: int, where: str
+        self,
+        spec: Mapping[str, Any],
+        *,
+        max_batch_size: int,
+        max_length: int,
+        where: str,
+        ladder: Sequence[int] = (),
+        token_budget: int = 0,
     ) -> TritonBatching:
+        # The profiles decide: their opt batches are the preferred sizes. Every rung of the
+        # ladder is a length up to max_length, which the check below covers.
         profiles = self.from_record(spec).tensorrt.profiles
         max_batch = min(p.max_batch for p in profiles)
         covered = 0

@@ -52,6 +52,7 @@ from bert_compiler.pipeline.models import (
 )
 from bert_compiler.pipeline.triton.package import (
     PACKAGE_LIMITS,
+    PADDINGS,
     PackageSpec,
     check_repository_target,
 )
@@ -575,6 +576,14 @@ class PackageOptions(OptionGroup):
                 show_default=True,
                 help="Real-token warmup requests when Triton loads an engine model.",
             ),
+            click.option(
+                "--tokenizer-padding",
+                type=click.Choice(PADDINGS),
+                default=default_of(PackageSpec, "padding"),
+                show_default=True,
+                help="Pad each request to a rung of the length ladder fitted to the calibration "
+                "sentences (requests of one rung batch together), or to its own longest text.",
+            ),
         ]
 
     def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
@@ -585,6 +594,7 @@ class PackageOptions(OptionGroup):
             instances=values["instances"],
             python_cpu_engine=values["python_cpu_engine"],
             warmup=values["warmup"],
+            padding=values["tokenizer_padding"],
         )
 
     def repository(self, values: Values) -> Path:

@@ -133,11 +133,14 @@ def tokenize_rows(tokenizer, texts: Sequence[str], info: ModelInfo, max_length: 
     return Tokens(flat, types, lengths)
 
 
-def ladder_from_text(tokenizer, info: ModelInfo, max_length: int, text_file: Path) -> tuple:
-    """The length ladder fitted to the first LADDER_SENTENCES sentences of ``text_file``."""
+def ladder_from_text(
+    tokenizer, info: ModelInfo, max_length: int, text_file: Path, rungs: int = LADDER_RUNGS
+) -> tuple:
+    """The length ladder of at most ``rungs`` fitted lengths (engines/batching.derive_ladder)
+    for the first LADDER_SENTENCES sentences of ``text_file``."""
     texts = list(islice(datasets.iter_texts(text_file), LADDER_SENTENCES))
     lengths = tokenize_rows(tokenizer, texts, info, max_length).lengths
-    return derive_ladder(lengths, max_length, LADDER_RUNGS)
+    return derive_ladder(lengths, max_length, rungs)
 
 
 @dataclass

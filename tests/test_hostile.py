@@ -168,6 +168,20 @@ def edited_config_with_its_hash_rewritten(out, model, tmp):
     return _gate(out, model, repository), 8, "not the config package writes"
 
 
+def edited_length_ladder_with_its_hash_rewritten(out, model, tmp):
+    # Every request padded to 128: valid for the engine, not the ladder package sealed.
+    repository = _packaged(out, model)
+    config = repository / f"{model.name}-tokenizer" / "config.pbtxt"
+    text = config.read_text()
+    start = text.index('string_value: "', text.index('key: "length_ladder"'))
+    end = text.index('"', start + len('string_value: "'))
+    config.write_text(text[:start] + 'string_value: "128' + text[end:])
+    manifest = json.loads((repository / "manifest.json").read_text())
+    manifest["outputs"][f"{model.name}-tokenizer/config.pbtxt"]["sha256"] = sha256_file(config)
+    (repository / "manifest.json").write_text(json.dumps(manifest))
+    return _gate(out, model, repository), 8, "not the config package writes"
+
+
 def extra_version_listed_in_the_manifest(out, model, tmp):
     # A version 2 with another engine, added to the manifest's outputs: Triton would serve it.
     repository = _packaged(out, model)
@@ -231,6 +245,7 @@ CASES = [
     config_of_the_wrong_type,
     tampered_repository,
     edited_config_with_its_hash_rewritten,
+    edited_length_ladder_with_its_hash_rewritten,
     extra_version_listed_in_the_manifest,
     renamed_engine_record,
     version_folder_linked_in,

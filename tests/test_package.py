@@ -16,10 +16,14 @@ from tritonclient.grpc import model_config_pb2
 from bert_compiler.core.artifacts import StageRecord, sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
+from bert_compiler.engines.backend import budget_batch_sizes
+from bert_compiler.engines.batching import rung
+from bert_compiler.pipeline.runtime import CPU_BATCHING, ladder_from_text
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import (
+    TRITON_LADDER_RUNGS,
     PackageSpec,
     VerifiedEngine,
     _batching,
@@ -29,7 +33,7 @@ from bert_compiler.pipeline.triton.package import (
     tokenizer_json,
 )
 from bert_compiler.pipeline.triton.repository import open_repository
-from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode
+from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode, parse_ladder
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
@@ -140,17 +144,100 @@ def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
     folder = result.path / f"{info.name}-tokenizer"
     config = _configs(result.path)[folder.name]
     assert config.parameters["max_length"].string_value == "128"
+    ladder = parse_ladder(config.parameters["length_ladder"].string_value)
     tokenizer = Tokenizer.from_file(str(folder / "1" / "tokenizer.json"))
     names = list(info.architecture.input_names)
-    expected = tokenize(load_tokenizer(info), HARD_TEXTS, info, 128)
-    actual = encode(tokenizer, HARD_TEXTS, names)
+    hf = load_tokenizer(info)
+    # Each text alone: padded to the rung that holds it, the pipeline's tokens first.
+    for text in HARD_TEXTS:
+        expected = tokenize(hf, [text], info, 128)
+        actual = encode(tokenizer, [text], names, ladder)
+        length = expected["input_ids"].shape[1]
+        width = rung(ladder, length)
+        assert actual["input_ids"].shape == (1, width)
+        for name in names:
+            np.testing.assert_array_equal(actual[name][:, :length], expected[name])
+            pad = hf.pad_token_id if name == "input_ids" else 0
+            assert (actual[name][:, length:] == pad).all()
+    assert encode(tokenizer, HARD_TEXTS, names, ladder)["input_ids"].shape == (len(HARD_TEXTS), 128)
+    # Without a ladder: padded to the longest text, exactly the pipeline's tensors.
+    expected = tokenize(hf, HARD_TEXTS[:4], info, 128)
+    actual = encode(tokenizer, HARD_TEXTS[:4], names)
     for name in names:
         np.testing.assert_array_equal(actual[name], expected[name])
-    assert actual["input_ids"].shape == (len(HARD_TEXTS), 128)  # truncated at max_length
     raw = np.array([[t.encode()] for t in HARD_TEXTS], dtype=object)
     assert decode_texts(raw) == HARD_TEXTS
     with pytest.raises(UnicodeDecodeError):
         decode_texts(np.array([[b"\xff\xfe"]], dtype=object))
+
+
+@pytest.mark.e2e
+def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(repository):
+    from bert_compiler.calibration.datasets import CALIBRATION_SENTENCES
+    from bert_compiler.pipeline.models import load_tokenizer
+
+    info, _out, result = repository
+    slug = info.name
+    configs = _configs(result.path)
+    ladder = parse_ladder(configs[f"{slug}-tokenizer"].parameters["length_ladder"].string_value)
+    fitted = ladder_from_text(
+        load_tokenizer(info), info, 128, CALIBRATION_SENTENCES, TRITON_LADDER_RUNGS
+    )
+    assert ladder == fitted
+    assert ladder[-1] == 128 and len(ladder) > 2
+    manifest = result.manifest
+    assert tuple(manifest["spec"]["packages"][slug]["length_ladder"]) == ladder
+    assert tuple(manifest["results"]["models"][f"{slug}-tokenizer"]["length_ladder"]) == ladder
+    # The onnxruntime backend batches one shape only: preferred sizes per rung, no ragged input.
+    engine = configs[f"{slug}-ort-cpu-fp32"]
+    preferred = budget_batch_sizes(ladder, CPU_BATCHING.token_budget, 64)
+    assert list(engine.dynamic_batching.preferred_batch_size) == list(preferred) != []
+    assert not any(i.allow_ragged_batch for i in engine.input)
+    # The Python-backend engine takes requests of every rung in one call.
+    python = configs[f"{slug}-ort-cpu-fp32-python"]
+    assert all(i.allow_ragged_batch for i in python.input) and len(python.input) == 3
+    assert list(python.dynamic_batching.preferred_batch_size) == list(preferred)
+
+
+@pytest.mark.e2e
+def test_request_padding_packages_per_request_padding(tiny_run, tmp_path):
+    info, out, _spec, _summary = tiny_run
+    spec = PackageSpec(python_cpu_engine=True, padding="request")
+    result = package(info=info, out=out, repository=tmp_path / "r", spec=spec)
+    configs = _configs(result.path)
+    tokenizer = configs[f"{info.name}-tokenizer"]
+    assert tokenizer.parameters["length_ladder"].string_value == ""
+    python = configs[f"{info.name}-ort-cpu-fp32-python"]
+    assert not any(i.allow_ragged_batch for i in python.input)
+    assert not python.dynamic_batching.preferred_batch_size
+    summary = verify_repository(
+        info=info, repository=result.path, out_root=tmp_path / "v", spec=TINY_VERIFY
+    )
+    assert summary["ok"] and summary["tokenizer"]["length_ladder"] == []
+
+
+def test_package_settings_are_checked():
+    with pytest.raises(InputError, match="--tokenizer-padding 'bucket'"):
+        PackageSpec(padding="bucket").validate()
+    with pytest.raises(InputError, match="needs --tokenizer-padding ladder"):
+        PackageSpec(padding="request", length_ladder=(16, 128)).validate()
+    with pytest.raises(InputError, match="ascending order"):
+        PackageSpec(length_ladder=(128, 16)).validate()
+    with pytest.raises(InputError, match="must reach the maximum length 128"):
+        PackageSpec(length_ladder=(16, 64)).with_ladder(None, 128)
+    assert PackageSpec(length_ladder=(16, 128)).with_ladder(None, 128).length_ladder == (16, 128)
+
+
+def test_preferred_batch_sizes_fill_the_token_budget_per_rung():
+    assert budget_batch_sizes((16, 32, 128), 4096, 64) == (32, 64)
+    assert budget_batch_sizes((16, 32, 128), 4096, 48) == (32,)
+    assert budget_batch_sizes((512,), 256, 64) == (1,)
+    assert budget_batch_sizes((), 4096, 64) == budget_batch_sizes((16,), 0, 64) == ()
+    cpu = replace(_gpu_engine("onnxruntime", ""), spec={"backend": "onnxruntime", "device": "cpu"})
+    spec = PackageSpec(length_ladder=(16, 32, 128))
+    assert _batching("k", cpu, spec, 128)[:2] == (64, [32, 64])
+    gpu = _gpu_engine("onnxruntime", "9.0")
+    assert _batching("k", gpu, spec, 128)[:2] == (64, [64])
 
 
 @pytest.mark.e2e

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 
 from bert_compiler.engines.backend import load_engine
+from bert_compiler.engines.batching import rung
 from bert_compiler.pipeline.models import load_tokenizer
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.pipeline.triton.tokenizer_model import parse_ladder
 from bert_compiler.pipeline.verify import torch_runner
 from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server, triton_server
@@ -60,10 +62,19 @@ def _text_input(module, texts):
 def test_tokenizer_model_serves_the_pipelines_tokens(served):
     info, _out, server, _ensemble = served
     expected = tokenize(load_tokenizer(info), TEXTS, info, info.max_length)
-    for module, client in _clients(server):
+    length = expected["input_ids"].shape[1]
+    clients = _clients(server)
+    config = clients[0][1].get_model_config(f"{info.name}-tokenizer")  # HTTP: a dict
+    ladder = parse_ladder(config["parameters"]["length_ladder"]["string_value"])
+    assert len(ladder) > 2
+    for module, client in clients:
         result = client.infer(f"{info.name}-tokenizer", [_text_input(module, TEXTS)])
         for name in info.architecture.input_names:
-            np.testing.assert_array_equal(result.as_numpy(name), expected[name])
+            got = result.as_numpy(name)
+            # The pipeline's tokens, then padding up to the rung that holds the longest text.
+            assert got.shape == (len(TEXTS), rung(ladder, length))
+            np.testing.assert_array_equal(got[:, :length], expected[name])
+            assert not got[:, length:].any()
 
 
 def test_ensemble_embeddings_match_the_engine_and_pytorch(served):
@@ -129,3 +140,110 @@ def test_client_example(served, protocol):
     embedding = np.array(outputs["sentence_embedding"])
     assert embedding.shape == (2, info.hidden_size)
     np.testing.assert_allclose(np.linalg.norm(embedding, axis=1), 1.0, atol=1e-5)
+
+
+def _stats(client, model, at_least: int = 0):
+    """(requests inferred, execute calls) of a model, once at least ``at_least`` requests are
+    counted (Triton updates its statistics just after it sends a response)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while True:
+        entry = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+        counts = int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+        if counts[0] >= at_least or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
+
+
+def test_requests_of_different_rungs_share_an_engine_call(served):
+    """Sentences of different padded lengths sent at once: the Python-backend engine runs
+    several in one execute call (the dynamic batcher joins requests of different shapes only
+    with ragged batching), and each answer is its own sentence's embedding."""
+    import queue
+
+    import tritonclient.grpc as grpc_client
+
+    info, out, server, ensemble = served
+    client = grpc_client.InferenceServerClient(server.grpc)
+    config = client.get_model_config(f"{info.name}-tokenizer", as_json=True)["config"]
+    ladder = parse_ladder(config["parameters"]["length_ladder"]["string_value"])
+    hf = load_tokenizer(info)
+    engine, _ = load_engine(cpu_engine_dir(out))
+    by_rung = {}
+    for words in range(1, 120):
+        feeds = tokenize(hf, ["word " * words], info, info.max_length)
+        by_rung.setdefault(rung(ladder, feeds["input_ids"].shape[1]), ("word " * words, feeds))
+    assert len(by_rung) >= 4, by_rung.keys()
+    texts = [text for text, _ in by_rung.values()]
+    expected = {
+        text: engine.run(feeds)["sentence_embedding"][0] for text, feeds in by_rung.values()
+    }
+    engine_model = f"{info.name}-ort-cpu-fp32-python"
+    answers: queue.Queue = queue.Queue()
+    for _burst in range(5):
+        before = _stats(client, engine_model)
+        for index, text in enumerate(texts):
+            client.async_infer(
+                ensemble,
+                [_text_input(grpc_client, [text])],
+                callback=lambda result, error, index=index: answers.put((index, result, error)),
+            )
+        for _ in texts:
+            index, result, error = answers.get(timeout=60)
+            assert error is None, error
+            got = result.as_numpy("sentence_embedding")
+            np.testing.assert_allclose(got[0], expected[texts[index]], atol=1e-5)
+        after = _stats(client, engine_model, at_least=before[0] + len(texts))
+        inferred, executed = after[0] - before[0], after[1] - before[1]
+        assert inferred == len(texts)
+        if executed < inferred:
+            break
+    assert executed < inferred, f"{inferred} requests of distinct shapes in {executed} calls"
+
+
+def _load(*args):
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "triton_load.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_load_generator_reports_throughput_and_latency(served):
+    info, _out, server, ensemble = served
+    result = _load(
+        "--url", server.grpc, "--model", ensemble, "--concurrency", "1,4", "--requests", 24,
+        "--warmup", 4, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["target"], r["concurrency"]) for r in summary["results"]] == [
+        ("server", 1),
+        ("server", 4),
+    ]
+    for row in summary["results"]:
+        assert row["completed"] == 24 and row["errors"] == 0 and not row["deadline_hit"]
+        assert row["sentences_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
+        assert row["engine_batch"] >= 1 and row["tokenizer_batch"] >= 1
+    assert "sent/s" in result.stdout.splitlines()[0]
+
+
+def test_load_generator_compares_repositories_on_their_own_servers(tiny_run, tmp_path):
+    info, out, _spec, _summary = tiny_run
+    repositories = {}
+    for padding in ("request", "ladder"):
+        repositories[padding] = tmp_path / padding
+        spec = PackageSpec(python_cpu_engine=True, padding=padding)
+        package(info=info, out=out, repository=repositories[padding], spec=spec)
+    ensemble = f"{info.name}-ort-cpu-fp32-python-text"
+    result = _load(
+        "--model", ensemble, "--repository", f"request={repositories['request']}",
+        "--repository", f"ladder={repositories['ladder']}", "--concurrency", "8",
+        "--requests", 32, "--warmup", 0, "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    assert [r["target"] for r in rows] == ["request", "ladder"]
+    assert all(r["completed"] == 32 and r["errors"] == 0 for r in rows)

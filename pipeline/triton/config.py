@@ -182,13 +182,26 @@ def python_config(
     max_batch_size: int,
     parameters: Mapping[str, str],
     instance_count: int = 1,
+    preferred_batch_sizes: Sequence[int] = (),
+    max_queue_delay_us: int = 0,
+    ragged: bool = False,
 ):
-    """The ModelConfig of a Python-backend model on CPU instances."""
+    """The ModelConfig of a Python-backend model on CPU instances.
+
+    Args:
+        ragged: let the dynamic batcher join requests whose inputs differ in shape
+            (``allow_ragged_batch`` on every input): for a model.py that handles each request's
+            tensors itself.
+    """
     config, pb2 = _new_config(name, max_batch_size, inputs, outputs)
     config.backend = "python"
     group = config.instance_group.add(count=instance_count)
     group.kind = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
     config.dynamic_batching.SetInParent()
+    config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
+    config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    for tensor in config.input:
+        tensor.allow_ragged_batch = ragged
     for key, value in sorted(parameters.items()):
         config.parameters[key].string_value = value
     return config

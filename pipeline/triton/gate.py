@@ -24,6 +24,7 @@ from bert_compiler.pipeline.triton.repository import (
     engine_tensors,
     open_repository,
 )
+from bert_compiler.pipeline.triton.tokenizer_model import LADDER_PARAMETER, parse_ladder
 from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
 
 
@@ -77,7 +78,12 @@ def verify_repository(
         if r["role"] == "tokenizer" and r["package"] == slug
     )
     max_length = tokenizer["max_length"]
-    check = tokenizer_mismatches(info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length)
+    # The ladder Triton will use: the tokenizer config's (the one package writes for the sealed
+    # settings, as checked above).
+    ladder = tokenizer_ladder(opened.path / tokenizer_name / tc.CONFIG_FILE)
+    check = tokenizer_mismatches(
+        info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length, ladder
+    )
     entries: list[dict[str, Any]] = []
     by_hash: dict[str, dict[str, Any]] = {}
     for name, record in opened.models.items():
@@ -153,10 +159,25 @@ def verify_repository(
             "model": tokenizer_name,
             "batches": check["batches"],
             "identical": tokenizer_ok,
+            "length_ladder": list(ladder),
             "mismatches": check["mismatches"],
         },
         "engines": entries,
     }
+
+
+def tokenizer_ladder(config_path: Path) -> tuple[int, ...]:
+    """The length ladder a tokenizer model's config.pbtxt gives it.
+
+    Raises:
+        ArtifactError: the parameter is not a ladder.
+    """
+    config = tc.parse(config_path.read_text(encoding="utf-8"), config_path)
+    text = config.parameters[LADDER_PARAMETER].string_value
+    try:
+        return parse_ladder(text)
+    except ValueError as err:
+        raise ArtifactError(f"{config_path}: {err}") from err
 
 
 def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[str]:
@@ -175,8 +196,10 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     settings = dict(manifest["spec"]["packages"][slug])
     try:
         settings["engines"] = tuple(settings.get("engines", ()))
+        settings["length_ladder"] = tuple(settings.get("length_ladder", ()))
         spec = PackageSpec(**settings)
-    except (TypeError, ValueError) as err:
+        spec.validate()
+    except (TypeError, ValueError, InputError) as err:
         return [f"{slug}: recorded package settings are not package's ({err})"]
     problems: list[str] = []
     engines: list[VerifiedEngine] = []

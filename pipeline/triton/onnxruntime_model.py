@@ -6,6 +6,12 @@ the engine's ``model.onnx``. The session is created with the graph optimization 
 count recorded in the config's parameters, which the packager takes from the engine's manifest.
 Triton's Python environment needs numpy and ``onnxruntime``; nothing is imported from Triton or
 ONNX Runtime until the model is loaded.
+
+All requests of one ``execute`` call run together: the requests of one padded length (the
+tokenizer model pads each to a rung of the length ladder) are concatenated and run as one batch,
+and each response gets its own rows back. The config lets Triton batch requests of different
+lengths (``allow_ragged_batch``: this backend hands each request's tensors over as they are), so
+one call holds every request that waited, one engine run per rung present.
 """
 
 from __future__ import annotations
@@ -35,27 +41,69 @@ class TritonPythonModel:
             ort.GraphOptimizationLevel, _LEVELS[parameters.get("graph_optimization_level", "all")]
         )
         options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
+        # The server, the tokenizer model's process and this one share the cores: threads that
+        # spin while idle after each run would take them from the requests still being decoded
+        # and tokenized. (A scheduling setting; the numbers are the same.)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(args["model_repository"]) / args["model_version"] / ENGINE_FILE
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
 
     def execute(self, requests):
-        import numpy as np
         import triton_python_backend_utils as pb_utils
 
-        responses = []
-        for request in requests:
-            feeds = {
-                name: np.ascontiguousarray(
-                    pb_utils.get_input_tensor_by_name(request, name).as_numpy(), dtype=np.int64
-                )
-                for name in self.input_names
-            }
-            outputs = self.session.run(self.output_names, feeds)
-            tensors = [
-                pb_utils.Tensor(name, value)
-                for name, value in zip(self.output_names, outputs, strict=True)
-            ]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
-        return responses
+        return run_grouped(
+            self.session,
+            self.input_names,
+            self.output_names,
+            [
+                {
+                    name: pb_utils.get_input_tensor_by_name(request, name).as_numpy()
+                    for name in self.input_names
+                }
+                for request in requests
+            ],
+            respond=lambda outputs: pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
+            ),
+            fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        )
+
+
+def run_grouped(session, input_names, output_names, feeds, *, respond, fail) -> list:
+    """One response per request's ``feeds``: requests whose inputs have the same shapes (one
+    padded length) are concatenated and run once, their output rows split back.
+
+    Args:
+        respond: makes a response from one request's outputs (name -> array).
+        fail: makes an error response from a message (the requests of a group ONNX Runtime
+            refused get it; the other groups still run).
+    """
+    import numpy as np
+
+    groups: dict[tuple, list[int]] = {}
+    for index, request in enumerate(feeds):
+        key = tuple(np.shape(request[name])[1:] for name in input_names)
+        groups.setdefault(key, []).append(index)
+    responses: list = [None] * len(feeds)
+    for members in groups.values():
+        batch = {
+            name: np.ascontiguousarray(
+                np.concatenate([feeds[i][name] for i in members]), dtype=np.int64
+            )
+            for name in input_names
+        }
+        try:
+            outputs = session.run(output_names, batch)
+        except Exception as err:  # ONNX Runtime's own error types; one group's requests fail
+            for index in members:
+                responses[index] = fail(f"ONNX Runtime refused the batch: {err}")
+            continue
+        rows = np.cumsum([len(feeds[i][input_names[0]]) for i in members])[:-1]
+        pieces = [np.split(value, rows) for value in outputs]
+        for position, index in enumerate(members):
+            responses[index] = respond(
+                {name: piece[position] for name, piece in zip(output_names, pieces, strict=True)}
+            )
+    return responses

@@ -32,10 +32,11 @@ import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.calibration import datasets
 from bert_compiler.core.artifacts import (
     ArtifactDir,
     StageRecord,
@@ -57,9 +58,11 @@ from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.outdir import require_writable
 from bert_compiler.core.stage import StageResult
 from bert_compiler.engines.backend import get_backend
+from bert_compiler.engines.batching import BatchingSpec, rung
 from bert_compiler.engines.onnxruntime import session_parameters
 from bert_compiler.pipeline.layout import Layout, model_slug
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
+from bert_compiler.pipeline.runtime import CPU_BATCHING, GPU_BATCHING, ladder_from_text
 from bert_compiler.pipeline.text import (
     parity_batches,
     parity_sentences,
@@ -77,7 +80,12 @@ from bert_compiler.pipeline.triton.repository import (
     package_outputs,
     repository_problems,
 )
-from bert_compiler.pipeline.triton.tokenizer_model import TEXT_INPUT, encode
+from bert_compiler.pipeline.triton.tokenizer_model import (
+    LADDER_PARAMETER,
+    TEXT_INPUT,
+    TextEncoder,
+    format_ladder,
+)
 
 log = logging.getLogger("bert_compile")
 
@@ -93,6 +101,13 @@ _WARMUP_TEXT = (
 )
 
 
+PADDINGS = ("ladder", "request")
+# Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
+# sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
+# Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
+# (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32:
+# 8 rungs 281 sentences/s, 12 257, 32 234, 4 228 (docs/benchmarks.md).
+TRITON_LADDER_RUNGS = 8
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
     "max_batch_size": (1, 4096),
@@ -114,6 +129,14 @@ class PackageSpec:
         python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
             backend, for Triton builds without the onnxruntime backend.
         warmup: run real-token warmup requests when Triton loads an engine model.
+        padding: how the tokenizer model pads a request: ``ladder``, to the shortest rung of
+            ``length_ladder`` that holds its longest text (requests of one rung batch together
+            in Triton); ``request``, to its own longest text (requests batch only when their
+            longest texts have the same length: the behaviour before ladders).
+        length_ladder: the rungs, ascending, the top one at the maximum length; filled by
+            ``package`` from the bundled calibration sentences (engines/batching.py's
+            least-padding ladder with TRITON_LADDER_RUNGS fitted rungs), never from evaluation
+            text.
     """
 
     engines: tuple[str, ...] = ()
@@ -122,6 +145,8 @@ class PackageSpec:
     instances: int = 1
     python_cpu_engine: bool = False
     warmup: bool = True
+    padding: str = "ladder"
+    length_ladder: tuple[int, ...] = ()
 
     def validate(self) -> None:
         for name, (low, high) in PACKAGE_LIMITS.items():
@@ -129,6 +154,38 @@ class PackageSpec:
             if not low <= value <= high:
                 flag = "--" + name.replace("_", "-")
                 raise InputError(f"{flag} {value}: expected {low} to {high}")
+        if self.padding not in PADDINGS:
+            raise InputError(
+                f"--tokenizer-padding {self.padding!r}: expected one of {', '.join(PADDINGS)}"
+            )
+        if self.padding == "request" and self.length_ladder:
+            raise InputError("a length ladder needs --tokenizer-padding ladder")
+        BatchingSpec(ladder=self.length_ladder).validate()
+
+    def with_ladder(self, info: ModelInfo, max_length: int) -> PackageSpec:
+        """This spec with its length ladder filled in (fitted to the bundled calibration
+        sentences) where padding is ``ladder`` and none is set.
+
+        Raises:
+            InputError: a set ladder whose top rung is below ``max_length``.
+        """
+        if self.padding != "ladder":
+            return self
+        if not self.length_ladder:
+            ladder = ladder_from_text(
+                load_tokenizer(info),
+                info,
+                max_length,
+                datasets.CALIBRATION_SENTENCES,
+                TRITON_LADDER_RUNGS,
+            )
+            return replace(self, length_ladder=tuple(int(length) for length in ladder))
+        if self.length_ladder[-1] < max_length:
+            raise InputError(
+                f"length ladder {list(self.length_ladder)}: its top rung must reach the maximum "
+                f"length {max_length} the engines were verified at"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -285,14 +342,21 @@ def _engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.Ten
 def _batching(
     kind: str, engine: VerifiedEngine, spec: PackageSpec, max_length: int
 ) -> tuple[int, list[int], list[str], list[int]]:
-    """(max_batch_size, preferred batch sizes, profile indices, warmup lengths) of a model.
+    """(max_batch_size, preferred batch sizes, profile indices, warmup lengths) of a model,
+    from its backend, the length ladder and the runtime's token budget for its device.
 
     Raises:
         InputError: TensorRT profiles that leave some batch from 1 to the model's largest, or
             some length up to what the tokenizer sends, without a profile.
     """
+    runtime = CPU_BATCHING if engine.spec["device"] == "cpu" else GPU_BATCHING
     batching = get_backend(engine.spec["backend"]).triton_batching(
-        engine.spec, max_batch_size=spec.max_batch_size, max_length=max_length, where=kind
+        engine.spec,
+        max_batch_size=spec.max_batch_size,
+        max_length=max_length,
+        where=kind,
+        ladder=spec.length_ladder,
+        token_budget=runtime.token_budget,
     )
     return (
         batching.max_batch_size,
@@ -326,13 +390,18 @@ def tokenizer_json(info: ModelInfo, max_length: int) -> str:
     return tokenizer.to_str()
 
 
-def tokenizer_mismatches(info: ModelInfo, tokenizer_file: Path, max_length: int) -> dict[str, Any]:
-    """Compare a tokenizer.json, run as the Triton tokenizer model runs it, with the pipeline's
-    tokenization on verify's parity batches (real sentences plus edge rows).
+def tokenizer_mismatches(
+    info: ModelInfo, tokenizer_file: Path, max_length: int, ladder: Sequence[int] = ()
+) -> dict[str, Any]:
+    """Compare a tokenizer.json, run as the Triton tokenizer model runs it (every batch as one
+    request, padded to the ``ladder`` rung of its longest text; and all batches in one execute
+    call, which must not change any of them), with the pipeline's tokenization padded to the
+    same rung, on verify's parity batches (real sentences plus edge rows).
 
     Returns:
         ``{"batches": N, "mismatches": [...]}``; empty mismatches means identical tensors.
     """
+    import numpy as np
     from tokenizers import Tokenizer
 
     try:
@@ -340,19 +409,31 @@ def tokenizer_mismatches(info: ModelInfo, tokenizer_file: Path, max_length: int)
     except Exception as err:  # tokenizers raises its own Exception subclass for a bad file
         raise InputError(f"{tokenizer_file}: not a tokenizer.json ({err})") from err
     hf = load_tokenizer(info)
-    sentences = parity_sentences()
     names = list(info.architecture.input_names)
-    batches = parity_batches(sentences, max_length)
+    batches = parity_batches(parity_sentences(), max_length)
+    encoder = TextEncoder(repository_tokenizer, names, ladder)
+    together = encoder.encode_requests(batches)
+    pad_values = {
+        "input_ids": hf.pad_token_id or 0,
+        "attention_mask": 0,
+        "token_type_ids": hf.pad_token_type_id,
+    }
     mismatches = []
     for index, texts in enumerate(batches):
         expected = tokenize(hf, texts, info, max_length)
-        actual = encode(repository_tokenizer, texts, names)
+        width = rung(ladder, expected["input_ids"].shape[1])
+        alone = encoder.encode(texts)
         for name in names:
-            if actual[name].shape != expected[name].shape or (actual[name] != expected[name]).any():
-                mismatches.append(
-                    f"batch {index} ({len(texts)} texts): {name} {actual[name].shape} differs "
-                    f"from the pipeline's {expected[name].shape}"
-                )
+            extra = width - expected[name].shape[1]
+            side = (extra, 0) if hf.padding_side == "left" else (0, extra)
+            wanted = np.pad(expected[name], ((0, 0), side), constant_values=pad_values[name])
+            for how, actual in (("alone", alone), ("batched", together[index])):
+                got = actual[name]
+                if got.shape != wanted.shape or (got != wanted).any():
+                    mismatches.append(
+                        f"batch {index} ({len(texts)} texts, {how}): {name} {got.shape} differs "
+                        f"from the pipeline's {wanted.shape}"
+                    )
     return {"batches": len(batches), "mismatches": mismatches}
 
 
@@ -396,6 +477,7 @@ def plan_repository(
             do not cover what the tokenizer sends.
     """
     slug = tc.check_name(model_slug(info.name), "model name")
+    spec = spec.with_ladder(info, engines[0].max_length)
     groups: dict[str, list[VerifiedEngine]] = {}
     for engine in engines:
         groups.setdefault(engine_kind(engine.spec), []).append(engine)
@@ -485,6 +567,7 @@ def _plan_python_engine(
     """The same CPU engine served by Triton's Python backend (onnxruntime inside model.py)."""
     name = tc.check_name(f"{engine_plan.name}-python", "model name")
     inputs, outputs = tc.tensor_specs(engine_plan.config)
+    batching = engine_plan.config.dynamic_batching
     config = tc.python_config(
         name=name,
         inputs=inputs,
@@ -492,6 +575,13 @@ def _plan_python_engine(
         max_batch_size=engine_plan.config.max_batch_size,
         instance_count=spec.instances,
         parameters=session_parameters(engine.spec.get("session", {}), python=True),
+        preferred_batch_sizes=list(batching.preferred_batch_size),
+        max_queue_delay_us=batching.max_queue_delay_microseconds,
+        # This backend hands model.py each request's tensors as they are, and model.py runs
+        # the requests of each padded length as one batch: requests of different rungs may
+        # share an execute call (the onnxruntime and tensorrt backends would need a graph
+        # taking 1-D concatenated tokens for that).
+        ragged=spec.padding == "ladder",
     )
     files = {
         f"{VERSION}/model.py": TEMPLATES["python-engine"],
@@ -505,21 +595,28 @@ def _plan_python_engine(
 def _plan_tokenizer(
     name: str, info: ModelInfo, max_length: int, *, max_batch: int, spec: PackageSpec
 ) -> _ModelPlan:
-    """TEXT -> the engines' int64 token inputs, with verify's truncation and padding."""
+    """TEXT -> the engines' int64 token inputs, truncated as verify did, padded to the rungs."""
     input_names = list(info.architecture.input_names)
+    # The ladder reaches max_length (PackageSpec.with_ladder): every truncated text fits.
+    ladder = spec.length_ladder
     config = tc.python_config(
         name=tc.check_name(name, "model name"),
         inputs=[TEXT],
         outputs=[tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names],
         max_batch_size=max_batch,
         instance_count=spec.instances,
-        parameters={"max_length": str(max_length)},
+        parameters={"max_length": str(max_length), LADDER_PARAMETER: format_ladder(ladder)},
     )
     files = {
         f"{VERSION}/model.py": TEMPLATES["tokenizer"],
         f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
     }
-    record = {"role": "tokenizer", "max_length": max_length, "inputs": input_names}
+    record = {
+        "role": "tokenizer",
+        "max_length": max_length,
+        "inputs": input_names,
+        "length_ladder": list(ladder),
+    }
     return _ModelPlan(name, "tokenizer", config, files, record)
 
 
@@ -629,6 +726,8 @@ def package(
     spec.validate()
     repository = Path(repository)
     engines = verified_engines(info=info, out=out, names=spec.engines)
+    # The ladder goes into the sealed settings: the gate plans again from exactly this one.
+    spec = spec.with_ladder(info, engines[0].max_length)
     slug = tc.check_name(model_slug(info.name), "model name")
     inputs = {
         "model": info.fingerprint(),
@@ -707,7 +806,10 @@ def package(
         try:
             outputs = _write(plans, staging)
             check = tokenizer_mismatches(
-                info, staging / tokenizer.name / VERSION / "tokenizer.json", engines[0].max_length
+                info,
+                staging / tokenizer.name / VERSION / "tokenizer.json",
+                engines[0].max_length,
+                spec.length_ladder,
             )
             if check["mismatches"]:
                 raise InputError(
@@ -732,6 +834,7 @@ def package(
         packages[slug] = {
             "model": {"name": info.name, "task": info.task},
             "tokenizer_check": {"batches": check["batches"], "identical": True},
+            "length_ladder": list(spec.length_ladder),
         }
         other_records = {
             n: r for n, r in previous["results"].get("models", {}).items() if n not in own

@@ -1,9 +1,16 @@
 """Triton Python-backend model: raw strings in, the engine's int64 token tensors out.
 
 `bert-compile package` copies this file verbatim to ``<model>-tokenizer/1/model.py`` beside the
-``tokenizer.json`` it loads. Truncation and padding are stored inside that tokenizer.json (set by
-the packager to exactly what verify used), so this file has no tokenization settings of its own,
-and `verify --repository` checks the same file against the pipeline's tokenizer.
+``tokenizer.json`` it loads. Truncation and the padding values (pad id, pad type id, side) are
+stored inside that tokenizer.json (set by the packager to exactly what verify used); how far a
+request is padded is the config's ``length_ladder`` parameter: every request is padded to the
+shortest rung that holds its longest text, so requests of one rung have one shape and Triton's
+dynamic batcher can batch them (an empty ladder: each request padded to its own longest text).
+`verify --repository` checks the same file and ladder against the pipeline's tokenizer.
+
+All requests of one ``execute`` call are tokenized in one ``encode_batch`` (the tokenizers
+library spreads it over threads); each request is then padded on its own, so its shape never
+depends on the requests Triton batched with it.
 
 Triton's Python environment needs numpy and ``tokenizers``. This module imports neither Triton's
 ``triton_python_backend_utils`` nor ``tokenizers`` at import time, so it can be tested anywhere.
@@ -11,13 +18,17 @@ Triton's Python environment needs numpy and ``tokenizers``. This module imports 
 
 from __future__ import annotations
 
+import bisect
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_INPUT = "TEXT"
+# The config parameter holding the padded lengths, ascending, comma-separated ("" for none).
+LADDER_PARAMETER = "length_ladder"
 _ENCODING_FIELDS = {
     "input_ids": "ids",
     "attention_mask": "attention_mask",
@@ -36,40 +47,152 @@ def decode_texts(raw: np.ndarray) -> list[str]:
     ]
 
 
-def encode(tokenizer, texts: list[str], output_names: list[str]) -> dict[str, np.ndarray]:
-    """Token tensors [batch, longest] for ``texts``, padded and truncated as tokenizer.json says."""
-    encodings = tokenizer.encode_batch(texts)
-    return {
-        name: np.array([getattr(e, _ENCODING_FIELDS[name]) for e in encodings], dtype=np.int64)
-        for name in output_names
-    }
+def format_ladder(ladder: Sequence[int]) -> str:
+    """The ``length_ladder`` parameter's text of a ladder."""
+    return ",".join(str(int(length)) for length in ladder)
+
+
+def parse_ladder(text: str) -> tuple[int, ...]:
+    """A ``length_ladder`` parameter's lengths (empty text: no ladder).
+
+    Raises:
+        ValueError: not distinct integers >= 1 in ascending order.
+    """
+    ladder = tuple(int(item) for item in text.split(",")) if text.strip() else ()
+    if list(ladder) != sorted(set(ladder)) or (ladder and ladder[0] < 1):
+        raise ValueError(f"length ladder {text!r}: expected ascending distinct lengths >= 1")
+    return ladder
+
+
+def padded_length(ladder: Sequence[int], longest: int) -> int:
+    """The shortest rung that holds ``longest`` tokens (``longest`` itself without a ladder).
+    The same rule as bert_compiler.engines.batching.rung, repeated because this file runs inside
+    Triton, where bert-compiler is not installed.
+
+    Raises:
+        ValueError: the row is longer than the top rung.
+    """
+    if not ladder:
+        return longest
+    index = bisect.bisect_left(ladder, longest)
+    if index == len(ladder):
+        raise ValueError(f"a text of {longest} tokens is longer than the top rung {ladder[-1]}")
+    return int(ladder[index])
+
+
+class TextEncoder:
+    """Texts -> int64 token matrices [rows, padded length], as the Triton model sends them.
+
+    Works on a copy of ``tokenizer`` with its own padding switched off (its pad id, pad type id
+    and side are kept): each request is padded here, to a ladder rung.
+    """
+
+    def __init__(self, tokenizer, output_names: Sequence[str], ladder: Sequence[int] = ()):
+        padding = tokenizer.padding or {}
+        self.pad_values = {
+            "input_ids": int(padding.get("pad_id", 0)),
+            "attention_mask": 0,
+            "token_type_ids": int(padding.get("pad_type_id", 0)),
+        }
+        self.left = padding.get("direction", "right") == "left"
+        self.tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self.tokenizer.no_padding()
+        self.output_names = list(output_names)
+        self.ladder = tuple(ladder)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token tensors of one request's texts."""
+        return self.encode_requests([texts])[0]
+
+    def encode_requests(self, requests: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
+        """Token tensors per request, every text tokenized in one batch, each request padded to
+        the rung of its own longest text.
+
+        Raises:
+            ValueError: a request's longest text is longer than the ladder's top rung.
+        """
+        return [self.pad(rows) for rows in self.tokenize(requests)]
+
+    def tokenize(self, requests: Sequence[Sequence[str]]) -> list[list]:
+        """Every request's encodings (unpadded), all texts tokenized in one batch."""
+        texts = [text for request in requests for text in request]
+        encodings = self.tokenizer.encode_batch(texts) if texts else []
+        grouped, start = [], 0
+        for request in requests:
+            grouped.append(encodings[start : start + len(request)])
+            start += len(request)
+        return grouped
+
+    def pad(self, rows) -> dict[str, np.ndarray]:
+        """One request's encodings as matrices padded to the rung of its longest row.
+
+        Raises:
+            ValueError: the longest row is longer than the ladder's top rung.
+        """
+        lengths = np.fromiter((len(row.ids) for row in rows), dtype=np.int64, count=len(rows))
+        width = padded_length(self.ladder, int(lengths.max()) if len(rows) else 1)
+        positions = np.arange(width)[None, :]
+        if self.left:
+            valid = positions >= width - lengths[:, None]
+        else:
+            valid = positions < lengths[:, None]
+        arrays = {}
+        for name in self.output_names:
+            field = _ENCODING_FIELDS[name]
+            matrix = np.full(valid.shape, self.pad_values[name], dtype=np.int64)
+            # Row-major order of the valid positions is each row's tokens in order, either side.
+            matrix[valid] = np.fromiter(
+                (value for row in rows for value in getattr(row, field)),
+                dtype=np.int64,
+                count=int(lengths.sum()),
+            )
+            arrays[name] = matrix
+        return arrays
+
+
+def encode(
+    tokenizer, texts: list[str], output_names: list[str], ladder: Sequence[int] = ()
+) -> dict[str, np.ndarray]:
+    """Token tensors [batch, padded length] for one request's ``texts``, truncated as
+    tokenizer.json says and padded to the ladder rung of the longest (to the longest itself
+    without a ladder)."""
+    return TextEncoder(tokenizer, output_names, ladder).encode(texts)
 
 
 class TritonPythonModel:
-    """Each request is tokenized on its own, so its padded length never depends on the other
-    requests Triton batched with it."""
+    """Every request of one execute call is tokenized in one batch and padded on its own."""
 
     def initialize(self, args):
         from tokenizers import Tokenizer
 
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        self.output_names = [output["name"] for output in config["output"]]
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.encoder = TextEncoder(
+            Tokenizer.from_file(str(folder / TOKENIZER_FILE)),
+            [output["name"] for output in config["output"]],
+            parse_ladder(parameters.get(LADDER_PARAMETER, "")),
+        )
 
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
-        responses = []
-        for request in requests:
+        responses: list = [None] * len(requests)
+        decoded: dict[int, list[str]] = {}
+        for index, request in enumerate(requests):
             raw = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT).as_numpy()
             try:
-                texts = decode_texts(raw)
+                decoded[index] = decode_texts(raw)
             except UnicodeDecodeError as err:
                 error = pb_utils.TritonError(f"{TEXT_INPUT} must be UTF-8 text ({err})")
-                responses.append(pb_utils.InferenceResponse(error=error))
+                responses[index] = pb_utils.InferenceResponse(error=error)
+        tokenized = self.encoder.tokenize(list(decoded.values()))
+        for index, rows in zip(decoded, tokenized, strict=True):
+            try:
+                arrays = self.encoder.pad(rows)
+            except ValueError as err:  # a tokenizer.json edited to truncate past the top rung
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
                 continue
-            arrays = encode(self.tokenizer, texts, self.output_names)
             tensors = [pb_utils.Tensor(name, array) for name, array in arrays.items()]
-            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
         return responses

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""Closed-loop load on a bert-compile Triton ensemble: sentences/s and latency per concurrency.
+
+Sends STS-B dev sentences (sentence1 and sentence2 of each pair, in file order), one per gRPC
+request, from N concurrent clients that each send the next sentence as soon as their previous
+answer arrives; a fixed number of requests per measurement, cut off at a deadline. Reports
+sentences/s, p50/p99 latency and how many requests the engine model ran per execute call (from
+Triton's statistics), as a table and, with --json, one JSON object on the last stdout line.
+
+Against a running server::
+
+    python scripts/triton_load.py --url localhost:8001 --model M-ort-cpu-fp32-python-text
+
+Before/after on one machine in one run: one tritonserver per repository (the CPU server the tests
+start, tests/triton_server.py), all running at once, measured in turn at each concurrency::
+
+    python scripts/triton_load.py --model M-ort-cpu-fp32-python-text \\
+        --repository request=/tmp/repo-request --repository ladder=/tmp/repo-ladder
+
+The first target is the baseline of the "vs" column. Exit status: 0, every request answered;
+1, a request failed or a server did not start; 2, bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Measurement:
+    target: str
+    concurrency: int
+    requests: int
+    completed: int
+    errors: int
+    deadline_hit: bool
+    seconds: float
+    sentences_per_s: float
+    p50_ms: float
+    p99_ms: float
+    engine_batch: float
+    tokenizer_batch: float
+    first_error: str = ""
+
+
+def stsb_sentences() -> list[str]:
+    """The STS-B dev sentences, both of each pair, in file order."""
+    from bert_compiler.calibration.datasets import load_stsb
+
+    pairs = load_stsb()
+    return [s for pair in zip(pairs.sentences1, pairs.sentences2, strict=True) for s in pair]
+
+
+class Target:
+    """One ensemble on one server, with the models whose statistics are read."""
+
+    def __init__(self, label: str, url: str, model: str):
+        self.label, self.url, self.model = label, url, model
+
+    async def open(self) -> None:
+        import tritonclient.grpc.aio as grpc_aio
+
+        self.client = grpc_aio.InferenceServerClient(self.url)
+        config = (await self.client.get_model_config(self.model, as_json=True))["config"]
+        steps = config.get("ensemble_scheduling", {}).get("step", [])
+        if len(steps) != 2:
+            raise ValueError(f"{self.model} is not a tokenizer -> engine ensemble")
+        self.tokenizer, self.engine = (step["model_name"] for step in steps)
+        metadata = await self.client.get_model_metadata(self.model, as_json=True)
+        self.output = metadata["outputs"][0]["name"]
+
+    async def counts(self, model: str) -> tuple[int, int]:
+        """(requests inferred, execute calls) of a model so far."""
+        stats = await self.client.get_inference_statistics(model, as_json=True)
+        entry = stats["model_stats"][0]
+        return int(entry.get("inference_count", 0)), int(entry.get("execution_count", 0))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+async def measure(
+    target: Target, texts: list[str], concurrency: int, requests: int, deadline_s: float
+) -> Measurement:
+    """Send ``requests`` sentences from ``concurrency`` closed-loop clients (none sent after
+    ``deadline_s``); each answer must hold one row."""
+    import tritonclient.grpc.aio as grpc_aio
+    from tritonclient.utils import InferenceServerException
+
+    before = {m: await target.counts(m) for m in (target.tokenizer, target.engine)}
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    started = time.perf_counter()
+    deadline = started + deadline_s
+    requested = [grpc_aio.InferRequestedOutput(target.output)]
+
+    async def client() -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            text = texts[issued % len(texts)]
+            issued += 1
+            data = np.array([[text.encode("utf-8")]], dtype=object)
+            tensor = grpc_aio.InferInput("TEXT", [1, 1], "BYTES")
+            tensor.set_data_from_numpy(data)
+            sent = time.perf_counter()
+            try:
+                result = await target.client.infer(
+                    target.model, [tensor], outputs=requested, client_timeout=deadline_s
+                )
+                rows = result.as_numpy(target.output).shape[0]
+                if rows != 1:
+                    raise InferenceServerException(f"{rows} rows for one sentence")
+            except InferenceServerException as err:
+                errors.append(str(err))
+                continue
+            latencies.append((time.perf_counter() - sent) * 1e3)
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    # Triton counts a request just after it answers it: wait (briefly) for the last ones.
+    settle = time.perf_counter() + 5
+    while True:
+        after = {m: await target.counts(m) for m in before}
+        counted = after[target.engine][0] - before[target.engine][0]
+        if counted >= len(latencies) or time.perf_counter() > settle:
+            break
+        await asyncio.sleep(0.02)
+
+    def per_execute(model: str) -> float:
+        inferred = after[model][0] - before[model][0]
+        executed = after[model][1] - before[model][1]
+        return round(inferred / executed, 2) if executed else 0.0
+
+    done = np.asarray(latencies) if latencies else np.zeros(1)
+    return Measurement(
+        target=target.label,
+        concurrency=concurrency,
+        requests=requests,
+        completed=len(latencies),
+        errors=len(errors),
+        deadline_hit=issued < requests,
+        seconds=round(seconds, 3),
+        sentences_per_s=round(len(latencies) / seconds, 2),
+        p50_ms=round(float(np.percentile(done, 50)), 2),
+        p99_ms=round(float(np.percentile(done, 99)), 2),
+        engine_batch=per_execute(target.engine),
+        tokenizer_batch=per_execute(target.tokenizer),
+        first_error=errors[0][:300] if errors else "",
+    )
+
+
+async def run(targets: list[Target], args: argparse.Namespace) -> list[Measurement]:
+    """Every concurrency on every target, in turn (targets alternate, so drift on a shared
+    machine hits them alike); with several rounds, the median round by sentences/s."""
+    texts = stsb_sentences()
+    for target in targets:
+        await target.open()
+        if args.warmup:
+            await measure(target, texts, min(8, args.warmup), args.warmup, args.deadline_s)
+    rounds: dict[tuple[str, int], list[Measurement]] = {}
+    for _ in range(args.rounds):
+        for concurrency in args.concurrency:
+            for target in targets:
+                result = await measure(target, texts, concurrency, args.requests, args.deadline_s)
+                rounds.setdefault((target.label, concurrency), []).append(result)
+    for target in targets:
+        await target.close()
+    results = []
+    for concurrency in args.concurrency:
+        for target in targets:
+            runs = sorted(rounds[(target.label, concurrency)], key=lambda m: m.sentences_per_s)
+            results.append(runs[len(runs) // 2])
+    return results
+
+
+def table(results: list[Measurement]) -> str:
+    baseline = {m.concurrency: m for m in results if m.target == results[0].target}
+    lines = [
+        f"{'target':<12} {'conc':>4} {'done':>9} {'sent/s':>9} {'vs':>6} {'p50 ms':>8} "
+        f"{'p99 ms':>8} {'engine batch':>12} {'tok batch':>9}"
+    ]
+    for m in results:
+        base = baseline[m.concurrency].sentences_per_s
+        ratio = f"{m.sentences_per_s / base:.2f}x" if base else "-"
+        done = f"{m.completed}/{m.requests}" + ("*" if m.deadline_hit else "")
+        lines.append(
+            f"{m.target:<12} {m.concurrency:>4} {done:>9} {m.sentences_per_s:>9.1f} {ratio:>6} "
+            f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {m.engine_batch:>12.2f} {m.tokenizer_batch:>9.2f}"
+        )
+    if any(m.deadline_hit for m in results):
+        lines.append("* stopped at the deadline: fewer requests than asked")
+    return "\n".join(lines)
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        values = []
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers >= 1, e.g. 1,8,32")
+    return values
+
+
+def _repository(text: str) -> tuple[str, Path]:
+    label, sep, path = text.partition("=")
+    if not sep or not label or not Path(path).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LABEL=FOLDER of a repository")
+    return label, Path(path)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="the ensemble, e.g. M-ort-cpu-fp32-text")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="gRPC host:port of a running server")
+    where.add_argument(
+        "--repository",
+        type=_repository,
+        action="append",
+        metavar="LABEL=FOLDER",
+        help="start a server on this repository (repeat to compare; the first is the baseline)",
+    )
+    parser.add_argument("--concurrency", type=_positive_ints, default=[1, 8, 32])
+    parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    parser.add_argument(
+        "--deadline-s", type=float, default=300.0, help="no request sent after this long"
+    )
+    parser.add_argument("--warmup", type=int, default=64, help="requests per target first")
+    parser.add_argument("--rounds", type=int, default=1, help="median of this many, alternated")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    args = parser.parse_args(argv)
+    if args.requests < 1 or args.rounds < 1 or args.warmup < 0 or args.deadline_s <= 0:
+        parser.error("--requests and --rounds must be >= 1, --warmup >= 0, --deadline-s > 0")
+    if args.repository and len({label for label, _ in args.repository}) != len(args.repository):
+        parser.error("--repository labels must differ")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from tritonclient.utils import InferenceServerException
+
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            targets = [Target("server", args.url, args.model)]
+        else:
+            sys.path.insert(0, str(REPO_ROOT))
+            from tests.triton_server import find_server, triton_server
+
+            files = find_server()
+            if isinstance(files, str):
+                print(f"triton_load: cannot start tritonserver: {files}", file=sys.stderr)
+                return 1
+            targets = []
+            for label, repository in args.repository:
+                workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                try:
+                    server = stack.enter_context(
+                        triton_server(files, repository, [args.model], workdir)
+                    )
+                except RuntimeError as err:
+                    first = str(err).splitlines()[0]
+                    print(f"triton_load: {label} ({repository}): {first}", file=sys.stderr)
+                    return 1
+                targets.append(Target(label, server.grpc, args.model))
+        try:
+            results = asyncio.run(run(targets, args))
+        except (InferenceServerException, ValueError, OSError) as err:
+            print(f"triton_load: {args.model}: {err}", file=sys.stderr)
+            return 1
+    print(table(results))
+    failed = [m for m in results if m.errors]
+    for m in failed:
+        print(
+            f"triton_load: {m.target} at concurrency {m.concurrency}: {m.errors} failed "
+            f"requests ({m.first_error})",
+            file=sys.stderr,
+        )
+    if args.json:
+        summary = {
+            "model": args.model,
+            "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
+            "cpus": _cpu_count(),
+            "requests": args.requests,
+            "rounds": args.rounds,
+            "results": [asdict(m) for m in results],
+        }
+        print(json.dumps(summary))
+    return 1 if failed else 0
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

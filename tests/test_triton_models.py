@@ -1,0 +1,208 @@
+"""The Python-backend models package copies into a Triton repository (pipeline/triton/
+tokenizer_model.py, onnxruntime_model.py), run in this process against a stand-in for Triton's
+triton_python_backend_utils: requests batched in one execute call, padded to a ladder rung, run
+once per padded length."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from bert_compiler.pipeline.triton import onnxruntime_model, tokenizer_model
+from bert_compiler.pipeline.triton.tokenizer_model import (
+    TextEncoder,
+    format_ladder,
+    padded_length,
+    parse_ladder,
+)
+
+NAMES = ["input_ids", "attention_mask", "token_type_ids"]
+VOCAB = {
+    "[PAD]": 0,
+    "[UNK]": 1,
+    "[CLS]": 2,
+    "[SEP]": 3,
+    **{w: 4 + i for i, w in enumerate("abcdefgh")},
+}
+
+
+def word_tokenizer(direction: str = "right", max_length: int = 10):
+    """A word-level tokenizer with [CLS] ... [SEP], truncation and padding, like package's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tokenizer = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.enable_truncation(max_length=max_length)
+    tokenizer.enable_padding(direction=direction, pad_id=0, pad_type_id=0, pad_token="[PAD]")
+    return tokenizer
+
+
+class FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, np.asarray(array)
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakeResponse:
+    def __init__(self, output_tensors=None, error=None):
+        self.tensors = {t.name: t.array for t in output_tensors or []}
+        self.error = error
+
+
+class FakeError:
+    def __init__(self, message):
+        self.message = message
+
+
+@pytest.fixture()
+def pb_utils(monkeypatch):
+    """A stand-in for triton_python_backend_utils: a request is a dict name -> array."""
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = FakeTensor
+    module.InferenceResponse = FakeResponse
+    module.TritonError = FakeError
+    module.get_input_tensor_by_name = lambda request, name: FakeTensor(name, request[name])
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    return module
+
+
+def _text_request(*texts: bytes) -> dict:
+    return {"TEXT": np.array([[t] for t in texts], dtype=object)}
+
+
+def test_each_request_is_padded_to_the_rung_of_its_longest_text():
+    encoder = TextEncoder(word_tokenizer(), NAMES, (4, 6, 10))
+    short, long_ = encoder.encode_requests([["a"], ["a b c", "d"]])
+    # [CLS] a [SEP] is 3 tokens: rung 4; the second request's longest is 5: rung 6.
+    np.testing.assert_array_equal(short["input_ids"], [[2, 4, 3, 0]])
+    np.testing.assert_array_equal(short["attention_mask"], [[1, 1, 1, 0]])
+    np.testing.assert_array_equal(long_["input_ids"], [[2, 4, 5, 6, 3, 0], [2, 7, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(long_["token_type_ids"], np.zeros((2, 6)))
+    # A request's tensors do not depend on what it was batched with.
+    for request, batched in zip([["a"], ["a b c", "d"]], (short, long_), strict=True):
+        alone = encoder.encode(request)
+        for name in NAMES:
+            np.testing.assert_array_equal(alone[name], batched[name])
+
+
+def test_left_padding_and_no_ladder():
+    encoder = TextEncoder(word_tokenizer("left"), NAMES, (6, 8))
+    result = encoder.encode(["a b", "c"])
+    np.testing.assert_array_equal(result["input_ids"], [[0, 0, 2, 4, 5, 3], [0, 0, 0, 2, 6, 3]])
+    np.testing.assert_array_equal(result["attention_mask"][1], [0, 0, 0, 1, 1, 1])
+    plain = TextEncoder(word_tokenizer(), NAMES).encode(["a b", "c"])
+    np.testing.assert_array_equal(plain["input_ids"], [[2, 4, 5, 3], [2, 6, 3, 0]])
+
+
+def test_the_callers_tokenizer_keeps_its_padding():
+    tokenizer = word_tokenizer()
+    TextEncoder(tokenizer, NAMES, (4, 10)).encode(["a"])
+    assert tokenizer.padding is not None and tokenizer.padding["pad_id"] == 0
+
+
+def test_a_text_longer_than_the_top_rung_is_refused():
+    # Only a tokenizer.json edited to truncate later than the ladder's top can get here.
+    encoder = TextEncoder(word_tokenizer(max_length=10), NAMES, (4, 6))
+    with pytest.raises(ValueError, match="longer than the top rung 6"):
+        encoder.encode(["a b c d e f"])
+
+
+@pytest.mark.parametrize("text", ["8,4", "4,4", "0,4", "a,b", "4,,8"])
+def test_a_malformed_ladder_parameter_is_refused(text):
+    with pytest.raises(ValueError):
+        parse_ladder(text)
+
+
+def test_ladder_parameter_round_trip():
+    assert parse_ladder(format_ladder((10, 16, 128))) == (10, 16, 128)
+    assert parse_ladder("") == () and format_ladder(()) == ""
+    assert padded_length((10, 16, 128), 11) == 16 and padded_length((), 11) == 11
+
+
+def test_tokenizer_model_tokenizes_every_request_of_a_call_at_once(pb_utils, tmp_path):
+    tokenizer = word_tokenizer()
+    (tmp_path / "1").mkdir()
+    tokenizer.save(str(tmp_path / "1" / "tokenizer.json"))
+    config = {
+        "output": [{"name": n} for n in NAMES],
+        "parameters": {"length_ladder": {"string_value": "4,6,10"}},
+    }
+    model = tokenizer_model.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(tmp_path),
+            "model_version": "1",
+        }
+    )
+    calls = []
+    real = model.encoder.tokenizer.encode_batch
+    model.encoder.tokenizer = types.SimpleNamespace(
+        encode_batch=lambda texts: calls.append(list(texts)) or real(texts)
+    )
+    responses = model.execute(
+        [_text_request(b"a"), _text_request(b"\xff\xfe"), _text_request(b"a b c", b"d")]
+    )
+    assert calls == [["a", "a b c", "d"]]
+    assert responses[0].tensors["input_ids"].shape == (1, 4)
+    assert "UTF-8" in responses[1].error.message and not responses[1].tensors
+    assert responses[2].tensors["input_ids"].shape == (2, 6)
+
+
+class CountingSession:
+    """An ORT session stand-in: the output row is the sum of the row's ids times its width."""
+
+    def __init__(self, refuse_width: int = 0):
+        self.calls: list[tuple[int, int]] = []
+        self.refuse_width = refuse_width
+
+    def run(self, output_names, feeds):
+        ids = feeds["input_ids"]
+        assert ids.dtype == np.int64 and ids.flags["C_CONTIGUOUS"]
+        self.calls.append(ids.shape)
+        if ids.shape[1] == self.refuse_width:
+            raise RuntimeError("invalid input")
+        return [ids.sum(axis=1, keepdims=True).astype(np.float32) * ids.shape[1]]
+
+
+def _feeds(rows: int, width: int, start: int) -> dict:
+    ids = np.arange(start, start + rows * width, dtype=np.int32).reshape(rows, width)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def _grouped(session, feeds):
+    return onnxruntime_model.run_grouped(
+        session,
+        ["input_ids", "attention_mask"],
+        ["out"],
+        feeds,
+        respond=lambda outputs: outputs,
+        fail=lambda message: message,
+    )
+
+
+def test_python_engine_runs_each_padded_length_once():
+    feeds = [_feeds(1, 4, 0), _feeds(2, 6, 10), _feeds(1, 4, 50), _feeds(3, 4, 70)]
+    session = CountingSession()
+    responses = _grouped(session, feeds)
+    assert sorted(session.calls) == [(2, 6), (5, 4)]
+    for request, response in zip(feeds, responses, strict=True):
+        ids = request["input_ids"]
+        expected = ids.sum(axis=1, keepdims=True) * ids.shape[1]
+        np.testing.assert_array_equal(response["out"], expected)
+
+
+def test_python_engine_fails_only_the_group_ort_refuses():
+    feeds = [_feeds(1, 4, 0), _feeds(1, 6, 10), _feeds(1, 4, 20)]
+    responses = _grouped(CountingSession(refuse_width=6), feeds)
+    assert "ONNX Runtime refused the batch: invalid input" in responses[1]
+    assert responses[0]["out"].shape == responses[2]["out"].shape == (1, 1)
