@@ -26,7 +26,7 @@ from bert_compiler.core.stage import StageResult
 from bert_compiler.core.targets import detect, plan_targets
 from bert_compiler.pipeline.build import ProfileText, build, engine_folder_name, resolve_build_spec
 from bert_compiler.pipeline.calibrate import calibrate
-from bert_compiler.pipeline.config import command_defaults
+from bert_compiler.pipeline.config import apply_config
 from bert_compiler.pipeline.doctor import diagnose, require_target
 from bert_compiler.pipeline.export import MODEL_FILE, export
 from bert_compiler.pipeline.fuse import fuse
@@ -126,9 +126,7 @@ FUSE = FuseOptions()
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
     """Turn a TOML config into this command's defaults (flags on the command line still win)."""
     if value is not None:
-        commands = ctx.find_root().command.commands
-        defaults = command_defaults(value, ctx.command, commands, ctx)
-        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+        apply_config(ctx, value)
     return value
 
 

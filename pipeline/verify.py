@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from bert_compiler.pipeline.text import (
 
 log = logging.getLogger("bert_compile")
 
+_TOLERANCE_LIMITS = {f.name for f in fields(Tolerance)}
 REPORT_FILE = "report.json"
 # How PyTorch's and ONNX Runtime's allocators say they ran out of memory.
 _OUT_OF_MEMORY = re.compile(
@@ -76,6 +77,9 @@ class VerifySpec:
         parity_data: TSV with a ``sentence`` column for parity (None: bundled SST-2 dev).
         metric_data: TSV for the task metric, STS-B columns for embedding models or SST-2
             columns for classifiers (None: the bundled dev set).
+        precision_limits: (precision, limit, value): a limit (max_abs_err, rel_l2_err,
+            min_cosine, max_metric_drop, min_metric_retention) for engines of that precision
+            only, winning over the three fields above (a config file's ``[int8]`` table).
     """
 
     precision: str = "fp32"
@@ -88,6 +92,10 @@ class VerifySpec:
     metric_limit: int | None = None
     parity_data: Path | None = None
     metric_data: Path | None = None
+    precision_limits: tuple[tuple[str, str, float], ...] = ()
+
+    def _own_limits(self) -> dict[str, float]:
+        return {k: v for precision, k, v in self.precision_limits if precision == self.precision}
 
     def parity_file(self) -> Path:
         return Path(self.parity_data) if self.parity_data else datasets.SST2_DEV
@@ -98,17 +106,17 @@ class VerifySpec:
         return datasets.SST2_DEV if info.task == "sequence-classification" else datasets.STSB_DEV
 
     def resolved_tolerance(self) -> Tolerance:
-        return replace(DEFAULT_TOLERANCES[self.precision], **dict(self.tolerance_overrides))
+        limits = dict(self.tolerance_overrides)
+        limits.update((k, v) for k, v in self._own_limits().items() if k in _TOLERANCE_LIMITS)
+        return replace(DEFAULT_TOLERANCES[self.precision], **limits)
 
     def resolved_metric_drop(self) -> float | None:
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return DEFAULT_MAX_METRIC_DROP[self.precision]
+        drop = self._own_limits().get("max_metric_drop", self.max_metric_drop)
+        return DEFAULT_MAX_METRIC_DROP[self.precision] if drop is None else drop
 
     def resolved_metric_retention(self) -> float | None:
-        if self.min_metric_retention is not None:
-            return self.min_metric_retention
-        return DEFAULT_MIN_METRIC_RETENTION[self.precision]
+        retention = self._own_limits().get("min_metric_retention", self.min_metric_retention)
+        return DEFAULT_MIN_METRIC_RETENTION[self.precision] if retention is None else retention
 
 
 @dataclass
