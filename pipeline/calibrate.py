@@ -24,6 +24,7 @@ from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
 from bert_compiler.calibration.ranges import METHODS, collect_histograms, compute_amax
 from bert_compiler.calibration.sensitivity import rank_sensitivity
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, save_onnx
@@ -155,8 +156,6 @@ def calibrate(
     Raises:
         InputError: bad calibration data or settings, or a graph with nothing to quantize.
     """
-    from tqdm import tqdm
-
     spec.validate()
     source = Path(source)
     max_length = resolve_max_length(info, spec.max_length)
@@ -201,9 +200,7 @@ def calibrate(
             activations,
             batches,
             bins=spec.bins,
-            progress=lambda it: tqdm(
-                it, total=len(batches), desc="calibrate", disable=None, leave=False
-            ),
+            progress=lambda it: progress.bar(it, total=len(batches), desc="calibrate"),
         )
         amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
         quantized, scales = insert_qdq(

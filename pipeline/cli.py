@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from bert_compiler.core import interrupts
+from bert_compiler.core import interrupts, progress
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
 from bert_compiler.core.lock import output_lock
@@ -38,6 +38,7 @@ from bert_compiler.pipeline.options import (
     MaxLengthOptions,
     ModelOptions,
     PackageOptions,
+    ProgressOptions,
     TargetOptions,
     TextOptions,
     VerifyOptions,
@@ -121,6 +122,7 @@ CALIBRATION = CalibrationOptions()
 TARGETS = TargetOptions()
 PACKAGE = PackageOptions()
 FUSE = FuseOptions()
+PROGRESS = ProgressOptions()
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
@@ -162,29 +164,35 @@ def stage_command(func):
         "stage outputs it names (export/model.onnx, ...) and deletes no file it did not write.",
     )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+    @uses(PROGRESS)
     @_json_option
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _configure_logging(kwargs["quiet"])
-        click.get_current_context().meta[_FORCE_KEY] = kwargs["force"]
-        out = Path(kwargs["out"])
-        # Before anything is written: never the root, the home folder, the model's parents or a
-        # user's folder.
-        created = claim_output(
-            out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out")
-        )
-        # A second command fails (or waits) naming the holder; then nothing of ours is cleaned
-        # up, since the folder is the holder's.
-        with output_lock(out, wait_s=kwargs["wait_lock"]):
-            try:
-                return func(*args, **kwargs)
-            except BaseException:
-                if created:
-                    # Under the lock: nobody else writes into the folder meanwhile.
-                    release_if_unused(out)
-                raise
+        progress.configure(PROGRESS.parse(kwargs))
+        with progress.logging_through_bars():
+            return _run_stage_command(func, args, kwargs)
 
     return wrapper
+
+
+def _run_stage_command(func, args, kwargs):
+    """A stage command's body, run with its output folder claimed and locked."""
+    click.get_current_context().meta[_FORCE_KEY] = kwargs["force"]
+    out = Path(kwargs["out"])
+    # Before anything is written: never the root, the home folder, the model's parents or a
+    # user's folder.
+    created = claim_output(out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out"))
+    # A second command fails (or waits) naming the holder; then nothing of ours is cleaned
+    # up, since the folder is the holder's.
+    with output_lock(out, wait_s=kwargs["wait_lock"]):
+        try:
+            return func(*args, **kwargs)
+        except BaseException:
+            if created:
+                # Under the lock: nobody else writes into the folder meanwhile.
+                release_if_unused(out)
+            raise
 
 
 def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:

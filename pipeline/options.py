@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,27 @@ class VerifyOptions(OptionGroup):
                 if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
                     limits.append((precision, self.LIMITS[name], float(value)))
         return tuple(limits)
+
+
+class ProgressOptions(OptionGroup):
+    """Progress bars on stderr -> whether to show them (every stage command)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--progress/--no-progress",
+                default=None,
+                help="Progress bars on stderr (default: when stderr is a terminal, without "
+                "--json and --quiet).",
+            )
+        ]
+
+    def parse(self, values: Values) -> bool:
+        if values["progress"] is not None:
+            return bool(values["progress"])
+        isatty = getattr(sys.stderr, "isatty", None)
+        terminal = bool(isatty and isatty())
+        return terminal and not values["as_json"] and not values["quiet"]
 
 
 class TextOptions(OptionGroup):

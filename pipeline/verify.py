@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.calibration import datasets
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
 from bert_compiler.core.errors import EnvironmentProblem, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
@@ -183,7 +184,6 @@ def compute_metric(
 ) -> MetricResult:
     """The task metric of one runner over the bundled dev set."""
     from scipy.stats import spearmanr
-    from tqdm import tqdm
 
     if info.task == "sequence-classification":
         if info.num_labels != 2:
@@ -193,9 +193,7 @@ def compute_metric(
         data = datasets.load_sst2(data_file)
         sentences, labels = data.sentences[:limit], np.asarray(data.labels[:limit])
         predictions = np.empty(len(sentences), dtype=np.int64)
-        for index, texts in tqdm(
-            list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
-        ):
+        for index, texts in progress.bar(list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label):
             feeds = tokenize(tokenizer, texts, info, max_length)
             predictions[index] = run(feeds)["logits"].argmax(axis=1)
         value = float((predictions == labels).mean() * 100)
@@ -204,9 +202,7 @@ def compute_metric(
     first, second = pairs.sentences1[:limit], pairs.sentences2[:limit]
     sentences = first + second
     embeddings: list[np.ndarray | None] = [None] * len(sentences)
-    for index, texts in tqdm(
-        list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
-    ):
+    for index, texts in progress.bar(list(_batched(sentences, METRIC_BATCH_SIZE)), desc=label):
         feeds = tokenize(tokenizer, texts, info, max_length)
         pooled = _embeddings(run(feeds), feeds, info)
         for i, row in zip(index, pooled, strict=True):
@@ -252,7 +248,6 @@ def run_verification(
     *, info: ModelInfo, engine_run: Runner, pooling_in_graph: bool, spec: VerifySpec
 ) -> VerifyOutcome:
     """Compare ``engine_run`` with PyTorch fp32 on the parity set, then both task metrics."""
-    from tqdm import tqdm
 
     max_length = resolve_max_length(info, spec.max_length)
     tokenizer = load_tokenizer(info)
@@ -261,9 +256,7 @@ def run_verification(
 
     sentences = parity_sentences(spec.parity_file(), spec.parity_sentences)
     parity: dict[str, OutputParity] = {}
-    for texts in tqdm(
-        parity_batches(sentences, max_length), desc="parity", disable=None, leave=False
-    ):
+    for texts in progress.bar(parity_batches(sentences, max_length), desc="parity"):
         feeds = tokenize(tokenizer, texts, info, max_length)
         compare_batch(parity, reference(feeds), engine_run(feeds), feeds["attention_mask"])
     parity_report = {name: entry.report(tolerance) for name, entry in parity.items()}

@@ -38,6 +38,7 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
     assert set(engine["metric"]) == {"name", "value"}
     assert summary["pytorch_fp32_metric"]["name"] == "stsb_spearman"
     assert Path(engine["path"]).is_file()
+    assert "%|" not in result.stderr  # --json: no progress bars unless --progress
 
 
 @pytest.mark.e2e
@@ -47,6 +48,9 @@ def test_stage_commands_chain(tiny_embedding_model, tmp_path):
         result = _invoke(stage, *common)
         assert result.exit_code == 0, result.output
         assert _last_json(result)["stage"] == stage
+        assert len(result.stdout.strip().splitlines()) == 1  # nothing but the JSON line
+    # onnxsim's own lines, captured and labelled.
+    assert "[simplify] Checking 0/3..." in _invoke("simplify", *common, "--force").stderr
     built = _invoke("build", *common)
     assert built.exit_code == 0, built.output
     (engine,) = _last_json(built)["engines"]
