@@ -34,6 +34,7 @@ from bert_compiler.pipeline.layout import Layout, find_engine
 from bert_compiler.pipeline.options import (
     CalibrationOptions,
     ExportOptions,
+    FallbackOptions,
     FuseOptions,
     MaxLengthOptions,
     ModelOptions,
@@ -42,7 +43,6 @@ from bert_compiler.pipeline.options import (
     TargetOptions,
     TextOptions,
     VerifyOptions,
-    default_of,
     input_option,
     out_option,
     precision_option,
@@ -122,6 +122,7 @@ CALIBRATION = CalibrationOptions()
 TARGETS = TargetOptions()
 PACKAGE = PackageOptions()
 FUSE = FuseOptions()
+FALLBACK = FallbackOptions()
 PROGRESS = ProgressOptions()
 
 
@@ -144,7 +145,8 @@ def stage_command(func):
         expose_value=False,
         callback=_load_config,
         help="TOML file of option values (keys are option names; [run], [build], ... tables "
-        "per command). Command-line options win.",
+        "per command; [fp32], [fp16], [int8] tables for one precision's gates). Command-line "
+        "options win.",
     )
     @uses(MODEL)
     @out_option("Output folder; each stage writes a subfolder.")
@@ -220,6 +222,18 @@ def _stage_file(folder: Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _float_ops_line(engine: dict[str, Any]) -> str:
+    """``\n  float_ops: 2/36 ...`` for an INT8 engine: its quantizable MatMuls left in float."""
+    float_ops = engine.get("float_ops")
+    if not float_ops:
+        return ""
+    line = f"\n  float_ops: {float_ops['float']}/{float_ops['total']} quantizable MatMuls in float"
+    fallback = engine.get("fallback")
+    if fallback and fallback["rounds"]:
+        line += f" (fallback: {fallback['rounds']} rounds, {fallback['seconds']:.0f}s)"
+    return line
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -444,10 +458,14 @@ def verify_command(
         spec=VERIFY.parse(values, precision or engine_precision),
         force=values["force"],
     )
+    # The engine's manifest was checked by verify; an INT8 one counts its float MatMuls.
+    float_ops = (ArtifactDir(engine_dir).read_manifest() or {}).get("results", {}).get("float_ops")
+    float_ops = float_ops and {k: float_ops[k] for k in ("float", "total")}
     _emit(
-        {**_stage_output(result), "ok": bool(result.results.get("passed"))},
+        {**_stage_output(result), "ok": bool(result.results.get("passed")), "float_ops": float_ops},
         values["as_json"],
-        f"report: {result.output(REPORT_FILE)}",
+        f"{'PASS' if result.results.get('passed') else 'FAIL'} {engine_dir}"
+        f"{_float_ops_line({'float_ops': float_ops})}\n  report: {result.output(REPORT_FILE)}",
     )
     require_passed(result)
 
@@ -531,14 +549,8 @@ def package_command(engines: tuple[str, ...], **values: Any) -> None:
     multiple=True,
     help="Engines to build; repeatable (default: fp32 on CPU, fp16 on GPU targets).",
 )
-@click.option(
-    "--fallback/--no-fallback",
-    default=default_of(RunSpec, "fallback"),
-    show_default=True,
-    help="int8: keep the most sensitive operators in float until the gate passes.",
-)
-@uses(FUSE, ExportOptions(opset=False))
-def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
+@uses(FALLBACK, FUSE, ExportOptions(opset=False))
+def run_command(make_package: bool, **values: Any) -> None:
     """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
     info = MODEL.parse(values)
     builds, notes = TARGETS.parse(values)
@@ -548,7 +560,7 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
         builds=builds,
         verify=VERIFY.parse(values),
         calibration=CALIBRATION.parse(values),
-        fallback=fallback,
+        fallback=FALLBACK.parse(values),
         profiles=TARGETS.parse_derivation(values),
         package=PACKAGE.parse(values) if make_package else None,
         repository=PACKAGE.repository(values) if make_package else None,
@@ -571,7 +583,7 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
             f"  parity min_cosine={engine['parity']['min_cosine']:.6f} "
             f"max_abs_err={engine['parity']['max_abs_err']:.2e}; "
             f"{metric['name']}={_fmt(metric['value'])} (PyTorch fp32 {_fmt(torch_value)})"
-            f"\n  report: {engine['report']}"
+            f"{_float_ops_line(engine)}\n  report: {engine['report']}"
         )
     if summary.get("repository"):
         lines.append(f"Triton repository: {summary['repository']['path']}")

@@ -41,6 +41,7 @@ from bert_compiler.engines.tensorrt_options import (
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.config import PerPrecisionOption, per_precision_values
 from bert_compiler.pipeline.export import ExportSpec
+from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.fuse import FuseSpec
 from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout
 from bert_compiler.pipeline.models import (
@@ -332,6 +333,32 @@ class VerifyOptions(OptionGroup):
                 if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
                     limits.append((precision, self.LIMITS[name], float(value)))
         return tuple(limits)
+
+
+class FallbackOptions(OptionGroup):
+    """The INT8 precision fallback -> FallbackSpec (run)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--fallback/--no-fallback",
+                default=default_of(FallbackSpec, "enabled"),
+                show_default=True,
+                help="int8: when the gate fails, keep the most sensitive MatMuls in float and "
+                "verify again.",
+            ),
+            click.option(
+                "--fallback-max-float",
+                type=click.FloatRange(0, 1),
+                default=default_of(FallbackSpec, "max_float"),
+                show_default=True,
+                help="int8: the largest fraction of the quantizable MatMuls that may end in "
+                "float; an engine that needs more fails.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> FallbackSpec:
+        return FallbackSpec(enabled=values["fallback"], max_float=values["fallback_max_float"])
 
 
 class ProgressOptions(OptionGroup):

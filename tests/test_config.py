@@ -147,6 +147,33 @@ def test_config_drives_a_run_and_flags_win(tiny_embedding_model, tmp_path):
     assert manifest["spec"]["session"]["intra_op_num_threads"] == 2  # the flag beat the file
 
 
+@pytest.mark.e2e
+def test_example_config_builds_a_real_int8_engine(tiny_embedding_model, tmp_path):
+    result = _invoke(
+        "run",
+        *("--config", EXAMPLE, "--model", tiny_embedding_model, "--out", tmp_path / "out"),
+        # Here: CPU engines, the tiny model's length, and no metric gate (a random model's
+        # metric means nothing, conftest.py).
+        *("--target", "cpu", "--no-package", "--no-metric-gate", "--metric-limit", "100"),
+        *("--num-samples", "64", "--max-length", "128", "--json"),
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    engines = {e["precision"]: e for e in summary["engines"]}
+    assert set(engines) == {"fp32", "int8"} and summary["ok"]
+    int8 = engines["int8"]
+    assert int8["passed"] and int8["float_ops"]["total"] == 12
+    assert int8["float_ops"]["float"] <= 0.25 * 12  # a real INT8 engine
+    # Each engine was judged by its own precision's gates from the file.
+    for precision, min_cosine, max_abs_err in (("fp32", 0.9999, 1e-3), ("int8", 0.90, None)):
+        report = json.loads(
+            Path(engines[precision]["report"]).with_name("manifest.json").read_text()
+        )
+        tolerance = report["spec"]["resolved_tolerance"]
+        assert tolerance["min_cosine"] == min_cosine
+        assert max_abs_err is None or tolerance["max_abs_err"] == max_abs_err
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
