@@ -269,13 +269,17 @@ class VerifyOptions(OptionGroup):
             return click.option(flag, type=float, default=None, help=help, cls=PerPrecisionOption)
 
         return [
-            limit("--max-abs-err", "Override the max abs error."),
-            limit("--max-rel-l2", "Override the relative L2 error."),
-            limit("--min-cosine", "Override the minimum cosine."),
-            limit("--max-metric-drop", "Largest task-metric drop (points) against PyTorch fp32."),
+            limit("--max-abs-err", "Max abs error, every precision (see --config)."),
+            limit("--max-rel-l2", "Relative L2 error, every precision (see --config)."),
+            limit("--min-cosine", "Minimum cosine, every precision (see --config)."),
+            limit(
+                "--max-metric-drop",
+                "Largest task-metric drop (points) against PyTorch fp32, every precision.",
+            ),
             limit(
                 "--min-metric-retention",
-                "Smallest fraction of PyTorch fp32's metric to keep (int8 default 0.995).",
+                "Smallest fraction of PyTorch fp32's metric to keep, every precision (int8 "
+                "default 0.995).",
             ),
             click.option(
                 "--metric-gate/--no-metric-gate",
