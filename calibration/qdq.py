@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -63,6 +64,43 @@ def quantizable_matmuls(model) -> list[QuantizableMatMul]:
         axis = 0 if node.op_type == "Gemm" and attrs.get("transB", 0) else 1
         found.append(QuantizableMatMul(node.name, node.input[0], node.input[1], axis))
     return found
+
+
+def float_matmuls(model) -> dict[str, Any] | None:
+    """Of a Q/DQ graph's MatMuls and Gemms with a 2-D weight, those running in float.
+
+    Returns:
+        ``{"float": k, "total": n, "float_nodes": [...]}``, where ``total`` counts the quantized
+        ones (weight from an INT8 DequantizeLinear) and the float ones that could have been
+        (constant float weight, quantizable_matmuls); None for a graph with no quantized MatMul.
+    """
+    from onnx import TensorProto
+
+    int8_weights = {
+        init.name
+        for init in model.graph.initializer
+        if init.data_type == TensorProto.INT8 and len(init.dims) == 2
+    }
+    dequantized = {
+        node.output[0]
+        for node in model.graph.node
+        if node.op_type == "DequantizeLinear" and node.input[0] in int8_weights
+    }
+    quantized = [
+        node.name
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm")
+        and len(node.input) > 1
+        and node.input[1] in dequantized
+    ]
+    if not quantized:
+        return None
+    floating = [m.node_name for m in quantizable_matmuls(model)]
+    return {
+        "float": len(floating),
+        "total": len(floating) + len(quantized),
+        "float_nodes": floating,
+    }
 
 
 def optional_inputs(model, op_types) -> list[tuple[str, int, str]]:

@@ -350,6 +350,40 @@ class ArtifactDir:
             return False
         return True
 
+    def reusable_output(
+        self, record: StageRecord, name: str, *, ignore: tuple[str, ...]
+    ) -> Path | None:
+        """Output ``name`` of the complete manifest in this folder, when that manifest is sealed,
+        was written by the running tool versions, and records the same inputs and settings as
+        ``record`` except the ``ignore`` keys of the spec: what a stage computed that those
+        settings do not change, reused instead of computed again. None otherwise.
+        """
+        try:
+            manifest = self.read_manifest()
+        except ArtifactError:
+            return None
+        if manifest is None or not manifest.get("complete") or not sealed(manifest):
+            return None
+        if manifest.get("stage") != record.stage or manifest.get("versions") != tool_versions():
+            return None
+
+        def kept(spec: Mapping[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in spec.items() if k not in ignore}
+
+        # Compared in canonical JSON: the manifest holds JSON values, the record Python ones.
+        if sha256_json(manifest["inputs"]) != sha256_json(record.inputs):
+            return None
+        if sha256_json(kept(manifest["spec"])) != sha256_json(kept(record.spec)):
+            return None
+        entry = manifest.get("outputs", {}).get(name)
+        if entry is None:
+            return None
+        try:
+            self.check_output(name, entry)
+        except ArtifactError:
+            return None
+        return self.output_path(name)
+
     def begin(self) -> None:
         """Mark the folder incomplete before any output is replaced, and clear old staging files."""
         try:

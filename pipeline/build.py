@@ -18,8 +18,9 @@ from itertools import islice
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
+from bert_compiler.calibration.qdq import float_matmuls
 from bert_compiler.core.artifacts import StageRecord
-from bert_compiler.core.onnx_io import onnx_input
+from bert_compiler.core.onnx_io import load_onnx, onnx_input
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
@@ -127,10 +128,11 @@ def build(
             **job.settings,
         },
     )
-    return run_stage(
-        record,
-        Path(out_dir),
-        lambda artifact: job.body(artifact.path),
-        force=force,
-        prepare=job.prepare,
-    )
+
+    def body(artifact):
+        outputs, results = job.body(artifact.path)
+        # An INT8 engine's quantizable MatMuls that stayed float (--keep-float, the fallback).
+        counted = float_matmuls(load_onnx(source)) if spec.precision == "int8" else None
+        return outputs, {**results, **({"float_ops": counted} if counted else {})}
+
+    return run_stage(record, Path(out_dir), body, force=force, prepare=job.prepare)

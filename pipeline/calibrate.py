@@ -23,9 +23,10 @@ from pathlib import Path
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
 from bert_compiler.calibration.ranges import METHODS, collect_histograms, compute_amax
-from bert_compiler.calibration.sensitivity import rank_sensitivity
-from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file
-from bert_compiler.core.errors import InputError
+from bert_compiler.calibration.sensitivity import Sensitivity, rank_sensitivity
+from bert_compiler.core import progress
+from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_write_text, input_file
+from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, save_onnx
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
@@ -35,7 +36,11 @@ log = logging.getLogger("bert_compile")
 
 MODEL_FILE = "model.onnx"
 SCALES_FILE = "scales.json"
+# Every calibrated activation's amax, also those of MatMuls kept in float: keep_float does not
+# change them, so a calibration that differs from the previous one only there reuses them.
+RANGES_FILE = "ranges.json"
 TRT_CACHE_FILE = "calibration.cache"
+OUTPUTS = (MODEL_FILE, SCALES_FILE, RANGES_FILE, TRT_CACHE_FILE)
 # The cache header names the algorithm; TensorRT only reads caches whose header it recognises.
 TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 
@@ -155,8 +160,6 @@ def calibrate(
     Raises:
         InputError: bad calibration data or settings, or a graph with nothing to quantize.
     """
-    from tqdm import tqdm
-
     spec.validate()
     source = Path(source)
     max_length = resolve_max_length(info, spec.max_length)
@@ -167,7 +170,9 @@ def calibrate(
             "data": input_file(spec.data_file(), "calibration data file"),
             "model": info.fingerprint(),
         },
-        spec={**asdict(spec), "max_length": max_length},
+        # The outputs are part of the promise: a calibration written before ranges.json
+        # existed is not up to date.
+        spec={**asdict(spec), "max_length": max_length, "outputs": list(OUTPUTS)},
     )
 
     loaded = {}
@@ -183,41 +188,58 @@ def calibrate(
         if not targets:
             raise InputError(f"{source}: no MatMul with a constant weight to quantize")
         loaded["targets"] = targets
+        extra = optional_inputs(loaded["model"], spec.quantize_ops)
+        loaded["activations"] = sorted(
+            {t.activation for t in targets} | {tensor for *_, tensor in extra}
+        )
+        # Before the folder is touched: the previous calibration's ranges, if only keep_float
+        # differs from this one.
+        loaded["ranges"] = _previous_ranges(
+            ArtifactDir(Path(out_dir)), record, loaded["activations"]
+        )
 
     def body(artifact):
         texts, counts, model, targets = (loaded[k] for k in ("texts", "counts", "model", "targets"))
-        batches = calibration_batches(info, texts, spec)
+        activations, amax = loaded["activations"], loaded["ranges"]
         tokenizer = load_tokenizer(info)
         truncated = sum(
             len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
         )
-        extra = optional_inputs(model, spec.quantize_ops)
-        activations = sorted({t.activation for t in targets} | {tensor for *_, tensor in extra})
         log.info(
-            "[calibrate] %d sentences, %d MatMuls, method %s", len(texts), len(targets), spec.method
+            "[calibrate] %d sentences, %d MatMuls (%d kept float), method %s",
+            len(texts),
+            len(targets),
+            len(spec.keep_float),
+            spec.method,
         )
-        histograms = collect_histograms(
-            model,
-            activations,
-            batches,
-            bins=spec.bins,
-            progress=lambda it: tqdm(
-                it, total=len(batches), desc="calibrate", disable=None, leave=False
-            ),
-        )
-        amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
+        if amax is not None:
+            log.info("[calibrate] ranges reused: only --keep-float differs from the last one")
+        else:
+            batches = calibration_batches(info, texts, spec)
+            histograms = collect_histograms(
+                model,
+                activations,
+                batches,
+                bins=spec.bins,
+                progress=lambda it: progress.bar(it, total=len(batches), desc="calibrate"),
+            )
+            amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
         quantized, scales = insert_qdq(
             model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
+        atomic_write_text(
+            artifact.path / RANGES_FILE, json.dumps({"amax": amax}, indent=1, sort_keys=True) + "\n"
+        )
         activation_scales = {n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"}
         atomic_write_text(artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales))
         quantized_nodes = [t.node_name for t in targets if t.node_name not in spec.keep_float]
-        return [MODEL_FILE, SCALES_FILE, TRT_CACHE_FILE], {
+        return list(OUTPUTS), {
             **counts,
             "sentences_truncated": int(truncated),
             "method": spec.method,
+            "ranges": "reused" if loaded["ranges"] is not None else "collected",
             "quantized_matmuls": quantized_nodes,
             "kept_float": list(spec.keep_float),
             "scales": scales,
@@ -227,21 +249,61 @@ def calibrate(
     return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)
 
 
+def _previous_ranges(
+    artifact: ArtifactDir, record: StageRecord, activations: list[str]
+) -> dict[str, float] | None:
+    """The activation ranges of the calibration in ``artifact`` when it differs from ``record``
+    only in keep_float and has a range for every tensor in ``activations`` (else None)."""
+    path = artifact.reusable_output(record, RANGES_FILE, ignore=("keep_float",))
+    if path is None:
+        return None
+    amax = read_ranges(path)
+    if amax is None or not set(activations) <= set(amax):
+        return None
+    return amax
+
+
+def read_ranges(path: Path) -> dict[str, float] | None:
+    """The ``{tensor: amax}`` of a ranges.json (None when it is not shaped like one)."""
+    try:
+        amax = json.loads(Path(path).read_text(encoding="utf-8")).get("amax")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(amax, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in amax.values()
+    ):
+        return None
+    return {str(k): float(v) for k, v in amax.items()}
+
+
 def rank_for_fallback(
     *,
     info: ModelInfo,
     float_source: Path,
     calibrated: StageResult,
     spec: CalibrationSpec,
-    sentences: int = 128,
-) -> list:
-    """Rank the quantized operators of ``calibrated`` by the error each alone adds.
+    sentences: int,
+) -> list[Sensitivity]:
+    """Rank the quantized MatMuls of ``calibrated`` (not those it keeps in float) by the error
+    each alone adds, with the calibration's own ranges.
 
     Uses the first ``sentences`` calibration sentences (never the evaluation set).
     """
     texts, _ = calibration_texts(spec)
     batches = calibration_batches(info, texts[:sentences], spec)
-    amax = {
-        n: r["amax"] for n, r in calibrated.results["scales"].items() if r["kind"] == "activation"
-    }
-    return rank_sensitivity(float_model=load_onnx(float_source), amax=amax, batches=batches)
+    amax = read_ranges(calibrated.output(RANGES_FILE))
+    if amax is None:
+        raise ArtifactError(f"{calibrated.output(RANGES_FILE)}: not a ranges file; rerun --force")
+    candidates = calibrated.results["quantized_matmuls"]
+    log.info(
+        "[fallback] ranking %d MatMuls by the error each alone adds (%d calibration sentences)",
+        len(candidates),
+        min(sentences, len(texts)),
+    )
+    return rank_sensitivity(
+        float_model=load_onnx(float_source),
+        amax=amax,
+        batches=batches,
+        candidates=candidates,
+        progress=lambda it: progress.bar(it, total=len(candidates), desc="sensitivity"),
+    )

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from bert_compiler.core import interrupts
+from bert_compiler.core import interrupts, progress
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
 from bert_compiler.core.lock import output_lock
@@ -27,7 +27,7 @@ from bert_compiler.core.targets import detect, plan_targets
 from bert_compiler.pipeline.bench import format_table, run_bench, write_report
 from bert_compiler.pipeline.build import ProfileText, build, engine_folder_name, resolve_build_spec
 from bert_compiler.pipeline.calibrate import calibrate
-from bert_compiler.pipeline.config import command_defaults
+from bert_compiler.pipeline.config import apply_config
 from bert_compiler.pipeline.doctor import diagnose, require_target
 from bert_compiler.pipeline.export import MODEL_FILE, export
 from bert_compiler.pipeline.fuse import fuse
@@ -36,14 +36,15 @@ from bert_compiler.pipeline.options import (
     BenchOptions,
     CalibrationOptions,
     ExportOptions,
+    FallbackOptions,
     FuseOptions,
     MaxLengthOptions,
     ModelOptions,
     PackageOptions,
+    ProgressOptions,
     TargetOptions,
     TextOptions,
     VerifyOptions,
-    default_of,
     input_option,
     out_option,
     precision_option,
@@ -124,14 +125,14 @@ TARGETS = TargetOptions()
 PACKAGE = PackageOptions()
 FUSE = FuseOptions()
 BENCH = BenchOptions()
+FALLBACK = FallbackOptions()
+PROGRESS = ProgressOptions()
 
 
 def _load_config(ctx: click.Context, _param: click.Parameter, value: Path | None):
     """Turn a TOML config into this command's defaults (flags on the command line still win)."""
     if value is not None:
-        commands = ctx.find_root().command.commands
-        defaults = command_defaults(value, ctx.command, commands, ctx)
-        ctx.default_map = {**(ctx.default_map or {}), **defaults}
+        apply_config(ctx, value)
     return value
 
 
@@ -147,7 +148,8 @@ def stage_command(func):
         expose_value=False,
         callback=_load_config,
         help="TOML file of option values (keys are option names; [run], [build], ... tables "
-        "per command). Command-line options win.",
+        "per command; [fp32], [fp16], [int8] tables for one precision's gates). Command-line "
+        "options win.",
     )
     @uses(MODEL)
     @out_option("Output folder; each stage writes a subfolder.")
@@ -167,29 +169,35 @@ def stage_command(func):
         "stage outputs it names (export/model.onnx, ...) and deletes no file it did not write.",
     )
     @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
+    @uses(PROGRESS)
     @_json_option
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         _configure_logging(kwargs["quiet"])
-        click.get_current_context().meta[_FORCE_KEY] = kwargs["force"]
-        out = Path(kwargs["out"])
-        # Before anything is written: never the root, the home folder, the model's parents or a
-        # user's folder.
-        created = claim_output(
-            out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out")
-        )
-        # A second command fails (or waits) naming the holder; then nothing of ours is cleaned
-        # up, since the folder is the holder's.
-        with output_lock(out, wait_s=kwargs["wait_lock"]):
-            try:
-                return func(*args, **kwargs)
-            except BaseException:
-                if created:
-                    # Under the lock: nobody else writes into the folder meanwhile.
-                    release_if_unused(out)
-                raise
+        progress.configure(PROGRESS.parse(kwargs))
+        with progress.logging_through_bars():
+            return _run_stage_command(func, args, kwargs)
 
     return wrapper
+
+
+def _run_stage_command(func, args, kwargs):
+    """A stage command's body, run with its output folder claimed and locked."""
+    click.get_current_context().meta[_FORCE_KEY] = kwargs["force"]
+    out = Path(kwargs["out"])
+    # Before anything is written: never the root, the home folder, the model's parents or a
+    # user's folder.
+    created = claim_output(out, model_folder=MODEL.folder(kwargs), force=kwargs.pop("force_out"))
+    # A second command fails (or waits) naming the holder; then nothing of ours is cleaned
+    # up, since the folder is the holder's.
+    with output_lock(out, wait_s=kwargs["wait_lock"]):
+        try:
+            return func(*args, **kwargs)
+        except BaseException:
+            if created:
+                # Under the lock: nobody else writes into the folder meanwhile.
+                release_if_unused(out)
+            raise
 
 
 def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:
@@ -217,6 +225,18 @@ def _stage_file(folder: Path) -> Path:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _float_ops_line(engine: dict[str, Any]) -> str:
+    """``\n  float_ops: 2/36 ...`` for an INT8 engine: its quantizable MatMuls left in float."""
+    float_ops = engine.get("float_ops")
+    if not float_ops:
+        return ""
+    line = f"\n  float_ops: {float_ops['float']}/{float_ops['total']} quantizable MatMuls in float"
+    fallback = engine.get("fallback")
+    if fallback and fallback["rounds"]:
+        line += f" (fallback: {fallback['rounds']} rounds, {fallback['seconds']:.0f}s)"
+    return line
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -441,10 +461,14 @@ def verify_command(
         spec=VERIFY.parse(values, precision or engine_precision),
         force=values["force"],
     )
+    # The engine's manifest was checked by verify; an INT8 one counts its float MatMuls.
+    float_ops = (ArtifactDir(engine_dir).read_manifest() or {}).get("results", {}).get("float_ops")
+    float_ops = float_ops and {k: float_ops[k] for k in ("float", "total")}
     _emit(
-        {**_stage_output(result), "ok": bool(result.results.get("passed"))},
+        {**_stage_output(result), "ok": bool(result.results.get("passed")), "float_ops": float_ops},
         values["as_json"],
-        f"report: {result.output(REPORT_FILE)}",
+        f"{'PASS' if result.results.get('passed') else 'FAIL'} {engine_dir}"
+        f"{_float_ops_line({'float_ops': float_ops})}\n  report: {result.output(REPORT_FILE)}",
     )
     require_passed(result)
 
@@ -528,14 +552,8 @@ def package_command(engines: tuple[str, ...], **values: Any) -> None:
     multiple=True,
     help="Engines to build; repeatable (default: fp32 on CPU, fp16 on GPU targets).",
 )
-@click.option(
-    "--fallback/--no-fallback",
-    default=default_of(RunSpec, "fallback"),
-    show_default=True,
-    help="int8: keep the most sensitive operators in float until the gate passes.",
-)
-@uses(FUSE, ExportOptions(opset=False))
-def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
+@uses(FALLBACK, FUSE, ExportOptions(opset=False))
+def run_command(make_package: bool, **values: Any) -> None:
     """Run every stage (export, simplify, fuse, [calibrate,] build, verify); exit 5 on failure."""
     info = MODEL.parse(values)
     builds, notes = TARGETS.parse(values)
@@ -545,7 +563,7 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
         builds=builds,
         verify=VERIFY.parse(values),
         calibration=CALIBRATION.parse(values),
-        fallback=fallback,
+        fallback=FALLBACK.parse(values),
         profiles=TARGETS.parse_derivation(values),
         package=PACKAGE.parse(values) if make_package else None,
         repository=PACKAGE.repository(values) if make_package else None,
@@ -568,7 +586,7 @@ def run_command(fallback: bool, make_package: bool, **values: Any) -> None:
             f"  parity min_cosine={engine['parity']['min_cosine']:.6f} "
             f"max_abs_err={engine['parity']['max_abs_err']:.2e}; "
             f"{metric['name']}={_fmt(metric['value'])} (PyTorch fp32 {_fmt(torch_value)})"
-            f"\n  report: {engine['report']}"
+            f"{_float_ops_line(engine)}\n  report: {engine['report']}"
         )
     if summary.get("repository"):
         lines.append(f"Triton repository: {summary['repository']['path']}")

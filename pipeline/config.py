@@ -6,17 +6,48 @@ command that has the option. Repeatable options take a list (or one value); flag
 false (``pooling = false`` is ``--no-pooling``). Relative paths are relative to the file's folder.
 Options given on the command line win over the file. Values are checked with the option's own
 type before anything runs, and any problem is one line naming the file, the key and the fix.
+
+A ``[fp32]``, ``[fp16]`` or ``[int8]`` table (top level) holds values for engines of that
+precision only, for the options declared as ``PerPrecisionOption`` (the verification gates).
+For one engine a gate comes from, first to last: the command line (every precision), the file's
+table of the engine's precision, the file's command table or top level (every precision), the
+precision's built-in default.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
+
 from bert_compiler.core.errors import InputError
+from bert_compiler.core.targets import PRECISIONS
 
 MAX_CONFIG_BYTES = 1 << 20
 _NOT_CONFIGURABLE = {"config", "help", "version"}
+_PER_PRECISION_KEY = "bert_compile.per_precision"
+
+
+class PerPrecisionOption(click.Option):
+    """An option a config file may also set for one precision, in a ``[fp32]``, ``[fp16]`` or
+    ``[int8]`` table (``click.option(..., cls=PerPrecisionOption)``)."""
+
+
+@dataclass(frozen=True)
+class CommandConfig:
+    """What a config file sets for one command.
+
+    Attributes:
+        defaults: option name -> value, click's ``default_map`` (the command line still wins).
+        per_precision: precision -> {option name: value} from the precision tables, values
+            already converted by the option's type.
+    """
+
+    defaults: dict[str, Any] = field(default_factory=dict)
+    per_precision: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _toml():
@@ -50,8 +81,6 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def _options(command) -> dict[str, Any]:
     """Config key -> click Option of ``command`` (both dash and underscore spellings)."""
-    import click
-
     keys = {}
     for param in command.params:
         if not isinstance(param, click.Option) or param.name in _NOT_CONFIGURABLE:
@@ -65,34 +94,52 @@ def _options(command) -> dict[str, Any]:
 
 
 def command_defaults(path: Path, command, commands: dict[str, Any], ctx) -> dict[str, Any]:
-    """The ``default_map`` for ``command`` from the config file at ``path``.
+    """The ``default_map`` for ``command`` from the config file at ``path`` (read_config)."""
+    return read_config(path, command, commands, ctx).defaults
+
+
+def read_config(path: Path, command, commands: dict[str, Any], ctx) -> CommandConfig:
+    """What the config file at ``path`` sets for ``command``.
 
     Args:
         command: the click command being run.
         commands: every command of the CLI by name (a top-level key must exist in one of them,
-            and a table must be named after one).
+            and a table must be named after one or after a precision).
         ctx: the command's click context, for type conversion.
 
     Raises:
         InputError: unknown keys or tables, values of the wrong type or shape.
     """
-    import click
-
     path = Path(path)
     data = read_toml(path)
     base = path.resolve().parent
-    known_anywhere = {k for c in commands.values() for k in _options(c)}
+    known_anywhere = {k: p for c in commands.values() for k, p in _options(c).items()}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
     for name in tables:
         if name not in commands and name in known_anywhere:
             raise InputError(f"{path}: {name}: expected a value, not a table")
-        if name not in commands:
+        if name not in commands and name not in PRECISIONS:
             raise InputError(
-                f"{path}: table [{name}] is not a command; tables: {', '.join(sorted(commands))}"
+                f"{path}: table [{name}] is not a command or a precision; tables: "
+                f"{', '.join(sorted(commands))}, {', '.join(PRECISIONS)}"
             )
+    per_precision_keys = sorted(
+        {f"--{p.opts[0].lstrip('-')}" for p in known_anywhere.values() if _per_precision(p)}
+    )
     for name, table in tables.items():
-        for key in table:
-            if key not in _options(commands[name]):
+        for key, value in table.items():
+            if name in PRECISIONS:
+                if not _per_precision(known_anywhere.get(key)):
+                    raise InputError(
+                        f"{path}: [{name}] {key}: a precision table takes only the gates "
+                        f"({', '.join(k[2:] for k in per_precision_keys)})"
+                    )
+            elif isinstance(value, dict) and key in PRECISIONS:
+                raise InputError(
+                    f"{path}: [{name}.{key}]: precision tables are top-level ([{key}]) and "
+                    "apply to every command"
+                )
+            elif key not in _options(commands[name]):
                 raise InputError(
                     f"{path}: [{name}] {key}: `bert-compile {name}` has no such option"
                 )
@@ -110,21 +157,52 @@ def command_defaults(path: Path, command, commands: dict[str, Any], ctx) -> dict
         if param is None:
             continue  # a top-level key for other commands
         where = f"{path}: {key} = {value!r}"
-        defaults[param.name] = _checked(param, value, where, base, ctx, click)
-    return defaults
+        defaults[param.name] = _checked(param, value, where, base, ctx)
+    per_precision: dict[str, dict[str, Any]] = {}
+    for precision in PRECISIONS:
+        for key, value in tables.get(precision, {}).items():
+            param = options.get(key)
+            if param is None:
+                continue  # a gate of another command
+            where = f"{path}: [{precision}] {key} = {value!r}"
+            _checked(param, value, where, base, ctx)
+            per_precision.setdefault(precision, {})[param.name] = param.type.convert(
+                value, param, ctx
+            )
+    return CommandConfig(defaults, per_precision)
 
 
-def _checked(param, value: Any, where: str, base: Path, ctx, click) -> Any:
+def apply_config(ctx, path: Path) -> None:
+    """Make the config file at ``path`` the defaults of ``ctx``'s command (read_config); its
+    precision tables are kept for ``per_precision_values``."""
+    config = read_config(path, ctx.command, ctx.find_root().command.commands, ctx)
+    ctx.default_map = {**(ctx.default_map or {}), **config.defaults}
+    ctx.meta[_PER_PRECISION_KEY] = config.per_precision
+
+
+def per_precision_values(ctx) -> Mapping[str, Mapping[str, Any]]:
+    """precision -> {option name: value} that ``apply_config`` found in the precision tables of
+    ``ctx``'s config file (empty without a config file or outside a command)."""
+    if ctx is None:
+        return {}
+    return ctx.meta.get(_PER_PRECISION_KEY, {})
+
+
+def _per_precision(param) -> bool:
+    return isinstance(param, PerPrecisionOption)
+
+
+def _checked(param, value: Any, where: str, base: Path, ctx) -> Any:
     """``value`` as ``param`` takes it, or InputError saying why not."""
     if param.multiple:
         values = value if isinstance(value, list) else [value]
-        return [_checked_one(param, v, where, base, ctx, click) for v in values]
+        return [_checked_one(param, v, where, base, ctx) for v in values]
     if isinstance(value, list):
         raise InputError(f"{where}: takes one value, not a list")
-    return _checked_one(param, value, where, base, ctx, click)
+    return _checked_one(param, value, where, base, ctx)
 
 
-def _checked_one(param, value: Any, where: str, base: Path, ctx, click) -> Any:
+def _checked_one(param, value: Any, where: str, base: Path, ctx) -> Any:
     if isinstance(value, (dict, list)):
         raise InputError(f"{where}: expected a single value")
     if param.is_flag and param.is_bool_flag:

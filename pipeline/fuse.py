@@ -11,6 +11,7 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_path
 from bert_compiler.core.errors import FusionError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, sample_token_feeds
@@ -122,14 +123,15 @@ def fuse(
         model = loaded["model"]
         options = FusionOptions(info.architecture.ort_optimizer_type)
         try:
-            optimized = optimize_model(
-                model,
-                model_type=info.architecture.ort_optimizer_type,
-                num_heads=info.num_heads,
-                hidden_size=info.hidden_size,
-                optimization_options=options,
-                opt_level=0,  # pattern fusions only; ORT's own graph passes run in build
-            )
+            with progress.captured("fuse"):  # the optimizer's own log and print lines
+                optimized = optimize_model(
+                    model,
+                    model_type=info.architecture.ort_optimizer_type,
+                    num_heads=info.num_heads,
+                    hidden_size=info.hidden_size,
+                    optimization_options=options,
+                    opt_level=0,  # pattern fusions only; ORT's own graph passes run in build
+                )
         except (RuntimeError, ValueError, KeyError, AssertionError) as err:
             raise FusionError(f"{source}: ORT's transformers optimizer failed ({err})") from err
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}

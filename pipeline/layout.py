@@ -6,6 +6,7 @@ Output tree under ``out``::
     simplify/  model.onnx + manifest.json
     fuse/      model.onnx + manifest.json
     calibrate/ model.onnx (Q/DQ INT8, standard ops: the input of every INT8 engine), scales.json,
+               ranges.json (every activation amax, reused when only --keep-float changes),
                calibration.cache (TensorRT) + manifest.json
     engines/<model>/<engine>/  engine + manifest.json; <engine> names backend and version, device
                                or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...

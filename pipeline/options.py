@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS
@@ -39,7 +41,9 @@ from bert_compiler.engines.tensorrt_options import (
 )
 from bert_compiler.pipeline.bench import BenchSpec
 from bert_compiler.pipeline.calibrate import CalibrationSpec
+from bert_compiler.pipeline.config import PerPrecisionOption, per_precision_values
 from bert_compiler.pipeline.export import ExportSpec
+from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.fuse import FuseSpec
 from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout
 from bert_compiler.pipeline.models import (
@@ -247,32 +251,38 @@ class MaxLengthOptions(OptionGroup):
 
 
 class VerifyOptions(OptionGroup):
-    """Parity and task-metric gates -> VerifySpec (needs MaxLengthOptions)."""
+    """Parity and task-metric gates -> VerifySpec (needs MaxLengthOptions).
 
-    _TOLERANCE_FLAGS = {"max_abs_err": "max_abs_err", "max_rel_l2": "rel_l2_err"}
+    The five limits are ``PerPrecisionOption``: a config file may set them per precision
+    (``[int8]`` table, pipeline/config.py). A limit given on the command line applies to every
+    precision; one from a precision table beats the file's other values for that precision.
+    """
+
+    # Option name -> the limit it sets (VerifySpec.precision_limits names).
+    LIMITS = {
+        "max_abs_err": "max_abs_err",
+        "max_rel_l2": "rel_l2_err",
+        "min_cosine": "min_cosine",
+        "max_metric_drop": "max_metric_drop",
+        "min_metric_retention": "min_metric_retention",
+    }
 
     def options(self) -> list[Decorator]:
+        def limit(flag: str, help: str) -> Decorator:
+            return click.option(flag, type=float, default=None, help=help, cls=PerPrecisionOption)
+
         return [
-            click.option(
-                "--max-abs-err", type=float, default=None, help="Override the max abs error."
-            ),
-            click.option(
-                "--max-rel-l2", type=float, default=None, help="Override the relative L2 error."
-            ),
-            click.option(
-                "--min-cosine", type=float, default=None, help="Override the minimum cosine."
-            ),
-            click.option(
+            limit("--max-abs-err", "Max abs error, every precision (see --config)."),
+            limit("--max-rel-l2", "Relative L2 error, every precision (see --config)."),
+            limit("--min-cosine", "Minimum cosine, every precision (see --config)."),
+            limit(
                 "--max-metric-drop",
-                type=float,
-                default=None,
-                help="Largest task-metric drop (points) against PyTorch fp32.",
+                "Largest task-metric drop (points) against PyTorch fp32, every precision.",
             ),
-            click.option(
+            limit(
                 "--min-metric-retention",
-                type=float,
-                default=None,
-                help="Smallest fraction of PyTorch fp32's metric to keep (int8 default 0.995).",
+                "Smallest fraction of PyTorch fp32's metric to keep, every precision (int8 "
+                "default 0.995).",
             ),
             click.option(
                 "--metric-gate/--no-metric-gate",
@@ -310,6 +320,7 @@ class VerifyOptions(OptionGroup):
         return VerifySpec(
             precision=precision or default_of(VerifySpec, "precision"),
             tolerance_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
+            precision_limits=self._precision_limits(),
             max_metric_drop=values["max_metric_drop"],
             min_metric_retention=values["min_metric_retention"],
             metric_gate=values["metric_gate"],
@@ -318,6 +329,64 @@ class VerifyOptions(OptionGroup):
             parity_data=values["parity_data"],
             metric_data=values["metric_data"],
         )
+
+    def _precision_limits(self) -> tuple[tuple[str, str, float], ...]:
+        """(precision, limit, value) from the config file's precision tables, less the limits
+        given on the command line (a flag applies to every precision)."""
+        ctx = click.get_current_context(silent=True)
+        limits = []
+        for precision, table in sorted(per_precision_values(ctx).items()):
+            for name, value in sorted(table.items()):
+                if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+                    limits.append((precision, self.LIMITS[name], float(value)))
+        return tuple(limits)
+
+
+class FallbackOptions(OptionGroup):
+    """The INT8 precision fallback -> FallbackSpec (run)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--fallback/--no-fallback",
+                default=default_of(FallbackSpec, "enabled"),
+                show_default=True,
+                help="int8: when the gate fails, keep the most sensitive MatMuls in float and "
+                "verify again.",
+            ),
+            click.option(
+                "--fallback-max-float",
+                type=click.FloatRange(0, 1),
+                default=default_of(FallbackSpec, "max_float"),
+                show_default=True,
+                help="int8: the largest fraction of the quantizable MatMuls that may end in "
+                "float; an engine that needs more fails.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> FallbackSpec:
+        return FallbackSpec(enabled=values["fallback"], max_float=values["fallback_max_float"])
+
+
+class ProgressOptions(OptionGroup):
+    """Progress bars on stderr -> whether to show them (every stage command)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--progress/--no-progress",
+                default=None,
+                help="Progress bars on stderr (default: when stderr is a terminal, without "
+                "--json and --quiet).",
+            )
+        ]
+
+    def parse(self, values: Values) -> bool:
+        if values["progress"] is not None:
+            return bool(values["progress"])
+        isatty = getattr(sys.stderr, "isatty", None)
+        terminal = bool(isatty and isatty())
+        return terminal and not values["as_json"] and not values["quiet"]
 
 
 class TextOptions(OptionGroup):

@@ -3,6 +3,7 @@ skipping what is up to date (the output tree: pipeline/layout.py)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass, replace
@@ -19,8 +20,9 @@ from bert_compiler.pipeline.build import (
     engine_folder_name,
     resolve_build_spec,
 )
-from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate, rank_for_fallback
+from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
+from bert_compiler.pipeline.fallback import FallbackSpec, int8_with_fallback
 from bert_compiler.pipeline.fuse import FuseSpec, fuse
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo
@@ -41,7 +43,7 @@ class RunSpec:
     builds: tuple[BuildSpec, ...] = (BuildSpec(),)
     verify: VerifySpec = VerifySpec()
     calibration: CalibrationSpec = CalibrationSpec()
-    fallback: bool = True
+    fallback: FallbackSpec = FallbackSpec()
     profiles: ProfileDerivation = ProfileDerivation()
     package: PackageSpec | None = None
     repository: Path | None = None
@@ -90,28 +92,40 @@ def run_pipeline(
             derivation=spec.profiles,
         )
         if build_spec.precision == "int8":
-            built, verified, fallback = _int8_with_fallback(
+            built, verified, fallback = int8_with_fallback(
                 info=info,
-                layout=layout,
                 float_graph=graphs["simplify"],
-                build_spec=build_spec,
-                spec=spec,
+                calibrate_dir=layout.calibrate,
+                calibration=spec.calibration,
+                fallback=spec.fallback,
+                build_and_verify=functools.partial(
+                    _build_and_verify,
+                    info=info,
+                    layout=layout,
+                    build_spec=build_spec,
+                    spec=spec,
+                    stages=stages,
+                ),
                 force=force,
                 stages=stages,
             )
         else:
             built, verified = _build_and_verify(
+                graphs[build_spec.source_stage],
+                force,
                 info=info,
                 layout=layout,
-                source=graphs[build_spec.source_stage],
                 build_spec=build_spec,
                 spec=spec,
-                force=force,
                 stages=stages,
             )
             fallback = None
         report = verified.results
         pytorch_metric = report["pytorch_metric"]
+        failures = list(report["failures"])
+        if fallback is not None and fallback["failure"]:
+            failures.append(fallback["failure"])
+        float_ops = built.results.get("float_ops")
         engines.append(
             {
                 "backend": build_spec.backend,
@@ -124,8 +138,10 @@ def run_pipeline(
                 "report": str(verified.output(REPORT_FILE)),
                 "parity": summarize_parity(report["parity"]),
                 "metric": {"name": report["metric"]["name"], "value": report["metric"]["value"]},
-                "passed": report["passed"],
-                "failures": report["failures"],
+                "passed": report["passed"] and not failures,
+                "failures": failures,
+                # Quantized ops an INT8 engine runs in float: {"float": k, "total": n}.
+                "float_ops": float_ops and {k: float_ops[k] for k in ("float", "total")},
                 **({"fallback": fallback} if fallback is not None else {}),
             }
         )
@@ -158,7 +174,7 @@ def run_pipeline(
     return summary
 
 
-def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
+def _build_and_verify(source, force, *, info, layout, build_spec, spec, stages):
     name = engine_folder_name(build_spec)
     built = build(
         source=source,
@@ -177,61 +193,6 @@ def _build_and_verify(*, info, layout, source, build_spec, spec, force, stages):
     stages[f"build:{name}"] = _stage_summary(built)
     stages[f"verify:{name}"] = _stage_summary(verified)
     return built, verified
-
-
-def _int8_with_fallback(*, info, layout, float_graph, build_spec, spec, force, stages):
-    """Calibrate, build and verify; while the gate fails, keep the next most sensitive MatMul in
-    float and try again, until the engine passes or nothing is left to keep."""
-    kept: list[str] = []
-    ranking = None
-    steps = []
-    while True:
-        calibrated = calibrate(
-            info=info,
-            source=float_graph,
-            out_dir=layout.calibrate,
-            spec=replace(spec.calibration, keep_float=tuple(kept)),
-            force=force,
-        )
-        stages["calibrate"] = _stage_summary(calibrated)
-        built, verified = _build_and_verify(
-            info=info,
-            layout=layout,
-            source=calibrated.output(MODEL_FILE),
-            build_spec=build_spec,
-            spec=spec,
-            force=force,
-            stages=stages,
-        )
-        steps.append(
-            {
-                "kept_float": list(kept),
-                "metric": verified.results["metric"]["value"],
-                "passed": verified.results["passed"],
-            }
-        )
-        if verified.results["passed"] or not spec.fallback:
-            break
-        if ranking is None:
-            log.info("[fallback] INT8 gate failed; ranking MatMuls by sensitivity")
-            ranking = rank_for_fallback(
-                info=info, float_source=float_graph, calibrated=calibrated, spec=spec.calibration
-            )
-        remaining = [s for s in ranking if s.node not in kept]
-        if not remaining:
-            break
-        kept.append(remaining[0].node)
-        log.info(
-            "[fallback] keeping %s in float (error alone %.2e)",
-            remaining[0].node,
-            remaining[0].error,
-        )
-    fallback = {
-        "kept_float": kept,
-        "steps": steps,
-        "ranking": [{"node": s.node, "error": s.error} for s in ranking or []],
-    }
-    return built, verified, fallback
 
 
 def _stage_summary(result) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.calibration import datasets
+from bert_compiler.core import progress
 from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import (
@@ -219,15 +220,16 @@ class Encoder:
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         return tokenize_rows(self.tokenizer, texts, self.info, self.max_length)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, Any]:
-        """Outputs for ``texts`` in their order."""
-        return self.run(self.tokenize(texts))
+    def encode(self, texts: Sequence[str], desc: str | None = None) -> dict[str, Any]:
+        """Outputs for ``texts`` in their order (``desc``: a progress bar of that name)."""
+        return self.run(self.tokenize(texts), desc=desc)
 
     def plan(self, tokens: Tokens) -> list[Batch]:
         return plan_batches(tokens.lengths, self.batching)
 
-    def run(self, tokens: Tokens) -> dict[str, Any]:
-        """Outputs for token rows in their order."""
+    def run(self, tokens: Tokens, desc: str | None = None) -> dict[str, Any]:
+        """Outputs for token rows in their order (``desc``: a progress bar of that name, shown
+        where core.progress shows bars)."""
         chunks: list[dict[str, Any]] = []
         self._batch_ms = []
         batches_run, shapes, computed = 0, set(), 0
@@ -236,7 +238,7 @@ class Encoder:
             stop = min(start + CHUNK_ROWS, len(tokens))
             chunk = tokens if stop - start == len(tokens) else tokens.select(np.arange(start, stop))
             batches = self.plan(chunk)
-            chunks.append(runner(chunk, batches))
+            chunks.append(runner(chunk, batches, desc))
             batches_run += len(batches)
             shapes.update((b.size, b.length) for b in batches)
             computed += sum(b.size * b.length for b in batches)
@@ -258,17 +260,21 @@ class Encoder:
         rows = _padded_rows(batch)
         return {name: matrix[rows, : batch.length] for name, matrix in matrices.items()}
 
-    def _run_cpu(self, tokens: Tokens, batches: list[Batch]) -> dict[str, Any]:
+    def _run_cpu(
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None
+    ) -> dict[str, Any]:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
         collected = _Collector(tokens)
-        for batch in batches:
+        for batch in _shown(batches, desc):
             started = time.perf_counter()
             collected.add(batch, self.engine.run(self._feeds(matrices, batch)))
             if self.time_batches:
                 self._batch_ms.append((time.perf_counter() - started) * 1e3)
         return collected.results()
 
-    def _run_gpu(self, tokens: Tokens, batches: list[Batch]) -> dict[str, Any]:
+    def _run_gpu(
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None
+    ) -> dict[str, Any]:
         import torch
 
         # One upload of the chunk's tokens, then every batch is a gather on the device.
@@ -279,7 +285,7 @@ class Encoder:
         collected = _Collector(tokens)
         rowwise: dict[str, Any] = {}
         offset = 0
-        for batch in batches:
+        for batch in _shown(batches, desc):
             started = time.perf_counter()
             index = rows[offset : offset + batch.size]
             offset += batch.size
@@ -313,6 +319,10 @@ class Encoder:
         torch.cuda.current_stream().synchronize()
         results.update({name: host.numpy() for name, host in rowwise.items()})
         return results
+
+
+def _shown(batches: Sequence[Batch], desc: str | None):
+    return progress.bar(batches, desc=desc, unit="batch") if desc else batches
 
 
 def _width(batches: list[Batch]) -> int:

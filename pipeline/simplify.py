@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import (
@@ -87,7 +86,7 @@ def simplify(
         before = op_counts(model)
         feeds = sample_token_feeds(model, batch=spec.check_batch, sequence=spec.check_sequence)
         try:
-            with contextlib.redirect_stdout(sys.stderr):  # onnxsim prints progress to stdout
+            with progress.captured("simplify"):  # onnxsim prints its checks to stdout
                 simplified, ok = onnxsim.simplify(
                     model,
                     check_n=spec.check_runs,

@@ -12,13 +12,14 @@ import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bert_compiler.calibration import datasets
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
 from bert_compiler.core.errors import EnvironmentProblem, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
@@ -49,6 +50,7 @@ from bert_compiler.pipeline.text import (
 
 log = logging.getLogger("bert_compile")
 
+_TOLERANCE_LIMITS = {f.name for f in fields(Tolerance)}
 REPORT_FILE = "report.json"
 # How PyTorch's and ONNX Runtime's allocators say they ran out of memory.
 _OUT_OF_MEMORY = re.compile(
@@ -79,6 +81,9 @@ class VerifySpec:
         parity_data: TSV with a ``sentence`` column for parity (None: bundled SST-2 dev).
         metric_data: TSV for the task metric, STS-B columns for embedding models or SST-2
             columns for classifiers (None: the bundled dev set).
+        precision_limits: (precision, limit, value): a limit (max_abs_err, rel_l2_err,
+            min_cosine, max_metric_drop, min_metric_retention) for engines of that precision
+            only, winning over the three fields above (a config file's ``[int8]`` table).
     """
 
     precision: str = "fp32"
@@ -91,6 +96,10 @@ class VerifySpec:
     metric_limit: int | None = None
     parity_data: Path | None = None
     metric_data: Path | None = None
+    precision_limits: tuple[tuple[str, str, float], ...] = ()
+
+    def _own_limits(self) -> dict[str, float]:
+        return {k: v for precision, k, v in self.precision_limits if precision == self.precision}
 
     def parity_file(self) -> Path:
         return Path(self.parity_data) if self.parity_data else datasets.SST2_DEV
@@ -101,17 +110,17 @@ class VerifySpec:
         return datasets.SST2_DEV if info.task == "sequence-classification" else datasets.STSB_DEV
 
     def resolved_tolerance(self) -> Tolerance:
-        return replace(DEFAULT_TOLERANCES[self.precision], **dict(self.tolerance_overrides))
+        limits = dict(self.tolerance_overrides)
+        limits.update((k, v) for k, v in self._own_limits().items() if k in _TOLERANCE_LIMITS)
+        return replace(DEFAULT_TOLERANCES[self.precision], **limits)
 
     def resolved_metric_drop(self) -> float | None:
-        if self.max_metric_drop is not None:
-            return self.max_metric_drop
-        return DEFAULT_MAX_METRIC_DROP[self.precision]
+        drop = self._own_limits().get("max_metric_drop", self.max_metric_drop)
+        return DEFAULT_MAX_METRIC_DROP[self.precision] if drop is None else drop
 
     def resolved_metric_retention(self) -> float | None:
-        if self.min_metric_retention is not None:
-            return self.min_metric_retention
-        return DEFAULT_MIN_METRIC_RETENTION[self.precision]
+        retention = self._own_limits().get("min_metric_retention", self.min_metric_retention)
+        return DEFAULT_MIN_METRIC_RETENTION[self.precision] if retention is None else retention
 
 
 @dataclass
@@ -171,13 +180,10 @@ def torch_embedder(
     run: Runner, tokenizer, info: ModelInfo, max_length: int, label: str
 ) -> Embedder:
     """Texts -> one row per text (logits, or pooled and normalised embeddings) from PyTorch."""
-    from tqdm import tqdm
 
     def embed(texts: list[str]) -> np.ndarray:
         rows: list[np.ndarray | None] = [None] * len(texts)
-        for index, batch in tqdm(
-            list(_batched(texts, METRIC_BATCH_SIZE)), desc=label, disable=None, leave=False
-        ):
+        for index, batch in progress.bar(list(_batched(texts, METRIC_BATCH_SIZE)), desc=label):
             feeds = tokenize(tokenizer, batch, info, max_length)
             outputs = run(feeds)
             values = outputs["logits"] if "logits" in outputs else _embeddings(outputs, feeds, info)
@@ -188,11 +194,11 @@ def torch_embedder(
     return embed
 
 
-def engine_embedder(encoder: Encoder) -> Embedder:
+def engine_embedder(encoder: Encoder, label: str = "engine metric") -> Embedder:
     """Texts -> one row per text from an engine, through the runtime (what serving runs)."""
 
     def embed(texts: list[str]) -> np.ndarray:
-        outputs = encoder.encode(texts)
+        outputs = encoder.encode(texts, desc=label)
         for name in ("logits", "sentence_embedding"):
             if name in outputs:
                 return outputs[name]
@@ -278,8 +284,6 @@ def run_verification(
     batching (length-sorted batches padded to the ladder) and once one row at a time (the
     latency path); each output row is compared with PyTorch's row for the same text.
     """
-    from tqdm import tqdm
-
     max_length = resolve_max_length(info, spec.max_length)
     tokenizer = load_tokenizer(info)
     reference = torch_runner(info, pooling_in_graph)
@@ -290,13 +294,11 @@ def run_verification(
         (tokenize(tokenizer, texts, info, max_length), texts)
         for texts in parity_batches(sentences, max_length)
     ]
-    references = [
-        reference(feeds) for feeds, _ in tqdm(batches, desc="parity", disable=None, leave=False)
-    ]
+    references = [reference(feeds) for feeds, _ in progress.bar(batches, desc="parity")]
     texts = [text for _, batch in batches for text in batch]
     parity: dict[str, OutputParity] = {}
     for batching in (encoder.batching, replace(encoder.batching, max_batch=1)):
-        outputs = encoder.with_batching(batching).encode(texts)
+        outputs = encoder.with_batching(batching).encode(texts, desc="parity (engine)")
         start = 0
         for (feeds, batch), expected in zip(batches, references, strict=True):
             candidate = {

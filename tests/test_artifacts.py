@@ -88,3 +88,23 @@ def test_corrupt_manifest_is_an_artifact_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(ArtifactError, match="not valid JSON"):
         ArtifactDir(tmp_path).require_complete()
+
+
+def test_an_output_is_reused_only_when_nothing_but_the_ignored_settings_differ(tmp_path):
+    folder = tmp_path / "s"
+    made = StageRecord("demo", {"x": 1}, {"k": "v", "keep": ["a"], "path": tmp_path})
+    run_stage(made, folder, _body("ranges"), force=False)
+    artifact = ArtifactDir(folder)
+
+    def reused(record):
+        return artifact.reusable_output(record, "out.txt", ignore=("keep",))
+
+    assert reused(StageRecord("demo", {"x": 1}, {"k": "v", "keep": ("a", "b"), "path": tmp_path}))
+    assert reused(made) == folder / "out.txt"
+    spec = dict(made.spec)
+    assert reused(StageRecord("demo", {"x": 2}, spec)) is None  # another input
+    assert reused(StageRecord("demo", {"x": 1}, {**spec, "k": "w"})) is None  # another setting
+    assert reused(StageRecord("other", {"x": 1}, spec)) is None  # another stage
+    assert artifact.reusable_output(made, "nothing.txt", ignore=("keep",)) is None
+    (folder / "out.txt").write_text("edited")  # no longer the output the manifest hashed
+    assert reused(made) is None

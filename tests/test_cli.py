@@ -38,6 +38,8 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
     assert set(engine["metric"]) == {"name", "value"}
     assert summary["pytorch_fp32_metric"]["name"] == "stsb_spearman"
     assert Path(engine["path"]).is_file()
+    assert engine["float_ops"] is None  # fp32: nothing quantized
+    assert "%|" not in result.stderr  # --json: no progress bars unless --progress
 
 
 @pytest.mark.e2e
@@ -47,6 +49,9 @@ def test_stage_commands_chain(tiny_embedding_model, tmp_path):
         result = _invoke(stage, *common)
         assert result.exit_code == 0, result.output
         assert _last_json(result)["stage"] == stage
+        assert len(result.stdout.strip().splitlines()) == 1  # nothing but the JSON line
+    # onnxsim's own lines, captured and labelled.
+    assert "[simplify] Checking 0/3..." in _invoke("simplify", *common, "--force").stderr
     built = _invoke("build", *common)
     assert built.exit_code == 0, built.output
     (engine,) = _last_json(built)["engines"]
@@ -199,6 +204,47 @@ def test_int8_stage_commands(tiny_embedding_model, tmp_path):
     verified = _invoke("verify", *common, "--precision", "int8", *QUICK)
     assert verified.exit_code == 0, verified.stderr
     assert (cpu_engine_dir(tmp_path, "int8", "verify") / "report.json").is_file()
+    assert _last_json(verified)["float_ops"] == {"float": 0, "total": 12}
+    assert "float_ops: 0/12" in verified.stderr
+    # Another --keep-float changes no range: the calibration reuses them, only Q/DQ moves.
+    name = "/model/encoder/layer.0/intermediate/dense/MatMul"
+    again = _invoke(
+        "calibrate", *common, "--method", "entropy", "--num-samples", "64", "--keep-float", name
+    )
+    assert again.exit_code == 0, again.stderr
+    assert _last_json(again)["results"]["ranges"] == "reused"
+    assert _invoke("build", *common, "--precision", "int8").exit_code == 0
+    verified = _invoke("verify", *common, "--precision", "int8", *QUICK)
+    assert _last_json(verified)["float_ops"] == {"float": 1, "total": 12}
+    other = _invoke("calibrate", *common, "--method", "minmax", "--num-samples", "64")
+    assert _last_json(other)["results"]["ranges"] == "collected"  # another method: measured
+
+
+@pytest.mark.e2e
+def test_int8_run_that_needs_too_much_float_fails_in_one_line(tiny_embedding_model, tmp_path):
+    result = _invoke(
+        "run",
+        *("--model", tiny_embedding_model, "--out", tmp_path, "--precision", "int8"),
+        *("--num-samples", "64", "--metric-limit", "200", "--no-package"),
+        *("--min-metric-retention", "2", "--json", "--progress"),
+    )
+    assert result.exit_code == 5, result.output
+    # stdout is JSON only (the summary, then the error); bars and logs are on stderr.
+    summary, error = (json.loads(line) for line in result.stdout.strip().splitlines())
+    (engine,) = summary["engines"]
+    assert engine["float_ops"] == {"float": 3, "total": 12} and not engine["passed"]
+    assert (
+        error["error"]["kind"] == "parity" and "still fails with 3/12" in error["error"]["message"]
+    )
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("bert-compile: parity error:") and "--fallback-max-float 0.25" in last
+    # Every round says which limit failed, by how much, and what comes next.
+    assert (
+        "[fallback] round 1: stsb_spearman" in result.stderr and "(needs 200.0%)" in result.stderr
+    )
+    assert "keeping 1 more MatMul float (2/12)" in result.stderr
+    for bar in ("int8 rounds", "calibrate", "sensitivity", "parity", "engine metric"):
+        assert f"{bar}:" in result.stderr, bar
 
 
 @pytest.mark.e2e

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import string
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -17,9 +18,11 @@ from hypothesis import strategies as st
 from bert_compiler.calibration import datasets
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import Environment, Gpu
-from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.cli import VERIFY, cli
 from bert_compiler.pipeline.config import command_defaults
 from bert_compiler.pipeline.doctor import diagnose
+from bert_compiler.pipeline.parity import DEFAULT_MIN_METRIC_RETENTION, DEFAULT_TOLERANCES
+from bert_compiler.pipeline.verify import VerifySpec
 from tests.conftest import cpu_engine_dir
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml"
@@ -72,6 +75,57 @@ def test_example_config_is_valid_for_run_and_package():
     assert _defaults(EXAMPLE, "package")["max_batch_size"] == 64
 
 
+def _verify_spec(*args, command: str = "run") -> VerifySpec:
+    """The VerifySpec ``command`` would build from ``args`` (config files applied)."""
+    parent = click.Context(cli)
+    with cli.commands[command].make_context(command, [str(a) for a in args], parent=parent) as ctx:
+        return VERIFY.parse(ctx.params)
+
+
+def test_example_config_gates_int8_by_int8_limits_and_fp32_as_written():
+    spec = _verify_spec("--config", EXAMPLE)
+    int8 = replace(spec, precision="int8")
+    tolerance, default = int8.resolved_tolerance(), DEFAULT_TOLERANCES["int8"]
+    # The int8 defaults or looser: the fp32 limits of the same file must not reach INT8.
+    assert tolerance.max_abs_err >= default.max_abs_err
+    assert tolerance.rel_l2_err >= default.rel_l2_err
+    assert tolerance.min_cosine <= default.min_cosine
+    assert int8.resolved_metric_retention() <= DEFAULT_MIN_METRIC_RETENTION["int8"]
+    assert int8.resolved_metric_drop() is None  # int8 has no absolute drop limit by default
+    fp32 = replace(spec, precision="fp32")
+    assert fp32.resolved_tolerance() == replace(
+        DEFAULT_TOLERANCES["fp32"], max_abs_err=1e-3, min_cosine=0.9999
+    )
+    assert fp32.resolved_metric_drop() == 0.05
+
+
+def test_gate_precedence_flag_then_precision_table_then_file(tmp_path):
+    config = tmp_path / "gates.toml"
+    config.write_text(
+        "min-cosine = 0.5\nmax-metric-drop = 3\n"
+        "[run]\nmax-abs-err = 0.25\n"
+        "[int8]\nmin-cosine = 0.8\nmax-abs-err = 2\n"
+        "[fp16]\nmin-metric-retention = 0.9\n"
+    )
+    spec = _verify_spec("--config", config)
+    int8, fp16, fp32 = (replace(spec, precision=p) for p in ("int8", "fp16", "fp32"))
+    assert (int8.resolved_tolerance().min_cosine, int8.resolved_tolerance().max_abs_err) == (0.8, 2)
+    assert (fp32.resolved_tolerance().min_cosine, fp32.resolved_tolerance().max_abs_err) == (
+        0.5,
+        0.25,
+    )
+    assert fp16.resolved_metric_retention() == 0.9 and fp32.resolved_metric_retention() is None
+    assert int8.resolved_metric_drop() == 3  # the file's top level: every precision
+    # A flag on the command line applies to every precision, tables included.
+    flagged = _verify_spec("--config", config, "--min-cosine", 0.7)
+    for precision in ("int8", "fp16", "fp32"):
+        assert replace(flagged, precision=precision).resolved_tolerance().min_cosine == 0.7
+    assert replace(flagged, precision="int8").resolved_tolerance().max_abs_err == 2
+    # verify reads the same tables.
+    verify = _verify_spec("--config", config, command="verify")
+    assert replace(verify, precision="int8").resolved_tolerance().min_cosine == 0.8
+
+
 @pytest.mark.e2e
 def test_config_drives_a_run_and_flags_win(tiny_embedding_model, tmp_path):
     config = tmp_path / "pipeline.toml"
@@ -93,6 +147,33 @@ def test_config_drives_a_run_and_flags_win(tiny_embedding_model, tmp_path):
     assert manifest["spec"]["session"]["intra_op_num_threads"] == 2  # the flag beat the file
 
 
+@pytest.mark.e2e
+def test_example_config_builds_a_real_int8_engine(tiny_embedding_model, tmp_path):
+    result = _invoke(
+        "run",
+        *("--config", EXAMPLE, "--model", tiny_embedding_model, "--out", tmp_path / "out"),
+        # Here: CPU engines, the tiny model's length, and no metric gate (a random model's
+        # metric means nothing, conftest.py).
+        *("--target", "cpu", "--no-package", "--no-metric-gate", "--metric-limit", "100"),
+        *("--num-samples", "64", "--max-length", "128", "--json"),
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    engines = {e["precision"]: e for e in summary["engines"]}
+    assert set(engines) == {"fp32", "int8"} and summary["ok"]
+    int8 = engines["int8"]
+    assert int8["passed"] and int8["float_ops"]["total"] == 12
+    assert int8["float_ops"]["float"] <= 0.25 * 12  # a real INT8 engine
+    # Each engine was judged by its own precision's gates from the file.
+    for precision, min_cosine, max_abs_err in (("fp32", 0.9999, 1e-3), ("int8", 0.90, None)):
+        report = json.loads(
+            Path(engines[precision]["report"]).with_name("manifest.json").read_text()
+        )
+        tolerance = report["spec"]["resolved_tolerance"]
+        assert tolerance["min_cosine"] == min_cosine
+        assert max_abs_err is None or tolerance["max_abs_err"] == max_abs_err
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -107,6 +188,10 @@ def test_config_drives_a_run_and_flags_win(tiny_embedding_model, tmp_path):
         ("max-abs-err = {a = 1}", "max-abs-err: expected a value, not a table"),
         ('precision = [["fp32"]]', "expected a single value"),
         ("a = [", "not valid TOML"),
+        ("[int8]\nthreads = 2", "[int8] threads: a precision table takes only the gates"),
+        ('[int8]\nmin-cosine = "high"', "[int8] min-cosine = 'high': Invalid value"),
+        ("[run.int8]\nmin-cosine = 0.9", "[run.int8]: precision tables are top-level ([int8])"),
+        ("[int4]\nmin-cosine = 0.9", "table [int4] is not a command or a precision"),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(tmp_path, text, message):

@@ -10,6 +10,7 @@ import pytest
 
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.pipeline.calibrate import CalibrationSpec
+from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.verify import metric_gate_failures
@@ -18,11 +19,12 @@ from tests.conftest import TINY_VERIFY, cpu_engine_dir
 CALIBRATION = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
 
 
-def _run(model, out, **verify_changes):
+def _run(model, out, fallback: FallbackSpec | None = None, **verify_changes):
     spec = RunSpec(
         builds=(BuildSpec(precision="int8"),),
         verify=replace(TINY_VERIFY, **verify_changes),
         calibration=CALIBRATION,
+        fallback=fallback or FallbackSpec(),
     )
     summary = run_pipeline(info=resolve_model(model), out=out, spec=spec)
     (engine,) = summary["engines"]
@@ -42,7 +44,7 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     out, summary, engine = int8_run
     assert summary["ok"] and engine["precision"] == "int8"
     assert engine["fallback"]["kept_float"] == []
-    for name in ("model.onnx", "scales.json", "calibration.cache", "manifest.json"):
+    for name in ("model.onnx", "scales.json", "ranges.json", "calibration.cache", "manifest.json"):
         assert (out / "calibrate" / name).is_file()
     manifest = json.loads((cpu_engine_dir(out, "int8") / "manifest.json").read_text())
     assert manifest["inputs"]["onnx"]["path"] == str(out / "calibrate" / "model.onnx")
@@ -62,37 +64,56 @@ def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
 
 
 @pytest.mark.e2e
-def test_fallback_keeps_sensitive_matmuls_until_the_gate_passes(
+def test_fallback_keeps_the_fewest_sensitive_matmuls_that_pass(
     tiny_embedding_model, int8_run, tmp_path
 ):
+    import json
+
     _out, _summary, engine = int8_run
+    assert engine["float_ops"] == {"float": 0, "total": 12}
     # Half the error the fully quantized engine showed: only keeping some MatMuls float passes.
     limit = engine["parity"]["max_abs_err"] / 2
     summary, engine = _run(
-        tiny_embedding_model, tmp_path, tolerance_overrides=(("max_abs_err", limit),)
+        tiny_embedding_model,
+        tmp_path,
+        fallback=FallbackSpec(max_float=1.0),
+        tolerance_overrides=(("max_abs_err", limit),),
     )
     fallback = engine["fallback"]
-    assert engine["passed"] and summary["ok"]
-    assert 1 <= len(fallback["kept_float"]) <= 12
+    assert engine["passed"] and summary["ok"] and fallback["failure"] is None
+    kept = fallback["kept_float"]
+    assert 1 <= len(kept) <= 12
     errors = [r["error"] for r in fallback["ranking"]]
     assert errors == sorted(errors, reverse=True) and len(errors) == 12
-    assert (
-        fallback["kept_float"]
-        == [r["node"] for r in fallback["ranking"]][: len(fallback["kept_float"])]
-    )
-    assert [s["passed"] for s in fallback["steps"]] == [False] * (len(fallback["steps"]) - 1) + [
-        True
-    ]
+    assert kept == [r["node"] for r in fallback["ranking"]][: len(kept)]
+    # Growing groups and bisection: far fewer rounds than one per MatMul, and every round that
+    # kept fewer in float failed (the result is the smallest that passed).
+    steps = fallback["steps"]
+    assert fallback["rounds"] == len(steps) - 1 <= 2 * 4 + 1
+    assert steps[-1]["passed"] and steps[-1]["kept_float"] == kept
+    assert all(not s["passed"] for s in steps if len(s["kept_float"]) < len(kept))
+    assert engine["float_ops"] == {"float": len(kept), "total": 12}
+    manifest = json.loads((cpu_engine_dir(tmp_path, "int8") / "manifest.json").read_text())
+    assert sorted(manifest["results"]["float_ops"]["float_nodes"]) == sorted(kept)
+    # Calibrated once: the last round's calibration reused the first one's ranges.
+    calibration = json.loads((tmp_path / "calibrate" / "manifest.json").read_text())
+    assert calibration["results"]["ranges"] == "reused"
+    assert calibration["results"]["kept_float"] == kept
 
 
 @pytest.mark.e2e
-def test_fallback_reports_failure_when_nothing_is_left(tiny_embedding_model, tmp_path):
+def test_fallback_stops_at_the_float_limit_and_fails(tiny_embedding_model, tmp_path):
     summary, engine = _run(
         tiny_embedding_model, tmp_path, metric_gate=True, min_metric_retention=2.0
     )
     assert not summary["ok"] and not engine["passed"]
-    assert len(engine["fallback"]["kept_float"]) == 12  # every MatMul ended in float
+    fallback = engine["fallback"]
+    # --fallback-max-float 0.25 of 12 MatMuls: rounds at 1, 2, then 3 float, never more.
+    assert [len(s["kept_float"]) for s in fallback["steps"]] == [0, 1, 2, 3]
+    assert fallback["float_limit"] == 3 and engine["float_ops"] == {"float": 3, "total": 12}
     assert any("keeps" in f and "needs 200.0%" in f for f in engine["failures"])
+    assert fallback["failure"] in engine["failures"]
+    assert "still fails with 3/12 MatMuls in float" in fallback["failure"]
 
 
 def test_metric_gates():
@@ -152,3 +173,24 @@ def test_an_explicit_int8_weight_type_names_its_engine_and_is_recorded(
     assert [n.rsplit("-", 2)[1:] for n in names] == [["int8", "s8"], ["int8", "u8"]]
     result = CliRunner().invoke(cli, [*args, "--int8-weights", "s16"])
     assert result.exit_code == 2 and "s16" in result.output
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 9, 12, 36])
+def test_search_finds_the_smallest_passing_prefix_in_few_rounds(limit):
+    import math
+
+    from bert_compiler.calibration.sensitivity import smallest_passing_prefix
+
+    bound = 2 * math.ceil(math.log2(limit)) + 1 if limit > 1 else 1
+    for needed in range(1, limit + 2):
+        tried = []
+
+        def passes(size, needed=needed, tried=tried):
+            tried.append(size)
+            return size >= needed
+
+        found = smallest_passing_prefix(limit, passes)
+        assert found == (needed if needed <= limit else None), (needed, tried)
+        assert len(tried) <= bound and max(tried) <= limit, (needed, tried)
+        assert len(set(tried)) == len(tried)  # no size tried twice
+    assert smallest_passing_prefix(0, lambda size: True) is None
