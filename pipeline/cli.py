@@ -227,6 +227,17 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _speed_line(engine: dict[str, Any]) -> str:
+    """``\n  speed: ...`` from verify's timed metric pass, labelled as the rough figure it is."""
+    speed = engine.get("speed")
+    if not speed:
+        return ""
+    return (
+        f"\n  speed: {speed['sentences_per_s']:,.0f} sentences/s over {speed['sentences']} "
+        "metric sentences in verify (tokenization included; rough: `bert-compile bench` measures)"
+    )
+
+
 def _float_ops_line(engine: dict[str, Any]) -> str:
     """``\n  float_ops: 2/36 ...`` for an INT8 engine: its quantizable MatMuls left in float."""
     float_ops = engine.get("float_ops")
@@ -586,7 +597,7 @@ def run_command(make_package: bool, **values: Any) -> None:
             f"  parity min_cosine={engine['parity']['min_cosine']:.6f} "
             f"max_abs_err={engine['parity']['max_abs_err']:.2e}; "
             f"{metric['name']}={_fmt(metric['value'])} (PyTorch fp32 {_fmt(torch_value)})"
-            f"{_float_ops_line(engine)}\n  report: {engine['report']}"
+            f"{_float_ops_line(engine)}{_speed_line(engine)}\n  report: {engine['report']}"
         )
     if summary.get("repository"):
         lines.append(f"Triton repository: {summary['repository']['path']}")

@@ -142,6 +142,7 @@ def run_pipeline(
                 "failures": failures,
                 # Quantized ops an INT8 engine runs in float: {"float": k, "total": n}.
                 "float_ops": float_ops and {k: float_ops[k] for k in ("float", "total")},
+                "speed": report.get("speed"),
                 **({"fallback": fallback} if fallback is not None else {}),
             }
         )

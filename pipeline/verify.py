@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -57,6 +58,10 @@ _OUT_OF_MEMORY = re.compile(
     r"not enough memory|out of memory|failed to allocate|can't allocate", re.IGNORECASE
 )
 METRIC_BATCH_SIZE = 64
+SPEED_NOTE = (
+    "one pass of the task-metric sentences through the runtime, tokenization included, during "
+    "verify (a rough figure; `bert-compile bench` measures)"
+)
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
 # Texts -> one row per text: logits, or the pooled, normalised sentence embedding.
@@ -138,6 +143,7 @@ class VerifyOutcome:
     engine_metric: MetricResult
     passed: bool
     failures: list[str] = field(default_factory=list)
+    speed: dict[str, Any] = field(default_factory=dict)
 
 
 def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> Runner:
@@ -194,11 +200,17 @@ def torch_embedder(
     return embed
 
 
-def engine_embedder(encoder: Encoder, label: str = "engine metric") -> Embedder:
-    """Texts -> one row per text from an engine, through the runtime (what serving runs)."""
+def engine_embedder(
+    encoder: Encoder, label: str = "engine metric", timing: dict[str, Any] | None = None
+) -> Embedder:
+    """Texts -> one row per text from an engine, through the runtime (what serving runs);
+    ``timing`` receives the sentences and seconds of the call."""
 
     def embed(texts: list[str]) -> np.ndarray:
+        started = time.perf_counter()
         outputs = encoder.encode(texts, desc=label)
+        if timing is not None:
+            timing.update(sentences=len(texts), seconds=time.perf_counter() - started)
         for name in ("logits", "sentence_embedding"):
             if name in outputs:
                 return outputs[name]
@@ -324,12 +336,22 @@ def run_verification(
         embed = torch_embedder(reference, tokenizer, info, max_length, "pytorch metric")
         _PYTORCH_METRICS[key] = compute_metric(embed, info, spec.metric_limit, metric_file)
     torch_metric = _PYTORCH_METRICS[key]
-    engine_metric = compute_metric(engine_embedder(encoder), info, spec.metric_limit, metric_file)
+    timing: dict[str, Any] = {}
+    engine_metric = compute_metric(
+        engine_embedder(encoder, timing=timing), info, spec.metric_limit, metric_file
+    )
     failures = [
         f"{name}: {reason}" for name, rep in parity_report.items() for reason in rep["failures"]
     ]
     failures.extend(metric_gate_failures(torch_metric, engine_metric, spec))
-    return VerifyOutcome(parity_report, torch_metric, engine_metric, not failures, failures)
+    speed = {}
+    if timing:
+        speed = {
+            "sentences_per_s": round(timing["sentences"] / max(timing["seconds"], 1e-9), 1),
+            "sentences": timing["sentences"],
+            "measured": SPEED_NOTE,
+        }
+    return VerifyOutcome(parity_report, torch_metric, engine_metric, not failures, failures, speed)
 
 
 def summarize_parity(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -422,6 +444,7 @@ def verify_engine(
             "metric": asdict(outcome.engine_metric),
             "pytorch_metric": asdict(outcome.pytorch_metric),
             "batching": asdict(encoder.batching),
+            "speed": outcome.speed,
         }
         atomic_write_text(artifact.path / REPORT_FILE, json.dumps(report, indent=2) + "\n")
         return [REPORT_FILE], report

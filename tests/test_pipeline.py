@@ -207,3 +207,20 @@ def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
     assert every_row.max() == 64  # truncated exactly at the limit
     mixed = tokenize(tokenizer, batches[-3], info, 64)["attention_mask"].sum(axis=1)
     assert len(set(mixed.tolist())) == 3  # one batch mixing short and maximal rows
+
+
+@pytest.mark.e2e
+def test_the_run_summary_gives_a_labelled_speed_figure(tiny_run):
+    """Issue 15 item 3: each engine's summary says how fast verify's metric pass ran through the
+    runtime, and says that it is a rough figure."""
+    from bert_compiler.pipeline.cli import _speed_line
+
+    _info, _out, spec, summary = tiny_run
+    (engine,) = summary["engines"]
+    speed = engine["speed"]
+    # Embedding models: both columns of the STS-B pairs.
+    assert speed["sentences"] == 2 * spec.verify.metric_limit and speed["sentences_per_s"] > 0
+    assert "bench" in speed["measured"] and "tokenization included" in speed["measured"]
+    line = _speed_line(engine)
+    assert "sentences/s" in line and "rough" in line
+    assert _speed_line({"speed": None}) == ""
