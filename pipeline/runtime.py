@@ -230,6 +230,8 @@ class Encoder:
     def run(self, tokens: Tokens, desc: str | None = None) -> dict[str, Any]:
         """Outputs for token rows in their order (``desc``: a progress bar of that name, shown
         where core.progress shows bars)."""
+        if not len(tokens):
+            raise InputError("no token rows to run")
         chunks: list[dict[str, Any]] = []
         self._batch_ms = []
         batches_run, shapes, computed = 0, set(), 0

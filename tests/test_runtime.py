@@ -67,12 +67,18 @@ def test_rows_come_back_in_input_order(tiny_embedding_model, batching, monkeypat
     assert encoder.stats.rows == len(TEXTS) and encoder.stats.batches >= len(TEXTS) // 8
 
 
-def test_a_ladder_below_the_maximum_length_is_refused(tiny_embedding_model):
+def test_a_ladder_below_the_maximum_length_and_no_texts_are_refused(tiny_embedding_model):
     from bert_compiler.core.errors import InputError
 
     info = resolve_model(tiny_embedding_model)
     with pytest.raises(InputError, match="top rung"):
         Encoder(RecordingEngine(), info, max_length=32, batching=BatchingSpec(ladder=(8, 16)))
+    encoder = Encoder(RecordingEngine(), info, max_length=32)
+    with pytest.raises(InputError, match="no texts"):
+        encoder.encode([])
+    empty = runtime.Tokens(*(np.zeros(0, np.int64),) * 3)
+    with pytest.raises(InputError, match="no token rows"):
+        encoder.run(empty)
 
 
 @pytest.mark.e2e
