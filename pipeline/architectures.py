@@ -26,6 +26,31 @@ def _bert_expected_fusions(config: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def _roberta_expected_fusions(config: Mapping[str, Any]) -> dict[str, int]:
+    # Measured on the tiny model's export with onnxruntime 1.32: every layer fuses as in BERT, but
+    # the embeddings do not (ROBERTA_FUSION_NOTE): their LayerNorm becomes a LayerNormalization.
+    counts = _bert_expected_fusions(config)
+    del counts["EmbedLayerNormalization"]
+    return {**counts, "LayerNormalization": 1}
+
+
+ROBERTA_FUSION_NOTE = (
+    "ORT's optimizer does not fuse RoBERTa's embeddings into EmbedLayerNormalization (its kernel "
+    "numbers positions from 0; RoBERTa's start after the padding index): they stay standard ops"
+)
+
+
+def _no_offset(config: Mapping[str, Any]) -> int:
+    return 0
+
+
+def _after_padding_index(config: Mapping[str, Any]) -> int:
+    # HF RoBERTa numbers real tokens padding_idx + 1, padding_idx + 2, ... (padding_idx is
+    # pad_token_id), so the first padding_idx + 1 rows of the position table are never a real
+    # token's position.
+    return int(config["pad_token_id"]) + 1
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """What the pipeline needs to know about one Hugging Face ``model_type``.
@@ -37,6 +62,11 @@ class ArchitectureSpec:
         expected_fusions: fused-operator counts a healthy fused graph has, from the config.
             A key starting with ``*`` sums every operator ending with the rest (``*Gelu``).
         tiny_config: a small random configuration for tests.
+        position_offset: rows of the position table before the first token's position (from
+            the config); a sequence holds at most ``max_position_embeddings`` minus this.
+        fusion_note: why ORT's fusion covers this architecture only partly (empty: fully).
+        config_bounds: config.json integers this architecture needs beyond the common ones,
+            with their inclusive bounds.
     """
 
     model_type: str
@@ -44,6 +74,13 @@ class ArchitectureSpec:
     ort_optimizer_type: str
     expected_fusions: Callable[[Mapping[str, Any]], dict[str, int]]
     tiny_config: Mapping[str, Any] = field(default_factory=dict)
+    position_offset: Callable[[Mapping[str, Any]], int] = _no_offset
+    fusion_note: str = ""
+    config_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+
+    def max_tokens(self, config: Mapping[str, Any]) -> int:
+        """The longest sequence a model of this configuration can number (tokens)."""
+        return int(config["max_position_embeddings"]) - self.position_offset(config)
 
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
@@ -60,6 +97,29 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
             "max_position_embeddings": 128,
             "type_vocab_size": 2,
         },
+    ),
+    "roberta": ArchitectureSpec(
+        model_type="roberta",
+        # HF RoBERTa takes token_type_ids but has one type (type_vocab_size 1) and its tokenizer
+        # does not return them: the graph leaves them out, as for every model with one type.
+        input_names=("input_ids", "attention_mask"),
+        # onnxruntime's optimizer has no roberta type; its BERT model covers RoBERTa's layers.
+        ort_optimizer_type="bert",
+        expected_fusions=_roberta_expected_fusions,
+        tiny_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "max_position_embeddings": 130,
+            "type_vocab_size": 1,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        position_offset=_after_padding_index,
+        fusion_note=ROBERTA_FUSION_NOTE,
+        config_bounds={"pad_token_id": (0, 1_000_000)},
     ),
 }
 

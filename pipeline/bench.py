@@ -221,7 +221,7 @@ def plain_ort_engine(info: ModelInfo, exported: Path, folder: Path, on_gpu: bool
     if not destination.is_file():
         model = optimize_model(
             str(exported),
-            model_type="bert",
+            model_type=info.architecture.ort_optimizer_type,
             num_heads=info.num_heads,
             hidden_size=info.hidden_size,
             use_gpu=on_gpu,

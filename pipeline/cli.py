@@ -357,7 +357,13 @@ def fuse_command(input_path: Path | None, **values: Any) -> None:
         spec=FUSE.parse(values),
         force=values["force"],
     )
-    _emit(_stage_output(result), values["as_json"], f"fused: {result.results['fused_operators']}")
+    note = result.results.get("fusion_note")
+    partial = f" (partial: {note})" if note else ""
+    _emit(
+        _stage_output(result),
+        values["as_json"],
+        f"fused: {result.results['fused_operators']}{partial}",
+    )
 
 
 @cli.command("calibrate")

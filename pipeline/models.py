@@ -71,7 +71,8 @@ class ModelInfo:
         task: one of TASKS.
         pooling: ``mean`` or ``cls`` for sentence-embedding models, else None.
         normalize: L2-normalise the pooled embedding (sentence-transformers Normalize module).
-        max_length: the longest sequence the model accepts (tokens).
+        max_length: the longest sequence the model accepts (tokens): its position table less
+            the architecture's position offset, or sentence-transformers' max_seq_length.
         weights: the weights file used.
         num_labels: classifier outputs for sequence-classification, else None.
     """
@@ -134,10 +135,10 @@ def _read_json(path: Path) -> Any:
         raise InputError(f"{path}: not valid UTF-8 JSON ({err})") from err
 
 
-def _validate_config(config: Any, where: Path) -> None:
+def _validate_config(config: Any, where: Path, architecture: ArchitectureSpec) -> None:
     if not isinstance(config, dict):
         raise InputError(f"{where}: config.json must be a JSON object")
-    for key, (low, high) in _CONFIG_BOUNDS.items():
+    for key, (low, high) in {**_CONFIG_BOUNDS, **architecture.config_bounds}.items():
         if key not in config:
             raise InputError(f"{where}: config.json has no {key!r}")
         value = config[key]
@@ -150,6 +151,19 @@ def _validate_config(config: Any, where: Path) -> None:
         raise UnsupportedModelError(
             f"{where}: hidden_size {config['hidden_size']} is not divisible by "
             f"num_attention_heads {config['num_attention_heads']}"
+        )
+    if "pad_token_id" in architecture.config_bounds and (
+        config["pad_token_id"] >= config["vocab_size"]
+    ):
+        raise UnsupportedModelError(
+            f"{where}: config.json pad_token_id {config['pad_token_id']} is not below vocab_size "
+            f"{config['vocab_size']}"
+        )
+    if architecture.max_tokens(config) < 2:
+        raise UnsupportedModelError(
+            f"{where}: config.json max_position_embeddings {config['max_position_embeddings']} "
+            f"leaves {architecture.max_tokens(config)} token positions for "
+            f"{architecture.model_type} (at least 2 are needed)"
         )
     if config.get("position_embedding_type", "absolute") != "absolute":
         raise UnsupportedModelError(
@@ -285,7 +299,7 @@ def resolve_model(
             "(pass --trust-remote-code only for code you have reviewed)"
         )
     architecture = architecture_for(config.get("model_type"), str(config_path))
-    _validate_config(config, config_path)
+    _validate_config(config, config_path, architecture)
     weights = _find_weights(folder, allow_pickle)
 
     pooling, normalize = _sentence_transformers_pooling(folder)
@@ -309,7 +323,7 @@ def resolve_model(
         labels = config.get("id2label") or {}
         num_labels = int(config.get("num_labels", len(labels) or 2))
 
-    max_length = int(config["max_position_embeddings"])
+    max_length = architecture.max_tokens(config)
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         seq = _read_json(st_config).get("max_seq_length")

@@ -165,6 +165,7 @@ def run_pipeline(
         "model": {"name": info.name, "path": str(info.path), "task": info.task},
         "out": str(layout.root),
         "fused_operators": fused.results.get("fused_operators", {}),
+        "fusion_note": fused.results.get("fusion_note", ""),
         "pytorch_fp32_metric": pytorch_metric
         and {"name": pytorch_metric["name"], "value": pytorch_metric["value"]},
         "engines": engines,

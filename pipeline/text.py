@@ -25,13 +25,15 @@ EDGE_ROW_MAX_WORDS = 512
 
 
 def resolve_max_length(info: ModelInfo, requested: int | None) -> int:
-    """The truncation length, refusing one longer than the model's position table."""
-    positions = int(info.config["max_position_embeddings"])
+    """The truncation length, refusing one longer than the model's position table numbers
+    (``max_position_embeddings`` less the architecture's position offset: 2 for RoBERTa)."""
+    positions = info.architecture.max_tokens(info.config)
     length = requested if requested is not None else info.max_length
     if not 2 <= length <= positions:
         raise InputError(
-            f"--max-length {length}: must be between 2 and the model's "
-            f"max_position_embeddings ({positions}) in {info.path / 'config.json'}"
+            f"--max-length {length}: must be between 2 and {positions}, the token positions of "
+            f"the model's max_position_embeddings ({info.config['max_position_embeddings']}) "
+            f"in {info.path / 'config.json'}"
         )
     return length
 

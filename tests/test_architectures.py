@@ -1,11 +1,18 @@
-"""Every registered architecture has a tiny model that exports, simplifies and fuses completely."""
+"""Every registered architecture has a tiny model that exports, simplifies and fuses to its
+measured counts, and runs end to end (fp32 and INT8, verified, packaged, gated)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import onnx
 import pytest
+from click.testing import CliRunner
 
 from bert_compiler.core.errors import UnsupportedModelError
 from bert_compiler.pipeline.architectures import ARCHITECTURES, architecture_for
+from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.export import export
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.models import resolve_model
@@ -23,8 +30,56 @@ def test_registered_architecture_compiles_with_full_fusion(model_type, tmp_path)
     fused = fuse(info=info, source=simplified.output("model.onnx"), out_dir=tmp_path / "fuse")
     assert fused.results["fusions_complete"]
     assert fused.results["expected_fusions"] == info.architecture.expected_fusions(info.config)
+    assert fused.results["fusion_note"] == info.architecture.fusion_note
+    graph = onnx.load(str(exported.output("model.onnx")))
+    assert [i.name for i in graph.graph.input] == list(info.architecture.input_names)
+
+
+# BERT's run to a gated repository is tests/test_cli.py's (and test_pipeline's, test_package's).
+@pytest.mark.e2e
+@pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - {"bert"}))
+def test_registered_architecture_runs_fp32_and_int8_to_a_gated_repository(model_type, tmp_path):
+    folder = make_tiny_model(tmp_path / model_type, model_type=model_type)
+    out = tmp_path / "out"
+    common = ["--model", str(folder), "--out", str(out), "--json"]
+    quick = ["--metric-limit", "100", "--no-metric-gate", "--num-samples", "64"]
+    result = CliRunner().invoke(
+        cli,
+        ["run", *common, *quick, "--precision", "fp32", "--precision", "int8"],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"]
+    assert {e["precision"]: e["passed"] for e in summary["engines"]} == {
+        "fp32": True,
+        "int8": True,
+    }
+    info = resolve_model(folder)
+    assert summary["fusion_note"] == info.architecture.fusion_note
+    if info.architecture.fusion_note:
+        assert f"partial fusion for {model_type}" in result.stderr
+    repository = Path(summary["repository"]["path"])
+    checked = CliRunner().invoke(
+        cli, ["verify", *common, "--metric-limit", "100", "--repository", str(repository)]
+    )
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
 
 
 def test_unregistered_architecture_is_refused():
     with pytest.raises(UnsupportedModelError, match="supported: bert"):
         architecture_for("llama", "config.json")
+
+
+def test_readme_table_lists_every_registered_architecture():
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("### Architectures", 1)[1].split("\n#", 1)[0]
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
+    listed = {cells[0].strip().strip("`"): cells for cells in rows}
+    assert sorted(listed) == sorted(ARCHITECTURES)
+    for model_type, cells in listed.items():
+        spec = ARCHITECTURES[model_type]
+        assert [n.strip() for n in cells[1].split(",")] == list(spec.input_names)
+        assert cells[2].strip().strip("`") == spec.ort_optimizer_type
+        assert ("partial" in cells[3]) == bool(spec.fusion_note)

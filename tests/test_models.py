@@ -157,3 +157,61 @@ def test_allowed_pickle_loads_plain_weights(tiny_model_copy):
     _pickle_only(tiny_model_copy)
     model = load_torch_model(resolve_model(tiny_model_copy, allow_pickle=True))
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_roberta(tmp_path_factory):
+    from tests.tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-roberta", model_type="roberta")
+
+
+def test_roberta_positions_start_after_the_padding_index(tiny_roberta):
+    info = resolve_model(tiny_roberta)
+    # 130 position rows, the first pad_token_id + 1 = 2 never a token's: 128 tokens at most.
+    assert (info.config["max_position_embeddings"], info.max_length) == (130, 128)
+    assert info.architecture.input_names == ("input_ids", "attention_mask")
+    from bert_compiler.pipeline.text import resolve_max_length
+
+    assert resolve_max_length(info, 128) == 128
+    with pytest.raises(InputError, match="between 2 and 128"):
+        resolve_max_length(info, 129)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"pad_token_id": None}, "has no 'pad_token_id'"),
+        ({"pad_token_id": -1}, "pad_token_id=-1"),
+        ({"pad_token_id": 100_000}, "pad_token_id 100000 is not below vocab_size"),
+        ({"max_position_embeddings": 3}, "leaves 1 token positions for roberta"),
+    ],
+)
+def test_hostile_roberta_configs_are_refused(tiny_roberta, tmp_path, changes, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_roberta, folder)
+    edit_config(folder, **changes)
+    with pytest.raises((InputError, UnsupportedModelError)) as caught:
+        resolve_model(folder)
+    assert message in str(caught.value) and "config.json" in str(caught.value)
+
+
+def test_roberta_rows_are_padded_with_its_pad_id_everywhere(tiny_roberta):
+    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.pipeline.runtime import tokenize_rows
+    from bert_compiler.pipeline.text import tokenize
+
+    info = resolve_model(tiny_roberta)
+    tokenizer = load_tokenizer(info)
+    assert tokenizer.pad_token_id == info.config["pad_token_id"] == 1
+    texts = ["a", "a longer sentence"]
+    feeds = tokenize(tokenizer, texts, info, info.max_length)
+    mask = feeds["attention_mask"]
+    assert set(feeds) == {"input_ids", "attention_mask"}
+    assert (feeds["input_ids"][mask == 0] == 1).all() and (mask == 0).any()
+    rows = tokenize_rows(tokenizer, texts, info, info.max_length)
+    matrices = rows.matrices(info.architecture.input_names, tokenizer.pad_token_id)
+    for name, matrix in matrices.items():
+        assert (matrix == feeds[name]).all(), name

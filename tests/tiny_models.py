@@ -18,6 +18,37 @@ def char_vocab() -> list[str]:
     return SPECIAL + chars + punctuation + [f"##{c}" for c in chars]
 
 
+def byte_level_vocab() -> list[str]:
+    """A byte-level BPE vocabulary with no merges: every text tokenizes, into bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(shifted))]
+    return ["<s>", "<pad>", "</s>", "<unk>", *symbols, "<mask>"]
+
+
+def _bert_family(model_type: str, folder: Path):
+    """The tokenizer (written to ``folder``) and the HF config, model and classifier classes."""
+    import transformers
+
+    if model_type == "roberta":
+        vocab = byte_level_vocab()
+        tokenizer = transformers.RobertaTokenizerFast(
+            vocab={token: i for i, token in enumerate(vocab)}, merges=[]
+        )
+        classes = (transformers.RobertaConfig, transformers.RobertaModel)
+        classes += (transformers.RobertaForSequenceClassification,)
+    else:
+        vocab = char_vocab()
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = transformers.BertTokenizerFast(
+            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
+        )
+        classes = (transformers.BertConfig, transformers.BertModel)
+        classes += (transformers.BertForSequenceClassification,)
+    tokenizer.save_pretrained(str(folder))
+    return len(vocab), classes
+
+
 def make_tiny_model(
     folder: Path,
     *,
@@ -28,22 +59,17 @@ def make_tiny_model(
 ) -> Path:
     """Write a random model of the registered architecture's tiny config to ``folder``."""
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = char_vocab()
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(str(folder))
-
+    vocab_size, (config_class, model_class, classifier_class) = _bert_family(model_type, folder)
     spec = ARCHITECTURES[model_type]
-    config = BertConfig(vocab_size=len(vocab), **{**spec.tiny_config, **(config_overrides or {})})
+    config = config_class(vocab_size=vocab_size, **{**spec.tiny_config, **(config_overrides or {})})
     torch.manual_seed(seed)
     if task == "sequence-classification":
         config.num_labels = 2
-        model = BertForSequenceClassification(config)
+        model = classifier_class(config)
     else:
-        model = BertModel(config, add_pooling_layer=False)
+        model = model_class(config, add_pooling_layer=False)
     # Random init leaves biases at zero, and onnxsim then deletes those Adds, which no trained model
     # would show (and which breaks ORT's bias fusions). Give every parameter trained-looking values.
     with torch.no_grad():
