@@ -83,23 +83,10 @@ class ArchitectureSpec:
         return int(config["max_position_embeddings"]) - self.position_offset(config)
 
 
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "bert": ArchitectureSpec(
-        model_type="bert",
-        input_names=("input_ids", "attention_mask", "token_type_ids"),
-        ort_optimizer_type="bert",
-        expected_fusions=_bert_expected_fusions,
-        tiny_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 37,
-            "max_position_embeddings": 128,
-            "type_vocab_size": 2,
-        },
-    ),
-    "roberta": ArchitectureSpec(
-        model_type="roberta",
+def _roberta_like(model_type: str) -> ArchitectureSpec:
+    """RoBERTa's spec under ``model_type`` (RoBERTa and XLM-RoBERTa share HF's implementation)."""
+    return ArchitectureSpec(
+        model_type=model_type,
         # HF RoBERTa takes token_type_ids but has one type (type_vocab_size 1) and its tokenizer
         # does not return them: the graph leaves them out, as for every model with one type.
         input_names=("input_ids", "attention_mask"),
@@ -120,7 +107,27 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         position_offset=_after_padding_index,
         fusion_note=ROBERTA_FUSION_NOTE,
         config_bounds={"pad_token_id": (0, 1_000_000)},
+    )
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "bert": ArchitectureSpec(
+        model_type="bert",
+        input_names=("input_ids", "attention_mask", "token_type_ids"),
+        ort_optimizer_type="bert",
+        expected_fusions=_bert_expected_fusions,
+        tiny_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "max_position_embeddings": 128,
+            "type_vocab_size": 2,
+        },
     ),
+    "roberta": _roberta_like("roberta"),
+    # XLM-RoBERTa is RoBERTa with a SentencePiece vocabulary: the same graph, positions and fusion.
+    "xlm-roberta": _roberta_like("xlm-roberta"),
 }
 
 

@@ -42,10 +42,20 @@ def test_registered_architecture_runs_fp32_and_int8_to_a_gated_repository(model_
     folder = make_tiny_model(tmp_path / model_type, model_type=model_type)
     out = tmp_path / "out"
     common = ["--model", str(folder), "--out", str(out), "--json"]
-    quick = ["--metric-limit", "100", "--no-metric-gate", "--num-samples", "64"]
+    gates = ["--metric-limit", "100", "--no-metric-gate"]  # a random model: conftest.TINY_VERIFY
     result = CliRunner().invoke(
         cli,
-        ["run", *common, *quick, "--precision", "fp32", "--precision", "int8"],
+        [
+            "run",
+            *common,
+            *gates,
+            "--num-samples",
+            "64",
+            "--precision",
+            "fp32",
+            "--precision",
+            "int8",
+        ],
         catch_exceptions=False,
     )
     assert result.exit_code == 0, result.output
@@ -60,9 +70,7 @@ def test_registered_architecture_runs_fp32_and_int8_to_a_gated_repository(model_
     if info.architecture.fusion_note:
         assert f"partial fusion for {model_type}" in result.stderr
     repository = Path(summary["repository"]["path"])
-    checked = CliRunner().invoke(
-        cli, ["verify", *common, "--metric-limit", "100", "--repository", str(repository)]
-    )
+    checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", str(repository)])
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
 

@@ -26,6 +26,13 @@ def byte_level_vocab() -> list[str]:
     return ["<s>", "<pad>", "</s>", "<unk>", *symbols, "<mask>"]
 
 
+def unigram_vocab() -> list[tuple[str, float]]:
+    """A SentencePiece unigram vocabulary of single characters: every ASCII text tokenizes."""
+    specials = [(token, 0.0) for token in ("<s>", "<pad>", "</s>", "<unk>")]
+    chars = string.ascii_letters + string.digits + string.punctuation
+    return [*specials, *((c, -1.0) for c in chars), ("\u2581", -1.0), ("<mask>", 0.0)]
+
+
 def _bert_family(model_type: str, folder: Path):
     """The tokenizer (written to ``folder``) and the HF config, model and classifier classes."""
     import transformers
@@ -37,6 +44,11 @@ def _bert_family(model_type: str, folder: Path):
         )
         classes = (transformers.RobertaConfig, transformers.RobertaModel)
         classes += (transformers.RobertaForSequenceClassification,)
+    elif model_type == "xlm-roberta":
+        vocab = unigram_vocab()
+        tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab)
+        classes = (transformers.XLMRobertaConfig, transformers.XLMRobertaModel)
+        classes += (transformers.XLMRobertaForSequenceClassification,)
     else:
         vocab = char_vocab()
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
