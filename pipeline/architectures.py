@@ -67,6 +67,10 @@ class ArchitectureSpec:
         fusion_note: why ORT's fusion covers this architecture only partly (empty: fully).
         config_bounds: config.json integers this architecture needs beyond the common ones,
             with their inclusive bounds.
+        config_aliases: BERT's config key -> this architecture's own name for it (DistilBERT's
+            ``dim`` is ``hidden_size``), as HF's ``attribute_map``.
+        config_defaults: BERT config keys this architecture's config.json may leave out, with
+            the value that means (no ``type_vocab_size``: no token types).
     """
 
     model_type: str
@@ -77,6 +81,23 @@ class ArchitectureSpec:
     position_offset: Callable[[Mapping[str, Any]], int] = _no_offset
     fusion_note: str = ""
     config_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    config_aliases: Mapping[str, str] = field(default_factory=dict)
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def canonical_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """``config`` with BERT's key names added for this architecture's own ones (and the
+        defaults of keys it leaves out), so every later stage reads one set of names."""
+        canonical = dict(config)
+        for bert_key, own_key in self.config_aliases.items():
+            if own_key in config:
+                canonical[bert_key] = config[own_key]
+        for key, value in self.config_defaults.items():
+            canonical.setdefault(key, value)
+        return canonical
+
+    def config_key(self, bert_key: str) -> str:
+        """The name ``bert_key`` has in this architecture's config.json."""
+        return self.config_aliases.get(bert_key, bert_key)
 
     def max_tokens(self, config: Mapping[str, Any]) -> int:
         """The longest sequence a model of this configuration can number (tokens)."""
@@ -128,6 +149,28 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "roberta": _roberta_like("roberta"),
     # XLM-RoBERTa is RoBERTa with a SentencePiece vocabulary: the same graph, positions and fusion.
     "xlm-roberta": _roberta_like("xlm-roberta"),
+    "distilbert": ArchitectureSpec(
+        model_type="distilbert",
+        input_names=("input_ids", "attention_mask"),  # no token types in DistilBERT
+        # onnxruntime's optimizer has no distilbert type; its BERT model matches DistilBERT's
+        # embeddings (positions 0..n-1 from input_ids' shape, no segment table) and layers.
+        ort_optimizer_type="bert",
+        expected_fusions=_bert_expected_fusions,
+        tiny_config={
+            "dim": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+            "hidden_dim": 37,
+            "max_position_embeddings": 128,
+        },
+        config_aliases={
+            "hidden_size": "dim",
+            "num_hidden_layers": "n_layers",
+            "num_attention_heads": "n_heads",
+            "intermediate_size": "hidden_dim",
+        },
+        config_defaults={"type_vocab_size": 0},
+    ),
 }
 
 

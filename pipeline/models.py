@@ -67,7 +67,8 @@ class ModelInfo:
         path: the folder.
         name: a short name for output paths and reports.
         architecture: the registered architecture spec.
-        config: config.json as parsed.
+        config: config.json as parsed, with BERT's key names added for the architecture's own
+            (``ArchitectureSpec.canonical_config``).
         task: one of TASKS.
         pooling: ``mean`` or ``cls`` for sentence-embedding models, else None.
         normalize: L2-normalise the pooled embedding (sentence-transformers Normalize module).
@@ -138,19 +139,20 @@ def _read_json(path: Path) -> Any:
 def _validate_config(config: Any, where: Path, architecture: ArchitectureSpec) -> None:
     if not isinstance(config, dict):
         raise InputError(f"{where}: config.json must be a JSON object")
+    own = architecture.config_key  # messages name the file's own keys (DistilBERT's dim)
     for key, (low, high) in {**_CONFIG_BOUNDS, **architecture.config_bounds}.items():
         if key not in config:
-            raise InputError(f"{where}: config.json has no {key!r}")
+            raise InputError(f"{where}: config.json has no {own(key)!r}")
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise UnsupportedModelError(
-                f"{where}: config.json {key}={value!r} is outside the supported range "
+                f"{where}: config.json {own(key)}={value!r} is outside the supported range "
                 f"[{low}, {high}]"
             )
     if config["hidden_size"] % config["num_attention_heads"]:
         raise UnsupportedModelError(
-            f"{where}: hidden_size {config['hidden_size']} is not divisible by "
-            f"num_attention_heads {config['num_attention_heads']}"
+            f"{where}: {own('hidden_size')} {config['hidden_size']} is not divisible by "
+            f"{own('num_attention_heads')} {config['num_attention_heads']}"
         )
     if "pad_token_id" in architecture.config_bounds and (
         config["pad_token_id"] >= config["vocab_size"]
@@ -299,6 +301,7 @@ def resolve_model(
             "(pass --trust-remote-code only for code you have reviewed)"
         )
     architecture = architecture_for(config.get("model_type"), str(config_path))
+    config = architecture.canonical_config(config)
     _validate_config(config, config_path, architecture)
     weights = _find_weights(folder, allow_pickle)
 

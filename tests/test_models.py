@@ -215,3 +215,39 @@ def test_roberta_rows_are_padded_with_its_pad_id_everywhere(tiny_roberta):
     matrices = rows.matrices(info.architecture.input_names, tokenizer.pad_token_id)
     for name, matrix in matrices.items():
         assert (matrix == feeds[name]).all(), name
+
+
+@pytest.fixture(scope="module")
+def tiny_distilbert(tmp_path_factory):
+    from tests.tiny_models import make_tiny_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-distilbert"
+    return make_tiny_model(folder, model_type="distilbert")
+
+
+def test_distilbert_config_is_read_under_berts_names(tiny_distilbert):
+    info = resolve_model(tiny_distilbert)
+    assert "hidden_size" not in json.loads((tiny_distilbert / "config.json").read_text())
+    assert (info.hidden_size, info.num_layers, info.num_heads) == (32, 2, 2)
+    assert (info.config["intermediate_size"], info.config["type_vocab_size"]) == (37, 0)
+    assert info.architecture.input_names == ("input_ids", "attention_mask")
+    assert info.max_length == 128  # positions from 0, as BERT's
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"dim": None}, "has no 'dim'"),
+        ({"n_layers": 10000}, "n_layers=10000 is outside"),
+        ({"n_heads": 5}, "dim 32 is not divisible by n_heads 5"),
+    ],
+)
+def test_hostile_distilbert_configs_name_its_own_keys(tiny_distilbert, tmp_path, changes, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_distilbert, folder)
+    edit_config(folder, **changes)
+    with pytest.raises((InputError, UnsupportedModelError)) as caught:
+        resolve_model(folder)
+    assert message in str(caught.value) and "config.json" in str(caught.value)

@@ -49,6 +49,14 @@ def _bert_family(model_type: str, folder: Path):
         tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab)
         classes = (transformers.XLMRobertaConfig, transformers.XLMRobertaModel)
         classes += (transformers.XLMRobertaForSequenceClassification,)
+    elif model_type == "distilbert":
+        vocab = char_vocab()
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = transformers.DistilBertTokenizerFast(
+            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
+        )
+        classes = (transformers.DistilBertConfig, transformers.DistilBertModel)
+        classes += (transformers.DistilBertForSequenceClassification,)
     else:
         vocab = char_vocab()
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -81,14 +89,16 @@ def make_tiny_model(
         config.num_labels = 2
         model = classifier_class(config)
     else:
-        model = model_class(config, add_pooling_layer=False)
+        # BERT-style models carry a pooler no task here uses; DistilBERT has none.
+        pooler = {} if model_type == "distilbert" else {"add_pooling_layer": False}
+        model = model_class(config, **pooler)
     # Random init leaves biases at zero, and onnxsim then deletes those Adds, which no trained model
     # would show (and which breaks ORT's bias fusions). Give every parameter trained-looking values.
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0.0, 0.02)
-            elif "LayerNorm" in name:
+            elif "LayerNorm" in name or "layer_norm" in name:
                 param.normal_(1.0, 0.02)
     model.eval().save_pretrained(str(folder), safe_serialization=True)
 
