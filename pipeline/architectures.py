@@ -71,6 +71,8 @@ class ArchitectureSpec:
             ``dim`` is ``hidden_size``), as HF's ``attribute_map``.
         config_defaults: BERT config keys this architecture's config.json may leave out, with
             the value that means (no ``type_vocab_size``: no token types).
+        head_fusions: fused operators a task's head adds, per task (ELECTRA's classifier head
+            has a GELU of its own), added to ``expected_fusions``' counts.
     """
 
     model_type: str
@@ -83,6 +85,14 @@ class ArchitectureSpec:
     config_bounds: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     config_aliases: Mapping[str, str] = field(default_factory=dict)
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    head_fusions: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    def fusions_for(self, config: Mapping[str, Any], task: str) -> dict[str, int]:
+        """Fused-operator counts a healthy fused graph of this config and task has."""
+        counts = self.expected_fusions(config)
+        for key, extra in self.head_fusions.get(task, {}).items():
+            counts[key] = counts.get(key, 0) + extra
+        return counts
 
     def canonical_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """``config`` with BERT's key names added for this architecture's own ones (and the
@@ -149,6 +159,26 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "roberta": _roberta_like("roberta"),
     # XLM-RoBERTa is RoBERTa with a SentencePiece vocabulary: the same graph, positions and fusion.
     "xlm-roberta": _roberta_like("xlm-roberta"),
+    "electra": ArchitectureSpec(
+        model_type="electra",
+        input_names=("input_ids", "attention_mask", "token_type_ids"),
+        ort_optimizer_type="bert",
+        expected_fusions=_bert_expected_fusions,
+        tiny_config={
+            "embedding_size": 24,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "max_position_embeddings": 128,
+            "type_vocab_size": 2,
+        },
+        # Measured: fused as BERT (the embeddings' projection to hidden_size, when
+        # embedding_size differs, stays a MatMul after EmbedLayerNormalization), and the
+        # classifier head's dense + GELU become one more Gelu.
+        head_fusions={"sequence-classification": {"*Gelu": 1}},
+        config_bounds={"embedding_size": (1, 16_384)},
+    ),
     "distilbert": ArchitectureSpec(
         model_type="distilbert",
         input_names=("input_ids", "attention_mask"),  # no token types in DistilBERT

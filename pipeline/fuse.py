@@ -101,7 +101,7 @@ def fuse(
         FusionError: counts differ from expectations, or the fused graph computes different numbers.
     """
     source = Path(source)
-    expected = info.architecture.expected_fusions(info.config)
+    expected = info.architecture.fusions_for(info.config, info.task)
     record = StageRecord(
         stage="fuse",
         inputs={"onnx": onnx_input(source)},

@@ -21,15 +21,17 @@ from tests.tiny_models import make_tiny_model
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("task", ["sentence-embedding", "sequence-classification"])
 @pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
-def test_registered_architecture_compiles_with_full_fusion(model_type, tmp_path):
-    folder = make_tiny_model(tmp_path / model_type, model_type=model_type)
+def test_registered_architecture_compiles_with_full_fusion(model_type, task, tmp_path):
+    folder = make_tiny_model(tmp_path / model_type, model_type=model_type, task=task)
     info = resolve_model(folder)
     exported = export(info=info, out_dir=tmp_path / "export")
     simplified = simplify(source=exported.output("model.onnx"), out_dir=tmp_path / "simplify")
     fused = fuse(info=info, source=simplified.output("model.onnx"), out_dir=tmp_path / "fuse")
     assert fused.results["fusions_complete"]
-    assert fused.results["expected_fusions"] == info.architecture.expected_fusions(info.config)
+    assert info.task == task
+    assert fused.results["expected_fusions"] == info.architecture.fusions_for(info.config, task)
     assert fused.results["fusion_note"] == info.architecture.fusion_note
     graph = onnx.load(str(exported.output("model.onnx")))
     assert [i.name for i in graph.graph.input] == list(info.architecture.input_names)

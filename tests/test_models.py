@@ -251,3 +251,13 @@ def test_hostile_distilbert_configs_name_its_own_keys(tiny_distilbert, tmp_path,
     with pytest.raises((InputError, UnsupportedModelError)) as caught:
         resolve_model(folder)
     assert message in str(caught.value) and "config.json" in str(caught.value)
+
+
+def test_electra_embedding_size_is_bounded_before_loading(tmp_path):
+    from tests.tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "electra", model_type="electra")
+    assert resolve_model(folder).config["embedding_size"] == 24  # projected to hidden_size 32
+    edit_config(folder, embedding_size=10**9)
+    with pytest.raises(UnsupportedModelError, match="config.json embedding_size=1000000000"):
+        resolve_model(folder)

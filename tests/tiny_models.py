@@ -49,6 +49,14 @@ def _bert_family(model_type: str, folder: Path):
         tokenizer = transformers.XLMRobertaTokenizerFast(vocab=vocab)
         classes = (transformers.XLMRobertaConfig, transformers.XLMRobertaModel)
         classes += (transformers.XLMRobertaForSequenceClassification,)
+    elif model_type == "electra":
+        vocab = char_vocab()
+        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        tokenizer = transformers.ElectraTokenizerFast(
+            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
+        )
+        classes = (transformers.ElectraConfig, transformers.ElectraModel)
+        classes += (transformers.ElectraForSequenceClassification,)
     elif model_type == "distilbert":
         vocab = char_vocab()
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -89,8 +97,8 @@ def make_tiny_model(
         config.num_labels = 2
         model = classifier_class(config)
     else:
-        # BERT-style models carry a pooler no task here uses; DistilBERT has none.
-        pooler = {} if model_type == "distilbert" else {"add_pooling_layer": False}
+        # BERT-style models carry a pooler no task here uses; DistilBERT and ELECTRA have none.
+        pooler = {} if model_type in ("distilbert", "electra") else {"add_pooling_layer": False}
         model = model_class(config, **pooler)
     # Random init leaves biases at zero, and onnxsim then deletes those Adds, which no trained model
     # would show (and which breaks ORT's bias fusions). Give every parameter trained-looking values.
