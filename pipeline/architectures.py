@@ -51,6 +51,26 @@ def _after_padding_index(config: Mapping[str, Any]) -> int:
     return int(config["pad_token_id"]) + 1
 
 
+def _mpnet_expected_fusions(config: Mapping[str, Any]) -> dict[str, int]:
+    # Measured on the tiny model's export with onnxruntime 1.32 (MPNET_FUSION_NOTE): no Attention
+    # and no EmbedLayerNormalization; the embeddings' sum and LayerNorm become one more
+    # SkipLayerNormalization.
+    layers = int(config["num_hidden_layers"])
+    return {"*Gelu": layers, "SkipLayerNormalization": 2 * layers + 1}
+
+
+MPNET_FUSION_NOTE = (
+    "ORT's optimizer fuses no Attention for MPNet (its relative position bias, added to the "
+    "attention scores, is outside ORT's BERT attention pattern) and no EmbedLayerNormalization: "
+    "attention runs as standard ops"
+)
+
+
+def _mpnet_offset(config: Mapping[str, Any]) -> int:
+    # HF MPNet numbers real tokens from 2 (its padding_idx is 1 whatever pad_token_id says).
+    return 2
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """What the pipeline needs to know about one Hugging Face ``model_type``.
@@ -178,6 +198,29 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         # classifier head's dense + GELU become one more Gelu.
         head_fusions={"sequence-classification": {"*Gelu": 1}},
         config_bounds={"embedding_size": (1, 16_384)},
+    ),
+    "mpnet": ArchitectureSpec(
+        model_type="mpnet",
+        input_names=("input_ids", "attention_mask"),  # no token types in MPNet
+        ort_optimizer_type="bert",
+        expected_fusions=_mpnet_expected_fusions,
+        tiny_config={
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 37,
+            "max_position_embeddings": 130,
+            "relative_attention_num_buckets": 32,
+            "pad_token_id": 1,
+            "bos_token_id": 0,
+            "eos_token_id": 2,
+        },
+        position_offset=_mpnet_offset,
+        fusion_note=MPNET_FUSION_NOTE,
+        # HF MPNet computes the position bias with 32 buckets whatever the config says: another
+        # count would index outside its table.
+        config_bounds={"relative_attention_num_buckets": (32, 32)},
+        config_defaults={"type_vocab_size": 0},
     ),
     "distilbert": ArchitectureSpec(
         model_type="distilbert",

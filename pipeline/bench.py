@@ -195,7 +195,7 @@ def _feeds_runner(
 def _torch_runner(info: ModelInfo, on_gpu: bool) -> Callable[[dict[str, Any]], Any]:
     import torch
 
-    wrapper = build_wrapper(info, load_torch_model(info, attn_implementation="sdpa"))
+    wrapper = build_wrapper(info, load_torch_model(info, attn_implementation=None))
     if on_gpu:
         wrapper = wrapper.half().cuda()
     names = info.architecture.input_names

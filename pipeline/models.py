@@ -363,9 +363,12 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
 
 
 def load_torch_model(
-    info: ModelInfo, *, attn_implementation: str = "eager", trust_remote_code: bool = False
+    info: ModelInfo, *, attn_implementation: str | None = "eager", trust_remote_code: bool = False
 ):
     """Load the PyTorch model in eval mode from safetensors (or weights_only pickle when allowed).
+
+    ``attn_implementation`` None is transformers' default for the architecture (SDPA where it
+    has one).
 
     Raises:
         InputError: weights do not match the configuration (missing or mis-shaped tensors).

@@ -147,10 +147,11 @@ class VerifyOutcome:
 
 
 def torch_runner(info: ModelInfo, pooling_in_graph: bool) -> Runner:
-    """PyTorch fp32 with the library's default attention (not the export's eager form)."""
+    """PyTorch fp32 with the library's default attention (not the export's eager form): SDPA
+    where transformers has it for the architecture, else eager (MPNet)."""
     import torch
 
-    model = load_torch_model(info, attn_implementation="sdpa")
+    model = load_torch_model(info, attn_implementation=None)
     wrapper = build_wrapper(info, model, pooling_in_graph=pooling_in_graph)
     name = output_name(info, pooling_in_graph=pooling_in_graph)
 

@@ -261,3 +261,14 @@ def test_electra_embedding_size_is_bounded_before_loading(tmp_path):
     edit_config(folder, embedding_size=10**9)
     with pytest.raises(UnsupportedModelError, match="config.json embedding_size=1000000000"):
         resolve_model(folder)
+
+
+def test_mpnet_positions_and_bucket_count_are_checked_before_loading(tmp_path):
+    from tests.tiny_models import make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "mpnet", model_type="mpnet")
+    info = resolve_model(folder)
+    assert (info.max_length, info.config["type_vocab_size"]) == (128, 0)  # 130 rows, from 2
+    edit_config(folder, relative_attention_num_buckets=16)
+    with pytest.raises(UnsupportedModelError, match="relative_attention_num_buckets=16"):
+        resolve_model(folder)

@@ -57,6 +57,13 @@ def _bert_family(model_type: str, folder: Path):
         )
         classes = (transformers.ElectraConfig, transformers.ElectraModel)
         classes += (transformers.ElectraForSequenceClassification,)
+    elif model_type == "mpnet":
+        vocab = ["<s>", "<pad>", "</s>", "[UNK]", *char_vocab()[len(SPECIAL) :], "<mask>"]
+        tokenizer = transformers.MPNetTokenizerFast(
+            vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True
+        )
+        classes = (transformers.MPNetConfig, transformers.MPNetModel)
+        classes += (transformers.MPNetForSequenceClassification,)
     elif model_type == "distilbert":
         vocab = char_vocab()
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
