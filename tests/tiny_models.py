@@ -72,7 +72,7 @@ def _bert_family(model_type: str, folder: Path):
         )
         classes = (transformers.DistilBertConfig, transformers.DistilBertModel)
         classes += (transformers.DistilBertForSequenceClassification,)
-    else:
+    elif model_type == "bert":
         vocab = char_vocab()
         (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
         tokenizer = transformers.BertTokenizerFast(
@@ -80,6 +80,8 @@ def _bert_family(model_type: str, folder: Path):
         )
         classes = (transformers.BertConfig, transformers.BertModel)
         classes += (transformers.BertForSequenceClassification,)
+    else:
+        raise KeyError(f"no tiny test model for the registered architecture {model_type!r}")
     tokenizer.save_pretrained(str(folder))
     return len(vocab), classes
 
@@ -99,6 +101,7 @@ def make_tiny_model(
     vocab_size, (config_class, model_class, classifier_class) = _bert_family(model_type, folder)
     spec = ARCHITECTURES[model_type]
     config = config_class(vocab_size=vocab_size, **{**spec.tiny_config, **(config_overrides or {})})
+    assert config.model_type == model_type, (config.model_type, model_type)
     torch.manual_seed(seed)
     if task == "sequence-classification":
         config.num_labels = 2
