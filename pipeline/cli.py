@@ -674,7 +674,7 @@ def bench_command(engine_dirs: tuple[Path, ...], **values: Any) -> None:
 )
 @click.option(
     "--ready-timeout",
-    type=click.FloatRange(1, 3600),
+    type=click.FloatRange(0.1, 3600),
     default=READY_TIMEOUT_S,
     show_default=True,
     help="Seconds to wait for the server and every model it loads to be ready.",

@@ -98,6 +98,18 @@ def _children(pid: int) -> list[int]:
     return children
 
 
+def _running_with(text: str) -> list[int]:
+    """The processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_text(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def _gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -245,7 +257,8 @@ def test_sigterm_stops_cleanly_and_a_server_killed_while_serving_is_one_line(rep
     assert serve.returncode == 6
     line = _error_line(stderr)
     assert line.startswith(
-        "bert-compile: environment error: tritonserver exited (killed by SIGKILL) while serving"
+        "bert-compile: environment error: tritonserver exited (killed by SIGKILL) while serving; "
+        "its log: "
     )
     # Its log is kept, where the line says.
     log = Path(line.rsplit("its log: ", 1)[1])
@@ -273,6 +286,23 @@ def test_a_server_that_fails_to_load_a_model_is_one_line(repository, tmp_path):
     assert "tritonserver exited (code 1) before it was ready" in line
     assert "No module named 'numpy'" in line and "its log: " in line
     shutil.rmtree(Path(line.rsplit("its log: ", 1)[1]).parent)
+
+
+@pytest.mark.e2e
+@needs_server
+def test_a_server_not_ready_in_time_is_stopped_with_one_line(repository):
+    _info, _out, repo = repository
+    serve = _serve("--repository", repo, "--http-port", 0, "--grpc-port", 0, "--ready-timeout", 0.1)
+    try:
+        stdout, stderr = serve.communicate(timeout=90)
+    finally:
+        serve.kill()
+    assert serve.returncode == 6 and stdout == ""
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("bert-compile: environment error: tritonserver not ready after 0.1 s")
+    log = Path(line.rsplit("its log: ", 1)[1])
+    assert not _running_with(str(log.parent))  # the server was stopped, not left running
+    shutil.rmtree(log.parent)
 
 
 @pytest.mark.e2e
@@ -378,6 +408,12 @@ def test_the_log_line_that_says_why(tmp_path):
     long = error_of("x" * 1000)
     assert long.endswith("...") and len(long) == 400
     assert log_error(tmp_path / "missing.log").startswith("no log")
+    # What the CPU server logs at every start is never the reason.
+    cuda = (
+        'E1124 11:54:47.86 6318 ensemble_scheduler.cc:1468] "unable to create stream for m: '
+        'CUDA driver version is insufficient for CUDA runtime version"'
+    )
+    assert error_of("\n".join([log_lines[1], cuda])).startswith("failed to load 'm'")
 
 
 def test_a_port_in_use_is_refused_before_the_server_starts():

@@ -55,6 +55,8 @@ READY_TIMEOUT_S = 120.0
 # before it kills the server.
 EXIT_TIMEOUT_S = 10
 STOP_GRACE_S = 20.0
+# How long the server's Python-backend stubs get to exit after it did.
+STUB_GRACE_S = 10.0
 LOG_FILE = "tritonserver.log"
 # The server's PATH: the folder of the system Python whose libpython the stub links.
 SYSTEM_PATH = "/usr/bin:/bin"
@@ -259,9 +261,10 @@ class RunningServer:
             EnvironmentProblem: it exited by itself (it is expected to run until stopped).
         """
         code = self.process.wait()
+        # Killed by a signal, the log says nothing of why.
+        why = "" if code < 0 else f": {log_error(self.log)}"
         raise EnvironmentProblem(
-            f"tritonserver exited ({_exit_status(code)}) while serving: {log_error(self.log)}; "
-            f"its log: {self.log}"
+            f"tritonserver exited ({_exit_status(code)}) while serving{why}; its log: {self.log}"
         )
 
 
@@ -406,29 +409,47 @@ def triton_server(
 
 def _killed(log: Path) -> EnvironmentProblem:
     return EnvironmentProblem(
-        f"tritonserver did not stop cleanly within {STOP_GRACE_S:.0f} s of SIGTERM (or was "
-        f"stopped again, and killed): {log_error(log)}; its log: {log}"
+        f"tritonserver did not stop cleanly within {STOP_GRACE_S:.0f} s of SIGTERM, or a second "
+        f"signal came: killed; its log: {log}"
     )
 
 
 def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> bool:
     """SIGTERM the server and wait for it; SIGKILL it after ``grace_s`` or when SIGINT/SIGTERM
-    arrives meanwhile (a second Ctrl-C).
+    arrives meanwhile (a second Ctrl-C). Then wait for its Python-backend stubs (its process
+    group): a server stopped while it loads models can leave them running for a few seconds.
 
     Returns:
         True when it had already exited, or exited by itself with code 0 (Triton's clean stop);
         False when it failed to stop cleanly or was killed.
     """
-    if process.poll() is not None:
-        return True
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
+    clean = True
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            clean = process.wait(timeout=grace_s) == 0
+        except (subprocess.TimeoutExpired, Interrupted):
+            process.kill()
+            process.wait()
+            clean = False
+    _reap_group(process.pid)
+    return clean
+
+
+def _reap_group(group: int, grace_s: float = STUB_GRACE_S) -> None:
+    """Wait for the processes left in the server's process group (its stubs exit once they see
+    the server gone); SIGKILL what is left after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
     try:
-        return process.wait(timeout=grace_s) == 0
-    except (subprocess.TimeoutExpired, Interrupted):
-        process.kill()
-        process.wait()
-        return False
+        try:
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)
+                time.sleep(0.1)
+        finally:  # the grace is over, or a second Ctrl-C came
+            os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty
 
 
 def _wait_ready(server: RunningServer, timeout_s: float) -> str:
@@ -457,8 +478,8 @@ def _wait_ready(server: RunningServer, timeout_s: float) -> str:
             pass
         time.sleep(0.25)
     raise EnvironmentProblem(
-        f"tritonserver not ready after {timeout_s:.0f} s (its last error: "
-        f"{log_error(server.log)}); its log: {server.log}"
+        f"tritonserver not ready after {timeout_s:g} s (its last error: "
+        f"{log_error(server.log)}); stopped; its log: {server.log}"
     )
 
 
@@ -472,6 +493,8 @@ def _exit_status(code: int) -> str:
 # Triton's error lines: "error: creating server: ..." at the end of a failed start, and
 # "E1124 11:22:47.07 123 file.cc:42] message" log lines.
 _ERROR_LINE = re.compile(r"^(?:error: |E\d{4} [\d:.]+ +\d+ [^\]]+\] )(.*)$")
+# Error lines every start of the CPU server logs (it was built with CUDA): never the cause.
+_NOISE = ("CUDA driver version is insufficient", "CudaDriverHelper has not been initialized")
 
 
 def log_error(log: Path, limit: int = 400) -> str:
@@ -483,7 +506,11 @@ def log_error(log: Path, limit: int = 400) -> str:
         return f"no log ({err.strerror})"
     lines = [line for line in lines if line]
     final = [line for line in lines if line.startswith("error: ")]
-    errors = [m.group(1) for m in map(_ERROR_LINE.match, lines) if m]
+    errors = [
+        m.group(1)
+        for m in map(_ERROR_LINE.match, lines)
+        if m and not any(noise in m.group(1) for noise in _NOISE)
+    ]
     text = final[-1] if final else errors[-1] if errors else lines[-1] if lines else "empty log"
     text = text.strip().strip('"')
     return text if len(text) <= limit else text[: limit - 3] + "..."
