@@ -27,7 +27,13 @@ from bert_compiler.pipeline.models import load_tokenizer
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton.package import PackageSpec, package
 from bert_compiler.pipeline.triton.repository import open_repository
-from bert_compiler.pipeline.triton.server import PYTHON_SITE_VARIABLE, check_port, log_error
+from bert_compiler.pipeline.triton.server import (
+    PYTHON_SITE_VARIABLE,
+    check_port,
+    log_error,
+    make_view,
+    plan_serving,
+)
 from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server
 
@@ -363,6 +369,22 @@ def test_bytecode_in_the_repository_is_refused_unread(repository, tmp_path):
     line = _one_line(_invoke("--repository", copy), 8)
     assert line.startswith(f"bert-compile: artifact error: {planted}: Python bytecode")
     assert "remove it" in line
+
+
+@pytest.mark.e2e
+def test_a_users_own_model_is_refused_unless_named_and_never_served(repository, tmp_path):
+    info, _out, repo = repository
+    copy = tmp_path / "repo"
+    shutil.copytree(repo, copy)
+    (copy / "mine" / "1").mkdir(parents=True)
+    (copy / "mine" / "config.pbtxt").write_text('backend: "python"\n')
+    line = _one_line(_invoke("--repository", copy), 8)
+    assert "['mine'] are not in its manifest" in line and "--allow-foreign" in line
+    plan = plan_serving(copy, foreign=["mine"])
+    assert "mine" not in plan.models and f"{info.name}-ort-cpu-fp32-python-text" in plan.models
+    view = make_view(plan, tmp_path / "view")
+    assert sorted(p.name for p in view.iterdir()) == sorted(plan.models)
+    assert not (view / f"{info.name}-ort-cpu-fp32").exists()  # not served: not in the view
 
 
 @pytest.mark.e2e
