@@ -11,7 +11,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from bert_compiler.pipeline.config import apply_config
 from bert_compiler.pipeline.doctor import diagnose, require_target
 from bert_compiler.pipeline.export import MODEL_FILE, export
 from bert_compiler.pipeline.fuse import fuse
-from bert_compiler.pipeline.layout import Layout, find_engine
+from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout, find_engine
 from bert_compiler.pipeline.options import (
     BenchOptions,
     CalibrationOptions,
@@ -55,6 +57,14 @@ from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.simplify import simplify
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import package, repository_summary
+from bert_compiler.pipeline.triton.server import (
+    LOG_FILE,
+    READY_TIMEOUT_S,
+    describe,
+    find_server,
+    plan_serving,
+    triton_server,
+)
 from bert_compiler.pipeline.verify import REPORT_FILE, require_passed, verify
 
 _JSON_KEY = "bert_compile.json"
@@ -642,6 +652,119 @@ def bench_command(engine_dirs: tuple[Path, ...], **values: Any) -> None:
     report["files"] = {kind: str(path) for kind, path in written.items()}
     lines = [format_table(report), *(f"{kind}: {path}" for kind, path in written.items())]
     _emit(report, values["as_json"], "\n".join(lines))
+
+
+@cli.command("serve")
+@click.option(
+    "--repository",
+    type=click.Path(path_type=Path),
+    default=Layout(DEFAULT_OUT).repository,
+    show_default=True,
+    help="Triton repository written by `package` (or `run`).",
+)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on (0.0.0.0: every interface; Triton asks no authentication).",
+)
+@click.option(
+    "--http-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="HTTP port (0: a free one, printed).",
+)
+@click.option(
+    "--grpc-port",
+    type=click.IntRange(0, 65535),
+    default=8001,
+    show_default=True,
+    help="gRPC port (0: a free one, printed).",
+)
+@click.option(
+    "--allow-foreign",
+    "foreign",
+    multiple=True,
+    help="A top-level model folder or file of your own in the repository, left alone and not "
+    "served; repeatable.",
+)
+@click.option(
+    "--ready-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=READY_TIMEOUT_S,
+    show_default=True,
+    help="Seconds to wait for the server and every model it loads to be ready.",
+)
+@_json_option
+def serve_command(
+    repository: Path,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    foreign: tuple[str, ...],
+    ready_timeout: float,
+    as_json: bool,
+) -> None:
+    """Serve a repository with a local Triton until Ctrl-C (or SIGTERM), then stop it; exit 0.
+
+    The server is the CPU tritonserver of nvidia-pytriton (scripts/setup.sh --triton-server):
+    Python backend only, so it serves the tokenizer model, Python-backend engines (package
+    with --python-cpu-engine) and their ensembles, and lists what it leaves out. The repository
+    is checked first as the gate reads it (every file against its manifest, every config; exit
+    8); Triton loads it through a temporary view, so nothing is written into it. Prints the HTTP
+    and gRPC addresses and the models once every model is ready (with --json, one JSON object).
+    Production: NGC's Triton container (README).
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="bert-compile-serve-"))
+    failed = True
+    try:
+        plan = plan_serving(repository, foreign=foreign)
+        files = find_server()
+        with triton_server(
+            files,
+            plan,
+            workdir,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            ready_timeout_s=ready_timeout,
+        ) as server:
+            summary = describe(server, files, repository)
+            _emit(summary, as_json, _serve_lines(summary))
+            click.echo("bert-compile: serving; Ctrl-C stops it", err=True)
+            server.wait()  # returns only by an exception: the server exited, or a signal came
+    except Interrupted as err:
+        failed = False
+        started = (workdir / LOG_FILE).exists()
+        what = "tritonserver stopped" if started else "stopped before tritonserver started"
+        click.echo(f"bert-compile: {err.signal_name}: {what}", err=True)
+    finally:
+        # A failed server's log stays where its message said; everything else goes.
+        keep = failed and (workdir / LOG_FILE).is_file()
+        for entry in workdir.iterdir() if keep else [workdir]:
+            if entry.name != LOG_FILE:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _serve_lines(summary: dict[str, Any]) -> str:
+    server = summary["server"]
+    lines = [
+        f"serving {summary['repository']} with Triton {server['triton']} (nvidia-pytriton "
+        f"{server['nvidia-pytriton']}: CPU, {', '.join(server['backends'])} backend)",
+        f"  HTTP: http://{summary['http']}",
+        f"  gRPC: {summary['grpc']}",
+        *(f"  model: {name}" for name in summary["models"]),
+        *(f"  not served: {name} ({why})" for name, why in summary["not_served"].items()),
+        f"  log: {summary['log']}",
+    ]
+    ensembles = [m for m in summary["models"] if m.endswith("-text")]
+    if ensembles:
+        lines.append(
+            f"  try: python scripts/triton_client.py --url {summary['http']} --model "
+            f"{ensembles[0]} 'A man plays a guitar.'"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv and install bert-compiler with pinned dependencies, CPU PyTorch only.
 # Idempotent: a second run installs nothing new. Used by scripts/test.sh and scripts/run-default.sh.
-#   --triton-server  also the Triton server the tests run (tritonserver from the PyPI wheel
-#                    nvidia-pytriton, CPU, Python backend only) and, in .venv/triton-python/X.Y,
-#                    the packages its Python-backend models import, built for the system Python
-#                    X.Y whose libpython the backend stub links.
+#   --triton-server  also the Triton server of `bert-compile serve` and the tests (tritonserver
+#                    from the PyPI wheel nvidia-pytriton, CPU, Python backend only) and, in
+#                    .venv/triton-python/X.Y, the packages its Python-backend models import,
+#                    built for the system Python X.Y whose libpython the backend stub links.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 triton_server=0

@@ -11,8 +11,9 @@ Against a running server::
 
     python scripts/triton_load.py --url localhost:8001 --model M-ort-cpu-fp32-python-text
 
-Before/after on one machine in one run: one tritonserver per repository (the CPU server the tests
-start, tests/triton_server.py), all running at once, measured in turn at each concurrency::
+Before/after on one machine in one run: one tritonserver per repository (the local CPU server of
+`bert-compile serve` and the tests, pipeline/triton/server.py), all running at once, measured in
+turn at each concurrency::
 
     python scripts/triton_load.py --model M-ort-cpu-fp32-python-text \\
         --repository request=/tmp/repo-request --repository ladder=/tmp/repo-ladder
@@ -35,8 +36,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -259,23 +258,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             targets = [Target("server", args.url, args.model)]
         else:
-            sys.path.insert(0, str(REPO_ROOT))
-            from tests.triton_server import find_server, triton_server
+            from bert_compiler.core.errors import BertCompileError
+            from bert_compiler.pipeline.triton.server import (
+                find_server,
+                plan_serving,
+                triton_server,
+            )
 
-            files = find_server()
-            if isinstance(files, str):
-                print(f"triton_load: cannot start tritonserver: {files}", file=sys.stderr)
-                return 1
             targets = []
+            try:
+                files = find_server()
+            except BertCompileError as err:
+                print(f"triton_load: cannot start tritonserver: {err}", file=sys.stderr)
+                return 1
             for label, repository in args.repository:
                 workdir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 try:
-                    server = stack.enter_context(
-                        triton_server(files, repository, [args.model], workdir)
-                    )
-                except RuntimeError as err:
-                    first = str(err).splitlines()[0]
-                    print(f"triton_load: {label} ({repository}): {first}", file=sys.stderr)
+                    plan = plan_serving(repository, models=[args.model])
+                    server = stack.enter_context(triton_server(files, plan, workdir))
+                except BertCompileError as err:
+                    print(f"triton_load: {label} ({repository}): {err}", file=sys.stderr)
                     return 1
                 targets.append(Target(label, server.grpc, args.model))
         try:

@@ -50,7 +50,7 @@ def test_every_help_runs_without_heavy_imports():
         "from click.testing import CliRunner\n"
         "from bert_compiler.pipeline.cli import cli\n"
         "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify'],\n"
-        "            ['targets'], ['package'], ['doctor']):\n"
+        "            ['targets'], ['package'], ['doctor'], ['serve']):\n"
         "    r = CliRunner().invoke(cli, cmd + ['--help'])\n"
         "    assert r.exit_code == 0, (cmd, r.output)\n"
     )

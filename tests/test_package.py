@@ -351,6 +351,30 @@ def test_files_the_packager_did_not_write_are_refused(repository_copy):
 
 
 @pytest.mark.e2e
+def test_python_bytecode_is_named_and_refused_unread(repository_copy, tmp_path):
+    """A Triton that loaded the repository in place leaves 1/__pycache__/model.*.pyc; Python
+    would run a planted one whose source stamp matches instead of model.py. The gate and package
+    name it as bytecode, in one line, without reading it."""
+    info, out, copy = repository_copy
+    planted = copy / f"{info.name}-ort-cpu-fp32-python" / "1" / "__pycache__"
+    planted.mkdir()
+    (planted / "model.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    for attempt in (
+        lambda: verify_repository(info=info, repository=copy, out_root=tmp_path, spec=TINY_VERIFY),
+        lambda: package(
+            info=info, out=out, repository=copy, spec=PackageSpec(python_cpu_engine=True)
+        ),
+    ):
+        with pytest.raises(ArtifactError) as caught:
+            attempt()
+        message = str(caught.value)
+        assert message.startswith(f"{planted}: Python bytecode") and "\n" not in message
+        assert f"remove it (rm -r '{planted}')" in message
+    shutil.rmtree(planted)
+    open_repository(copy)
+
+
+@pytest.mark.e2e
 def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier_model):
     from bert_compiler.pipeline.models import resolve_model
 

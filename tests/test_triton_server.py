@@ -1,6 +1,6 @@
 """The packaged repository in a real Triton server: tokenizer model, Python-backend engine and
-their ensemble, queried over HTTP and gRPC with tritonclient (tests/triton_server.py says which
-server and why only the Python backend)."""
+their ensemble, queried over HTTP and gRPC with tritonclient (pipeline/triton/server.py says
+which server and why only the Python backend)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bert_compiler.engines.batching import rung
 from bert_compiler.pipeline.models import load_tokenizer
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.pipeline.triton.repository import open_repository
 from bert_compiler.pipeline.triton.tokenizer_model import parse_ladder
 from bert_compiler.pipeline.verify import torch_runner
 from tests.conftest import cpu_engine_dir
@@ -89,6 +90,22 @@ def test_ensemble_embeddings_match_the_engine_and_pytorch(served):
         np.testing.assert_allclose(got, expected, atol=1e-5)
         cosine = (got * reference).sum(1) / np.linalg.norm(reference, axis=1)
         assert cosine.min() > 0.9999
+
+
+def test_the_server_writes_nothing_into_the_repository(served):
+    """Triton's Python backend writes the bytecode of each model.py it imports beside it: into
+    the view it loads, never into the repository, which stays exactly as package wrote it."""
+    _info, _out, server, _ensemble = served
+    assert list(server.view.rglob("__pycache__/model.*.pyc"))  # the stub did write bytecode
+    assert not list(server.repository.rglob("__pycache__"))
+    open_repository(server.repository)  # every entry is one its manifest names
+    # The view: links to the files the manifest lists, for the models served and those they call.
+    view = server.view
+    links = {p.relative_to(view).as_posix() for p in view.rglob("*") if p.is_symlink()}
+    listed = json.loads((server.repository / "manifest.json").read_text())["outputs"]
+    assert links and links <= set(listed)
+    for link in links:
+        assert (server.view / link).resolve() == (server.repository / link).resolve()
 
 
 def test_server_reports_our_config(served):

@@ -30,6 +30,8 @@ VERSION = "1"
 # Written by package before it swaps any model folder in, removed once the manifest describes
 # them: the package whose swap was interrupted, and its model folders.
 JOURNAL_FILE = ".bert-compile.pending.json"
+# Where Python writes the bytecode of a module it imports (Triton's Python backend: model.py).
+BYTECODE_FOLDER = "__pycache__"
 
 
 def engine_tensors(
@@ -181,6 +183,16 @@ def check_entries(path: Path, manifest: Mapping[str, Any], foreign: Collection[s
         raise ArtifactError(f"{path}: its manifest lists no models and outputs ({err})") from err
     foreign = set(foreign) - set(records)
     files, folders = _repository_entries(path, skip=foreign)
+    # Named before any other stray: a Triton that loaded the repository in place leaves these,
+    # and their contents are never read (Python would run a .pyc whose source stamp matches
+    # model.py instead of model.py).
+    for folder in sorted(f for f in folders if PurePosixPath(f).name == BYTECODE_FOLDER):
+        raise ArtifactError(
+            f"{path / folder}: Python bytecode that a Triton server wrote when it loaded this "
+            "repository in place (or that someone put there); not trusted, since Python would "
+            f"run it instead of model.py: remove it (rm -r '{path / folder}') and run again; "
+            "`bert-compile serve` and a read-only mount write none"
+        )
     strays = sorted(f for f in folders if "/" not in f and f not in records)
     if strays:
         raise ArtifactError(

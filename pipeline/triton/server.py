@@ -1,0 +1,536 @@
+"""A local Triton Inference Server for a repository `package` wrote: `bert-compile serve`,
+scripts/triton_load.py and the tests start it here.
+
+The server is ``tritonserver`` from the PyPI wheel nvidia-pytriton (installed by
+``scripts/setup.sh --triton-server``, without pytriton's own Python dependencies): a CPU build
+with the Python backend only, so it serves the tokenizer model, Python-backend engine models
+(``package --python-cpu-engine``) and their ensembles, not the onnxruntime or tensorrt backends
+(production runs NGC's Triton container, which has them: README).
+
+Its Python-backend stub embeds the system Python (it links libpythonX.Y) with an isolated
+configuration: it ignores PYTHONPATH, PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX, but keeps
+'' (its working directory) on sys.path, so it is started from the folder where setup installed
+numpy 1.x, tokenizers and onnxruntime for that Python (numpy 2 garbles string tensors in this
+stub build), with only the system folders on PATH (where it looks for `python3` to find its
+prefix: an activated virtual environment would lend it that environment's packages).
+
+Since no setting reaches that Python, it would write ``1/__pycache__/model.*.pyc`` beside each
+model.py it imports; Triton is therefore pointed at a view of the repository instead (a
+temporary folder of real folders and links to the repository's files, only the models served),
+which takes that bytecode and leaves the repository as `package` wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from bert_compiler.core.errors import EnvironmentProblem, InputError, Interrupted
+from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.repository import VERSION, Repository, open_repository
+
+DISTRIBUTION = "nvidia-pytriton"
+# The backends the nvidia-pytriton server has (ensembles are built into Triton).
+LOCAL_BACKENDS = frozenset({"python"})
+# Triton's platform names and the backend that serves each.
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt"}
+READY_TIMEOUT_S = 120.0
+# Triton waits this long for requests in flight when it stops; the launcher waits a little longer
+# before it kills the server.
+EXIT_TIMEOUT_S = 10
+STOP_GRACE_S = 20.0
+# How long the server's Python-backend stubs get to exit after it did.
+STUB_GRACE_S = 10.0
+LOG_FILE = "tritonserver.log"
+# The server's PATH: the folder of the system Python whose libpython the stub links.
+SYSTEM_PATH = "/usr/bin:/bin"
+# Where setup installs the packages of the stub's Python: $VENV/triton-python/X.Y.
+PYTHON_SITE_VARIABLE = "BERT_COMPILE_TRITON_PYTHON"
+
+
+@dataclass(frozen=True)
+class ServerFiles:
+    """The local server's files: binary, libraries, the Python backend and its stub, and the
+    packages of the stub's Python."""
+
+    binary: Path
+    libraries: Path
+    backend: Path
+    stub: Path
+    python_site: Path
+    version: str
+
+
+def find_server() -> ServerFiles:
+    """The local Triton server's files.
+
+    Raises:
+        EnvironmentProblem: nvidia-pytriton, the system Python its stub embeds, or the packages
+            of that Python are missing (scripts/setup.sh --triton-server installs them).
+    """
+    setup = "run scripts/setup.sh --triton-server, or serve the repository with NGC's Triton"
+    try:
+        dist = importlib.metadata.distribution(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise EnvironmentProblem(
+            f"no local Triton server: {DISTRIBUTION} is not installed; {setup}"
+        ) from None
+    root = Path(dist.locate_file("pytriton/tritonserver"))
+    try:
+        python = subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as err:
+        raise EnvironmentProblem(
+            f"no local Triton server: its Python backend embeds /usr/bin/python3, which does "
+            f"not run ({err})"
+        ) from err
+    site = os.environ.get(PYTHON_SITE_VARIABLE) or Path(sys.prefix) / "triton-python"
+    files = ServerFiles(
+        binary=root / "bin" / "tritonserver",
+        libraries=Path(dist.locate_file("nvidia_pytriton.libs")),
+        backend=root / "backends" / "python",
+        stub=root / "python_backend_stubs" / python / "triton_python_backend_stub",
+        python_site=Path(site) / python,
+        version=dist.version,
+    )
+    for path in (files.binary, files.stub, files.backend / "libtriton_python.so"):
+        if not path.is_file():
+            raise EnvironmentProblem(f"{path}: missing from {DISTRIBUTION} {dist.version}; {setup}")
+    if not (files.python_site / ".complete").is_file():
+        raise EnvironmentProblem(
+            f"{files.python_site}: no packages for the Triton Python backend's Python {python} "
+            f"(numpy, tokenizers, onnxruntime); {setup}"
+        )
+    return files
+
+
+@dataclass(frozen=True)
+class ServePlan:
+    """What a server started on a repository loads, and what it leaves out and why."""
+
+    repository: Repository
+    models: tuple[str, ...]
+    skipped: Mapping[str, str] = field(default_factory=dict)
+
+
+def plan_serving(
+    repository: Path,
+    *,
+    models: Sequence[str] = (),
+    foreign: Collection[str] = (),
+    backends: Collection[str] = LOCAL_BACKENDS,
+) -> ServePlan:
+    """Check a repository as the gate reads it (every entry named by its manifest, no link,
+    every file's hash, every config) and choose the models a server with ``backends`` can load:
+    ``models`` (default: every one it can), each ensemble only with every model it calls.
+
+    Raises:
+        InputError: no such folder, not a repository bert-compile wrote, a named model is not
+            in it, or a config fails its checks.
+        ArtifactError: the repository does not match its manifest.
+        EnvironmentProblem: no engine model in it runs on ``backends`` (or a named model does
+            not).
+    """
+    path = Path(repository)
+    if not path.exists():
+        raise InputError(
+            f"{path}: no such folder; write a repository first (bert-compile package "
+            f"--python-cpu-engine --repository {path})"
+        )
+    if not path.is_dir():
+        raise InputError(f"{path}: a file, not a Triton repository folder")
+    if not (path / "manifest.json").is_file():
+        raise InputError(
+            f"{path}: not a Triton repository bert-compile wrote (no manifest.json); write one "
+            f"with bert-compile package --python-cpu-engine --repository {path}"
+        )
+    opened = open_repository(path, foreign=foreign)
+    configs = {
+        name: tc.parse((path / name / tc.CONFIG_FILE).read_text(encoding="utf-8"), path / name)
+        for name in opened.models
+    }
+    skipped: dict[str, str] = {}
+    for name, config in configs.items():  # models that call none first
+        if config.platform != "ensemble":
+            backend = config.backend or PLATFORM_BACKENDS.get(config.platform, config.platform)
+            if backend not in backends:
+                skipped[name] = f"needs the {backend} backend"
+    for name, config in configs.items():
+        if config.platform == "ensemble":
+            missing = sorted({s.model_name for s in config.ensemble_scheduling.step} & set(skipped))
+            if missing:
+                skipped[name] = f"calls {', '.join(missing)}"
+    servable = [n for n in sorted(configs) if n not in skipped]
+    for name in models:
+        if name not in configs:
+            raise InputError(f"{path}: holds no model {name!r} ({', '.join(sorted(configs))})")
+        if name in skipped:
+            raise EnvironmentProblem(
+                f"{path}: {name} {skipped[name]}, which the local Triton lacks"
+            )
+    engines = [n for n in servable if opened.models[n]["role"] in ("engine", "python-engine")]
+    if not engines:
+        lacking = sorted({r.removeprefix("needs the ") for r in skipped.values() if "needs" in r})
+        raise EnvironmentProblem(
+            f"{path}: no engine model this server can load: its engines need the "
+            f"{' and '.join(lacking) or 'missing'}, and the local Triton has only the "
+            f"{', '.join(sorted(backends))} backend; package again with --python-cpu-engine "
+            "(CPU ONNX Runtime engines on the Python backend too), or serve it in NGC's Triton "
+            "container (README)"
+        )
+    chosen = tuple(models) if models else tuple(servable)
+    return ServePlan(opened, chosen, {n: r for n, r in skipped.items() if n not in chosen})
+
+
+def _closure(plan: ServePlan, configs_root: Path) -> list[str]:
+    """The served models and every model their ensembles call."""
+    wanted, pending = set(), list(plan.models)
+    while pending:
+        name = pending.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        config = tc.parse((configs_root / name / tc.CONFIG_FILE).read_text(encoding="utf-8"), name)
+        pending.extend(s.model_name for s in config.ensemble_scheduling.step)
+    return sorted(wanted)
+
+
+def make_view(plan: ServePlan, view: Path) -> Path:
+    """A repository Triton can load ``plan``'s models from, writing nothing into the real one:
+    real folders (a model's, its version folder) holding links to the repository's files, only
+    the files its manifest lists, only the models served and those their ensembles call.
+
+    Returns:
+        ``view``.
+    """
+    repository = plan.repository
+    root = repository.path.resolve()
+    view.mkdir(parents=True)
+    for name in _closure(plan, root):
+        (view / name / VERSION).mkdir(parents=True)
+    for output in repository.manifest["outputs"]:
+        name = output.split("/", 1)[0]
+        if not (view / name).is_dir():
+            continue
+        link = view.joinpath(*PurePosixPath(output).parts)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(repository.file(name, output.split("/", 1)[1]).resolve(), link)
+    return view
+
+
+@dataclass
+class RunningServer:
+    """A started server: where it listens, what it serves, and its process."""
+
+    http: str
+    grpc: str
+    models: tuple[str, ...]
+    skipped: Mapping[str, str]
+    # The repository, and the view of it Triton reads (and writes Python bytecode into).
+    repository: Path
+    view: Path
+    log: Path
+    process: subprocess.Popen
+    version: str = ""
+
+    def wait(self) -> None:
+        """Block while the server runs.
+
+        Raises:
+            EnvironmentProblem: it exited by itself (it is expected to run until stopped).
+        """
+        code = self.process.wait()
+        # Killed by a signal, the log says nothing of why.
+        why = "" if code < 0 else f": {log_error(self.log)}"
+        raise EnvironmentProblem(
+            f"tritonserver exited ({_exit_status(code)}) while serving{why}; its log: {self.log}"
+        )
+
+
+def check_port(host: str, port: int, option: str) -> None:
+    """Refuse a port another process listens on, before the server is started.
+
+    Raises:
+        InputError: the port is taken (or the address cannot be bound here).
+    """
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # As servers bind: a port whose last connections linger in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            what = "in use" if err.errno == errno.EADDRINUSE else f"not usable ({err.strerror})"
+            raise InputError(
+                f"{host}:{port} is {what} (another server?); stop that or choose another {option}"
+            ) from None
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> Any:
+    """A function for the child to run before exec (Linux): it gets SIGTERM if the launcher dies
+    without stopping it (SIGKILL), instead of holding its ports as an orphan. libc is loaded
+    here, in the parent: nothing is loaded between fork and exec."""
+    if sys.platform != "linux":
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:  # pragma: no cover - runs in the child
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return set_death_signal
+
+
+@contextlib.contextmanager
+def triton_server(
+    files: ServerFiles,
+    plan: ServePlan,
+    workdir: Path,
+    *,
+    host: str = "127.0.0.1",
+    http_port: int = 0,
+    grpc_port: int = 0,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Iterator[RunningServer]:
+    """Start the server on a view of ``plan``'s repository (``workdir/repository``: nothing is
+    written into the repository itself), wait until it and every planned model are ready, and
+    stop it afterwards: SIGTERM, then SIGKILL if it has not stopped after ``STOP_GRACE_S``
+    (or at a second SIGINT/SIGTERM while it stops). Port 0 picks a free port.
+
+    The server runs in its own process group, so a Ctrl-C in the launcher's terminal reaches
+    the launcher, which stops the server, and not the server directly.
+
+    Raises:
+        InputError: a port is in use.
+        EnvironmentProblem: the server exited or was not ready in time (the error line of its
+            log, and where the log is), or it had to be killed when it was stopped.
+    """
+    check_port(host, http_port, "--http-port")
+    check_port(host, grpc_port, "--grpc-port")
+    http_port = http_port or _free_port(host)
+    grpc_port = grpc_port or _free_port(host)
+    if http_port == grpc_port:
+        raise InputError(f"--http-port and --grpc-port are both {http_port}; give two ports")
+    workdir = Path(workdir)
+    backends = workdir / "backends" / "python"
+    backends.mkdir(parents=True)
+    for source in (
+        files.backend / "libtriton_python.so",
+        files.backend / "triton_python_backend_utils.py",
+        files.stub,
+    ):
+        shutil.copy2(source, backends / source.name)
+    view = make_view(plan, workdir / "repository")
+    log = workdir / LOG_FILE
+    command = [
+        str(files.binary),
+        f"--model-repository={view}",
+        f"--backend-directory={backends.parent}",
+        f"--http-address={host}",
+        f"--grpc-address={host}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        "--allow-metrics=false",
+        "--model-control-mode=explicit",
+        f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+        *(f"--load-model={m}" for m in plan.models),
+    ]
+    env = {
+        **os.environ,
+        "LD_LIBRARY_PATH": str(files.libraries),
+        # The stub's Python finds its prefix (stdlib, site-packages) by looking for `python3` on
+        # PATH: with an activated virtual environment first on it, the stub would import that
+        # environment's packages (numpy 2) and another Python's stdlib. It links the system
+        # libpython, so it gets the system Python's folders.
+        "PATH": SYSTEM_PATH,
+    }
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            command,
+            cwd=files.python_site,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent(),
+        )
+    address = f"[{host}]" if ":" in host else host
+    server = RunningServer(
+        http=f"{address}:{http_port}",
+        grpc=f"{address}:{grpc_port}",
+        models=plan.models,
+        skipped=plan.skipped,
+        repository=plan.repository.path,
+        view=view,
+        log=log,
+        process=process,
+    )
+    try:
+        server.version = _wait_ready(server, ready_timeout_s)
+        yield server
+    except BaseException as err:
+        if not stop(process) and isinstance(err, Interrupted):
+            raise _killed(log) from err
+        raise
+    if not stop(process):
+        raise _killed(log)
+
+
+def _killed(log: Path) -> EnvironmentProblem:
+    return EnvironmentProblem(
+        f"tritonserver did not stop cleanly within {STOP_GRACE_S:.0f} s of SIGTERM, or a second "
+        f"signal came: killed; its log: {log}"
+    )
+
+
+def stop(process: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> bool:
+    """SIGTERM the server and wait for it; SIGKILL it after ``grace_s`` or when SIGINT/SIGTERM
+    arrives meanwhile (a second Ctrl-C). Then wait for its Python-backend stubs (its process
+    group): a server stopped while it loads models can leave them running for a few seconds.
+
+    Returns:
+        True when it had already exited, or exited by itself with code 0 (Triton's clean stop);
+        False when it failed to stop cleanly or was killed.
+    """
+    clean = True
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            clean = process.wait(timeout=grace_s) == 0
+        except (subprocess.TimeoutExpired, Interrupted):
+            process.kill()
+            process.wait()
+            clean = False
+    _reap_group(process.pid)
+    return clean
+
+
+def _reap_group(group: int, grace_s: float = STUB_GRACE_S) -> None:
+    """Wait for the processes left in the server's process group (its stubs exit once they see
+    the server gone); SIGKILL what is left after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    try:
+        try:
+            while time.monotonic() < deadline:
+                os.killpg(group, 0)
+                time.sleep(0.1)
+        finally:  # the grace is over, or a second Ctrl-C came
+            os.killpg(group, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is empty
+
+
+def _wait_ready(server: RunningServer, timeout_s: float) -> str:
+    """Poll the server until it and every model it loads are ready; returns its version.
+
+    Raises:
+        EnvironmentProblem: it exited, or was not ready within ``timeout_s``.
+    """
+    # No proxy: the server is local whatever *_proxy variables say.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    base = f"http://{server.http}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        code = server.process.poll()
+        if code is not None:
+            raise EnvironmentProblem(
+                f"tritonserver exited ({_exit_status(code)}) before it was ready: "
+                f"{log_error(server.log)}; its log: {server.log}"
+            )
+        try:
+            with opener.open(f"{base}/v2/health/ready", timeout=2) as response:
+                if response.status == 200:
+                    with opener.open(f"{base}/v2", timeout=2) as metadata:
+                        return str(json.load(metadata).get("version", ""))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.25)
+    raise EnvironmentProblem(
+        f"tritonserver not ready after {timeout_s:g} s (its last error: "
+        f"{log_error(server.log)}); stopped; its log: {server.log}"
+    )
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"code {code}"
+
+
+# Triton's error lines: "error: creating server: ..." at the end of a failed start, and
+# "E1124 11:22:47.07 123 file.cc:42] message" log lines.
+_ERROR_LINE = re.compile(r"^(?:error: |E\d{4} [\d:.]+ +\d+ [^\]]+\] )(.*)$")
+# Error lines every start of the CPU server logs (it was built with CUDA): never the cause.
+_NOISE = ("CUDA driver version is insufficient", "CudaDriverHelper has not been initialized")
+
+
+def log_error(log: Path, limit: int = 400) -> str:
+    """The most telling line of a server log: its final ``error:`` line, else the last error
+    line, else the last line."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    except OSError as err:
+        return f"no log ({err.strerror})"
+    lines = [line for line in lines if line]
+    final = [line for line in lines if line.startswith("error: ")]
+    errors = [
+        m.group(1)
+        for m in map(_ERROR_LINE.match, lines)
+        if m and not any(noise in m.group(1) for noise in _NOISE)
+    ]
+    text = final[-1] if final else errors[-1] if errors else lines[-1] if lines else "empty log"
+    text = text.strip().strip('"')
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(server: RunningServer, files: ServerFiles, repository: Path) -> dict[str, Any]:
+    """What `bert-compile serve` prints: where the server listens and what it serves."""
+    return {
+        "ok": True,
+        "repository": str(repository),
+        "server": {
+            "triton": server.version,
+            DISTRIBUTION: files.version,
+            "backends": sorted(LOCAL_BACKENDS),
+        },
+        # host:port, as tritonclient takes them.
+        "http": server.http,
+        "grpc": server.grpc,
+        "models": list(server.models),
+        "not_served": dict(server.skipped),
+        "log": str(server.log),
+        "pid": server.process.pid,
+    }
