@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.calibration import datasets
+from bert_compiler.core import progress
 from bert_compiler.core.artifacts import atomic_write_text, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.engines.backend import load_engine
@@ -459,9 +460,10 @@ def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bo
     passes, alternating between ``runners``."""
     import torch
 
+    label = runners[0].name if len(runners) == 1 else "all runners"
     for runner in runners:
         runner.run(tokens)
-    for round_index in range(rounds):
+    for _ in progress.bar(range(rounds), desc=f"bench {label}", unit="round"):
         for runner in runners:
             started = time.perf_counter()
             batch_ms, runner.padding = runner.run(tokens)
@@ -469,12 +471,7 @@ def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bo
                 torch.cuda.synchronize()
             runner.rounds.append(time.perf_counter() - started)
             runner.batch_ms.extend(batch_ms)
-        log.info(
-            "[bench] %s: round %d/%d",
-            runners[0].name if len(runners) == 1 else "all",
-            round_index + 1,
-            rounds,
-        )
+    log.info("[bench] %s: %d rounds timed", label, rounds)
 
 
 def _dedupe_fixed(measurements: Sequence[Measurement]) -> list[Measurement]:

@@ -641,10 +641,12 @@ def run_command(make_package: bool, **values: Any) -> None:
 @uses(MAX_LENGTH, BENCH)
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 @_json_option
+@uses(PROGRESS)
 def bench_command(engine_dirs: tuple[Path, ...], **values: Any) -> None:
     """Time engines against PyTorch and plain ONNX Runtime on real text and fixed shapes, side
     by side in one process: table on stdout, OUT/bench/bench.json, .txt and .png."""
     _configure_logging(values["quiet"])
+    progress.configure(PROGRESS.parse(values))
     layout = Layout(values["out"])
     info = MODEL.parse(values)
     report = run_bench(info=info, layout=layout, engine_dirs=engine_dirs, spec=BENCH.parse(values))

@@ -34,10 +34,13 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
     shutil.copytree(out, copy)
     args = ["bench", "--model", str(info.path), "--out", str(copy), "--limit", "40"]
     args += ["--rounds", "2", "--peer-batches", "32", "--runtime-batches", "8,32x4096"]
-    args += ["--fixed-shapes", "2x16", "--json"]
+    args += ["--fixed-shapes", "2x16", "--json", "--progress"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    # --progress: bars on stderr even with --json; stdout holds only the JSON object.
+    assert "bench all runners" in result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    report = json.loads(line)
     assert report["device"]["kind"] == "cpu" and report["sentences"] == 40
     rows = report["results"]
     assert all(set(row) == FIELDS for row in rows)
