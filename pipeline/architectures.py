@@ -134,6 +134,15 @@ class ArchitectureSpec:
         return int(config["max_position_embeddings"]) - self.position_offset(config)
 
 
+# The layer shape every tiny test model shares (an odd intermediate size catches shape bugs).
+_TINY_LAYERS = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 37,
+}
+
+
 def _roberta_like(model_type: str) -> ArchitectureSpec:
     """RoBERTa's spec under ``model_type`` (RoBERTa and XLM-RoBERTa share HF's implementation)."""
     return ArchitectureSpec(
@@ -145,10 +154,7 @@ def _roberta_like(model_type: str) -> ArchitectureSpec:
         ort_optimizer_type="bert",
         expected_fusions=_roberta_expected_fusions,
         tiny_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 37,
+            **_TINY_LAYERS,
             "max_position_embeddings": 130,
             "type_vocab_size": 1,
             "pad_token_id": 1,
@@ -168,10 +174,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ort_optimizer_type="bert",
         expected_fusions=_bert_expected_fusions,
         tiny_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 37,
+            **_TINY_LAYERS,
             "max_position_embeddings": 128,
             "type_vocab_size": 2,
         },
@@ -186,10 +189,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         expected_fusions=_bert_expected_fusions,
         tiny_config={
             "embedding_size": 24,
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 37,
+            **_TINY_LAYERS,
             "max_position_embeddings": 128,
             "type_vocab_size": 2,
         },
@@ -205,10 +205,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         ort_optimizer_type="bert",
         expected_fusions=_mpnet_expected_fusions,
         tiny_config={
-            "hidden_size": 32,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "intermediate_size": 37,
+            **_TINY_LAYERS,
             "max_position_embeddings": 130,
             "relative_attention_num_buckets": 32,
             "pad_token_id": 1,
