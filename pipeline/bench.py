@@ -335,11 +335,12 @@ def run_bench(
 
     runners: list[_Runner] = []
     fixed: list[Measurement] = []
+    measured: set[str] = set()
     if on_gpu:
         for make in factories:
             runner = make()
             _measure([runner], tokens, spec.rounds, on_gpu)
-            fixed.extend(_fixed_shapes(info, [runner], spec, max_length, on_gpu))
+            fixed.extend(_fixed_shapes(info, [runner], spec, max_length, on_gpu, measured))
             runner.run = runner.fixed = None  # type: ignore[assignment]
             runners.append(runner)
             gc.collect()
@@ -347,7 +348,7 @@ def run_bench(
     else:
         runners = [make() for make in factories]
         _measure(runners, tokens, spec.rounds, on_gpu)
-        fixed = _fixed_shapes(info, runners, spec, max_length, on_gpu)
+        fixed = _fixed_shapes(info, runners, spec, max_length, on_gpu, measured)
 
     results = [
         Measurement(
@@ -382,7 +383,7 @@ def run_bench(
                 p99_ms=_percentile(runner.batch_ms, 99),
             )
         )
-    results.extend(_dedupe_fixed(fixed))
+    results.extend(sorted(fixed, key=lambda row: (row.batch, row.seq)))
     return {
         "ok": True,
         "device": _device(on_gpu),
@@ -474,27 +475,20 @@ def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bo
     log.info("[bench] %s: %d rounds timed", label, rounds)
 
 
-def _dedupe_fixed(measurements: Sequence[Measurement]) -> list[Measurement]:
-    """One fixed-shape row per runner name and shape (an engine is several real-text runners),
-    ordered by shape."""
-    unique: dict[tuple, Measurement] = {}
-    for row in measurements:
-        unique.setdefault((row.batch, row.seq, row.runner), row)
-    return sorted(unique.values(), key=lambda row: (row.batch, row.seq))
-
-
 def _fixed_shapes(
     info: ModelInfo,
     runners: Sequence[_Runner],
     spec: BenchSpec,
     max_length: int,
     on_gpu: bool,
+    measured: set[str],
 ) -> list[Measurement]:
-    """Each distinct fixed-shape runner at each shape, every position a real token."""
+    """Each runner not in ``measured`` (names, updated) at each fixed shape, every position a
+    real token. One engine is several real-text runners (runtime settings, dataset order) but
+    one fixed-shape runner: the first of them is timed, the others are skipped."""
     rng = np.random.default_rng(0)
     vocab = int(info.config["vocab_size"])
-    seen: set[str] = set()
-    results = []
+    shapes = []
     for batch, seq in spec.fixed_shapes:
         seq = min(seq, max_length)
         feeds = {
@@ -507,13 +501,14 @@ def _fixed_shapes(
             import torch
 
             feeds = {n: torch.from_numpy(a).cuda() for n, a in feeds.items()}
-        seen.clear()
-        for runner in runners:
-            # One engine is two real-text runners (runtime, dataset order) but one fixed one.
-            name = runner.name.removesuffix(" (fed in dataset order)").removesuffix(" (runtime)")
-            if runner.fixed is None or name in seen:
-                continue
-            seen.add(name)
+        shapes.append((batch, seq, feeds))
+    results = []
+    for runner in runners:
+        name = runner.name.removesuffix(" (fed in dataset order)").removesuffix(" (runtime)")
+        if runner.fixed is None or name in measured:
+            continue
+        measured.add(name)
+        for batch, seq, feeds in shapes:
             times = _time_calls(runner.fixed, feeds, on_gpu)
             seconds = statistics.median(times) / 1e3
             results.append(
