@@ -28,7 +28,6 @@ from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.models import (
     ModelInfo,
     build_wrapper,
-    load_tokenizer,
     load_torch_model,
     output_name,
 )
@@ -45,7 +44,6 @@ from bert_compiler.pipeline.text import (
     PARITY_SENTENCES,
     parity_batches,
     parity_sentences,
-    resolve_max_length,
     tokenize,
 )
 
@@ -297,8 +295,9 @@ def run_verification(
     batching (length-sorted batches padded to the ladder) and once one row at a time (the
     latency path); each output row is compared with PyTorch's row for the same text.
     """
-    max_length = resolve_max_length(info, spec.max_length)
-    tokenizer = load_tokenizer(info)
+    # The engine's tokenizer and length: PyTorch sees exactly the rows the engine sees.
+    max_length = encoder.max_length
+    tokenizer = encoder.tokenizer
     reference = torch_runner(info, pooling_in_graph)
     tolerance = spec.resolved_tolerance()
 
