@@ -106,7 +106,8 @@ PADDINGS = ("ladder", "request")
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
 # Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
 # (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32:
-# 8 rungs 281 sentences/s, 12 257, 32 234, 4 228 (docs/benchmarks.md).
+# 8 rungs 281 sentences/s, 12 257, 32 234, 4 228 (docs/benchmarks.md; measured on STS-B dev, the
+# text that benchmark reports: to be chosen again on the calibration sentences).
 TRITON_LADDER_RUNGS = 8
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
