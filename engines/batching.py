@@ -22,6 +22,10 @@ from bert_compiler.core.errors import InputError
 
 # Shortest row any BERT-family tokenizer produces: [CLS] [SEP].
 MIN_ROW_TOKENS = 2
+# With round_rows, batch row counts are powers of two up to max_batch / ROW_STEPS, then multiples
+# of that step: 16 sizes for 1024 rows. Powers of two alone pad a batch of 520 rows to 1024 (the
+# last batch of every rung, and every batch a token budget caps between two powers).
+ROW_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,8 @@ class BatchingSpec:
             longer than the budget still forms a batch of its own.
         ladder: padded lengths, ascending; a batch is padded to the shortest rung that holds its
             longest row. Empty: each batch is padded to its longest row.
-        round_rows: pad a batch's row count up to a power of two (at most ``max_batch``) with
-            copies of its first row, so a CUDA-graph engine captures a bounded set of shapes.
+        round_rows: pad a batch's row count up to one of ``row_sizes(max_batch)`` with copies
+            of its first row, so a CUDA-graph engine captures a bounded set of shapes.
         sort: order rows by length before batching (off: dataset order, the baseline).
     """
 
@@ -153,13 +157,21 @@ def _rungs(ladder: Sequence[int], lengths: np.ndarray) -> np.ndarray:
     return np.asarray(ladder, dtype=np.int64)[index]
 
 
+def row_sizes(max_batch: int) -> np.ndarray:
+    """The row counts a ``round_rows`` batch may have, ascending: powers of two below
+    ``max_batch // ROW_STEPS``, then its multiples, and ``max_batch`` itself."""
+    step = max(1, max_batch // ROW_STEPS)
+    powers = [1 << k for k in range(step.bit_length()) if 1 << k < step]
+    return np.unique(np.array([*powers, *range(step, max_batch + 1, step), max_batch]))
+
+
 def _row_caps(spec: BatchingSpec, rungs: np.ndarray) -> np.ndarray:
-    """Most rows of one batch padded to each rung: a power of two with ``round_rows``, so that
-    full batches need no filler rows."""
+    """Most rows of one batch padded to each rung: with ``round_rows`` the largest allowed row
+    count, so that full batches need no filler rows."""
     caps = np.maximum(1, np.minimum(spec.max_batch, spec.token_budget // rungs))
     if spec.round_rows:
-        _mantissa, exponent = np.frexp(caps)  # caps = mantissa * 2**exponent, mantissa in [0.5, 1)
-        caps = np.left_shift(1, exponent - 1)
+        sizes = row_sizes(spec.max_batch)
+        caps = sizes[np.searchsorted(sizes, caps, side="right") - 1]
     return caps
 
 
@@ -168,10 +180,11 @@ def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
 
     Sorted rows are taken shortest first; a batch grows while it stays within ``max_batch`` rows
     and ``token_budget`` padded positions at the rung of its longest row. With ``round_rows`` a
-    batch holds a power of two of rows, and the last one of a length is topped up with filler
-    rows to the next power of two. Vectorised per batch: a runtime plans every call.
+    batch holds one of ``row_sizes(max_batch)`` rows, the last one of a length topped up with
+    filler rows to the next size. Vectorised per batch: a runtime plans every call.
     """
     spec.validate()
+    allowed = row_sizes(spec.max_batch)
     sizes = np.asarray(lengths, dtype=np.int64)
     order = np.argsort(sizes, kind="stable") if spec.sort else np.arange(len(sizes))
     rungs = _rungs(spec.ladder, sizes[order])
@@ -184,7 +197,7 @@ def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
         longest = np.maximum.accumulate(rungs[start : start + window])
         fits = np.arange(1, window + 1) <= _row_caps(spec, longest)
         count = window if fits.all() else max(1, int(np.argmin(fits)))
-        size = 1 << (count - 1).bit_length() if spec.round_rows else count
+        size = int(allowed[np.searchsorted(allowed, count)]) if spec.round_rows else count
         batches.append(Batch(order[start : start + count], int(longest[count - 1]), size))
         start += count
     return batches

@@ -15,6 +15,7 @@ from bert_compiler.engines.batching import (
     derive_ladder,
     padding_fraction,
     plan_batches,
+    row_sizes,
     rung,
 )
 
@@ -46,9 +47,21 @@ def test_every_row_once_within_the_limits(lengths, max_batch, budget, round_rows
         # Over budget only as a batch of one row.
         assert batch.size * batch.length <= budget or batch.size == 1
         if round_rows:
-            assert batch.size & (batch.size - 1) == 0
+            # The least allowed size that holds the batch: filler only up to the next size.
+            sizes = row_sizes(max_batch).tolist()
+            assert batch.size == min(s for s in sizes if s >= len(batch.rows))
         else:
             assert batch.size == len(batch.rows)
+
+
+def test_row_sizes_are_few_and_fine_grained_where_batches_are_big():
+    sizes = row_sizes(1024).tolist()
+    assert sizes == [1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024]
+    assert row_sizes(12).tolist() == list(range(1, 13))
+    assert row_sizes(1).tolist() == [1]
+    # 520 rows need 640, not the next power of two.
+    batches = plan_batches([10] * 520, BatchingSpec(1024, 10**6, round_rows=True))
+    assert [(len(b.rows), b.size) for b in batches] == [(520, 640)]
 
 
 def test_sorting_cuts_padding_on_uneven_rows():
