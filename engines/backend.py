@@ -41,6 +41,13 @@ class Engine(Protocol):
         ...
 
 
+# The attention kernels an ONNX Runtime CUDA engine is built with unless told otherwise (the
+# choices are engines/onnxruntime.py's ATTENTION_KERNELS): ORT's own choice was as fast or faster
+# than "fused" for MiniLM and BERT-base on the H100, timed on the calibration sentences
+# (docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
+DEFAULT_ATTENTION_KERNELS = "default"
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     """Settings of the build stage: one engine for one target.
@@ -60,6 +67,8 @@ class BuildSpec:
         int8_weights: CPU ORT int8: ``s8`` (exact only with VNNI; without it ORT's u8 x s8 kernel
             saturates, to be judged by verify), ``u8`` (exact everywhere, slower without VNNI)
             or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
+        attention_kernels: ORT CUDA: which attention kernels the provider may use
+            (engines/onnxruntime.py ATTENTION_KERNELS).
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 
@@ -73,6 +82,7 @@ class BuildSpec:
     ort_tensorrt_provider: bool = False
     keep_float_ops: tuple[str, ...] = ()
     int8_weights: str = "auto"
+    attention_kernels: str = DEFAULT_ATTENTION_KERNELS
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
     def validate(self) -> None:
@@ -157,7 +167,12 @@ class Backend:
     def applicable(self, spec: BuildSpec) -> BuildSpec:
         """``spec`` without the settings that do not apply to this backend on its device (one
         set of command-line flags feeds every engine of a run)."""
-        return replace(spec, cuda_graph=False, ort_tensorrt_provider=False)
+        return replace(
+            spec,
+            cuda_graph=False,
+            ort_tensorrt_provider=False,
+            attention_kernels=DEFAULT_ATTENTION_KERNELS,
+        )
 
     def source_stage(self, spec: BuildSpec) -> str:
         """The stage folder whose graph this engine builds from."""

@@ -12,7 +12,14 @@ from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import check_onnx_file, load_onnx
 from bert_compiler.core.targets import current_gpu
-from bert_compiler.engines.backend import Backend, BuildJob, BuildSpec, gpu_facts, register
+from bert_compiler.engines.backend import (
+    DEFAULT_ATTENTION_KERNELS,
+    Backend,
+    BuildJob,
+    BuildSpec,
+    gpu_facts,
+    register,
+)
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
 from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, resolve_weight_type
@@ -29,6 +36,17 @@ _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # ORT graph optimization levels as Triton's ONNX Runtime backend spells them in
 # optimization.graph.level (0, the default, is ORT_ENABLE_ALL).
 TRITON_GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disable": 2}
+
+
+# Attention kernels of ORT's CUDA provider (its `sdpa_kernel` option, a bit mask of backends:
+# flash 1, memory-efficient 2, TensorRT fused 4, cuDNN flash 8, unfused 16, TensorRT flash 32,
+# TensorRT cross 64). "default" leaves ORT to choose: on compute capability 9.0 and later it
+# prefers cuDNN's flash attention, which took 44% of the GPU time of MiniLM batches of 1024 short
+# rows on the H100 (docs/gpu-bench/2026-11-24-h100-runtime/profile-minilm.txt). "fused": every
+# backend but cuDNN's, which for BERT's self-attention up to 512 tokens is TensorRT's fused MHA
+# kernel: no faster on short rows there, slower at 128 tokens. "unfused": batched GEMMs and a
+# softmax kernel, not yet timed (a candidate for rows of a few dozen tokens).
+ATTENTION_KERNELS = {"default": None, "fused": 1 | 2 | 4 | 16 | 32 | 64, "unfused": 16}
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -68,6 +86,8 @@ class OrtEngineOptions:
             [batch, sequence], buffers fixed per shape): removes kernel-launch gaps at small batch.
         tensorrt_provider: run through ORT's TensorRT provider (CUDA for what it cannot take),
             with its engine cache in ``trt_cache_dir`` inside the engine folder.
+        attention_kernels: a key of ATTENTION_KERNELS: which attention kernels the CUDA
+            provider may use (``default``, what an engine recorded without it was run with).
     """
 
     device: str = "cpu"
@@ -84,6 +104,7 @@ class OrtEngineOptions:
     cuda_graph: bool = False
     tensorrt_provider: bool = False
     trt_cache_dir: str = "trt-cache"
+    attention_kernels: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,6 +120,11 @@ class OrtEngineOptions:
         if self.device not in _PROVIDERS:
             raise InputError(
                 f"ONNX Runtime device {self.device!r}: expected one of {', '.join(_PROVIDERS)}"
+            )
+        if self.attention_kernels not in ATTENTION_KERNELS:
+            raise InputError(
+                f"attention kernels {self.attention_kernels!r}: expected one of "
+                f"{', '.join(ATTENTION_KERNELS)}"
             )
         if self.device == "cpu" and (self.fp16 or self.cuda_graph or self.tensorrt_provider):
             raise InputError(
@@ -122,6 +148,9 @@ def provider_entries(options: OrtEngineOptions, engine_dir: Path | None) -> list
         # fp16 GEMMs keep float32 accumulation; TF32 would only touch float32 MatMuls.
         "use_tf32": "0",
     }
+    kernels = ATTENTION_KERNELS[options.attention_kernels]
+    if kernels is not None:
+        cuda["sdpa_kernel"] = str(kernels)
     entries = []
     if options.tensorrt_provider:
         trt = {
@@ -227,7 +256,9 @@ class OrtEngine:
     with IO binding, so a GPU engine reads and writes device memory without host copies.
     """
 
-    def __init__(self, session, provider: str, path: Path, options: OrtEngineOptions):
+    def __init__(
+        self, session, provider: str, path: Path, options: OrtEngineOptions, stream: Any = None
+    ):
         self.session = session
         self.provider = provider
         self.path = path
@@ -240,6 +271,10 @@ class OrtEngine:
         self._input_axes = {i.name: i.shape for i in session.get_inputs()}
         self._output_axes = {o.name: o.shape for o in session.get_outputs()}
         self._graph_buffers: dict[tuple[int, ...], tuple[dict, dict, Any, Any]] = {}
+        # The torch stream ORT computes on (a CUDA engine whose provider took it, else None):
+        # run_device then orders its work with the caller's stream by events and returns without
+        # waiting for the GPU, so a caller can queue the next batch while this one runs.
+        self.stream = stream
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """Run one batch; ``feeds`` maps every input name to an int64 array [batch, sequence]."""
@@ -260,7 +295,8 @@ class OrtEngine:
             ) from err
 
     def run_device(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one batch of torch CUDA tensors [batch, sequence]; returns torch CUDA tensors.
+        """Run one batch of torch CUDA tensors [batch, sequence]; returns torch CUDA tensors,
+        ordered with the caller's current stream (use them on it, or synchronise).
 
         With ``cuda_graph`` each distinct shape gets fixed input and output buffers and its own
         graph id: ORT captures the graph on the first runs of that shape and replays it after.
@@ -272,6 +308,9 @@ class OrtEngine:
         require_inputs(self.path, self.input_names, tensors)
         shape = tuple(tensors[self.input_names[0]].shape)
         device = torch.device("cuda", self.options.device_id)
+        caller = torch.cuda.current_stream(device)
+        if self.stream is not None:
+            self.stream.wait_stream(caller)
         if self.options.cuda_graph:
             if shape not in self._graph_buffers:
                 self._graph_buffers[shape] = self._bind(
@@ -282,8 +321,9 @@ class OrtEngine:
                     graph_id=str(len(self._graph_buffers) + 1),  # ORT reserves -1 and uses 0
                 )
             inputs, outputs, binding, run_options = self._graph_buffers[shape]
-            for name in self.input_names:
-                inputs[name].copy_(tensors[name])
+            with torch.cuda.stream(self.stream or caller):
+                for name in self.input_names:
+                    inputs[name].copy_(tensors[name])
         else:
             inputs, outputs, binding, run_options = self._bind(
                 {
@@ -292,10 +332,18 @@ class OrtEngine:
                 },
                 graph_id=None,
             )
-        # ORT runs on its own stream: what the caller queued on torch's must be done first.
-        torch.cuda.current_stream(device).synchronize()
+        if self.stream is None:
+            # ORT runs on a stream of its own: what the caller queued must be done first.
+            caller.synchronize()
         self.session.run_with_iobinding(binding, run_options)
-        binding.synchronize_outputs()
+        if self.stream is None:
+            binding.synchronize_outputs()
+        else:
+            if not self.options.cuda_graph:
+                # Allocated on the caller's stream, used on ORT's: not reused before ORT is done.
+                for tensor in (*inputs.values(), *outputs.values()):
+                    tensor.record_stream(self.stream)
+            caller.wait_stream(self.stream)
         return dict(outputs)
 
     def _bind(self, inputs: dict, graph_id: str | None) -> tuple[dict, dict, Any, Any]:
@@ -327,6 +375,9 @@ class OrtEngine:
         run_options = ort.RunOptions()
         if graph_id is not None:
             run_options.add_run_config_entry("gpu_graph_id", graph_id)
+        if self.stream is not None:
+            # The caller's stream waits for ORT's by an event: no host wait at the end of a run.
+            run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         return inputs, outputs, binding, run_options
 
 
@@ -347,6 +398,22 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
     check_onnx_file(Path(path))
     entries = provider_entries(options, Path(path).parent)
     provider = _check_providers(entries)
+    stream = None
+    if options.device == "cuda" and not options.tensorrt_provider:
+        import torch
+
+        # Not in provider_entries: a process's stream handle is no setting of the engine. (ORT's
+        # TensorRT provider would compute on a stream of its own: that engine waits for runs.)
+        stream = torch.cuda.Stream(device=options.device_id)
+        name, cuda = entries[-1]
+        entries[-1] = (
+            name,
+            {
+                **cuda,
+                "has_user_compute_stream": "1",
+                "user_compute_stream": str(stream.cuda_stream),
+            },
+        )
     session_options = _session_options(
         options.runtime_level, options.intra_op_num_threads, options.allow_spinning
     )
@@ -365,7 +432,15 @@ def load(path: Path, options: OrtEngineOptions) -> OrtEngine:
             f"{path}: asked ONNX Runtime for {provider} but it runs on {active}; refusing a "
             "silent fallback"
         )
-    return OrtEngine(session, provider, Path(path), options)
+    if stream is not None and not _runs_on(session, stream):
+        stream = None  # ORT kept a stream of its own: run_device waits for every run
+    return OrtEngine(session, provider, Path(path), options, stream)
+
+
+def _runs_on(session, stream) -> bool:
+    """Whether the session's CUDA provider computes on ``stream`` (it echoes the option)."""
+    cuda = session.get_provider_options().get("CUDAExecutionProvider", {})
+    return cuda.get("user_compute_stream") == str(stream.cuda_stream)
 
 
 class OnnxRuntimeBackend(Backend):
@@ -385,6 +460,11 @@ class OnnxRuntimeBackend(Backend):
 
     def check(self, spec: BuildSpec) -> None:
         resolve_weight_type(spec.int8_weights)
+        if spec.attention_kernels not in ATTENTION_KERNELS:
+            raise InputError(
+                f"--attention-kernels {spec.attention_kernels!r}: expected one of "
+                f"{', '.join(ATTENTION_KERNELS)}"
+            )
         if spec.device == "cuda" and spec.precision == "int8":
             raise InputError(
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
@@ -397,6 +477,12 @@ class OnnxRuntimeBackend(Backend):
         if spec.device != "cpu" or spec.precision != "int8":
             spec = replace(spec, int8_weights="auto")
         return spec if spec.device == "cuda" else super().applicable(spec)
+
+    @staticmethod
+    def _attention_variant(spec: BuildSpec) -> str:
+        # The build's default kernels keep the plain name; the other choice names its engine.
+        named = spec.device == "cuda" and spec.attention_kernels != DEFAULT_ATTENTION_KERNELS
+        return f"attn-{spec.attention_kernels}" if named else ""
 
     def source_stage(self, spec: BuildSpec) -> str:
         return "calibrate" if spec.precision == "int8" else "fuse"
@@ -415,6 +501,7 @@ class OnnxRuntimeBackend(Backend):
                 ("cudagraph", spec.cuda_graph),
                 ("trtep", spec.ort_tensorrt_provider),
                 (spec.int8_weights, spec.int8_weights != "auto"),
+                (self._attention_variant(spec), bool(self._attention_variant(spec))),
             )
             if on
         ]
@@ -434,6 +521,9 @@ class OnnxRuntimeBackend(Backend):
             keep_float_ops=spec.keep_float_ops,
             cuda_graph=spec.cuda_graph,
             tensorrt_provider=spec.ort_tensorrt_provider,
+            attention_kernels=spec.attention_kernels
+            if spec.device == "cuda"
+            else DEFAULT_ATTENTION_KERNELS,
         )
 
     def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
@@ -492,6 +582,7 @@ class OnnxRuntimeBackend(Backend):
             ort_tensorrt_provider=session.tensorrt_provider,
             keep_float_ops=session.keep_float_ops,
             int8_weights=spec.get("int8_weights", "auto"),
+            attention_kernels=session.attention_kernels,
         )
 
     def kind_parts(self, spec: BuildSpec) -> list[str]:

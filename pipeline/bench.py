@@ -32,9 +32,14 @@ from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import atomic_write_text, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.engines.backend import load_engine
+from bert_compiler.engines.backend import DEFAULT_ATTENTION_KERNELS, load_engine
 from bert_compiler.engines.batching import BatchingSpec, padding_fraction, plan_batches
-from bert_compiler.engines.onnxruntime import OrtEngine, OrtEngineOptions, provider_entries
+from bert_compiler.engines.onnxruntime import (
+    ATTENTION_KERNELS,
+    OrtEngine,
+    OrtEngineOptions,
+    provider_entries,
+)
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import (
     ModelInfo,
@@ -141,9 +146,11 @@ def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 4) if len(values) else None
 
 
-def _engine_runner(name: str, batching: str, encoder: Encoder) -> _Runner:
+def _engine_runner(
+    name: str, batching: str, encoder: Encoder, device_outputs: bool = False
+) -> _Runner:
     def run(tokens: Tokens) -> tuple[list[float], float]:
-        encoder.run(tokens)
+        encoder.run(tokens, device_outputs=device_outputs)
         return encoder.stats.batch_ms, encoder.stats.padding_fraction
 
     engine = encoder.engine
@@ -212,9 +219,12 @@ def _torch_runner(info: ModelInfo, on_gpu: bool) -> Callable[[dict[str, Any]], A
     return run
 
 
-def plain_ort_engine(info: ModelInfo, exported: Path, folder: Path, on_gpu: bool) -> OrtEngine:
+def plain_ort_engine(
+    info: ModelInfo, exported: Path, folder: Path, on_gpu: bool, attention: str = "default"
+) -> OrtEngine:
     """The ONNX Runtime peer: ORT's transformer optimizer on the exported graph (and, on a GPU,
-    its fp16 conversion and CUDA graphs), nothing of this project's."""
+    its fp16 conversion and CUDA graphs), nothing of this project's but, when asked, its choice
+    of attention kernels (``attention``: engines/onnxruntime.py ATTENTION_KERNELS)."""
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -231,7 +241,12 @@ def plain_ort_engine(info: ModelInfo, exported: Path, folder: Path, on_gpu: bool
             model.convert_float_to_float16(keep_io_types=True)
         folder.mkdir(parents=True, exist_ok=True)
         model.save_model_to_file(str(destination))
-    options = OrtEngineOptions(device="cuda" if on_gpu else "cpu", fp16=on_gpu, cuda_graph=on_gpu)
+    options = OrtEngineOptions(
+        device="cuda" if on_gpu else "cpu",
+        fp16=on_gpu,
+        cuda_graph=on_gpu,
+        attention_kernels=attention if on_gpu else "default",
+    )
     entries = provider_entries(options, None)
     session = ort.InferenceSession(
         str(destination),
@@ -306,25 +321,30 @@ def run_bench(
             for rows, budget in spec.runtime_batches
         ]
         variants = [v for v in dict.fromkeys(variants) if v != default]
-        for batching in [default, *variants]:
-            ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
-            factories.append(
-                lambda folder=folder, engine=engine, batching=batching, ladder=ladder: (
-                    _engine_runner(
-                        f"{folder.name} (runtime)",
-                        f"length-sorted, <= {batching.max_batch} rows, "
-                        f"<= {batching.token_budget} tokens{ladder}",
-                        Encoder(
-                            _fresh(folder, engine, on_gpu),
-                            info,
-                            max_length=max_length,
-                            batching=batching,
-                            tokenizer=tokenizer,
-                            time_batches=True,
-                        ),
-                    )
+        # On a GPU the default batching also with the outputs left there (what the plain ORT
+        # peer does: its outputs are never copied back nor put in input order).
+        settings = [(default, False), *((v, False) for v in variants)]
+        if on_gpu:
+            settings.insert(1, (default, True))
+        for batching, device_outputs in settings:
+
+            def make(folder=folder, engine=engine, batching=batching, kept=device_outputs):
+                ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
+                encoder = Encoder(
+                    _fresh(folder, engine, on_gpu),
+                    info,
+                    max_length=max_length,
+                    batching=batching,
+                    tokenizer=tokenizer,
+                    time_batches=True,
                 )
-            )
+                label = (
+                    f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "
+                    f"tokens{', outputs left on the GPU' if kept else ''}{ladder}"
+                )
+                return _engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
+
+            factories.append(make)
         factories.append(
             lambda folder=folder, engine=engine: _engine_in_order(
                 folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu
@@ -444,15 +464,21 @@ def _peer_factories(
     )
     shared = None if on_gpu else plain_ort_engine(info, exported, folder, on_gpu)
 
-    def plain_runner(batch: int) -> _Runner:
-        plain = shared or plain_ort_engine(info, exported, folder, on_gpu)
+    def plain_runner(batch: int, attention: str = "default") -> _Runner:
+        plain = shared or plain_ort_engine(info, exported, folder, on_gpu, attention)
         run = plain.run_device if on_gpu else plain.run
-        return _feeds_runner(plain_label, run, batch=batch, sort=True, **common)
+        label = plain_label + (f", {attention} attention kernels" if attention != "default" else "")
+        return _feeds_runner(label, run, batch=batch, sort=True, **common)
 
     # With CUDA graphs every distinct padded shape keeps its own graph and buffers: small
     # batches of exact lengths would make hundreds of them.
     for batch in [b for b in batches if b >= 128] if on_gpu else batches:
         factories.append(lambda batch=batch: plain_runner(batch))
+    if on_gpu:
+        # The same peer with the other attention kernels, at its largest batch: what that one
+        # setting is worth apart from the runtime.
+        other = next(k for k in ATTENTION_KERNELS if k != DEFAULT_ATTENTION_KERNELS)
+        factories.append(lambda: plain_runner(max(batches), other))
     return factories
 
 

@@ -31,6 +31,7 @@ from bert_compiler.core.targets import (
     plan_targets,
 )
 from bert_compiler.engines.backend import BuildSpec, get_backend
+from bert_compiler.engines.onnxruntime import ATTENTION_KERNELS
 from bert_compiler.engines.ort_int8 import WEIGHT_CHOICES
 from bert_compiler.engines.tensorrt_options import (
     BUILDER_OPTIMIZATION_LEVELS,
@@ -510,6 +511,16 @@ class TargetOptions(OptionGroup):
                 "choice names the engine (...-int8-s8), so both can be compared.",
             ),
             click.option(
+                "--attention-kernels",
+                type=click.Choice(list(ATTENTION_KERNELS)),
+                default=default_of(BuildSpec, "attention_kernels"),
+                show_default=True,
+                help="ONNX Runtime CUDA attention kernels: default (ORT chooses: cuDNN flash "
+                "attention on compute capability 9.0+), fused (ORT's and TensorRT's fused "
+                "kernels, no cuDNN) or unfused (batched GEMMs and softmax). A non-default choice "
+                "names the engine (...-attn-fused).",
+            ),
+            click.option(
                 "--ort-tensorrt-provider",
                 is_flag=True,
                 help="ONNX Runtime CUDA: put ORT's TensorRT provider first (needs TensorRT).",
@@ -590,6 +601,7 @@ class TargetOptions(OptionGroup):
                 intra_op_num_threads=values["threads"],
                 cuda_graph=values["cuda_graph"],
                 int8_weights=values["int8_weights"],
+                attention_kernels=values["attention_kernels"],
                 ort_tensorrt_provider=values["ort_tensorrt_provider"],
                 keep_float_ops=tuple(values["keep_float_ops"]),
                 tensorrt=tensorrt,

@@ -13,6 +13,7 @@ what is served.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -97,24 +98,61 @@ class Tokens:
         return arrays
 
     def device_matrices(
-        self, input_names: Sequence[str], pad_id: int, width: int
+        self, input_names: Sequence[str], pad_id: int, width: int, staging: PinnedStaging
     ) -> dict[str, Any]:
-        """The same as ``matrices``, built on the GPU: only the real tokens cross the bus
-        (through pinned memory), the padding is written there."""
+        """The same as ``matrices``, built on the GPU without a host wait: only the real tokens
+        cross the bus (through ``staging``'s pinned memory), the padding is written there."""
         import torch
 
-        def upload(array: np.ndarray):
-            return torch.from_numpy(array).pin_memory().to("cuda", non_blocking=True)
-
-        lengths = upload(self.lengths)
-        valid = torch.arange(width, device="cuda")[None, :] < lengths[:, None]
+        rows, total = len(self), int(self.lengths.sum())
+        lengths = staging.upload("lengths", self.lengths)
+        # Each real token's flat position in a [rows, width] matrix; output_size keeps
+        # repeat_interleave from asking the host for the total.
+        row_of_token = torch.repeat_interleave(
+            torch.arange(rows, device="cuda"), lengths, output_size=total
+        )
+        starts = torch.cumsum(lengths, 0) - lengths
+        flat = row_of_token * width + torch.arange(total, device="cuda") - starts[row_of_token]
         matrices = {}
         for name in input_names:
             fill, values = self.fill_and_values(name, pad_id)
-            matrix = torch.full(tuple(valid.shape), fill, dtype=torch.int64, device="cuda")
-            matrix[valid] = values if isinstance(values, int) else upload(values)
-            matrices[name] = matrix
+            matrix = torch.full((rows * width,), fill, dtype=torch.int64, device="cuda")
+            if isinstance(values, int):
+                matrix.index_fill_(0, flat, values)
+            else:
+                matrix.index_copy_(0, flat, staging.upload(name, values))
+            matrices[name] = matrix.view(rows, width)
         return matrices
+
+
+class PinnedStaging:
+    """Page-locked host buffers reused across calls, one per name, grown as needed: allocating
+    pinned memory costs milliseconds per call (three pin_memory() calls took 17 ms of a 49 ms
+    run in scripts/profile_runtime.py), copying into a kept buffer microseconds."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+
+    def host(self, name: str, count: int, dtype: Any) -> Any:
+        """A pinned 1-D torch tensor of ``count`` elements (contents undefined)."""
+        import torch
+
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
+            buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
+            self._buffers[name] = buffer
+        return buffer[:count]
+
+    def upload(self, name: str, array: np.ndarray) -> Any:
+        """``array`` on the GPU, copied asynchronously from the pinned buffer ``name``.
+
+        The buffer is rewritten by the next upload of that name: callers synchronise (the
+        runtime does, when it collects results) before uploading under the same name again."""
+        import torch
+
+        host = self.host(name, array.size, torch.from_numpy(array[:0]).dtype)
+        host.numpy()[:] = array.reshape(-1)
+        return host.to("cuda", non_blocking=True).view(array.shape)
 
 
 def tokenize_rows(tokenizer, texts: Sequence[str], info: ModelInfo, max_length: int) -> Tokens:
@@ -200,6 +238,7 @@ class Encoder:
         self.batching = batching
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.stats = RunStats()
+        self._staging = PinnedStaging()
 
     @classmethod
     def open(cls, engine_dir: Path, info: ModelInfo, **kwargs: Any) -> Encoder:
@@ -221,27 +260,39 @@ class Encoder:
     def tokenize(self, texts: Sequence[str]) -> Tokens:
         return tokenize_rows(self.tokenizer, texts, self.info, self.max_length)
 
-    def encode(self, texts: Sequence[str], desc: str | None = None) -> dict[str, Any]:
-        """Outputs for ``texts`` in their order (``desc``: a progress bar of that name)."""
-        return self.run(self.tokenize(texts), desc=desc)
+    def encode(
+        self, texts: Sequence[str], desc: str | None = None, *, device_outputs: bool = False
+    ) -> dict[str, Any]:
+        """Outputs for ``texts`` in their order (``desc``: a progress bar of that name;
+        ``device_outputs``: see ``run``)."""
+        return self.run(self.tokenize(texts), desc=desc, device_outputs=device_outputs)
 
     def plan(self, tokens: Tokens) -> list[Batch]:
         return plan_batches(tokens.lengths, self.batching)
 
-    def run(self, tokens: Tokens, desc: str | None = None) -> dict[str, Any]:
+    def run(
+        self, tokens: Tokens, desc: str | None = None, *, device_outputs: bool = False
+    ) -> dict[str, Any]:
         """Outputs for token rows in their order (``desc``: a progress bar of that name, shown
-        where core.progress shows bars)."""
+        where core.progress shows bars). With ``device_outputs`` (a CUDA engine only) the
+        outputs with a row per input stay on the GPU as torch tensors, for a caller that goes
+        on there (a similarity search, a reranker)."""
         if not len(tokens):
             raise InputError("no token rows to run")
+        if device_outputs and not self.on_gpu:
+            raise InputError("outputs on the GPU need a CUDA engine; this one runs on the CPU")
         chunks: list[dict[str, Any]] = []
         self._batch_ms = []
         batches_run, shapes, computed = 0, set(), 0
-        runner = self._run_gpu if self.on_gpu else self._run_cpu
         for start in range(0, len(tokens), CHUNK_ROWS):
             stop = min(start + CHUNK_ROWS, len(tokens))
             chunk = tokens if stop - start == len(tokens) else tokens.select(np.arange(start, stop))
             batches = self.plan(chunk)
-            chunks.append(runner(chunk, batches, desc))
+            chunks.append(
+                self._run_gpu(chunk, batches, desc, device_outputs)
+                if self.on_gpu
+                else self._run_cpu(chunk, batches, desc)
+            )
             batches_run += len(batches)
             shapes.update((b.size, b.length) for b in batches)
             computed += sum(b.size * b.length for b in batches)
@@ -252,12 +303,7 @@ class Encoder:
             padding_fraction=1.0 - float(tokens.lengths.sum()) / computed if computed else 0.0,
             batch_ms=self._batch_ms,
         )
-        return {
-            name: np.concatenate([c[name] for c in chunks])
-            if isinstance(chunks[0][name], np.ndarray)
-            else [row for c in chunks for row in c[name]]
-            for name in chunks[0]
-        }
+        return {name: _joined([c[name] for c in chunks]) for name in chunks[0]}
 
     def _feeds(self, matrices: dict, batch: Batch) -> dict[str, np.ndarray]:
         rows = _padded_rows(batch)
@@ -276,52 +322,152 @@ class Encoder:
         return collected.results()
 
     def _run_gpu(
-        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, device_outputs: bool
     ) -> dict[str, Any]:
         import torch
 
-        # One upload of the chunk's tokens, then every batch is a gather on the device.
-        device = tokens.device_matrices(self.engine.input_names, self.pad_id, _width(batches))
-        rows = torch.from_numpy(
-            np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
-        ).to("cuda", non_blocking=True)
+        # One upload of the chunk's tokens, then every batch is a gather on the device. Nothing
+        # below waits for the GPU until the results are collected: the engine orders its runs
+        # with this stream, so batches are queued while earlier ones run.
+        device = tokens.device_matrices(
+            self.engine.input_names, self.pad_id, _width(batches), self._staging
+        )
+        rows = self._staging.upload(
+            "rows", np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
+        )
         collected = _Collector(tokens)
-        rowwise: dict[str, Any] = {}
+        # Outputs with a row per input: gathered in input order on the GPU, or downloaded batch
+        # by batch and put in order on the host while later batches run.
+        on_device: dict[str, Any] = {}
+        downloads = None if device_outputs else _Downloads(self._staging, len(tokens))
+        timing = []
         offset = 0
         for batch in _shown(batches, desc):
-            started = time.perf_counter()
+            if self.time_batches:
+                timing.append(torch.cuda.Event(enable_timing=True))
+                timing[-1].record()
             index = rows[offset : offset + batch.size]
             offset += batch.size
             feeds = {
                 name: m[:, : batch.length].index_select(0, index) for name, m in device.items()
             }
             outputs = self.engine.run_device(feeds)
-            token_outputs = {}
-            for name, value in outputs.items():
-                if value.dim() == 3:
-                    token_outputs[name] = value[: len(batch.rows)].float().cpu().numpy()
-                    continue
-                if name not in rowwise:
-                    rowwise[name] = torch.empty(
-                        (len(tokens), *value.shape[1:]), dtype=torch.float32, device=value.device
-                    )
-                rowwise[name].index_copy_(
-                    0, index[: len(batch.rows)], value[: len(batch.rows)].float()
-                )
+            real = len(batch.rows)
+            token_outputs = {
+                name: value[:real].float().cpu().numpy()
+                for name, value in outputs.items()
+                if value.dim() == 3
+            }
             if token_outputs:
                 collected.add(batch, token_outputs)
+            rowwise = {n: v[:real].float() for n, v in outputs.items() if v.dim() != 3}
+            if downloads is not None:
+                downloads.add(batch.rows, rowwise)
+            for name, value in rowwise.items() if device_outputs else ():
+                if name not in on_device:
+                    on_device[name] = torch.empty(
+                        (len(tokens), *value.shape[1:]), dtype=value.dtype, device=value.device
+                    )
+                on_device[name].index_copy_(0, index[:real], value)
             if self.time_batches:
-                torch.cuda.synchronize()
-                self._batch_ms.append((time.perf_counter() - started) * 1e3)
+                timing.append(torch.cuda.Event(enable_timing=True))
+                timing[-1].record()
         results = collected.results()
-        for name, value in rowwise.items():
-            # Through pinned memory: a pageable copy of 12,000 embeddings costs milliseconds.
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            host.copy_(value, non_blocking=True)
-            rowwise[name] = host
-        torch.cuda.current_stream().synchronize()
-        results.update({name: host.numpy() for name, host in rowwise.items()})
+        if downloads is not None:
+            results.update(downloads.finish())
+        else:
+            results.update(on_device)
+            torch.cuda.current_stream().synchronize()
+        # Each batch's GPU time between events (no host wait between batches).
+        self._batch_ms.extend(
+            start.elapsed_time(end) for start, end in zip(timing[::2], timing[1::2], strict=True)
+        )
         return results
+
+
+class _Downloads:
+    """Outputs with a row per input, brought back to the host while the GPU runs later batches.
+
+    Each batch's rows are appended on the GPU in batch order; every FLUSH_BYTES of them go to
+    pinned memory in one copy, and the host puts the previous group's rows in input order while
+    that copy and later batches run. So the copy back overlaps the GPU's work instead of following
+    it (docs/benchmarks.md), and a run of many one-row batches pays one copy per group, not per
+    row.
+    """
+
+    FLUSH_BYTES = 4 << 20
+
+    def __init__(self, staging: PinnedStaging, total_rows: int):
+        self.staging = staging
+        self.total_rows = total_rows
+        self.staged = 0  # rows appended on the GPU, in batch order
+        self.flushed = 0  # of which copied (or being copied) to the host
+        self.rows: list[np.ndarray] = []  # input positions of the rows not yet flushed
+        self.device: dict[str, Any] = {}
+        self.pending: deque = deque()
+        self.results: dict[str, np.ndarray] = {}
+
+    def add(self, rows: np.ndarray, outputs: dict[str, Any]) -> None:
+        import torch
+
+        for name, value in outputs.items():
+            if name not in self.device:
+                self.device[name] = torch.empty(
+                    (self.total_rows, *value.shape[1:]), dtype=value.dtype, device=value.device
+                )
+            self.device[name][self.staged : self.staged + len(rows)].copy_(value)
+        self.staged += len(rows)
+        self.rows.append(rows)
+        row_bytes = sum(t[0].numel() * t.element_size() for t in self.device.values())
+        if (self.staged - self.flushed) * row_bytes >= self.FLUSH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        import torch
+
+        first, last = self.flushed, self.staged
+        parts = {}
+        for name, tensor in self.device.items():
+            width = tensor[0].numel()
+            # One region per group in a buffer of every row: nothing is overwritten in flight.
+            host = self.staging.host(f"out:{name}", self.total_rows * width, tensor.dtype)
+            part = host[first * width : last * width]
+            part.copy_(tensor[first:last].reshape(-1), non_blocking=True)
+            parts[name] = (part, tuple(tensor.shape[1:]))
+        done = torch.cuda.Event()
+        done.record()
+        self.pending.append((done, np.concatenate(self.rows), parts))
+        self.rows, self.flushed = [], last
+        while len(self.pending) > 1:
+            self._place()
+
+    def _place(self) -> None:
+        done, rows, parts = self.pending.popleft()
+        done.synchronize()
+        for name, (part, shape) in parts.items():
+            if name not in self.results:
+                self.results[name] = np.empty((self.total_rows, *shape), np.float32)
+            self.results[name][rows] = part.numpy().reshape(len(rows), *shape)
+
+    def finish(self) -> dict[str, np.ndarray]:
+        if self.staged > self.flushed:
+            self._flush()
+        while self.pending:
+            self._place()
+        return self.results
+
+
+def _joined(parts: list) -> Any:
+    """One chunk's or several chunks' outputs of a name as one array, tensor or row list."""
+    if len(parts) == 1:
+        return parts[0]
+    if isinstance(parts[0], np.ndarray):
+        return np.concatenate(parts)
+    if isinstance(parts[0], list):
+        return [row for part in parts for row in part]
+    import torch
+
+    return torch.cat(parts)
 
 
 def _shown(batches: Sequence[Batch], desc: str | None):

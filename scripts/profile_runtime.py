@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where the runtime's time goes on a GPU: one CUDA-graph engine, the STS-B dev sentences four
-times, run through the runtime once plainly (wall time), once with each batch timed and the GPU
-synchronised after it (time inside the batches), once under cProfile (host-side work).
+times, run through the runtime once plainly (wall time), once with each batch timed by CUDA events
+(GPU time inside the batches), once under cProfile (host-side work) and once under the torch
+profiler (GPU time per kernel, ORT's kernels included: where the batches' time goes).
 
     python scripts/profile_runtime.py OUT MODEL_FOLDER     # OUT of `run --cuda-graph`
 
@@ -43,7 +44,7 @@ def main() -> None:
     )
     encoder.time_batches = True
     encoder.run(tokens)
-    print(f"inside the batches {sum(encoder.stats.batch_ms):.1f} ms")
+    print(f"GPU time inside the batches {sum(encoder.stats.batch_ms):.1f} ms")
     encoder.time_batches = False
     profile = cProfile.Profile()
     profile.enable()
@@ -51,6 +52,15 @@ def main() -> None:
     torch.cuda.synchronize()
     profile.disable()
     pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as kernels:
+        encoder.run(tokens)
+        torch.cuda.synchronize()
+    print(
+        kernels.key_averages().table(
+            sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+        )
+    )
 
 
 if __name__ == "__main__":

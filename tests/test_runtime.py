@@ -79,6 +79,8 @@ def test_a_ladder_below_the_maximum_length_and_no_texts_are_refused(tiny_embeddi
     empty = runtime.Tokens(*(np.zeros(0, np.int64),) * 3)
     with pytest.raises(InputError, match="no token rows"):
         encoder.run(empty)
+    with pytest.raises(InputError, match="need a CUDA engine"):
+        encoder.encode(["a"], device_outputs=True)
 
 
 @pytest.mark.e2e

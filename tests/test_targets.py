@@ -4,6 +4,7 @@ profiles and compatibility rules, fp16 graph preparation, and the CPU fallback e
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
 from bert_compiler.core.targets import Environment, Gpu, detect, parse_nvidia_smi, plan_targets
 from bert_compiler.engines import onnxruntime as ort_engine
-from bert_compiler.engines.backend import BuildSpec, engine_name
+from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
 from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.engines.tensorrt_options import (
@@ -150,6 +151,9 @@ def test_engine_names_carry_backend_version_gpu_and_precision():
         tensorrt=TensorRTOptions(hardware_compatibility="ampere_plus", version_compatible=True),
     )
     assert engine_name(portable, "10.13.3") == "trt10.13.3-ampere_plus-fp16-vc"
+    # The non-default attention kernels name the engine.
+    fused = replace(cuda, attention_kernels="fused")
+    assert engine_name(fused, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-cudagraph-attn-fused"
     assert model_slug("../odd name/") == "odd-name"
 
 
@@ -172,6 +176,28 @@ def test_ort_cuda_provider_options_are_explicit(tmp_path):
     assert with_trt[0][1]["trt_engine_cache_path"] == str(tmp_path / "trt-cache")
     with pytest.raises(InputError, match="need --device cuda"):
         ort_engine.OrtEngineOptions(device="cpu", fp16=True).validate()
+    # Attention kernels: ORT's own choice sets no mask; "fused" every backend but cuDNN (8).
+    assert "sdpa_kernel" not in cuda
+    fused = ort_engine.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="fused")
+    ((_, fused_cuda),) = ort_engine.provider_entries(fused, tmp_path)
+    assert int(fused_cuda["sdpa_kernel"]) & 8 == 0 and int(fused_cuda["sdpa_kernel"]) & 4
+    unfused = ort_engine.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="unfused")
+    assert ort_engine.provider_entries(unfused, tmp_path)[0][1]["sdpa_kernel"] == "16"
+    with pytest.raises(InputError, match="attention kernels 'cudnn'"):
+        ort_engine.OrtEngineOptions(device="cuda", attention_kernels="cudnn").validate()
+
+
+def test_attention_kernels_reach_the_cuda_engine_only():
+    backend = get_backend("onnxruntime")
+    cuda = backend.applicable(BuildSpec(device="cuda", precision="fp16", attention_kernels="fused"))
+    assert backend.options(cuda).attention_kernels == "fused"
+    cpu = backend.applicable(BuildSpec(attention_kernels="fused"))
+    assert cpu.attention_kernels == backend.options(cpu).attention_kernels == "default"
+    assert engine_name(cpu, "1") == "ort1-cpu-fp32"
+    recorded = {"device": "cuda", "precision": "fp16", "session": backend.options(cuda).to_dict()}
+    assert backend.from_record(recorded).attention_kernels == "fused"
+    with pytest.raises(InputError, match="--attention-kernels 'x'"):
+        BuildSpec(device="cuda", precision="fp16", attention_kernels="x").validate()
 
 
 def test_cuda_engine_on_a_cpu_machine_is_an_environment_error(tmp_path):
