@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -576,8 +577,6 @@ def _time_calls(run: Callable, feeds: dict[str, Any], on_gpu: bool) -> list[floa
 
 
 def _device(on_gpu: bool) -> dict[str, Any]:
-    import os
-
     if on_gpu:
         import torch
 
