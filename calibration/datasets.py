@@ -17,6 +17,10 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 STSB_DEV = DATA_DIR / "stsb-dev.tsv"
 SST2_DEV = DATA_DIR / "sst2-dev.tsv"
 CALIBRATION_SENTENCES = DATA_DIR / "calibration-sentences.tsv"
+# Text pairs for cross-encoders: STS-B train pairs (never the dev pairs their metric is on).
+CALIBRATION_PAIRS = DATA_DIR / "calibration-pairs.tsv"
+# The two text columns of the STS-B files: a cross-encoder's (text, text_pair).
+PAIR_COLUMNS = ("sentence1", "sentence2")
 MAX_LINE_BYTES = 1 << 20
 # The column (TSV) or key (JSONL) that holds the text unless the user names another.
 TEXT_COLUMN = "sentence"
@@ -127,35 +131,63 @@ def iter_texts(
         InputError: unreadable or malformed file (at the first bad line), a row without the
             column, or (once exhausted) no sentences at all.
     """
+    for (text,) in _iter_fields(Path(path), (column,), max_line_bytes):
+        yield text
+
+
+def iter_pairs(
+    path: Path, *, columns: tuple[str, str] = PAIR_COLUMNS, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[str, str]]:
+    """Stream the (text, text_pair) pairs of two columns of a TSV (or two keys of a JSONL) file,
+    as iter_texts streams one: rows with an empty side are skipped.
+
+    Raises:
+        InputError: as iter_texts, and for a .txt file (one text a line, no pairs).
+    """
+    if Path(path).suffix.lower() == ".txt":
+        raise InputError(
+            f"{path}: a .txt file holds one text a line; text pairs need a .tsv or .jsonl file "
+            "with both columns"
+        )
+    for fields in _iter_fields(Path(path), columns, max_line_bytes):
+        yield fields[0], fields[1]
+
+
+def _iter_fields(
+    path: Path, columns: tuple[str, ...], max_line_bytes: int
+) -> Iterator[tuple[str, ...]]:
+    """The stripped ``columns`` of every row of a TSV, JSONL or TXT (one column: the line) file
+    whose fields are all non-empty."""
     import json
 
-    path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".txt", ".jsonl"):
         raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
     found = False
     if suffix == ".tsv":
         lines = (
-            (n, row[column]) for n, row in iter_tsv(path, (column,), max_line_bytes=max_line_bytes)
+            (n, [row[c] for c in columns])
+            for n, row in iter_tsv(path, columns, max_line_bytes=max_line_bytes)
         )
     else:
-        lines = _strict_lines(path, max_line_bytes)
-    for number, line in lines:
+        lines = ((n, [line]) for n, line in _strict_lines(path, max_line_bytes))
+    for number, fields in lines:
         if suffix == ".jsonl":
-            if not line.strip():
+            if not fields[0].strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(fields[0])
             except (json.JSONDecodeError, RecursionError) as err:
                 raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
-            value = record.get(column) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise InputError(f"{path}:{number}: no string field {column!r}")
-            line = value
-        text = line.strip()
-        if text:
+            values = [record.get(c) if isinstance(record, dict) else None for c in columns]
+            for name, value in zip(columns, values, strict=True):
+                if not isinstance(value, str):
+                    raise InputError(f"{path}:{number}: no string field {name!r}")
+            fields = values
+        texts = tuple(text.strip() for text in fields)
+        if all(texts):
             found = True
-            yield text
+            yield texts
     if not found:
         raise InputError(f"{path}: no non-empty sentences")
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
-from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import float_matmuls
 from bert_compiler.core.artifacts import StageRecord
 from bert_compiler.core.onnx_io import load_onnx, onnx_input
@@ -27,7 +26,7 @@ from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.tensorrt_options import Profile, ProfileDerivation, derive_profiles
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.text import resolve_max_length
+from bert_compiler.pipeline.text import encode_texts, iter_file_texts, resolve_max_length
 
 log = logging.getLogger("bert_compile")
 
@@ -41,6 +40,7 @@ class ProfileText:
 
     file: Path
     column: str
+    pair_column: str | None
     max_length: int | None
 
 
@@ -50,11 +50,11 @@ def derive_dataset_profiles(
     """TensorRT profiles from the token lengths of ``text`` (engines/tensorrt_options)."""
     max_length = resolve_max_length(info, text.max_length)
     # The first sentences of a file of any size: length quantiles need no more.
-    texts = list(islice(datasets.iter_texts(text.file, column=text.column), PROFILE_SENTENCES))
-    tokenizer = load_tokenizer(info)
-    lengths = [
-        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
+    texts = iter_file_texts(info, text.file, column=text.column, pair_column=text.pair_column)
+    encoded = encode_texts(
+        load_tokenizer(info), list(islice(texts, PROFILE_SENTENCES)), info, max_length
+    )
+    lengths = [len(ids) for ids in encoded["input_ids"]]
     profiles = derive_profiles(
         lengths, max_batch=derivation.max_batch, max_length=max_length, buckets=derivation.buckets
     )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +31,14 @@ from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, save_onnx
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.text import resolve_max_length, tokenize
+from bert_compiler.pipeline.text import (
+    Text,
+    check_pair_column,
+    encode_texts,
+    read_texts,
+    resolve_max_length,
+    tokenize,
+)
 
 log = logging.getLogger("bert_compile")
 
@@ -61,6 +69,8 @@ class CalibrationSpec:
         max_length: token limit (None: the model's).
         data: a .tsv/.txt/.jsonl file (None: the bundled calibration sentences).
         text_column: the TSV column or JSONL key holding the text.
+        pair_column: the column or key holding a cross-encoder's second text (None: single
+            texts); with no ``data``, the bundled STS-B train pairs are read.
         keep_float: MatMul node names to leave in float (the precision fallback fills this).
         quantize_ops: op types (of calibration.qdq.OPTIONAL_QUANTIZED_OPS: Add, LayerNormalization,
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
@@ -75,11 +85,18 @@ class CalibrationSpec:
     max_length: int | None = None
     data: Path | None = None
     text_column: str = datasets.TEXT_COLUMN
+    pair_column: str | None = None
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
 
     def data_file(self) -> Path:
-        return Path(self.data) if self.data else datasets.CALIBRATION_SENTENCES
+        if self.data:
+            return Path(self.data)
+        return datasets.CALIBRATION_PAIRS if self.pair_column else datasets.CALIBRATION_SENTENCES
+
+    def texts(self) -> Iterator[Text]:
+        """The data file's texts (pairs with ``pair_column``), streamed."""
+        return read_texts(self.data_file(), column=self.text_column, pair_column=self.pair_column)
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -90,7 +107,7 @@ class CalibrationSpec:
             raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
 
 
-def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]:
+def calibration_texts(spec: CalibrationSpec) -> tuple[list[Text], dict[str, int]]:
     """The sentences to calibrate on, and counts worth recording (duplicates, shortfall).
 
     The file is streamed and reading stops once enough distinct sentences are in hand, so a
@@ -104,7 +121,7 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]
     needed = max(spec.num_samples, spec.min_samples)
     distinct: dict[str, None] = {}
     read = 0
-    for text in datasets.iter_texts(path, column=spec.text_column):
+    for text in spec.texts():
         read += 1
         distinct.setdefault(text)
         if len(distinct) >= needed:
@@ -126,7 +143,7 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[str], dict[str, int]]
     return chosen, counts
 
 
-def calibration_batches(info: ModelInfo, texts: list[str], spec: CalibrationSpec) -> list[dict]:
+def calibration_batches(info: ModelInfo, texts: list[Text], spec: CalibrationSpec) -> list[dict]:
     """Token feeds of ``texts`` in file order, ``spec.batch_size`` sentences a batch."""
     tokenizer = load_tokenizer(info)
     max_length = resolve_max_length(info, spec.max_length)
@@ -179,6 +196,7 @@ def calibrate(
 
     def prepare():
         # Data and graph are checked before the previous calibration is touched.
+        check_pair_column(info, spec.data_file(), spec.pair_column)
         loaded["texts"], loaded["counts"] = calibration_texts(spec)
         loaded["model"] = load_onnx(source)
         targets = quantizable_matmuls(loaded["model"])
@@ -203,7 +221,7 @@ def calibrate(
         activations, amax = loaded["activations"], loaded["ranges"]
         tokenizer = load_tokenizer(info)
         truncated = sum(
-            len(ids) > max_length for ids in tokenizer(texts, truncation=False)["input_ids"]
+            len(ids) > max_length for ids in encode_texts(tokenizer, texts, info, None)["input_ids"]
         )
         log.info(
             "[calibrate] %d sentences, %d MatMuls (%d kept float), method %s",

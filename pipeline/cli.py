@@ -389,7 +389,7 @@ def calibrate_command(input_path: Path | None, **values: Any) -> None:
         info=info,
         source=source,
         out_dir=layout.calibrate,
-        spec=CALIBRATION.parse(values),
+        spec=CALIBRATION.parse(values, info),
         force=values["force"],
     )
     summary = {
@@ -413,7 +413,7 @@ def build_command(input_path: Path | None, **values: Any) -> None:
     layout = Layout(values["out"])
     info = MODEL.parse(values)
     specs, notes = TARGETS.parse(values)
-    text = ProfileText(*TEXT.parse(values), MAX_LENGTH.parse(values))
+    text = ProfileText(*TEXT.parse(values, info), MAX_LENGTH.parse(values))
     derivation = TARGETS.parse_derivation(values)
     built = []
     for requested in specs:
@@ -589,7 +589,7 @@ def run_command(make_package: bool, **values: Any) -> None:
         fuse=FUSE.parse(values),
         builds=builds,
         verify=VERIFY.parse(values),
-        calibration=CALIBRATION.parse(values),
+        calibration=CALIBRATION.parse(values, info),
         fallback=FALLBACK.parse(values),
         profiles=TARGETS.parse_derivation(values),
         package=PACKAGE.parse(values) if make_package else None,

@@ -90,6 +90,13 @@ class ModelInfo:
     num_labels: int | None
 
     @property
+    def pairs(self) -> bool:
+        """A cross-encoder (reranker): a sequence classifier with one output scores a text pair
+        (query, passage), so every text it reads is a (text, text_pair) pair and its metric is
+        the Spearman correlation of its scores with STS-B's gold scores."""
+        return self.task == "sequence-classification" and self.num_labels == 1
+
+    @property
     def num_layers(self) -> int:
         return int(self.config["num_hidden_layers"])
 

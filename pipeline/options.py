@@ -55,6 +55,7 @@ from bert_compiler.pipeline.models import (
     default_model_path,
     resolve_model,
 )
+from bert_compiler.pipeline.text import check_pair_column, default_text_source
 from bert_compiler.pipeline.triton.package import (
     PACKAGE_LIMITS,
     PADDINGS,
@@ -301,14 +302,16 @@ class VerifyOptions(OptionGroup):
                 "--parity-data",
                 type=click.Path(path_type=Path),
                 default=None,
-                help="TSV with a 'sentence' column for parity (default: bundled SST-2 dev).",
+                help="TSV with a 'sentence' column for parity (default: bundled SST-2 dev); "
+                "for cross-encoders 'sentence1' and 'sentence2' (default: STS-B dev pairs).",
             ),
             click.option(
                 "--metric-data",
                 type=click.Path(path_type=Path),
                 default=None,
-                help="TSV for the metric: STS-B columns (sentence1, sentence2, score), or for "
-                "classifiers SST-2 columns (sentence, label). Default: the bundled dev set.",
+                help="TSV for the metric: STS-B columns (sentence1, sentence2, score) for "
+                "embedding models and cross-encoders (pairs scored against 'score'), SST-2 "
+                "columns (sentence, label) for classifiers. Default: the bundled dev set.",
             ),
         ]
 
@@ -407,11 +410,30 @@ class TextOptions(OptionGroup):
                 show_default=True,
                 help="TSV column or JSONL key holding the text.",
             ),
+            click.option(
+                "--pair-column",
+                default=None,
+                help="Cross-encoders: TSV column or JSONL key of each pair's second text "
+                "(--text-column holds the first; default with the bundled data: STS-B train "
+                "pairs).",
+            ),
         ]
 
-    def parse(self, values: Values) -> tuple[Path, str]:
-        """The text file (default: the bundled calibration sentences) and its column."""
-        return values["calibration_data"] or datasets.CALIBRATION_SENTENCES, values["text_column"]
+    def parse(self, values: Values, info: ModelInfo) -> tuple[Path, str, str | None]:
+        """The text file (default: the bundled calibration text of the model's kind), its
+        column and pair column."""
+        column, pair_column = self.columns(values, info)
+        if values["calibration_data"]:
+            return values["calibration_data"], column, pair_column
+        return default_text_source(info)[0], column, pair_column
+
+    def columns(self, values: Values, info: ModelInfo) -> tuple[str, str | None]:
+        """The text column and pair column: a cross-encoder's default is the bundled pairs'
+        (text.default_text_source) where no file or pair column is given."""
+        if info.pairs and values["calibration_data"] is None and values["pair_column"] is None:
+            _path, column, pair_column = default_text_source(info)
+            return column, pair_column
+        return values["text_column"], values["pair_column"]
 
 
 class CalibrationOptions(OptionGroup):
@@ -459,14 +481,18 @@ class CalibrationOptions(OptionGroup):
             ),
         ]
 
-    def parse(self, values: Values) -> CalibrationSpec:
+    def parse(self, values: Values, info: ModelInfo) -> CalibrationSpec:
+        text_column, pair_column = TextOptions().columns(values, info)
+        # Before any stage runs: a cross-encoder's text is pairs.
+        check_pair_column(info, values["calibration_data"] or "calibration data", pair_column)
         return CalibrationSpec(
             method=values["method"],
             percentile=values["percentile"],
             num_samples=values["num_samples"],
             min_samples=values["min_samples"],
             data=values["calibration_data"],
-            text_column=values["text_column"],
+            text_column=text_column,
+            pair_column=pair_column,
             max_length=values.get("max_length"),
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),

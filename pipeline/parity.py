@@ -2,7 +2,10 @@
 
 Statistics accumulate over batches: max absolute error, relative L2 error over everything compared,
 and the minimum cosine similarity of any row (pooled outputs) or valid token (token outputs). Padded
-token positions are excluded: neither PyTorch nor a fused attention kernel defines them.
+token positions are excluded: neither PyTorch nor a fused attention kernel defines them. An output
+of one value per row (a cross-encoder's score) has no direction per row (the cosine of two scalars
+is their signs' agreement, -1 for a score near 0 off by a hair): its cosine is that of all its
+compared values as one vector.
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ class OutputParity:
     problems: list[str] = field(default_factory=list)
     _diff_sq: float = 0.0
     _ref_sq: float = 0.0
+    _cand_sq: float = 0.0
+    _dot: float = 0.0
 
     @property
     def rel_l2_err(self) -> float:
@@ -82,6 +87,13 @@ class OutputParity:
         self.max_abs_err = max(self.max_abs_err, float(np.abs(diff).max(initial=0.0)))
         self._diff_sq += float((diff * diff).sum())
         self._ref_sq += float((ref * ref).sum())
+        if ref.shape[1] == 1:
+            self._cand_sq += float((cand * cand).sum())
+            self._dot += float((ref * cand).sum())
+            norm = math.sqrt(self._ref_sq * self._cand_sq)
+            both_zero = self._ref_sq < _EPS**2 and self._cand_sq < _EPS**2
+            self.min_cosine = 1.0 if both_zero else self._dot / max(norm, _EPS)
+            return
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(cand, axis=1)
         dots = (ref * cand).sum(axis=1)
         both_zero = (np.linalg.norm(ref, axis=1) < _EPS) & (np.linalg.norm(cand, axis=1) < _EPS)

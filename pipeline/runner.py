@@ -87,7 +87,10 @@ def run_pipeline(
             info=info,
             layout=layout,
             text=ProfileText(
-                spec.calibration.data_file(), spec.calibration.text_column, spec.verify.max_length
+                spec.calibration.data_file(),
+                spec.calibration.text_column,
+                spec.calibration.pair_column,
+                spec.verify.max_length,
             ),
             derivation=spec.profiles,
         )

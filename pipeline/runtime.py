@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 
-from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
 from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import load_engine
@@ -33,7 +32,14 @@ from bert_compiler.engines.batching import (
     plan_batches,
 )
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.text import check_token_values, resolve_max_length
+from bert_compiler.pipeline.text import (
+    Text,
+    check_token_values,
+    default_text_source,
+    encode_texts,
+    iter_file_texts,
+    resolve_max_length,
+)
 
 # Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
 # host copy of the results) whatever the input size.
@@ -155,11 +161,12 @@ class PinnedStaging:
         return host.to("cuda", non_blocking=True).view(array.shape)
 
 
-def tokenize_rows(tokenizer, texts: Sequence[str], info: ModelInfo, max_length: int) -> Tokens:
-    """Tokenize without padding; every row truncated at ``max_length``."""
+def tokenize_rows(tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int) -> Tokens:
+    """Tokenize without padding; every row (a cross-encoder's: every pair) truncated at
+    ``max_length``."""
     if not texts:
         raise InputError("no texts to encode")
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    encoded = encode_texts(tokenizer, texts, info, max_length, padding=False)
     ids = encoded["input_ids"]
     lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
     flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
@@ -174,13 +181,15 @@ def tokenize_rows(tokenizer, texts: Sequence[str], info: ModelInfo, max_length: 
 
 
 def ladder_from_text(
-    tokenizer, info: ModelInfo, max_length: int, text_file: Path, rungs: int = LADDER_RUNGS
+    tokenizer, info: ModelInfo, max_length: int, rungs: int = LADDER_RUNGS
 ) -> tuple:
     """The length ladder of at most ``rungs`` fitted lengths (engines/batching.derive_ladder)
-    for the first LADDER_SENTENCES sentences of ``text_file``."""
-    texts = list(islice(datasets.iter_texts(text_file), LADDER_SENTENCES))
-    lengths = tokenize_rows(tokenizer, texts, info, max_length).lengths
-    return derive_ladder(lengths, max_length, rungs)
+    for the first LADDER_SENTENCES texts of the bundled calibration text of the model's kind
+    (sentences, or pairs for a cross-encoder: text.default_text_source)."""
+    path, column, pair_column = default_text_source(info)
+    texts = iter_file_texts(info, path, column=column, pair_column=pair_column)
+    tokens = tokenize_rows(tokenizer, list(islice(texts, LADDER_SENTENCES)), info, max_length)
+    return derive_ladder(tokens.lengths, max_length, rungs)
 
 
 @dataclass
@@ -223,9 +232,7 @@ class Encoder:
         if batching is None:
             batching = GPU_BATCHING if self.on_gpu else CPU_BATCHING
             if self.on_gpu and not batching.ladder:
-                ladder = ladder_from_text(
-                    self.tokenizer, info, self.max_length, datasets.CALIBRATION_SENTENCES
-                )
+                ladder = ladder_from_text(self.tokenizer, info, self.max_length)
                 batching = replace(batching, ladder=ladder)
         if engine.max_batch is not None and batching.max_batch > engine.max_batch:
             batching = replace(batching, max_batch=engine.max_batch)
@@ -257,14 +264,15 @@ class Encoder:
             time_batches=self.time_batches,
         )
 
-    def tokenize(self, texts: Sequence[str]) -> Tokens:
+    def tokenize(self, texts: Sequence[Text]) -> Tokens:
         return tokenize_rows(self.tokenizer, texts, self.info, self.max_length)
 
     def encode(
-        self, texts: Sequence[str], desc: str | None = None, *, device_outputs: bool = False
+        self, texts: Sequence[Text], desc: str | None = None, *, device_outputs: bool = False
     ) -> dict[str, Any]:
         """Outputs for ``texts`` in their order (``desc``: a progress bar of that name;
-        ``device_outputs``: see ``run``)."""
+        ``device_outputs``: see ``run``); a cross-encoder's texts are (text, text_pair) pairs,
+        its output one score per pair."""
         return self.run(self.tokenize(texts), desc=desc, device_outputs=device_outputs)
 
     def plan(self, tokens: Tokens) -> list[Batch]:

@@ -1,11 +1,16 @@
 """Text -> token feeds, the one way calibration, verification, packaging and TensorRT profile
 derivation tokenize: truncation at a checked length, padding to the longest row, host-side checks
-of every feed, and the parity set (real sentences plus edge rows)."""
+of every feed, and the parity set (real sentences plus edge rows).
+
+A cross-encoder (``ModelInfo.pairs``) reads (text, text_pair) pairs everywhere another model reads
+one text: through the tokenizer's own pair template, truncated longest first, as the Hugging Face
+tokenizer (and sentence-transformers' CrossEncoder) does."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +18,8 @@ from bert_compiler.calibration import datasets
 from bert_compiler.core.errors import InputError
 from bert_compiler.pipeline.models import ModelInfo
 
+# One text a model reads: a string, or a cross-encoder's (text, text_pair).
+Text = str | tuple[str, str]
 PARITY_BATCH_SIZES = (1, 2, 7, 16, 32)
 # Real sentences in the parity set (edge rows come on top).
 PARITY_SENTENCES = 96
@@ -65,13 +72,103 @@ def check_token_values(ids: np.ndarray, types: np.ndarray | None, info: ModelInf
         raise InputError(f"token_type_ids outside [0, {info.config['type_vocab_size']})")
 
 
+def check_texts(texts: Sequence[Any], info: ModelInfo) -> None:
+    """Pairs for a cross-encoder, single strings for every other model.
+
+    Raises:
+        InputError: the first text of the wrong kind, in one line.
+    """
+    for index, text in enumerate(texts):
+        pair = isinstance(text, tuple) and len(text) == 2 and all(isinstance(t, str) for t in text)
+        if info.pairs and not pair:
+            raise InputError(
+                f"text {index}: {info.name} is a cross-encoder (one score per text pair); give "
+                f"(text, text_pair) pairs, not {type(text).__name__}"
+            )
+        if not info.pairs and not isinstance(text, str):
+            raise InputError(f"text {index}: {info.name} reads single texts, not {_kind(text)}")
+
+
+def _kind(text: Any) -> str:
+    if isinstance(text, tuple):
+        return "pairs (text pairs are for cross-encoders: one-label sequence classifiers)"
+    return type(text).__name__
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int | None, **kwargs: Any
+):
+    """The Hugging Face tokenizer's encoding of ``texts`` (no truncation where ``max_length`` is
+    None): pairs through the model's pair template (BERT: [CLS] a [SEP] b [SEP], type ids 0 then
+    1; RoBERTa and XLM-R: <s> a </s></s> b </s>), truncated longest first.
+
+    Raises:
+        InputError: pairs given to a single-text model, or single texts to a cross-encoder.
+    """
+    check_texts(texts, info)
+    truncation: dict[str, Any] = (
+        {"truncation": "longest_first", "max_length": max_length}
+        if max_length is not None
+        else {"truncation": False}
+    )
+    if info.pairs:
+        firsts = [text[0] for text in texts]
+        seconds = [text[1] for text in texts]
+        return tokenizer(firsts, seconds, **truncation, **kwargs)
+    return tokenizer(list(texts), **truncation, **kwargs)
+
+
+def iter_file_texts(
+    info: ModelInfo, path: Path, *, column: str, pair_column: str | None
+) -> Iterator[Text]:
+    """The texts of a data file as ``info`` reads them (check_pair_column, then read_texts).
+
+    Raises:
+        InputError: as check_pair_column and the file readers.
+    """
+    check_pair_column(info, path, pair_column)
+    return read_texts(path, column=column, pair_column=pair_column)
+
+
+def check_pair_column(info: ModelInfo, path: Path | str, pair_column: str | None) -> None:
+    """A pair column for a cross-encoder's data file, none for any other model's.
+
+    Raises:
+        InputError: a cross-encoder without a pair column, a single-text model with one.
+    """
+    if info.pairs and pair_column is None:
+        raise InputError(
+            f"{path}: {info.name} is a cross-encoder (one score per text pair): name the file's "
+            "second text column with --pair-column (the first is --text-column)"
+        )
+    if not info.pairs and pair_column is not None:
+        raise InputError(
+            f"--pair-column {pair_column!r}: {info.name} reads single texts; text pairs are for "
+            "cross-encoders (sequence classifiers with num_labels 1)"
+        )
+
+
+def read_texts(path: Path, *, column: str, pair_column: str | None) -> Iterator[Text]:
+    """``column``'s texts of a data file, or (``column``, ``pair_column``) pairs
+    (datasets.iter_texts / iter_pairs)."""
+    if pair_column is None:
+        return datasets.iter_texts(path, column=column)
+    return datasets.iter_pairs(path, columns=(column, pair_column))
+
+
+def default_text_source(info: ModelInfo) -> tuple[Path, str, str | None]:
+    """The bundled calibration text of ``info``'s kind, its column and pair column: sentences,
+    or STS-B train pairs for a cross-encoder (never the dev sets metrics are reported on)."""
+    if info.pairs:
+        return datasets.CALIBRATION_PAIRS, *datasets.PAIR_COLUMNS
+    return datasets.CALIBRATION_SENTENCES, datasets.TEXT_COLUMN, None
+
+
 def tokenize(
-    tokenizer, texts: list[str], info: ModelInfo, max_length: int
+    tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int
 ) -> dict[str, np.ndarray]:
     """Tokenize a batch to the graph's int64 inputs, padded to the longest row."""
-    encoded = tokenizer(
-        texts, padding=True, truncation=True, max_length=max_length, return_tensors="np"
-    )
+    encoded = encode_texts(tokenizer, texts, info, max_length, padding=True, return_tensors="np")
     feeds = {}
     for name in info.architecture.input_names:
         if name == "token_type_ids" and name not in encoded:
@@ -82,25 +179,45 @@ def tokenize(
     return feeds
 
 
-def parity_sentences(path: Path | None = None, count: int = PARITY_SENTENCES) -> list[str]:
-    """The first ``count`` sentences of a TSV with a ``sentence`` column (default: SST-2 dev)."""
-    rows = datasets.read_tsv(Path(path) if path else datasets.SST2_DEV, ("sentence",))
-    return [row["sentence"].strip() for row in rows][:count]
+def default_parity_file(info: ModelInfo) -> Path:
+    """SST-2 dev sentences, or STS-B dev pairs for a cross-encoder."""
+    return datasets.STSB_DEV if info.pairs else datasets.SST2_DEV
 
 
-def parity_batches(sentences: list[str], max_length: int) -> list[list[str]]:
-    """Real sentences in batches of several sizes, then edge-row batches."""
+def parity_texts(
+    info: ModelInfo, path: Path | None = None, count: int = PARITY_SENTENCES
+) -> list[Text]:
+    """The first ``count`` texts of a TSV with a ``sentence`` column, or for a cross-encoder
+    the pairs of its ``sentence1`` and ``sentence2`` columns (default_parity_file)."""
+    path = Path(path) if path else default_parity_file(info)
+    if info.pairs:
+        first, second = datasets.PAIR_COLUMNS
+        rows = datasets.read_tsv(path, datasets.PAIR_COLUMNS)
+        return [(row[first].strip(), row[second].strip()) for row in rows][:count]
+    rows = datasets.read_tsv(path, (datasets.TEXT_COLUMN,))
+    return [row[datasets.TEXT_COLUMN].strip() for row in rows][:count]
+
+
+def parity_batches(texts: list[Text], max_length: int) -> list[list[Text]]:
+    """Real texts in batches of several sizes, then edge-row batches (pairs of edge texts, and
+    a pair truncated on one side only, for a cross-encoder)."""
     batches, start = [], 0
-    sizes = iter(PARITY_BATCH_SIZES * (1 + len(sentences) // sum(PARITY_BATCH_SIZES)))
-    while start < len(sentences):
+    sizes = iter(PARITY_BATCH_SIZES * (1 + len(texts) // sum(PARITY_BATCH_SIZES)))
+    while start < len(texts):
         size = next(sizes)
-        batches.append(sentences[start : start + size])
+        batches.append(texts[start : start + size])
         start += size
     # At least one token per word, so at max_length tokens after truncation (EDGE_ROW_MAX_WORDS).
     count = min(max_length, EDGE_ROW_MAX_WORDS)
-    words = " ".join(sentences).split() or ["word"]
+    parts = [part for text in texts for part in ((text,) if isinstance(text, str) else text)]
+    words = " ".join(parts).split() or ["word"]
     long_text = " ".join((words * (1 + count // len(words)))[:count])
-    batches.append(["", sentences[0], long_text])
+    if texts and isinstance(texts[0], tuple):
+        batches.append([("", ""), texts[0], (long_text, long_text)])
+        batches.append([("a", "b")])
+        batches.append([(long_text, "a")])
+        return batches
+    batches.append(["", texts[0], long_text])
     batches.append(["a"])
     batches.append([long_text])
     return batches

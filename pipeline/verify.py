@@ -2,8 +2,10 @@
 
 Parity inputs are SST-2 dev sentences (never the calibration sentences) batched at several sizes,
 plus edge rows: an empty string (2 tokens), a single word, a row at the maximum length, and batches
-that mix short and long rows. The metric is STS-B dev Spearman x100 for embedding models and SST-2
-dev accuracy x100 for two-class classifiers, computed for PyTorch fp32 and for the engine.
+that mix short and long rows; a cross-encoder's are STS-B dev pairs and pairs of edge rows. The
+metric is STS-B dev Spearman x100 for embedding models (of the embeddings' cosine) and for
+cross-encoders (of their one score per pair), and SST-2 dev accuracy x100 for two-class
+classifiers, computed for PyTorch fp32 and for the engine.
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ from bert_compiler.pipeline.parity import (
 from bert_compiler.pipeline.runtime import Encoder, pool_token_rows
 from bert_compiler.pipeline.text import (
     PARITY_SENTENCES,
+    Text,
+    default_parity_file,
     parity_batches,
-    parity_sentences,
+    parity_texts,
     tokenize,
 )
 
@@ -62,8 +66,9 @@ SPEED_NOTE = (
 )
 
 Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-# Texts -> one row per text: logits, or the pooled, normalised sentence embedding.
-Embedder = Callable[[list[str]], np.ndarray]
+# Texts (a cross-encoder's: pairs) -> one row per text: logits, or the pooled, normalised sentence
+# embedding.
+Embedder = Callable[[list[Text]], np.ndarray]
 _PYTORCH_METRICS: dict[tuple, MetricResult] = {}
 
 
@@ -81,9 +86,10 @@ class VerifySpec:
         max_length: truncation length in tokens; None takes the model's.
         parity_sentences: how many sentences go into the parity batches.
         metric_limit: use only the first N metric examples (None: the whole dev set).
-        parity_data: TSV with a ``sentence`` column for parity (None: bundled SST-2 dev).
-        metric_data: TSV for the task metric, STS-B columns for embedding models or SST-2
-            columns for classifiers (None: the bundled dev set).
+        parity_data: TSV with a ``sentence`` column for parity, for a cross-encoder
+            ``sentence1`` and ``sentence2`` (None: bundled SST-2 dev, or STS-B dev pairs).
+        metric_data: TSV for the task metric, STS-B columns for embedding models and
+            cross-encoders or SST-2 columns for classifiers (None: the bundled dev set).
         precision_limits: (precision, limit, value): a limit (max_abs_err, rel_l2_err,
             min_cosine, max_metric_drop, min_metric_retention) for engines of that precision
             only, winning over the three fields above (a config file's ``[int8]`` table).
@@ -104,13 +110,15 @@ class VerifySpec:
     def _own_limits(self) -> dict[str, float]:
         return {k: v for precision, k, v in self.precision_limits if precision == self.precision}
 
-    def parity_file(self) -> Path:
-        return Path(self.parity_data) if self.parity_data else datasets.SST2_DEV
+    def parity_file(self, info: ModelInfo) -> Path:
+        return Path(self.parity_data) if self.parity_data else default_parity_file(info)
 
     def metric_file(self, info: ModelInfo) -> Path:
         if self.metric_data:
             return Path(self.metric_data)
-        return datasets.SST2_DEV if info.task == "sequence-classification" else datasets.STSB_DEV
+        if info.task == "sequence-classification" and not info.pairs:
+            return datasets.SST2_DEV
+        return datasets.STSB_DEV
 
     def resolved_tolerance(self) -> Tolerance:
         limits = dict(self.tolerance_overrides)
@@ -173,9 +181,9 @@ def _embeddings(outputs: dict[str, np.ndarray], feeds, info: ModelInfo) -> np.nd
     return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
 
 
-def _batched(items: list[str], size: int) -> Iterable[tuple[list[int], list[str]]]:
+def _batched(items: list[Text], size: int) -> Iterable[tuple[list[int], list[Text]]]:
     # Length-sorted batches: far less padding; the metric does not depend on order.
-    order = sorted(range(len(items)), key=lambda i: len(items[i]))
+    order = sorted(range(len(items)), key=lambda i: len("".join(items[i])))
     for start in range(0, len(order), size):
         index = order[start : start + size]
         yield index, [items[i] for i in index]
@@ -186,7 +194,7 @@ def torch_embedder(
 ) -> Embedder:
     """Texts -> one row per text (logits, or pooled and normalised embeddings) from PyTorch."""
 
-    def embed(texts: list[str]) -> np.ndarray:
+    def embed(texts: list[Text]) -> np.ndarray:
         rows: list[np.ndarray | None] = [None] * len(texts)
         for index, batch in progress.bar(list(_batched(texts, METRIC_BATCH_SIZE)), desc=label):
             feeds = tokenize(tokenizer, batch, info, max_length)
@@ -205,7 +213,7 @@ def engine_embedder(
     """Texts -> one row per text from an engine, through the runtime (what serving runs);
     ``timing`` receives the sentences and seconds of the call."""
 
-    def embed(texts: list[str]) -> np.ndarray:
+    def embed(texts: list[Text]) -> np.ndarray:
         started = time.perf_counter()
         outputs = encoder.encode(texts, desc=label)
         if timing is not None:
@@ -224,6 +232,12 @@ def compute_metric(
     """The task metric of one runner over a dev set."""
     from scipy.stats import spearmanr
 
+    if info.pairs:
+        pairs = datasets.load_stsb(data_file)
+        texts = list(zip(pairs.sentences1, pairs.sentences2, strict=True))[:limit]
+        scores = embed(texts)[:, 0].astype(np.float64)
+        value = float(spearmanr(scores, pairs.scores[: len(texts)]).statistic * 100)
+        return MetricResult("stsb_spearman", value, len(texts))
     if info.task == "sequence-classification":
         if info.num_labels != 2:
             return MetricResult(
@@ -301,7 +315,7 @@ def run_verification(
     reference = torch_runner(info, pooling_in_graph)
     tolerance = spec.resolved_tolerance()
 
-    sentences = parity_sentences(spec.parity_file(), spec.parity_sentences)
+    sentences = parity_texts(info, spec.parity_file(info), spec.parity_sentences)
     batches = [
         (tokenize(tokenizer, texts, info, max_length), texts)
         for texts in parity_batches(sentences, max_length)
@@ -403,7 +417,7 @@ def verify_engine(
     """Verify a loaded engine (any backend: ``run`` on numpy feeds, ``path``, ``output_names``)
     whose file was already checked against a manifest; ``engine_spec`` is its recorded build spec
     and ``label`` names it in the report."""
-    data_files = {"parity": spec.parity_file(), "metric": spec.metric_file(info)}
+    data_files = {"parity": spec.parity_file(info), "metric": spec.metric_file(info)}
     record = StageRecord(
         stage="verify",
         inputs={

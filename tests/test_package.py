@@ -173,16 +173,13 @@ def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
 
 @pytest.mark.e2e
 def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(repository):
-    from bert_compiler.calibration.datasets import CALIBRATION_SENTENCES
     from bert_compiler.pipeline.models import load_tokenizer
 
     info, _out, result = repository
     slug = info.name
     configs = _configs(result.path)
     ladder = parse_ladder(configs[f"{slug}-tokenizer"].parameters["length_ladder"].string_value)
-    fitted = ladder_from_text(
-        load_tokenizer(info), info, 128, CALIBRATION_SENTENCES, TRITON_LADDER_RUNGS
-    )
+    fitted = ladder_from_text(load_tokenizer(info), info, 128, TRITON_LADDER_RUNGS)
     assert ladder == fitted
     assert ladder[-1] == 128 and len(ladder) > 2
     manifest = result.manifest

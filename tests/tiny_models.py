@@ -91,10 +91,12 @@ def make_tiny_model(
     *,
     model_type: str = "bert",
     task: str = "sentence-embedding",
+    num_labels: int = 2,
     seed: int = 0,
     config_overrides: dict | None = None,
 ) -> Path:
-    """Write a random model of the registered architecture's tiny config to ``folder``."""
+    """Write a random model of the registered architecture's tiny config to ``folder``
+    (``num_labels`` 1 with sequence-classification: a cross-encoder)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,7 +106,7 @@ def make_tiny_model(
     assert config.model_type == model_type, (config.model_type, model_type)
     torch.manual_seed(seed)
     if task == "sequence-classification":
-        config.num_labels = 2
+        config.num_labels = num_labels
         model = classifier_class(config)
     else:
         # BERT-style models carry a pooler no task here uses; DistilBERT and ELECTRA have none.

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bert_compiler.calibration import datasets
 from bert_compiler.core.artifacts import (
     ArtifactDir,
     StageRecord,
@@ -65,7 +64,7 @@ from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
 from bert_compiler.pipeline.runtime import CPU_BATCHING, GPU_BATCHING, ladder_from_text
 from bert_compiler.pipeline.text import (
     parity_batches,
-    parity_sentences,
+    parity_texts,
     resolve_max_length,
     tokenize,
 )
@@ -173,13 +172,7 @@ class PackageSpec:
         if self.padding != "ladder":
             return self
         if not self.length_ladder:
-            ladder = ladder_from_text(
-                load_tokenizer(info),
-                info,
-                max_length,
-                datasets.CALIBRATION_SENTENCES,
-                TRITON_LADDER_RUNGS,
-            )
+            ladder = ladder_from_text(load_tokenizer(info), info, max_length, TRITON_LADDER_RUNGS)
             return replace(self, length_ladder=tuple(int(length) for length in ladder))
         if self.length_ladder[-1] < max_length:
             raise InputError(
@@ -411,7 +404,7 @@ def tokenizer_mismatches(
         raise InputError(f"{tokenizer_file}: not a tokenizer.json ({err})") from err
     hf = load_tokenizer(info)
     names = list(info.architecture.input_names)
-    batches = parity_batches(parity_sentences(), max_length)
+    batches = parity_batches(parity_texts(info), max_length)
     encoder = TextEncoder(repository_tokenizer, names, ladder)
     together = encoder.encode_requests(batches)
     pad_values = {

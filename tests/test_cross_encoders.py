@@ -1,0 +1,226 @@
+"""Cross-encoders (rerankers): one-label sequence classifiers that score text pairs. Pairs go
+through the model's own pair template everywhere text goes (the pipeline's tokenizer, the
+runtime, calibration, parity, the Triton tokenizer model), and the metric is STS-B Spearman of
+the scores."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.core.errors import InputError
+from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.models import load_tokenizer, resolve_model
+from bert_compiler.pipeline.runtime import tokenize_rows
+from bert_compiler.pipeline.text import iter_file_texts, parity_batches, parity_texts, tokenize
+from tests.tiny_models import make_tiny_model
+
+PAIRS = [
+    ("A man is playing a guitar.", "Someone plays an instrument."),
+    ("", "An empty first text."),
+    ("Two dogs run across a wide green field together before the rain. " * 9, "Dogs run."),
+    ("Short.", "A long second text that truncation must cut, longest first. " * 9),
+]
+
+
+@pytest.fixture(scope="module")
+def cross_encoders(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random cross-encoders: BERT's pair template and RoBERTa's."""
+    root = tmp_path_factory.mktemp("cross-encoders")
+    return {
+        model_type: make_tiny_model(
+            root / f"ce-{model_type}",
+            model_type=model_type,
+            task="sequence-classification",
+            num_labels=1,
+        )
+        for model_type in ("bert", "roberta")
+    }
+
+
+@pytest.mark.unit
+def test_a_one_label_classifier_is_a_cross_encoder(cross_encoders, tiny_classifier_model):
+    assert resolve_model(cross_encoders["bert"]).pairs
+    assert not resolve_model(tiny_classifier_model).pairs  # two labels: single sentences
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_pairs_tokenize_with_the_models_template_truncated_longest_first(
+    cross_encoders, model_type
+):
+    info = resolve_model(cross_encoders[model_type])
+    hf = load_tokenizer(info)
+    max_length = 24
+    feeds = tokenize(hf, PAIRS, info, max_length)
+    ids = feeds["input_ids"]
+    assert ids.shape[1] == max_length  # the long pairs are cut to the limit
+    for row, (first, second) in enumerate(PAIRS):
+        alone = hf(first, second, truncation="longest_first", max_length=max_length)
+        length = len(alone["input_ids"])
+        assert ids[row, :length].tolist() == alone["input_ids"]
+        assert feeds["attention_mask"][row].sum() == length
+        one, two = hf(first)["input_ids"], hf(second)["input_ids"]
+        if model_type == "bert":
+            # [CLS] a [SEP] b [SEP], type ids 0 then 1.
+            cls, sep = hf.cls_token_id, hf.sep_token_id
+            if len(one) + len(two) - 1 <= max_length:
+                assert alone["input_ids"] == one + two[1:]
+            assert ids[row, 0] == cls and ids[row, length - 1] == sep
+            types = feeds["token_type_ids"][row, :length].tolist()
+            boundary = types.index(1)
+            assert ids[row, boundary - 1] == sep and set(types[:boundary]) == {0}
+            assert set(types[boundary:]) == {1}
+        else:
+            # <s> a </s></s> b </s>, and no token_type_ids input.
+            assert "token_type_ids" not in feeds
+            sep = hf.sep_token_id
+            if len(one) + len(two) <= max_length:
+                assert alone["input_ids"] == one + [sep] + two[1:]
+            assert ids[row, :length].tolist().count(sep) == 3
+    # Longest first: the long side is cut, the short side kept whole.
+    short = hf("Short.", add_special_tokens=False)["input_ids"]
+    assert ids[3, 1 : 1 + len(short)].tolist() == short
+    # The runtime tokenizes pairs the same way, unpadded.
+    rows = tokenize_rows(hf, PAIRS, info, max_length)
+    assert rows.lengths.tolist() == feeds["attention_mask"].sum(1).tolist()
+
+
+@pytest.mark.unit
+def test_the_kind_of_text_must_match_the_model(cross_encoders, tiny_classifier_model, tmp_path):
+    pairs = resolve_model(cross_encoders["bert"])
+    single = resolve_model(tiny_classifier_model)
+    with pytest.raises(InputError, match="cross-encoder .* give \\(text, text_pair\\) pairs"):
+        tokenize(load_tokenizer(pairs), ["one sentence"], pairs, 16)
+    with pytest.raises(InputError, match="reads single texts, not pairs"):
+        tokenize(load_tokenizer(single), [("a", "b")], single, 16)
+    sentences = tmp_path / "sentences.tsv"
+    sentences.write_text("sentence\nA single sentence.\n")
+    with pytest.raises(InputError, match="--pair-column"):
+        iter_file_texts(pairs, sentences, column="sentence", pair_column=None)
+    with pytest.raises(InputError, match="--pair-column 'other': .* reads single texts"):
+        iter_file_texts(single, sentences, column="sentence", pair_column="other")
+    pair_file = tmp_path / "pairs.jsonl"
+    pair_file.write_text('{"q": " a query ", "p": "a passage"}\n{"q": "", "p": "skipped"}\n')
+    texts = list(iter_file_texts(pairs, pair_file, column="q", pair_column="p"))
+    assert texts == [("a query", "a passage")]
+    with pytest.raises(InputError, match="text pairs need a .tsv or .jsonl"):
+        list(iter_file_texts(pairs, tmp_path / "x.txt", column="q", pair_column="p"))
+
+
+@pytest.mark.unit
+def test_parity_pairs_are_stsb_dev_pairs_with_edge_pairs(cross_encoders):
+    info = resolve_model(cross_encoders["bert"])
+    texts = parity_texts(info, count=10)
+    assert len(texts) == 10 and all(isinstance(t, tuple) and all(t) for t in texts)
+    batches = parity_batches(texts, max_length=info.max_length)
+    edges = [text for batch in batches[-3:] for text in batch]
+    assert ("", "") in edges and ("a", "b") in edges
+    long_pair = batches[-1][0]
+    assert long_pair[1] == "a" and len(long_pair[0].split()) >= info.max_length
+    feeds = tokenize(load_tokenizer(info), batches[-1], info, info.max_length)
+    assert feeds["input_ids"].shape == (1, info.max_length)
+
+
+@pytest.mark.unit
+def test_a_single_sentence_file_for_a_cross_encoder_is_one_line(cross_encoders, tmp_path):
+    sentences = tmp_path / "sentences.tsv"
+    sentences.write_text("sentence\nA single sentence.\n")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            "--model",
+            str(cross_encoders["bert"]),
+            "--out",
+            str(tmp_path / "out"),
+            "--target",
+            "cpu",
+            "--precision",
+            "int8",
+            "--calibration-data",
+            str(sentences),
+        ],
+    )
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cross-encoder" in lines[0] and "--pair-column" in lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "export").exists()  # refused before any stage ran
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model_type", ["bert", "roberta"])
+def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
+    cross_encoders, model_type, tmp_path
+):
+    folder = cross_encoders[model_type]
+    out = tmp_path / "out"
+    common = ["--model", str(folder), "--out", str(out), "--json"]
+    gates = ["--metric-limit", "200", "--no-metric-gate"]  # a random model: conftest.TINY_VERIFY
+    result = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            *common,
+            *gates,
+            "--num-samples",
+            "64",
+            "--precision",
+            "fp32",
+            "--precision",
+            "int8",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"]
+    assert {e["precision"]: e["passed"] for e in summary["engines"]} == {"fp32": True, "int8": True}
+    for engine in summary["engines"]:
+        assert engine["metric"]["name"] == "stsb_spearman"
+        report = json.loads(Path(engine["report"]).read_text())
+        assert report["metric"]["examples"] == 200
+        assert list(report["parity"]) == ["logits"]
+    fp32 = next(e for e in summary["engines"] if e["precision"] == "fp32")
+    assert fp32["metric"]["value"] == pytest.approx(
+        summary["pytorch_fp32_metric"]["value"], abs=0.05
+    )
+    calibrate = json.loads((out / "calibrate" / "manifest.json").read_text())
+    assert calibrate["inputs"]["data"]["path"].endswith("calibration-pairs.tsv")
+    assert calibrate["spec"]["pair_column"] == "sentence2"
+    repository = Path(summary["repository"]["path"])
+    checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", str(repository)])
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
+    # The engine scores pairs through the runtime as PyTorch does.
+    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.pipeline.verify import torch_runner
+
+    info = resolve_model(folder)
+    (engine_dir,) = (out / "engines" / folder.name).glob("ort*-cpu-fp32")
+    scores = Encoder.open(engine_dir, info).encode(PAIRS)["logits"]
+    feeds = tokenize(load_tokenizer(info), PAIRS, info, info.max_length)
+    expected = torch_runner(info, pooling_in_graph=False)(feeds)["logits"]
+    assert scores.shape == (len(PAIRS), 1)
+    np.testing.assert_allclose(scores, expected, atol=1e-4)
+
+
+@pytest.mark.unit
+def test_a_scores_cosine_is_that_of_all_its_values():
+    from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES, OutputParity
+
+    reference = np.array([[2.0], [-1.5], [1e-4]], dtype=np.float32)
+    candidate = np.array([[2.01], [-1.49], [-1e-4]], dtype=np.float32)  # the small one flips
+    scores = OutputParity("logits")
+    scores.update(reference, candidate, None)
+    assert 0.9999 < scores.min_cosine < 1.0  # one vector: a flipped near-zero score is no -1
+    assert not scores.failures(DEFAULT_TOLERANCES["int8"])
+    opposite = OutputParity("logits")
+    opposite.update(reference, -reference, None)
+    assert opposite.min_cosine == pytest.approx(-1.0)
+    assert any("min_cosine" in f for f in opposite.failures(DEFAULT_TOLERANCES["int8"]))
