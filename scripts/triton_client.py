@@ -10,7 +10,9 @@ Every ensemble `bert-compile package` writes (``<model>-<engine>-text``) takes r
         --model all-MiniLM-L6-v2-trt-fp16-text --json < sentences.txt
 
 With no TEXT arguments, one text per line is read from standard input. ``--json`` prints one
-JSON object (output name -> nested lists) as the last stdout line.
+JSON object (output name -> nested lists) as the last stdout line. A cross-encoder's ensemble
+takes pairs (``TEXT`` and ``TEXT_PAIR``): give each as ``query<TAB>passage``; it returns one
+score (``logits`` [N, 1]) per pair.
 """
 
 from __future__ import annotations
@@ -34,15 +36,26 @@ def infer(url: str, protocol: str, model: str, texts: list[str], timeout: float 
 
         client = client_module.InferenceServerClient(url, network_timeout=timeout)
         metadata = client.get_model_metadata(model)
-    data = np.array([[t.encode("utf-8")] for t in texts], dtype=object)
-    text = client_module.InferInput("TEXT", list(data.shape), "BYTES")
-    text.set_data_from_numpy(data)
+    inputs = [i["name"] for i in metadata["inputs"]]
+    if len(inputs) == 2:  # TEXT and TEXT_PAIR: one query<TAB>passage pair a text
+        pairs = [t.split("\t", 1) for t in texts]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError(f"{model} scores text pairs: give each as query<TAB>passage")
+        columns = [[pair[0] for pair in pairs], [pair[1] for pair in pairs]]
+    else:
+        columns = [texts]
+    tensors = []
+    for name, column in zip(inputs, columns, strict=True):
+        data = np.array([[t.encode("utf-8")] for t in column], dtype=object)
+        tensor = client_module.InferInput(name, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        tensors.append(tensor)
     names = [o["name"] for o in metadata["outputs"]]
     requested = [client_module.InferRequestedOutput(n) for n in names]
     if protocol == "grpc":
-        result = client.infer(model, [text], outputs=requested, client_timeout=timeout)
+        result = client.infer(model, tensors, outputs=requested, client_timeout=timeout)
     else:
-        result = client.infer(model, [text], outputs=requested)
+        result = client.infer(model, tensors, outputs=requested)
     return {name: result.as_numpy(name) for name in names}
 
 
@@ -62,7 +75,7 @@ def main() -> int:
 
     try:
         outputs = infer(url, args.protocol, args.model, texts)
-    except (InferenceServerException, ConnectionError, OSError) as err:
+    except (InferenceServerException, ConnectionError, OSError, ValueError) as err:
         print(f"triton_client: {args.model} at {url} ({args.protocol}): {err}", file=sys.stderr)
         return 1
     for name, array in outputs.items():

@@ -15,9 +15,13 @@ from click.testing import CliRunner
 from bert_compiler.core.errors import InputError
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.models import load_tokenizer, resolve_model
+from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.runtime import tokenize_rows
 from bert_compiler.pipeline.text import iter_file_texts, parity_batches, parity_texts, tokenize
+from bert_compiler.pipeline.triton.package import PackageSpec, package
+from tests.conftest import TINY_VERIFY
 from tests.tiny_models import make_tiny_model
+from tests.triton_server import find_server, triton_server
 
 PAIRS = [
     ("A man is playing a guitar.", "Someone plays an instrument."),
@@ -194,6 +198,8 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
     assert calibrate["inputs"]["data"]["path"].endswith("calibration-pairs.tsv")
     assert calibrate["spec"]["pair_column"] == "sentence2"
     repository = Path(summary["repository"]["path"])
+    config = (repository / f"{folder.name}-tokenizer" / "config.pbtxt").read_text()
+    assert '"TEXT"' in config and '"TEXT_PAIR"' in config
     checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", str(repository)])
     assert checked.exit_code == 0, checked.output
     assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
@@ -210,6 +216,83 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
     np.testing.assert_allclose(scores, expected, atol=1e-4)
 
 
+SERVER = find_server()
+
+
+@pytest.fixture(scope="module")
+def served_cross_encoder(cross_encoders, tmp_path_factory):
+    """The tiny BERT cross-encoder run, packaged with its Python-backend engine and served by
+    the real Triton server (CPU, Python backend)."""
+    if isinstance(SERVER, str):
+        pytest.skip(SERVER)
+    info = resolve_model(cross_encoders["bert"])
+    out = tmp_path_factory.mktemp("runs") / "ce"
+    run_pipeline(info=info, out=out, spec=RunSpec(verify=TINY_VERIFY))
+    repository = tmp_path_factory.mktemp("served") / "repo"
+    package(info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True))
+    ensemble = f"{info.name}-ort-cpu-fp32-python-text"
+    workdir = tmp_path_factory.mktemp("server")
+    with triton_server(SERVER, repository, [ensemble], workdir) as server:
+        yield info, out, server, ensemble
+
+
+def _pair_inputs(module, pairs, second_count=None):
+    tensors = []
+    for name, texts in (
+        ("TEXT", [a for a, _ in pairs]),
+        ("TEXT_PAIR", [b for _, b in pairs][:second_count]),
+    ):
+        data = np.array([[t.encode("utf-8")] for t in texts], dtype=object)
+        tensor = module.InferInput(name, list(data.shape), "BYTES")
+        tensor.set_data_from_numpy(data)
+        tensors.append(tensor)
+    return tensors
+
+
+@pytest.mark.e2e
+def test_triton_ensemble_scores_pairs_as_the_engine_does(served_cross_encoder):
+    import tritonclient.grpc as grpc_client
+    import tritonclient.http as http_client
+    from tritonclient.utils import InferenceServerException
+
+    from bert_compiler.pipeline.runtime import Encoder
+    from tests.conftest import cpu_engine_dir
+
+    info, out, server, ensemble = served_cross_encoder
+    expected = Encoder.open(cpu_engine_dir(out), info).encode(PAIRS)["logits"]
+    feeds = tokenize(load_tokenizer(info), PAIRS, info, info.max_length)
+    clients = [
+        (http_client, http_client.InferenceServerClient(server.http)),
+        (grpc_client, grpc_client.InferenceServerClient(server.grpc)),
+    ]
+    config = clients[0][1].get_model_config(ensemble)
+    assert [i["name"] for i in config["input"]] == ["TEXT", "TEXT_PAIR"]
+    for module, client in clients:
+        tokens = client.infer(f"{info.name}-tokenizer", _pair_inputs(module, PAIRS))
+        length = feeds["input_ids"].shape[1]
+        for name in info.architecture.input_names:
+            np.testing.assert_array_equal(tokens.as_numpy(name)[:, :length], feeds[name])
+        scores = client.infer(ensemble, _pair_inputs(module, PAIRS)).as_numpy("logits")
+        assert scores.shape == (len(PAIRS), 1) and scores.dtype == np.float32
+        np.testing.assert_allclose(scores, expected, atol=1e-5)
+    module, client = clients[1]
+    with pytest.raises(InferenceServerException, match="batch size does not match"):
+        client.infer(f"{info.name}-tokenizer", _pair_inputs(module, PAIRS, second_count=2))
+    assert client.is_model_ready(ensemble)
+
+
+@pytest.mark.unit
+def test_the_tokenizer_model_pairs_its_two_inputs_row_by_row():
+    from bert_compiler.pipeline.triton.tokenizer_model import request_texts
+
+    first = np.array([[b"a query"], [b"b query"]], dtype=object)
+    second = np.array([[b"a passage"], [b"b passage"]], dtype=object)
+    assert request_texts([first]) == ["a query", "b query"]
+    assert request_texts([first, second]) == [("a query", "a passage"), ("b query", "b passage")]
+    with pytest.raises(ValueError, match="TEXT holds 2 strings and TEXT_PAIR 1: one pair a row"):
+        request_texts([first, second[:1]])
+
+
 @pytest.mark.unit
 def test_a_scores_cosine_is_that_of_all_its_values():
     from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES, OutputParity
@@ -224,3 +307,30 @@ def test_a_scores_cosine_is_that_of_all_its_values():
     opposite.update(reference, -reference, None)
     assert opposite.min_cosine == pytest.approx(-1.0)
     assert any("min_cosine" in f for f in opposite.failures(DEFAULT_TOLERANCES["int8"]))
+
+
+@pytest.mark.e2e
+def test_client_example_sends_tab_separated_pairs(served_cross_encoder):
+    import subprocess
+    import sys
+
+    from bert_compiler.pipeline.runtime import Encoder
+    from tests.conftest import cpu_engine_dir
+    from tests.triton_server import REPO_ROOT
+
+    info, out, server, ensemble = served_cross_encoder
+    client = [sys.executable, str(REPO_ROOT / "scripts" / "triton_client.py")]
+    client += ["--model", ensemble, "--url", server.http, "--json"]
+    pairs = PAIRS[:1] + PAIRS[3:]
+    result = subprocess.run(
+        [*client, *(f"{a}\t{b}" for a, b in pairs)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    scores = np.array(json.loads(result.stdout.strip().splitlines()[-1])["logits"])
+    expected = Encoder.open(cpu_engine_dir(out), info).encode(pairs)["logits"]
+    np.testing.assert_allclose(scores, expected, atol=1e-5)
+    refused = subprocess.run([*client, "no tab here"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "query<TAB>passage" in refused.stderr

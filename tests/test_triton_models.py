@@ -133,6 +133,7 @@ def test_tokenizer_model_tokenizes_every_request_of_a_call_at_once(pb_utils, tmp
     (tmp_path / "1").mkdir()
     tokenizer.save(str(tmp_path / "1" / "tokenizer.json"))
     config = {
+        "input": [{"name": "TEXT"}],
         "output": [{"name": n} for n in NAMES],
         "parameters": {"length_ladder": {"string_value": "4,6,10"}},
     }

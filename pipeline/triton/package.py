@@ -4,7 +4,8 @@ Only engines whose verify report passed, for the same engine file and the same m
 packaged. The repository (default ``OUT/triton``) holds, for model M::
 
     manifest.json                  what was packaged from what; Triton ignores files at the root
-    M-tokenizer/                   Python backend: TEXT (strings) -> input_ids, attention_mask, ...
+    M-tokenizer/                   Python backend: TEXT (strings; a cross-encoder's TEXT_PAIR too)
+                                   -> input_ids, attention_mask, ...
         config.pbtxt  1/model.py  1/tokenizer.json
     M-ort-cpu-fp32/                onnxruntime_onnx on KIND_CPU instances (also -int8)
         config.pbtxt  1/model.onnx  warmup/...
@@ -82,6 +83,7 @@ from bert_compiler.pipeline.triton.repository import (
 from bert_compiler.pipeline.triton.tokenizer_model import (
     LADDER_PARAMETER,
     TEXT_INPUT,
+    TEXT_PAIR_INPUT,
     TextEncoder,
     format_ladder,
 )
@@ -90,6 +92,7 @@ log = logging.getLogger("bert_compile")
 
 REPOSITORY_FOLDER = "triton"
 TEXT = tc.TensorSpec(TEXT_INPUT, "TYPE_STRING", (1,))
+TEXT_PAIR = tc.TensorSpec(TEXT_PAIR_INPUT, "TYPE_STRING", (1,))
 TEMPLATES = {
     "tokenizer": Path(__file__).with_name("tokenizer_model.py"),
     "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
@@ -589,13 +592,15 @@ def _plan_python_engine(
 def _plan_tokenizer(
     name: str, info: ModelInfo, max_length: int, *, max_batch: int, spec: PackageSpec
 ) -> _ModelPlan:
-    """TEXT -> the engines' int64 token inputs, truncated as verify did, padded to the rungs."""
+    """TEXT (and a cross-encoder's TEXT_PAIR) -> the engines' int64 token inputs, truncated as
+    verify did, padded to the rungs."""
     input_names = list(info.architecture.input_names)
+    texts = text_inputs(info)
     # The ladder reaches max_length (PackageSpec.with_ladder): every truncated text fits.
     ladder = spec.length_ladder
     config = tc.python_config(
         name=tc.check_name(name, "model name"),
-        inputs=[TEXT],
+        inputs=texts,
         outputs=[tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names],
         max_batch_size=max_batch,
         instance_count=spec.instances,
@@ -608,28 +613,35 @@ def _plan_tokenizer(
     record = {
         "role": "tokenizer",
         "max_length": max_length,
+        "text_inputs": [t.name for t in texts],
         "inputs": input_names,
         "length_ladder": list(ladder),
     }
     return _ModelPlan(name, "tokenizer", config, files, record)
 
 
+def text_inputs(info: ModelInfo) -> list[tc.TensorSpec]:
+    """The string inputs of the tokenizer model and the ensembles: TEXT, and TEXT_PAIR for a
+    cross-encoder (one pair a row)."""
+    return [TEXT, TEXT_PAIR] if info.pairs else [TEXT]
+
+
 def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan:
-    """TEXT -> tokenizer -> engine -> the engine's outputs."""
+    """TEXT (and TEXT_PAIR) -> tokenizer -> engine -> the engine's outputs."""
     name = tc.check_name(f"{engine_plan.name}-text", "model name")
     inputs, outputs = tc.tensor_specs(engine_plan.config)
-    tokens = tc.tensor_specs(tokenizer.config)[1]
+    texts, tokens = tc.tensor_specs(tokenizer.config)
     # Token-level outputs are padded: hand the mask back so a client can tell which are real.
     padded = any(-1 in t.dims for t in outputs)
     extra = [t for t in tokens if t.name == "attention_mask"] if padded else []
     names = [t.name for t in inputs]
     config = tc.ensemble_config(
         name=name,
-        inputs=[TEXT],
+        inputs=texts,
         outputs=[*outputs, *extra],
         max_batch_size=engine_plan.config.max_batch_size,
         steps=[
-            (tokenizer.name, {TEXT.name: TEXT.name}, {t.name: t.name for t in tokens}),
+            (tokenizer.name, {t.name: t.name for t in texts}, {t.name: t.name for t in tokens}),
             (engine_plan.name, {n: n for n in names}, {t.name: t.name for t in outputs}),
         ],
     )

@@ -8,6 +8,10 @@ shortest rung that holds its longest text, so requests of one rung have one shap
 dynamic batcher can batch them (an empty ladder: each request padded to its own longest text).
 `verify --repository` checks the same file and ladder against the pipeline's tokenizer.
 
+A cross-encoder's tokenizer model takes two string inputs, TEXT and TEXT_PAIR (config.pbtxt names
+both; both required, one string each per row): row i is the pair (TEXT[i], TEXT_PAIR[i]), encoded
+with tokenizer.json's pair template and truncated longest first, as the pipeline encodes pairs.
+
 All requests of one ``execute`` call are tokenized in one ``encode_batch`` (the tokenizers
 library spreads it over threads); each request is then padded on its own, so its shape never
 depends on the requests Triton batched with it.
@@ -27,6 +31,8 @@ import numpy as np
 
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_INPUT = "TEXT"
+# A cross-encoder's second text of each pair.
+TEXT_PAIR_INPUT = "TEXT_PAIR"
 # The config parameter holding the padded lengths, ascending, comma-separated ("" for none).
 LADDER_PARAMETER = "length_ladder"
 _ENCODING_FIELDS = {
@@ -34,6 +40,25 @@ _ENCODING_FIELDS = {
     "attention_mask": "attention_mask",
     "token_type_ids": "type_ids",
 }
+
+
+def request_texts(arrays: Sequence[np.ndarray]) -> list[str] | list[tuple[str, str]]:
+    """One request's texts from its string inputs: TEXT's strings, or with TEXT_PAIR the pairs
+    (TEXT[i], TEXT_PAIR[i]).
+
+    Raises:
+        UnicodeDecodeError: an element is not UTF-8.
+        ValueError: the two inputs hold different numbers of strings.
+    """
+    if len(arrays) == 1:
+        return decode_texts(arrays[0])
+    first, second = (decode_texts(array) for array in arrays)
+    if len(first) != len(second):
+        raise ValueError(
+            f"{TEXT_INPUT} holds {len(first)} strings and {TEXT_PAIR_INPUT} {len(second)}: "
+            "one pair a row"
+        )
+    return list(zip(first, second, strict=True))
 
 
 def decode_texts(raw: np.ndarray) -> list[str]:
@@ -100,11 +125,13 @@ class TextEncoder:
         self.output_names = list(output_names)
         self.ladder = tuple(ladder)
 
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token tensors of one request's texts."""
+    def encode(self, texts: Sequence[str | tuple[str, str]]) -> dict[str, np.ndarray]:
+        """Token tensors of one request's texts (or (text, text_pair) pairs)."""
         return self.encode_requests([texts])[0]
 
-    def encode_requests(self, requests: Sequence[Sequence[str]]) -> list[dict[str, np.ndarray]]:
+    def encode_requests(
+        self, requests: Sequence[Sequence[str | tuple[str, str]]]
+    ) -> list[dict[str, np.ndarray]]:
         """Token tensors per request, every text tokenized in one batch, each request padded to
         the rung of its own longest text.
 
@@ -113,7 +140,7 @@ class TextEncoder:
         """
         return [self.pad(rows) for rows in self.tokenize(requests)]
 
-    def tokenize(self, requests: Sequence[Sequence[str]]) -> list[list]:
+    def tokenize(self, requests: Sequence[Sequence[str | tuple[str, str]]]) -> list[list]:
         """Every request's encodings (unpadded), all texts tokenized in one batch."""
         texts = [text for request in requests for text in request]
         encodings = self.tokenizer.encode_batch(texts) if texts else []
@@ -151,7 +178,10 @@ class TextEncoder:
 
 
 def encode(
-    tokenizer, texts: list[str], output_names: list[str], ladder: Sequence[int] = ()
+    tokenizer,
+    texts: Sequence[str | tuple[str, str]],
+    output_names: list[str],
+    ladder: Sequence[int] = (),
 ) -> dict[str, np.ndarray]:
     """Token tensors [batch, padded length] for one request's ``texts``, truncated as
     tokenizer.json says and padded to the ladder rung of the longest (to the longest itself
@@ -168,6 +198,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         folder = Path(args["model_repository"]) / args["model_version"]
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        # TEXT, and TEXT_PAIR for a cross-encoder.
+        self.inputs = [tensor["name"] for tensor in config["input"]]
         self.encoder = TextEncoder(
             Tokenizer.from_file(str(folder / TOKENIZER_FILE)),
             [output["name"] for output in config["output"]],
@@ -178,14 +210,19 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb_utils
 
         responses: list = [None] * len(requests)
-        decoded: dict[int, list[str]] = {}
+        decoded: dict[int, list] = {}
         for index, request in enumerate(requests):
-            raw = pb_utils.get_input_tensor_by_name(request, TEXT_INPUT).as_numpy()
+            arrays = [
+                pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs
+            ]
             try:
-                decoded[index] = decode_texts(raw)
+                decoded[index] = request_texts(arrays)
             except UnicodeDecodeError as err:
-                error = pb_utils.TritonError(f"{TEXT_INPUT} must be UTF-8 text ({err})")
+                inputs = " and ".join(self.inputs)
+                error = pb_utils.TritonError(f"{inputs} must be UTF-8 text ({err})")
                 responses[index] = pb_utils.InferenceResponse(error=error)
+            except ValueError as err:
+                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
         tokenized = self.encoder.tokenize(list(decoded.values()))
         for index, rows in zip(decoded, tokenized, strict=True):
             try:
