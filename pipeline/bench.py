@@ -49,7 +49,7 @@ from bert_compiler.pipeline.models import (
     load_torch_model,
 )
 from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows
-from bert_compiler.pipeline.text import resolve_max_length
+from bert_compiler.pipeline.text import Text, iter_file_texts, resolve_max_length
 
 log = logging.getLogger("bert_compile")
 
@@ -68,8 +68,9 @@ class BenchSpec:
 
     Attributes:
         data: text file (TSV with ``text_column``, or one sentence per line); None: the bundled
-            STS-B dev sentences.
+            STS-B dev sentences (a cross-encoder's: its pairs).
         text_column: TSV column of ``data``.
+        pair_column: a cross-encoder's second text column of ``data``.
         min_sentences: repeat the data to at least this many sentences (0: per device, 12,000
             on a GPU, the data once on a CPU).
         limit: use only the first N sentences of the data (before repeating).
@@ -86,6 +87,7 @@ class BenchSpec:
 
     data: Path | None = None
     text_column: str = datasets.TEXT_COLUMN
+    pair_column: str | None = None
     min_sentences: int = 0
     limit: int | None = None
     rounds: int = 3
@@ -128,13 +130,22 @@ class _Runner:
     padding: float = 0.0
 
 
-def real_sentences(spec: BenchSpec, on_gpu: bool) -> list[str]:
-    """The benchmark's sentences: the data (limited), repeated to the minimum count."""
+def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]:
+    """The benchmark's sentences (a cross-encoder's: pairs): the data (limited), repeated to the
+    minimum count."""
+    sentences: list[Text]
     if spec.data is None:
         pairs = datasets.load_stsb(datasets.STSB_DEV)
-        sentences = pairs.sentences1 + pairs.sentences2
+        if info.pairs:
+            sentences = list(zip(pairs.sentences1, pairs.sentences2, strict=True))
+        else:
+            sentences = pairs.sentences1 + pairs.sentences2
     else:
-        sentences = list(datasets.iter_texts(Path(spec.data), column=spec.text_column))
+        sentences = list(
+            iter_file_texts(
+                info, Path(spec.data), column=spec.text_column, pair_column=spec.pair_column
+            )
+        )
     sentences = sentences[: spec.limit] if spec.limit else sentences
     if not sentences:
         raise InputError(f"{spec.data or datasets.STSB_DEV}: no sentences to benchmark")
@@ -298,7 +309,7 @@ def run_bench(
     on_gpu = any(engine.device == "cuda" for _, engine in engines)
     max_length = resolve_max_length(info, spec.max_length)
     tokenizer = load_tokenizer(info)
-    sentences = real_sentences(spec, on_gpu)
+    sentences = real_sentences(spec, on_gpu, info)
 
     started = time.perf_counter()
     tokens = tokenize_rows(tokenizer, sentences, info, max_length)

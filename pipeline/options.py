@@ -763,6 +763,12 @@ class BenchOptions(OptionGroup):
                 help="TSV column or JSONL key of --data.",
             ),
             click.option(
+                "--data-pair-column",
+                default=None,
+                help="Cross-encoders: TSV column or JSONL key of each pair's second text in "
+                "--data (default data: STS-B dev pairs).",
+            ),
+            click.option(
                 "--min-sentences",
                 type=click.IntRange(0, 10_000_000),
                 default=default_of(BenchSpec, "min_sentences"),
@@ -814,6 +820,7 @@ class BenchOptions(OptionGroup):
         return BenchSpec(
             data=values["data"],
             text_column=values["data_column"],
+            pair_column=values["data_pair_column"],
             min_sentences=values["min_sentences"],
             limit=values["limit"],
             rounds=values["rounds"],

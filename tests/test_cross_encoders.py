@@ -214,6 +214,16 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
     expected = torch_runner(info, pooling_in_graph=False)(feeds)["logits"]
     assert scores.shape == (len(PAIRS), 1)
     np.testing.assert_allclose(scores, expected, atol=1e-4)
+    # bench times the engines on pairs: STS-B dev pairs by default, a file's two columns asked.
+    pairs_file = tmp_path / "pairs.tsv"
+    pairs_file.write_text("q\tp\n" + "".join(f"{a}\t{b}\n" for a, b in PAIRS if a))
+    bench = ["bench", "--model", str(folder), "--out", str(out), "--rounds", "1", "--json"]
+    bench += ["--no-peers", "--fixed-shapes", ""]
+    for data in ([], ["--data", str(pairs_file), "--data-column", "q", "--data-pair-column", "p"]):
+        result = CliRunner().invoke(cli, [*bench, "--limit", "40", *data], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout.strip().splitlines()[-1])
+        assert report["sentences"] == (3 if data else 40) and report["results"]
 
 
 SERVER = find_server()
