@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -253,6 +255,32 @@ def tiny_run(tiny_embedding_model, tmp_path_factory):
     spec = RunSpec(verify=TINY_VERIFY)
     summary = run_pipeline(info=info, out=out, spec=spec)
     return info, out, spec, summary
+
+
+def run_fp32_and_int8(folder: Path, out: Path, metric_limit: int = 100) -> tuple[Any, dict]:
+    """`run --precision fp32 --precision int8` on a tiny model folder (random weights: the
+    metric gate off, as TINY_VERIFY), both engines passing, then `verify --repository` accepting
+    the repository it packaged. Returns the run's CLI result and its summary."""
+    from click.testing import CliRunner
+
+    from bert_compiler.pipeline.cli import cli
+
+    common = ["--model", str(folder), "--out", str(out), "--json"]
+    gates = ["--metric-limit", str(metric_limit), "--no-metric-gate"]
+    precisions = ["--precision", "fp32", "--precision", "int8"]
+    result = CliRunner().invoke(
+        cli, ["run", *common, *gates, "--num-samples", "64", *precisions], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["ok"]
+    passed = {e["precision"]: e["passed"] for e in summary["engines"]}
+    assert passed == {"fp32": True, "int8": True}
+    repository = summary["repository"]["path"]
+    checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", repository])
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
+    return result, summary
 
 
 def cpu_engine_dir(out: Path, precision: str = "fp32", stage: str = "engines") -> Path:

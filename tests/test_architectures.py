@@ -3,20 +3,18 @@ measured counts, and runs end to end (fp32 and INT8, verified, packaged, gated).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import onnx
 import pytest
-from click.testing import CliRunner
 
 from bert_compiler.core.errors import UnsupportedModelError
 from bert_compiler.pipeline.architectures import ARCHITECTURES, architecture_for
-from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.export import export
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.simplify import simplify
+from tests.conftest import run_fp32_and_int8
 from tests.tiny_models import make_tiny_model
 
 
@@ -42,39 +40,11 @@ def test_registered_architecture_compiles_with_full_fusion(model_type, task, tmp
 @pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - {"bert"}))
 def test_registered_architecture_runs_fp32_and_int8_to_a_gated_repository(model_type, tmp_path):
     folder = make_tiny_model(tmp_path / model_type, model_type=model_type)
-    out = tmp_path / "out"
-    common = ["--model", str(folder), "--out", str(out), "--json"]
-    gates = ["--metric-limit", "100", "--no-metric-gate"]  # a random model: conftest.TINY_VERIFY
-    result = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            *common,
-            *gates,
-            "--num-samples",
-            "64",
-            "--precision",
-            "fp32",
-            "--precision",
-            "int8",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["ok"]
-    assert {e["precision"]: e["passed"] for e in summary["engines"]} == {
-        "fp32": True,
-        "int8": True,
-    }
+    result, summary = run_fp32_and_int8(folder, tmp_path / "out")
     info = resolve_model(folder)
     assert summary["fusion_note"] == info.architecture.fusion_note
     if info.architecture.fusion_note:
         assert f"partial fusion for {model_type}" in result.stderr
-    repository = Path(summary["repository"]["path"])
-    checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", str(repository)])
-    assert checked.exit_code == 0, checked.output
-    assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
 
 
 def test_unregistered_architecture_is_refused():

@@ -19,7 +19,7 @@ from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.runtime import tokenize_rows
 from bert_compiler.pipeline.text import iter_file_texts, parity_batches, parity_texts, tokenize
 from bert_compiler.pipeline.triton.package import PackageSpec, package
-from tests.conftest import TINY_VERIFY
+from tests.conftest import TINY_VERIFY, run_fp32_and_int8
 from tests.tiny_models import make_tiny_model
 from tests.triton_server import find_server, triton_server
 
@@ -164,27 +164,7 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
 ):
     folder = cross_encoders[model_type]
     out = tmp_path / "out"
-    common = ["--model", str(folder), "--out", str(out), "--json"]
-    gates = ["--metric-limit", "200", "--no-metric-gate"]  # a random model: conftest.TINY_VERIFY
-    result = CliRunner().invoke(
-        cli,
-        [
-            "run",
-            *common,
-            *gates,
-            "--num-samples",
-            "64",
-            "--precision",
-            "fp32",
-            "--precision",
-            "int8",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout.strip().splitlines()[-1])
-    assert summary["ok"]
-    assert {e["precision"]: e["passed"] for e in summary["engines"]} == {"fp32": True, "int8": True}
+    _result, summary = run_fp32_and_int8(folder, out, metric_limit=200)
     for engine in summary["engines"]:
         assert engine["metric"]["name"] == "stsb_spearman"
         report = json.loads(Path(engine["report"]).read_text())
@@ -200,9 +180,6 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
     repository = Path(summary["repository"]["path"])
     config = (repository / f"{folder.name}-tokenizer" / "config.pbtxt").read_text()
     assert '"TEXT"' in config and '"TEXT_PAIR"' in config
-    checked = CliRunner().invoke(cli, ["verify", *common, *gates, "--repository", str(repository)])
-    assert checked.exit_code == 0, checked.output
-    assert json.loads(checked.stdout.strip().splitlines()[-1])["ok"]
     # The engine scores pairs through the runtime as PyTorch does.
     from bert_compiler.pipeline.runtime import Encoder
     from bert_compiler.pipeline.verify import torch_runner
