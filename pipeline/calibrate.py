@@ -119,7 +119,7 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[Text], dict[str, int]
     """
     path = spec.data_file()
     needed = max(spec.num_samples, spec.min_samples)
-    distinct: dict[str, None] = {}
+    distinct: dict[Text, None] = {}
     read = 0
     for text in spec.texts():
         read += 1
