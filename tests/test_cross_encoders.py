@@ -321,3 +321,48 @@ def test_client_example_sends_tab_separated_pairs(served_cross_encoder):
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     refused = subprocess.run([*client, "no tab here"], capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "query<TAB>passage" in refused.stderr
+
+
+@pytest.mark.unit
+def test_tensorrt_profiles_are_derived_from_pair_lengths(cross_encoders, tmp_path):
+    from bert_compiler.calibration import datasets
+    from bert_compiler.engines.tensorrt_options import ProfileDerivation, derive_profiles
+    from bert_compiler.pipeline.build import (
+        PROFILE_SENTENCES,
+        ProfileText,
+        derive_dataset_profiles,
+    )
+
+    info = resolve_model(cross_encoders["bert"])
+    derivation = ProfileDerivation(max_batch=8)
+    pairs = ProfileText(datasets.CALIBRATION_PAIRS, *datasets.PAIR_COLUMNS, info.max_length)
+    profiles = derive_dataset_profiles(info, pairs, derivation)
+    # The quantiles of the pairs' token lengths (both texts and the template), not of one side.
+    rows = datasets.read_tsv(datasets.CALIBRATION_PAIRS, datasets.PAIR_COLUMNS)[:PROFILE_SENTENCES]
+    encoded = load_tokenizer(info)(
+        [r["sentence1"].strip() for r in rows],
+        [r["sentence2"].strip() for r in rows],
+        truncation="longest_first",
+        max_length=info.max_length,
+    )
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    assert profiles == derive_profiles(
+        lengths, max_batch=8, max_length=info.max_length, buckets=derivation.buckets
+    )
+    assert profiles[-1].max_seq == info.max_length
+    firsts = ProfileText(datasets.CALIBRATION_PAIRS, "sentence1", None, info.max_length)
+    with pytest.raises(InputError, match="--pair-column"):
+        derive_dataset_profiles(info, firsts, derivation)
+
+
+@pytest.mark.unit
+def test_pair_files_missing_a_column_are_one_line(cross_encoders, tmp_path):
+    info = resolve_model(cross_encoders["bert"])
+    tsv = tmp_path / "pairs.tsv"
+    tsv.write_text("query\tpassage\na\tb\n")
+    with pytest.raises(InputError, match=r"pairs.tsv:1: header .* lacks column\(s\) \['answer'\]"):
+        list(iter_file_texts(info, tsv, column="query", pair_column="answer"))
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text('{"q": "a", "p": "b"}\n{"q": "c"}\n')
+    with pytest.raises(InputError, match="pairs.jsonl:2: no string field 'p'"):
+        list(iter_file_texts(info, jsonl, column="q", pair_column="p"))
