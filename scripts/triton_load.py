@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Closed-loop load on a bert-compile Triton ensemble: sentences/s and latency per concurrency.
 
-Sends STS-B dev sentences (sentence1 and sentence2 of each pair, in file order), one per gRPC
-request, from N concurrent clients that each send the next sentence as soon as their previous
-answer arrives; a fixed number of requests per measurement, cut off at a deadline. Reports
+Sends STS-B dev sentences (sentence1 and sentence2 of each pair, in file order; to a
+cross-encoder's ensemble, whose inputs are TEXT and TEXT_PAIR, the pairs), one per gRPC request,
+from N concurrent clients that each send the next sentence as soon as their previous answer
+arrives; a fixed number of requests per measurement, cut off at a deadline. Reports
 sentences/s, p50/p99 latency and how many requests the engine model ran per execute call (from
 Triton's statistics), as a table and, with --json, one JSON object on the last stdout line.
 
@@ -55,12 +56,14 @@ class Measurement:
     first_error: str = ""
 
 
-def stsb_sentences() -> list[str]:
-    """The STS-B dev sentences, both of each pair, in file order."""
+def stsb_texts(pairs: bool = False) -> list[tuple[str, ...]]:
+    """The STS-B dev sentences in file order: both of each pair, one a text, or (``pairs``) each
+    pair as one text of two strings."""
     from bert_compiler.calibration.datasets import load_stsb
 
-    pairs = load_stsb()
-    return [s for pair in zip(pairs.sentences1, pairs.sentences2, strict=True) for s in pair]
+    stsb = load_stsb()
+    both = list(zip(stsb.sentences1, stsb.sentences2, strict=True))
+    return both if pairs else [(s,) for pair in both for s in pair]
 
 
 class Target:
@@ -80,6 +83,9 @@ class Target:
         self.tokenizer, self.engine = (step["model_name"] for step in steps)
         metadata = await self.client.get_model_metadata(self.model, as_json=True)
         self.output = metadata["outputs"][0]["name"]
+        # TEXT, and a cross-encoder's TEXT_PAIR.
+        self.inputs = [tensor["name"] for tensor in metadata["inputs"]]
+        self.texts = stsb_texts(pairs=len(self.inputs) == 2)
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(requests inferred, execute calls) of a model so far."""
@@ -92,10 +98,10 @@ class Target:
 
 
 async def measure(
-    target: Target, texts: list[str], concurrency: int, requests: int, deadline_s: float
+    target: Target, concurrency: int, requests: int, deadline_s: float
 ) -> Measurement:
-    """Send ``requests`` sentences from ``concurrency`` closed-loop clients (none sent after
-    ``deadline_s``); each answer must hold one row."""
+    """Send ``requests`` of the target's texts (sentences, or pairs) from ``concurrency``
+    closed-loop clients (none sent after ``deadline_s``); each answer must hold one row."""
     import tritonclient.grpc.aio as grpc_aio
     from tritonclient.utils import InferenceServerException
 
@@ -110,15 +116,17 @@ async def measure(
     async def client() -> None:
         nonlocal issued
         while issued < requests and time.perf_counter() < deadline:
-            text = texts[issued % len(texts)]
+            text = target.texts[issued % len(target.texts)]
             issued += 1
-            data = np.array([[text.encode("utf-8")]], dtype=object)
-            tensor = grpc_aio.InferInput("TEXT", [1, 1], "BYTES")
-            tensor.set_data_from_numpy(data)
+            tensors = []
+            for name, value in zip(target.inputs, text, strict=True):
+                tensor = grpc_aio.InferInput(name, [1, 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[value.encode("utf-8")]], dtype=object))
+                tensors.append(tensor)
             sent = time.perf_counter()
             try:
                 result = await target.client.infer(
-                    target.model, [tensor], outputs=requested, client_timeout=deadline_s
+                    target.model, tensors, outputs=requested, client_timeout=deadline_s
                 )
                 rows = result.as_numpy(target.output).shape[0]
                 if rows != 1:
@@ -165,16 +173,15 @@ async def measure(
 async def run(targets: list[Target], args: argparse.Namespace) -> list[Measurement]:
     """Every concurrency on every target, in turn (targets alternate, so drift on a shared
     machine hits them alike); with several rounds, the median round by sentences/s."""
-    texts = stsb_sentences()
     for target in targets:
         await target.open()
         if args.warmup:
-            await measure(target, texts, min(8, args.warmup), args.warmup, args.deadline_s)
+            await measure(target, min(8, args.warmup), args.warmup, args.deadline_s)
     rounds: dict[tuple[str, int], list[Measurement]] = {}
     for _ in range(args.rounds):
         for concurrency in args.concurrency:
             for target in targets:
-                result = await measure(target, texts, concurrency, args.requests, args.deadline_s)
+                result = await measure(target, concurrency, args.requests, args.deadline_s)
                 rounds.setdefault((target.label, concurrency), []).append(result)
     for target in targets:
         await target.close()

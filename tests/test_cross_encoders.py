@@ -366,3 +366,19 @@ def test_pair_files_missing_a_column_are_one_line(cross_encoders, tmp_path):
     jsonl.write_text('{"q": "a", "p": "b"}\n{"q": "c"}\n')
     with pytest.raises(InputError, match="pairs.jsonl:2: no string field 'p'"):
         list(iter_file_texts(info, jsonl, column="q", pair_column="p"))
+
+
+@pytest.mark.e2e
+def test_load_generator_sends_pairs_to_a_cross_encoder(served_cross_encoder):
+    import subprocess
+    import sys
+
+    from tests.triton_server import REPO_ROOT
+
+    _info, _out, server, ensemble = served_cross_encoder
+    load = [sys.executable, str(REPO_ROOT / "scripts" / "triton_load.py"), "--url", server.grpc]
+    load += ["--model", ensemble, "--concurrency", "2", "--requests", "12", "--warmup", "2"]
+    result = subprocess.run([*load, "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    assert row["completed"] == 12 and row["errors"] == 0
