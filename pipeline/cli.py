@@ -762,9 +762,15 @@ def _serve_lines(summary: dict[str, Any]) -> str:
     ]
     ensembles = [m for m in summary["models"] if m.endswith("-text")]
     if ensembles:
+        # A cross-encoder's ensemble scores pairs: query<TAB>passage, as bash's $'...' writes it.
+        text = (
+            "$'A man plays a guitar.\\tSomeone plays music.'"
+            if ensembles[0] in summary.get("text_pairs", ())
+            else "'A man plays a guitar.'"
+        )
         lines.append(
             f"  try: python scripts/triton_client.py --url {summary['http']} --model "
-            f"{ensembles[0]} 'A man plays a guitar.'"
+            f"{ensembles[0]} {text}"
         )
     return "\n".join(lines)
 

@@ -382,3 +382,24 @@ def test_load_generator_sends_pairs_to_a_cross_encoder(served_cross_encoder):
     assert result.returncode == 0, result.stderr
     (row,) = json.loads(result.stdout.strip().splitlines()[-1])["results"]
     assert row["completed"] == 12 and row["errors"] == 0
+
+
+@pytest.mark.e2e
+def test_serves_try_line_for_a_cross_encoder_sends_a_pair(served_cross_encoder):
+    import subprocess
+    import sys
+
+    from bert_compiler.pipeline.cli import _serve_lines
+    from bert_compiler.pipeline.triton.server import describe
+    from tests.triton_server import REPO_ROOT
+
+    _info, _out, server, ensemble = served_cross_encoder
+    summary = describe(server, SERVER, server.repository)
+    assert summary["text_pairs"] == [ensemble] == list(summary["models"])
+    (line,) = [x for x in _serve_lines(summary).splitlines() if x.startswith("  try: ")]
+    command = line.removeprefix("  try: ").replace("python ", f"{sys.executable} ", 1)
+    result = subprocess.run(
+        ["bash", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "logits: shape [1, 1]" in result.stderr

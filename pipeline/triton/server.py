@@ -44,6 +44,7 @@ from typing import Any
 from bert_compiler.core.errors import EnvironmentProblem, InputError, Interrupted
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.repository import VERSION, Repository, open_repository
+from bert_compiler.pipeline.triton.tokenizer_model import TEXT_PAIR_INPUT
 
 DISTRIBUTION = "nvidia-pytriton"
 # The backends the nvidia-pytriton server has (ensembles are built into Triton).
@@ -516,6 +517,12 @@ def log_error(log: Path, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _takes_pairs(repository: Path, model: str) -> bool:
+    path = Path(repository) / model / tc.CONFIG_FILE
+    inputs, _outputs = tc.tensor_specs(tc.parse(path.read_text(encoding="utf-8"), path))
+    return any(tensor.name == TEXT_PAIR_INPUT for tensor in inputs)
+
+
 def describe(server: RunningServer, files: ServerFiles, repository: Path) -> dict[str, Any]:
     """What `bert-compile serve` prints: where the server listens and what it serves."""
     return {
@@ -530,6 +537,8 @@ def describe(server: RunningServer, files: ServerFiles, repository: Path) -> dic
         "http": server.http,
         "grpc": server.grpc,
         "models": list(server.models),
+        # Cross-encoders' models: they take TEXT_PAIR beside TEXT.
+        "text_pairs": [name for name in server.models if _takes_pairs(repository, name)],
         "not_served": dict(server.skipped),
         "log": str(server.log),
         "pid": server.process.pid,
