@@ -21,6 +21,10 @@ CALIBRATION_SENTENCES = DATA_DIR / "calibration-sentences.tsv"
 CALIBRATION_PAIRS = DATA_DIR / "calibration-pairs.tsv"
 # The two text columns of the STS-B files: a cross-encoder's (text, text_pair).
 PAIR_COLUMNS = ("sentence1", "sentence2")
+# The selection split: train rows that INT8 choices are made on (scripts/make_selection_split.py),
+# so the dev sets above are only reported.
+STSB_SELECTION = DATA_DIR / "stsb-selection.tsv"
+SST2_SELECTION = DATA_DIR / "sst2-selection.tsv"
 MAX_LINE_BYTES = 1 << 20
 # The column (TSV) or key (JSONL) that holds the text unless the user names another.
 TEXT_COLUMN = "sentence"

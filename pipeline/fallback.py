@@ -8,6 +8,10 @@ of that ranking to keep in float that passes the gate, by growing groups and bis
 (calibration/sensitivity.py: about 2 log2(limit) rounds, not one per MatMul). It stops at
 ``max_float`` of the quantizable MatMuls: an engine that needs more in float fails, since a
 mostly-float "INT8" engine is not what was asked for.
+
+Never chosen on the set that is reported: every round's gate runs on the selection split (train
+rows, ``selection_split``), and only the engine left at the end is verified on the reporting set
+(the dev set ``verify`` scores), once. The record names the files that decided what.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.calibration import datasets
 from bert_compiler.calibration.sensitivity import smallest_passing_prefix
 from bert_compiler.core import progress
 from bert_compiler.core.errors import InputError
@@ -34,8 +39,21 @@ from bert_compiler.pipeline.models import ModelInfo
 
 log = logging.getLogger("bert_compile")
 
-# Builds and verifies an engine from a graph: (build result, verify result).
-BuildAndVerify = Callable[[Path, bool], tuple[StageResult, StageResult]]
+
+@dataclass(frozen=True)
+class Split:
+    """The data one verification reads: its name, parity sentences and task-metric file."""
+
+    name: str
+    parity: Path
+    metric: Path
+
+
+# Builds and verifies an engine from a graph on a split (None: the reporting set, verify's own
+# data): (build result, verify result). The second argument is ``force``.
+BuildAndVerify = Callable[[Path, bool, Split | None], tuple[StageResult, StageResult]]
+# One round's build and verify, its split fixed: (graph, force) -> (build, verify) results.
+_RoundBuild = Callable[[Path, bool], tuple[StageResult, StageResult]]
 
 
 @dataclass(frozen=True)
@@ -49,17 +67,27 @@ class FallbackSpec:
         ranking_sentences: calibration sentences the sensitivity ranking runs on. Measured on
             all-MiniLM-L6-v2 (2-core CPU, 30 MatMuls): 128 sentences 60 s, 64 sentences 31 s,
             the same two most sensitive MatMuls and the next four in nearly the same order.
+        selection_data: the task-metric file every round's gate reads (None: the bundled
+            selection split for the model's task); never the reporting set.
     """
 
     enabled: bool = True
     max_float: float = 0.25
     ranking_sentences: int = 64
+    selection_data: Path | None = None
 
     def validate(self) -> None:
         if not 0 <= self.max_float <= 1:
             raise InputError(f"--fallback-max-float {self.max_float}: must be in [0, 1]")
         if self.ranking_sentences < 1:
             raise InputError("the sensitivity ranking needs at least one sentence")
+
+    def selection_split(self, info: ModelInfo) -> Split:
+        """The rows the rounds are gated on: SST-2 train sentences for parity, and STS-B train
+        pairs (SST-2 train for classifiers) for the task metric."""
+        classifier = info.task == "sequence-classification"
+        default = datasets.SST2_SELECTION if classifier else datasets.STSB_SELECTION
+        return Split("selection", datasets.SST2_SELECTION, Path(self.selection_data or default))
 
     def float_limit(self, quantizable: int) -> int:
         """How many of ``quantizable`` MatMuls may end in float."""
@@ -85,26 +113,32 @@ def int8_with_fallback(
     """Calibrate, build and verify an INT8 engine; when it fails its gate and the fallback is
     on, search the fewest most-sensitive MatMuls to keep in float.
 
+    With the fallback on, every round is gated on the selection split and the final engine is
+    then verified on the reporting set; with it off, the one round is verified on the reporting
+    set only (nothing is chosen).
+
     Args:
         float_graph: the float standard-ops graph calibration quantizes.
         calibrate_dir: the calibrate stage's folder.
         calibration: calibration settings (its keep_float stays float in every round).
-        build_and_verify: builds and verifies an engine from a graph; its second argument is
-            ``force``.
+        build_and_verify: builds and verifies an engine from a graph (BuildAndVerify).
         stages: the run's stage summaries; the calibrate entry is set here.
 
     Returns:
-        The final build and verify results (those of the engine left on disk), and the
-        fallback record: every round (``steps``), the ranking, what was kept in float, and,
-        when the engine still fails, why the search gave up (``failure``, else None).
+        The final build and verify results (those of the engine left on disk; the verify is
+        the reporting set's), and the fallback record: every round (``steps``, gated on the
+        selection split), the ranking, what was kept in float, which data decided what
+        (``decided_by``) and, when the engine still fails on the selection split, why the search
+        gave up (``failure``, else None).
     """
     fallback.validate()
+    split = fallback.selection_split(info) if fallback.enabled else None
     rounds = _Rounds(
         info=info,
         float_graph=float_graph,
         calibrate_dir=calibrate_dir,
         calibration=calibration,
-        build_and_verify=build_and_verify,
+        build_and_verify=lambda graph, force: build_and_verify(graph, force, split),
         stages=stages,
     )
     with progress.bar(desc="int8 rounds", unit="round") as bar:
@@ -122,8 +156,17 @@ def int8_with_fallback(
         }
         if not passed and fallback.enabled:
             record.update(rounds.search(fallback, quantizable, record["float_limit"]))
+        if split is not None:
+            # The only read of the reporting set: the engine the selection split chose.
+            rounds.built, rounds.verified = build_and_verify(rounds.graph(), False, None)
     last = rounds.steps[-1]
     record.update(
+        decided_by={
+            "scales": str(calibration.data_file()),
+            "ranking": str(calibration.data_file()),
+            "kept_float": split and {"parity": str(split.parity), "metric": str(split.metric)},
+            "reported": "the verify report's data (the reporting set), read once at the end",
+        },
         kept_float=list(last["kept_float"]),
         steps=rounds.steps,
         rounds=len(rounds.steps) - 1,
@@ -144,7 +187,7 @@ class _Rounds:
         float_graph: Path,
         calibrate_dir: Path,
         calibration: CalibrationSpec,
-        build_and_verify: BuildAndVerify,
+        build_and_verify: _RoundBuild,
         stages: dict[str, Any],
     ):
         self.info = info
@@ -191,6 +234,11 @@ class _Rounds:
         if self.bar is not None:
             self.bar.update(1)
         return bool(report["passed"])
+
+    def graph(self) -> Path:
+        """The calibrated graph of the last round (the engine on disk was built from it)."""
+        assert self.calibrated is not None
+        return self.calibrated.output(MODEL_FILE)
 
     def outcome(self) -> str:
         """The last round's result in a few words: passed, or every limit it failed."""
@@ -259,8 +307,9 @@ class _Rounds:
         elapsed = _fmt_seconds(time.perf_counter() - self.started)
         if not last["passed"]:
             failure = (
-                f"fallback: the gate still fails with {len(last['kept_float'])}/{quantizable} "
-                f"MatMuls in float, and --fallback-max-float {fallback.max_float:g} allows at "
+                "fallback: the gate on the selection split still fails with "
+                f"{len(last['kept_float'])}/{quantizable} MatMuls in float, and "
+                f"--fallback-max-float {fallback.max_float:g} allows at "
                 f"most {limit} ({last['round']} rounds, {elapsed})"
             )
             log.warning("[fallback] round %d: %s; %s", last["round"], self.outcome(), failure)

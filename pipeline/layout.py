@@ -12,6 +12,7 @@ Output tree under ``out``::
                                or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
     engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
     verify/<model>/<engine>/   report.json + manifest.json
+    select/<model>/<engine>/   the same, on the selection split (the INT8 fallback's rounds)
     triton/                    Triton model repository of the run's engines (pipeline/triton/)
     run.json   the summary ``run --json`` prints
 """
@@ -70,6 +71,9 @@ class Layout:
 
     def verify(self, model: str, name: str) -> Path:
         return self.root / "verify" / model_slug(model) / name
+
+    def selection(self, model: str, name: str) -> Path:
+        return self.root / "select" / model_slug(model) / name
 
     @property
     def summary(self) -> Path:

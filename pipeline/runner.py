@@ -22,7 +22,7 @@ from bert_compiler.pipeline.build import (
 )
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
-from bert_compiler.pipeline.fallback import FallbackSpec, int8_with_fallback
+from bert_compiler.pipeline.fallback import FallbackSpec, Split, int8_with_fallback
 from bert_compiler.pipeline.fuse import FuseSpec, fuse
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo
@@ -179,7 +179,10 @@ def run_pipeline(
     return summary
 
 
-def _build_and_verify(source, force, *, info, layout, build_spec, spec, stages):
+def _build_and_verify(
+    source, force, split: Split | None = None, *, info, layout, build_spec, spec, stages
+):
+    """Build, then verify on ``split`` (None: the reporting set, the verify options' data)."""
     name = engine_folder_name(build_spec)
     built = build(
         source=source,
@@ -188,15 +191,18 @@ def _build_and_verify(source, force, *, info, layout, build_spec, spec, stages):
         input_names=tuple(info.architecture.input_names),
         force=force,
     )
+    verify_spec = replace(spec.verify, precision=build_spec.precision)
+    out_dir = layout.verify(info.name, name)
+    if split is not None:
+        verify_spec = replace(
+            verify_spec, split=split.name, parity_data=split.parity, metric_data=split.metric
+        )
+        out_dir = layout.selection(info.name, name)
     verified = verify(
-        info=info,
-        engine_dir=built.path,
-        out_dir=layout.verify(info.name, name),
-        spec=replace(spec.verify, precision=build_spec.precision),
-        force=force,
+        info=info, engine_dir=built.path, out_dir=out_dir, spec=verify_spec, force=force
     )
     stages[f"build:{name}"] = _stage_summary(built)
-    stages[f"verify:{name}"] = _stage_summary(verified)
+    stages[f"verify:{name}" + (f"@{split.name}" if split else "")] = _stage_summary(verified)
     return built, verified
 
 

@@ -93,6 +93,8 @@ class VerifySpec:
         precision_limits: (precision, limit, value): a limit (max_abs_err, rel_l2_err,
             min_cosine, max_metric_drop, min_metric_retention) for engines of that precision
             only, winning over the three fields above (a config file's ``[int8]`` table).
+        split: which data this verification is: ``reporting`` (the set results are reported
+            on) or ``selection`` (rows choices are made on: the INT8 fallback's rounds).
     """
 
     precision: str = "fp32"
@@ -106,6 +108,7 @@ class VerifySpec:
     parity_data: Path | None = None
     metric_data: Path | None = None
     precision_limits: tuple[tuple[str, str, float], ...] = ()
+    split: str = "reporting"
 
     def _own_limits(self) -> dict[str, float]:
         return {k: v for precision, k, v in self.precision_limits if precision == self.precision}
@@ -451,6 +454,7 @@ def verify_engine(
             ) from err
         report = {
             "engine": label,
+            "split": spec.split,
             "passed": outcome.passed,
             "failures": outcome.failures,
             "parity": outcome.parity,

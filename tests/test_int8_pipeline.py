@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bert_compiler.calibration import datasets
 from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.pipeline import fallback as fallback_module
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.models import resolve_model
@@ -99,6 +103,84 @@ def test_fallback_keeps_the_fewest_sensitive_matmuls_that_pass(
     calibration = json.loads((tmp_path / "calibrate" / "manifest.json").read_text())
     assert calibration["results"]["ranges"] == "reused"
     assert calibration["results"]["kept_float"] == kept
+
+
+_REPORTING = {datasets.STSB_DEV.resolve(): "dev", datasets.SST2_DEV.resolve(): "dev"}
+_SELECTION = {
+    datasets.STSB_SELECTION.resolve(): "selection",
+    datasets.SST2_SELECTION.resolve(): "selection",
+}
+_RECORDING: list[list[tuple[str, str]]] = []
+
+
+def _record_reads(event: str, args: tuple) -> None:
+    # Every file open in the process (io.open, os.open: reads for hashing included), while a
+    # test records; audit hooks cannot be removed, so this one is installed once and idles.
+    if not _RECORDING or event != "open" or not isinstance(args[0], str | bytes | os.PathLike):
+        return
+    path = Path(os.fsdecode(args[0])).resolve()
+    role = _REPORTING.get(path) or _SELECTION.get(path)
+    if role:
+        _RECORDING[-1].append((role, path.name))
+
+
+sys.addaudithook(_record_reads)
+
+
+@pytest.mark.e2e
+def test_fallback_rounds_never_read_the_reporting_set(tiny_embedding_model, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    calibrate = fallback_module.calibrate
+
+    def calibrate_round(**kwargs):
+        events.append(("round", ""))
+        return calibrate(**kwargs)
+
+    monkeypatch.setattr(fallback_module, "calibrate", calibrate_round)
+    _RECORDING.append(events)
+    try:
+        _summary, engine = _run(
+            tiny_embedding_model, tmp_path, metric_gate=True, min_metric_retention=2.0
+        )
+    finally:
+        _RECORDING.remove(events)
+    # Four rounds (0..3 MatMuls float), each gated on the selection split; the dev set is read
+    # only after the last round's selection verify, to report the engine left on disk.
+    roles = [role for role, _ in events]
+    assert roles.count("round") == 4 == len(engine["fallback"]["steps"])
+    last_round = max(i for i, role in enumerate(roles) if role == "round")
+    first_dev = roles.index("dev")
+    assert "selection" in roles[last_round:first_dev]
+    assert set(roles[first_dev:]) == {"dev"}
+    assert {name for role, name in events if role == "selection"} == {
+        "stsb-selection.tsv",
+        "sst2-selection.tsv",
+    }
+    decided = engine["fallback"]["decided_by"]
+    assert decided["kept_float"]["metric"] == str(datasets.STSB_SELECTION)
+    assert "still fails" in engine["fallback"]["failure"]
+    assert "selection split" in engine["fallback"]["failure"]
+    report = json.loads(Path(engine["report"]).read_text())
+    assert report["split"] == "reporting"
+    selection = tmp_path / "select" / Path(engine["report"]).parent.relative_to(tmp_path / "verify")
+    manifest = json.loads((selection / "manifest.json").read_text())
+    assert manifest["spec"]["split"] == "selection"
+    assert manifest["inputs"]["data"]["metric"]["path"] == str(datasets.STSB_SELECTION)
+
+
+@pytest.mark.e2e
+def test_fallback_off_verifies_on_the_reporting_set_only(tiny_embedding_model, tmp_path):
+    events: list[tuple[str, str]] = []
+    _RECORDING.append(events)
+    try:
+        _summary, engine = _run(
+            tiny_embedding_model, tmp_path, fallback=FallbackSpec(enabled=False)
+        )
+    finally:
+        _RECORDING.remove(events)
+    assert {role for role, _ in events} == {"dev"}
+    assert engine["fallback"]["decided_by"]["kept_float"] is None
+    assert not (tmp_path / "select").exists()
 
 
 @pytest.mark.e2e
