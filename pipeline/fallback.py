@@ -27,6 +27,7 @@ from typing import Any
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.sensitivity import smallest_passing_prefix
 from bert_compiler.core import progress
+from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.stage import StageResult
 from bert_compiler.pipeline.calibrate import (
@@ -94,6 +95,13 @@ class FallbackSpec:
         return math.floor(self.max_float * quantizable + 1e-9)
 
 
+def _same_rows(selection: Path, reporting: Path) -> bool:
+    """Whether two data files hold the same bytes (a copy of the reporting set is no split)."""
+    if not selection.is_file() or not reporting.is_file():
+        return False
+    return sha256_file(selection) == sha256_file(reporting)
+
+
 def _fmt_seconds(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes}m{rest:02d}s" if minutes else f"{rest}s"
@@ -107,6 +115,7 @@ def int8_with_fallback(
     calibration: CalibrationSpec,
     fallback: FallbackSpec,
     build_and_verify: BuildAndVerify,
+    reporting: Path,
     force: bool,
     stages: dict[str, Any],
 ) -> tuple[StageResult, StageResult, dict[str, Any]]:
@@ -122,6 +131,8 @@ def int8_with_fallback(
         calibrate_dir: the calibrate stage's folder.
         calibration: calibration settings (its keep_float stays float in every round).
         build_and_verify: builds and verifies an engine from a graph (BuildAndVerify).
+        reporting: the task-metric file verify reports on; a selection split with the same
+            content is refused.
         stages: the run's stage summaries; the calibrate entry is set here.
 
     Returns:
@@ -130,9 +141,17 @@ def int8_with_fallback(
         selection split), the ranking, what was kept in float, which data decided what
         (``decided_by``) and, when the engine still fails on the selection split, why the search
         gave up (``failure``, else None).
+
+    Raises:
+        InputError: the selection split holds the same rows as ``reporting``.
     """
     fallback.validate()
     split = fallback.selection_split(info) if fallback.enabled else None
+    if split is not None and _same_rows(split.metric, reporting):
+        raise InputError(
+            f"--selection-data {split.metric}: the same rows as the set verify reports "
+            f"({reporting}); choose on another split, e.g. a train subset"
+        )
     rounds = _Rounds(
         info=info,
         float_graph=float_graph,

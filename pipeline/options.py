@@ -366,10 +366,22 @@ class FallbackOptions(OptionGroup):
                 help="int8: the largest fraction of the quantizable MatMuls that may end in "
                 "float; an engine that needs more fails.",
             ),
+            click.option(
+                "--selection-data",
+                type=click.Path(path_type=Path),
+                default=None,
+                help="int8: the task-metric file the fallback's rounds are gated on, never the "
+                "one verify reports (default: bundled STS-B train pairs, SST-2 train for "
+                "classifiers).",
+            ),
         ]
 
     def parse(self, values: Values) -> FallbackSpec:
-        return FallbackSpec(enabled=values["fallback"], max_float=values["fallback_max_float"])
+        return FallbackSpec(
+            enabled=values["fallback"],
+            max_float=values["fallback_max_float"],
+            selection_data=values["selection_data"],
+        )
 
 
 class ProgressOptions(OptionGroup):

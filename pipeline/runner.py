@@ -109,6 +109,7 @@ def run_pipeline(
                     spec=spec,
                     stages=stages,
                 ),
+                reporting=spec.verify.metric_file(info),
                 force=force,
                 stages=stages,
             )

@@ -276,3 +276,35 @@ def test_search_finds_the_smallest_passing_prefix_in_few_rounds(limit):
         assert len(tried) <= bound and max(tried) <= limit, (needed, tried)
         assert len(set(tried)) == len(tried)  # no size tried twice
     assert smallest_passing_prefix(0, lambda size: True) is None
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("task", ["feature-extraction", "sequence-classification"])
+def test_a_selection_split_equal_to_the_reporting_set_is_refused(task, tmp_path):
+    from types import SimpleNamespace
+
+    from bert_compiler.core.errors import InputError
+    from bert_compiler.pipeline.fallback import int8_with_fallback
+
+    reporting = datasets.SST2_DEV if task == "sequence-classification" else datasets.STSB_DEV
+    copy = tmp_path / "copy.tsv"
+    copy.write_bytes(reporting.read_bytes())
+    default = FallbackSpec().selection_split(SimpleNamespace(task=task))
+    assert default.metric != reporting and default.parity != datasets.SST2_DEV
+
+    def never(*_args):
+        raise AssertionError("nothing is built before the split is checked")
+
+    for selection in (reporting, copy):
+        with pytest.raises(InputError, match="the same rows as the set verify reports"):
+            int8_with_fallback(
+                info=SimpleNamespace(task=task),
+                float_graph=tmp_path / "model.onnx",
+                calibrate_dir=tmp_path / "calibrate",
+                calibration=CALIBRATION,
+                fallback=FallbackSpec(selection_data=selection),
+                build_and_verify=never,
+                reporting=reporting,
+                force=False,
+                stages={},
+            )
