@@ -101,6 +101,28 @@ def collect_histograms(
     return histograms
 
 
+def collect_channel_amax(
+    model, tensor_names: list[str], batches: list[dict]
+) -> dict[str, np.ndarray]:
+    """The largest magnitude of each last-axis channel of each tensor over ``batches`` (real
+    token positions only): what activation smoothing balances against the weights.
+
+    Raises:
+        InputError: no batches.
+    """
+    if not batches:
+        raise InputError("calibration: no batches to collect ranges from")
+    amax: dict[str, np.ndarray] = {}
+    for feeds, values in _run_with_outputs(model, tensor_names, batches):
+        mask = feeds["attention_mask"]
+        for name, value in values.items():
+            valid = np.abs(_valid_values(value, mask)).reshape(-1, value.shape[-1])
+            if valid.size:
+                seen = valid.max(axis=0)
+                amax[name] = seen if name not in amax else np.maximum(amax[name], seen)
+    return amax
+
+
 def amax_minmax(hist: TensorHistogram) -> float:
     return hist.amax_seen
 

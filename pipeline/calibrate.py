@@ -23,8 +23,14 @@ from pathlib import Path
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
-from bert_compiler.calibration.ranges import METHODS, collect_histograms, compute_amax
+from bert_compiler.calibration.ranges import (
+    METHODS,
+    collect_channel_amax,
+    collect_histograms,
+    compute_amax,
+)
 from bert_compiler.calibration.sensitivity import Sensitivity, rank_sensitivity
+from bert_compiler.calibration.smooth import apply_smoothing, smoothed_name, smoothing_factors
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_write_text, input_file
 from bert_compiler.core.errors import ArtifactError, InputError
@@ -74,6 +80,8 @@ class CalibrationSpec:
         keep_float: MatMul node names to leave in float (the precision fallback fills this).
         quantize_ops: op types (of calibration.qdq.OPTIONAL_QUANTIZED_OPS: Add, LayerNormalization,
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
+        smooth_alpha: SmoothQuant migration strength for every quantized MatMul input
+            (calibration/smooth.py); None leaves activations as they are.
     """
 
     method: str = "percentile"
@@ -88,6 +96,7 @@ class CalibrationSpec:
     pair_column: str | None = None
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
+    smooth_alpha: float | None = None
 
     def data_file(self) -> Path:
         if self.data:
@@ -105,6 +114,8 @@ class CalibrationSpec:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_samples < 1 or self.batch_size < 1 or self.bins < 256:
             raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
+        if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
+            raise InputError(f"--smooth-alpha {self.smooth_alpha}: must be in [0, 1]")
 
 
 def calibration_texts(spec: CalibrationSpec) -> tuple[list[Text], dict[str, int]]:
@@ -207,12 +218,14 @@ def calibrate(
             raise InputError(f"{source}: no MatMul with a constant weight to quantize")
         loaded["targets"] = targets
         extra = optional_inputs(loaded["model"], spec.quantize_ops)
+        loaded["smoothed"] = sorted({t.activation for t in targets})
+        rename = smoothed_name if spec.smooth_alpha is not None else str
         loaded["activations"] = sorted(
-            {t.activation for t in targets} | {tensor for *_, tensor in extra}
+            {rename(t.activation) for t in targets} | {tensor for *_, tensor in extra}
         )
         # Before the folder is touched: the previous calibration's ranges, if only keep_float
         # differs from this one.
-        loaded["ranges"] = _previous_ranges(
+        loaded["ranges"], loaded["smoothing"] = _previous_ranges(
             ArtifactDir(Path(out_dir)), record, loaded["activations"]
         )
 
@@ -230,10 +243,15 @@ def calibrate(
             len(spec.keep_float),
             spec.method,
         )
+        factors = loaded["smoothing"]
         if amax is not None:
             log.info("[calibrate] ranges reused: only --keep-float differs from the last one")
         else:
             batches = calibration_batches(info, texts, spec)
+            if spec.smooth_alpha is not None:
+                channel_amax = collect_channel_amax(model, loaded["smoothed"], batches)
+                factors = smoothing_factors(model, channel_amax, alpha=spec.smooth_alpha)
+                model = apply_smoothing(model, factors)
             histograms = collect_histograms(
                 model,
                 activations,
@@ -242,13 +260,21 @@ def calibrate(
                 progress=lambda it: progress.bar(it, total=len(batches), desc="calibrate"),
             )
             amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
+        if factors is not None and loaded["ranges"] is not None:
+            model = apply_smoothing(model, factors)
         quantized, scales = insert_qdq(
             model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
         atomic_write_text(
-            artifact.path / RANGES_FILE, json.dumps({"amax": amax}, indent=1, sort_keys=True) + "\n"
+            artifact.path / RANGES_FILE,
+            json.dumps(
+                {"amax": amax, **({"smooth": factors} if factors is not None else {})},
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n",
         )
         activation_scales = {n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"}
         atomic_write_text(artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales))
@@ -269,16 +295,17 @@ def calibrate(
 
 def _previous_ranges(
     artifact: ArtifactDir, record: StageRecord, activations: list[str]
-) -> dict[str, float] | None:
-    """The activation ranges of the calibration in ``artifact`` when it differs from ``record``
-    only in keep_float and has a range for every tensor in ``activations`` (else None)."""
+) -> tuple[dict[str, float] | None, dict[str, list[float]] | None]:
+    """The activation ranges (and smoothing factors, None without) of the calibration in
+    ``artifact`` when it differs from ``record`` only in keep_float and has a range for every
+    tensor in ``activations`` (else None, None)."""
     path = artifact.reusable_output(record, RANGES_FILE, ignore=("keep_float",))
     if path is None:
-        return None
+        return None, None
     amax = read_ranges(path)
     if amax is None or not set(activations) <= set(amax):
-        return None
-    return amax
+        return None, None
+    return amax, read_smoothing(path)
 
 
 def read_ranges(path: Path) -> dict[str, float] | None:
@@ -292,6 +319,20 @@ def read_ranges(path: Path) -> dict[str, float] | None:
     ):
         return None
     return {str(k): float(v) for k, v in amax.items()}
+
+
+def read_smoothing(path: Path) -> dict[str, list[float]] | None:
+    """The smoothing factors a ranges.json records (None: none, or not shaped like them)."""
+    try:
+        factors = json.loads(Path(path).read_text(encoding="utf-8")).get("smooth")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(factors, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)
+        for v in factors.values()
+    ):
+        return None
+    return {str(k): [float(x) for x in v] for k, v in factors.items()}
 
 
 def rank_for_fallback(
@@ -318,8 +359,12 @@ def rank_for_fallback(
         len(candidates),
         min(sentences, len(texts)),
     )
+    float_model = load_onnx(float_source)
+    factors = read_smoothing(calibrated.output(RANGES_FILE))
+    if factors is not None:
+        float_model = apply_smoothing(float_model, factors)
     return rank_sensitivity(
-        float_model=load_onnx(float_source),
+        float_model=float_model,
         amax=amax,
         batches=batches,
         candidates=candidates,

@@ -482,6 +482,14 @@ class CalibrationOptions(OptionGroup):
                 help="Fewer distinct sentences than this is an error.",
             ),
             click.option(
+                "--smooth-alpha",
+                type=click.FloatRange(0, 1),
+                default=default_of(CalibrationSpec, "smooth_alpha"),
+                show_default=True,
+                help="SmoothQuant: move this share of each MatMul input's outlier channels into "
+                "its weights (exact in float); unset: off.",
+            ),
+            click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
             ),
             click.option(
@@ -508,6 +516,7 @@ class CalibrationOptions(OptionGroup):
             max_length=values.get("max_length"),
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),
+            smooth_alpha=values["smooth_alpha"],
         )
 
 

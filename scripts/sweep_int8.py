@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
-"""The INT8 method table: calibration method x MatMuls kept float, with the selection-split
-metric (what choices are made on), the dev metric (reported only) and the speed at batch 32,
-beside PyTorch fp32 and the ORT dynamic INT8 peers, all in one process.
+"""The INT8 method table: SmoothQuant alpha x calibration method x MatMuls kept float, with the
+selection-split metric (what choices are made on), the dev metric (reported only) and the speed
+at batch 32, beside PyTorch fp32 and the ORT dynamic INT8 peers, all in one process.
 
-Ranges are collected once on the calibration sentences (histograms), then each method's amax
-gives one Q/DQ graph and one CPU INT8 engine built with the pipeline's own stages. Kept-float
-MatMuls are the most sensitive ones of the fallback's ranking (calibration sentences, default
-method). Metrics: STS-B Spearman on the first --pairs pairs of the selection split
-(calibration/data/stsb-selection.tsv) and of STS-B dev. Speed: --rounds timed passes over
---sentences selection sentences in batches of 32, runners interleaved, median; ratio to PyTorch.
-Granularity is not swept: weights are per-channel, activations per-tensor in every row.
+Ranges are collected once per smoothing variant on the calibration sentences (histograms), then
+each method's amax gives one Q/DQ graph and one CPU INT8 engine built with the pipeline's own
+stages. Kept-float MatMuls are the most sensitive ones of the fallback's ranking (calibration
+sentences, default method, unsmoothed graph). Metrics: STS-B Spearman on --pairs pairs of the
+selection split (calibration/data/stsb-selection.tsv) and of STS-B dev, every k-th pair of each
+(both files are in genre order). Speed: --rounds timed passes over --sentences selection
+sentences in batches of 32, runners interleaved, median; ratio to PyTorch fp32. Granularity is
+not swept: weights are per-channel, activations per-tensor in every row.
 
     .venv/bin/python scripts/sweep_int8.py --out bert-compile-out
 """
@@ -37,12 +38,24 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=METHODS, help="comma-separated method[:percentile]")
     parser.add_argument("--kept-float", default="0,2", help="comma-separated counts")
+    parser.add_argument(
+        "--smooth-alpha", default="none,0.5", help="comma-separated SmoothQuant alphas, or none"
+    )
     parser.add_argument("--pairs", type=int, default=500, help="metric pairs per split")
     parser.add_argument("--sentences", type=int, default=256, help="timed sentences per pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="skip the ORT dynamic INT8 rows")
     parser.add_argument("--json", action="store_true", help="print one JSON line last")
     return parser.parse_args()
+
+
+def _strided(path: Path, pairs: int, folder: Path) -> Path:
+    """Every k-th data row of ``path`` (about ``pairs`` of them), header kept, in ``folder``."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    step = max(1, (len(lines) - 1) // pairs)
+    subset = folder / f"{path.stem}-every-{step}.tsv"
+    subset.write_text(lines[0] + "".join(lines[1::step][:pairs]), encoding="utf-8")
+    return subset
 
 
 def main() -> None:
@@ -53,8 +66,13 @@ def main() -> None:
 
     from bert_compiler.calibration import datasets
     from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
-    from bert_compiler.calibration.ranges import collect_histograms, compute_amax
+    from bert_compiler.calibration.ranges import (
+        collect_channel_amax,
+        collect_histograms,
+        compute_amax,
+    )
     from bert_compiler.calibration.sensitivity import rank_sensitivity
+    from bert_compiler.calibration.smooth import apply_smoothing, smoothing_factors
     from bert_compiler.core.onnx_io import load_onnx, save_onnx
     from bert_compiler.engines.backend import BuildSpec
     from bert_compiler.pipeline.build import build
@@ -83,7 +101,22 @@ def main() -> None:
     texts, _ = calibration_texts(calibration)
     batches = calibration_batches(info, texts, calibration)
     activations = sorted({t.activation for t in quantizable_matmuls(model)})
-    histograms = collect_histograms(model, activations, batches, bins=calibration.bins)
+    smoothed_models = {}
+    histograms_by = {}
+    channel_amax = collect_channel_amax(model, activations, batches)
+    for alpha_text in args.smooth_alpha.split(","):
+        variant = model
+        if alpha_text != "none":
+            factors = smoothing_factors(model, channel_amax, alpha=float(alpha_text))
+            variant = apply_smoothing(model, factors)
+        names = sorted({t.activation for t in quantizable_matmuls(variant)})
+        smoothed_models[alpha_text] = variant
+        histograms_by[alpha_text] = collect_histograms(
+            variant, names, batches, bins=calibration.bins
+        )
+    histograms = histograms_by.get("none") or collect_histograms(
+        model, activations, batches, bins=calibration.bins
+    )
     default_amax = compute_amax(histograms, calibration.method, percentile=calibration.percentile)
     kept_counts = [int(k) for k in args.kept_float.split(",")]
     order: list[str] = []
@@ -95,11 +128,16 @@ def main() -> None:
         order = [s.node for s in ranking]
     print(f"ranges and ranking: {time.perf_counter() - started:.0f} s", file=sys.stderr)
 
+    scratch = tempfile.TemporaryDirectory()
     max_length = resolve_max_length(info, None)
     tokenizer = load_tokenizer(info)
     reference = torch_runner(info, pooling_in_graph=True)
-    splits = {"selection": datasets.STSB_SELECTION, "dev": datasets.STSB_DEV}
-    pairs = datasets.load_stsb(datasets.STSB_SELECTION)
+    # Every k-th pair: both files are in genre order, so their first N pairs are captions only.
+    splits = {
+        "selection": _strided(datasets.STSB_SELECTION, args.pairs, Path(scratch.name)),
+        "dev": _strided(datasets.STSB_DEV, args.pairs, Path(scratch.name)),
+    }
+    pairs = datasets.load_stsb(splits["selection"])
     timed = (pairs.sentences1 + pairs.sentences2)[: args.sentences]
     feeds = [
         tokenize(tokenizer, timed[i : i + 32], info, max_length) for i in range(0, len(timed), 32)
@@ -111,7 +149,7 @@ def main() -> None:
     def add(label: str, embed, run) -> None:
         row = {"runner": label}
         for split, path in splits.items():
-            row[split] = compute_metric(embed, info, args.pairs, path).value
+            row[split] = compute_metric(embed, info, None, path).value
         rows.append(row)
         runners[label] = run
         print(f"{label}: {row}", file=sys.stderr)
@@ -121,7 +159,6 @@ def main() -> None:
         torch_embedder(reference, tokenizer, info, max_length, "torch"),
         lambda f: reference(f),
     )
-    scratch = tempfile.TemporaryDirectory()
     if not args.no_peers:
         import onnxruntime as ort
 
@@ -155,21 +192,24 @@ def main() -> None:
             add(label, embed, run)
 
     spec = BuildSpec(intra_op_num_threads=args.threads, precision="int8")
-    for method_text in args.methods.split(","):
-        method, _, percentile = method_text.partition(":")
-        amax = compute_amax(
-            histograms, method, percentile=float(percentile) if percentile else None
-        )
-        for kept in kept_counts:
-            label = f"{method_text} kept-float {kept}"
-            folder = args.out / "sweep" / label.replace(" ", "-").replace(":", "")
-            quantized, _ = insert_qdq(model, amax, exclude=frozenset(order[:kept]))
-            folder.mkdir(parents=True, exist_ok=True)
-            save_onnx(quantized, folder / "model.onnx")
-            built = build(source=folder / "model.onnx", out_dir=folder / "engine", spec=spec)
-            engine = _quiet(built.path)
-            encoder = Encoder(engine, info, max_length=max_length)
-            add(label, engine_embedder(encoder), lambda f, e=engine: e.run(f))
+    for alpha_text, variant in smoothed_models.items():
+        for method_text in args.methods.split(","):
+            method, _, percentile = method_text.partition(":")
+            amax = compute_amax(
+                histograms_by[alpha_text],
+                method,
+                percentile=float(percentile) if percentile else None,
+            )
+            for kept in kept_counts:
+                label = f"{method_text} smooth {alpha_text} kept-float {kept}"
+                folder = args.out / "sweep" / label.replace(" ", "-").replace(":", "")
+                quantized, _ = insert_qdq(variant, amax, exclude=frozenset(order[:kept]))
+                folder.mkdir(parents=True, exist_ok=True)
+                save_onnx(quantized, folder / "model.onnx")
+                built = build(source=folder / "model.onnx", out_dir=folder / "engine", spec=spec)
+                engine = _quiet(built.path)
+                encoder = Encoder(engine, info, max_length=max_length)
+                add(label, engine_embedder(encoder), lambda f, e=engine: e.run(f))
 
     timings: dict[str, list[float]] = {label: [] for label in runners}
     for run in runners.values():
