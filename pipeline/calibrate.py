@@ -1,9 +1,10 @@
 """calibrate: real text -> activation ranges -> an explicit-quantization (Q/DQ) INT8 graph.
 
 TensorRT 11 has no implicit calibrators: INT8 must be in the graph. This stage runs the calibration
-sentences through the float graph, derives each MatMul input's amax (minmax, percentile or entropy),
-and writes the graph with symmetric INT8 Q/DQ on those inputs and per-channel INT8 weights, every
-scale (also in the manifest), and a TensorRT calibration cache for users of older TensorRT.
+sentences through the float graph, derives each MatMul input's amax (minmax, percentile, entropy
+or mse), and writes the graph with symmetric INT8 Q/DQ on those inputs and per-channel INT8
+weights, every scale (also in the manifest), and a TensorRT calibration cache for users of older
+TensorRT.
 
 It runs on the standard-ops (simplified, unfused) graph, and the one Q/DQ graph it writes is the
 input of both INT8 engines: TensorRT builds from it, and ONNX Runtime turns every Q/DQ MatMul into
@@ -64,7 +65,7 @@ class CalibrationSpec:
     """Settings of the calibrate stage.
 
     Attributes:
-        method: minmax, percentile or entropy.
+        method: minmax, percentile, entropy or mse.
         percentile: for ``percentile``: the share of magnitudes kept unclipped. Measured on
             all-MiniLM-L6-v2 STS-B dev (fp32 86.72): 99.999 -> 86.52, 99.99 -> 86.51,
             minmax 86.47, entropy 84.83, 99.9 -> 83.35: clipping BERT's outlier channels hurts.

@@ -50,6 +50,25 @@ def test_percentile_and_entropy_clip_outliers_minmax_keeps_them():
     assert 2.0 < amax_entropy(hist) < 20.0
 
 
+@pytest.mark.unit
+def test_mse_is_the_least_squared_error_clip():
+    from bert_compiler.calibration.ranges import amax_mse, quantization_mse
+
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(0, 1, 100_000), [80.0]])
+    hist = _hist(values)
+    clip = amax_mse(hist)
+    # A squared error counts the outlier too: it clips part of the way, unlike the percentile.
+    assert amax_percentile(hist, 99.99) < clip < hist.amax_seen
+    others = [hist.amax_seen, amax_percentile(hist, 99.99), clip * 0.9, clip * 1.1]
+    errors = quantization_mse(hist, np.array([clip, *others]))
+    assert errors[0] == errors.min() and errors[0] < errors[1]
+    # Uniform values: clipping anything only adds error, the maximum wins (to a bin).
+    flat = _hist(rng.uniform(-1, 1, 100_000))
+    assert amax_mse(flat) == pytest.approx(flat.amax_seen, rel=0.01)
+    assert compute_amax({"t": hist}, "mse")["t"] == clip
+
+
 def test_unknown_method_and_bad_percentile():
     with pytest.raises(InputError, match="--method 'kl'"):
         compute_amax({}, "kl")
