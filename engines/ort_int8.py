@@ -56,7 +56,9 @@ def weight_type_for_this_cpu(cpuinfo: str | None = None) -> str:
 
 
 def lower_qdq_matmuls(model, *, weights: str = "s8"):
-    """Return a copy of ``model`` with every Q/DQ -> MatMul (-> bias Add) as MatMulIntegerToFloat.
+    """Return a copy of ``model`` with every Q/DQ -> MatMul (-> bias Add) as MatMulIntegerToFloat,
+    and every MatMul of a float activation and a DQ int8 weight (calibration's ``dynamic``) as
+    DynamicQuantizeMatMul: its activation quantized at run time from the batch's own range.
 
     Args:
         weights: ``s8`` keeps the int8 weights (u8 x s8: VNNI's product, fastest there);
@@ -97,10 +99,53 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
 
     removed, replacements = set(), {}  # node name -> nodes to insert in its place
     quantized: dict[str, tuple[str, str, float]] = {}  # float tensor -> (u8 tensor, scale, value)
+
+    def fold_bias(node, weight_dq, inputs: list[str]) -> str:
+        """Append the bias of a following constant bias Add to ``inputs``; the output to write."""
+        output = node.output[0]
+        users = consumers[output]
+        bias_add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
+        if bias_add is not None:
+            other = [i for i in bias_add.input if i != output]
+            bias = inits.get(other[0]) if len(other) == 1 else None
+            width = const(weight_dq.input[0]).shape[1]
+            if bias is not None and list(bias.dims) == [width]:
+                inputs.append(other[0])
+                removed.add(bias_add.name)
+                return bias_add.output[0]
+        return output
+
+    dynamic = 0
     for node in list(graph.node):
         if node.op_type != "MatMul":
             continue
         act_dq, weight_dq = (producer.get(i) for i in node.input)
+        weight_int8 = (
+            weight_dq is not None
+            and weight_dq.op_type == "DequantizeLinear"
+            and weight_dq.input[0] in inits
+        )
+        if weight_int8 and (act_dq is None or act_dq.op_type != "DequantizeLinear"):
+            weight, weight_zero = (
+                weight_dq.input[0],
+                weight_dq.input[2] if len(weight_dq.input) > 2 else "",
+            )
+            if weights == "u8":
+                weight, weight_zero = _shift_to_uint8(weight, weight_zero, const, add_init)
+            inputs = [node.input[0], weight, weight_dq.input[1], weight_zero]
+            output = fold_bias(node, weight_dq, inputs)
+            replacements.setdefault(node.name, []).append(
+                helper.make_node(
+                    "DynamicQuantizeMatMul",
+                    inputs,
+                    [output],
+                    name=f"{node.name}_int8_dynamic",
+                    domain=CONTRIB,
+                )
+            )
+            removed.update({node.name, weight_dq.name})
+            dynamic += 1
+            continue
         if not (act_dq and weight_dq and act_dq.op_type == weight_dq.op_type == "DequantizeLinear"):
             continue
         act_q = producer.get(act_dq.input[0])
@@ -135,17 +180,7 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
             add_init(f"{u8}_zero_point", np.array(_UINT8_ZERO, dtype=np.uint8)),
             weight_zero,
         ]
-        output = node.output[0]
-        users = consumers[output]
-        bias_add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
-        if bias_add is not None:
-            other = [i for i in bias_add.input if i != output]
-            bias = inits.get(other[0]) if len(other) == 1 else None
-            width = const(weight_dq.input[0]).shape[1]
-            if bias is not None and list(bias.dims) == [width]:
-                inputs.append(other[0])
-                output = bias_add.output[0]
-                removed.add(bias_add.name)
+        output = fold_bias(node, weight_dq, inputs)
         replacements.setdefault(node.name, []).append(
             helper.make_node(
                 "MatMulIntegerToFloat", inputs, [output], name=f"{node.name}_int8", domain=CONTRIB
@@ -153,7 +188,7 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
         )
         removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
 
-    if not quantized:
+    if not quantized and not dynamic:
         return lowered
     if weights == "u8":
         # The int8 weights (and zero points) are now unused: drop them from the engine file.

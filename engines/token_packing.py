@@ -24,6 +24,9 @@ PER_TOKEN_OPS = frozenset(
     {
         "MatMul",
         "MatMulIntegerToFloat",
+        # Not strictly per token: one activation range over all its rows. Packed, the rows are the
+        # valid tokens only, so padding no longer takes part in the range.
+        "DynamicQuantizeMatMul",
         "QuantizeLinear",
         "DequantizeLinear",
         "Add",

@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
+from bert_compiler.calibration.qdq import (
+    ffn_down_matmuls,
+    insert_qdq,
+    optional_inputs,
+    quantizable_matmuls,
+)
 from bert_compiler.calibration.ranges import (
     METHODS,
     collect_channel_amax,
@@ -83,6 +88,8 @@ class CalibrationSpec:
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
         smooth_alpha: SmoothQuant migration strength for every quantized MatMul input
             (calibration/smooth.py); None leaves activations as they are.
+        dynamic_ffn_down: leave the feed-forward down-projections' input (after GELU, the widest
+            range) without a static scale: the CPU INT8 engine quantizes it per batch at run time.
     """
 
     method: str = "percentile"
@@ -98,6 +105,11 @@ class CalibrationSpec:
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
     smooth_alpha: float | None = None
+    dynamic_ffn_down: bool = False
+
+    def dynamic_matmuls(self, model) -> frozenset[str]:
+        """The MatMuls of ``model`` whose activation is quantized at run time."""
+        return frozenset(ffn_down_matmuls(model)) if self.dynamic_ffn_down else frozenset()
 
     def data_file(self) -> Path:
         if self.data:
@@ -263,8 +275,13 @@ def calibrate(
             amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
         if factors is not None and loaded["ranges"] is not None:
             model = apply_smoothing(model, factors)
+        dynamic = spec.dynamic_matmuls(model)
         quantized, scales = insert_qdq(
-            model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
+            model,
+            amax,
+            exclude=frozenset(spec.keep_float),
+            quantize_ops=spec.quantize_ops,
+            dynamic=dynamic,
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
@@ -286,6 +303,7 @@ def calibrate(
             "method": spec.method,
             "ranges": "reused" if loaded["ranges"] is not None else "collected",
             "quantized_matmuls": quantized_nodes,
+            "dynamic_matmuls": sorted(dynamic - set(spec.keep_float)),
             "kept_float": list(spec.keep_float),
             "scales": scales,
             "op_counts": op_counts(quantized),
@@ -369,5 +387,6 @@ def rank_for_fallback(
         amax=amax,
         batches=batches,
         candidates=candidates,
+        dynamic=spec.dynamic_matmuls(float_model),
         progress=lambda it: progress.bar(it, total=len(candidates), desc="sensitivity"),
     )

@@ -490,6 +490,13 @@ class CalibrationOptions(OptionGroup):
                 "its weights (exact in float); unset: off.",
             ),
             click.option(
+                "--dynamic-ffn-down/--static-ffn-down",
+                default=default_of(CalibrationSpec, "dynamic_ffn_down"),
+                show_default=True,
+                help="Quantize the feed-forward down-projection input per batch at run time (CPU "
+                "INT8 engine) instead of with a calibrated scale.",
+            ),
+            click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
             ),
             click.option(
@@ -517,6 +524,7 @@ class CalibrationOptions(OptionGroup):
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),
             smooth_alpha=values["smooth_alpha"],
+            dynamic_ffn_down=values["dynamic_ffn_down"],
         )
 
 

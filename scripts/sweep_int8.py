@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The INT8 method table: SmoothQuant alpha x calibration method x MatMuls kept float, with the
 selection-split metric (what choices are made on), the dev metric (reported only) and the speed
-at batch 32, beside PyTorch fp32 and the ORT dynamic INT8 peers, all in one process.
+at batch 32 (--ffn-down dynamic: the FFN down-projection input quantized per batch at run time),
+beside PyTorch fp32 and the ORT dynamic INT8 peers, all in one process.
 
 Ranges are collected once per smoothing variant on the calibration sentences (histograms), then
 each method's amax gives one Q/DQ graph and one CPU INT8 engine built with the pipeline's own
@@ -18,6 +19,7 @@ not swept: weights are per-channel, activations per-tensor in every row.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -38,6 +40,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=METHODS, help="comma-separated method[:percentile]")
     parser.add_argument("--kept-float", default="0,2", help="comma-separated counts")
+    parser.add_argument(
+        "--ffn-down", default="static", help="comma-separated: static, dynamic (per batch)"
+    )
     parser.add_argument(
         "--smooth-alpha", default="none,0.5", help="comma-separated SmoothQuant alphas, or none"
     )
@@ -65,7 +70,7 @@ def main() -> None:
     from bench_cpu import _dynamic_int8, _quiet, _stages
 
     from bert_compiler.calibration import datasets
-    from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+    from bert_compiler.calibration.qdq import ffn_down_matmuls, insert_qdq, quantizable_matmuls
     from bert_compiler.calibration.ranges import (
         collect_channel_amax,
         collect_histograms,
@@ -200,10 +205,13 @@ def main() -> None:
                 method,
                 percentile=float(percentile) if percentile else None,
             )
-            for kept in kept_counts:
-                label = f"{method_text} smooth {alpha_text} kept-float {kept}"
+            for kept, ffn_down in itertools.product(kept_counts, args.ffn_down.split(",")):
+                label = f"{method_text} smooth {alpha_text} ffn-down {ffn_down} kept-float {kept}"
                 folder = args.out / "sweep" / label.replace(" ", "-").replace(":", "")
-                quantized, _ = insert_qdq(variant, amax, exclude=frozenset(order[:kept]))
+                dynamic = frozenset(ffn_down_matmuls(variant) if ffn_down == "dynamic" else ())
+                quantized, _ = insert_qdq(
+                    variant, amax, exclude=frozenset(order[:kept]), dynamic=dynamic
+                )
                 folder.mkdir(parents=True, exist_ok=True)
                 save_onnx(quantized, folder / "model.onnx")
                 built = build(source=folder / "model.onnx", out_dir=folder / "engine", spec=spec)
@@ -222,7 +230,7 @@ def main() -> None:
             timings[label].append(time.perf_counter() - begun)
     base = statistics.median(timings["torch fp32"])
     print(
-        f"{'runner':<40} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
+        f"{'runner':<60} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
         f"{'vs torch':>8}"
     )
     for row in rows:
@@ -230,7 +238,7 @@ def main() -> None:
         row["selection_drop"] = rows[0]["selection"] - row["selection"]
         row["dev_drop"] = rows[0]["dev"] - row["dev"]
         print(
-            f"{row['runner']:<40} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
+            f"{row['runner']:<60} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
             f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} {row['vs_torch']:>7.2f}x"
         )
     if args.json:

@@ -23,11 +23,17 @@ from tests.conftest import TINY_VERIFY, cpu_engine_dir
 CALIBRATION = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
 
 
-def _run(model, out, fallback: FallbackSpec | None = None, **verify_changes):
+def _run(
+    model,
+    out,
+    fallback: FallbackSpec | None = None,
+    calibration: CalibrationSpec = CALIBRATION,
+    **verify_changes,
+):
     spec = RunSpec(
         builds=(BuildSpec(precision="int8"),),
         verify=replace(TINY_VERIFY, **verify_changes),
-        calibration=CALIBRATION,
+        calibration=calibration,
         fallback=fallback or FallbackSpec(),
     )
     summary = run_pipeline(info=resolve_model(model), out=out, spec=spec)
@@ -65,6 +71,35 @@ def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
     ops = [n.op_type for n in onnx.load(str(cpu_engine_dir(out, "int8") / "model.onnx")).graph.node]
     # 2 layers x (Q, K, V, output, FFN in, FFN out); float MatMuls left: attention scores only.
     assert ops.count("MatMulIntegerToFloat") == 12
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("weights", ["s8", "u8"])
+def test_dynamic_ffn_down_runs_per_batch_quantized_and_close(
+    tiny_embedding_model, int8_run, tmp_path, weights
+):
+    import onnx
+
+    _out, _summary, static = int8_run
+    spec = RunSpec(
+        builds=(BuildSpec(precision="int8", int8_weights=weights),),
+        verify=TINY_VERIFY,
+        calibration=replace(CALIBRATION, dynamic_ffn_down=True, smooth_alpha=0.5),
+    )
+    summary = run_pipeline(info=resolve_model(tiny_embedding_model), out=tmp_path, spec=spec)
+    (engine,) = summary["engines"]
+    assert summary["ok"] and engine["passed"]
+    calibration = json.loads((tmp_path / "calibrate" / "manifest.json").read_text())
+    dynamic = calibration["results"]["dynamic_matmuls"]
+    assert len(dynamic) == 2  # one down-projection per layer
+    graph = onnx.load(str(Path(engine["path"])))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("DynamicQuantizeMatMul") == 2 and ops.count("MatMulIntegerToFloat") == 10
+    assert engine["float_ops"] == {"float": 0, "total": 12}
+    # Quantized, so not float-exact; bounded (unit-norm embeddings: 1e-2 is 1% of the largest
+    # possible component), and of the static engine's order.
+    assert 0 < engine["parity"]["max_abs_err"] < min(1e-2, 10 * static["parity"]["max_abs_err"])
+    assert engine["parity"]["min_cosine"] > 0.999
 
 
 @pytest.mark.e2e
