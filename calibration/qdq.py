@@ -66,6 +66,24 @@ def quantizable_matmuls(model) -> list[QuantizableMatMul]:
     return found
 
 
+# Which MatMuls' activations are quantized at run time (per batch) instead of with a calibrated
+# scale: none, the feed-forward down-projections, or every quantized MatMul.
+DYNAMIC_SCOPES = ("none", "ffn-down", "all")
+
+
+def dynamic_matmuls(model, scope: str) -> list[str]:
+    """The quantizable MatMuls of ``model`` in ``scope`` (one of DYNAMIC_SCOPES).
+
+    Raises:
+        InputError: an unknown scope.
+    """
+    if scope not in DYNAMIC_SCOPES:
+        raise InputError(f"--dynamic {scope!r}: expected one of {', '.join(DYNAMIC_SCOPES)}")
+    if scope == "all":
+        return [m.node_name for m in quantizable_matmuls(model)]
+    return ffn_down_matmuls(model) if scope == "ffn-down" else []
+
+
 def ffn_down_matmuls(model) -> list[str]:
     """The quantizable MatMuls that narrow their input (more input than output channels): in a
     BERT layer, the feed-forward down-projection, whose input (after GELU) has the widest range."""

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import (
-    ffn_down_matmuls,
+    DYNAMIC_SCOPES,
+    dynamic_matmuls,
     insert_qdq,
     optional_inputs,
     quantizable_matmuls,
@@ -88,8 +89,9 @@ class CalibrationSpec:
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
         smooth_alpha: SmoothQuant migration strength for every quantized MatMul input
             (calibration/smooth.py); None leaves activations as they are.
-        dynamic_ffn_down: leave the feed-forward down-projections' input (after GELU, the widest
-            range) without a static scale: the CPU INT8 engine quantizes it per batch at run time.
+        dynamic: which MatMul inputs get no calibrated scale (calibration.qdq.DYNAMIC_SCOPES:
+            none, ffn-down: the feed-forward down-projections, whose input after GELU has the
+            widest range, or all): the CPU INT8 engine quantizes them per batch at run time.
     """
 
     method: str = "percentile"
@@ -105,11 +107,11 @@ class CalibrationSpec:
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
     smooth_alpha: float | None = None
-    dynamic_ffn_down: bool = False
+    dynamic: str = "none"
 
     def dynamic_matmuls(self, model) -> frozenset[str]:
         """The MatMuls of ``model`` whose activation is quantized at run time."""
-        return frozenset(ffn_down_matmuls(model)) if self.dynamic_ffn_down else frozenset()
+        return frozenset(dynamic_matmuls(model, self.dynamic))
 
     def data_file(self) -> Path:
         if self.data:
@@ -127,6 +129,10 @@ class CalibrationSpec:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_samples < 1 or self.batch_size < 1 or self.bins < 256:
             raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
+        if self.dynamic not in DYNAMIC_SCOPES:
+            raise InputError(
+                f"--dynamic {self.dynamic!r}: expected one of {', '.join(DYNAMIC_SCOPES)}"
+            )
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InputError(f"--smooth-alpha {self.smooth_alpha}: must be in [0, 1]")
 

@@ -20,7 +20,7 @@ import click
 from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS
+from bert_compiler.calibration.qdq import DYNAMIC_SCOPES, OPTIONAL_QUANTIZED_OPS
 from bert_compiler.calibration.ranges import METHODS
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
@@ -490,11 +490,13 @@ class CalibrationOptions(OptionGroup):
                 "its weights (exact in float); unset: off.",
             ),
             click.option(
-                "--dynamic-ffn-down/--static-ffn-down",
-                default=default_of(CalibrationSpec, "dynamic_ffn_down"),
+                "--dynamic",
+                type=click.Choice(DYNAMIC_SCOPES),
+                default=default_of(CalibrationSpec, "dynamic"),
                 show_default=True,
-                help="Quantize the feed-forward down-projection input per batch at run time (CPU "
-                "INT8 engine) instead of with a calibrated scale.",
+                help="MatMul inputs quantized per batch at run time by the CPU INT8 engine "
+                "instead of with a calibrated scale: ffn-down (the feed-forward down-projection, "
+                "after GELU) or all.",
             ),
             click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
@@ -524,7 +526,7 @@ class CalibrationOptions(OptionGroup):
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),
             smooth_alpha=values["smooth_alpha"],
-            dynamic_ffn_down=values["dynamic_ffn_down"],
+            dynamic=values["dynamic"],
         )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The INT8 method table: SmoothQuant alpha x calibration method x MatMuls kept float, with the
 selection-split metric (what choices are made on), the dev metric (reported only) and the speed
-at batch 32 (--ffn-down dynamic: the FFN down-projection input quantized per batch at run time),
+at batch 32 (--dynamic: which MatMul inputs are quantized per batch at run time),
 beside PyTorch fp32 and the ORT dynamic INT8 peers, all in one process.
 
 Ranges are collected once per smoothing variant on the calibration sentences (histograms), then
@@ -40,9 +40,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", default=METHODS, help="comma-separated method[:percentile]")
     parser.add_argument("--kept-float", default="0,2", help="comma-separated counts")
-    parser.add_argument(
-        "--ffn-down", default="static", help="comma-separated: static, dynamic (per batch)"
-    )
+    parser.add_argument("--dynamic", default="none", help="comma-separated: none, ffn-down, all")
     parser.add_argument(
         "--smooth-alpha", default="none,0.5", help="comma-separated SmoothQuant alphas, or none"
     )
@@ -70,7 +68,7 @@ def main() -> None:
     from bench_cpu import _dynamic_int8, _quiet, _stages
 
     from bert_compiler.calibration import datasets
-    from bert_compiler.calibration.qdq import ffn_down_matmuls, insert_qdq, quantizable_matmuls
+    from bert_compiler.calibration.qdq import dynamic_matmuls, insert_qdq, quantizable_matmuls
     from bert_compiler.calibration.ranges import (
         collect_channel_amax,
         collect_histograms,
@@ -205,10 +203,10 @@ def main() -> None:
                 method,
                 percentile=float(percentile) if percentile else None,
             )
-            for kept, ffn_down in itertools.product(kept_counts, args.ffn_down.split(",")):
-                label = f"{method_text} smooth {alpha_text} ffn-down {ffn_down} kept-float {kept}"
+            for kept, scope in itertools.product(kept_counts, args.dynamic.split(",")):
+                label = f"{method_text} smooth {alpha_text} dynamic {scope} kept-float {kept}"
                 folder = args.out / "sweep" / label.replace(" ", "-").replace(":", "")
-                dynamic = frozenset(ffn_down_matmuls(variant) if ffn_down == "dynamic" else ())
+                dynamic = frozenset(dynamic_matmuls(variant, scope))
                 quantized, _ = insert_qdq(
                     variant, amax, exclude=frozenset(order[:kept]), dynamic=dynamic
                 )

@@ -74,9 +74,12 @@ def test_int8_engine_runs_every_projection_in_integer_matmuls(int8_run):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("weights", ["s8", "u8"])
-def test_dynamic_ffn_down_runs_per_batch_quantized_and_close(
-    tiny_embedding_model, int8_run, tmp_path, weights
+@pytest.mark.parametrize(
+    ("scope", "weights", "dynamic"),
+    [("ffn-down", "s8", 2), ("ffn-down", "u8", 2), ("all", "s8", 12)],
+)
+def test_dynamic_matmuls_run_per_batch_quantized_and_close(
+    tiny_embedding_model, int8_run, tmp_path, scope, weights, dynamic
 ):
     import onnx
 
@@ -84,17 +87,17 @@ def test_dynamic_ffn_down_runs_per_batch_quantized_and_close(
     spec = RunSpec(
         builds=(BuildSpec(precision="int8", int8_weights=weights),),
         verify=TINY_VERIFY,
-        calibration=replace(CALIBRATION, dynamic_ffn_down=True, smooth_alpha=0.5),
+        calibration=replace(CALIBRATION, dynamic=scope, smooth_alpha=0.5),
     )
     summary = run_pipeline(info=resolve_model(tiny_embedding_model), out=tmp_path, spec=spec)
     (engine,) = summary["engines"]
     assert summary["ok"] and engine["passed"]
     calibration = json.loads((tmp_path / "calibrate" / "manifest.json").read_text())
-    dynamic = calibration["results"]["dynamic_matmuls"]
-    assert len(dynamic) == 2  # one down-projection per layer
+    assert len(calibration["results"]["dynamic_matmuls"]) == dynamic  # 1 or 6 per layer
     graph = onnx.load(str(Path(engine["path"])))
     ops = [n.op_type for n in graph.graph.node]
-    assert ops.count("DynamicQuantizeMatMul") == 2 and ops.count("MatMulIntegerToFloat") == 10
+    assert ops.count("DynamicQuantizeMatMul") == dynamic
+    assert ops.count("MatMulIntegerToFloat") == 12 - dynamic
     assert engine["float_ops"] == {"float": 0, "total": 12}
     # Quantized, so not float-exact; bounded (unit-norm embeddings: 1e-2 is 1% of the largest
     # possible component), and of the static engine's order.
