@@ -8,6 +8,9 @@ sentence that is in the calibration sentences or in either dev set; rows are kep
 (all columns, file order). Re-running it reproduces the files byte for byte.
 
     .venv/bin/python scripts/make_selection_split.py ../shared/data
+
+``--rest FILE`` also writes the STS-B train pairs left out of the sample (still disjoint from the
+calibration sentences and dev): a second selection set, for a choice the first one cannot make.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ def _write(path: Path, header: list[str], rows: list[list[str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("shared", type=Path, help="the shared data folder (stsb-train.tsv, ...)")
+    parser.add_argument("--rest", type=Path, help="write the STS-B pairs not sampled here")
     args = parser.parse_args()
     seen = {s.strip() for s in datasets.load_texts(datasets.CALIBRATION_SENTENCES)}
     dev = datasets.load_stsb(datasets.STSB_DEV)
@@ -53,6 +57,9 @@ def main() -> None:
     fresh = [i for i, r in enumerate(rows) if not {r[first].strip(), r[second].strip()} & seen]
     keep = sorted(random.Random(SEED).sample(fresh, STSB_PAIRS))
     _write(datasets.STSB_SELECTION, header, [rows[i] for i in keep])
+    if args.rest:
+        sampled = set(keep)
+        _write(args.rest, header, [rows[i] for i in fresh if i not in sampled])
 
     header, rows = _rows(args.shared / "sst2-train.tsv")
     column = header.index("sentence")

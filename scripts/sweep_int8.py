@@ -45,6 +45,9 @@ def _parse() -> argparse.Namespace:
         "--smooth-alpha", default="none,0.5", help="comma-separated SmoothQuant alphas, or none"
     )
     parser.add_argument("--pairs", type=int, default=500, help="metric pairs per split")
+    parser.add_argument(
+        "--selection-data", type=Path, help="STS-B file for the selection column (default: bundled)"
+    )
     parser.add_argument("--sentences", type=int, default=256, help="timed sentences per pass")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-peers", action="store_true", help="skip the ORT dynamic INT8 rows")
@@ -137,7 +140,9 @@ def main() -> None:
     reference = torch_runner(info, pooling_in_graph=True)
     # Every k-th pair: both files are in genre order, so their first N pairs are captions only.
     splits = {
-        "selection": _strided(datasets.STSB_SELECTION, args.pairs, Path(scratch.name)),
+        "selection": _strided(
+            args.selection_data or datasets.STSB_SELECTION, args.pairs, Path(scratch.name)
+        ),
         "dev": _strided(datasets.STSB_DEV, args.pairs, Path(scratch.name)),
     }
     pairs = datasets.load_stsb(splits["selection"])
