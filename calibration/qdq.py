@@ -66,37 +66,6 @@ def quantizable_matmuls(model) -> list[QuantizableMatMul]:
     return found
 
 
-# Which MatMuls' activations are quantized at run time (per batch) instead of with a calibrated
-# scale: none, the feed-forward down-projections, or every quantized MatMul.
-DYNAMIC_SCOPES = ("none", "ffn-down", "all")
-
-
-def dynamic_matmuls(model, scope: str) -> list[str]:
-    """The quantizable MatMuls of ``model`` in ``scope`` (one of DYNAMIC_SCOPES).
-
-    Raises:
-        InputError: an unknown scope.
-    """
-    if scope not in DYNAMIC_SCOPES:
-        raise InputError(f"--dynamic {scope!r}: expected one of {', '.join(DYNAMIC_SCOPES)}")
-    if scope == "all":
-        return [m.node_name for m in quantizable_matmuls(model)]
-    return ffn_down_matmuls(model) if scope == "ffn-down" else []
-
-
-def ffn_down_matmuls(model) -> list[str]:
-    """The quantizable MatMuls that narrow their input (more input than output channels): in a
-    BERT layer, the feed-forward down-projection, whose input (after GELU) has the widest range."""
-    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
-    found = []
-    for target in quantizable_matmuls(model):
-        rows, columns = shapes[target.weight]
-        inputs, outputs = (rows, columns) if target.weight_axis == 1 else (columns, rows)
-        if inputs > outputs:
-            found.append(target.node_name)
-    return found
-
-
 def float_matmuls(model) -> dict[str, Any] | None:
     """Of a Q/DQ graph's MatMuls and Gemms with a 2-D weight, those running in float.
 
@@ -183,7 +152,6 @@ def insert_qdq(
     *,
     exclude: frozenset[str] = frozenset(),
     quantize_ops: tuple[str, ...] = (),
-    dynamic: frozenset[str] = frozenset(),
 ) -> tuple[object, dict[str, dict]]:
     """Return a copy of ``model`` with Q/DQ on the inputs of every quantizable MatMul.
 
@@ -191,9 +159,6 @@ def insert_qdq(
         model: a float ONNX graph.
         amax: calibrated magnitude per activation tensor name.
         exclude: MatMul node names to keep in float.
-        dynamic: MatMul node names whose activation gets no Q/DQ (only the weight does): the
-            CPU INT8 engine quantizes it at run time from each batch's own range
-            (DynamicQuantizeMatMul); TensorRT runs such a MatMul with float activations.
         quantize_ops: op types of OPTIONAL_QUANTIZED_OPS whose float inputs get Q/DQ too.
 
     Returns:
@@ -258,11 +223,7 @@ def insert_qdq(
     for target in targets:
         node = nodes_by_name[target.node_name]
         pending = new_nodes.setdefault(target.node_name, [])
-        if target.node_name in dynamic:
-            activation_dq = target.activation
-            record[target.activation] = {"kind": "dynamic activation"}
-        else:
-            activation_dq = quantize_activation(target.activation)
+        activation_dq = quantize_activation(target.activation)
         if target.weight not in dequantized:
             weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
             scales = weight_scales(weight, target.weight_axis)

@@ -55,7 +55,6 @@ def rank_sensitivity(
     amax: Mapping[str, float],
     batches: list[dict],
     candidates: Iterable[str] | None = None,
-    dynamic: frozenset[str] = frozenset(),
     progress: Callable[[Iterable], Iterable] = lambda it: it,
 ) -> list[Sensitivity]:
     """Rank quantizable MatMuls by the error each alone introduces.
@@ -65,7 +64,6 @@ def rank_sensitivity(
         amax: calibrated activation magnitudes (from the calibrate stage).
         batches: token feeds from the calibration sentences.
         candidates: the MatMul node names to rank (default: every quantizable one).
-        dynamic: MatMuls whose activation is quantized at run time (weights only in Q/DQ).
 
     Returns:
         Sensitivities, most harmful first.
@@ -80,9 +78,7 @@ def rank_sensitivity(
         onnx.save(float_model, str(float_path))
         reference = _outputs(float_path, batches)
         for name in progress(ranked):
-            model, _ = insert_qdq(
-                float_model, amax, exclude=frozenset(matmuls) - {name}, dynamic=dynamic
-            )
+            model, _ = insert_qdq(float_model, amax, exclude=frozenset(matmuls) - {name})
             path = Path(scratch) / "one.onnx"
             onnx.save(model, str(path))
             error = _error(reference, _outputs(path, batches), batches)

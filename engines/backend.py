@@ -69,6 +69,9 @@ class BuildSpec:
             or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
         attention_kernels: ORT CUDA: which attention kernels the provider may use
             (engines/onnxruntime.py ATTENTION_KERNELS).
+        int8_dynamic: CPU ORT int8: which MatMuls quantize their activation per batch at run
+            time instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES);
+            TensorRT uses the calibrated scales of the same graph.
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 
@@ -83,6 +86,7 @@ class BuildSpec:
     keep_float_ops: tuple[str, ...] = ()
     int8_weights: str = "auto"
     attention_kernels: str = DEFAULT_ATTENTION_KERNELS
+    int8_dynamic: str = "none"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
     def validate(self) -> None:

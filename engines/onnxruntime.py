@@ -22,8 +22,15 @@ from bert_compiler.engines.backend import (
 )
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction
-from bert_compiler.engines.ort_int8 import lower_qdq_matmuls, resolve_weight_type
+from bert_compiler.engines.ort_int8 import (
+    check_dynamic_scope,
+    lower_qdq_matmuls,
+    resolve_weight_type,
+)
 from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
+
+# An INT8 engine with another dynamic scope than the default is named for it.
+_DEFAULT_DYNAMIC = BuildSpec.__dataclass_fields__["int8_dynamic"].default
 
 ENGINE_FILE = "model.onnx"
 _LEVELS = {
@@ -73,6 +80,8 @@ class OrtEngineOptions:
             consumer and keeps every bias Add apart (about 10% slower, one-off measurement).
         int8_weights: weight type of the lowered INT8 MatMuls (engines/ort_int8.py): ``s8``
             where the building CPU has VNNI, else ``u8``, which stays exact on CPUs without it.
+        int8_dynamic: the lowered MatMuls whose activation is quantized per batch at run time
+            (engines/ort_int8.py DYNAMIC_SCOPES).
         pack_tokens: run each layer's feed-forward block on the valid tokens only
             (engines/token_packing.py; about 1.37x for INT8 on STS-B dev in a one-off measurement,
             batch 32, where 39% of the positions are padding).
@@ -96,6 +105,7 @@ class OrtEngineOptions:
     intra_op_num_threads: int = 0
     lower_int8: bool = False
     int8_weights: str = "s8"
+    int8_dynamic: str = "none"
     pack_tokens: bool = False
     allow_spinning: bool = True
     fp16: bool = False
@@ -229,8 +239,11 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
             graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
             facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)
         if options.lower_int8:
-            graph = lower_qdq_matmuls(graph, weights=options.int8_weights)
+            graph = lower_qdq_matmuls(
+                graph, weights=options.int8_weights, dynamic=options.int8_dynamic
+            )
             facts["int8_weights"] = options.int8_weights
+            facts["int8_dynamic"] = options.int8_dynamic
         if options.pack_tokens:
             facts["packed_regions"] = len(find_feed_forward_regions(graph))
             graph = pack_feed_forward(graph)
@@ -465,6 +478,7 @@ class OnnxRuntimeBackend(Backend):
                 f"--attention-kernels {spec.attention_kernels!r}: expected one of "
                 f"{', '.join(ATTENTION_KERNELS)}"
             )
+        check_dynamic_scope(spec.int8_dynamic)
         if spec.device == "cuda" and spec.precision == "int8":
             raise InputError(
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
@@ -475,7 +489,7 @@ class OnnxRuntimeBackend(Backend):
         # CUDA graphs and ORT's TensorRT provider exist only on the CUDA provider, the INT8
         # weight type only on the CPU int8 engine.
         if spec.device != "cpu" or spec.precision != "int8":
-            spec = replace(spec, int8_weights="auto")
+            spec = replace(spec, int8_weights="auto", int8_dynamic=_DEFAULT_DYNAMIC)
         return spec if spec.device == "cuda" else super().applicable(spec)
 
     @staticmethod
@@ -502,6 +516,7 @@ class OnnxRuntimeBackend(Backend):
                 ("trtep", spec.ort_tensorrt_provider),
                 (spec.int8_weights, spec.int8_weights != "auto"),
                 (self._attention_variant(spec), bool(self._attention_variant(spec))),
+                (f"dynamic-{spec.int8_dynamic}", spec.int8_dynamic != _DEFAULT_DYNAMIC),
             )
             if on
         ]
@@ -516,6 +531,7 @@ class OnnxRuntimeBackend(Backend):
             lower_int8=int8,
             # Part of the build record: an engine built on a VNNI CPU differs from one without.
             int8_weights=resolve_weight_type(spec.int8_weights) if int8 else "s8",
+            int8_dynamic=spec.int8_dynamic if int8 else "none",
             pack_tokens=spec.pack_tokens and spec.device == "cpu",
             fp16=spec.precision == "fp16",
             keep_float_ops=spec.keep_float_ops,
@@ -583,6 +599,7 @@ class OnnxRuntimeBackend(Backend):
             keep_float_ops=session.keep_float_ops,
             int8_weights=spec.get("int8_weights", "auto"),
             attention_kernels=session.attention_kernels,
+            int8_dynamic=session.int8_dynamic if spec["precision"] == "int8" else _DEFAULT_DYNAMIC,
         )
 
     def kind_parts(self, spec: BuildSpec) -> list[str]:

@@ -21,6 +21,9 @@ _UINT8_ZERO = 128
 
 
 WEIGHT_TYPES = ("s8", "u8")
+# Which lowered MatMuls quantize their activation at run time, per batch, instead of with the
+# calibrated scale: none, the feed-forward down-projections, or all.
+DYNAMIC_SCOPES = ("none", "ffn-down", "all")
 # What a build may ask for: ``auto`` is weight_type_for_this_cpu().
 WEIGHT_CHOICES = ("auto", *WEIGHT_TYPES)
 # CPU flags (Linux /proc/cpuinfo) of the instructions that multiply u8 x s8 into int32 directly.
@@ -55,12 +58,26 @@ def weight_type_for_this_cpu(cpuinfo: str | None = None) -> str:
     return "s8" if flags & _VNNI_FLAGS else "u8"
 
 
-def lower_qdq_matmuls(model, *, weights: str = "s8"):
+def check_dynamic_scope(scope: str) -> str:
+    """``scope`` when it is one of DYNAMIC_SCOPES.
+
+    Raises:
+        InputError: an unknown scope.
+    """
+    if scope not in DYNAMIC_SCOPES:
+        raise InputError(f"--int8-dynamic {scope!r}: expected one of {', '.join(DYNAMIC_SCOPES)}")
+    return scope
+
+
+def lower_qdq_matmuls(model, *, weights: str = "s8", dynamic: str = "none"):
     """Return a copy of ``model`` with every Q/DQ -> MatMul (-> bias Add) as MatMulIntegerToFloat,
-    and every MatMul of a float activation and a DQ int8 weight (calibration's ``dynamic``) as
-    DynamicQuantizeMatMul: its activation quantized at run time from the batch's own range.
+    or, for the MatMuls in ``dynamic``'s scope, as DynamicQuantizeMatMul: the float activation
+    quantized at run time from the batch's own range, the calibrated scale unused.
 
     Args:
+        dynamic: one of DYNAMIC_SCOPES: ``none``, ``ffn-down`` (the MatMuls that narrow their
+            input: a BERT layer's feed-forward down-projection, whose input after GELU has the
+            widest range) or ``all``.
         weights: ``s8`` keeps the int8 weights (u8 x s8: VNNI's product, fastest there);
             ``u8`` stores them as uint8 with zero point 128, the same integers shifted. On x86
             CPUs without VNNI, ONNX Runtime computes u8 x s8 with VPMADDUBSW, whose int16
@@ -115,24 +132,28 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
                 return bias_add.output[0]
         return output
 
-    dynamic = 0
+    check_dynamic_scope(dynamic)
+    dynamic_count = 0
     for node in list(graph.node):
         if node.op_type != "MatMul":
             continue
         act_dq, weight_dq = (producer.get(i) for i in node.input)
-        weight_int8 = (
-            weight_dq is not None
-            and weight_dq.op_type == "DequantizeLinear"
-            and weight_dq.input[0] in inits
+        if not (act_dq and weight_dq and act_dq.op_type == weight_dq.op_type == "DequantizeLinear"):
+            continue
+        act_q = producer.get(act_dq.input[0])
+        if act_q is None or act_q.op_type != "QuantizeLinear" or weight_dq.input[0] not in inits:
+            continue
+        source = act_q.input[0]
+        scale = float(const(act_q.input[1]))
+        weight, weight_zero = (
+            weight_dq.input[0],
+            weight_dq.input[2] if len(weight_dq.input) > 2 else "",
         )
-        if weight_int8 and (act_dq is None or act_dq.op_type != "DequantizeLinear"):
-            weight, weight_zero = (
-                weight_dq.input[0],
-                weight_dq.input[2] if len(weight_dq.input) > 2 else "",
-            )
+        rows, columns = const(weight).shape
+        if dynamic == "all" or (dynamic == "ffn-down" and rows > columns):
             if weights == "u8":
                 weight, weight_zero = _shift_to_uint8(weight, weight_zero, const, add_init)
-            inputs = [node.input[0], weight, weight_dq.input[1], weight_zero]
+            inputs = [source, weight, weight_dq.input[1], weight_zero]
             output = fold_bias(node, weight_dq, inputs)
             replacements.setdefault(node.name, []).append(
                 helper.make_node(
@@ -143,16 +164,9 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
                     domain=CONTRIB,
                 )
             )
-            removed.update({node.name, weight_dq.name})
-            dynamic += 1
+            removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
+            dynamic_count += 1
             continue
-        if not (act_dq and weight_dq and act_dq.op_type == weight_dq.op_type == "DequantizeLinear"):
-            continue
-        act_q = producer.get(act_dq.input[0])
-        if act_q is None or act_q.op_type != "QuantizeLinear" or weight_dq.input[0] not in inits:
-            continue
-        source = act_q.input[0]
-        scale = float(const(act_q.input[1]))
         if source not in quantized:
             u8 = f"{source}_u8"
             scale_name = add_init(f"{u8}_scale", np.array(scale, dtype=np.float32))
@@ -166,10 +180,6 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
         u8, scale_name, first_scale = quantized[source]
         if not np.isclose(scale, first_scale, rtol=1e-6):
             raise InputError(f"Q/DQ lowering: tensor {source!r} has two different scales")
-        weight, weight_zero = (
-            weight_dq.input[0],
-            weight_dq.input[2] if len(weight_dq.input) > 2 else "",
-        )
         if weights == "u8":
             weight, weight_zero = _shift_to_uint8(weight, weight_zero, const, add_init)
         inputs = [
@@ -188,7 +198,7 @@ def lower_qdq_matmuls(model, *, weights: str = "s8"):
         )
         removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
 
-    if not quantized and not dynamic:
+    if not quantized and not dynamic_count:
         return lowered
     if weights == "u8":
         # The int8 weights (and zero points) are now unused: drop them from the engine file.

@@ -23,13 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import (
-    DYNAMIC_SCOPES,
-    dynamic_matmuls,
-    insert_qdq,
-    optional_inputs,
-    quantizable_matmuls,
-)
+from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
 from bert_compiler.calibration.ranges import (
     METHODS,
     collect_channel_amax,
@@ -89,9 +83,6 @@ class CalibrationSpec:
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
         smooth_alpha: SmoothQuant migration strength for every quantized MatMul input
             (calibration/smooth.py); None leaves activations as they are.
-        dynamic: which MatMul inputs get no calibrated scale (calibration.qdq.DYNAMIC_SCOPES:
-            none, ffn-down: the feed-forward down-projections, whose input after GELU has the
-            widest range, or all): the CPU INT8 engine quantizes them per batch at run time.
     """
 
     method: str = "percentile"
@@ -107,11 +98,6 @@ class CalibrationSpec:
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
     smooth_alpha: float | None = None
-    dynamic: str = "none"
-
-    def dynamic_matmuls(self, model) -> frozenset[str]:
-        """The MatMuls of ``model`` whose activation is quantized at run time."""
-        return frozenset(dynamic_matmuls(model, self.dynamic))
 
     def data_file(self) -> Path:
         if self.data:
@@ -129,10 +115,6 @@ class CalibrationSpec:
             raise InputError(f"--percentile {self.percentile}: must be in (0, 100]")
         if self.num_samples < 1 or self.batch_size < 1 or self.bins < 256:
             raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
-        if self.dynamic not in DYNAMIC_SCOPES:
-            raise InputError(
-                f"--dynamic {self.dynamic!r}: expected one of {', '.join(DYNAMIC_SCOPES)}"
-            )
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InputError(f"--smooth-alpha {self.smooth_alpha}: must be in [0, 1]")
 
@@ -281,13 +263,8 @@ def calibrate(
             amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
         if factors is not None and loaded["ranges"] is not None:
             model = apply_smoothing(model, factors)
-        dynamic = spec.dynamic_matmuls(model)
         quantized, scales = insert_qdq(
-            model,
-            amax,
-            exclude=frozenset(spec.keep_float),
-            quantize_ops=spec.quantize_ops,
-            dynamic=dynamic,
+            model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
@@ -309,7 +286,6 @@ def calibrate(
             "method": spec.method,
             "ranges": "reused" if loaded["ranges"] is not None else "collected",
             "quantized_matmuls": quantized_nodes,
-            "dynamic_matmuls": sorted(dynamic - set(spec.keep_float)),
             "kept_float": list(spec.keep_float),
             "scales": scales,
             "op_counts": op_counts(quantized),
@@ -393,6 +369,5 @@ def rank_for_fallback(
         amax=amax,
         batches=batches,
         candidates=candidates,
-        dynamic=spec.dynamic_matmuls(float_model),
         progress=lambda it: progress.bar(it, total=len(candidates), desc="sensitivity"),
     )

@@ -20,7 +20,7 @@ import click
 from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import DYNAMIC_SCOPES, OPTIONAL_QUANTIZED_OPS
+from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS
 from bert_compiler.calibration.ranges import METHODS
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
@@ -32,7 +32,7 @@ from bert_compiler.core.targets import (
 )
 from bert_compiler.engines.backend import BuildSpec, get_backend
 from bert_compiler.engines.onnxruntime import ATTENTION_KERNELS
-from bert_compiler.engines.ort_int8 import WEIGHT_CHOICES
+from bert_compiler.engines.ort_int8 import DYNAMIC_SCOPES, WEIGHT_CHOICES
 from bert_compiler.engines.tensorrt_options import (
     BUILDER_OPTIMIZATION_LEVELS,
     HARDWARE_COMPATIBILITY,
@@ -490,15 +490,6 @@ class CalibrationOptions(OptionGroup):
                 "its weights (exact in float); unset: off.",
             ),
             click.option(
-                "--dynamic",
-                type=click.Choice(DYNAMIC_SCOPES),
-                default=default_of(CalibrationSpec, "dynamic"),
-                show_default=True,
-                help="MatMul inputs quantized per batch at run time by the CPU INT8 engine "
-                "instead of with a calibrated scale: ffn-down (the feed-forward down-projection, "
-                "after GELU) or all.",
-            ),
-            click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
             ),
             click.option(
@@ -526,7 +517,6 @@ class CalibrationOptions(OptionGroup):
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),
             smooth_alpha=values["smooth_alpha"],
-            dynamic=values["dynamic"],
         )
 
 
@@ -576,6 +566,15 @@ class TargetOptions(OptionGroup):
                 "attention on compute capability 9.0+), fused (ORT's and TensorRT's fused "
                 "kernels, no cuDNN) or unfused (batched GEMMs and softmax). A non-default choice "
                 "names the engine (...-attn-fused).",
+            ),
+            click.option(
+                "--int8-dynamic",
+                type=click.Choice(DYNAMIC_SCOPES),
+                default=default_of(BuildSpec, "int8_dynamic"),
+                show_default=True,
+                help="CPU INT8 engine: MatMuls whose input is quantized per batch at run time "
+                "instead of with its calibrated scale: none, ffn-down (the feed-forward "
+                "down-projection, after GELU) or all. TensorRT uses the calibrated scales.",
             ),
             click.option(
                 "--ort-tensorrt-provider",
@@ -659,6 +658,7 @@ class TargetOptions(OptionGroup):
                 cuda_graph=values["cuda_graph"],
                 int8_weights=values["int8_weights"],
                 attention_kernels=values["attention_kernels"],
+                int8_dynamic=values["int8_dynamic"],
                 ort_tensorrt_provider=values["ort_tensorrt_provider"],
                 keep_float_ops=tuple(values["keep_float_ops"]),
                 tensorrt=tensorrt,

@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,7 @@ def main() -> None:
     from bench_cpu import _dynamic_int8, _quiet, _stages
 
     from bert_compiler.calibration import datasets
-    from bert_compiler.calibration.qdq import dynamic_matmuls, insert_qdq, quantizable_matmuls
+    from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
     from bert_compiler.calibration.ranges import (
         collect_channel_amax,
         collect_histograms,
@@ -211,13 +212,14 @@ def main() -> None:
             for kept, scope in itertools.product(kept_counts, args.dynamic.split(",")):
                 label = f"{method_text} smooth {alpha_text} dynamic {scope} kept-float {kept}"
                 folder = args.out / "sweep" / label.replace(" ", "-").replace(":", "")
-                dynamic = frozenset(dynamic_matmuls(variant, scope))
-                quantized, _ = insert_qdq(
-                    variant, amax, exclude=frozenset(order[:kept]), dynamic=dynamic
-                )
+                quantized, _ = insert_qdq(variant, amax, exclude=frozenset(order[:kept]))
                 folder.mkdir(parents=True, exist_ok=True)
                 save_onnx(quantized, folder / "model.onnx")
-                built = build(source=folder / "model.onnx", out_dir=folder / "engine", spec=spec)
+                built = build(
+                    source=folder / "model.onnx",
+                    out_dir=folder / "engine",
+                    spec=replace(spec, int8_dynamic=scope),
+                )
                 engine = _quiet(built.path)
                 encoder = Encoder(engine, info, max_length=max_length)
                 add(label, engine_embedder(encoder), lambda f, e=engine: e.run(f))
