@@ -71,7 +71,8 @@ class BuildSpec:
             (engines/onnxruntime.py ATTENTION_KERNELS).
         int8_dynamic: CPU ORT int8: which MatMuls quantize their activation per batch at run
             time instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES);
-            TensorRT uses the calibrated scales of the same graph.
+            TensorRT uses the calibrated scales of the same graph. ``all`` was chosen on the
+            selection split with scripts/sweep_int8.py (docs/benchmarks.md, issue 14).
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 
@@ -86,7 +87,7 @@ class BuildSpec:
     keep_float_ops: tuple[str, ...] = ()
     int8_weights: str = "auto"
     attention_kernels: str = DEFAULT_ATTENTION_KERNELS
-    int8_dynamic: str = "none"
+    int8_dynamic: str = "all"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
     def validate(self) -> None:
