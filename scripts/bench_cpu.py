@@ -105,6 +105,17 @@ def _quiet(engine_dir: Path):
     return ort_engine.load(engine_file, replace(options, allow_spinning=False))
 
 
+def _session(path: Path, threads: int):
+    """An ORT CPU session of a peer's graph: ``threads`` threads, idle ones not spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def _dynamic_int8(source: Path, destination: Path, per_channel: bool) -> Path:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -145,11 +156,7 @@ def main() -> None:
     output = engines["fp32"].output_names[0]
 
     def session(path: Path):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return _session(path, args.threads)
 
     def torch_run(feeds):
         with torch.inference_mode():
