@@ -249,6 +249,8 @@ class _Rounds:
                 "round": len(self.steps),
                 "kept_float": list(kept),
                 "metric": report["metric"]["value"],
+                "pytorch_metric": report["pytorch_metric"]["value"],
+                "split": report.get("split"),
                 "passed": bool(report["passed"]),
                 "failures": list(report["failures"]),
             }

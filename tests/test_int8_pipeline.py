@@ -195,6 +195,7 @@ def test_fallback_rounds_never_read_the_reporting_set(tiny_embedding_model, tmp_
         "stsb-selection.tsv",
         "sst2-selection.tsv",
     }
+    assert {step["split"] for step in engine["fallback"]["steps"]} == {"selection"}
     decided = engine["fallback"]["decided_by"]
     assert decided["kept_float"]["metric"] == str(datasets.STSB_SELECTION)
     assert "still fails" in engine["fallback"]["failure"]
