@@ -84,11 +84,13 @@ class FallbackSpec:
             raise InputError("the sensitivity ranking needs at least one sentence")
 
     def selection_split(self, info: ModelInfo) -> Split:
-        """The rows the rounds are gated on: SST-2 train sentences for parity, and STS-B train
-        pairs (SST-2 train for classifiers) for the task metric."""
-        classifier = info.task == "sequence-classification"
-        default = datasets.SST2_SELECTION if classifier else datasets.STSB_SELECTION
-        return Split("selection", datasets.SST2_SELECTION, Path(self.selection_data or default))
+        """The rows the rounds are gated on, the train-side twins of verify's dev files: SST-2
+        train sentences for parity (STS-B train pairs for a cross-encoder), and STS-B train pairs
+        (SST-2 train for single-text classifiers) for the task metric."""
+        sentences = info.task == "sequence-classification" and not info.pairs
+        metric = datasets.SST2_SELECTION if sentences else datasets.STSB_SELECTION
+        parity = datasets.STSB_SELECTION if info.pairs else datasets.SST2_SELECTION
+        return Split("selection", parity, Path(self.selection_data or metric))
 
     def float_limit(self, quantizable: int) -> int:
         """How many of ``quantizable`` MatMuls may end in float."""

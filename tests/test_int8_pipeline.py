@@ -329,7 +329,7 @@ def test_a_selection_split_equal_to_the_reporting_set_is_refused(task, tmp_path)
     reporting = datasets.SST2_DEV if task == "sequence-classification" else datasets.STSB_DEV
     copy = tmp_path / "copy.tsv"
     copy.write_bytes(reporting.read_bytes())
-    default = FallbackSpec().selection_split(SimpleNamespace(task=task))
+    default = FallbackSpec().selection_split(SimpleNamespace(task=task, pairs=False))
     assert default.metric != reporting and default.parity != datasets.SST2_DEV
 
     def never(*_args):
@@ -338,7 +338,7 @@ def test_a_selection_split_equal_to_the_reporting_set_is_refused(task, tmp_path)
     for selection in (reporting, copy):
         with pytest.raises(InputError, match="the same rows as the set verify reports"):
             int8_with_fallback(
-                info=SimpleNamespace(task=task),
+                info=SimpleNamespace(task=task, pairs=False),
                 float_graph=tmp_path / "model.onnx",
                 calibrate_dir=tmp_path / "calibrate",
                 calibration=CALIBRATION,
