@@ -7,6 +7,7 @@ line, not a silently skipped row.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,8 +163,6 @@ def _iter_fields(
 ) -> Iterator[tuple[str, ...]]:
     """The stripped ``columns`` of every row of a TSV, JSONL or TXT (one column: the line) file
     whose fields are all non-empty."""
-    import json
-
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".txt", ".jsonl"):
         raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
