@@ -72,7 +72,7 @@ class BuildSpec:
         int8_dynamic: CPU ORT int8: which MatMuls quantize their activation per batch at run
             time instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES);
             TensorRT uses the calibrated scales of the same graph. ``all`` was chosen on the
-            selection split with scripts/sweep_int8.py (docs/benchmarks.md, issue 14).
+            selection split with `bert-compile calibrate --sweep` (docs/benchmarks.md, issue 14).
         tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
     """
 

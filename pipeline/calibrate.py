@@ -67,7 +67,7 @@ class CalibrationSpec:
     Attributes:
         method: minmax, percentile, entropy or mse.
         percentile: for ``percentile``: the share of magnitudes kept unclipped. Chosen on the
-            selection split (STS-B train pairs, never dev) with scripts/sweep_int8.py, static
+            selection split (STS-B train pairs, never dev) with `calibrate --sweep`, static
             activations (what TensorRT runs; docs/benchmarks.md, issue 14). It was 99.999,
             chosen on STS-B dev before.
         num_samples: sentences used (the first N of the file).

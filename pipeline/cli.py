@@ -44,6 +44,7 @@ from bert_compiler.pipeline.options import (
     ModelOptions,
     PackageOptions,
     ProgressOptions,
+    SweepOptions,
     TargetOptions,
     TextOptions,
     VerifyOptions,
@@ -55,6 +56,9 @@ from bert_compiler.pipeline.options import (
 )
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.simplify import simplify
+from bert_compiler.pipeline.sweep import format_table as sweep_table
+from bert_compiler.pipeline.sweep import run_sweep
+from bert_compiler.pipeline.sweep import write_report as write_sweep
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import package, repository_summary
 from bert_compiler.pipeline.triton.server import (
@@ -135,6 +139,7 @@ TARGETS = TargetOptions()
 PACKAGE = PackageOptions()
 FUSE = FuseOptions()
 BENCH = BenchOptions()
+SWEEP = SweepOptions()
 FALLBACK = FallbackOptions()
 PROGRESS = ProgressOptions()
 
@@ -378,12 +383,20 @@ def fuse_command(input_path: Path | None, **values: Any) -> None:
 
 @cli.command("calibrate")
 @stage_command
-@uses(CALIBRATION, TEXT, MAX_LENGTH)
+@uses(CALIBRATION, TEXT, MAX_LENGTH, SWEEP)
 @input_option("Float ONNX file to calibrate (default: OUT/simplify/model.onnx).")
 def calibrate_command(input_path: Path | None, **values: Any) -> None:
-    """Calibrate INT8 ranges on text and write the Q/DQ graph every INT8 engine builds from."""
+    """Calibrate INT8 ranges on text and write the Q/DQ graph every INT8 engine builds from
+    (--sweep: print the INT8 method table instead)."""
     layout = Layout(values["out"])
     info = MODEL.parse(values)
+    sweep = SWEEP.parse(values)
+    if sweep is not None:
+        report = run_sweep(info=info, layout=layout, spec=sweep)
+        written = write_sweep(report, layout.root / "sweep")
+        report["file"] = str(written)
+        _emit(report, values["as_json"], f"{sweep_table(report)}\nresults: {written}")
+        return
     source = input_path or _stage_file(layout.simplify)
     result = calibrate(
         info=info,

@@ -55,6 +55,7 @@ from bert_compiler.pipeline.models import (
     default_model_path,
     resolve_model,
 )
+from bert_compiler.pipeline.sweep import SweepSpec
 from bert_compiler.pipeline.text import check_pair_column, default_text_source
 from bert_compiler.pipeline.triton.package import (
     PACKAGE_LIMITS,
@@ -860,4 +861,159 @@ class BenchOptions(OptionGroup):
             runtime_batches=_batching_list(values["runtime_batches"] or ""),
             peers=values["peers"],
             max_length=values["max_length"],
+        )
+
+
+def _method_list(text: str) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    for item in items:
+        method, _, percentile = item.partition(":")
+        usable = method in METHODS and (
+            not percentile
+            or (method == "percentile" and _is_number(percentile) and 0 < float(percentile) <= 100)
+        )
+        if not usable:
+            raise click.BadParameter(
+                f"{item!r}: expected METHOD or percentile:P with METHOD one of "
+                f"{', '.join(METHODS)} and 0 < P <= 100, e.g. percentile:99.99"
+            )
+    if not items:
+        raise click.BadParameter("expected at least one method")
+    return items
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _choice_list(text: str, choices: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    items = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    unknown = [i for i in items if i not in choices]
+    if unknown or not items:
+        raise click.BadParameter(
+            f"{text!r}: expected comma-separated values of {', '.join(choices)}"
+        )
+    return items
+
+
+def _alpha_list(text: str) -> tuple[float | None, ...]:
+    alphas: list[float | None] = []
+    for item in (i.strip() for i in text.split(",") if i.strip()):
+        if item == "none":
+            alphas.append(None)
+        elif _is_number(item) and 0 <= float(item) <= 1:
+            alphas.append(float(item))
+        else:
+            raise click.BadParameter(f"{item!r}: expected 'none' or an alpha in [0, 1], e.g. 0.5")
+    if not alphas:
+        raise click.BadParameter("expected at least one alpha (or none)")
+    return tuple(alphas)
+
+
+def _count_list(text: str) -> tuple[int, ...]:
+    items = tuple(i.strip() for i in text.split(",") if i.strip())
+    if not items or not all(i.isdigit() for i in items):
+        raise click.BadParameter(f"{text!r}: expected comma-separated counts >= 0, e.g. 0,2")
+    return tuple(int(i) for i in items)
+
+
+class SweepOptions(OptionGroup):
+    """calibrate --sweep: the INT8 method table's grid and scoring -> SweepSpec (or None)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--sweep",
+                is_flag=True,
+                help="Instead of calibrating: build one CPU INT8 engine per grid point and print "
+                "the method table (selection-split metric, dev metric reported only, speed vs "
+                "PyTorch fp32); results in OUT/sweep/sweep.json.",
+            ),
+            click.option(
+                "--sweep-methods",
+                default=",".join(default_of(SweepSpec, "methods")),
+                show_default=True,
+                help="Comma-separated METHOD or percentile:P.",
+            ),
+            click.option(
+                "--sweep-dynamic",
+                default=",".join(default_of(SweepSpec, "dynamic")),
+                show_default=True,
+                help=f"Comma-separated CPU INT8 dynamic scopes ({', '.join(DYNAMIC_SCOPES)}).",
+            ),
+            click.option(
+                "--sweep-kept-float",
+                default=",".join(str(k) for k in default_of(SweepSpec, "kept_float")),
+                show_default=True,
+                help="Comma-separated counts of the most sensitive MatMuls kept in float.",
+            ),
+            click.option(
+                "--sweep-smooth-alpha",
+                default=",".join(
+                    "none" if a is None else str(a) for a in default_of(SweepSpec, "smooth_alpha")
+                ),
+                show_default=True,
+                help="Comma-separated SmoothQuant alphas, or none.",
+            ),
+            click.option(
+                "--sweep-pairs",
+                type=click.IntRange(1, None),
+                default=default_of(SweepSpec, "pairs"),
+                show_default=True,
+                help="STS-B pairs scored per split (every k-th pair).",
+            ),
+            click.option(
+                "--sweep-selection-data",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                default=None,
+                help="STS-B TSV scored as the selection split (default: the bundled "
+                "stsb-selection.tsv).",
+            ),
+            click.option(
+                "--sweep-sentences",
+                type=click.IntRange(1, None),
+                default=default_of(SweepSpec, "sentences"),
+                show_default=True,
+                help="Selection sentences per timed pass (batches of 32).",
+            ),
+            click.option(
+                "--sweep-rounds",
+                type=click.IntRange(1, 100),
+                default=default_of(SweepSpec, "rounds"),
+                show_default=True,
+                help="Timed passes per runner, interleaved; the median is reported.",
+            ),
+            click.option(
+                "--sweep-threads",
+                type=click.IntRange(1, 1024),
+                default=default_of(SweepSpec, "threads"),
+                show_default=True,
+                help="ONNX Runtime and PyTorch threads.",
+            ),
+            click.option(
+                "--sweep-peers/--no-sweep-peers",
+                default=default_of(SweepSpec, "peers"),
+                show_default=True,
+                help="Also score and time ORT's dynamic INT8 quantization.",
+            ),
+        ]
+
+    def parse(self, values: Values) -> SweepSpec | None:
+        if not values["sweep"]:
+            return None
+        return SweepSpec(
+            methods=_method_list(values["sweep_methods"]),
+            dynamic=_choice_list(values["sweep_dynamic"], DYNAMIC_SCOPES),
+            kept_float=_count_list(values["sweep_kept_float"]),
+            smooth_alpha=_alpha_list(values["sweep_smooth_alpha"]),
+            pairs=values["sweep_pairs"],
+            sentences=values["sweep_sentences"],
+            rounds=values["sweep_rounds"],
+            threads=values["sweep_threads"],
+            selection_data=values["sweep_selection_data"],
+            peers=values["sweep_peers"],
         )

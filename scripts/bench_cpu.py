@@ -63,6 +63,7 @@ def _stages(info, out: Path, threads: int, int8: bool):
     from bert_compiler.pipeline.fuse import fuse
     from bert_compiler.pipeline.layout import Layout
     from bert_compiler.pipeline.simplify import simplify
+    from bert_compiler.pipeline.sweep import quiet_engine
 
     layout = Layout(out)
     exported = export(info=info, out_dir=layout.export)
@@ -77,7 +78,7 @@ def _stages(info, out: Path, threads: int, int8: bool):
     built_fp32 = build(
         source=graphs["fuse"], out_dir=layout.engine(info.name, engine_folder_name(fp32)), spec=fp32
     )
-    engines = {"fp32": _quiet(built_fp32.path)}
+    engines = {"fp32": quiet_engine(built_fp32.path)}
     if int8:
         calibrated = calibrate(info=info, source=graphs["simplify"], out_dir=layout.calibrate)
         spec = BuildSpec(intra_op_num_threads=threads, precision="int8")
@@ -86,48 +87,8 @@ def _stages(info, out: Path, threads: int, int8: bool):
             out_dir=layout.engine(info.name, engine_folder_name(spec)),
             spec=spec,
         )
-        engines["int8"] = _quiet(built.path)
+        engines["int8"] = quiet_engine(built.path)
     return engines, graphs
-
-
-def _quiet(engine_dir: Path):
-    """Load a built engine, hash-checked against its manifest, with its recorded options but
-    idle threads not spinning."""
-    from dataclasses import replace
-
-    from bert_compiler.core.artifacts import ArtifactDir
-    from bert_compiler.engines import onnxruntime as ort_engine
-
-    folder = ArtifactDir(engine_dir)
-    manifest = folder.require_complete()
-    options = ort_engine.OrtEngineOptions.from_dict(manifest["spec"]["session"])
-    engine_file = folder.output_path(manifest["results"]["engine_file"])
-    return ort_engine.load(engine_file, replace(options, allow_spinning=False))
-
-
-def _session(path: Path, threads: int):
-    """An ORT CPU session of a peer's graph: ``threads`` threads, idle ones not spinning."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _dynamic_int8(source: Path, destination: Path, per_channel: bool) -> Path:
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    quantize_dynamic(
-        str(source),
-        str(destination),
-        weight_type=QuantType.QInt8,
-        per_channel=per_channel,
-        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
-    return destination
 
 
 def main() -> None:
@@ -143,6 +104,7 @@ def main() -> None:
         load_torch_model,
         resolve_model,
     )
+    from bert_compiler.pipeline.sweep import ort_dynamic_int8, peer_session
     from bert_compiler.pipeline.verify import compute_metric, torch_embedder
 
     torch.set_num_threads(args.threads)
@@ -156,7 +118,7 @@ def main() -> None:
     output = engines["fp32"].output_names[0]
 
     def session(path: Path):
-        return _session(path, args.threads)
+        return peer_session(path, args.threads)
 
     def torch_run(feeds):
         with torch.inference_mode():
@@ -171,7 +133,7 @@ def main() -> None:
             ("ORT dynamic INT8, fused, per-channel", "fuse", True),
         ):
             dynamic = session(
-                _dynamic_int8(graphs[graph], Path(scratch.name) / f"{graph}.onnx", per_channel)
+                ort_dynamic_int8(graphs[graph], Path(scratch.name) / f"{graph}.onnx", per_channel)
             )
             runners[label] = lambda f, s=dynamic: s.run(None, f)[0]
         runners["INT8 engine (this project)"] = lambda f: engines["int8"].run(f)[output]

@@ -1,0 +1,351 @@
+"""calibrate --sweep: the INT8 method table (SmoothQuant alpha x calibration method x MatMuls
+kept float x dynamic activation scope) with the selection-split metric (what choices are read
+from), the dev metric (reported only) and the speed against PyTorch fp32, all in one process.
+
+Ranges are collected once per smoothing variant on the calibration sentences (histograms); each
+method's amax gives one Q/DQ graph and one CPU INT8 engine built with the pipeline's own build
+stage. Kept-float MatMuls are the most sensitive of the fallback's ranking (calibration
+sentences, the default method, the unsmoothed graph). Metrics: STS-B Spearman on every k-th pair
+of the selection split and of STS-B dev (both files are in genre order, so their first pairs are
+captions only). Speed: timed passes over selection sentences in batches of 32, runners
+interleaved round by round, median; ratio to PyTorch fp32. Weights are per-channel and
+activations per-tensor in every row. Peers (ORT's own dynamic INT8 quantization of the exported
+and of the fused graph) are scored and timed the same way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from bert_compiler.calibration import datasets
+from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+from bert_compiler.calibration.ranges import collect_channel_amax, collect_histograms, compute_amax
+from bert_compiler.calibration.sensitivity import rank_sensitivity
+from bert_compiler.calibration.smooth import apply_smoothing, smoothing_factors
+from bert_compiler.core.artifacts import ArtifactDir, atomic_write_text
+from bert_compiler.core.errors import InputError
+from bert_compiler.core.onnx_io import load_onnx, save_onnx
+from bert_compiler.engines import onnxruntime as ort_engine
+from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.pipeline.build import build
+from bert_compiler.pipeline.calibrate import (
+    CalibrationSpec,
+    calibration_batches,
+    calibration_texts,
+)
+from bert_compiler.pipeline.export import export
+from bert_compiler.pipeline.fallback import FallbackSpec
+from bert_compiler.pipeline.fuse import fuse
+from bert_compiler.pipeline.layout import Layout
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
+from bert_compiler.pipeline.runtime import Encoder
+from bert_compiler.pipeline.simplify import simplify
+from bert_compiler.pipeline.text import resolve_max_length, tokenize
+from bert_compiler.pipeline.verify import (
+    compute_metric,
+    engine_embedder,
+    torch_embedder,
+    torch_runner,
+)
+
+RESULTS_FILE = "sweep.json"
+TIMED_BATCH = 32
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """The grid and how each row is scored.
+
+    Attributes:
+        methods: calibration methods, ``method`` or ``method:percentile``. The default grid runs
+            in a few minutes on 2 cores: the chosen recipe (dynamic activations) against the
+            static engine at two percentiles.
+        dynamic: ``int8_dynamic`` scopes of the CPU INT8 engine (engines/ort_int8.py).
+        kept_float: how many of the most sensitive MatMuls stay in float.
+        smooth_alpha: SmoothQuant alphas (None: unsmoothed).
+        pairs: STS-B pairs scored per split (500 is too noisy to choose on).
+        selection_data: the selection split's STS-B file (None: the bundled one).
+        sentences: selection sentences per timed pass.
+        rounds: timed passes per runner; the median is reported.
+        threads: ONNX Runtime and PyTorch intra-op threads.
+        peers: also score and time ORT's dynamic INT8 quantization.
+    """
+
+    methods: tuple[str, ...] = ("percentile:99.99", "percentile:99.999")
+    dynamic: tuple[str, ...] = ("none", "all")
+    kept_float: tuple[int, ...] = (0,)
+    smooth_alpha: tuple[float | None, ...] = (None,)
+    pairs: int = 1500
+    selection_data: Path | None = None
+    sentences: int = 256
+    rounds: int = 3
+    threads: int = 2
+    peers: bool = True
+
+
+# ORT's dynamic INT8 peers: (label, graph it quantizes, per-channel weights).
+PEERS = (
+    ("ORT dynamic INT8, exported graph", "export", False),
+    ("ORT dynamic INT8, fused, per-channel", "fuse", True),
+)
+
+
+def quiet_engine(engine_dir: Path):
+    """Load a built engine, hash-checked against its manifest, with its recorded options but
+    idle threads not spinning (side by side in one process, spinning runners slow the others)."""
+    folder = ArtifactDir(engine_dir)
+    manifest = folder.require_complete()
+    options = ort_engine.OrtEngineOptions.from_dict(manifest["spec"]["session"])
+    engine_file = folder.output_path(manifest["results"]["engine_file"])
+    return ort_engine.load(engine_file, replace(options, allow_spinning=False))
+
+
+def peer_session(path: Path, threads: int):
+    """An ORT CPU session of a peer's graph: ``threads`` threads, idle ones not spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def ort_dynamic_int8(source: Path, destination: Path, per_channel: bool) -> Path:
+    """ORT's own dynamic INT8 quantization of ``source`` (the peer a careful user would try)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(source),
+        str(destination),
+        weight_type=QuantType.QInt8,
+        per_channel=per_channel,
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+    return destination
+
+
+def parse_method(text: str) -> tuple[str, float | None]:
+    """``percentile:99.99`` -> ("percentile", 99.99); ``entropy`` -> ("entropy", None)."""
+    method, _, percentile = text.partition(":")
+    return method, float(percentile) if percentile else None
+
+
+def _strided(path: Path, pairs: int, folder: Path) -> Path:
+    """Every k-th data row of ``path`` (about ``pairs`` of them), header kept, in ``folder``."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    step = max(1, (len(lines) - 1) // pairs)
+    subset = folder / f"{path.stem}-every-{step}.tsv"
+    subset.write_text(lines[0] + "".join(lines[1::step][:pairs]), encoding="utf-8")
+    return subset
+
+
+def _label(alpha: float | None, method: str, scope: str, kept: int) -> str:
+    return f"{method} smooth {alpha or 'none'} dynamic {scope} kept-float {kept}"
+
+
+def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Any]:
+    """Build every grid point's engine under OUT/sweep/, score and time them beside PyTorch
+    fp32; return the JSON object (``splits``, ``rows``)."""
+    import torch
+
+    if info.pairs or info.task == "sequence-classification":
+        raise InputError(
+            f"{info.name}: calibrate --sweep scores sentence embeddings on STS-B; "
+            "use it on an embedding model"
+        )
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    torch.set_num_threads(spec.threads)
+    exported = export(info=info, out_dir=layout.export)
+    simplified = simplify(source=exported.output("model.onnx"), out_dir=layout.simplify)
+    graphs = {"export": exported.output("model.onnx"), "simplify": simplified.output("model.onnx")}
+    if spec.peers:
+        graphs["fuse"] = fuse(info=info, source=graphs["simplify"], out_dir=layout.fuse).output(
+            "model.onnx"
+        )
+    model = load_onnx(simplified.output("model.onnx"))
+    calibration = CalibrationSpec()
+    texts, _ = calibration_texts(calibration)
+    batches = calibration_batches(info, texts, calibration)
+    activations = sorted({t.activation for t in quantizable_matmuls(model)})
+    channel_amax = collect_channel_amax(model, activations, batches)
+    variants = {}
+    for alpha in spec.smooth_alpha:
+        variant = model
+        if alpha is not None:
+            variant = apply_smoothing(model, smoothing_factors(model, channel_amax, alpha=alpha))
+        names = sorted({t.activation for t in quantizable_matmuls(variant)})
+        histograms = collect_histograms(variant, names, batches, bins=calibration.bins)
+        variants[alpha] = (variant, histograms)
+    order: list[str] = []
+    if max(spec.kept_float) > 0:
+        histograms = collect_histograms(model, activations, batches, bins=calibration.bins)
+        amax = compute_amax(histograms, calibration.method, percentile=calibration.percentile)
+        rows_used = FallbackSpec().ranking_sentences // calibration.batch_size or 1
+        ranking = rank_sensitivity(float_model=model, amax=amax, batches=batches[:rows_used])
+        order = [s.node for s in ranking]
+
+    max_length = resolve_max_length(info, None)
+    tokenizer = load_tokenizer(info)
+    reference = torch_runner(info, pooling_in_graph=True)
+    scratch = tempfile.TemporaryDirectory()
+    splits = {
+        "selection": _strided(
+            spec.selection_data or datasets.STSB_SELECTION, spec.pairs, Path(scratch.name)
+        ),
+        "dev": _strided(datasets.STSB_DEV, spec.pairs, Path(scratch.name)),
+    }
+    pairs = datasets.load_stsb(splits["selection"])
+    timed = (pairs.sentences1 + pairs.sentences2)[: spec.sentences]
+    feeds = [
+        tokenize(tokenizer, timed[i : i + TIMED_BATCH], info, max_length)
+        for i in range(0, len(timed), TIMED_BATCH)
+    ]
+
+    rows: list[dict[str, Any]] = []
+    runners: list[Callable[[dict], Any]] = []
+
+    def add(row: dict[str, Any], embed, run: Callable[[dict], Any]) -> None:
+        for split, path in splits.items():
+            row[split] = compute_metric(embed, info, None, path).value
+        rows.append(row)
+        runners.append(run)
+
+    add(
+        {"runner": "torch fp32"},
+        torch_embedder(reference, tokenizer, info, max_length, "torch"),
+        reference,
+    )
+    if spec.peers:
+        for label, graph, per_channel in PEERS:
+            quantized_peer = Path(scratch.name) / f"{graph}-dynamic-int8.onnx"
+            session = peer_session(
+                ort_dynamic_int8(graphs[graph], quantized_peer, per_channel), spec.threads
+            )
+            add(
+                {"runner": label},
+                _session_embedder(session, tokenizer, info, max_length),
+                session_run(session),
+            )
+    base = BuildSpec(intra_op_num_threads=spec.threads, precision="int8")
+    for alpha, (variant, histograms) in variants.items():
+        for method_text in spec.methods:
+            method, percentile = parse_method(method_text)
+            amax = compute_amax(histograms, method, percentile=percentile)
+            for kept, scope in itertools.product(spec.kept_float, spec.dynamic):
+                label = _label(alpha, method_text, scope, kept)
+                folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
+                quantized, _ = insert_qdq(variant, amax, exclude=frozenset(order[:kept]))
+                folder.mkdir(parents=True, exist_ok=True)
+                staged = folder / "model.onnx.tmp"
+                save_onnx(quantized, staged)
+                os.replace(staged, folder / "model.onnx")
+                built = build(
+                    source=folder / "model.onnx",
+                    out_dir=folder / "engine",
+                    spec=replace(base, int8_dynamic=scope),
+                )
+                engine = quiet_engine(built.path)
+                row = {
+                    "runner": label,
+                    "method": method_text,
+                    "smooth_alpha": alpha,
+                    "dynamic": scope,
+                    "kept_float": kept,
+                    "granularity": "weights per-channel, activations per-tensor",
+                }
+                encoder = Encoder(engine, info, max_length=max_length)
+                add(row, engine_embedder(encoder), engine.run)
+
+    timings: list[list[float]] = [[] for _ in runners]
+    for run in runners:
+        run(feeds[0])
+    for _ in range(spec.rounds):
+        for times, run in zip(timings, runners, strict=True):
+            begun = time.perf_counter()
+            for feed in feeds:
+                run(feed)
+            times.append(time.perf_counter() - begun)
+    torch_s = statistics.median(timings[0])
+    for row, times in zip(rows, timings, strict=True):
+        row["vs_torch"] = torch_s / statistics.median(times)
+        row["selection_drop"] = rows[0]["selection"] - row["selection"]
+        row["dev_drop"] = rows[0]["dev"] - row["dev"]
+    scratch.cleanup()
+    return {
+        "model": info.name,
+        "splits": {
+            "selection": {
+                "file": str(spec.selection_data or datasets.STSB_SELECTION),
+                "role": "choices are read from this split",
+            },
+            "dev": {"file": str(datasets.STSB_DEV), "role": "reported only"},
+        },
+        "metric": "stsb_spearman",
+        "pairs": spec.pairs,
+        "sentences": len(timed),
+        "rounds": spec.rounds,
+        "rows": rows,
+    }
+
+
+def session_run(session) -> Callable[[dict], Any]:
+    """Feeds (possibly with extra inputs) -> the session's outputs."""
+    names = [i.name for i in session.get_inputs()]
+    return lambda feeds: session.run(None, {n: feeds[n] for n in names})
+
+
+def _session_embedder(session, tokenizer, info: ModelInfo, max_length: int):
+    """Texts -> mean-pooled rows from a peer's session (its graph may pool already)."""
+    import numpy as np
+
+    run = session_run(session)
+
+    def embed(texts):
+        rows = []
+        for i in range(0, len(texts), TIMED_BATCH):
+            feeds = tokenize(tokenizer, texts[i : i + TIMED_BATCH], info, max_length)
+            hidden = run(feeds)[0]
+            if hidden.ndim == 2:  # the graph pools already
+                rows.append(hidden)
+                continue
+            mask = feeds["attention_mask"][..., None].astype(hidden.dtype)
+            rows.append((hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9))
+        return np.concatenate(rows)
+
+    return embed
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The table: one row per runner, the selection split's columns first."""
+    lines = [
+        f"STS-B Spearman on {report['pairs']} pairs per split; selection: choose on it; "
+        "dev: reported only",
+        f"{'runner':<60} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
+        f"{'vs torch':>8}",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"{row['runner']:<60} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
+            f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} {row['vs_torch']:>7.2f}x"
+        )
+    return "\n".join(lines)
+
+
+def write_report(report: dict[str, Any], folder: Path) -> Path:
+    """OUT/sweep/sweep.json, written last (after every engine)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / RESULTS_FILE
+    atomic_write_text(path, json.dumps(report, indent=2, default=str))
+    return path

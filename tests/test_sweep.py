@@ -1,0 +1,78 @@
+"""`bert-compile calibrate --sweep` on a tiny model: one row per grid point, both splits named,
+bad axis values one line. The tiny model's metrics and speeds mean nothing; the table on the
+default model is in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.sweep import PEERS
+
+pytestmark = pytest.mark.e2e
+
+
+def test_sweep_prints_one_row_per_grid_point(tiny_embedding_model, tmp_path):
+    out = tmp_path / "out"
+    args = ["calibrate", "--sweep", "--model", str(tiny_embedding_model), "--out", str(out)]
+    grid = ["--sweep-methods", "percentile:99.99,minmax", "--sweep-dynamic", "none,all"]
+    small = ["--sweep-pairs", "20", "--sweep-sentences", "32", "--sweep-rounds", "1"]
+    result = CliRunner().invoke(cli, [*args, *grid, *small, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    runners = [r["runner"] for r in report["rows"]]
+    assert runners[0] == "torch fp32" and [label for label, _, _ in PEERS] == runners[1:3]
+    engines = [r for r in report["rows"] if "method" in r]
+    assert len(engines) == len(report["rows"]) - 3
+    assert sorted((r["method"], r["dynamic"]) for r in engines) == sorted(
+        (m, d) for m in ("percentile:99.99", "minmax") for d in ("none", "all")
+    )
+    assert report["splits"]["selection"]["role"].startswith("choices")
+    assert report["splits"]["dev"]["role"] == "reported only"
+    for row in report["rows"]:
+        assert -100 <= row["selection"] <= 100 and -100 <= row["dev"] <= 100
+        assert row["vs_torch"] > 0
+    assert json.loads((out / "sweep" / "sweep.json").read_text())["rows"] == report["rows"]
+    table = result.stderr
+    assert "selection" in table and "reported only" in table
+    assert sum(line.startswith(("percentile", "minmax")) for line in table.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--sweep-methods", "percentile:101", "percentile:P"),
+        ("--sweep-methods", "median", "METHOD"),
+        ("--sweep-dynamic", "some", "expected comma-separated values"),
+        ("--sweep-kept-float", "-1", "counts >= 0"),
+        ("--sweep-smooth-alpha", "2", "alpha in [0, 1]"),
+    ],
+)
+def test_bad_sweep_axes_are_one_line(tiny_embedding_model, tmp_path, flag, value, expected):
+    result = CliRunner().invoke(
+        cli,
+        [
+            "calibrate",
+            "--sweep",
+            "--model",
+            str(tiny_embedding_model),
+            "--out",
+            str(tmp_path / "o"),
+            flag,
+            value,
+        ],
+    )
+    assert result.exit_code == 2, result.output
+    assert expected in result.output and "Traceback" not in result.output
+
+
+def test_sweep_of_a_classifier_says_what_it_scores(tiny_classifier_model, tmp_path):
+    result = CliRunner().invoke(
+        cli,
+        ["calibrate", "--sweep", "--model", str(tiny_classifier_model), "--out", str(tmp_path)],
+    )
+    assert result.exit_code == 3, result.output
+    assert "sentence embeddings on STS-B" in result.stderr
