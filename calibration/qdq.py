@@ -22,6 +22,8 @@ from bert_compiler.core.onnx_io import splice_nodes
 
 # Operators whose float inputs stay float unless the user names them (--quantize-op): LayerNorm,
 # Softmax and GELU are numerically fragile, and residual adds carry the unnormalised signal.
+# Weight scales: one per output channel (the default), or one per weight tensor.
+WEIGHT_GRANULARITIES = ("channel", "tensor")
 OPTIONAL_QUANTIZED_OPS = frozenset({"Add", "LayerNormalization", "Softmax", "Erf", "Gelu"})
 
 
@@ -141,6 +143,11 @@ def weight_scales(weight: np.ndarray, axis: int = 1) -> np.ndarray:
     return np.where(amax > 0, amax / INT8_LEVELS, 1.0).astype(np.float32)
 
 
+def tensor_weight_scale(weight: np.ndarray) -> np.ndarray:
+    """The symmetric per-tensor scale of a weight, as a scalar array (DequantizeLinear's form)."""
+    return np.array(activation_scale(float(np.abs(weight).max())), dtype=np.float32)
+
+
 def activation_scale(amax: float) -> float:
     """Symmetric per-tensor scale; an all-zero tensor gets scale 1 (any scale is exact)."""
     return float(amax / INT8_LEVELS) if amax > 0 else 1.0
@@ -152,6 +159,7 @@ def insert_qdq(
     *,
     exclude: frozenset[str] = frozenset(),
     quantize_ops: tuple[str, ...] = (),
+    weight_granularity: str = "channel",
 ) -> tuple[object, dict[str, dict]]:
     """Return a copy of ``model`` with Q/DQ on the inputs of every quantizable MatMul.
 
@@ -160,6 +168,8 @@ def insert_qdq(
         amax: calibrated magnitude per activation tensor name.
         exclude: MatMul node names to keep in float.
         quantize_ops: op types of OPTIONAL_QUANTIZED_OPS whose float inputs get Q/DQ too.
+        weight_granularity: ``channel`` (one scale per output channel) or ``tensor`` (one per
+            weight) of WEIGHT_GRANULARITIES.
 
     Returns:
         The quantized graph and a record of every quantized tensor: its kind, scale(s) and amax.
@@ -170,6 +180,12 @@ def insert_qdq(
     import onnx
     from onnx import helper, numpy_helper
 
+    if weight_granularity not in WEIGHT_GRANULARITIES:
+        raise InputError(
+            f"weight granularity {weight_granularity!r}: expected one of "
+            f"{', '.join(WEIGHT_GRANULARITIES)}"
+        )
+    per_channel = weight_granularity == "channel"
     quantized = onnx.ModelProto()
     quantized.CopyFrom(model)
     graph = quantized.graph
@@ -226,26 +242,31 @@ def insert_qdq(
         activation_dq = quantize_activation(target.activation)
         if target.weight not in dequantized:
             weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
-            scales = weight_scales(weight, target.weight_axis)
-            shaped = scales if target.weight_axis == 1 else scales[:, None]
+            if per_channel:
+                scales = weight_scales(weight, target.weight_axis)
+                shaped = scales if target.weight_axis == 1 else scales[:, None]
+            else:
+                scales = shaped = tensor_weight_scale(weight)
             q_weight = np.clip(np.round(weight / shaped), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
             base = f"{target.weight}_int8"
             q_name = add_const(f"{base}_q", q_weight)
             s_name = add_const(f"{base}_scale", scales)
-            z_name = add_const(f"{base}_zero_point", np.zeros(len(scales), dtype=np.int8))
+            z_name = add_const(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int8))
+            # A scalar scale is per tensor: DequantizeLinear takes no axis then.
+            axis = {"axis": target.weight_axis} if per_channel else {}
             pending.append(
                 helper.make_node(
                     "DequantizeLinear",
                     [q_name, s_name, z_name],
                     [f"{base}_dq"],
                     name=f"{base}_DQ",
-                    axis=target.weight_axis,
+                    **axis,
                 )
             )
             dequantized[target.weight] = f"{base}_dq"
             record[target.weight] = {
                 "kind": "weight",
-                "axis": target.weight_axis,
+                "axis": target.weight_axis if per_channel else None,
                 "scale": scales.tolist(),
             }
         node.input[0] = activation_dq

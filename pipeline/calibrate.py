@@ -23,7 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import insert_qdq, optional_inputs, quantizable_matmuls
+from bert_compiler.calibration.qdq import (
+    WEIGHT_GRANULARITIES,
+    insert_qdq,
+    optional_inputs,
+    quantizable_matmuls,
+)
 from bert_compiler.calibration.ranges import (
     METHODS,
     collect_channel_amax,
@@ -84,6 +89,9 @@ class CalibrationSpec:
             Softmax, Erf, Gelu) whose float inputs get Q/DQ as well; empty keeps them float.
         smooth_alpha: SmoothQuant migration strength for every quantized MatMul input
             (calibration/smooth.py); None leaves activations as they are.
+        weight_granularity: ``channel`` (one weight scale per output channel) or ``tensor``
+            (one per weight), calibration/qdq.py WEIGHT_GRANULARITIES. The sensitivity ranking
+            of the fallback quantizes per channel either way.
     """
 
     method: str = "percentile"
@@ -99,6 +107,7 @@ class CalibrationSpec:
     keep_float: tuple[str, ...] = ()
     quantize_ops: tuple[str, ...] = ()
     smooth_alpha: float | None = None
+    weight_granularity: str = "channel"
 
     def data_file(self) -> Path:
         if self.data:
@@ -118,6 +127,11 @@ class CalibrationSpec:
             raise InputError("--num-samples and --batch-size must be >= 1, bins >= 256")
         if self.smooth_alpha is not None and not 0 <= self.smooth_alpha <= 1:
             raise InputError(f"--smooth-alpha {self.smooth_alpha}: must be in [0, 1]")
+        if self.weight_granularity not in WEIGHT_GRANULARITIES:
+            raise InputError(
+                f"--weight-granularity {self.weight_granularity!r}: expected one of "
+                f"{', '.join(WEIGHT_GRANULARITIES)}"
+            )
 
 
 def calibration_texts(spec: CalibrationSpec) -> tuple[list[Text], dict[str, int]]:
@@ -265,7 +279,11 @@ def calibrate(
         if factors is not None and loaded["ranges"] is not None:
             model = apply_smoothing(model, factors)
         quantized, scales = insert_qdq(
-            model, amax, exclude=frozenset(spec.keep_float), quantize_ops=spec.quantize_ops
+            model,
+            amax,
+            exclude=frozenset(spec.keep_float),
+            quantize_ops=spec.quantize_ops,
+            weight_granularity=spec.weight_granularity,
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")

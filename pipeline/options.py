@@ -20,7 +20,7 @@ import click
 from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS
+from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS, WEIGHT_GRANULARITIES
 from bert_compiler.calibration.ranges import METHODS
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
@@ -491,6 +491,13 @@ class CalibrationOptions(OptionGroup):
                 "its weights (exact in float); unset: off.",
             ),
             click.option(
+                "--weight-granularity",
+                type=click.Choice(WEIGHT_GRANULARITIES),
+                default=default_of(CalibrationSpec, "weight_granularity"),
+                show_default=True,
+                help="INT8 weight scales: one per output channel or one per weight tensor.",
+            ),
+            click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
             ),
             click.option(
@@ -518,6 +525,7 @@ class CalibrationOptions(OptionGroup):
             keep_float=tuple(values["keep_float"]),
             quantize_ops=tuple(values["quantize_op"]),
             smooth_alpha=values["smooth_alpha"],
+            weight_granularity=values["weight_granularity"],
         )
 
 
@@ -946,6 +954,12 @@ class SweepOptions(OptionGroup):
                 help=f"Comma-separated CPU INT8 dynamic scopes ({', '.join(DYNAMIC_SCOPES)}).",
             ),
             click.option(
+                "--sweep-weight-granularity",
+                default=",".join(default_of(SweepSpec, "weight_granularity")),
+                show_default=True,
+                help=f"Comma-separated weight scales ({', '.join(WEIGHT_GRANULARITIES)}).",
+            ),
+            click.option(
                 "--sweep-kept-float",
                 default=",".join(str(k) for k in default_of(SweepSpec, "kept_float")),
                 show_default=True,
@@ -1009,6 +1023,9 @@ class SweepOptions(OptionGroup):
             methods=_method_list(values["sweep_methods"]),
             dynamic=_choice_list(values["sweep_dynamic"], DYNAMIC_SCOPES),
             kept_float=_count_list(values["sweep_kept_float"]),
+            weight_granularity=_choice_list(
+                values["sweep_weight_granularity"], WEIGHT_GRANULARITIES
+            ),
             smooth_alpha=_alpha_list(values["sweep_smooth_alpha"]),
             pairs=values["sweep_pairs"],
             sentences=values["sweep_sentences"],

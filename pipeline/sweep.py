@@ -8,14 +8,15 @@ stage. Kept-float MatMuls are the most sensitive of the fallback's ranking (cali
 sentences, the default method, the unsmoothed graph). Metrics: STS-B Spearman on every k-th pair
 of the selection split and of STS-B dev (both files are in genre order, so their first pairs are
 captions only). Speed: timed passes over selection sentences in batches of 32, runners
-interleaved round by round, median; ratio to PyTorch fp32. Weights are per-channel and
-activations per-tensor in every row. Peers (ORT's own dynamic INT8 quantization of the exported
-and of the fused graph) are scored and timed the same way.
+interleaved round by round, median; ratio to PyTorch fp32. Activations are per-tensor in every
+row; weights per channel or per tensor (an axis). Peers (ORT's own dynamic INT8 quantization of
+the exported and of the fused graph) are scored and timed the same way.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import statistics
 import tempfile
@@ -24,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
@@ -70,6 +73,8 @@ class SweepSpec:
             static engine at two percentiles.
         dynamic: ``int8_dynamic`` scopes of the CPU INT8 engine (engines/ort_int8.py).
         kept_float: how many of the most sensitive MatMuls stay in float.
+        weight_granularity: weight scales per output channel and/or per tensor
+            (calibration/qdq.py WEIGHT_GRANULARITIES).
         smooth_alpha: SmoothQuant alphas (None: unsmoothed).
         pairs: STS-B pairs scored per split (500 is too noisy to choose on).
         selection_data: the selection split's STS-B file (None: the bundled one).
@@ -82,6 +87,7 @@ class SweepSpec:
     methods: tuple[str, ...] = ("percentile:99.99", "percentile:99.999")
     dynamic: tuple[str, ...] = ("none", "all")
     kept_float: tuple[int, ...] = (0,)
+    weight_granularity: tuple[str, ...] = ("channel",)
     smooth_alpha: tuple[float | None, ...] = (None,)
     pairs: int = 1500
     selection_data: Path | None = None
@@ -149,8 +155,8 @@ def _strided(path: Path, pairs: int, folder: Path) -> Path:
     return subset
 
 
-def _label(alpha: float | None, method: str, scope: str, kept: int) -> str:
-    return f"{method} smooth {alpha or 'none'} dynamic {scope} kept-float {kept}"
+def _label(alpha: float | None, method: str, weights: str, scope: str, kept: int) -> str:
+    return f"{method} smooth {alpha or 'none'} weights {weights} dynamic {scope} kept-float {kept}"
 
 
 def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Any]:
@@ -241,10 +247,13 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
         for method_text in spec.methods:
             method, percentile = parse_method(method_text)
             amax = compute_amax(histograms, method, percentile=percentile)
-            for kept, scope in itertools.product(spec.kept_float, spec.dynamic):
-                label = _label(alpha, method_text, scope, kept)
+            grid = itertools.product(spec.weight_granularity, spec.kept_float, spec.dynamic)
+            for weights, kept, scope in grid:
+                label = _label(alpha, method_text, weights, scope, kept)
                 folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
-                quantized, _ = insert_qdq(variant, amax, exclude=frozenset(order[:kept]))
+                quantized, _ = insert_qdq(
+                    variant, amax, exclude=frozenset(order[:kept]), weight_granularity=weights
+                )
                 folder.mkdir(parents=True, exist_ok=True)
                 staged = folder / "model.onnx.tmp"
                 save_onnx(quantized, staged)
@@ -261,7 +270,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                     "smooth_alpha": alpha,
                     "dynamic": scope,
                     "kept_float": kept,
-                    "granularity": "weights per-channel, activations per-tensor",
+                    "weight_granularity": weights,
                 }
                 encoder = Encoder(engine, info, max_length=max_length)
                 add(row, engine_embedder(encoder), engine.run)
@@ -306,8 +315,6 @@ def session_run(session) -> Callable[[dict], Any]:
 
 def _session_embedder(session, tokenizer, info: ModelInfo, max_length: int):
     """Texts -> mean-pooled rows from a peer's session (its graph may pool already)."""
-    import numpy as np
-
     run = session_run(session)
 
     def embed(texts):
@@ -343,8 +350,6 @@ def format_table(report: dict[str, Any]) -> str:
 
 def write_report(report: dict[str, Any], folder: Path) -> Path:
     """OUT/sweep/sweep.json, written last (after every engine)."""
-    import json
-
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / RESULTS_FILE
     atomic_write_text(path, json.dumps(report, indent=2, default=str))

@@ -15,6 +15,7 @@ from bert_compiler.calibration.qdq import (
     insert_qdq,
     optional_inputs,
     quantizable_matmuls,
+    tensor_weight_scale,
     weight_scales,
 )
 from bert_compiler.calibration.ranges import (
@@ -256,6 +257,86 @@ def test_gemm_weights_are_quantized_per_output_channel(trans_b):
         for m in (model, quantized)
     ]
     np.testing.assert_allclose(run[1], run[0], rtol=0.05, atol=0.15)
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_per_tensor_weights_have_one_scale_and_stay_close_to_float(trans_b):
+    import onnxruntime as ort
+
+    model = _gemm_graph(trans_b)
+    quantized, record = insert_qdq(model, {"x": 3.0}, weight_granularity="tensor")
+    weight = onnx.numpy_helper.to_array(model.graph.initializer[0])
+    assert record["w"]["axis"] is None
+    assert record["w"]["scale"] == pytest.approx(float(np.abs(weight).max()) / 127)
+    onnx.checker.check_model(quantized)
+    x = np.random.default_rng(4).uniform(-3, 3, (3, 4)).astype(np.float32)
+    run = [
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+            None, {"x": x}
+        )[0]
+        for m in (model, quantized)
+    ]
+    # Rounding bound of a 4-term dot product: each term off by at most |x| * s_w / 2 +
+    # |w| * s_x / 2 + s_x * s_w / 4 (x is within its range of 3, so never clipped).
+    s_x, s_w = 3 / 127, record["w"]["scale"]
+    bound = 4 * (3 * s_w / 2 + np.abs(weight).max() * s_x / 2 + s_x * s_w / 4)
+    assert np.abs(run[1] - run[0]).max() <= bound
+
+
+def test_per_tensor_weight_scale_is_the_largest_magnitude_over_127():
+    weight = np.array([[1.0, -4.0, 0.0], [-2.0, 2.0, 0.0]], dtype=np.float32)
+    assert tensor_weight_scale(weight).shape == ()
+    assert float(tensor_weight_scale(weight)) == pytest.approx(4 / 127)
+    assert float(tensor_weight_scale(np.zeros((2, 2), dtype=np.float32))) == 1.0
+    with pytest.raises(InputError, match="weight granularity 'row'"):
+        insert_qdq(_gemm_graph(0), {"x": 3.0}, weight_granularity="row")
+    with pytest.raises(InputError, match="--weight-granularity"):
+        CalibrationSpec(weight_granularity="row").validate()
+
+
+@pytest.mark.e2e
+def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tiny_run, tmp_path):
+    from bert_compiler.core.onnx_io import sample_token_feeds
+    from bert_compiler.engines.backend import BuildSpec, load_engine
+    from bert_compiler.pipeline.build import build
+
+    info, out, _spec, _summary = tiny_run
+    result = calibrate(
+        info=info,
+        source=out / "simplify" / "model.onnx",
+        out_dir=tmp_path / "calibrate",
+        spec=CalibrationSpec(**{**QUICK.__dict__, "weight_granularity": "tensor"}),
+    )
+    manifest = json.loads((result.path / "manifest.json").read_text())
+    assert manifest["spec"]["weight_granularity"] == "tensor"
+    graph = onnx.load(str(result.output("model.onnx")))
+    initializers = {i.name: i for i in graph.graph.initializer}
+    weight_dqs = [
+        n
+        for n in graph.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in initializers
+    ]
+    assert len(weight_dqs) == 6 * info.num_layers
+    assert all(list(initializers[n.input[1]].dims) == [] for n in weight_dqs)
+    built = build(
+        source=result.output("model.onnx"),
+        out_dir=tmp_path / "engine",
+        spec=BuildSpec(precision="int8", intra_op_num_threads=1),
+    )
+    engine, _manifest = load_engine(built.path)
+    float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
+    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    import onnxruntime as ort
+
+    reference = ort.InferenceSession(
+        str(out / "simplify" / "model.onnx"), providers=["CPUExecutionProvider"]
+    ).run(None, feeds)[0]
+    outputs = engine.run(feeds)
+    quantized = outputs[engine.output_names[0]] if isinstance(outputs, dict) else outputs[0]
+    cosine = (reference * quantized).sum(1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1)
+    )
+    assert cosine.min() > 0.9
 
 
 @pytest.mark.e2e

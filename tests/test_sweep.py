@@ -18,7 +18,10 @@ pytestmark = pytest.mark.e2e
 def test_sweep_prints_one_row_per_grid_point(tiny_embedding_model, tmp_path):
     out = tmp_path / "out"
     args = ["calibrate", "--sweep", "--model", str(tiny_embedding_model), "--out", str(out)]
-    grid = ["--sweep-methods", "percentile:99.99,minmax", "--sweep-dynamic", "none,all"]
+    grid = [
+        *("--sweep-methods", "percentile:99.99,minmax", "--sweep-dynamic", "all"),
+        *("--sweep-weight-granularity", "channel,tensor"),
+    ]
     small = ["--sweep-pairs", "20", "--sweep-sentences", "32", "--sweep-rounds", "1"]
     result = CliRunner().invoke(cli, [*args, *grid, *small, "--json"])
     assert result.exit_code == 0, result.output
@@ -27,8 +30,8 @@ def test_sweep_prints_one_row_per_grid_point(tiny_embedding_model, tmp_path):
     assert runners[0] == "torch fp32" and [label for label, _, _ in PEERS] == runners[1:3]
     engines = [r for r in report["rows"] if "method" in r]
     assert len(engines) == len(report["rows"]) - 3
-    assert sorted((r["method"], r["dynamic"]) for r in engines) == sorted(
-        (m, d) for m in ("percentile:99.99", "minmax") for d in ("none", "all")
+    assert sorted((r["method"], r["weight_granularity"], r["dynamic"]) for r in engines) == sorted(
+        (m, g, "all") for m in ("percentile:99.99", "minmax") for g in ("channel", "tensor")
     )
     assert report["splits"]["selection"]["role"].startswith("choices")
     assert report["splits"]["dev"]["role"] == "reported only"
@@ -47,6 +50,7 @@ def test_sweep_prints_one_row_per_grid_point(tiny_embedding_model, tmp_path):
         ("--sweep-methods", "percentile:101", "percentile:P"),
         ("--sweep-methods", "median", "METHOD"),
         ("--sweep-dynamic", "some", "expected comma-separated values"),
+        ("--sweep-weight-granularity", "row", "expected comma-separated values"),
         ("--sweep-kept-float", "-1", "counts >= 0"),
         ("--sweep-smooth-alpha", "2", "alpha in [0, 1]"),
     ],
