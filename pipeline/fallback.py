@@ -97,7 +97,7 @@ class FallbackSpec:
         return math.floor(self.max_float * quantizable + 1e-9)
 
 
-def _same_rows(selection: Path, reporting: Path) -> bool:
+def same_rows(selection: Path, reporting: Path) -> bool:
     """Whether two data files hold the same bytes (a copy of the reporting set is no split). Files
     of different sizes are not opened: the rounds' data must not read the reporting set."""
     if not selection.is_file() or not reporting.is_file():
@@ -152,7 +152,7 @@ def int8_with_fallback(
     """
     fallback.validate()
     split = fallback.selection_split(info) if fallback.enabled else None
-    if split is not None and _same_rows(split.metric, reporting):
+    if split is not None and same_rows(split.metric, reporting):
         raise InputError(
             f"--selection-data {split.metric}: the same rows as the set verify reports "
             f"({reporting}); choose on another split, e.g. a train subset"

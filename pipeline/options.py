@@ -982,7 +982,7 @@ class SweepOptions(OptionGroup):
             ),
             click.option(
                 "--sweep-selection-data",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                type=click.Path(dir_okay=False, path_type=Path),
                 default=None,
                 help="STS-B TSV scored as the selection split (default: the bundled "
                 "stsb-selection.tsv).",

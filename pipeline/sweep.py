@@ -45,7 +45,7 @@ from bert_compiler.pipeline.calibrate import (
     calibration_texts,
 )
 from bert_compiler.pipeline.export import export
-from bert_compiler.pipeline.fallback import FallbackSpec
+from bert_compiler.pipeline.fallback import FallbackSpec, same_rows
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
@@ -156,7 +156,8 @@ def _strided(path: Path, pairs: int, folder: Path) -> Path:
 
 
 def _label(alpha: float | None, method: str, weights: str, scope: str, kept: int) -> str:
-    return f"{method} smooth {alpha or 'none'} weights {weights} dynamic {scope} kept-float {kept}"
+    smooth = "none" if alpha is None else alpha
+    return f"{method} smooth {smooth} weights {weights} dynamic {scope} kept-float {kept}"
 
 
 def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Any]:
@@ -168,6 +169,16 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
         raise InputError(
             f"{info.name}: calibrate --sweep scores sentence embeddings on STS-B; "
             "use it on an embedding model"
+        )
+    selection = spec.selection_data or datasets.STSB_SELECTION
+    if not selection.is_file():
+        raise InputError(
+            f"--sweep-selection-data {selection}: no such file; give an STS-B TSV of train pairs"
+        )
+    if same_rows(selection, datasets.STSB_DEV):
+        raise InputError(
+            f"--sweep-selection-data {selection}: holds the rows of STS-B dev, which the sweep "
+            "only reports; choose on another split, e.g. a train subset"
         )
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(spec.threads)
@@ -205,9 +216,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
     reference = torch_runner(info, pooling_in_graph=True)
     scratch = tempfile.TemporaryDirectory()
     splits = {
-        "selection": _strided(
-            spec.selection_data or datasets.STSB_SELECTION, spec.pairs, Path(scratch.name)
-        ),
+        "selection": _strided(selection, spec.pairs, Path(scratch.name)),
         "dev": _strided(datasets.STSB_DEV, spec.pairs, Path(scratch.name)),
     }
     pairs = datasets.load_stsb(splits["selection"])
@@ -294,7 +303,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
         "model": info.name,
         "splits": {
             "selection": {
-                "file": str(spec.selection_data or datasets.STSB_SELECTION),
+                "file": str(selection),
                 "role": "choices are read from this split",
             },
             "dev": {"file": str(datasets.STSB_DEV), "role": "reported only"},
@@ -334,15 +343,16 @@ def _session_embedder(session, tokenizer, info: ModelInfo, max_length: int):
 
 def format_table(report: dict[str, Any]) -> str:
     """The table: one row per runner, the selection split's columns first."""
+    width = max(len(row["runner"]) for row in report["rows"])
     lines = [
         f"STS-B Spearman on {report['pairs']} pairs per split; selection: choose on it; "
         "dev: reported only",
-        f"{'runner':<60} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
+        f"{'runner':<{width}} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
         f"{'vs torch':>8}",
     ]
     for row in report["rows"]:
         lines.append(
-            f"{row['runner']:<60} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
+            f"{row['runner']:<{width}} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
             f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} {row['vs_torch']:>7.2f}x"
         )
     return "\n".join(lines)

@@ -9,6 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.calibration import datasets
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.sweep import PEERS
 
@@ -80,3 +81,20 @@ def test_sweep_of_a_classifier_says_what_it_scores(tiny_classifier_model, tmp_pa
     )
     assert result.exit_code == 3, result.output
     assert "sentence embeddings on STS-B" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [("missing.tsv", "no such file"), ("dev-copy.tsv", "holds the rows of STS-B dev")],
+)
+def test_sweep_refuses_a_selection_split_that_is_not_one(
+    tiny_embedding_model, tmp_path, selection, expected
+):
+    (tmp_path / "dev-copy.tsv").write_bytes(datasets.STSB_DEV.read_bytes())
+    out = tmp_path / "o"
+    args = ["calibrate", "--sweep", "--model", str(tiny_embedding_model), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--sweep-selection-data", str(tmp_path / selection)])
+    assert result.exit_code == 3, result.output
+    assert expected in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (out / "sweep").exists()  # refused before any engine was built
