@@ -731,6 +731,14 @@ class PackageOptions(OptionGroup):
                 help="Pad each request to a rung of the length ladder fitted to the calibration "
                 "sentences (requests of one rung batch together), or to its own longest text.",
             ),
+            click.option(
+                "--ladder-rungs",
+                type=_int_range(PACKAGE_LIMITS["ladder_rungs"]),
+                default=default_of(PackageSpec, "ladder_rungs"),
+                show_default=True,
+                help="Rungs of the tokenizer's length ladder fitted to the calibration sentences "
+                "(more pad less but split requests into more, smaller engine runs).",
+            ),
         ]
 
     def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
@@ -742,6 +750,7 @@ class PackageOptions(OptionGroup):
             python_cpu_engine=values["python_cpu_engine"],
             warmup=values["warmup"],
             padding=values["tokenizer_padding"],
+            ladder_rungs=values["ladder_rungs"],
         )
 
     def repository(self, values: Values) -> Path:

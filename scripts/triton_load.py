@@ -2,7 +2,8 @@
 """Closed-loop load on a bert-compile Triton ensemble: sentences/s and latency per concurrency.
 
 Sends STS-B dev sentences (sentence1 and sentence2 of each pair, in file order; to a
-cross-encoder's ensemble, whose inputs are TEXT and TEXT_PAIR, the pairs), one per gRPC request,
+cross-encoder's ensemble, whose inputs are TEXT and TEXT_PAIR, the pairs; or the texts of
+--data), one per gRPC request,
 from N concurrent clients that each send the next sentence as soon as their previous answer
 arrives; a fixed number of requests per measurement, cut off at a deadline. Reports
 sentences/s, p50/p99 latency and how many requests the engine model ran per execute call (from
@@ -56,11 +57,18 @@ class Measurement:
     first_error: str = ""
 
 
-def stsb_texts(pairs: bool = False) -> list[tuple[str, ...]]:
-    """The STS-B dev sentences in file order: both of each pair, one a text, or (``pairs``) each
-    pair as one text of two strings."""
-    from bert_compiler.calibration.datasets import load_stsb
+def request_texts(data: Path | None, pairs: bool = False) -> list[tuple[str, ...]]:
+    """The texts to send, in file order. Default: the STS-B dev sentences, both of each pair,
+    one a text, or (``pairs``) each pair as one text of two strings. ``data``: the ``sentence``
+    column of a .tsv/.jsonl (or each line of a .txt), or its sentence1/sentence2 pairs."""
+    from bert_compiler.calibration.datasets import PAIR_COLUMNS, iter_pairs, load_stsb, load_texts
 
+    if data is not None:
+        return (
+            list(iter_pairs(data, columns=PAIR_COLUMNS))
+            if pairs
+            else [(text,) for text in load_texts(data)]
+        )
     stsb = load_stsb()
     both = list(zip(stsb.sentences1, stsb.sentences2, strict=True))
     return both if pairs else [(s,) for pair in both for s in pair]
@@ -69,8 +77,8 @@ def stsb_texts(pairs: bool = False) -> list[tuple[str, ...]]:
 class Target:
     """One ensemble on one server, with the models whose statistics are read."""
 
-    def __init__(self, label: str, url: str, model: str):
-        self.label, self.url, self.model = label, url, model
+    def __init__(self, label: str, url: str, model: str, data: Path | None = None):
+        self.label, self.url, self.model, self.data = label, url, model, data
 
     async def open(self) -> None:
         import tritonclient.grpc.aio as grpc_aio
@@ -85,7 +93,7 @@ class Target:
         self.output = metadata["outputs"][0]["name"]
         # TEXT, and a cross-encoder's TEXT_PAIR.
         self.inputs = [tensor["name"] for tensor in metadata["inputs"]]
-        self.texts = stsb_texts(pairs=len(self.inputs) == 2)
+        self.texts = request_texts(self.data, pairs=len(self.inputs) == 2)
 
     async def counts(self, model: str) -> tuple[int, int]:
         """(requests inferred, execute calls) of a model so far."""
@@ -241,6 +249,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         metavar="LABEL=FOLDER",
         help="start a server on this repository (repeat to compare; the first is the baseline)",
     )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        help="texts to send instead of STS-B dev (.tsv/.jsonl `sentence` column or .txt lines; "
+        "sentence1/sentence2 for a cross-encoder), e.g. calibration/data/"
+        "calibration-sentences.tsv to choose settings apart from the text that reports them",
+    )
     parser.add_argument("--concurrency", type=_positive_ints, default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
     parser.add_argument(
@@ -252,6 +267,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.rounds < 1 or args.warmup < 0 or args.deadline_s <= 0:
         parser.error("--requests and --rounds must be >= 1, --warmup >= 0, --deadline-s > 0")
+    if args.data is not None and not args.data.is_file():
+        parser.error(f"--data {args.data}: no such file")
     if args.repository and len({label for label, _ in args.repository}) != len(args.repository):
         parser.error("--repository labels must differ")
     return args
@@ -261,11 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     from tritonclient.utils import InferenceServerException
 
+    from bert_compiler.core.errors import BertCompileError
+
     with contextlib.ExitStack() as stack:
         if args.url:
-            targets = [Target("server", args.url, args.model)]
+            targets = [Target("server", args.url, args.model, args.data)]
         else:
-            from bert_compiler.core.errors import BertCompileError
             from bert_compiler.pipeline.triton.server import (
                 find_server,
                 plan_serving,
@@ -286,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 except BertCompileError as err:
                     print(f"triton_load: {label} ({repository}): {err}", file=sys.stderr)
                     return 1
-                targets.append(Target(label, server.grpc, args.model))
+                targets.append(Target(label, server.grpc, args.model, args.data))
         try:
             results = asyncio.run(run(targets, args))
-        except (InferenceServerException, ValueError, OSError) as err:
+        except (InferenceServerException, BertCompileError, ValueError, OSError) as err:
             print(f"triton_load: {args.model}: {err}", file=sys.stderr)
             return 1
     print(table(results))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -18,6 +19,7 @@ from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.engines.backend import budget_batch_sizes
 from bert_compiler.engines.batching import rung
+from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.runtime import CPU_BATCHING, ladder_from_text
 from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
@@ -194,6 +196,32 @@ def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(reposi
     python = configs[f"{slug}-ort-cpu-fp32-python"]
     assert all(i.allow_ragged_batch for i in python.input) and len(python.input) == 3
     assert list(python.dynamic_batching.preferred_batch_size) == list(preferred)
+
+
+@pytest.mark.e2e
+def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
+    from bert_compiler.pipeline.models import load_tokenizer
+
+    info, out, _spec, _summary = tiny_run
+    result = CliRunner().invoke(
+        cli,
+        [
+            "package", "--model", str(info.path), "--out", str(out), "--repository",
+            str(tmp_path / "r"), "--ladder-rungs", "2", "--json",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    configs = _configs(tmp_path / "r")
+    ladder = parse_ladder(
+        configs[f"{info.name}-tokenizer"].parameters["length_ladder"].string_value
+    )
+    assert ladder == ladder_from_text(load_tokenizer(info), info, 128, 2)
+    assert ladder != ladder_from_text(load_tokenizer(info), info, 128, TRITON_LADDER_RUNGS)
+    refused = CliRunner().invoke(
+        cli,
+        ["package", "--out", str(out), "--repository", str(tmp_path / "s"), "--ladder-rungs", "0"],
+    )
+    assert refused.exit_code == 2 and "--ladder-rungs" in refused.output
 
 
 @pytest.mark.e2e

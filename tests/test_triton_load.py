@@ -27,6 +27,7 @@ def _load(*args):
         (["--concurrency", "0,8"], "expected integers >= 1"),
         (["--requests", "0"], "--requests and --rounds must be >= 1"),
         (["--repository", "no-label"], "expected LABEL=FOLDER"),
+        (["--data", "/nonexistent/texts.tsv"], "--data /nonexistent/texts.tsv: no such file"),
     ],
 )
 def test_bad_arguments_are_one_line(args, message):

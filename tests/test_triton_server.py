@@ -247,6 +247,23 @@ def test_load_generator_reports_throughput_and_latency(served):
     assert "sent/s" in result.stdout.splitlines()[0]
 
 
+def test_load_generator_sends_the_texts_of_data(served, tmp_path):
+    _info, _out, server, ensemble = served
+    texts = tmp_path / "texts.txt"
+    texts.write_text("a short one\na somewhat longer sentence to send\n", encoding="utf-8")
+    common = ["--url", server.grpc, "--model", ensemble, "--concurrency", "2", "--warmup", 0]
+    result = _load(*common, "--requests", 6, "--data", texts, "--json")
+    assert result.returncode == 0, result.stderr
+    (row,) = json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    assert row["completed"] == 6 and row["errors"] == 0
+    no_column = tmp_path / "texts.tsv"
+    no_column.write_text("text\nhello\n", encoding="utf-8")
+    result = _load(*common, "--requests", 2, "--data", no_column)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"triton_load: {ensemble}: ") and "sentence" in line
+
+
 def test_load_generator_compares_repositories_on_their_own_servers(tiny_run, tmp_path):
     info, out, _spec, _summary = tiny_run
     repositories = {}

@@ -116,6 +116,7 @@ PACKAGE_LIMITS = {
     "max_batch_size": (1, 4096),
     "max_queue_delay_us": (0, 10_000_000),
     "instances": (1, 64),
+    "ladder_rungs": (1, 64),
 }
 
 
@@ -136,9 +137,10 @@ class PackageSpec:
             ``length_ladder`` that holds its longest text (requests of one rung batch together
             in Triton); ``request``, to its own longest text (requests batch only when their
             longest texts have the same length: the behaviour before ladders).
+        ladder_rungs: how many rungs of the ladder are fitted to the calibration sentences.
         length_ladder: the rungs, ascending, the top one at the maximum length; filled by
             ``package`` from the bundled calibration sentences (engines/batching.py's
-            least-padding ladder with TRITON_LADDER_RUNGS fitted rungs), never from evaluation
+            least-padding ladder with ``ladder_rungs`` fitted rungs), never from evaluation
             text.
     """
 
@@ -149,6 +151,7 @@ class PackageSpec:
     python_cpu_engine: bool = False
     warmup: bool = True
     padding: str = "ladder"
+    ladder_rungs: int = TRITON_LADDER_RUNGS
     length_ladder: tuple[int, ...] = ()
 
     def validate(self) -> None:
@@ -175,7 +178,7 @@ class PackageSpec:
         if self.padding != "ladder":
             return self
         if not self.length_ladder:
-            ladder = ladder_from_text(load_tokenizer(info), info, max_length, TRITON_LADDER_RUNGS)
+            ladder = ladder_from_text(load_tokenizer(info), info, max_length, self.ladder_rungs)
             return replace(self, length_ladder=tuple(int(length) for length in ladder))
         if self.length_ladder[-1] < max_length:
             raise InputError(
