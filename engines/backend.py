@@ -46,6 +46,9 @@ class Engine(Protocol):
 # than "fused" for MiniLM and BERT-base on the H100, timed on the calibration sentences
 # (docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
 DEFAULT_ATTENTION_KERNELS = "default"
+# ORT CUDA engines run padded attention unless asked for packing mode (engines/packed_attention.py):
+# off until it measures faster on the H100 (issue 13).
+DEFAULT_PACKED_ATTENTION = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class BuildSpec:
             or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
         attention_kernels: ORT CUDA: which attention kernels the provider may use
             (engines/onnxruntime.py ATTENTION_KERNELS).
+        packed_attention: ORT CUDA: rewrite the fused graph into ORT's packing mode
+            (engines/packed_attention.py: attention and the layers around it on the valid tokens
+            only); not with ``cuda_graph``.
         int8_dynamic: CPU ORT int8: which MatMuls quantize their activation per batch at run
             time instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES);
             TensorRT uses the calibrated scales of the same graph. ``all`` was chosen on the
@@ -87,6 +93,7 @@ class BuildSpec:
     keep_float_ops: tuple[str, ...] = ()
     int8_weights: str = "auto"
     attention_kernels: str = DEFAULT_ATTENTION_KERNELS
+    packed_attention: bool = DEFAULT_PACKED_ATTENTION
     int8_dynamic: str = "all"
     tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
 
@@ -100,6 +107,11 @@ class BuildSpec:
         if self.device == "cpu" and self.precision == "fp16":
             raise InputError("--precision fp16 needs a GPU target; the CPU engine is fp32 or int8")
         backend.check(self)
+        if self.packed_attention and not backend.applicable(self).packed_attention:
+            raise InputError(
+                f"--packed-attention: only ONNX Runtime CUDA engines take it, not {self.backend} "
+                f"on {self.device}; build with --target cuda, or without --packed-attention"
+            )
         self.tensorrt.validate()
 
     @property
@@ -177,6 +189,7 @@ class Backend:
             cuda_graph=False,
             ort_tensorrt_provider=False,
             attention_kernels=DEFAULT_ATTENTION_KERNELS,
+            packed_attention=DEFAULT_PACKED_ATTENTION,
         )
 
     def source_stage(self, spec: BuildSpec) -> str:

@@ -27,6 +27,7 @@ from bert_compiler.engines.ort_int8 import (
     lower_qdq_matmuls,
     resolve_weight_type,
 )
+from bert_compiler.engines.packed_attention import PACKED_OPS, pack_attention, require_packable
 from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 # An INT8 engine with another dynamic scope than the default is named for it.
@@ -54,6 +55,17 @@ TRITON_GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disable": 2}
 # kernel: no faster on short rows there, slower at 128 tokens. "unfused": batched GEMMs and a
 # softmax kernel, not yet timed (a candidate for rows of a few dozen tokens).
 ATTENTION_KERNELS = {"default": None, "fused": 1 | 2 | 4 | 16 | 32 | 64, "unfused": 16}
+
+
+def check_packed_attention(*, packed_attention: bool, cuda_graph: bool) -> None:
+    """Raises InputError for packed attention with CUDA graphs: RemovePadding sizes its output by
+    the batch's valid tokens, copied to the host mid-run, which no CUDA graph can capture."""
+    if packed_attention and cuda_graph:
+        raise InputError(
+            "--packed-attention with --cuda-graph: ORT's RemovePadding waits for the GPU in every "
+            "run (its output has one row per valid token), so no CUDA graph can capture it; "
+            "build the packed engine without --cuda-graph"
+        )
 
 
 def _ort_errors() -> tuple[type[BaseException], ...]:
@@ -97,6 +109,9 @@ class OrtEngineOptions:
             with its engine cache in ``trt_cache_dir`` inside the engine folder.
         attention_kernels: a key of ATTENTION_KERNELS: which attention kernels the CUDA
             provider may use (``default``, what an engine recorded without it was run with).
+        packed_attention: rewrite the fused graph into ORT's packing mode before optimizing
+            (engines/packed_attention.py; CUDA only, not with ``cuda_graph``). False is what an
+            engine recorded without it was built as.
     """
 
     device: str = "cpu"
@@ -115,6 +130,7 @@ class OrtEngineOptions:
     tensorrt_provider: bool = False
     trt_cache_dir: str = "trt-cache"
     attention_kernels: str = "default"
+    packed_attention: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -136,11 +152,14 @@ class OrtEngineOptions:
                 f"attention kernels {self.attention_kernels!r}: expected one of "
                 f"{', '.join(ATTENTION_KERNELS)}"
             )
-        if self.device == "cpu" and (self.fp16 or self.cuda_graph or self.tensorrt_provider):
+        if self.device == "cpu" and (
+            self.fp16 or self.cuda_graph or self.tensorrt_provider or self.packed_attention
+        ):
             raise InputError(
-                "fp16, CUDA graphs and the TensorRT provider need --device cuda; the CPU engine "
-                "is fp32 or int8"
+                "fp16, CUDA graphs, the TensorRT provider and packed attention need --device "
+                "cuda; the CPU engine is fp32 or int8"
             )
+        check_packed_attention(packed_attention=self.packed_attention, cuda_graph=self.cuda_graph)
 
 
 def provider_entries(options: OrtEngineOptions, engine_dir: Path | None) -> list:
@@ -233,11 +252,18 @@ def build_engine(source: Path, destination: Path, options: OrtEngineOptions) -> 
     session_options.optimized_model_filepath = str(destination)
     facts: dict[str, Any] = {"provider": provider, "onnxruntime": ort.__version__}
     model: Any = str(source)
-    if options.lower_int8 or options.pack_tokens or options.fp16:
+    if options.lower_int8 or options.pack_tokens or options.fp16 or options.packed_attention:
         graph = load_onnx(Path(source))
         if options.fp16:
             graph = convert_to_fp16(graph, keep_float_ops=options.keep_float_ops)
             facts["fp16_weight_fraction"] = round(float16_fraction(graph), 6)
+        if options.packed_attention:
+            # After the fp16 conversion: its float32 head starts at the last LayerNorm's output,
+            # where RestorePadding would otherwise sit (and run in float32).
+            graph = pack_attention(graph, where=str(source))
+            facts["packed_attention_ops"] = {
+                op: sum(node.op_type == op for node in graph.graph.node) for op in PACKED_OPS
+            }
         if options.lower_int8:
             graph = lower_qdq_matmuls(
                 graph, weights=options.int8_weights, dynamic=options.int8_dynamic
@@ -479,6 +505,7 @@ class OnnxRuntimeBackend(Backend):
                 f"{', '.join(ATTENTION_KERNELS)}"
             )
         check_dynamic_scope(spec.int8_dynamic)
+        check_packed_attention(packed_attention=spec.packed_attention, cuda_graph=spec.cuda_graph)
         if spec.device == "cuda" and spec.precision == "int8":
             raise InputError(
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
@@ -516,6 +543,7 @@ class OnnxRuntimeBackend(Backend):
                 ("trtep", spec.ort_tensorrt_provider),
                 (spec.int8_weights, spec.int8_weights != "auto"),
                 (self._attention_variant(spec), bool(self._attention_variant(spec))),
+                ("packed-attention", spec.packed_attention),
                 (f"dynamic-{spec.int8_dynamic}", spec.int8_dynamic != _DEFAULT_DYNAMIC),
             )
             if on
@@ -540,6 +568,7 @@ class OnnxRuntimeBackend(Backend):
             attention_kernels=spec.attention_kernels
             if spec.device == "cuda"
             else DEFAULT_ATTENTION_KERNELS,
+            packed_attention=spec.packed_attention and spec.device == "cuda",
         )
 
     def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
@@ -547,7 +576,9 @@ class OnnxRuntimeBackend(Backend):
 
         def prepare() -> None:
             # ORT would follow the graph's external-data paths itself: check containment first.
-            load_onnx(source)
+            graph = load_onnx(source)
+            if options.packed_attention:
+                require_packable(graph, where=str(source))
 
         def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
             facts = gpu_facts(spec)
@@ -599,6 +630,7 @@ class OnnxRuntimeBackend(Backend):
             keep_float_ops=session.keep_float_ops,
             int8_weights=spec.get("int8_weights", "auto"),
             attention_kernels=session.attention_kernels,
+            packed_attention=session.packed_attention,
             int8_dynamic=session.int8_dynamic if spec["precision"] == "int8" else _DEFAULT_DYNAMIC,
         )
 

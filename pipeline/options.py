@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from click.core import ParameterSource
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS, WEIGHT_GRANULARITIES
 from bert_compiler.calibration.ranges import METHODS
+from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
     PRECISIONS,
@@ -31,7 +32,7 @@ from bert_compiler.core.targets import (
     plan_targets,
 )
 from bert_compiler.engines.backend import BuildSpec, get_backend
-from bert_compiler.engines.onnxruntime import ATTENTION_KERNELS
+from bert_compiler.engines.onnxruntime import ATTENTION_KERNELS, check_packed_attention
 from bert_compiler.engines.ort_int8 import DYNAMIC_SCOPES, WEIGHT_CHOICES
 from bert_compiler.engines.tensorrt_options import (
     BUILDER_OPTIMIZATION_LEVELS,
@@ -577,6 +578,14 @@ class TargetOptions(OptionGroup):
                 "names the engine (...-attn-fused).",
             ),
             click.option(
+                "--packed-attention/--no-packed-attention",
+                default=default_of(BuildSpec, "packed_attention"),
+                show_default=True,
+                help="ONNX Runtime CUDA: rewrite the fused graph into ORT's packing mode "
+                "(RemovePadding, PackedAttention, RestorePadding: the encoder runs on the valid "
+                "tokens only). Not with --cuda-graph; names the engine (...-packed-attention).",
+            ),
+            click.option(
                 "--int8-dynamic",
                 type=click.Choice(DYNAMIC_SCOPES),
                 default=default_of(BuildSpec, "int8_dynamic"),
@@ -653,6 +662,9 @@ class TargetOptions(OptionGroup):
             version_compatible=values["version_compatible"],
         )
         tensorrt.validate()
+        check_packed_attention(
+            packed_attention=values["packed_attention"], cuda_graph=values["cuda_graph"]
+        )
         # --target cpu needs nothing from the machine; every other target looks at it.
         env = Environment() if values["target"] == "cpu" else detect()
         precisions = tuple(dict.fromkeys(values["precisions"] or ()))
@@ -667,6 +679,7 @@ class TargetOptions(OptionGroup):
                 cuda_graph=values["cuda_graph"],
                 int8_weights=values["int8_weights"],
                 attention_kernels=values["attention_kernels"],
+                packed_attention=values["packed_attention"],
                 int8_dynamic=values["int8_dynamic"],
                 ort_tensorrt_provider=values["ort_tensorrt_provider"],
                 keep_float_ops=tuple(values["keep_float_ops"]),
@@ -676,7 +689,22 @@ class TargetOptions(OptionGroup):
             spec = get_backend(requested.backend).applicable(requested)
             spec.validate()
             specs.append(spec)
+        if values["packed_attention"]:
+            _require_packed_attention_taker(specs)
         return tuple(specs), plan.notes
+
+
+def _require_packed_attention_taker(specs: Sequence[BuildSpec]) -> None:
+    """--packed-attention applies to the run's ONNX Runtime CUDA engines: refuse a run with
+    none, and say which engines of a mixed run (``--target auto``) are built without it."""
+    without = [f"{s.backend} {s.device} {s.precision}" for s in specs if not s.packed_attention]
+    if len(without) == len(specs):
+        raise InputError(
+            "--packed-attention: this run builds no ONNX Runtime CUDA engine "
+            f"({', '.join(without)}); build with --target cuda, or without --packed-attention"
+        )
+    for engine in without:
+        log.warning("[target] --packed-attention does not apply to the %s engine", engine)
 
 
 class PackageOptions(OptionGroup):

@@ -200,6 +200,82 @@ def test_attention_kernels_reach_the_cuda_engine_only():
         BuildSpec(device="cuda", precision="fp16", attention_kernels="x").validate()
 
 
+def test_packed_attention_names_and_records_the_cuda_engine(tmp_path):
+    backend = get_backend("onnxruntime")
+    packed = BuildSpec(
+        device="cuda", precision="fp16", compute_capability="9.0", packed_attention=True
+    )
+    assert engine_name(packed, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-packed-attention"
+    fused = replace(packed, attention_kernels="fused")
+    assert engine_name(fused, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-attn-fused-packed-attention"
+    assert engine_name(replace(packed, packed_attention=False), "1") == "ort1-cuda-sm90-fp16"
+    # The build record (the manifest's spec) carries it; from_record reads it back, and an
+    # engine recorded before the option existed was built unpacked.
+    job = backend.build_job(tmp_path / "model.onnx", packed, input_names=())
+    assert job.settings["session"]["packed_attention"] is True
+    recorded = {"device": "cuda", "precision": "fp16", "compute_capability": "9.0", **job.settings}
+    assert backend.from_record(recorded).packed_attention is True
+    assert engine_name(backend.from_record(recorded), "1.31.1") == engine_name(packed, "1.31.1")
+    assert backend.triton_kind(recorded) == "ort-cuda-fp16-packed-attention"
+    older = {**recorded, "session": dict(job.settings["session"])}
+    del older["session"]["packed_attention"]
+    assert backend.from_record(older).packed_attention is False
+    # A CPU engine never records it, whatever the flags said.
+    cpu = backend.applicable(BuildSpec(packed_attention=True))
+    assert not cpu.packed_attention and not backend.options(cpu).packed_attention
+
+
+@pytest.mark.parametrize(
+    ("spec", "needle"),
+    [
+        (BuildSpec(packed_attention=True), "not onnxruntime on cpu"),
+        (
+            BuildSpec(backend="tensorrt", device="cuda", precision="fp16", packed_attention=True),
+            "not tensorrt on cuda",
+        ),
+        (
+            BuildSpec(device="cuda", precision="fp16", cuda_graph=True, packed_attention=True),
+            "--packed-attention with --cuda-graph",
+        ),
+    ],
+)
+def test_packed_attention_refuses_other_targets_and_cuda_graphs(spec, needle):
+    with pytest.raises(InputError, match=needle) as caught:
+        spec.validate()
+    assert "\n" not in str(caught.value)
+
+
+def test_packed_attention_engine_options_need_cuda_without_graphs():
+    with pytest.raises(InputError, match="need --device cuda"):
+        ort_engine.OrtEngineOptions(device="cpu", packed_attention=True).validate()
+    with pytest.raises(InputError, match="no CUDA graph can capture"):
+        ort_engine.OrtEngineOptions(
+            device="cuda", fp16=True, cuda_graph=True, packed_attention=True
+        ).validate()
+    ort_engine.OrtEngineOptions(device="cuda", fp16=True, packed_attention=True).validate()
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--target", "cpu"], "this run builds no ONNX Runtime CUDA engine (onnxruntime cpu fp32)"),
+        # Refused from the flags alone, before looking for a GPU.
+        (["--target", "cuda", "--cuda-graph"], "--packed-attention with --cuda-graph"),
+    ],
+)
+def test_packed_attention_cli_refusals_are_one_line_exit_3(
+    tiny_embedding_model, tmp_path, flags, needle
+):
+    out = tmp_path / "out"
+    result = _invoke(
+        "run", "--model", tiny_embedding_model, "--out", out, "--packed-attention", *flags
+    )
+    assert result.exit_code == 3, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert needle in line and "--packed-attention" in line
+    assert not out.exists() or not list(out.rglob("manifest.json"))
+
+
 def test_cuda_engine_on_a_cpu_machine_is_an_environment_error(tmp_path):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has ORT's CUDA provider")
