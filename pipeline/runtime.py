@@ -6,8 +6,10 @@ group is padded to a rung of the length ladder (engines/batching.py), and each o
 back to its input position. On a GPU the token matrix is copied to the device once (through pinned
 host memory) and each batch is gathered there, so an engine call waits for no host work; with a
 CUDA-graph engine the shapes are bounded (ladder rungs x power-of-two row counts), so every graph
-is captured once and replayed. verify runs engines through this module, so what is verified is
-what is served.
+is captured once and replayed. A packed-attention engine (engines/packed_attention.py) takes the
+same padded batches and runs without CUDA graphs; its ORT run waits once for the GPU inside
+(RemovePadding sizes its output by the batch's valid tokens), so its batches are not queued ahead.
+verify runs engines through this module, so what is verified is what is served.
 """
 
 from __future__ import annotations

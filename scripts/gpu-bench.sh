@@ -3,8 +3,9 @@
 # onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (docs/benchmarks.md says how).
 #   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
 # For each model: random weights (scripts/random_encoder.py), `run` (export, simplify, fuse, fp16
-# ONNX Runtime CUDA engines with and without CUDA graphs, and with graphs and the other choice of
-# attention kernels, verify against PyTorch), then `bench`
+# ONNX Runtime CUDA engines with and without CUDA graphs, with graphs and the other choice of
+# attention kernels, and in ORT's packing mode (--packed-attention, which cannot take CUDA graphs),
+# verify against PyTorch), then `bench`
 # (first on the calibration sentences with CHOOSE_ARGS when set, then on STS-B with BENCH_ARGS).
 set -euo pipefail
 like=$1 out=$2
@@ -26,6 +27,7 @@ for model in $models; do
   "${cli[@]}" run "${common[@]}"
   "${cli[@]}" run "${common[@]}" --cuda-graph
   "${cli[@]}" run "${common[@]}" --cuda-graph --attention-kernels fused
+  "${cli[@]}" run "${common[@]}" --packed-attention
   if [ -n "${CHOOSE_ARGS:-}" ]; then
     # Batching candidates timed on the calibration sentences (where defaults are chosen), kept
     # apart from the STS-B run that reports them.
