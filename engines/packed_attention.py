@@ -26,8 +26,8 @@ from bert_compiler.core.errors import InputError
 
 # What produces a per-row token count [batch] (int32) in ORT's fused BERT graphs: the mask index
 # output of EmbedLayerNormalization, or a ReduceSum of the cast mask where the embeddings stay
-# standard ops (RoBERTa). RemovePadding reads the mask as such a count, so rows must be padded on
-# the right, as every tokenizer this tool uses pads them.
+# standard ops (RoBERTa). RemovePadding reads it as the padded Attention does, as the count of
+# leading valid tokens: rows padded on the right, as this tool's tokenization pads them.
 _TOKEN_COUNT_PRODUCERS = {"EmbedLayerNormalization": 1, "ReduceSum": 0}
 PACKED_OPS = ("RemovePadding", "PackedAttention", "RestorePadding")
 

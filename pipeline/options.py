@@ -690,11 +690,11 @@ class TargetOptions(OptionGroup):
             spec.validate()
             specs.append(spec)
         if values["packed_attention"]:
-            _require_packed_attention_taker(specs)
+            _check_packed_attention_engines(specs)
         return tuple(specs), plan.notes
 
 
-def _require_packed_attention_taker(specs: Sequence[BuildSpec]) -> None:
+def _check_packed_attention_engines(specs: Sequence[BuildSpec]) -> None:
     """--packed-attention applies to the run's ONNX Runtime CUDA engines: refuse a run with
     none, and say which engines of a mixed run (``--target auto``) are built without it."""
     without = [f"{s.backend} {s.device} {s.precision}" for s in specs if not s.packed_attention]
