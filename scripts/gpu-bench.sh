@@ -2,8 +2,11 @@
 # The H100 benchmark of issue 13, run on the GPU machine from the repository root after the
 # onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (docs/benchmarks.md says how).
 #   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
+# STEPS (default "build choose bench") runs only some steps, so one model's work can be split over
+# device calls of at most 10 minutes; ATTENTION (default "fused unfused") lists the attention
+# kernel choices built with CUDA graphs beside the default one.
 # For each model: random weights (scripts/random_encoder.py), `run` (export, simplify, fuse, fp16
-# ONNX Runtime CUDA engines with and without CUDA graphs, with graphs and the other choice of
+# ONNX Runtime CUDA engines with and without CUDA graphs, with graphs and the other choices of
 # attention kernels, and in ORT's packing mode (--packed-attention, which cannot take CUDA graphs),
 # verify against PyTorch), then `bench`
 # (first on the calibration sentences with CHOOSE_ARGS when set, then on STS-B with BENCH_ARGS).
@@ -11,6 +14,7 @@ set -euo pipefail
 like=$1 out=$2
 shift 2
 models=${*:-minilm bert-base}
+steps=" ${STEPS:-build choose bench} "
 # bert_compiler is a namespace package made of the product folders (setuptools maps them at
 # install time; here links do it without pip).
 mkdir -p /tmp/bc/bert_compiler
@@ -21,14 +25,18 @@ for model in $models; do
   folder=/tmp/models/$model
   extra=()
   [ "$model" = bert-base ] && extra=(--bert-base)
-  python3 scripts/random_encoder.py --like "$like" --out "$folder" "${extra[@]}"
-  common=(--model "$folder" --out "$out/$model" --target cuda --precision fp16 --no-package
-          --metric-limit 300 --no-metric-gate -q)
-  "${cli[@]}" run "${common[@]}"
-  "${cli[@]}" run "${common[@]}" --cuda-graph
-  "${cli[@]}" run "${common[@]}" --cuda-graph --attention-kernels fused
-  "${cli[@]}" run "${common[@]}" --packed-attention
-  if [ -n "${CHOOSE_ARGS:-}" ]; then
+  if [[ $steps == *" build "* ]]; then
+    python3 scripts/random_encoder.py --like "$like" --out "$folder" "${extra[@]}"
+    common=(--model "$folder" --out "$out/$model" --target cuda --precision fp16 --no-package
+            --metric-limit 300 --no-metric-gate -q)
+    "${cli[@]}" run "${common[@]}"
+    "${cli[@]}" run "${common[@]}" --cuda-graph
+    for kernels in ${ATTENTION:-fused unfused}; do
+      "${cli[@]}" run "${common[@]}" --cuda-graph --attention-kernels "$kernels"
+    done
+    "${cli[@]}" run "${common[@]}" --packed-attention
+  fi
+  if [[ $steps == *" choose "* ]] && [ -n "${CHOOSE_ARGS:-}" ]; then
     # Batching candidates timed on the calibration sentences (where defaults are chosen), kept
     # apart from the STS-B run that reports them.
     # shellcheck disable=SC2086
@@ -37,7 +45,9 @@ for model in $models; do
       > "$out/$model/bench-choose-stdout.json"
     rm -rf "$out/$model/bench-calibration" && mv "$out/$model/bench" "$out/$model/bench-calibration"
   fi
-  # shellcheck disable=SC2086 # BENCH_ARGS: extra bench options, split on spaces
-  "${cli[@]}" bench --model "$folder" --out "$out/$model" --json ${BENCH_ARGS:-} \
-    > "$out/$model/bench-stdout.json"
+  if [[ $steps == *" bench "* ]]; then
+    # shellcheck disable=SC2086 # BENCH_ARGS: extra bench options, split on spaces
+    "${cli[@]}" bench --model "$folder" --out "$out/$model" --json ${BENCH_ARGS:-} \
+      > "$out/$model/bench-stdout.json"
+  fi
 done
