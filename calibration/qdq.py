@@ -1,11 +1,15 @@
-"""Explicit INT8 quantization: Q/DQ pairs on MatMul inputs, symmetric, per-channel weights.
+"""Explicit quantization: Q/DQ pairs on MatMul inputs, symmetric, per-channel weights, in INT8 or
+float8 e4m3fn (QUANTIZED_FORMATS).
 
-This is the form TensorRT 10/11 builds INT8 from (explicit quantization: precision lives in the
-graph) and ONNX Runtime runs too. Only MatMuls with a constant 2-D weight (the projections and the
-FFN) are quantized; LayerNorm, Softmax, GELU, residual adds and the attention score products stay in
-float. Activations get one Q/DQ pair per tensor, shared by all its consumers (the Q, K and V
-projections read one): TensorRT fuses it that way, and the ONNX Runtime INT8 engine lowers it to
-one QuantizeLinear per tensor (engines/ort_int8.py).
+This is the form TensorRT 10/11 builds INT8 and FP8 from (explicit quantization: precision lives
+in the graph) and ONNX Runtime runs too: the INT8 graph as a CPU engine, the fp8 graph only as
+written (float math on exactly rounded float8 values; ORT has no fast fp8 path, README).
+
+Only MatMuls with a constant 2-D weight (the projections and the FFN) are quantized; LayerNorm,
+Softmax, GELU, residual adds and the attention score products stay in float. Activations get one
+Q/DQ pair per tensor, shared by all its consumers (the Q, K and V projections read one): TensorRT
+fuses it that way, and the ONNX Runtime INT8 engine lowers it to one QuantizeLinear per tensor
+(engines/ort_int8.py).
 """
 
 from __future__ import annotations
@@ -24,6 +28,32 @@ from bert_compiler.core.onnx_io import splice_nodes
 # Softmax and GELU are numerically fragile, and residual adds carry the unnormalised signal.
 # Weight scales: one per output channel (the default), or one per weight tensor.
 WEIGHT_GRANULARITIES = ("channel", "tensor")
+
+
+@dataclass(frozen=True)
+class QuantizedFormat:
+    """An element type Q/DQ pairs quantize to.
+
+    Attributes:
+        name: the name in CalibrationSpec.format, the CLI and the manifest; also the engine
+            precision built from it.
+        largest: the largest magnitude the type holds: an amax maps to it (scale = amax / largest).
+        onnx_type: the TensorProto type name of quantized values and zero points.
+        min_opset: the lowest ai.onnx opset whose QuantizeLinear/DequantizeLinear take the type.
+    """
+
+    name: str
+    largest: float
+    onnx_type: str
+    min_opset: int
+
+
+INT8 = QuantizedFormat("int8", float(INT8_LEVELS), "INT8", 13)
+# e4m3fn: 4 exponent bits, 3 mantissa bits, no infinities; 448 is its largest finite value, and
+# the float8 types entered QuantizeLinear/DequantizeLinear in opset 19.
+FP8 = QuantizedFormat("fp8", 448.0, "FLOAT8E4M3FN", 19)
+FORMATS = {f.name: f for f in (INT8, FP8)}
+QUANTIZED_FORMATS = tuple(FORMATS)
 OPTIONAL_QUANTIZED_OPS = frozenset({"Add", "LayerNormalization", "Softmax", "Erf", "Gelu"})
 
 
@@ -68,25 +98,45 @@ def quantizable_matmuls(model) -> list[QuantizableMatMul]:
     return found
 
 
+def format_type(fmt: QuantizedFormat) -> int:
+    """The TensorProto element type of ``fmt``'s quantized values."""
+    from onnx import TensorProto
+
+    return int(getattr(TensorProto, fmt.onnx_type))
+
+
+def format_of(name: str) -> QuantizedFormat:
+    """The QuantizedFormat called ``name``.
+
+    Raises:
+        InputError: no such format.
+    """
+    if name not in FORMATS:
+        raise InputError(
+            f"quantized format {name!r}: expected one of {', '.join(QUANTIZED_FORMATS)}"
+        )
+    return FORMATS[name]
+
+
 def float_matmuls(model) -> dict[str, Any] | None:
     """Of a Q/DQ graph's MatMuls and Gemms with a 2-D weight, those running in float.
 
     Returns:
         ``{"float": k, "total": n, "float_nodes": [...]}``, where ``total`` counts the quantized
-        ones (weight from an INT8 DequantizeLinear) and the float ones that could have been
-        (constant float weight, quantizable_matmuls); None for a graph with no quantized MatMul.
+        ones (weight from a DequantizeLinear of INT8 or float8 values) and the float ones that
+        could have been (constant float weight, quantizable_matmuls); None for a graph with no
+        quantized MatMul.
     """
-    from onnx import TensorProto
-
-    int8_weights = {
+    quantized_types = {format_type(f) for f in FORMATS.values()}
+    quantized_weights = {
         init.name
         for init in model.graph.initializer
-        if init.data_type == TensorProto.INT8 and len(init.dims) == 2
+        if init.data_type in quantized_types and len(init.dims) == 2
     }
     dequantized = {
         node.output[0]
         for node in model.graph.node
-        if node.op_type == "DequantizeLinear" and node.input[0] in int8_weights
+        if node.op_type == "DequantizeLinear" and node.input[0] in quantized_weights
     }
     quantized = [
         node.name
@@ -137,20 +187,64 @@ def optional_inputs(model, op_types) -> list[tuple[str, int, str]]:
     return found
 
 
-def weight_scales(weight: np.ndarray, axis: int = 1) -> np.ndarray:
+def weight_scales(weight: np.ndarray, axis: int = 1, fmt: QuantizedFormat = INT8) -> np.ndarray:
     """Symmetric per-output-channel scales of a 2-D weight whose output channels lie on ``axis``."""
     amax = np.abs(weight).max(axis=1 - axis)
-    return np.where(amax > 0, amax / INT8_LEVELS, 1.0).astype(np.float32)
+    return np.where(amax > 0, amax / fmt.largest, 1.0).astype(np.float32)
 
 
-def tensor_weight_scale(weight: np.ndarray) -> np.ndarray:
+def tensor_weight_scale(weight: np.ndarray, fmt: QuantizedFormat = INT8) -> np.ndarray:
     """The symmetric per-tensor scale of a weight, as a scalar array (DequantizeLinear's form)."""
-    return np.array(activation_scale(float(np.abs(weight).max())), dtype=np.float32)
+    return np.array(activation_scale(float(np.abs(weight).max()), fmt), dtype=np.float32)
 
 
-def activation_scale(amax: float) -> float:
+def activation_scale(amax: float, fmt: QuantizedFormat = INT8) -> float:
     """Symmetric per-tensor scale; an all-zero tensor gets scale 1 (any scale is exact)."""
-    return float(amax / INT8_LEVELS) if amax > 0 else 1.0
+    return float(amax / fmt.largest) if amax > 0 else 1.0
+
+
+def quantize_values(values: np.ndarray, fmt: QuantizedFormat) -> np.ndarray:
+    """``values`` (already divided by their scale) in ``fmt``, as QuantizeLinear rounds them:
+    INT8 to the nearest integer (ties to even), float8 to the nearest e4m3fn value (ties to
+    even), both saturating at the format's largest magnitude."""
+    from onnx import helper
+
+    clipped = np.clip(values, -fmt.largest, fmt.largest)
+    if fmt is INT8:
+        return np.round(clipped).astype(np.int8)
+    # ml_dtypes' float8_e4m3fn (onnx's own numpy type for FLOAT8E4M3FN) rounds to nearest even;
+    # the clip first matters: e4m3fn has no infinity, so an overflow would become NaN.
+    return clipped.astype(helper.tensor_dtype_to_np_dtype(format_type(fmt)))
+
+
+def zero_points(shape: tuple[int, ...], fmt: QuantizedFormat) -> np.ndarray:
+    """Zero points (symmetric quantization: all zero) of ``fmt``'s type."""
+    return quantize_values(np.zeros(shape, dtype=np.float32), fmt)
+
+
+def raise_opset(model, opset: int):
+    """``model`` at ai.onnx ``opset`` or above, through ONNX's version converter (which rewrites
+    the ops whose signature changed on the way, e.g. ReduceL2's axes moving to an input in 18).
+
+    Raises:
+        InputError: the converter cannot bring the graph to ``opset``.
+    """
+    import onnx
+    from onnx import version_converter
+
+    current = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if current >= opset:
+        return model
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)
+    except Exception as err:  # the converter raises bare RuntimeError/ValidationError subclasses
+        raise InputError(
+            f"calibration: the graph (opset {current}) cannot be raised to opset {opset}, which "
+            f"its float8 Q/DQ nodes need ({str(err).splitlines()[0]}); export with --opset "
+            f"{opset}"
+        ) from err
+    return converted
 
 
 def insert_qdq(
@@ -160,6 +254,7 @@ def insert_qdq(
     exclude: frozenset[str] = frozenset(),
     quantize_ops: tuple[str, ...] = (),
     weight_granularity: str = "channel",
+    format: str = INT8.name,
 ) -> tuple[object, dict[str, dict]]:
     """Return a copy of ``model`` with Q/DQ on the inputs of every quantizable MatMul.
 
@@ -170,12 +265,15 @@ def insert_qdq(
         quantize_ops: op types of OPTIONAL_QUANTIZED_OPS whose float inputs get Q/DQ too.
         weight_granularity: ``channel`` (one scale per output channel) or ``tensor`` (one per
             weight) of WEIGHT_GRANULARITIES.
+        format: the quantized type, of QUANTIZED_FORMATS: ``int8``, or ``fp8`` (float8 e4m3fn;
+            the graph's opset is raised to 19 if lower, raise_opset).
 
     Returns:
         The quantized graph and a record of every quantized tensor: its kind, scale(s) and amax.
 
     Raises:
-        InputError: an activation to quantize has no calibrated amax.
+        InputError: an activation to quantize has no calibrated amax, an unknown format or
+            granularity, or a graph that cannot reach the format's opset.
     """
     import onnx
     from onnx import helper, numpy_helper
@@ -185,9 +283,10 @@ def insert_qdq(
             f"weight granularity {weight_granularity!r}: expected one of "
             f"{', '.join(WEIGHT_GRANULARITIES)}"
         )
+    fmt = format_of(format)
     per_channel = weight_granularity == "channel"
     quantized = onnx.ModelProto()
-    quantized.CopyFrom(model)
+    quantized.CopyFrom(raise_opset(model, fmt.min_opset))
     graph = quantized.graph
     initializers = {init.name: init for init in graph.initializer}
     targets = [m for m in quantizable_matmuls(quantized) if m.node_name not in exclude]
@@ -208,10 +307,10 @@ def insert_qdq(
         if tensor not in dequantized:
             if tensor not in amax:
                 raise InputError(f"calibration: no range for tensor {tensor!r}")
-            scale = activation_scale(amax[tensor])
-            base = f"{tensor}_int8"
+            scale = activation_scale(amax[tensor], fmt)
+            base = f"{tensor}_{fmt.name}"
             s_name = add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
-            z_name = add_const(f"{base}_zero_point", np.array(0, dtype=np.int8))
+            z_name = add_const(f"{base}_zero_point", zero_points((), fmt))
             # Right after the producer (first, for a graph input): valid for every consumer.
             producer = producers.get(tensor)
             if producer is None:
@@ -243,15 +342,16 @@ def insert_qdq(
         if target.weight not in dequantized:
             weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
             if per_channel:
-                scales = weight_scales(weight, target.weight_axis)
+                scales = weight_scales(weight, target.weight_axis, fmt)
                 shaped = scales if target.weight_axis == 1 else scales[:, None]
             else:
-                scales = shaped = tensor_weight_scale(weight)
-            q_weight = np.clip(np.round(weight / shaped), -INT8_LEVELS, INT8_LEVELS).astype(np.int8)
-            base = f"{target.weight}_int8"
+                scales = shaped = tensor_weight_scale(weight, fmt)
+            # Quantized ahead of time: the graph stores the weight in the quantized type.
+            q_weight = quantize_values(weight / shaped, fmt)
+            base = f"{target.weight}_{fmt.name}"
             q_name = add_const(f"{base}_q", q_weight)
             s_name = add_const(f"{base}_scale", scales)
-            z_name = add_const(f"{base}_zero_point", np.zeros(scales.shape, dtype=np.int8))
+            z_name = add_const(f"{base}_zero_point", zero_points(scales.shape, fmt))
             # A scalar scale is per tensor: DequantizeLinear takes no axis then.
             axis = {"axis": target.weight_axis} if per_channel else {}
             pending.append(

@@ -1,10 +1,12 @@
-"""calibrate: real text -> activation ranges -> an explicit-quantization (Q/DQ) INT8 graph.
+"""calibrate: real text -> activation ranges -> an explicit-quantization (Q/DQ) INT8 or fp8 graph.
 
 TensorRT 11 has no implicit calibrators: INT8 must be in the graph. This stage runs the calibration
 sentences through the float graph, derives each MatMul input's amax (minmax, percentile, entropy
 or mse), and writes the graph with symmetric INT8 Q/DQ on those inputs and per-channel INT8
 weights, every scale (also in the manifest), and a TensorRT calibration cache for users of older
-TensorRT.
+TensorRT. With ``--format fp8`` the same inputs get float8 e4m3fn Q/DQ instead (scale = amax / 448,
+weights stored as float8), the graph TensorRT's fp8 engine builds from; it goes to its own folder
+(OUT/calibrate-fp8, pipeline/layout.py) and has no calibration cache (that format is INT8 only).
 
 It runs on the standard-ops (simplified, unfused) graph, and the one Q/DQ graph it writes is the
 input of both INT8 engines: TensorRT builds from it, and ONNX Runtime turns every Q/DQ MatMul into
@@ -24,6 +26,8 @@ from pathlib import Path
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import (
+    INT8,
+    QUANTIZED_FORMATS,
     WEIGHT_GRANULARITIES,
     insert_qdq,
     optional_inputs,
@@ -61,6 +65,8 @@ SCALES_FILE = "scales.json"
 RANGES_FILE = "ranges.json"
 TRT_CACHE_FILE = "calibration.cache"
 OUTPUTS = (MODEL_FILE, SCALES_FILE, RANGES_FILE, TRT_CACHE_FILE)
+# TensorRT's calibration cache is for implicit INT8 only: an fp8 calibration writes none.
+FP8_OUTPUTS = (MODEL_FILE, SCALES_FILE, RANGES_FILE)
 # The cache header names the algorithm; TensorRT only reads caches whose header it recognises.
 TRT_CACHE_HEADER = "TRT-8601-EntropyCalibration2"
 
@@ -92,6 +98,8 @@ class CalibrationSpec:
         weight_granularity: ``channel`` (one weight scale per output channel) or ``tensor``
             (one per weight), calibration/qdq.py WEIGHT_GRANULARITIES. The sensitivity ranking
             of the fallback quantizes per channel either way.
+        format: the quantized type, calibration/qdq.py QUANTIZED_FORMATS: ``int8`` (every INT8
+            engine) or ``fp8`` (float8 e4m3fn, the TensorRT fp8 engine's graph).
     """
 
     method: str = "percentile"
@@ -108,6 +116,12 @@ class CalibrationSpec:
     quantize_ops: tuple[str, ...] = ()
     smooth_alpha: float | None = None
     weight_granularity: str = "channel"
+    format: str = INT8.name
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The files this calibration writes."""
+        return OUTPUTS if self.format == INT8.name else FP8_OUTPUTS
 
     def data_file(self) -> Path:
         if self.data:
@@ -131,6 +145,10 @@ class CalibrationSpec:
             raise InputError(
                 f"--weight-granularity {self.weight_granularity!r}: expected one of "
                 f"{', '.join(WEIGHT_GRANULARITIES)}"
+            )
+        if self.format not in QUANTIZED_FORMATS:
+            raise InputError(
+                f"--format {self.format!r}: expected one of {', '.join(QUANTIZED_FORMATS)}"
             )
 
 
@@ -196,10 +214,11 @@ def calibrate(
     spec: CalibrationSpec = CalibrationSpec(),
     force: bool = False,
 ) -> StageResult:
-    """Calibrate ``source`` on text and write its Q/DQ INT8 version to ``out_dir``.
+    """Calibrate ``source`` on text and write its Q/DQ version (``spec.format``) to ``out_dir``.
 
-    Guarantees: every MatMul with a constant weight (except ``keep_float``) reads INT8 Q/DQ inputs;
-    scales.json and the manifest list every quantized tensor's scale.
+    Guarantees: every MatMul with a constant weight (except ``keep_float``) reads Q/DQ inputs of
+    ``spec.format``; scales.json and the manifest list every quantized tensor's scale, and the
+    manifest the format.
 
     Raises:
         InputError: bad calibration data or settings, or a graph with nothing to quantize.
@@ -216,7 +235,7 @@ def calibrate(
         },
         # The outputs are part of the promise: a calibration written before ranges.json
         # existed is not up to date.
-        spec={**asdict(spec), "max_length": max_length, "outputs": list(OUTPUTS)},
+        spec={**asdict(spec), "max_length": max_length, "outputs": list(spec.outputs)},
     )
 
     loaded = {}
@@ -253,11 +272,12 @@ def calibrate(
             len(ids) > max_length for ids in encode_texts(tokenizer, texts, info, None)["input_ids"]
         )
         log.info(
-            "[calibrate] %d sentences, %d MatMuls (%d kept float), method %s",
+            "[calibrate] %d sentences, %d MatMuls (%d kept float), method %s, %s",
             len(texts),
             len(targets),
             len(spec.keep_float),
             spec.method,
+            spec.format,
         )
         factors = loaded["smoothing"]
         if amax is not None:
@@ -284,6 +304,7 @@ def calibrate(
             exclude=frozenset(spec.keep_float),
             quantize_ops=spec.quantize_ops,
             weight_granularity=spec.weight_granularity,
+            format=spec.format,
         )
         save_onnx(quantized, artifact.path / MODEL_FILE)
         atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
@@ -296,13 +317,19 @@ def calibrate(
             )
             + "\n",
         )
-        activation_scales = {n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"}
-        atomic_write_text(artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales))
+        if TRT_CACHE_FILE in spec.outputs:
+            activation_scales = {
+                n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"
+            }
+            atomic_write_text(
+                artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales)
+            )
         quantized_nodes = [t.node_name for t in targets if t.node_name not in spec.keep_float]
-        return list(OUTPUTS), {
+        return list(spec.outputs), {
             **counts,
             "sentences_truncated": int(truncated),
             "method": spec.method,
+            "format": spec.format,
             "ranges": "reused" if loaded["ranges"] is not None else "collected",
             "quantized_matmuls": quantized_nodes,
             "kept_float": list(spec.keep_float),

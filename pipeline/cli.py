@@ -387,7 +387,7 @@ def fuse_command(input_path: Path | None, **values: Any) -> None:
 @input_option("Float ONNX file to calibrate (default: OUT/simplify/model.onnx).")
 def calibrate_command(input_path: Path | None, **values: Any) -> None:
     """Calibrate INT8 ranges on text and write the Q/DQ graph every INT8 engine builds from
-    (--sweep: print the INT8 method table instead)."""
+    (--format fp8: the TensorRT fp8 engine's; --sweep: print the method table instead)."""
     layout = Layout(values["out"])
     info = MODEL.parse(values)
     sweep = SWEEP.parse(values)
@@ -398,11 +398,12 @@ def calibrate_command(input_path: Path | None, **values: Any) -> None:
         _emit(report, values["as_json"], f"{sweep_table(report)}\nresults: {written}")
         return
     source = input_path or _stage_file(layout.simplify)
+    spec = CALIBRATION.parse(values, info)
     result = calibrate(
         info=info,
         source=source,
-        out_dir=layout.calibrate,
-        spec=CALIBRATION.parse(values, info),
+        out_dir=layout.calibration(spec.format),
+        spec=spec,
         force=values["force"],
     )
     summary = {

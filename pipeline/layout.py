@@ -8,6 +8,8 @@ Output tree under ``out``::
     calibrate/ model.onnx (Q/DQ INT8, standard ops: the input of every INT8 engine), scales.json,
                ranges.json (every activation amax, reused when only --keep-float changes),
                calibration.cache (TensorRT) + manifest.json
+    calibrate-fp8/ the same with float8 e4m3fn Q/DQ (calibrate --format fp8; the input of the
+               TensorRT fp8 engine), no calibration.cache
     engines/<model>/<engine>/  engine + manifest.json; <engine> names backend and version, device
                                or GPU, precision: ort1.32.0-cpu-fp32, trt10.13.3-sm90-fp16 ...
     engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
@@ -23,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bert_compiler.calibration.qdq import INT8
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import InputError
 
@@ -68,6 +71,11 @@ class Layout:
     @property
     def calibrate(self) -> Path:
         return self.root / "calibrate"
+
+    def calibration(self, format: str) -> Path:
+        """The calibrate folder of one quantized format (calibration/qdq.py QUANTIZED_FORMATS):
+        ``calibrate`` for INT8, ``calibrate-fp8`` (the TensorRT fp8 engine's source_stage)."""
+        return self.calibrate if format == INT8.name else self.root / f"calibrate-{format}"
 
     def verify(self, model: str, name: str) -> Path:
         return self.root / "verify" / model_slug(model) / name

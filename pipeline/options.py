@@ -20,7 +20,11 @@ import click
 from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import OPTIONAL_QUANTIZED_OPS, WEIGHT_GRANULARITIES
+from bert_compiler.calibration.qdq import (
+    OPTIONAL_QUANTIZED_OPS,
+    QUANTIZED_FORMATS,
+    WEIGHT_GRANULARITIES,
+)
 from bert_compiler.calibration.ranges import METHODS
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import (
@@ -499,6 +503,16 @@ class CalibrationOptions(OptionGroup):
                 help="INT8 weight scales: one per output channel or one per weight tensor.",
             ),
             click.option(
+                "--format",
+                "quantized_format",
+                type=click.Choice(QUANTIZED_FORMATS),
+                default=default_of(CalibrationSpec, "format"),
+                show_default=True,
+                help="Quantized type: int8 (OUT/calibrate, every INT8 engine) or fp8 (float8 "
+                "e4m3fn, OUT/calibrate-fp8: the TensorRT fp8 engine's graph). `run` takes it "
+                "from each engine's --precision.",
+            ),
+            click.option(
                 "--keep-float", multiple=True, help="MatMul node name to keep in float; repeatable."
             ),
             click.option(
@@ -527,6 +541,7 @@ class CalibrationOptions(OptionGroup):
             quantize_ops=tuple(values["quantize_op"]),
             smooth_alpha=values["smooth_alpha"],
             weight_granularity=values["weight_granularity"],
+            format=values["quantized_format"],
         )
 
 
