@@ -20,7 +20,9 @@ log = logging.getLogger("bert_compile")
 
 TARGET_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
 DEFAULT_TARGET = "auto"
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "fp8")
+# fp8 tensor-core GEMMs exist from compute capability 8.9 (Ada) on, Hopper (9.0) included.
+FP8_MIN_COMPUTE_CAPABILITY = (8, 9)
 DEVICES = ("cpu", "cuda")
 _SMI_FIELDS = "index,name,compute_cap,memory.total,driver_version"
 
@@ -161,6 +163,23 @@ def detect() -> Environment:
     )
 
 
+def fp8_capable(compute_capability: str) -> bool:
+    """True for a GPU with fp8 tensor cores (compute capability ``"8.9"`` or newer)."""
+    parts = tuple(int(p) for p in compute_capability.split(".") if p.isdigit())
+    return parts >= FP8_MIN_COMPUTE_CAPABILITY
+
+
+def fp8_refusal(where: str) -> str:
+    """The one line refusing ``--precision fp8`` on ``where`` (a target or backend)."""
+    major, minor = FP8_MIN_COMPUTE_CAPABILITY
+    return (
+        f"{where}: --precision fp8 is built by TensorRT only, on compute capability "
+        f"{major}.{minor}+ (ONNX Runtime's only fp8 GEMM ran slower than its fp16 MatMul on an "
+        "H100 and cannot be captured in a CUDA graph: docs/benchmarks.md); use --target "
+        "tensorrt on an Ada or Hopper GPU, or --precision int8"
+    )
+
+
 @dataclass(frozen=True)
 class TargetPlan:
     """The engines one ``--target`` resolves to on this machine, and why."""
@@ -176,10 +195,12 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
     TensorRT imports and an ONNX Runtime CUDA engine where ORT has the CUDA provider; with no GPU
     (or neither backend) it builds the CPU ONNX Runtime engine instead and says why in one note.
     fp16 has no CPU engine: on the CPU fallback it becomes fp32, also with a note. No
-    precisions means the defaults: fp16 on GPUs, fp32 on the CPU.
+    precisions means the defaults: fp16 on GPUs, fp32 on the CPU. fp8 is built by TensorRT only,
+    for GPUs of compute capability 8.9+ (fp8_capable; other GPUs are skipped with a note); a
+    target that would build it anywhere else is refused (fp8_refusal).
 
     Raises:
-        InputError: unknown target.
+        InputError: unknown target, or fp8 on a target that cannot build it.
         EnvironmentProblem: an explicit GPU target that this machine cannot build.
     """
     if target not in TARGET_CHOICES:
@@ -188,10 +209,15 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
     defaulted = not precisions
     notes: list[str] = []
     engines: list[dict[str, str]] = []
+    fp8 = "fp8" in precisions
+    if fp8 and target in ("cpu", "cuda"):
+        raise InputError(fp8_refusal(f"--target {target}"))
 
-    def gpu_engines(backend: str, device: str) -> None:
+    def gpu_engines(backend: str, device: str, *, builds_fp8: bool = False) -> None:
         for gpu in gpus:
             for precision in precisions or ("fp16",):
+                if precision == "fp8" and not (builds_fp8 and fp8_capable(gpu.compute_capability)):
+                    continue
                 engines.append(
                     {
                         "backend": backend,
@@ -208,7 +234,7 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
                 + ("no NVIDIA GPU found" if not gpus else env.tensorrt_problem)
                 + "; use --target auto to fall back to ONNX Runtime"
             )
-        gpu_engines("tensorrt", "cuda")
+        gpu_engines("tensorrt", "cuda", builds_fp8=True)
     elif target == "cuda":
         if not gpus or not env.has_ort_cuda:
             raise EnvironmentProblem(
@@ -224,12 +250,16 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
         gpu_engines("onnxruntime", "cuda")
     elif target == "auto" and gpus and (env.tensorrt or env.has_ort_cuda):
         if env.tensorrt:
-            gpu_engines("tensorrt", "cuda")
+            gpu_engines("tensorrt", "cuda", builds_fp8=True)
         else:
             notes.append(f"no TensorRT ({env.tensorrt_problem}): building ONNX Runtime CUDA only")
         if env.has_ort_cuda:
             gpu_engines("onnxruntime", "cuda")
+            if fp8:
+                notes.append("fp8 is built by TensorRT only: no ONNX Runtime CUDA fp8 engine")
     else:
+        if fp8:
+            raise InputError(fp8_refusal("--target auto found no GPU with TensorRT here"))
         if target == "cpu" and "fp16" in precisions:
             raise InputError("--target cpu --precision fp16: the CPU engine is fp32 or int8")
         if target == "auto":
@@ -253,4 +283,16 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
             )
         if "fp16" in precisions and not defaulted:
             notes.append("fp16 has no CPU engine: built fp32 instead")
+    if fp8:
+        capable = [g.compute_capability for g in gpus if fp8_capable(g.compute_capability)]
+        if not capable or env.tensorrt is None:
+            found = ", ".join(g.compute_capability for g in gpus)
+            raise EnvironmentProblem(fp8_refusal(f"this machine (GPU compute capability {found})"))
+        skipped = sorted({g.compute_capability for g in gpus} - set(capable))
+        if skipped:
+            major, minor = FP8_MIN_COMPUTE_CAPABILITY
+            notes.append(
+                f"fp8: no engine for compute capability {', '.join(skipped)} "
+                f"(below {major}.{minor})"
+            )
     return TargetPlan(tuple(engines), tuple(notes))

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError, InputError
-from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu
+from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu, fp8_refusal
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
 
 
@@ -58,7 +58,8 @@ class BuildSpec:
     Attributes:
         backend: a registered backend's name (``onnxruntime``, ``tensorrt``).
         device: ``cpu`` or ``cuda`` (TensorRT is always ``cuda``).
-        precision: ``fp32``; ``fp16`` (GPU only); ``int8`` from the calibrated Q/DQ graph.
+        precision: ``fp32``; ``fp16`` (GPU only); ``int8`` from the calibrated Q/DQ graph;
+            ``fp8`` (backends with ``builds_fp8`` only: TensorRT) from the fp8 Q/DQ graph.
         compute_capability: the target GPU's (``"9.0"``) for GPU engines; detected when empty.
         intra_op_num_threads: ONNX Runtime CPU threads; 0 means one per physical core.
         pack_tokens: CPU ORT: run feed-forward blocks on valid tokens only where the graph has
@@ -106,6 +107,8 @@ class BuildSpec:
             raise InputError(f"--device {self.device!r}: supported: {', '.join(DEVICES)}")
         if self.device == "cpu" and self.precision == "fp16":
             raise InputError("--precision fp16 needs a GPU target; the CPU engine is fp32 or int8")
+        if self.precision == "fp8" and not backend.builds_fp8:
+            raise InputError(fp8_refusal(f"--backend {self.backend} --device {self.device}"))
         backend.check(self)
         if self.packed_attention and not backend.applicable(self).packed_attention:
             raise InputError(
@@ -161,6 +164,8 @@ class Backend:
         version_key: the key of a build manifest's results that holds the backend version.
         opaque: the engine file cannot be read without the backend (a TensorRT plan): its
             tensors are those of the graph it was built from, recorded beside it.
+        builds_fp8: the backend builds ``--precision fp8`` engines (TensorRT: fp8 GEMMs from
+            the fp8 Q/DQ graph); BuildSpec.validate refuses fp8 for the others.
     """
 
     name: str
@@ -169,6 +174,7 @@ class Backend:
     triton_platform: str
     version_key: str
     opaque: bool = False
+    builds_fp8: bool = False
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).

@@ -5,6 +5,15 @@ and implicit calibration): the build stage hands this module an fp16 graph (engi
 the explicit Q/DQ graph of the calibrate stage, and the network is created STRONGLY_TYPED so
 TensorRT runs each tensor in the type the graph gives it.
 
+fp8 (compute capability 8.9+) is the same: the float8 e4m3fn Q/DQ graph of ``calibrate --format
+fp8``, its float parts (scales included) turned fp16 by engines/fp16.py, so the projections and
+the FFN run as fp8 GEMMs and everything else in fp16. No FP8 or FP16 builder flag is set: NVIDIA's
+explicit-quantization guide says to use Q/DQ with strong typing and that precision flags "are not
+required and should not be specified" (docs.nvidia.com/deeplearning/tensorrt/latest/
+inference-library/quantized-types-explicit-quantization.html); a strongly typed network takes
+its types from the graph alone. Weights are stored as float8 with per-output-channel or
+per-tensor fp16 scales, as TensorRT's FP8 scheme (castToFp8(clip(x / s, -448, 448))) takes them.
+
 Everything here that needs no GPU (profiles, profile choice, compatibility checks, graph checks,
 options) is plain Python and tested on CPU; ``tensorrt`` and ``torch.cuda`` are imported only by
 ``build_engine`` and ``load``.
@@ -24,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
-from bert_compiler.core.targets import current_gpu
+from bert_compiler.core.targets import current_gpu, fp8_capable, fp8_refusal
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
@@ -53,8 +62,8 @@ def prepare_network_graph(model: Any, *, precision: str, keep_float_ops: Sequenc
     """The graph TensorRT parses: standard ops only, in the precision asked for.
 
     Raises:
-        InputError: the graph holds ORT contrib ops (a fused graph), or an int8 build got a graph
-            without Q/DQ, or an unknown precision.
+        InputError: the graph holds ORT contrib ops (a fused graph), or an int8 or fp8 build got
+            a graph without Q/DQ of its type, or an unknown precision.
     """
     contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
     if contrib:
@@ -65,12 +74,33 @@ def prepare_network_graph(model: Any, *, precision: str, keep_float_ops: Sequenc
     if precision == "fp16":
         return convert_to_fp16(model, keep_float_ops=keep_float_ops)
     if precision == "int8":
-        if not any(n.op_type == "QuantizeLinear" for n in model.graph.node):
+        if "INT8" not in quantized_types(model):
             raise InputError("int8 TensorRT engines need the Q/DQ graph of the calibrate stage")
         return model
+    if precision == "fp8":
+        if "FLOAT8E4M3FN" not in quantized_types(model):
+            raise InputError(
+                "fp8 TensorRT engines need the float8 Q/DQ graph of `calibrate --format fp8` "
+                "(OUT/calibrate-fp8)"
+            )
+        # The rest of the network in fp16: strongly typed, TensorRT keeps the graph's types.
+        return convert_to_fp16(model, keep_float_ops=keep_float_ops)
     if precision == "fp32":
         return model
-    raise InputError(f"TensorRT precision {precision!r}: expected fp32, fp16 or int8")
+    raise InputError(f"TensorRT precision {precision!r}: expected fp32, fp16, int8 or fp8")
+
+
+def quantized_types(model: Any) -> set[str]:
+    """The TensorProto type names (``INT8``, ``FLOAT8E4M3FN``) the graph's QuantizeLinear nodes
+    quantize to: their zero points' types."""
+    from onnx import TensorProto
+
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    return {
+        TensorProto.DataType.Name(types[node.input[2]])
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in types
+    }
 
 
 if TYPE_CHECKING:
@@ -416,7 +446,8 @@ def load(
 
 class TensorRTBackend(Backend):
     """TensorRT plans, strongly typed, from the standard-ops graph (fp32, fp16) or the calibrated
-    Q/DQ graph (int8), with optimization profiles and a timing cache shared per GPU."""
+    Q/DQ graph (int8; fp8 from the float8 one), with optimization profiles and a timing cache
+    shared per GPU."""
 
     name = "tensorrt"
     tag = "trt"
@@ -424,6 +455,7 @@ class TensorRTBackend(Backend):
     triton_platform = "tensorrt_plan"
     version_key = "tensorrt"
     opaque = True
+    builds_fp8 = True
 
     def version(self) -> str:
         return str(_import_tensorrt().__version__)
@@ -431,9 +463,18 @@ class TensorRTBackend(Backend):
     def check(self, spec: BuildSpec) -> None:
         if spec.device != "cuda":
             raise InputError("TensorRT engines run on cuda only")
+        capability = spec.compute_capability
+        if spec.precision == "fp8" and capability and not fp8_capable(capability):
+            raise InputError(fp8_refusal(f"--backend tensorrt, compute capability {capability}"))
+        if spec.precision == "fp8" and spec.tensorrt.hardware_compatibility == "ampere_plus":
+            raise InputError(
+                "--precision fp8 --hardware-compatibility ampere_plus: an Ampere GPU has no fp8 "
+                "GEMMs; build fp8 for this GPU only (--hardware-compatibility none)"
+            )
 
     def source_stage(self, spec: BuildSpec) -> str:
-        return "calibrate" if spec.precision == "int8" else "simplify"
+        # The folders of pipeline/layout.py (Layout.calibration): int8 and fp8 graphs apart.
+        return {"int8": "calibrate", "fp8": "calibrate-fp8"}.get(spec.precision, "simplify")
 
     def folder_parts(self, spec: BuildSpec) -> list[str]:
         return [target_tag(spec.compute_capability, spec.tensorrt)]

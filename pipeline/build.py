@@ -5,6 +5,9 @@ Which graph each engine builds from (each backend's ``source_stage``, engines/):
     onnxruntime cpu  fp32 -> fuse/ (ORT contrib ops)     int8 -> calibrate/ (Q/DQ)
     onnxruntime cuda fp32, fp16 -> fuse/                   int8 -> refused (no fast ORT CUDA INT8)
     tensorrt         fp32, fp16 -> simplify/ (standard ops) int8 -> calibrate/ (Q/DQ)
+                                                            fp8  -> calibrate-fp8/ (float8 Q/DQ;
+                                                                    compute capability 8.9+)
+    fp8 anywhere else -> refused (core/targets.py fp8_refusal)
 
 fp16 graphs are made inside the build (engines/fp16.py) and kept in the engine folder, so the
 manifest names the exact graph each engine was compiled from.
@@ -17,7 +20,7 @@ from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
-from bert_compiler.calibration.qdq import float_matmuls
+from bert_compiler.calibration.qdq import QUANTIZED_FORMATS, float_matmuls
 from bert_compiler.core.artifacts import StageRecord
 from bert_compiler.core.onnx_io import load_onnx, onnx_input
 from bert_compiler.core.stage import StageResult, run_stage
@@ -131,8 +134,9 @@ def build(
 
     def body(artifact):
         outputs, results = job.body(artifact.path)
-        # An INT8 engine's quantizable MatMuls that stayed float (--keep-float, the fallback).
-        counted = float_matmuls(load_onnx(source)) if spec.precision == "int8" else None
+        # A quantized engine's quantizable MatMuls that stayed float (--keep-float, the fallback).
+        quantized = spec.precision in QUANTIZED_FORMATS
+        counted = float_matmuls(load_onnx(source)) if quantized else None
         return outputs, {**results, **({"float_ops": counted} if counted else {})}
 
     return run_stage(record, Path(out_dir), body, force=force, prepare=job.prepare)

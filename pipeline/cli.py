@@ -420,7 +420,8 @@ def calibrate_command(input_path: Path | None, **values: Any) -> None:
 @precision_option(
     multiple=True,
     help="Repeatable (default: fp16 on GPUs, fp32 on the CPU). fp32/fp16 build from OUT/fuse "
-    "(ONNX Runtime) or OUT/simplify (TensorRT); int8 from OUT/calibrate.",
+    "(ONNX Runtime) or OUT/simplify (TensorRT); int8 from OUT/calibrate; fp8 (TensorRT, compute "
+    "capability 8.9+) from OUT/calibrate-fp8.",
 )
 def build_command(input_path: Path | None, **values: Any) -> None:
     """Build engines for --target (OUT/engines/MODEL/ENGINE, one folder per engine)."""

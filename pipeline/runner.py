@@ -1,5 +1,9 @@
 """The whole chain: export -> simplify -> fuse -> [calibrate ->] build -> verify -> package,
-skipping what is up to date (the output tree: pipeline/layout.py)."""
+skipping what is up to date (the output tree: pipeline/layout.py).
+
+Each quantized engine calibrates in its own format whatever ``--format`` says: int8 engines
+through the INT8 precision fallback (OUT/calibrate), the TensorRT fp8 engine from one fp8
+calibration (OUT/calibrate-fp8), kept only if verify passes it like any other engine."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.calibration.qdq import FP8, INT8
 from bert_compiler.core.artifacts import atomic_write_text
 from bert_compiler.core.outdir import claim_output
 from bert_compiler.engines.backend import BuildSpec
@@ -20,7 +25,7 @@ from bert_compiler.pipeline.build import (
     engine_folder_name,
     resolve_build_spec,
 )
-from bert_compiler.pipeline.calibrate import CalibrationSpec
+from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate
 from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
 from bert_compiler.pipeline.fallback import FallbackSpec, Split, int8_with_fallback
 from bert_compiler.pipeline.fuse import FuseSpec, fuse
@@ -99,7 +104,7 @@ def run_pipeline(
                 info=info,
                 float_graph=graphs["simplify"],
                 calibrate_dir=layout.calibrate,
-                calibration=spec.calibration,
+                calibration=replace(spec.calibration, format=INT8.name),
                 fallback=spec.fallback,
                 build_and_verify=functools.partial(
                     _build_and_verify,
@@ -113,6 +118,25 @@ def run_pipeline(
                 force=force,
                 stages=stages,
             )
+        elif build_spec.precision == FP8.name:
+            calibrated = calibrate(
+                info=info,
+                source=graphs["simplify"],
+                out_dir=layout.calibration(FP8.name),
+                spec=replace(spec.calibration, format=FP8.name),
+                force=force,
+            )
+            stages[f"calibrate:{FP8.name}"] = _stage_summary(calibrated)
+            built, verified = _build_and_verify(
+                calibrated.output(MODEL_FILE),
+                force,
+                info=info,
+                layout=layout,
+                build_spec=build_spec,
+                spec=spec,
+                stages=stages,
+            )
+            fallback = None
         else:
             built, verified = _build_and_verify(
                 graphs[build_spec.source_stage],
