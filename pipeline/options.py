@@ -1012,6 +1012,13 @@ class SweepOptions(OptionGroup):
                 help=f"Comma-separated weight scales ({', '.join(WEIGHT_GRANULARITIES)}).",
             ),
             click.option(
+                "--sweep-formats",
+                default=",".join(default_of(SweepSpec, "formats")),
+                show_default=True,
+                help=f"Comma-separated quantized types ({', '.join(QUANTIZED_FORMATS)}); fp8 rows "
+                "score the fp8 Q/DQ graph as written on the CPU (no speed: TensorRT runs it).",
+            ),
+            click.option(
                 "--sweep-kept-float",
                 default=",".join(str(k) for k in default_of(SweepSpec, "kept_float")),
                 show_default=True,
@@ -1075,6 +1082,7 @@ class SweepOptions(OptionGroup):
             methods=_method_list(values["sweep_methods"]),
             dynamic=_choice_list(values["sweep_dynamic"], DYNAMIC_SCOPES),
             kept_float=_count_list(values["sweep_kept_float"]),
+            formats=_choice_list(values["sweep_formats"], QUANTIZED_FORMATS),
             weight_granularity=_choice_list(
                 values["sweep_weight_granularity"], WEIGHT_GRANULARITIES
             ),

@@ -11,6 +11,12 @@ captions only). Speed: timed passes over selection sentences in batches of 32, r
 interleaved round by round, median; ratio to PyTorch fp32. Activations are per-tensor in every
 row; weights per channel or per tensor (an axis). Peers (ORT's own dynamic INT8 quantization of
 the exported and of the fused graph) are scored and timed the same way.
+
+fp8 rows (``formats`` with ``fp8``): the float8 e4m3fn Q/DQ graph of the same grid point, run as
+written by ONNX Runtime on the CPU (exact float8 rounding, float math): what a TensorRT fp8 engine
+approximates, so its accuracy is known without TensorRT. They have no speed: the CPU has no fp8
+GEMM, and timing ORT's reference kernels would say nothing about the GPU engine (``vs_torch`` is
+None, printed n/a). The dynamic axis is the CPU INT8 engine's, so fp8 rows do not repeat over it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.calibration import datasets
-from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+from bert_compiler.calibration.qdq import FP8, INT8, insert_qdq, quantizable_matmuls
 from bert_compiler.calibration.ranges import collect_channel_amax, collect_histograms, compute_amax
 from bert_compiler.calibration.sensitivity import rank_sensitivity
 from bert_compiler.calibration.smooth import apply_smoothing, smoothing_factors
@@ -75,6 +81,8 @@ class SweepSpec:
         kept_float: how many of the most sensitive MatMuls stay in float.
         weight_granularity: weight scales per output channel and/or per tensor
             (calibration/qdq.py WEIGHT_GRANULARITIES).
+        formats: quantized types (calibration/qdq.py QUANTIZED_FORMATS): ``int8`` rows are CPU
+            INT8 engines; ``fp8`` rows are the fp8 Q/DQ graph run as written, scored only.
         smooth_alpha: SmoothQuant alphas (None: unsmoothed).
         pairs: STS-B pairs scored per split (500 is too noisy to choose on).
         selection_data: the selection split's STS-B file (None: the bundled one).
@@ -88,6 +96,7 @@ class SweepSpec:
     dynamic: tuple[str, ...] = ("none", "all")
     kept_float: tuple[int, ...] = (0,)
     weight_granularity: tuple[str, ...] = ("channel",)
+    formats: tuple[str, ...] = (INT8.name,)
     smooth_alpha: tuple[float | None, ...] = (None,)
     pairs: int = 1500
     selection_data: Path | None = None
@@ -155,8 +164,11 @@ def _strided(path: Path, pairs: int, folder: Path) -> Path:
     return subset
 
 
-def _label(alpha: float | None, method: str, weights: str, scope: str, kept: int) -> str:
+def _label(alpha: float | None, method: str, weights: str, scope: str | None, kept: int) -> str:
+    """An INT8 engine row's label; an fp8 row (``scope`` None) starts with ``fp8``."""
     smooth = "none" if alpha is None else alpha
+    if scope is None:
+        return f"fp8 {method} smooth {smooth} weights {weights} kept-float {kept}"
     return f"{method} smooth {smooth} weights {weights} dynamic {scope} kept-float {kept}"
 
 
@@ -227,9 +239,10 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
     ]
 
     rows: list[dict[str, Any]] = []
-    runners: list[Callable[[dict], Any]] = []
+    # None: a row scored but not timed (fp8: no CPU speed to report).
+    runners: list[Callable[[dict], Any] | None] = []
 
-    def add(row: dict[str, Any], embed, run: Callable[[dict], Any]) -> None:
+    def add(row: dict[str, Any], embed, run: Callable[[dict], Any] | None) -> None:
         for split, path in splits.items():
             row[split] = compute_metric(embed, info, None, path).value
         rows.append(row)
@@ -257,6 +270,8 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
             method, percentile = parse_method(method_text)
             amax = compute_amax(histograms, method, percentile=percentile)
             grid = itertools.product(spec.weight_granularity, spec.kept_float, spec.dynamic)
+            if INT8.name not in spec.formats:
+                grid = iter(())
             for weights, kept, scope in grid:
                 label = _label(alpha, method_text, weights, scope, kept)
                 folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
@@ -275,6 +290,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                 engine = quiet_engine(built.path)
                 row = {
                     "runner": label,
+                    "format": INT8.name,
                     "method": method_text,
                     "smooth_alpha": alpha,
                     "dynamic": scope,
@@ -283,19 +299,46 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                 }
                 encoder = Encoder(engine, info, max_length=max_length)
                 add(row, engine_embedder(encoder), engine.run)
+            fp8_grid = itertools.product(spec.weight_granularity, spec.kept_float)
+            for weights, kept in fp8_grid if FP8.name in spec.formats else ():
+                label = _label(alpha, method_text, weights, None, kept)
+                folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
+                quantized, _ = insert_qdq(
+                    variant,
+                    amax,
+                    exclude=frozenset(order[:kept]),
+                    weight_granularity=weights,
+                    format=FP8.name,
+                )
+                folder.mkdir(parents=True, exist_ok=True)
+                staged = folder / "model.onnx.tmp"
+                save_onnx(quantized, staged)
+                os.replace(staged, folder / "model.onnx")
+                session = peer_session(folder / "model.onnx", spec.threads)
+                row = {
+                    "runner": label,
+                    "format": FP8.name,
+                    "method": method_text,
+                    "smooth_alpha": alpha,
+                    "dynamic": None,
+                    "kept_float": kept,
+                    "weight_granularity": weights,
+                }
+                add(row, _session_embedder(session, tokenizer, info, max_length), None)
 
     timings: list[list[float]] = [[] for _ in runners]
-    for run in runners:
+    timed_runners = [(times, run) for times, run in zip(timings, runners, strict=True) if run]
+    for _, run in timed_runners:
         run(feeds[0])
     for _ in range(spec.rounds):
-        for times, run in zip(timings, runners, strict=True):
+        for times, run in timed_runners:
             begun = time.perf_counter()
             for feed in feeds:
                 run(feed)
             times.append(time.perf_counter() - begun)
     torch_s = statistics.median(timings[0])
     for row, times in zip(rows, timings, strict=True):
-        row["vs_torch"] = torch_s / statistics.median(times)
+        row["vs_torch"] = torch_s / statistics.median(times) if times else None
         row["selection_drop"] = rows[0]["selection"] - row["selection"]
         row["dev_drop"] = rows[0]["dev"] - row["dev"]
     scratch.cleanup()
@@ -353,7 +396,8 @@ def format_table(report: dict[str, Any]) -> str:
     for row in report["rows"]:
         lines.append(
             f"{row['runner']:<{width}} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
-            f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} {row['vs_torch']:>7.2f}x"
+            f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} "
+            + ("     n/a" if row["vs_torch"] is None else f"{row['vs_torch']:>7.2f}x")
         )
     return "\n".join(lines)
 
