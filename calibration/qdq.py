@@ -238,7 +238,8 @@ def raise_opset(model, opset: int):
     try:
         converted = version_converter.convert_version(model, opset)
         onnx.checker.check_model(converted)
-    except Exception as err:  # the converter raises bare RuntimeError/ValidationError subclasses
+    # Adapters that are missing raise ConvertError; some raise RuntimeError from C++.
+    except (version_converter.ConvertError, onnx.checker.ValidationError, RuntimeError) as err:
         raise InputError(
             f"calibration: the graph (opset {current}) cannot be raised to opset {opset}, which "
             f"its float8 Q/DQ nodes need ({str(err).splitlines()[0]}); export with --opset "
