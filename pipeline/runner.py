@@ -118,28 +118,21 @@ def run_pipeline(
                 force=force,
                 stages=stages,
             )
-        elif build_spec.precision == FP8.name:
-            calibrated = calibrate(
-                info=info,
-                source=graphs["simplify"],
-                out_dir=layout.calibration(FP8.name),
-                spec=replace(spec.calibration, format=FP8.name),
-                force=force,
-            )
-            stages[f"calibrate:{FP8.name}"] = _stage_summary(calibrated)
-            built, verified = _build_and_verify(
-                calibrated.output(MODEL_FILE),
-                force,
-                info=info,
-                layout=layout,
-                build_spec=build_spec,
-                spec=spec,
-                stages=stages,
-            )
-            fallback = None
         else:
+            if build_spec.precision == FP8.name:
+                calibrated = calibrate(
+                    info=info,
+                    source=graphs["simplify"],
+                    out_dir=layout.calibration(FP8.name),
+                    spec=replace(spec.calibration, format=FP8.name),
+                    force=force,
+                )
+                stages[f"calibrate:{FP8.name}"] = _stage_summary(calibrated)
+                source = calibrated.output(MODEL_FILE)
+            else:
+                source = graphs[build_spec.source_stage]
             built, verified = _build_and_verify(
-                graphs[build_spec.source_stage],
+                source,
                 force,
                 info=info,
                 layout=layout,

@@ -241,7 +241,6 @@ def _gemm_graph(trans_b):
 
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_gemm_weights_are_quantized_per_output_channel(trans_b):
-    import onnxruntime as ort
 
     model = _gemm_graph(trans_b)
     (target,) = quantizable_matmuls(model)
@@ -249,19 +248,25 @@ def test_gemm_weights_are_quantized_per_output_channel(trans_b):
     quantized, record = insert_qdq(model, {"x": 3.0})
     assert len(record["w"]["scale"]) == 6 and record["w"]["axis"] == target.weight_axis
     onnx.checker.check_model(quantized)
+    run = _run_on_uniform_x(model, quantized)
+    np.testing.assert_allclose(run[1], run[0], rtol=0.05, atol=0.15)
+
+
+def _run_on_uniform_x(*models) -> list[np.ndarray]:
+    """Each model's output on one x drawn uniformly within the calibrated range of 3."""
+    import onnxruntime as ort
+
     x = np.random.default_rng(4).uniform(-3, 3, (3, 4)).astype(np.float32)
-    run = [
+    return [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, {"x": x}
         )[0]
-        for m in (model, quantized)
+        for m in models
     ]
-    np.testing.assert_allclose(run[1], run[0], rtol=0.05, atol=0.15)
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
 def test_per_tensor_weights_have_one_scale_and_stay_close_to_float(trans_b):
-    import onnxruntime as ort
 
     model = _gemm_graph(trans_b)
     quantized, record = insert_qdq(model, {"x": 3.0}, weight_granularity="tensor")
@@ -269,13 +274,7 @@ def test_per_tensor_weights_have_one_scale_and_stay_close_to_float(trans_b):
     assert record["w"]["axis"] is None
     assert record["w"]["scale"] == pytest.approx(float(np.abs(weight).max()) / 127)
     onnx.checker.check_model(quantized)
-    x = np.random.default_rng(4).uniform(-3, 3, (3, 4)).astype(np.float32)
-    run = [
-        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
-            None, {"x": x}
-        )[0]
-        for m in (model, quantized)
-    ]
+    run = _run_on_uniform_x(model, quantized)
     # Rounding bound of a 4-term dot product: each term off by at most |x| * s_w / 2 +
     # |w| * s_x / 2 + s_x * s_w / 4 (x is within its range of 3, so never clipped).
     s_x, s_w = 3 / 127, record["w"]["scale"]
