@@ -107,9 +107,9 @@ PADDINGS = ("ladder", "request")
 # Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
 # Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
-# (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32:
-# 8 rungs 281 sentences/s, 12 257, 32 234, 4 228 (docs/benchmarks.md; measured on STS-B dev, the
-# text that benchmark reports: to be chosen again on the calibration sentences).
+# (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32,
+# on the calibration sentences (scripts/triton_load.py --data; the report uses STS-B dev):
+# 8 rungs 266 sentences/s, 4 256, 32 255, 12 250 (docs/benchmarks.md).
 TRITON_LADDER_RUNGS = 8
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
