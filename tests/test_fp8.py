@@ -5,7 +5,6 @@ capability 8.9+ (marked tensorrt); nothing here fakes TensorRT."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -288,18 +287,17 @@ def test_sweep_fp8_rows_are_scored_and_not_timed(tiny_embedding_model, tmp_path)
 
 
 def _tensorrt_fp8_reason() -> str | None:
-    if importlib.util.find_spec("tensorrt") is None:
-        return "the tensorrt package is not installed"
-    try:
-        import tensorrt  # noqa: F401
+    """Why no TensorRT fp8 engine can be built here (None: it can)."""
+    from tests.test_gpu_engines import _tensorrt_reason
+
+    reason = _tensorrt_reason()
+    if reason is None:
         import torch
-    except (ImportError, OSError) as err:
-        return f"import tensorrt failed: {err}"
-    if not torch.cuda.is_available():
-        return "no CUDA GPU visible to torch"
-    if torch.cuda.get_device_capability() < (8, 9):
-        return f"GPU compute capability {torch.cuda.get_device_capability()} has no fp8 (< 8.9)"
-    return None
+
+        capability = torch.cuda.get_device_capability()
+        if capability < (8, 9):
+            reason = f"GPU compute capability {capability} has no fp8 (< 8.9)"
+    return reason
 
 
 @pytest.mark.e2e
