@@ -72,6 +72,7 @@ def convert_to_fp16(model, *, keep_float_ops: Iterable[str] = ()):
     """
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
 
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never edit the caller's graph
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer):
@@ -86,37 +87,11 @@ def convert_to_fp16(model, *, keep_float_ops: Iterable[str] = ()):
         node_block_list=head_nodes(model),
     )
     _unique_node_names(converted)
-    _sort_topologically(converted)
+    # The converter appends the Casts it adds in front of float32 consumers (the head) at the end
+    # of the node list, after those consumers: ORT sorts for itself, but the graph fails
+    # onnx.checker and misleads anything that reads nodes in order.
+    OnnxModel.graph_topological_sort(converted.graph)
     return converted
-
-
-def _sort_topologically(model) -> None:
-    # onnxruntime's converter appends the Casts it adds in front of float32 consumers (the head)
-    # at the end of the node list, after those consumers: ORT sorts for itself, but the graph
-    # fails onnx.checker and misleads anything that reads nodes in order. A stable sort: each
-    # pass keeps the original order among the nodes whose inputs are ready.
-    graph = model.graph
-    available = {""} | {t.name for t in graph.input} | {t.name for t in graph.initializer}
-    pending = list(graph.node)
-    ordered = []
-    while pending:
-        waiting = []
-        for node in pending:
-            if all(name in available for name in node.input):
-                ordered.append(node)
-                available.update(node.output)
-            else:
-                waiting.append(node)
-        if len(waiting) == len(pending):
-            missing = sorted({n for node in waiting for n in node.input} - available)
-            raise RuntimeError(f"fp16 graph: inputs no node produces: {missing[:5]}")
-        pending = waiting
-    if [node.name for node in ordered] != [node.name for node in graph.node]:
-        sorted_nodes = [type(node)() for node in ordered]
-        for copy, node in zip(sorted_nodes, ordered, strict=True):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(sorted_nodes)
 
 
 def _unique_node_names(model) -> None:
