@@ -172,6 +172,15 @@ def _label(alpha: float | None, method: str, weights: str, scope: str | None, ke
     return f"{method} smooth {smooth} weights {weights} dynamic {scope} kept-float {kept}"
 
 
+def _save_variant(quantized, folder: Path) -> Path:
+    """A grid point's Q/DQ graph written as ``folder``/model.onnx (through a temporary name)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    staged = folder / "model.onnx.tmp"
+    save_onnx(quantized, staged)
+    os.replace(staged, folder / "model.onnx")
+    return folder / "model.onnx"
+
+
 def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Any]:
     """Build every grid point's engine under OUT/sweep/, score and time them beside PyTorch
     fp32; return the JSON object (``splits``, ``rows``)."""
@@ -270,20 +279,14 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
             method, percentile = parse_method(method_text)
             amax = compute_amax(histograms, method, percentile=percentile)
             grid = itertools.product(spec.weight_granularity, spec.kept_float, spec.dynamic)
-            if INT8.name not in spec.formats:
-                grid = iter(())
-            for weights, kept, scope in grid:
+            for weights, kept, scope in grid if INT8.name in spec.formats else ():
                 label = _label(alpha, method_text, weights, scope, kept)
                 folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
                 quantized, _ = insert_qdq(
                     variant, amax, exclude=frozenset(order[:kept]), weight_granularity=weights
                 )
-                folder.mkdir(parents=True, exist_ok=True)
-                staged = folder / "model.onnx.tmp"
-                save_onnx(quantized, staged)
-                os.replace(staged, folder / "model.onnx")
                 built = build(
-                    source=folder / "model.onnx",
+                    source=_save_variant(quantized, folder),
                     out_dir=folder / "engine",
                     spec=replace(base, int8_dynamic=scope),
                 )
@@ -310,11 +313,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                     weight_granularity=weights,
                     format=FP8.name,
                 )
-                folder.mkdir(parents=True, exist_ok=True)
-                staged = folder / "model.onnx.tmp"
-                save_onnx(quantized, staged)
-                os.replace(staged, folder / "model.onnx")
-                session = peer_session(folder / "model.onnx", spec.threads)
+                session = peer_session(_save_variant(quantized, folder), spec.threads)
                 row = {
                     "runner": label,
                     "format": FP8.name,
