@@ -303,20 +303,12 @@ def _tensorrt_fp8_reason() -> str | None:
 @pytest.mark.e2e
 @pytest.mark.tensorrt
 def test_tensorrt_fp8_engine_from_the_fp8_qdq_graph(tiny_embedding_model, tmp_path):
-    from bert_compiler.pipeline.models import resolve_model
-    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-    from tests.conftest import TINY_VERIFY
+    from tests.test_gpu_engines import run_tensorrt_engine
 
     reason = _tensorrt_fp8_reason()
     if reason:
         pytest.skip(reason)
-    info = resolve_model(tiny_embedding_model)
-    spec = RunSpec(
-        builds=(BuildSpec(backend="tensorrt", device="cuda", precision="fp8"),),
-        verify=replace(TINY_VERIFY, precision="fp8"),
-    )
-    summary = run_pipeline(info=info, out=tmp_path, spec=spec)
-    (engine,) = summary["engines"]
+    engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "fp8")
     assert engine["name"].endswith("-fp8") and engine["passed"], engine["failures"]
     assert engine["parity"]["min_cosine"] > 0.9
     assert (tmp_path / "calibrate-fp8" / "model.onnx").is_file()

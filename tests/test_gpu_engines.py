@@ -208,16 +208,20 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
     assert manifest["results"]["timing_cache_hit"] is True
 
 
+def run_tensorrt_engine(model, out: Path, precision: str) -> dict:
+    """`run` of one TensorRT engine of ``precision`` from ``model`` into ``out``: its summary."""
+    spec = RunSpec(
+        builds=(BuildSpec(backend="tensorrt", device="cuda", precision=precision),),
+        verify=replace(TINY_VERIFY, precision=precision),
+    )
+    (engine,) = run_pipeline(info=resolve_model(model), out=out, spec=spec)["engines"]
+    return engine
+
+
 @pytest.mark.tensorrt
 def test_tensorrt_int8_engine_from_qdq_graph(tiny_embedding_model, tmp_path):
     _skip_unless(_tensorrt_reason())
-    info = resolve_model(tiny_embedding_model)
-    spec = RunSpec(
-        builds=(BuildSpec(backend="tensorrt", device="cuda", precision="int8"),),
-        verify=replace(TINY_VERIFY, precision="int8"),
-    )
-    summary = run_pipeline(info=info, out=tmp_path, spec=spec)
-    (engine,) = summary["engines"]
+    engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "int8")
     assert engine["name"].endswith("-int8")
     assert engine["parity"]["min_cosine"] > 0.9
 
