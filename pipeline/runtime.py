@@ -41,6 +41,7 @@ from bert_compiler.pipeline.text import (
     encode_texts,
     iter_file_texts,
     resolve_max_length,
+    text_list,
 )
 
 # Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
@@ -166,6 +167,7 @@ class PinnedStaging:
 def tokenize_rows(tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int) -> Tokens:
     """Tokenize without padding; every row (a cross-encoder's: every pair) truncated at
     ``max_length``."""
+    texts = text_list(texts)
     if not texts:
         raise InputError("no texts to encode")
     encoded = encode_texts(tokenizer, texts, info, max_length, padding=False)

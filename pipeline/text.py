@@ -72,6 +72,34 @@ def check_token_values(ids: np.ndarray, types: np.ndarray | None, info: ModelInf
         raise InputError(f"token_type_ids outside [0, {info.config['type_vocab_size']})")
 
 
+def text_list(texts: Any) -> list[Any]:
+    """``texts`` (a list, tuple, array or any ordered iterable of texts) as a list, in order.
+
+    Raises:
+        InputError: one bare string or bytes (iterating it would encode each character as a
+            text), a set (no order: outputs come back in input order), a mapping, or something
+            that is not iterable.
+    """
+    if isinstance(texts, (str, bytes, bytearray)):
+        raise InputError(
+            f"texts: got one {type(texts).__name__} ({len(texts)} long), expected a list of texts; "
+            "wrap a single text in a list"
+        )
+    if isinstance(texts, (set, frozenset)):
+        raise InputError(
+            f"texts: a {type(texts).__name__} has no order and outputs come back in input order; "
+            "pass a list"
+        )
+    if isinstance(texts, Mapping):
+        raise InputError(
+            f"texts: a {type(texts).__name__} (its keys would be encoded); pass a list of texts"
+        )
+    try:
+        return list(texts)
+    except TypeError as err:
+        raise InputError(f"texts: {type(texts).__name__} is not a list of texts") from err
+
+
 def check_texts(texts: Sequence[Any], info: ModelInfo) -> None:
     """Pairs for a cross-encoder, single strings for every other model.
 
@@ -111,11 +139,25 @@ def encode_texts(
         if max_length is not None
         else {"truncation": False}
     )
-    if info.pairs:
-        firsts = [text[0] for text in texts]
-        seconds = [text[1] for text in texts]
-        return tokenizer(firsts, seconds, **truncation, **kwargs)
-    return tokenizer(list(texts), **truncation, **kwargs)
+    try:
+        if info.pairs:
+            firsts = [text[0] for text in texts]
+            seconds = [text[1] for text in texts]
+            return tokenizer(firsts, seconds, **truncation, **kwargs)
+        return tokenizer(list(texts), **truncation, **kwargs)
+    except TypeError as err:
+        # The tokenizer takes only what UTF-8 encodes: a lone surrogate ("\ud800") is a str
+        # Python holds and the tokenizer refuses.
+        for index, text in enumerate(texts):
+            for part in (text,) if isinstance(text, str) else text:
+                try:
+                    part.encode("utf-8")
+                except UnicodeEncodeError as bad:
+                    raise InputError(
+                        f"text {index}: not encodable as UTF-8 at character {bad.start} "
+                        f"({bad.reason}); pass valid Unicode text"
+                    ) from err
+        raise
 
 
 def iter_file_texts(

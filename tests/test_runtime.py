@@ -99,3 +99,46 @@ def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
             }
         )["sentence_embedding"][0]
         np.testing.assert_allclose(batched[i], single, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        ("one sentence", "got one str (12 long), expected a list of texts"),
+        (b"one sentence", "got one bytes"),
+        ({"b", "a"}, "a set has no order"),
+        ({"a": 1}, "a dict (its keys would be encoded)"),
+        (None, "NoneType is not a list of texts"),
+        (7, "int is not a list of texts"),
+        (["fine", None], "text 1: tiny-embed reads single texts, not NoneType"),
+        (["fine", 3], "text 1: tiny-embed reads single texts, not int"),
+        (["fine", "lone \ud800 surrogate"], "text 1: not encodable as UTF-8 at character 5"),
+    ],
+    ids=["str", "bytes", "set", "dict", "none", "int", "none-item", "int-item", "surrogate"],
+)
+def test_texts_the_runtime_cannot_encode_in_order_are_one_line(
+    tiny_embedding_model, texts, expected
+):
+    """A bare string would be encoded one character a row, a set in no order, a lone surrogate
+    crash the tokenizer: each is refused before any engine call."""
+    from bert_compiler.core.errors import InputError
+
+    engine = RecordingEngine()
+    encoder = Encoder(engine, resolve_model(tiny_embedding_model), max_length=32)
+    with pytest.raises(InputError) as raised:
+        encoder.encode(texts)
+    assert expected in str(raised.value) and "\n" not in str(raised.value)
+    assert engine.shapes == []
+
+
+def test_ordered_iterables_of_texts_are_encoded_in_order(tiny_embedding_model):
+    encoder = Encoder(RecordingEngine(), resolve_model(tiny_embedding_model), max_length=32)
+    expected = encoder.encode(TEXTS)["row_sum"]
+    for texts in (tuple(TEXTS), (t for t in TEXTS), np.array(TEXTS)):
+        np.testing.assert_array_equal(encoder.encode(texts)["row_sum"], expected)
+
+
+def test_a_very_long_text_is_truncated_at_the_maximum_length(tiny_embedding_model):
+    encoder = Encoder(RecordingEngine(), resolve_model(tiny_embedding_model), max_length=32)
+    outputs = encoder.encode(["fine", "word " * 200_000])
+    assert [row.shape[0] for row in outputs["last_hidden_state"]] == [3, 32]
