@@ -96,22 +96,32 @@ def read_tsv(
     return [row for _, row in iter_tsv(path, columns, max_line_bytes=max_line_bytes)]
 
 
-def load_stsb(path: Path = STSB_DEV) -> SentencePairs:
-    """STS Benchmark pairs (columns sentence1, sentence2, score in [0, 5])."""
-    rows = read_tsv(path, ("sentence1", "sentence2", "score"))
-    scores = []
-    for number, row in enumerate(rows, start=2):
+STSB_COLUMNS = ("sentence1", "sentence2", "score")
+
+
+def iter_stsb(path: Path = STSB_DEV) -> Iterator[tuple[int, str, str, float]]:
+    """Stream STS Benchmark rows: (line number, sentence1, sentence2, score in [0, 5]).
+
+    Raises:
+        InputError: as iter_tsv, and a score that is not a number in [0, 5] (at its line).
+    """
+    for number, row in iter_tsv(path, STSB_COLUMNS):
         try:
             score = float(row["score"])
         except ValueError as err:
             raise InputError(f"{path}:{number}: score {row['score']!r} is not a number") from err
         if not 0.0 <= score <= 5.0:
             raise InputError(f"{path}:{number}: score {score} is outside [0, 5]")
-        scores.append(score)
+        yield number, row["sentence1"], row["sentence2"], score
+
+
+def load_stsb(path: Path = STSB_DEV) -> SentencePairs:
+    """STS Benchmark pairs (columns sentence1, sentence2, score in [0, 5]; iter_stsb, kept)."""
+    rows = list(iter_stsb(path))
     return SentencePairs(
-        sentences1=[r["sentence1"] for r in rows],
-        sentences2=[r["sentence2"] for r in rows],
-        scores=scores,
+        sentences1=[first for _, first, _, _ in rows],
+        sentences2=[second for _, _, second, _ in rows],
+        scores=[score for *_, score in rows],
     )
 
 

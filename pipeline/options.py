@@ -527,7 +527,9 @@ class CalibrationOptions(OptionGroup):
     def parse(self, values: Values, info: ModelInfo) -> CalibrationSpec:
         text_column, pair_column = TextOptions().columns(values, info)
         # Before any stage runs: a cross-encoder's text is pairs.
-        check_pair_column(info, values["calibration_data"] or "calibration data", pair_column)
+        check_pair_column(
+            info, values["calibration_data"] or "calibration data", pair_column, column=text_column
+        )
         return CalibrationSpec(
             method=values["method"],
             percentile=values["percentile"],
@@ -785,6 +787,13 @@ class PackageOptions(OptionGroup):
         ]
 
     def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
+        """Raises InputError for --ladder-rungs with --tokenizer-padding request (no ladder)."""
+        if values["tokenizer_padding"] != "ladder" and _given("ladder_rungs"):
+            raise InputError(
+                f"--ladder-rungs {values['ladder_rungs']}: --tokenizer-padding "
+                f"{values['tokenizer_padding']} pads each request to its longest text, with no "
+                "length ladder; drop --ladder-rungs or use --tokenizer-padding ladder"
+            )
         return PackageSpec(
             engines=engines,
             max_batch_size=values["max_batch_size"],
@@ -802,6 +811,30 @@ class PackageOptions(OptionGroup):
         repository = values["repository"] or Layout(Path(values["out"])).repository
         check_repository_target(repository)
         return repository
+
+
+def _given(*names: str) -> list[str]:
+    """The flags (``--sweep-methods``) of the parameters ``names`` that the command line set:
+    a value from a config file or a default is never reported."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return []
+    flags = {param.name: param.opts[0] for param in ctx.command.params}
+    return [
+        flags[name]
+        for name in names
+        if name in flags and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+    ]
+
+
+def _listed(flag: str, parse: Callable[..., Any], text: str, *args: Any) -> Any:
+    """``parse(text, *args)`` with a bad value reported as click reports its own options'
+    ("Invalid value for '--sweep-methods': ..."), naming the flag."""
+    try:
+        return parse(text, *args)
+    except click.BadParameter as err:
+        err.param_hint = f"'{flag}'"
+        raise
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -909,6 +942,13 @@ class BenchOptions(OptionGroup):
         ]
 
     def parse(self, values: Values) -> BenchSpec:
+        """Raises InputError for a column of --data given without --data."""
+        columns = _given("data_column", "data_pair_column")
+        if values["data"] is None and columns:
+            raise InputError(
+                f"{', '.join(columns)}: name columns of --data FILE, and none is given (the "
+                "default text is the bundled STS-B dev set); add --data or drop them"
+            )
         return BenchSpec(
             data=values["data"],
             text_column=values["data_column"],
@@ -916,9 +956,13 @@ class BenchOptions(OptionGroup):
             min_sentences=values["min_sentences"],
             limit=values["limit"],
             rounds=values["rounds"],
-            peer_batches=_int_list(values["peer_batches"]) if values["peer_batches"] else (),
-            fixed_shapes=_shape_list(values["fixed_shapes"]),
-            runtime_batches=_batching_list(values["runtime_batches"] or ""),
+            peer_batches=_listed("--peer-batches", _int_list, values["peer_batches"])
+            if values["peer_batches"]
+            else (),
+            fixed_shapes=_listed("--fixed-shapes", _shape_list, values["fixed_shapes"]),
+            runtime_batches=_listed(
+                "--runtime-batches", _batching_list, values["runtime_batches"] or ""
+            ),
             peers=values["peers"],
             max_length=values["max_length"],
         )
@@ -926,6 +970,7 @@ class BenchOptions(OptionGroup):
 
 def _method_list(text: str) -> tuple[str, ...]:
     items = tuple(dict.fromkeys(i.strip() for i in text.split(",") if i.strip()))
+    chosen: dict[tuple[str, float | None], str] = {}
     for item in items:
         method, _, percentile = item.partition(":")
         usable = method in METHODS and (
@@ -937,9 +982,11 @@ def _method_list(text: str) -> tuple[str, ...]:
                 f"{item!r}: expected METHOD or percentile:P with METHOD one of "
                 f"{', '.join(METHODS)} and 0 < P <= 100, e.g. percentile:99.99"
             )
-    if not items:
+        # percentile:99.99 and percentile:99.990 are one grid point: the first spelling names it.
+        chosen.setdefault((method, float(percentile) if percentile else None), item)
+    if not chosen:
         raise click.BadParameter("expected at least one method")
-    return items
+    return tuple(chosen.values())
 
 
 def _is_number(text: str) -> bool:
@@ -966,19 +1013,19 @@ def _alpha_list(text: str) -> tuple[float | None, ...]:
         if item == "none":
             alphas.append(None)
         elif _is_number(item) and 0 <= float(item) <= 1:
-            alphas.append(float(item))
+            alphas.append(float(item) + 0.0)  # -0 is 0
         else:
             raise click.BadParameter(f"{item!r}: expected 'none' or an alpha in [0, 1], e.g. 0.5")
     if not alphas:
         raise click.BadParameter("expected at least one alpha (or none)")
-    return tuple(alphas)
+    return tuple(dict.fromkeys(alphas))
 
 
 def _count_list(text: str) -> tuple[int, ...]:
     items = tuple(i.strip() for i in text.split(",") if i.strip())
     if not items or not all(i.isdigit() for i in items):
         raise click.BadParameter(f"{text!r}: expected comma-separated counts >= 0, e.g. 0,2")
-    return tuple(int(i) for i in items)
+    return tuple(dict.fromkeys(int(i) for i in items))
 
 
 class SweepOptions(OptionGroup):
@@ -1075,18 +1122,88 @@ class SweepOptions(OptionGroup):
             ),
         ]
 
+    # The sweep's own settings, read only with --sweep.
+    SWEEP_ONLY = (
+        "sweep_methods",
+        "sweep_dynamic",
+        "sweep_weight_granularity",
+        "sweep_formats",
+        "sweep_kept_float",
+        "sweep_smooth_alpha",
+        "sweep_pairs",
+        "sweep_selection_data",
+        "sweep_sentences",
+        "sweep_rounds",
+        "sweep_threads",
+        "sweep_peers",
+    )
+    # What calibrate reads without --sweep, and the sweep's flag for it (None: the sweep
+    # calibrates on the bundled calibration sentences at the model's maximum length, its own
+    # float graph).
+    CALIBRATE_ONLY = {
+        "method": "--sweep-methods",
+        "percentile": "--sweep-methods",
+        "smooth_alpha": "--sweep-smooth-alpha",
+        "weight_granularity": "--sweep-weight-granularity",
+        "quantized_format": "--sweep-formats",
+        "keep_float": "--sweep-kept-float",
+        "quantize_op": None,
+        "num_samples": None,
+        "min_samples": None,
+        "calibration_data": None,
+        "text_column": None,
+        "pair_column": None,
+        "max_length": None,
+        "input_path": None,
+    }
+
     def parse(self, values: Values) -> SweepSpec | None:
+        """The sweep's spec with --sweep (None without it).
+
+        Raises:
+            InputError: a sweep flag without --sweep, or with it a calibrate flag the sweep
+                does not read (either would be silently ignored).
+        """
         if not values["sweep"]:
+            stray = _given(*self.SWEEP_ONLY)
+            if stray:
+                raise InputError(
+                    f"{', '.join(stray)}: only read by calibrate --sweep; add --sweep, or drop "
+                    "them to calibrate"
+                )
             return None
+        ignored = _given(*self.CALIBRATE_ONLY)
+        if ignored:
+            instead = sorted(
+                {
+                    self.CALIBRATE_ONLY[name]
+                    for name in self.CALIBRATE_ONLY
+                    if self.CALIBRATE_ONLY[name] and _given(name)
+                }
+            )
+            hint = (
+                f"use {', '.join(instead)} for the grid, or drop them" if instead else "drop them"
+            )
+            raise InputError(
+                f"{', '.join(ignored)}: calibrate --sweep does not read them (it exports the "
+                f"model and calibrates the bundled calibration sentences per grid point); {hint}"
+            )
         return SweepSpec(
-            methods=_method_list(values["sweep_methods"]),
-            dynamic=_choice_list(values["sweep_dynamic"], DYNAMIC_SCOPES),
-            kept_float=_count_list(values["sweep_kept_float"]),
-            formats=_choice_list(values["sweep_formats"], QUANTIZED_FORMATS),
-            weight_granularity=_choice_list(
-                values["sweep_weight_granularity"], WEIGHT_GRANULARITIES
+            methods=_listed("--sweep-methods", _method_list, values["sweep_methods"]),
+            dynamic=_listed(
+                "--sweep-dynamic", _choice_list, values["sweep_dynamic"], DYNAMIC_SCOPES
             ),
-            smooth_alpha=_alpha_list(values["sweep_smooth_alpha"]),
+            kept_float=_listed("--sweep-kept-float", _count_list, values["sweep_kept_float"]),
+            formats=_listed(
+                "--sweep-formats", _choice_list, values["sweep_formats"], QUANTIZED_FORMATS
+            ),
+            weight_granularity=_listed(
+                "--sweep-weight-granularity",
+                _choice_list,
+                values["sweep_weight_granularity"],
+                WEIGHT_GRANULARITIES,
+            ),
+            smooth_alpha=_listed("--sweep-smooth-alpha", _alpha_list, values["sweep_smooth_alpha"]),
             pairs=values["sweep_pairs"],
             sentences=values["sweep_sentences"],
             rounds=values["sweep_rounds"],

@@ -51,7 +51,7 @@ from bert_compiler.pipeline.calibrate import (
     calibration_texts,
 )
 from bert_compiler.pipeline.export import export
-from bert_compiler.pipeline.fallback import FallbackSpec, same_rows
+from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.layout import Layout
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
@@ -155,13 +155,59 @@ def parse_method(text: str) -> tuple[str, float | None]:
     return method, float(percentile) if percentile else None
 
 
-def _strided(path: Path, pairs: int, folder: Path) -> Path:
-    """Every k-th data row of ``path`` (about ``pairs`` of them), header kept, in ``folder``."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    step = max(1, (len(lines) - 1) // pairs)
+def _strided(path: Path, rows: int, pairs: int, folder: Path) -> Path:
+    """Every k-th data row of the STS-B file ``path`` of ``rows`` rows (about ``pairs`` of
+    them), streamed, as a sentence1/sentence2/score TSV in ``folder``.
+
+    Raises:
+        InputError: fewer than two distinct scores among the rows kept (no Spearman).
+    """
+    step = max(1, rows // pairs)
     subset = folder / f"{path.stem}-every-{step}.tsv"
-    subset.write_text(lines[0] + "".join(lines[1::step][:pairs]), encoding="utf-8")
+    kept, scores = 0, set()
+    with open(subset, "w", encoding="utf-8") as handle:
+        handle.write("\t".join(datasets.STSB_COLUMNS) + "\n")
+        for index, (_, first, second, score) in enumerate(datasets.iter_stsb(path)):
+            if index % step or kept == pairs:
+                continue
+            handle.write(f"{first}\t{second}\t{score}\n")
+            kept += 1
+            scores.add(score)
+    if len(scores) < 2:
+        raise InputError(
+            f"{path}: the {kept} pairs scored have {len(scores)} distinct "
+            "score(s); Spearman needs at least two: give more pairs with varied scores"
+        )
     return subset
+
+
+def check_selection(path: Path, reporting: Path) -> int:
+    """Read the selection split's STS-B file through once (streamed, checked line by line)
+    before any work: its number of rows. A split that shares a pair with ``reporting`` (the
+    set only reported) is refused, whatever its bytes (a copy with other line order, another
+    header or extra rows is still the reported set).
+
+    Raises:
+        InputError: a missing or malformed file (at its first bad line), or shared pairs.
+    """
+    if not path.is_file():
+        raise InputError(
+            f"--sweep-selection-data {path}: no such file; give an STS-B TSV of train pairs"
+        )
+    reported = {(first, second) for _, first, second, _ in datasets.iter_stsb(reporting)}
+    rows, shared, first_shared = 0, 0, 0
+    for number, first, second, _ in datasets.iter_stsb(path):
+        rows += 1
+        if (first, second) in reported:
+            shared += 1
+            first_shared = first_shared or number
+    if shared:
+        raise InputError(
+            f"--sweep-selection-data {path}: {shared} of its {rows} pairs (the first at line "
+            f"{first_shared}) are STS-B dev pairs, which the sweep only reports; choose on "
+            "another split, e.g. a train subset without them"
+        )
+    return rows
 
 
 def _label(alpha: float | None, method: str, weights: str, scope: str | None, kept: int) -> str:
@@ -191,16 +237,15 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
             f"{info.name}: calibrate --sweep scores sentence embeddings on STS-B; "
             "use it on an embedding model"
         )
-    selection = spec.selection_data or datasets.STSB_SELECTION
-    if not selection.is_file():
-        raise InputError(
-            f"--sweep-selection-data {selection}: no such file; give an STS-B TSV of train pairs"
-        )
-    if same_rows(selection, datasets.STSB_DEV):
-        raise InputError(
-            f"--sweep-selection-data {selection}: holds the rows of STS-B dev, which the sweep "
-            "only reports; choose on another split, e.g. a train subset"
-        )
+    selection = Path(spec.selection_data or datasets.STSB_SELECTION)
+    # Before the first export: a bad file is one line in seconds, naming the file and line.
+    selection_rows = check_selection(selection, datasets.STSB_DEV)
+    dev_rows = sum(1 for _ in datasets.iter_stsb(datasets.STSB_DEV))
+    scratch = tempfile.TemporaryDirectory()
+    splits = {
+        "selection": _strided(selection, selection_rows, spec.pairs, Path(scratch.name)),
+        "dev": _strided(datasets.STSB_DEV, dev_rows, spec.pairs, Path(scratch.name)),
+    }
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(spec.threads)
     exported = export(info=info, out_dir=layout.export)
@@ -211,6 +256,12 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
             "model.onnx"
         )
     model = load_onnx(simplified.output("model.onnx"))
+    quantizable = len(quantizable_matmuls(model))
+    if max(spec.kept_float) > quantizable:
+        raise InputError(
+            f"--sweep-kept-float {max(spec.kept_float)}: {info.name} has {quantizable} "
+            "quantizable MatMuls; keep at most that many in float"
+        )
     calibration = CalibrationSpec()
     texts, _ = calibration_texts(calibration)
     batches = calibration_batches(info, texts, calibration)
@@ -235,11 +286,6 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
     max_length = resolve_max_length(info, None)
     tokenizer = load_tokenizer(info)
     reference = torch_runner(info, pooling_in_graph=True)
-    scratch = tempfile.TemporaryDirectory()
-    splits = {
-        "selection": _strided(selection, spec.pairs, Path(scratch.name)),
-        "dev": _strided(datasets.STSB_DEV, spec.pairs, Path(scratch.name)),
-    }
     pairs = datasets.load_stsb(splits["selection"])
     timed = (pairs.sentences1 + pairs.sentences2)[: spec.sentences]
     feeds = [

@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from bert_compiler.calibration import datasets
+from bert_compiler.core.errors import InputError
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.sweep import PEERS
 
@@ -85,7 +86,10 @@ def test_sweep_of_a_classifier_says_what_it_scores(tiny_classifier_model, tmp_pa
 
 @pytest.mark.parametrize(
     ("selection", "expected"),
-    [("missing.tsv", "no such file"), ("dev-copy.tsv", "holds the rows of STS-B dev")],
+    [
+        ("missing.tsv", "no such file"),
+        ("dev-copy.tsv", "are STS-B dev pairs, which the sweep only reports"),
+    ],
 )
 def test_sweep_refuses_a_selection_split_that_is_not_one(
     tiny_embedding_model, tmp_path, selection, expected
@@ -98,3 +102,62 @@ def test_sweep_refuses_a_selection_split_that_is_not_one(
     assert expected in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (out / "sweep").exists()  # refused before any engine was built
+
+
+def test_keeping_more_matmuls_in_float_than_the_graph_has_is_one_line(
+    tiny_embedding_model, tmp_path
+):
+    """A grid point with every MatMul in float would be labelled with a count it does not
+    keep: refused once the graph is read, before any engine is built."""
+    out = tmp_path / "o"
+    args = ["calibrate", "--sweep", "--model", str(tiny_embedding_model), "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--no-sweep-peers", "--sweep-kept-float", "0,99"])
+    assert result.exit_code == 3, result.output
+    assert "--sweep-kept-float 99: tiny-embed has 12 quantizable MatMuls" in result.stderr
+    assert "Traceback" not in result.output and not (out / "sweep").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "parsed"),
+    [
+        ("--sweep-kept-float", "0,2,00,2", {"kept_float": (0, 2)}),
+        ("--sweep-smooth-alpha", "-0,0.0,none,0.5,none", {"smooth_alpha": (0.0, None, 0.5)}),
+        (
+            "--sweep-methods",
+            "percentile:99.99,percentile:99.990,minmax",
+            {"methods": ("percentile:99.99", "minmax")},
+        ),
+    ],
+)
+def test_a_grid_point_given_twice_is_swept_once(
+    tiny_embedding_model, flag, value, parsed, monkeypatch, tmp_path
+):
+    """Two spellings of one value (0 and 00, -0 and 0.0) are one grid point, not two rows."""
+    from bert_compiler.pipeline import cli as cli_module
+
+    seen = {}
+
+    def record(*, spec, **_kwargs):
+        seen["spec"] = spec
+        raise InputError("recorded")
+
+    monkeypatch.setattr(cli_module, "run_sweep", record)
+    model = str(tiny_embedding_model)
+    argv = ["calibrate", "--sweep", "--model", model, "--out", str(tmp_path / "o"), flag, value]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 3 and "recorded" in result.stderr, result.output
+    for name, expected in parsed.items():
+        assert getattr(seen["spec"], name) == expected
+        assert [str(v) for v in getattr(seen["spec"], name)] == [str(v) for v in expected]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--sweep-methods", ","), ("--sweep-smooth-alpha", ","), ("--sweep-formats", "int4")],
+)
+def test_a_bad_sweep_list_names_its_flag(tiny_embedding_model, flag, value, tmp_path):
+    model = str(tiny_embedding_model)
+    argv = ["calibrate", "--sweep", "--model", model, "--out", str(tmp_path / "o"), flag, value]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}':" in result.output and "Traceback" not in result.output
