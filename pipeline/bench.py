@@ -24,6 +24,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +142,15 @@ def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]
         else:
             sentences = pairs.sentences1 + pairs.sentences2
     else:
-        sentences = list(
-            iter_file_texts(
-                info, Path(spec.data), column=spec.text_column, pair_column=spec.pair_column
-            )
+        texts = iter_file_texts(
+            info,
+            Path(spec.data),
+            column=spec.text_column,
+            pair_column=spec.pair_column,
+            flags=("--data-column", "--data-pair-column"),
         )
+        # Streamed: with --limit, a file far larger than what is timed is not read whole.
+        sentences = list(islice(texts, spec.limit) if spec.limit else texts)
     sentences = sentences[: spec.limit] if spec.limit else sentences
     if not sentences:
         raise InputError(f"{spec.data or datasets.STSB_DEV}: no sentences to benchmark")

@@ -242,7 +242,7 @@ def calibrate(
 
     def prepare():
         # Data and graph are checked before the previous calibration is touched.
-        check_pair_column(info, spec.data_file(), spec.pair_column)
+        check_pair_column(info, spec.data_file(), spec.pair_column, column=spec.text_column)
         loaded["texts"], loaded["counts"] = calibration_texts(spec)
         loaded["model"] = load_onnx(source)
         targets = quantizable_matmuls(loaded["model"])

@@ -161,32 +161,56 @@ def encode_texts(
 
 
 def iter_file_texts(
-    info: ModelInfo, path: Path, *, column: str, pair_column: str | None
+    info: ModelInfo,
+    path: Path,
+    *,
+    column: str,
+    pair_column: str | None,
+    flags: tuple[str, str] = ("--text-column", "--pair-column"),
 ) -> Iterator[Text]:
     """The texts of a data file as ``info`` reads them (check_pair_column, then read_texts).
 
     Raises:
         InputError: as check_pair_column and the file readers.
     """
-    check_pair_column(info, path, pair_column)
+    check_pair_column(info, path, pair_column, column=column, flags=flags)
     return read_texts(path, column=column, pair_column=pair_column)
 
 
-def check_pair_column(info: ModelInfo, path: Path | str, pair_column: str | None) -> None:
-    """A pair column for a cross-encoder's data file, none for any other model's.
+def check_pair_column(
+    info: ModelInfo,
+    path: Path | str,
+    pair_column: str | None,
+    *,
+    column: str | None = None,
+    flags: tuple[str, str] = ("--text-column", "--pair-column"),
+) -> None:
+    """A pair column for a cross-encoder's data file, none for any other model's, and not the
+    text ``column`` itself.
+
+    Args:
+        flags: the command's options for the text column and the pair column, named in the
+            error (bench's are --data-column and --data-pair-column).
 
     Raises:
-        InputError: a cross-encoder without a pair column, a single-text model with one.
+        InputError: a cross-encoder without a pair column, a single-text model with one, or a
+            pair column that is the text column.
     """
+    text_flag, pair_flag = flags
     if info.pairs and pair_column is None:
         raise InputError(
             f"{path}: {info.name} is a cross-encoder (one score per text pair): name the file's "
-            "second text column with --pair-column (the first is --text-column)"
+            f"second text column with {pair_flag} (the first is {text_flag})"
         )
     if not info.pairs and pair_column is not None:
         raise InputError(
-            f"--pair-column {pair_column!r}: {info.name} reads single texts; text pairs are for "
+            f"{pair_flag} {pair_column!r}: {info.name} reads single texts; text pairs are for "
             "cross-encoders (sequence classifiers with num_labels 1)"
+        )
+    if pair_column is not None and pair_column == column:
+        raise InputError(
+            f"{pair_flag} {pair_column!r} is also {text_flag}: each pair would be one text "
+            f"twice; name the column of each pair's second text in {path}"
         )
 
 

@@ -157,6 +157,49 @@ def test_a_single_sentence_file_for_a_cross_encoder_is_one_line(cross_encoders, 
     assert not (tmp_path / "out" / "export").exists()  # refused before any stage ran
 
 
+@pytest.mark.unit
+def test_a_pair_column_that_is_the_text_column_is_one_line(cross_encoders, tmp_path):
+    """Each pair would be one text twice: refused before any stage runs."""
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("q\tp\nA question.\tAn answer.\n")
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(cross_encoders["bert"]), "--out", str(out), "--target", "cpu"]
+    argv += ["--precision", "int8", "--calibration-data", str(pairs)]
+    result = CliRunner().invoke(cli, [*argv, "--text-column", "q", "--pair-column", "q"])
+    assert result.exit_code == 3, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--pair-column 'q' is also --text-column" in lines[0], lines
+    assert "Traceback" not in result.output and not (out / "export").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("column", "pair_column", "expected"),
+    [
+        (
+            "q",
+            None,
+            "name the file's second text column with --data-pair-column (the first is "
+            "--data-column)",
+        ),
+        ("q", "q", "--data-pair-column 'q' is also --data-column"),
+        ("q", "missing", "header ['q', 'p'] lacks column(s) ['missing']"),
+    ],
+)
+def test_bench_data_errors_name_benchs_own_flags(
+    cross_encoders, tmp_path, column, pair_column, expected
+):
+    from bert_compiler.pipeline.bench import BenchSpec, real_sentences
+
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("q\tp\nA question.\tAn answer.\n")
+    spec = BenchSpec(data=pairs, text_column=column, pair_column=pair_column)
+    with pytest.raises(InputError) as raised:
+        real_sentences(spec, False, resolve_model(cross_encoders["bert"]))
+    assert expected in str(raised.value)
+    assert "--pair-column" not in str(raised.value).replace("--data-pair-column", "")
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("model_type", ["bert", "roberta"])
 def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
