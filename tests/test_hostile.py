@@ -13,6 +13,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.calibration import datasets
 from bert_compiler.core.artifacts import StageRecord, sha256_file
 from bert_compiler.pipeline.cli import cli
 from tests.conftest import cpu_engine_dir
@@ -229,6 +230,139 @@ def hard_linked_repository_file(out, model, tmp):
     return _gate(out, model, repository), 8, "a hard link inside a Triton repository"
 
 
+# calibrate --sweep: the selection split is read through before the first export, with the
+# strict reader (its errors name the user's file and line, never a scratch copy), and a copy of
+# STS-B dev in another order or with other bytes is still STS-B dev.
+def _sweep(out, model, selection=None, *extra):
+    argv = ["calibrate", "--sweep", "--model", model, "--out", out, "--no-sweep-peers"]
+    return argv + (["--sweep-selection-data", selection] if selection else []) + list(extra)
+
+
+def _selection(tmp, name: str, data: bytes) -> Path:
+    path = tmp / name
+    path.write_bytes(data)
+    return path
+
+
+def sweep_selection_empty(out, model, tmp):
+    return (
+        _sweep(out, model, _selection(tmp, "empty.tsv", b"")),
+        3,
+        "empty.tsv: dataset file is empty",
+    )
+
+
+def sweep_selection_binary(out, model, tmp):
+    data = b"\xff\xfe" + bytes(range(256)) * 8
+    return _sweep(out, model, _selection(tmp, "bin.tsv", data)), 3, "bin.tsv:1: not valid UTF-8"
+
+
+def sweep_selection_crlf(out, model, tmp):
+    data = datasets.STSB_SELECTION.read_bytes().replace(b"\n", b"\r\n")
+    return _sweep(out, model, _selection(tmp, "crlf.tsv", data)), 3, "crlf.tsv:1: CRLF"
+
+
+def sweep_selection_without_score(out, model, tmp):
+    data = b"sentence1\tsentence2\na\tb\n"
+    return _sweep(out, model, _selection(tmp, "two.tsv", data)), 3, "two.tsv:1: header"
+
+
+def sweep_selection_reordered_dev(out, model, tmp):
+    header, *rows = datasets.STSB_DEV.read_bytes().splitlines(keepends=True)
+    data = header + b"".join(reversed(rows))
+    selection = _selection(tmp, "dev.tsv", data)
+    return _sweep(out, model, selection), 3, "1500 of its 1500 pairs (the first at line 2) are STS"
+
+
+def sweep_selection_one_score(out, model, tmp):
+    data = b"sentence1\tsentence2\tscore\na b\tc d\t2.5\ne f\tg h\t2.5\n"
+    return _sweep(out, model, _selection(tmp, "flat.tsv", data)), 3, "1 distinct score(s)"
+
+
+def sweep_with_calibrate_flags_it_ignores(out, model, tmp):
+    argv = _sweep(out, model, None, "--format", "fp8", "--weight-granularity", "tensor")
+    return argv, 3, "--weight-granularity, --format: calibrate --sweep does not read them"
+
+
+def sweep_flags_without_sweep(out, model, tmp):
+    argv = ["calibrate", "--model", model, "--out", out, "--sweep-formats", "fp8", "--force"]
+    return argv, 3, "--sweep-formats: only read by calibrate --sweep"
+
+
+def ladder_rungs_without_a_ladder(out, model, tmp):
+    argv = ["package", "--model", model, "--out", out, "--repository", tmp / "repo"]
+    return argv + ["--tokenizer-padding", "request", "--ladder-rungs", "4"], 3, "no length ladder"
+
+
+# bench: its text and engine folders, read before anything is timed.
+def _bench(out, model, *extra):
+    return ["bench", "--model", model, "--out", out, "--no-peers", "--rounds", "1", *extra]
+
+
+def bench_data_crlf(out, model, tmp):
+    data = _selection(tmp, "crlf.tsv", b"sentence\r\nhello\r\n")
+    return _bench(out, model, "--data", data), 3, "crlf.tsv:1: CRLF line ending"
+
+
+def bench_data_bom(out, model, tmp):
+    data = _selection(tmp, "bom.tsv", b"\xef\xbb\xbfsentence\nhello\n")
+    return _bench(out, model, "--data", data), 3, "bom.tsv:1: file starts with a UTF-8 byte-order"
+
+
+def bench_data_not_utf8(out, model, tmp):
+    data = _selection(tmp, "latin1.txt", "caf\u00e9\n".encode("latin-1"))
+    return _bench(out, model, "--data", data), 3, "latin1.txt:1: not valid UTF-8 at byte 3"
+
+
+def bench_data_ten_megabyte_line(out, model, tmp):
+    data = _selection(tmp, "long.tsv", b"sentence\n" + b"word " * 2_000_000 + b"\n")
+    return _bench(out, model, "--data", data), 3, "long.tsv:2: line is over the 1048576-byte"
+
+
+def bench_data_without_its_column(out, model, tmp):
+    data = _selection(tmp, "cols.tsv", b"text\nhello\n")
+    return _bench(out, model, "--data", data), 3, "cols.tsv:1: header ['text'] lacks column"
+
+
+def bench_data_empty(out, model, tmp):
+    data = _selection(tmp, "empty.jsonl", b"\n\n")
+    return _bench(out, model, "--data", data), 3, "empty.jsonl: dataset file is empty"
+
+
+def bench_pair_column_of_a_single_text_model(out, model, tmp):
+    data = _selection(tmp, "pairs.tsv", b"sentence\tother\na\tb\n")
+    argv = _bench(out, model, "--data", data, "--data-pair-column", "other")
+    return argv, 3, "--data-pair-column 'other': tiny-embed reads single texts"
+
+
+def bench_data_column_without_data(out, model, tmp):
+    argv = _bench(out, model, "--data-column", "text")
+    return argv, 3, "--data-column: name columns of --data FILE"
+
+
+def _engine_copy(out, tmp) -> Path:
+    copy = tmp / "engine-copy"
+    shutil.copytree(cpu_engine_dir(out), copy)
+    return copy
+
+
+def bench_engine_without_manifest(out, model, tmp):
+    copy = _engine_copy(out, tmp)
+    (copy / "manifest.json").unlink()
+    return _bench(out, model, "--engine", copy), 8, "engine-copy: no complete artifact here"
+
+
+def bench_engine_tampered(out, model, tmp):
+    copy = _engine_copy(out, tmp)
+    _flip_byte(copy / "model.onnx")
+    return _bench(out, model, "--engine", copy), 8, "does not match the manifest"
+
+
+def bench_engine_folder_of_another_stage(out, model, tmp):
+    argv = _bench(out, model, "--engine", out / "export")
+    return argv, 8, "not an engine folder this tool built"
+
+
 CASES = [
     external_data_outside,
     build_from_external_data_outside,
@@ -251,6 +385,26 @@ CASES = [
     version_folder_linked_in,
     empty_version_folder,
     hard_linked_repository_file,
+    sweep_selection_empty,
+    sweep_selection_binary,
+    sweep_selection_crlf,
+    sweep_selection_without_score,
+    sweep_selection_reordered_dev,
+    sweep_selection_one_score,
+    sweep_with_calibrate_flags_it_ignores,
+    sweep_flags_without_sweep,
+    ladder_rungs_without_a_ladder,
+    bench_data_crlf,
+    bench_data_bom,
+    bench_data_not_utf8,
+    bench_data_ten_megabyte_line,
+    bench_data_without_its_column,
+    bench_data_empty,
+    bench_pair_column_of_a_single_text_model,
+    bench_data_column_without_data,
+    bench_engine_without_manifest,
+    bench_engine_tampered,
+    bench_engine_folder_of_another_stage,
 ]
 
 
