@@ -51,6 +51,41 @@ DEFAULT_ATTENTION_KERNELS = "default"
 DEFAULT_PACKED_ATTENTION = False
 
 
+def quantized_types(model: Any) -> set[str]:
+    """The TensorProto type names (``INT8``, ``FLOAT8E4M3FN``) the graph's QuantizeLinear nodes
+    quantize to: their zero points' types."""
+    from onnx import TensorProto
+
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    return {
+        TensorProto.DataType.Name(types[node.input[2]])
+        for node in model.graph.node
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in types
+    }
+
+
+def check_float_source(model: Any, *, precision: str, where: str) -> None:
+    """A float engine (fp32, fp16) builds from a float graph, and an int8 engine from no fp8
+    Q/DQ graph: a calibrated graph given with ``--input`` would otherwise run quantized under a
+    float engine's name, or fail deep in the backend.
+
+    Raises:
+        InputError: Q/DQ nodes of a type the precision does not take.
+    """
+    types = quantized_types(model)
+    if precision in ("fp32", "fp16") and types:
+        raise InputError(
+            f"{where}: holds {', '.join(sorted(types))} Q/DQ nodes (a calibrated graph); a "
+            f"{precision} engine builds from the float graph (OUT/fuse or OUT/simplify), or "
+            "build this one with the --precision it was calibrated for"
+        )
+    if precision == "int8" and types - {"INT8"}:
+        raise InputError(
+            f"{where}: holds {', '.join(sorted(types - {'INT8'}))} Q/DQ nodes (calibrate "
+            "--format fp8); an int8 engine builds from the INT8 graph of OUT/calibrate"
+        )
+
+
 @dataclass(frozen=True)
 class BuildSpec:
     """Settings of the build stage: one engine for one target.

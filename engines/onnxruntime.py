@@ -17,6 +17,7 @@ from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
     BuildSpec,
+    check_float_source,
     gpu_facts,
     register,
 )
@@ -577,6 +578,7 @@ class OnnxRuntimeBackend(Backend):
         def prepare() -> None:
             # ORT would follow the graph's external-data paths itself: check containment first.
             graph = load_onnx(source)
+            check_float_source(graph, precision=spec.precision, where=str(source))
             if options.packed_attention:
                 require_packable(graph, where=str(source))
 

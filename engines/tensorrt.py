@@ -39,7 +39,9 @@ from bert_compiler.engines.backend import (
     BuildJob,
     BuildSpec,
     TritonBatching,
+    check_float_source,
     gpu_facts,
+    quantized_types,
     register,
 )
 from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
@@ -88,19 +90,6 @@ def prepare_network_graph(model: Any, *, precision: str, keep_float_ops: Sequenc
     if precision == "fp32":
         return model
     raise InputError(f"TensorRT precision {precision!r}: expected fp32, fp16, int8 or fp8")
-
-
-def quantized_types(model: Any) -> set[str]:
-    """The TensorProto type names (``INT8``, ``FLOAT8E4M3FN``) the graph's QuantizeLinear nodes
-    quantize to: their zero points' types."""
-    from onnx import TensorProto
-
-    types = {init.name: init.data_type for init in model.graph.initializer}
-    return {
-        TensorProto.DataType.Name(types[node.input[2]])
-        for node in model.graph.node
-        if node.op_type == "QuantizeLinear" and len(node.input) > 2 and node.input[2] in types
-    }
 
 
 if TYPE_CHECKING:
@@ -504,6 +493,7 @@ class TensorRTBackend(Backend):
 
         def prepare() -> None:
             loaded["model"] = load_onnx(source)
+            check_float_source(loaded["model"], precision=spec.precision, where=str(source))
 
         def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
             gpu_facts(spec)

@@ -363,6 +363,40 @@ def bench_engine_folder_of_another_stage(out, model, tmp):
     return argv, 8, "not an engine folder this tool built"
 
 
+def _qdq_graph(out, tmp, fmt: str) -> Path:
+    """The simplified graph with Q/DQ of ``fmt`` on every MatMul (ranges of 1: only the nodes'
+    types matter here), as a calibrated graph given with --input."""
+    from bert_compiler.calibration.qdq import insert_qdq, quantizable_matmuls
+
+    graph = onnx.load(str(out / "simplify" / "model.onnx"))
+    amax = {t.activation: 1.0 for t in quantizable_matmuls(graph)}
+    quantized, _ = insert_qdq(graph, amax, format=fmt)
+    path = tmp / f"calibrated-{fmt}" / "model.onnx"
+    path.parent.mkdir()
+    onnx.save(quantized, str(path))
+    return path
+
+
+def float_engine_from_a_calibrated_graph(out, model, tmp):
+    source = _qdq_graph(out, tmp, "int8")
+    argv = ["build", "--model", model, "--out", out, "--target", "cpu", "--input", source]
+    return (
+        argv + ["--precision", "fp32", "--force"],
+        3,
+        "holds INT8 Q/DQ nodes (a calibrated graph)",
+    )
+
+
+def int8_engine_from_the_fp8_graph(out, model, tmp):
+    source = _qdq_graph(out, tmp, "fp8")
+    argv = ["build", "--model", model, "--out", out, "--target", "cpu", "--input", source]
+    return (
+        argv + ["--precision", "int8"],
+        3,
+        "holds FLOAT8E4M3FN Q/DQ nodes (calibrate --format fp8)",
+    )
+
+
 CASES = [
     external_data_outside,
     build_from_external_data_outside,
@@ -405,6 +439,8 @@ CASES = [
     bench_engine_without_manifest,
     bench_engine_tampered,
     bench_engine_folder_of_another_stage,
+    float_engine_from_a_calibrated_graph,
+    int8_engine_from_the_fp8_graph,
 ]
 
 
