@@ -33,7 +33,7 @@ from bert_compiler.engines.batching import (
     derive_ladder,
     plan_batches,
 )
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
+from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, output_name
 from bert_compiler.pipeline.text import (
     Text,
     check_token_values,
@@ -196,6 +196,23 @@ def ladder_from_text(
     return derive_ladder(tokens.lengths, max_length, rungs)
 
 
+def _check_outputs(engine, info: ModelInfo) -> None:
+    """An engine of ``info``'s kind: one of its outputs is the model's (an engine of another
+    model's kind would be fed texts it does not read, and its outputs taken for the model's).
+
+    Raises:
+        InputError: none of the engine's outputs is one the model's export writes.
+    """
+    expected = {output_name(info, pooling_in_graph=pooled) for pooled in (True, False)}
+    names = list(getattr(engine, "output_names", ()))
+    if not expected & set(names):
+        raise InputError(
+            f"{engine.path}: outputs {names}, and {info.name} ({info.task}) exports "
+            f"{' or '.join(sorted(expected))}: an engine of another model; pass the --model it "
+            "was built from"
+        )
+
+
 @dataclass
 class RunStats:
     """What the last ``run`` did: rows, batches, distinct shapes, the share of computed positions
@@ -225,6 +242,7 @@ class Encoder:
         tokenizer=None,
         time_batches: bool = False,
     ):
+        _check_outputs(engine, info)
         self.engine = engine
         # Per-batch wall time, the GPU synchronised after each batch (benchmarks only).
         self.time_batches = time_batches

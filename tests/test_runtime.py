@@ -142,3 +142,14 @@ def test_a_very_long_text_is_truncated_at_the_maximum_length(tiny_embedding_mode
     encoder = Encoder(RecordingEngine(), resolve_model(tiny_embedding_model), max_length=32)
     outputs = encoder.encode(["fine", "word " * 200_000])
     assert [row.shape[0] for row in outputs["last_hidden_state"]] == [3, 32]
+
+
+def test_an_engine_of_another_kind_of_model_is_refused(tiny_embedding_model):
+    """A cross-encoder's or classifier's engine (logits) under an embedding model: bench timed it
+    on single texts and verify blamed the tolerances; the Encoder refuses it first."""
+    from bert_compiler.core.errors import InputError
+
+    engine = RecordingEngine()
+    engine.output_names = ["logits"]
+    with pytest.raises(InputError, match=r"outputs \['logits'\], and tiny-embed"):
+        Encoder(engine, resolve_model(tiny_embedding_model), max_length=32)
