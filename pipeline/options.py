@@ -448,9 +448,13 @@ class TextOptions(OptionGroup):
     def columns(self, values: Values, info: ModelInfo) -> tuple[str, str | None]:
         """The text column and pair column: a cross-encoder's default is the bundled pairs'
         (text.default_text_source) where no file or pair column is given."""
-        if info.pairs and values["calibration_data"] is None and values["pair_column"] is None:
+        if info.pairs and values["calibration_data"] is None:
+            # The bundled pairs' columns, less those given (--pair-column alone named the
+            # second one, and the first stays the bundled file's).
             _path, column, pair_column = default_text_source(info)
-            return column, pair_column
+            if _given("text_column"):
+                column = values["text_column"]
+            return column, values["pair_column"] or pair_column
         return values["text_column"], values["pair_column"]
 
 

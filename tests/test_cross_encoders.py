@@ -174,6 +174,40 @@ def test_a_pair_column_that_is_the_text_column_is_one_line(cross_encoders, tmp_p
 
 @pytest.mark.unit
 @pytest.mark.parametrize(
+    ("flags", "columns"),
+    [
+        ([], ("sentence1", "sentence2")),
+        (["--pair-column", "sentence1"], ("sentence1", "sentence1")),
+        (["--pair-column", "sentence2"], ("sentence1", "sentence2")),
+        (["--text-column", "sentence2", "--pair-column", "sentence1"], ("sentence2", "sentence1")),
+    ],
+)
+def test_columns_given_for_the_bundled_pairs_keep_the_others_bundled(
+    cross_encoders, tmp_path, monkeypatch, flags, columns
+):
+    """--pair-column alone read the bundled pairs' first text from a 'sentence' column they do
+    not have; the columns not given stay the bundled file's."""
+    from bert_compiler.pipeline import cli as cli_module
+
+    seen = {}
+
+    def record(*, spec, **_kwargs):
+        seen["columns"] = (spec.text_column, spec.pair_column)
+        raise InputError("recorded")
+
+    monkeypatch.setattr(cli_module, "calibrate", record)
+    model, graph = str(cross_encoders["bert"]), str(tmp_path / "model.onnx")
+    argv = ["calibrate", "--model", model, "--out", str(tmp_path / "o"), "--input", graph]
+    result = CliRunner().invoke(cli, [*argv, *flags])
+    if columns[0] == columns[1]:
+        assert result.exit_code == 3 and "is also --text-column" in result.stderr, result.output
+        return
+    assert result.exit_code == 3 and "recorded" in result.stderr, result.output
+    assert seen["columns"] == columns
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
     ("column", "pair_column", "expected"),
     [
         (
