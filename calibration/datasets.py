@@ -31,6 +31,19 @@ MAX_LINE_BYTES = 1 << 20
 TEXT_COLUMN = "sentence"
 
 
+@dataclass
+class Skipped:
+    """Data rows a text reader left out because a text (or one side of a pair) is empty: how
+    many, and the first one's line. Blank lines of a .txt or .jsonl file are not rows."""
+
+    rows: int = 0
+    first_line: int = 0
+
+    def add(self, line: int) -> None:
+        self.rows += 1
+        self.first_line = self.first_line or line
+
+
 @dataclass(frozen=True)
 class SentencePairs:
     """STS-style pairs with a gold similarity score each."""
@@ -137,7 +150,11 @@ def load_sst2(path: Path = SST2_DEV) -> LabeledSentences:
 
 
 def iter_texts(
-    path: Path, *, column: str = TEXT_COLUMN, max_line_bytes: int = MAX_LINE_BYTES
+    path: Path,
+    *,
+    column: str = TEXT_COLUMN,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    skipped: Skipped | None = None,
 ) -> Iterator[str]:
     """Stream the non-empty sentences of a TSV (named column), JSONL (named key) or TXT (one per
     line) file, one line at a time: the caller decides how many it keeps.
@@ -146,12 +163,16 @@ def iter_texts(
         InputError: unreadable or malformed file (at the first bad line), a row without the
             column, or (once exhausted) no sentences at all.
     """
-    for (text,) in _iter_fields(Path(path), (column,), max_line_bytes):
+    for (text,) in _iter_fields(Path(path), (column,), max_line_bytes, skipped):
         yield text
 
 
 def iter_pairs(
-    path: Path, *, columns: tuple[str, str] = PAIR_COLUMNS, max_line_bytes: int = MAX_LINE_BYTES
+    path: Path,
+    *,
+    columns: tuple[str, str] = PAIR_COLUMNS,
+    max_line_bytes: int = MAX_LINE_BYTES,
+    skipped: Skipped | None = None,
 ) -> Iterator[tuple[str, str]]:
     """Stream the (text, text_pair) pairs of two columns of a TSV (or two keys of a JSONL) file,
     as iter_texts streams one: rows with an empty side are skipped.
@@ -164,15 +185,15 @@ def iter_pairs(
             f"{path}: a .txt file holds one text a line; text pairs need a .tsv or .jsonl file "
             "with both columns"
         )
-    for fields in _iter_fields(Path(path), columns, max_line_bytes):
+    for fields in _iter_fields(Path(path), columns, max_line_bytes, skipped):
         yield fields[0], fields[1]
 
 
 def _iter_fields(
-    path: Path, columns: tuple[str, ...], max_line_bytes: int
+    path: Path, columns: tuple[str, ...], max_line_bytes: int, skipped: Skipped | None = None
 ) -> Iterator[tuple[str, ...]]:
     """The stripped ``columns`` of every row of a TSV, JSONL or TXT (one column: the line) file
-    whose fields are all non-empty."""
+    whose fields are all non-empty; the others are counted in ``skipped``."""
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".txt", ".jsonl"):
         raise InputError(f"{path}: unsupported dataset type {suffix!r}; use .tsv, .txt or .jsonl")
@@ -201,6 +222,8 @@ def _iter_fields(
         if all(texts):
             found = True
             yield texts
+        elif skipped is not None and suffix != ".txt":
+            skipped.add(number)
     if not found:
         raise InputError(f"{path}: no non-empty sentences")
 

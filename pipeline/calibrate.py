@@ -128,9 +128,15 @@ class CalibrationSpec:
             return Path(self.data)
         return datasets.CALIBRATION_PAIRS if self.pair_column else datasets.CALIBRATION_SENTENCES
 
-    def texts(self) -> Iterator[Text]:
-        """The data file's texts (pairs with ``pair_column``), streamed."""
-        return read_texts(self.data_file(), column=self.text_column, pair_column=self.pair_column)
+    def texts(self, skipped: datasets.Skipped | None = None) -> Iterator[Text]:
+        """The data file's texts (pairs with ``pair_column``), streamed; rows with an empty text
+        (or pair side) are left out and counted in ``skipped``."""
+        return read_texts(
+            self.data_file(),
+            column=self.text_column,
+            pair_column=self.pair_column,
+            skipped=skipped,
+        )
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -166,22 +172,33 @@ def calibration_texts(spec: CalibrationSpec) -> tuple[list[Text], dict[str, int]
     needed = max(spec.num_samples, spec.min_samples)
     distinct: dict[Text, None] = {}
     read = 0
-    for text in spec.texts():
+    skipped = datasets.Skipped()
+    for text in spec.texts(skipped):
         read += 1
         distinct.setdefault(text)
         if len(distinct) >= needed:
             break
+    empty = (
+        f"{skipped.rows} rows with an empty text skipped, the first at line {skipped.first_line}"
+        if skipped.rows
+        else ""
+    )
     if len(distinct) < spec.min_samples:
         raise InputError(
-            f"{path}: {len(distinct)} distinct sentences, calibration needs at least "
-            f"{spec.min_samples} (ask for fewer with --min-samples at your own risk)"
+            f"{path}: {len(distinct)} distinct sentences{f' ({empty})' if empty else ''}, "
+            f"calibration needs at least {spec.min_samples} (ask for fewer with --min-samples "
+            "at your own risk)"
         )
+    if empty:
+        log.warning("[calibrate] %s: %s", path, empty)
     chosen = list(distinct)[: spec.num_samples]
     counts = {
         # Sentences read until enough distinct ones were found (the whole file when it has
-        # fewer), and the duplicates among them.
+        # fewer), the duplicates among them, and the rows left out for an empty text (or pair
+        # side) on the way.
         "sentences_read": read,
         "duplicates_dropped": read - len(distinct),
+        "empty_rows_skipped": skipped.rows,
         "used": len(chosen),
         "shortfall": max(0, spec.num_samples - len(chosen)),
     }

@@ -214,12 +214,18 @@ def check_pair_column(
         )
 
 
-def read_texts(path: Path, *, column: str, pair_column: str | None) -> Iterator[Text]:
+def read_texts(
+    path: Path,
+    *,
+    column: str,
+    pair_column: str | None,
+    skipped: datasets.Skipped | None = None,
+) -> Iterator[Text]:
     """``column``'s texts of a data file, or (``column``, ``pair_column``) pairs
-    (datasets.iter_texts / iter_pairs)."""
+    (datasets.iter_texts / iter_pairs; rows with an empty text counted in ``skipped``)."""
     if pair_column is None:
-        return datasets.iter_texts(path, column=column)
-    return datasets.iter_pairs(path, columns=(column, pair_column))
+        return datasets.iter_texts(path, column=column, skipped=skipped)
+    return datasets.iter_pairs(path, columns=(column, pair_column), skipped=skipped)
 
 
 def default_text_source(info: ModelInfo) -> tuple[Path, str, str | None]:

@@ -114,4 +114,44 @@ def test_calibration_reads_only_what_it_uses(tmp_path):
     assert _peak_mib(calibrate) < 8
     texts, counts = result["texts"], result["counts"]
     assert len(texts) == 512 and texts[0].startswith("sentence number 0 ")
-    assert counts == {"sentences_read": 512, "duplicates_dropped": 0, "used": 512, "shortfall": 0}
+    assert counts == {
+        "sentences_read": 512,
+        "duplicates_dropped": 0,
+        "empty_rows_skipped": 0,
+        "used": 512,
+        "shortfall": 0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "pair_column", "expected"),
+    [
+        ("q\tp\na one\tb one\na two\t \n\tb three\na four\tb four\n", "p", (2, 2, 3)),
+        ('{"s": "a"}\n\n{"s": ""}\n{"s": "b"}\n', None, (2, 1, 3)),
+        ("a\n\n\nb\n", None, (2, 0, 0)),  # blank lines of a .txt are no rows
+    ],
+    ids=["tsv-pairs", "jsonl", "txt"],
+)
+def test_rows_with_an_empty_text_are_counted_in_the_calibration_record(
+    tmp_path, caplog, data, pair_column, expected
+):
+    from bert_compiler.pipeline.calibrate import CalibrationSpec, calibration_texts
+
+    kind = ".tsv" if "\t" in data else ".jsonl" if "{" in data else ".txt"
+    path = tmp_path / f"data{kind}"
+    path.write_text(data)
+    column = "q" if kind == ".tsv" else "s"
+    spec = CalibrationSpec(data=path, text_column=column, pair_column=pair_column, min_samples=1)
+    with caplog.at_level("WARNING", logger="bert_compile"):
+        texts, counts = calibration_texts(spec)
+    used, skipped, first_line = expected
+    assert (len(texts), counts["empty_rows_skipped"]) == (used, skipped)
+    if skipped:
+        assert f"{skipped} rows with an empty text skipped, the first at line {first_line}" in (
+            caplog.text
+        )
+    else:
+        assert "empty text" not in caplog.text
+    strict = CalibrationSpec(data=path, text_column=column, pair_column=pair_column, min_samples=5)
+    with pytest.raises(InputError, match=f"{used} distinct sentences"):
+        calibration_texts(strict)
