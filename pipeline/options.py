@@ -841,36 +841,56 @@ def _listed(flag: str, parse: Callable[..., Any], text: str, *args: Any) -> Any:
         raise
 
 
+# Bounds of the numbers in bench's lists: generous, but no value that overflows numpy or asks
+# for terabytes (a fixed shape's three int64 token matrices stay under 2 GiB).
+_MAX_ROWS = 1 << 20
+_MAX_TOKENS = 1 << 31
+_MAX_FIXED_TOKENS = 1 << 26
+
+
+def _count(text: str, low: int, high: int) -> int | None:
+    """``text`` as an int in [low, high] (ASCII digits only), else None."""
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
+        return None
+    return int(text)
+
+
 def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(item) for item in text.split(",") if item.strip())
-    except ValueError as err:
+    values = tuple(_count(item, 1, _MAX_ROWS) for item in text.split(",") if item.strip())
+    if not values or None in values:
         raise click.BadParameter(
-            f"{text!r}: expected comma-separated integers, e.g. 32,128"
-        ) from err
-    if any(v < 1 for v in values):
-        raise click.BadParameter(f"{text!r}: every value must be >= 1")
-    return values
+            f"{text!r}: expected comma-separated integers from 1 to {_MAX_ROWS}, e.g. 32,128"
+        )
+    return values  # type: ignore[return-value]  # None was refused above
 
 
 def _batching_list(text: str) -> tuple[tuple[int, int], ...]:
     pairs = []
     for item in (i.strip() for i in text.split(",") if i.strip()):
         rows, _, budget = item.partition("x")
-        if not (rows.isdigit() and int(rows) >= 1 and (not budget or budget.isdigit())):
-            raise click.BadParameter(f"{item!r}: expected ROWS or ROWSxTOKENS, e.g. 1024x32768")
-        pairs.append((int(rows), int(budget or 0)))
-    return tuple(pairs)
+        counted = (_count(rows, 1, _MAX_ROWS), _count(budget or "0", 0, _MAX_TOKENS))
+        if None in counted:
+            raise click.BadParameter(
+                f"{item!r}: expected ROWS or ROWSxTOKENS (rows 1 to {_MAX_ROWS}, tokens up to "
+                f"{_MAX_TOKENS}), e.g. 1024x32768"
+            )
+        pairs.append(counted)
+    return tuple(pairs)  # type: ignore[arg-type]  # None was refused above
 
 
 def _shape_list(text: str) -> tuple[tuple[int, int], ...]:
     shapes = []
     for item in (i.strip() for i in text.split(",") if i.strip()):
         batch, _, seq = item.partition("x")
-        if not (batch.isdigit() and seq.isdigit() and int(batch) >= 1 and int(seq) >= 2):
-            raise click.BadParameter(f"{item!r}: expected BATCHxSEQUENCE, e.g. 32x128")
-        shapes.append((int(batch), int(seq)))
-    return tuple(shapes)
+        shape = (_count(batch, 1, _MAX_ROWS), _count(seq, 2, _MAX_ROWS))
+        if None in shape or shape[0] * shape[1] > _MAX_FIXED_TOKENS:  # type: ignore[operator]
+            raise click.BadParameter(
+                f"{item!r}: expected BATCHxSEQUENCE of at most {_MAX_FIXED_TOKENS} tokens, "
+                "e.g. 32x128"
+            )
+        shapes.append(shape)
+    return tuple(shapes)  # type: ignore[arg-type]  # None was refused above
 
 
 class BenchOptions(OptionGroup):
@@ -1026,10 +1046,10 @@ def _alpha_list(text: str) -> tuple[float | None, ...]:
 
 
 def _count_list(text: str) -> tuple[int, ...]:
-    items = tuple(i.strip() for i in text.split(",") if i.strip())
-    if not items or not all(i.isdigit() for i in items):
+    items = tuple(_count(i, 0, _MAX_ROWS) for i in text.split(",") if i.strip())
+    if not items or None in items:
         raise click.BadParameter(f"{text!r}: expected comma-separated counts >= 0, e.g. 0,2")
-    return tuple(dict.fromkeys(int(i) for i in items))
+    return tuple(dict.fromkeys(items))  # type: ignore[arg-type]  # None was refused above
 
 
 class SweepOptions(OptionGroup):

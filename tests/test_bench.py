@@ -84,3 +84,23 @@ def test_bad_bench_shapes_are_one_line(tiny_embedding_model, tmp_path):
         cli, ["bench", "--model", str(tiny_embedding_model), "--fixed-shapes", "32by128"]
     )
     assert result.exit_code == 2 and "BATCHxSEQUENCE" in result.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--runtime-batches", "99999999999999999999x1"),  # overflowed numpy: a traceback
+        ("--runtime-batches", "1x99999999999999999999"),
+        ("--fixed-shapes", "1000000000x128"),  # three int64 matrices of 1 TB
+        ("--fixed-shapes", "2x\u00b2"),  # a digit to str.isdigit, not to int()
+        ("--peer-batches", "32,\u00b2"),
+        ("--peer-batches", ","),
+    ],
+)
+def test_bench_lists_out_of_bounds_name_their_flag(tiny_embedding_model, tmp_path, flag, value):
+    argv = ["bench", "--model", str(tiny_embedding_model), "--out", str(tmp_path), flag, value]
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag}': {value!r}" in result.output
+    # A usage error, not an exception escaping the command.
+    assert isinstance(result.exception, SystemExit), result.exception
