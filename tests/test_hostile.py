@@ -397,6 +397,17 @@ def int8_engine_from_the_fp8_graph(out, model, tmp):
     )
 
 
+def package_an_engine_verified_at_another_precision(out, model, tmp):
+    # verify --precision int8 passes an fp32 engine at int8's looser tolerances.
+    engine = cpu_engine_dir(out)
+    argv = ["verify", "--model", model, "--out", out, "--engine", engine, "--precision", "int8"]
+    gates = ["--no-metric-gate", "--metric-limit", "40", "--quiet"]
+    verified = CliRunner().invoke(cli, [str(a) for a in argv + gates])
+    assert verified.exit_code == 0, verified.output
+    argv = ["package", "--model", model, "--out", out, "--repository", tmp / "repo"]
+    return argv, 3, "verified with int8 tolerances, not its own fp32 ones"
+
+
 CASES = [
     external_data_outside,
     build_from_external_data_outside,
@@ -441,6 +452,7 @@ CASES = [
     bench_engine_folder_of_another_stage,
     float_engine_from_a_calibrated_graph,
     int8_engine_from_the_fp8_graph,
+    package_an_engine_verified_at_another_precision,
 ]
 
 

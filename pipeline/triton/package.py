@@ -244,6 +244,13 @@ def verified_engines(
             raise InputError(f"{folder}: the report in {verify_dir} is for another build; {hint}")
         if report["inputs"]["model"]["sha256"] != fingerprint:
             raise InputError(f"{folder}: verified against another model than {info.path}; {hint}")
+        checked, built = report["spec"].get("precision"), manifest["spec"].get("precision")
+        if checked != built:
+            # verify --precision int8 on an fp32 engine passes it at int8's looser tolerances.
+            raise InputError(
+                f"{folder}: verified with {checked} tolerances, not its own {built} ones; run "
+                f"`bert-compile verify --engine {folder}` without --precision first"
+            )
         if not report["results"].get("passed"):
             reasons = "; ".join(report["results"].get("failures", [])) or "unknown"
             raise ParityError(
