@@ -275,7 +275,11 @@ def plain_ort_engine(
 
 def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[Path]:
     if given:
-        return [Path(g) for g in given]
+        # One engine named twice (X, ./X, X/) is timed once.
+        unique: dict[Path, Path] = {}
+        for folder in given:
+            unique.setdefault(Path(folder).resolve(), Path(folder))
+        return list(unique.values())
     root = layout.engines(model)
     folders = [f for f in sorted(root.glob("*")) if (f / "manifest.json").is_file()]
     if not folders:

@@ -654,17 +654,31 @@ def run_command(make_package: bool, **values: Any) -> None:
     "that runs here).",
 )
 @uses(MAX_LENGTH, BENCH)
+@click.option(
+    "--force-out",
+    is_flag=True,
+    help="Write OUT/bench into a non-empty --out that bert-compile did not make.",
+)
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors on stderr.")
 @_json_option
 @uses(PROGRESS)
-def bench_command(engine_dirs: tuple[Path, ...], **values: Any) -> None:
+def bench_command(engine_dirs: tuple[Path, ...], force_out: bool, **values: Any) -> None:
     """Time engines against PyTorch and plain ONNX Runtime on real text and fixed shapes, side
     by side in one process: table on stdout, OUT/bench/bench.json, .txt and .png."""
     _configure_logging(values["quiet"])
     progress.configure(PROGRESS.parse(values))
     layout = Layout(values["out"])
     info = MODEL.parse(values)
-    report = run_bench(info=info, layout=layout, engine_dirs=engine_dirs, spec=BENCH.parse(values))
+    spec = BENCH.parse(values)
+    # OUT/bench is written after minutes of timing: a place that is not ours (the root, the
+    # home folder, a user's folder) is refused first, as for every stage command.
+    created = claim_output(layout.root, model_folder=MODEL.folder(values), force=force_out)
+    try:
+        report = run_bench(info=info, layout=layout, engine_dirs=engine_dirs, spec=spec)
+    except BaseException:
+        if created:
+            release_if_unused(layout.root)
+        raise
     written = write_report(report, layout.root / "bench")
     report["files"] = {kind: str(path) for kind, path in written.items()}
     lines = [format_table(report), *(f"{kind}: {path}" for kind, path in written.items())]

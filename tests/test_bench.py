@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from bert_compiler.pipeline.cli import cli
+from tests.conftest import cpu_engine_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -104,3 +106,32 @@ def test_bench_lists_out_of_bounds_name_their_flag(tiny_embedding_model, tmp_pat
     assert f"Invalid value for '{flag}': {value!r}" in result.output
     # A usage error, not an exception escaping the command.
     assert isinstance(result.exception, SystemExit), result.exception
+
+
+def test_bench_refuses_to_write_into_a_folder_that_is_not_ours(tiny_run, tmp_path):
+    """OUT/bench went into any --out (a user's folder, the root) after the timing."""
+    info, out, _spec, _summary = tiny_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine\n")
+    engine = str(cpu_engine_dir(out))
+    argv = ["bench", "--model", str(info.path), "--engine", engine, "--no-peers", "--rounds", "1"]
+    result = CliRunner().invoke(cli, [*argv, "--out", str(mine)])
+    assert result.exit_code == 3, result.output
+    assert "not an output folder of bert-compile" in result.stderr and "--force-out" in (
+        result.stderr
+    )
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    fresh = tmp_path / "fresh"
+    result = CliRunner().invoke(cli, [*argv, "--fixed-shapes", "", "--out", str(fresh)])
+    assert result.exit_code == 0, result.output
+    assert (fresh / "bench" / "bench.json").is_file()
+
+
+def test_an_engine_named_twice_is_timed_once(tiny_run, tmp_path):
+    from bert_compiler.pipeline.bench import _engine_folders
+    from bert_compiler.pipeline.layout import Layout
+
+    engine = cpu_engine_dir(tiny_run[1])
+    given = [engine, Path(f"{engine}/"), engine / ".", tmp_path, engine]
+    assert _engine_folders(Layout(tmp_path), "m", given) == [engine, tmp_path]
