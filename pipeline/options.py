@@ -452,7 +452,7 @@ class TextOptions(OptionGroup):
             # The bundled pairs' columns, less those given (--pair-column alone named the
             # second one, and the first stays the bundled file's).
             _path, column, pair_column = default_text_source(info)
-            if _given("text_column"):
+            if _given("text_column", config=True):
                 column = values["text_column"]
             return column, values["pair_column"] or pair_column
         return values["text_column"], values["pair_column"]
@@ -817,17 +817,18 @@ class PackageOptions(OptionGroup):
         return repository
 
 
-def _given(*names: str) -> list[str]:
-    """The flags (``--sweep-methods``) of the parameters ``names`` that the command line set:
-    a value from a config file or a default is never reported."""
+def _given(*names: str, config: bool = False) -> list[str]:
+    """The flags (``--sweep-methods``) of the parameters ``names`` that the command line set
+    (with ``config``, a config file too); a default is never reported."""
     ctx = click.get_current_context(silent=True)
     if ctx is None:
         return []
+    sources = {ParameterSource.COMMANDLINE}
+    if config:
+        sources.add(ParameterSource.DEFAULT_MAP)
     flags = {param.name: param.opts[0] for param in ctx.command.params}
     return [
-        flags[name]
-        for name in names
-        if name in flags and ctx.get_parameter_source(name) is ParameterSource.COMMANDLINE
+        flags[name] for name in names if name in flags and ctx.get_parameter_source(name) in sources
     ]
 
 
