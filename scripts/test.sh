@@ -2,8 +2,10 @@
 # Fresh-machine test command: set up .venv, lint, type-check the TensorRT backend, then run
 # pytest; extra arguments go to pytest. Every test is in one tier (tests/conftest.py): unit
 # (exports no model), e2e (the CLI and the pipeline end to end on tiny models) or slow (the real
-# default model). Measured on 2 cores with .venv in place: the whole suite about 3 to 4 minutes;
-# the fast loop, scripts/test.sh -m unit, about 25 seconds (half of it this script's setup check).
+# default model). Measured on 2 cores with .venv in place: the whole suite 3 to 4 minutes on a quiet
+# machine, 6.5 minutes with other jobs on the cores;
+# the fast loop, scripts/test.sh -m unit, about 30 seconds (16 of them pytest; the rest is the
+# setup check, ruff and mypy).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --triton-server
