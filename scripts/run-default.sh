@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 .venv/bin/bert-compile run --out bert-compile-out "$@"
-echo "engines: bert-compile-out/engines/all-MiniLM-L6-v2/*/ (each with its manifest.json)" >&2
-# `run` itself has printed the summary and the Triton repository paths.
-echo "reports: bert-compile-out/verify/all-MiniLM-L6-v2/*/report.json" >&2
+# `run` itself has printed the summary and the Triton repository paths; MODEL is
+# all-MiniLM-L6-v2 unless --model was given.
+echo "engines: bert-compile-out/engines/MODEL/*/ (each with its manifest.json)" >&2
+echo "reports: bert-compile-out/verify/MODEL/*/report.json" >&2
