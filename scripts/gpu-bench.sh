@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The H100 benchmark of issue 13, run on the GPU machine from the repository root after the
-# onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (e.g. `pip install --target
-# /tmp/site WHEEL...`; the runs in docs/gpu-bench/ used onnxruntime-gpu 1.31.1, torch 2.11 (cu130)
-# and onnxsim 0.8.1, carried as wheels: docs/gpu-bench/*/README.md). No doc records the exact
-# install command of those runs.
+# onnxruntime-gpu and onnxsim wheels are installed into /tmp/site (the runs in docs/gpu-bench/
+# used onnxruntime-gpu 1.31.1 and onnxsim 0.8.1 beside the machine's torch 2.11 cu130; the wheels
+# travel to the GPU machine in chunks, as ../shared/tools/ort-gpu-chunks.sh describes, and are
+# joined and installed with `pip install --no-index --no-deps --target /tmp/site WHEEL...`).
 #   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
 # STEPS (default "build choose bench") runs only some steps, so one model's work can be split over
 # device calls of at most 10 minutes; ATTENTION (default "fused unfused") lists the attention
