@@ -294,6 +294,20 @@ def test_rerun_is_skipped_and_manifest_lists_every_file(repository, tiny_run):
 
 
 @pytest.mark.e2e
+def test_engines_named_or_selected_are_one_package(tiny_run, tmp_path):
+    # `run` packages the engines it built by name; a later `package` names none and selects
+    # the verified engines, the same ones here: nothing to rewrite.
+    info, out, _spec, summary = tiny_run
+    names = tuple(engine["name"] for engine in summary["engines"])
+    first = package(
+        info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec(engines=names)
+    )
+    assert not first.skipped
+    again = package(info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec())
+    assert again.skipped
+
+
+@pytest.mark.e2e
 def test_verify_repository_passes(repository):
     info, out, result = repository
     summary = verify_repository(

@@ -742,6 +742,9 @@ def package(
     spec.validate()
     repository = Path(repository)
     engines = verified_engines(info=info, out=out, names=spec.engines)
+    # Sealed as the engines selected, not as asked for: `run` names its engines and a later
+    # `package` of the same engines names none, and the two must agree on being up to date.
+    spec = replace(spec, engines=tuple(sorted(e.name for e in engines)))
     # The ladder goes into the sealed settings: the gate plans again from exactly this one.
     spec = spec.with_ladder(info, engines[0].max_length)
     slug = tc.check_name(model_slug(info.name), "model name")
