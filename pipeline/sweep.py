@@ -181,11 +181,11 @@ def _strided(path: Path, rows: int, pairs: int, folder: Path) -> Path:
     return subset
 
 
-def check_selection(path: Path, reporting: Path) -> int:
-    """Read the selection split's STS-B file through once (streamed, checked line by line)
-    before any work: its number of rows. A split that shares a pair with ``reporting`` (the
-    set only reported) is refused, whatever its bytes (a copy with other line order, another
-    header or extra rows is still the reported set).
+def check_selection(path: Path, reporting: Path) -> tuple[int, int]:
+    """Read the selection split's STS-B file and ``reporting``'s through once each (streamed,
+    checked line by line) before any work: their numbers of rows. A split that shares a pair
+    with ``reporting`` (the set only reported) is refused, whatever its bytes (a copy with
+    other line order, another header or extra rows is still the reported set).
 
     Raises:
         InputError: a missing or malformed file (at its first bad line), or shared pairs.
@@ -194,7 +194,10 @@ def check_selection(path: Path, reporting: Path) -> int:
         raise InputError(
             f"--sweep-selection-data {path}: no such file; give an STS-B TSV of train pairs"
         )
-    reported = {(first, second) for _, first, second, _ in datasets.iter_stsb(reporting)}
+    reported_rows, reported = 0, set()
+    for _, first, second, _ in datasets.iter_stsb(reporting):
+        reported_rows += 1
+        reported.add((first, second))
     rows, shared, first_shared = 0, 0, 0
     for number, first, second, _ in datasets.iter_stsb(path):
         rows += 1
@@ -207,7 +210,7 @@ def check_selection(path: Path, reporting: Path) -> int:
             f"{first_shared}) are STS-B dev pairs, which the sweep only reports; choose on "
             "another split, e.g. a train subset without them"
         )
-    return rows
+    return rows, reported_rows
 
 
 def _label(alpha: float | None, method: str, weights: str, scope: str | None, kept: int) -> str:
@@ -239,8 +242,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
         )
     selection = Path(spec.selection_data or datasets.STSB_SELECTION)
     # Before the first export: a bad file is one line in seconds, naming the file and line.
-    selection_rows = check_selection(selection, datasets.STSB_DEV)
-    dev_rows = sum(1 for _ in datasets.iter_stsb(datasets.STSB_DEV))
+    selection_rows, dev_rows = check_selection(selection, datasets.STSB_DEV)
     scratch = tempfile.TemporaryDirectory()
     splits = {
         "selection": _strided(selection, selection_rows, spec.pairs, Path(scratch.name)),
