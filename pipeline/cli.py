@@ -34,6 +34,7 @@ from bert_compiler.pipeline.doctor import diagnose, require_target
 from bert_compiler.pipeline.export import MODEL_FILE, export
 from bert_compiler.pipeline.fuse import fuse
 from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout, find_engine
+from bert_compiler.pipeline.models import ModelInfo
 from bert_compiler.pipeline.options import (
     BenchOptions,
     CalibrationOptions,
@@ -238,6 +239,25 @@ def _stage_file(folder: Path) -> Path:
     return artifact.output_path(MODEL_FILE)
 
 
+def _model_stage_file(layout: Layout, folder: Path, info: ModelInfo) -> Path:
+    """``_stage_file`` for a stage that reads ``info`` beside the graph: the graphs under OUT
+    come from the model OUT/export was made from, and a stage given another --model (the
+    default, when the flag is left out) would check or name them as that model's (fuse's
+    operator counts, build's OUT/engines/MODEL folder).
+
+    Raises:
+        InputError: OUT/export records another model than ``info``.
+    """
+    exported = (ArtifactDir(layout.export).read_manifest() or {}).get("inputs", {}).get("model")
+    if isinstance(exported, dict) and exported.get("sha256") != info.fingerprint()["sha256"]:
+        raise InputError(
+            f"{layout.export}: exported from {exported.get('path')}, not from --model "
+            f"{info.path}; pass --model {exported.get('path')} to this stage, or export "
+            f"--model {info.path} first"
+        )
+    return _stage_file(folder)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -364,7 +384,7 @@ def fuse_command(input_path: Path | None, **values: Any) -> None:
     """Apply ORT's transformers fusions and check their counts (OUT/fuse)."""
     layout = Layout(values["out"])
     info = MODEL.parse(values)
-    source = input_path or _stage_file(layout.simplify)
+    source = input_path or _model_stage_file(layout, layout.simplify, info)
     result = fuse(
         info=info,
         source=source,
@@ -397,7 +417,7 @@ def calibrate_command(input_path: Path | None, **values: Any) -> None:
         report["file"] = str(written)
         _emit(report, values["as_json"], f"{sweep_table(report)}\nresults: {written}")
         return
-    source = input_path or _stage_file(layout.simplify)
+    source = input_path or _model_stage_file(layout, layout.simplify, info)
     spec = CALIBRATION.parse(values, info)
     result = calibrate(
         info=info,
@@ -440,7 +460,7 @@ def build_command(input_path: Path | None, **values: Any) -> None:
             derivation=derivation,
         )
         result = build(
-            source=input_path or _stage_file(layout.root / spec.source_stage),
+            source=input_path or _model_stage_file(layout, layout.root / spec.source_stage, info),
             out_dir=layout.engine(info.name, engine_folder_name(spec)),
             spec=spec,
             input_names=tuple(info.architecture.input_names),

@@ -65,6 +65,23 @@ def test_stage_commands_chain(tiny_embedding_model, tmp_path):
     assert (cpu_engine_dir(tmp_path, "fp32", "verify") / "report.json").is_file()
 
 
+@pytest.mark.e2e
+def test_a_stage_given_another_model_than_out_was_exported_from_is_one_line(
+    tiny_embedding_model, tmp_path
+):
+    for stage in ("export", "simplify"):
+        assert _invoke(stage, "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
+    # Without --model the stages read the default model: fuse would check the tiny graph
+    # against its operator counts, build would file the engine under its name.
+    for stage in ("fuse", "calibrate", "build"):
+        result = _invoke(stage, "--out", tmp_path)
+        assert result.exit_code == 3, result.output
+        assert f"exported from {tiny_embedding_model}, not from --model" in result.stderr
+        assert f"pass --model {tiny_embedding_model}" in result.stderr
+    assert not (tmp_path / "fuse").exists() and not (tmp_path / "engines").exists()
+    assert _invoke("fuse", "--model", tiny_embedding_model, "--out", tmp_path).exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("setup", "code", "message"),
     [
