@@ -35,7 +35,12 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="'default' or a model folder")
     parser.add_argument(
-        "--out", type=Path, default=Path("bert-compile-out"), help="output folder of the engines"
+        "--out",
+        type=Path,
+        default=Path("bench-cpu-out"),
+        # Not run's bert-compile-out: --threads is a build setting, so sharing it would make
+        # the next `run` rebuild and re-verify its engines.
+        help="output folder of the engines (default: bench-cpu-out)",
     )
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every runner")
     parser.add_argument("--batch-sizes", default="32", help="comma-separated, e.g. 1,32")
