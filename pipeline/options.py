@@ -21,6 +21,7 @@ from click.core import ParameterSource
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import (
+    INT8,
     OPTIONAL_QUANTIZED_OPS,
     QUANTIZED_FORMATS,
     WEIGHT_GRANULARITIES,
@@ -1213,15 +1214,22 @@ class SweepOptions(OptionGroup):
                 f"{', '.join(ignored)}: calibrate --sweep does not read them (it exports the "
                 f"model and calibrates the bundled calibration sentences per grid point); {hint}"
             )
+        formats = _listed(
+            "--sweep-formats", _choice_list, values["sweep_formats"], QUANTIZED_FORMATS
+        )
+        if INT8.name not in formats and _given("sweep_dynamic"):
+            raise InputError(
+                f"--sweep-dynamic: its axis is the CPU INT8 engine's and --sweep-formats "
+                f"{','.join(formats)} sweeps no INT8 rows; add int8 to --sweep-formats or drop "
+                "--sweep-dynamic"
+            )
         return SweepSpec(
             methods=_listed("--sweep-methods", _method_list, values["sweep_methods"]),
             dynamic=_listed(
                 "--sweep-dynamic", _choice_list, values["sweep_dynamic"], DYNAMIC_SCOPES
             ),
             kept_float=_listed("--sweep-kept-float", _count_list, values["sweep_kept_float"]),
-            formats=_listed(
-                "--sweep-formats", _choice_list, values["sweep_formats"], QUANTIZED_FORMATS
-            ),
+            formats=formats,
             weight_granularity=_listed(
                 "--sweep-weight-granularity",
                 _choice_list,

@@ -289,6 +289,11 @@ def sweep_flags_without_sweep(out, model, tmp):
     return argv, 3, "--sweep-formats: only read by calibrate --sweep"
 
 
+def sweep_dynamic_without_int8_rows(out, model, tmp):
+    argv = ["calibrate", "--sweep", "--model", model, "--out", out, "--sweep-formats", "fp8"]
+    return argv + ["--sweep-dynamic", "all"], 3, "--sweep-formats fp8 sweeps no INT8 rows"
+
+
 def ladder_rungs_without_a_ladder(out, model, tmp):
     argv = ["package", "--model", model, "--out", out, "--repository", tmp / "repo"]
     return argv + ["--tokenizer-padding", "request", "--ladder-rungs", "4"], 3, "no length ladder"
@@ -438,6 +443,7 @@ CASES = [
     sweep_selection_one_score,
     sweep_with_calibrate_flags_it_ignores,
     sweep_flags_without_sweep,
+    sweep_dynamic_without_int8_rows,
     ladder_rungs_without_a_ladder,
     bench_data_crlf,
     bench_data_bom,
