@@ -32,12 +32,17 @@ TEXTS = [
     "Two dogs run across a wide green field together before the rain begins. " * 3,
 ]
 
+QUEUE_DELAY_US = 100_000
+
 
 @pytest.fixture(scope="module")
 def served(tiny_run, tmp_path_factory):
     info, out, _spec, _summary = tiny_run
     repository = tmp_path_factory.mktemp("served") / "repo"
-    package(info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True))
+    # The dynamic batcher waits this long for company: without it, on a busy machine the engine
+    # can finish each request before the tokenizer sends the next, and never join any.
+    spec = PackageSpec(python_cpu_engine=True, max_queue_delay_us=QUEUE_DELAY_US)
+    package(info=info, out=out, repository=repository, spec=spec)
     ensemble = f"{info.name}-ort-cpu-fp32-python-text"
     with triton_server(SERVER, repository, [ensemble], tmp_path_factory.mktemp("server")) as s:
         yield info, out, s, ensemble
@@ -113,6 +118,7 @@ def test_server_reports_our_config(served):
     _module, client = _clients(server)[0]
     config = client.get_model_config(f"{info.name}-ort-cpu-fp32-python")
     assert config["max_batch_size"] == 64
+    assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == QUEUE_DELAY_US
     assert [i["name"] for i in config["input"]] == list(info.architecture.input_names)
     assert client.is_model_ready(ensemble)
     # The onnxruntime-backend model is in the repository but this server has no such backend.
