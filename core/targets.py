@@ -18,7 +18,7 @@ from bert_compiler.core.errors import EnvironmentProblem, InputError
 
 log = logging.getLogger("bert_compile")
 
-TARGET_CHOICES = ("auto", "cpu", "cuda", "tensorrt")
+TARGET_CHOICES = ("auto", "cpu", "cuda", "tensorrt", "torch")
 DEFAULT_TARGET = "auto"
 PRECISIONS = ("fp32", "fp16", "int8", "fp8")
 # fp8 tensor-core GEMMs exist from compute capability 8.9 (Ada) on, Hopper (9.0) included.
@@ -52,6 +52,7 @@ class Environment:
     tensorrt_problem: str = ""
     onnxruntime: str | None = None
     ort_providers: tuple[str, ...] = ()
+    torch_cuda: str | None = None  # the CUDA version torch was built for; None: a CPU build
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -148,8 +149,17 @@ def _detect_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
     return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
 
 
+def _detect_torch_cuda() -> str | None:
+    # The build's CUDA version, without initialising CUDA (the GPUs come from nvidia-smi).
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
 def detect() -> Environment:
-    """Look at GPUs, TensorRT and ONNX Runtime on this machine."""
+    """Look at GPUs, TensorRT, ONNX Runtime and torch's CUDA build on this machine."""
     gpus, notes = _detect_gpus()
     trt_version, trt_problem = _detect_tensorrt()
     ort_version, providers = _detect_onnxruntime()
@@ -159,8 +169,32 @@ def detect() -> Environment:
         tensorrt_problem=trt_problem,
         onnxruntime=ort_version,
         ort_providers=providers,
+        torch_cuda=_detect_torch_cuda(),
         notes=tuple(notes),
     )
+
+
+def _torch_plan(precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+    """``--target torch``: one engine for every GPU here (its file is the weights: it runs on
+    any GPU), fp16 by default; the CPU engine, fp32, where torch sees no GPU."""
+    refused = sorted(set(precisions) - {"fp32", "fp16"})
+    if refused:
+        raise InputError(
+            f"--target torch --precision {','.join(refused)}: the torch backend builds fp32 "
+            "and fp16 engines; int8 and fp8 are ONNX Runtime's and TensorRT's"
+        )
+    if env.gpus and env.torch_cuda:
+        device, chosen, notes = "cuda", precisions or ("fp16",), ()
+    else:
+        why = "no NVIDIA GPU found" if not env.gpus else "torch here is a CPU build"
+        if "fp16" in precisions:
+            raise EnvironmentProblem(f"--target torch --precision fp16: {why}; fp16 needs a GPU")
+        device, chosen, notes = "cpu", ("fp32",), (f"{why}: building the torch CPU engine",)
+    engines = tuple(
+        {"backend": "torch", "device": device, "precision": p, "compute_capability": ""}
+        for p in chosen
+    )
+    return TargetPlan(engines, notes)
 
 
 def fp8_capable(compute_capability: str) -> bool:
@@ -227,6 +261,8 @@ def plan_targets(target: str, precisions: tuple[str, ...], env: Environment) -> 
                     }
                 )
 
+    if target == "torch":
+        return _torch_plan(precisions, env)
     if target == "tensorrt":
         if not gpus or env.tensorrt is None:
             raise EnvironmentProblem(

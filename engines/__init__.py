@@ -7,4 +7,4 @@ happen inside functions, so every module imports on a machine without them.
 """
 
 # Each import registers that module's Backend object (engines/backend.py: register).
-from bert_compiler.engines import onnxruntime, tensorrt  # noqa: F401
+from bert_compiler.engines import onnxruntime, tensorrt, torch_encoder  # noqa: F401

@@ -201,6 +201,8 @@ class Backend:
             tensors are those of the graph it was built from, recorded beside it.
         builds_fp8: the backend builds ``--precision fp8`` engines (TensorRT: fp8 GEMMs from
             the fp8 Q/DQ graph); BuildSpec.validate refuses fp8 for the others.
+        serves_in_triton: package puts its engines in a Triton repository (the torch backend's
+            are served by the runtime only).
     """
 
     name: str
@@ -210,6 +212,7 @@ class Backend:
     version_key: str
     opaque: bool = False
     builds_fp8: bool = False
+    serves_in_triton: bool = True
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).

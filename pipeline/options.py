@@ -561,7 +561,8 @@ class TargetOptions(OptionGroup):
             target_option(
                 "auto: TensorRT and ONNX Runtime CUDA engines for every distinct GPU here, or "
                 "the CPU engine when there is no GPU or GPU backend; cuda: ONNX Runtime CUDA; "
-                "tensorrt."
+                "tensorrt; torch: this project's PyTorch engine on packed rows (fp16 on a GPU, "
+                "fp32 on the CPU; BERT-layout encoders)."
             ),
             click.option(
                 "--threads",

@@ -251,9 +251,14 @@ class Encoder:
         self.max_length = resolve_max_length(info, max_length)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
         self.on_gpu = engine.device == "cuda"
+        # An engine that runs packed rows (engines/torch_encoder.py) is given each batch's real
+        # tokens back to back: no padding, so no ladder either.
+        self.packed = callable(getattr(engine, "run_packed", None))
         if batching is None:
             batching = GPU_BATCHING if self.on_gpu else CPU_BATCHING
-            if self.on_gpu and not batching.ladder:
+            if self.packed:
+                batching = replace(batching, ladder=(), round_rows=False)
+            elif self.on_gpu and not batching.ladder:
                 ladder = ladder_from_text(self.tokenizer, info, self.max_length)
                 batching = replace(batching, ladder=ladder)
         if engine.max_batch is not None and batching.max_batch > engine.max_batch:
@@ -318,14 +323,18 @@ class Encoder:
             stop = min(start + CHUNK_ROWS, len(tokens))
             chunk = tokens if stop - start == len(tokens) else tokens.select(np.arange(start, stop))
             batches = self.plan(chunk)
-            chunks.append(
-                self._run_gpu(chunk, batches, desc, device_outputs)
-                if self.on_gpu
-                else self._run_cpu(chunk, batches, desc)
-            )
+            if self.packed:
+                chunks.append(self._run_packed(chunk, batches, desc, device_outputs))
+                computed += int(chunk.lengths.sum())
+            else:
+                chunks.append(
+                    self._run_gpu(chunk, batches, desc, device_outputs)
+                    if self.on_gpu
+                    else self._run_cpu(chunk, batches, desc)
+                )
+                computed += sum(b.size * b.length for b in batches)
             batches_run += len(batches)
             shapes.update((b.size, b.length) for b in batches)
-            computed += sum(b.size * b.length for b in batches)
         self.stats = RunStats(
             rows=len(tokens),
             batches=batches_run,
@@ -344,18 +353,17 @@ class Encoder:
     ) -> dict[str, Any]:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
         collected = _Collector(tokens)
+        timer = _BatchTimer(self.time_batches, on_gpu=False)
         for batch in _shown(batches, desc):
-            started = time.perf_counter()
+            timer.start()
             collected.add(batch, self.engine.run(self._feeds(matrices, batch)))
-            if self.time_batches:
-                self._batch_ms.append((time.perf_counter() - started) * 1e3)
+            timer.stop()
+        self._batch_ms.extend(timer.milliseconds())
         return collected.results()
 
     def _run_gpu(
         self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, device_outputs: bool
     ) -> dict[str, Any]:
-        import torch
-
         # One upload of the chunk's tokens, then every batch is a gather on the device. Nothing
         # below waits for the GPU until the results are collected: the engine orders its runs
         # with this stream, so batches are queued while earlier ones run.
@@ -365,53 +373,135 @@ class Encoder:
         rows = self._staging.upload(
             "rows", np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
         )
-        collected = _Collector(tokens)
-        # Outputs with a row per input: gathered in input order on the GPU, or downloaded batch
-        # by batch and put in order on the host while later batches run.
-        on_device: dict[str, Any] = {}
-        downloads = None if device_outputs else _Downloads(self._staging, len(tokens))
-        timing = []
+        sink = _GpuOutputs(tokens, self._staging, device_outputs)
+        timer = _BatchTimer(self.time_batches, on_gpu=True)
         offset = 0
         for batch in _shown(batches, desc):
-            if self.time_batches:
-                timing.append(torch.cuda.Event(enable_timing=True))
-                timing[-1].record()
+            timer.start()
             index = rows[offset : offset + batch.size]
             offset += batch.size
             feeds = {
                 name: m[:, : batch.length].index_select(0, index) for name, m in device.items()
             }
-            outputs = self.engine.run_device(feeds)
-            real = len(batch.rows)
-            token_outputs = {
-                name: value[:real].float().cpu().numpy()
-                for name, value in outputs.items()
-                if value.dim() == 3
-            }
-            if token_outputs:
-                collected.add(batch, token_outputs)
-            rowwise = {n: v[:real].float() for n, v in outputs.items() if v.dim() != 3}
-            if downloads is not None:
-                downloads.add(batch.rows, rowwise)
-            for name, value in rowwise.items() if device_outputs else ():
-                if name not in on_device:
-                    on_device[name] = torch.empty(
-                        (len(tokens), *value.shape[1:]), dtype=value.dtype, device=value.device
-                    )
-                on_device[name].index_copy_(0, index[:real], value)
-            if self.time_batches:
-                timing.append(torch.cuda.Event(enable_timing=True))
-                timing[-1].record()
-        results = collected.results()
-        if downloads is not None:
-            results.update(downloads.finish())
+            sink.add(batch, self.engine.run_device(feeds), index)
+            timer.stop()
+        results = sink.results()
+        self._batch_ms.extend(timer.milliseconds())
+        return results
+
+    def _run_packed(
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, device_outputs: bool
+    ) -> dict[str, Any]:
+        """Each batch as its rows' real tokens back to back: the chunk's tokens are put in
+        batch order on the host and uploaded once, so each batch is a slice, and each batch's
+        longest row is known here without asking the device."""
+        import torch
+
+        order = np.concatenate([b.rows for b in batches])
+        ordered = tokens.select(order)
+        arrays = {"ids": ordered.ids, "type_ids": ordered.type_ids, "lengths": ordered.lengths}
+        if self.on_gpu:
+            on = {name: self._staging.upload(name, a) for name, a in arrays.items()}
+            rows = self._staging.upload("rows", order.astype(np.int64))
+            sink: _GpuOutputs | _Collector = _GpuOutputs(tokens, self._staging, device_outputs)
         else:
-            results.update(on_device)
+            on = {name: torch.from_numpy(a) for name, a in arrays.items()}
+            sink = _Collector(tokens)
+        starts = np.concatenate([[0], np.cumsum(ordered.lengths)])
+        timer = _BatchTimer(self.time_batches, on_gpu=self.on_gpu)
+        first = 0
+        for batch in _shown(batches, desc):
+            timer.start()
+            last = first + len(batch.rows)
+            tokens_from, tokens_to = int(starts[first]), int(starts[last])
+            outputs = self.engine.run_packed(
+                on["ids"][tokens_from:tokens_to],
+                on["type_ids"][tokens_from:tokens_to],
+                on["lengths"][first:last],
+                int(ordered.lengths[first:last].max()),
+            )
+            if self.on_gpu:
+                sink.add(batch, outputs, rows[first:last])
+            else:
+                sink.add(batch, {name: value.numpy() for name, value in outputs.items()})
+            first = last
+            timer.stop()
+        results = sink.results()
+        self._batch_ms.extend(timer.milliseconds())
+        return results
+
+
+class _BatchTimer:
+    """Each batch's milliseconds, when asked: on a GPU between events recorded around its work
+    (no host wait between batches), on a CPU by the clock."""
+
+    def __init__(self, enabled: bool, on_gpu: bool):
+        self.enabled, self.on_gpu = enabled, on_gpu
+        self.marks: list[Any] = []
+
+    def _mark(self) -> None:
+        if not self.enabled:
+            return
+        if self.on_gpu:
+            import torch
+
+            self.marks.append(torch.cuda.Event(enable_timing=True))
+            self.marks[-1].record()
+        else:
+            self.marks.append(time.perf_counter())
+
+    start = stop = _mark
+
+    def milliseconds(self) -> list[float]:
+        pairs = zip(self.marks[::2], self.marks[1::2], strict=True)
+        if self.on_gpu:
+            return [begin.elapsed_time(end) for begin, end in pairs]
+        return [(end - begin) * 1e3 for begin, end in pairs]
+
+
+class _GpuOutputs:
+    """Where a GPU batch's outputs go: token outputs to the host in input order; outputs with a
+    row per input downloaded while later batches run (_Downloads) or, with ``device_outputs``,
+    gathered in input order on the GPU."""
+
+    def __init__(self, tokens: Tokens, staging: PinnedStaging, device_outputs: bool):
+        self.tokens = tokens
+        self.collected = _Collector(tokens)
+        self.on_device: dict[str, Any] = {}
+        self.downloads = None if device_outputs else _Downloads(staging, len(tokens))
+
+    def add(self, batch: Batch, outputs: dict[str, Any], index: Any) -> None:
+        """``index``: the input positions of the batch's rows (then any filler), on the GPU."""
+        import torch
+
+        real = len(batch.rows)
+        token_outputs = {
+            name: value[:real].float().cpu().numpy()
+            for name, value in outputs.items()
+            if value.dim() == 3
+        }
+        if token_outputs:
+            self.collected.add(batch, token_outputs)
+        rowwise = {n: v[:real].float() for n, v in outputs.items() if v.dim() != 3}
+        if self.downloads is not None:
+            self.downloads.add(batch.rows, rowwise)
+            return
+        for name, value in rowwise.items():
+            if name not in self.on_device:
+                self.on_device[name] = torch.empty(
+                    (len(self.tokens), *value.shape[1:]), dtype=value.dtype, device=value.device
+                )
+            self.on_device[name].index_copy_(0, index[:real], value)
+
+    def results(self) -> dict[str, Any]:
+        import torch
+
+        results = self.collected.results()
+        if self.downloads is not None:
+            results.update(self.downloads.finish())
+        else:
+            results.update(self.on_device)
             torch.cuda.current_stream().synchronize()
-        # Each batch's GPU time between events (no host wait between batches).
-        self._batch_ms.extend(
-            start.elapsed_time(end) for start, end in zip(timing[::2], timing[1::2], strict=True)
-        )
         return results
 
 

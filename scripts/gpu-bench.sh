@@ -7,7 +7,8 @@
 #   scripts/gpu-bench.sh MODEL_FILES_FOLDER OUT_FOLDER [bert-base|minilm ...]
 # STEPS (default "build choose bench") runs only some steps, so one model's work can be split over
 # device calls of at most 10 minutes; ATTENTION (default "fused unfused") lists the attention
-# kernel choices built with CUDA graphs beside the default one.
+# kernel choices built with CUDA graphs beside the default one; ENGINES (default "plain cudagraph
+# attention packed torch") the engines the build step makes.
 # For each model: random weights (scripts/random_encoder.py), `run` (export, simplify, fuse, fp16
 # ONNX Runtime CUDA engines with and without CUDA graphs, with graphs and the other choices of
 # attention kernels, and in ORT's packing mode (--packed-attention, which cannot take CUDA graphs),
@@ -18,6 +19,7 @@ like=$1 out=$2
 shift 2
 models=${*:-minilm bert-base}
 steps=" ${STEPS:-build choose bench} "
+engines=" ${ENGINES:-plain cudagraph attention packed torch} "
 # bert_compiler is a namespace package made of the product folders (setuptools maps them at
 # install time; here links do it without pip).
 mkdir -p /tmp/bc/bert_compiler
@@ -32,12 +34,16 @@ for model in $models; do
     python3 scripts/random_encoder.py --like "$like" --out "$folder" "${extra[@]}"
     common=(--model "$folder" --out "$out/$model" --target cuda --precision fp16 --no-package
             --metric-limit 300 --no-metric-gate -q)
-    "${cli[@]}" run "${common[@]}"
-    "${cli[@]}" run "${common[@]}" --cuda-graph
-    for kernels in ${ATTENTION:-fused unfused}; do
-      "${cli[@]}" run "${common[@]}" --cuda-graph --attention-kernels "$kernels"
-    done
-    "${cli[@]}" run "${common[@]}" --packed-attention
+    if [[ $engines == *" plain "* ]]; then "${cli[@]}" run "${common[@]}"; fi
+    if [[ $engines == *" cudagraph "* ]]; then "${cli[@]}" run "${common[@]}" --cuda-graph; fi
+    if [[ $engines == *" attention "* ]]; then
+      for kernels in ${ATTENTION:-fused unfused}; do
+        "${cli[@]}" run "${common[@]}" --cuda-graph --attention-kernels "$kernels"
+      done
+    fi
+    if [[ $engines == *" packed "* ]]; then "${cli[@]}" run "${common[@]}" --packed-attention; fi
+    # The torch engine (engines/torch_encoder.py) needs no onnxruntime-gpu, only the fused graph.
+    if [[ $engines == *" torch "* ]]; then "${cli[@]}" run "${common[@]/#cuda/torch}"; fi
   fi
   if [[ $steps == *" choose "* ]] && [ -n "${CHOOSE_ARGS:-}" ]; then
     # Batching candidates timed on the calibration sentences (where defaults are chosen), kept

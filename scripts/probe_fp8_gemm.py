@@ -51,8 +51,15 @@ def chain_graph(hidden: int, fp8: bool, layout: str, act_amax: float, seed: int 
         weight = (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)
         out = f"y{index}"
         if not fp8:
-            inits.append(helper.make_tensor(f"w{index}", TensorProto.FLOAT16, (k, n),
-                                            weight.astype(np.float16).tobytes(), raw=True))
+            inits.append(
+                helper.make_tensor(
+                    f"w{index}",
+                    TensorProto.FLOAT16,
+                    (k, n),
+                    weight.astype(np.float16).tobytes(),
+                    raw=True,
+                )
+            )
             nodes.append(helper.make_node("MatMul", [current, f"w{index}"], [out]))
         else:
             w_scale = float(np.abs(weight).max()) / FP8_MAX
@@ -66,26 +73,37 @@ def chain_graph(hidden: int, fp8: bool, layout: str, act_amax: float, seed: int 
                 helper.make_tensor(f"sb{index}", TensorProto.FLOAT, (), [w_scale]),
                 helper.make_tensor(f"sy{index}", TensorProto.FLOAT, (), [1.0]),
             ]
-            nodes.append(helper.make_node(
-                "QuantizeLinear", [current, f"xs{index}", f"xz{index}"], [f"q{index}"]))
-            nodes.append(helper.make_node(
-                "GemmFloat8",
-                [f"q{index}", f"w{index}", "", f"sa{index}", f"sb{index}", f"sy{index}"][
-                    : 3 + scale_inputs
-                ],
-                [out if out_type == TensorProto.FLOAT16 else f"g{index}"], domain="com.microsoft",
-                transA=trans_a, transB=trans_b, dtype=out_type))
+            nodes.append(
+                helper.make_node(
+                    "QuantizeLinear", [current, f"xs{index}", f"xz{index}"], [f"q{index}"]
+                )
+            )
+            nodes.append(
+                helper.make_node(
+                    "GemmFloat8",
+                    [f"q{index}", f"w{index}", "", f"sa{index}", f"sb{index}", f"sy{index}"][
+                        : 3 + scale_inputs
+                    ],
+                    [out if out_type == TensorProto.FLOAT16 else f"g{index}"],
+                    domain="com.microsoft",
+                    transA=trans_a,
+                    transB=trans_b,
+                    dtype=out_type,
+                )
+            )
             if out_type != TensorProto.FLOAT16:
                 nodes.append(helper.make_node("Cast", [f"g{index}"], [out], to=TensorProto.FLOAT16))
         current = out
     graph = helper.make_graph(
-        nodes, "chain",
+        nodes,
+        "chain",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["m", hidden])],
         [helper.make_tensor_value_info(current, TensorProto.FLOAT16, ["m", hidden])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21),
-                                                    helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
     model.ir_version = 10
     return model, current
 

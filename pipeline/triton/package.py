@@ -232,6 +232,16 @@ def verified_engines(
         manifest = ArtifactDir(folder).require_complete()
         if manifest.get("stage") != "build":
             raise ArtifactError(f"{folder}: not an engine folder this tool built")
+        backend = get_backend(manifest["spec"].get("backend", ""))
+        if not backend.serves_in_triton:
+            if names:
+                raise InputError(
+                    f"{folder}: a {backend.name} engine is served by the runtime "
+                    "(bert_compiler.pipeline.runtime), not by Triton; package the ONNX Runtime "
+                    "or TensorRT engines"
+                )
+            log.info("[package] %s: a %s engine, not served by Triton", folder.name, backend.name)
+            continue
         results = manifest["results"]
         engine_sha = manifest["outputs"][results["engine_file"]]["sha256"]
         verify_dir = layout.verify(info.name, folder.name)
@@ -268,6 +278,11 @@ def verified_engines(
                 report=report["results"],
                 max_length=resolve_max_length(info, report["spec"].get("max_length")),
             )
+        )
+    if not engines:
+        raise InputError(
+            f"{root}: no engine Triton serves (torch engines are served by the runtime); build "
+            "one with --target cpu, cuda or tensorrt"
         )
     lengths = {e.max_length for e in engines}
     if len(lengths) != 1:

@@ -1,0 +1,593 @@
+"""The torch backend: the fused graph's encoder run by PyTorch on packed rows.
+
+Real sentences are short (STS-B: median 14 tokens). ONNX Runtime's and PyTorch's attention
+kernels work in 64-128-row tiles, mostly empty for such rows, and a padded batch spends every
+GEMM on its padding as well. This engine runs each batch packed (the rows' real tokens back to
+back, no padding anywhere) and attention by a small Triton kernel that holds one row and head in
+registers (``short_attention_kernel``); rows longer than SHORT_ATTENTION_MAX, and machines without
+Triton, take PyTorch's scaled_dot_product_attention on the padded rows instead. Measured on an
+H100 (docs/benchmarks.md, scripts/probe_gpu_encoder.py) this is where most of the GPU time of
+short text went.
+
+Build: the fused fp32 graph (OUT/fuse) is read, not re-exported. Its BERT layout
+(EmbedLayerNormalization, then per layer Attention, MatMul, SkipLayerNormalization, MatMul,
+BiasGelu or FastGelu, MatMul, SkipLayerNormalization) gives every weight; the head after the last
+layer must be mean or first-token pooling, optionally L2-normalised, or none. Anything else
+(RoBERTa's unfused embeddings, MPNet's relative attention, a classifier head) is refused in one
+line. The engine file is those weights as safetensors (fp16 for a GPU fp16 engine); before the
+build calls it complete, the engine's outputs are compared with ONNX Runtime's on the same graph,
+so a graph read wrongly never becomes an engine. verify then checks it against PyTorch like
+every other engine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bert_compiler.core.artifacts import atomic_path
+from bert_compiler.core.errors import EnvironmentProblem, InputError, UnsupportedModelError
+from bert_compiler.core.onnx_io import load_onnx
+from bert_compiler.engines.backend import (
+    Backend,
+    BuildJob,
+    BuildSpec,
+    check_float_source,
+    register,
+)
+
+ENGINE_FILE = "encoder.safetensors"
+# Rows up to this many tokens go to the short-row kernel (its tile is the longest row rounded up
+# to a power of two, all in registers); longer ones to scaled_dot_product_attention.
+SHORT_ATTENTION_MAX = 128
+# The build compares the engine with ONNX Runtime on this many random rows of varied lengths.
+CHECK_ROWS = 6
+CHECK_TOLERANCE = 1e-3  # of the largest output magnitude, fp32 vs fp32
+# Ops a pooling head may use between the last layer and the output; anything else (a Gemm of a
+# classifier) is a head this backend does not build.
+POOLING_OPS = {
+    "Cast", "Clip", "Constant", "Div", "Expand", "Gather", "Max", "Mul", "ReduceL2",
+    "ReduceMean", "ReduceSum", "Reshape", "Shape", "Slice", "Sqrt", "Squeeze", "Unsqueeze",
+    "Sub", "Add", "Pow", "Not", "Where", "Equal", "LpNormalization",
+}  # fmt: skip
+ACTIVATIONS = {"BiasGelu": "gelu", "FastGelu": "gelu_tanh"}
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """What the weights alone do not say: shapes, the activation, the head."""
+
+    layers: int
+    hidden: int
+    heads: int
+    epsilon: float
+    activation: str  # gelu (erf) or gelu_tanh
+    pooling: str  # mean, cls or none (the output is the last hidden state)
+    normalize: bool
+    output: str
+    input_names: tuple[str, ...]
+    token_types: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "input_names": list(self.input_names)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EncoderLayout:
+        return cls(**{**data, "input_names": tuple(data["input_names"])})
+
+
+def _refuse(where: str, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{where}: {what}; the torch backend builds BERT-layout encoders (ORT-fused "
+        "EmbedLayerNormalization and Attention) with a pooling head or none: build this model "
+        "with --target cpu or cuda (ONNX Runtime)"
+    )
+
+
+def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.ndarray]]:
+    """The layout and fp32 weights (linear weights as [out, in]) of a fused BERT-layout graph.
+
+    Raises:
+        UnsupportedModelError: the graph is not that layout, or its head is not pooling.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    weights = {init.name: init for init in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):  # a node reading a value twice consumes it once
+            consumers.setdefault(name, []).append(node)
+
+    def array(name: str) -> np.ndarray:
+        if name not in weights:
+            raise _refuse(where, f"{name!r} is computed, not a weight")
+        return numpy_helper.to_array(weights[name]).astype(np.float32)
+
+    def attrs(node) -> dict[str, Any]:
+        return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+    def only(value: str, op_types: tuple[str, ...], role: str):
+        found = [n for n in consumers.get(value, []) if n.op_type in op_types]
+        if len(found) != 1:
+            raise _refuse(where, f"expected one {'/'.join(op_types)} ({role}) after {value!r}")
+        return found[0]
+
+    embed = [n for n in graph.node if n.op_type == "EmbedLayerNormalization"]
+    if len(embed) != 1:
+        raise _refuse(where, f"{len(embed)} EmbedLayerNormalization nodes, not 1")
+    (embed,) = embed
+    inputs = list(embed.input) + [""] * (9 - len(embed.input))
+    if inputs[8]:
+        raise _refuse(where, "the embeddings take explicit position ids")
+    tensors = {
+        "embeddings.word": array(inputs[2]),
+        "embeddings.position": array(inputs[3]),
+        "embeddings.norm.weight": array(inputs[5]),
+        "embeddings.norm.bias": array(inputs[6]),
+    }
+    if inputs[4]:
+        tensors["embeddings.token_type"] = array(inputs[4])
+    epsilons = {float(attrs(embed).get("epsilon", 1e-12))}
+    mask_index = embed.output[1] if len(embed.output) > 1 else ""
+    x, heads, activation, layer = embed.output[0], set(), set(), 0
+    while True:
+        attention = [n for n in consumers.get(x, []) if n.op_type == "Attention"]
+        if not attention:
+            break
+        (attention,) = attention
+        options = attrs(attention)
+        extra = [name for name in list(attention.input)[4:] if name]
+        if options.get("unidirectional") or options.get("qkv_hidden_sizes") or extra:
+            raise _refuse(where, f"attention {attention.name!r} is not plain self-attention")
+        if len(attention.input) < 4 or attention.input[3] != mask_index:
+            raise _refuse(where, f"attention {attention.name!r} takes another mask")
+        if options.get("scale"):
+            raise _refuse(where, f"attention {attention.name!r} has its own scale")
+        heads.add(int(options["num_heads"]))
+        prefix = f"layers.{layer}."
+        tensors[prefix + "qkv.weight"] = array(attention.input[1]).T
+        tensors[prefix + "qkv.bias"] = array(attention.input[2])
+        out = only(attention.output[0], ("MatMul",), "attention output projection")
+        tensors[prefix + "out.weight"] = array(out.input[1]).T
+        norm1 = only(out.output[0], ("SkipLayerNormalization",), "attention residual norm")
+        up = only(norm1.output[0], ("MatMul",), "feed-forward up-projection")
+        tensors[prefix + "up.weight"] = array(up.input[1]).T
+        act = only(up.output[0], tuple(ACTIVATIONS), "activation")
+        activation.add(ACTIVATIONS[act.op_type])
+        if len(act.input) < 2 or not act.input[1]:
+            raise _refuse(where, f"activation {act.name!r} has no bias")
+        tensors[prefix + "up.bias"] = array(act.input[1])
+        down = only(act.output[0], ("MatMul",), "feed-forward down-projection")
+        tensors[prefix + "down.weight"] = array(down.input[1]).T
+        norm2 = only(down.output[0], ("SkipLayerNormalization",), "feed-forward residual norm")
+        residuals = ((norm1, x, "out", "norm1"), (norm2, norm1.output[0], "down", "norm2"))
+        for norm, skip, bias, name in residuals:
+            given = list(norm.input) + [""] * (5 - len(norm.input))
+            if skip not in given[:2] or len(norm.input) < 4 or not given[4]:
+                raise _refuse(where, f"{norm.name!r} is not a residual norm with a bias")
+            if any(len(norm.output) > 3 and o for o in norm.output[3:]):
+                raise _refuse(where, f"{norm.name!r} exports its sum")
+            tensors[prefix + f"{name}.weight"] = array(given[2])
+            tensors[prefix + f"{name}.bias"] = array(given[3])
+            tensors[prefix + f"{bias}.bias"] = array(given[4])
+            epsilons.add(float(attrs(norm).get("epsilon", 1e-12)))
+        x, layer = norm2.output[0], layer + 1
+    if not layer:
+        raise _refuse(where, "no fused Attention after the embeddings")
+    if len(heads) != 1 or len(activation) != 1 or len(epsilons) != 1:
+        raise _refuse(where, "layers differ in heads, activation or LayerNorm epsilon")
+    (output,) = [o.name for o in graph.output]
+    pooling, normalize = _head(graph, x, output, where)
+    hidden = tensors["embeddings.word"].shape[1]
+    if hidden % heads.copy().pop():
+        raise _refuse(where, f"hidden size {hidden} is not a multiple of the head count")
+    layout = EncoderLayout(
+        layers=layer,
+        hidden=int(hidden),
+        heads=heads.pop(),
+        epsilon=epsilons.pop(),
+        activation=activation.pop(),
+        pooling=pooling,
+        normalize=normalize,
+        output=output,
+        input_names=tuple(i.name for i in graph.input),
+        token_types="embeddings.token_type" in tensors,
+    )
+    return layout, tensors
+
+
+def _head(graph: Any, last: str, output: str, where: str) -> tuple[str, bool]:
+    """(pooling, normalize) of the nodes between the last layer's output and the graph's."""
+    if output == last:
+        return "none", False
+    produced_by = {o: n for n in graph.node for o in n.output}
+    head, stack, seen = [], [output], set()
+    while stack:  # every node the output depends on, back to the last layer
+        name = stack.pop()
+        if name in seen or name == last or name not in produced_by:
+            continue
+        seen.add(name)
+        node = produced_by[name]
+        head.append(node)
+        stack.extend(i for i in node.input if i)
+    ops = {n.op_type for n in head}
+    if ops - POOLING_OPS or not any(last in n.input for n in head):
+        raise _refuse(
+            where, f"the head after the last layer ({', '.join(sorted(ops))}) is not pooling"
+        )
+    pooling = "mean" if ops & {"ReduceSum", "ReduceMean"} else "cls"
+    return pooling, bool(ops & {"ReduceL2", "LpNormalization", "Sqrt"})
+
+
+def short_attention_kernel():
+    """A Triton kernel for attention over short rows: one program per (row, head) holds the
+    row's Q, K and V in registers ([BLOCK, head_dim], BLOCK the longest row rounded up to a power
+    of two), so a 16-token row costs one small tile instead of a library kernel's 64-128-row
+    tiles (imported late: Triton is there where CUDA is, or for TRITON_INTERPRET=1 on a CPU)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        qkv,
+        out,
+        starts,
+        counts,
+        scale,
+        HIDDEN: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row, head = tl.program_id(0), tl.program_id(1)
+        start = tl.load(starts + row)
+        count = tl.load(counts + row)
+        tokens = tl.arange(0, BLOCK)
+        valid = tokens < count
+        columns = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
+        at = qkv + (start + tokens)[:, None] * (3 * HIDDEN) + columns[None, :]
+        q = tl.load(at, mask=valid[:, None], other=0.0)
+        k = tl.load(at + HIDDEN, mask=valid[:, None], other=0.0)
+        v = tl.load(at + 2 * HIDDEN, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k)) * scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, 1)[:, None])
+        weights = weights / tl.sum(weights, 1)[:, None]
+        result = tl.dot(weights.to(v.dtype), v)
+        tl.store(
+            out + (start + tokens)[:, None] * HIDDEN + columns[None, :],
+            result.to(out.dtype.element_ty),
+            mask=valid[:, None],
+        )
+
+    return kernel
+
+
+_SHORT_KERNEL: list = []
+
+
+def short_attention_available(device: str) -> bool:
+    """Whether the short-row kernel runs here: on a GPU with Triton, or on a CPU under Triton's
+    interpreter (TRITON_INTERPRET=1, for tests)."""
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attend_short(qkv: Any, starts: Any, counts: Any, longest: int, heads: int) -> Any:
+    """Attention of each row's tokens qkv[starts[r] : starts[r] + counts[r]] among themselves
+    (qkv [tokens, 3 * hidden], flat; packed rows: starts are the offsets; padded rows:
+    r * width). Positions outside every row stay zero."""
+    import torch
+
+    hidden = qkv.shape[-1] // 3
+    if not _SHORT_KERNEL:
+        _SHORT_KERNEL.append(short_attention_kernel())
+    out = torch.zeros(*qkv.shape[:-1], hidden, dtype=qkv.dtype, device=qkv.device)
+    block = max(16, 1 << (longest - 1).bit_length())
+    _SHORT_KERNEL[0][(len(counts), heads)](
+        qkv,
+        out,
+        starts,
+        counts,
+        (hidden // heads) ** -0.5,
+        HIDDEN=hidden,
+        HEAD_DIM=hidden // heads,
+        BLOCK=block,
+        num_warps=4 if block <= 64 else 8,
+    )
+    return out
+
+
+class TorchEncoder:
+    """A built torch engine: ``run`` (numpy, padded), ``run_device`` (torch, padded) and
+    ``run_packed`` (torch, packed rows: what the runtime uses)."""
+
+    max_batch = None
+    packed = True
+
+    def __init__(self, path: Path, layout: EncoderLayout, device: str, dtype_name: str):
+        import torch
+        from safetensors.torch import load_file
+
+        self.path = path
+        self.layout = layout
+        self.device = device
+        self.input_names = list(layout.input_names)
+        self.output_names = [layout.output]
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+        self.weights = {
+            name: tensor.to(device=device, dtype=dtype)
+            for name, tensor in load_file(str(path), device="cpu").items()
+        }
+        self.short_attention = short_attention_available(device)
+        head_dim = layout.hidden // layout.heads
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    # -- the encoder ------------------------------------------------------------------------
+
+    def _norm(self, x, name: str):
+        import torch.nn.functional as F
+
+        w = self.weights
+        return F.layer_norm(
+            x, (self.layout.hidden,), w[name + ".weight"], w[name + ".bias"], self.layout.epsilon
+        )
+
+    def _encode(self, ids, type_ids, positions, attend):
+        import torch.nn.functional as F
+
+        w, layout = self.weights, self.layout
+        x = w["embeddings.word"][ids] + w["embeddings.position"][positions]
+        if layout.token_types:
+            x = x + w["embeddings.token_type"][type_ids]
+        x = self._norm(x, "embeddings.norm")
+        approximate = "tanh" if layout.activation == "gelu_tanh" else "none"
+        for index in range(layout.layers):
+            p = f"layers.{index}."
+            qkv = F.linear(x, w[p + "qkv.weight"], w[p + "qkv.bias"])
+            attended = F.linear(attend(qkv), w[p + "out.weight"], w[p + "out.bias"])
+            x = self._norm(x + attended, p + "norm1")
+            up = F.gelu(F.linear(x, w[p + "up.weight"], w[p + "up.bias"]), approximate=approximate)
+            x = self._norm(x + F.linear(up, w[p + "down.weight"], w[p + "down.bias"]), p + "norm2")
+        return x
+
+    def _attend_padded(self, qkv, lengths):
+        """Attention of padded rows qkv [rows, width, 3 * hidden] of ``lengths`` tokens."""
+        import torch
+        import torch.nn.functional as F
+
+        rows, width, _ = qkv.shape
+        heads, hidden = self.layout.heads, self.layout.hidden
+        if self.short_attention and width <= SHORT_ATTENTION_MAX:
+            starts = torch.arange(rows, device=qkv.device, dtype=torch.int32) * width
+            flat = qkv.reshape(rows * width, 3 * hidden)
+            return attend_short(flat, starts, lengths.int(), width, heads).view(rows, width, hidden)
+        q, k, v = qkv.view(rows, width, 3, heads, hidden // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        keys = torch.arange(width, device=qkv.device)[None, :] < lengths[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :])
+        return out.transpose(1, 2).reshape(rows, width, hidden)
+
+    def run_device(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One padded batch of torch tensors [rows, width] on the engine's device."""
+        import torch
+
+        ids = feeds["input_ids"]
+        mask = feeds["attention_mask"].to(torch.bool)
+        lengths = mask.sum(1)
+        rows, width = ids.shape
+        positions = torch.arange(width, device=ids.device).expand(rows, width)
+        type_ids = feeds.get("token_type_ids", ids)
+        with torch.inference_mode():
+            x = self._encode(
+                ids, type_ids, positions, lambda qkv: self._attend_padded(qkv, lengths)
+            )
+            if self.layout.pooling == "none":
+                return {self.layout.output: x.float()}
+            if self.layout.pooling == "mean":
+                weights = mask[..., None].float()
+                pooled = (x.float() * weights).sum(1) / lengths[:, None].clamp(min=1)
+            else:
+                pooled = x[:, 0].float()
+            return {self.layout.output: self._normalized(pooled)}
+
+    def run_packed(self, ids: Any, type_ids: Any, lengths: Any, longest: int) -> dict[str, Any]:
+        """One batch of packed rows: ``ids`` and ``type_ids`` every row's tokens back to back
+        (int64 [tokens]), ``lengths`` each row's count (int64 [rows]), ``longest`` the largest
+        of them (known to the caller, so nothing here waits for the device). Returns float32
+        tensors: pooled [rows, hidden], or the last hidden state padded to [rows, longest,
+        hidden]."""
+        import torch
+
+        tokens, rows = ids.shape[0], lengths.shape[0]
+        device = ids.device
+        row_of_token = torch.repeat_interleave(
+            torch.arange(rows, device=device), lengths, output_size=tokens
+        )
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(tokens, device=device) - starts[row_of_token]
+
+        short = self.short_attention and longest <= SHORT_ATTENTION_MAX
+        starts32, lengths32 = (starts.int(), lengths.int()) if short else (None, None)
+
+        def attend(qkv):
+            if short:
+                return attend_short(qkv, starts32, lengths32, longest, self.layout.heads)
+            padded = qkv.new_zeros(rows, longest, qkv.shape[-1])
+            padded[row_of_token, positions] = qkv
+            return self._attend_padded(padded, lengths)[row_of_token, positions]
+
+        with torch.inference_mode():
+            x = self._encode(ids, type_ids, positions, attend)
+            if self.layout.pooling == "none":
+                padded = x.new_zeros(rows, longest, self.layout.hidden, dtype=torch.float32)
+                padded[row_of_token, positions] = x.float()
+                return {self.layout.output: padded}
+            if self.layout.pooling == "mean":
+                sums = torch.zeros(rows, self.layout.hidden, device=device, dtype=torch.float32)
+                sums.index_add_(0, row_of_token, x.float())
+                pooled = sums / lengths[:, None]
+            else:
+                pooled = x[starts].float()
+            return {self.layout.output: self._normalized(pooled)}
+
+    def _normalized(self, pooled):
+        import torch.nn.functional as F
+
+        return F.normalize(pooled, dim=1) if self.layout.normalize else pooled
+
+    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        """One padded batch of int64 numpy feeds -> float32 numpy outputs."""
+        import torch
+
+        missing = [name for name in self.input_names if name not in feeds]
+        if missing:
+            raise InputError(f"{self.path}: feeds lack {', '.join(missing)}")
+        tensors = {
+            name: torch.from_numpy(np.ascontiguousarray(feeds[name], dtype=np.int64)).to(
+                self.device
+            )
+            for name in self.input_names
+        }
+        outputs = self.run_device(tensors)
+        return {name: value.cpu().numpy() for name, value in outputs.items()}
+
+
+def _check_against_onnxruntime(source: Path, engine: TorchEncoder, where: str) -> float:
+    """The largest difference between the engine (padded and packed) and ONNX Runtime on the
+    source graph, relative to the largest output; raises if it exceeds CHECK_TOLERANCE."""
+    import onnxruntime as ort
+    import torch
+
+    generator = np.random.default_rng(0)
+    vocab = engine.weights["embeddings.word"].shape[0]
+    longest = min(24, engine.weights["embeddings.position"].shape[0])
+    lengths = np.linspace(2, longest, CHECK_ROWS).astype(np.int64)
+    valid = np.arange(longest)[None, :] < lengths[:, None]
+    ids = np.where(valid, generator.integers(1, vocab, (CHECK_ROWS, longest)), 0)
+    feeds = {
+        "input_ids": ids,
+        "attention_mask": valid.astype(np.int64),
+        "token_type_ids": np.zeros_like(ids),
+    }
+    feeds = {name: feeds[name] for name in engine.input_names}
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    (expected,) = session.run([engine.layout.output], feeds)
+    padded = engine.run(feeds)[engine.layout.output]
+    packed = engine.run_packed(
+        torch.from_numpy(ids[valid]),
+        torch.zeros(int(valid.sum()), dtype=torch.int64),
+        torch.from_numpy(lengths),
+        longest,
+    )[engine.layout.output].numpy()
+    if expected.ndim == 3:  # token outputs: padded positions are not compared
+        expected, padded, packed = expected[valid], padded[valid], packed[valid]
+    scale = max(float(np.abs(expected).max()), 1e-6)
+    worst = max(float(np.abs(got - expected).max()) for got in (padded, packed)) / scale
+    if not worst <= CHECK_TOLERANCE:
+        raise _refuse(where, f"the encoder read from it differs from ONNX Runtime by {worst:.2e}")
+    return worst
+
+
+class TorchBackend(Backend):
+    """PyTorch on packed rows (engines/torch_encoder.py): fp32 on the CPU or a GPU, fp16 on a
+    GPU, from the fused fp32 graph."""
+
+    name = "torch"
+    tag = "pt"
+    file_suffix = ".safetensors"
+    triton_platform = ""  # served by the runtime; Triton would need a Python-backend model
+    version_key = "torch"
+    serves_in_triton = False
+
+    def version(self) -> str:
+        import torch
+
+        return torch.__version__.split("+")[0]
+
+    def check(self, spec: BuildSpec) -> None:
+        if spec.precision not in ("fp32", "fp16"):
+            raise InputError(
+                f"--precision {spec.precision}: the torch backend builds fp32 and fp16 engines; "
+                "int8 and fp8 are ONNX Runtime's and TensorRT's"
+            )
+
+    def source_stage(self, spec: BuildSpec) -> str:
+        return "fuse"
+
+    def folder_parts(self, spec: BuildSpec) -> list[str]:
+        return [spec.device]
+
+    def kind_parts(self, spec: BuildSpec) -> list[str]:
+        return [spec.device]
+
+    def portable(self, spec: Mapping[str, Any]) -> bool:
+        return True
+
+    def from_record(self, spec: Mapping[str, Any]) -> BuildSpec:
+        return BuildSpec(backend=self.name, device=spec["device"], precision=spec["precision"])
+
+    def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
+        read: dict[str, Any] = {}
+
+        def prepare() -> None:
+            graph = load_onnx(source)
+            check_float_source(graph, precision=spec.precision, where=str(source))
+            read["layout"], read["tensors"] = read_encoder(graph, str(source))
+
+        def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
+            import torch
+            from safetensors.torch import save_file
+
+            if spec.device == "cuda" and not torch.cuda.is_available():
+                raise EnvironmentProblem(
+                    f"torch {torch.__version__} sees no CUDA GPU; a cuda torch engine is built "
+                    "where torch's CUDA build runs"
+                )
+            layout: EncoderLayout = read["layout"]
+            dtype = torch.float16 if spec.precision == "fp16" else torch.float32
+            tensors = {
+                n: torch.from_numpy(a).to(dtype).contiguous() for n, a in read["tensors"].items()
+            }
+            metadata = {"layout": json.dumps(layout.to_dict(), sort_keys=True)}
+            with atomic_path(folder / ENGINE_FILE) as staging:
+                save_file(tensors, str(staging), metadata=metadata)
+            # The weights as read, in fp32 on the CPU, against ONNX Runtime on the same graph.
+            check = TorchEncoder(folder / ENGINE_FILE, layout, "cpu", "fp32")
+            difference = _check_against_onnxruntime(source, check, str(source))
+            engine = TorchEncoder(folder / ENGINE_FILE, layout, spec.device, spec.precision)
+            return [ENGINE_FILE], {
+                "engine_file": ENGINE_FILE,
+                "torch": self.version(),
+                "layout": layout.to_dict(),
+                "inputs": engine.input_names,
+                "outputs": engine.output_names,
+                "onnxruntime_check": float(f"{difference:.3g}"),
+                "short_attention": engine.short_attention,
+            }
+
+        return BuildJob(settings={"engine": "packed rows"}, prepare=prepare, body=body)
+
+    def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
+        import torch
+
+        if spec["device"] == "cuda" and not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                f"{engine_path}: a cuda engine, and torch {torch.__version__} sees no CUDA GPU"
+            )
+        layout = EncoderLayout.from_dict(results["layout"])
+        return TorchEncoder(engine_path, layout, spec["device"], spec["precision"])
+
+
+BACKEND = register(TorchBackend())

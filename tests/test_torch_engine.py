@@ -1,0 +1,235 @@
+"""The torch backend (engines/torch_encoder.py): built from the fused graph, checked against ONNX
+Runtime at build time, run packed through the runtime, verified, refused where it cannot build.
+
+On the CPU the engine attends with scaled_dot_product_attention; the short-row Triton kernel runs
+on a GPU (the gpu-marked test) and, where the triton package is installed, under Triton's
+interpreter on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from bert_compiler.core.errors import EnvironmentProblem, InputError, UnsupportedModelError
+from bert_compiler.core.targets import Environment, Gpu, plan_targets
+from bert_compiler.engines.backend import BuildSpec, load_engine
+from bert_compiler.engines.torch_encoder import read_encoder
+from bert_compiler.pipeline.build import build
+from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.runtime import Encoder
+from bert_compiler.pipeline.triton.package import PackageSpec, package
+from tests.conftest import cpu_engine_dir
+from tests.test_gpu_engines import _cuda_reason, _skip_unless
+
+TEXTS = [
+    "A man is playing a guitar.",
+    "",
+    "Two dogs run across a wide green field together before the rain begins. " * 6,
+    "Ünïcödé façade — naïve café 東京 🙂",
+    "short",
+]
+H100 = Gpu(0, "NVIDIA H100", "9.0", 81559, "580")
+
+
+@pytest.mark.unit
+def test_target_torch_builds_fp16_on_a_gpu_and_fp32_on_the_cpu():
+    gpu = Environment(gpus=(H100, H100), torch_cuda="13.0")
+    plan = plan_targets("torch", (), gpu)
+    # One engine for every GPU: its file is the weights, not a plan compiled for one GPU.
+    assert [(e["device"], e["precision"]) for e in plan.engines] == [("cuda", "fp16")]
+    cpu = plan_targets("torch", (), Environment(gpus=(H100,)))
+    assert [(e["device"], e["precision"]) for e in cpu.engines] == [("cpu", "fp32")]
+    assert cpu.notes == ("torch here is a CPU build: building the torch CPU engine",)
+    with pytest.raises(EnvironmentProblem, match="no NVIDIA GPU found; fp16 needs a GPU"):
+        plan_targets("torch", ("fp16",), Environment())
+    with pytest.raises(InputError, match="--target torch --precision int8: the torch backend"):
+        plan_targets("torch", ("int8",), gpu)
+
+
+@pytest.mark.unit
+def test_build_spec_refuses_quantized_torch_engines():
+    with pytest.raises(InputError, match="builds fp32 and fp16 engines"):
+        BuildSpec(backend="torch", precision="int8").validate()
+
+
+@pytest.fixture(scope="module")
+def torch_engine(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's fused graph built into a torch CPU engine (outside the shared run)."""
+    _info, out, _spec, _summary = tiny_run
+    folder = tmp_path_factory.mktemp("torch-engine") / "engine"
+    build(
+        source=out / "fuse" / "model.onnx",
+        out_dir=folder,
+        spec=BuildSpec(backend="torch", device="cpu", precision="fp32"),
+    )
+    return folder
+
+
+@pytest.mark.e2e
+def test_torch_engine_matches_the_onnxruntime_engine_through_the_runtime(tiny_run, torch_engine):
+    info, out, _spec, _summary = tiny_run
+    manifest = json.loads((torch_engine / "manifest.json").read_text())
+    results = manifest["results"]
+    assert results["layout"]["layers"] == info.num_layers
+    assert results["layout"]["pooling"] == "mean" and results["layout"]["normalize"]
+    assert results["onnxruntime_check"] < 1e-5
+    engine, _ = load_engine(torch_engine)
+    encoder = Encoder(engine, info)
+    assert encoder.packed and not encoder.batching.ladder
+    got = encoder.encode(TEXTS)["sentence_embedding"]
+    assert encoder.stats.padding_fraction == 0.0 and encoder.stats.rows == len(TEXTS)
+    expected = Encoder.open(cpu_engine_dir(out), info).encode(TEXTS)["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # The padded entry points agree with the packed one (bench feeds them in dataset order).
+    feeds = encoder.tokenize(TEXTS).matrices(engine.input_names, encoder.pad_id)
+    np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], got, atol=1e-5)
+
+
+_INTERPRETED = """
+import sys
+import numpy as np
+import torch
+from pathlib import Path
+from bert_compiler.engines.backend import load_engine
+
+engine, _ = load_engine(Path(sys.argv[1]))
+assert engine.short_attention
+rng = np.random.default_rng(3)
+lengths = torch.tensor([3, 17, 9, 30, 2])
+vocab = engine.weights["embeddings.word"].shape[0]
+ids = torch.from_numpy(rng.integers(1, vocab, int(lengths.sum())))
+types = torch.zeros_like(ids)
+short = engine.run_packed(ids, types, lengths, 30)["sentence_embedding"]
+engine.short_attention = False
+reference = engine.run_packed(ids, types, lengths, 30)["sentence_embedding"]
+print(float((short - reference).abs().max()))
+"""
+
+
+@pytest.mark.e2e
+def test_short_row_kernel_under_the_triton_interpreter(torch_engine):
+    """The Triton kernel against scaled_dot_product_attention on packed rows, on the CPU through
+    Triton's interpreter (the gpu-marked test runs it compiled). A process of its own: Triton
+    reads TRITON_INTERPRET when it is first imported."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("the triton package is not installed (it comes with torch's CUDA build)")
+    done = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED, str(torch_engine)],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.e2e
+def test_cli_builds_verifies_and_package_leaves_torch_engines_to_the_runtime(tiny_run, tmp_path):
+    """`run --target torch` builds and verifies the torch engine and packages nothing (Triton
+    does not serve it); `package` names it when asked for it."""
+    info, _out, _spec, _summary = tiny_run
+    out = tmp_path / "out"
+    common = ["--model", str(info.path), "--out", str(out)]
+    gates = ["--metric-limit", "100", "--no-metric-gate", "--json"]
+    result = CliRunner().invoke(cli, ["run", *common, *gates, "--target", "torch"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    (engine,) = summary["engines"]
+    assert engine["backend"] == "torch" and engine["passed"]
+    assert engine["name"].endswith("-cpu-fp32")
+    assert summary["repository"] is None
+    assert "no engine of this run is served by Triton" in result.stderr
+    with pytest.raises(InputError, match="served by the runtime"):
+        package(
+            info=info,
+            out=out,
+            repository=tmp_path / "repo",
+            spec=PackageSpec(engines=(engine["name"],)),
+        )
+    with pytest.raises(InputError, match="no engine Triton serves"):
+        package(info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec())
+
+
+def _fused_graph(tiny_run) -> onnx.ModelProto:
+    _info, out, _spec, _summary = tiny_run
+    return onnx.load(str(out / "fuse" / "model.onnx"))
+
+
+@pytest.mark.e2e
+def test_graphs_of_another_layout_are_refused_in_one_line(tiny_run):
+    graph = _fused_graph(tiny_run)
+    layout, tensors = read_encoder(graph, "fused")
+    assert tensors["layers.0.qkv.weight"].shape == (3 * layout.hidden, layout.hidden)
+    # A classifier head after the pooling: not a head this backend builds.
+    head = onnx.helper.make_node("MatMul", [graph.graph.output[0].name, "head_w"], ["logits"])
+    classifier = onnx.ModelProto()
+    classifier.CopyFrom(graph)
+    classifier.graph.node.append(head)
+    classifier.graph.initializer.append(
+        onnx.numpy_helper.from_array(np.ones((layout.hidden, 2), np.float32), "head_w")
+    )
+    del classifier.graph.output[:]
+    classifier.graph.output.append(onnx.helper.make_tensor_value_info("logits", 1, None))
+    with pytest.raises(UnsupportedModelError, match=r"head after the last layer \(.*MatMul"):
+        read_encoder(classifier, "fused")
+    # Unfused embeddings (RoBERTa's, MPNet's): no EmbedLayerNormalization.
+    unfused = onnx.ModelProto()
+    unfused.CopyFrom(graph)
+    kept = [n for n in unfused.graph.node if n.op_type != "EmbedLayerNormalization"]
+    del unfused.graph.node[:]
+    unfused.graph.node.extend(kept)
+    with pytest.raises(UnsupportedModelError, match="0 EmbedLayerNormalization nodes") as err:
+        read_encoder(unfused, "fused")
+    assert "\n" not in str(err.value) and "--target cpu or cuda" in str(err.value)
+
+
+@pytest.mark.e2e
+def test_a_graph_read_wrongly_never_becomes_an_engine(tiny_run, tmp_path):
+    """The build compares the engine with ONNX Runtime on the same graph: a graph whose weights
+    the reader takes for another layout (here: an epsilon it does not apply) is refused."""
+    graph = _fused_graph(tiny_run)
+    for node in graph.graph.node:
+        if node.op_type == "Attention":
+            # A mask of its own: ORT then attends over every position, the reader refuses.
+            node.input[3] = node.input[0]
+    source = tmp_path / "model.onnx"
+    onnx.save(graph, str(source))
+    with pytest.raises(UnsupportedModelError, match="takes another mask"):
+        build(source=source, out_dir=tmp_path / "engine", spec=BuildSpec(backend="torch"))
+    assert not (tmp_path / "engine" / "encoder.safetensors").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_torch_cuda_fp16_engine_with_the_short_row_kernel(tiny_run, torch_engine, tmp_path):
+    """fp16 on the GPU, the Triton kernel compiled, through the runtime: the CPU fp32 engine's
+    embeddings to fp16 accuracy, packed and padded entry points alike."""
+    _skip_unless(_cuda_reason())
+    info, out, _spec, _summary = tiny_run
+    folder = tmp_path / "cuda"
+    build(
+        source=out / "fuse" / "model.onnx",
+        out_dir=folder,
+        spec=BuildSpec(backend="torch", device="cuda", precision="fp16"),
+    )
+    engine, manifest = load_engine(folder)
+    assert engine.short_attention and manifest["results"]["short_attention"]
+    encoder = Encoder(engine, info)
+    got = encoder.encode(TEXTS)["sentence_embedding"]
+    expected = Encoder(load_engine(torch_engine)[0], info).encode(TEXTS)["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, atol=3e-3)
+    on_gpu = encoder.encode(TEXTS, device_outputs=True)["sentence_embedding"]
+    np.testing.assert_allclose(on_gpu.cpu().numpy(), got, atol=1e-6)
+    feeds = encoder.tokenize(TEXTS).matrices(engine.input_names, encoder.pad_id)
+    np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], got, atol=3e-3)
