@@ -317,7 +317,15 @@ class TorchEncoder:
     max_batch = None
     packed = True
 
-    def __init__(self, path: Path, layout: EncoderLayout, device: str, dtype_name: str):
+    def __init__(
+        self,
+        path: Path,
+        layout: EncoderLayout,
+        device: str,
+        dtype_name: str,
+        tensors: Mapping[str, Any] | None = None,
+    ):
+        """``tensors``: the weights, instead of reading them from ``path``."""
         import torch
         from safetensors.torch import load_file
 
@@ -329,7 +337,7 @@ class TorchEncoder:
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
         self.weights = {
             name: tensor.to(device=device, dtype=dtype)
-            for name, tensor in load_file(str(path), device="cpu").items()
+            for name, tensor in (tensors or load_file(str(path), device="cpu")).items()
         }
         self.short_attention = short_attention_available(device)
         head_dim = layout.hidden // layout.heads
@@ -563,8 +571,10 @@ class TorchBackend(Backend):
             metadata = {"layout": json.dumps(layout.to_dict(), sort_keys=True)}
             with atomic_path(folder / ENGINE_FILE) as staging:
                 save_file(tensors, str(staging), metadata=metadata)
-            # The weights as read, in fp32 on the CPU, against ONNX Runtime on the same graph.
-            check = TorchEncoder(folder / ENGINE_FILE, layout, "cpu", "fp32")
+            # The weights as read (fp32, before an fp16 engine rounds them), on the CPU, against
+            # ONNX Runtime on the same graph: the reader is checked, verify judges the rounding.
+            read_weights = {n: torch.from_numpy(a) for n, a in read["tensors"].items()}
+            check = TorchEncoder(source, layout, "cpu", "fp32", tensors=read_weights)
             difference = _check_against_onnxruntime(source, check, str(source))
             engine = TorchEncoder(folder / ENGINE_FILE, layout, spec.device, spec.precision)
             return [ENGINE_FILE], {
