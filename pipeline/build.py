@@ -7,6 +7,7 @@ Which graph each engine builds from (each backend's ``source_stage``, engines/):
     tensorrt         fp32, fp16 -> simplify/ (standard ops) int8 -> calibrate/ (Q/DQ)
                                                             fp8  -> calibrate-fp8/ (float8 Q/DQ;
                                                                     compute capability 8.9+)
+    torch            fp32, fp16 -> fuse/ (read into safetensors; int8, fp8 refused)
     fp8 anywhere else -> refused (core/targets.py fp8_refusal)
 
 fp16 graphs are made inside the build (engines/fp16.py) and kept in the engine folder, so the
