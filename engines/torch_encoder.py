@@ -12,9 +12,10 @@ short text went.
 Build: the fused fp32 graph (OUT/fuse) is read, not re-exported. Its BERT layout
 (EmbedLayerNormalization, then per layer Attention, MatMul, SkipLayerNormalization, MatMul,
 BiasGelu or FastGelu, MatMul, SkipLayerNormalization) gives every weight; the head after the last
-layer must be mean or first-token pooling, optionally L2-normalised, or none. Anything else
-(RoBERTa's unfused embeddings, MPNet's relative attention, a classifier head) is refused in one
-line. The engine file is those weights as safetensors (fp16 for a GPU fp16 engine); before the
+layer must be mean or first-token pooling, optionally L2-normalised, none, or BERT's
+sequence-classification head (first token, dense + tanh, dense: classifiers and cross-encoders).
+Anything else (RoBERTa's and MPNet's unfused embeddings, DistilBERT's explicit positions,
+ELECTRA's projected embeddings, other heads) is refused in one line. The engine file is those weights as safetensors (fp16 for a GPU fp16 engine); before the
 build calls it complete, the engine's outputs are compared with ONNX Runtime's on the same graph,
 so a graph read wrongly never becomes an engine. verify then checks it against PyTorch like
 every other engine.
@@ -74,13 +75,22 @@ class EncoderLayout:
     output: str
     input_names: tuple[str, ...]
     token_types: bool
+    # A classifier's dense layers after the pooling (BERT's pooler and classifier: tanh, none),
+    # each layer's activation; empty for an embedding model.
+    head: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "input_names": list(self.input_names)}
+        return {**self.__dict__, "input_names": list(self.input_names), "head": list(self.head)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> EncoderLayout:
-        return cls(**{**data, "input_names": tuple(data["input_names"])})
+        return cls(
+            **{
+                **data,
+                "input_names": tuple(data["input_names"]),
+                "head": tuple(data.get("head", ())),
+            }
+        )
 
 
 def _refuse(where: str, what: str) -> UnsupportedModelError:
@@ -185,7 +195,14 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
     if len(heads) != 1 or len(activation) != 1 or len(epsilons) != 1:
         raise _refuse(where, "layers differ in heads, activation or LayerNorm epsilon")
     (output,) = [o.name for o in graph.output]
-    pooling, normalize = _head(graph, x, output, where)
+    classifier = _classifier_head(graph, x, output, consumers, array, attrs)
+    if classifier is None:
+        pooling, normalize = _head(graph, x, output, where)
+        head: tuple[str, ...] = ()
+    else:
+        pooling, normalize, head = "cls", False, tuple(a for a, _, _ in classifier)
+        for index, (_activation, weight, bias) in enumerate(classifier):
+            tensors[f"head.{index}.weight"], tensors[f"head.{index}.bias"] = weight, bias
     hidden = tensors["embeddings.word"].shape[1]
     if hidden % heads.copy().pop():
         raise _refuse(where, f"hidden size {hidden} is not a multiple of the head count")
@@ -200,8 +217,54 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
         output=output,
         input_names=tuple(i.name for i in graph.input),
         token_types="embeddings.token_type" in tensors,
+        head=head,
     )
     return layout, tensors
+
+
+def _classifier_head(graph, last: str, output: str, consumers, array, attrs):
+    """BERT's sequence-classification head, when the graph ends in it: the first token
+    (Gather index 0 on the sequence axis), then dense layers (Gemm), each followed by Tanh or
+    nothing, the last one writing the output. Returns [(activation, weight [out, in], bias)], or
+    None for any other tail (left to ``_head``)."""
+    from onnx import numpy_helper
+
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    initial = {i.name for i in graph.initializer}
+
+    def scalar(name: str):
+        if name in initial:
+            return array(name)
+        if name in constants:
+            return numpy_helper.to_array(constants[name].attribute[0].t)
+        return None
+
+    def single(value: str):
+        found = consumers.get(value, [])
+        return found[0] if len(found) == 1 else None
+
+    first = single(last)
+    index = scalar(first.input[1]) if first is not None and first.op_type == "Gather" else None
+    if index is None or attrs(first).get("axis") != 1 or index.size != 1 or int(index) != 0:
+        return None
+    layers, value = [], first.output[0]
+    while value != output:
+        dense = single(value)
+        if dense is None or dense.op_type != "Gemm" or len(dense.input) < 3:
+            return None
+        options = attrs(dense)
+        if options.get("alpha", 1.0) != 1.0 or options.get("beta", 1.0) != 1.0:
+            return None
+        if options.get("transA", 0) or dense.input[1] not in initial:
+            return None
+        weight = array(dense.input[1])
+        weight = weight if options.get("transB", 0) else weight.T
+        activation, value = "none", dense.output[0]
+        after = single(value) if value != output else None
+        if after is not None and after.op_type == "Tanh":
+            activation, value = "tanh", after.output[0]
+        layers.append((activation, weight, array(dense.input[2])))
+    return layers or None
 
 
 def _head(graph: Any, last: str, output: str, where: str) -> tuple[str, bool]:
@@ -335,8 +398,11 @@ class TorchEncoder:
         self.input_names = list(layout.input_names)
         self.output_names = [layout.output]
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+        # The classifier head runs in float32 on the float32 pooled rows (a few small GEMMs).
         self.weights = {
-            name: tensor.to(device=device, dtype=dtype)
+            name: tensor.to(
+                device=device, dtype=torch.float32 if name.startswith("head.") else dtype
+            )
             for name, tensor in (tensors or load_file(str(path), device="cpu")).items()
         }
         self.short_attention = short_attention_available(device)
@@ -451,8 +517,15 @@ class TorchEncoder:
             return {self.layout.output: self._normalized(pooled)}
 
     def _normalized(self, pooled):
+        """The head on float32 pooled rows: L2 normalization, or a classifier's dense layers."""
+        import torch
         import torch.nn.functional as F
 
+        for index, activation in enumerate(self.layout.head):
+            w = self.weights
+            pooled = F.linear(pooled, w[f"head.{index}.weight"], w[f"head.{index}.bias"])
+            if activation == "tanh":
+                pooled = torch.tanh(pooled)
         return F.normalize(pooled, dim=1) if self.layout.normalize else pooled
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:

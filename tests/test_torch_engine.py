@@ -26,10 +26,13 @@ from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.torch_encoder import read_encoder
 from bert_compiler.pipeline.build import build
 from bert_compiler.pipeline.cli import cli
+from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.runtime import Encoder
 from bert_compiler.pipeline.triton.package import PackageSpec, package
-from tests.conftest import cpu_engine_dir
+from tests.conftest import TINY_VERIFY, cpu_engine_dir
 from tests.test_gpu_engines import _cuda_reason, _skip_unless
+from tests.tiny_models import make_tiny_model
 
 TEXTS = [
     "A man is playing a guitar.",
@@ -159,6 +162,32 @@ def test_cli_builds_verifies_and_package_leaves_torch_engines_to_the_runtime(tin
         )
     with pytest.raises(InputError, match="no engine Triton serves"):
         package(info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec())
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("labels", [2, 1], ids=["classifier", "cross-encoder"])
+def test_classifier_heads_match_the_onnxruntime_engine(labels, tiny_classifier_model, tmp_path):
+    """BERT's sequence-classification head (first token, pooler dense + tanh, classifier) on
+    the torch engine: a 2-label classifier on sentences and a 1-label cross-encoder on pairs,
+    both verified and equal to the ORT engine's logits through the runtime."""
+    folder = tiny_classifier_model
+    if labels == 1:
+        folder = make_tiny_model(tmp_path / "ce", task="sequence-classification", num_labels=1)
+    info = resolve_model(folder)
+    builds = (BuildSpec(backend="torch"), BuildSpec())
+    summary = run_pipeline(
+        info=info, out=tmp_path / "out", spec=RunSpec(builds=builds, verify=TINY_VERIFY)
+    )
+    assert summary["ok"], summary["engines"]
+    torch_dir, ort_dir = (Path(e["manifest"]).parent for e in summary["engines"])
+    manifest = json.loads((torch_dir / "manifest.json").read_text())
+    assert manifest["results"]["layout"]["head"] == ["tanh", "none"]
+    texts = [(a, b) for a, b in zip(TEXTS, reversed(TEXTS), strict=True)] if labels == 1 else TEXTS
+    got = Encoder.open(torch_dir, info).encode(texts)
+    expected = Encoder.open(ort_dir, info).encode(texts)
+    ((name, logits),) = got.items()
+    assert logits.shape == (len(texts), labels)
+    np.testing.assert_allclose(logits, expected[name], atol=1e-5)
 
 
 def _fused_graph(tiny_run) -> onnx.ModelProto:
