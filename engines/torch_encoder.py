@@ -15,10 +15,10 @@ BiasGelu or FastGelu, MatMul, SkipLayerNormalization) gives every weight; the he
 layer must be mean or first-token pooling, optionally L2-normalised, none, or BERT's
 sequence-classification head (first token, dense + tanh, dense: classifiers and cross-encoders).
 Anything else (RoBERTa's and MPNet's unfused embeddings, DistilBERT's explicit positions,
-ELECTRA's projected embeddings, other heads) is refused in one line. The engine file is those weights as safetensors (fp16 for a GPU fp16 engine); before the
-build calls it complete, the engine's outputs are compared with ONNX Runtime's on the same graph,
-so a graph read wrongly never becomes an engine. verify then checks it against PyTorch like
-every other engine.
+ELECTRA's projected embeddings, other heads) is refused in one line. The engine file is those
+weights as safetensors (fp16 for a GPU fp16 engine); before the build calls it complete, the
+weights as read are run against ONNX Runtime on the same graph, so a graph read wrongly never
+becomes an engine. verify then checks the engine against PyTorch like every other engine.
 """
 
 from __future__ import annotations

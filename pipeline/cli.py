@@ -312,6 +312,10 @@ def targets_command(as_json: bool) -> None:
     lines.append(
         f"ONNX Runtime: {env.onnxruntime or 'no'} (providers: {', '.join(env.ort_providers)})"
     )
+    lines.append(
+        "torch (--target torch): "
+        + (f"CUDA {env.torch_cuda} build" if env.torch_cuda else "a CPU build (CPU engine only)")
+    )
     lines.extend(f"note: {n}" for n in (*env.notes, *plan.notes))
     for e in plan.engines:
         gpu = f"-sm{e['compute_capability'].replace('.', '')}" if e["compute_capability"] else ""
