@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bert_compiler.calibration import datasets
+from bert_compiler.engines.torch_encoder import attend_short
 
 FP8_MAX = 448.0
 SHAPES = {  # hidden, layers, heads, feed-forward
@@ -169,78 +170,6 @@ def fp16_linear(params):
 
 
 SHORT_ATTENTION_MAX = 128  # longer rows than this go to FlashAttention
-
-
-def short_attention_kernel():
-    """A Triton kernel for attention over short packed rows: one program per (row, head) holds
-    the whole row's Q, K and V in registers ([BLOCK, head_dim], BLOCK the batch's longest row
-    rounded up to a power of two), so a 16-token row costs one small tile instead of
-    FlashAttention's 128-row tiles (imported late: Triton is there only where CUDA is, or for
-    TRITON_INTERPRET=1 on a CPU)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def kernel(
-        qkv,
-        out,
-        starts,
-        counts,
-        scale,
-        HIDDEN: tl.constexpr,
-        HEAD_DIM: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        row, head = tl.program_id(0), tl.program_id(1)
-        start = tl.load(starts + row)
-        count = tl.load(counts + row)
-        tokens = tl.arange(0, BLOCK)
-        valid = tokens < count
-        columns = head * HEAD_DIM + tl.arange(0, HEAD_DIM)
-        at = qkv + (start + tokens)[:, None] * (3 * HIDDEN) + columns[None, :]
-        q = tl.load(at, mask=valid[:, None], other=0.0)
-        k = tl.load(at + HIDDEN, mask=valid[:, None], other=0.0)
-        v = tl.load(at + 2 * HIDDEN, mask=valid[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, 1)[:, None])
-        weights = weights / tl.sum(weights, 1)[:, None]
-        result = tl.dot(weights.to(v.dtype), v)
-        tl.store(
-            out + (start + tokens)[:, None] * HIDDEN + columns[None, :],
-            result.to(out.dtype.element_ty),
-            mask=valid[:, None],
-        )
-
-    return kernel
-
-
-_SHORT_KERNEL = []
-
-
-def attend_short(
-    qkv: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, longest: int, heads: int
-) -> torch.Tensor:
-    """Attention of each row's tokens qkv[starts[r] : starts[r] + counts[r]] among themselves
-    (packed rows: starts are the offsets; padded rows: r * width, counts their lengths)."""
-    hidden = qkv.shape[-1] // 3
-    if not _SHORT_KERNEL:
-        _SHORT_KERNEL.append(short_attention_kernel())
-    # Padded positions are never written: zeros keep them finite for the layers after.
-    out = torch.zeros(*qkv.shape[:-1], hidden, dtype=qkv.dtype, device=qkv.device)
-    block = max(16, 1 << (longest - 1).bit_length())
-    _SHORT_KERNEL[0][(len(counts), heads)](
-        qkv,
-        out,
-        starts,
-        counts,
-        (hidden // heads) ** -0.5,
-        HIDDEN=hidden,
-        HEAD_DIM=hidden // heads,
-        BLOCK=block,
-        num_warps=4 if block <= 64 else 8,
-    )
-    return out
 
 
 def attend_packed(qkv: torch.Tensor, batch: Batch, heads: int, short: bool = False) -> torch.Tensor:
