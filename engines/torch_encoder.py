@@ -9,16 +9,17 @@ Triton, take PyTorch's scaled_dot_product_attention on the padded rows instead. 
 H100 (docs/benchmarks.md, scripts/probe_gpu_encoder.py) this is where most of the GPU time of
 short text went.
 
-Build: the fused fp32 graph (OUT/fuse) is read, not re-exported. Its BERT layout
-(EmbedLayerNormalization, then per layer Attention, MatMul, SkipLayerNormalization, MatMul,
-BiasGelu or FastGelu, MatMul, SkipLayerNormalization) gives every weight; the head after the last
-layer must be mean or first-token pooling, optionally L2-normalised, none, or BERT's
-sequence-classification head (first token, dense + tanh, dense: classifiers and cross-encoders).
-Anything else (RoBERTa's and MPNet's unfused embeddings, DistilBERT's explicit positions,
-ELECTRA's projected embeddings, other heads) is refused in one line. The engine file is those
-weights as safetensors (fp16 for a GPU fp16 engine); before the build calls it complete, the
-weights as read are run against ONNX Runtime on the same graph, so a graph read wrongly never
-becomes an engine. verify then checks the engine against PyTorch like every other engine.
+Build: the fused fp32 graph (OUT/fuse) is read, not re-exported. Its layout (BERT's and
+DistilBERT's EmbedLayerNormalization, or RoBERTa's standard-op embeddings numbered after the
+padding index; then per layer Attention, MatMul, SkipLayerNormalization, MatMul, BiasGelu or
+FastGelu, MatMul, SkipLayerNormalization) gives every weight; the head after the last layer must
+be mean or first-token pooling, optionally L2-normalised, none, or a sequence-classification
+head (first token, dense + tanh or relu, dense: classifiers and cross-encoders). Anything else
+(MPNet's unfused attention, ELECTRA's projected embeddings, other heads) is refused in one line.
+The engine file is those weights as safetensors (fp16 for a GPU fp16 engine); before the build
+calls it complete, the weights as read are run against ONNX Runtime on the same graph, so a graph
+read wrongly never becomes an engine. verify then checks the engine against PyTorch like every
+other engine.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ POOLING_OPS = {
     "Sub", "Add", "Pow", "Not", "Where", "Equal", "LpNormalization",
 }  # fmt: skip
 ACTIVATIONS = {"BiasGelu": "gelu", "FastGelu": "gelu_tanh"}
+# After a classifier head's dense layers: BERT's pooler (tanh), DistilBERT's pre-classifier (relu).
+HEAD_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class EncoderLayout:
     # A classifier's dense layers after the pooling (BERT's pooler and classifier: tanh, none),
     # each layer's activation; empty for an embedding model.
     head: tuple[str, ...] = ()
+    # Rows of the position table before a row's first token (RoBERTa: the padding index + 1).
+    position_offset: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "input_names": list(self.input_names), "head": list(self.head)}
@@ -95,8 +100,8 @@ class EncoderLayout:
 
 def _refuse(where: str, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(
-        f"{where}: {what}; the torch backend builds BERT-layout encoders (ORT-fused "
-        "EmbedLayerNormalization and Attention) with a pooling head or none: build this model "
+        f"{where}: {what}; the torch backend builds BERT-, DistilBERT- and RoBERTa-layout "
+        "encoders (ORT-fused Attention) with a pooling or classifier head: build this model "
         "with --target cpu or cuda (ONNX Runtime)"
     )
 
@@ -130,24 +135,21 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
             raise _refuse(where, f"expected one {'/'.join(op_types)} ({role}) after {value!r}")
         return found[0]
 
+    producers = {o: n for n in graph.node for o in n.output}
     embed = [n for n in graph.node if n.op_type == "EmbedLayerNormalization"]
-    if len(embed) != 1:
-        raise _refuse(where, f"{len(embed)} EmbedLayerNormalization nodes, not 1")
-    (embed,) = embed
-    inputs = list(embed.input) + [""] * (9 - len(embed.input))
-    if inputs[8]:
-        raise _refuse(where, "the embeddings take explicit position ids")
-    tensors = {
-        "embeddings.word": array(inputs[2]),
-        "embeddings.position": array(inputs[3]),
-        "embeddings.norm.weight": array(inputs[5]),
-        "embeddings.norm.bias": array(inputs[6]),
-    }
-    if inputs[4]:
-        tensors["embeddings.token_type"] = array(inputs[4])
-    epsilons = {float(attrs(embed).get("epsilon", 1e-12))}
-    mask_index = embed.output[1] if len(embed.output) > 1 else ""
-    x, heads, activation, layer = embed.output[0], set(), set(), 0
+    if len(embed) > 1:
+        raise _refuse(where, f"{len(embed)} EmbedLayerNormalization nodes")
+    if embed:
+        tensors, epsilon, x, mask_index = _fused_embeddings(
+            embed[0], producers, _constant_reader(graph), array, attrs, where
+        )
+        position_offset = 0
+    else:
+        tensors, epsilon, x, mask_index, position_offset = _standard_embeddings(
+            graph, producers, array, attrs, where
+        )
+    epsilons = {epsilon}
+    heads, activation, layer = set(), set(), 0
     while True:
         attention = [n for n in consumers.get(x, []) if n.op_type == "Attention"]
         if not attention:
@@ -218,26 +220,143 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
         input_names=tuple(i.name for i in graph.input),
         token_types="embeddings.token_type" in tensors,
         head=head,
+        position_offset=position_offset,
     )
     return layout, tensors
 
 
-def _classifier_head(graph, last: str, output: str, consumers, array, attrs):
-    """BERT's sequence-classification head, when the graph ends in it: the first token
-    (Gather index 0 on the sequence axis), then dense layers (Gemm), each followed by Tanh or
-    nothing, the last one writing the output. Returns [(activation, weight [out, in], bias)], or
-    None for any other tail (left to ``_head``)."""
+def _constant_reader(graph):
+    """A function: value name -> its array if an initializer or a Constant node holds it, else
+    None."""
     from onnx import numpy_helper
 
+    held = {i.name: i for i in graph.initializer}
     constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    initial = {i.name for i in graph.initializer}
 
-    def scalar(name: str):
-        if name in initial:
-            return array(name)
-        if name in constants:
+    def read(name: str):
+        if name in held:
+            return numpy_helper.to_array(held[name])
+        if name in constants and constants[name].attribute:
             return numpy_helper.to_array(constants[name].attribute[0].t)
         return None
+
+    return read
+
+
+def _fused_embeddings(embed, producers, constant, array, attrs, where: str):
+    """BERT's embeddings as ORT fuses them: (weights, epsilon, output, mask index).
+    DistilBERT's explicit position ids are accepted when they are its buffer 0, 1, 2, ...
+    sliced from 0 (what numbering from 0 means)."""
+    inputs = list(embed.input) + [""] * (9 - len(embed.input))
+    if inputs[8]:
+        cast = producers.get(inputs[8])
+        cut = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+        table = constant(cut.input[0]) if cut is not None and cut.op_type == "Slice" else None
+        starts = constant(cut.input[1]) if table is not None and len(cut.input) > 1 else None
+        steps = constant(cut.input[4]) if starts is not None and len(cut.input) > 4 else 1
+        numbered = table is not None and np.array_equal(table.reshape(-1), np.arange(table.size))
+        if not numbered or starts is None or np.any(starts != 0) or np.any(steps != 1):
+            raise _refuse(where, "the embeddings take position ids other than 0, 1, 2, ...")
+    tensors = {
+        "embeddings.word": array(inputs[2]),
+        "embeddings.position": array(inputs[3]),
+        "embeddings.norm.weight": array(inputs[5]),
+        "embeddings.norm.bias": array(inputs[6]),
+    }
+    if inputs[4]:
+        tensors["embeddings.token_type"] = array(inputs[4])
+    mask_index = embed.output[1] if len(embed.output) > 1 else ""
+    return tensors, float(attrs(embed).get("epsilon", 1e-12)), embed.output[0], mask_index
+
+
+def _standard_embeddings(graph, producers, array, attrs, where: str):
+    """RoBERTa's (and XLM-R's) embeddings, which ORT leaves as standard ops: a LayerNormalization
+    of the sum of three table lookups (token ids; positions numbered from the padding index + 1
+    by a CumSum over the non-padding tokens; the one token type), before the first Attention,
+    whose mask is each row's count of tokens (ReduceSum of the attention mask). Returns
+    (weights, epsilon, output, mask index, position offset)."""
+
+    first = next((n for n in graph.node if n.op_type == "Attention"), None)
+    norm = producers.get(first.input[0]) if first is not None else None
+    if norm is None or norm.op_type != "LayerNormalization" or len(norm.input) < 3:
+        raise _refuse(
+            where, "no EmbedLayerNormalization, and no LayerNormalization before attention"
+        )
+    if attrs(norm).get("axis", -1) != -1:
+        raise _refuse(where, f"{norm.name!r} normalizes another axis")
+    tensors = {
+        "embeddings.norm.weight": array(norm.input[1]),
+        "embeddings.norm.bias": array(norm.input[2]),
+    }
+    initial = {i.name for i in graph.initializer}
+    constant = _constant_reader(graph)
+    graph_inputs = {i.name for i in graph.input}
+    lookups, stack = [], [norm.input[0]]
+    while stack:  # the Add tree down to its table lookups
+        node = producers.get(stack.pop())
+        if node is not None and node.op_type == "Add":
+            stack.extend(node.input)
+        elif node is not None and node.op_type == "Gather" and node.input[0] in initial:
+            lookups.append(node)
+        else:
+            raise _refuse(where, "the embeddings are not a sum of table lookups")
+    offset = None
+    for lookup in lookups:
+        table, indices = array(lookup.input[0]), lookup.input[1]
+        by = producers.get(indices)
+        if indices == "input_ids" and "embeddings.word" not in tensors:
+            tensors["embeddings.word"] = table
+        elif indices == "token_type_ids" and "embeddings.token_type" not in tensors:
+            tensors["embeddings.token_type"] = table
+        elif by is not None and by.op_type == "Add" and "embeddings.position" not in tensors:
+            # positions = cumsum(ids != padding) * (ids != padding) + padding index
+            padding = [constant(i) for i in by.input if constant(i) is not None]
+            upstream = _ancestors(by, producers)
+            if len(padding) != 1 or "CumSum" not in {n.op_type for n in upstream}:
+                raise _refuse(where, "the position ids are not numbered from the padding index")
+            value = padding[0]
+            if value.size != 1:
+                raise _refuse(where, "the position ids are not numbered from the padding index")
+            offset = int(value.reshape(())) + 1
+            tensors["embeddings.position"] = table
+        elif indices not in graph_inputs and "embeddings.constant" not in tensors:
+            # A token type without an input (RoBERTa's buffer of zeros): its first row; the
+            # build's check against ONNX Runtime catches any other buffer.
+            tensors["embeddings.constant"] = table[0]
+        else:
+            raise _refuse(where, f"the embedding lookup {lookup.name!r} is not one this reads")
+    if "embeddings.word" not in tensors or offset is None:
+        raise _refuse(where, "the embeddings lack token or position lookups")
+    mask = producers.get(first.input[3]) if len(first.input) > 3 else None
+    cast = (
+        producers.get(mask.input[0]) if mask is not None and mask.op_type == "ReduceSum" else None
+    )
+    if cast is None or cast.op_type != "Cast" or cast.input[0] != "attention_mask":
+        raise _refuse(where, "attention's mask is not each row's count of tokens")
+    epsilon = float(attrs(norm).get("epsilon", 1e-5))
+    return tensors, epsilon, norm.output[0], first.input[3], offset
+
+
+def _ancestors(node, producers) -> list:
+    """Every node ``node`` depends on (itself included)."""
+    found, stack, seen = [], [node], set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found.append(current)
+        stack.extend(producers[i] for i in current.input if i in producers)
+    return found
+
+
+def _classifier_head(graph, last: str, output: str, consumers, array, attrs):
+    """BERT's (RoBERTa's, DistilBERT's) sequence-classification head, when the graph ends in
+    it: the first token (Gather index 0 on the sequence axis), then dense layers (Gemm), each
+    followed by Tanh, Relu or nothing, the last one writing the output. Returns [(activation,
+    weight [out, in], bias)], or None for any other tail (left to ``_head``)."""
+    scalar = _constant_reader(graph)
+    initial = {i.name for i in graph.initializer}
 
     def single(value: str):
         found = consumers.get(value, [])
@@ -261,8 +380,8 @@ def _classifier_head(graph, last: str, output: str, consumers, array, attrs):
         weight = weight if options.get("transB", 0) else weight.T
         activation, value = "none", dense.output[0]
         after = single(value) if value != output else None
-        if after is not None and after.op_type == "Tanh":
-            activation, value = "tanh", after.output[0]
+        if after is not None and after.op_type in HEAD_ACTIVATIONS:
+            activation, value = HEAD_ACTIVATIONS[after.op_type], after.output[0]
         layers.append((activation, weight, array(dense.input[2])))
     return layers or None
 
@@ -423,9 +542,11 @@ class TorchEncoder:
         import torch.nn.functional as F
 
         w, layout = self.weights, self.layout
-        x = w["embeddings.word"][ids] + w["embeddings.position"][positions]
+        x = w["embeddings.word"][ids] + w["embeddings.position"][positions + layout.position_offset]
         if layout.token_types:
             x = x + w["embeddings.token_type"][type_ids]
+        if "embeddings.constant" in w:
+            x = x + w["embeddings.constant"]
         x = self._norm(x, "embeddings.norm")
         approximate = "tanh" if layout.activation == "gelu_tanh" else "none"
         for index in range(layout.layers):
@@ -526,6 +647,8 @@ class TorchEncoder:
             pooled = F.linear(pooled, w[f"head.{index}.weight"], w[f"head.{index}.bias"])
             if activation == "tanh":
                 pooled = torch.tanh(pooled)
+            elif activation == "relu":
+                pooled = torch.relu(pooled)
         return F.normalize(pooled, dim=1) if self.layout.normalize else pooled
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
@@ -553,10 +676,12 @@ def _check_against_onnxruntime(source: Path, engine: TorchEncoder, where: str) -
 
     generator = np.random.default_rng(0)
     vocab = engine.weights["embeddings.word"].shape[0]
-    longest = min(24, engine.weights["embeddings.position"].shape[0])
+    offset = engine.layout.position_offset
+    longest = min(24, engine.weights["embeddings.position"].shape[0] - offset)
     lengths = np.linspace(2, longest, CHECK_ROWS).astype(np.int64)
     valid = np.arange(longest)[None, :] < lengths[:, None]
-    ids = np.where(valid, generator.integers(1, vocab, (CHECK_ROWS, longest)), 0)
+    # Token ids past the special ones (RoBERTa numbers positions around its padding id, 1).
+    ids = np.where(valid, generator.integers(max(3, offset + 1), vocab, (CHECK_ROWS, longest)), 0)
     feeds = {
         "input_ids": ids,
         "attention_mask": valid.astype(np.int64),

@@ -24,6 +24,7 @@ from bert_compiler.core.errors import EnvironmentProblem, InputError, Unsupporte
 from bert_compiler.core.targets import Environment, Gpu, plan_targets
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.torch_encoder import read_encoder
+from bert_compiler.pipeline.architectures import ARCHITECTURES
 from bert_compiler.pipeline.build import build
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.models import resolve_model
@@ -164,24 +165,59 @@ def test_cli_builds_verifies_and_package_leaves_torch_engines_to_the_runtime(tin
         package(info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec())
 
 
-@pytest.mark.e2e
-@pytest.mark.parametrize("labels", [2, 1], ids=["classifier", "cross-encoder"])
-def test_classifier_heads_match_the_onnxruntime_engine(labels, tiny_classifier_model, tmp_path):
-    """BERT's sequence-classification head (first token, pooler dense + tanh, classifier) on
-    the torch engine: a 2-label classifier on sentences and a 1-label cross-encoder on pairs,
-    both verified and equal to the ORT engine's logits through the runtime."""
-    folder = tiny_classifier_model
-    if labels == 1:
-        folder = make_tiny_model(tmp_path / "ce", task="sequence-classification", num_labels=1)
+def _torch_and_ort_engines(folder: Path, out: Path):
+    """`run` of a tiny model with the torch engine and the ORT CPU engine, both verified."""
     info = resolve_model(folder)
     builds = (BuildSpec(backend="torch"), BuildSpec())
-    summary = run_pipeline(
-        info=info, out=tmp_path / "out", spec=RunSpec(builds=builds, verify=TINY_VERIFY)
-    )
+    summary = run_pipeline(info=info, out=out, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
     assert summary["ok"], summary["engines"]
     torch_dir, ort_dir = (Path(e["manifest"]).parent for e in summary["engines"])
+    return info, torch_dir, ort_dir
+
+
+SUPPORTED = ("bert", "roberta", "xlm-roberta", "distilbert")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_architectures_build_or_are_refused_in_one_line(model_type, tmp_path):
+    """Every registered architecture: the embedding model's torch engine equals the ORT
+    engine through the runtime, or the build refuses it in one line naming what to do."""
+    folder = make_tiny_model(tmp_path / "model", model_type=model_type)
+    if model_type not in SUPPORTED:
+        result = CliRunner().invoke(
+            cli,
+            ["run", "--model", str(folder), "--out", str(tmp_path / "out"), "--target", "torch"],
+        )
+        assert result.exit_code == 4, result.output
+        (line,) = [x for x in result.stderr.splitlines() if "error" in x]
+        assert "--target cpu or cuda" in line
+        return
+    info, torch_dir, ort_dir = _torch_and_ort_engines(folder, tmp_path / "out")
+    layout = json.loads((torch_dir / "manifest.json").read_text())["results"]["layout"]
+    # RoBERTa numbers positions after its padding index (1): rows 0 and 1 are never read.
+    assert layout["position_offset"] == (2 if "roberta" in model_type else 0)
+    got = Encoder.open(torch_dir, info).encode(TEXTS)["sentence_embedding"]
+    expected = Encoder.open(ort_dir, info).encode(TEXTS)["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("model_type", "labels", "head"),
+    [("bert", 2, "tanh"), ("bert", 1, "tanh"), ("distilbert", 2, "relu")],
+    ids=["classifier", "cross-encoder", "distilbert-classifier"],
+)
+def test_classifier_heads_match_the_onnxruntime_engine(model_type, labels, head, tmp_path):
+    """Sequence-classification heads (first token, dense + tanh or relu, classifier) on the
+    torch engine: 2-label classifiers on sentences and a 1-label cross-encoder on pairs, each
+    verified and equal to the ORT engine's logits through the runtime."""
+    folder = make_tiny_model(
+        tmp_path / "model", model_type=model_type, task="sequence-classification", num_labels=labels
+    )
+    info, torch_dir, ort_dir = _torch_and_ort_engines(folder, tmp_path / "out")
     manifest = json.loads((torch_dir / "manifest.json").read_text())
-    assert manifest["results"]["layout"]["head"] == ["tanh", "none"]
+    assert manifest["results"]["layout"]["head"] == [head, "none"]
     texts = [(a, b) for a, b in zip(TEXTS, reversed(TEXTS), strict=True)] if labels == 1 else TEXTS
     got = Encoder.open(torch_dir, info).encode(texts)
     expected = Encoder.open(ort_dir, info).encode(texts)
@@ -212,13 +248,15 @@ def test_graphs_of_another_layout_are_refused_in_one_line(tiny_run):
     classifier.graph.output.append(onnx.helper.make_tensor_value_info("logits", 1, None))
     with pytest.raises(UnsupportedModelError, match=r"head after the last layer \(.*MatMul"):
         read_encoder(classifier, "fused")
-    # Unfused embeddings (RoBERTa's, MPNet's): no EmbedLayerNormalization.
+    # Embeddings neither fused nor a LayerNormalization of table lookups.
     unfused = onnx.ModelProto()
     unfused.CopyFrom(graph)
     kept = [n for n in unfused.graph.node if n.op_type != "EmbedLayerNormalization"]
     del unfused.graph.node[:]
     unfused.graph.node.extend(kept)
-    with pytest.raises(UnsupportedModelError, match="0 EmbedLayerNormalization nodes") as err:
+    with pytest.raises(
+        UnsupportedModelError, match="no LayerNormalization before attention"
+    ) as err:
         read_encoder(unfused, "fused")
     assert "\n" not in str(err.value) and "--target cpu or cuda" in str(err.value)
 
