@@ -25,7 +25,6 @@ other engine.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -467,6 +466,12 @@ def short_attention_available(device: str) -> bool:
     return True
 
 
+def kernel_tiles(head_dim: int) -> bool:
+    """Whether the short-row kernel takes heads of this size: its tiles are [rows, head_dim]
+    (tl.arange and tl.dot), so a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
+
+
 def attend_short(qkv: Any, starts: Any, counts: Any, longest: int, heads: int) -> Any:
     """Attention of each row's tokens qkv[starts[r] : starts[r] + counts[r]] among themselves
     (qkv [tokens, 3 * hidden], flat; packed rows: starts are the offsets; padded rows:
@@ -524,9 +529,9 @@ class TorchEncoder:
             )
             for name, tensor in (tensors or load_file(str(path), device="cpu")).items()
         }
-        self.short_attention = short_attention_available(device)
-        head_dim = layout.hidden // layout.heads
-        self.scale = 1.0 / math.sqrt(head_dim)
+        self.short_attention = kernel_tiles(layout.hidden // layout.heads) and (
+            short_attention_available(device)
+        )
 
     # -- the encoder ------------------------------------------------------------------------
 

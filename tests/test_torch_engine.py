@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from bert_compiler.core.errors import EnvironmentProblem, InputError, UnsupportedModelError
 from bert_compiler.core.targets import Environment, Gpu, plan_targets
 from bert_compiler.engines.backend import BuildSpec, load_engine
-from bert_compiler.engines.torch_encoder import read_encoder
+from bert_compiler.engines.torch_encoder import kernel_tiles, read_encoder
 from bert_compiler.pipeline.architectures import ARCHITECTURES
 from bert_compiler.pipeline.build import build
 from bert_compiler.pipeline.cli import cli
@@ -136,6 +136,23 @@ def test_short_row_kernel_under_the_triton_interpreter(torch_engine):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+@pytest.mark.e2e
+def test_heads_the_kernel_cannot_tile_fall_back_to_pytorch_attention(tmp_path):
+    """A head size that is no power of two (hidden 48, 2 heads: 24) never reaches the Triton
+    kernel, which tiles by powers of two; the engine attends with PyTorch there, and agrees
+    with the ORT engine."""
+    assert [kernel_tiles(d) for d in (8, 16, 24, 32, 64, 96, 128)] == [
+        False, True, False, True, True, False, True,
+    ]  # fmt: skip
+    folder = make_tiny_model(
+        tmp_path / "model", config_overrides={"hidden_size": 48, "num_attention_heads": 2}
+    )
+    info, torch_dir, ort_dir = _torch_and_ort_engines(folder, tmp_path / "out")
+    got = Encoder.open(torch_dir, info).encode(TEXTS)["sentence_embedding"]
+    expected = Encoder.open(ort_dir, info).encode(TEXTS)["sentence_embedding"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 @pytest.mark.e2e
