@@ -317,3 +317,34 @@ def test_torch_cuda_fp16_engine_with_the_short_row_kernel(tiny_run, torch_engine
     np.testing.assert_allclose(on_gpu.cpu().numpy(), got, atol=1e-6)
     feeds = encoder.tokenize(TEXTS).matrices(engine.input_names, encoder.pad_id)
     np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], got, atol=3e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("model_type", "task", "labels"),
+    [("roberta", "sentence-embedding", 2), ("bert", "sequence-classification", 1)],
+    ids=["roberta", "cross-encoder"],
+)
+def test_torch_cuda_fp16_engines_of_other_layouts(model_type, task, labels, tmp_path):
+    """RoBERTa's offset positions and a cross-encoder's float32 head on the GPU in fp16: the
+    same outputs as the CPU fp32 engine, to fp16 accuracy."""
+    _skip_unless(_cuda_reason())
+    folder = make_tiny_model(
+        tmp_path / "model", model_type=model_type, task=task, num_labels=labels
+    )
+    info = resolve_model(folder)
+    builds = (
+        BuildSpec(backend="torch", device="cuda", precision="fp16"),
+        BuildSpec(backend="torch"),
+    )
+    summary = run_pipeline(
+        info=info, out=tmp_path / "out", spec=RunSpec(builds=builds, verify=TINY_VERIFY)
+    )
+    assert summary["ok"], summary["engines"]
+    cuda_dir, cpu_dir = (Path(e["manifest"]).parent for e in summary["engines"])
+    texts = [(a, b) for a, b in zip(TEXTS, reversed(TEXTS), strict=True)] if labels == 1 else TEXTS
+    got = Encoder.open(cuda_dir, info).encode(texts)
+    expected = Encoder.open(cpu_dir, info).encode(texts)
+    for name, value in got.items():
+        np.testing.assert_allclose(value, expected[name], atol=3e-3)
