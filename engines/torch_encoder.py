@@ -34,7 +34,12 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.core.artifacts import atomic_path
-from bert_compiler.core.errors import EnvironmentProblem, InputError, UnsupportedModelError
+from bert_compiler.core.errors import (
+    ArtifactError,
+    EnvironmentProblem,
+    InputError,
+    UnsupportedModelError,
+)
 from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.engines.backend import (
     Backend,
@@ -50,7 +55,10 @@ ENGINE_FILE = "encoder.safetensors"
 SHORT_ATTENTION_MAX = 128
 # The build compares the engine with ONNX Runtime on this many random rows of varied lengths.
 CHECK_ROWS = 6
-CHECK_TOLERANCE = 1e-3  # of the largest output magnitude, fp32 vs fp32
+CHECK_LONGEST = 160
+# Of the largest output magnitude, fp32 against fp32: read correctly, MiniLM and the tiny test
+# models differ by under 1e-6; a LayerNorm epsilon read as 1e-5 instead of 1e-12 by 2e-4.
+CHECK_TOLERANCE = 1e-4
 # Ops a pooling head may use between the last layer and the output; anything else (a Gemm of a
 # classifier) is a head this backend does not build.
 POOLING_OPS = {
@@ -59,6 +67,8 @@ POOLING_OPS = {
     "Sub", "Add", "Pow", "Not", "Where", "Equal", "LpNormalization",
 }  # fmt: skip
 ACTIVATIONS = {"BiasGelu": "gelu", "FastGelu": "gelu_tanh"}
+POOLINGS = ("mean", "cls", "none")
+INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # After a classifier head's dense layers: BERT's pooler (tanh), DistilBERT's pre-classifier (relu).
 HEAD_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu"}
 
@@ -87,14 +97,83 @@ class EncoderLayout:
         return {**self.__dict__, "input_names": list(self.input_names), "head": list(self.head)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> EncoderLayout:
-        return cls(
-            **{
-                **data,
-                "input_names": tuple(data["input_names"]),
-                "head": tuple(data.get("head", ())),
-            }
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> EncoderLayout:
+        """The layout a build recorded, checked field by field.
+
+        Raises:
+            ArtifactError: a field missing, unknown or out of range.
+        """
+        try:
+            layout = cls(
+                **{
+                    **data,
+                    "input_names": tuple(data["input_names"]),
+                    "head": tuple(data.get("head", ())),
+                }
+            )
+        except (TypeError, KeyError) as err:
+            raise ArtifactError(
+                f"{where}: the engine's layout is not one this tool wrote ({err})"
+            ) from None
+        problem = layout._problem()
+        if problem:
+            raise ArtifactError(
+                f"{where}: the engine's layout is not one this tool wrote ({problem})"
+            )
+        return layout
+
+    def _problem(self) -> str:
+        counts = (self.layers, self.hidden, self.heads)
+        if not all(isinstance(n, int) and n > 0 for n in counts) or self.hidden % self.heads:
+            return f"layers {self.layers}, hidden {self.hidden}, heads {self.heads}"
+        if self.activation not in ACTIVATIONS.values() or self.pooling not in POOLINGS:
+            return f"activation {self.activation!r}, pooling {self.pooling!r}"
+        if any(a not in (*HEAD_ACTIVATIONS.values(), "none") for a in self.head):
+            return f"head {list(self.head)}"
+        if not {"input_ids", "attention_mask"} <= set(self.input_names) <= set(INPUT_NAMES):
+            return f"inputs {list(self.input_names)}"
+        if not isinstance(self.position_offset, int) or self.position_offset < 0:
+            return f"position offset {self.position_offset!r}"
+        return ""
+
+    def shapes(self, tensors: Mapping[str, Any]) -> dict[str, tuple[int | None, ...]]:
+        """Every tensor the encoder reads and its shape (None: any size), given the tables'
+        and the feed-forward's sizes in ``tensors``."""
+        h = self.hidden
+        ffn = (
+            tuple(tensors["layers.0.up.weight"].shape)[0] if "layers.0.up.weight" in tensors else -1
         )
+        vector = (h,)
+        shapes: dict[str, tuple[int | None, ...]] = {
+            "embeddings.word": (None, h),
+            "embeddings.position": (None, h),
+            "embeddings.norm.weight": vector,
+            "embeddings.norm.bias": vector,
+        }
+        if self.token_types:
+            shapes["embeddings.token_type"] = (None, h)
+        if "embeddings.constant" in tensors:
+            shapes["embeddings.constant"] = vector
+        for index in range(self.layers):
+            p = f"layers.{index}."
+            shapes.update(
+                {
+                    p + "qkv.weight": (3 * h, h), p + "qkv.bias": (3 * h,),
+                    p + "out.weight": (h, h), p + "out.bias": vector,
+                    p + "norm1.weight": vector, p + "norm1.bias": vector,
+                    p + "up.weight": (ffn, h), p + "up.bias": (ffn,),
+                    p + "down.weight": (h, ffn), p + "down.bias": vector,
+                    p + "norm2.weight": vector, p + "norm2.bias": vector,
+                }
+            )  # fmt: skip
+        width = h
+        for index in range(len(self.head)):
+            weight = tensors.get(f"head.{index}.weight")
+            rows = tuple(weight.shape)[0] if weight is not None and weight.dim() == 2 else -1
+            shapes[f"head.{index}.weight"] = (rows, width)
+            shapes[f"head.{index}.bias"] = (rows,)
+            width = rows
+        return shapes
 
 
 def _refuse(where: str, what: str) -> UnsupportedModelError:
@@ -153,6 +232,8 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
         attention = [n for n in consumers.get(x, []) if n.op_type == "Attention"]
         if not attention:
             break
+        if len(attention) != 1:
+            raise _refuse(where, f"{len(attention)} Attention nodes read {x!r}")
         (attention,) = attention
         options = attrs(attention)
         extra = [name for name in list(attention.input)[4:] if name]
@@ -162,6 +243,8 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
             raise _refuse(where, f"attention {attention.name!r} takes another mask")
         if options.get("scale"):
             raise _refuse(where, f"attention {attention.name!r} has its own scale")
+        if int(options.get("num_heads", 0)) < 1:
+            raise _refuse(where, f"attention {attention.name!r} has no head count")
         heads.add(int(options["num_heads"]))
         prefix = f"layers.{layer}."
         tensors[prefix + "qkv.weight"] = array(attention.input[1]).T
@@ -195,7 +278,9 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
         raise _refuse(where, "no fused Attention after the embeddings")
     if len(heads) != 1 or len(activation) != 1 or len(epsilons) != 1:
         raise _refuse(where, "layers differ in heads, activation or LayerNorm epsilon")
-    (output,) = [o.name for o in graph.output]
+    if len(graph.output) != 1:
+        raise _refuse(where, f"{len(graph.output)} graph outputs, not 1")
+    output = graph.output[0].name
     classifier = _classifier_head(graph, x, output, consumers, array, attrs)
     if classifier is None:
         pooling, normalize = _head(graph, x, output, where)
@@ -502,7 +587,6 @@ class TorchEncoder:
     ``run_packed`` (torch, packed rows: what the runtime uses)."""
 
     max_batch = None
-    packed = True
 
     def __init__(
         self,
@@ -523,14 +607,29 @@ class TorchEncoder:
         self.output_names = [layout.output]
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
         # The classifier head runs in float32 on the float32 pooled rows (a few small GEMMs).
+        read = tensors if tensors is not None else load_file(str(path), device="cpu")
+        expected = layout.shapes(read)
+        for name, shape in expected.items():
+            got = tuple(read[name].shape) if name in read else None
+            fits = got is not None and len(got) == len(shape)
+            if not fits or any(e is not None and e != g for e, g in zip(shape, got, strict=True)):
+                raise ArtifactError(
+                    f"{path}: tensor {name} is {got or 'missing'}, the layout needs {shape}; "
+                    "rebuild the engine"
+                )
+        # The classifier head runs in float32 on the float32 pooled rows (a few small GEMMs).
         self.weights = {
-            name: tensor.to(
+            name: read[name].to(
                 device=device, dtype=torch.float32 if name.startswith("head.") else dtype
             )
-            for name, tensor in (tensors or load_file(str(path), device="cpu")).items()
+            for name in expected
         }
-        self.short_attention = kernel_tiles(layout.hidden // layout.heads) and (
-            short_attention_available(device)
+        # fp16 only on a GPU: tl.dot would take fp32 inputs as TF32, which fp32 engines are
+        # verified without.
+        self.short_attention = (
+            kernel_tiles(layout.hidden // layout.heads)
+            and (device != "cuda" or dtype_name == "fp16")
+            and short_attention_available(device)
         )
 
     # -- the encoder ------------------------------------------------------------------------
@@ -563,6 +662,12 @@ class TorchEncoder:
             x = self._norm(x + F.linear(up, w[p + "down.weight"], w[p + "down.bias"]), p + "norm2")
         return x
 
+    def _short_rows(self, positions: int, longest: int) -> bool:
+        """Whether the short-row kernel attends: rows short enough for its registers, and
+        offsets within its int32 arithmetic (positions x 3 x hidden under 2**31)."""
+        fits = positions * 3 * self.layout.hidden < 2**31
+        return self.short_attention and longest <= SHORT_ATTENTION_MAX and fits
+
     def _attend_padded(self, qkv, lengths):
         """Attention of padded rows qkv [rows, width, 3 * hidden] of ``lengths`` tokens."""
         import torch
@@ -570,7 +675,7 @@ class TorchEncoder:
 
         rows, width, _ = qkv.shape
         heads, hidden = self.layout.heads, self.layout.hidden
-        if self.short_attention and width <= SHORT_ATTENTION_MAX:
+        if self._short_rows(rows * width, width):
             starts = torch.arange(rows, device=qkv.device, dtype=torch.int32) * width
             flat = qkv.reshape(rows * width, 3 * hidden)
             return attend_short(flat, starts, lengths.int(), width, heads).view(rows, width, hidden)
@@ -588,7 +693,7 @@ class TorchEncoder:
         lengths = mask.sum(1)
         rows, width = ids.shape
         positions = torch.arange(width, device=ids.device).expand(rows, width)
-        type_ids = feeds.get("token_type_ids", ids)
+        type_ids = feeds.get("token_type_ids", torch.zeros_like(ids))
         with torch.inference_mode():
             x = self._encode(
                 ids, type_ids, positions, lambda qkv: self._attend_padded(qkv, lengths)
@@ -600,12 +705,13 @@ class TorchEncoder:
                 pooled = (x.float() * weights).sum(1) / lengths[:, None].clamp(min=1)
             else:
                 pooled = x[:, 0].float()
-            return {self.layout.output: self._normalized(pooled)}
+            return {self.layout.output: self._head_output(pooled)}
 
     def run_packed(self, ids: Any, type_ids: Any, lengths: Any, longest: int) -> dict[str, Any]:
         """One batch of packed rows: ``ids`` and ``type_ids`` every row's tokens back to back
         (int64 [tokens]), ``lengths`` each row's count (int64 [rows]), ``longest`` the largest
-        of them (known to the caller, so nothing here waits for the device). Returns float32
+        of them (known to the caller, so nothing here waits for the device; a smaller value
+        would cut rows short). Returns float32
         tensors: pooled [rows, hidden], or the last hidden state padded to [rows, longest,
         hidden]."""
         import torch
@@ -618,7 +724,7 @@ class TorchEncoder:
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(tokens, device=device) - starts[row_of_token]
 
-        short = self.short_attention and longest <= SHORT_ATTENTION_MAX
+        short = self._short_rows(tokens, longest)
         starts32, lengths32 = (starts.int(), lengths.int()) if short else (None, None)
 
         def attend(qkv):
@@ -637,12 +743,12 @@ class TorchEncoder:
             if self.layout.pooling == "mean":
                 sums = torch.zeros(rows, self.layout.hidden, device=device, dtype=torch.float32)
                 sums.index_add_(0, row_of_token, x.float())
-                pooled = sums / lengths[:, None]
+                pooled = sums / lengths[:, None].clamp(min=1)
             else:
                 pooled = x[starts].float()
-            return {self.layout.output: self._normalized(pooled)}
+            return {self.layout.output: self._head_output(pooled)}
 
-    def _normalized(self, pooled):
+    def _head_output(self, pooled):
         """The head on float32 pooled rows: L2 normalization, or a classifier's dense layers."""
         import torch
         import torch.nn.functional as F
@@ -682,15 +788,19 @@ def _check_against_onnxruntime(source: Path, engine: TorchEncoder, where: str) -
     generator = np.random.default_rng(0)
     vocab = engine.weights["embeddings.word"].shape[0]
     offset = engine.layout.position_offset
-    longest = min(24, engine.weights["embeddings.position"].shape[0] - offset)
+    # Rows from 2 tokens to CHECK_LONGEST (or the position table's end): every position row a
+    # real sentence reads, and rows past SHORT_ATTENTION_MAX.
+    longest = min(CHECK_LONGEST, engine.weights["embeddings.position"].shape[0] - offset)
     lengths = np.linspace(2, longest, CHECK_ROWS).astype(np.int64)
     valid = np.arange(longest)[None, :] < lengths[:, None]
     # Token ids past the special ones (RoBERTa numbers positions around its padding id, 1).
     ids = np.where(valid, generator.integers(max(3, offset + 1), vocab, (CHECK_ROWS, longest)), 0)
+    type_rows = engine.weights["embeddings.token_type"].shape[0] if engine.layout.token_types else 1
+    types = np.where(valid, generator.integers(0, type_rows, ids.shape), 0)
     feeds = {
         "input_ids": ids,
         "attention_mask": valid.astype(np.int64),
-        "token_type_ids": np.zeros_like(ids),
+        "token_type_ids": types,
     }
     feeds = {name: feeds[name] for name in engine.input_names}
     session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
@@ -698,7 +808,7 @@ def _check_against_onnxruntime(source: Path, engine: TorchEncoder, where: str) -
     padded = engine.run(feeds)[engine.layout.output]
     packed = engine.run_packed(
         torch.from_numpy(ids[valid]),
-        torch.zeros(int(valid.sum()), dtype=torch.int64),
+        torch.from_numpy(feeds.get("token_type_ids", types)[valid]),
         torch.from_numpy(lengths),
         longest,
     )[engine.layout.output].numpy()
@@ -799,7 +909,19 @@ class TorchBackend(Backend):
             raise EnvironmentProblem(
                 f"{engine_path}: a cuda engine, and torch {torch.__version__} sees no CUDA GPU"
             )
-        layout = EncoderLayout.from_dict(results["layout"])
+        # The layout inside the engine file, whose sha256 the caller checked (the manifest's
+        # results are a copy for readers).
+        from safetensors import safe_open
+
+        with safe_open(str(engine_path), framework="pt") as opened:
+            recorded = (opened.metadata() or {}).get("layout", "")
+        try:
+            data = json.loads(recorded)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{engine_path}: no layout in the engine file; rebuild the engine")
+        layout = EncoderLayout.from_dict(data, str(engine_path))
         return TorchEncoder(engine_path, layout, spec["device"], spec["precision"])
 
 

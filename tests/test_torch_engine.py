@@ -20,10 +20,15 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from bert_compiler.core.errors import EnvironmentProblem, InputError, UnsupportedModelError
+from bert_compiler.core.errors import (
+    ArtifactError,
+    EnvironmentProblem,
+    InputError,
+    UnsupportedModelError,
+)
 from bert_compiler.core.targets import Environment, Gpu, plan_targets
 from bert_compiler.engines.backend import BuildSpec, load_engine
-from bert_compiler.engines.torch_encoder import kernel_tiles, read_encoder
+from bert_compiler.engines.torch_encoder import EncoderLayout, kernel_tiles, read_encoder
 from bert_compiler.pipeline.architectures import ARCHITECTURES
 from bert_compiler.pipeline.build import build
 from bert_compiler.pipeline.cli import cli
@@ -64,6 +69,29 @@ def test_target_torch_builds_fp16_on_a_gpu_and_fp32_on_the_cpu():
 def test_build_spec_refuses_quantized_torch_engines():
     with pytest.raises(InputError, match="builds fp32 and fp16 engines"):
         BuildSpec(backend="torch", precision="int8").validate()
+
+
+@pytest.mark.unit
+def test_a_layout_this_tool_did_not_write_is_one_line():
+    good = {
+        "layers": 2, "hidden": 32, "heads": 2, "epsilon": 1e-12, "activation": "gelu",
+        "pooling": "mean", "normalize": True, "output": "sentence_embedding",
+        "input_names": ["input_ids", "attention_mask"], "token_types": False,
+    }  # fmt: skip
+    assert EncoderLayout.from_dict(good, "f").heads == 2
+    for bad in (
+        {k: v for k, v in good.items() if k != "heads"},
+        {**good, "extra": 1},
+        {**good, "heads": 0},
+        {**good, "heads": 3},
+        {**good, "activation": "relu"},
+        {**good, "pooling": "max"},
+        {**good, "head": ["softmax"]},
+        {**good, "input_names": ["input_ids"]},
+        {**good, "position_offset": -1},
+    ):
+        with pytest.raises(ArtifactError, match="^f: the engine's layout is not one this tool"):
+            EncoderLayout.from_dict(bad, "f")
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +181,35 @@ def test_heads_the_kernel_cannot_tile_fall_back_to_pytorch_attention(tmp_path):
     got = Encoder.open(torch_dir, info).encode(TEXTS)["sentence_embedding"]
     expected = Encoder.open(ort_dir, info).encode(TEXTS)["sentence_embedding"]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_an_engine_file_missing_a_tensor_is_refused_in_one_line(torch_engine, tmp_path):
+    """The file re-written without one tensor and its hash updated in the manifest (so only
+    the layout check stands between it and a KeyError mid-run)."""
+    import hashlib
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "engine"
+    shutil.copytree(torch_engine, folder)
+    path = folder / "encoder.safetensors"
+    with safe_open(str(path), framework="pt") as opened:
+        metadata = opened.metadata()
+    tensors = load_file(str(path))
+    del tensors["layers.1.up.weight"]
+    save_file(tensors, str(path), metadata=metadata)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    data = path.read_bytes()
+    manifest["outputs"]["encoder.safetensors"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=r"tensor layers.1.up.weight is missing, the layout"):
+        load_engine(folder)
 
 
 @pytest.mark.e2e
