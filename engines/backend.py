@@ -26,7 +26,9 @@ class Engine(Protocol):
     Attributes:
         path: the engine file.
         device: ``cpu`` or ``cuda``; a ``cuda`` engine also has ``run_device``, which takes and
-            returns torch CUDA tensors [batch, sequence] without host copies.
+            returns torch CUDA tensors [batch, sequence] without host copies. An engine with
+            ``run_packed(ids, type_ids, lengths, longest)`` (engines/torch_encoder.py) takes
+            rows packed back to back instead, and the runtime feeds it that way.
         max_batch: the largest batch it accepts (None: any).
     """
 
