@@ -188,10 +188,11 @@ def _refuse(where: str, what: str) -> UnsupportedModelError:
 
 
 def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.ndarray]]:
-    """The layout and fp32 weights (linear weights as [out, in]) of a fused BERT-layout graph.
+    """The layout and fp32 weights (linear weights as [out, in]) of a fused graph of a layout
+    this backend runs (the module docstring lists them).
 
     Raises:
-        UnsupportedModelError: the graph is not that layout, or its head is not pooling.
+        UnsupportedModelError: another layout, or a head this backend does not run.
     """
     from onnx import helper, numpy_helper
 
