@@ -610,7 +610,6 @@ class TorchEncoder:
         self.input_names = list(layout.input_names)
         self.output_names = [layout.output]
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
-        # The classifier head runs in float32 on the float32 pooled rows (a few small GEMMs).
         read = tensors if tensors is not None else load_file(str(path), device="cpu")
         expected = layout.shapes(read)
         for name, shape in expected.items():
