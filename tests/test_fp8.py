@@ -23,17 +23,14 @@ from bert_compiler.calibration.qdq import (
     quantize_values,
 )
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.core.targets import Environment, Gpu, plan_targets
+from bert_compiler.core.targets import Environment, plan_targets
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.layout import Layout
+from tests.gpus import A100, H100, L4, ORT_CUDA
 
-H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 81559, "580.159.04")
-L4 = Gpu(1, "NVIDIA L4", "8.9", 23034, "580.159.04")
-A100 = Gpu(2, "NVIDIA A100-SXM4-80GB", "8.0", 81920, "580.159.04")
-ORT_CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 # e4m3 keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself (relative); below the
 # smallest normal (2^-6, in units of the scale) the spacing is 2^-9, so the absolute error is at
 # most 2^-10 scales.

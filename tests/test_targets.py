@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
-from bert_compiler.core.targets import Environment, Gpu, detect, parse_nvidia_smi, plan_targets
+from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi, plan_targets
 from bert_compiler.engines import onnxruntime as ort_engine
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
@@ -29,11 +29,7 @@ from bert_compiler.engines.tensorrt_options import (
 )
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.layout import model_slug
-
-H100 = Gpu(0, "NVIDIA H100 80GB HBM3", "9.0", 81559, "580.159.04")
-A100 = Gpu(1, "NVIDIA A100-SXM4-80GB", "8.0", 81920, "580.159.04")
-ORT_CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
-
+from tests.gpus import A100, H100, ORT_CUDA
 
 # --- detection and plans -------------------------------------------------------------------
 

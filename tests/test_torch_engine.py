@@ -26,7 +26,7 @@ from bert_compiler.core.errors import (
     InputError,
     UnsupportedModelError,
 )
-from bert_compiler.core.targets import Environment, Gpu, plan_targets
+from bert_compiler.core.targets import Environment, plan_targets
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.torch_encoder import EncoderLayout, kernel_tiles, read_encoder
 from bert_compiler.pipeline.architectures import ARCHITECTURES
@@ -37,6 +37,7 @@ from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.runtime import Encoder
 from bert_compiler.pipeline.triton.package import PackageSpec, package
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
+from tests.gpus import H100
 from tests.test_gpu_engines import _cuda_reason, _skip_unless
 from tests.tiny_models import make_tiny_model
 
@@ -47,7 +48,6 @@ TEXTS = [
     "Ünïcödé façade — naïve café 東京 🙂",
     "short",
 ]
-H100 = Gpu(0, "NVIDIA H100", "9.0", 81559, "580")
 
 
 @pytest.mark.unit
