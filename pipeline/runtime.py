@@ -259,11 +259,11 @@ class Encoder:
         # An engine that runs packed rows (engines/torch_encoder.py) is given each batch's real
         # tokens back to back: no padding, so no ladder either.
         self.packed = callable(getattr(engine, "run_packed", None))
-        if batching is None:
+        if batching is None and self.packed:
+            batching = PACKED_GPU_BATCHING if self.on_gpu else CPU_BATCHING
+        elif batching is None:
             batching = GPU_BATCHING if self.on_gpu else CPU_BATCHING
-            if self.packed:
-                batching = PACKED_GPU_BATCHING if self.on_gpu else CPU_BATCHING
-            elif self.on_gpu and not batching.ladder:
+            if self.on_gpu and not batching.ladder:
                 ladder = ladder_from_text(self.tokenizer, info, self.max_length)
                 batching = replace(batching, ladder=ladder)
         if engine.max_batch is not None and batching.max_batch > engine.max_batch:
