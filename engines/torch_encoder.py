@@ -53,6 +53,12 @@ ENGINE_FILE = "encoder.safetensors"
 # Rows up to this many tokens go to the short-row kernel (its tile is the longest row rounded up
 # to a power of two, all in registers); longer ones to scaled_dot_product_attention.
 SHORT_ATTENTION_MAX = 128
+# Packed GPU batches of fewer tokens replay a CUDA graph captured on first use for their bucket
+# (tokens, rows, attention tile): run eagerly, a small batch's time is the host launching a dozen
+# kernels per layer. Larger batches keep the GPU busy longer than their launches take.
+GRAPH_MAX_TOKENS = 8192
+# At most this many graphs per engine (they share one memory pool); later buckets run eagerly.
+GRAPH_LIMIT = 48
 # The build compares the engine with ONNX Runtime on this many random rows of varied lengths.
 CHECK_ROWS = 6
 CHECK_LONGEST = 160
@@ -571,7 +577,7 @@ def attend_short(qkv: Any, starts: Any, counts: Any, longest: int, heads: int) -
     if not _SHORT_KERNEL:
         _SHORT_KERNEL.append(short_attention_kernel())
     out = torch.zeros(*qkv.shape[:-1], hidden, dtype=qkv.dtype, device=qkv.device)
-    block = max(16, 1 << (longest - 1).bit_length())
+    block = _attention_tile(longest)
     _SHORT_KERNEL[0][(len(counts), heads)](
         qkv,
         out,
@@ -584,6 +590,32 @@ def attend_short(qkv: Any, starts: Any, counts: Any, longest: int, heads: int) -
         num_warps=4 if block <= 64 else 8,
     )
     return out
+
+
+def graph_bucket(count: int, smallest: int) -> int:
+    """The captured size for ``count`` tokens or rows: the first of smallest x 1, 1.5, 2, 3, 4,
+    6, ... above ``count``, so a batch never fills its bucket (the spare tokens go to an extra
+    row whose outputs are dropped) and pads by at most half."""
+    size = smallest
+    while size <= count:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _attention_tile(longest: int) -> int:
+    """The short-row kernel's rows per tile for rows of up to ``longest`` tokens."""
+    return max(16, 1 << (longest - 1).bit_length())
+
+
+@dataclass
+class _CapturedBatch:
+    """A CUDA graph of one packed batch shape, with the tensors it reads and writes."""
+
+    graph: Any
+    ids: Any
+    type_ids: Any
+    lengths: Any
+    outputs: dict[str, Any]
 
 
 class TorchEncoder:
@@ -599,8 +631,10 @@ class TorchEncoder:
         device: str,
         dtype_name: str,
         tensors: Mapping[str, Any] | None = None,
+        graphs: bool = True,
     ):
-        """``tensors``: the weights, instead of reading them from ``path``."""
+        """``tensors``: the weights, instead of reading them from ``path``; ``graphs``: whether
+        small packed batches on a GPU replay CUDA graphs."""
         import torch
         from safetensors.torch import load_file
 
@@ -633,6 +667,16 @@ class TorchEncoder:
             kernel_tiles(layout.hidden // layout.heads)
             and (device != "cuda" or dtype_name == "fp16")
             and short_attention_available(device)
+        )
+        # Graphs need the short-row kernel: its only shape argument is the tile, where
+        # scaled_dot_product_attention's padded rows would need a graph per longest row.
+        self.graphs = graphs and device == "cuda" and self.short_attention
+        self._captured: dict[tuple[int, int, int], _CapturedBatch] = {}
+        self._graph_pool: Any = None
+        # A captured batch's spare row may be longer than the position table; its positions are
+        # clamped to the last one (the row's outputs are dropped).
+        self._last_position = (
+            self.weights["embeddings.position"].shape[0] - 1 - layout.position_offset
         )
 
     # -- the encoder ------------------------------------------------------------------------
@@ -714,9 +758,67 @@ class TorchEncoder:
         """One batch of packed rows: ``ids`` and ``type_ids`` every row's tokens back to back
         (int64 [tokens]), ``lengths`` each row's count (int64 [rows]), ``longest`` the largest
         of them (known to the caller, so nothing here waits for the device; a smaller value
-        would cut rows short). Returns float32
-        tensors: pooled [rows, hidden], or the last hidden state padded to [rows, longest,
-        hidden]."""
+        would cut rows short). Returns float32 tensors: pooled [rows, hidden], or the last
+        hidden state padded to [rows, longest, hidden]. On a GPU, pooled batches of fewer than
+        GRAPH_MAX_TOKENS tokens replay CUDA graphs."""
+        tokens = ids.shape[0]
+        if (
+            self.graphs
+            and tokens < GRAPH_MAX_TOKENS
+            and self.layout.pooling != "none"
+            and self._short_rows(tokens, longest)
+        ):
+            key = (graph_bucket(tokens, 16), graph_bucket(lengths.shape[0], 2))
+            captured = self._captured.get((*key, _attention_tile(longest)))
+            if captured is None and len(self._captured) < GRAPH_LIMIT:
+                captured = self._capture(*key, _attention_tile(longest))
+            if captured is not None:
+                return self._replay(captured, ids, type_ids, lengths)
+        return self._forward_packed(ids, type_ids, lengths, longest)
+
+    def _capture(self, tokens: int, rows: int, tile: int) -> _CapturedBatch:
+        """A graph of a packed batch of ``tokens`` x ``rows``, rows of up to ``tile`` tokens
+        (torch.cuda.graph's recipe: one eager run on a side stream first, so Triton compiles
+        and cuBLAS sets up outside the capture)."""
+        import torch
+
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        ids = torch.zeros(tokens, dtype=torch.int64, device=self.device)
+        type_ids = torch.zeros_like(ids)
+        lengths = torch.zeros(rows, dtype=torch.int64, device=self.device)
+        lengths[-1] = tokens
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward_packed(ids, type_ids, lengths, tile, spare_row=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outputs = self._forward_packed(ids, type_ids, lengths, tile, spare_row=True)
+        captured = _CapturedBatch(graph, ids, type_ids, lengths, outputs)
+        self._captured[(tokens, rows, tile)] = captured
+        return captured
+
+    @staticmethod
+    def _replay(captured: _CapturedBatch, ids, type_ids, lengths) -> dict[str, Any]:
+        """The batch copied into the graph's inputs, its spare tokens made one extra row after
+        the batch's (any rows between are empty), the graph replayed, the batch's rows copied
+        out (the next replay overwrites the graph's outputs)."""
+        tokens, rows = ids.shape[0], lengths.shape[0]
+        captured.ids[:tokens].copy_(ids)
+        captured.type_ids[:tokens].copy_(type_ids)
+        captured.lengths[:rows].copy_(lengths)
+        captured.lengths[rows:].zero_()
+        captured.lengths[-1:].fill_(captured.ids.shape[0] - tokens)
+        captured.graph.replay()
+        return {name: value[:rows].clone() for name, value in captured.outputs.items()}
+
+    def _forward_packed(
+        self, ids: Any, type_ids: Any, lengths: Any, longest: int, spare_row: bool = False
+    ) -> dict[str, Any]:
+        """run_packed's work, launched eagerly (or captured: ``spare_row``, positions clamped
+        to the table)."""
         import torch
 
         tokens, rows = ids.shape[0], lengths.shape[0]
@@ -726,6 +828,8 @@ class TorchEncoder:
         )
         starts = torch.cumsum(lengths, 0) - lengths
         positions = torch.arange(tokens, device=device) - starts[row_of_token]
+        if spare_row:
+            positions = positions.clamp(max=self._last_position)
 
         short = self._short_rows(tokens, longest)
         starts32, lengths32 = (starts.int(), lengths.int()) if short else (None, None)

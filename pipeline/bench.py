@@ -171,8 +171,27 @@ def _engine_runner(
         return encoder.stats.batch_ms, encoder.stats.padding_fraction
 
     engine = encoder.engine
-    fixed = engine.run_device if encoder.on_gpu else engine.run
+    if encoder.packed:
+        fixed = _packed_fixed(engine)
+    else:
+        fixed = engine.run_device if encoder.on_gpu else engine.run
     return _Runner(name, batching, encoder.batching.max_batch, run, fixed)
+
+
+def _packed_fixed(engine: Any) -> Callable[[dict[str, Any]], Any]:
+    """A packed-row engine at a fixed shape, fed as the runtime feeds it: every position of a
+    fixed shape is a real token, so its rows back to back."""
+    import torch
+
+    def run(feeds):
+        ids = torch.as_tensor(feeds["input_ids"])
+        rows, seq = ids.shape
+        types = feeds.get("token_type_ids")
+        types = torch.zeros_like(ids) if types is None else torch.as_tensor(types)
+        lengths = torch.full((rows,), seq, dtype=torch.int64, device=ids.device)
+        return engine.run_packed(ids.reshape(-1), types.reshape(-1), lengths, seq)
+
+    return run
 
 
 def _feeds_runner(

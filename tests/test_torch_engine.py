@@ -27,9 +27,18 @@ from bert_compiler.core.errors import (
     UnsupportedModelError,
 )
 from bert_compiler.core.targets import Environment, plan_targets
+from bert_compiler.engines import torch_encoder
 from bert_compiler.engines.backend import BuildSpec, load_engine
-from bert_compiler.engines.torch_encoder import EncoderLayout, kernel_tiles, read_encoder
+from bert_compiler.engines.batching import BatchingSpec
+from bert_compiler.engines.torch_encoder import (
+    EncoderLayout,
+    TorchEncoder,
+    graph_bucket,
+    kernel_tiles,
+    read_encoder,
+)
 from bert_compiler.pipeline.architectures import ARCHITECTURES
+from bert_compiler.pipeline.bench import _packed_fixed
 from bert_compiler.pipeline.build import build
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.models import resolve_model
@@ -94,6 +103,16 @@ def test_a_layout_this_tool_did_not_write_is_one_line():
             EncoderLayout.from_dict(bad, "f")
 
 
+@pytest.mark.unit
+def test_graph_buckets_leave_room_for_a_spare_row_and_pad_by_at_most_half():
+    assert [graph_bucket(n, 16) for n in (0, 15, 16, 23, 24, 31, 32, 47, 48, 100)] == [
+        16, 16, 24, 24, 32, 32, 48, 48, 64, 128,
+    ]  # fmt: skip
+    assert [graph_bucket(n, 2) for n in (1, 2, 3, 4, 5, 6, 7)] == [2, 3, 4, 6, 6, 8, 8]
+    for count in range(1, 20000):
+        assert count < graph_bucket(count, 16) <= max(16, 1.5 * count)
+
+
 @pytest.fixture(scope="module")
 def torch_engine(tiny_run, tmp_path_factory) -> Path:
     """The tiny run's fused graph built into a torch CPU engine (outside the shared run)."""
@@ -127,6 +146,21 @@ def test_torch_engine_matches_the_onnxruntime_engine_through_the_runtime(tiny_ru
     np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], got, atol=1e-5)
 
 
+@pytest.mark.e2e
+def test_bench_times_a_packed_engine_at_fixed_shapes_as_the_runtime_feeds_it(torch_engine):
+    engine, _ = load_engine(torch_engine)
+    rng = np.random.default_rng(5)
+    vocab = engine.weights["embeddings.word"].shape[0]
+    feeds = {
+        "input_ids": rng.integers(5, vocab, (3, 12)).astype(np.int64),
+        "attention_mask": np.ones((3, 12), np.int64),
+        "token_type_ids": rng.integers(0, 2, (3, 12)).astype(np.int64),
+    }
+    feeds = {name: feeds[name] for name in engine.input_names}
+    packed = _packed_fixed(engine)(feeds)["sentence_embedding"].numpy()
+    np.testing.assert_allclose(packed, engine.run(feeds)["sentence_embedding"], atol=1e-5)
+
+
 _INTERPRETED = """
 import sys
 import numpy as np
@@ -142,17 +176,28 @@ vocab = engine.weights["embeddings.word"].shape[0]
 ids = torch.from_numpy(rng.integers(1, vocab, int(lengths.sum())))
 types = torch.zeros_like(ids)
 short = engine.run_packed(ids, types, lengths, 30)["sentence_embedding"]
+# As a captured graph runs the batch: its spare tokens one extra row after empty ones, that row
+# longer than the position table (positions clamped); the batch's own rows are unchanged.
+total = engine.weights["embeddings.position"].shape[0] + 40
+spare_ids = torch.zeros(total, dtype=torch.int64)
+spare_ids[: len(ids)] = ids
+spare_types = torch.zeros_like(spare_ids)
+spare_lengths = torch.zeros(8, dtype=torch.int64)
+spare_lengths[:5], spare_lengths[-1] = lengths, total - len(ids)
+spare = engine._forward_packed(spare_ids, spare_types, spare_lengths, 32, spare_row=True)
 engine.short_attention = False
 reference = engine.run_packed(ids, types, lengths, 30)["sentence_embedding"]
 print(float((short - reference).abs().max()))
+print(float((spare["sentence_embedding"][:5] - short).abs().max()))
 """
 
 
 @pytest.mark.e2e
 def test_short_row_kernel_under_the_triton_interpreter(torch_engine):
-    """The Triton kernel against scaled_dot_product_attention on packed rows, on the CPU through
-    Triton's interpreter (the gpu-marked test runs it compiled). A process of its own: Triton
-    reads TRITON_INTERPRET when it is first imported."""
+    """The Triton kernel against scaled_dot_product_attention on packed rows, and a batch as a
+    CUDA graph runs it (with a spare row), on the CPU through Triton's interpreter (the
+    gpu-marked tests run it compiled). A process of its own: Triton reads TRITON_INTERPRET when
+    it is first imported."""
     if importlib.util.find_spec("triton") is None:
         pytest.skip("the triton package is not installed (it comes with torch's CUDA build)")
     done = subprocess.run(
@@ -163,7 +208,8 @@ def test_short_row_kernel_under_the_triton_interpreter(torch_engine):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+    against_pytorch, spare_row = (float(v) for v in done.stdout.strip().splitlines()[-2:])
+    assert against_pytorch < 1e-5 and spare_row < 1e-6
 
 
 @pytest.mark.e2e
@@ -376,6 +422,43 @@ def test_torch_cuda_fp16_engine_with_the_short_row_kernel(tiny_run, torch_engine
     np.testing.assert_allclose(on_gpu.cpu().numpy(), got, atol=1e-6)
     feeds = encoder.tokenize(TEXTS).matrices(engine.input_names, encoder.pad_id)
     np.testing.assert_allclose(engine.run(feeds)["sentence_embedding"], got, atol=3e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
+    tiny_run, tmp_path, monkeypatch
+):
+    """One sentence per batch, and small mixed batches, replay a graph per bucket (rows of one
+    bucket with different tokens and spare rows reuse it); the outputs are the eager engine's,
+    also past GRAPH_LIMIT, where batches run eagerly."""
+    _skip_unless(_cuda_reason())
+    info, out, _spec, _summary = tiny_run
+    folder = tmp_path / "cuda"
+    build(
+        source=out / "fuse" / "model.onnx",
+        out_dir=folder,
+        spec=BuildSpec(backend="torch", device="cuda", precision="fp16"),
+    )
+    engine, _ = load_engine(folder)
+    eager = TorchEncoder(engine.path, engine.layout, "cuda", "fp16", graphs=False)
+    assert engine.graphs and not eager.graphs
+    texts = [f"{text} {index}" for index in range(6) for text in TEXTS]
+    for batching in (BatchingSpec(max_batch=1, token_budget=512), BatchingSpec(5, 512)):
+        got = Encoder(engine, info, batching=batching).encode(texts)["sentence_embedding"]
+        want = Encoder(eager, info, batching=batching).encode(texts)["sentence_embedding"]
+        np.testing.assert_allclose(got, want, atol=2e-3)
+    captured = len(engine._captured)
+    assert 0 < captured < len(texts) and not eager._captured
+    Encoder(engine, info, batching=BatchingSpec(1, 512)).encode(texts)
+    assert len(engine._captured) == captured
+    monkeypatch.setattr(torch_encoder, "GRAPH_LIMIT", captured)
+    unseen = Encoder(engine, info, batching=BatchingSpec(3, 512)).encode(texts)
+    assert len(engine._captured) == captured
+    expected = Encoder(eager, info, batching=BatchingSpec(3, 512)).encode(texts)
+    np.testing.assert_allclose(
+        unseen["sentence_embedding"], expected["sentence_embedding"], atol=2e-3
+    )
 
 
 @pytest.mark.gpu
