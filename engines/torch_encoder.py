@@ -7,7 +7,8 @@ back, no padding anywhere) and attention by a small Triton kernel that holds one
 registers (``short_attention_kernel``); rows longer than SHORT_ATTENTION_MAX, and machines without
 Triton, take PyTorch's scaled_dot_product_attention on the padded rows instead. Measured on an
 H100 (docs/benchmarks.md, scripts/probe_gpu_encoder.py) this is where most of the GPU time of
-short text went.
+short text went. Small batches on a GPU (one sentence per call) would spend their time launching
+kernels, so they replay CUDA graphs captured per bucket of tokens and rows (``run_packed``).
 
 Build: the fused fp32 graph (OUT/fuse) is read, not re-exported. Its layout (BERT's and
 DistilBERT's EmbedLayerNormalization, or RoBERTa's standard-op embeddings numbered after the

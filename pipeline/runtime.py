@@ -62,10 +62,11 @@ LADDER_RUNGS = 32
 # the best of six settings for BERT-base and second for MiniLM (2048 x 32,768 first, 8% more).
 CPU_BATCHING = BatchingSpec(max_batch=32, token_budget=4096)
 GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
-# A packed-row engine on a GPU (the torch backend) runs no CUDA graphs, so fewer, larger batches
-# pay for its kernel launches: of 512 x 16,384 to 4096 x 131,072 tokens, timed on the H100 on the
-# calibration sentences, the largest was best for MiniLM (404k vs 326k sentences/s at the GPU
-# default) and BERT-base (114k vs 110k); docs/gpu-bench/2026-11-24-h100-torch/.
+# A packed-row engine on a GPU (the torch backend) launches its large batches eagerly (its CUDA
+# graphs are for small ones), so fewer, larger batches pay for its kernel launches: of 512 x
+# 16,384 to 4096 x 131,072 tokens, timed on the H100 on the calibration sentences, the largest
+# was best for MiniLM (404k vs 326k sentences/s at the GPU default) and BERT-base (114k vs 110k);
+# docs/gpu-bench/2026-11-24-h100-torch/.
 PACKED_GPU_BATCHING = BatchingSpec(max_batch=4096, token_budget=131072)
 
 
