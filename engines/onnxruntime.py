@@ -324,6 +324,14 @@ class OrtEngine:
         outputs = self.session.run(self.output_names, {k: feeds[k] for k in self.input_names})
         return dict(zip(self.output_names, outputs, strict=True))
 
+    def with_threads(self, threads: int) -> OrtEngine:
+        """This CPU engine in a session of its own with ``threads`` intra-op threads, for a
+        caller that runs several batches at once (the runtime on a CPU); one session takes
+        concurrent runs."""
+        if self.device != "cpu" or threads == self.options.intra_op_num_threads:
+            return self
+        return load(self.path, replace(self.options, intra_op_num_threads=threads))
+
     def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """An output's concrete shape for inputs of ``shape``, from the graph's axis names."""
         sizes = dict(zip(self._input_axes[self.input_names[0]], shape, strict=True))

@@ -351,7 +351,8 @@ def run_bench(
     for folder, engine in engines:
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
-        default = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer).batching
+        probe = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer)
+        default, streams = probe.batching, probe.streams
         variants = [
             replace(
                 default,
@@ -363,12 +364,25 @@ def run_bench(
         variants = [v for v in dict.fromkeys(variants) if v != default]
         # On a GPU the default batching also with the outputs left there (what the plain ORT
         # peer does: its outputs are never copied back nor put in input order).
-        settings = [(default, False), *((v, False) for v in variants)]
+        # On a CPU the default batching also one batch at a time: what the streams add.
+        settings = [(default, False, streams), *((v, False, streams) for v in variants)]
         if on_gpu:
-            settings.insert(1, (default, True))
-        for batching, device_outputs in settings:
+            settings.insert(1, (default, True, streams))
+        elif streams > 1:
+            settings.insert(1, (default, False, 1))
+        for batching, device_outputs, run_streams in settings:
+            at_once = f", {run_streams} batches at a time" if run_streams > 1 else ""
+            if streams > 1 and run_streams == 1:
+                at_once = ", one batch at a time"
 
-            def make(folder=folder, engine=engine, batching=batching, kept=device_outputs):
+            def make(
+                folder=folder,
+                engine=engine,
+                batching=batching,
+                kept=device_outputs,
+                run_streams=run_streams,
+                at_once=at_once,
+            ):
                 ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
                 encoder = Encoder(
                     _fresh(folder, engine, on_gpu),
@@ -377,10 +391,11 @@ def run_bench(
                     batching=batching,
                     tokenizer=tokenizer,
                     time_batches=True,
+                    cpu_streams=run_streams,
                 )
                 label = (
                     f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "
-                    f"tokens{', outputs left on the GPU' if kept else ''}{ladder}"
+                    f"tokens{', outputs left on the GPU' if kept else ''}{at_once}{ladder}"
                 )
                 return _engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
+from bert_compiler.core.errors import InputError
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.pipeline import runtime
 from bert_compiler.pipeline.models import resolve_model
@@ -67,6 +71,80 @@ def test_rows_come_back_in_input_order(tiny_embedding_model, batching, monkeypat
     assert encoder.stats.rows == len(TEXTS) and encoder.stats.batches >= len(TEXTS) // 8
 
 
+class ThreadedEngine(RecordingEngine):
+    """A RecordingEngine that, like an ONNX Runtime CPU engine, comes in sessions of fewer
+    threads (``with_threads``); records how many of its runs overlap, and fails at run
+    ``fail_at`` when asked."""
+
+    def __init__(self, threads: int = 0, fail_at: int | None = None):
+        super().__init__()
+        self.threads, self.fail_at = threads, fail_at
+        self.copies: list[ThreadedEngine] = []
+        self.lock = threading.Lock()
+        self.running = self.most = self.runs = 0
+
+    def with_threads(self, threads):
+        self.copies.append(ThreadedEngine(threads, self.fail_at))
+        return self.copies[-1]
+
+    def run(self, feeds):
+        with self.lock:
+            self.runs += 1
+            if self.runs == self.fail_at:
+                raise InputError("the engine refused batch 3")
+            self.running += 1
+            self.most = max(self.most, self.running)
+        time.sleep(0.01)
+        try:
+            return super().run(feeds)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_cpu_engines_run_batches_on_streams_and_rows_come_back_in_order(
+    tiny_embedding_model, monkeypatch
+):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
+    info = resolve_model(tiny_embedding_model)
+    engine = ThreadedEngine()
+    batching = BatchingSpec(max_batch=2, token_budget=64)
+    encoder = Encoder(engine, info, max_length=32, batching=batching, time_batches=True)
+    assert encoder.streams == runtime.CPU_STREAMS == 2
+    outputs = encoder.encode(TEXTS)
+    for i, text in enumerate(TEXTS):
+        ids = encoder.tokenizer(text, truncation=True, max_length=32)["input_ids"]
+        assert outputs["row_sum"][i, 0] == sum(ids)
+        assert outputs["last_hidden_state"][i][:, 0].tolist() == ids
+    # One session of half the cores' threads, two runs at once on it; the engine as loaded is
+    # left to its other callers.
+    [stream] = engine.copies
+    assert stream.threads == 2 and stream.most == 2 and engine.shapes == []
+    assert len(encoder.stats.batch_ms) == encoder.stats.batches == len(stream.shapes)
+    encoder.with_batching(BatchingSpec(max_batch=3, token_budget=64)).encode(TEXTS)
+    assert len(engine.copies) == 1
+    assert Encoder(engine, info, max_length=32, cpu_streams=1).streams == 1
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 1)
+    assert Encoder(engine, info, max_length=32).streams == 1
+    with pytest.raises(InputError, match="cpu streams 0: give 1 or more"):
+        Encoder(engine, info, cpu_streams=0)
+
+
+def test_a_batch_that_fails_on_a_stream_fails_the_run(tiny_embedding_model, monkeypatch):
+    """The error of the failing batch, in one line, and no batch queued behind it still runs."""
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    engine = ThreadedEngine(fail_at=3)
+    encoder = Encoder(
+        engine,
+        resolve_model(tiny_embedding_model),
+        max_length=32,
+        batching=BatchingSpec(max_batch=1, token_budget=64),
+    )
+    with pytest.raises(InputError, match="^the engine refused batch 3$"):
+        encoder.encode(TEXTS)
+    assert engine.copies[0].runs < len(TEXTS)
+
+
 def test_a_ladder_below_the_maximum_length_and_no_texts_are_refused(tiny_embedding_model):
     from bert_compiler.core.errors import InputError
 
@@ -99,6 +177,24 @@ def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
             }
         )["sentence_embedding"][0]
         np.testing.assert_allclose(batched[i], single, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_streams_on_a_session_of_fewer_threads_give_the_rows_of_one_run_at_a_time(
+    tiny_run, monkeypatch
+):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    info, out, _spec, _summary = tiny_run
+    batching = BatchingSpec(max_batch=4, token_budget=256)
+    encoder = Encoder.open(cpu_engine_dir(out), info, batching=batching)
+    assert encoder.streams == 2
+    streamed = encoder.encode(TEXTS)["sentence_embedding"]
+    session = encoder._stream_engine.session
+    assert session is not encoder.engine.session
+    assert session.get_session_options().intra_op_num_threads == 1
+    serial = Encoder(encoder.engine, info, batching=batching, cpu_streams=1)
+    np.testing.assert_allclose(streamed, serial.encode(TEXTS)["sentence_embedding"], atol=1e-6)
+    assert serial._stream_engine is None
 
 
 @pytest.mark.parametrize(
