@@ -760,7 +760,16 @@ class PackageOptions(OptionGroup):
                 type=_int_range(PACKAGE_LIMITS["instances"]),
                 default=default_of(PackageSpec, "instances"),
                 show_default=True,
-                help="Model instances per GPU (GPU models) or in all (CPU models).",
+                help="Instances of each onnxruntime or tensorrt engine model: per GPU (GPU "
+                "models) or in all (CPU models).",
+            ),
+            click.option(
+                "--python-instances",
+                type=_int_range(PACKAGE_LIMITS["python_instances"]),
+                default=default_of(PackageSpec, "python_instances"),
+                show_default=True,
+                help="Instances of each Python-backend model (the tokenizer, --python-cpu-engine "
+                "engines); an engine's instances share the cores.",
             ),
             click.option(
                 "--python-cpu-engine",
@@ -805,6 +814,7 @@ class PackageOptions(OptionGroup):
             max_batch_size=values["max_batch_size"],
             max_queue_delay_us=values["max_queue_delay_us"],
             instances=values["instances"],
+            python_instances=values["python_instances"],
             python_cpu_engine=values["python_cpu_engine"],
             warmup=values["warmup"],
             padding=values["tokenizer_padding"],

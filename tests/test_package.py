@@ -25,6 +25,7 @@ from bert_compiler.pipeline.text import tokenize
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import (
+    PYTHON_INSTANCES,
     TRITON_LADDER_RUNGS,
     PackageSpec,
     VerifiedEngine,
@@ -76,6 +77,11 @@ def test_every_config_parses_with_tritons_proto(repository):
     assert not engine.cc_model_filenames and engine.HasField("dynamic_batching")
     assert configs[f"{slug}-tokenizer"].backend == "python"
     assert configs[f"{slug}-ort-cpu-fp32-text"].platform == "ensemble"
+    # Python-backend models run PYTHON_INSTANCES processes; engine models on a backend of their
+    # own, --instances (1).
+    counts = {name: [g.count for g in c.instance_group] for name, c in configs.items()}
+    assert counts[f"{slug}-tokenizer"] == counts[f"{slug}-ort-cpu-fp32-python"] == [2]
+    assert PYTHON_INSTANCES == 2 and counts[f"{slug}-ort-cpu-fp32"] == [1]
 
 
 @pytest.mark.e2e

@@ -202,6 +202,22 @@ def test_python_engine_runs_each_padded_length_once():
         np.testing.assert_array_equal(response["out"], expected)
 
 
+def test_python_engine_instances_share_the_cores(monkeypatch):
+    """Each instance is a process running its own execute calls: several take the usable cores'
+    share each; one keeps ONNX Runtime's choice (0); a recorded thread count always wins."""
+    monkeypatch.setattr(onnxruntime_model.os, "sched_getaffinity", lambda _pid: set(range(8)))
+
+    def config(*counts):
+        return {"instance_group": [{"count": c, "kind": "KIND_CPU"} for c in counts]}
+
+    assert onnxruntime_model.intra_op_threads(config(2), {}) == 4
+    assert onnxruntime_model.intra_op_threads(config(3), {}) == 2
+    assert onnxruntime_model.intra_op_threads(config(16), {}) == 1
+    assert onnxruntime_model.intra_op_threads(config(1), {}) == 0
+    assert onnxruntime_model.intra_op_threads(config(1, 1), {}) == 4
+    assert onnxruntime_model.intra_op_threads(config(2), {"intra_op_thread_count": "3"}) == 3
+
+
 def test_python_engine_fails_only_the_group_ort_refuses():
     feeds = [_feeds(1, 4, 0), _feeds(1, 6, 10), _feeds(1, 4, 20)]
     responses = _grouped(CountingSession(refuse_width=6), feeds)

@@ -15,7 +15,7 @@ from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import rung
 from bert_compiler.pipeline.models import load_tokenizer
 from bert_compiler.pipeline.text import tokenize
-from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.pipeline.triton.package import PYTHON_INSTANCES, PackageSpec, package
 from bert_compiler.pipeline.triton.repository import open_repository
 from bert_compiler.pipeline.triton.tokenizer_model import parse_ladder
 from bert_compiler.pipeline.verify import torch_runner
@@ -120,6 +120,7 @@ def test_server_reports_our_config(served):
     assert config["max_batch_size"] == 64
     assert int(config["dynamic_batching"]["max_queue_delay_microseconds"]) == QUEUE_DELAY_US
     assert [i["name"] for i in config["input"]] == list(info.architecture.input_names)
+    assert [g["count"] for g in config["instance_group"]] == [PYTHON_INSTANCES]
     assert client.is_model_ready(ensemble)
     # The onnxruntime-backend model is in the repository but this server has no such backend.
     assert not client.is_model_ready(f"{info.name}-ort-cpu-fp32")

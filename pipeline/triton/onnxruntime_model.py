@@ -17,6 +17,7 @@ one call holds every request that waited, one engine run per rung present.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ENGINE_FILE = "model.onnx"
@@ -40,7 +41,7 @@ class TritonPythonModel:
         options.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel, _LEVELS[parameters.get("graph_optimization_level", "all")]
         )
-        options.intra_op_num_threads = int(parameters.get("intra_op_thread_count", "0"))
+        options.intra_op_num_threads = intra_op_threads(config, parameters)
         # The server, the tokenizer model's process and this one share the cores: threads that
         # spin while idle after each run would take them from the requests still being decoded
         # and tokenized. (A scheduling setting; the numbers are the same.)
@@ -69,6 +70,22 @@ class TritonPythonModel:
             ),
             fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
         )
+
+
+def intra_op_threads(config: dict, parameters: dict) -> int:
+    """The engine's recorded thread count; else, with several instances (each a process of its
+    own, running its own execute calls), each instance's share of the usable cores, so that
+    instances running at once do not take more threads than there are cores; else 0 (ONNX
+    Runtime's own choice: one per physical core)."""
+    recorded = int(parameters.get("intra_op_thread_count", "0"))
+    instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+    if recorded or instances <= 1:
+        return recorded
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity outside Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // instances)
 
 
 def run_grouped(session, input_names, output_names, feeds, *, respond, fail) -> list:

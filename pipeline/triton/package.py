@@ -111,11 +111,18 @@ PADDINGS = ("ladder", "request")
 # on the calibration sentences (scripts/triton_load.py --data; the report uses STS-B dev):
 # 8 rungs 266 sentences/s, 4 256, 32 255, 12 250 (docs/benchmarks.md).
 TRITON_LADDER_RUNGS = 8
+# Instances of each Python-backend model (the tokenizer, a Python CPU engine): each is a process
+# of its own, so two run two execute calls at once, each engine instance on half the usable
+# cores (onnxruntime_model.intra_op_threads). Chosen on the calibration sentences at
+# concurrency 32 on a 2-core machine (docs/benchmarks.md): MiniLM INT8 1.33x one instance,
+# fp32 1.17x.
+PYTHON_INSTANCES = 2
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
     "max_batch_size": (1, 4096),
     "max_queue_delay_us": (0, 10_000_000),
     "instances": (1, 64),
+    "python_instances": (1, 64),
     "ladder_rungs": (1, 64),
 }
 
@@ -129,7 +136,10 @@ class PackageSpec:
         max_batch_size: largest batch of ONNX Runtime models (TensorRT models take the largest
             batch every profile accepts).
         max_queue_delay_us: how long Triton's dynamic batcher waits to fill a batch.
-        instances: model instances per GPU (GPU models) or in all (CPU models).
+        instances: instances of each engine model on a backend of its own (onnxruntime,
+            tensorrt): per GPU (GPU models) or in all (CPU models).
+        python_instances: instances of each Python-backend model (the tokenizer, Python CPU
+            engines); an engine's instances share the usable cores.
         python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
             backend, for Triton builds without the onnxruntime backend.
         warmup: run real-token warmup requests when Triton loads an engine model.
@@ -148,6 +158,7 @@ class PackageSpec:
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
     instances: int = 1
+    python_instances: int = PYTHON_INSTANCES
     python_cpu_engine: bool = False
     warmup: bool = True
     padding: str = "ladder"
@@ -595,7 +606,7 @@ def _plan_python_engine(
         inputs=inputs,
         outputs=outputs,
         max_batch_size=engine_plan.config.max_batch_size,
-        instance_count=spec.instances,
+        instance_count=spec.python_instances,
         parameters=session_parameters(engine.spec.get("session", {}), python=True),
         preferred_batch_sizes=list(batching.preferred_batch_size),
         max_queue_delay_us=batching.max_queue_delay_microseconds,
@@ -628,7 +639,7 @@ def _plan_tokenizer(
         inputs=texts,
         outputs=[tc.TensorSpec(n, "TYPE_INT64", (-1,)) for n in input_names],
         max_batch_size=max_batch,
-        instance_count=spec.instances,
+        instance_count=spec.python_instances,
         parameters={"max_length": str(max_length), LADDER_PARAMETER: format_ladder(ladder)},
     )
     files = {
