@@ -397,20 +397,29 @@ def test_a_graph_read_wrongly_never_becomes_an_engine(tiny_run, tmp_path):
     assert not (tmp_path / "engine" / "encoder.safetensors").exists()
 
 
-@pytest.mark.gpu
-@pytest.mark.e2e
-def test_torch_cuda_fp16_engine_with_the_short_row_kernel(tiny_run, torch_engine, tmp_path):
-    """fp16 on the GPU, the Triton kernel compiled, through the runtime: the CPU fp32 engine's
-    embeddings to fp16 accuracy, packed and padded entry points alike."""
+@pytest.fixture(scope="module")
+def cuda_torch_engine(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's fused graph built into a torch fp16 engine on the GPU."""
     _skip_unless(_cuda_reason())
-    info, out, _spec, _summary = tiny_run
-    folder = tmp_path / "cuda"
+    _info, out, _spec, _summary = tiny_run
+    folder = tmp_path_factory.mktemp("cuda-torch-engine") / "engine"
     build(
         source=out / "fuse" / "model.onnx",
         out_dir=folder,
         spec=BuildSpec(backend="torch", device="cuda", precision="fp16"),
     )
-    engine, manifest = load_engine(folder)
+    return folder
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_torch_cuda_fp16_engine_with_the_short_row_kernel(
+    tiny_run, torch_engine, cuda_torch_engine
+):
+    """fp16 on the GPU, the Triton kernel compiled, through the runtime: the CPU fp32 engine's
+    embeddings to fp16 accuracy, packed and padded entry points alike."""
+    info = tiny_run[0]
+    engine, manifest = load_engine(cuda_torch_engine)
     assert engine.short_attention and manifest["results"]["short_attention"]
     # The build ran the engine on this GPU against ONNX Runtime's rows (fp16: not 0, small).
     assert 0 < manifest["results"]["device_check"] < 1e-2
@@ -427,20 +436,13 @@ def test_torch_cuda_fp16_engine_with_the_short_row_kernel(tiny_run, torch_engine
 @pytest.mark.gpu
 @pytest.mark.e2e
 def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
-    tiny_run, tmp_path, monkeypatch
+    tiny_run, cuda_torch_engine, monkeypatch
 ):
     """One sentence per batch, and small mixed batches, replay a graph per bucket (rows of one
     bucket with different tokens and spare rows reuse it); the outputs are the eager engine's,
     also past GRAPH_LIMIT, where batches run eagerly."""
-    _skip_unless(_cuda_reason())
-    info, out, _spec, _summary = tiny_run
-    folder = tmp_path / "cuda"
-    build(
-        source=out / "fuse" / "model.onnx",
-        out_dir=folder,
-        spec=BuildSpec(backend="torch", device="cuda", precision="fp16"),
-    )
-    engine, _ = load_engine(folder)
+    info = tiny_run[0]
+    engine, _ = load_engine(cuda_torch_engine)
     eager = TorchEncoder(engine.path, engine.layout, "cuda", "fp16", graphs=False)
     assert engine.graphs and not eager.graphs
     texts = [f"{text} {index}" for index in range(6) for text in TEXTS]
