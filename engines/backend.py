@@ -28,7 +28,10 @@ class Engine(Protocol):
         device: ``cpu`` or ``cuda``; a ``cuda`` engine also has ``run_device``, which takes and
             returns torch CUDA tensors [batch, sequence] without host copies. An engine with
             ``run_packed(ids, type_ids, lengths, longest)`` (engines/torch_encoder.py) takes
-            rows packed back to back instead, and the runtime feeds it that way.
+            rows packed back to back instead, and the runtime feeds it that way. A CPU
+            engine with ``threads`` (its recorded intra-op count, 0 for the runtime's choice)
+            and ``with_threads(n)`` (engines/onnxruntime.py) can run in a session of ``n``
+            threads taking concurrent runs; the runtime runs several batches at once on it.
         max_batch: the largest batch it accepts (None: any).
     """
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import atomic_path
-from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import check_onnx_file, load_onnx
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import (
@@ -308,6 +308,10 @@ class OrtEngine:
         self.max_batch: int | None = None
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
+        # Intra-op threads the build recorded; 0: ONNX Runtime's choice, one per physical core.
+        self.threads = options.intra_op_num_threads
+        self._threaded: dict[int, OrtEngine] = {}
+        self._identity = _file_identity(path)
         self._input_axes = {i.name: i.shape for i in session.get_inputs()}
         self._output_axes = {o.name: o.shape for o in session.get_outputs()}
         self._graph_buffers: dict[tuple[int, ...], tuple[dict, dict, Any, Any]] = {}
@@ -325,12 +329,27 @@ class OrtEngine:
         return dict(zip(self.output_names, outputs, strict=True))
 
     def with_threads(self, threads: int) -> OrtEngine:
-        """This CPU engine in a session of its own with ``threads`` intra-op threads, for a
-        caller that runs several batches at once (the runtime on a CPU); one session takes
-        concurrent runs."""
-        if self.device != "cpu" or threads == self.options.intra_op_num_threads:
+        """This CPU engine in a session with ``threads`` intra-op threads, for a caller that
+        runs several batches at once (the runtime on a CPU; one session takes concurrent runs):
+        this engine where its session has that count, else a second session over the same file,
+        made once per count and kept.
+
+        Raises:
+            ArtifactError: the engine file changed since this engine loaded it (its sha256 was
+                checked then; a changed file is not loaded unchecked).
+        """
+        if self.device != "cpu" or threads == self.threads:
             return self
-        return load(self.path, replace(self.options, intra_op_num_threads=threads))
+        if threads not in self._threaded:
+            if _file_identity(self.path) != self._identity:
+                raise ArtifactError(
+                    f"{self.path}: the engine file changed since it was loaded; load the engine "
+                    "folder again"
+                )
+            self._threaded[threads] = load(
+                self.path, replace(self.options, intra_op_num_threads=threads)
+            )
+        return self._threaded[threads]
 
     def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """An output's concrete shape for inputs of ``shape``, from the graph's axis names."""
@@ -427,6 +446,12 @@ class OrtEngine:
             # The caller's stream waits for ORT's by an event: no host wait at the end of a run.
             run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         return inputs, outputs, binding, run_options
+
+
+def _file_identity(path: Path) -> tuple[int, int, int, int]:
+    """What says a file is the one read before: device, inode, size, modification time."""
+    status = Path(path).stat()
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def load(path: Path, options: OrtEngineOptions) -> OrtEngine:

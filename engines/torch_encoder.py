@@ -26,6 +26,7 @@ other engine.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from bert_compiler.engines.backend import (
     check_float_source,
     register,
 )
+
+log = logging.getLogger("bert_compile")
 
 ENGINE_FILE = "encoder.safetensors"
 # Rows up to this many tokens go to the short-row kernel (its tile is the longest row rounded up
@@ -595,10 +598,9 @@ def attend_short(qkv: Any, starts: Any, counts: Any, longest: int, heads: int) -
 
 def graph_bucket(count: int, smallest: int) -> int:
     """The captured size for ``count`` tokens or rows: the first of smallest x 1, 1.5, 2, 3, 4,
-    6, ... above ``count``, so a batch never fills its bucket (the spare tokens go to an extra
-    row whose outputs are dropped) and pads by at most half."""
+    6, ... that holds ``count``, so a batch of at least ``smallest`` pads by at most half."""
     size = smallest
-    while size <= count:
+    while size < count:
         size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
     return size
 
@@ -761,7 +763,9 @@ class TorchEncoder:
         of them (known to the caller, so nothing here waits for the device; a smaller value
         would cut rows short). Returns float32 tensors: pooled [rows, hidden], or the last
         hidden state padded to [rows, longest, hidden]. On a GPU, pooled batches of fewer than
-        GRAPH_MAX_TOKENS tokens replay CUDA graphs."""
+        GRAPH_MAX_TOKENS tokens replay CUDA graphs (fp16 engines, whose short-row kernel attends
+        rows of up to SHORT_ATTENTION_MAX tokens). Graphs keep their inputs and outputs in
+        place: call from one thread, on one stream."""
         tokens = ids.shape[0]
         if (
             self.graphs
@@ -769,7 +773,8 @@ class TorchEncoder:
             and self.layout.pooling != "none"
             and self._short_rows(tokens, longest)
         ):
-            key = (graph_bucket(tokens, 16), graph_bucket(lengths.shape[0], 2))
+            # One row more than the batch's: the bucket's spare tokens go there (dropped).
+            key = (graph_bucket(tokens, 16), graph_bucket(lengths.shape[0] + 1, 2))
             captured = self._captured.get((*key, _attention_tile(longest)))
             if captured is None and len(self._captured) < GRAPH_LIMIT:
                 captured = self._capture(*key, _attention_tile(longest))
@@ -777,10 +782,23 @@ class TorchEncoder:
                 return self._replay(captured, ids, type_ids, lengths)
         return self._forward_packed(ids, type_ids, lengths, longest)
 
-    def _capture(self, tokens: int, rows: int, tile: int) -> _CapturedBatch:
+    def _capture(self, tokens: int, rows: int, tile: int) -> _CapturedBatch | None:
         """A graph of a packed batch of ``tokens`` x ``rows``, rows of up to ``tile`` tokens
         (torch.cuda.graph's recipe: one eager run on a side stream first, so Triton compiles
-        and cuBLAS sets up outside the capture)."""
+        and cuBLAS sets up outside the capture). None where capturing fails (out of memory, a
+        driver that refuses): the engine then runs eagerly from here on, as verified."""
+        import torch
+
+        try:
+            return self._try_capture(tokens, rows, tile)
+        except RuntimeError as err:  # torch.cuda.OutOfMemoryError and capture errors
+            self.graphs = False
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            log.warning("[torch engine] %s: CUDA graphs off (capture: %s)", self.path, reason)
+            torch.cuda.empty_cache()
+            return None
+
+    def _try_capture(self, tokens: int, rows: int, tile: int) -> _CapturedBatch:
         import torch
 
         if self._graph_pool is None:
@@ -853,7 +871,9 @@ class TorchEncoder:
                 sums.index_add_(0, row_of_token, x.float())
                 pooled = sums / lengths[:, None].clamp(min=1)
             else:
-                pooled = x[starts].float()
+                # A captured batch's empty rows start after its last token when it fills the
+                # bucket exactly.
+                pooled = x[starts.clamp(max=tokens - 1) if spare_row else starts].float()
             return {self.layout.output: self._head_output(pooled)}
 
     def _head_output(self, pooled):

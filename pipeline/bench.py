@@ -352,7 +352,7 @@ def run_bench(
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
         probe = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer)
-        default, streams = probe.batching, probe.streams
+        default, concurrent = probe.batching, probe.concurrent_batches
         variants = [
             replace(
                 default,
@@ -364,15 +364,15 @@ def run_bench(
         variants = [v for v in dict.fromkeys(variants) if v != default]
         # On a GPU the default batching also with the outputs left there (what the plain ORT
         # peer does: its outputs are never copied back nor put in input order).
-        # On a CPU the default batching also one batch at a time: what the streams add.
-        settings = [(default, False, streams), *((v, False, streams) for v in variants)]
+        # On a CPU the default batching also one batch at a time: what running batches at once adds.
+        settings = [(default, False, concurrent), *((v, False, concurrent) for v in variants)]
         if on_gpu:
-            settings.insert(1, (default, True, streams))
-        elif streams > 1:
+            settings.insert(1, (default, True, concurrent))
+        elif concurrent > 1:
             settings.insert(1, (default, False, 1))
-        for batching, device_outputs, run_streams in settings:
-            at_once = f", {run_streams} batches at a time" if run_streams > 1 else ""
-            if streams > 1 and run_streams == 1:
+        for batching, device_outputs, at_a_time in settings:
+            at_once = f", {at_a_time} batches at a time" if at_a_time > 1 else ""
+            if concurrent > 1 and at_a_time == 1:
                 at_once = ", one batch at a time"
 
             def make(
@@ -380,7 +380,7 @@ def run_bench(
                 engine=engine,
                 batching=batching,
                 kept=device_outputs,
-                run_streams=run_streams,
+                at_a_time=at_a_time,
                 at_once=at_once,
             ):
                 ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
@@ -391,7 +391,7 @@ def run_bench(
                     batching=batching,
                     tokenizer=tokenizer,
                     time_batches=True,
-                    cpu_streams=run_streams,
+                    concurrent_batches=at_a_time,
                 )
                 label = (
                     f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "

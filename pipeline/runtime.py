@@ -63,11 +63,12 @@ LADDER_RUNGS = 32
 # on the H100 on the calibration sentences (docs/benchmarks.md), 1024 rows x 32,768 tokens was
 # the best of six settings for BERT-base and second for MiniLM (2048 x 32,768 first, 8% more).
 CPU_BATCHING = BatchingSpec(max_batch=32, token_budget=4096)
-# A CPU engine that can run in a session of fewer threads (``with_threads``) runs this many
-# batches at once, each stream on its share of the cores: short rows leave a run's second thread
-# waiting at every sync point. Chosen on the calibration sentences on a 2-core machine
-# (docs/benchmarks.md): MiniLM INT8 1,213 vs 795 sentences/s one batch at a time, fp32 421 vs 406.
-CPU_STREAMS = 2
+# A CPU engine whose thread count its build left to ONNX Runtime runs this many batches at once,
+# on one session of its own (``with_threads``): short rows leave a run's helper threads waiting
+# at every sync point. Chosen on the calibration sentences on a 2-core machine
+# (docs/benchmarks.md): MiniLM INT8 1,213 vs 795 sentences/s one batch at a time, fp32 421 vs
+# 406. Not measured on more cores.
+CPU_CONCURRENT_BATCHES = 2
 GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
 # A packed-row engine on a GPU (the torch backend) launches its large batches eagerly (its CUDA
 # graphs are for small ones), so fewer, larger batches pay for its kernel launches: of 512 x
@@ -254,10 +255,11 @@ class Encoder:
         batching: BatchingSpec | None = None,
         tokenizer=None,
         time_batches: bool = False,
-        cpu_streams: int | None = None,
+        concurrent_batches: int | None = None,
     ):
-        """``cpu_streams``: batches a CPU engine runs at once (default CPU_STREAMS, at most the
-        usable cores; 1 where the engine cannot run in a session of fewer threads)."""
+        """``concurrent_batches``: batches a CPU engine runs at once (default
+        CPU_CONCURRENT_BATCHES, at most the usable cores; 1 where the engine cannot run in a
+        session of other threads, or its build recorded a thread count)."""
         _check_outputs(engine, info)
         self.engine = engine
         # Per-batch wall time, the GPU synchronised after each batch (benchmarks only).
@@ -289,16 +291,15 @@ class Encoder:
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.stats = RunStats()
         self._staging = PinnedStaging()
-        if cpu_streams is not None and cpu_streams < 1:
-            raise InputError(f"cpu streams {cpu_streams}: give 1 or more")
-        threaded = callable(getattr(engine, "with_threads", None))
-        self.streams = (
-            min(CPU_STREAMS if cpu_streams is None else cpu_streams, usable_cores())
-            if threaded and not self.on_gpu and not self.packed
-            else 1
+        if concurrent_batches is not None and concurrent_batches < 1:
+            raise InputError(f"concurrent batches {concurrent_batches}: give 1 or more")
+        # Only where the engine can run in a session of other threads, and its build left the
+        # count to ONNX Runtime (a recorded count is the user's, kept as it is).
+        splittable = callable(getattr(engine, "with_threads", None)) and not engine.threads
+        asked = CPU_CONCURRENT_BATCHES if concurrent_batches is None else concurrent_batches
+        self.concurrent_batches = (
+            min(asked, usable_cores()) if splittable and not self.on_gpu and not self.packed else 1
         )
-        # The engine in a session of fewer threads, made on the first run that needs it.
-        self._stream_engine: Any = None
 
     @classmethod
     def open(cls, engine_dir: Path, info: ModelInfo, **kwargs: Any) -> Encoder:
@@ -308,17 +309,15 @@ class Encoder:
 
     def with_batching(self, batching: BatchingSpec) -> Encoder:
         """The same engine and tokenizer with other batching."""
-        other = Encoder(
+        return Encoder(
             self.engine,
             self.info,
             max_length=self.max_length,
             batching=batching,
             tokenizer=self.tokenizer,
             time_batches=self.time_batches,
-            cpu_streams=self.streams,
+            concurrent_batches=self.concurrent_batches,
         )
-        other._stream_engine = self._stream_engine
-        return other
 
     def tokenize(self, texts: Sequence[Text]) -> Tokens:
         return tokenize_rows(self.tokenizer, texts, self.info, self.max_length)
@@ -382,8 +381,8 @@ class Encoder:
     ) -> dict[str, Any]:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
         collected = _Collector(tokens)
-        if self.streams > 1:
-            self._run_streams(matrices, batches, desc, collected)
+        if self.concurrent_batches > 1:
+            self._run_concurrently(matrices, batches, desc, collected)
             return collected.results()
         timer = _BatchTimer(self.time_batches, on_gpu=False)
         for batch in _shown(batches, desc):
@@ -393,15 +392,16 @@ class Encoder:
         self._batch_ms.extend(timer.milliseconds())
         return collected.results()
 
-    def _run_streams(
+    def _run_concurrently(
         self, matrices: dict, batches: Sequence[Batch], desc: str | None, collected: _Collector
     ) -> None:
-        """Batches run ``streams`` at a time on one session of fewer threads (ONNX Runtime
-        sessions take concurrent runs), collected in order; at most two batches per stream are
-        in flight, so memory stays that of a few batches."""
-        if self._stream_engine is None:
-            self._stream_engine = self.engine.with_threads(max(1, usable_cores() // self.streams))
-        engine = self._stream_engine
+        """Batches run ``concurrent_batches`` at a time on one session (ONNX Runtime sessions
+        take concurrent runs), collected in order; at most two batches per run are in flight,
+        so memory stays that of a few batches. The session's thread pool has cores - runs
+        helper threads: each run's own thread works too, so all runs together use every core
+        (on 2 cores: two 1-thread runs)."""
+        cores = usable_cores()
+        engine = self.engine.with_threads(max(1, cores - self.concurrent_batches + 1))
 
         def run(batch: Batch) -> tuple[dict[str, Any], float]:
             started = time.perf_counter()
@@ -414,12 +414,12 @@ class Encoder:
             if self.time_batches:
                 self._batch_ms.append(milliseconds)
 
-        pool = ThreadPoolExecutor(self.streams, thread_name_prefix="bert-compiler-stream")
+        pool = ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="bert-compiler-run")
         running: deque[tuple[Batch, Future]] = deque()
         try:
             for batch in _shown(batches, desc):
                 running.append((batch, pool.submit(run, batch)))
-                if len(running) >= 2 * self.streams:
+                if len(running) >= 2 * self.concurrent_batches:
                     collect(running.popleft())
             while running:
                 collect(running.popleft())

@@ -59,13 +59,13 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
         ("torch fp32 eager", "fixed"),
     } <= set(runners)
     assert runners.count((name, "fixed")) == 1
-    # The default (also given as 32x4096), 8 rows and, where the default runs batches on
-    # streams, the default one batch at a time.
-    streams = min(runtime.CPU_STREAMS, runtime.usable_cores())
-    assert runners.count((engine, "real")) == (3 if streams > 1 else 2)
+    # The default (also given as 32x4096), 8 rows and, where the default runs several batches
+    # at once, the default one batch at a time.
+    concurrent = min(runtime.CPU_CONCURRENT_BATCHES, runtime.usable_cores())
+    assert runners.count((engine, "real")) == (3 if concurrent > 1 else 2)
     at_once = {r["batching"].split("tokens")[-1] for r in rows if r["runner"] == engine}
-    if streams > 1:
-        assert at_once == {f", {streams} batches at a time", ", one batch at a time"}
+    if concurrent > 1:
+        assert at_once == {f", {concurrent} batches at a time", ", one batch at a time"}
     else:
         assert at_once == {""}
     assert any(r["batching"].startswith("length-sorted, <= 8 rows") for r in rows)

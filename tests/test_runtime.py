@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from bert_compiler.core.errors import InputError
+from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.pipeline import runtime
 from bert_compiler.pipeline.models import resolve_model
@@ -72,9 +74,9 @@ def test_rows_come_back_in_input_order(tiny_embedding_model, batching, monkeypat
 
 
 class ThreadedEngine(RecordingEngine):
-    """A RecordingEngine that, like an ONNX Runtime CPU engine, comes in sessions of fewer
-    threads (``with_threads``); records how many of its runs overlap, and fails at run
-    ``fail_at`` when asked."""
+    """A RecordingEngine that, like an ONNX Runtime CPU engine, comes in sessions of other
+    thread counts (``with_threads``, one per count, kept); records how many of its runs
+    overlap, and fails at run ``fail_at`` when asked."""
 
     def __init__(self, threads: int = 0, fail_at: int | None = None):
         super().__init__()
@@ -84,8 +86,9 @@ class ThreadedEngine(RecordingEngine):
         self.running = self.most = self.runs = 0
 
     def with_threads(self, threads):
-        self.copies.append(ThreadedEngine(threads, self.fail_at))
-        return self.copies[-1]
+        if not any(copy.threads == threads for copy in self.copies):
+            self.copies.append(ThreadedEngine(threads, self.fail_at))
+        return next(copy for copy in self.copies if copy.threads == threads)
 
     def run(self, feeds):
         with self.lock:
@@ -102,7 +105,7 @@ class ThreadedEngine(RecordingEngine):
                 self.running -= 1
 
 
-def test_cpu_engines_run_batches_on_streams_and_rows_come_back_in_order(
+def test_cpu_engines_run_batches_at_once_and_rows_come_back_in_order(
     tiny_embedding_model, monkeypatch
 ):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 4)
@@ -110,28 +113,32 @@ def test_cpu_engines_run_batches_on_streams_and_rows_come_back_in_order(
     engine = ThreadedEngine()
     batching = BatchingSpec(max_batch=2, token_budget=64)
     encoder = Encoder(engine, info, max_length=32, batching=batching, time_batches=True)
-    assert encoder.streams == runtime.CPU_STREAMS == 2
+    assert encoder.concurrent_batches == runtime.CPU_CONCURRENT_BATCHES == 2
     outputs = encoder.encode(TEXTS)
     for i, text in enumerate(TEXTS):
         ids = encoder.tokenizer(text, truncation=True, max_length=32)["input_ids"]
         assert outputs["row_sum"][i, 0] == sum(ids)
         assert outputs["last_hidden_state"][i][:, 0].tolist() == ids
-    # One session of half the cores' threads, two runs at once on it; the engine as loaded is
-    # left to its other callers.
-    [stream] = engine.copies
-    assert stream.threads == 2 and stream.most == 2 and engine.shapes == []
-    assert len(encoder.stats.batch_ms) == encoder.stats.batches == len(stream.shapes)
+    # One session whose pool has a helper thread per core beyond the two runs' own threads
+    # (4 - 2 + 1 = 3 threads), two runs at once on it; the engine as loaded is left to its
+    # other callers.
+    [threaded] = engine.copies
+    assert threaded.threads == 3 and threaded.most == 2 and engine.shapes == []
+    assert len(encoder.stats.batch_ms) == encoder.stats.batches == len(threaded.shapes)
     encoder.with_batching(BatchingSpec(max_batch=3, token_budget=64)).encode(TEXTS)
     assert len(engine.copies) == 1
-    assert Encoder(engine, info, max_length=32, cpu_streams=1).streams == 1
+    assert Encoder(engine, info, max_length=32, concurrent_batches=1).concurrent_batches == 1
+    # A thread count the build recorded is the user's: one batch at a time on it.
+    assert Encoder(ThreadedEngine(threads=2), info, max_length=32).concurrent_batches == 1
     monkeypatch.setattr(runtime, "usable_cores", lambda: 1)
-    assert Encoder(engine, info, max_length=32).streams == 1
-    with pytest.raises(InputError, match="cpu streams 0: give 1 or more"):
-        Encoder(engine, info, cpu_streams=0)
+    assert Encoder(engine, info, max_length=32).concurrent_batches == 1
+    with pytest.raises(InputError, match="concurrent batches 0: give 1 or more"):
+        Encoder(engine, info, concurrent_batches=0)
 
 
-def test_a_batch_that_fails_on_a_stream_fails_the_run(tiny_embedding_model, monkeypatch):
-    """The error of the failing batch, in one line, and no batch queued behind it still runs."""
+def test_a_batch_that_fails_among_concurrent_ones_fails_the_run(tiny_embedding_model, monkeypatch):
+    """The error of the failing batch, in one line; no more batches than the few in flight
+    (two per concurrent run) were handed to the engine."""
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     engine = ThreadedEngine(fail_at=3)
     encoder = Encoder(
@@ -142,7 +149,7 @@ def test_a_batch_that_fails_on_a_stream_fails_the_run(tiny_embedding_model, monk
     )
     with pytest.raises(InputError, match="^the engine refused batch 3$"):
         encoder.encode(TEXTS)
-    assert engine.copies[0].runs < len(TEXTS)
+    assert engine.copies[0].runs <= 3 + 2 * 2 - 1
 
 
 def test_a_ladder_below_the_maximum_length_and_no_texts_are_refused(tiny_embedding_model):
@@ -180,21 +187,31 @@ def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
 
 
 @pytest.mark.e2e
-def test_streams_on_a_session_of_fewer_threads_give_the_rows_of_one_run_at_a_time(
+def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_at_a_time(
     tiny_run, monkeypatch
 ):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     info, out, _spec, _summary = tiny_run
     batching = BatchingSpec(max_batch=4, token_budget=256)
     encoder = Encoder.open(cpu_engine_dir(out), info, batching=batching)
-    assert encoder.streams == 2
-    streamed = encoder.encode(TEXTS)["sentence_embedding"]
-    session = encoder._stream_engine.session
-    assert session is not encoder.engine.session
-    assert session.get_session_options().intra_op_num_threads == 1
-    serial = Encoder(encoder.engine, info, batching=batching, cpu_streams=1)
-    np.testing.assert_allclose(streamed, serial.encode(TEXTS)["sentence_embedding"], atol=1e-6)
-    assert serial._stream_engine is None
+    assert encoder.concurrent_batches == 2
+    concurrent = encoder.encode(TEXTS)["sentence_embedding"]
+    threaded = encoder.engine.with_threads(1)
+    assert threaded.session is not encoder.engine.session
+    assert threaded.session.get_session_options().intra_op_num_threads == 1
+    one_at_a_time = Encoder(encoder.engine, info, batching=batching, concurrent_batches=1)
+    expected = one_at_a_time.encode(TEXTS)["sentence_embedding"]
+    np.testing.assert_allclose(concurrent, expected, atol=1e-6)
+    # The second session is made from the file the engine loaded (its sha256 checked then),
+    # never from one changed since.
+    engine, _ = load_engine(cpu_engine_dir(out))
+    status = engine.path.stat()
+    os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns + 1))
+    try:
+        with pytest.raises(ArtifactError, match="changed since it was loaded; load the engine"):
+            engine.with_threads(1)
+    finally:
+        os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns))
 
 
 @pytest.mark.parametrize(
