@@ -836,8 +836,8 @@ class TorchEncoder:
     def _forward_packed(
         self, ids: Any, type_ids: Any, lengths: Any, longest: int, spare_row: bool = False
     ) -> dict[str, Any]:
-        """run_packed's work, launched eagerly (or captured: ``spare_row``, positions clamped
-        to the table)."""
+        """run_packed's work, launched eagerly, or as captured (``spare_row``: the spare row's
+        positions clamped to the table, empty rows' first tokens to the last token)."""
         import torch
 
         tokens, rows = ids.shape[0], lengths.shape[0]

@@ -9,6 +9,7 @@ CUDA-graph engine the shapes are bounded (ladder rungs x power-of-two row counts
 is captured once and replayed. A packed-attention engine (engines/packed_attention.py) takes the
 same padded batches and runs without CUDA graphs; its ORT run waits once for the GPU inside
 (RemovePadding sizes its output by the batch's valid tokens), so its batches are not queued ahead.
+On a CPU, batches run two at a time on one session of the engine (CPU_CONCURRENT_BATCHES).
 verify runs engines through this module, so what is verified is what is served.
 """
 
@@ -399,7 +400,7 @@ class Encoder:
         take concurrent runs), collected in order; at most two batches per run are in flight,
         so memory stays that of a few batches. The session's thread pool has cores - runs
         helper threads: each run's own thread works too, so all runs together use every core
-        (on 2 cores: two 1-thread runs)."""
+        (on 2 cores: two 1-thread runs). A batch's time is its own run's, overlapping others'."""
         cores = usable_cores()
         engine = self.engine.with_threads(max(1, cores - self.concurrent_batches + 1))
 
