@@ -114,17 +114,19 @@ def test_graph_buckets_hold_their_batch_and_pad_by_at_most_half():
         assert count <= graph_bucket(count, 16) <= max(16, 1.5 * count)
 
 
+def _build_from_tiny_run(tiny_run, folder: Path, device: str, precision: str) -> Path:
+    """The tiny run's fused graph built into a torch engine in ``folder`` (outside the run)."""
+    _info, out, _spec, _summary = tiny_run
+    spec = BuildSpec(backend="torch", device=device, precision=precision)
+    build(source=out / "fuse" / "model.onnx", out_dir=folder, spec=spec)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def torch_engine(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run's fused graph built into a torch CPU engine (outside the shared run)."""
-    _info, out, _spec, _summary = tiny_run
+    """A torch CPU engine of the tiny run."""
     folder = tmp_path_factory.mktemp("torch-engine") / "engine"
-    build(
-        source=out / "fuse" / "model.onnx",
-        out_dir=folder,
-        spec=BuildSpec(backend="torch", device="cpu", precision="fp32"),
-    )
-    return folder
+    return _build_from_tiny_run(tiny_run, folder, "cpu", "fp32")
 
 
 @pytest.mark.e2e
@@ -409,16 +411,10 @@ def test_a_graph_read_wrongly_never_becomes_an_engine(tiny_run, tmp_path):
 
 @pytest.fixture(scope="module")
 def cuda_torch_engine(tiny_run, tmp_path_factory) -> Path:
-    """The tiny run's fused graph built into a torch fp16 engine on the GPU."""
+    """A torch fp16 engine of the tiny run, on the GPU."""
     _skip_unless(_cuda_reason())
-    _info, out, _spec, _summary = tiny_run
     folder = tmp_path_factory.mktemp("cuda-torch-engine") / "engine"
-    build(
-        source=out / "fuse" / "model.onnx",
-        out_dir=folder,
-        spec=BuildSpec(backend="torch", device="cuda", precision="fp16"),
-    )
-    return folder
+    return _build_from_tiny_run(tiny_run, folder, "cuda", "fp16")
 
 
 @pytest.mark.gpu
