@@ -68,7 +68,7 @@ CPU_BATCHING = BatchingSpec(max_batch=32, token_budget=4096)
 # on one session of its own (``with_threads``): short rows leave a run's helper threads waiting
 # at every sync point. Chosen on the calibration sentences on a 2-core machine
 # (docs/benchmarks.md): MiniLM INT8 1,213 vs 795 sentences/s one batch at a time, fp32 421 vs
-# 406. Not measured on more cores.
+# 406; on 16 cores 2,771 vs 1,763 and 2,042 vs 1,684 (docs/cpu-bench/2026-11-24-xeon-16/).
 CPU_CONCURRENT_BATCHES = 2
 GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
 # A packed-row engine on a GPU (the torch backend) launches its large batches eagerly (its CUDA
