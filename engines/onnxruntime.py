@@ -3,6 +3,7 @@ it with, on CPU or CUDA (optionally through ORT's TensorRT provider)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -311,6 +312,7 @@ class OrtEngine:
         # Intra-op threads the build recorded; 0: ONNX Runtime's choice, one per physical core.
         self.threads = options.intra_op_num_threads
         self._threaded: dict[int, OrtEngine] = {}
+        self._threaded_lock = threading.Lock()
         self._identity = _file_identity(path)
         self._input_axes = {i.name: i.shape for i in session.get_inputs()}
         self._output_axes = {o.name: o.shape for o in session.get_outputs()}
@@ -340,16 +342,17 @@ class OrtEngine:
         """
         if self.device != "cpu" or threads == self.threads:
             return self
-        if threads not in self._threaded:
-            if _file_identity(self.path) != self._identity:
-                raise ArtifactError(
-                    f"{self.path}: the engine file changed since it was loaded; load the engine "
-                    "folder again"
+        with self._threaded_lock:
+            if threads not in self._threaded:
+                if _file_identity(self.path) != self._identity:
+                    raise ArtifactError(
+                        f"{self.path}: the engine file changed since it was loaded; load the "
+                        "engine folder again"
+                    )
+                self._threaded[threads] = load(
+                    self.path, replace(self.options, intra_op_num_threads=threads)
                 )
-            self._threaded[threads] = load(
-                self.path, replace(self.options, intra_op_num_threads=threads)
-            )
-        return self._threaded[threads]
+            return self._threaded[threads]
 
     def output_shape(self, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
         """An output's concrete shape for inputs of ``shape``, from the graph's axis names."""

@@ -786,14 +786,19 @@ class TorchEncoder:
         """A graph of a packed batch of ``tokens`` x ``rows``, rows of up to ``tile`` tokens
         (torch.cuda.graph's recipe: one eager run on a side stream first, so Triton compiles
         and cuBLAS sets up outside the capture). None where capturing fails (out of memory, a
-        driver that refuses): the engine then runs eagerly from here on, as verified."""
+        driver that refuses): the engine then drops its graphs and runs eagerly from here on,
+        as verified. (A CUDA error inside a capture can leave torch's own generator state
+        unusable for the rest of the process; this engine draws no random numbers.)"""
         import torch
 
         try:
             return self._try_capture(tokens, rows, tile)
         except RuntimeError as err:  # torch.cuda.OutOfMemoryError and capture errors
             self.graphs = False
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._captured.clear()
+            self._graph_pool = None
+            cause = err.__context__ or err  # a failed capture reports its cause second
+            reason = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             log.warning("[torch engine] %s: CUDA graphs off (capture: %s)", self.path, reason)
             torch.cuda.empty_cache()
             return None

@@ -9,7 +9,8 @@ CUDA-graph engine the shapes are bounded (ladder rungs x power-of-two row counts
 is captured once and replayed. A packed-attention engine (engines/packed_attention.py) takes the
 same padded batches and runs without CUDA graphs; its ORT run waits once for the GPU inside
 (RemovePadding sizes its output by the batch's valid tokens), so its batches are not queued ahead.
-On a CPU, batches run two at a time on one session of the engine (CPU_CONCURRENT_BATCHES).
+On a CPU, batches run two at a time on one session of the engine (CPU_CONCURRENT_BATCHES), where
+there are two cores or more and the engine's build left its thread count to ONNX Runtime.
 verify runs engines through this module, so what is verified is what is served.
 """
 
@@ -296,7 +297,9 @@ class Encoder:
             raise InputError(f"concurrent batches {concurrent_batches}: give 1 or more")
         # Only where the engine can run in a session of other threads, and its build left the
         # count to ONNX Runtime (a recorded count is the user's, kept as it is).
-        splittable = callable(getattr(engine, "with_threads", None)) and not engine.threads
+        splittable = callable(getattr(engine, "with_threads", None)) and not getattr(
+            engine, "threads", 0
+        )
         asked = CPU_CONCURRENT_BATCHES if concurrent_batches is None else concurrent_batches
         self.concurrent_batches = (
             min(asked, usable_cores()) if splittable and not self.on_gpu and not self.packed else 1
@@ -657,7 +660,9 @@ def _joined(parts: list) -> Any:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity, which containers narrow)."""
+    """The cores this process may run on (its affinity, which containers narrow). Logical
+    CPUs: on a host with two threads per core that is twice ONNX Runtime's own default (one
+    thread per physical core); measured only on hosts with one thread per core."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity outside Linux

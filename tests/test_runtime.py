@@ -196,6 +196,7 @@ def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_a
     encoder = Encoder.open(cpu_engine_dir(out), info, batching=batching)
     assert encoder.concurrent_batches == 2
     concurrent = encoder.encode(TEXTS)["sentence_embedding"]
+    assert set(encoder.engine._threaded) == {1}  # the session the run made: 2 - 2 + 1 threads
     threaded = encoder.engine.with_threads(1)
     assert threaded.session is not encoder.engine.session
     assert threaded.session.get_session_options().intra_op_num_threads == 1
@@ -206,7 +207,7 @@ def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_a
     # never from one changed since.
     engine, _ = load_engine(cpu_engine_dir(out))
     status = engine.path.stat()
-    os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns + 1))
+    os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
     try:
         with pytest.raises(ArtifactError, match="changed since it was loaded; load the engine"):
             engine.with_threads(1)

@@ -482,6 +482,27 @@ def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
 
 @pytest.mark.gpu
 @pytest.mark.e2e
+def test_a_capture_that_fails_turns_graphs_off_and_runs_eagerly(
+    tiny_run, cuda_torch_engine, monkeypatch, caplog
+):
+    info = tiny_run[0]
+    engine, _ = load_engine(cuda_torch_engine)
+    expected = Encoder(engine, info).encode(TEXTS)["sentence_embedding"]
+    assert engine._captured
+
+    def refuse(*_args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's)")
+
+    monkeypatch.setattr(engine, "_try_capture", refuse)
+    with caplog.at_level("WARNING", logger="bert_compile"):
+        got = Encoder(engine, info, batching=BatchingSpec(1, 512)).encode(TEXTS)
+    assert "CUDA graphs off (capture: CUDA out of memory (a test's))" in caplog.text
+    assert not engine.graphs and not engine._captured
+    np.testing.assert_allclose(got["sentence_embedding"], expected, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("model_type", "task", "labels"),
     [("roberta", "sentence-embedding", 2), ("bert", "sequence-classification", 1)],
