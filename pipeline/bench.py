@@ -18,7 +18,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-import os
 import platform
 import statistics
 import time
@@ -49,7 +48,7 @@ from bert_compiler.pipeline.models import (
     load_tokenizer,
     load_torch_model,
 )
-from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows
+from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows, usable_cores
 from bert_compiler.pipeline.text import Text, iter_file_texts, resolve_max_length
 
 log = logging.getLogger("bert_compile")
@@ -643,7 +642,7 @@ def _device(on_gpu: bool) -> dict[str, Any]:
     return {
         "kind": "cpu",
         "name": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(),
+        "cores": usable_cores(),
     }
 
 

@@ -319,22 +319,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.json:
+        from bert_compiler.pipeline.runtime import usable_cores
+
         summary = {
             "model": args.model,
             "device": f"{platform.machine()} {platform.processor() or ''}".strip(),
-            "cpus": _cpu_count(),
+            "cpus": usable_cores(),
             "requests": args.requests,
             "rounds": args.rounds,
             "results": [asdict(m) for m in results],
         }
         print(json.dumps(summary))
     return 1 if failed else 0
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 if __name__ == "__main__":
