@@ -813,17 +813,18 @@ def _serve_lines(summary: dict[str, Any]) -> str:
         *(f"  not served: {name} ({why})" for name, why in summary["not_served"].items()),
         f"  log: {summary['log']}",
     ]
-    ensembles = [m for m in summary["models"] if m.endswith("-text")]
-    if ensembles:
-        # A cross-encoder's ensemble scores pairs: query<TAB>passage, as bash's $'...' writes it.
+    text_models = [m for m in summary["models"] if m.endswith("-text")]
+    if text_models:
+        # A cross-encoder's text model scores pairs: query<TAB>passage, as bash's $'...' writes
+        # it.
         text = (
             "$'A man plays a guitar.\\tSomeone plays music.'"
-            if ensembles[0] in summary.get("text_pairs", ())
+            if text_models[0] in summary.get("text_pairs", ())
             else "'A man plays a guitar.'"
         )
         lines.append(
             f"  try: python scripts/triton_client.py --url {summary['http']} --model "
-            f"{ensembles[0]} {text}"
+            f"{text_models[0]} {text}"
         )
     return "\n".join(lines)
 

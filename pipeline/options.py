@@ -66,6 +66,7 @@ from bert_compiler.pipeline.text import check_pair_column, default_text_source
 from bert_compiler.pipeline.triton.package import (
     PACKAGE_LIMITS,
     PADDINGS,
+    PYTHON_TEXTS,
     PackageSpec,
     check_repository_target,
 )
@@ -778,6 +779,15 @@ class PackageOptions(OptionGroup):
                 "builds without the onnxruntime backend).",
             ),
             click.option(
+                "--python-text",
+                type=click.Choice(PYTHON_TEXTS),
+                default=default_of(PackageSpec, "python_text"),
+                show_default=True,
+                help="How --python-cpu-engine engines take text: one Python model that tokenizes "
+                "and runs the engine (<engine>-python-text), or an ensemble of the tokenizer "
+                "model and a Python engine model taking tokens (<engine>-python).",
+            ),
+            click.option(
                 "--warmup/--no-warmup",
                 default=default_of(PackageSpec, "warmup"),
                 show_default=True,
@@ -816,6 +826,7 @@ class PackageOptions(OptionGroup):
             instances=values["instances"],
             python_instances=values["python_instances"],
             python_cpu_engine=values["python_cpu_engine"],
+            python_text=values["python_text"],
             warmup=values["warmup"],
             padding=values["tokenizer_padding"],
             ladder_rungs=values["ladder_rungs"],

@@ -86,9 +86,15 @@ class Target:
         self.client = grpc_aio.InferenceServerClient(self.url)
         config = (await self.client.get_model_config(self.model, as_json=True))["config"]
         steps = config.get("ensemble_scheduling", {}).get("step", [])
-        if len(steps) != 2:
-            raise ValueError(f"{self.model} is not a tokenizer -> engine ensemble")
-        self.tokenizer, self.engine = (step["model_name"] for step in steps)
+        if not steps and config.get("backend") == "python":
+            # The one-model text engine (package --python-text model): it tokenizes too.
+            self.tokenizer = self.engine = self.model
+        elif len(steps) == 2:
+            self.tokenizer, self.engine = (step["model_name"] for step in steps)
+        else:
+            raise ValueError(
+                f"{self.model} is neither a tokenizer -> engine ensemble nor a Python text model"
+            )
         metadata = await self.client.get_model_metadata(self.model, as_json=True)
         self.output = metadata["outputs"][0]["name"]
         # TEXT, and a cross-encoder's TEXT_PAIR.

@@ -26,6 +26,8 @@ from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.gate import verify_repository
 from bert_compiler.pipeline.triton.package import (
     PYTHON_INSTANCES,
+    TEMPLATES,
+    TEXT_RUN_COST_TOKENS,
     TRITON_LADDER_RUNGS,
     PackageSpec,
     VerifiedEngine,
@@ -35,7 +37,7 @@ from bert_compiler.pipeline.triton.package import (
     package,
     tokenizer_json,
 )
-from bert_compiler.pipeline.triton.repository import open_repository
+from bert_compiler.pipeline.triton.repository import open_repository, repository_problems
 from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode, parse_ladder
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
@@ -46,6 +48,15 @@ def repository(tiny_run, tmp_path_factory):
     path = tmp_path_factory.mktemp("triton") / "repo"
     result = package(info=info, out=out, repository=path, spec=PackageSpec(python_cpu_engine=True))
     return info, out, result
+
+
+@pytest.fixture(scope="module")
+def ensemble_repository(tiny_run, tmp_path_factory):
+    """--python-text ensemble: the tokenizer model -> a Python engine model taking tokens."""
+    info, out, _spec, _summary = tiny_run
+    path = tmp_path_factory.mktemp("triton") / "repo"
+    spec = PackageSpec(python_cpu_engine=True, python_text="ensemble")
+    return info, out, package(info=info, out=out, repository=path, spec=spec)
 
 
 def _configs(path: Path) -> dict[str, model_config_pb2.ModelConfig]:
@@ -67,7 +78,6 @@ def test_every_config_parses_with_tritons_proto(repository):
         f"{slug}-tokenizer",
         f"{slug}-ort-cpu-fp32",
         f"{slug}-ort-cpu-fp32-text",
-        f"{slug}-ort-cpu-fp32-python",
         f"{slug}-ort-cpu-fp32-python-text",
     }
     assert all(config.name == name for name, config in configs.items())
@@ -80,8 +90,75 @@ def test_every_config_parses_with_tritons_proto(repository):
     # Python-backend models run PYTHON_INSTANCES processes; engine models on a backend of their
     # own, --instances (1).
     counts = {name: [g.count for g in c.instance_group] for name, c in configs.items()}
-    assert counts[f"{slug}-tokenizer"] == counts[f"{slug}-ort-cpu-fp32-python"] == [2]
+    assert counts[f"{slug}-tokenizer"] == counts[f"{slug}-ort-cpu-fp32-python-text"] == [2]
     assert PYTHON_INSTANCES == 2 and counts[f"{slug}-ort-cpu-fp32"] == [1]
+
+
+@pytest.mark.e2e
+def test_python_text_model_holds_the_engine_and_the_tokenizer(repository):
+    info, out, result = repository
+    slug = info.name
+    configs = _configs(result.path)
+    text = configs[f"{slug}-ort-cpu-fp32-python-text"]
+    engine = configs[f"{slug}-ort-cpu-fp32"]
+    assert text.backend == "python" and not text.ensemble_scheduling.step
+    assert [(t.name, t.data_type) for t in text.input] == [("TEXT", model_config_pb2.TYPE_STRING)]
+    assert not any(t.allow_ragged_batch for t in text.input)
+    assert list(text.output) == list(engine.output)
+    assert text.parameters["run_cost_tokens"].string_value == str(TEXT_RUN_COST_TOKENS)
+    folder = result.path / f"{slug}-ort-cpu-fp32-python-text" / "1"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.onnx", "model.py", "onnxruntime_model.py", "tokenizer.json", "tokenizer_model.py",
+    ]  # fmt: skip
+    for name, role in [
+        ("model.py", "python-text"),
+        ("tokenizer_model.py", "tokenizer"),
+        ("onnxruntime_model.py", "python-engine"),
+    ]:
+        assert (folder / name).read_bytes() == TEMPLATES[role].read_bytes()
+    tokenizer = result.path / f"{slug}-tokenizer" / "1" / "tokenizer.json"
+    assert (folder / "tokenizer.json").read_bytes() == tokenizer.read_bytes()
+    assert sha256_file(folder / "model.onnx") == sha256_file(cpu_engine_dir(out) / "model.onnx")
+    record = result.manifest["results"]["models"][f"{slug}-ort-cpu-fp32-python-text"]
+    assert record["role"] == "python-text" and record["files"]["1/model.onnx"]["verification"]
+
+
+@pytest.mark.e2e
+def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
+    """model.py loaded as Triton loads it (a file of its own, importing the copies beside it),
+    on the packaged folder and config: the outputs the runtime API gives for the same texts."""
+    import importlib.util
+    import sys
+
+    from google.protobuf import json_format
+
+    from bert_compiler.pipeline.runtime import Encoder
+
+    info, out, result = repository
+    name = f"{info.name}-ort-cpu-fp32-python-text"
+    folder = result.path / name
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for module in ("tokenizer_model", "onnxruntime_model"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    loaded = importlib.util.spec_from_file_location("model", folder / "1" / "model.py")
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    assert sys.modules["tokenizer_model"].__file__ == str(folder / "1" / "tokenizer_model.py")
+    model = module.TritonPythonModel()
+    config = _configs(result.path)[name]
+    model.initialize(
+        {
+            "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
+            "model_repository": str(folder),
+            "model_version": "1",
+        }
+    )
+    texts = [*HARD_TEXTS, "A man plays a guitar.", "Two dogs run across a wide green field."]
+    requests = [texts[:1], texts[1:4], texts[4:5], texts[5:]]
+    answers = model.engine.run(requests)
+    expected = Encoder.open(cpu_engine_dir(out), info).encode(texts)["sentence_embedding"]
+    served = np.concatenate([a["sentence_embedding"] for a in answers])
+    np.testing.assert_allclose(served, expected, atol=2e-5)
 
 
 @pytest.mark.e2e
@@ -180,10 +257,10 @@ def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
 
 
 @pytest.mark.e2e
-def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(repository):
+def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(ensemble_repository):
     from bert_compiler.pipeline.models import load_tokenizer
 
-    info, _out, result = repository
+    info, _out, result = ensemble_repository
     slug = info.name
     configs = _configs(result.path)
     ladder = parse_ladder(configs[f"{slug}-tokenizer"].parameters["length_ladder"].string_value)
@@ -233,7 +310,7 @@ def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
 @pytest.mark.e2e
 def test_request_padding_packages_per_request_padding(tiny_run, tmp_path):
     info, out, _spec, _summary = tiny_run
-    spec = PackageSpec(python_cpu_engine=True, padding="request")
+    spec = PackageSpec(python_cpu_engine=True, python_text="ensemble", padding="request")
     result = package(info=info, out=out, repository=tmp_path / "r", spec=spec)
     configs = _configs(result.path)
     tokenizer = configs[f"{info.name}-tokenizer"]
@@ -248,6 +325,8 @@ def test_request_padding_packages_per_request_padding(tiny_run, tmp_path):
 
 
 def test_package_settings_are_checked():
+    with pytest.raises(InputError, match="--python-text 'fused'"):
+        PackageSpec(python_text="fused").validate()
     with pytest.raises(InputError, match="--tokenizer-padding 'bucket'"):
         PackageSpec(padding="bucket").validate()
     with pytest.raises(InputError, match="needs --tokenizer-padding ladder"):
@@ -323,7 +402,7 @@ def test_verify_repository_passes(repository):
     statuses = {(e["model"], e["status"]) for e in summary["engines"]}
     assert statuses == {
         (f"{info.name}-ort-cpu-fp32", "passed"),
-        (f"{info.name}-ort-cpu-fp32-python", "passed"),
+        (f"{info.name}-ort-cpu-fp32-python-text", "passed"),
     }
     assert all(e["parity"]["min_cosine"] > 0.9999 for e in summary["engines"])
 
@@ -345,6 +424,21 @@ def test_flipped_byte_is_refused(repository_copy):
     engine.write_bytes(bytes(data))
     with pytest.raises(ArtifactError, match="does not match the manifest"):
         verify_repository(info=info, repository=copy, out_root=out / "v", spec=TINY_VERIFY)
+
+
+@pytest.mark.e2e
+def test_python_text_config_is_checked_against_its_engine(repository_copy):
+    info, _out, copy = repository_copy
+    records = open_repository(copy).models
+    assert repository_problems(copy, records) == []
+    config_path = copy / f"{info.name}-ort-cpu-fp32-python-text" / "config.pbtxt"
+    text = config_path.read_text()
+    config_path.write_text(text.replace(f"dims: {info.hidden_size}", "dims: 7"))
+    (problem,) = repository_problems(copy, records)
+    assert "python-text/config.pbtxt: config output sentence_embedding TYPE_FP32 [7]" in problem
+    config_path.write_text(text.replace('name: "TEXT"', 'name: "WORDS"'))
+    (problem,) = repository_problems(copy, records)
+    assert "config inputs ['WORDS'] but the engine has ['TEXT']" in problem
 
 
 @pytest.mark.e2e
@@ -401,7 +495,7 @@ def test_python_bytecode_is_named_and_refused_unread(repository_copy, tmp_path):
     would run a planted one whose source stamp matches instead of model.py. The gate and package
     name it as bytecode, in one line, without reading it."""
     info, out, copy = repository_copy
-    planted = copy / f"{info.name}-ort-cpu-fp32-python" / "1" / "__pycache__"
+    planted = copy / f"{info.name}-ort-cpu-fp32-python-text" / "1" / "__pycache__"
     planted.mkdir()
     (planted / "model.cpython-311.pyc").write_bytes(b"\x00" * 16)
     for attempt in (

@@ -182,7 +182,7 @@ def test_the_readme_lines_serve_and_stop_on_ctrl_c(tiny_run, tiny_embedding_mode
     tiny = f"--model {tiny_embedding_model} --out {out} --repository {repo}"
     packaged = bash(f"{ours(package_line)} {tiny}", timeout=300)
     assert packaged.returncode == 0, packaged.stderr
-    assert f"{info.name}-ort-cpu-fp32-python-text (ensemble)" in packaged.stdout
+    assert f"{info.name}-ort-cpu-fp32-python-text (python-text)" in packaged.stdout
 
     # 8000 and 8001 may be taken on a shared machine: free ones, printed, replace them below.
     serve = subprocess.Popen(
@@ -198,7 +198,7 @@ def test_the_readme_lines_serve_and_stop_on_ctrl_c(tiny_run, tiny_embedding_mode
         shown = _read_until(serve, lambda text: "  try: " in text)
         http = re.search(r"HTTP: http://127\.0\.0\.1:(\d+)\n", shown).group(1)
         grpc = re.search(r"gRPC: 127\.0\.0\.1:(\d+)\n", shown).group(1)
-        for model in ("tokenizer", "ort-cpu-fp32-python", "ort-cpu-fp32-python-text"):
+        for model in ("tokenizer", "ort-cpu-fp32-python-text"):
             assert f"  model: {info.name}-{model}\n" in shown
         assert f"not served: {info.name}-ort-cpu-fp32 (needs the onnxruntime backend)" in shown
         (server_pid,) = _children(serve.pid)

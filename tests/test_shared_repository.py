@@ -170,7 +170,7 @@ def test_an_interrupted_package_is_repaired_by_the_next(tiny_run, tmp_path, monk
             info=info, out=out, repository=repository, spec=PackageSpec(python_cpu_engine=True)
         )
         assert not done.skipped and any(
-            n.endswith("-python") for n in open_repository(repository).models
+            n.endswith("-python-text") for n in open_repository(repository).models
         )
 
 

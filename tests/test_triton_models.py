@@ -12,7 +12,7 @@ import types
 import numpy as np
 import pytest
 
-from bert_compiler.pipeline.triton import onnxruntime_model, tokenizer_model
+from bert_compiler.pipeline.triton import onnxruntime_model, text_engine_model, tokenizer_model
 from bert_compiler.pipeline.triton.tokenizer_model import (
     TextEncoder,
     format_ladder,
@@ -223,3 +223,107 @@ def test_python_engine_fails_only_the_group_ort_refuses():
     responses = _grouped(CountingSession(refuse_width=6), feeds)
     assert "ONNX Runtime refused the batch: invalid input" in responses[1]
     assert responses[0]["out"].shape == responses[2]["out"].shape == (1, 1)
+
+
+# The one-model text engine (text_engine_model.py): tokenizes every text of an execute call,
+# sorts them by length and runs them in as few padded runs as pay.
+
+
+def _brute_force_cost(lengths, run_cost, max_rows):
+    """The least cost over every way to cut sorted lengths into runs (2^(n-1) cuts)."""
+    best = float("inf")
+    for mask in range(1 << max(0, len(lengths) - 1)):
+        cuts = [0, *(i + 1 for i in range(len(lengths) - 1) if mask >> i & 1), len(lengths)]
+        runs = list(zip(cuts, cuts[1:], strict=False))
+        if all(stop - start <= max_rows for start, stop in runs):
+            best = min(best, sum(run_cost + (b - a) * lengths[b - 1] for a, b in runs))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_runs_finds_the_cheapest_cuts(seed):
+    rng = np.random.default_rng(seed)
+    lengths = sorted(rng.integers(3, 60, size=int(rng.integers(1, 11))).tolist())
+    run_cost, max_rows = float(rng.choice([0, 4, 8, 40])), int(rng.choice([2, 3, 64]))
+    runs = text_engine_model.plan_runs(lengths, run_cost, max_rows)
+    assert runs[0][0] == 0 and runs[-1][1] == len(lengths)
+    assert all(a[1] == b[0] for a, b in zip(runs, runs[1:], strict=False))
+    assert all(0 < stop - start <= max_rows for start, stop in runs)
+    cost = sum(run_cost + (stop - start) * lengths[stop - 1] for start, stop in runs)
+    assert cost == pytest.approx(_brute_force_cost(lengths, run_cost, max_rows))
+
+
+def test_plan_runs_trades_padding_for_runs():
+    lengths = [5, 5, 6, 30, 31]
+    # Free runs: a run per length, no padding; costly runs: one run padded to 31.
+    assert text_engine_model.plan_runs(lengths, 0, 64) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert text_engine_model.plan_runs(lengths, 1000, 64) == [(0, 5)]
+    assert text_engine_model.plan_runs(lengths, 8, 64) == [(0, 3), (3, 5)]
+    assert text_engine_model.plan_runs(lengths, 1000, 2) == [(0, 2), (2, 3), (3, 5)]
+    assert text_engine_model.plan_runs([], 8, 64) == []
+    with pytest.raises(ValueError, match="ascending"):
+        text_engine_model.plan_runs([5, 3], 8, 64)
+
+
+class TokenSession:
+    """An ORT session stand-in with a token-level output: each position's id, as a float."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, int]] = []
+
+    def run(self, output_names, feeds):
+        ids = feeds["input_ids"]
+        self.calls.append(ids.shape)
+        pooled = (ids * feeds["attention_mask"]).sum(axis=1, keepdims=True).astype(np.float32)
+        return [pooled, ids[:, :, None].astype(np.float32)]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_text_engine_returns_each_request_its_own_rows(side):
+    encoder = TextEncoder(word_tokenizer(side), NAMES)
+    session = TokenSession()
+    engine = text_engine_model.TextEngine(
+        session, encoder, ["pooled", "tokens"], token_outputs=["tokens"], run_cost=0, max_rows=64
+    )
+    requests = [["a b c d e f"], ["a", "b c"], ["d"], ["e f g h"]]
+    results = engine.run(requests)
+    # Sorted lengths 3,3,4,6,8 with free runs: one run per length, none padded.
+    assert sorted(session.calls) == [(1, 4), (1, 6), (1, 8), (2, 3)]
+    for request, result in zip(requests, results, strict=True):
+        alone = encoder.encode(request)
+        mask = alone["attention_mask"]
+        np.testing.assert_array_equal(result["attention_mask"], mask)
+        np.testing.assert_array_equal(result["tokens"][..., 0], alone["input_ids"] * mask)
+        np.testing.assert_array_equal(
+            result["pooled"], (alone["input_ids"] * mask).sum(axis=1, keepdims=True)
+        )
+
+
+def test_text_engine_fails_only_the_requests_of_a_refused_run():
+    encoder = TextEncoder(word_tokenizer(), NAMES)
+    engine = text_engine_model.TextEngine(
+        CountingSession(refuse_width=5), encoder, ["out"], run_cost=0, max_rows=64
+    )
+    results = engine.run([["a"], ["a b c", "d"], ["e"], []])
+    assert "ONNX Runtime refused the batch: invalid input" in results[1]
+    assert results[0]["out"].shape == results[2]["out"].shape == (1, 1)
+    assert results[3] == "a request with no texts"
+    with pytest.raises(ValueError, match="no ladder"):
+        text_engine_model.TextEngine(
+            CountingSession(), TextEncoder(word_tokenizer(), NAMES, (4, 8)), ["out"],
+            run_cost=0, max_rows=64,
+        )  # fmt: skip
+
+
+def test_text_engine_model_reads_requests_and_answers_each(pb_utils):
+    engine = text_engine_model.TextEngine(
+        CountingSession(), TextEncoder(word_tokenizer(), NAMES), ["out"], run_cost=8, max_rows=64
+    )
+    model = text_engine_model.TritonPythonModel()
+    model.inputs, model.engine = ["TEXT"], engine
+    responses = model.execute(
+        [_text_request(b"a b"), _text_request(b"\xff\xfe"), _text_request(b"c", b"d e")]
+    )
+    assert responses[0].tensors["out"].shape == (1, 1)
+    assert "UTF-8" in responses[1].error.message and not responses[1].tensors
+    assert responses[2].tensors["out"].shape == (2, 1) and responses[2].error is None

@@ -1,6 +1,6 @@
-"""The packaged repository in a real Triton server: tokenizer model, Python-backend engine and
-their ensemble, queried over HTTP and gRPC with tritonclient (pipeline/triton/server.py says
-which server and why only the Python backend)."""
+"""The packaged repository in a real Triton server, queried over HTTP and gRPC with tritonclient
+(pipeline/triton/server.py says which server and why only the Python backend): the one-model
+Python text engine (the default), and the ensemble tokenizer model -> Python-backend engine."""
 
 from __future__ import annotations
 
@@ -35,17 +35,40 @@ TEXTS = [
 QUEUE_DELAY_US = 100_000
 
 
-@pytest.fixture(scope="module")
-def served(tiny_run, tmp_path_factory):
+def _serve(tiny_run, tmp_path_factory, python_text: str):
     info, out, _spec, _summary = tiny_run
     repository = tmp_path_factory.mktemp("served") / "repo"
     # The dynamic batcher waits this long for company: without it, on a busy machine the engine
     # can finish each request before the tokenizer sends the next, and never join any.
-    spec = PackageSpec(python_cpu_engine=True, max_queue_delay_us=QUEUE_DELAY_US)
+    spec = PackageSpec(
+        python_cpu_engine=True, python_text=python_text, max_queue_delay_us=QUEUE_DELAY_US
+    )
     package(info=info, out=out, repository=repository, spec=spec)
-    ensemble = f"{info.name}-ort-cpu-fp32-python-text"
-    with triton_server(SERVER, repository, [ensemble], tmp_path_factory.mktemp("server")) as s:
+    model = f"{info.name}-ort-cpu-fp32-python-text"
+    server = triton_server(SERVER, repository, [model], tmp_path_factory.mktemp("server"))
+    return info, out, server, model
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run, tmp_path_factory):
+    """--python-text ensemble: the tokenizer model -> the Python-backend engine model."""
+    info, out, server, ensemble = _serve(tiny_run, tmp_path_factory, "ensemble")
+    with server as s:
         yield info, out, s, ensemble
+
+
+@pytest.fixture(scope="module")
+def served_text(tiny_run, tmp_path_factory):
+    """The default: one Python model that tokenizes and runs the engine."""
+    info, out, server, model = _serve(tiny_run, tmp_path_factory, "model")
+    with server as s:
+        yield info, out, s, model
+
+
+@pytest.fixture(params=["served_text", "served"])
+def text_model(request):
+    """Either way of taking text: the same answers."""
+    return request.getfixturevalue(request.param)
 
 
 def _clients(server):
@@ -83,8 +106,8 @@ def test_tokenizer_model_serves_the_pipelines_tokens(served):
             assert not got[:, length:].any()
 
 
-def test_ensemble_embeddings_match_the_engine_and_pytorch(served):
-    info, out, server, ensemble = served
+def test_text_model_embeddings_match_the_engine_and_pytorch(text_model):
+    info, out, server, ensemble = text_model
     feeds = tokenize(load_tokenizer(info), TEXTS, info, info.max_length)
     engine, _ = load_engine(cpu_engine_dir(out))
     expected = engine.run(feeds)["sentence_embedding"]
@@ -126,10 +149,10 @@ def test_server_reports_our_config(served):
     assert not client.is_model_ready(f"{info.name}-ort-cpu-fp32")
 
 
-def test_text_that_is_not_utf8_is_an_error_not_a_crash(served):
+def test_text_that_is_not_utf8_is_an_error_not_a_crash(text_model):
     from tritonclient.utils import InferenceServerException
 
-    info, _out, server, ensemble = served
+    info, _out, server, ensemble = text_model
     module, client = _clients(server)[1]
     bad = module.InferInput("TEXT", [1, 1], "BYTES")
     bad.set_data_from_numpy(np.array([[b"\xff\xfe broken"]], dtype=object))
@@ -139,8 +162,8 @@ def test_text_that_is_not_utf8_is_an_error_not_a_crash(served):
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_client_example(served, protocol):
-    info, _out, server, ensemble = served
+def test_client_example(served_text, protocol):
+    info, _out, server, ensemble = served_text
     url = server.http if protocol == "http" else server.grpc
     result = subprocess.run(
         [
@@ -226,6 +249,48 @@ def test_requests_of_different_rungs_share_an_engine_call(served):
     assert executed < inferred, f"{inferred} requests of distinct shapes in {executed} calls"
 
 
+def test_text_model_runs_requests_of_any_length_together(served_text):
+    """Sentences of many lengths sent at once to the one-model text engine: it answers several
+    in one execute call (its input is one string a row, so Triton batches any requests), and
+    each answer is its own sentence's embedding."""
+    import queue
+
+    import tritonclient.grpc as grpc_client
+
+    info, out, server, model = served_text
+    client = grpc_client.InferenceServerClient(server.grpc)
+    config = client.get_model_config(model, as_json=True)["config"]
+    assert config["backend"] == "python" and not config.get("ensemble_scheduling")
+    assert [g["count"] for g in config["instance_group"]] == [PYTHON_INSTANCES]
+    texts = ["word " * words for words in (1, 3, 9, 20, 41, 70, 110)]
+    engine, _ = load_engine(cpu_engine_dir(out))
+    hf = load_tokenizer(info)
+    expected = {
+        text: engine.run(tokenize(hf, [text], info, info.max_length))["sentence_embedding"][0]
+        for text in texts
+    }
+    answers: queue.Queue = queue.Queue()
+    for _burst in range(5):
+        before = _stats(client, model)
+        for index, text in enumerate(texts):
+            client.async_infer(
+                model,
+                [_text_input(grpc_client, [text])],
+                callback=lambda result, error, index=index: answers.put((index, result, error)),
+            )
+        for _ in texts:
+            index, result, error = answers.get(timeout=60)
+            assert error is None, error
+            got = result.as_numpy("sentence_embedding")
+            np.testing.assert_allclose(got[0], expected[texts[index]], atol=1e-5)
+        after = _stats(client, model, at_least=before[0] + len(texts))
+        inferred, executed = after[0] - before[0], after[1] - before[1]
+        assert inferred == len(texts)
+        if executed < inferred:
+            break
+    assert executed < inferred, f"{inferred} requests in {executed} calls"
+
+
 def _load(*args):
     return subprocess.run(
         [sys.executable, str(REPO_ROOT / "scripts" / "triton_load.py"), *map(str, args)],
@@ -235,8 +300,8 @@ def _load(*args):
     )
 
 
-def test_load_generator_reports_throughput_and_latency(served):
-    info, _out, server, ensemble = served
+def test_load_generator_reports_throughput_and_latency(text_model):
+    info, _out, server, ensemble = text_model
     result = _load(
         "--url", server.grpc, "--model", ensemble, "--concurrency", "1,4", "--requests", 24,
         "--warmup", 4, "--json",
@@ -254,8 +319,8 @@ def test_load_generator_reports_throughput_and_latency(served):
     assert "sent/s" in result.stdout.splitlines()[0]
 
 
-def test_load_generator_sends_the_texts_of_data(served, tmp_path):
-    _info, _out, server, ensemble = served
+def test_load_generator_sends_the_texts_of_data(served_text, tmp_path):
+    _info, _out, server, ensemble = served_text
     texts = tmp_path / "texts.txt"
     texts.write_text("a short one\na somewhat longer sentence to send\n", encoding="utf-8")
     common = ["--url", server.grpc, "--model", ensemble, "--concurrency", "2", "--warmup", 0]
@@ -273,18 +338,20 @@ def test_load_generator_sends_the_texts_of_data(served, tmp_path):
 
 def test_load_generator_compares_repositories_on_their_own_servers(tiny_run, tmp_path):
     info, out, _spec, _summary = tiny_run
-    repositories = {}
-    for padding in ("request", "ladder"):
-        repositories[padding] = tmp_path / padding
-        spec = PackageSpec(python_cpu_engine=True, padding=padding)
-        package(info=info, out=out, repository=repositories[padding], spec=spec)
+    # The baseline of docs/benchmarks.md (per-request padding through the ensemble) and the
+    # default (one Python text model).
+    repositories = {"request": tmp_path / "request", "model": tmp_path / "model"}
+    baseline = PackageSpec(python_cpu_engine=True, python_text="ensemble", padding="request")
+    package(info=info, out=out, repository=repositories["request"], spec=baseline)
+    default = PackageSpec(python_cpu_engine=True)
+    package(info=info, out=out, repository=repositories["model"], spec=default)
     ensemble = f"{info.name}-ort-cpu-fp32-python-text"
     result = _load(
         "--model", ensemble, "--repository", f"request={repositories['request']}",
-        "--repository", f"ladder={repositories['ladder']}", "--concurrency", "8",
+        "--repository", f"model={repositories['model']}", "--concurrency", "8",
         "--requests", 32, "--warmup", 0, "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = json.loads(result.stdout.strip().splitlines()[-1])["results"]
-    assert [r["target"] for r in rows] == ["request", "ladder"]
+    assert [r["target"] for r in rows] == ["request", "model"]
     assert all(r["completed"] == 32 and r["errors"] == 0 for r in rows)

@@ -124,6 +124,18 @@ class EngineModel:
     warmups: Sequence[Warmup] = ()
 
 
+# What a text-in model (an ensemble, the one-model Python text engine) adds beside token-level
+# outputs, which come back padded: the mask a client needs to tell which positions are real.
+MASK = TensorSpec("attention_mask", "TYPE_INT64", (-1,))
+
+
+def text_outputs(engine_outputs: Sequence[TensorSpec]) -> list[TensorSpec]:
+    """A text-in model's outputs: the engine's, and with a token-level one (a -1 dim) the
+    attention mask."""
+    padded = any(-1 in t.dims for t in engine_outputs)
+    return [*engine_outputs, *([MASK] if padded else [])]
+
+
 def _tensor(message, spec: TensorSpec, pb2) -> None:
     message.name = spec.name
     message.data_type = pb2.DataType.Value(spec.data_type)

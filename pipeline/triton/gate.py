@@ -20,6 +20,7 @@ from bert_compiler.pipeline.triton.package import (
     tokenizer_mismatches,
 )
 from bert_compiler.pipeline.triton.repository import (
+    ENGINE_ROLES,
     Repository,
     engine_tensors,
     open_repository,
@@ -87,7 +88,7 @@ def verify_repository(
     entries: list[dict[str, Any]] = []
     by_hash: dict[str, dict[str, Any]] = {}
     for name, record in opened.models.items():
-        if record["role"] not in ("engine", "python-engine"):
+        if record["role"] not in ENGINE_ROLES:
             continue
         if record["package"] != slug:
             entries.extend(
@@ -103,7 +104,7 @@ def verify_repository(
         for relative, entry in record["files"].items():
             label = f"{name}/{relative}"
             if entry["sha256"] in by_hash:
-                # The Python-backend model serves a byte-identical copy: one verification.
+                # A Python-backend model serves a byte-identical copy: one verification.
                 entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
                 continue
             try:

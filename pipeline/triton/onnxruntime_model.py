@@ -1,11 +1,13 @@
 """Triton Python-backend model that runs a CPU ONNX Runtime engine.
 
-For Triton builds without the onnxruntime backend (`bert-compile package --python-cpu-engine`):
+For Triton builds without the onnxruntime backend (`bert-compile package --python-cpu-engine
+--python-text ensemble`):
 `package` copies this file verbatim to ``<model>-ort-cpu-<precision>-python/1/model.py`` beside
 the engine's ``model.onnx``. The session is created with the graph optimization level and thread
 count recorded in the config's parameters, which the packager takes from the engine's manifest.
 Triton's Python environment needs numpy and ``onnxruntime``; nothing is imported from Triton or
-ONNX Runtime until the model is loaded.
+ONNX Runtime until the model is loaded. The one-model text engine (text_engine_model.py) imports
+``open_session`` from a copy of this file beside it.
 
 All requests of one ``execute`` call run together: the requests of one padded length (the
 tokenizer model pads each to a rung of the length ladder) are concatenated and run as one batch,
@@ -33,21 +35,10 @@ _LEVELS = {
 
 class TritonPythonModel:
     def initialize(self, args):
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        options = ort.SessionOptions()
-        options.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel, _LEVELS[parameters.get("graph_optimization_level", "all")]
-        )
-        options.intra_op_num_threads = intra_op_threads(config, parameters)
-        # The server, the tokenizer model's process and this one share the cores: threads that
-        # spin while idle after each run would take them from the requests still being decoded
-        # and tokenized. (A scheduling setting; the numbers are the same.)
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         path = Path(args["model_repository"]) / args["model_version"] / ENGINE_FILE
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = open_session(path, config, parameters)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
 
@@ -70,6 +61,23 @@ class TritonPythonModel:
             ),
             fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
         )
+
+
+def open_session(path: Path, config: dict, parameters: dict):
+    """An ONNX Runtime CPU session on ``path`` with the graph optimization level and thread
+    count the config's parameters record (the packager takes them from the engine's manifest)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel, _LEVELS[parameters.get("graph_optimization_level", "all")]
+    )
+    options.intra_op_num_threads = intra_op_threads(config, parameters)
+    # The server, the other models' processes and this one share the cores: threads that spin
+    # while idle after each run would take them from the requests still being decoded and
+    # tokenized. (A scheduling setting; the numbers are the same.)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def intra_op_threads(config: dict, parameters: dict) -> int:

@@ -15,6 +15,11 @@ packaged. The repository (default ``OUT/triton``) holds, for model M::
         config.pbtxt  1/model.sm90.plan ...
     M-<engine model>-text/         ensemble: TEXT -> tokenizer -> engine -> outputs
         config.pbtxt  1/
+    M-ort-cpu-fp32-python-text/    --python-cpu-engine: Python backend, TEXT -> outputs in one
+                                   process (text_engine_model.py; --python-text ensemble: an
+                                   M-ort-cpu-fp32-python engine model and an ensemble instead)
+        config.pbtxt  1/model.py  1/tokenizer_model.py  1/onnxruntime_model.py
+        1/tokenizer.json  1/model.onnx
 
 No GPU model has a default file: a GPU whose compute capability has no engine fails to load the
 model instead of running a plan or graph built for another GPU (hardware-compatible TensorRT
@@ -80,10 +85,12 @@ from bert_compiler.pipeline.triton.repository import (
     package_outputs,
     repository_problems,
 )
+from bert_compiler.pipeline.triton.text_engine_model import RUN_COST_PARAMETER
 from bert_compiler.pipeline.triton.tokenizer_model import (
     LADDER_PARAMETER,
     TEXT_INPUT,
     TEXT_PAIR_INPUT,
+    TOKENIZER_FILE,
     TextEncoder,
     format_ladder,
 )
@@ -96,6 +103,7 @@ TEXT_PAIR = tc.TensorSpec(TEXT_PAIR_INPUT, "TYPE_STRING", (1,))
 TEMPLATES = {
     "tokenizer": Path(__file__).with_name("tokenizer_model.py"),
     "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
+    "python-text": Path(__file__).with_name("text_engine_model.py"),
 }
 _WARMUP_TEXT = (
     "A man is playing a large flute while a small crowd listens in the park, and two dogs run "
@@ -104,6 +112,13 @@ _WARMUP_TEXT = (
 
 
 PADDINGS = ("ladder", "request")
+# How --python-cpu-engine serves text: one Python model that tokenizes and runs the engine, or
+# the tokenizer model -> Python engine model ensemble (a second process, token tensors between).
+PYTHON_TEXTS = ("model", "ensemble")
+# What one more engine run costs the one-model text engine, in padded tokens: it cuts an execute
+# call's length-sorted texts into runs where the padding a cut saves is worth more than this
+# (text_engine_model.plan_runs). Chosen on the calibration sentences (docs/benchmarks.md).
+TEXT_RUN_COST_TOKENS = 8
 # Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
 # Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
@@ -142,6 +157,10 @@ class PackageSpec:
             engines); an engine's instances share the usable cores.
         python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
             backend, for Triton builds without the onnxruntime backend.
+        python_text: how those engines take text: ``model``, one Python model
+            (``<engine>-python-text``) that tokenizes every text of an execute call and runs
+            the engine on them; ``ensemble``, the tokenizer model -> a Python engine model
+            (``<engine>-python``, token tensors in) in an ensemble of that name.
         warmup: run real-token warmup requests when Triton loads an engine model.
         padding: how the tokenizer model pads a request: ``ladder``, to the shortest rung of
             ``length_ladder`` that holds its longest text (requests of one rung batch together
@@ -160,6 +179,7 @@ class PackageSpec:
     instances: int = 1
     python_instances: int = PYTHON_INSTANCES
     python_cpu_engine: bool = False
+    python_text: str = "model"
     warmup: bool = True
     padding: str = "ladder"
     ladder_rungs: int = TRITON_LADDER_RUNGS
@@ -174,6 +194,10 @@ class PackageSpec:
         if self.padding not in PADDINGS:
             raise InputError(
                 f"--tokenizer-padding {self.padding!r}: expected one of {', '.join(PADDINGS)}"
+            )
+        if self.python_text not in PYTHON_TEXTS:
+            raise InputError(
+                f"--python-text {self.python_text!r}: expected one of {', '.join(PYTHON_TEXTS)}"
             )
         if self.padding == "request" and self.length_ladder:
             raise InputError("a length ladder needs --tokenizer-padding ladder")
@@ -515,11 +539,15 @@ def plan_repository(
     for engine in engines:
         groups.setdefault(engine_kind(engine.spec), []).append(engine)
     served: list[_ModelPlan] = []
+    python_text: list[tuple[_ModelPlan, VerifiedEngine]] = []
     for kind, members in sorted(groups.items()):
         engine_plan = _plan_engine(f"{slug}-{kind}", kind, members, info=info, spec=spec)
         served.append(engine_plan)
         if spec.python_cpu_engine and engine_plan.record["device"] == "cpu":
-            served.append(_plan_python_engine(engine_plan, members[0], spec))
+            if spec.python_text == "ensemble":
+                served.append(_plan_python_engine(engine_plan, members[0], spec))
+            else:
+                python_text.append((engine_plan, members[0]))
     tokenizer = _plan_tokenizer(
         f"{slug}-tokenizer",
         info,
@@ -528,7 +556,8 @@ def plan_repository(
         spec=spec,
     )
     ensembles = [_plan_ensemble(p, tokenizer) for p in served]
-    return [tokenizer, *served, *ensembles]
+    text_models = [_plan_python_text(p, e, tokenizer, spec) for p, e in python_text]
+    return [tokenizer, *served, *ensembles, *text_models]
 
 
 def _plan_engine(
@@ -625,6 +654,43 @@ def _plan_python_engine(
     )
 
 
+def _plan_python_text(
+    engine_plan: _ModelPlan, engine: VerifiedEngine, tokenizer: _ModelPlan, spec: PackageSpec
+) -> _ModelPlan:
+    """Text -> the same CPU engine's outputs in one Python-backend model (text_engine_model.py,
+    importing the tokenizer and engine models' files, copied beside it)."""
+    name = tc.check_name(f"{engine_plan.name}-python-text", "model name")
+    _inputs, outputs = tc.tensor_specs(engine_plan.config)
+    texts, _tokens = tc.tensor_specs(tokenizer.config)
+    config = tc.python_config(
+        name=name,
+        inputs=texts,
+        outputs=tc.text_outputs(outputs),
+        max_batch_size=engine_plan.config.max_batch_size,
+        instance_count=spec.python_instances,
+        parameters={
+            **session_parameters(engine.spec.get("session", {}), python=True),
+            RUN_COST_PARAMETER: str(TEXT_RUN_COST_TOKENS),
+        },
+        max_queue_delay_us=spec.max_queue_delay_us,
+    )
+    tokenizer_file = f"{VERSION}/{TOKENIZER_FILE}"
+    files = {
+        f"{VERSION}/model.py": TEMPLATES["python-text"],
+        f"{VERSION}/{TEMPLATES['tokenizer'].name}": TEMPLATES["tokenizer"],
+        f"{VERSION}/{TEMPLATES['python-engine'].name}": TEMPLATES["python-engine"],
+        tokenizer_file: tokenizer.files[tokenizer_file],
+        **{k: v for k, v in engine_plan.files.items() if k.startswith(f"{VERSION}/")},
+    }
+    record = {
+        **engine_plan.record,
+        "role": "python-text",
+        "text_inputs": [t.name for t in texts],
+        "tokenizer": tokenizer.name,
+    }
+    return _ModelPlan(name, "python-text", config, files, record)
+
+
 def _plan_tokenizer(
     name: str, info: ModelInfo, max_length: int, *, max_batch: int, spec: PackageSpec
 ) -> _ModelPlan:
@@ -667,14 +733,11 @@ def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan
     name = tc.check_name(f"{engine_plan.name}-text", "model name")
     inputs, outputs = tc.tensor_specs(engine_plan.config)
     texts, tokens = tc.tensor_specs(tokenizer.config)
-    # Token-level outputs are padded: hand the mask back so a client can tell which are real.
-    padded = any(-1 in t.dims for t in outputs)
-    extra = [t for t in tokens if t.name == "attention_mask"] if padded else []
     names = [t.name for t in inputs]
     config = tc.ensemble_config(
         name=name,
         inputs=texts,
-        outputs=[*outputs, *extra],
+        outputs=tc.text_outputs(outputs),
         max_batch_size=engine_plan.config.max_batch_size,
         steps=[
             (tokenizer.name, {t.name: t.name for t in texts}, {t.name: t.name for t in tokens}),

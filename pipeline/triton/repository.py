@@ -48,6 +48,11 @@ def engine_tensors(
     return inputs, outputs
 
 
+# Models that hold an engine file: its own backend's model, the Python-backend copy taking token
+# tensors, and the one-model Python text engine taking text.
+ENGINE_ROLES = ("engine", "python-engine", "python-text")
+
+
 def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Parse every config.pbtxt with Triton's protobuf and cross-check it: name, the engine
     files' tensors (ONNX read directly; TensorRT plans against the graph TensorRT parsed, as
@@ -62,12 +67,16 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
     for name, record in records.items():
         config = configs[name]
         where = str(folder / name / tc.CONFIG_FILE)
-        if record["role"] in ("engine", "python-engine"):
+        if record["role"] in ENGINE_ROLES:
             for relative, entry in record["files"].items():
                 path = folder / name / relative
                 if sha256_file(path) != entry["sha256"]:
                     problems.append(f"{path}: differs from the verified engine {entry['engine']}")
                 inputs, outputs = engine_tensors(path, record)
+                if record["role"] == "python-text":
+                    # Text in (the tokenizer model's inputs), the engine's outputs out.
+                    inputs = [tc.TensorSpec(n, "TYPE_STRING", (1,)) for n in record["text_inputs"]]
+                    outputs = tc.text_outputs(outputs)
                 problems.extend(tc.io_problems(config, inputs, outputs, where))
             if record["role"] == "engine":
                 expected = {f: e["compute_capability"] for f, e in record["files"].items()}
@@ -272,7 +281,7 @@ def _package_problem(manifest: Mapping[str, Any]) -> str:
     return ""
 
 
-_ROLES = ("tokenizer", "engine", "python-engine", "ensemble")
+_ROLES = ("tokenizer", *ENGINE_ROLES, "ensemble")
 
 
 def _record_problem(name: str, record: Any) -> str:
@@ -286,6 +295,11 @@ def _record_problem(name: str, record: Any) -> str:
         return "" if ok else f"tokenizer {name!r} lacks max_length or inputs"
     if role == "ensemble":
         return "" if isinstance(record.get("engine"), str) else f"ensemble {name!r} names no engine"
+    texts = record.get("text_inputs")
+    if role == "python-text" and not (
+        isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
+    ):
+        return f"text model {name!r} names no text inputs"
     files = record.get("files")
     if not isinstance(files, dict) or not files or not isinstance(record.get("device"), str):
         return f"engine model {name!r} lists no files or device"

@@ -43,7 +43,12 @@ from typing import Any
 
 from bert_compiler.core.errors import EnvironmentProblem, InputError, Interrupted
 from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.repository import VERSION, Repository, open_repository
+from bert_compiler.pipeline.triton.repository import (
+    ENGINE_ROLES,
+    VERSION,
+    Repository,
+    open_repository,
+)
 from bert_compiler.pipeline.triton.tokenizer_model import TEXT_PAIR_INPUT
 
 DISTRIBUTION = "nvidia-pytriton"
@@ -190,7 +195,7 @@ def plan_serving(
             raise EnvironmentProblem(
                 f"{path}: {name} {skipped[name]}, which the local Triton lacks"
             )
-    engines = [n for n in servable if opened.models[n]["role"] in ("engine", "python-engine")]
+    engines = [n for n in servable if opened.models[n]["role"] in ENGINE_ROLES]
     if not engines:
         lacking = sorted({r.removeprefix("needs the ") for r in skipped.values() if "needs" in r})
         raise EnvironmentProblem(

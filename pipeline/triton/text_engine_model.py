@@ -1,0 +1,219 @@
+"""Triton Python-backend model: text in, a CPU ONNX Runtime engine's outputs out, in one process.
+
+`bert-compile package --python-cpu-engine` copies this file to
+``<model>-ort-cpu-<precision>-python-text/1/model.py``, and beside it the two files it imports
+(tokenizer_model.py and onnxruntime_model.py, verbatim), the ``tokenizer.json`` the tokenizer
+model gets and the engine's ``model.onnx``. It replaces the ensemble tokenizer model -> Python
+engine model: one process instead of two, and no token tensors through Triton between them.
+
+Every text of one ``execute`` call (all the requests Triton batched) is tokenized in one batch,
+sorted by length and cut into engine runs by ``plan_runs``: each run is padded to its own longest
+row, and a cut is made where the padding it saves costs more than one more run. Every request
+gets its own rows back; token-level outputs come back padded to the request's longest text, with
+its ``attention_mask``.
+
+Triton's Python environment needs numpy, ``tokenizers`` and ``onnxruntime``. Nothing is imported
+from Triton, ONNX Runtime or tokenizers until the model is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # inside bert_compiler (package, the tests)
+    from .onnxruntime_model import ENGINE_FILE, open_session
+    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, request_texts
+except ImportError:  # inside Triton: the copies package puts beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from onnxruntime_model import ENGINE_FILE, open_session  # type: ignore[no-redef]
+    from tokenizer_model import (  # type: ignore[no-redef]
+        TOKENIZER_FILE,
+        TextEncoder,
+        request_texts,
+    )
+
+# The config parameter holding what one more engine run costs, in padded tokens.
+RUN_COST_PARAMETER = "run_cost_tokens"
+MASK_OUTPUT = "attention_mask"
+
+
+def plan_runs(lengths: Sequence[int], run_cost: float, max_rows: int) -> list[tuple[int, int]]:
+    """Cut rows sorted by length (ascending) into runs [start, stop), each padded to its last
+    row's length, at the least total cost: ``run_cost`` per run plus one per padded position
+    (an exact dynamic programme; an execute call holds at most max_batch_size rows).
+
+    Raises:
+        ValueError: lengths not ascending, or ``max_rows`` below 1.
+    """
+    if max_rows < 1:
+        raise ValueError(f"max_rows {max_rows}: expected 1 or more")
+    if any(a > b for a, b in zip(lengths, lengths[1:], strict=False)):
+        raise ValueError("plan_runs needs lengths in ascending order")
+    count = len(lengths)
+    best = [0.0] + [float("inf")] * count
+    cut = [0] * (count + 1)
+    for stop in range(1, count + 1):
+        for start in range(max(0, stop - max_rows), stop):
+            cost = best[start] + run_cost + (stop - start) * lengths[stop - 1]
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    runs, stop = [], count
+    while stop:
+        runs.append((cut[stop], stop))
+        stop = cut[stop]
+    return runs[::-1]
+
+
+class TextEngine:
+    """Requests of texts -> the engine's outputs per request (see the module docstring).
+
+    Args:
+        session: runs ``run(output_names, feeds)`` (an ONNX Runtime session).
+        encoder: tokenizes and pads, without a ladder (each run padded to its longest row).
+        output_names: the engine outputs to return; an output with a token axis comes back
+            padded to each request's longest text, and with ``attention_mask``.
+        token_outputs: which of ``output_names`` have a token axis.
+    """
+
+    def __init__(
+        self,
+        session,
+        encoder: TextEncoder,
+        output_names: Sequence[str],
+        *,
+        token_outputs: Sequence[str] = (),
+        run_cost: float,
+        max_rows: int,
+    ):
+        if encoder.ladder:
+            raise ValueError("the text engine pads each run to its own longest row: no ladder")
+        self.session = session
+        self.encoder = encoder
+        self.output_names = list(output_names)
+        self.token_outputs = set(token_outputs)
+        self.run_cost = run_cost
+        self.max_rows = max_rows
+
+    def run(self, requests: Sequence[Sequence[Any]]) -> list[dict[str, np.ndarray] | str]:
+        """Per request of texts (or (text, text_pair) pairs): its outputs, or why it failed
+        (ONNX Runtime refused a run holding one of its rows)."""
+        encodings = self.encoder.tokenize(requests)
+        flat = [row for rows in encodings for row in rows]
+        owner = np.repeat(np.arange(len(encodings)), [len(rows) for rows in encodings])
+        lengths = np.fromiter((len(row.ids) for row in flat), dtype=np.int64, count=len(flat))
+        order = np.argsort(lengths, kind="stable")
+        values: dict[str, list] = {name: [None] * len(flat) for name in self.output_names}
+        failed: dict[int, str] = {}
+        for start, stop in plan_runs(lengths[order].tolist(), self.run_cost, self.max_rows):
+            rows = order[start:stop]
+            feeds = self.encoder.pad([flat[k] for k in rows])
+            try:
+                outputs = self.session.run(self.output_names, feeds)
+            except Exception as err:  # ONNX Runtime's own error types; only these rows fail
+                for k in rows:
+                    failed.setdefault(int(owner[k]), f"ONNX Runtime refused the batch: {err}")
+                continue
+            for name, value in zip(self.output_names, outputs, strict=True):
+                for position, k in enumerate(rows):
+                    values[name][k] = value[position]
+        results: list[dict[str, np.ndarray] | str] = []
+        first = 0
+        for index, rows in enumerate(encodings):
+            taken = range(first, first + len(rows))
+            first += len(rows)
+            if index in failed or not rows:
+                results.append(failed.get(index, "a request with no texts"))
+                continue
+            outputs = {}
+            for name in self.output_names:
+                pieces = [values[name][k] for k in taken]
+                if name in self.token_outputs:
+                    outputs[name] = self._repad(pieces, lengths[list(taken)])
+                else:
+                    outputs[name] = np.stack(pieces)
+            if self.token_outputs:
+                outputs[MASK_OUTPUT] = self.encoder.pad(rows)[MASK_OUTPUT]
+            results.append(outputs)
+        return results
+
+    def _repad(self, pieces: list[np.ndarray], lengths: np.ndarray) -> np.ndarray:
+        """Token rows of runs of various widths -> one array padded (zeros) to the longest
+        valid length, on the tokenizer's padding side."""
+        width = int(lengths.max())
+        out = np.zeros((len(pieces), width, *pieces[0].shape[1:]), dtype=pieces[0].dtype)
+        for i, (piece, length) in enumerate(zip(pieces, lengths, strict=True)):
+            if self.encoder.left:
+                out[i, width - length :] = piece[piece.shape[0] - length :]
+            else:
+                out[i, :length] = piece[:length]
+        return out
+
+
+def respond_all(
+    requests: Sequence[Any],
+    texts_of: Callable[[Any], list],
+    engine: TextEngine,
+    *,
+    respond: Callable[[dict[str, np.ndarray]], Any],
+    fail: Callable[[str], Any],
+) -> list:
+    """One response per request: a request whose texts cannot be read fails alone (its message
+    from ``texts_of``'s UnicodeDecodeError or ValueError), the others run together."""
+    responses: list = [None] * len(requests)
+    readable: dict[int, list] = {}
+    for index, request in enumerate(requests):
+        try:
+            readable[index] = texts_of(request)
+        except UnicodeDecodeError as err:
+            responses[index] = fail(f"texts must be UTF-8 ({err})")
+        except ValueError as err:
+            responses[index] = fail(str(err))
+    for index, result in zip(readable, engine.run(list(readable.values())), strict=True):
+        responses[index] = fail(result) if isinstance(result, str) else respond(result)
+    return responses
+
+
+class TritonPythonModel:
+    """Every text of one execute call tokenized at once and run in as few padded runs as pay."""
+
+    def initialize(self, args):
+        from tokenizers import Tokenizer
+
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / args["model_version"]
+        # TEXT, and TEXT_PAIR for a cross-encoder.
+        self.inputs = [tensor["name"] for tensor in config["input"]]
+        session = open_session(folder / ENGINE_FILE, config, parameters)
+        engine_inputs = [tensor.name for tensor in session.get_inputs()]
+        outputs = [o for o in config["output"] if o["name"] != MASK_OUTPUT]
+        self.engine = TextEngine(
+            session,
+            TextEncoder(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), engine_inputs),
+            [o["name"] for o in outputs],
+            token_outputs=[o["name"] for o in outputs if len(o["dims"]) > 1],
+            run_cost=float(parameters[RUN_COST_PARAMETER]),
+            max_rows=max(1, int(config.get("max_batch_size", 1))),
+        )
+
+    def execute(self, requests):
+        import triton_python_backend_utils as pb_utils
+
+        return respond_all(
+            requests,
+            lambda request: request_texts(
+                [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
+            ),
+            self.engine,
+            respond=lambda outputs: pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
+            ),
+            fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        )
