@@ -788,6 +788,15 @@ class PackageOptions(OptionGroup):
                 "model and a Python engine model taking tokens (<engine>-python).",
             ),
             click.option(
+                "--text-run-cost",
+                type=_int_range(PACKAGE_LIMITS["text_run_cost"]),
+                default=default_of(PackageSpec, "text_run_cost"),
+                show_default=True,
+                help="The one-model text engine's cost of one more engine run, in padded tokens: "
+                "it pads an execute call's texts, sorted by length, in runs cut where the padding "
+                "saved is worth more (0: a run per length; large: one run).",
+            ),
+            click.option(
                 "--warmup/--no-warmup",
                 default=default_of(PackageSpec, "warmup"),
                 show_default=True,
@@ -812,7 +821,15 @@ class PackageOptions(OptionGroup):
         ]
 
     def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
-        """Raises InputError for --ladder-rungs with --tokenizer-padding request (no ladder)."""
+        """Raises InputError for --ladder-rungs with --tokenizer-padding request (no ladder), and
+        for --python-text or --text-run-cost without --python-cpu-engine (they would change
+        nothing)."""
+        for flag in _given("python_text", "text_run_cost", config=True):
+            if not values["python_cpu_engine"]:
+                raise InputError(
+                    f"{flag} {values[flag[2:].replace('-', '_')]}: it sets how "
+                    "--python-cpu-engine engines take text; add --python-cpu-engine or drop it"
+                )
         if values["tokenizer_padding"] != "ladder" and _given("ladder_rungs"):
             raise InputError(
                 f"--ladder-rungs {values['ladder_rungs']}: --tokenizer-padding "
@@ -827,6 +844,7 @@ class PackageOptions(OptionGroup):
             python_instances=values["python_instances"],
             python_cpu_engine=values["python_cpu_engine"],
             python_text=values["python_text"],
+            text_run_cost=values["text_run_cost"],
             warmup=values["warmup"],
             padding=values["tokenizer_padding"],
             ladder_rungs=values["ladder_rungs"],

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Send text to a bert-compile Triton repository's ensemble and print what comes back.
+"""Send text to a bert-compile Triton repository's text model and print what comes back.
 
-Every ensemble `bert-compile package` writes (``<model>-<engine>-text``) takes raw strings in
+Every text model `bert-compile package` writes (``<model>-<engine>-text``: an ensemble, or the
+one-model Python text engine ``<model>-ort-cpu-<precision>-python-text``) takes raw strings in
 ``TEXT`` and returns the engine's outputs (``sentence_embedding``, ``logits`` or
 ``last_hidden_state`` + ``attention_mask``). Examples::
 
@@ -10,7 +11,7 @@ Every ensemble `bert-compile package` writes (``<model>-<engine>-text``) takes r
         --model all-MiniLM-L6-v2-trt-fp16-text --json < sentences.txt
 
 With no TEXT arguments, one text per line is read from standard input. ``--json`` prints one
-JSON object (output name -> nested lists) as the last stdout line. A cross-encoder's ensemble
+JSON object (output name -> nested lists) as the last stdout line. A cross-encoder's text model
 takes pairs (``TEXT`` and ``TEXT_PAIR``): give each as ``query<TAB>passage``; it returns one
 score (``logits`` [N, 1]) per pair.
 """
@@ -62,7 +63,7 @@ def infer(url: str, protocol: str, model: str, texts: list[str], timeout: float 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts (default: stdin lines)")
-    parser.add_argument("--model", required=True, help="the ensemble, e.g. M-ort-cpu-fp32-text")
+    parser.add_argument("--model", required=True, help="the text model, e.g. M-ort-cpu-fp32-text")
     parser.add_argument("--protocol", choices=["http", "grpc"], default="http")
     parser.add_argument("--url", default=None, help="host:port (default :8000 http, :8001 grpc)")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")

@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Closed-loop load on a bert-compile Triton ensemble: sentences/s and latency per concurrency.
+"""Closed-loop load on a bert-compile Triton text model (an ensemble, or the one-model Python
+text engine): sentences/s and latency per concurrency.
 
 Sends STS-B dev sentences (sentence1 and sentence2 of each pair, in file order; to a
-cross-encoder's ensemble, whose inputs are TEXT and TEXT_PAIR, the pairs; or the texts of
+cross-encoder's text model, whose inputs are TEXT and TEXT_PAIR, the pairs; or the texts of
 --data), one per gRPC request,
 from N concurrent clients that each send the next sentence as soon as their previous answer
 arrives; a fixed number of requests per measurement, cut off at a deadline. Reports
@@ -75,7 +76,8 @@ def request_texts(data: Path | None, pairs: bool = False) -> list[tuple[str, ...
 
 
 class Target:
-    """One ensemble on one server, with the models whose statistics are read."""
+    """One text model on one server, with the models whose statistics are read (the one-model
+    text engine is both its tokenizer and its engine)."""
 
     def __init__(self, label: str, url: str, model: str, data: Path | None = None):
         self.label, self.url, self.model, self.data = label, url, model, data
@@ -83,10 +85,12 @@ class Target:
     async def open(self) -> None:
         import tritonclient.grpc.aio as grpc_aio
 
+        from bert_compiler.pipeline.triton.text_engine_model import RUN_COST_PARAMETER
+
         self.client = grpc_aio.InferenceServerClient(self.url)
         config = (await self.client.get_model_config(self.model, as_json=True))["config"]
         steps = config.get("ensemble_scheduling", {}).get("step", [])
-        if not steps and config.get("backend") == "python":
+        if not steps and RUN_COST_PARAMETER in config.get("parameters", {}):
             # The one-model text engine (package --python-text model): it tokenizes too.
             self.tokenizer = self.engine = self.model
         elif len(steps) == 2:
@@ -245,7 +249,7 @@ def _repository(text: str) -> tuple[str, Path]:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="the ensemble, e.g. M-ort-cpu-fp32-text")
+    parser.add_argument("--model", required=True, help="the text model, e.g. M-ort-cpu-fp32-text")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="gRPC host:port of a running server")
     where.add_argument(

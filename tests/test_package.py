@@ -123,20 +123,14 @@ def test_python_text_model_holds_the_engine_and_the_tokenizer(repository):
     assert record["role"] == "python-text" and record["files"]["1/model.onnx"]["verification"]
 
 
-@pytest.mark.e2e
-def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
-    """model.py loaded as Triton loads it (a file of its own, importing the copies beside it),
-    on the packaged folder and config: the outputs the runtime API gives for the same texts."""
+def _load_text_model(folder: Path, config, monkeypatch):
+    """model.py of a Python text model loaded as Triton loads it (a file of its own, importing
+    the copies beside it) and initialized on the packaged folder and config."""
     import importlib.util
     import sys
 
     from google.protobuf import json_format
 
-    from bert_compiler.pipeline.runtime import Encoder
-
-    info, out, result = repository
-    name = f"{info.name}-ort-cpu-fp32-python-text"
-    folder = result.path / name
     monkeypatch.setattr(sys, "path", list(sys.path))
     for module in ("tokenizer_model", "onnxruntime_model"):
         monkeypatch.delitem(sys.modules, module, raising=False)
@@ -145,7 +139,6 @@ def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
     loaded.loader.exec_module(module)
     assert sys.modules["tokenizer_model"].__file__ == str(folder / "1" / "tokenizer_model.py")
     model = module.TritonPythonModel()
-    config = _configs(result.path)[name]
     model.initialize(
         {
             "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
@@ -153,12 +146,57 @@ def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
             "model_version": "1",
         }
     )
+    return model
+
+
+@pytest.mark.e2e
+def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
+    from bert_compiler.pipeline.runtime import Encoder
+
+    info, out, result = repository
+    name = f"{info.name}-ort-cpu-fp32-python-text"
+    model = _load_text_model(result.path / name, _configs(result.path)[name], monkeypatch)
     texts = [*HARD_TEXTS, "A man plays a guitar.", "Two dogs run across a wide green field."]
     requests = [texts[:1], texts[1:4], texts[4:5], texts[5:]]
     answers = model.engine.run(requests)
     expected = Encoder.open(cpu_engine_dir(out), info).encode(texts)["sentence_embedding"]
     served = np.concatenate([a["sentence_embedding"] for a in answers])
     np.testing.assert_allclose(served, expected, atol=2e-5)
+
+
+@pytest.mark.e2e
+def test_python_text_model_returns_token_outputs_with_their_mask(
+    tiny_embedding_model, tmp_path, monkeypatch
+):
+    """A feature-extraction engine: each request's last_hidden_state padded to its own longest
+    text, the runtime's rows in it, and the mask that says which positions are real."""
+    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+    from bert_compiler.pipeline.runtime import Encoder
+
+    info = resolve_model(tiny_embedding_model, task="feature-extraction")
+    out = tmp_path / "out"
+    run_pipeline(info=info, out=out, spec=RunSpec(verify=TINY_VERIFY))
+    result = package(
+        info=info, out=out, repository=tmp_path / "r", spec=PackageSpec(python_cpu_engine=True)
+    )
+    name = f"{info.name}-ort-cpu-fp32-python-text"
+    config = _configs(result.path)[name]
+    assert [o.name for o in config.output] == ["last_hidden_state", "attention_mask"]
+    model = _load_text_model(result.path / name, config, monkeypatch)
+    texts = ["a", "A man plays a guitar.", "word " * 30, "Two dogs run.", ""]
+    requests = [texts[:2], texts[2:3], texts[3:]]
+    answers = model.engine.run(requests)
+    rows = Encoder.open(cpu_engine_dir(out), info).encode(texts)["last_hidden_state"]
+    first = 0
+    for request, answer in zip(requests, answers, strict=True):
+        lengths = [len(rows[first + i]) for i in range(len(request))]
+        hidden, mask = answer["last_hidden_state"], answer["attention_mask"]
+        assert hidden.shape == (len(request), max(lengths), info.hidden_size)
+        for i, length in enumerate(lengths):
+            np.testing.assert_allclose(hidden[i, :length], rows[first + i], atol=2e-5)
+            assert mask[i].tolist() == [1] * length + [0] * (max(lengths) - length)
+        first += len(request)
 
 
 @pytest.mark.e2e
@@ -305,6 +343,32 @@ def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
         ["package", "--out", str(out), "--repository", str(tmp_path / "s"), "--ladder-rungs", "0"],
     )
     assert refused.exit_code == 2 and "--ladder-rungs" in refused.output
+
+
+@pytest.mark.e2e
+def test_python_text_options(tiny_run, tmp_path):
+    info, out, _spec, _summary = tiny_run
+    refused = CliRunner().invoke(
+        cli,
+        [
+            "package", "--model", str(info.path), "--out", str(out), "--repository",
+            str(tmp_path / "r"), "--python-text", "ensemble",
+        ],
+    )  # fmt: skip
+    assert refused.exit_code != 0 and not (tmp_path / "r").exists()
+    costly = CliRunner().invoke(
+        cli,
+        [
+            "package", "--model", str(info.path), "--out", str(out), "--repository",
+            str(tmp_path / "c"), "--python-cpu-engine", "--text-run-cost", "1000",
+        ],
+    )  # fmt: skip
+    assert costly.exit_code == 0, costly.output
+    config = _configs(tmp_path / "c")[f"{info.name}-ort-cpu-fp32-python-text"]
+    assert config.parameters["run_cost_tokens"].string_value == "1000"
+    assert "--python-text ensemble: it sets how --python-cpu-engine engines take text" in (
+        refused.output
+    )
 
 
 @pytest.mark.e2e
@@ -465,16 +529,81 @@ def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp
         verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
     (package_inputs,) = manifest["inputs"]["packages"].values()
     package_inputs["engines"][record["engine"]]["sha256"] = digest
-    package_inputs["records"] = sha256_json(manifest["results"]["models"])
-    sealed = StageRecord(manifest["stage"], manifest["inputs"], manifest["spec"])
-    manifest["input_key"] = sealed.input_key(manifest["versions"])
-    manifest_path.write_text(json.dumps(manifest))
+    _reseal(manifest_path, manifest)
+    # The Python text model's copy of the engine must be the engine model's file.
+    with pytest.raises(ArtifactError, match="python-text/1/model.onnx: "):
+        verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
+    text_name = f"{name}-python-text"
+    shutil.copyfile(engine_file, copy / text_name / "1" / "model.onnx")
+    manifest["outputs"][f"{text_name}/1/model.onnx"]["sha256"] = digest
+    manifest["results"]["models"][text_name]["files"]["1/model.onnx"]["sha256"] = digest
+    _reseal(manifest_path, manifest)
     summary = verify_repository(
         info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY
     )
     assert not summary["ok"]
     failed = [e for e in summary["engines"] if e["status"] == "failed"]
-    assert [e["model"] for e in failed] == [name] and failed[0]["failures"]
+    assert [e["model"] for e in failed] == [name, text_name] and failed[0]["failures"]
+
+
+def _reseal(manifest_path: Path, manifest: dict) -> None:
+    """What a forger who can write the repository does after editing it: the package's records
+    hashed again into its sealed inputs, and the manifest's input key recomputed."""
+    (package_inputs,) = manifest["inputs"]["packages"].values()
+    package_inputs["records"] = sha256_json(manifest["results"]["models"])
+    sealed = StageRecord(manifest["stage"], manifest["inputs"], manifest["spec"])
+    manifest["input_key"] = sealed.input_key(manifest["versions"])
+    manifest_path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("edited", ["model.py", "tokenizer_model.py", "onnxruntime_model.py"])
+def test_python_code_edited_and_resealed_is_refused(repository_copy, tmp_path, edited):
+    """The parity run never runs a Python model's code: it must be the code this bert-compile
+    writes, whatever hash a rewritten manifest gives it (even with its template hash gone)."""
+    info, _out, copy = repository_copy
+    relative = f"{info.name}-ort-cpu-fp32-python-text/1/{edited}"
+    target = copy / relative
+    target.write_text(target.read_text() + "\nimport os  # planted\n")
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["outputs"][relative]["sha256"] = sha256_file(target)
+    (package_inputs,) = manifest["inputs"]["packages"].values()
+    del package_inputs["templates"]
+    _reseal(manifest_path, manifest)
+    with pytest.raises(ArtifactError, match=f"{edited}: not the .* code this bert-compile writes"):
+        verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
+
+
+@pytest.mark.e2e
+def test_a_python_text_record_edited_and_resealed_is_refused(repository_copy, tmp_path):
+    """The Python text model's record (its engine's verification) must be the one package
+    derives from the engine model's."""
+    info, _out, copy = repository_copy
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    name = f"{info.name}-ort-cpu-fp32-python-text"
+    manifest["results"]["models"][name]["files"]["1/model.onnx"]["verification"]["metric"] = 99.0
+    _reseal(manifest_path, manifest)
+    with pytest.raises(ArtifactError, match=f"{name}: its manifest record is not the one package"):
+        verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
+
+
+@pytest.mark.e2e
+def test_a_package_from_before_python_text_is_read_as_the_ensemble(ensemble_repository, tmp_path):
+    info, _out, result = ensemble_repository
+    copy = tmp_path / "repo"
+    shutil.copytree(result.path, copy)
+    manifest_path = copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    (settings,) = manifest["spec"]["packages"].values()
+    del settings["python_text"]
+    _reseal(manifest_path, manifest)
+    summary = verify_repository(
+        info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY
+    )
+    assert summary["ok"]
+    assert f"{info.name}-ort-cpu-fp32-python" in {e["model"] for e in summary["engines"]}
 
 
 @pytest.mark.e2e

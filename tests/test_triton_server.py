@@ -45,7 +45,8 @@ def _serve(tiny_run, tmp_path_factory, python_text: str):
     )
     package(info=info, out=out, repository=repository, spec=spec)
     model = f"{info.name}-ort-cpu-fp32-python-text"
-    server = triton_server(SERVER, repository, [model], tmp_path_factory.mktemp("server"))
+    models = [model, f"{info.name}-tokenizer"]
+    server = triton_server(SERVER, repository, models, tmp_path_factory.mktemp("server"))
     return info, out, server, model
 
 
@@ -317,6 +318,14 @@ def test_load_generator_reports_throughput_and_latency(text_model):
         assert row["sentences_per_s"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["engine_batch"] >= 1 and row["tokenizer_batch"] >= 1
     assert "sent/s" in result.stdout.splitlines()[0]
+
+
+def test_load_generator_refuses_a_model_that_does_not_take_text_to_outputs(served_text):
+    info, _out, server, _model = served_text
+    result = _load("--url", server.grpc, "--model", f"{info.name}-tokenizer", "--requests", 2)
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert "is neither a tokenizer -> engine ensemble nor a Python text model" in line
 
 
 def test_load_generator_sends_the_texts_of_data(served_text, tmp_path):

@@ -185,8 +185,9 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     """Plan the package ``slug`` again from what the manifest recorded (the sealed package
     settings and engine records, the engines' tensors as the repository holds them) and compare:
     every config.pbtxt must be the one package would write, every generated file (tokenizer.json,
-    model.py, warmup tokens) byte-identical, and every engine record the one sealed in the
-    manifest. An edited config with its hash rewritten fails here.
+    warmup tokens) byte-identical, every Python model's code this bert-compile's, every engine
+    copy the engine model's file, every model record the one package writes, and every engine
+    record the one sealed in the manifest. An edited config with its hash rewritten fails here.
 
     Returns:
         One line per difference (empty when the package is exactly what package writes).
@@ -195,6 +196,8 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     sealed_inputs = manifest["inputs"]["packages"][slug]
     sealed_engines = sealed_inputs.get("engines", {})
     settings = dict(manifest["spec"]["packages"][slug])
+    # A package written before --python-text served Python engines through the ensemble.
+    settings.setdefault("python_text", "ensemble")
     try:
         settings["engines"] = tuple(settings.get("engines", ()))
         settings["length_ladder"] = tuple(settings.get("length_ladder", ()))
@@ -206,13 +209,15 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     engines: list[VerifiedEngine] = []
     own = {n: r for n, r in opened.models.items() if r["package"] == slug}
     for name, record in own.items():
-        if record["role"] != "engine":
+        if record["role"] not in ENGINE_ROLES:
             continue
         for relative, entry in record["files"].items():
             sealed = sealed_engines.get(entry["engine"], {})
             for key in ("sha256", "spec", "results"):
                 if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
                     problems.append(f"{name}/{relative}: its record's {key} was edited")
+            if record["role"] != "engine":
+                continue  # a copy: its file and record are compared with the plan's below
             path = opened.file(name, relative)
             engines.append(
                 VerifiedEngine(
@@ -244,6 +249,9 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     problems.extend(f"{name}: not a file package writes" for name in sorted(listed - planned))
     problems.extend(f"{name}: missing" for name in sorted(planned - listed))
     for plan in plans:
+        recorded = {k: v for k, v in own[plan.name].items() if k != "package"}
+        if sha256_json(recorded) != sha256_json(plan.record):
+            problems.append(f"{plan.name}: its manifest record is not the one package writes")
         config_path = opened.path / plan.name / tc.CONFIG_FILE
         if tc.parse(config_path.read_text(encoding="utf-8"), config_path) != plan.config:
             problems.append(
@@ -252,12 +260,14 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
         for relative, source in plan.files.items():
             target = opened.path / plan.name / relative
             if isinstance(source, Path):
-                # An engine file (its hash is its record's, checked above) or a model.py
-                # template, whose hash the sealed inputs hold.
+                # A Python model's code (a template of this bert-compile: the parity run never
+                # runs it, so it must be exactly the code this version writes), or an engine
+                # file: the engine model's own (its hash is its record's, checked above), or a
+                # copy of it in a Python-backend model, which must be byte-identical to it.
                 role = next((r for r, t in TEMPLATES.items() if t == source), None)
-                expected_hash = sealed_inputs.get("templates", {}).get(role)
-                if role and expected_hash and sha256_file(target) != expected_hash:
-                    problems.append(f"{target}: not the {role} model package wrote")
+                if sha256_file(target) != sha256_file(source):
+                    what = f"the {role} code this bert-compile writes" if role else f"{source}"
+                    problems.append(f"{target}: not {what}; package again")
                 continue
             expected = source if isinstance(source, bytes) else source.encode("utf-8")
             if target.read_bytes() != expected:

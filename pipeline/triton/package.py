@@ -117,7 +117,9 @@ PADDINGS = ("ladder", "request")
 PYTHON_TEXTS = ("model", "ensemble")
 # What one more engine run costs the one-model text engine, in padded tokens: it cuts an execute
 # call's length-sorted texts into runs where the padding a cut saves is worth more than this
-# (text_engine_model.plan_runs). Chosen on the calibration sentences (docs/benchmarks.md).
+# (text_engine_model.plan_runs). Chosen with --text-run-cost on the calibration sentences, MiniLM
+# fp32 and INT8 on 2 cores (docs/benchmarks.md); about what a run of a few rows costs beyond
+# its tokens there.
 TEXT_RUN_COST_TOKENS = 8
 # Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
@@ -139,6 +141,7 @@ PACKAGE_LIMITS = {
     "instances": (1, 64),
     "python_instances": (1, 64),
     "ladder_rungs": (1, 64),
+    "text_run_cost": (0, 100_000),
 }
 
 
@@ -161,6 +164,8 @@ class PackageSpec:
             (``<engine>-python-text``) that tokenizes every text of an execute call and runs
             the engine on them; ``ensemble``, the tokenizer model -> a Python engine model
             (``<engine>-python``, token tensors in) in an ensemble of that name.
+        text_run_cost: the one-model text engine's cost of one more engine run, in padded
+            tokens (0: a run per distinct length; large: one run per execute call).
         warmup: run real-token warmup requests when Triton loads an engine model.
         padding: how the tokenizer model pads a request: ``ladder``, to the shortest rung of
             ``length_ladder`` that holds its longest text (requests of one rung batch together
@@ -180,6 +185,7 @@ class PackageSpec:
     python_instances: int = PYTHON_INSTANCES
     python_cpu_engine: bool = False
     python_text: str = "model"
+    text_run_cost: int = TEXT_RUN_COST_TOKENS
     warmup: bool = True
     padding: str = "ladder"
     ladder_rungs: int = TRITON_LADDER_RUNGS
@@ -670,7 +676,7 @@ def _plan_python_text(
         instance_count=spec.python_instances,
         parameters={
             **session_parameters(engine.spec.get("session", {}), python=True),
-            RUN_COST_PARAMETER: str(TEXT_RUN_COST_TOKENS),
+            RUN_COST_PARAMETER: str(spec.text_run_cost),
         },
         max_queue_delay_us=spec.max_queue_delay_us,
     )

@@ -175,7 +175,11 @@ def respond_all(
             responses[index] = fail(f"texts must be UTF-8 ({err})")
         except ValueError as err:
             responses[index] = fail(str(err))
-    for index, result in zip(readable, engine.run(list(readable.values())), strict=True):
+    try:
+        results = engine.run(list(readable.values()))
+    except Exception as err:  # a tokenizer or numpy error: every readable request gets it
+        results = [f"the text engine failed: {type(err).__name__}: {err}"] * len(readable)
+    for index, result in zip(readable, results, strict=True):
         responses[index] = fail(result) if isinstance(result, str) else respond(result)
     return responses
 
@@ -198,7 +202,8 @@ class TritonPythonModel:
             session,
             TextEncoder(Tokenizer.from_file(str(folder / TOKENIZER_FILE)), engine_inputs),
             [o["name"] for o in outputs],
-            token_outputs=[o["name"] for o in outputs if len(o["dims"]) > 1],
+            # Token-level outputs have a -1 (sequence) dim, as config.text_outputs reads them.
+            token_outputs=[o["name"] for o in outputs if any(int(d) == -1 for d in o["dims"])],
             run_cost=float(parameters[RUN_COST_PARAMETER]),
             max_rows=max(1, int(config.get("max_batch_size", 1))),
         )
