@@ -16,6 +16,7 @@ verify runs engines through this module, so what is verified is what is served.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.core import progress
-from bert_compiler.core.errors import InputError
+from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import (
     Batch,
@@ -50,6 +51,8 @@ from bert_compiler.pipeline.text import (
 
 # Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
 # host copy of the results) whatever the input size.
+log = logging.getLogger("bert_compile")
+
 CHUNK_ROWS = 65536
 # Sentences of the bundled calibration text a derived ladder is fitted to (never the text a
 # benchmark or verify reports on).
@@ -261,7 +264,9 @@ class Encoder:
     ):
         """``concurrent_batches``: batches a CPU engine runs at once (default
         CPU_CONCURRENT_BATCHES, at most the usable cores; 1 where the engine cannot run in a
-        session of other threads, or its build recorded a thread count)."""
+        session of other threads, or its build recorded a thread count; 1 from the first run
+        that finds the engine file changed since it was loaded: that session is made from the
+        file)."""
         _check_outputs(engine, info)
         self.engine = engine
         # Per-batch wall time, the GPU synchronised after each batch (benchmarks only).
@@ -386,8 +391,19 @@ class Encoder:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
         collected = _Collector(tokens)
         if self.concurrent_batches > 1:
-            self._run_concurrently(matrices, batches, desc, collected)
-            return collected.results()
+            # The session's thread pool has cores - runs helper threads: each run's own thread
+            # works too, so all runs together use every core (on 2 cores: two 1-thread runs).
+            threads = max(1, usable_cores() - self.concurrent_batches + 1)
+            try:
+                engine = self.engine.with_threads(threads)
+            except ArtifactError as err:
+                # The file changed on disk since it was loaded and checked: the engine as loaded
+                # (the verified bytes, in memory) keeps serving, one batch at a time.
+                log.warning("%s; running one batch at a time on the engine as loaded", err)
+                self.concurrent_batches = 1
+            else:
+                self._run_concurrently(engine, matrices, batches, desc, collected)
+                return collected.results()
         timer = _BatchTimer(self.time_batches, on_gpu=False)
         for batch in _shown(batches, desc):
             timer.start()
@@ -397,15 +413,17 @@ class Encoder:
         return collected.results()
 
     def _run_concurrently(
-        self, matrices: dict, batches: Sequence[Batch], desc: str | None, collected: _Collector
+        self,
+        engine,
+        matrices: dict,
+        batches: Sequence[Batch],
+        desc: str | None,
+        collected: _Collector,
     ) -> None:
-        """Batches run ``concurrent_batches`` at a time on one session (ONNX Runtime sessions
-        take concurrent runs), collected in order; at most two batches per run are in flight,
-        so memory stays that of a few batches. The session's thread pool has cores - runs
-        helper threads: each run's own thread works too, so all runs together use every core
-        (on 2 cores: two 1-thread runs). A batch's time is its own run's, overlapping others'."""
-        cores = usable_cores()
-        engine = self.engine.with_threads(max(1, cores - self.concurrent_batches + 1))
+        """Batches run ``concurrent_batches`` at a time on ``engine``'s one session (ONNX
+        Runtime sessions take concurrent runs), collected in order; at most two batches per run
+        are in flight, so memory stays that of a few batches. A batch's time is its own run's,
+        overlapping others'."""
 
         def run(batch: Batch) -> tuple[dict[str, Any], float]:
             started = time.perf_counter()

@@ -324,13 +324,7 @@ def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
     from bert_compiler.pipeline.models import load_tokenizer
 
     info, out, _spec, _summary = tiny_run
-    result = CliRunner().invoke(
-        cli,
-        [
-            "package", "--model", str(info.path), "--out", str(out), "--repository",
-            str(tmp_path / "r"), "--ladder-rungs", "2", "--json",
-        ],
-    )  # fmt: skip
+    result = _package_cli(tiny_run, tmp_path / "r", "--ladder-rungs", "2", "--json")
     assert result.exit_code == 0, result.output
     configs = _configs(tmp_path / "r")
     ladder = parse_ladder(
@@ -345,24 +339,21 @@ def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
     assert refused.exit_code == 2 and "--ladder-rungs" in refused.output
 
 
+def _package_cli(tiny_run, repository: Path, *flags: str):
+    """`bert-compile package` of the tiny run's engines into ``repository`` with ``flags``."""
+    info, out, _spec, _summary = tiny_run
+    common = ["--model", str(info.path), "--out", str(out), "--repository", str(repository)]
+    return CliRunner().invoke(cli, ["package", *common, *flags])
+
+
 @pytest.mark.e2e
 def test_python_text_options(tiny_run, tmp_path):
-    info, out, _spec, _summary = tiny_run
-    refused = CliRunner().invoke(
-        cli,
-        [
-            "package", "--model", str(info.path), "--out", str(out), "--repository",
-            str(tmp_path / "r"), "--python-text", "ensemble",
-        ],
-    )  # fmt: skip
+    info = tiny_run[0]
+    refused = _package_cli(tiny_run, tmp_path / "r", "--python-text", "ensemble")
     assert refused.exit_code != 0 and not (tmp_path / "r").exists()
-    costly = CliRunner().invoke(
-        cli,
-        [
-            "package", "--model", str(info.path), "--out", str(out), "--repository",
-            str(tmp_path / "c"), "--python-cpu-engine", "--text-run-cost", "1000",
-        ],
-    )  # fmt: skip
+    costly = _package_cli(
+        tiny_run, tmp_path / "c", "--python-cpu-engine", "--text-run-cost", "1000"
+    )
     assert costly.exit_code == 0, costly.output
     config = _configs(tmp_path / "c")[f"{info.name}-ort-cpu-fp32-python-text"]
     assert config.parameters["run_cost_tokens"].string_value == "1000"

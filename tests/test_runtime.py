@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -188,7 +189,7 @@ def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
 
 @pytest.mark.e2e
 def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_at_a_time(
-    tiny_run, monkeypatch
+    tiny_run, monkeypatch, caplog
 ):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     info, out, _spec, _summary = tiny_run
@@ -204,13 +205,20 @@ def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_a
     expected = one_at_a_time.encode(TEXTS)["sentence_embedding"]
     np.testing.assert_allclose(concurrent, expected, atol=1e-6)
     # The second session is made from the file the engine loaded (its sha256 checked then),
-    # never from one changed since.
+    # never from one changed since: the runtime then runs the engine as loaded, one batch at a
+    # time, and says why.
     engine, _ = load_engine(cpu_engine_dir(out))
     status = engine.path.stat()
     os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns + 1_000_000_000))
     try:
         with pytest.raises(ArtifactError, match="changed since it was loaded; load the engine"):
             engine.with_threads(1)
+        stale = Encoder(engine, info, batching=batching)
+        with caplog.at_level(logging.WARNING, logger="bert_compile"):
+            rows = stale.encode(TEXTS)["sentence_embedding"]
+        np.testing.assert_allclose(rows, expected, atol=1e-6)
+        assert stale.concurrent_batches == 1 and not engine._threaded
+        assert "running one batch at a time on the engine as loaded" in caplog.text
     finally:
         os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns))
 

@@ -208,8 +208,6 @@ def test_requests_of_different_rungs_share_an_engine_call(served):
     """Sentences of different padded lengths sent at once: the Python-backend engine runs
     several in one execute call (the dynamic batcher joins requests of different shapes only
     with ragged batching), and each answer is its own sentence's embedding."""
-    import queue
-
     import tritonclient.grpc as grpc_client
 
     info, out, server, ensemble = served
@@ -223,17 +221,29 @@ def test_requests_of_different_rungs_share_an_engine_call(served):
         feeds = tokenize(hf, ["word " * words], info, info.max_length)
         by_rung.setdefault(rung(ladder, feeds["input_ids"].shape[1]), ("word " * words, feeds))
     assert len(by_rung) >= 4, by_rung.keys()
-    texts = [text for text, _ in by_rung.values()]
     expected = {
         text: engine.run(feeds)["sentence_embedding"][0] for text, feeds in by_rung.values()
     }
     engine_model = f"{info.name}-ort-cpu-fp32-python"
+    inferred, executed = _bursts(client, ensemble, engine_model, expected)
+    assert executed < inferred, f"{inferred} requests of distinct shapes in {executed} calls"
+
+
+def _bursts(client, model: str, counted: str, expected: dict, tries: int = 5) -> tuple[int, int]:
+    """Send one request per text of ``expected`` at once to ``model``, check each answer is its
+    own text's embedding, and read how many execute calls ``counted`` ran for them; again (up to
+    ``tries`` bursts) until some shared a call. Returns (requests, execute calls) of the last."""
+    import queue
+
+    import tritonclient.grpc as grpc_client
+
+    texts = list(expected)
     answers: queue.Queue = queue.Queue()
-    for _burst in range(5):
-        before = _stats(client, engine_model)
+    for _burst in range(tries):
+        before = _stats(client, counted)
         for index, text in enumerate(texts):
             client.async_infer(
-                ensemble,
+                model,
                 [_text_input(grpc_client, [text])],
                 callback=lambda result, error, index=index: answers.put((index, result, error)),
             )
@@ -242,20 +252,18 @@ def test_requests_of_different_rungs_share_an_engine_call(served):
             assert error is None, error
             got = result.as_numpy("sentence_embedding")
             np.testing.assert_allclose(got[0], expected[texts[index]], atol=1e-5)
-        after = _stats(client, engine_model, at_least=before[0] + len(texts))
+        after = _stats(client, counted, at_least=before[0] + len(texts))
         inferred, executed = after[0] - before[0], after[1] - before[1]
         assert inferred == len(texts)
         if executed < inferred:
             break
-    assert executed < inferred, f"{inferred} requests of distinct shapes in {executed} calls"
+    return inferred, executed
 
 
 def test_text_model_runs_requests_of_any_length_together(served_text):
     """Sentences of many lengths sent at once to the one-model text engine: it answers several
     in one execute call (its input is one string a row, so Triton batches any requests), and
     each answer is its own sentence's embedding."""
-    import queue
-
     import tritonclient.grpc as grpc_client
 
     info, out, server, model = served_text
@@ -270,25 +278,7 @@ def test_text_model_runs_requests_of_any_length_together(served_text):
         text: engine.run(tokenize(hf, [text], info, info.max_length))["sentence_embedding"][0]
         for text in texts
     }
-    answers: queue.Queue = queue.Queue()
-    for _burst in range(5):
-        before = _stats(client, model)
-        for index, text in enumerate(texts):
-            client.async_infer(
-                model,
-                [_text_input(grpc_client, [text])],
-                callback=lambda result, error, index=index: answers.put((index, result, error)),
-            )
-        for _ in texts:
-            index, result, error = answers.get(timeout=60)
-            assert error is None, error
-            got = result.as_numpy("sentence_embedding")
-            np.testing.assert_allclose(got[0], expected[texts[index]], atol=1e-5)
-        after = _stats(client, model, at_least=before[0] + len(texts))
-        inferred, executed = after[0] - before[0], after[1] - before[1]
-        assert inferred == len(texts)
-        if executed < inferred:
-            break
+    inferred, executed = _bursts(client, model, model, expected)
     assert executed < inferred, f"{inferred} requests in {executed} calls"
 
 
