@@ -344,7 +344,11 @@ class OrtEngine:
             return self
         with self._threaded_lock:
             if threads not in self._threaded:
-                if _file_identity(self.path) != self._identity:
+                try:
+                    same = _file_identity(self.path) == self._identity
+                except OSError:  # removed, or no longer readable
+                    same = False
+                if not same:
                     raise ArtifactError(
                         f"{self.path}: the engine file changed since it was loaded; load the "
                         "engine folder again"

@@ -830,6 +830,11 @@ class PackageOptions(OptionGroup):
                     f"{flag} {values[flag[2:].replace('-', '_')]}: it sets how "
                     "--python-cpu-engine engines take text; add --python-cpu-engine or drop it"
                 )
+        if _given("text_run_cost", config=True) and values["python_text"] != "model":
+            raise InputError(
+                f"--text-run-cost {values['text_run_cost']}: only the one-model text engine "
+                "(--python-text model) plans runs; drop it or use --python-text model"
+            )
         if values["tokenizer_padding"] != "ladder" and _given("ladder_rungs"):
             raise InputError(
                 f"--ladder-rungs {values['ladder_rungs']}: --tokenizer-padding "

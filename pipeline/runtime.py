@@ -49,10 +49,10 @@ from bert_compiler.pipeline.text import (
     text_list,
 )
 
-# Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
-# host copy of the results) whatever the input size.
 log = logging.getLogger("bert_compile")
 
+# Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
+# host copy of the results) whatever the input size.
 CHUNK_ROWS = 65536
 # Sentences of the bundled calibration text a derived ladder is fitted to (never the text a
 # benchmark or verify reports on).

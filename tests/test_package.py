@@ -357,6 +357,10 @@ def test_python_text_options(tiny_run, tmp_path):
     assert costly.exit_code == 0, costly.output
     config = _configs(tmp_path / "c")[f"{info.name}-ort-cpu-fp32-python-text"]
     assert config.parameters["run_cost_tokens"].string_value == "1000"
+    flags = ["--python-cpu-engine", "--python-text", "ensemble", "--text-run-cost", "4"]
+    pointless = _package_cli(tiny_run, tmp_path / "e", *flags)
+    assert pointless.exit_code != 0 and not (tmp_path / "e").exists()
+    assert "--text-run-cost 4: only the one-model text engine" in pointless.output
     assert "--python-text ensemble: it sets how --python-cpu-engine engines take text" in (
         refused.output
     )
@@ -595,6 +599,30 @@ def test_a_package_from_before_python_text_is_read_as_the_ensemble(ensemble_repo
     )
     assert summary["ok"]
     assert f"{info.name}-ort-cpu-fp32-python" in {e["model"] for e in summary["engines"]}
+
+
+@pytest.mark.e2e
+def test_an_engine_file_replaced_while_the_gate_verifies_it_fails_the_gate(
+    repository_copy, tmp_path, monkeypatch
+):
+    """The gate verifies the file as it loaded it: one replaced during the parity run (after
+    the hash checks) would be deployed unverified, so the gate checks it again afterwards."""
+    from bert_compiler.pipeline.triton import gate
+
+    info, _out, copy = repository_copy
+    engine_file = copy / f"{info.name}-ort-cpu-fp32" / "1" / "model.onnx"
+    real = gate.verify_engine
+
+    def verify_then_replace(**kwargs):
+        result = real(**kwargs)
+        data = bytearray(engine_file.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        engine_file.write_bytes(bytes(data))
+        return result
+
+    monkeypatch.setattr(gate, "verify_engine", verify_then_replace)
+    with pytest.raises(ArtifactError, match="model.onnx: changed while the gate verified it"):
+        verify_repository(info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY)
 
 
 @pytest.mark.e2e

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -189,7 +190,7 @@ def test_the_engine_through_the_runtime_matches_one_row_at_a_time(tiny_run):
 
 @pytest.mark.e2e
 def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_at_a_time(
-    tiny_run, monkeypatch, caplog
+    tiny_run, monkeypatch, caplog, tmp_path
 ):
     monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
     info, out, _spec, _summary = tiny_run
@@ -221,6 +222,13 @@ def test_concurrent_batches_on_a_session_of_other_threads_give_the_rows_of_one_a
         assert "running one batch at a time on the engine as loaded" in caplog.text
     finally:
         os.utime(engine.path, ns=(status.st_atime_ns, status.st_mtime_ns))
+    # A file removed since is no file to load either (a copy: the run's engine stays).
+    folder = tmp_path / "engine"
+    shutil.copytree(cpu_engine_dir(out), folder)
+    gone, _ = load_engine(folder)
+    gone.path.unlink()
+    with pytest.raises(ArtifactError, match="changed since it was loaded"):
+        gone.with_threads(1)
 
 
 @pytest.mark.parametrize(

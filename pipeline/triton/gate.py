@@ -125,6 +125,12 @@ def verify_repository(
                 spec=replace(spec, precision=entry["spec"]["precision"], max_length=max_length),
                 force=force,
             )
+            # What was verified is the file as it was loaded: it must still be the one recorded
+            # (a file replaced during the run would be deployed unverified).
+            if sha256_file(opened.file(name, relative)) != entry["sha256"]:
+                raise ArtifactError(
+                    f"{label}: changed while the gate verified it; run verify --repository again"
+                )
             report = result.results
             entries.append(
                 {
@@ -265,9 +271,11 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
                 # file: the engine model's own (its hash is its record's, checked above), or a
                 # copy of it in a Python-backend model, which must be byte-identical to it.
                 role = next((r for r, t in TEMPLATES.items() if t == source), None)
-                if sha256_file(target) != sha256_file(source):
+                if target.resolve() != source.resolve() and sha256_file(target) != sha256_file(
+                    source
+                ):
                     what = f"the {role} code this bert-compile writes" if role else f"{source}"
-                    problems.append(f"{target}: not {what}; package again")
+                    problems.append(f"{target}: not {what}")
                 continue
             expected = source if isinstance(source, bytes) else source.encode("utf-8")
             if target.read_bytes() != expected:

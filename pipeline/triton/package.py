@@ -118,8 +118,8 @@ PYTHON_TEXTS = ("model", "ensemble")
 # What one more engine run costs the one-model text engine, in padded tokens: it cuts an execute
 # call's length-sorted texts into runs where the padding a cut saves is worth more than this
 # (text_engine_model.plan_runs). Chosen with --text-run-cost on the calibration sentences, MiniLM
-# fp32 and INT8 on 2 cores (docs/benchmarks.md); about what a run of a few rows costs beyond
-# its tokens there.
+# fp32 and INT8 on 2 cores (docs/benchmarks.md); near what a run costs there beyond its tokens
+# (about 6 tokens' worth for fp32, 4 for INT8).
 TEXT_RUN_COST_TOKENS = 8
 # Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
