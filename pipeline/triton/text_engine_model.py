@@ -29,14 +29,14 @@ import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
     from .onnxruntime_model import ENGINE_FILE, open_session
-    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, request_texts
+    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, read_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from onnxruntime_model import ENGINE_FILE, open_session  # type: ignore[no-redef]
     from tokenizer_model import (  # type: ignore[no-redef]
         TOKENIZER_FILE,
         TextEncoder,
-        request_texts,
+        read_requests,
     )
 
 # The config parameter holding what one more engine run costs, in padded tokens.
@@ -158,23 +158,19 @@ class TextEngine:
 
 def respond_all(
     requests: Sequence[Any],
-    texts_of: Callable[[Any], list],
+    arrays_of: Callable[[Any], list[np.ndarray]],
+    inputs: Sequence[str],
     engine: TextEngine,
     *,
     respond: Callable[[dict[str, np.ndarray]], Any],
     fail: Callable[[str], Any],
 ) -> list:
-    """One response per request: a request whose texts cannot be read fails alone (its message
-    from ``texts_of``'s UnicodeDecodeError or ValueError), the others run together."""
+    """One response per request: a request whose texts cannot be read fails alone
+    (tokenizer_model.read_requests), the others run together."""
+    readable, unreadable = read_requests(requests, arrays_of, inputs)
     responses: list = [None] * len(requests)
-    readable: dict[int, list] = {}
-    for index, request in enumerate(requests):
-        try:
-            readable[index] = texts_of(request)
-        except UnicodeDecodeError as err:
-            responses[index] = fail(f"texts must be UTF-8 ({err})")
-        except ValueError as err:
-            responses[index] = fail(str(err))
+    for index, message in unreadable.items():
+        responses[index] = fail(message)
     try:
         results = engine.run(list(readable.values()))
     except Exception as err:  # a tokenizer or numpy error: every readable request gets it
@@ -213,9 +209,10 @@ class TritonPythonModel:
 
         return respond_all(
             requests,
-            lambda request: request_texts(
-                [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs]
-            ),
+            lambda request: [
+                pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+            ],
+            self.inputs,
             self.engine,
             respond=lambda outputs: pb_utils.InferenceResponse(
                 output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import bisect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,24 @@ def request_texts(arrays: Sequence[np.ndarray]) -> list[str] | list[tuple[str, s
             "one pair a row"
         )
     return list(zip(first, second, strict=True))
+
+
+def read_requests(
+    requests: Sequence[Any], arrays_of: Callable[[Any], list[np.ndarray]], inputs: Sequence[str]
+) -> tuple[dict[int, list], dict[int, str]]:
+    """Each request's texts (``arrays_of(request)``: its string inputs' arrays, in the order of
+    ``inputs``) by position, and, for each request that cannot be read, why: not UTF-8, or TEXT
+    and TEXT_PAIR holding different numbers of strings. One bad request fails alone."""
+    readable: dict[int, list] = {}
+    unreadable: dict[int, str] = {}
+    for index, request in enumerate(requests):
+        try:
+            readable[index] = request_texts(arrays_of(request))
+        except UnicodeDecodeError as err:
+            unreadable[index] = f"{' and '.join(inputs)} must be UTF-8 text ({err})"
+        except ValueError as err:
+            unreadable[index] = str(err)
+    return readable, unreadable
 
 
 def decode_texts(raw: np.ndarray) -> list[str]:
@@ -209,20 +228,16 @@ class TritonPythonModel:
     def execute(self, requests):
         import triton_python_backend_utils as pb_utils
 
+        decoded, unreadable = read_requests(
+            requests,
+            lambda request: [
+                pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
+            ],
+            self.inputs,
+        )
         responses: list = [None] * len(requests)
-        decoded: dict[int, list] = {}
-        for index, request in enumerate(requests):
-            arrays = [
-                pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.inputs
-            ]
-            try:
-                decoded[index] = request_texts(arrays)
-            except UnicodeDecodeError as err:
-                inputs = " and ".join(self.inputs)
-                error = pb_utils.TritonError(f"{inputs} must be UTF-8 text ({err})")
-                responses[index] = pb_utils.InferenceResponse(error=error)
-            except ValueError as err:
-                responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(err)))
+        for index, message in unreadable.items():
+            responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(message))
         tokenized = self.encoder.tokenize(list(decoded.values()))
         for index, rows in zip(decoded, tokenized, strict=True):
             try:
