@@ -271,7 +271,9 @@ def test_ordered_iterables_of_texts_are_encoded_in_order(tiny_embedding_model):
 def test_a_very_long_text_is_truncated_at_the_maximum_length(tiny_embedding_model):
     encoder = Encoder(RecordingEngine(), resolve_model(tiny_embedding_model), max_length=32)
     outputs = encoder.encode(["fine", "word " * 200_000])
-    assert [row.shape[0] for row in outputs["last_hidden_state"]] == [3, 32]
+    fine = len(encoder.tokenizer("fine")["input_ids"])  # [CLS] f ##i ##n ##e [SEP]
+    assert fine == 6
+    assert [row.shape[0] for row in outputs["last_hidden_state"]] == [fine, 32]
 
 
 def test_an_engine_of_another_kind_of_model_is_refused(tiny_embedding_model):

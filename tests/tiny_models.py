@@ -33,6 +33,12 @@ def unigram_vocab() -> list[tuple[str, float]]:
     return [*specials, *((c, -1.0) for c in chars), ("\u2581", -1.0), ("<mask>", 0.0)]
 
 
+def _ids(vocab: list[str]) -> dict[str, int]:
+    # The vocabulary itself, not a vocab_file: transformers 5 ignores vocab_file here and writes
+    # a tokenizer.json of the special tokens alone, so every word became [UNK].
+    return {token: i for i, token in enumerate(vocab)}
+
+
 def _bert_family(model_type: str, folder: Path):
     """The tokenizer (written to ``folder``) and the HF config, model and classifier classes."""
     import transformers
@@ -51,10 +57,7 @@ def _bert_family(model_type: str, folder: Path):
         classes += (transformers.XLMRobertaForSequenceClassification,)
     elif model_type == "electra":
         vocab = char_vocab()
-        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        tokenizer = transformers.ElectraTokenizerFast(
-            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
-        )
+        tokenizer = transformers.ElectraTokenizerFast(vocab=_ids(vocab), do_lower_case=True)
         classes = (transformers.ElectraConfig, transformers.ElectraModel)
         classes += (transformers.ElectraForSequenceClassification,)
     elif model_type == "mpnet":
@@ -66,18 +69,12 @@ def _bert_family(model_type: str, folder: Path):
         classes += (transformers.MPNetForSequenceClassification,)
     elif model_type == "distilbert":
         vocab = char_vocab()
-        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        tokenizer = transformers.DistilBertTokenizerFast(
-            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
-        )
+        tokenizer = transformers.DistilBertTokenizerFast(vocab=_ids(vocab), do_lower_case=True)
         classes = (transformers.DistilBertConfig, transformers.DistilBertModel)
         classes += (transformers.DistilBertForSequenceClassification,)
     elif model_type == "bert":
         vocab = char_vocab()
-        (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        tokenizer = transformers.BertTokenizerFast(
-            vocab_file=str(folder / "vocab.txt"), do_lower_case=True
-        )
+        tokenizer = transformers.BertTokenizerFast(vocab=_ids(vocab), do_lower_case=True)
         classes = (transformers.BertConfig, transformers.BertModel)
         classes += (transformers.BertForSequenceClassification,)
     else:
