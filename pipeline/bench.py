@@ -2,8 +2,10 @@
 and at fixed shapes.
 
 Real text is the bundled STS-B dev sentences (both columns) or the user's file, repeated to a
-minimum count. Every runner gets the same token rows (tokenization is timed on its own, as the
-``tokenizer`` runner), and runners alternate round by round so that drift on a shared machine hits
+minimum count. Every engine-only runner gets the same token rows; tokenization is timed on its
+own (the ``tokenizer:`` rows), and end to end, texts in, by each engine through the runtime's
+``encode`` and by sentence-transformers' ``encode`` (rows with ``includes_tokenization``). Runners
+alternate round by round so that drift on a shared machine hits
 them all; the median round's throughput is reported, with per-batch latency percentiles over all
 rounds (the GPU synchronised after each batch). Engines run through the runtime (pipeline/
 runtime.py), which is what serving and verify run; peers run the same rows batched the way a
@@ -49,7 +51,8 @@ from bert_compiler.pipeline.models import (
     load_torch_model,
 )
 from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows, usable_cores
-from bert_compiler.pipeline.text import Text, iter_file_texts, resolve_max_length
+from bert_compiler.pipeline.text import Text, encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.pipeline.token_rows import RowTokenizer
 
 log = logging.getLogger("bert_compile")
 
@@ -81,6 +84,8 @@ class BenchSpec:
         runtime_batches: also run each engine through the runtime at these (row limit, token
             budget) pairs, beside its default batching; a budget of 0 scales the default's
             budget with the row limit.
+        tokenizer_workers: also run each engine end to end with encode tokenizing in these
+            numbers of processes, beside its default.
         peers: also run the peers (off: engines only).
         max_length: truncation length; None takes the model's.
     """
@@ -94,6 +99,7 @@ class BenchSpec:
     peer_batches: tuple[int, ...] = ()
     fixed_shapes: tuple[tuple[int, int], ...] = ((1, 128), (32, 128))
     runtime_batches: tuple[tuple[int, int], ...] = ()
+    tokenizer_workers: tuple[int, ...] = ()
     peers: bool = True
     max_length: int | None = None
 
@@ -113,6 +119,9 @@ class Measurement:
     padding_fraction: float
     p50_ms: float | None
     p99_ms: float | None
+    # Whether the time includes turning texts into token rows (end to end: texts in, outputs
+    # out), or starts from the token rows every runner shares.
+    includes_tokenization: bool = False
 
 
 @dataclass
@@ -128,6 +137,8 @@ class _Runner:
     rounds: list[float] = field(default_factory=list)
     batch_ms: list[float] = field(default_factory=list)
     padding: float = 0.0
+    # End to end: ``run`` ignores the shared token rows and encodes the texts itself.
+    includes_tokenization: bool = False
 
 
 def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]:
@@ -175,6 +186,45 @@ def _engine_runner(
     else:
         fixed = engine.run_device if encoder.on_gpu else engine.run
     return _Runner(name, batching, encoder.batching.max_batch, run, fixed)
+
+
+def _text_runner(
+    name: str, batching: str, encoder: Encoder, texts: list[Text], device_outputs: bool = False
+) -> _Runner:
+    """An engine end to end: the texts in (tokenized by the runtime as ``encode`` does it,
+    windows ahead of the engine), outputs out."""
+
+    def run(_tokens: Tokens) -> tuple[list[float], float]:
+        encoder.encode(texts, device_outputs=device_outputs)
+        return encoder.stats.batch_ms, encoder.stats.padding_fraction
+
+    runner = _Runner(name, batching, encoder.batching.max_batch, run)
+    runner.includes_tokenization = True
+    return runner
+
+
+def _sentence_transformers_runner(
+    info: ModelInfo, texts: list[Text], batch: int, on_gpu: bool
+) -> _Runner:
+    """sentence-transformers' ``SentenceTransformer.encode`` on the model folder, end to end
+    (its own tokenization and batching, length-sorted inside), fp16 on a GPU, fp32 on a CPU;
+    embeddings to host memory as numpy."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(info.path), device="cuda" if on_gpu else "cpu")
+    if on_gpu:
+        model = model.half()
+
+    def run(_tokens: Tokens) -> tuple[list[float], float]:
+        model.encode(texts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
+        return [], 0.0
+
+    precision = "fp16" if on_gpu else "fp32"
+    runner = _Runner(
+        f"sentence-transformers {precision} encode", f"its own, batch {batch}", batch, run
+    )
+    runner.includes_tokenization = True
+    return runner
 
 
 def _packed_fixed(engine: Any) -> Callable[[dict[str, Any]], Any]:
@@ -338,9 +388,8 @@ def run_bench(
     tokenizer = load_tokenizer(info)
     sentences = real_sentences(spec, on_gpu, info)
 
-    started = time.perf_counter()
+    tokenizer_rows = _time_tokenizers(tokenizer, sentences, info, max_length)
     tokens = tokenize_rows(tokenizer, sentences, info, max_length)
-    tokenize_s = time.perf_counter() - started
     pad_id = int(tokenizer.pad_token_id or 0)
 
     # Factories: on a GPU each runner is made, measured and dropped in turn (fresh engine
@@ -399,6 +448,30 @@ def run_bench(
                 return _engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
 
             factories.append(make)
+        text_settings = [(False, None)] + ([(True, None)] if on_gpu else [])
+        text_settings += [(False, workers) for workers in spec.tokenizer_workers]
+        for kept, workers in text_settings:
+
+            def make_text(folder=folder, engine=engine, kept=kept, workers=workers):
+                encoder = Encoder(
+                    _fresh(folder, engine, on_gpu),
+                    info,
+                    max_length=max_length,
+                    tokenizer=tokenizer,
+                    time_batches=True,
+                    tokenizer_workers=workers,
+                )
+                workers = encoder.tokenizer_workers
+                label = (
+                    f"length-sorted in windows, <= {encoder.batching.max_batch} rows, "
+                    f"tokenized {f'in {workers} processes' if workers else 'on a thread'}"
+                    f"{', outputs left on the GPU' if kept else ''}"
+                )
+                return _text_runner(
+                    f"{folder.name} (runtime, texts in)", label, encoder, sentences, kept
+                )
+
+            factories.append(make_text)
         factories.append(
             lambda folder=folder, engine=engine: _engine_in_order(
                 folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu
@@ -406,6 +479,7 @@ def run_bench(
         )
     if spec.peers:
         factories.extend(_peer_factories(info, layout, spec, pad_id, on_gpu))
+        factories.extend(_sentence_transformers_factories(info, sentences, on_gpu))
 
     runners: list[_Runner] = []
     fixed: list[Measurement] = []
@@ -427,17 +501,19 @@ def run_bench(
     results = [
         Measurement(
             model=info.name,
-            runner="tokenizer (Hugging Face fast, not in the other rows)",
+            runner=name,
             data="real",
             batching="all sentences in one call",
             batch=len(tokens),
             seq=None,
-            sentences_per_s=round(len(tokens) / tokenize_s, 1),
-            tokens_per_s=round(float(tokens.lengths.sum()) / tokenize_s, 1),
+            sentences_per_s=round(len(tokens) / seconds, 1),
+            tokens_per_s=round(float(tokens.lengths.sum()) / seconds, 1),
             padding_fraction=0.0,
             p50_ms=None,
             p99_ms=None,
+            includes_tokenization=True,
         )
+        for name, seconds in tokenizer_rows
     ]
     total_tokens = float(tokens.lengths.sum())
     for runner in runners:
@@ -455,6 +531,7 @@ def run_bench(
                 padding_fraction=round(runner.padding, 4),
                 p50_ms=_percentile(runner.batch_ms, 50),
                 p99_ms=_percentile(runner.batch_ms, 99),
+                includes_tokenization=runner.includes_tokenization,
             )
         )
     results.extend(sorted(fixed, key=lambda row: (row.batch, row.seq)))
@@ -470,6 +547,51 @@ def run_bench(
         "versions": tool_versions(),
         "results": [asdict(r) for r in results],
     }
+
+
+def _time_tokenizers(
+    tokenizer, sentences: list[Text], info: ModelInfo, max_length: int
+) -> list[tuple[str, float]]:
+    """(runner name, seconds) of tokenizing the sentences alone, one thread: the Hugging Face
+    tokenizer's own call, and the runtime's row tokenizer with its piece cache cold (a fresh
+    one) and warm (the bench's, once more)."""
+    started = time.perf_counter()
+    encode_texts(tokenizer, sentences, info, max_length)
+    rows = [("tokenizer: Hugging Face fast __call__ (lists)", time.perf_counter() - started)]
+    fresh = RowTokenizer(
+        tokenizer.backend_tokenizer,
+        max_length,
+        direction=getattr(tokenizer, "truncation_side", "right"),
+    )
+    started = time.perf_counter()
+    fresh.encode(sentences)
+    rows.append(
+        ("tokenizer: runtime row tokenizer, cold piece cache", time.perf_counter() - started)
+    )
+    started = time.perf_counter()
+    fresh.encode(sentences)
+    rows.append(
+        ("tokenizer: runtime row tokenizer, warm piece cache", time.perf_counter() - started)
+    )
+    return rows
+
+
+def _sentence_transformers_factories(
+    info: ModelInfo, sentences: list[Text], on_gpu: bool
+) -> list[Callable[[], _Runner]]:
+    """The peer users know for embeddings, at its default batch (32) and a large one; none for
+    a classifier, or where sentence-transformers is not installed (said in a warning)."""
+    import importlib.util
+
+    if info.task != "sentence-embedding":
+        return []
+    if importlib.util.find_spec("sentence_transformers") is None:
+        log.warning("[bench] sentence-transformers is not installed: no end-to-end peer")
+        return []
+    return [
+        lambda batch=batch: _sentence_transformers_runner(info, sentences, batch, on_gpu)
+        for batch in (32, 1024 if on_gpu else 256)
+    ]
 
 
 def _fresh(folder: Path, loaded: Any, on_gpu: bool) -> Any:
@@ -512,6 +634,9 @@ def _peer_factories(
     if not exported.is_file():
         log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
         return factories
+    if on_gpu and "CUDAExecutionProvider" not in _ort_providers():
+        log.warning("[bench] ONNX Runtime has no CUDA provider here: no plain ONNX Runtime peer")
+        return factories
     folder = layout.root / "bench" / "peers"
     plain_label = (
         "ORT fp16 + CUDA graphs (ORT's optimizer)" if on_gpu else "ORT fp32 (ORT's optimizer)"
@@ -534,6 +659,12 @@ def _peer_factories(
         other = next(k for k in ATTENTION_KERNELS if k != DEFAULT_ATTENTION_KERNELS)
         factories.append(lambda: plain_runner(max(batches), other))
     return factories
+
+
+def _ort_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
 
 
 def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bool) -> None:

@@ -1005,6 +1005,12 @@ class BenchOptions(OptionGroup):
                 "missing budget scales the default's), e.g. 1,1024x32768.",
             ),
             click.option(
+                "--tokenizer-workers",
+                default=None,
+                help="Comma-separated process counts at which each engine also runs end to end "
+                "(texts in) with encode tokenizing in that many processes, beside the default.",
+            ),
+            click.option(
                 "--peers/--no-peers",
                 default=default_of(BenchSpec, "peers"),
                 show_default=True,
@@ -1034,6 +1040,9 @@ class BenchOptions(OptionGroup):
             runtime_batches=_listed(
                 "--runtime-batches", _batching_list, values["runtime_batches"] or ""
             ),
+            tokenizer_workers=_listed("--tokenizer-workers", _int_list, values["tokenizer_workers"])
+            if values["tokenizer_workers"]
+            else (),
             peers=values["peers"],
             max_length=values["max_length"],
         )

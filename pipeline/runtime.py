@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -41,13 +42,16 @@ from bert_compiler.engines.batching import (
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, output_name
 from bert_compiler.pipeline.text import (
     Text,
+    check_texts,
     check_token_values,
     default_text_source,
-    encode_texts,
     iter_file_texts,
+    raise_unencodable,
     resolve_max_length,
     text_list,
+    text_windows,
 )
+from bert_compiler.pipeline.token_rows import RowTokenizer, TokenizerPool, TokenRows
 
 log = logging.getLogger("bert_compile")
 
@@ -81,6 +85,16 @@ GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
 # was best for MiniLM (404k vs 326k sentences/s at the GPU default) and BERT-base (114k vs 110k);
 # docs/gpu-bench/2026-11-24-h100-torch/.
 PACKED_GPU_BATCHING = BatchingSpec(max_batch=4096, token_budget=131072)
+# encode's windows: the first is small, so the engine starts soon; each next one doubles up to
+# WINDOW_ROWS, which bounds memory and still holds several full GPU batches to sort by length.
+WINDOW_FIRST = 4096
+WINDOW_ROWS = 32768
+# encode tokenizes in worker processes (token_rows.TokenizerPool) on a GPU engine's host with at
+# least this many usable cores, for inputs of at least POOL_MIN_TEXTS texts (or of unknown
+# length), in at most TOKENIZER_WORKERS_MAX processes; smaller inputs never wait for a pool.
+POOL_MIN_CORES = 4
+POOL_MIN_TEXTS = 8192
+TOKENIZER_WORKERS_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -183,24 +197,96 @@ class PinnedStaging:
         return host.to("cuda", non_blocking=True).view(array.shape)
 
 
+def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
+    """The RowTokenizer (pipeline/token_rows.py) of a Hugging Face fast tokenizer at
+    ``max_length``, made once per tokenizer, length and truncation side (its piece cache is
+    kept with it)."""
+    side = getattr(tokenizer, "truncation_side", "right")
+    made = _ROW_TOKENIZERS.setdefault(tokenizer, {})
+    key = (max_length, side)
+    if key not in made:
+        made[key] = RowTokenizer(
+            tokenizer.backend_tokenizer,
+            max_length,
+            direction=side,
+            type_ids="token_type_ids" in tokenizer.model_input_names,
+        )
+    return made[key]
+
+
+_ROW_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def tokenize_rows(tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int) -> Tokens:
     """Tokenize without padding; every row (a cross-encoder's: every pair) truncated at
-    ``max_length``."""
+    ``max_length``: the Hugging Face tokenizer's ids and type ids, bit for bit
+    (pipeline/token_rows.py)."""
     texts = text_list(texts)
     if not texts:
         raise InputError("no texts to encode")
-    encoded = encode_texts(tokenizer, texts, info, max_length, padding=False)
-    ids = encoded["input_ids"]
-    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
-    if "token_type_ids" in encoded:
-        types = np.fromiter(
-            (t for row in encoded["token_type_ids"] for t in row), dtype=np.int64, count=len(flat)
-        )
-    else:
-        types = np.zeros_like(flat)
-    check_token_values(flat, types, info)
-    return Tokens(flat, types, lengths)
+    return _tokenize_checked(row_tokenizer(tokenizer, max_length), texts, info)
+
+
+def _tokenize_checked(rows: RowTokenizer, texts: list[Text], info: ModelInfo) -> Tokens:
+    check_texts(texts, info)
+    try:
+        encoded = rows.encode(texts)
+    except TypeError as err:
+        raise_unencodable(texts, err)
+        raise
+    return _checked_tokens(encoded, info)
+
+
+def _checked_tokens(encoded: TokenRows, info: ModelInfo) -> Tokens:
+    check_token_values(encoded.ids, encoded.type_ids, info)
+    return Tokens(encoded.ids, encoded.type_ids, encoded.lengths)
+
+
+def _checked_window(encoded: Any, window: list[Text], info: ModelInfo, start: int) -> Tokens:
+    """A window's Tokens, or its tokenization's TypeError as one line naming the text."""
+    if isinstance(encoded, TypeError):
+        raise_unencodable(window, encoded, start)
+        raise encoded
+    return _checked_tokens(encoded, info)
+
+
+def _window_sizes() -> Iterator[int]:
+    size = WINDOW_FIRST
+    while True:
+        yield size
+        size = min(2 * size, WINDOW_ROWS)
+
+
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def tokenizer_pool(rows: RowTokenizer, workers: int) -> TokenizerPool:
+    """The worker pool of ``rows`` (one per RowTokenizer and worker count, kept while it
+    lives; its processes are stopped when it is collected, or at exit)."""
+    pools = _POOLS.setdefault(rows, {})
+    if workers not in pools:
+        pool = TokenizerPool(rows, workers)
+        weakref.finalize(rows, pool.close)
+        pools[workers] = pool
+    return pools[workers]
+
+
+def _merged_stats(parts: Sequence[RunStats]) -> RunStats:
+    """The stats of several runs as of one."""
+    if len(parts) == 1:
+        return parts[0]
+    shapes = frozenset().union(*(p.shape_set for p in parts))
+    computed = sum(p.computed for p in parts)
+    real = sum(p.computed * (1.0 - p.padding_fraction) for p in parts)
+    return RunStats(
+        rows=sum(p.rows for p in parts),
+        batches=sum(p.batches for p in parts),
+        shapes=len(shapes),
+        padding_fraction=1.0 - real / computed if computed else 0.0,
+        batch_ms=[ms for p in parts for ms in p.batch_ms],
+        shape_set=shapes,
+        computed=computed,
+    )
 
 
 def ladder_from_text(
@@ -242,6 +328,9 @@ class RunStats:
     shapes: int = 0
     padding_fraction: float = 0.0
     batch_ms: list[float] = field(default_factory=list)
+    # The (rows, length) shapes counted in ``shapes``, and the positions computed.
+    shape_set: frozenset = frozenset()
+    computed: int = 0
 
 
 class Encoder:
@@ -261,8 +350,12 @@ class Encoder:
         tokenizer=None,
         time_batches: bool = False,
         concurrent_batches: int | None = None,
+        tokenizer_workers: int | None = None,
     ):
-        """``concurrent_batches``: batches a CPU engine runs at once (default
+        """``tokenizer_workers``: processes ``encode`` tokenizes large inputs in (default: on
+        a GPU engine's host of POOL_MIN_CORES cores or more, one per core but one, at most
+        TOKENIZER_WORKERS_MAX; 0 elsewhere: a thread). ``concurrent_batches``: batches a CPU
+        engine runs at once (default
         CPU_CONCURRENT_BATCHES, at most the usable cores; 1 where the engine cannot run in a
         session of other threads, or its build recorded a thread count; 1 from the first run
         that finds the engine file changed since it was loaded: that session is made from the
@@ -275,6 +368,7 @@ class Encoder:
         self.info = info
         self.max_length = resolve_max_length(info, max_length)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
+        self.row_tokenizer = row_tokenizer(self.tokenizer, self.max_length)
         self.on_gpu = engine.device == "cuda"
         # An engine that runs packed rows (engines/torch_encoder.py) is given each batch's real
         # tokens back to back: no padding, so no ladder either.
@@ -309,6 +403,16 @@ class Encoder:
         self.concurrent_batches = (
             min(asked, usable_cores()) if splittable and not self.on_gpu and not self.packed else 1
         )
+        if tokenizer_workers is not None and tokenizer_workers < 0:
+            raise InputError(f"tokenizer workers {tokenizer_workers}: give 0 or more")
+        cores = usable_cores()
+        self.tokenizer_workers = (
+            tokenizer_workers
+            if tokenizer_workers is not None
+            else min(TOKENIZER_WORKERS_MAX, cores - 1)
+            if self.on_gpu and cores >= POOL_MIN_CORES
+            else 0
+        )
 
     @classmethod
     def open(cls, engine_dir: Path, info: ModelInfo, **kwargs: Any) -> Encoder:
@@ -326,18 +430,104 @@ class Encoder:
             tokenizer=self.tokenizer,
             time_batches=self.time_batches,
             concurrent_batches=self.concurrent_batches,
+            tokenizer_workers=self.tokenizer_workers,
         )
 
     def tokenize(self, texts: Sequence[Text]) -> Tokens:
-        return tokenize_rows(self.tokenizer, texts, self.info, self.max_length)
+        return _tokenize_checked(self.row_tokenizer, text_list(texts), self.info)
 
     def encode(
-        self, texts: Sequence[Text], desc: str | None = None, *, device_outputs: bool = False
+        self, texts: Iterable[Text], desc: str | None = None, *, device_outputs: bool = False
     ) -> dict[str, Any]:
         """Outputs for ``texts`` in their order (``desc``: a progress bar of that name;
         ``device_outputs``: see ``run``); a cross-encoder's texts are (text, text_pair) pairs,
-        its output one score per pair."""
-        return self.run(self.tokenize(texts), desc=desc, device_outputs=device_outputs)
+        its output one score per pair. Tokenized in windows ahead of the engine (``stream``);
+        ``stats`` covers every window."""
+        parts, stats = [], []
+        for outputs in self.stream(texts, desc=desc, device_outputs=device_outputs):
+            parts.append(outputs)
+            stats.append(self.stats)
+        if not parts:
+            raise InputError("no texts to encode")
+        self.stats = _merged_stats(stats)
+        return {name: _joined([part[name] for part in parts]) for name in parts[0]}
+
+    def stream(
+        self, texts: Iterable[Text], desc: str | None = None, *, device_outputs: bool = False
+    ) -> Iterator[dict[str, Any]]:
+        """Outputs window by window, in input order, for ``texts`` of any length (a list or
+        an iterator): each window (WINDOW_FIRST texts, doubling up to WINDOW_ROWS) is tokenized
+        while the engine runs the one before it, in ``tokenizer_workers`` processes where the
+        input is large enough to pay for them, else on a thread; sorted by length within the
+        window. Memory holds a few windows, whatever the input's length.
+
+        Raises:
+            InputError: as ``tokenize`` and ``run``, naming a text by its index in ``texts``.
+        """
+        sized = isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
+        windows = text_windows(texts, _window_sizes())
+        total = len(texts) if sized else None
+        use_pool = self.tokenizer_workers > 0 and (total is None or total >= POOL_MIN_TEXTS)
+        tokenized = self._pooled(windows) if use_pool else self._threaded(windows)
+        shown = progress.bar(desc=desc, total=total, unit="text") if desc else None
+        start = 0
+        try:
+            for window, encoded in tokenized:
+                try:
+                    tokens = _checked_window(encoded, window, self.info, start)
+                    yield self.run(tokens, device_outputs=device_outputs)
+                finally:
+                    start += len(window)
+                if shown is not None:
+                    shown.update(len(window))
+        finally:
+            if shown is not None:
+                shown.close()
+            tokenized.close()
+
+    def _threaded(self, windows: Iterator[list[Text]]) -> Iterator[tuple[list, Any]]:
+        """(window, TokenRows or the TypeError its tokenization raised), the next window
+        tokenized on a thread while the caller runs this one (the Rust tokenizer releases the
+        GIL; the piece cache's loop holds it, briefly)."""
+        rows = self.row_tokenizer
+        info = self.info
+
+        def tokenize(window: list[Text], start: int) -> Any:
+            check_texts(window, info, start)
+            try:
+                return rows.encode(window)
+            except TypeError as err:
+                return err
+
+        pool = ThreadPoolExecutor(1, thread_name_prefix="bert-compiler-tokenize")
+        try:
+            start, pending = 0, None
+            for window in windows:
+                submitted = (window, pool.submit(tokenize, window, start))
+                start += len(window)
+                if pending is not None:
+                    yield pending[0], pending[1].result()
+                pending = submitted
+            if pending is not None:
+                yield pending[0], pending[1].result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _pooled(self, windows: Iterator[list[Text]]) -> Iterator[tuple[list, Any]]:
+        """The same as ``_threaded``, tokenized in worker processes (token_rows.TokenizerPool),
+        two windows ahead."""
+        info = self.info
+
+        def checked(windows: Iterator[list[Text]]) -> Iterator[list[Text]]:
+            start = 0
+            for window in windows:
+                check_texts(window, info, start)
+                start += len(window)
+                yield window
+
+        yield from tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(
+            checked(windows)
+        )
 
     def plan(self, tokens: Tokens) -> list[Batch]:
         return plan_batches(tokens.lengths, self.batching)
@@ -378,6 +568,8 @@ class Encoder:
             shapes=len(shapes),
             padding_fraction=1.0 - float(tokens.lengths.sum()) / computed if computed else 0.0,
             batch_ms=self._batch_ms,
+            shape_set=frozenset(shapes),
+            computed=computed,
         )
         return {name: _joined([c[name] for c in chunks]) for name in chunks[0]}
 

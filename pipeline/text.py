@@ -9,6 +9,7 @@ tokenizer (and sentence-transformers' CrossEncoder) does."""
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +101,38 @@ def text_list(texts: Any) -> list[Any]:
         raise InputError(f"texts: {type(texts).__name__} is not a list of texts") from err
 
 
-def check_texts(texts: Sequence[Any], info: ModelInfo) -> None:
-    """Pairs for a cross-encoder, single strings for every other model.
+def text_windows(texts: Any, sizes: Iterator[int]) -> Iterator[list[Any]]:
+    """``texts`` (as ``text_list`` takes them, or an iterator of any length) in consecutive
+    lists of the lengths ``sizes`` gives, read as they are needed: memory holds one window.
+
+    Raises:
+        InputError: as text_list, at once (not at the first window).
+    """
+    if isinstance(texts, (str, bytes, bytearray, set, frozenset, Mapping)):
+        text_list(texts)  # raises its one line
+    try:
+        iterator = iter(texts)
+    except TypeError as err:
+        raise InputError(f"texts: {type(texts).__name__} is not a list of texts") from err
+
+    def windows() -> Iterator[list[Any]]:
+        for size in sizes:
+            window = list(islice(iterator, size))
+            if not window:
+                return
+            yield window
+
+    return windows()
+
+
+def check_texts(texts: Sequence[Any], info: ModelInfo, start: int = 0) -> None:
+    """Pairs for a cross-encoder, single strings for every other model (``start``: the index
+    of ``texts[0]`` in what the caller was given, for the message).
 
     Raises:
         InputError: the first text of the wrong kind, in one line.
     """
-    for index, text in enumerate(texts):
+    for index, text in enumerate(texts, start):
         pair = isinstance(text, tuple) and len(text) == 2 and all(isinstance(t, str) for t in text)
         if info.pairs and not pair:
             raise InputError(
@@ -146,18 +172,23 @@ def encode_texts(
             return tokenizer(firsts, seconds, **truncation, **kwargs)
         return tokenizer(list(texts), **truncation, **kwargs)
     except TypeError as err:
-        # The tokenizer takes only what UTF-8 encodes: a lone surrogate ("\ud800") is a str
-        # Python holds and the tokenizer refuses.
-        for index, text in enumerate(texts):
-            for part in (text,) if isinstance(text, str) else text:
-                try:
-                    part.encode("utf-8")
-                except UnicodeEncodeError as bad:
-                    raise InputError(
-                        f"text {index}: not encodable as UTF-8 at character {bad.start} "
-                        f"({bad.reason}); pass valid Unicode text"
-                    ) from err
+        raise_unencodable(texts, err)
         raise
+
+
+def raise_unencodable(texts: Sequence[Text], err: TypeError, start: int = 0) -> None:
+    """Raise InputError naming the first text UTF-8 cannot encode, if there is one: the
+    tokenizer takes only what UTF-8 encodes, and a lone surrogate ("\\ud800") is a str Python
+    holds and the tokenizer refuses (with a TypeError)."""
+    for index, text in enumerate(texts, start):
+        for part in (text,) if isinstance(text, str) else text:
+            try:
+                part.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                raise InputError(
+                    f"text {index}: not encodable as UTF-8 at character {bad.start} "
+                    f"({bad.reason}); pass valid Unicode text"
+                ) from err
 
 
 def iter_file_texts(

@@ -28,6 +28,7 @@ FIELDS = {
     "padding_fraction",
     "p50_ms",
     "p99_ms",
+    "includes_tokenization",
 }
 
 
@@ -59,6 +60,21 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
         ("torch fp32 eager", "fixed"),
     } <= set(runners)
     assert runners.count((name, "fixed")) == 1
+    # End to end, texts in: the engine through encode, sentence-transformers at its default
+    # batch and a large one, and the tokenizers alone; every other row starts from tokens.
+    end_to_end = {(r["runner"], r["batching"]) for r in rows if r["includes_tokenization"]}
+    assert {runner for runner, _ in end_to_end} == {
+        f"{name} (runtime, texts in)",
+        "sentence-transformers fp32 encode",
+        "tokenizer: Hugging Face fast __call__ (lists)",
+        "tokenizer: runtime row tokenizer, cold piece cache",
+        "tokenizer: runtime row tokenizer, warm piece cache",
+    }
+    assert {b for r, b in end_to_end if r.startswith("sentence-")} == {
+        "its own, batch 32",
+        "its own, batch 256",
+    }
+    assert not any(r["includes_tokenization"] for r in rows if r["runner"] == engine)
     # The default (also given as 32x4096), 8 rows and, where the default runs several batches
     # at once, the default one batch at a time.
     concurrent = min(runtime.CPU_CONCURRENT_BATCHES, runtime.usable_cores())
