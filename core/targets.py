@@ -112,6 +112,12 @@ def _detect_gpus() -> tuple[tuple[Gpu, ...], list[str]]:
     return parse_nvidia_smi(done.stdout), []
 
 
+def gpu_absence() -> str:
+    """Why this machine has no NVIDIA GPU ('' when nvidia-smi lists one)."""
+    gpus, notes = _detect_gpus()
+    return "" if gpus else (notes[0] if notes else "nvidia-smi lists no GPU")
+
+
 def current_gpu(needed_for: str) -> tuple[str, str]:
     """(compute capability such as ``"9.0"``, name) of the GPU torch runs on.
 

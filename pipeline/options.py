@@ -773,6 +773,14 @@ class PackageOptions(OptionGroup):
                 "engines); an engine's instances share the cores.",
             ),
             click.option(
+                "--gpu-text-instances",
+                type=_int_range(PACKAGE_LIMITS["gpu_text_instances"]),
+                default=default_of(PackageSpec, "gpu_text_instances"),
+                show_default=True,
+                help="Instances per GPU of each GPU engine's Python-backend text model (the torch "
+                "engine's): each tokenizes its execute calls in a process of its own.",
+            ),
+            click.option(
                 "--python-cpu-engine",
                 is_flag=True,
                 help="Also serve CPU ONNX Runtime engines on Triton's Python backend (for Triton "
@@ -847,6 +855,7 @@ class PackageOptions(OptionGroup):
             max_queue_delay_us=values["max_queue_delay_us"],
             instances=values["instances"],
             python_instances=values["python_instances"],
+            gpu_text_instances=values["gpu_text_instances"],
             python_cpu_engine=values["python_cpu_engine"],
             python_text=values["python_text"],
             text_run_cost=values["text_run_cost"],

@@ -170,7 +170,7 @@ def run_pipeline(
     ok = all(e["passed"] for e in engines)
     repository = None
     # Only this run's engines: older engine folders under OUT are not silently shipped.
-    served = tuple(e["name"] for e in engines if get_backend(e["backend"]).serves_in_triton)
+    served = tuple(e["name"] for e in engines if get_backend(e["backend"]).packaged)
     if ok and spec.package is not None and not served:
         log.warning("[package] skipped: no engine of this run is served by Triton")
     if ok and spec.package is not None and served:

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from bert_compiler.calibration import datasets
-from bert_compiler.engines.torch_encoder import attend_short
+from bert_compiler.engines.torch_module import attend_short
 
 FP8_MAX = 448.0
 SHAPES = {  # hidden, layers, heads, feed-forward

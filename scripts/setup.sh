@@ -89,6 +89,12 @@ if [ "$triton_server" = 1 ]; then
         "flatbuffers==25.12.19" "packaging==26.3"
       touch "$stub_site/.complete"
     fi
+    # The torch engine's text model runs torch in the stub: this environment's torch, linked
+    # in, where its Python is the stub's own version (elsewhere, see scripts/link-torch-site.sh).
+    venv_python=$("$venv/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+    if [ "$venv_python" = "$system_python" ] && [ ! -e "$stub_site/torch" ]; then
+      scripts/link-torch-site.sh "$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" "$stub_site"
+    fi
   else
     echo "setup: no /usr/bin/python3: the Triton server tests will be skipped" >&2
   fi

@@ -56,6 +56,8 @@ class Measurement:
     engine_batch: float
     tokenizer_batch: float
     first_error: str = ""
+    texts_per_request: int = 1
+    processes: int = 1
 
 
 def request_texts(data: Path | None, pairs: bool = False) -> list[tuple[str, ...]]:
@@ -86,12 +88,15 @@ class Target:
         import tritonclient.grpc.aio as grpc_aio
 
         from bert_compiler.pipeline.triton.text_engine_model import RUN_COST_PARAMETER
+        from bert_compiler.pipeline.triton.torch_text_model import PRECISION_PARAMETER
 
         self.client = grpc_aio.InferenceServerClient(self.url)
         config = (await self.client.get_model_config(self.model, as_json=True))["config"]
         steps = config.get("ensemble_scheduling", {}).get("step", [])
-        if not steps and RUN_COST_PARAMETER in config.get("parameters", {}):
-            # The one-model text engine (package --python-text model): it tokenizes too.
+        text_model = {RUN_COST_PARAMETER, PRECISION_PARAMETER} & set(config.get("parameters", {}))
+        if not steps and text_model:
+            # A one-model text engine (package --python-text model, a torch engine's text
+            # model): it tokenizes too.
             self.tokenizer = self.engine = self.model
         elif len(steps) == 2:
             self.tokenizer, self.engine = (step["model_name"] for step in steps)
@@ -116,52 +121,48 @@ class Target:
 
 
 async def measure(
-    target: Target, concurrency: int, requests: int, deadline_s: float
+    target: Target,
+    concurrency: int,
+    requests: int,
+    deadline_s: float,
+    per_request: int = 1,
+    processes: int = 1,
 ) -> Measurement:
-    """Send ``requests`` of the target's texts (sentences, or pairs) from ``concurrency``
-    closed-loop clients (none sent after ``deadline_s``); each answer must hold one row."""
-    import tritonclient.grpc.aio as grpc_aio
-    from tritonclient.utils import InferenceServerException
-
+    """Send ``requests`` requests of ``per_request`` of the target's texts (sentences, or pairs)
+    from ``concurrency`` closed-loop clients spread over ``processes`` client processes (none
+    sent after ``deadline_s``); each answer must hold one row per text."""
     before = {m: await target.counts(m) for m in (target.tokenizer, target.engine)}
-    latencies: list[float] = []
-    errors: list[str] = []
-    issued = 0
-    started = time.perf_counter()
-    deadline = started + deadline_s
-    requested = [grpc_aio.InferRequestedOutput(target.output)]
+    shares = [
+        (concurrency // processes + (i < concurrency % processes),
+         requests // processes + (i < requests % processes))
+        for i in range(processes)
+    ]  # fmt: skip
+    load = (target.url, target.model, target.inputs, target.output, target.texts)
+    if processes == 1:
+        parts = [await _clients(*load, concurrency, requests, deadline_s, per_request)]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-    async def client() -> None:
-        nonlocal issued
-        while issued < requests and time.perf_counter() < deadline:
-            text = target.texts[issued % len(target.texts)]
-            issued += 1
-            tensors = []
-            for name, value in zip(target.inputs, text, strict=True):
-                tensor = grpc_aio.InferInput(name, [1, 1], "BYTES")
-                tensor.set_data_from_numpy(np.array([[value.encode("utf-8")]], dtype=object))
-                tensors.append(tensor)
-            sent = time.perf_counter()
-            try:
-                result = await target.client.infer(
-                    target.model, tensors, outputs=requested, client_timeout=deadline_s
-                )
-                rows = result.as_numpy(target.output).shape[0]
-                if rows != 1:
-                    raise InferenceServerException(f"{rows} rows for one sentence")
-            except InferenceServerException as err:
-                errors.append(str(err))
-                continue
-            latencies.append((time.perf_counter() - sent) * 1e3)
-
-    await asyncio.gather(*(client() for _ in range(concurrency)))
-    seconds = time.perf_counter() - started
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(processes, mp_context=context) as pool:
+            futures = [
+                pool.submit(_clients_in_process, *load, c, n, deadline_s, per_request)
+                for c, n in shares
+                if c and n
+            ]
+            parts = [f.result() for f in futures]
+    # From the first client's start to the last one's end (a process's start-up is not load).
+    seconds = max(part[4] for part in parts) - min(part[3] for part in parts)
+    latencies = [ms for part in parts for ms in part[0]]
+    errors = [e for part in parts for e in part[1]]
+    issued = sum(part[2] for part in parts)
     # Triton counts a request just after it answers it: wait (briefly) for the last ones.
     settle = time.perf_counter() + 5
     while True:
         after = {m: await target.counts(m) for m in before}
         counted = after[target.engine][0] - before[target.engine][0]
-        if counted >= len(latencies) or time.perf_counter() > settle:
+        if counted >= len(latencies) * per_request or time.perf_counter() > settle:
             break
         await asyncio.sleep(0.02)
 
@@ -179,13 +180,78 @@ async def measure(
         errors=len(errors),
         deadline_hit=issued < requests,
         seconds=round(seconds, 3),
-        sentences_per_s=round(len(latencies) / seconds, 2),
+        sentences_per_s=round(len(latencies) * per_request / seconds, 2),
         p50_ms=round(float(np.percentile(done, 50)), 2),
         p99_ms=round(float(np.percentile(done, 99)), 2),
         engine_batch=per_execute(target.engine),
         tokenizer_batch=per_execute(target.tokenizer),
         first_error=errors[0][:300] if errors else "",
+        texts_per_request=per_request,
+        processes=processes,
     )
+
+
+def _clients_in_process(*args) -> tuple[list[float], list[str], int, float, float]:
+    return asyncio.run(_clients(*args))
+
+
+async def _clients(
+    url: str,
+    model: str,
+    inputs: list[str],
+    output: str,
+    texts: list[tuple[str, ...]],
+    concurrency: int,
+    requests: int,
+    deadline_s: float,
+    per_request: int,
+) -> tuple[list[float], list[str], int, float, float]:
+    """(latencies in ms, errors, requests issued, start, end) of ``concurrency`` closed-loop
+    clients on one connection, sending ``requests`` requests of ``per_request`` texts in all
+    (start and end by time.perf_counter, one clock for every process on Linux)."""
+    import tritonclient.grpc.aio as grpc_aio
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc_aio.InferenceServerClient(url)
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    await client.is_server_ready()  # connected before the clock starts
+    deadline = time.perf_counter() + deadline_s
+    requested = [grpc_aio.InferRequestedOutput(output)]
+
+    async def one_client() -> None:
+        nonlocal issued
+        while issued < requests and time.perf_counter() < deadline:
+            first = issued * per_request
+            rows = [texts[(first + i) % len(texts)] for i in range(per_request)]
+            issued += 1
+            tensors = []
+            for column, name in enumerate(inputs):
+                tensor = grpc_aio.InferInput(name, [per_request, 1], "BYTES")
+                values = [[row[column].encode("utf-8")] for row in rows]
+                tensor.set_data_from_numpy(np.array(values, dtype=object))
+                tensors.append(tensor)
+            sent = time.perf_counter()
+            try:
+                result = await client.infer(
+                    model, tensors, outputs=requested, client_timeout=deadline_s
+                )
+                answered = result.as_numpy(output).shape[0]
+                if answered != per_request:
+                    raise InferenceServerException(f"{answered} rows for {per_request} texts")
+            except InferenceServerException as err:
+                errors.append(str(err))
+                continue
+            latencies.append((time.perf_counter() - sent) * 1e3)
+
+    began = time.perf_counter()
+    try:
+        await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    finally:
+        ended = time.perf_counter()
+        await client.close()
+    return latencies, errors, issued, began, ended
 
 
 async def run(targets: list[Target], args: argparse.Namespace) -> list[Measurement]:
@@ -195,35 +261,47 @@ async def run(targets: list[Target], args: argparse.Namespace) -> list[Measureme
         await target.open()
         if args.warmup:
             await measure(target, min(8, args.warmup), args.warmup, args.deadline_s)
-    rounds: dict[tuple[str, int], list[Measurement]] = {}
+    rounds: dict[tuple[str, int, int], list[Measurement]] = {}
+    settings = [(k, c) for k in args.texts_per_request for c in args.concurrency]
     for _ in range(args.rounds):
-        for concurrency in args.concurrency:
+        for per_request, concurrency in settings:
             for target in targets:
-                result = await measure(target, concurrency, args.requests, args.deadline_s)
-                rounds.setdefault((target.label, concurrency), []).append(result)
+                result = await measure(
+                    target,
+                    concurrency,
+                    args.requests,
+                    args.deadline_s,
+                    per_request,
+                    min(args.processes, concurrency),
+                )
+                rounds.setdefault((target.label, per_request, concurrency), []).append(result)
     for target in targets:
         await target.close()
     results = []
-    for concurrency in args.concurrency:
+    for per_request, concurrency in settings:
         for target in targets:
-            runs = sorted(rounds[(target.label, concurrency)], key=lambda m: m.sentences_per_s)
+            runs = rounds[(target.label, per_request, concurrency)]
+            runs = sorted(runs, key=lambda m: m.sentences_per_s)
             results.append(runs[len(runs) // 2])
     return results
 
 
 def table(results: list[Measurement]) -> str:
-    baseline = {m.concurrency: m for m in results if m.target == results[0].target}
+    baseline = {
+        (m.texts_per_request, m.concurrency): m for m in results if m.target == results[0].target
+    }
     lines = [
-        f"{'target':<12} {'conc':>4} {'done':>9} {'sent/s':>9} {'vs':>6} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'engine batch':>12} {'tok batch':>9}"
+        f"{'target':<12} {'texts':>5} {'conc':>4} {'done':>9} {'sent/s':>9} {'vs':>6} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'engine batch':>12} {'tok batch':>9}"
     ]
     for m in results:
-        base = baseline[m.concurrency].sentences_per_s
+        base = baseline[(m.texts_per_request, m.concurrency)].sentences_per_s
         ratio = f"{m.sentences_per_s / base:.2f}x" if base else "-"
         done = f"{m.completed}/{m.requests}" + ("*" if m.deadline_hit else "")
         lines.append(
-            f"{m.target:<12} {m.concurrency:>4} {done:>9} {m.sentences_per_s:>9.1f} {ratio:>6} "
-            f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {m.engine_batch:>12.2f} {m.tokenizer_batch:>9.2f}"
+            f"{m.target:<12} {m.texts_per_request:>5} {m.concurrency:>4} {done:>9} "
+            f"{m.sentences_per_s:>9.1f} {ratio:>6} {m.p50_ms:>8.2f} {m.p99_ms:>8.2f} "
+            f"{m.engine_batch:>12.2f} {m.tokenizer_batch:>9.2f}"
         )
     if any(m.deadline_hit for m in results):
         lines.append("* stopped at the deadline: fewer requests than asked")
@@ -267,6 +345,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "calibration-sentences.tsv to choose settings apart from the text that reports them",
     )
     parser.add_argument("--concurrency", type=_positive_ints, default=[1, 8, 32])
+    parser.add_argument(
+        "--texts-per-request",
+        type=_positive_ints,
+        default=[1],
+        help="texts in each request (comma-separated: each is measured), e.g. 1,64",
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes the concurrent clients are spread over (at most the concurrency)",
+    )
     parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
     parser.add_argument(
         "--deadline-s", type=float, default=300.0, help="no request sent after this long"
@@ -277,6 +367,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.requests < 1 or args.rounds < 1 or args.warmup < 0 or args.deadline_s <= 0:
         parser.error("--requests and --rounds must be >= 1, --warmup >= 0, --deadline-s > 0")
+    if args.processes < 1:
+        parser.error("--processes must be >= 1")
     if args.data is not None and not args.data.is_file():
         parser.error(f"--data {args.data}: no such file")
     if args.repository and len({label for label, _ in args.repository}) != len(args.repository):

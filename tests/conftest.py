@@ -305,3 +305,20 @@ def pytest_terminal_summary(terminalreporter):
         lines.append(f"fuzzed inputs: {sum(fuzz.TRIED.values())} ({tried})")
     for line in lines:
         terminalreporter.write_line(line)
+
+
+@pytest.fixture()
+def pb_utils(monkeypatch):
+    """A stand-in for triton_python_backend_utils: a request is a dict name -> array."""
+    import sys
+    import types
+
+    from tests.triton_fakes import FakeError, FakeResponse, FakeTensor
+
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = FakeTensor
+    module.InferenceResponse = FakeResponse
+    module.TritonError = FakeError
+    module.get_input_tensor_by_name = lambda request, name: FakeTensor(name, request[name])
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
+    return module

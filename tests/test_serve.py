@@ -447,3 +447,24 @@ def test_a_port_in_use_is_refused_before_the_server_starts():
             check_port("127.0.0.1", port, "--grpc-port")
     check_port("127.0.0.1", port, "--grpc-port")  # free again
     check_port("127.0.0.1", 0, "--http-port")  # 0: any free port
+
+
+def test_a_model_on_gpu_instances_is_served_only_where_a_gpu_is():
+    """A torch engine's text model on KIND_GPU: left out, saying why, on a machine without a
+    GPU; loaded where one is. A CPU model and ensembles are unaffected."""
+    from bert_compiler.pipeline.triton import config as tc
+    from bert_compiler.pipeline.triton.server import LOCAL_BACKENDS, unservable
+
+    text = [tc.TensorSpec("TEXT", "TYPE_STRING", (1,))]
+    out = [tc.TensorSpec("sentence_embedding", "TYPE_FP32", (8,))]
+    common = {"inputs": text, "outputs": out, "max_batch_size": 8, "parameters": {}}
+    gpu = tc.python_config(name="m-pt-cuda-fp16-text", gpu=True, **common)
+    cpu = tc.python_config(name="m-pt-cpu-fp32-text", **common)
+    no_gpu = "no nvidia-smi on PATH: no NVIDIA driver, so no GPU"
+    assert unservable(gpu, LOCAL_BACKENDS, no_gpu) == (
+        "runs on GPU instances (KIND_GPU), and no nvidia-smi on PATH: no NVIDIA driver, so no GPU"
+    )
+    assert unservable(gpu, LOCAL_BACKENDS, "") == ""
+    assert unservable(cpu, LOCAL_BACKENDS, no_gpu) == ""
+    assert unservable(gpu, {"onnxruntime"}, "") == "needs the python backend"
+    assert "KIND_GPU" in tc.render(gpu) and "KIND_CPU" in tc.render(cpu)

@@ -28,16 +28,18 @@ from bert_compiler.core.errors import (
     UnsupportedModelError,
 )
 from bert_compiler.core.targets import Environment, plan_targets
-from bert_compiler.engines import torch_encoder
+from bert_compiler.engines import torch_module
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import BatchingSpec
-from bert_compiler.engines.torch_encoder import (
+from bert_compiler.engines.torch_encoder import read_encoder
+from bert_compiler.engines.torch_module import (
     EncoderLayout,
+    LayoutError,
     TorchEncoder,
     graph_bucket,
     kernel_tiles,
-    read_encoder,
 )
+from bert_compiler.pipeline import runtime
 from bert_compiler.pipeline.architectures import ARCHITECTURES
 from bert_compiler.pipeline.bench import _packed_fixed
 from bert_compiler.pipeline.build import build
@@ -45,7 +47,8 @@ from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.pipeline.triton.package import PYTHON_INSTANCES
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 from tests.gpus import H100
 from tests.test_gpu_engines import _cuda_reason, _skip_unless
@@ -100,7 +103,9 @@ def test_a_layout_this_tool_did_not_write_is_one_line():
         {**good, "input_names": ["input_ids"]},
         {**good, "position_offset": -1},
     ):
-        with pytest.raises(ArtifactError, match="^f: the engine's layout is not one this tool"):
+        # LayoutError: the run-time module raises no bert-compiler error (the backend's load
+        # reports it as an ArtifactError).
+        with pytest.raises(LayoutError, match="^f: the engine's layout is not one this tool"):
             EncoderLayout.from_dict(bad, "f")
 
 
@@ -262,9 +267,15 @@ def test_an_engine_file_missing_a_tensor_is_refused_in_one_line(torch_engine, tm
 
 
 @pytest.mark.e2e
-def test_cli_builds_verifies_and_package_leaves_torch_engines_to_the_runtime(tiny_run, tmp_path):
-    """`run --target torch` builds and verifies the torch engine and packages nothing (Triton
-    does not serve it); `package` names it when asked for it."""
+@pytest.mark.usefixtures("pb_utils")
+def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path, monkeypatch):
+    """`run --target torch` builds and verifies the torch engine and packages it as a
+    Python-backend text model (torch_text_model.py beside the files it imports); the gate
+    re-plans and verifies it, and its model.py, loaded as Triton loads it on the CPU engine,
+    answers each request with the runtime's embeddings."""
+    from bert_compiler.pipeline.triton.gate import verify_repository
+    from tests.test_package import _load_text_model
+
     info, _out, _spec, _summary = tiny_run
     out = tmp_path / "out"
     common = ["--model", str(info.path), "--out", str(out)]
@@ -275,17 +286,46 @@ def test_cli_builds_verifies_and_package_leaves_torch_engines_to_the_runtime(tin
     (engine,) = summary["engines"]
     assert engine["backend"] == "torch" and engine["passed"]
     assert engine["name"].endswith("-cpu-fp32")
-    assert summary["repository"] is None
-    assert "no engine of this run is served by Triton" in result.stderr
-    with pytest.raises(InputError, match="served by the runtime"):
-        package(
-            info=info,
-            out=out,
-            repository=tmp_path / "repo",
-            spec=PackageSpec(engines=(engine["name"],)),
-        )
-    with pytest.raises(InputError, match="no engine Triton serves"):
-        package(info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec())
+    repository = Path(summary["repository"]["path"])
+    name = f"{info.name}-pt-cpu-fp32-text"
+    folder = repository / name
+    assert sorted(p.name for p in (folder / "1").iterdir()) == [
+        "encoder.safetensors", "model.py", "token_rows.py", "tokenizer.json",
+        "tokenizer_model.py", "torch_module.py",
+    ]  # fmt: skip
+    manifest = json.loads((repository / "manifest.json").read_text())
+    record = manifest["results"]["models"][name]
+    assert record["role"] == "torch-text" and record["text_inputs"] == ["TEXT"]
+    config = tc.parse((folder / "config.pbtxt").read_text(), folder)
+    assert config.backend == "python" and config.max_batch_size == runtime.CPU_BATCHING.max_batch
+    (group,) = config.instance_group
+    assert group.kind == group.KIND_CPU and group.count == PYTHON_INSTANCES
+    assert [t.name for t in config.input] == ["TEXT"]
+    assert [t.name for t in config.output] == ["sentence_embedding"]
+
+    gate = verify_repository(
+        info=info,
+        repository=repository,
+        out_root=tmp_path / "gate",
+        spec=TINY_VERIFY,
+    )
+    checked = [e for e in gate["engines"] if e["model"] == name]
+    assert gate["ok"] and [e["status"] for e in checked] == ["passed"]
+
+    model = _load_text_model(folder, config, monkeypatch)
+    texts = [*TEXTS, "two dogs run across a wide green field", "a man plays a guitar"]
+    requests = [texts[:1], texts[1:4], [], texts[4:]]
+    answers = model.engine.run(requests)
+    assert answers[2] == "a request with no texts"
+    served = np.concatenate([a["sentence_embedding"] for i, a in enumerate(answers) if i != 2])
+    expected = Encoder.open(out / "engines" / info.name / engine["name"], info).encode(texts)
+    np.testing.assert_allclose(served, expected["sentence_embedding"], atol=1e-5)
+    # Through execute, as Triton calls it: bytes in, one response per request.
+    responses = model.execute([{"TEXT": np.array([[t.encode()] for t in texts[:3]], object)}])
+    (response,) = responses
+    np.testing.assert_allclose(
+        response.tensors["sentence_embedding"], expected["sentence_embedding"][:3], atol=1e-5
+    )
 
 
 def _torch_and_ort_engines(folder: Path, out: Path):
@@ -465,13 +505,13 @@ def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
     needed = set()
     for batch in Encoder(engine, info, batching=BatchingSpec(3, 512)).plan(tokens):
         lengths = tokens.lengths[batch.rows]
-        if lengths.max() <= torch_encoder.SHORT_ATTENTION_MAX:
-            tile = torch_encoder._attention_tile(int(lengths.max()))
+        if lengths.max() <= torch_module.SHORT_ATTENTION_MAX:
+            tile = torch_module._attention_tile(int(lengths.max()))
             needed.add(
                 (graph_bucket(int(lengths.sum()), 16), graph_bucket(len(lengths) + 1, 2), tile)
             )
     assert needed - set(engine._captured)
-    monkeypatch.setattr(torch_encoder, "GRAPH_LIMIT", captured)
+    monkeypatch.setattr(torch_module, "GRAPH_LIMIT", captured)
     unseen = Encoder(engine, info, batching=BatchingSpec(3, 512)).encode(texts)
     assert len(engine._captured) == captured
     expected = Encoder(eager, info, batching=BatchingSpec(3, 512)).encode(texts)

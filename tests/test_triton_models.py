@@ -6,7 +6,6 @@ once per padded length."""
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import numpy as np
@@ -42,37 +41,6 @@ def word_tokenizer(direction: str = "right", max_length: int = 10):
     tokenizer.enable_truncation(max_length=max_length)
     tokenizer.enable_padding(direction=direction, pad_id=0, pad_type_id=0, pad_token="[PAD]")
     return tokenizer
-
-
-class FakeTensor:
-    def __init__(self, name, array):
-        self.name, self.array = name, np.asarray(array)
-
-    def as_numpy(self):
-        return self.array
-
-
-class FakeResponse:
-    def __init__(self, output_tensors=None, error=None):
-        self.tensors = {t.name: t.array for t in output_tensors or []}
-        self.error = error
-
-
-class FakeError:
-    def __init__(self, message):
-        self.message = message
-
-
-@pytest.fixture()
-def pb_utils(monkeypatch):
-    """A stand-in for triton_python_backend_utils: a request is a dict name -> array."""
-    module = types.ModuleType("triton_python_backend_utils")
-    module.Tensor = FakeTensor
-    module.InferenceResponse = FakeResponse
-    module.TritonError = FakeError
-    module.get_input_tensor_by_name = lambda request, name: FakeTensor(name, request[name])
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", module)
-    return module
 
 
 def _text_request(*texts: bytes) -> dict:

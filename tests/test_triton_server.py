@@ -354,3 +354,59 @@ def test_load_generator_compares_repositories_on_their_own_servers(tiny_run, tmp
     rows = json.loads(result.stdout.strip().splitlines()[-1])["results"]
     assert [r["target"] for r in rows] == ["request", "model"]
     assert all(r["completed"] == 32 and r["errors"] == 0 for r in rows)
+
+
+@pytest.fixture(scope="module")
+def served_torch_text(tiny_run, tmp_path_factory):
+    """The torch engine's text model (a CPU engine here; KIND_GPU for a cuda one)."""
+    from bert_compiler.engines.backend import BuildSpec
+    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+    from tests.conftest import TINY_VERIFY
+
+    info, _out, _spec, _summary = tiny_run
+    out = tmp_path_factory.mktemp("torch-out")
+    builds = (BuildSpec(backend="torch"),)
+    summary = run_pipeline(info=info, out=out, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
+    assert summary["ok"], summary["engines"]
+    repository = tmp_path_factory.mktemp("torch-served") / "repo"
+    spec = PackageSpec(max_queue_delay_us=QUEUE_DELAY_US)
+    package(info=info, out=out, repository=repository, spec=spec)
+    model = f"{info.name}-pt-cpu-fp32-text"
+    engine = out / "engines" / info.name / summary["engines"][0]["name"]
+    with triton_server(SERVER, repository, [model], tmp_path_factory.mktemp("server")) as server:
+        yield info, engine, server, model
+
+
+def test_torch_text_model_serves_the_runtimes_embeddings(served_torch_text):
+    """Requests of 1 and several texts of any length, over HTTP and gRPC: each answered with
+    the torch engine's own embeddings through the runtime, and requests sent at once share
+    the model's execute calls."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bert_compiler.pipeline.runtime import Encoder
+
+    info, engine, server, model = served_torch_text
+    texts = [*TEXTS, "a man plays a guitar", "two dogs run across a wide green field"]
+    expected = Encoder.open(engine, info).encode(texts)["sentence_embedding"]
+    for module, client in _clients(server):
+        got = client.infer(model, [_text_input(module, texts)]).as_numpy("sentence_embedding")
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+        alone = client.infer(model, [_text_input(module, texts[2:3])])
+        np.testing.assert_allclose(alone.as_numpy("sentence_embedding"), expected[2:3], atol=1e-5)
+    import tritonclient.grpc as grpc_client
+
+    client = grpc_client.InferenceServerClient(server.grpc)
+    before = _stats(client, model)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(
+            pool.map(
+                lambda i: client.infer(model, [_text_input(grpc_client, [texts[i % len(texts)]])]),
+                range(48),
+            )
+        )
+    for i, answer in enumerate(answers):
+        row = answer.as_numpy("sentence_embedding")
+        np.testing.assert_allclose(row, expected[i % len(texts)][None], atol=1e-5)
+    after = _stats(client, model, before[0] + 48)
+    inferred, executed = (a - b for a, b in zip(after, before, strict=True))
+    assert inferred == 48 and executed < 48  # joined by the dynamic batcher

@@ -197,8 +197,10 @@ def python_config(
     preferred_batch_sizes: Sequence[int] = (),
     max_queue_delay_us: int = 0,
     ragged: bool = False,
+    gpu: bool = False,
 ):
-    """The ModelConfig of a Python-backend model on CPU instances.
+    """The ModelConfig of a Python-backend model on CPU instances (``gpu``: on GPU instances,
+    ``instance_count`` per GPU, model.py told its GPU).
 
     Args:
         ragged: let the dynamic batcher join requests whose inputs differ in shape
@@ -208,7 +210,7 @@ def python_config(
     config, pb2 = _new_config(name, max_batch_size, inputs, outputs)
     config.backend = "python"
     group = config.instance_group.add(count=instance_count)
-    group.kind = pb2.ModelInstanceGroup.Kind.Value("KIND_CPU")
+    group.kind = pb2.ModelInstanceGroup.Kind.Value("KIND_GPU" if gpu else "KIND_CPU")
     config.dynamic_batching.SetInParent()
     config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us

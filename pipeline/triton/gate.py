@@ -21,6 +21,7 @@ from bert_compiler.pipeline.triton.package import (
 )
 from bert_compiler.pipeline.triton.repository import (
     ENGINE_ROLES,
+    SOURCE_ROLES,
     Repository,
     engine_tensors,
     open_repository,
@@ -222,7 +223,7 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
             for key in ("sha256", "spec", "results"):
                 if key in sealed and sha256_json(sealed[key]) != sha256_json(entry[key]):
                     problems.append(f"{name}/{relative}: its record's {key} was edited")
-            if record["role"] != "engine":
+            if record["role"] not in SOURCE_ROLES:
                 continue  # a copy: its file and record are compared with the plan's below
             path = opened.file(name, relative)
             engines.append(

@@ -62,12 +62,19 @@ from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE, output_lock
 from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.outdir import require_writable
 from bert_compiler.core.stage import StageResult
+from bert_compiler.engines import torch_module
 from bert_compiler.engines.backend import get_backend
 from bert_compiler.engines.batching import BatchingSpec, rung
 from bert_compiler.engines.onnxruntime import session_parameters
+from bert_compiler.pipeline import token_rows
 from bert_compiler.pipeline.layout import Layout, model_slug
 from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.runtime import CPU_BATCHING, GPU_BATCHING, ladder_from_text
+from bert_compiler.pipeline.runtime import (
+    CPU_BATCHING,
+    GPU_BATCHING,
+    PACKED_GPU_BATCHING,
+    ladder_from_text,
+)
 from bert_compiler.pipeline.text import (
     parity_batches,
     parity_texts,
@@ -94,6 +101,12 @@ from bert_compiler.pipeline.triton.tokenizer_model import (
     TextEncoder,
     format_ladder,
 )
+from bert_compiler.pipeline.triton.torch_text_model import (
+    MAX_LENGTH_PARAMETER,
+    MAX_ROWS_PARAMETER,
+    PRECISION_PARAMETER,
+    TOKEN_BUDGET_PARAMETER,
+)
 
 log = logging.getLogger("bert_compile")
 
@@ -104,6 +117,10 @@ TEMPLATES = {
     "tokenizer": Path(__file__).with_name("tokenizer_model.py"),
     "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
     "python-text": Path(__file__).with_name("text_engine_model.py"),
+    "torch-text": Path(__file__).with_name("torch_text_model.py"),
+    # Copied beside the torch text model's model.py, which imports them.
+    "token-rows": Path(token_rows.__file__),
+    "torch-module": Path(torch_module.__file__),
 }
 _WARMUP_TEXT = (
     "A man is playing a large flute while a small crowd listens in the park, and two dogs run "
@@ -134,12 +151,18 @@ TRITON_LADDER_RUNGS = 8
 # concurrency 32 on a 2-core machine (docs/benchmarks.md): MiniLM INT8 1.33x one instance,
 # fp32 1.17x.
 PYTHON_INSTANCES = 2
+# Instances per GPU of a GPU engine's text model (torch_text_model.py): each tokenizes the texts
+# of its execute calls on one core, so one instance holds the GPU back. Chosen on the calibration
+# sentences on an H100 host (16 cores), MiniLM, 64 texts a request, concurrency 256: 1 instance
+# 47,830 sentences/s, 2 94,549, 4 165,697 (docs/gpu-bench/2026-12-07-h100-serving/).
+GPU_TEXT_INSTANCES = 4
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {
     "max_batch_size": (1, 4096),
     "max_queue_delay_us": (0, 10_000_000),
     "instances": (1, 64),
     "python_instances": (1, 64),
+    "gpu_text_instances": (1, 64),
     "ladder_rungs": (1, 64),
     "text_run_cost": (0, 100_000),
 }
@@ -157,7 +180,9 @@ class PackageSpec:
         instances: instances of each engine model on a backend of its own (onnxruntime,
             tensorrt): per GPU (GPU models) or in all (CPU models).
         python_instances: instances of each Python-backend model (the tokenizer, Python CPU
-            engines); an engine's instances share the usable cores.
+            engines, a CPU torch engine's text model); an engine's instances share the usable
+            cores.
+        gpu_text_instances: instances per GPU of a GPU engine's text model.
         python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
             backend, for Triton builds without the onnxruntime backend.
         python_text: how those engines take text: ``model``, one Python model
@@ -183,6 +208,7 @@ class PackageSpec:
     max_queue_delay_us: int = 0
     instances: int = 1
     python_instances: int = PYTHON_INSTANCES
+    gpu_text_instances: int = GPU_TEXT_INSTANCES
     python_cpu_engine: bool = False
     python_text: str = "model"
     text_run_cost: int = TEXT_RUN_COST_TOKENS
@@ -274,12 +300,11 @@ def verified_engines(
         if manifest.get("stage") != "build":
             raise ArtifactError(f"{folder}: not an engine folder this tool built")
         backend = get_backend(manifest["spec"].get("backend", ""))
-        if not backend.serves_in_triton:
+        if not backend.packaged:
             if names:
                 raise InputError(
                     f"{folder}: a {backend.name} engine is served by the runtime "
-                    "(bert_compiler.pipeline.runtime), not by Triton; package the ONNX Runtime "
-                    "or TensorRT engines"
+                    "(bert_compiler.pipeline.runtime), not by Triton"
                 )
             log.info("[package] %s: a %s engine, not served by Triton", folder.name, backend.name)
             continue
@@ -322,8 +347,7 @@ def verified_engines(
         )
     if not engines:
         raise InputError(
-            f"{root}: no engine Triton serves (torch engines are served by the runtime); build "
-            "one with --target cpu, cuda or tensorrt"
+            f"{root}: no engine Triton serves; build one with --target cpu, cuda, torch or tensorrt"
         )
     lengths = {e.max_length for e in engines}
     if len(lengths) != 1:
@@ -546,7 +570,12 @@ def plan_repository(
         groups.setdefault(engine_kind(engine.spec), []).append(engine)
     served: list[_ModelPlan] = []
     python_text: list[tuple[_ModelPlan, VerifiedEngine]] = []
+    # Engines no Triton backend runs (the torch backend's): a text model whose model.py does.
+    engine_texts: list[tuple[str, list[VerifiedEngine]]] = []
     for kind, members in sorted(groups.items()):
+        if not get_backend(members[0].spec["backend"]).serves_in_triton:
+            engine_texts.append((kind, members))
+            continue
         engine_plan = _plan_engine(f"{slug}-{kind}", kind, members, info=info, spec=spec)
         served.append(engine_plan)
         if spec.python_cpu_engine and engine_plan.record["device"] == "cpu":
@@ -558,11 +587,15 @@ def plan_repository(
         f"{slug}-tokenizer",
         info,
         engines[0].max_length,
-        max_batch=max(p.config.max_batch_size for p in served),
+        max_batch=max((p.config.max_batch_size for p in served), default=spec.max_batch_size),
         spec=spec,
     )
     ensembles = [_plan_ensemble(p, tokenizer) for p in served]
     text_models = [_plan_python_text(p, e, tokenizer, spec) for p, e in python_text]
+    text_models += [
+        _plan_torch_text(f"{slug}-{kind}-text", kind, members, tokenizer, spec)
+        for kind, members in engine_texts
+    ]
     return [tokenizer, *served, *ensembles, *text_models]
 
 
@@ -697,6 +730,97 @@ def _plan_python_text(
     return _ModelPlan(name, "python-text", config, files, record)
 
 
+def _plan_torch_text(
+    name: str,
+    kind: str,
+    members: list[VerifiedEngine],
+    tokenizer: _ModelPlan,
+    spec: PackageSpec,
+) -> _ModelPlan:
+    """Text -> a torch engine's outputs in one Python-backend model (torch_text_model.py, with
+    token_rows.py, torch_module.py and tokenizer_model.py copied beside it), on GPU instances
+    for a cuda engine: every text of an execute call tokenized at once and run packed, in the
+    runtime's packed batches. Its dynamic batcher joins up to the runtime's rows per batch.
+
+    Raises:
+        InputError: several engines of one kind (one file serves every GPU).
+    """
+    name = tc.check_name(name, "model name")
+    if len(members) > 1:
+        raise InputError(
+            f"{kind}: {len(members)} engines ({', '.join(e.name for e in members)}) would share "
+            "one Triton model; package one of them with --engine"
+        )
+    engine = members[0]
+    backend = get_backend(engine.spec["backend"])
+    version = _check_one_version(kind, members)
+    inputs, outputs = _torch_engine_io(engine)
+    texts, _tokens = tc.tensor_specs(tokenizer.config)
+    gpu = engine.spec["device"] == "cuda"
+    batching = PACKED_GPU_BATCHING if gpu else CPU_BATCHING
+    config = tc.python_config(
+        name=name,
+        inputs=texts,
+        outputs=tc.text_outputs(outputs),
+        max_batch_size=min(batching.max_batch, PACKAGE_LIMITS["max_batch_size"][1]),
+        instance_count=spec.gpu_text_instances if gpu else spec.python_instances,
+        parameters={
+            PRECISION_PARAMETER: str(engine.spec["precision"]),
+            MAX_LENGTH_PARAMETER: str(engine.max_length),
+            MAX_ROWS_PARAMETER: str(batching.max_batch),
+            TOKEN_BUDGET_PARAMETER: str(batching.token_budget),
+        },
+        max_queue_delay_us=spec.max_queue_delay_us,
+        gpu=gpu,
+    )
+    tokenizer_file = f"{VERSION}/{TOKENIZER_FILE}"
+    files: dict[str, Path | str | bytes] = {
+        f"{VERSION}/model.py": TEMPLATES["torch-text"],
+        **{
+            f"{VERSION}/{TEMPLATES[role].name}": TEMPLATES[role]
+            for role in ("token-rows", "torch-module", "tokenizer")
+        },
+        tokenizer_file: tokenizer.files[tokenizer_file],
+        f"{VERSION}/{torch_module.ENGINE_FILE}": engine.engine_file,
+    }
+    record = {
+        **_engine_record(
+            kind,
+            backend.name,
+            version,
+            {torch_module.ENGINE_FILE: engine},
+            members,
+            engine.max_length,
+        ),
+        "role": "torch-text",
+        "text_inputs": [t.name for t in texts],
+        "tokenizer": tokenizer.name,
+        # The engine file is read only by torch: its tensors as Triton sees them, kept here.
+        "io": {"inputs": [asdict(t) for t in inputs], "outputs": [asdict(t) for t in outputs]},
+    }
+    return _ModelPlan(name, "torch-text", config, files, record)
+
+
+def _torch_engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[tc.TensorSpec]]:
+    """A torch engine's token inputs and its output as an ONNX engine of the model has them:
+    pooled [width] (the hidden size, or a classifier's labels) or token-level [-1, hidden]."""
+    if engine.io is not None:
+        return engine.io
+    from safetensors import safe_open
+
+    try:
+        layout = torch_module.read_layout(engine.engine_file)
+    except torch_module.LayoutError as err:
+        raise ArtifactError(str(err)) from None
+    width = layout.hidden
+    if layout.head:
+        with safe_open(str(engine.engine_file), framework="pt") as opened:
+            width = opened.get_slice(f"head.{len(layout.head) - 1}.weight").get_shape()[0]
+    dims = (-1, layout.hidden) if layout.pooling == "none" else (width,)
+    inputs = [tc.TensorSpec(name, "TYPE_INT64", (-1,)) for name in layout.input_names]
+    return inputs, [tc.TensorSpec(layout.output, "TYPE_FP32", dims)]
+
+
 def _plan_tokenizer(
     name: str, info: ModelInfo, max_length: int, *, max_batch: int, spec: PackageSpec
 ) -> _ModelPlan:
@@ -757,7 +881,7 @@ def _plan_ensemble(engine_plan: _ModelPlan, tokenizer: _ModelPlan) -> _ModelPlan
 
 def _recorded_results(results: Mapping[str, Any]) -> dict[str, Any]:
     """The build results a repository keeps of an engine: what loads and names it."""
-    keep = ("tensorrt", "compute_capability", "gpu", "onnxruntime", "profiles")
+    keep = ("tensorrt", "compute_capability", "gpu", "onnxruntime", "torch", "profiles")
     return {k: v for k, v in results.items() if k in keep}
 
 

@@ -49,8 +49,13 @@ def engine_tensors(
 
 
 # Models that hold an engine file: its own backend's model, the Python-backend copy taking token
-# tensors, and the one-model Python text engine taking text.
-ENGINE_ROLES = ("engine", "python-engine", "python-text")
+# tensors, the one-model Python text engine taking text, and the torch engine's text model.
+ENGINE_ROLES = ("engine", "python-engine", "python-text", "torch-text")
+# Of those, the models that take text (TEXT, TEXT_PAIR) and answer with the engine's outputs.
+TEXT_ROLES = ("python-text", "torch-text")
+# Of those, the models holding an engine file as package took it from the engine folder (the
+# others hold byte-identical copies of one of these): the gate plans the package again from them.
+SOURCE_ROLES = ("engine", "torch-text")
 
 
 def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -73,7 +78,7 @@ def repository_problems(folder: Path, records: Mapping[str, Mapping[str, Any]]) 
                 if sha256_file(path) != entry["sha256"]:
                     problems.append(f"{path}: differs from the verified engine {entry['engine']}")
                 inputs, outputs = engine_tensors(path, record)
-                if record["role"] == "python-text":
+                if record["role"] in TEXT_ROLES:
                     # Text in (the tokenizer model's inputs), the engine's outputs out.
                     inputs = [tc.TensorSpec(n, "TYPE_STRING", (1,)) for n in record["text_inputs"]]
                     outputs = tc.text_outputs(outputs)
@@ -296,7 +301,7 @@ def _record_problem(name: str, record: Any) -> str:
     if role == "ensemble":
         return "" if isinstance(record.get("engine"), str) else f"ensemble {name!r} names no engine"
     texts = record.get("text_inputs")
-    if role == "python-text" and not (
+    if role in TEXT_ROLES and not (
         isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts)
     ):
         return f"text model {name!r} names no text inputs"

@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from bert_compiler.core.errors import EnvironmentProblem, InputError, Interrupted
+from bert_compiler.core.targets import gpu_absence
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.repository import (
     ENGINE_ROLES,
@@ -146,10 +147,13 @@ def plan_serving(
     models: Sequence[str] = (),
     foreign: Collection[str] = (),
     backends: Collection[str] = LOCAL_BACKENDS,
+    no_gpu: str | None = None,
 ) -> ServePlan:
     """Check a repository as the gate reads it (every entry named by its manifest, no link,
     every file's hash, every config) and choose the models a server with ``backends`` can load:
-    ``models`` (default: every one it can), each ensemble only with every model it calls.
+    ``models`` (default: every one it can), each ensemble only with every model it calls; a
+    model on GPU instances only where this machine has a GPU (``no_gpu``: why it has none, ''
+    when it has one; None: asked of nvidia-smi when a model needs one).
 
     Raises:
         InputError: no such folder, not a repository bert-compile wrote, a named model is not
@@ -177,11 +181,12 @@ def plan_serving(
         for name in opened.models
     }
     skipped: dict[str, str] = {}
+    if no_gpu is None and any(_on_gpu(config) for config in configs.values()):
+        no_gpu = gpu_absence()
     for name, config in configs.items():  # models that call none first
-        if config.platform != "ensemble":
-            backend = config.backend or PLATFORM_BACKENDS.get(config.platform, config.platform)
-            if backend not in backends:
-                skipped[name] = f"needs the {backend} backend"
+        reason = unservable(config, backends, no_gpu or "")
+        if reason:
+            skipped[name] = reason
     for name, config in configs.items():
         if config.platform == "ensemble":
             missing = sorted({s.model_name for s in config.ensemble_scheduling.step} & set(skipped))
@@ -196,6 +201,12 @@ def plan_serving(
                 f"{path}: {name} {skipped[name]}, which the local Triton lacks"
             )
     engines = [n for n in servable if opened.models[n]["role"] in ENGINE_ROLES]
+    gpu_only = [r for r in skipped.values() if r.startswith("runs on GPU instances")]
+    if not engines and gpu_only and len(gpu_only) == len(skipped):
+        raise EnvironmentProblem(
+            f"{path}: every engine model {gpu_only[0]}; serve it on a machine with an NVIDIA "
+            "GPU"
+        )
     if not engines:
         lacking = sorted({r.removeprefix("needs the ") for r in skipped.values() if "needs" in r})
         raise EnvironmentProblem(
@@ -207,6 +218,24 @@ def plan_serving(
         )
     chosen = tuple(models) if models else tuple(servable)
     return ServePlan(opened, chosen, {n: r for n, r in skipped.items() if n not in chosen})
+
+
+def unservable(config: Any, backends: Collection[str], no_gpu: str) -> str:
+    """Why a server with ``backends`` on this machine cannot load a model that calls no other
+    ('' when it can): a backend it lacks, or GPU instances where ``no_gpu`` says why there is
+    no GPU."""
+    if config.platform == "ensemble":
+        return ""
+    backend = config.backend or PLATFORM_BACKENDS.get(config.platform, config.platform)
+    if backend not in backends:
+        return f"needs the {backend} backend"
+    if no_gpu and _on_gpu(config):
+        return f"runs on GPU instances (KIND_GPU), and {no_gpu}"
+    return ""
+
+
+def _on_gpu(config: Any) -> bool:
+    return any(group.kind == group.KIND_GPU for group in config.instance_group)
 
 
 def _closure(plan: ServePlan, configs_root: Path) -> list[str]:

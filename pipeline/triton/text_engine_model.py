@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +29,14 @@ import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
     from .onnxruntime_model import ENGINE_FILE, open_session
-    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, read_requests
+    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from onnxruntime_model import ENGINE_FILE, open_session  # type: ignore[no-redef]
     from tokenizer_model import (  # type: ignore[no-redef]
         TOKENIZER_FILE,
         TextEncoder,
-        read_requests,
+        answer_requests,
     )
 
 # The config parameter holding what one more engine run costs, in padded tokens.
@@ -156,30 +156,6 @@ class TextEngine:
         return out
 
 
-def respond_all(
-    requests: Sequence[Any],
-    arrays_of: Callable[[Any], list[np.ndarray]],
-    inputs: Sequence[str],
-    engine: TextEngine,
-    *,
-    respond: Callable[[dict[str, np.ndarray]], Any],
-    fail: Callable[[str], Any],
-) -> list:
-    """One response per request: a request whose texts cannot be read fails alone
-    (tokenizer_model.read_requests), the others run together."""
-    readable, unreadable = read_requests(requests, arrays_of, inputs)
-    responses: list = [None] * len(requests)
-    for index, message in unreadable.items():
-        responses[index] = fail(message)
-    try:
-        results = engine.run(list(readable.values()))
-    except Exception as err:  # a tokenizer or numpy error: every readable request gets it
-        results = [f"the text engine failed: {type(err).__name__}: {err}"] * len(readable)
-    for index, result in zip(readable, results, strict=True):
-        responses[index] = fail(result) if isinstance(result, str) else respond(result)
-    return responses
-
-
 class TritonPythonModel:
     """Every text of one execute call tokenized at once and run in as few padded runs as pay."""
 
@@ -205,17 +181,4 @@ class TritonPythonModel:
         )
 
     def execute(self, requests):
-        import triton_python_backend_utils as pb_utils
-
-        return respond_all(
-            requests,
-            lambda request: [
-                pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in self.inputs
-            ],
-            self.inputs,
-            self.engine,
-            respond=lambda outputs: pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
-            ),
-            fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-        )
+        return answer_requests(requests, self.inputs, self.engine)

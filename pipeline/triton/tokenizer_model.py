@@ -80,6 +80,49 @@ def read_requests(
     return readable, unreadable
 
 
+def respond_all(
+    requests: Sequence[Any],
+    arrays_of: Callable[[Any], list[np.ndarray]],
+    inputs: Sequence[str],
+    engine: Any,
+    *,
+    respond: Callable[[dict[str, np.ndarray]], Any],
+    fail: Callable[[str], Any],
+) -> list:
+    """One response per request: a request whose texts cannot be read fails alone
+    (read_requests), the others run together through ``engine.run`` (requests of texts -> per
+    request its outputs, or why it failed)."""
+    readable, unreadable = read_requests(requests, arrays_of, inputs)
+    responses: list = [None] * len(requests)
+    for index, message in unreadable.items():
+        responses[index] = fail(message)
+    try:
+        results = engine.run(list(readable.values()))
+    except Exception as err:  # a tokenizer or numpy error: every readable request gets it
+        results = [f"the text engine failed: {type(err).__name__}: {err}"] * len(readable)
+    for index, result in zip(readable, results, strict=True):
+        responses[index] = fail(result) if isinstance(result, str) else respond(result)
+    return responses
+
+
+def answer_requests(requests: Sequence[Any], inputs: Sequence[str], engine: Any) -> list:
+    """A text model's execute: each request's string inputs (``inputs``) read, the readable ones
+    run together by ``engine.run`` (requests of texts -> per request its outputs, or why it
+    failed), one Triton response per request (respond_all)."""
+    import triton_python_backend_utils as pb_utils
+
+    return respond_all(
+        requests,
+        lambda request: [pb_utils.get_input_tensor_by_name(request, n).as_numpy() for n in inputs],
+        inputs,
+        engine,
+        respond=lambda outputs: pb_utils.InferenceResponse(
+            output_tensors=[pb_utils.Tensor(name, value) for name, value in outputs.items()]
+        ),
+        fail=lambda message: pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+    )
+
+
 def decode_texts(raw: np.ndarray) -> list[str]:
     """The strings of a TYPE_STRING tensor [batch, 1] (bytes from the wire, UTF-8).
 
