@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import shutil
 import sys
 import tempfile
@@ -219,7 +220,24 @@ def _run_stage_command(func, args, kwargs):
 def _emit(result: dict[str, Any], as_json: bool, human: str) -> None:
     click.echo(human, err=as_json)
     if as_json:
-        click.echo(json.dumps(result, default=str))
+        click.echo(strict_json(result))
+
+
+def strict_json(value: Any) -> str:
+    """``value`` as one line of strict JSON: a NaN or infinite number (a metric of constant
+    scores, INT8's unlimited max_abs_err) becomes null, since json.dumps would write bare NaN
+    and Infinity, which JSON parsers refuse; anything else not JSON becomes its str()."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        return item
+
+    return json.dumps(finite(value), default=str, allow_nan=False)
 
 
 def _stage_output(result: StageResult) -> dict[str, Any]:

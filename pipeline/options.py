@@ -302,7 +302,7 @@ class VerifyOptions(OptionGroup):
             ),
             click.option(
                 "--metric-limit",
-                type=int,
+                type=click.IntRange(1, None),
                 default=None,
                 help="Score only the first N metric examples (quick checks).",
             ),
@@ -324,12 +324,13 @@ class VerifyOptions(OptionGroup):
         ]
 
     def parse(self, values: Values, precision: str | None = None) -> VerifySpec:
+        """Raises InputError for a limit that is NaN or out of range (VerifySpec.validate)."""
         overrides = {
             "max_abs_err": values["max_abs_err"],
             "rel_l2_err": values["max_rel_l2"],
             "min_cosine": values["min_cosine"],
         }
-        return VerifySpec(
+        spec = VerifySpec(
             precision=precision or default_of(VerifySpec, "precision"),
             tolerance_overrides=tuple((k, v) for k, v in overrides.items() if v is not None),
             precision_limits=self._precision_limits(),
@@ -341,6 +342,8 @@ class VerifyOptions(OptionGroup):
             parity_data=values["parity_data"],
             metric_data=values["metric_data"],
         )
+        spec.validate()
+        return spec
 
     def _precision_limits(self) -> tuple[tuple[str, str, float], ...]:
         """(precision, limit, value) from the config file's precision tables, less the limits

@@ -110,6 +110,11 @@ class OutputParity:
     def failures(self, tolerance: Tolerance) -> list[str]:
         """Every reason this output fails ``tolerance`` (empty when it passes)."""
         reasons = list(dict.fromkeys(self.problems))
+        reasons += [
+            f"{limit} limit is NaN: no limit"
+            for limit, value in asdict(tolerance).items()
+            if math.isnan(value)
+        ]
         if self.nonfinite:
             reasons.append(f"{self.nonfinite} NaN/Inf values")
         if not self.compared and not reasons:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,7 @@ import numpy as np
 from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
-from bert_compiler.core.errors import EnvironmentProblem, ParityError
+from bert_compiler.core.errors import EnvironmentProblem, InputError, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.models import (
@@ -54,6 +55,16 @@ from bert_compiler.pipeline.text import (
 log = logging.getLogger("bert_compile")
 
 _TOLERANCE_LIMITS = {f.name for f in fields(Tolerance)}
+# The range of each limit, and the option that sets it. NaN is no limit: every comparison with it
+# is false, so a gate against NaN would pass anything. Infinity is allowed where it means "no
+# limit" (INT8's default max_abs_err).
+LIMIT_RANGES = {
+    "max_abs_err": ("--max-abs-err", 0.0, math.inf),
+    "rel_l2_err": ("--max-rel-l2", 0.0, math.inf),
+    "min_cosine": ("--min-cosine", -1.0, 1.0),
+    "max_metric_drop": ("--max-metric-drop", 0.0, math.inf),
+    "min_metric_retention": ("--min-metric-retention", 0.0, 1.0),
+}
 REPORT_FILE = "report.json"
 # How PyTorch's and ONNX Runtime's allocators say they ran out of memory.
 _OUT_OF_MEMORY = re.compile(
@@ -109,6 +120,26 @@ class VerifySpec:
     metric_data: Path | None = None
     precision_limits: tuple[tuple[str, str, float], ...] = ()
     split: str = "reporting"
+
+    def validate(self) -> None:
+        """Raises InputError for a limit that is NaN or out of its range (LIMIT_RANGES), or a
+        metric limit below 1."""
+        given = [(name, value, "") for name, value in self.tolerance_overrides]
+        given += [
+            ("max_metric_drop", self.max_metric_drop, ""),
+            ("min_metric_retention", self.min_metric_retention, ""),
+        ]
+        given += [(name, value, f" ([{p}] table)") for p, name, value in self.precision_limits]
+        for name, value, where in given:
+            if value is None:
+                continue
+            flag, low, high = LIMIT_RANGES[name]
+            if not low <= value <= high:  # NaN fails both comparisons
+                raise InputError(
+                    f"{flag}{where} {value}: expected a number from {low:g} to {high:g}"
+                )
+        if self.metric_limit is not None and self.metric_limit < 1:
+            raise InputError(f"--metric-limit {self.metric_limit}: expected 1 or more examples")
 
     def _own_limits(self) -> dict[str, float]:
         return {k: v for precision, k, v in self.precision_limits if precision == self.precision}
@@ -264,9 +295,19 @@ def compute_metric(
 def metric_gate_failures(
     reference: MetricResult, engine: MetricResult, spec: VerifySpec
 ) -> list[str]:
-    """Why the engine's task metric fails its gates against PyTorch (empty when it passes)."""
+    """Why the engine's task metric fails its gates against PyTorch (empty when it passes).
+    A metric that is NaN or infinite fails: constant scores or outputs, or a single example,
+    give a Spearman of NaN, which no comparison would catch."""
     if not spec.metric_gate or reference.value is None or engine.value is None:
         return []
+    unusable = [
+        f"{who}'s {result.name} is {result.value} (constant scores or outputs, or too few "
+        "examples): it cannot be judged; use more --metric-data or --no-metric-gate"
+        for who, result in (("the engine", engine), ("PyTorch", reference))
+        if not math.isfinite(result.value)
+    ]
+    if unusable:
+        return unusable
     failures = []
     drop = reference.value - engine.value
     max_drop = spec.resolved_metric_drop()
@@ -420,6 +461,7 @@ def verify_engine(
     """Verify a loaded engine (any backend: ``run`` on numpy feeds, ``path``, ``output_names``)
     whose file was already checked against a manifest; ``engine_spec`` is its recorded build spec
     and ``label`` names it in the report."""
+    spec.validate()
     data_files = {"parity": spec.parity_file(info), "metric": spec.metric_file(info)}
     record = StageRecord(
         stage="verify",
