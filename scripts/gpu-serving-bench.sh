@@ -8,7 +8,8 @@
 #     models' torch engines built and verified (scripts/gpu-bench.sh), and the Python packages
 #     of the server's Python-backend stub (numpy 1.x, tokenizers, safetensors; the image's torch
 #     linked in by scripts/link-torch-site.sh) into /tmp/tp/X.Y; tritonclient into /tmp/site.
-#   STEP=serve: nvidia-pytriton into /tmp/site, package, serve, load.
+#   STEP=serve: nvidia-pytriton into /tmp/site, package (INSTANCES per GPU, default 4), serve,
+#     load.
 #   STEP=prepare scripts/gpu-serving-bench.sh MODEL_FILES_FOLDER OUT [MODELS...]
 #   STEP=serve scripts/gpu-serving-bench.sh MODEL_FILES_FOLDER OUT [MODELS...]
 set -euo pipefail
@@ -33,7 +34,8 @@ export PYTHONPATH=/tmp/site:/tmp/bc BERT_COMPILE_TRITON_PYTHON=/tmp/tp
 cli=(python3 -m bert_compiler.pipeline.cli)
 repository=/tmp/repo
 for model in $models; do
-  "${cli[@]}" package --model "/tmp/models/$model" --out "$out/$model" --repository "$repository"
+  "${cli[@]}" package --model "/tmp/models/$model" --out "$out/$model" --repository "$repository" \
+    --gpu-text-instances "${INSTANCES:-4}"
 done
 "${cli[@]}" verify --repository "$repository" --model /tmp/models/minilm --out "$out/gate" \
   --metric-limit 300 --no-metric-gate --json > "$out/gate.json" || echo "gate exit $?"

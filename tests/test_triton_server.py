@@ -128,13 +128,63 @@ def test_the_server_writes_nothing_into_the_repository(served):
     assert list(server.view.rglob("__pycache__/model.*.pyc"))  # the stub did write bytecode
     assert not list(server.repository.rglob("__pycache__"))
     open_repository(server.repository)  # every entry is one its manifest names
-    # The view: links to the files the manifest lists, for the models served and those they call.
+    # The view: copies of the files the manifest lists (no links), for the models served and
+    # those they call, byte for byte.
     view = server.view
-    links = {p.relative_to(view).as_posix() for p in view.rglob("*") if p.is_symlink()}
+    assert not [p for p in view.rglob("*") if p.is_symlink()]
+    copies = {
+        p.relative_to(view).as_posix()
+        for p in view.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    }
     listed = json.loads((server.repository / "manifest.json").read_text())["outputs"]
-    assert links and links <= set(listed)
-    for link in links:
-        assert (server.view / link).resolve() == (server.repository / link).resolve()
+    assert copies and copies <= set(listed)
+    for copy in copies:
+        assert (view / copy).read_bytes() == (server.repository / copy).read_bytes()
+
+
+def test_the_repository_api_loads_and_reloads_nothing(served_text, tmp_path):
+    """Model control is off: a load request with uploaded Python (the repository API's file:
+    overrides) and a reload of a model whose repository file changed after serve's check are
+    both refused, and the server still answers with what was checked."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    info, _out, server, model = served_text
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    marker = tmp_path / "ran"
+    payload = f"open({str(marker)!r}, 'w').write('ran')\nclass TritonPythonModel:\n    pass\n"
+    body = {
+        "parameters": {
+            "config": json.dumps({"backend": "python", "max_batch_size": 0}),
+            "file:1/model.py": base64.b64encode(payload.encode()).decode(),
+        }
+    }
+    code = server.repository / model / "1" / "model.py"
+    original = code.read_bytes()
+    try:
+        # Changed in the repository after serve checked it: the server holds its own copy.
+        code.write_bytes(original + f"\n{payload}".encode())
+        for name, data in ((f"{model}-evil", body), (model, {})):
+            request = urllib.request.Request(
+                f"http://{server.http}/v2/repository/models/{name}/load",
+                data=json.dumps(data).encode(),
+                method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                opener.open(request, timeout=30)
+            assert refused.value.code >= 400
+    finally:
+        code.write_bytes(original)
+    assert not marker.exists()
+    assert (server.view / model / "1" / "model.py").read_bytes() == original
+    import tritonclient.http as http_client
+
+    client = http_client.InferenceServerClient(server.http)
+    assert client.is_model_ready(model) and not client.is_model_ready(f"{model}-evil")
+    got = client.infer(model, [_text_input(http_client, TEXTS[:1])])
+    assert got.as_numpy("sentence_embedding").shape == (1, info.hidden_size)
 
 
 def test_server_reports_our_config(served):

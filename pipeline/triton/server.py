@@ -16,8 +16,10 @@ prefix: an activated virtual environment would lend it that environment's packag
 
 Since no setting reaches that Python, it would write ``1/__pycache__/model.*.pyc`` beside each
 model.py it imports; Triton is therefore pointed at a view of the repository instead (a
-temporary folder of real folders and links to the repository's files, only the models served),
-which takes that bytecode and leaves the repository as `package` wrote it.
+temporary folder of copies of the repository's files, each checked against the manifest, only
+the models served), which takes that bytecode and leaves the repository as `package` wrote it.
+The server loads the view's models at start with model control off: no load, reload or upload
+through its repository API (docs/security.md).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from bert_compiler.core.errors import EnvironmentProblem, InputError, Interrupted
+from bert_compiler.core.artifacts import sha256_file
+from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
 from bert_compiler.core.targets import gpu_absence
 from bert_compiler.pipeline.triton import config as tc
 from bert_compiler.pipeline.triton.repository import (
@@ -252,25 +255,35 @@ def _closure(plan: ServePlan, configs_root: Path) -> list[str]:
 
 
 def make_view(plan: ServePlan, view: Path) -> Path:
-    """A repository Triton can load ``plan``'s models from, writing nothing into the real one:
-    real folders (a model's, its version folder) holding links to the repository's files, only
-    the files its manifest lists, only the models served and those their ensembles call.
+    """A frozen copy of ``plan``'s models for Triton to load: real folders holding copies of
+    the repository's files, only the files its manifest lists, only the models served and those
+    their ensembles call, each copy checked against its manifest hash. Triton writes its Python
+    bytecode there, never into the repository; and a repository file changed after the check
+    cannot reach the server (a link would hand it the live file).
 
     Returns:
         ``view``.
+
+    Raises:
+        ArtifactError: a file changed between the repository's check and its copy.
     """
     repository = plan.repository
     root = repository.path.resolve()
     view.mkdir(parents=True)
     for name in _closure(plan, root):
         (view / name / VERSION).mkdir(parents=True)
-    for output in repository.manifest["outputs"]:
+    for output, entry in repository.manifest["outputs"].items():
         name = output.split("/", 1)[0]
         if not (view / name).is_dir():
             continue
-        link = view.joinpath(*PurePosixPath(output).parts)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(repository.file(name, output.split("/", 1)[1]).resolve(), link)
+        copy = view.joinpath(*PurePosixPath(output).parts)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(repository.file(name, output.split("/", 1)[1]), copy)
+        if sha256_file(copy) != entry["sha256"]:
+            raise ArtifactError(
+                f"{repository.path / output}: changed since the repository was checked; "
+                "serve it again"
+            )
     return view
 
 
@@ -396,9 +409,11 @@ def triton_server(
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
         "--allow-metrics=false",
-        "--model-control-mode=explicit",
+        # Every model of the view, loaded at start, and no load or unload afterwards: with
+        # explicit control, Triton's unauthenticated repository API reloads models and loads
+        # uploaded Python (a load request's file: overrides) for any local process.
+        "--model-control-mode=none",
         f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
-        *(f"--load-model={m}" for m in plan.models),
     ]
     env = {
         **os.environ,
@@ -546,6 +561,11 @@ def log_error(log: Path, limit: int = 400) -> str:
         for m in map(_ERROR_LINE.match, lines)
         if m and not any(noise in m.group(1) for noise in _NOISE)
     ]
+    # A model that fails to load ends the start with "failed to load all models": the model's
+    # own error line says why.
+    specific = [line for line in errors if "failed to load all models" not in line]
+    if final and "failed to load all models" in final[-1] and specific:
+        final, errors = [], specific
     text = final[-1] if final else errors[-1] if errors else lines[-1] if lines else "empty log"
     text = text.strip().strip('"')
     return text if len(text) <= limit else text[: limit - 3] + "..."
