@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import os
 import socket
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,7 @@ def output_lock(out: Path, *, wait_s: float = 0.0) -> Iterator[None]:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise InputError(f"{out}: cannot create output folder ({err.strerror})") from err
+    _refuse_planted(out)
     lock = FileLock(str(out / LOCK_FILE), thread_local=False)
     try:
         lock.acquire(timeout=max(wait_s, 0.0), poll_interval=0.2)
@@ -59,6 +61,7 @@ def output_lock(out: Path, *, wait_s: float = 0.0) -> Iterator[None]:
         ) from err
     except OSError as err:
         raise InputError(f"{out}: cannot lock the output folder ({err.strerror})") from err
+    written = False
     try:
         holder = {
             "pid": os.getpid(),
@@ -66,10 +69,46 @@ def output_lock(out: Path, *, wait_s: float = 0.0) -> Iterator[None]:
             "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "command": sys.argv,
         }
-        with contextlib.suppress(OSError):
-            (out / HOLDER_FILE).write_text(json.dumps(holder), encoding="utf-8")
+        written = _write_holder(out / HOLDER_FILE, json.dumps(holder))
         yield
     finally:
-        with contextlib.suppress(OSError):
-            (out / HOLDER_FILE).unlink()
+        if written:
+            with contextlib.suppress(OSError):
+                (out / HOLDER_FILE).unlink()
         lock.release()
+
+
+def _refuse_planted(out: Path) -> None:
+    """The lock file and the holder file as this tool makes them: absent, or regular files. The
+    lock opens its file with O_TRUNC, and a link planted under either name (in a shared
+    repository or OUT) would have the tool truncate or overwrite a file outside the folder.
+
+    Raises:
+        InputError: either name is a link, or anything but a regular file.
+    """
+    for name in (LOCK_FILE, HOLDER_FILE):
+        path = out / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as err:
+            raise InputError(f"{path}: cannot check the lock file ({err.strerror})") from None
+        if not stat.S_ISREG(mode):
+            what = "a link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise InputError(
+                f"{path}: {what} where bert-compile keeps its lock; it was not made by "
+                "bert-compile: remove it"
+            )
+
+
+def _write_holder(path: Path, text: str) -> bool:
+    """Write the holder file without following a link (O_NOFOLLOW); False if it was not."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        descriptor = os.open(path, flags, 0o644)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError), os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return True

@@ -413,7 +413,51 @@ def package_an_engine_verified_at_another_precision(out, model, tmp):
     return argv, 3, "verified with int8 tolerances, not its own fp32 ones"
 
 
+def _victim(tmp: Path) -> Path:
+    victim = tmp / "victim.txt"
+    victim.write_text("a user's file\n")
+    return victim
+
+
+def lock_file_linked_out(out, model, tmp):
+    # The lock opens its file with O_TRUNC: through a planted link, a file outside OUT.
+    (out / ".bert-compile.lock").symlink_to(_victim(tmp))
+    return ["export", "--model", model, "--out", out, "--force"], 3, "where bert-compile keeps"
+
+
+def lock_holder_linked_out(out, model, tmp):
+    (out / ".bert-compile.lock.json").symlink_to(_victim(tmp))
+    return ["export", "--model", model, "--out", out, "--force"], 3, "a link where bert-compile"
+
+
+def config_on_dev_zero(out, model, tmp):
+    # /dev/zero reports a size of 0 and never ends: its size is not trusted.
+    return ["export", "--model", model, "--out", out, "--config", "/dev/zero"], 3, "not a regular"
+
+
+def config_on_a_fifo(out, model, tmp):
+    fifo = tmp / "config.toml"
+    os.mkfifo(fifo)  # nobody writes it: a blocking open would hang
+    return ["export", "--model", model, "--out", out, "--config", fifo], 3, "not a regular file"
+
+
+def config_is_a_folder(out, model, tmp):
+    return ["export", "--model", model, "--out", out, "--config", tmp], 3, "not a regular file"
+
+
+def config_nested_too_deeply(out, model, tmp):
+    config = tmp / "deep.toml"
+    config.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    return ["export", "--model", model, "--out", out, "--config", config], 3, "nested too deeply"
+
+
 CASES = [
+    lock_file_linked_out,
+    lock_holder_linked_out,
+    config_on_dev_zero,
+    config_on_a_fifo,
+    config_is_a_folder,
+    config_nested_too_deeply,
     external_data_outside,
     build_from_external_data_outside,
     empty_calibration_data,
@@ -489,6 +533,8 @@ def test_hostile_input_gives_one_line_and_leaves_the_tree_intact(
     assert _manifests(out) == before
     assert not [p for p in out.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
     assert not (tmp_path / "pwned").exists()
+    victim = tmp_path / "victim.txt"
+    assert not victim.exists() or victim.read_text() == "a user's file\n"
 
 
 def test_replaced_external_weights_are_a_new_input(tiny_run, tmp_path):
