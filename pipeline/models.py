@@ -7,6 +7,7 @@ configs (10,000 layers, a vocabulary of 10^9) and remote code are refused up fro
 from __future__ import annotations
 
 import json
+import logging
 import pickle  # only for its exception type: weights load through safetensors/weights_only
 import struct
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from typing import Any
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import InputError, UnsupportedModelError
 from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_for
+
+log = logging.getLogger("bert_compile")
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 # What --model says to mean the packaged default.
@@ -353,12 +356,31 @@ def resolve_model(
     )
 
 
+# The files a Hugging Face tokenizer is made from: without one of them, transformers makes a
+# tokenizer of the special tokens alone, and every word becomes the unknown token.
+TOKENIZER_FILES = (
+    "tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spm.model",
+    "tokenizer.model",
+)  # fmt: skip
+
+
 def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
-    """Load the model folder's tokenizer (local files only, no code from the folder)."""
+    """Load the model folder's tokenizer (local files only, no code from the folder).
+
+    Raises:
+        InputError: no tokenizer file in the folder, one that cannot be loaded, a vocabulary of
+            the special tokens alone, or more tokens than config.json's vocab_size (ids past
+            the embedding table).
+    """
     from transformers import AutoTokenizer
 
+    if not any((info.path / name).is_file() for name in TOKENIZER_FILES):
+        raise InputError(
+            f"{info.path}: no tokenizer file ({', '.join(TOKENIZER_FILES)}); copy the model's "
+            "tokenizer files into the folder"
+        )
     try:
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             str(info.path), local_files_only=True, trust_remote_code=trust_remote_code
         )
     except Exception as err:
@@ -367,6 +389,19 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
         # found by tests/test_fuzz.py. The cause stays chained.
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{info.path}: cannot load the tokenizer ({reason})") from err
+    tokens, specials = len(tokenizer), len(set(tokenizer.all_special_ids))
+    if tokens <= specials:
+        raise InputError(
+            f"{info.path}: its tokenizer holds only its {specials} special tokens, so every word "
+            "would be the unknown token; the vocabulary is missing from its tokenizer files"
+        )
+    vocab_size = int(info.config["vocab_size"])
+    if tokens > vocab_size:
+        raise InputError(
+            f"{info.path}: its tokenizer has {tokens} tokens and config.json's vocab_size is "
+            f"{vocab_size}: ids past the embedding table; use the model's own tokenizer"
+        )
+    return tokenizer
 
 
 def load_torch_model(
@@ -380,6 +415,7 @@ def load_torch_model(
     Raises:
         InputError: weights do not match the configuration (missing or mis-shaped tensors).
     """
+    import torch
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     cls = (
@@ -393,6 +429,9 @@ def load_torch_model(
             use_safetensors=info.weights.suffix == ".safetensors",
             attn_implementation=attn_implementation,
             output_loading_info=True,
+            # float32 whatever config.json's dtype says: every engine is judged against this
+            # model as the fp32 reference (a float16 config would make the "fp32" export fp16).
+            dtype=torch.float32,
         )
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise InputError(
@@ -400,10 +439,21 @@ def load_torch_model(
         ) from err
     # from_pretrained fills missing tensors with random values and only warns: that would export a
     # model nobody trained. The pooler is unused by every task here.
-    missing = [k for k in loading.get("missing_keys", []) if ".pooler." not in f".{k}"]
-    mismatched = loading.get("mismatched_keys", [])
+    # transformers gives sets of names (mismatched: name, shapes tuples).
+    missing = sorted(k for k in loading.get("missing_keys", ()) if ".pooler." not in f".{k}")
+    mismatched = sorted(map(str, loading.get("mismatched_keys", ())))
+    unexpected = sorted(loading.get("unexpected_keys", ()))
+    if unexpected:
+        # A pretraining head or a classifier the task does not use: dropped, and said so.
+        log.warning(
+            "%s: %d tensors no part of the %s model uses (e.g. %s) are ignored",
+            info.weights,
+            len(unexpected),
+            info.task,
+            ", ".join(unexpected[:3]),
+        )
     if missing or mismatched:
-        shown = ", ".join(map(str, (missing + mismatched)[:4]))
+        shown = ", ".join((missing + mismatched)[:4])
         raise InputError(
             f"{info.weights}: weights do not match config.json ({len(missing)} missing, "
             f"{len(mismatched)} mis-shaped tensors, e.g. {shown})"

@@ -272,3 +272,77 @@ def test_mpnet_positions_and_bucket_count_are_checked_before_loading(tmp_path):
     edit_config(folder, relative_attention_num_buckets=16)
     with pytest.raises(UnsupportedModelError, match="relative_attention_num_buckets=16"):
         resolve_model(folder)
+
+
+def _rewrite_weights(folder, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(folder / "model.safetensors"))
+    change(state)
+    save_file(state, str(folder / "model.safetensors"))
+
+
+def test_a_missing_tensor_is_one_line_naming_it(tiny_model_copy):
+    name = "encoder.layer.0.output.dense.weight"
+    _rewrite_weights(tiny_model_copy, lambda state: state.pop(name))
+    with pytest.raises(InputError, match=rf"1 missing, 0 mis-shaped tensors, e\.g\. {name}"):
+        load_torch_model(resolve_model(tiny_model_copy))
+
+
+def test_extra_tensors_are_said_and_ignored(tiny_model_copy, caplog):
+    import torch
+
+    _rewrite_weights(tiny_model_copy, lambda state: state.update(extra=torch.ones(3)))
+    with caplog.at_level("WARNING", logger="bert_compile"):
+        load_torch_model(resolve_model(tiny_model_copy))
+    assert "1 tensors no part of the sentence-embedding model uses (e.g. extra)" in caplog.text
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_config_dtype_still_loads_the_float32_reference(tiny_model_copy, dtype):
+    import torch
+
+    edit_config(tiny_model_copy, dtype=dtype, torch_dtype=dtype)
+    model = load_torch_model(resolve_model(tiny_model_copy))
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def _without_tokenizer_files(folder):
+    from bert_compiler.pipeline.models import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        (folder / name).unlink(missing_ok=True)
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tiny_model_copy):
+    from bert_compiler.pipeline.models import load_tokenizer
+
+    _without_tokenizer_files(tiny_model_copy)
+    with pytest.raises(InputError, match="no tokenizer file"):
+        load_tokenizer(resolve_model(tiny_model_copy))
+
+
+def test_a_tokenizer_of_the_special_tokens_alone_is_refused(tiny_model_copy):
+    """What transformers 5 writes for BertTokenizerFast(vocab_file=...): every word [UNK]."""
+    import transformers
+
+    from bert_compiler.pipeline.models import load_tokenizer
+    from tests.tiny_models import SPECIAL
+
+    _without_tokenizer_files(tiny_model_copy)
+    (tiny_model_copy / "vocab.txt").write_text("\n".join(SPECIAL) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(tiny_model_copy / "vocab.txt")).save_pretrained(
+        str(tiny_model_copy)
+    )
+    with pytest.raises(InputError, match="holds only its 5 special tokens"):
+        load_tokenizer(resolve_model(tiny_model_copy))
+
+
+def test_a_tokenizer_longer_than_the_embedding_table_is_refused(tiny_model_copy):
+    from bert_compiler.pipeline.models import load_tokenizer
+
+    info = resolve_model(tiny_model_copy)
+    tokens = len(load_tokenizer(info))
+    edit_config(tiny_model_copy, vocab_size=tokens - 1)
+    with pytest.raises(InputError, match=f"has {tokens} tokens and config.json's vocab_size"):
+        load_tokenizer(resolve_model(tiny_model_copy))
