@@ -18,12 +18,13 @@ COPY core core
 COPY pipeline pipeline
 COPY engines engines
 COPY calibration calibration
+# (with the test dependencies: the GPU job runs the gpu and tensorrt tests in this image)
 
 # CPU torch is enough: export and the PyTorch reference of verify run on the CPU; the engines
 # run on the GPU. The CPU onnxruntime the package pins is swapped for onnxruntime-gpu (both
 # provide the `onnxruntime` module; only one may be installed).
 RUN python3 -m pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
- && python3 -m pip install . \
+ && python3 -m pip install ".[test]" \
  && python3 -m pip uninstall -y onnxruntime \
  && python3 -m pip install "onnxruntime-gpu==${ORT_GPU_VERSION}" \
  && python3 -c "import tensorrt, onnxruntime; print('tensorrt', tensorrt.__version__, onnxruntime.get_available_providers())"

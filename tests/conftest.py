@@ -21,6 +21,17 @@ from tests.tiny_models import make_tiny_model
 # torch.onnx is imported, so it imports nothing heavy itself.
 
 TIERS = ("unit", "e2e", "slow")
+
+# Property tests draw the same examples on every run in CI (CI=true), so a red run reproduces;
+# elsewhere they explore. Each test's own @settings (example counts) still apply.
+try:
+    from hypothesis import settings as _hypothesis
+
+    _hypothesis.register_profile("ci", derandomize=True)
+    if os.environ.get("CI") == "true":
+        _hypothesis.load_profile("ci")
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
 TIER_ADVICE = (
     "The unit tier exports no model: mark the test e2e (@pytest.mark.e2e, or "
     "`pytestmark = pytest.mark.e2e` for a whole file)"

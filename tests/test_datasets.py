@@ -82,8 +82,6 @@ def _peak_mib(function) -> float:
 
 
 def test_a_huge_file_fails_at_its_first_line_in_bounded_memory(tmp_path):
-    import time
-
     path = tmp_path / "huge.txt"
     with open(path, "wb") as handle:
         handle.truncate(2 << 30)  # 2 GiB of NUL bytes without a newline, sparse on disk
@@ -92,9 +90,8 @@ def test_a_huge_file_fails_at_its_first_line_in_bounded_memory(tmp_path):
         with pytest.raises(InputError, match=r"huge.txt:1: line is over the 1048576-byte limit"):
             datasets.load_texts(path)
 
-    started = time.perf_counter()
+    # Bounded memory; reading the whole file would also run into the per-test timeout.
     assert _peak_mib(read) < 16
-    assert time.perf_counter() - started < 5
 
 
 def test_calibration_reads_only_what_it_uses(tmp_path):

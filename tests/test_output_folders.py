@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,31 @@ def test_force_out_writes_beside_the_users_files_and_deletes_none(tiny_embedding
     assert again.exit_code == 0, again.output
 
 
+def _no_writes_at_the_root(monkeypatch) -> None:
+    """Creating anything directly under / fails (CI runs as root): a product that regressed to
+    writing there fails this test instead of writing."""
+    import builtins
+
+    def guarded(function, name_of):
+        def call(*args, **kwargs):
+            target = Path(os.fsdecode(name_of(args, kwargs))).absolute()
+            if target.parent == Path("/") and target != Path("/"):
+                raise PermissionError(13, "the test forbids writing at the filesystem root")
+            return function(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(os, "mkdir", guarded(os.mkdir, lambda a, k: a[0]))
+    monkeypatch.setattr(os, "open", guarded(os.open, lambda a, k: a[0]))
+    monkeypatch.setattr(builtins, "open", guarded(builtins.open, lambda a, k: a[0]))
+
+
 @pytest.mark.parametrize("where", ["root", "home", "model parent", "model itself", "file"])
-def test_places_that_are_never_an_output_folder(where, tiny_model_copy, tmp_path):
+def test_places_that_are_never_an_output_folder(where, tiny_model_copy, tmp_path, monkeypatch):
+    if where == "root":
+        _no_writes_at_the_root(monkeypatch)
+        with pytest.raises(PermissionError):  # the guard holds
+            os.mkdir("/bert-compile-test-guard")
     home = tmp_path / "home"
     home.mkdir()
     out = {

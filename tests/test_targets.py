@@ -539,12 +539,11 @@ def test_signal_watch_sees_sigterm_while_the_main_thread_waits_in_native_code():
             poller.start()
             time.sleep(0.05)
             assert not seen.is_set()
-            started = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)
             select.select([], [], [], 1.0)  # the main thread in a native wait
             poller.join()
+            # Seen by the polling thread (within its deadline), whatever the machine's load.
             assert seen.is_set() and watch.received == signal.SIGTERM
-            assert time.monotonic() - started < 2
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
