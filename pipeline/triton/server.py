@@ -207,8 +207,7 @@ def plan_serving(
     gpu_only = [r for r in skipped.values() if r.startswith("runs on GPU instances")]
     if not engines and gpu_only and len(gpu_only) == len(skipped):
         raise EnvironmentProblem(
-            f"{path}: every engine model {gpu_only[0]}; serve it on a machine with an NVIDIA "
-            "GPU"
+            f"{path}: every engine model {gpu_only[0]}; serve it on a machine with an NVIDIA GPU"
         )
     if not engines:
         lacking = sorted({r.removeprefix("needs the ") for r in skipped.values() if "needs" in r})

@@ -18,23 +18,22 @@ from Triton, ONNX Runtime or tokenizers until the model is loaded.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
     from .onnxruntime_model import ENGINE_FILE, open_session
-    from .tokenizer_model import TOKENIZER_FILE, TextEncoder, answer_requests
+    from .tokenizer_model import TOKENIZER_FILE, ModelArgs, TextEncoder, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from onnxruntime_model import ENGINE_FILE, open_session  # type: ignore[no-redef]
     from tokenizer_model import (  # type: ignore[no-redef]
         TOKENIZER_FILE,
+        ModelArgs,
         TextEncoder,
         answer_requests,
     )
@@ -162,11 +161,9 @@ class TritonPythonModel:
     def initialize(self, args):
         from tokenizers import Tokenizer
 
-        config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        folder = Path(args["model_repository"]) / args["model_version"]
-        # TEXT, and TEXT_PAIR for a cross-encoder.
-        self.inputs = [tensor["name"] for tensor in config["input"]]
+        model = ModelArgs.read(args)
+        config, parameters, folder = model.config, model.parameters, model.folder
+        self.inputs = model.inputs
         session = open_session(folder / ENGINE_FILE, config, parameters)
         engine_inputs = [tensor.name for tensor in session.get_inputs()]
         outputs = [o for o in config["output"] if o["name"] != MASK_OUTPUT]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,28 @@ def padded_length(ladder: Sequence[int], longest: int) -> int:
     return int(ladder[index])
 
 
+@dataclass(frozen=True)
+class ModelArgs:
+    """What Triton's ``initialize`` args say of a text model: its config, the config's string
+    parameters, its version folder, and its string inputs (TEXT, and a cross-encoder's
+    TEXT_PAIR)."""
+
+    config: dict[str, Any]
+    parameters: dict[str, str]
+    folder: Path
+    inputs: list[str]
+
+    @classmethod
+    def read(cls, args: dict[str, Any]) -> ModelArgs:
+        config = json.loads(args["model_config"])
+        return cls(
+            config,
+            {k: v["string_value"] for k, v in config.get("parameters", {}).items()},
+            Path(args["model_repository"]) / args["model_version"],
+            [tensor["name"] for tensor in config["input"]],
+        )
+
+
 class TextEncoder:
     """Texts -> int64 token matrices [rows, padded length], as the Triton model sends them.
 
@@ -257,15 +280,12 @@ class TritonPythonModel:
     def initialize(self, args):
         from tokenizers import Tokenizer
 
-        config = json.loads(args["model_config"])
-        folder = Path(args["model_repository"]) / args["model_version"]
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        # TEXT, and TEXT_PAIR for a cross-encoder.
-        self.inputs = [tensor["name"] for tensor in config["input"]]
+        model = ModelArgs.read(args)
+        self.inputs = model.inputs
         self.encoder = TextEncoder(
-            Tokenizer.from_file(str(folder / TOKENIZER_FILE)),
-            [output["name"] for output in config["output"]],
-            parse_ladder(parameters.get(LADDER_PARAMETER, "")),
+            Tokenizer.from_file(str(model.folder / TOKENIZER_FILE)),
+            [output["name"] for output in model.config["output"]],
+            parse_ladder(model.parameters.get(LADDER_PARAMETER, "")),
         )
 
     def execute(self, requests):

@@ -19,11 +19,9 @@ for the short-row kernel on a GPU). Nothing of them is imported until the model 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,11 +29,15 @@ import numpy as np
 try:  # inside bert_compiler (package, the tests)
     from ...engines.torch_module import ENGINE_FILE, open_engine
     from ..token_rows import RowTokenizer, TokenRows
-    from .tokenizer_model import TOKENIZER_FILE, answer_requests
+    from .tokenizer_model import TOKENIZER_FILE, ModelArgs, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from token_rows import RowTokenizer, TokenRows  # type: ignore[no-redef]
-    from tokenizer_model import TOKENIZER_FILE, answer_requests  # type: ignore[no-redef]
+    from tokenizer_model import (  # type: ignore[no-redef]
+        TOKENIZER_FILE,
+        ModelArgs,
+        answer_requests,
+    )
     from torch_module import ENGINE_FILE, open_engine  # type: ignore[no-redef]
 
 # Config parameters: the engine's precision, the truncation length, and the packed batches'
@@ -168,11 +170,9 @@ class TritonPythonModel:
         import torch
         from tokenizers import Tokenizer
 
-        config = json.loads(args["model_config"])
-        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        folder = Path(args["model_repository"]) / args["model_version"]
-        # TEXT, and TEXT_PAIR for a cross-encoder.
-        self.inputs = [tensor["name"] for tensor in config["input"]]
+        model = ModelArgs.read(args)
+        config, parameters, folder = model.config, model.parameters, model.folder
+        self.inputs = model.inputs
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             torch.cuda.set_device(int(args["model_instance_device_id"]))
