@@ -84,7 +84,7 @@ def test_metric_gate_fails_on_a_metric_that_is_not_finite(engine, reference, fai
         ("--min-cosine", "nan", "--min-cosine nan: expected a number from -1 to 1"),
         ("--min-cosine", "1.5", "--min-cosine 1.5: expected a number from -1 to 1"),
         ("--max-abs-err", "-1", "--max-abs-err -1.0: expected a number from 0 to inf"),
-        ("--max-metric-drop", "nan", "--max-metric-drop nan: expected a number from 0 to inf"),
+        ("--max-metric-drop", "nan", "--max-metric-drop nan: expected a number from -inf to inf"),
         ("--min-metric-retention", "-0.5", "--min-metric-retention -0.5: expected a number"),
         ("--min-metric-retention", "nan", "--min-metric-retention nan: expected a number from 0"),
     ],
