@@ -376,3 +376,32 @@ def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_pat
     assert cosine.min() > 0.9
     with pytest.raises(InputError, match="--quantize-op \\['MatMul'\\]"):
         optional_inputs(float_graph, ("MatMul",))
+
+
+def test_ranges_come_from_real_tokens_only():
+    """Padding positions hold the largest values of the batch: the amax and histogram are the
+    real tokens' alone, equal to an independent masked max."""
+    from onnx import TensorProto, helper
+
+    from bert_compiler.calibration.ranges import collect_histograms
+
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT)],
+        "cast",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    batches = []
+    for lengths in ([3, 5, 2], [4, 1]):
+        mask = (np.arange(6)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
+        ids = np.where(mask == 1, rng.integers(1, 50, mask.shape), 10_000)
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    histograms = collect_histograms(model, ["x"], batches, bins=64)
+    real = max(float(b["input_ids"][b["attention_mask"] == 1].max()) for b in batches)
+    assert histograms["x"].amax_seen == real < 10_000
+    assert histograms["x"].counts.sum() == sum(int(b["attention_mask"].sum()) for b in batches)

@@ -817,3 +817,23 @@ def test_gpu_config_names_a_file_per_capability_and_no_default():
 def test_broken_config_text_is_an_input_error(tmp_path):
     with pytest.raises(InputError, match="not a valid Triton ModelConfig"):
         tc.parse('name: "x"\nmax_batch_size: "lots"\n', tmp_path / "config.pbtxt")
+
+
+def test_the_gate_tells_a_tokenizer_that_lost_its_lowercasing(tmp_path):
+    """The tokenizer check compares ids: the packaged tokenizer.json with BERT's lowercasing
+    and accent stripping turned off tokenizes the parity texts differently, and the check names
+    the batch; the file as package writes it has no mismatch."""
+    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.pipeline.triton.package import tokenizer_json, tokenizer_mismatches
+
+    info = resolve_model("default")
+    written = json.loads(tokenizer_json(info, 128))
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps(written))
+    assert tokenizer_mismatches(info, same, 128)["mismatches"] == []
+    written["normalizer"]["lowercase"] = False
+    written["normalizer"]["strip_accents"] = False
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(written))
+    check = tokenizer_mismatches(info, edited, 128)
+    assert check["mismatches"] and "input_ids" in check["mismatches"][0]

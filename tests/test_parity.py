@@ -81,3 +81,15 @@ def test_outputs_match_by_name_and_extra_or_missing_outputs_fail():
 
 def test_nothing_compared_is_a_failure():
     assert OutputParity("e").failures(FP32) == ["nothing was compared"]
+
+
+def test_relative_l2_past_its_limit_fails_alone():
+    """Small outputs 1% off: under max_abs_err, cosine exactly 1, and rel_l2_err 1e-2 against
+    fp32's 1e-4: only the relative L2 limit catches it."""
+    entry = OutputParity("e")
+    ref = _random((4, 8)) * 1e-2
+    entry.update(ref, ref * np.float32(1.01), None)
+    report = entry.report(FP32)
+    assert report["max_abs_err"] < FP32.max_abs_err and report["min_cosine"] > FP32.min_cosine
+    assert abs(report["rel_l2_err"] - 1e-2) < 1e-4
+    assert report["failures"] == [f"rel_l2_err {report['rel_l2_err']:.3g} > {FP32.rel_l2_err:g}"]
