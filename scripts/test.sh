@@ -6,9 +6,15 @@
 # machine, 6.5 minutes with other jobs on the cores;
 # the fast loop, scripts/test.sh -m unit, about 30 seconds (16 of them pytest; the rest is the
 # setup check, ruff and mypy).
+# --mutants instead runs the mutation check (scripts/mutants.py: named bugs planted one at a time,
+# each must fail its tests; docs/mutants.md), not part of every CI run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --triton-server
+if [ "${1:-}" = --mutants ]; then
+  shift
+  exec .venv/bin/python scripts/mutants.py "$@"
+fi
 .venv/bin/ruff check .
 # Type-checks the TensorRT backend against the TensorRT API stubs (pyproject.toml [tool.mypy]):
 # TensorRT cannot run here, so this is what catches a misused TensorRT API before a GPU does.
