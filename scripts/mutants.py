@@ -194,8 +194,9 @@ def run_mutant(mutant: Mutant) -> Outcome:
         )  # fmt: skip
     finally:
         path.write_text(original, encoding="utf-8")
-    failed = re.findall(r"^FAILED (\S+)", done.stdout, flags=re.MULTILINE)
-    errors = re.findall(r"^ERROR (\S+)", done.stdout, flags=re.MULTILINE)
+    # A test id's parameters may hold spaces: "FAILED path::name[a b] - reason".
+    failed = re.findall(r"^FAILED (\S+?(?:\[[^\]]*\])?)(?: - |$)", done.stdout, flags=re.MULTILINE)
+    errors = re.findall(r"^ERROR (\S+?(?:\[[^\]]*\])?)(?: - |$)", done.stdout, flags=re.MULTILINE)
     killer = (failed or errors or [""])[0]
     return Outcome(
         mutant.name,
