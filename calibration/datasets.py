@@ -33,8 +33,8 @@ TEXT_COLUMN = "sentence"
 
 @dataclass
 class Skipped:
-    """Data rows a text reader left out because a text (or one side of a pair) is empty: how
-    many, and the first one's line. Blank lines of a .txt or .jsonl file are not rows."""
+    """Data rows a text reader left out because a text (or one side of a pair) is empty or
+    invisible: how many, and the first one's line. Blank lines of a .txt or .jsonl file are not rows."""
 
     rows: int = 0
     first_line: int = 0
@@ -189,6 +189,13 @@ def iter_pairs(
         yield fields[0], fields[1]
 
 
+def _visible(text: str) -> bool:
+    """Whether a text holds a visible character: one of NULs, zero-width or other format and
+    control characters alone is no sentence (a tokenizer makes it [CLS] [SEP], and calibration
+    would count it as one)."""
+    return any(char.isprintable() and not char.isspace() for char in text)
+
+
 def _iter_fields(
     path: Path, columns: tuple[str, ...], max_line_bytes: int, skipped: Skipped | None = None
 ) -> Iterator[tuple[str, ...]]:
@@ -219,7 +226,7 @@ def _iter_fields(
                     raise InputError(f"{path}:{number}: no string field {name!r}")
             fields = values
         texts = tuple(text.strip() for text in fields)
-        if all(texts):
+        if all(map(_visible, texts)):
             found = True
             yield texts
         elif skipped is not None and suffix != ".txt":

@@ -152,3 +152,19 @@ def test_rows_with_an_empty_text_are_counted_in_the_calibration_record(
     strict = CalibrationSpec(data=path, text_column=column, pair_column=pair_column, min_samples=5)
     with pytest.raises(InputError, match=f"{used} distinct sentences"):
         calibration_texts(strict)
+
+
+def test_lines_of_invisible_characters_alone_are_no_sentences(tmp_path):
+    """NULs, zero-width spaces, a BOM-like format character or a direction mark alone: skipped
+    like an empty line; with nothing visible anywhere, the file has no sentences."""
+    path = tmp_path / "texts.txt"
+    path.write_text("\x00\x00\n\u200b\u200b\nA real sentence.\n\u2060\u200e\n\u00e9t\u00e9\n")
+    assert datasets.load_texts(path) == ["A real sentence.", "\u00e9t\u00e9"]
+    path.write_text("\x00\n\u200b\n")
+    with pytest.raises(InputError, match="no non-empty sentences"):
+        datasets.load_texts(path)
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("sentence1\tsentence2\nfine\t\u200b\nfine\tgood\n")
+    skipped = datasets.Skipped()
+    rows = list(datasets.iter_pairs(pairs, columns=("sentence1", "sentence2"), skipped=skipped))
+    assert rows == [("fine", "good")] and (skipped.rows, skipped.first_line) == (1, 2)
