@@ -50,9 +50,14 @@ from bert_compiler.pipeline.models import (
     load_tokenizer,
     load_torch_model,
 )
-from bert_compiler.pipeline.runtime import Encoder, Tokens, tokenize_rows, usable_cores
+from bert_compiler.pipeline.runtime import (
+    Encoder,
+    Tokens,
+    new_row_tokenizer,
+    tokenize_rows,
+    usable_cores,
+)
 from bert_compiler.pipeline.text import Text, encode_texts, iter_file_texts, resolve_max_length
-from bert_compiler.pipeline.token_rows import RowTokenizer
 
 log = logging.getLogger("bert_compile")
 
@@ -558,11 +563,7 @@ def _time_tokenizers(
     started = time.perf_counter()
     encode_texts(tokenizer, sentences, info, max_length)
     rows = [("tokenizer: Hugging Face fast __call__ (lists)", time.perf_counter() - started)]
-    fresh = RowTokenizer(
-        tokenizer.backend_tokenizer,
-        max_length,
-        direction=getattr(tokenizer, "truncation_side", "right"),
-    )
+    fresh = new_row_tokenizer(tokenizer, max_length)
     started = time.perf_counter()
     fresh.encode(sentences)
     rows.append(

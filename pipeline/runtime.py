@@ -201,17 +201,22 @@ def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
     """The RowTokenizer (pipeline/token_rows.py) of a Hugging Face fast tokenizer at
     ``max_length``, made once per tokenizer, length and truncation side (its piece cache is
     kept with it)."""
-    side = getattr(tokenizer, "truncation_side", "right")
     made = _ROW_TOKENIZERS.setdefault(tokenizer, {})
-    key = (max_length, side)
+    key = (max_length, getattr(tokenizer, "truncation_side", "right"))
     if key not in made:
-        made[key] = RowTokenizer(
-            tokenizer.backend_tokenizer,
-            max_length,
-            direction=side,
-            type_ids="token_type_ids" in tokenizer.model_input_names,
-        )
+        made[key] = new_row_tokenizer(tokenizer, max_length)
     return made[key]
+
+
+def new_row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
+    """A new RowTokenizer (an empty piece cache) of a Hugging Face fast tokenizer: its
+    truncation side, and type ids only where the tokenizer gives the model some."""
+    return RowTokenizer(
+        tokenizer.backend_tokenizer,
+        max_length,
+        direction=getattr(tokenizer, "truncation_side", "right"),
+        type_ids="token_type_ids" in tokenizer.model_input_names,
+    )
 
 
 _ROW_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -273,19 +278,13 @@ def tokenizer_pool(rows: RowTokenizer, workers: int) -> TokenizerPool:
 
 def _merged_stats(parts: Sequence[RunStats]) -> RunStats:
     """The stats of several runs as of one."""
-    if len(parts) == 1:
-        return parts[0]
-    shapes = frozenset().union(*(p.shape_set for p in parts))
-    computed = sum(p.computed for p in parts)
-    real = sum(p.computed * (1.0 - p.padding_fraction) for p in parts)
     return RunStats(
         rows=sum(p.rows for p in parts),
         batches=sum(p.batches for p in parts),
-        shapes=len(shapes),
-        padding_fraction=1.0 - real / computed if computed else 0.0,
         batch_ms=[ms for p in parts for ms in p.batch_ms],
-        shape_set=shapes,
-        computed=computed,
+        shape_set=frozenset().union(*(p.shape_set for p in parts)),
+        tokens=sum(p.tokens for p in parts),
+        computed=sum(p.computed for p in parts),
     )
 
 
@@ -325,12 +324,19 @@ class RunStats:
 
     rows: int = 0
     batches: int = 0
-    shapes: int = 0
-    padding_fraction: float = 0.0
     batch_ms: list[float] = field(default_factory=list)
-    # The (rows, length) shapes counted in ``shapes``, and the positions computed.
+    # The distinct (rows, length) shapes run, the real tokens, and the positions computed.
     shape_set: frozenset = frozenset()
+    tokens: int = 0
     computed: int = 0
+
+    @property
+    def shapes(self) -> int:
+        return len(self.shape_set)
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.computed if self.computed else 0.0
 
 
 class Encoder:
@@ -465,19 +471,19 @@ class Encoder:
             InputError: as ``tokenize`` and ``run``, naming a text by its index in ``texts``.
         """
         sized = isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
-        windows = text_windows(texts, _window_sizes())
+        windows = self._checked(text_windows(texts, _window_sizes()))
         total = len(texts) if sized else None
         use_pool = self.tokenizer_workers > 0 and (total is None or total >= POOL_MIN_TEXTS)
-        tokenized = self._pooled(windows) if use_pool else self._threaded(windows)
+        tokenized = (
+            tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(windows)
+            if use_pool
+            else self._threaded(windows)
+        )
         shown = progress.bar(desc=desc, total=total, unit="text") if desc else None
-        start = 0
         try:
-            for window, encoded in tokenized:
-                try:
-                    tokens = _checked_window(encoded, window, self.info, start)
-                    yield self.run(tokens, device_outputs=device_outputs)
-                finally:
-                    start += len(window)
+            for start, window, encoded in tokenized:
+                tokens = _checked_window(encoded, window, self.info, start)
+                yield self.run(tokens, device_outputs=device_outputs)
                 if shown is not None:
                     shown.update(len(window))
         finally:
@@ -485,15 +491,24 @@ class Encoder:
                 shown.close()
             tokenized.close()
 
-    def _threaded(self, windows: Iterator[list[Text]]) -> Iterator[tuple[list, Any]]:
-        """(window, TokenRows or the TypeError its tokenization raised), the next window
-        tokenized on a thread while the caller runs this one (the Rust tokenizer releases the
-        GIL; the piece cache's loop holds it, briefly)."""
-        rows = self.row_tokenizer
-        info = self.info
+    def _checked(self, windows: Iterator[list[Text]]) -> Iterator[tuple[int, list[Text]]]:
+        """(index of its first text in the input, window), each window's texts checked
+        (check_texts) as it is read."""
+        start = 0
+        for window in windows:
+            check_texts(window, self.info, start)
+            yield start, window
+            start += len(window)
 
-        def tokenize(window: list[Text], start: int) -> Any:
-            check_texts(window, info, start)
+    def _threaded(
+        self, windows: Iterator[tuple[int, list[Text]]]
+    ) -> Iterator[tuple[int, list[Text], Any]]:
+        """(start, window, TokenRows or the TypeError its tokenization raised), the next
+        window tokenized on a thread while the caller runs this one (the Rust tokenizer
+        releases the GIL; the piece cache's loop holds it, briefly)."""
+        rows = self.row_tokenizer
+
+        def tokenize(window: list[Text]) -> Any:
             try:
                 return rows.encode(window)
             except TypeError as err:
@@ -501,33 +516,16 @@ class Encoder:
 
         pool = ThreadPoolExecutor(1, thread_name_prefix="bert-compiler-tokenize")
         try:
-            start, pending = 0, None
-            for window in windows:
-                submitted = (window, pool.submit(tokenize, window, start))
-                start += len(window)
+            pending = None
+            for start, window in windows:
+                submitted = (start, window, pool.submit(tokenize, window))
                 if pending is not None:
-                    yield pending[0], pending[1].result()
+                    yield pending[0], pending[1], pending[2].result()
                 pending = submitted
             if pending is not None:
-                yield pending[0], pending[1].result()
+                yield pending[0], pending[1], pending[2].result()
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-
-    def _pooled(self, windows: Iterator[list[Text]]) -> Iterator[tuple[list, Any]]:
-        """The same as ``_threaded``, tokenized in worker processes (token_rows.TokenizerPool),
-        two windows ahead."""
-        info = self.info
-
-        def checked(windows: Iterator[list[Text]]) -> Iterator[list[Text]]:
-            start = 0
-            for window in windows:
-                check_texts(window, info, start)
-                start += len(window)
-                yield window
-
-        yield from tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(
-            checked(windows)
-        )
 
     def plan(self, tokens: Tokens) -> list[Batch]:
         return plan_batches(tokens.lengths, self.batching)
@@ -565,10 +563,9 @@ class Encoder:
         self.stats = RunStats(
             rows=len(tokens),
             batches=batches_run,
-            shapes=len(shapes),
-            padding_fraction=1.0 - float(tokens.lengths.sum()) / computed if computed else 0.0,
             batch_ms=self._batch_ms,
             shape_set=frozenset(shapes),
+            tokens=int(tokens.lengths.sum()),
             computed=computed,
         )
         return {name: _joined([c[name] for c in chunks]) for name in chunks[0]}

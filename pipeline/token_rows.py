@@ -315,37 +315,36 @@ class TokenizerPool:
         return self._executor
 
     def map_windows(
-        self, windows: Iterable[list[Any]], ahead: int = 2
-    ) -> Iterator[tuple[list[Any], TokenRows | TypeError]]:
-        """(window, its TokenRows) in order, or with the TypeError its tokenization raised (a
-        text UTF-8 cannot encode); up to ``ahead`` windows are tokenized ahead of the one being
-        consumed."""
+        self, windows: Iterable[tuple[Any, list[Any]]], ahead: int = 2
+    ) -> Iterator[tuple[Any, list[Any], TokenRows | TypeError]]:
+        """For each (tag, window), in order: (tag, window, its TokenRows), or with the TypeError
+        its tokenization raised (a text UTF-8 cannot encode); up to ``ahead`` windows are
+        tokenized ahead of the one being consumed."""
         pool = self._pool()
-        pending: deque[tuple[list[Any], list[Future]]] = deque()
+        pending: deque[tuple[Any, list[Any], list[Future]]] = deque()
 
-        def submit(window: list[Any]) -> None:
+        def submit(tag: Any, window: list[Any]) -> None:
             step = max(1, min(self.PIECE_ROWS, -(-len(window) // self.workers)))
             pieces = range(0, len(window), step)
-            pending.append(
-                (window, [pool.submit(_worker_encode, window[i : i + step]) for i in pieces])
-            )
+            futures = [pool.submit(_worker_encode, window[i : i + step]) for i in pieces]
+            pending.append((tag, window, futures))
 
-        def collect() -> tuple[list[Any], TokenRows | TypeError]:
-            window, futures = pending.popleft()
+        def collect() -> tuple[Any, list[Any], TokenRows | TypeError]:
+            tag, window, futures = pending.popleft()
             try:
-                return window, concat_rows([future.result() for future in futures])
+                return tag, window, concat_rows([future.result() for future in futures])
             except TypeError as err:
-                return window, err
+                return tag, window, err
 
         try:
-            for window in windows:
-                submit(window)
+            for tag, window in windows:
+                submit(tag, window)
                 if len(pending) > ahead:
                     yield collect()
             while pending:
                 yield collect()
         finally:
-            for _window, futures in pending:
+            for _tag, _window, futures in pending:
                 for future in futures:
                     future.cancel()
 

@@ -197,11 +197,11 @@ def test_pool_gives_the_in_process_rows_in_order():
     windows = [TEXTS[:7], TEXTS[7:900], TEXTS[900:901], TEXTS[901:]]
     pool = TokenizerPool(rows, workers=2)
     try:
-        results = list(pool.map_windows(iter(windows), ahead=1))
-        assert [w for w, _ in results] == windows
-        for window, encoded in results:
+        results = list(pool.map_windows(iter(enumerate(windows)), ahead=1))
+        assert [(tag, w) for tag, w, _ in results] == list(enumerate(windows))
+        for _tag, window, encoded in results:
             _assert_same(encoded, _expected(hf, window, 40), window)
-        [(window, failed)] = list(pool.map_windows([["ok", "\ud800"]]))
+        [(_tag, window, failed)] = list(pool.map_windows([(0, ["ok", "\ud800"])]))
         assert isinstance(failed, TypeError)
     finally:
         pool.close()
