@@ -206,10 +206,9 @@ class Backend:
             tensors are those of the graph it was built from, recorded beside it.
         builds_fp8: the backend builds ``--precision fp8`` engines (TensorRT: fp8 GEMMs from
             the fp8 Q/DQ graph); BuildSpec.validate refuses fp8 for the others.
-        serves_in_triton: package gives its engines a model on a backend of Triton's own
-            (onnxruntime, tensorrt).
         serves_as_python_text: package serves its engines in a Python-backend text model whose
-            model.py runs the engine itself (the torch backend: no Triton backend runs it).
+            model.py runs the engine itself (the torch backend: no Triton backend runs it), not
+            on a backend of Triton's own (onnxruntime, tensorrt).
     """
 
     name: str
@@ -219,13 +218,7 @@ class Backend:
     version_key: str
     opaque: bool = False
     builds_fp8: bool = False
-    serves_in_triton: bool = True
     serves_as_python_text: bool = False
-
-    @property
-    def packaged(self) -> bool:
-        """Whether package puts its engines in a Triton repository, either way."""
-        return self.serves_in_triton or self.serves_as_python_text
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).

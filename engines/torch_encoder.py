@@ -477,7 +477,6 @@ class TorchBackend(Backend):
     file_suffix = ".safetensors"
     triton_platform = ""  # no Triton backend runs it: a Python-backend text model does
     version_key = "torch"
-    serves_in_triton = False
     serves_as_python_text = True
 
     def version(self) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 from bert_compiler.calibration.qdq import FP8, INT8
 from bert_compiler.core.artifacts import atomic_write_text
 from bert_compiler.core.outdir import claim_output
-from bert_compiler.engines.backend import BuildSpec, get_backend
+from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.pipeline.build import (
     ProfileText,
@@ -170,9 +170,7 @@ def run_pipeline(
     ok = all(e["passed"] for e in engines)
     repository = None
     # Only this run's engines: older engine folders under OUT are not silently shipped.
-    served = tuple(e["name"] for e in engines if get_backend(e["backend"]).packaged)
-    if ok and spec.package is not None and not served:
-        log.warning("[package] skipped: no engine of this run is served by Triton")
+    served = tuple(e["name"] for e in engines)
     if ok and spec.package is not None and served:
         packaged = package(
             info=info,

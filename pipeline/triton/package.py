@@ -299,15 +299,6 @@ def verified_engines(
         manifest = ArtifactDir(folder).require_complete()
         if manifest.get("stage") != "build":
             raise ArtifactError(f"{folder}: not an engine folder this tool built")
-        backend = get_backend(manifest["spec"].get("backend", ""))
-        if not backend.packaged:
-            if names:
-                raise InputError(
-                    f"{folder}: a {backend.name} engine is served by the runtime "
-                    "(bert_compiler.pipeline.runtime), not by Triton"
-                )
-            log.info("[package] %s: a %s engine, not served by Triton", folder.name, backend.name)
-            continue
         results = manifest["results"]
         engine_sha = manifest["outputs"][results["engine_file"]]["sha256"]
         verify_dir = layout.verify(info.name, folder.name)
@@ -344,10 +335,6 @@ def verified_engines(
                 report=report["results"],
                 max_length=resolve_max_length(info, report["spec"].get("max_length")),
             )
-        )
-    if not engines:
-        raise InputError(
-            f"{root}: no engine Triton serves; build one with --target cpu, cuda, torch or tensorrt"
         )
     lengths = {e.max_length for e in engines}
     if len(lengths) != 1:
@@ -573,7 +560,7 @@ def plan_repository(
     # Engines no Triton backend runs (the torch backend's): a text model whose model.py does.
     engine_texts: list[tuple[str, list[VerifiedEngine]]] = []
     for kind, members in sorted(groups.items()):
-        if not get_backend(members[0].spec["backend"]).serves_in_triton:
+        if get_backend(members[0].spec["backend"]).serves_as_python_text:
             engine_texts.append((kind, members))
             continue
         engine_plan = _plan_engine(f"{slug}-{kind}", kind, members, info=info, spec=spec)
