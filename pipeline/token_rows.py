@@ -135,6 +135,17 @@ class RowTokenizer:
         self._cache: dict[str, tuple[int, ...]] = {}
         self._frame = self._special_frame() if word_cache and piecewise(serialized) else None
 
+    def settings(self) -> tuple[str, int, str, bool, bool]:
+        """What makes a twin of this RowTokenizer in another process (_start_worker): the
+        tokenizer's JSON, max_length, direction, word_cache and type_ids."""
+        return (
+            self._pieces.to_str(),
+            self.max_length,
+            self.direction,
+            self._frame is not None,
+            self.type_ids,
+        )
+
     @property
     def cached(self) -> bool:
         """Whether single texts take the piece cache."""
@@ -295,13 +306,7 @@ class TokenizerPool:
         if workers < 1:
             raise ValueError(f"tokenizer workers {workers}: expected 1 or more")
         self.workers = workers
-        self._args = (
-            row_tokenizer._pieces.to_str(),
-            row_tokenizer.max_length,
-            row_tokenizer.direction,
-            row_tokenizer._frame is not None,
-            row_tokenizer.type_ids,
-        )
+        self._args = row_tokenizer.settings()
         self._executor: ProcessPoolExecutor | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
