@@ -34,7 +34,8 @@ TEXT_COLUMN = "sentence"
 @dataclass
 class Skipped:
     """Data rows a text reader left out because a text (or one side of a pair) is empty or
-    invisible: how many, and the first one's line. Blank lines of a .txt or .jsonl file are not rows."""
+    invisible: how many, and the first one's line. Blank lines of a .txt or .jsonl file are not
+    rows."""
 
     rows: int = 0
     first_line: int = 0
