@@ -25,6 +25,7 @@ from typing import Any
 
 from bert_compiler.core import __version__
 from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.core.files import read_json_file
 
 MANIFEST_NAME = "manifest.json"
 # Far above any manifest this tool writes (a Triton repository's is a few hundred KiB).
@@ -241,24 +242,19 @@ class ArtifactDir:
         """The manifest, or None when the folder has none (never built, or interrupted).
 
         Raises:
-            ArtifactError: a manifest that is too large, not UTF-8 JSON, or not a JSON object.
+            ArtifactError: a manifest that is not a regular file, too large, not UTF-8 JSON, or
+                not a JSON object.
         """
-        try:
-            if self.manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
-                raise ArtifactError(
-                    f"{self.manifest_path}: over {MAX_MANIFEST_BYTES >> 20} MiB, no manifest this "
-                    "tool wrote; delete the folder or rerun with --force"
-                )
-            manifest = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
-        except (FileNotFoundError, NotADirectoryError):
+        if not os.path.lexists(self.manifest_path):
             return None
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        try:
+            manifest = read_json_file(
+                self.manifest_path, MAX_MANIFEST_BYTES, "manifest", ArtifactError
+            )
+        except ArtifactError as err:
             raise ArtifactError(
-                f"{self.manifest_path}: manifest is not valid JSON ({err}); "
-                "delete the folder or rerun with --force"
-            ) from err
-        except OSError as err:
-            raise ArtifactError(f"{self.manifest_path}: cannot read it ({err.strerror})") from err
+                f"{err}; no manifest this tool wrote: delete the folder or rerun with --force"
+            ) from None
         problem = _shape_problem(manifest)
         if problem:
             raise ArtifactError(

@@ -16,8 +16,6 @@ precision's built-in default.
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import Any
 import click
 
 from bert_compiler.core.errors import InputError
+from bert_compiler.core.files import read_regular_file
 from bert_compiler.core.targets import PRECISIONS
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -78,35 +77,6 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise InputError(f"{path}: not valid TOML ({err})") from err
     except RecursionError:
         raise InputError(f"{path}: TOML nested too deeply to read") from None
-
-
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes, read without trusting its size:
-    opened without blocking (a FIFO would wait for a writer), refused unless it is a regular
-    file (a folder, /dev/zero, a pipe), and read up to one byte past the limit.
-
-    Raises:
-        InputError: missing, unreadable, not a regular file, or over ``limit`` bytes.
-    """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the {what} ({err.strerror})") from None
-    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-        os.close(descriptor)
-        raise InputError(
-            f"{path}: not a regular file (a folder, device or pipe); give a {what} on disk"
-        )
-    with os.fdopen(descriptor, "rb") as handle:
-        try:
-            data = handle.read(limit + 1)
-        except OSError as err:
-            raise InputError(f"{path}: cannot read the {what} ({err.strerror})") from None
-    if len(data) > limit:
-        raise InputError(f"{path}: {what} over {limit >> 20} MiB")
-    return data
 
 
 def _options(command) -> dict[str, Any]:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
+from bert_compiler.core import artifacts
 from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_path, atomic_write_text
 from bert_compiler.core.errors import ArtifactError
 from bert_compiler.core.stage import run_stage
@@ -86,8 +88,37 @@ def test_manifest_names_cannot_escape(tmp_path):
 
 def test_corrupt_manifest_is_an_artifact_error(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
-    with pytest.raises(ArtifactError, match="not valid JSON"):
+    with pytest.raises(ArtifactError, match="not valid UTF-8 JSON"):
         ArtifactDir(tmp_path).require_complete()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device", "nested", "huge"])
+def test_a_manifest_that_is_no_regular_json_file_is_one_line_without_blocking(tmp_path, kind):
+    """A FIFO (reading would wait for a writer), a folder, a link to /dev/zero (endless), JSON
+    nested past the parser's recursion and a file over the cap: one line each, read no further
+    than the cap, nothing waiting."""
+    manifest = tmp_path / "manifest.json"
+    if kind == "fifo":
+        os.mkfifo(manifest)
+    elif kind == "folder":
+        manifest.mkdir()
+    elif kind == "device":
+        manifest.symlink_to("/dev/zero")
+    elif kind == "nested":
+        manifest.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        with manifest.open("wb") as handle:
+            handle.truncate(artifacts.MAX_MANIFEST_BYTES + 1)
+    expected = {
+        "fifo": "not a regular file",
+        "folder": "not a regular file",
+        "device": "not a regular file",
+        "nested": "nested too deeply",
+        "huge": "over 64 MiB",
+    }[kind]
+    with pytest.raises(ArtifactError, match=expected) as raised:
+        ArtifactDir(tmp_path).read_manifest()
+    assert "rerun with --force" in str(raised.value) and "\n" not in str(raised.value)
 
 
 def test_an_output_is_reused_only_when_nothing_but_the_ignored_settings_differ(tmp_path):
