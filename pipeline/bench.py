@@ -53,6 +53,7 @@ from bert_compiler.pipeline.models import (
 from bert_compiler.pipeline.runtime import (
     Encoder,
     Tokens,
+    load_model_engine,
     new_row_tokenizer,
     tokenize_rows,
     usable_cores,
@@ -363,13 +364,16 @@ def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[P
     return folders
 
 
-def _loadable_engines(folders: Sequence[Path], explicit: bool) -> list[tuple[str, Any]]:
+def _loadable_engines(
+    folders: Sequence[Path], explicit: bool, info: ModelInfo
+) -> list[tuple[str, Any]]:
     """(folder name, engine) for every folder this machine can run; an engine built for another
-    device is skipped with a note, unless it was asked for by name."""
+    device is skipped with a note, unless it was asked for by name. An engine of another model
+    is refused (load_model_engine)."""
     loaded = []
     for folder in folders:
         try:
-            engine, _manifest = load_engine(folder)
+            engine, _manifest = load_model_engine(folder, info)
         except EnvironmentProblem as err:
             if explicit:
                 raise
@@ -387,7 +391,9 @@ def run_bench(
     """Measure, and return bench's JSON object (``device``, ``results``, settings)."""
     import torch
 
-    engines = _loadable_engines(_engine_folders(layout, info.name, engine_dirs), bool(engine_dirs))
+    engines = _loadable_engines(
+        _engine_folders(layout, info.name, engine_dirs), bool(engine_dirs), info
+    )
     on_gpu = any(engine.device == "cuda" for _, engine in engines)
     max_length = resolve_max_length(info, spec.max_length)
     tokenizer = load_tokenizer(info)

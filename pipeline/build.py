@@ -17,9 +17,11 @@ manifest names the exact graph each engine was compiled from.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 from bert_compiler.calibration.qdq import QUANTIZED_FORMATS, float_matmuls
 from bert_compiler.core.artifacts import StageRecord
@@ -106,12 +108,16 @@ def build(
     out_dir: Path,
     spec: BuildSpec,
     input_names: tuple[str, ...] = (),
+    model: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> StageResult:
     """Build an engine from ``source`` into ``out_dir``.
 
     Args:
         input_names: the model's token inputs (TensorRT profiles set each of them).
+        model: the fingerprint (ModelInfo.fingerprint) of the model ``source`` was exported
+            from, recorded so the engine is never taken for another model's; None where that is
+            not known (a graph given by path).
 
     Raises:
         InputError: bad settings, or the backend cannot build from the graph.
@@ -123,7 +129,7 @@ def build(
     # The graph's hash, the target, and the backend's own settings decide the engine.
     record = StageRecord(
         stage="build",
-        inputs={"onnx": onnx_input(source)},
+        inputs={"onnx": onnx_input(source), **({"model": dict(model)} if model else {})},
         spec={
             "backend": spec.backend,
             "device": spec.device,

@@ -486,6 +486,8 @@ def build_command(input_path: Path | None, **values: Any) -> None:
             out_dir=layout.engine(info.name, engine_folder_name(spec)),
             spec=spec,
             input_names=tuple(info.architecture.input_names),
+            # A graph given by path may be any model's: only OUT's own records the model.
+            model=None if input_path else info.fingerprint(),
             force=values["force"],
         )
         built.append(_stage_output(result))

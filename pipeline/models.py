@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle  # only for its exception type: weights load through safetensors/weights_only
 import struct
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any
 
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import InputError, UnsupportedModelError
+from bert_compiler.core.files import read_json_file
 from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_for
 
 log = logging.getLogger("bert_compile")
@@ -36,6 +38,19 @@ OUTPUT_NAMES = {
     "sequence-classification": "logits",
 }
 _MAX_JSON_BYTES = 4 << 20
+# The activations of a BERT-family feed-forward layer that the export and fusions take.
+_ACTIVATIONS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"})
+# Bytes per element of each safetensors dtype; the floating ones are weights, the integer ones
+# only the position and type id buffers older checkpoints save.
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_INTEGER_BUFFERS = ("position_ids", "token_type_ids")
+# The sentence-transformers modules whose work the engines and the PyTorch reference do (the
+# encoder, its pooling, L2 normalisation); any other (Dense, a word-embedding model) is refused.
+_SENTENCE_TRANSFORMERS_MODULES = (".Transformer", ".Pooling", ".Normalize")
 _SAFETENSORS_MAX_HEADER = 100 << 20
 # Bounds that keep a hostile config from allocating absurd tensors before anything is checked.
 _CONFIG_BOUNDS = {
@@ -134,16 +149,7 @@ def default_model_path() -> Path:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: not found") from err
-    if size > _MAX_JSON_BYTES:
-        raise InputError(f"{path}: {size} bytes is too large for a JSON config")
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{path}: not valid UTF-8 JSON ({err})") from err
+    return read_json_file(path, _MAX_JSON_BYTES, "model file")
 
 
 def _validate_config(config: Any, where: Path, architecture: ArchitectureSpec) -> None:
@@ -182,6 +188,62 @@ def _validate_config(config: Any, where: Path, architecture: ArchitectureSpec) -
             f"{where}: position_embedding_type={config['position_embedding_type']!r} is not "
             "supported (absolute only)"
         )
+    _check_config_values(config, where)
+
+
+def _check_config_values(config: dict[str, Any], where: Path) -> None:
+    """The config.json values beyond the integer bounds that transformers would otherwise take
+    with a traceback, or silently: the activation, the LayerNorm epsilon, the pad id, the label
+    maps, and a quantization config (the export would be of other weights than the ones read).
+
+    Raises:
+        UnsupportedModelError: a value of the right type this tool does not support.
+        InputError: a value of the wrong type or out of range.
+    """
+    for key in ("hidden_act", "activation"):  # DistilBERT's is "activation"
+        if key in config and config[key] not in _ACTIVATIONS:
+            raise UnsupportedModelError(
+                f"{where}: config.json {key}={config[key]!r} is not supported "
+                f"({', '.join(sorted(_ACTIVATIONS))})"
+            )
+    if "layer_norm_eps" in config:
+        eps = config["layer_norm_eps"]
+        if not _is_number(eps) or not 0 < eps <= 0.1:
+            raise InputError(
+                f"{where}: config.json layer_norm_eps={eps!r}: give a number in (0, 0.1]"
+            )
+    pad = config.get("pad_token_id")
+    if pad is not None and (
+        isinstance(pad, bool) or not isinstance(pad, int) or not 0 <= pad < config["vocab_size"]
+    ):
+        raise InputError(
+            f"{where}: config.json pad_token_id={pad!r}: give null or an id in "
+            f"[0, {config['vocab_size']})"
+        )
+    for key in ("id2label", "label2id"):
+        if key in config and not _is_label_map(config[key], ids_first=key == "id2label"):
+            raise InputError(
+                f"{where}: config.json {key} is not a map of "
+                f"{'ids to names' if key == 'id2label' else 'names to ids'}"
+            )
+    if config.get("quantization_config") is not None:
+        raise UnsupportedModelError(
+            f"{where}: config.json has a quantization_config (a quantized checkpoint); give the "
+            "float model: bert-compile quantizes it (--precision int8)"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_label_map(value: Any, ids_first: bool) -> bool:
+    """A JSON object of label ids (decimal strings) to names, or names to integer ids."""
+    if not isinstance(value, dict):
+        return False
+    if ids_first:
+        return all(k.lstrip("-").isdigit() and isinstance(v, str) for k, v in value.items())
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
 
 
 def _check_safetensors_header(path: Path) -> None:
@@ -201,21 +263,49 @@ def _check_safetensors_header(path: Path) -> None:
             header = json.loads(handle.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise InputError(f"{path}: safetensors header is not valid JSON ({err})") from err
+        except RecursionError:
+            raise InputError(f"{path}: safetensors header is JSON nested too deeply") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
     data_bytes = size - 8 - header_len
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_bytes
-        ):
-            raise InputError(
-                f"{path}: tensor {name!r} has data_offsets {offsets!r} outside the file's "
-                f"{data_bytes} data bytes; the file is truncated or corrupt"
+        problem = _tensor_entry_problem(entry, data_bytes)
+        if problem:
+            raise InputError(f"{path}: tensor {name!r} {problem}; the file is truncated or corrupt")
+        if entry["dtype"] not in _FLOAT_DTYPES and not name.endswith(_INTEGER_BUFFERS):
+            raise UnsupportedModelError(
+                f"{path}: tensor {name!r} is {entry['dtype']}: weights must be floating point "
+                "(an integer weight would be cast without a word); save the model in float32"
             )
+
+
+def _tensor_entry_problem(entry: Any, data_bytes: int) -> str | None:
+    """What is wrong with a safetensors header entry (None: its dtype, shape and byte range
+    agree, inside the file's data)."""
+    if not isinstance(entry, dict):
+        return f"has the header entry {entry!r}, not an object"
+    offsets, dtype, shape = entry.get("data_offsets"), entry.get("dtype"), entry.get("shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_bytes
+    ):
+        return f"has data_offsets {offsets!r} outside the file's {data_bytes} data bytes"
+    if dtype not in _DTYPE_BYTES:
+        return f"has dtype {dtype!r}, not one safetensors defines"
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        return f"has shape {shape!r}, not a list of sizes"
+    if math.prod(shape) * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
+        return (
+            f"is {dtype} {shape} ({math.prod(shape) * _DTYPE_BYTES[dtype]} bytes) but spans "
+            f"{offsets[1] - offsets[0]} bytes"
+        )
+    return None
 
 
 def _find_weights(folder: Path, allow_pickle: bool) -> Path:
@@ -247,10 +337,22 @@ def _sentence_transformers_pooling(folder: Path) -> tuple[str | None, bool]:
     modules = _read_json(modules_path)
     if not isinstance(modules, list):
         raise InputError(f"{modules_path}: expected a JSON list of modules")
-    types = [str(m.get("type", "")) for m in modules if isinstance(m, dict)]
+    if not all(isinstance(module, dict) for module in modules):
+        raise InputError(f"{modules_path}: expected a JSON list of module objects")
+    types = [str(module.get("type", "")) for module in modules]
+    for module, kind in zip(modules, types, strict=True):
+        if not kind.endswith(_SENTENCE_TRANSFORMERS_MODULES):
+            raise UnsupportedModelError(
+                f"{modules_path}: module {module.get('path') or module.get('name')!r} ({kind}) "
+                "is not supported (Transformer, Pooling and Normalize are): the engine's "
+                "embeddings would not be the model's"
+            )
     if not any(t.endswith(".Pooling") for t in types):
         return None, False
-    pooling_cfg = _read_json(folder / "1_Pooling" / "config.json")
+    pooling_path = folder / "1_Pooling" / "config.json"
+    pooling_cfg = _read_json(pooling_path)
+    if not isinstance(pooling_cfg, dict):
+        raise InputError(f"{pooling_path}: expected a JSON object of pooling settings")
     modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
     if modes == ["pooling_mode_mean_tokens"]:
         pooling = "mean"
@@ -401,6 +503,27 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
             f"{info.path}: its tokenizer has {tokens} tokens and config.json's vocab_size is "
             f"{vocab_size}: ids past the embedding table; use the model's own tokenizer"
         )
+    limit = tokenizer.model_max_length
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise InputError(
+            f"{info.path}: tokenizer_config.json model_max_length={limit!r}: give a positive "
+            "integer"
+        )
+    missing = [
+        name
+        for name in info.architecture.input_names
+        if name != "attention_mask" and name not in tokenizer.model_input_names
+    ]
+    if missing:
+        raise InputError(
+            f"{info.path}: its tokenizer ({type(tokenizer).__name__}) gives no {missing[0]}, "
+            f"which {info.architecture.model_type} reads: tokenizer_config.json names another "
+            "model's tokenizer class; use the model's own tokenizer files"
+        )
+    # Padding is how batches are run, never part of a text's meaning: a model's outputs are its
+    # unpadded text's, so the reference pads on the right (left padding shifts the positions
+    # of every real token, and verify would blame the engine for the reference's error).
+    tokenizer.padding_side = "right"
     return tokenizer
 
 

@@ -59,6 +59,7 @@ from bert_compiler.pipeline.models import (
     TASKS,
     ModelInfo,
     default_model_path,
+    load_tokenizer,
     resolve_model,
 )
 from bert_compiler.pipeline.sweep import SweepSpec
@@ -194,12 +195,16 @@ class ModelOptions(OptionGroup):
         return folder if folder.is_dir() else None
 
     def parse(self, values: Values) -> ModelInfo:
-        return resolve_model(
+        """The model, its tokenizer loaded once too: a tokenizer that cannot serve the model is
+        one line before any stage starts, not a failure inside one."""
+        info = resolve_model(
             values["model"],
             task=values["task"],
             allow_pickle=values["allow_pickle"],
             trust_remote_code=values["trust_remote_code"],
         )
+        load_tokenizer(info, trust_remote_code=values["trust_remote_code"])
+        return info
 
 
 class ExportOptions(OptionGroup):

@@ -208,6 +208,7 @@ def _build_and_verify(
         out_dir=layout.engine(info.name, name),
         spec=build_spec,
         input_names=tuple(info.architecture.input_names),
+        model=info.fingerprint(),
         force=force,
     )
     verify_spec = replace(spec.verify, precision=build_spec.precision)

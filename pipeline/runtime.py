@@ -300,6 +300,26 @@ def ladder_from_text(
     return derive_ladder(tokens.lengths, max_length, rungs)
 
 
+def load_model_engine(engine_dir: Path, info: ModelInfo) -> tuple[Any, dict[str, Any]]:
+    """(engine, manifest) of an engine folder built from ``info``'s model (by the hash of
+    the model's files, wherever they lie; an engine built from a graph given by path records
+    no model, and its outputs are checked when an Encoder takes it).
+
+    Raises:
+        InputError: the engine records another model.
+        ArtifactError, EnvironmentProblem: as load_engine.
+    """
+    engine, manifest = load_engine(engine_dir)
+    built_from = manifest.get("inputs", {}).get("model")
+    if isinstance(built_from, dict) and built_from.get("sha256") != info.fingerprint()["sha256"]:
+        raise InputError(
+            f"{engine_dir}: built from the model in {built_from.get('path')}, not from "
+            f"{info.path}; give that model (--model {built_from.get('path')}) or build an "
+            "engine of this one"
+        )
+    return engine, manifest
+
+
 def _check_outputs(engine, info: ModelInfo) -> None:
     """An engine of ``info``'s kind: one of its outputs is the model's (an engine of another
     model's kind would be fed texts it does not read, and its outputs taken for the model's).
@@ -422,8 +442,9 @@ class Encoder:
 
     @classmethod
     def open(cls, engine_dir: Path, info: ModelInfo, **kwargs: Any) -> Encoder:
-        """An Encoder over an engine folder (files checked against its manifest first)."""
-        engine, _manifest = load_engine(Path(engine_dir))
+        """An Encoder over an engine folder (files checked against its manifest first, and
+        the model it was built from against ``info``: load_model_engine)."""
+        engine, _manifest = load_model_engine(Path(engine_dir), info)
         return cls(engine, info, **kwargs)
 
     def with_batching(self, batching: BatchingSpec) -> Encoder:

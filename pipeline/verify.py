@@ -27,7 +27,6 @@ from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
 from bert_compiler.core.errors import EnvironmentProblem, InputError, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.engines.backend import load_engine
 from bert_compiler.pipeline.models import (
     ModelInfo,
     build_wrapper,
@@ -42,7 +41,7 @@ from bert_compiler.pipeline.parity import (
     Tolerance,
     compare_batch,
 )
-from bert_compiler.pipeline.runtime import Encoder, pool_token_rows
+from bert_compiler.pipeline.runtime import Encoder, load_model_engine, pool_token_rows
 from bert_compiler.pipeline.text import (
     PARITY_SENTENCES,
     Text,
@@ -438,7 +437,7 @@ def verify(
     The report is written whether parity passes or not (CI reads it); the caller raises ParityError
     from ``require_passed``.
     """
-    engine, engine_manifest = load_engine(engine_dir)
+    engine, engine_manifest = load_model_engine(engine_dir, info)
     return verify_engine(
         info=info,
         engine=engine,

@@ -451,6 +451,98 @@ def config_nested_too_deeply(out, model, tmp):
     return ["export", "--model", model, "--out", out, "--config", config], 3, "nested too deeply"
 
 
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _export(out, model) -> list:
+    return ["export", "--model", model, "--out", out, "--force"]
+
+
+def config_pad_id_past_the_vocabulary(out, model, tmp):
+    _edit_json(model / "config.json", pad_token_id=10**9)
+    return _export(out, model), 3, "pad_token_id=1000000000: give null or an id in [0,"
+
+
+def config_layer_norm_eps_of_text(out, model, tmp):
+    _edit_json(model / "config.json", layer_norm_eps="small")
+    return _export(out, model), 3, "layer_norm_eps='small': give a number in (0, 0.1]"
+
+
+def config_layer_norm_eps_nan(out, model, tmp):
+    _edit_json(model / "config.json", layer_norm_eps=float("nan"))  # json writes NaN
+    return _export(out, model), 3, "layer_norm_eps=nan: give a number"
+
+
+def config_unknown_activation(out, model, tmp):
+    _edit_json(model / "config.json", hidden_act="swish2")
+    return _export(out, model), 4, "hidden_act='swish2' is not supported"
+
+
+def config_label_map_of_the_wrong_type(out, model, tmp):
+    _edit_json(model / "config.json", id2label=["negative", "positive"])
+    return _export(out, model), 3, "id2label is not a map of ids to names"
+
+
+def config_of_a_quantized_checkpoint(out, model, tmp):
+    _edit_json(model / "config.json", quantization_config={"quant_method": "bitsandbytes"})
+    return _export(out, model), 4, "has a quantization_config"
+
+
+def tokenizer_class_of_another_model(out, model, tmp):
+    _edit_json(model / "tokenizer_config.json", tokenizer_class="FooTokenizer")
+    return _export(out, model), 3, "gives no token_type_ids, which bert reads"
+
+
+def tokenizer_max_length_of_text(out, model, tmp):
+    _edit_json(model / "tokenizer_config.json", model_max_length="long")
+    return _export(out, model), 3, "model_max_length='long': give a positive integer"
+
+
+def safetensors_shape_past_its_bytes(out, model, tmp):
+    from tests.test_models import _first_tensor, _rewrite_header
+
+    _rewrite_header(
+        model / "model.safetensors", lambda h: h[_first_tensor(h)].update(shape=[10**6])
+    )
+    return _export(out, model), 3, "bytes) but spans"
+
+
+def integer_weight_tensor(out, model, tmp):
+    import torch
+
+    from tests.test_models import _rewrite_weights
+
+    name = "encoder.layer.0.output.dense.bias"
+    _rewrite_weights(model, lambda state: state.update({name: state[name].to(torch.int32)}))
+    return _export(out, model), 4, "is I32: weights must be floating point"
+
+
+def dense_module_after_pooling(out, model, tmp):
+    modules = json.loads((model / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "x.models.Dense"})
+    (model / "modules.json").write_text(json.dumps(modules))
+    return _export(out, model), 4, "module '3_Dense' (x.models.Dense) is not supported"
+
+
+def pooling_settings_of_the_wrong_type(out, model, tmp):
+    (model / "1_Pooling" / "config.json").write_text('"mean"')
+    return _export(out, model), 3, "expected a JSON object of pooling settings"
+
+
+def engine_of_another_model(out, model, tmp):
+    import torch
+
+    from tests.test_models import _rewrite_weights
+
+    name = "encoder.layer.0.output.dense.bias"
+    _rewrite_weights(model, lambda state: state.update({name: state[name] + torch.ones(1)}))
+    argv = ["verify", "--model", model, "--out", out, "--engine", cpu_engine_dir(out), "--force"]
+    return argv, 3, "built from the model in"
+
+
 CASES = [
     lock_file_linked_out,
     lock_holder_linked_out,
@@ -503,6 +595,19 @@ CASES = [
     float_engine_from_a_calibrated_graph,
     int8_engine_from_the_fp8_graph,
     package_an_engine_verified_at_another_precision,
+    config_pad_id_past_the_vocabulary,
+    config_layer_norm_eps_of_text,
+    config_layer_norm_eps_nan,
+    config_unknown_activation,
+    config_label_map_of_the_wrong_type,
+    config_of_a_quantized_checkpoint,
+    tokenizer_class_of_another_model,
+    tokenizer_max_length_of_text,
+    safetensors_shape_past_its_bytes,
+    integer_weight_tensor,
+    dense_module_after_pooling,
+    pooling_settings_of_the_wrong_type,
+    engine_of_another_model,
 ]
 
 

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from bert_compiler.core.errors import InputError, UnsupportedModelError
-from bert_compiler.pipeline.models import load_torch_model, resolve_model
+from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
 from tests.tiny_models import edit_config
 
 
@@ -346,3 +346,87 @@ def test_a_tokenizer_longer_than_the_embedding_table_is_refused(tiny_model_copy)
     edit_config(tiny_model_copy, vocab_size=tokens - 1)
     with pytest.raises(InputError, match=f"has {tokens} tokens and config.json's vocab_size"):
         load_tokenizer(resolve_model(tiny_model_copy))
+
+
+def _rewrite_header(weights, change) -> None:
+    """The safetensors file with its header changed by ``change`` (the data bytes kept)."""
+    data = weights.read_bytes()
+    length = _header_length(weights)
+    header = json.loads(data[8 : 8 + length])
+    header = change(header) or header
+    encoded = json.dumps(header).encode()
+    weights.write_bytes(struct.pack("<Q", len(encoded)) + encoded + data[8 + length :])
+
+
+def _first_tensor(header) -> str:
+    return next(k for k in header if k != "__metadata__")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda h: h[_first_tensor(h)].update(shape=[10**6]), r"spans \d+ bytes"),
+        (lambda h: h[_first_tensor(h)].update(dtype="F16"), r"is F16 .* but spans"),
+        (lambda h: h[_first_tensor(h)].update(dtype="Q4"), "dtype 'Q4', not one safetensors"),
+        (lambda h: h[_first_tensor(h)].update(shape="big"), "shape 'big', not a list"),
+        (lambda h: h.update({_first_tensor(h): 7}), "header entry 7, not an object"),
+        (lambda h: [1, 2], "header is not a JSON object"),
+    ],
+)
+def test_a_safetensors_header_that_does_not_add_up_is_one_line(tiny_model_copy, change, expected):
+    _rewrite_header(tiny_model_copy / "model.safetensors", change)
+    with pytest.raises(InputError, match=expected):
+        resolve_model(tiny_model_copy)
+
+
+def test_an_integer_weight_is_refused_and_id_buffers_are_not(tiny_model_copy):
+    import torch
+
+    name = "encoder.layer.0.output.dense.bias"
+
+    def ids_buffer(state):
+        state["embeddings.position_ids"] = torch.arange(8)[None]
+
+    _rewrite_weights(tiny_model_copy, ids_buffer)
+    resolve_model(tiny_model_copy)
+
+    def integer(state):
+        state[name] = state[name].to(torch.int32)
+
+    _rewrite_weights(tiny_model_copy, integer)
+    with pytest.raises(UnsupportedModelError, match=rf"tensor '{name}' is I32: weights must be"):
+        resolve_model(tiny_model_copy)
+
+
+def test_sentence_transformers_modules_the_engine_does_not_run_are_refused(tiny_model_copy):
+    """A Dense layer after pooling (distiluse-base-multilingual has one) changes the embedding:
+    refused in one line rather than built without it."""
+    modules = json.loads((tiny_model_copy / "modules.json").read_text())
+    modules.insert(
+        2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+    )
+    (tiny_model_copy / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(UnsupportedModelError, match=r"module '2_Dense' \(.*Dense\) is not supp"):
+        resolve_model(tiny_model_copy)
+    (tiny_model_copy / "modules.json").write_text(json.dumps([*modules[:2], 5]))
+    with pytest.raises(InputError, match="a JSON list of module objects"):
+        resolve_model(tiny_model_copy)
+
+
+def test_pooling_settings_of_the_wrong_json_type_are_one_line(tiny_model_copy):
+    (tiny_model_copy / "1_Pooling" / "config.json").write_text("[true]")
+    with pytest.raises(InputError, match="a JSON object of pooling settings"):
+        resolve_model(tiny_model_copy)
+
+
+def test_a_tokenizer_that_pads_on_the_left_pads_the_reference_on_the_right(tiny_model_copy):
+    """Left padding would shift every real token's position in the PyTorch reference (verify
+    then blamed the engine): the reference is the unpadded text's, so padding goes right."""
+    config = json.loads((tiny_model_copy / "tokenizer_config.json").read_text())
+    (tiny_model_copy / "tokenizer_config.json").write_text(
+        json.dumps({**config, "padding_side": "left"})
+    )
+    tokenizer = load_tokenizer(resolve_model(tiny_model_copy))
+    assert tokenizer.padding_side == "right"
+    ids = tokenizer(["a", "the movie was long"], padding=True)["input_ids"]
+    assert ids[0][0] == tokenizer.cls_token_id and ids[0][-1] == tokenizer.pad_token_id

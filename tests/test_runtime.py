@@ -285,3 +285,24 @@ def test_an_engine_of_another_kind_of_model_is_refused(tiny_embedding_model):
     engine.output_names = ["logits"]
     with pytest.raises(InputError, match=r"outputs \['logits'\], and tiny-embed"):
         Encoder(engine, resolve_model(tiny_embedding_model), max_length=32)
+
+
+@pytest.mark.e2e
+def test_an_engine_of_another_model_is_refused_and_one_of_the_same_files_is_not(tiny_run, tmp_path):
+    """The engine records its model's file hashes: opened with another model (one weight
+    changed) it is one line naming the model it was built from; a copy of the same files in
+    another folder opens it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    info, out, _spec, _summary = tiny_run
+    engine_dir = cpu_engine_dir(out)
+    same = shutil.copytree(info.path, tmp_path / "same")
+    Encoder.open(engine_dir, resolve_model(same))
+    other = shutil.copytree(info.path, tmp_path / "other")
+    state = load_file(str(other / "model.safetensors"))
+    name = "encoder.layer.0.output.dense.bias"
+    state[name] = state[name] + torch.ones_like(state[name])
+    save_file(state, str(other / "model.safetensors"))
+    with pytest.raises(InputError, match=rf"built from the model in {info.path}, not from "):
+        Encoder.open(engine_dir, resolve_model(other))
