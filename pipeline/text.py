@@ -18,6 +18,7 @@ import numpy as np
 from bert_compiler.calibration import datasets
 from bert_compiler.core.errors import InputError
 from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.pipeline.token_rows import cut_texts
 
 # One text a model reads: a string, or a cross-encoder's (text, text_pair).
 Text = str | tuple[str, str]
@@ -154,12 +155,17 @@ def encode_texts(
 ):
     """The Hugging Face tokenizer's encoding of ``texts`` (no truncation where ``max_length`` is
     None): pairs through the model's pair template (BERT: [CLS] a [SEP] b [SEP], type ids 0 then
-    1; RoBERTa and XLM-R: <s> a </s></s> b </s>), truncated longest first.
+    1; RoBERTa and XLM-R: <s> a </s></s> b </s>), truncated longest first, each text first cut
+    as the runtime cuts it (token_rows.cut_texts), so a reference and an engine read the same
+    characters.
 
     Raises:
         InputError: pairs given to a single-text model, or single texts to a cross-encoder.
     """
     check_texts(texts, info)
+    if max_length is not None:
+        side = getattr(tokenizer, "truncation_side", "right")
+        texts = cut_texts(texts, max_length, side)
     truncation: dict[str, Any] = (
         {"truncation": "longest_first", "max_length": max_length}
         if max_length is not None

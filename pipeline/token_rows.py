@@ -39,12 +39,39 @@ import numpy as np
 CACHE_PIECES = 1 << 18
 # Longer pieces are tokenized but not cached (a URL, a run of symbols, a hostile 10 MB "word").
 CACHE_PIECE_CHARS = 64
+# Characters of a text read per token of max_length: a text is cut at max_length x this many
+# before it is tokenized, from its end where truncation keeps the last tokens. The Rust tokenizer
+# tokenizes a whole text before truncating it (about 235 bytes of memory per input byte), so a
+# 20 MB text cost gigabytes; a WordPiece token spans at most 100 characters of its word, and real
+# text about 5, so the first max_length tokens change only for a text whose tokens are spread
+# over more than this many characters each (runs of thousands of spaces or control characters).
+TEXT_CHARS_PER_TOKEN = 128
 _SPACE = " "
 # Normalizers and pre-tokenizers whose steps map characters one at a time and split at U+0020,
 # so a text's tokens are its space-separated pieces' tokens in order (the word cache is exact).
 _PIECEWISE_NORMALIZERS = {None, "BertNormalizer"}
 _PIECEWISE_PRE_TOKENIZERS = {"BertPreTokenizer"}
 _PIECEWISE_MODELS = {"WordPiece"}
+
+
+def cut_texts(texts: Sequence[Any], max_length: int, direction: str) -> Sequence[Any]:
+    """``texts`` (single texts or pairs, each side cut alone) with every text longer than
+    max_length x TEXT_CHARS_PER_TOKEN characters cut to that many: its first ones, or with
+    ``direction`` "left" its last. Anything but a str is left for the tokenizer to refuse."""
+    limit = max_length * TEXT_CHARS_PER_TOKEN
+
+    def cut(text: Any) -> Any:
+        if isinstance(text, str):
+            if len(text) <= limit:
+                return text
+            return text[:limit] if direction == "right" else text[-limit:]
+        if isinstance(text, tuple) and len(text) == 2:
+            return (cut(text[0]), cut(text[1]))
+        return text
+
+    if all(isinstance(text, str) and len(text) <= limit for text in texts):
+        return texts
+    return [cut(text) for text in texts]
 
 
 @dataclass(frozen=True)
@@ -181,6 +208,7 @@ class RowTokenizer:
         if not len(texts):
             empty = np.zeros(0, np.int64)
             return TokenRows(empty, empty, empty)
+        texts = cut_texts(texts, self.max_length, self.direction)
         if self._frame is not None and isinstance(texts[0], str):
             rows = self._encode_cached(texts)
         else:

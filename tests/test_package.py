@@ -108,11 +108,13 @@ def test_python_text_model_holds_the_engine_and_the_tokenizer(repository):
     assert text.parameters["run_cost_tokens"].string_value == str(TEXT_RUN_COST_TOKENS)
     folder = result.path / f"{slug}-ort-cpu-fp32-python-text" / "1"
     assert sorted(p.name for p in folder.iterdir()) == [
-        "model.onnx", "model.py", "onnxruntime_model.py", "tokenizer.json", "tokenizer_model.py",
+        "model.onnx", "model.py", "onnxruntime_model.py", "token_rows.py", "tokenizer.json",
+        "tokenizer_model.py",
     ]  # fmt: skip
     for name, role in [
         ("model.py", "python-text"),
         ("tokenizer_model.py", "tokenizer"),
+        ("token_rows.py", "token-rows"),
         ("onnxruntime_model.py", "python-engine"),
     ]:
         assert (folder / name).read_bytes() == TEMPLATES[role].read_bytes()

@@ -261,3 +261,61 @@ def test_encode_names_the_bad_text_by_its_index_in_a_stream(monkeypatch):
         encoder.encode(iter(texts))
     with pytest.raises(InputError, match="a list of texts"):
         encoder.encode("one string")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_long_text_gives_hugging_face_rows_from_its_cut(side):
+    """A text past max_length x TEXT_CHARS_PER_TOKEN characters is cut before the Rust
+    tokenizer reads it; its rows are still the Hugging Face tokenizer's rows of the whole text
+    (its kept tokens lie well inside the cut), for single texts and pairs."""
+    hf = _minilm_tokenizer()
+    hf.truncation_side = side
+    words = " ".join(f"w{index % 997}ord" for index in range(30_000))  # ~250 kB
+    texts = ["a short one", words, words[::-1]]
+    rows = RowTokenizer(hf.backend_tokenizer, 128, direction=side)
+    assert len(words) > 128 * token_rows.TEXT_CHARS_PER_TOKEN
+    _assert_same(rows.encode(texts), _expected(hf, texts, 128), texts)
+    pairs = [(words, "a short one"), ("another", words)]
+    _assert_same(rows.encode(pairs), _expected(hf, pairs, 128, pairs=True), pairs)
+
+
+def test_the_reference_reads_the_same_cut_text_as_the_engine():
+    """Where the cut does change a text's tokens (words past the cut behind a run of spaces
+    longer than it), verify's reference (text.encode_texts) reads the same characters as the
+    runtime, so the two still agree."""
+    from bert_compiler.pipeline.text import encode_texts
+
+    info = resolve_model("default")
+    hf = _minilm_tokenizer()
+    text = "hello" + " " * (16 * token_rows.TEXT_CHARS_PER_TOKEN) + "world"
+    reference = encode_texts(hf, [text], info, 16)["input_ids"]
+    rows = runtime.row_tokenizer(hf, 16).encode([text])
+    assert reference == [rows.ids.tolist()]
+    assert hf.convert_ids_to_tokens(reference[0]) == ["[CLS]", "hello", "[SEP]"]
+
+
+def test_a_twenty_megabyte_text_is_tokenized_in_bounded_memory(tmp_path):
+    """Whole, the Rust tokenizer holds about 235 bytes per input byte (4.7 GB here): cut, the
+    process stays small. Measured in a process of its own, whose peak is its own."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "long.py"
+    script.write_text(
+        "import resource\n"
+        "from transformers import AutoTokenizer\n"
+        "from bert_compiler.pipeline.models import resolve_model\n"
+        "from bert_compiler.pipeline.token_rows import RowTokenizer\n"
+        "hf = AutoTokenizer.from_pretrained(resolve_model('default').path)\n"
+        "rows = RowTokenizer(hf.backend_tokenizer, 256)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "encoded = rows.encode(['word ' * 4_000_000, 'x' * 20_000_000])\n"
+        "grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before\n"
+        "print(encoded.lengths.tolist(), grown // 1024)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=300
+    )
+    lengths, grown_mib = done.stdout.split("] ")
+    assert lengths == "[256, 3"
+    assert int(grown_mib) < 200, done.stdout

@@ -127,6 +127,29 @@ def test_tokenizer_model_tokenizes_every_request_of_a_call_at_once(pb_utils, tmp
     assert responses[2].tensors["input_ids"].shape == (2, 6)
 
 
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(side):
+    """A 400 kB text reaches the Rust tokenizer cut to max_length x TEXT_CHARS_PER_TOKEN
+    characters (whole, it would hold about 235 bytes per character), and still gives the
+    tokenizer's own truncated rows."""
+    from bert_compiler.pipeline.token_rows import TEXT_CHARS_PER_TOKEN
+
+    tokenizer = word_tokenizer()
+    tokenizer.enable_truncation(max_length=10, direction=side)
+    encoder = TextEncoder(tokenizer, NAMES)
+    read = []
+    real = encoder.tokenizer.encode_batch
+    encoder.tokenizer = types.SimpleNamespace(
+        encode_batch=lambda texts: read.extend(len(t) for t in texts) or real(texts)
+    )
+    huge = "a b c d e f g h " * 25_000
+    encoded = encoder.encode([huge, "a b"])
+    assert read == [10 * TEXT_CHARS_PER_TOKEN, 3]
+    expected = tokenizer.encode(huge).ids
+    assert encoded["input_ids"][0].tolist() == expected and len(expected) == 10
+
+
 class CountingSession:
     """An ORT session stand-in: the output row is the sum of the row's ids times its width."""
 

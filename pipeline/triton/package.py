@@ -6,7 +6,7 @@ packaged. The repository (default ``OUT/triton``) holds, for model M::
     manifest.json                  what was packaged from what; Triton ignores files at the root
     M-tokenizer/                   Python backend: TEXT (strings; a cross-encoder's TEXT_PAIR too)
                                    -> input_ids, attention_mask, ...
-        config.pbtxt  1/model.py  1/tokenizer.json
+        config.pbtxt  1/model.py  1/token_rows.py  1/tokenizer.json
     M-ort-cpu-fp32/                onnxruntime_onnx on KIND_CPU instances (also -int8)
         config.pbtxt  1/model.onnx  warmup/...
     M-ort-cuda-fp16/               onnxruntime_onnx on KIND_GPU, one file per compute capability
@@ -18,8 +18,8 @@ packaged. The repository (default ``OUT/triton``) holds, for model M::
     M-ort-cpu-fp32-python-text/    --python-cpu-engine: Python backend, TEXT -> outputs in one
                                    process (text_engine_model.py; --python-text ensemble: an
                                    M-ort-cpu-fp32-python engine model and an ensemble instead)
-        config.pbtxt  1/model.py  1/tokenizer_model.py  1/onnxruntime_model.py
-        1/tokenizer.json  1/model.onnx
+        config.pbtxt  1/model.py  1/tokenizer_model.py  1/token_rows.py
+        1/onnxruntime_model.py  1/tokenizer.json  1/model.onnx
 
 No GPU model has a default file: a GPU whose compute capability has no engine fails to load the
 model instead of running a plan or graph built for another GPU (hardware-compatible TensorRT
@@ -118,7 +118,8 @@ TEMPLATES = {
     "python-engine": Path(__file__).with_name("onnxruntime_model.py"),
     "python-text": Path(__file__).with_name("text_engine_model.py"),
     "torch-text": Path(__file__).with_name("torch_text_model.py"),
-    # Copied beside the torch text model's model.py, which imports them.
+    # Copied beside the model.py files that import them (token_rows.py beside every model
+    # holding tokenizer_model.py).
     "token-rows": Path(token_rows.__file__),
     "torch-module": Path(torch_module.__file__),
 }
@@ -704,6 +705,7 @@ def _plan_python_text(
     files = {
         f"{VERSION}/model.py": TEMPLATES["python-text"],
         f"{VERSION}/{TEMPLATES['tokenizer'].name}": TEMPLATES["tokenizer"],
+        f"{VERSION}/{TEMPLATES['token-rows'].name}": TEMPLATES["token-rows"],
         f"{VERSION}/{TEMPLATES['python-engine'].name}": TEMPLATES["python-engine"],
         tokenizer_file: tokenizer.files[tokenizer_file],
         **{k: v for k, v in engine_plan.files.items() if k.startswith(f"{VERSION}/")},
@@ -827,6 +829,7 @@ def _plan_tokenizer(
     )
     files = {
         f"{VERSION}/model.py": TEMPLATES["tokenizer"],
+        f"{VERSION}/{TEMPLATES['token-rows'].name}": TEMPLATES["token-rows"],
         f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),
     }
     record = {

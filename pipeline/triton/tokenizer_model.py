@@ -16,6 +16,10 @@ All requests of one ``execute`` call are tokenized in one ``encode_batch`` (the 
 library spreads it over threads); each request is then padded on its own, so its shape never
 depends on the requests Triton batched with it.
 
+Every text is first cut as the runtime cuts it (token_rows.cut_texts, from token_rows.py copied
+beside this file): the Rust tokenizer reads a whole text before truncating it, so one 20 MB text
+held gigabytes of the server's memory.
+
 Triton's Python environment needs numpy and ``tokenizers``. This module imports neither Triton's
 ``triton_python_backend_utils`` nor ``tokenizers`` at import time, so it can be tested anywhere.
 """
@@ -24,12 +28,20 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+try:  # inside bert_compiler (package, the tests)
+    from ..token_rows import cut_texts
+except ImportError:  # inside Triton: the copy package puts beside this file
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from token_rows import cut_texts  # type: ignore[no-redef]
 
 TOKENIZER_FILE = "tokenizer.json"
 TEXT_INPUT = "TEXT"
@@ -207,6 +219,7 @@ class TextEncoder:
         self.left = padding.get("direction", "right") == "left"
         self.tokenizer = type(tokenizer).from_str(tokenizer.to_str())
         self.tokenizer.no_padding()
+        self.truncation = tokenizer.truncation  # max_length and direction, or None
         self.output_names = list(output_names)
         self.ladder = tuple(ladder)
 
@@ -227,7 +240,9 @@ class TextEncoder:
 
     def tokenize(self, requests: Sequence[Sequence[str | tuple[str, str]]]) -> list[list]:
         """Every request's encodings (unpadded), all texts tokenized in one batch."""
-        texts = [text for request in requests for text in request]
+        texts: Sequence[Any] = [text for request in requests for text in request]
+        if self.truncation:
+            texts = cut_texts(texts, self.truncation["max_length"], self.truncation["direction"])
         encodings = self.tokenizer.encode_batch(texts) if texts else []
         grouped, start = [], 0
         for request in requests:
