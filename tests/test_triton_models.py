@@ -127,7 +127,6 @@ def test_tokenizer_model_tokenizes_every_request_of_a_call_at_once(pb_utils, tmp
     assert responses[2].tensors["input_ids"].shape == (2, 6)
 
 
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(side):
     """A 400 kB text reaches the Rust tokenizer cut to max_length x TEXT_CHARS_PER_TOKEN
