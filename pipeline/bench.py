@@ -17,13 +17,14 @@ Benchmarks measure; the tests only check that the command works.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
@@ -69,6 +70,10 @@ TABLE_FILE = "bench.txt"
 FIXED_SECONDS = 0.5
 # A batch size that means "no limit on padded tokens": peers are batched by row count alone.
 _UNLIMITED = 1 << 40
+# What bench keeps of --data without --limit (a pipe or FIFO may never end): at most this many
+# sentences and characters, the first ones, said in a warning.
+DATA_MAX_SENTENCES = 1_000_000
+DATA_MAX_CHARS = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -165,14 +170,39 @@ def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]
             pair_column=spec.pair_column,
             flags=("--data-column", "--data-pair-column"),
         )
-        # Streamed: with --limit, a file far larger than what is timed is not read whole.
-        sentences = list(islice(texts, spec.limit) if spec.limit else texts)
+        # Streamed: with --limit, a file far larger than what is timed is not read whole;
+        # without, a stream is read up to the data caps.
+        sentences = (
+            list(islice(texts, spec.limit)) if spec.limit else _capped(texts, Path(spec.data))
+        )
     sentences = sentences[: spec.limit] if spec.limit else sentences
     if not sentences:
         raise InputError(f"{spec.data or datasets.STSB_DEV}: no sentences to benchmark")
     minimum = spec.min_sentences or (12_000 if on_gpu else 0)
     repeats = max(1, -(-minimum // len(sentences)))
     return sentences * repeats
+
+
+def _capped(texts: Generator[Text, None, None], path: Path) -> list[Text]:
+    """The texts up to DATA_MAX_SENTENCES of them or DATA_MAX_CHARS characters, whichever
+    comes first (a warning says where the rest were left, and the file is closed there)."""
+    kept: list[Text] = []
+    chars = 0
+    with contextlib.closing(texts):
+        for text in texts:
+            chars += sum(map(len, text)) if isinstance(text, tuple) else len(text)
+            if len(kept) == DATA_MAX_SENTENCES or chars > DATA_MAX_CHARS:
+                log.warning(
+                    "[bench] %s: timing its first %d sentences (at most %d sentences or %d MiB "
+                    "of text without --limit); pass --limit to choose",
+                    path,
+                    len(kept),
+                    DATA_MAX_SENTENCES,
+                    DATA_MAX_CHARS >> 20,
+                )
+                break
+            kept.append(text)
+    return kept
 
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
