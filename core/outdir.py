@@ -96,18 +96,43 @@ def claim_output(out: Path, *, model_folder: Path | None = None, force: bool = F
 
 
 def release_if_unused(out: Path) -> None:
-    """Remove ``out`` again when it holds nothing but this tool's bookkeeping (the command that
-    created it failed before writing an artifact). Call it holding the folder's lock, so no other
-    command writes into it meanwhile."""
+    """Remove ``out`` again when it holds nothing but this tool's bookkeeping and empty folders
+    (the command that created it failed before writing an artifact: a stage's folder, made
+    before its body failed, stays empty). Call it holding the folder's lock, so no other command
+    writes into it meanwhile."""
     out = Path(out)
     try:
         entries = list(out.iterdir())
+        unused = all(
+            (entry.name in BOOKKEEPING and entry.is_file() and not entry.is_symlink())
+            or _empty_folders(entry)
+            for entry in entries
+        )
     except OSError:
         return
-    if all(entry.name in BOOKKEEPING and entry.is_file() for entry in entries):
+    if not unused:
+        return
+    try:
         for entry in entries:
-            entry.unlink(missing_ok=True)
-        try:
-            out.rmdir()
-        except OSError:
-            pass
+            if entry.name in BOOKKEEPING and not entry.is_dir():
+                entry.unlink(missing_ok=True)
+            else:
+                _remove_empty_folders(entry)
+        out.rmdir()
+    except OSError:
+        pass  # something appeared meanwhile: it stays, and so does the folder
+
+
+def _empty_folders(path: Path) -> bool:
+    """Whether ``path`` is a folder (not a link) holding nothing but empty folders."""
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and all(_empty_folders(child) for child in path.iterdir())
+    )
+
+
+def _remove_empty_folders(path: Path) -> None:
+    for child in path.iterdir():
+        _remove_empty_folders(child)
+    path.rmdir()  # only ever empty: a file that appeared meanwhile stops it with an OSError

@@ -552,6 +552,9 @@ def load_torch_model(
             use_safetensors=info.weights.suffix == ".safetensors",
             attn_implementation=attn_implementation,
             output_loading_info=True,
+            # Mis-shaped tensors come back in the loading info, named below (raised, transformers
+            # points at a report it printed to a logger this tool keeps quiet).
+            ignore_mismatched_sizes=True,
             # float32 whatever config.json's dtype says: every engine is judged against this
             # model as the fp32 reference (a float16 config would make the "fp32" export fp16).
             dtype=torch.float32,
@@ -564,7 +567,10 @@ def load_torch_model(
     # model nobody trained. The pooler is unused by every task here.
     # transformers gives sets of names (mismatched: name, shapes tuples).
     missing = sorted(k for k in loading.get("missing_keys", ()) if ".pooler." not in f".{k}")
-    mismatched = sorted(map(str, loading.get("mismatched_keys", ())))
+    mismatched = sorted(
+        f"{name} {list(in_file)} in the file, {list(expected)} by config.json"
+        for name, in_file, expected in loading.get("mismatched_keys", ())
+    )
     unexpected = sorted(loading.get("unexpected_keys", ()))
     if unexpected:
         # A pretraining head or a classifier the task does not use: dropped, and said so.
@@ -576,7 +582,7 @@ def load_torch_model(
             ", ".join(unexpected[:3]),
         )
     if missing or mismatched:
-        shown = ", ".join((missing + mismatched)[:4])
+        shown = "; ".join((missing + mismatched)[:2])
         raise InputError(
             f"{info.weights}: weights do not match config.json ({len(missing)} missing, "
             f"{len(mismatched)} mis-shaped tensors, e.g. {shown})"

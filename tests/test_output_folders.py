@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from bert_compiler.core.outdir import BOOKKEEPING, MARKER_FILE
 from bert_compiler.pipeline.cli import cli
+from tests.tiny_models import edit_config
 
 
 def _invoke(*args, env=None):
@@ -114,6 +115,22 @@ def test_a_failed_command_leaves_no_folder_behind(tmp_path):
     result = _invoke("run", "--model", tmp_path / "no-such-model", "--out", out)
     assert result.exit_code == 3 and "no such local folder" in result.stderr
     assert not out.exists()
+
+
+def test_a_first_stage_that_fails_inside_leaves_no_folder_behind(tiny_model_copy, tmp_path):
+    """Weights that do not fit config.json fail export's body, after its stage folder was made:
+    the new OUT holds only bookkeeping and an empty folder, and goes; a folder that was there
+    before the command stays, with what the user put in it."""
+    edit_config(tiny_model_copy, intermediate_size=40)  # the file's tensors are 37 wide
+    out = tmp_path / "out"
+    result = _invoke("run", "--model", tiny_model_copy, "--out", out, "--target", "cpu")
+    assert result.exit_code == 3 and "mis-shaped" in result.stderr, result.output
+    assert not out.exists()
+    existing = tmp_path / "existing"
+    (existing / "empty-of-theirs").mkdir(parents=True)
+    result = _invoke("run", "--model", tiny_model_copy, "--out", existing, "--force-out")
+    assert result.exit_code == 3 and "mis-shaped" in result.stderr, result.output
+    assert (existing / "empty-of-theirs").is_dir()
 
 
 def test_an_unwritable_repository_is_refused_before_the_first_stage(tiny_embedding_model, tmp_path):
