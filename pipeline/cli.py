@@ -8,6 +8,7 @@ With --json the last stdout line is one JSON object, on success and on failure.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -85,11 +86,20 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except BertCompileError as err:
-            click.echo(f"bert-compile: {err.kind} error: {err}", err=True)
-            if ctx.meta.get(_JSON_KEY):
-                error = {"kind": err.kind, "message": str(err), "exit_code": err.exit_code}
-                click.echo(json.dumps({"ok": False, "error": error}))
-            ctx.exit(err.exit_code)
+            self._fail(ctx, err)
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A disk that fills anywhere (a copy in package, a write a stage left to a
+            # library): staging files are removed as the stack unwinds; one line says what.
+            where = f" while writing {err.filename}" if err.filename else ""
+            self._fail(
+                ctx,
+                InputError(
+                    f"no space left on the device{where} ({err.strerror}); free space or "
+                    "choose another output folder, then rerun"
+                ),
+            )
         except Interrupted as err:
             # With --force the same command starts over; without it, it resumes.
             again = "without --force " if ctx.meta.get(_FORCE_KEY) else ""
@@ -102,6 +112,14 @@ class _Cli(click.Group):
                 error = {"kind": "interrupted", "message": message, "exit_code": err.exit_code}
                 click.echo(json.dumps({"ok": False, "error": error}))
             ctx.exit(err.exit_code)
+
+    @staticmethod
+    def _fail(ctx: click.Context, err: BertCompileError) -> None:
+        click.echo(f"bert-compile: {err.kind} error: {err}", err=True)
+        if ctx.meta.get(_JSON_KEY):
+            error = {"kind": err.kind, "message": str(err), "exit_code": err.exit_code}
+            click.echo(json.dumps({"ok": False, "error": error}))
+        ctx.exit(err.exit_code)
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

@@ -839,3 +839,33 @@ def test_the_gate_tells_a_tokenizer_that_lost_its_lowercasing(tmp_path):
     edited.write_text(json.dumps(written))
     check = tokenizer_mismatches(info, edited, 128)
     assert check["mismatches"] and "input_ids" in check["mismatches"][0]
+
+
+@pytest.mark.e2e
+def test_a_disk_that_fills_while_packaging_is_one_line_and_leaves_the_repository(
+    tiny_run, repository_copy, monkeypatch
+):
+    """ENOSPC while an engine is copied into the staging tree: one line naming the file and
+    what to do, exit 3, and the repository exactly as it was (the staging tree removed)."""
+    import errno as errnos
+
+    from bert_compiler.pipeline.triton import package as package_module
+
+    _info, _out, copy = repository_copy
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    real = shutil.copyfile
+
+    def copy_until_full(source, target):
+        if str(target).endswith(".onnx"):
+            raise OSError(errnos.ENOSPC, "No space left on device", str(target))
+        return real(source, target)
+
+    monkeypatch.setattr(package_module.shutil, "copyfile", copy_until_full)
+    result = _package_cli(tiny_run, copy, "--python-cpu-engine", "--force")
+    assert result.exit_code == 3, result.output
+    *progress_lines, line = result.stderr.strip().splitlines()
+    assert all(p.startswith("[package]") for p in progress_lines)
+    assert "Traceback" not in result.output
+    assert line.startswith("bert-compile: input error: no space left on the device while writing")
+    assert "model.onnx" in line and "free space or choose another output folder" in line
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
