@@ -274,6 +274,34 @@ def test_sigterm_stops_cleanly_and_a_server_killed_while_serving_is_one_line(rep
 
 @pytest.mark.e2e
 @needs_server
+def test_a_model_instance_process_killed_while_serving_stops_serving_in_one_line(repository):
+    """Triton keeps a model whose Python stub died "ready", logs nothing, and fails the
+    requests routed to it: serve notices the stub's exit, stops, and says which instance."""
+    from bert_compiler.pipeline.triton.server import python_stubs
+
+    _info, _out, repo = repository
+    serve = _serve("--repository", repo, "--http-port", 0, "--grpc-port", 0, "--json")
+    try:
+        shown = json.loads(_read_until(serve, lambda text: text.endswith("}\n")))
+        stubs = python_stubs(shown["pid"])
+        assert stubs and {i.rsplit("_", 2)[0] for i in stubs.values()} <= set(shown["models"])
+        victim, instance = sorted(stubs.items())[0]
+        os.kill(victim, signal.SIGKILL)
+        _stdout, stderr = serve.communicate(timeout=60)
+    finally:
+        serve.kill()
+    assert serve.returncode == 6
+    line = _error_line(stderr)
+    assert line.startswith(
+        f"bert-compile: environment error: model instance {instance} (Python process {victim}) "
+        "exited while serving"
+    )
+    assert _gone(shown["pid"]) and all(_gone(pid) for pid in stubs)
+    shutil.rmtree(Path(line.rsplit("its log: ", 1)[1]).parent)
+
+
+@pytest.mark.e2e
+@needs_server
 def test_a_server_that_fails_to_load_a_model_is_one_line(repository, tmp_path):
     _info, _out, repo = repository
     empty = tmp_path / "site" / SERVER.python_site.name

@@ -68,6 +68,8 @@ STOP_GRACE_S = 20.0
 # How long the server's Python-backend stubs get to exit after it did.
 STUB_GRACE_S = 10.0
 LOG_FILE = "tritonserver.log"
+# How often a serving server's model instances are looked at (RunningServer.wait).
+WATCH_POLL_S = 1.0
 # The server's PATH: the folder of the system Python whose libpython the stub links.
 SYSTEM_PATH = "/usr/bin:/bin"
 # Where setup installs the packages of the stub's Python: $VENV/triton-python/X.Y.
@@ -300,19 +302,68 @@ class RunningServer:
     log: Path
     process: subprocess.Popen
     version: str = ""
+    # pid -> model instance of each Python model instance's process (python_stubs), once ready.
+    stubs: Mapping[int, str] = field(default_factory=dict)
 
-    def wait(self) -> None:
-        """Block while the server runs.
+    def wait(self, poll_s: float = WATCH_POLL_S) -> None:
+        """Block while the server and every model instance's Python process run.
+
+        A Python model instance runs in a stub process of its own; when one exits (killed, out
+        of memory, a crash in native code), Triton keeps serving and reporting the model ready,
+        writes nothing to its log, and fails every request it routes to that instance ("Stub
+        process ... is not healthy"). So a dead stub stops serving, in one line, as a dead
+        server does: whatever restarts the service brings it back whole.
 
         Raises:
-            EnvironmentProblem: it exited by itself (it is expected to run until stopped).
+            EnvironmentProblem: the server or a model instance's process exited (each is
+                expected to run until stopped).
         """
-        code = self.process.wait()
-        # Killed by a signal, the log says nothing of why.
-        why = "" if code < 0 else f": {log_error(self.log)}"
-        raise EnvironmentProblem(
-            f"tritonserver exited ({_exit_status(code)}) while serving{why}; its log: {self.log}"
-        )
+        while True:
+            try:
+                code = self.process.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                dead = next((s for s in self.stubs.items() if not _running(s[0])), None)
+                if dead is None:
+                    continue
+                pid, instance = dead
+                raise EnvironmentProblem(
+                    f"model instance {instance} (Python process {pid}) exited while serving: "
+                    "Triton fails every request it routes there; serving stopped, start it "
+                    f"again; its log: {self.log}"
+                ) from None
+            # Killed by a signal, the log says nothing of why.
+            why = "" if code < 0 else f": {log_error(self.log)}"
+            raise EnvironmentProblem(
+                f"tritonserver exited ({_exit_status(code)}) while serving{why}; its log: "
+                f"{self.log}"
+            )
+
+
+def python_stubs(server_pid: int) -> dict[int, str]:
+    """The Python backend's stub processes of a server: pid -> the model instance it runs
+    (its command line's instance argument, e.g. M-tokenizer_0_1); empty where /proc is not."""
+    stubs = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent != server_pid:
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue  # exited meanwhile, or not ours to read
+        if argv and argv[0].endswith(b"triton_python_backend_stub") and len(argv) > 8:
+            stubs[int(entry.name)] = argv[8].decode(errors="replace")
+    return stubs
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, exited and not yet reaped by its parent, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def check_port(host: str, port: int, option: str) -> None:
@@ -447,6 +498,8 @@ def triton_server(
     )
     try:
         server.version = _wait_ready(server, ready_timeout_s)
+        # Every instance's process is up once the server is ready: the set wait() watches.
+        server.stubs = python_stubs(process.pid)
         yield server
     except BaseException as err:
         if not stop(process) and isinstance(err, Interrupted):
