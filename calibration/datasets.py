@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bert_compiler.core.errors import InputError
+from bert_compiler.core.files import open_regular_file
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 STSB_DEV = DATA_DIR / "stsb-dev.tsv"
@@ -255,17 +256,12 @@ def _strict_lines(path: Path, max_line_bytes: int) -> Iterator[tuple[int, str]]:
     ``max_line_bytes`` is refused after reading at most that many bytes of it.
 
     Raises:
-        InputError: missing file, a folder, a BOM, CRLF, undecodable bytes, an over-long line, or
-            (once exhausted) a file with nothing but whitespace.
+        InputError: missing file, not a regular file (a folder, a device, a pipe), a BOM,
+            CRLF, undecodable bytes, an over-long line, or (once exhausted) a file with nothing
+            but whitespace.
     """
-    try:
-        handle = open(path, "rb")  # closed by the with block below
-    except FileNotFoundError as err:
-        raise InputError(f"{path}: dataset file not found") from err
-    except IsADirectoryError as err:
-        raise InputError(f"{path}: is a folder, expected a file") from err
-    except OSError as err:
-        raise InputError(f"{path}: cannot read the dataset file ({err.strerror})") from err
+    # Regular files only: a FIFO would block until a writer came, and /dev/zero never ends.
+    handle = open_regular_file(path, "dataset file")  # closed by the with block below
     content = False
     with handle:
         number = 0

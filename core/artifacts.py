@@ -25,7 +25,7 @@ from typing import Any
 
 from bert_compiler.core import __version__
 from bert_compiler.core.errors import ArtifactError, InputError
-from bert_compiler.core.files import read_json_file
+from bert_compiler.core.files import open_regular_file, read_json_file
 
 MANIFEST_NAME = "manifest.json"
 # Far above any manifest this tool writes (a Triton repository's is a few hundred KiB).
@@ -59,15 +59,18 @@ def sha256_file(path: Path) -> str:
 
 
 def input_file(path: Path, what: str) -> dict[str, str]:
-    """A stage input as a manifest records it: its path and sha256.
+    """A stage input as a manifest records it: its path and sha256 (read without blocking:
+    a FIFO, a device or a folder is refused as such, not hashed forever or called missing).
 
     Raises:
-        InputError: the path is not an existing file.
+        InputError: missing, or not a regular file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
-    return {"path": str(path), "sha256": sha256_file(path)}
+    digest = hashlib.sha256()
+    with open_regular_file(path, what) as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest()}
 
 
 def sha256_json(value: Any) -> str:

@@ -13,19 +13,19 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from bert_compiler.core.errors import BertCompileError, InputError
 
 
-def read_regular_file(
-    path: Path, limit: int, what: str, error: type[BertCompileError] = InputError
-) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes (``what``: its name in messages).
+def open_regular_file(
+    path: Path, what: str, error: type[BertCompileError] = InputError
+) -> BinaryIO:
+    """A regular file opened for reading in binary (``what``: its name in messages), without
+    ever blocking on the way: a FIFO is opened without waiting for a writer, then refused.
 
     Raises:
-        ``error``: missing, unreadable, not a regular file (a folder, a device, a pipe), or over
-            ``limit`` bytes.
+        ``error``: missing, unreadable, or not a regular file (a folder, a device, a pipe).
     """
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -36,7 +36,19 @@ def read_regular_file(
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)
         raise error(f"{path}: not a regular file (a folder, device or pipe); give a {what} on disk")
-    with os.fdopen(descriptor, "rb") as handle:
+    os.set_blocking(descriptor, True)
+    return os.fdopen(descriptor, "rb")
+
+
+def read_regular_file(
+    path: Path, limit: int, what: str, error: type[BertCompileError] = InputError
+) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (``what``: its name in messages).
+
+    Raises:
+        ``error``: as open_regular_file, or over ``limit`` bytes.
+    """
+    with open_regular_file(path, what, error) as handle:
         try:
             data = handle.read(limit + 1)
         except OSError as err:

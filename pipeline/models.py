@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pickle  # only for its exception type: weights load through safetensors/weights_only
 import struct
 from dataclasses import dataclass
@@ -332,7 +333,7 @@ def _find_weights(folder: Path, allow_pickle: bool) -> Path:
 
 def _sentence_transformers_pooling(folder: Path) -> tuple[str | None, bool]:
     modules_path = folder / "modules.json"
-    if not modules_path.is_file():
+    if not os.path.lexists(modules_path):  # a FIFO or folder there is refused, not skipped
         return None, False
     modules = _read_json(modules_path)
     if not isinstance(modules, list):
@@ -402,7 +403,7 @@ def resolve_model(
         name = folder.resolve().name
     folder = folder.resolve()
     config_path = folder / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):
         raise InputError(f"{folder}: no config.json; this is not a Hugging Face model folder")
     config = _read_json(config_path)
     if not isinstance(config, dict):
@@ -440,7 +441,7 @@ def resolve_model(
 
     max_length = architecture.max_tokens(config)
     st_config = folder / "sentence_bert_config.json"
-    if st_config.is_file():
+    if os.path.lexists(st_config):
         seq = _read_json(st_config).get("max_seq_length")
         if isinstance(seq, int) and 0 < seq < max_length:
             max_length = seq

@@ -543,6 +543,39 @@ def engine_of_another_model(out, model, tmp):
     return argv, 3, "built from the model in"
 
 
+
+def calibration_data_on_a_fifo(out, model, tmp):
+    fifo = tmp / "calibration.txt"
+    os.mkfifo(fifo)  # nobody writes it: a blocking open would hang
+    argv = ["calibrate", "--model", model, "--out", out, "--calibration-data", fifo]
+    return argv, 3, "not a regular file"
+
+
+def bench_data_on_dev_zero(out, model, tmp):
+    endless = tmp / "sentences.txt"
+    endless.symlink_to("/dev/zero")  # a data file's name, an endless device behind it
+    argv = ["bench", "--model", model, "--out", out, "--data", endless, "--no-peers"]
+    return argv, 3, "not a regular file"
+
+
+def parity_data_is_a_folder(out, model, tmp):
+    argv = ["verify", "--model", model, "--out", out, "--parity-data", tmp, "--force"]
+    return argv, 3, "not a regular file"
+
+
+
+def model_config_is_a_fifo(out, model, tmp):
+    (model / "config.json").unlink()
+    os.mkfifo(model / "config.json")  # nobody writes it: a blocking read would hang
+    return _export(out, model), 3, "config.json: not a regular file"
+
+
+def sentence_transformers_modules_is_a_folder(out, model, tmp):
+    (model / "modules.json").unlink()
+    (model / "modules.json").mkdir()
+    return _export(out, model), 3, "modules.json: not a regular file"
+
+
 CASES = [
     lock_file_linked_out,
     lock_holder_linked_out,
@@ -608,6 +641,11 @@ CASES = [
     dense_module_after_pooling,
     pooling_settings_of_the_wrong_type,
     engine_of_another_model,
+    calibration_data_on_a_fifo,
+    bench_data_on_dev_zero,
+    parity_data_is_a_folder,
+    model_config_is_a_fifo,
+    sentence_transformers_modules_is_a_folder,
 ]
 
 
