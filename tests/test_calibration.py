@@ -31,6 +31,7 @@ from bert_compiler.pipeline.calibrate import (
     calibrate,
     trt_calibration_cache,
 )
+from tests.closeness import assert_tracks_float, sentence_feeds
 
 QUICK = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
 
@@ -101,8 +102,6 @@ def calibrated(tiny_run, tmp_path_factory):
 def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, method):
     import onnxruntime as ort
 
-    from bert_compiler.core.onnx_io import sample_token_feeds
-
     info, out, results = calibrated
     result = results[method]
     graph = onnx.load(str(result.output("model.onnx")))
@@ -119,15 +118,12 @@ def test_each_method_writes_a_qdq_graph_that_runs_close_to_float(calibrated, met
     weights = [i for i in graph.graph.initializer if i.name.endswith("_int8_q")]
     assert weights and all(w.data_type == onnx.TensorProto.INT8 for w in weights)
 
-    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    feeds = sentence_feeds(info, [i.name for i in float_graph.graph.input])
     outputs = [
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         for p in (out / "simplify" / "model.onnx", result.output("model.onnx"))
     ]
-    cosine = (outputs[0] * outputs[1]).sum(1) / (
-        np.linalg.norm(outputs[0], axis=1) * np.linalg.norm(outputs[1], axis=1)
-    )
-    assert cosine.min() > 0.9
+    assert_tracks_float(outputs[0], outputs[1], "int8")
 
 
 @pytest.mark.e2e
@@ -295,7 +291,6 @@ def test_per_tensor_weight_scale_is_the_largest_magnitude_over_127():
 
 @pytest.mark.e2e
 def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tiny_run, tmp_path):
-    from bert_compiler.core.onnx_io import sample_token_feeds
     from bert_compiler.engines.backend import BuildSpec, load_engine
     from bert_compiler.pipeline.build import build
 
@@ -324,7 +319,7 @@ def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tin
     )
     engine, _manifest = load_engine(built.path)
     float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
-    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    feeds = sentence_feeds(info, [i.name for i in float_graph.graph.input])
     import onnxruntime as ort
 
     reference = ort.InferenceSession(
@@ -332,17 +327,12 @@ def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tin
     ).run(None, feeds)[0]
     outputs = engine.run(feeds)
     quantized = outputs[engine.output_names[0]] if isinstance(outputs, dict) else outputs[0]
-    cosine = (reference * quantized).sum(1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1)
-    )
-    assert cosine.min() > 0.9
+    assert_tracks_float(reference, quantized, "int8")
 
 
 @pytest.mark.e2e
 def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_path):
     import onnxruntime as ort
-
-    from bert_compiler.core.onnx_io import sample_token_feeds
 
     info, out, results = calibrated
     default_ops = Counter(
@@ -367,13 +357,12 @@ def test_optional_ops_stay_float_unless_configured(calibrated, tiny_run, tmp_pat
     ops = Counter(n.op_type for n in graph.graph.node)
     assert ops["QuantizeLinear"] > default_ops["QuantizeLinear"]
     float_graph = onnx.load(str(out / "simplify" / "model.onnx"))
-    feeds = sample_token_feeds(float_graph, batch=2, sequence=9)
+    feeds = sentence_feeds(info, [i.name for i in float_graph.graph.input])
     a, b = (
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         for p in (out / "simplify" / "model.onnx", configured.output("model.onnx"))
     )
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert cosine.min() > 0.9
+    assert_tracks_float(a, b, "int8")
     with pytest.raises(InputError, match="--quantize-op \\['MatMul'\\]"):
         optional_inputs(float_graph, ("MatMul",))
 

@@ -29,6 +29,8 @@ from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.pipeline.calibrate import CalibrationSpec
 from bert_compiler.pipeline.cli import cli
 from bert_compiler.pipeline.layout import Layout
+from bert_compiler.pipeline.models import resolve_model
+from tests.closeness import assert_passed_at_the_gate, assert_tracks_float, sentence_feeds
 from tests.gpus import A100, H100, L4, ORT_CUDA
 
 # e4m3 keeps 3 mantissa bits: a normal value rounds to within 2^-4 of itself (relative); below the
@@ -225,8 +227,6 @@ def test_calibrate_format_fp8_writes_its_own_graph_and_records_the_format(
 ):
     import onnxruntime as ort
 
-    from bert_compiler.core.onnx_io import sample_token_feeds
-
     out = tmp_path / "out"
     common = ["--model", str(tiny_embedding_model), "--out", str(out), "--json"]
     quick = ["--num-samples", "64"]
@@ -245,16 +245,15 @@ def test_calibrate_format_fp8_writes_its_own_graph_and_records_the_format(
     info = float_matmuls(quantized)
     assert info is not None and info["float"] == 0
     assert info["total"] == len(quantizable_matmuls(float_model))
-    feeds = sample_token_feeds(float_model, batch=2, sequence=9)
+    model = resolve_model(tiny_embedding_model)
+    feeds = sentence_feeds(model, [i.name for i in float_model.graph.input])
     outputs = [
         ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
             None, feeds
         )[0]
         for m in (float_model, quantized)
     ]
-    a, b = (o.reshape(len(o), -1).astype(np.float64) for o in outputs)
-    cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert cosine.min() > 0.95
+    assert_tracks_float(outputs[0], outputs[1], "fp8")
     # What TensorRT would parse: the fp8 graph with its float parts in fp16, a valid graph (the
     # float32 head's Casts sorted in front of their consumers).
     onnx.checker.check_model(prepare_network_graph(quantized, precision="fp8"), full_check=True)
@@ -306,6 +305,6 @@ def test_tensorrt_fp8_engine_from_the_fp8_qdq_graph(tiny_embedding_model, tmp_pa
     if reason:
         pytest.skip(reason)
     engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "fp8")
-    assert engine["name"].endswith("-fp8") and engine["passed"], engine["failures"]
-    assert engine["parity"]["min_cosine"] > 0.9
+    assert engine["name"].endswith("-fp8")
+    assert_passed_at_the_gate(engine, "fp8")
     assert (tmp_path / "calibrate-fp8" / "model.onnx").is_file()

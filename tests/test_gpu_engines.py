@@ -22,6 +22,7 @@ from bert_compiler.engines.batching import row_sizes
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+from tests.closeness import assert_passed_at_the_gate
 from tests.conftest import TINY_VERIFY
 
 pytestmark = pytest.mark.e2e
@@ -223,7 +224,7 @@ def test_tensorrt_int8_engine_from_qdq_graph(tiny_embedding_model, tmp_path):
     _skip_unless(_tensorrt_reason())
     engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "int8")
     assert engine["name"].endswith("-int8")
-    assert engine["parity"]["min_cosine"] > 0.9
+    assert_passed_at_the_gate(engine, "int8")
 
 
 @pytest.mark.gpu

@@ -18,6 +18,7 @@ from bert_compiler.pipeline.fallback import FallbackSpec
 from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runner import RunSpec, run_pipeline
 from bert_compiler.pipeline.verify import metric_gate_failures
+from tests.closeness import assert_passed_at_the_gate
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 CALIBRATION = CalibrationSpec(num_samples=64, batch_size=16, bins=512)
@@ -60,7 +61,7 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     assert manifest["inputs"]["onnx"]["path"] == str(out / "calibrate" / "model.onnx")
     assert manifest["spec"]["session"]["lower_int8"] is True
     assert manifest["results"]["packed_regions"] == 2  # one feed-forward block per layer
-    assert 0 < engine["parity"]["max_abs_err"] < 1.0  # quantized: close, not identical
+    assert_passed_at_the_gate(engine, "int8")
 
 
 @pytest.mark.e2e
