@@ -19,14 +19,20 @@ from bert_compiler.pipeline.models import resolve_model
 from bert_compiler.pipeline.runtime import Encoder
 from tests.conftest import cpu_engine_dir
 
-TEXTS = [
+_BASE = [
     "a",
     "the movie was long and slow , but the ending made up for every minute of it",
     "",
     "fine",
     "an unexpectedly moving story about two brothers",
     "ok then",
-] * 7
+]
+# Distinct texts, seven of each base length: a row put back in the place of another row of its
+# length shows (copies of one string would hide it); and texts far past the test's max length.
+_WORDS = ["red", "blue", "green", "cat", "dog", "sun", "car"]
+TEXTS = [f"{base} {word}".strip() for word in _WORDS for base in _BASE] + [
+    " ".join([word] * 50) for word in _WORDS[:3]
+]
 
 
 class RecordingEngine:
