@@ -89,9 +89,17 @@ def test_pairs_tokenize_with_the_models_template_truncated_longest_first(
     # Longest first: the long side is cut, the short side kept whole.
     short = hf("Short.", add_special_tokens=False)["input_ids"]
     assert ids[3, 1 : 1 + len(short)].tolist() == short
-    # The runtime tokenizes pairs the same way, unpadded.
-    rows = tokenize_rows(hf, PAIRS, info, max_length)
-    assert rows.lengths.tolist() == feeds["attention_mask"].sum(1).tolist()
+    # The runtime tokenizes pairs the same way, unpadded: here and at the model's maximum,
+    # which the long pairs reach.
+    for limit in (max_length, info.max_length):
+        rows = tokenize_rows(hf, PAIRS, info, limit)
+        expected = hf(
+            [a for a, _ in PAIRS], [b for _, b in PAIRS], truncation="longest_first",
+            max_length=limit,
+        )["input_ids"]  # fmt: skip
+        assert rows.lengths.tolist() == [len(row) for row in expected]
+        assert rows.ids.tolist() == [i for row in expected for i in row]
+        assert max(rows.lengths) == limit
 
 
 @pytest.mark.unit
@@ -335,6 +343,7 @@ def test_triton_ensemble_scores_pairs_as_the_engine_does(served_cross_encoder):
     for module, client in clients:
         tokens = client.infer(f"{info.name}-tokenizer", _pair_inputs(module, PAIRS))
         length = feeds["input_ids"].shape[1]
+        assert length == info.max_length  # the long pairs are cut at the model's maximum
         for name in info.architecture.input_names:
             np.testing.assert_array_equal(tokens.as_numpy(name)[:, :length], feeds[name])
         scores = client.infer(ensemble, _pair_inputs(module, PAIRS)).as_numpy("logits")
