@@ -275,9 +275,13 @@ def test_sweep_fp8_rows_are_scored_and_not_timed(tiny_embedding_model, tmp_path)
     int8 = [r for r in rows if r.get("format") == "int8"]
     assert sorted(r["weight_granularity"] for r in fp8) == ["channel", "tensor"]
     assert len(int8) == 2 and all(r["vs_torch"] > 0 for r in int8)
+    torch_row = rows[0]
+    assert torch_row["runner"] == "torch fp32"
     for row in fp8:
         assert row["runner"].startswith("fp8 ") and row["vs_torch"] is None
-        assert -100 <= row["selection"] <= 100 and -100 <= row["dev"] <= 100
+        # Scored, not timed: the fp8 graph's Spearman is the float model's to a few points.
+        for split in ("selection", "dev"):
+            assert abs(row[split] - torch_row[split]) <= 5, (row, torch_row)
     fp8_lines = [line for line in result.stderr.splitlines() if line.startswith("fp8 ")]
     assert len(fp8_lines) == 2 and all(line.rstrip().endswith("n/a") for line in fp8_lines)
 
