@@ -14,10 +14,7 @@ ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 WORKDIR /opt/bert-compiler
 COPY pyproject.toml README.md ./
-COPY core core
-COPY pipeline pipeline
-COPY engines engines
-COPY calibration calibration
+COPY bert_compiler bert_compiler
 # (with the test dependencies: the GPU job runs the gpu and tensorrt tests in this image)
 
 # CPU torch is enough: export and the PyTorch reference of verify run on the CPU; the engines

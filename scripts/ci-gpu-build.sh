@@ -9,7 +9,8 @@ config=${1:?usage: scripts/ci-gpu-build.sh CONFIG.toml [OUT]}
 out=${2:-bert-compile-out}
 target=${BERT_COMPILE_TARGET:-auto}
 last_json() { tail -n 1; }
-# bert-compile writes only into an empty folder or one that carries its marker (core/outdir.py).
+# bert-compile writes only into an empty folder or one that carries its marker
+# (bert_compiler/core/outdir.py).
 # This script is bert-compile's own entry point: a new OUT gets the marker here, so the summaries
 # can go into OUT/ci from the first step on; an existing folder without it is left to `run` to
 # refuse, and the summaries then stay out of it.

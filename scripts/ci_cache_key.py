@@ -24,9 +24,7 @@ sys.path.insert(0, str(ROOT))
 def sources_sha256() -> str:
     """One hash over bert-compiler's own code (an engine depends on the code that built it)."""
     digest = hashlib.sha256()
-    for path in sorted(
-        p for d in ("core", "pipeline", "engines", "calibration") for p in (ROOT / d).rglob("*.py")
-    ):
+    for path in sorted((ROOT / "bert_compiler").rglob("*.py")):
         digest.update(path.relative_to(ROOT).as_posix().encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

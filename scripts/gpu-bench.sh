@@ -20,11 +20,8 @@ shift 2
 models=${*:-minilm bert-base}
 steps=" ${STEPS:-build choose bench} "
 engines=" ${ENGINES:-plain cudagraph attention packed torch} "
-# bert_compiler is a namespace package made of the product folders (setuptools maps them at
-# install time; here links do it without pip).
-mkdir -p /tmp/bc/bert_compiler
-for part in core pipeline engines calibration; do ln -sfn "$PWD/$part" "/tmp/bc/bert_compiler/$part"; done
-export PYTHONPATH=/tmp/site:/tmp/bc PYTHONUNBUFFERED=1
+# The package folder bert_compiler/ is imported from the repository root, without pip.
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 cli=(python3 -m bert_compiler.pipeline.cli)
 for model in $models; do
   folder=/tmp/models/$model
@@ -42,7 +39,8 @@ for model in $models; do
       done
     fi
     if [[ $engines == *" packed "* ]]; then "${cli[@]}" run "${common[@]}" --packed-attention; fi
-    # The torch engine (engines/torch_encoder.py) needs no onnxruntime-gpu, only the fused graph.
+    # The torch engine (bert_compiler/engines/torch_encoder.py) needs no onnxruntime-gpu, only
+    # the fused graph.
     if [[ $engines == *" torch "* ]]; then "${cli[@]}" run "${common[@]/#cuda/torch}"; fi
   fi
   if [[ $steps == *" choose "* ]] && [ -n "${CHOOSE_ARGS:-}" ]; then
@@ -50,7 +48,7 @@ for model in $models; do
     # apart from the STS-B run that reports them.
     # shellcheck disable=SC2086
     "${cli[@]}" bench --model "$folder" --out "$out/$model" --json --no-peers --fixed-shapes '' \
-      --data calibration/data/calibration-sentences.tsv --min-sentences 12000 $CHOOSE_ARGS \
+      --data bert_compiler/calibration/data/calibration-sentences.tsv --min-sentences 12000 $CHOOSE_ARGS \
       > "$out/$model/bench-choose-stdout.json"
     rm -rf "$out/$model/bench-calibration" && mv "$out/$model/bench" "$out/$model/bench-calibration"
   fi

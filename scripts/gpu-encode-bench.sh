@@ -15,12 +15,12 @@ mkdir -p "$out"
 if [[ $steps == *" build "* ]]; then
   ENGINES=torch STEPS=build scripts/gpu-bench.sh "$like" "$out" minilm bert-base
 fi
-export PYTHONPATH=/tmp/site:/tmp/bc PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 cli=(python3 -m bert_compiler.pipeline.cli)
 if [[ $steps == *" choose "* ]]; then
   # Chosen on the calibration sentences, never on the STS-B text reported below.
   "${cli[@]}" bench --model /tmp/models/minilm --out "$out/minilm" --json --no-peers \
-    --fixed-shapes '' --data calibration/data/calibration-sentences.tsv --min-sentences 24000 \
+    --fixed-shapes '' --data bert_compiler/calibration/data/calibration-sentences.tsv --min-sentences 24000 \
     --rounds 3 --tokenizer-workers 2,4,8,15 > "$out/minilm/bench-choose-stdout.json"
   rm -rf "$out/minilm/bench-calibration" && mv "$out/minilm/bench" "$out/minilm/bench-calibration"
 fi

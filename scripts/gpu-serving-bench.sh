@@ -30,7 +30,7 @@ if [ "${STEP:-prepare}" = prepare ]; then
   exit 0
 fi
 "${install[@]}" --target /tmp/site "$carry"/pt/*.whl
-export PYTHONPATH=/tmp/site:/tmp/bc BERT_COMPILE_TRITON_PYTHON=/tmp/tp
+export PYTHONPATH=/tmp/site:$PWD BERT_COMPILE_TRITON_PYTHON=/tmp/tp
 cli=(python3 -m bert_compiler.pipeline.cli)
 repository=/tmp/repo
 for model in $models; do

@@ -114,3 +114,22 @@ def test_dockerfile_builds_from_the_tensorrt_container():
     for folder in re.findall(r"^COPY (\S+) ", text, re.M):
         assert (ROOT / folder).exists(), folder
     assert "onnxruntime-gpu" in text and "import tensorrt" in text
+
+
+def test_cache_key_hashes_every_module_of_the_package():
+    """An engine depends on the code that built it: the key covers every .py under
+    bert_compiler/ (a path left stale by a move would hash nothing, and never miss)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import ci_cache_key
+    finally:
+        sys.path.pop(0)
+    import hashlib
+
+    expected = hashlib.sha256()
+    modules = sorted((ROOT / "bert_compiler").rglob("*.py"))
+    assert len(modules) > 50
+    for path in modules:
+        expected.update(path.relative_to(ROOT).as_posix().encode())
+        expected.update(path.read_bytes())
+    assert ci_cache_key.sources_sha256() == expected.hexdigest()

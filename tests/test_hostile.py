@@ -543,7 +543,6 @@ def engine_of_another_model(out, model, tmp):
     return argv, 3, "built from the model in"
 
 
-
 def calibration_data_on_a_fifo(out, model, tmp):
     fifo = tmp / "calibration.txt"
     os.mkfifo(fifo)  # nobody writes it: a blocking open would hang
@@ -561,7 +560,6 @@ def bench_data_on_dev_zero(out, model, tmp):
 def parity_data_is_a_folder(out, model, tmp):
     argv = ["verify", "--model", model, "--out", out, "--parity-data", tmp, "--force"]
     return argv, 3, "not a regular file"
-
 
 
 def model_config_is_a_fifo(out, model, tmp):

@@ -7,13 +7,11 @@ import pkgutil
 import subprocess
 import sys
 
-from bert_compiler import calibration, core, engines, pipeline
+import bert_compiler
 
-# Walked per subpackage: the editable install's namespace root has no folder to walk.
 MODULES = sorted(
     info.name
-    for package in (core, calibration, engines, pipeline)
-    for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
+    for info in pkgutil.walk_packages(bert_compiler.__path__, f"{bert_compiler.__name__}.")
 )
 HEAVY = (
     "torch",

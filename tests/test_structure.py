@@ -1,4 +1,4 @@
-"""The package's shape: one namespace, layers that point one way, backends behind one registry."""
+"""The package's shape: one folder, layers that point one way, backends behind one registry."""
 
 from __future__ import annotations
 
@@ -10,18 +10,27 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# The folders that install as bert_compiler.<name> (pyproject.toml [tool.setuptools.package-dir]).
-PRODUCT = ("core", "pipeline", "engines", "calibration")
+# The one package folder, and its wings (pyproject.toml [tool.setuptools] packages).
+PACKAGE = ROOT / "bert_compiler"
+WINGS = ("core", "pipeline", "engines", "calibration")
 BACKEND_NAMES = {"onnxruntime", "tensorrt"}
 
 
 def _sources() -> list[Path]:
-    return sorted(p for folder in PRODUCT for p in (ROOT / folder).rglob("*.py"))
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def test_the_package_is_one_folder_of_wings():
+    """Every product module lives under bert_compiler/, in a wing; nothing of the product is
+    left at the repository root."""
+    assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
+        WINGS
+    )
+    assert not [name for name in WINGS if (ROOT / name).exists()]
 
 
 def test_layer_contracts_hold():
-    # Run as a developer runs it: pyproject.toml names the four subpackages as root packages,
-    # which the editable install serves from real folders.
+    # Run as a developer runs it, from the repository root over the package folder.
     lint = Path(sys.executable).with_name("lint-imports")
     result = subprocess.run(
         [str(lint), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120
@@ -78,9 +87,9 @@ def test_no_branch_on_a_backend_name_outside_the_engines():
     assert found == []
 
 
-def test_the_wheel_installs_only_the_bert_compiler_namespace(tmp_path):
+def test_the_wheel_installs_only_the_bert_compiler_package(tmp_path):
     source = tmp_path / "src"
-    for name in (*PRODUCT, "pyproject.toml", "README.md"):
+    for name in ("bert_compiler", "pyproject.toml", "README.md"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
         copy(ROOT / name, source / name)
     subprocess.run(
@@ -92,9 +101,9 @@ def test_the_wheel_installs_only_the_bert_compiler_namespace(tmp_path):
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"bert_compiler", "bert_compiler-0.1.0.dist-info"}
-    # Namespace root, the four folders under it, the data and Triton model templates with them.
-    assert "bert_compiler/__init__.py" not in names
+    # The package, its wings, the data and Triton model templates with them.
     for expected in (
+        "bert_compiler/__init__.py",
         "bert_compiler/core/artifacts.py",
         "bert_compiler/pipeline/triton/tokenizer_model.py",
         "bert_compiler/engines/backend.py",
@@ -103,7 +112,6 @@ def test_the_wheel_installs_only_the_bert_compiler_namespace(tmp_path):
         assert expected in names
 
 
-def test_the_gpu_image_copies_every_product_folder():
+def test_the_gpu_image_copies_the_package_folder():
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
-    for folder in PRODUCT:
-        assert f"COPY {folder} {folder}\n" in dockerfile
+    assert "COPY bert_compiler bert_compiler\n" in dockerfile
