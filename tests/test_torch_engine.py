@@ -522,6 +522,36 @@ def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
 
 @pytest.mark.gpu
 @pytest.mark.e2e
+def test_windows_in_flight_two_at_a_time_keep_every_output_in_its_place(
+    tiny_run, cuda_torch_engine, monkeypatch
+):
+    """encode queues a window's batches before it collects the last window's outputs, each
+    staged through its own pinned buffers; many small windows of distinct texts (and run's
+    chunks) come back as one run of every row gives them, on the host and kept on the GPU, and
+    every batch is timed."""
+    info = tiny_run[0]
+    engine, _ = load_engine(cuda_torch_engine)
+    texts = [f"{text} {'word ' * (index % 7)}{index}" for index in range(40) for text in TEXTS]
+    encoder = Encoder(engine, info, batching=BatchingSpec(4, 512), tokenizer_workers=0)
+    tokens = encoder.tokenize(texts)
+    whole = encoder.run(tokens)["sentence_embedding"]
+    monkeypatch.setattr(runtime, "WINDOW_FIRST", 8)
+    monkeypatch.setattr(runtime, "WINDOW_ROWS", 24)
+    encoder.time_batches = True
+    got = encoder.encode(texts)
+    np.testing.assert_allclose(got["sentence_embedding"], whole, atol=1e-6)
+    assert encoder.stats.rows == len(texts)
+    assert len(encoder.stats.batch_ms) == encoder.stats.batches
+    assert all(ms > 0 for ms in encoder.stats.batch_ms)
+    kept = encoder.encode(texts, device_outputs=True)["sentence_embedding"]
+    np.testing.assert_allclose(kept.cpu().numpy(), whole, atol=1e-6)
+    monkeypatch.setattr(runtime, "CHUNK_ROWS", 16)
+    np.testing.assert_allclose(encoder.run(tokens)["sentence_embedding"], whole, atol=1e-6)
+    assert len(encoder.stats.batch_ms) == encoder.stats.batches
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
 def test_a_capture_that_fails_turns_graphs_off_and_runs_eagerly(
     tiny_run, cuda_torch_engine, monkeypatch, caplog
 ):

@@ -87,6 +87,7 @@ GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
 PACKED_GPU_BATCHING = BatchingSpec(max_batch=4096, token_budget=131072)
 # encode's windows: the first is small, so the engine starts soon; each next one doubles up to
 # WINDOW_ROWS, which bounds memory and still holds several full GPU batches to sort by length.
+# A window is one piece of the runtime's pipeline (_pipelined), so at most CHUNK_ROWS.
 WINDOW_FIRST = 4096
 WINDOW_ROWS = 32768
 # encode tokenizes in worker processes (token_rows.TokenizerPool) on a GPU engine's host with at
@@ -388,9 +389,8 @@ class Encoder:
         file)."""
         _check_outputs(engine, info)
         self.engine = engine
-        # Per-batch wall time, the GPU synchronised after each batch (benchmarks only).
+        # Per-batch time, by CUDA events or the clock (benchmarks only).
         self.time_batches = time_batches
-        self._batch_ms: list[float] = []
         self.info = info
         self.max_length = resolve_max_length(info, max_length)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(info)
@@ -417,7 +417,8 @@ class Encoder:
         self.batching = batching
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         self.stats = RunStats()
-        self._staging = PinnedStaging()
+        # Two pieces are in flight at once (_pipelined), each staged through its own buffers.
+        self._stagings = (PinnedStaging(), PinnedStaging())
         if concurrent_batches is not None and concurrent_batches < 1:
             raise InputError(f"concurrent batches {concurrent_batches}: give 1 or more")
         # Only where the engine can run in a session of other threads, and its build left the
@@ -501,12 +502,17 @@ class Encoder:
             else self._threaded(windows)
         )
         shown = progress.bar(desc=desc, total=total, unit="text") if desc else None
-        try:
+
+        def pieces() -> Iterator[Tokens]:
             for start, window, encoded in tokenized:
-                tokens = _checked_window(encoded, window, self.info, start)
-                yield self.run(tokens, device_outputs=device_outputs)
+                yield _checked_window(encoded, window, self.info, start)
+
+        try:
+            for outputs, stats in self._pipelined(pieces(), None, device_outputs):
+                self.stats = stats
+                yield outputs
                 if shown is not None:
-                    shown.update(len(window))
+                    shown.update(stats.rows)
         finally:
             if shown is not None:
                 shown.close()
@@ -560,44 +566,66 @@ class Encoder:
         on there (a similarity search, a reranker)."""
         if not len(tokens):
             raise InputError("no token rows to run")
+        chunks = (
+            tokens
+            if len(tokens) <= CHUNK_ROWS
+            else tokens.select(np.arange(start, min(start + CHUNK_ROWS, len(tokens))))
+            for start in range(0, len(tokens), CHUNK_ROWS)
+        )
+        parts = list(self._pipelined(chunks, desc, device_outputs))
+        self.stats = _merged_stats([stats for _outputs, stats in parts])
+        return {name: _joined([outputs[name] for outputs, _ in parts]) for name in parts[0][0]}
+
+    def _pipelined(
+        self, pieces: Iterable[Tokens], desc: str | None, device_outputs: bool
+    ) -> Iterator[tuple[dict[str, Any], RunStats]]:
+        """(outputs, stats) of each piece of at most CHUNK_ROWS rows, in order. On a GPU the
+        next piece's batches are queued before the last one's outputs are collected, so the
+        GPU runs while the host puts outputs in order and prepares the piece after: the two
+        pieces in flight stage through alternate pinned buffers."""
         if device_outputs and not self.on_gpu:
             raise InputError("outputs on the GPU need a CUDA engine; this one runs on the CPU")
-        chunks: list[dict[str, Any]] = []
-        self._batch_ms = []
-        batches_run, shapes, computed = 0, set(), 0
-        for start in range(0, len(tokens), CHUNK_ROWS):
-            stop = min(start + CHUNK_ROWS, len(tokens))
-            chunk = tokens if stop - start == len(tokens) else tokens.select(np.arange(start, stop))
-            batches = self.plan(chunk)
-            if self.packed:
-                chunks.append(self._run_packed(chunk, batches, desc, device_outputs))
-                computed += int(chunk.lengths.sum())
-            else:
-                chunks.append(
-                    self._run_gpu(chunk, batches, desc, device_outputs)
-                    if self.on_gpu
-                    else self._run_cpu(chunk, batches, desc)
-                )
-                computed += sum(b.size * b.length for b in batches)
-            batches_run += len(batches)
-            shapes.update((b.size, b.length) for b in batches)
-        self.stats = RunStats(
+        pending: _Launched | None = None
+        for index, piece in enumerate(pieces):
+            launched = self._launch(piece, desc, device_outputs, self._stagings[index % 2])
+            if pending is not None:
+                yield pending.collect()
+            pending = launched
+        if pending is not None:
+            yield pending.collect()
+
+    def _launch(
+        self, tokens: Tokens, desc: str | None, device_outputs: bool, staging: PinnedStaging
+    ) -> _Launched:
+        """The batches of at most CHUNK_ROWS rows queued on the engine (on a CPU: run)."""
+        batches = self.plan(tokens)
+        stats = RunStats(
             rows=len(tokens),
-            batches=batches_run,
-            batch_ms=self._batch_ms,
-            shape_set=frozenset(shapes),
+            batches=len(batches),
+            shape_set=frozenset((b.size, b.length) for b in batches),
             tokens=int(tokens.lengths.sum()),
-            computed=computed,
+            computed=(
+                int(tokens.lengths.sum())
+                if self.packed
+                else sum(b.size * b.length for b in batches)
+            ),
         )
-        return {name: _joined([c[name] for c in chunks]) for name in chunks[0]}
+        timer = _BatchTimer(self.time_batches, on_gpu=self.on_gpu)
+        if self.packed:
+            sink = self._launch_packed(tokens, batches, desc, device_outputs, staging, timer)
+        elif self.on_gpu:
+            sink = self._launch_gpu(tokens, batches, desc, device_outputs, staging, timer)
+        else:
+            sink = self._run_cpu(tokens, batches, desc, timer)
+        return _Launched(sink, timer, stats)
 
     def _feeds(self, matrices: dict, batch: Batch) -> dict[str, np.ndarray]:
         rows = _padded_rows(batch)
         return {name: matrix[rows, : batch.length] for name, matrix in matrices.items()}
 
     def _run_cpu(
-        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None
-    ) -> dict[str, Any]:
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, timer: _BatchTimer
+    ) -> _Collector:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
         collected = _Collector(tokens)
         if self.concurrent_batches > 1:
@@ -612,15 +640,13 @@ class Encoder:
                 log.warning("%s; running one batch at a time on the engine as loaded", err)
                 self.concurrent_batches = 1
             else:
-                self._run_concurrently(engine, matrices, batches, desc, collected)
-                return collected.results()
-        timer = _BatchTimer(self.time_batches, on_gpu=False)
+                self._run_concurrently(engine, matrices, batches, desc, collected, timer)
+                return collected
         for batch in _shown(batches, desc):
             timer.start()
             collected.add(batch, self.engine.run(self._feeds(matrices, batch)))
             timer.stop()
-        self._batch_ms.extend(timer.milliseconds())
-        return collected.results()
+        return collected
 
     def _run_concurrently(
         self,
@@ -629,22 +655,22 @@ class Encoder:
         batches: Sequence[Batch],
         desc: str | None,
         collected: _Collector,
+        timer: _BatchTimer,
     ) -> None:
         """Batches run ``concurrent_batches`` at a time on ``engine``'s one session (ONNX
         Runtime sessions take concurrent runs), collected in order; at most two batches per run
         are in flight, so memory stays that of a few batches. A batch's time is its own run's,
         overlapping others'."""
 
-        def run(batch: Batch) -> tuple[dict[str, Any], float]:
+        def run(batch: Batch) -> tuple[dict[str, Any], float, float]:
             started = time.perf_counter()
             outputs = engine.run(self._feeds(matrices, batch))
-            return outputs, (time.perf_counter() - started) * 1e3
+            return outputs, started, time.perf_counter()
 
         def collect(done: tuple[Batch, Future]) -> None:
-            outputs, milliseconds = done[1].result()
+            outputs, started, stopped = done[1].result()
             collected.add(done[0], outputs)
-            if self.time_batches:
-                self._batch_ms.append(milliseconds)
+            timer.add(started, stopped)
 
         pool = ThreadPoolExecutor(self.concurrent_batches, thread_name_prefix="bert-compiler-run")
         running: deque[tuple[Batch, Future]] = deque()
@@ -658,20 +684,25 @@ class Encoder:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run_gpu(
-        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, device_outputs: bool
-    ) -> dict[str, Any]:
+    def _launch_gpu(
+        self,
+        tokens: Tokens,
+        batches: Sequence[Batch],
+        desc: str | None,
+        device_outputs: bool,
+        staging: PinnedStaging,
+        timer: _BatchTimer,
+    ) -> _GpuOutputs:
         # One upload of the chunk's tokens, then every batch is a gather on the device. Nothing
-        # below waits for the GPU until the results are collected: the engine orders its runs
-        # with this stream, so batches are queued while earlier ones run.
+        # below waits for the GPU: the engine orders its runs with this stream, so batches are
+        # queued while earlier ones run.
         device = tokens.device_matrices(
-            self.engine.input_names, self.pad_id, _width(batches), self._staging
+            self.engine.input_names, self.pad_id, _width(batches), staging
         )
-        rows = self._staging.upload(
+        rows = staging.upload(
             "rows", np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
         )
-        sink = _GpuOutputs(tokens, self._staging, device_outputs)
-        timer = _BatchTimer(self.time_batches, on_gpu=True)
+        sink = _GpuOutputs(tokens, staging, device_outputs)
         offset = 0
         for batch in _shown(batches, desc):
             timer.start()
@@ -682,13 +713,18 @@ class Encoder:
             }
             sink.add(batch, self.engine.run_device(feeds), index)
             timer.stop()
-        results = sink.results()
-        self._batch_ms.extend(timer.milliseconds())
-        return results
+        sink.queued()
+        return sink
 
-    def _run_packed(
-        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, device_outputs: bool
-    ) -> dict[str, Any]:
+    def _launch_packed(
+        self,
+        tokens: Tokens,
+        batches: Sequence[Batch],
+        desc: str | None,
+        device_outputs: bool,
+        staging: PinnedStaging,
+        timer: _BatchTimer,
+    ) -> _GpuOutputs | _Collector:
         """Each batch as its rows' real tokens back to back: the chunk's tokens are put in
         batch order on the host and uploaded once, so each batch is a slice, and each batch's
         longest row is known here without asking the device."""
@@ -698,14 +734,13 @@ class Encoder:
         ordered = tokens.select(order)
         arrays = {"ids": ordered.ids, "type_ids": ordered.type_ids, "lengths": ordered.lengths}
         if self.on_gpu:
-            on = {name: self._staging.upload(name, a) for name, a in arrays.items()}
-            rows = self._staging.upload("rows", order.astype(np.int64))
-            sink: _GpuOutputs | _Collector = _GpuOutputs(tokens, self._staging, device_outputs)
+            on = {name: staging.upload(name, a) for name, a in arrays.items()}
+            rows = staging.upload("rows", order.astype(np.int64))
+            sink: _GpuOutputs | _Collector = _GpuOutputs(tokens, staging, device_outputs)
         else:
             on = {name: torch.from_numpy(a) for name, a in arrays.items()}
             sink = _Collector(tokens)
         starts = np.concatenate([[0], np.cumsum(ordered.lengths)])
-        timer = _BatchTimer(self.time_batches, on_gpu=self.on_gpu)
         first = 0
         for batch in _shown(batches, desc):
             timer.start()
@@ -717,15 +752,27 @@ class Encoder:
                 on["lengths"][first:last],
                 int(ordered.lengths[first:last].max()),
             )
-            if self.on_gpu:
+            if isinstance(sink, _GpuOutputs):
                 sink.add(batch, outputs, rows[first:last])
             else:
                 sink.add(batch, {name: value.numpy() for name, value in outputs.items()})
             first = last
             timer.stop()
-        results = sink.results()
-        self._batch_ms.extend(timer.milliseconds())
-        return results
+        if isinstance(sink, _GpuOutputs):
+            sink.queued()
+        return sink
+
+
+class _Launched:
+    """A piece's batches, queued: ``collect`` waits for their outputs (in input order) and
+    the stats of their run."""
+
+    def __init__(self, sink: _GpuOutputs | _Collector, timer: _BatchTimer, stats: RunStats):
+        self.sink, self.timer, self.stats = sink, timer, stats
+
+    def collect(self) -> tuple[dict[str, Any], RunStats]:
+        results = self.sink.results()
+        return results, replace(self.stats, batch_ms=self.timer.milliseconds())
 
 
 class _BatchTimer:
@@ -749,7 +796,13 @@ class _BatchTimer:
 
     start = stop = _mark
 
+    def add(self, started: float, stopped: float) -> None:
+        """A batch timed by its own clock readings (a CPU batch run on another thread)."""
+        if self.enabled:
+            self.marks += [started, stopped]
+
     def milliseconds(self) -> list[float]:
+        """Each batch's time (on a GPU: call once its work is done)."""
         pairs = zip(self.marks[::2], self.marks[1::2], strict=True)
         if self.on_gpu:
             return [begin.elapsed_time(end) for begin, end in pairs]
@@ -759,13 +812,15 @@ class _BatchTimer:
 class _GpuOutputs:
     """Where a GPU batch's outputs go: token outputs to the host in input order; outputs with a
     row per input downloaded while later batches run (_Downloads) or, with ``device_outputs``,
-    gathered in input order on the GPU."""
+    gathered in input order on the GPU. ``queued`` after the last batch marks where the piece's
+    work ends on the stream: ``results`` waits for that, not for work queued after it."""
 
     def __init__(self, tokens: Tokens, staging: PinnedStaging, device_outputs: bool):
         self.tokens = tokens
         self.collected = _Collector(tokens)
         self.on_device: dict[str, Any] = {}
         self.downloads = None if device_outputs else _Downloads(staging, len(tokens))
+        self.done: Any = None
 
     def add(self, batch: Batch, outputs: dict[str, Any], index: Any) -> None:
         """``index``: the input positions of the batch's rows (then any filler), on the GPU."""
@@ -790,15 +845,21 @@ class _GpuOutputs:
                 )
             self.on_device[name].index_copy_(0, index[:real], value)
 
-    def results(self) -> dict[str, Any]:
+    def queued(self) -> None:
         import torch
 
+        if self.downloads is not None:
+            self.downloads.queued()
+        self.done = torch.cuda.Event()
+        self.done.record()
+
+    def results(self) -> dict[str, Any]:
         results = self.collected.results()
         if self.downloads is not None:
             results.update(self.downloads.finish())
         else:
             results.update(self.on_device)
-            torch.cuda.current_stream().synchronize()
+        self.done.synchronize()
         return results
 
 
@@ -806,10 +867,10 @@ class _Downloads:
     """Outputs with a row per input, brought back to the host while the GPU runs later batches.
 
     Each batch's rows are appended on the GPU in batch order; every FLUSH_BYTES of them go to
-    pinned memory in one copy, and the host puts the previous group's rows in input order while
-    that copy and later batches run. So the copy back overlaps the GPU's work instead of following
-    it (docs/benchmarks.md), and a run of many one-row batches pays one copy per group, not per
-    row.
+    pinned memory in one copy, and the host puts the groups that have arrived in input order
+    while later copies and batches run, never waiting for one before ``finish``. So the copy
+    back overlaps the GPU's work instead of following it (docs/benchmarks.md), and a run of many
+    one-row batches pays one copy per group, not per row.
     """
 
     FLUSH_BYTES = 4 << 20
@@ -838,6 +899,13 @@ class _Downloads:
         row_bytes = sum(t[0].numel() * t.element_size() for t in self.device.values())
         if (self.staged - self.flushed) * row_bytes >= self.FLUSH_BYTES:
             self._flush()
+        while self.pending and self.pending[0][0].query():
+            self._place()
+
+    def queued(self) -> None:
+        """The last rows' copy queued (before any work queued after this piece's)."""
+        if self.staged > self.flushed:
+            self._flush()
 
     def _flush(self) -> None:
         import torch
@@ -855,8 +923,6 @@ class _Downloads:
         done.record()
         self.pending.append((done, np.concatenate(self.rows), parts))
         self.rows, self.flushed = [], last
-        while len(self.pending) > 1:
-            self._place()
 
     def _place(self) -> None:
         done, rows, parts = self.pending.popleft()
@@ -867,8 +933,6 @@ class _Downloads:
             self.results[name][rows] = part.numpy().reshape(len(rows), *shape)
 
     def finish(self) -> dict[str, np.ndarray]:
-        if self.staged > self.flushed:
-            self._flush()
         while self.pending:
             self._place()
         return self.results
