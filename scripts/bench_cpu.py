@@ -62,13 +62,13 @@ def _parse() -> argparse.Namespace:
 def _stages(info, out: Path, threads: int, int8: bool):
     """Build (or reuse) the fp32 and INT8 engines; return them and the graphs peers start from."""
     from bert_compiler.engines.backend import BuildSpec
-    from bert_compiler.pipeline.build import build, engine_folder_name
-    from bert_compiler.pipeline.calibrate import calibrate
-    from bert_compiler.pipeline.export import export
-    from bert_compiler.pipeline.fuse import fuse
-    from bert_compiler.pipeline.layout import Layout
-    from bert_compiler.pipeline.simplify import simplify
-    from bert_compiler.pipeline.sweep import quiet_engine
+    from bert_compiler.stages.build import build, engine_folder_name
+    from bert_compiler.stages.calibrate import calibrate
+    from bert_compiler.stages.export import export
+    from bert_compiler.stages.fuse import fuse
+    from bert_compiler.stages.layout import Layout
+    from bert_compiler.stages.simplify import simplify
+    from bert_compiler.stages.sweep import quiet_engine
 
     layout = Layout(out)
     exported = export(info=info, out_dir=layout.export)
@@ -103,14 +103,14 @@ def main() -> None:
     import torch
 
     from bert_compiler.calibration.datasets import STSB_DEV, load_stsb
-    from bert_compiler.pipeline.models import (
+    from bert_compiler.models.loading import (
         build_wrapper,
         load_tokenizer,
         load_torch_model,
         resolve_model,
     )
-    from bert_compiler.pipeline.sweep import ort_dynamic_int8, peer_session
-    from bert_compiler.pipeline.verify import compute_metric, torch_embedder
+    from bert_compiler.stages.sweep import ort_dynamic_int8, peer_session
+    from bert_compiler.stages.verify import compute_metric, torch_embedder
 
     torch.set_num_threads(args.threads)
     info = resolve_model(args.model)

@@ -31,11 +31,11 @@ def sources_sha256() -> str:
 
 
 def main() -> int:
+    from bert_compiler.cli.config import read_toml
     from bert_compiler.core.artifacts import sha256_file, sha256_json, tool_versions
     from bert_compiler.core.errors import BertCompileError
     from bert_compiler.core.targets import detect
-    from bert_compiler.pipeline.config import read_toml
-    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.models.loading import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, required=True)

@@ -22,7 +22,7 @@ steps=" ${STEPS:-build choose bench} "
 engines=" ${ENGINES:-plain cudagraph attention packed torch} "
 # The package folder bert_compiler/ is imported from the repository root, without pip.
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-cli=(python3 -m bert_compiler.pipeline.cli)
+cli=(python3 -m bert_compiler.cli)
 for model in $models; do
   folder=/tmp/models/$model
   extra=()

@@ -16,7 +16,7 @@ if [[ $steps == *" build "* ]]; then
   ENGINES=torch STEPS=build scripts/gpu-bench.sh "$like" "$out" minilm bert-base
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-cli=(python3 -m bert_compiler.pipeline.cli)
+cli=(python3 -m bert_compiler.cli)
 if [[ $steps == *" choose "* ]]; then
   # Chosen on the calibration sentences, never on the STS-B text reported below.
   "${cli[@]}" bench --model /tmp/models/minilm --out "$out/minilm" --json --no-peers \

@@ -31,7 +31,7 @@ if [ "${STEP:-prepare}" = prepare ]; then
 fi
 "${install[@]}" --target /tmp/site "$carry"/pt/*.whl
 export PYTHONPATH=/tmp/site:$PWD BERT_COMPILE_TRITON_PYTHON=/tmp/tp
-cli=(python3 -m bert_compiler.pipeline.cli)
+cli=(python3 -m bert_compiler.cli)
 repository=/tmp/repo
 for model in $models; do
   "${cli[@]}" package --model "/tmp/models/$model" --out "$out/$model" --repository "$repository" \

@@ -2,7 +2,7 @@
 """Padding of the runtime's GPU batching for ladders of several rung counts, chosen on the
 calibration sentences only: the ladder is fitted to the first half, batches are planned on the
 second half (tiled to --rows rows), and the padding fraction and distinct shapes are printed. This
-is what pipeline/runtime.py's LADDER_RUNGS comment quotes; no benchmark text is read.
+is what runtime/encoder.py's LADDER_RUNGS comment quotes; no benchmark text is read.
 
     .venv/bin/python scripts/ladder_padding.py
 """
@@ -20,8 +20,8 @@ from bert_compiler.engines.batching import (
     padding_fraction,
     plan_batches,
 )
-from bert_compiler.pipeline.models import load_tokenizer, resolve_model
-from bert_compiler.pipeline.runtime import tokenize_rows
+from bert_compiler.models.loading import load_tokenizer, resolve_model
+from bert_compiler.runtime.encoder import tokenize_rows
 
 
 def main() -> None:

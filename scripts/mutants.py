@@ -40,7 +40,7 @@ MUTANTS = (
     Mutant(
         "outputs-out-of-order",
         "the runtime returns each row's outputs at its input position",
-        "bert_compiler/pipeline/runtime.py",
+        "bert_compiler/runtime/encoder.py",
         "            self.rowwise[name][batch.rows] = value",
         "            self.rowwise[name][np.sort(batch.rows)] = value",
         ("tests/test_runtime.py",),
@@ -48,7 +48,7 @@ MUTANTS = (
     Mutant(
         "stream-window-order",
         "encode returns a stream's windows in input order",
-        "bert_compiler/pipeline/runtime.py",
+        "bert_compiler/runtime/encoder.py",
         "        return {name: _joined([part[name] for part in parts]) for name in parts[0]}",
         "        return {name: _joined([part[name] for part in parts[::-1]]) for name in parts[0]}",
         ("tests/test_token_rows.py",),
@@ -56,7 +56,7 @@ MUTANTS = (
     Mutant(
         "parity-max-abs-err-ignored",
         "parity fails an engine past its max_abs_err",
-        "bert_compiler/pipeline/parity.py",
+        "bert_compiler/runtime/parity.py",
         "        if self.max_abs_err > tolerance.max_abs_err:",
         "        if self.max_abs_err > tolerance.max_abs_err * 1e6:",
         ("tests/test_gates_nan.py", "tests/test_parity.py"),
@@ -64,7 +64,7 @@ MUTANTS = (
     Mutant(
         "parity-rel-l2-ignored",
         "parity fails an engine past its rel_l2_err",
-        "bert_compiler/pipeline/parity.py",
+        "bert_compiler/runtime/parity.py",
         "        if self.rel_l2_err > tolerance.rel_l2_err:",
         "        if self.rel_l2_err > tolerance.rel_l2_err * 1e6:",
         ("tests/test_gates_nan.py", "tests/test_parity.py"),
@@ -72,7 +72,7 @@ MUTANTS = (
     Mutant(
         "parity-nan-limit-passes",
         "a NaN limit fails parity instead of passing everything",
-        "bert_compiler/pipeline/parity.py",
+        "bert_compiler/runtime/parity.py",
         "            if math.isnan(value)\n",
         "            if False\n",
         ("tests/test_gates_nan.py",),
@@ -80,7 +80,7 @@ MUTANTS = (
     Mutant(
         "nan-metric-passes",
         "a NaN or infinite task metric fails the metric gate",
-        "bert_compiler/pipeline/verify.py",
+        "bert_compiler/stages/verify.py",
         "        if not math.isfinite(result.value)\n",
         "        if False\n",
         ("tests/test_gates_nan.py",),
@@ -104,7 +104,7 @@ MUTANTS = (
     Mutant(
         "gate-tokenizer-unchecked",
         "the gate compares the repository's tokenizer with the pipeline's tokenization",
-        "bert_compiler/pipeline/triton/package.py",
+        "bert_compiler/triton/package.py",
         "                if got.shape != wanted.shape or (got != wanted).any():",
         "                if False:",
         ("tests/test_package.py",),
@@ -112,7 +112,7 @@ MUTANTS = (
     Mutant(
         "pairs-truncated-first-only",
         "pairs are truncated longest first, as the Hugging Face tokenizer does",
-        "bert_compiler/pipeline/token_rows.py",
+        "bert_compiler/runtime/token_rows.py",
         'enable_truncation(max_length, strategy="longest_first", direction=direction)',
         'enable_truncation(max_length, strategy="only_first", direction=direction)',
         ("tests/test_token_rows.py",),
@@ -120,7 +120,7 @@ MUTANTS = (
     Mutant(
         "truncation-side-ignored",
         "a left-truncating tokenizer keeps each row's last tokens",
-        "bert_compiler/pipeline/token_rows.py",
+        "bert_compiler/runtime/token_rows.py",
         "                content = content[:limit] if right else content[len(content) - limit :]",
         "                content = content[:limit]",
         ("tests/test_token_rows.py",),
@@ -128,7 +128,7 @@ MUTANTS = (
     Mutant(
         "fusion-counts-unchecked",
         "fuse refuses a graph whose fused operators fall short",
-        "bert_compiler/pipeline/fuse.py",
+        "bert_compiler/stages/fuse.py",
         "        problems = compare_fusions(fused, expected)",
         "        problems = []",
         ("tests/test_fuse.py",),
@@ -136,7 +136,7 @@ MUTANTS = (
     Mutant(
         "fallback-float-limit-ignored",
         "the INT8 fallback keeps at most --fallback-max-float of the MatMuls in float",
-        "bert_compiler/pipeline/fallback.py",
+        "bert_compiler/stages/fallback.py",
         "        return math.floor(self.max_float * quantizable + 1e-9)",
         "        return quantizable",
         ("tests/test_int8_pipeline.py",),
@@ -144,7 +144,7 @@ MUTANTS = (
     Mutant(
         "text-model-rows-shifted",
         "the torch text model answers each request with its own rows",
-        "bert_compiler/pipeline/triton/torch_text_model.py",
+        "bert_compiler/triton/torch_text_model.py",
         "            taken = slice(first, first + len(request))",
         "            taken = slice(0, len(request))",
         ("tests/test_torch_engine.py",),

@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 from bert_compiler.calibration import datasets
-from bert_compiler.pipeline import runtime
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.text import text_windows
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.runtime.text import text_windows
 
 ROUNDS = 5
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from bert_compiler.calibration import datasets
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runtime import Encoder
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.runtime.encoder import Encoder
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ def main() -> None:
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from bert_compiler.calibration import datasets
-    from bert_compiler.pipeline.models import default_model_path
+    from bert_compiler.models.loading import default_model_path
 
     source = default_model_path()
     torch.manual_seed(args.seed)

@@ -15,7 +15,7 @@ Against a running server::
     python scripts/triton_load.py --url localhost:8001 --model M-ort-cpu-fp32-python-text
 
 Before/after on one machine in one run: one tritonserver per repository (the local CPU server of
-`bert-compile serve` and the tests, pipeline/triton/server.py), all running at once, measured in
+`bert-compile serve` and the tests, triton/server.py), all running at once, measured in
 turn at each concurrency::
 
     python scripts/triton_load.py --model M-ort-cpu-fp32-python-text \\
@@ -87,8 +87,8 @@ class Target:
     async def open(self) -> None:
         import tritonclient.grpc.aio as grpc_aio
 
-        from bert_compiler.pipeline.triton.text_engine_model import RUN_COST_PARAMETER
-        from bert_compiler.pipeline.triton.torch_text_model import PRECISION_PARAMETER
+        from bert_compiler.triton.text_engine_model import RUN_COST_PARAMETER
+        from bert_compiler.triton.torch_text_model import PRECISION_PARAMETER
 
         self.client = grpc_aio.InferenceServerClient(self.url)
         config = (await self.client.get_model_config(self.model, as_json=True))["config"]
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             targets = [Target("server", args.url, args.model, args.data)]
         else:
-            from bert_compiler.pipeline.triton.server import (
+            from bert_compiler.triton.server import (
                 find_server,
                 plan_serving,
                 triton_server,
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.json:
-        from bert_compiler.pipeline.runtime import usable_cores
+        from bert_compiler.runtime.encoder import usable_cores
 
         summary = {
             "model": args.model,

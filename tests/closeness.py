@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from bert_compiler.calibration import datasets
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES
+from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.runtime.parity import DEFAULT_TOLERANCES
 
 # A quantized row's distance to its own float row, at most this fraction of its distance to the
 # nearest other float row.

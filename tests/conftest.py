@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from bert_compiler.pipeline.verify import VerifySpec
+from bert_compiler.stages.verify import VerifySpec
 from tests.tiny_models import make_tiny_model
 
 # --- test tiers -----------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def tiny_model_copy(tiny_embedding_model, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_run(tiny_embedding_model, tmp_path_factory):
     """One full pipeline run on the tiny embedding model, shared by read-only tests."""
-    from bert_compiler.pipeline.models import resolve_model
-    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+    from bert_compiler.models.loading import resolve_model
+    from bert_compiler.run import RunSpec, run_pipeline
 
     info = resolve_model(tiny_embedding_model)
     out = tmp_path_factory.mktemp("runs") / "tiny"
@@ -274,7 +274,7 @@ def run_fp32_and_int8(folder: Path, out: Path, metric_limit: int = 100) -> tuple
     the repository it packaged. Returns the run's CLI result and its summary."""
     from click.testing import CliRunner
 
-    from bert_compiler.pipeline.cli import cli
+    from bert_compiler.cli.commands import cli
 
     common = ["--model", str(folder), "--out", str(out), "--json"]
     gates = ["--metric-limit", str(metric_limit), "--no-metric-gate"]

@@ -9,11 +9,11 @@ import onnx
 import pytest
 
 from bert_compiler.core.errors import UnsupportedModelError
-from bert_compiler.pipeline.architectures import ARCHITECTURES, architecture_for
-from bert_compiler.pipeline.export import export
-from bert_compiler.pipeline.fuse import fuse
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.simplify import simplify
+from bert_compiler.models.architectures import ARCHITECTURES, architecture_for
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.stages.export import export
+from bert_compiler.stages.fuse import fuse
+from bert_compiler.stages.simplify import simplify
 from tests.conftest import run_fp32_and_int8
 from tests.tiny_models import make_tiny_model
 

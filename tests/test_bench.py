@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bert_compiler.pipeline import runtime
-from bert_compiler.pipeline.cli import cli
+from bert_compiler.cli.commands import cli
+from bert_compiler.runtime import encoder as runtime
 from tests.conftest import cpu_engine_dir
 
 pytestmark = pytest.mark.e2e
@@ -154,8 +154,8 @@ def test_bench_refuses_to_write_into_a_folder_that_is_not_ours(tiny_run, tmp_pat
 
 
 def test_an_engine_named_twice_is_timed_once(tiny_run, tmp_path):
-    from bert_compiler.pipeline.bench import _engine_folders
-    from bert_compiler.pipeline.layout import Layout
+    from bert_compiler.bench.measure import _engine_folders
+    from bert_compiler.stages.layout import Layout
 
     engine = cpu_engine_dir(tiny_run[1])
     given = [engine, Path(f"{engine}/"), engine / ".", tmp_path, engine]
@@ -166,8 +166,8 @@ def test_an_engine_named_twice_is_timed_once(tiny_run, tmp_path):
 def test_data_past_the_caps_is_read_up_to_them(tmp_path, monkeypatch, caplog, cap):
     """--data far larger than what is timed, without --limit: bench keeps the first sentences
     up to its caps (count or characters), says so, and reads no further."""
-    from bert_compiler.pipeline import bench
-    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.bench import measure as bench
+    from bert_compiler.models.loading import resolve_model
 
     if cap == "sentences":
         monkeypatch.setattr(bench, "DATA_MAX_SENTENCES", 50)

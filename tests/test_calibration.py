@@ -25,7 +25,7 @@ from bert_compiler.calibration.ranges import (
     compute_amax,
 )
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.calibrate import (
+from bert_compiler.stages.calibrate import (
     TRT_CACHE_HEADER,
     CalibrationSpec,
     calibrate,
@@ -292,7 +292,7 @@ def test_per_tensor_weight_scale_is_the_largest_magnitude_over_127():
 @pytest.mark.e2e
 def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tiny_run, tmp_path):
     from bert_compiler.engines.backend import BuildSpec, load_engine
-    from bert_compiler.pipeline.build import build
+    from bert_compiler.stages.build import build
 
     info, out, _spec, _summary = tiny_run
     result = calibrate(

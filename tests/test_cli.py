@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bert_compiler.pipeline.cli import cli
+from bert_compiler.cli.commands import cli
 from tests.conftest import cpu_engine_dir
 from tests.tiny_models import edit_config
 
@@ -324,8 +324,8 @@ def test_verify_takes_an_engine_or_a_repository(tiny_embedding_model, tmp_path):
 def test_the_interrupt_message_says_how_to_resume(
     tiny_embedding_model, tmp_path, monkeypatch, force, advice
 ):
+    from bert_compiler.cli import commands as cli_module
     from bert_compiler.core.errors import Interrupted
-    from bert_compiler.pipeline import cli as cli_module
 
     def interrupted(**_kwargs):
         raise Interrupted("SIGINT", 130)

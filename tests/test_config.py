@@ -16,13 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bert_compiler.calibration import datasets
+from bert_compiler.cli.commands import VERIFY, cli
+from bert_compiler.cli.config import command_defaults
+from bert_compiler.cli.doctor import diagnose
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import Environment, Gpu
-from bert_compiler.pipeline.cli import VERIFY, cli
-from bert_compiler.pipeline.config import command_defaults
-from bert_compiler.pipeline.doctor import diagnose
-from bert_compiler.pipeline.parity import DEFAULT_MIN_METRIC_RETENTION, DEFAULT_TOLERANCES
-from bert_compiler.pipeline.verify import VerifySpec
+from bert_compiler.runtime.parity import DEFAULT_MIN_METRIC_RETENTION, DEFAULT_TOLERANCES
+from bert_compiler.stages.verify import VerifySpec
 from tests.conftest import cpu_engine_dir
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml"

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.models import load_tokenizer, resolve_model
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.runtime import tokenize_rows
-from bert_compiler.pipeline.text import iter_file_texts, parity_batches, parity_texts, tokenize
-from bert_compiler.pipeline.triton.package import PackageSpec, package
+from bert_compiler.models.loading import load_tokenizer, resolve_model
+from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.runtime.encoder import tokenize_rows
+from bert_compiler.runtime.text import iter_file_texts, parity_batches, parity_texts, tokenize
+from bert_compiler.triton.package import PackageSpec, package
 from tests.conftest import TINY_VERIFY, run_fp32_and_int8
 from tests.tiny_models import make_tiny_model
 from tests.triton_server import find_server, triton_server
@@ -195,7 +195,7 @@ def test_columns_given_for_the_bundled_pairs_keep_the_others_bundled(
 ):
     """--pair-column alone read the bundled pairs' first text from a 'sentence' column they do
     not have; the columns not given stay the bundled file's."""
-    from bert_compiler.pipeline import cli as cli_module
+    from bert_compiler.cli import commands as cli_module
 
     seen = {}
 
@@ -231,7 +231,7 @@ def test_columns_given_for_the_bundled_pairs_keep_the_others_bundled(
 def test_bench_data_errors_name_benchs_own_flags(
     cross_encoders, tmp_path, column, pair_column, expected
 ):
-    from bert_compiler.pipeline.bench import BenchSpec, real_sentences
+    from bert_compiler.bench.measure import BenchSpec, real_sentences
 
     pairs = tmp_path / "pairs.tsv"
     pairs.write_text("q\tp\nA question.\tAn answer.\n")
@@ -266,8 +266,8 @@ def test_cross_encoder_runs_fp32_and_int8_to_a_gated_repository(
     config = (repository / f"{folder.name}-tokenizer" / "config.pbtxt").read_text()
     assert '"TEXT"' in config and '"TEXT_PAIR"' in config
     # The engine scores pairs through the runtime as PyTorch does.
-    from bert_compiler.pipeline.runtime import Encoder
-    from bert_compiler.pipeline.verify import torch_runner
+    from bert_compiler.runtime.encoder import Encoder
+    from bert_compiler.stages.verify import torch_runner
 
     info = resolve_model(folder)
     (engine_dir,) = (out / "engines" / folder.name).glob("ort*-cpu-fp32")
@@ -328,7 +328,7 @@ def test_triton_ensemble_scores_pairs_as_the_engine_does(served_cross_encoder):
     import tritonclient.http as http_client
     from tritonclient.utils import InferenceServerException
 
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
     from tests.conftest import cpu_engine_dir
 
     info, out, server, ensemble = served_cross_encoder
@@ -358,7 +358,7 @@ def test_triton_ensemble_scores_pairs_as_the_engine_does(served_cross_encoder):
 
 @pytest.mark.unit
 def test_the_tokenizer_model_pairs_its_two_inputs_row_by_row():
-    from bert_compiler.pipeline.triton.tokenizer_model import request_texts
+    from bert_compiler.triton.tokenizer_model import request_texts
 
     first = np.array([[b"a query"], [b"b query"]], dtype=object)
     second = np.array([[b"a passage"], [b"b passage"]], dtype=object)
@@ -370,7 +370,7 @@ def test_the_tokenizer_model_pairs_its_two_inputs_row_by_row():
 
 @pytest.mark.unit
 def test_a_scores_cosine_is_that_of_all_its_values():
-    from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES, OutputParity
+    from bert_compiler.runtime.parity import DEFAULT_TOLERANCES, OutputParity
 
     reference = np.array([[2.0], [-1.5], [1e-4]], dtype=np.float32)
     candidate = np.array([[2.01], [-1.49], [-1e-4]], dtype=np.float32)  # the small one flips
@@ -389,7 +389,7 @@ def test_client_example_sends_tab_separated_pairs(served_cross_encoder):
     import subprocess
     import sys
 
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
     from tests.conftest import cpu_engine_dir
     from tests.triton_server import REPO_ROOT
 
@@ -415,7 +415,7 @@ def test_client_example_sends_tab_separated_pairs(served_cross_encoder):
 def test_tensorrt_profiles_are_derived_from_pair_lengths(cross_encoders, tmp_path):
     from bert_compiler.calibration import datasets
     from bert_compiler.engines.tensorrt_options import ProfileDerivation, derive_profiles
-    from bert_compiler.pipeline.build import (
+    from bert_compiler.stages.build import (
         PROFILE_SENTENCES,
         ProfileText,
         derive_dataset_profiles,
@@ -477,8 +477,8 @@ def test_serves_try_line_for_a_cross_encoder_sends_a_pair(served_cross_encoder):
     import subprocess
     import sys
 
-    from bert_compiler.pipeline.cli import _serve_lines
-    from bert_compiler.pipeline.triton.server import describe
+    from bert_compiler.cli.commands import _serve_lines
+    from bert_compiler.triton.server import describe
     from tests.triton_server import REPO_ROOT
 
     _info, _out, server, ensemble = served_cross_encoder

@@ -95,7 +95,7 @@ def test_a_huge_file_fails_at_its_first_line_in_bounded_memory(tmp_path):
 
 
 def test_calibration_reads_only_what_it_uses(tmp_path):
-    from bert_compiler.pipeline.calibrate import CalibrationSpec, calibration_texts
+    from bert_compiler.stages.calibrate import CalibrationSpec, calibration_texts
 
     path = tmp_path / "big.tsv"
     line = "sentence number {} of a file far larger than what calibration uses\t0\n"
@@ -132,7 +132,7 @@ def test_calibration_reads_only_what_it_uses(tmp_path):
 def test_rows_with_an_empty_text_are_counted_in_the_calibration_record(
     tmp_path, caplog, data, pair_column, expected
 ):
-    from bert_compiler.pipeline.calibrate import CalibrationSpec, calibration_texts
+    from bert_compiler.stages.calibrate import CalibrationSpec, calibration_texts
 
     kind = ".tsv" if "\t" in data else ".jsonl" if "{" in data else ".txt"
     path = tmp_path / f"data{kind}"

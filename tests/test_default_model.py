@@ -19,7 +19,7 @@ STSB_DEV_SPEARMAN_FP32 = 86.72  # shared/data/README.md: sentence-transformers f
 def _cli(*args: str) -> dict:
     """Run bert-compile in a fresh process with --json --quiet; its JSON summary (exit 0)."""
     result = subprocess.run(
-        [sys.executable, "-m", "bert_compiler.pipeline.cli", *args, "--json", "--quiet"],
+        [sys.executable, "-m", "bert_compiler.cli.commands", *args, "--json", "--quiet"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -93,7 +93,7 @@ def test_engine_matches_sentence_transformers(default_run):
     from transformers import AutoTokenizer
 
     from bert_compiler.engines.backend import load_engine
-    from bert_compiler.pipeline.models import default_model_path
+    from bert_compiler.models.loading import default_model_path
 
     out, _summary = default_run
     sentences = ["A man is playing a guitar.", "", "The quick brown fox jumps over the lazy dog."]

@@ -22,14 +22,14 @@ from bert_compiler.calibration.qdq import (
     quantizable_matmuls,
     quantize_values,
 )
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.targets import Environment, plan_targets
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt import prepare_network_graph
-from bert_compiler.pipeline.calibrate import CalibrationSpec
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.stages.calibrate import CalibrationSpec
+from bert_compiler.stages.layout import Layout
 from tests.closeness import assert_passed_at_the_gate, assert_tracks_float, sentence_feeds
 from tests.gpus import A100, H100, L4, ORT_CUDA
 

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 
 from bert_compiler.core.errors import FusionError
-from bert_compiler.pipeline.fuse import compare_fusions, fuse
-from bert_compiler.pipeline.models import resolve_model
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.stages.fuse import compare_fusions, fuse
 
 
 def test_compare_fusions_sums_the_gelu_family():

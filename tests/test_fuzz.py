@@ -19,13 +19,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bert_compiler.calibration import datasets
+from bert_compiler.cli.config import read_toml
 from bert_compiler.core.artifacts import ArtifactDir, StageRecord
 from bert_compiler.core.errors import BertCompileError
 from bert_compiler.core.onnx_io import load_onnx
 from bert_compiler.core.stage import run_stage
-from bert_compiler.pipeline.config import read_toml
-from bert_compiler.pipeline.models import load_tokenizer, resolve_model
-from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.models.loading import load_tokenizer, resolve_model
+from bert_compiler.triton import config as tc
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "40"))
 FUZZ = settings(
@@ -285,8 +285,8 @@ def test_the_pass_tried_every_format(request):
 @pytest.mark.e2e
 def test_repository_manifest(tiny_run, tmp_path):
     """The repository gate reads the models' records of its manifest: odd ones are refused."""
-    from bert_compiler.pipeline.triton.package import PackageSpec, package
-    from bert_compiler.pipeline.triton.repository import open_repository
+    from bert_compiler.triton.package import PackageSpec, package
+    from bert_compiler.triton.repository import open_repository
 
     info, out = tiny_run[0], tmp_path / "out"
     shutil.copytree(tiny_run[1], out)

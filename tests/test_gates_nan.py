@@ -12,11 +12,11 @@ import click
 import numpy as np
 import pytest
 
+from bert_compiler.cli.commands import cli, strict_json
+from bert_compiler.cli.options import VerifyOptions
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.cli import cli, strict_json
-from bert_compiler.pipeline.options import VerifyOptions
-from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES, OutputParity, Tolerance
-from bert_compiler.pipeline.verify import MetricResult, VerifySpec, metric_gate_failures
+from bert_compiler.runtime.parity import DEFAULT_TOLERANCES, OutputParity, Tolerance
+from bert_compiler.stages.verify import MetricResult, VerifySpec, metric_gate_failures
 
 NAN, INF = math.nan, math.inf
 

@@ -20,8 +20,8 @@ from bert_compiler.core.errors import EnvironmentProblem
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import row_sizes
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.run import RunSpec, run_pipeline
 from tests.closeness import assert_passed_at_the_gate
 from tests.conftest import TINY_VERIFY
 
@@ -102,7 +102,7 @@ def test_ort_cuda_engine_refused_on_another_gpu(tiny_embedding_model, tmp_path):
 
 
 def _engine_config(repository: Path, name: str):
-    from bert_compiler.pipeline.triton.config import parse
+    from bert_compiler.triton.config import parse
 
     path = repository / name / "config.pbtxt"
     return parse(path.read_text(), path)
@@ -117,8 +117,8 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     # machine's image lacks: there this test said "No module named 'tritonclient'").
     pytest.importorskip("tritonclient.grpc")
     from bert_compiler.core.targets import current_gpu
-    from bert_compiler.pipeline.triton.gate import verify_repository
-    from bert_compiler.pipeline.triton.package import PackageSpec
+    from bert_compiler.triton.gate import verify_repository
+    from bert_compiler.triton.package import PackageSpec
 
     info = resolve_model(tiny_embedding_model)
     builds = (
@@ -163,8 +163,8 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
         BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
     )
-    from bert_compiler.pipeline.triton.gate import verify_repository
-    from bert_compiler.pipeline.triton.package import PackageSpec
+    from bert_compiler.triton.gate import verify_repository
+    from bert_compiler.triton.package import PackageSpec
 
     summary = run_pipeline(
         info=info,
@@ -233,7 +233,7 @@ def test_runtime_on_a_cuda_graph_engine_matches_one_row_at_a_time(tiny_embedding
     device and queued without host waits, ladder-padded shapes, bounded row counts) gives each
     row what the engine gives it alone, in input order, on the host or left on the GPU."""
     _skip_unless(_ort_cuda_reason())
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
 
     info = resolve_model(tiny_embedding_model)
     builds = (BuildSpec(device="cuda", precision="fp16", cuda_graph=True),)
@@ -268,7 +268,7 @@ def test_packed_attention_engine_matches_the_padded_fp16_engine(tiny_embedding_m
     _skip_unless(_ort_cuda_reason())
     import onnx
 
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
 
     info = resolve_model(tiny_embedding_model)
     padded = BuildSpec(device="cuda", precision="fp16")

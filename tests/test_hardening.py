@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError
-from bert_compiler.pipeline.cli import cli
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ def _invoke(*args):
 
 def _start(*args, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "bert_compiler.pipeline.cli", *map(str, args)],
+        [sys.executable, "-m", "bert_compiler.cli.commands", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 
 from bert_compiler.calibration import datasets
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.artifacts import StageRecord, sha256_file
-from bert_compiler.pipeline.cli import cli
 from tests.conftest import cpu_engine_dir
 from tests.test_models import _pickle_only
 from tests.test_onnx_io import _with_external_location
@@ -712,8 +712,8 @@ def test_replaced_external_weights_are_a_new_input(tiny_run, tmp_path):
 
 def test_a_long_position_table_verifies_with_bounded_edge_rows(tmp_path):
     """max_position_embeddings 65536 is allowed; verify's longest edge row stays small."""
-    from bert_compiler.pipeline.models import load_tokenizer, resolve_model
-    from bert_compiler.pipeline.text import EDGE_ROW_MAX_WORDS, parity_batches, tokenize
+    from bert_compiler.models.loading import load_tokenizer, resolve_model
+    from bert_compiler.runtime.text import EDGE_ROW_MAX_WORDS, parity_batches, tokenize
     from tests.tiny_models import make_tiny_model
 
     folder = make_tiny_model(tmp_path / "long", config_overrides={"max_position_embeddings": 65536})
@@ -733,7 +733,7 @@ def test_a_long_position_table_verifies_with_bounded_edge_rows(tmp_path):
 
 
 def test_running_out_of_memory_in_verify_is_one_line(tiny_run, tmp_path, monkeypatch):
-    from bert_compiler.pipeline import verify
+    from bert_compiler.stages import verify
 
     out = tmp_path / "out"
     shutil.copytree(tiny_run[1], out)

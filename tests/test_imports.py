@@ -38,7 +38,7 @@ def _heavy_modules_loaded_by(code: str) -> list[str]:
 
 def test_every_module_imports_lazily():
     assert "bert_compiler.engines.onnxruntime" in MODULES
-    assert "bert_compiler.pipeline.cli" in MODULES
+    assert "bert_compiler.cli.commands" in MODULES
     code = f"import importlib\nfor name in {MODULES!r}:\n    importlib.import_module(name)"
     assert _heavy_modules_loaded_by(code) == []
 
@@ -46,7 +46,7 @@ def test_every_module_imports_lazily():
 def test_every_help_runs_without_heavy_imports():
     code = (
         "from click.testing import CliRunner\n"
-        "from bert_compiler.pipeline.cli import cli\n"
+        "from bert_compiler.cli.commands import cli\n"
         "for cmd in ([], ['run'], ['export'], ['simplify'], ['fuse'], ['build'], ['verify'],\n"
         "            ['targets'], ['package'], ['doctor'], ['serve']):\n"
         "    r = CliRunner().invoke(cli, cmd + ['--help'])\n"

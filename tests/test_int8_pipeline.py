@@ -12,12 +12,12 @@ import pytest
 
 from bert_compiler.calibration import datasets
 from bert_compiler.engines.backend import BuildSpec
-from bert_compiler.pipeline import fallback as fallback_module
-from bert_compiler.pipeline.calibrate import CalibrationSpec
-from bert_compiler.pipeline.fallback import FallbackSpec
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.verify import metric_gate_failures
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.stages import fallback as fallback_module
+from bert_compiler.stages.calibrate import CalibrationSpec
+from bert_compiler.stages.fallback import FallbackSpec
+from bert_compiler.stages.verify import metric_gate_failures
 from tests.closeness import assert_passed_at_the_gate
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
@@ -240,7 +240,7 @@ def test_fallback_stops_at_the_float_limit_and_fails(tiny_embedding_model, tmp_p
 
 
 def test_metric_gates():
-    from bert_compiler.pipeline.verify import MetricResult, VerifySpec
+    from bert_compiler.stages.verify import MetricResult, VerifySpec
 
     torch_metric = MetricResult("stsb_spearman", 86.72, 1500)
     int8 = VerifySpec(precision="int8")
@@ -260,7 +260,7 @@ def test_metric_gates():
 
 
 def test_retention_of_a_non_positive_metric_is_refused():
-    from bert_compiler.pipeline.verify import MetricResult, VerifySpec
+    from bert_compiler.stages.verify import MetricResult, VerifySpec
 
     failures = metric_gate_failures(
         MetricResult("stsb_spearman", -6.3, 100),
@@ -278,8 +278,8 @@ def test_an_explicit_int8_weight_type_names_its_engine_and_is_recorded(
     saturating s8 kernel of a CPU without VNNI is allowed only because verify gates it."""
     from click.testing import CliRunner
 
+    from bert_compiler.cli.commands import cli
     from bert_compiler.engines.backend import get_backend
-    from bert_compiler.pipeline.cli import cli
 
     args = ["run", "--model", str(tiny_embedding_model), "--out", str(tmp_path), "--precision"]
     args += ["int8", "--no-package", "--metric-limit", "50", "--no-metric-gate", "--json"]
@@ -325,7 +325,7 @@ def test_a_selection_split_equal_to_the_reporting_set_is_refused(task, tmp_path)
     from types import SimpleNamespace
 
     from bert_compiler.core.errors import InputError
-    from bert_compiler.pipeline.fallback import int8_with_fallback
+    from bert_compiler.stages.fallback import int8_with_fallback
 
     reporting = datasets.SST2_DEV if task == "sequence-classification" else datasets.STSB_DEV
     copy = tmp_path / "copy.tsv"

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from bert_compiler.core.errors import InputError, UnsupportedModelError
-from bert_compiler.pipeline.models import load_tokenizer, load_torch_model, resolve_model
+from bert_compiler.models.loading import load_tokenizer, load_torch_model, resolve_model
 from tests.tiny_models import edit_config
 
 
@@ -182,7 +182,7 @@ def test_roberta_positions_start_after_the_padding_index(tiny_roberta):
     # 130 position rows, the first pad_token_id + 1 = 2 never a token's: 128 tokens at most.
     assert (info.config["max_position_embeddings"], info.max_length) == (130, 128)
     assert info.architecture.input_names == ("input_ids", "attention_mask")
-    from bert_compiler.pipeline.text import resolve_max_length
+    from bert_compiler.runtime.text import resolve_max_length
 
     assert resolve_max_length(info, 128) == 128
     with pytest.raises(InputError, match="between 2 and 128"):
@@ -210,9 +210,9 @@ def test_hostile_roberta_configs_are_refused(tiny_roberta, tmp_path, changes, me
 
 
 def test_roberta_rows_are_padded_with_its_pad_id_everywhere(tiny_roberta):
-    from bert_compiler.pipeline.models import load_tokenizer
-    from bert_compiler.pipeline.runtime import tokenize_rows
-    from bert_compiler.pipeline.text import tokenize
+    from bert_compiler.models.loading import load_tokenizer
+    from bert_compiler.runtime.encoder import tokenize_rows
+    from bert_compiler.runtime.text import tokenize
 
     info = resolve_model(tiny_roberta)
     tokenizer = load_tokenizer(info)
@@ -319,14 +319,14 @@ def test_a_half_precision_config_dtype_still_loads_the_float32_reference(tiny_mo
 
 
 def _without_tokenizer_files(folder):
-    from bert_compiler.pipeline.models import TOKENIZER_FILES
+    from bert_compiler.models.loading import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
         (folder / name).unlink(missing_ok=True)
 
 
 def test_a_folder_without_tokenizer_files_is_refused(tiny_model_copy):
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
 
     _without_tokenizer_files(tiny_model_copy)
     with pytest.raises(InputError, match="no tokenizer file"):
@@ -337,7 +337,7 @@ def test_a_tokenizer_of_the_special_tokens_alone_is_refused(tiny_model_copy):
     """What transformers 5 writes for BertTokenizerFast(vocab_file=...): every word [UNK]."""
     import transformers
 
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
     from tests.tiny_models import SPECIAL
 
     _without_tokenizer_files(tiny_model_copy)
@@ -350,7 +350,7 @@ def test_a_tokenizer_of_the_special_tokens_alone_is_refused(tiny_model_copy):
 
 
 def test_a_tokenizer_longer_than_the_embedding_table_is_refused(tiny_model_copy):
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
 
     info = resolve_model(tiny_model_copy)
     tokens = len(load_tokenizer(info))

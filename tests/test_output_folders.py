@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.outdir import BOOKKEEPING, MARKER_FILE
-from bert_compiler.pipeline.cli import cli
 from tests.tiny_models import edit_config
 
 

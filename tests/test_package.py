@@ -14,17 +14,17 @@ from click.testing import CliRunner
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.artifacts import StageRecord, sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.engines.backend import budget_batch_sizes
 from bert_compiler.engines.batching import rung
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.runtime import CPU_BATCHING, ladder_from_text
-from bert_compiler.pipeline.text import tokenize
-from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.gate import verify_repository
-from bert_compiler.pipeline.triton.package import (
+from bert_compiler.runtime.encoder import CPU_BATCHING, ladder_from_text
+from bert_compiler.runtime.text import tokenize
+from bert_compiler.triton import config as tc
+from bert_compiler.triton.gate import verify_repository
+from bert_compiler.triton.package import (
     PYTHON_INSTANCES,
     TEMPLATES,
     TEXT_RUN_COST_TOKENS,
@@ -37,8 +37,8 @@ from bert_compiler.pipeline.triton.package import (
     package,
     tokenizer_json,
 )
-from bert_compiler.pipeline.triton.repository import open_repository, repository_problems
-from bert_compiler.pipeline.triton.tokenizer_model import decode_texts, encode, parse_ladder
+from bert_compiler.triton.repository import open_repository, repository_problems
+from bert_compiler.triton.tokenizer_model import decode_texts, encode, parse_ladder
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
@@ -153,7 +153,7 @@ def _load_text_model(folder: Path, config, monkeypatch):
 
 @pytest.mark.e2e
 def test_python_text_model_gives_the_runtimes_outputs(repository, monkeypatch):
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
 
     info, out, result = repository
     name = f"{info.name}-ort-cpu-fp32-python-text"
@@ -172,9 +172,9 @@ def test_python_text_model_returns_token_outputs_with_their_mask(
 ):
     """A feature-extraction engine: each request's last_hidden_state padded to its own longest
     text, the runtime's rows in it, and the mask that says which positions are real."""
-    from bert_compiler.pipeline.models import resolve_model
-    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.models.loading import resolve_model
+    from bert_compiler.run import RunSpec, run_pipeline
+    from bert_compiler.runtime.encoder import Encoder
 
     info = resolve_model(tiny_embedding_model, task="feature-extraction")
     out = tmp_path / "out"
@@ -263,7 +263,7 @@ HARD_TEXTS = [
 def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
     from tokenizers import Tokenizer
 
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
 
     info, _out, result = repository
     folder = result.path / f"{info.name}-tokenizer"
@@ -298,7 +298,7 @@ def test_tokenizer_model_tokenizes_like_the_pipeline(repository):
 
 @pytest.mark.e2e
 def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(ensemble_repository):
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
 
     info, _out, result = ensemble_repository
     slug = info.name
@@ -323,7 +323,7 @@ def test_the_ladder_is_fitted_to_calibration_text_and_configures_batching(ensemb
 
 @pytest.mark.e2e
 def test_ladder_rungs_sets_how_many_rungs_are_fitted(tiny_run, tmp_path):
-    from bert_compiler.pipeline.models import load_tokenizer
+    from bert_compiler.models.loading import load_tokenizer
 
     info, out, _spec, _summary = tiny_run
     result = _package_cli(tiny_run, tmp_path / "r", "--ladder-rungs", "2", "--json")
@@ -609,7 +609,7 @@ def test_an_engine_file_replaced_while_the_gate_verifies_it_fails_the_gate(
 ):
     """The gate verifies the file as it loaded it: one replaced during the parity run (after
     the hash checks) would be deployed unverified, so the gate checks it again afterwards."""
-    from bert_compiler.pipeline.triton import gate
+    from bert_compiler.triton import gate
 
     info, _out, copy = repository_copy
     engine_file = copy / f"{info.name}-ort-cpu-fp32" / "1" / "model.onnx"
@@ -665,7 +665,7 @@ def test_python_bytecode_is_named_and_refused_unread(repository_copy, tmp_path):
 
 @pytest.mark.e2e
 def test_repository_of_another_model_is_refused(repository_copy, tiny_classifier_model):
-    from bert_compiler.pipeline.models import resolve_model
+    from bert_compiler.models.loading import resolve_model
 
     _info, out, copy = repository_copy
     other = resolve_model(tiny_classifier_model)
@@ -825,8 +825,8 @@ def test_the_gate_tells_a_tokenizer_that_lost_its_lowercasing(tmp_path):
     """The tokenizer check compares ids: the packaged tokenizer.json with BERT's lowercasing
     and accent stripping turned off tokenizes the parity texts differently, and the check names
     the batch; the file as package writes it has no mismatch."""
-    from bert_compiler.pipeline.models import resolve_model
-    from bert_compiler.pipeline.triton.package import tokenizer_json, tokenizer_mismatches
+    from bert_compiler.models.loading import resolve_model
+    from bert_compiler.triton.package import tokenizer_json, tokenizer_mismatches
 
     info = resolve_model("default")
     written = json.loads(tokenizer_json(info, 128))
@@ -849,7 +849,7 @@ def test_a_disk_that_fills_while_packaging_is_one_line_and_leaves_the_repository
     what to do, exit 3, and the repository exactly as it was (the staging tree removed)."""
     import errno as errnos
 
-    from bert_compiler.pipeline.triton import package as package_module
+    from bert_compiler.triton import package as package_module
 
     _info, _out, copy = repository_copy
     before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}

@@ -20,10 +20,10 @@ from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import BuildSpec, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16
 from bert_compiler.engines.packed_attention import pack_attention, require_packable
-from bert_compiler.pipeline.export import export
-from bert_compiler.pipeline.fuse import fuse
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.simplify import simplify
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.stages.export import export
+from bert_compiler.stages.fuse import fuse
+from bert_compiler.stages.simplify import simplify
 from tests.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.e2e

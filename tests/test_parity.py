@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bert_compiler.pipeline.parity import DEFAULT_TOLERANCES, OutputParity, compare_batch
+from bert_compiler.runtime.parity import DEFAULT_TOLERANCES, OutputParity, compare_batch
 
 FP32 = DEFAULT_TOLERANCES["fp32"]
 

@@ -13,11 +13,11 @@ import pytest
 
 from bert_compiler.core.errors import ArtifactError
 from bert_compiler.engines.backend import load_engine
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import run_pipeline
-from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.verify import run_verification
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.run import run_pipeline
+from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.stages.layout import Layout
+from bert_compiler.stages.verify import run_verification
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
 
@@ -173,8 +173,8 @@ def test_metric_gate_is_separate_from_parity(tiny_embedding_model, tiny_run):
 def test_classifier_and_host_pooling_variants(
     tiny_classifier_model, tiny_embedding_model, tmp_path
 ):
-    from bert_compiler.pipeline.export import ExportSpec
-    from bert_compiler.pipeline.runner import RunSpec
+    from bert_compiler.run import RunSpec
+    from bert_compiler.stages.export import ExportSpec
 
     classifier = run_pipeline(
         info=resolve_model(tiny_classifier_model),
@@ -193,8 +193,8 @@ def test_classifier_and_host_pooling_variants(
 
 
 def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
-    from bert_compiler.pipeline.models import load_tokenizer
-    from bert_compiler.pipeline.text import PARITY_BATCH_SIZES, parity_batches, tokenize
+    from bert_compiler.models.loading import load_tokenizer
+    from bert_compiler.runtime.text import PARITY_BATCH_SIZES, parity_batches, tokenize
 
     info = resolve_model(tiny_embedding_model)
     tokenizer = load_tokenizer(info)
@@ -213,7 +213,7 @@ def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
 def test_the_run_summary_gives_a_labelled_speed_figure(tiny_run):
     """Issue 15 item 3: each engine's summary says how fast verify's metric pass ran through the
     runtime, and says that it is a rough figure."""
-    from bert_compiler.pipeline.cli import _speed_line
+    from bert_compiler.cli.commands import _speed_line
 
     _info, _out, spec, summary = tiny_run
     (engine,) = summary["engines"]

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
+from bert_compiler.cli.options import ProgressOptions
 from bert_compiler.core import progress
-from bert_compiler.pipeline.options import ProgressOptions
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,4 @@
-"""The runtime (pipeline/runtime.py): texts in, outputs in input order, whatever the batching."""
+"""The runtime (runtime/encoder.py): texts in, outputs in input order, whatever the batching."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import BatchingSpec
-from bert_compiler.pipeline import runtime
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runtime import Encoder
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime.encoder import Encoder
 from tests.conftest import cpu_engine_dir
 
 _BASE = [

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import load_engine
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.models import load_tokenizer
-from bert_compiler.pipeline.text import tokenize
-from bert_compiler.pipeline.triton.package import PackageSpec, package
-from bert_compiler.pipeline.triton.repository import open_repository
-from bert_compiler.pipeline.triton.server import (
+from bert_compiler.models.loading import load_tokenizer
+from bert_compiler.runtime.text import tokenize
+from bert_compiler.triton.package import PackageSpec, package
+from bert_compiler.triton.repository import open_repository
+from bert_compiler.triton.server import (
     PYTHON_SITE_VARIABLE,
     check_port,
     log_error,
@@ -277,7 +277,7 @@ def test_sigterm_stops_cleanly_and_a_server_killed_while_serving_is_one_line(rep
 def test_a_model_instance_process_killed_while_serving_stops_serving_in_one_line(repository):
     """Triton keeps a model whose Python stub died "ready", logs nothing, and fails the
     requests routed to it: serve notices the stub's exit, stops, and says which instance."""
-    from bert_compiler.pipeline.triton.server import python_stubs
+    from bert_compiler.triton.server import python_stubs
 
     _info, _out, repo = repository
     serve = _serve("--repository", repo, "--http-port", 0, "--grpc-port", 0, "--json")
@@ -480,8 +480,8 @@ def test_a_port_in_use_is_refused_before_the_server_starts():
 def test_a_model_on_gpu_instances_is_served_only_where_a_gpu_is():
     """A torch engine's text model on KIND_GPU: left out, saying why, on a machine without a
     GPU; loaded where one is. A CPU model and ensembles are unaffected."""
-    from bert_compiler.pipeline.triton import config as tc
-    from bert_compiler.pipeline.triton.server import LOCAL_BACKENDS, unservable
+    from bert_compiler.triton import config as tc
+    from bert_compiler.triton.server import LOCAL_BACKENDS, unservable
 
     text = [tc.TensorSpec("TEXT", "TYPE_STRING", (1,))]
     out = [tc.TensorSpec("sentence_embedding", "TYPE_FP32", (8,))]

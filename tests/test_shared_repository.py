@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import BusyError, InputError
 from bert_compiler.core.lock import output_lock
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.triton.package import PackageSpec, package
-from bert_compiler.pipeline.triton.repository import open_repository
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.triton.package import PackageSpec, package
+from bert_compiler.triton.repository import open_repository
 from tests.conftest import TINY_VERIFY
 
 pytestmark = pytest.mark.e2e
@@ -128,7 +128,7 @@ def test_two_packagers_of_one_repository_take_turns(tiny_run, tmp_path):
     for index in range(2):
         out = tmp_path / f"out{index}"
         shutil.copytree(tiny_run[1], out)
-        argv = [sys.executable, "-m", "bert_compiler.pipeline.cli", "package", "--quiet"]
+        argv = [sys.executable, "-m", "bert_compiler.cli.commands", "package", "--quiet"]
         argv += ["--model", str(tiny_run[0].path), "--out", str(out), "--force"]
         argv += ["--repository", str(repository), "--wait-lock", "300"]
         processes.append(subprocess.Popen(argv, stderr=subprocess.PIPE, text=True))
@@ -141,7 +141,7 @@ def test_two_packagers_of_one_repository_take_turns(tiny_run, tmp_path):
 
 
 def test_an_interrupted_package_is_repaired_by_the_next(tiny_run, tmp_path, monkeypatch):
-    from bert_compiler.pipeline.triton import package as package_module
+    from bert_compiler.triton import package as package_module
 
     info, out = tiny_run[0], tiny_run[1]
     real = package_module.replace_tree
@@ -201,7 +201,7 @@ def test_another_model_of_the_same_name_is_refused_unless_forced(tiny_run, tmp_p
 def test_a_package_written_by_other_tool_versions_is_not_up_to_date(
     tiny_run, classifier_run, tmp_path, monkeypatch
 ):
-    from bert_compiler.pipeline.triton import package as package_module
+    from bert_compiler.triton import package as package_module
 
     info, out = tiny_run[0], tiny_run[1]
     repository = tmp_path / "models"

@@ -14,7 +14,7 @@ from bert_compiler.calibration.qdq import quantizable_matmuls
 from bert_compiler.calibration.ranges import collect_channel_amax
 from bert_compiler.calibration.smooth import apply_smoothing, smoothed_name, smoothing_factors
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate
+from bert_compiler.stages.calibrate import CalibrationSpec, calibrate
 
 QUICK = CalibrationSpec(num_samples=64, batch_size=16, bins=512, method="minmax")
 

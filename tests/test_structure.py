@@ -12,7 +12,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # The one package folder, and its wings (pyproject.toml [tool.setuptools] packages).
 PACKAGE = ROOT / "bert_compiler"
-WINGS = ("core", "pipeline", "engines", "calibration")
+WINGS = ("cli", "bench", "triton", "stages", "runtime", "models", "engines", "calibration", "core")
 BACKEND_NAMES = {"onnxruntime", "tensorrt"}
 
 
@@ -21,12 +21,13 @@ def _sources() -> list[Path]:
 
 
 def test_the_package_is_one_folder_of_wings():
-    """Every product module lives under bert_compiler/, in a wing; nothing of the product is
-    left at the repository root."""
+    """Every product module lives under bert_compiler/, in a wing (or run.py, the pipeline
+    that chains the stages); nothing of the product is left at the repository root."""
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
         WINGS
     )
-    assert not [name for name in WINGS if (ROOT / name).exists()]
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "run.py"]
+    assert not [name for name in (*WINGS, "pipeline") if (ROOT / name).exists()]
 
 
 def test_layer_contracts_hold():
@@ -105,7 +106,7 @@ def test_the_wheel_installs_only_the_bert_compiler_package(tmp_path):
     for expected in (
         "bert_compiler/__init__.py",
         "bert_compiler/core/artifacts.py",
-        "bert_compiler/pipeline/triton/tokenizer_model.py",
+        "bert_compiler/triton/tokenizer_model.py",
         "bert_compiler/engines/backend.py",
         "bert_compiler/calibration/data/calibration-sentences.tsv",
     ):

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 
 from bert_compiler.calibration import datasets
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.sweep import PEERS
+from bert_compiler.stages.sweep import PEERS
 
 pytestmark = pytest.mark.e2e
 
@@ -140,7 +140,7 @@ def test_a_grid_point_given_twice_is_swept_once(
     tiny_embedding_model, flag, value, parsed, monkeypatch, tmp_path
 ):
     """Two spellings of one value (0 and 00, -0 and 0.0) are one grid point, not two rows."""
-    from bert_compiler.pipeline import cli as cli_module
+    from bert_compiler.cli import commands as cli_module
 
     seen = {}
 

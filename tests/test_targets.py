@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
 from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi, plan_targets
@@ -27,8 +28,7 @@ from bert_compiler.engines.tensorrt_options import (
     derive_profiles,
     select_profile,
 )
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.layout import model_slug
+from bert_compiler.stages.layout import model_slug
 from tests.gpus import A100, H100, ORT_CUDA
 
 # --- detection and plans -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tokenization (pipeline/token_rows.py, and the runtime's streaming encode): ids, type ids and
+"""Tokenization (runtime/token_rows.py, and the runtime's streaming encode): ids, type ids and
 truncation bit-identical to the model's Hugging Face tokenizer for every registered
 architecture, single texts and pairs, on the bundled data and on hostile text."""
 
@@ -13,11 +13,12 @@ import pytest
 
 from bert_compiler.calibration import datasets
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline import runtime, token_rows
-from bert_compiler.pipeline.architectures import ARCHITECTURES
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.token_rows import RowTokenizer, TokenizerPool, piecewise
+from bert_compiler.models.architectures import ARCHITECTURES
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime import token_rows
+from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, piecewise
 from tests.test_runtime import RecordingEngine
 from tests.tiny_models import _bert_family
 
@@ -283,7 +284,7 @@ def test_the_reference_reads_the_same_cut_text_as_the_engine():
     """Where the cut does change a text's tokens (words past the cut behind a run of spaces
     longer than it), verify's reference (text.encode_texts) reads the same characters as the
     runtime, so the two still agree."""
-    from bert_compiler.pipeline.text import encode_texts
+    from bert_compiler.runtime.text import encode_texts
 
     info = resolve_model("default")
     hf = _minilm_tokenizer()
@@ -304,8 +305,8 @@ def test_a_twenty_megabyte_text_is_tokenized_in_bounded_memory(tmp_path):
     script.write_text(
         "import resource\n"
         "from transformers import AutoTokenizer\n"
-        "from bert_compiler.pipeline.models import resolve_model\n"
-        "from bert_compiler.pipeline.token_rows import RowTokenizer\n"
+        "from bert_compiler.models.loading import resolve_model\n"
+        "from bert_compiler.runtime.token_rows import RowTokenizer\n"
         "hf = AutoTokenizer.from_pretrained(resolve_model('default').path)\n"
         "rows = RowTokenizer(hf.backend_tokenizer, 256)\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"

@@ -21,6 +21,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bert_compiler.bench.measure import _packed_fixed
+from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import (
     ArtifactError,
     EnvironmentProblem,
@@ -39,16 +41,14 @@ from bert_compiler.engines.torch_module import (
     graph_bucket,
     kernel_tiles,
 )
-from bert_compiler.pipeline import runtime
-from bert_compiler.pipeline.architectures import ARCHITECTURES
-from bert_compiler.pipeline.bench import _packed_fixed
-from bert_compiler.pipeline.build import build
-from bert_compiler.pipeline.cli import cli
-from bert_compiler.pipeline.models import resolve_model
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.package import PYTHON_INSTANCES
+from bert_compiler.models.architectures import ARCHITECTURES
+from bert_compiler.models.loading import resolve_model
+from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.stages.build import build
+from bert_compiler.triton import config as tc
+from bert_compiler.triton.package import PYTHON_INSTANCES
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 from tests.gpus import H100
 from tests.test_gpu_engines import _cuda_reason, _skip_unless
@@ -273,7 +273,7 @@ def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path,
     Python-backend text model (torch_text_model.py beside the files it imports); the gate
     re-plans and verifies it, and its model.py, loaded as Triton loads it on the CPU engine,
     answers each request with the runtime's embeddings."""
-    from bert_compiler.pipeline.triton.gate import verify_repository
+    from bert_compiler.triton.gate import verify_repository
     from tests.test_package import _load_text_model
 
     info, _out, _spec, _summary = tiny_run

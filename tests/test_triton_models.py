@@ -1,4 +1,4 @@
-"""The Python-backend models package copies into a Triton repository (pipeline/triton/
+"""The Python-backend models package copies into a Triton repository (triton/
 tokenizer_model.py, onnxruntime_model.py), run in this process against a stand-in for Triton's
 triton_python_backend_utils: requests batched in one execute call, padded to a ladder rung, run
 once per padded length."""
@@ -11,8 +11,8 @@ import types
 import numpy as np
 import pytest
 
-from bert_compiler.pipeline.triton import onnxruntime_model, text_engine_model, tokenizer_model
-from bert_compiler.pipeline.triton.tokenizer_model import (
+from bert_compiler.triton import onnxruntime_model, text_engine_model, tokenizer_model
+from bert_compiler.triton.tokenizer_model import (
     TextEncoder,
     format_ladder,
     padded_length,
@@ -132,7 +132,7 @@ def test_a_huge_text_is_cut_before_the_tokenizer_reads_it(side):
     """A 400 kB text reaches the Rust tokenizer cut to max_length x TEXT_CHARS_PER_TOKEN
     characters (whole, it would hold about 235 bytes per character), and still gives the
     tokenizer's own truncated rows."""
-    from bert_compiler.pipeline.token_rows import TEXT_CHARS_PER_TOKEN
+    from bert_compiler.runtime.token_rows import TEXT_CHARS_PER_TOKEN
 
     tokenizer = word_tokenizer()
     tokenizer.enable_truncation(max_length=10, direction=side)

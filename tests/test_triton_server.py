@@ -1,5 +1,5 @@
 """The packaged repository in a real Triton server, queried over HTTP and gRPC with tritonclient
-(pipeline/triton/server.py says which server and why only the Python backend): the one-model
+(triton/server.py says which server and why only the Python backend): the one-model
 Python text engine (the default), and the ensemble tokenizer model -> Python-backend engine."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import rung
-from bert_compiler.pipeline.models import load_tokenizer
-from bert_compiler.pipeline.text import tokenize
-from bert_compiler.pipeline.triton.package import PYTHON_INSTANCES, PackageSpec, package
-from bert_compiler.pipeline.triton.repository import open_repository
-from bert_compiler.pipeline.triton.tokenizer_model import parse_ladder
-from bert_compiler.pipeline.verify import torch_runner
+from bert_compiler.models.loading import load_tokenizer
+from bert_compiler.runtime.text import tokenize
+from bert_compiler.stages.verify import torch_runner
+from bert_compiler.triton.package import PYTHON_INSTANCES, PackageSpec, package
+from bert_compiler.triton.repository import open_repository
+from bert_compiler.triton.tokenizer_model import parse_ladder
 from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server, triton_server
 
@@ -410,7 +410,7 @@ def test_load_generator_compares_repositories_on_their_own_servers(tiny_run, tmp
 def served_torch_text(tiny_run, tmp_path_factory):
     """The torch engine's text model (a CPU engine here; KIND_GPU for a cuda one)."""
     from bert_compiler.engines.backend import BuildSpec
-    from bert_compiler.pipeline.runner import RunSpec, run_pipeline
+    from bert_compiler.run import RunSpec, run_pipeline
     from tests.conftest import TINY_VERIFY
 
     info, _out, _spec, _summary = tiny_run
@@ -433,7 +433,7 @@ def test_torch_text_model_serves_the_runtimes_embeddings(served_torch_text):
     the model's execute calls."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from bert_compiler.pipeline.runtime import Encoder
+    from bert_compiler.runtime.encoder import Encoder
 
     info, engine, server, model = served_torch_text
     texts = [*TEXTS, "a man plays a guitar", "two dogs run across a wide green field"]

@@ -6,7 +6,7 @@ import json
 import string
 from pathlib import Path
 
-from bert_compiler.pipeline.architectures import ARCHITECTURES
+from bert_compiler.models.architectures import ARCHITECTURES
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -1,4 +1,4 @@
-"""The local Triton server in tests: the product's launcher (pipeline/triton/server.py, which
+"""The local Triton server in tests: the product's launcher (triton/server.py, which
 `bert-compile serve` and scripts/triton_load.py use too), with what this machine lacks to start
 it as a skip reason."""
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from bert_compiler.core.errors import EnvironmentProblem
-from bert_compiler.pipeline.triton import server as launcher
+from bert_compiler.triton import server as launcher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

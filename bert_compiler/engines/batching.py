@@ -6,7 +6,7 @@ dataset order to its longest row spends about half the positions on padding; sor
 every batch nearly uniform, so most of the compute goes to real tokens. A ladder of padded lengths
 bounds the number of distinct shapes an engine sees (one CUDA graph or TensorRT tuning per shape)
 and lets Triton batch requests of one rung together. The same module plans batches for the runtime
-(pipeline/runtime.py) and the ladder for the Triton tokenizer model, so both serve one set of
+(runtime/encoder.py) and the ladder for the Triton tokenizer model, so both serve one set of
 shapes.
 """
 

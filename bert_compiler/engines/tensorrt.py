@@ -462,7 +462,7 @@ class TensorRTBackend(Backend):
             )
 
     def source_stage(self, spec: BuildSpec) -> str:
-        # The folders of pipeline/layout.py (Layout.calibration): int8 and fp8 graphs apart.
+        # The folders of stages/layout.py (Layout.calibration): int8 and fp8 graphs apart.
         return {"int8": "calibrate", "fp8": "calibrate-fp8"}.get(spec.precision, "simplify")
 
     def folder_parts(self, spec: BuildSpec) -> list[str]:

@@ -66,23 +66,23 @@ from bert_compiler.engines import torch_module
 from bert_compiler.engines.backend import get_backend
 from bert_compiler.engines.batching import BatchingSpec, rung
 from bert_compiler.engines.onnxruntime import session_parameters
-from bert_compiler.pipeline import token_rows
-from bert_compiler.pipeline.layout import Layout, model_slug
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.runtime import (
+from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.runtime import token_rows
+from bert_compiler.runtime.encoder import (
     CPU_BATCHING,
     GPU_BATCHING,
     PACKED_GPU_BATCHING,
     ladder_from_text,
 )
-from bert_compiler.pipeline.text import (
+from bert_compiler.runtime.text import (
     parity_batches,
     parity_texts,
     resolve_max_length,
     tokenize,
 )
-from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.repository import (
+from bert_compiler.stages.layout import Layout, model_slug
+from bert_compiler.triton import config as tc
+from bert_compiler.triton.repository import (
     JOURNAL_FILE,
     VERSION,
     check_entries,
@@ -92,8 +92,8 @@ from bert_compiler.pipeline.triton.repository import (
     package_outputs,
     repository_problems,
 )
-from bert_compiler.pipeline.triton.text_engine_model import RUN_COST_PARAMETER
-from bert_compiler.pipeline.triton.tokenizer_model import (
+from bert_compiler.triton.text_engine_model import RUN_COST_PARAMETER
+from bert_compiler.triton.tokenizer_model import (
     LADDER_PARAMETER,
     TEXT_INPUT,
     TEXT_PAIR_INPUT,
@@ -101,7 +101,7 @@ from bert_compiler.pipeline.triton.tokenizer_model import (
     TextEncoder,
     format_ladder,
 )
-from bert_compiler.pipeline.triton.torch_text_model import (
+from bert_compiler.triton.torch_text_model import (
     MAX_LENGTH_PARAMETER,
     MAX_ROWS_PARAMETER,
     PRECISION_PARAMETER,

@@ -15,7 +15,7 @@ Output tree under ``out``::
     engines/timing-cache/      TensorRT timing caches, one per TensorRT version and GPU
     verify/<model>/<engine>/   report.json + manifest.json
     select/<model>/<engine>/   the same, on the selection split (the INT8 fallback's rounds)
-    triton/                    Triton model repository of the run's engines (pipeline/triton/)
+    triton/                    Triton model repository of the run's engines (triton/)
     run.json   the summary ``run --json`` prints
 """
 

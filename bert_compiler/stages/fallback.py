@@ -2,7 +2,7 @@
 most in float and is verified again, within a bound.
 
 Calibration runs once: every later round reuses its ranges (keeping a MatMul in float does not
-change any activation's range, pipeline/calibrate.py). The quantized MatMuls are ranked by the
+change any activation's range, stages/calibrate.py). The quantized MatMuls are ranked by the
 error each alone adds, on calibration sentences; the search then looks for the shortest prefix
 of that ranking to keep in float that passes the gate, by growing groups and bisection
 (calibration/sensitivity.py: about 2 log2(limit) rounds, not one per MatMul). It stops at
@@ -30,13 +30,13 @@ from bert_compiler.core import progress
 from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.stage import StageResult
-from bert_compiler.pipeline.calibrate import (
+from bert_compiler.models.loading import ModelInfo
+from bert_compiler.stages.calibrate import (
     MODEL_FILE,
     CalibrationSpec,
     calibrate,
     rank_for_fallback,
 )
-from bert_compiler.pipeline.models import ModelInfo
 
 log = logging.getLogger("bert_compile")
 

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
-    from ...engines.torch_module import ENGINE_FILE, open_engine
-    from ..token_rows import RowTokenizer, TokenRows
+    from ..engines.torch_module import ENGINE_FILE, open_engine
+    from ..runtime.token_rows import RowTokenizer, TokenRows
     from .tokenizer_model import TOKENIZER_FILE, ModelArgs, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

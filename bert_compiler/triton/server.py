@@ -46,14 +46,14 @@ from typing import Any
 from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
 from bert_compiler.core.targets import gpu_absence
-from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.repository import (
+from bert_compiler.triton import config as tc
+from bert_compiler.triton.repository import (
     ENGINE_ROLES,
     VERSION,
     Repository,
     open_repository,
 )
-from bert_compiler.pipeline.triton.tokenizer_model import TEXT_PAIR_INPUT
+from bert_compiler.triton.tokenizer_model import TEXT_PAIR_INPUT
 
 DISTRIBUTION = "nvidia-pytriton"
 # The backends the nvidia-pytriton server has (ensembles are built into Triton).

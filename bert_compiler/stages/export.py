@@ -17,7 +17,7 @@ from bert_compiler.core.artifacts import StageRecord, atomic_path
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, op_counts
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import (
+from bert_compiler.models.loading import (
     ModelInfo,
     build_wrapper,
     load_tokenizer,

@@ -22,8 +22,8 @@ from bert_compiler.core.artifacts import (
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.core.onnx_io import load_onnx
-from bert_compiler.pipeline.layout import model_slug
-from bert_compiler.pipeline.triton import config as tc
+from bert_compiler.stages.layout import model_slug
+from bert_compiler.triton import config as tc
 
 # Every model of a repository has one version folder.
 VERSION = "1"

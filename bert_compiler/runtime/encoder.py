@@ -39,8 +39,8 @@ from bert_compiler.engines.batching import (
     derive_ladder,
     plan_batches,
 )
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer, output_name
-from bert_compiler.pipeline.text import (
+from bert_compiler.models.loading import ModelInfo, load_tokenizer, output_name
+from bert_compiler.runtime.text import (
     Text,
     check_texts,
     check_token_values,
@@ -51,7 +51,7 @@ from bert_compiler.pipeline.text import (
     text_list,
     text_windows,
 )
-from bert_compiler.pipeline.token_rows import RowTokenizer, TokenizerPool, TokenRows
+from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, TokenRows
 
 log = logging.getLogger("bert_compile")
 
@@ -199,7 +199,7 @@ class PinnedStaging:
 
 
 def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
-    """The RowTokenizer (pipeline/token_rows.py) of a Hugging Face fast tokenizer at
+    """The RowTokenizer (runtime/token_rows.py) of a Hugging Face fast tokenizer at
     ``max_length``, made once per tokenizer, length and truncation side (its piece cache is
     kept with it)."""
     made = _ROW_TOKENIZERS.setdefault(tokenizer, {})
@@ -226,7 +226,7 @@ _ROW_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def tokenize_rows(tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int) -> Tokens:
     """Tokenize without padding; every row (a cross-encoder's: every pair) truncated at
     ``max_length``: the Hugging Face tokenizer's ids and type ids, bit for bit
-    (pipeline/token_rows.py)."""
+    (runtime/token_rows.py)."""
     texts = text_list(texts)
     if not texts:
         raise InputError("no texts to encode")

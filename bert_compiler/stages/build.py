@@ -30,9 +30,9 @@ from bert_compiler.core.stage import StageResult, run_stage
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.tensorrt_options import Profile, ProfileDerivation, derive_profiles
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.text import encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.runtime.text import encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.stages.layout import Layout
 
 log = logging.getLogger("bert_compile")
 

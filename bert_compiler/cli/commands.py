@@ -1,4 +1,4 @@
-"""bert-compile: a thin click layer; each command lists its option groups (pipeline/options.py),
+"""bert-compile: a thin click layer; each command lists its option groups (cli/options.py),
 which parse its flags into specs, and calls the library.
 
 Exit codes: 0 ok; 1 internal error (traceback); 2 usage; 3 bad input; 4 unsupported model;
@@ -21,23 +21,10 @@ from typing import Any
 
 import click
 
-from bert_compiler.core import interrupts, progress
-from bert_compiler.core.artifacts import ArtifactDir
-from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
-from bert_compiler.core.lock import output_lock
-from bert_compiler.core.outdir import claim_output, release_if_unused
-from bert_compiler.core.stage import StageResult
-from bert_compiler.core.targets import detect, plan_targets
-from bert_compiler.pipeline.bench import format_table, run_bench, write_report
-from bert_compiler.pipeline.build import ProfileText, build, engine_folder_name, resolve_build_spec
-from bert_compiler.pipeline.calibrate import calibrate
-from bert_compiler.pipeline.config import apply_config
-from bert_compiler.pipeline.doctor import diagnose, require_target
-from bert_compiler.pipeline.export import MODEL_FILE, export
-from bert_compiler.pipeline.fuse import fuse
-from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout, find_engine
-from bert_compiler.pipeline.models import ModelInfo
-from bert_compiler.pipeline.options import (
+from bert_compiler.bench.measure import format_table, run_bench, write_report
+from bert_compiler.cli.config import apply_config
+from bert_compiler.cli.doctor import diagnose, require_target
+from bert_compiler.cli.options import (
     BenchOptions,
     CalibrationOptions,
     ExportOptions,
@@ -57,14 +44,28 @@ from bert_compiler.pipeline.options import (
     target_option,
     uses,
 )
-from bert_compiler.pipeline.runner import RunSpec, run_pipeline
-from bert_compiler.pipeline.simplify import simplify
-from bert_compiler.pipeline.sweep import format_table as sweep_table
-from bert_compiler.pipeline.sweep import run_sweep
-from bert_compiler.pipeline.sweep import write_report as write_sweep
-from bert_compiler.pipeline.triton.gate import verify_repository
-from bert_compiler.pipeline.triton.package import package, repository_summary
-from bert_compiler.pipeline.triton.server import (
+from bert_compiler.core import interrupts, progress
+from bert_compiler.core.artifacts import ArtifactDir
+from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
+from bert_compiler.core.lock import output_lock
+from bert_compiler.core.outdir import claim_output, release_if_unused
+from bert_compiler.core.stage import StageResult
+from bert_compiler.core.targets import detect, plan_targets
+from bert_compiler.models.loading import ModelInfo
+from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.stages.build import ProfileText, build, engine_folder_name, resolve_build_spec
+from bert_compiler.stages.calibrate import calibrate
+from bert_compiler.stages.export import MODEL_FILE, export
+from bert_compiler.stages.fuse import fuse
+from bert_compiler.stages.layout import DEFAULT_OUT, Layout, find_engine
+from bert_compiler.stages.simplify import simplify
+from bert_compiler.stages.sweep import format_table as sweep_table
+from bert_compiler.stages.sweep import run_sweep
+from bert_compiler.stages.sweep import write_report as write_sweep
+from bert_compiler.stages.verify import REPORT_FILE, require_passed, verify
+from bert_compiler.triton.gate import verify_repository
+from bert_compiler.triton.package import package, repository_summary
+from bert_compiler.triton.server import (
     LOG_FILE,
     READY_TIMEOUT_S,
     describe,
@@ -72,7 +73,6 @@ from bert_compiler.pipeline.triton.server import (
     plan_serving,
     triton_server,
 )
-from bert_compiler.pipeline.verify import REPORT_FILE, require_passed, verify
 
 _JSON_KEY = "bert_compile.json"
 _FORCE_KEY = "bert_compile.force"

@@ -17,8 +17,8 @@ import numpy as np
 
 from bert_compiler.calibration import datasets
 from bert_compiler.core.errors import InputError
-from bert_compiler.pipeline.models import ModelInfo
-from bert_compiler.pipeline.token_rows import cut_texts
+from bert_compiler.models.loading import ModelInfo
+from bert_compiler.runtime.token_rows import cut_texts
 
 # One text a model reads: a string, or a cross-encoder's (text, text_pair).
 Text = str | tuple[str, str]

@@ -16,7 +16,7 @@ from bert_compiler.core.artifacts import StageRecord, atomic_path
 from bert_compiler.core.errors import FusionError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, sample_token_feeds
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import ModelInfo
+from bert_compiler.models.loading import ModelInfo
 
 log = logging.getLogger("bert_compile")
 

@@ -44,21 +44,21 @@ from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
 from bert_compiler.engines import onnxruntime as ort_engine
 from bert_compiler.engines.backend import BuildSpec
-from bert_compiler.pipeline.build import build
-from bert_compiler.pipeline.calibrate import (
+from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.runtime.text import resolve_max_length, tokenize
+from bert_compiler.stages.build import build
+from bert_compiler.stages.calibrate import (
     CalibrationSpec,
     calibration_batches,
     calibration_texts,
 )
-from bert_compiler.pipeline.export import export
-from bert_compiler.pipeline.fallback import FallbackSpec
-from bert_compiler.pipeline.fuse import fuse
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.runtime import Encoder
-from bert_compiler.pipeline.simplify import simplify
-from bert_compiler.pipeline.text import resolve_max_length, tokenize
-from bert_compiler.pipeline.verify import (
+from bert_compiler.stages.export import export
+from bert_compiler.stages.fallback import FallbackSpec
+from bert_compiler.stages.fuse import fuse
+from bert_compiler.stages.layout import Layout
+from bert_compiler.stages.simplify import simplify
+from bert_compiler.stages.verify import (
     compute_metric,
     engine_embedder,
     torch_embedder,

@@ -19,7 +19,7 @@ from typing import Any
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import InputError, UnsupportedModelError
 from bert_compiler.core.files import read_json_file
-from bert_compiler.pipeline.architectures import ArchitectureSpec, architecture_for
+from bert_compiler.models.architectures import ArchitectureSpec, architecture_for
 
 log = logging.getLogger("bert_compile")
 

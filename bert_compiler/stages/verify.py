@@ -27,13 +27,14 @@ from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_write_text, input_file, sha256_file
 from bert_compiler.core.errors import EnvironmentProblem, InputError, ParityError
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import (
+from bert_compiler.models.loading import (
     ModelInfo,
     build_wrapper,
     load_torch_model,
     output_name,
 )
-from bert_compiler.pipeline.parity import (
+from bert_compiler.runtime.encoder import Encoder, load_model_engine, pool_token_rows
+from bert_compiler.runtime.parity import (
     DEFAULT_MAX_METRIC_DROP,
     DEFAULT_MIN_METRIC_RETENTION,
     DEFAULT_TOLERANCES,
@@ -41,8 +42,7 @@ from bert_compiler.pipeline.parity import (
     Tolerance,
     compare_batch,
 )
-from bert_compiler.pipeline.runtime import Encoder, load_model_engine, pool_token_rows
-from bert_compiler.pipeline.text import (
+from bert_compiler.runtime.text import (
     PARITY_SENTENCES,
     Text,
     default_parity_file,

@@ -19,6 +19,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from bert_compiler.bench.measure import BenchSpec
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import (
     INT8,
@@ -27,6 +28,7 @@ from bert_compiler.calibration.qdq import (
     WEIGHT_GRANULARITIES,
 )
 from bert_compiler.calibration.ranges import METHODS
+from bert_compiler.cli.config import PerPrecisionOption, per_precision_values
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
@@ -46,14 +48,7 @@ from bert_compiler.engines.tensorrt_options import (
     ProfileDerivation,
     TensorRTOptions,
 )
-from bert_compiler.pipeline.bench import BenchSpec
-from bert_compiler.pipeline.calibrate import CalibrationSpec
-from bert_compiler.pipeline.config import PerPrecisionOption, per_precision_values
-from bert_compiler.pipeline.export import ExportSpec
-from bert_compiler.pipeline.fallback import FallbackSpec
-from bert_compiler.pipeline.fuse import FuseSpec
-from bert_compiler.pipeline.layout import DEFAULT_OUT, Layout
-from bert_compiler.pipeline.models import (
+from bert_compiler.models.loading import (
     DEFAULT_MODEL_ALIAS,
     DEFAULT_MODEL_ALIASES,
     TASKS,
@@ -62,16 +57,21 @@ from bert_compiler.pipeline.models import (
     load_tokenizer,
     resolve_model,
 )
-from bert_compiler.pipeline.sweep import SweepSpec
-from bert_compiler.pipeline.text import check_pair_column, default_text_source
-from bert_compiler.pipeline.triton.package import (
+from bert_compiler.runtime.text import check_pair_column, default_text_source
+from bert_compiler.stages.calibrate import CalibrationSpec
+from bert_compiler.stages.export import ExportSpec
+from bert_compiler.stages.fallback import FallbackSpec
+from bert_compiler.stages.fuse import FuseSpec
+from bert_compiler.stages.layout import DEFAULT_OUT, Layout
+from bert_compiler.stages.sweep import SweepSpec
+from bert_compiler.stages.verify import VerifySpec
+from bert_compiler.triton.package import (
     PACKAGE_LIMITS,
     PADDINGS,
     PYTHON_TEXTS,
     PackageSpec,
     check_repository_target,
 )
-from bert_compiler.pipeline.verify import VerifySpec
 
 log = logging.getLogger("bert_compile")
 
@@ -269,7 +269,7 @@ class VerifyOptions(OptionGroup):
     """Parity and task-metric gates -> VerifySpec (needs MaxLengthOptions).
 
     The five limits are ``PerPrecisionOption``: a config file may set them per precision
-    (``[int8]`` table, pipeline/config.py). A limit given on the command line applies to every
+    (``[int8]`` table, cli/config.py). A limit given on the command line applies to every
     precision; one from a precision table beats the file's other values for that precision.
     """
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
-    from ..token_rows import cut_texts
+    from ..runtime.token_rows import cut_texts
 except ImportError:  # inside Triton: the copy package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from token_rows import cut_texts  # type: ignore[no-redef]

@@ -89,7 +89,7 @@ def intra_op_threads(config: dict, parameters: dict) -> int:
     instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
     if recorded or instances <= 1:
         return recorded
-    # pipeline/runtime.py usable_cores, repeated: bert-compiler is not installed here.
+    # runtime/encoder.py usable_cores, repeated: bert-compiler is not installed here.
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # no affinity outside Linux

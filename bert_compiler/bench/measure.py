@@ -7,8 +7,8 @@ own (the ``tokenizer:`` rows), and end to end, texts in, by each engine through 
 ``encode`` and by sentence-transformers' ``encode`` (rows with ``includes_tokenization``). Runners
 alternate round by round so that drift on a shared machine hits
 them all; the median round's throughput is reported, with per-batch latency percentiles over all
-rounds (the GPU synchronised after each batch). Engines run through the runtime (pipeline/
-runtime.py), which is what serving and verify run; peers run the same rows batched the way a
+rounds (the GPU synchronised after each batch). Engines run through the runtime (runtime/
+encoder.py), which is what serving and verify run; peers run the same rows batched the way a
 careful user would: PyTorch in dataset order and length-sorted, ONNX Runtime's own optimizer
 (fp16 and CUDA graphs on a GPU) length-sorted, and the engine itself fed in dataset order.
 
@@ -44,14 +44,13 @@ from bert_compiler.engines.onnxruntime import (
     OrtEngineOptions,
     provider_entries,
 )
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import (
+from bert_compiler.models.loading import (
     ModelInfo,
     build_wrapper,
     load_tokenizer,
     load_torch_model,
 )
-from bert_compiler.pipeline.runtime import (
+from bert_compiler.runtime.encoder import (
     Encoder,
     Tokens,
     load_model_engine,
@@ -59,7 +58,8 @@ from bert_compiler.pipeline.runtime import (
     tokenize_rows,
     usable_cores,
 )
-from bert_compiler.pipeline.text import Text, encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.runtime.text import Text, encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.stages.layout import Layout
 
 log = logging.getLogger("bert_compile")
 

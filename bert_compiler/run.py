@@ -1,5 +1,5 @@
 """The whole chain: export -> simplify -> fuse -> [calibrate ->] build -> verify -> package,
-skipping what is up to date (the output tree: pipeline/layout.py).
+skipping what is up to date (the output tree: stages/layout.py).
 
 Each quantized engine calibrates in its own format whatever ``--format`` says: int8 engines
 through the INT8 precision fallback (OUT/calibrate), the TensorRT fp8 engine from one fp8
@@ -19,21 +19,21 @@ from bert_compiler.core.artifacts import atomic_write_text
 from bert_compiler.core.outdir import claim_output
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
-from bert_compiler.pipeline.build import (
+from bert_compiler.models.loading import ModelInfo
+from bert_compiler.stages.build import (
     ProfileText,
     build,
     engine_folder_name,
     resolve_build_spec,
 )
-from bert_compiler.pipeline.calibrate import CalibrationSpec, calibrate
-from bert_compiler.pipeline.export import MODEL_FILE, ExportSpec, export
-from bert_compiler.pipeline.fallback import FallbackSpec, Split, int8_with_fallback
-from bert_compiler.pipeline.fuse import FuseSpec, fuse
-from bert_compiler.pipeline.layout import Layout
-from bert_compiler.pipeline.models import ModelInfo
-from bert_compiler.pipeline.simplify import SimplifySpec, simplify
-from bert_compiler.pipeline.triton.package import PackageSpec, package, repository_summary
-from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
+from bert_compiler.stages.calibrate import CalibrationSpec, calibrate
+from bert_compiler.stages.export import MODEL_FILE, ExportSpec, export
+from bert_compiler.stages.fallback import FallbackSpec, Split, int8_with_fallback
+from bert_compiler.stages.fuse import FuseSpec, fuse
+from bert_compiler.stages.layout import Layout
+from bert_compiler.stages.simplify import SimplifySpec, simplify
+from bert_compiler.stages.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
+from bert_compiler.triton.package import PackageSpec, package, repository_summary
 
 log = logging.getLogger("bert_compile")
 

@@ -10,24 +10,24 @@ from typing import Any
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.engines.backend import load_recorded_engine
-from bert_compiler.pipeline.models import ModelInfo
-from bert_compiler.pipeline.triton import config as tc
-from bert_compiler.pipeline.triton.package import (
+from bert_compiler.models.loading import ModelInfo
+from bert_compiler.stages.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
+from bert_compiler.triton import config as tc
+from bert_compiler.triton.package import (
     TEMPLATES,
     PackageSpec,
     VerifiedEngine,
     plan_repository,
     tokenizer_mismatches,
 )
-from bert_compiler.pipeline.triton.repository import (
+from bert_compiler.triton.repository import (
     ENGINE_ROLES,
     SOURCE_ROLES,
     Repository,
     engine_tensors,
     open_repository,
 )
-from bert_compiler.pipeline.triton.tokenizer_model import LADDER_PARAMETER, parse_ladder
-from bert_compiler.pipeline.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
+from bert_compiler.triton.tokenizer_model import LADDER_PARAMETER, parse_ladder
 
 
 def verify_repository(

@@ -6,7 +6,7 @@ or mse), and writes the graph with symmetric INT8 Q/DQ on those inputs and per-c
 weights, every scale (also in the manifest), and a TensorRT calibration cache for users of older
 TensorRT. With ``--format fp8`` the same inputs get float8 e4m3fn Q/DQ instead (scale = amax / 448,
 weights stored as float8), the graph TensorRT's fp8 engine builds from; it goes to its own folder
-(OUT/calibrate-fp8, pipeline/layout.py) and has no calibration cache (that format is INT8 only).
+(OUT/calibrate-fp8, stages/layout.py) and has no calibration cache (that format is INT8 only).
 
 It runs on the standard-ops (simplified, unfused) graph, and the one Q/DQ graph it writes is the
 input of both INT8 engines: TensorRT builds from it, and ONNX Runtime turns every Q/DQ MatMul into
@@ -46,8 +46,8 @@ from bert_compiler.core.artifacts import ArtifactDir, StageRecord, atomic_write_
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.onnx_io import load_onnx, onnx_input, op_counts, save_onnx
 from bert_compiler.core.stage import StageResult, run_stage
-from bert_compiler.pipeline.models import ModelInfo, load_tokenizer
-from bert_compiler.pipeline.text import (
+from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.runtime.text import (
     Text,
     check_pair_column,
     encode_texts,

@@ -1,1 +1,0 @@
-"""Triton Inference Server: the model repository of verified engines and its deployment gate."""
