@@ -137,6 +137,7 @@ def test_parity_failure_is_reported_per_output(tiny_embedding_model, tiny_run):
     class Perturbed:
         device, max_batch = engine.device, engine.max_batch
         path, input_names, output_names = engine.path, engine.input_names, engine.output_names
+        packed_rows, concurrent_runs = False, False
 
         def run(self, feeds):
             outputs = engine.run(feeds)

@@ -42,6 +42,8 @@ class RecordingEngine:
     device = "cpu"
     max_batch = None
     path = "recording"
+    packed_rows = False
+    concurrent_runs = False
 
     def __init__(self):
         self.input_names = ["input_ids", "attention_mask", "token_type_ids"]
@@ -89,6 +91,7 @@ class ThreadedEngine(RecordingEngine):
     def __init__(self, threads: int = 0, fail_at: int | None = None):
         super().__init__()
         self.threads, self.fail_at = threads, fail_at
+        self.concurrent_runs = not threads
         self.copies: list[ThreadedEngine] = []
         self.lock = threading.Lock()
         self.running = self.most = self.runs = 0

@@ -26,13 +26,14 @@ class Engine(Protocol):
     Attributes:
         path: the engine file.
         device: ``cpu`` or ``cuda``; a ``cuda`` engine also has ``run_device``, which takes and
-            returns torch CUDA tensors [batch, sequence] without host copies. An engine with
-            ``run_packed(ids, type_ids, lengths, longest)`` (engines/torch_encoder.py) takes
-            rows packed back to back instead, and the runtime feeds it that way. A CPU
-            engine with ``threads`` (its recorded intra-op count, 0 for the runtime's choice)
-            and ``with_threads(n)`` (engines/onnxruntime.py) can run in a session of ``n``
-            threads taking concurrent runs; the runtime runs several batches at once on it.
+            returns torch CUDA tensors [batch, sequence] without host copies.
         max_batch: the largest batch it accepts (None: any).
+        packed_rows: it has ``run_packed(ids, type_ids, lengths, longest)``
+            (engines/torch_module.py), taking rows packed back to back instead of padded; the
+            runtime feeds it that way.
+        concurrent_runs: it has ``with_threads(n)`` (engines/onnxruntime.py), a session of
+            ``n`` threads that takes concurrent runs, and its build left the thread count to the
+            runtime; the runtime runs several batches at once on a CPU engine that has this.
     """
 
     path: Path
@@ -40,6 +41,8 @@ class Engine(Protocol):
     max_batch: int | None
     input_names: list[str]
     output_names: list[str]
+    packed_rows: bool
+    concurrent_runs: bool
 
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """One batch of int64 numpy feeds [batch, sequence] -> float32 numpy outputs."""

@@ -297,6 +297,8 @@ class OrtEngine:
     with IO binding, so a GPU engine reads and writes device memory without host copies.
     """
 
+    packed_rows = False
+
     def __init__(
         self, session, provider: str, path: Path, options: OrtEngineOptions, stream: Any = None
     ):
@@ -311,6 +313,9 @@ class OrtEngine:
         self.output_names = [o.name for o in session.get_outputs()]
         # Intra-op threads the build recorded; 0: ONNX Runtime's choice, one per physical core.
         self.threads = options.intra_op_num_threads
+        # Sessions of other thread counts (with_threads), unless the build recorded a count: a
+        # user's choice is kept as it is.
+        self.concurrent_runs = not self.threads
         self._threaded: dict[int, OrtEngine] = {}
         self._threaded_lock = threading.Lock()
         self._identity = _file_identity(path)

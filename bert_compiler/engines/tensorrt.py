@@ -334,6 +334,9 @@ class TensorRTEngine:
     numpy feeds verify uses.
     """
 
+    packed_rows = False
+    concurrent_runs = False
+
     def __init__(self, plan: bytes, options: TensorRTOptions, path: Path):
         import torch
 

@@ -266,6 +266,8 @@ class TorchEncoder:
     ``run_packed`` (torch, packed rows: what the runtime uses)."""
 
     max_batch = None
+    packed_rows = True
+    concurrent_runs = False
 
     def __init__(
         self,

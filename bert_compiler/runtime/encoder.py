@@ -398,7 +398,7 @@ class Encoder:
         self.on_gpu = engine.device == "cuda"
         # An engine that runs packed rows (engines/torch_encoder.py) is given each batch's real
         # tokens back to back: no padding, so no ladder either.
-        self.packed = callable(getattr(engine, "run_packed", None))
+        self.packed = engine.packed_rows
         if batching is None and self.packed:
             batching = PACKED_GPU_BATCHING if self.on_gpu else CPU_BATCHING
         elif batching is None:
@@ -421,14 +421,11 @@ class Encoder:
         self._stagings = (PinnedStaging(), PinnedStaging())
         if concurrent_batches is not None and concurrent_batches < 1:
             raise InputError(f"concurrent batches {concurrent_batches}: give 1 or more")
-        # Only where the engine can run in a session of other threads, and its build left the
-        # count to ONNX Runtime (a recorded count is the user's, kept as it is).
-        splittable = callable(getattr(engine, "with_threads", None)) and not getattr(
-            engine, "threads", 0
-        )
         asked = CPU_CONCURRENT_BATCHES if concurrent_batches is None else concurrent_batches
         self.concurrent_batches = (
-            min(asked, usable_cores()) if splittable and not self.on_gpu and not self.packed else 1
+            min(asked, usable_cores())
+            if engine.concurrent_runs and not self.on_gpu and not self.packed
+            else 1
         )
         if tokenizer_workers is not None and tokenizer_workers < 0:
             raise InputError(f"tokenizer workers {tokenizer_workers}: give 0 or more")
