@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -315,3 +316,32 @@ def test_an_engine_of_another_model_is_refused_and_one_of_the_same_files_is_not(
     save_file(state, str(other / "model.safetensors"))
     with pytest.raises(InputError, match=rf"built from the model in {info.path}, not from "):
         Encoder.open(engine_dir, resolve_model(other))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: replace(t, ids=t.ids + 10**6), r"input_ids outside \[0, "),
+        (lambda t: replace(t, ids=-t.ids - 1), r"input_ids outside \[0, "),
+        (lambda t: replace(t, type_ids=t.type_ids + 7), r"token_type_ids outside \[0, "),
+        (lambda t: replace(t, ids=t.ids.astype(np.float32)), "flat integer arrays"),
+        (lambda t: replace(t, lengths=t.lengths + 1), "they must agree"),
+        (lambda t: replace(t, type_ids=t.type_ids[:-1]), "they must agree"),
+        (
+            lambda t: runtime.Tokens(
+                np.tile(t.ids, 5), np.tile(t.type_ids, 5), np.array([5 * len(t.ids)])
+            ),
+            "each row holds 1 to 32 tokens",
+        ),
+    ],
+)
+def test_token_rows_out_of_contract_are_one_line_before_the_engine(change, message):
+    """HOSTILE row 17: ids past the vocabulary, negative ids, type ids past the type
+    vocabulary, another dtype, lengths that do not add up, a row past the maximum: refused on
+    the host in one line, and the engine never runs."""
+    engine = RecordingEngine()
+    encoder = Encoder(engine, resolve_model("default"), max_length=32)
+    tokens = encoder.tokenize(["a short text", "another one here"])
+    with pytest.raises(InputError, match=message):
+        encoder.run(change(tokens))
+    assert engine.shapes == []

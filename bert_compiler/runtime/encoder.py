@@ -248,6 +248,34 @@ def _checked_tokens(encoded: TokenRows, info: ModelInfo) -> Tokens:
     return Tokens(encoded.ids, encoded.type_ids, encoded.lengths)
 
 
+def _check_rows(tokens: Tokens, info: ModelInfo, max_length: int) -> None:
+    """Token rows given to ``run`` as the engine's contract has them, checked on the host: flat
+    integer ids and type ids of one length, each row 1 to ``max_length`` tokens that add up to
+    them, every id inside the model's vocabularies (past it, an engine gathers outside its
+    embedding table: an error deep in the backend, or another row's numbers).
+
+    Raises:
+        InputError: the first thing out of contract, in one line.
+    """
+    ids, types, lengths = (np.asarray(a) for a in (tokens.ids, tokens.type_ids, tokens.lengths))
+    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in (ids, types, lengths)):
+        raise InputError(
+            "token rows: ids, type ids and lengths must be flat integer arrays, got "
+            f"{[f'{a.dtype}{list(a.shape)}' for a in (ids, types, lengths)]}"
+        )
+    if len(types) != len(ids) or int(lengths.sum()) != len(ids):
+        raise InputError(
+            f"token rows: {len(ids)} ids, {len(types)} type ids and lengths adding up to "
+            f"{int(lengths.sum())}: they must agree"
+        )
+    if lengths.min() < 1 or lengths.max() > max_length:
+        raise InputError(
+            f"token rows: lengths from {lengths.min()} to {lengths.max()}; each row holds 1 to "
+            f"{max_length} tokens"
+        )
+    check_token_values(ids, types, info)
+
+
 def _checked_window(encoded: Any, window: list[Text], info: ModelInfo, start: int) -> Tokens:
     """A window's Tokens, or its tokenization's TypeError as one line naming the text."""
     if isinstance(encoded, TypeError):
@@ -563,6 +591,7 @@ class Encoder:
         on there (a similarity search, a reranker)."""
         if not len(tokens):
             raise InputError("no token rows to run")
+        _check_rows(tokens, self.info, self.max_length)
         chunks = (
             tokens
             if len(tokens) <= CHUNK_ROWS
