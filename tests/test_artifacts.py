@@ -139,3 +139,23 @@ def test_an_output_is_reused_only_when_nothing_but_the_ignored_settings_differ(t
     assert artifact.reusable_output(made, "nothing.txt", ignore=("keep",)) is None
     (folder / "out.txt").write_text("edited")  # no longer the output the manifest hashed
     assert reused(made) is None
+
+
+def test_a_link_planted_at_a_staging_name_is_refused_and_never_followed(tmp_path):
+    """HOSTILE row 34: the staging name beside a final file is predictable (its pid is the
+    writer's). A link planted there is refused, the file it points at untouched and the link
+    left; a leftover regular staging file of an interrupted run is cleared and the write goes
+    through."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file\n")
+    final = tmp_path / "out" / "run.json"
+    final.parent.mkdir()
+    staging = final.with_name(f".run.json.bert-compile.tmp-{os.getpid()}")
+    staging.symlink_to(victim)
+    with pytest.raises(ArtifactError, match="a link or other entry where bert-compile writes"):
+        atomic_write_text(final, "{}\n")
+    assert victim.read_text() == "a user's file\n" and staging.is_symlink() and not final.exists()
+    staging.unlink()
+    staging.write_text("half a summary from an interrupted run")
+    atomic_write_text(final, "{}\n")
+    assert final.read_text() == "{}\n" and not staging.exists()

@@ -110,6 +110,16 @@ def atomic_path(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.with_name(f".{final.name}{_TMP_MARK}{os.getpid()}")
+    # The staging name is predictable: whatever stands there is written through, so only a file
+    # of ours (left by an interrupted run of the same pid) is cleared; a link or anything else
+    # planted there is refused, never followed or removed.
+    if os.path.lexists(staging):
+        if staging.is_symlink() or not staging.is_file():
+            raise ArtifactError(
+                f"{staging}: a link or other entry where bert-compile writes its staging file "
+                f"for {final.name}; remove it and rerun"
+            )
+        staging.unlink()
     try:
         yield staging
         if not staging.exists():
