@@ -574,7 +574,6 @@ def sentence_transformers_modules_is_a_folder(out, model, tmp):
     return _export(out, model), 3, "modules.json: not a regular file"
 
 
-
 CASES = [
     lock_file_linked_out,
     lock_holder_linked_out,
