@@ -170,7 +170,7 @@ def run_pipeline(
     ok = all(e["passed"] for e in engines)
     repository = None
     # Only this run's engines: older engine folders under OUT are not silently shipped.
-    served = tuple(e["name"] for e in engines)
+    served = tuple(str(e["name"]) for e in engines)
     if ok and spec.package is not None and served:
         packaged = package(
             info=info,

@@ -24,11 +24,12 @@ import logging
 import platform
 import statistics
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -161,7 +162,7 @@ def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]
         if info.pairs:
             sentences = list(zip(pairs.sentences1, pairs.sentences2, strict=True))
         else:
-            sentences = pairs.sentences1 + pairs.sentences2
+            sentences = [*pairs.sentences1, *pairs.sentences2]
     else:
         texts = iter_file_texts(
             info,
@@ -183,12 +184,12 @@ def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]
     return sentences * repeats
 
 
-def _capped(texts: Generator[Text, None, None], path: Path) -> list[Text]:
+def _capped(texts: Iterator[Text], path: Path) -> list[Text]:
     """The texts up to DATA_MAX_SENTENCES of them or DATA_MAX_CHARS characters, whichever
     comes first (a warning says where the rest were left, and the file is closed there)."""
     kept: list[Text] = []
     chars = 0
-    with contextlib.closing(texts):
+    with contextlib.closing(cast(Generator[Text, None, None], texts)):  # a file's reader
         for text in texts:
             chars += sum(map(len, text)) if isinstance(text, tuple) else len(text)
             if len(kept) == DATA_MAX_SENTENCES or chars > DATA_MAX_CHARS:
@@ -299,7 +300,9 @@ def _feeds_runner(
             prepared.clear()
             batches = plan_batches(tokens.lengths, BatchingSpec(batch, _UNLIMITED, sort=sort))
             matrices = tokens.matrices(input_names, pad_id)
-            feeds = [{n: m[b.rows, : b.length] for n, m in matrices.items()} for b in batches]
+            feeds: list[dict[str, Any]] = [
+                {n: m[b.rows, : b.length] for n, m in matrices.items()} for b in batches
+            ]
             if on_gpu:
                 import torch
 
@@ -396,8 +399,8 @@ def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[P
 
 def _loadable_engines(
     folders: Sequence[Path], explicit: bool, info: ModelInfo
-) -> list[tuple[str, Any]]:
-    """(folder name, engine) for every folder this machine can run; an engine built for another
+) -> list[tuple[Path, Any]]:
+    """(folder, engine) for every folder this machine can run; an engine built for another
     device is skipped with a note, unless it was asked for by name. An engine of another model
     is refused (load_model_engine)."""
     loaded = []
@@ -489,7 +492,8 @@ def run_bench(
                 return _engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
 
             factories.append(make)
-        text_settings = [(False, None)] + ([(True, None)] if on_gpu else [])
+        text_settings: list[tuple[bool, int | None]] = [(False, None)]
+        text_settings += [(True, None)] if on_gpu else []
         text_settings += [(False, workers) for workers in spec.tokenizer_workers]
         for kept, workers in text_settings:
 
@@ -513,11 +517,7 @@ def run_bench(
                 )
 
             factories.append(make_text)
-        factories.append(
-            lambda folder=folder, engine=engine: _engine_in_order(
-                folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu
-            )
-        )
+        factories.append(partial(_fresh_in_order, folder, engine, pad_id, on_gpu))
     if spec.peers:
         factories.extend(_peer_factories(info, layout, spec, pad_id, on_gpu))
         factories.extend(_sentence_transformers_factories(info, sentences, on_gpu))
@@ -526,8 +526,8 @@ def run_bench(
     fixed: list[Measurement] = []
     measured: set[str] = set()
     if on_gpu:
-        for make in factories:
-            runner = make()
+        for factory in factories:
+            runner = factory()
             _measure([runner], tokens, spec.rounds, on_gpu)
             fixed.extend(_fixed_shapes(info, [runner], spec, max_length, on_gpu, measured))
             runner.run = runner.fixed = None  # type: ignore[assignment]
@@ -626,7 +626,7 @@ def _sentence_transformers_factories(
         log.warning("[bench] sentence-transformers is not installed: no end-to-end peer")
         return []
     return [
-        lambda batch=batch: _sentence_transformers_runner(info, sentences, batch, on_gpu)
+        partial(_sentence_transformers_runner, info, sentences, batch, on_gpu)
         for batch in (32, 1024 if on_gpu else 256)
     ]
 
@@ -635,6 +635,11 @@ def _fresh(folder: Path, loaded: Any, on_gpu: bool) -> Any:
     """A newly loaded engine on a GPU (its graphs and arena go with the runner), else the one
     already loaded."""
     return load_engine(folder)[0] if on_gpu else loaded
+
+
+def _fresh_in_order(folder: Path, engine: Any, pad_id: int, on_gpu: bool) -> _Runner:
+    """The engine itself fed in dataset order, loaded afresh on a GPU (_fresh)."""
+    return _engine_in_order(folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu)
 
 
 def _engine_in_order(name: str, engine: Any, pad_id: int, on_gpu: bool) -> _Runner:
@@ -658,15 +663,16 @@ def _peer_factories(
     torch_run = _torch_runner(info, on_gpu)
     label = "torch fp16 eager" if on_gpu else "torch fp32 eager"
     batches = spec.peer_batches or ((32, 128, 512, 1024) if on_gpu else (32, 128))
-    common = {"input_names": list(info.architecture.input_names), "pad_id": pad_id}
-    common["on_gpu"] = on_gpu
+    common: dict[str, Any] = {
+        "input_names": list(info.architecture.input_names),
+        "pad_id": pad_id,
+        "on_gpu": on_gpu,
+    }
     factories: list[Callable[[], _Runner]] = [
         lambda: _feeds_runner(label, torch_run, batch=128 if on_gpu else 32, sort=False, **common)
     ]
     for batch in batches:
-        factories.append(
-            lambda batch=batch: _feeds_runner(label, torch_run, batch=batch, sort=True, **common)
-        )
+        factories.append(partial(_feeds_runner, label, torch_run, batch=batch, sort=True, **common))
     exported = layout.export / "model.onnx"
     if not exported.is_file():
         log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
@@ -689,7 +695,7 @@ def _peer_factories(
     # With CUDA graphs every distinct padded shape keeps its own graph and buffers: small
     # batches of exact lengths would make hundreds of them.
     for batch in [b for b in batches if b >= 128] if on_gpu else batches:
-        factories.append(lambda batch=batch: plain_runner(batch))
+        factories.append(partial(plain_runner, batch))
     if on_gpu:
         # The same peer with the other attention kernels, at its largest batch: what that one
         # setting is worth apart from the runtime.
@@ -739,7 +745,7 @@ def _fixed_shapes(
     shapes = []
     for batch, seq in spec.fixed_shapes:
         seq = min(seq, max_length)
-        feeds = {
+        feeds: dict[str, Any] = {
             "input_ids": rng.integers(min(1000, vocab - 1), vocab, (batch, seq)).astype(np.int64),
             "attention_mask": np.ones((batch, seq), np.int64),
             "token_type_ids": np.zeros((batch, seq), np.int64),

@@ -223,10 +223,12 @@ def _iter_fields(
             except (json.JSONDecodeError, RecursionError) as err:
                 raise InputError(f"{path}:{number}: not valid JSON ({err})") from err
             values = [record.get(c) if isinstance(record, dict) else None for c in columns]
+            strings: list[str] = []
             for name, value in zip(columns, values, strict=True):
                 if not isinstance(value, str):
                     raise InputError(f"{path}:{number}: no string field {name!r}")
-            fields = values
+                strings.append(value)
+            fields = strings
         texts = tuple(text.strip() for text in fields)
         if all(map(_visible, texts)):
             found = True

@@ -256,7 +256,7 @@ def insert_qdq(
     quantize_ops: tuple[str, ...] = (),
     weight_granularity: str = "channel",
     format: str = INT8.name,
-) -> tuple[object, dict[str, dict]]:
+) -> tuple[Any, dict[str, dict]]:
     """Return a copy of ``model`` with Q/DQ on the inputs of every quantizable MatMul.
 
     Args:
@@ -354,7 +354,7 @@ def insert_qdq(
             s_name = add_const(f"{base}_scale", scales)
             z_name = add_const(f"{base}_zero_point", zero_points(scales.shape, fmt))
             # A scalar scale is per tensor: DequantizeLinear takes no axis then.
-            axis = {"axis": target.weight_axis} if per_channel else {}
+            axis: dict[str, Any] = {"axis": target.weight_axis} if per_channel else {}
             pending.append(
                 helper.make_node(
                     "DequantizeLinear",

@@ -213,7 +213,7 @@ def compute_amax(
         raise InputError(f"--percentile {percentile}: must be in (0, 100]")
     pick = {
         "minmax": amax_minmax,
-        "percentile": lambda h: amax_percentile(h, percentile),
+        "percentile": lambda h: amax_percentile(h, float(percentile or 100.0)),
         "entropy": amax_entropy,
         "mse": amax_mse,
     }[method]

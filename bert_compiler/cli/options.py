@@ -100,7 +100,9 @@ class OptionGroup:
     def options(self) -> list[Decorator]:
         raise NotImplementedError
 
-    def parse(self, values: Values) -> Any:
+    def parse(self, values: Values, *args: Any, **kwargs: Any) -> Any:
+        """The spec of these options (a group may take what its spec also needs: the model, a
+        precision)."""
         raise NotImplementedError
 
 
@@ -214,7 +216,7 @@ class ExportOptions(OptionGroup):
         self.opset = opset
 
     def options(self) -> list[Decorator]:
-        options = []
+        options: list[Decorator] = []
         if self.opset:
             options.append(
                 click.option(
@@ -357,7 +359,7 @@ class VerifyOptions(OptionGroup):
         limits = []
         for precision, table in sorted(per_precision_values(ctx).items()):
             for name, value in sorted(table.items()):
-                if ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
+                if ctx is None or ctx.get_parameter_source(name) is not ParameterSource.COMMANDLINE:
                     limits.append((precision, self.LIMITS[name], float(value)))
         return tuple(limits)
 
@@ -1272,11 +1274,7 @@ class SweepOptions(OptionGroup):
         ignored = _given(*self.CALIBRATE_ONLY)
         if ignored:
             instead = sorted(
-                {
-                    self.CALIBRATE_ONLY[name]
-                    for name in self.CALIBRATE_ONLY
-                    if self.CALIBRATE_ONLY[name] and _given(name)
-                }
+                {flag for name, flag in self.CALIBRATE_ONLY.items() if flag and _given(name)}
             )
             hint = (
                 f"use {', '.join(instead)} for the grid, or drop them" if instead else "drop them"

@@ -189,6 +189,7 @@ def _torch_plan(precisions: tuple[str, ...], env: Environment) -> TargetPlan:
             f"--target torch --precision {','.join(refused)}: the torch backend builds fp32 "
             "and fp16 engines; int8 and fp8 are ONNX Runtime's and TensorRT's"
         )
+    notes: tuple[str, ...]
     if env.gpus and env.torch_cuda:
         device, chosen, notes = "cuda", precisions or ("fp16",), ()
     else:
@@ -224,7 +225,7 @@ def fp8_refusal(where: str) -> str:
 class TargetPlan:
     """The engines one ``--target`` resolves to on this machine, and why."""
 
-    engines: tuple[dict[str, str], ...]  # backend, device, precision, compute_capability
+    engines: tuple[dict[str, Any], ...]  # backend, device, precision, compute_capability
     notes: tuple[str, ...] = ()
 
 

@@ -91,7 +91,9 @@ def rung(ladder: Sequence[int], length: int) -> int:
     return int(ladder[index])
 
 
-def derive_ladder(lengths: Sequence[int], max_length: int, rungs: int = 8) -> tuple[int, ...]:
+def derive_ladder(
+    lengths: Sequence[int] | np.ndarray, max_length: int, rungs: int = 8
+) -> tuple[int, ...]:
     """The ladder of at most ``rungs`` lengths that pads a sample of real rows least (an exact
     1-D partition of the length histogram by dynamic programming), then rungs 1.5x apart up to
     ``max_length``.
@@ -175,7 +177,7 @@ def _row_caps(spec: BatchingSpec, rungs: np.ndarray) -> np.ndarray:
     return caps
 
 
-def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
+def plan_batches(lengths: Sequence[int] | np.ndarray, spec: BatchingSpec) -> list[Batch]:
     """Group rows of the given token lengths into batches (every row exactly once).
 
     Sorted rows are taken shortest first; a batch grows while it stays within ``max_batch`` rows
@@ -203,7 +205,7 @@ def plan_batches(lengths: Sequence[int], spec: BatchingSpec) -> list[Batch]:
     return batches
 
 
-def padding_fraction(batches: Sequence[Batch], lengths: Sequence[int]) -> float:
+def padding_fraction(batches: Sequence[Batch], lengths: Sequence[int] | np.ndarray) -> float:
     """Share of the computed positions (filler rows included) that are padding."""
     computed = sum(batch.size * batch.length for batch in batches)
     real = int(np.sum(np.asarray(lengths, dtype=np.int64)))

@@ -33,7 +33,7 @@ from bert_compiler.engines.packed_attention import PACKED_OPS, pack_attention, r
 from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
 
 # An INT8 engine with another dynamic scope than the default is named for it.
-_DEFAULT_DYNAMIC = BuildSpec.__dataclass_fields__["int8_dynamic"].default
+_DEFAULT_DYNAMIC = str(BuildSpec.__dataclass_fields__["int8_dynamic"].default)
 
 ENGINE_FILE = "model.onnx"
 _LEVELS = {

@@ -10,6 +10,7 @@ scale (plus one at +128 s), and u8 x s8 is the product VNNI instructions compute
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 
@@ -114,7 +115,8 @@ def lower_qdq_matmuls(model, *, weights: str = "s8", dynamic: str = "none"):
             inits[name] = tensor
         return name
 
-    removed, replacements = set(), {}  # node name -> nodes to insert in its place
+    removed: set[str] = set()
+    replacements: dict[str, list[Any]] = {}  # node name -> nodes to insert in its place
     quantized: dict[str, tuple[str, str, float]] = {}  # float tensor -> (u8 tensor, scale, value)
 
     def fold_bias(node, weight_dq, inputs: list[str]) -> str:

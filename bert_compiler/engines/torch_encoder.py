@@ -238,9 +238,18 @@ def _fused_embeddings(embed, producers, constant, array, attrs, where: str):
     if inputs[8]:
         cast = producers.get(inputs[8])
         cut = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
-        table = constant(cut.input[0]) if cut is not None and cut.op_type == "Slice" else None
-        starts = constant(cut.input[1]) if table is not None and len(cut.input) > 1 else None
-        steps = constant(cut.input[4]) if starts is not None and len(cut.input) > 4 else 1
+        sliced = cut if cut is not None and cut.op_type == "Slice" else None
+        table = constant(sliced.input[0]) if sliced is not None else None
+        starts = (
+            constant(sliced.input[1])
+            if sliced is not None and table is not None and len(sliced.input) > 1
+            else None
+        )
+        steps = (
+            constant(sliced.input[4])
+            if sliced is not None and starts is not None and len(sliced.input) > 4
+            else 1
+        )
         numbered = table is not None and np.array_equal(table.reshape(-1), np.arange(table.size))
         if not numbered or starts is None or np.any(starts != 0) or np.any(steps != 1):
             raise _refuse(where, "the embeddings take position ids other than 0, 1, 2, ...")
@@ -265,7 +274,7 @@ def _standard_embeddings(graph, producers, array, attrs, where: str):
 
     first = next((n for n in graph.node if n.op_type == "Attention"), None)
     norm = producers.get(first.input[0]) if first is not None else None
-    if norm is None or norm.op_type != "LayerNormalization" or len(norm.input) < 3:
+    if first is None or norm is None or norm.op_type != "LayerNormalization" or len(norm.input) < 3:
         raise _refuse(
             where, "no EmbedLayerNormalization, and no LayerNormalization before attention"
         )
@@ -450,7 +459,8 @@ def _check_against_onnxruntime(
     # The engine as built, on its GPU (the Triton kernel compiles here): a GPU or Triton that
     # cannot run it fails at build, in one line, rather than in the middle of a verify.
     try:
-        on_device = built.run_packed(*(t.to(built.device) for t in packed_rows), longest)
+        ids_on, types_on, lengths_on = (t.to(built.device) for t in packed_rows)
+        on_device = built.run_packed(ids_on, types_on, lengths_on, longest)
         got = on_device[engine.layout.output].cpu().numpy()
     except Exception as err:  # noqa: BLE001 - Triton's compiler raises many kinds of error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

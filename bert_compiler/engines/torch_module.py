@@ -293,8 +293,11 @@ class TorchEncoder:
         expected = layout.shapes(read)
         for name, shape in expected.items():
             got = tuple(read[name].shape) if name in read else None
-            fits = got is not None and len(got) == len(shape)
-            if not fits or any(e is not None and e != g for e, g in zip(shape, got, strict=True)):
+            if (
+                got is None
+                or len(got) != len(shape)
+                or any(e is not None and e != g for e, g in zip(shape, got, strict=True))
+            ):
                 raise LayoutError(
                     f"{path}: tensor {name} is {got or 'missing'}, the layout needs {shape}; "
                     "rebuild the engine"

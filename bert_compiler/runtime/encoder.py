@@ -21,7 +21,7 @@ import os
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import islice
@@ -119,11 +119,12 @@ class Tokens:
 
     def fill_and_values(self, name: str, pad_id: int) -> tuple[int, np.ndarray | int]:
         """What graph input ``name`` holds at padded positions and at real ones."""
-        return {
+        values: dict[str, tuple[int, np.ndarray | int]] = {
             "input_ids": (pad_id, self.ids),
             "attention_mask": (0, 1),
             "token_type_ids": (0, self.type_ids),
-        }[name]
+        }
+        return values[name]
 
     def matrices(
         self, input_names: Sequence[str], pad_id: int, width: int = 0
@@ -517,9 +518,9 @@ class Encoder:
         Raises:
             InputError: as ``tokenize`` and ``run``, naming a text by its index in ``texts``.
         """
-        sized = isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
         windows = self._checked(text_windows(texts, _window_sizes()))
-        total = len(texts) if sized else None
+        sized = isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
+        total = len(texts) if isinstance(texts, Sequence) and sized else None
         use_pool = self.tokenizer_workers > 0 and (total is None or total >= POOL_MIN_TEXTS)
         tokenized = (
             tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(windows)
@@ -554,7 +555,7 @@ class Encoder:
 
     def _threaded(
         self, windows: Iterator[tuple[int, list[Text]]]
-    ) -> Iterator[tuple[int, list[Text], Any]]:
+    ) -> Generator[tuple[int, list[Text], Any], None, None]:
         """(start, window, TokenRows or the TypeError its tokenization raised), the next
         window tokenized on a thread while the caller runs this one (the Rust tokenizer
         releases the GIL; the piece cache's loop holds it, briefly)."""
@@ -991,7 +992,7 @@ def _shown(batches: Sequence[Batch], desc: str | None):
     return progress.bar(batches, desc=desc, unit="batch") if desc else batches
 
 
-def _width(batches: list[Batch]) -> int:
+def _width(batches: Sequence[Batch]) -> int:
     # A ladder rung can be longer than every row of the chunk.
     return max(batch.length for batch in batches)
 

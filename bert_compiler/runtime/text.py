@@ -302,9 +302,11 @@ def parity_texts(
     if info.pairs:
         first, second = datasets.PAIR_COLUMNS
         rows = datasets.read_tsv(path, datasets.PAIR_COLUMNS)
-        return [(row[first].strip(), row[second].strip()) for row in rows][:count]
+        pairs: list[Text] = [(row[first].strip(), row[second].strip()) for row in rows]
+        return pairs[:count]
     rows = datasets.read_tsv(path, (datasets.TEXT_COLUMN,))
-    return [row[datasets.TEXT_COLUMN].strip() for row in rows][:count]
+    texts: list[Text] = [row[datasets.TEXT_COLUMN].strip() for row in rows]
+    return texts[:count]
 
 
 def parity_batches(texts: list[Text], max_length: int) -> list[list[Text]]:

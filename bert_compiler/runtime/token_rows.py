@@ -26,7 +26,7 @@ import json
 import multiprocessing
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
@@ -198,7 +198,7 @@ class RowTokenizer:
             return frame
         return None
 
-    def encode(self, texts: Sequence[str] | Sequence[tuple[str, str]]) -> TokenRows:
+    def encode(self, texts: Sequence[Any]) -> TokenRows:
         """The token rows of ``texts``, in order.
 
         Raises:
@@ -237,7 +237,8 @@ class RowTokenizer:
         encodings = self._pieces.encode_batch_fast(unseen, add_special_tokens=False)
         cache.update(zip(unseen, (tuple(e.ids) for e in encodings), strict=True))
 
-    def _encode_cached(self, texts: Sequence[str]) -> TokenRows:
+    def _encode_cached(self, texts: Sequence[Any]) -> TokenRows:
+        assert self._frame is not None  # encode takes this path only with a frame
         for text in texts:
             if not isinstance(text, str):
                 raise TypeError(f"expected str texts, got {type(text).__name__}")
@@ -349,7 +350,7 @@ class TokenizerPool:
 
     def map_windows(
         self, windows: Iterable[tuple[Any, list[Any]]], ahead: int = 2
-    ) -> Iterator[tuple[Any, list[Any], TokenRows | TypeError]]:
+    ) -> Generator[tuple[Any, list[Any], TokenRows | TypeError], None, None]:
         """For each (tag, window), in order: (tag, window, its TokenRows), or with the TypeError
         its tokenization raised (a text UTF-8 cannot encode); up to ``ahead`` windows are
         tokenized ahead of the one being consumed."""

@@ -168,6 +168,7 @@ def int8_with_fallback(
     with progress.bar(desc="int8 rounds", unit="round") as bar:
         rounds.bar = bar
         passed = rounds.trial((), force)
+        assert rounds.calibrated is not None  # the first trial calibrates
         quantizable = len(
             set(rounds.calibrated.results["quantized_matmuls"]) | set(rounds.user_kept)
         )

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -125,7 +125,9 @@ class VerifySpec:
     def validate(self) -> None:
         """Raises InputError for a limit that is NaN or out of its range (LIMIT_RANGES), or a
         metric limit below 1."""
-        given = [(name, value, "") for name, value in self.tolerance_overrides]
+        given: list[tuple[str, float | None, str]] = [
+            (name, value, "") for name, value in self.tolerance_overrides
+        ]
         given += [
             ("max_metric_drop", self.max_metric_drop, ""),
             ("min_metric_retention", self.min_metric_retention, ""),
@@ -237,7 +239,7 @@ def torch_embedder(
             values = outputs["logits"] if "logits" in outputs else _embeddings(outputs, feeds, info)
             for i, row in zip(index, values, strict=True):
                 rows[i] = row
-        return np.stack(rows)
+        return np.stack(cast(list[np.ndarray], rows))  # every row was filled
 
     return embed
 
@@ -269,7 +271,8 @@ def compute_metric(
 
     if info.pairs:
         pairs = datasets.load_stsb(data_file)
-        texts = list(zip(pairs.sentences1, pairs.sentences2, strict=True))[:limit]
+        kept = list(zip(pairs.sentences1, pairs.sentences2, strict=True))[:limit]
+        texts: list[Text] = [(a, b) for a, b in kept]
         scores = embed(texts)[:, 0].astype(np.float64)
         value = float(spearmanr(scores, pairs.scores[: len(texts)]).statistic * 100)
         return MetricResult("stsb_spearman", value, len(texts))
@@ -279,13 +282,15 @@ def compute_metric(
                 "sst2_accuracy", None, 0, f"{info.num_labels}-class head: no metric"
             )
         data = datasets.load_sst2(data_file)
-        sentences, labels = data.sentences[:limit], np.asarray(data.labels[:limit])
+        sentences: list[Text] = list(data.sentences[:limit])
+        labels = np.asarray(data.labels[:limit])
         predictions = embed(sentences).argmax(axis=1)
         value = float((predictions == labels).mean() * 100)
         return MetricResult("sst2_accuracy", value, len(sentences))
     pairs = datasets.load_stsb(data_file)
     first, second = pairs.sentences1[:limit], pairs.sentences2[:limit]
-    matrix = embed(first + second).astype(np.float64)
+    both: list[Text] = [*first, *second]
+    matrix = embed(both).astype(np.float64)
     matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
     count = len(first)
     cosine = (matrix[:count] * matrix[count:]).sum(axis=1)
@@ -305,7 +310,7 @@ def metric_gate_failures(
         f"{who}'s {result.name} is {result.value} (constant scores or outputs, or too few "
         "examples): it cannot be judged; use more --metric-data or --no-metric-gate"
         for who, result in (("the engine", engine), ("PyTorch", reference))
-        if not math.isfinite(result.value)
+        if result.value is not None and not math.isfinite(result.value)
     ]
     if unusable:
         return unusable

@@ -646,7 +646,10 @@ def _plan_engine(
             "inputs": [asdict(t) for t in inputs],
             "outputs": [asdict(t) for t in outputs],
         }
-    files_out = {**{f"{VERSION}/{f}": e.engine_file for f, e in files.items()}, **warmup_files}
+    files_out: dict[str, Path | str | bytes] = {
+        **{f"{VERSION}/{f}": e.engine_file for f, e in files.items()},
+        **warmup_files,
+    }
     return _ModelPlan(name, "engine", tc.engine_config(model), files_out, record)
 
 
@@ -827,7 +830,7 @@ def _plan_tokenizer(
         instance_count=spec.python_instances,
         parameters={"max_length": str(max_length), LADDER_PARAMETER: format_ladder(ladder)},
     )
-    files = {
+    files: dict[str, Path | str | bytes] = {
         f"{VERSION}/model.py": TEMPLATES["tokenizer"],
         f"{VERSION}/{TEMPLATES['token-rows'].name}": TEMPLATES["token-rows"],
         f"{VERSION}/tokenizer.json": tokenizer_json(info, max_length),

@@ -103,7 +103,7 @@ def find_server() -> ServerFiles:
         raise EnvironmentProblem(
             f"no local Triton server: {DISTRIBUTION} is not installed; {setup}"
         ) from None
-    root = Path(dist.locate_file("pytriton/tritonserver"))
+    root = Path(str(dist.locate_file("pytriton/tritonserver")))
     try:
         python = subprocess.run(
             ["/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
@@ -120,7 +120,7 @@ def find_server() -> ServerFiles:
     site = os.environ.get(PYTHON_SITE_VARIABLE) or Path(sys.prefix) / "triton-python"
     files = ServerFiles(
         binary=root / "bin" / "tritonserver",
-        libraries=Path(dist.locate_file("nvidia_pytriton.libs")),
+        libraries=Path(str(dist.locate_file("nvidia_pytriton.libs"))),
         backend=root / "backends" / "python",
         stub=root / "python_backend_stubs" / python / "triton_python_backend_stub",
         python_site=Path(site) / python,
@@ -250,7 +250,8 @@ def _closure(plan: ServePlan, configs_root: Path) -> list[str]:
         if name in wanted:
             continue
         wanted.add(name)
-        config = tc.parse((configs_root / name / tc.CONFIG_FILE).read_text(encoding="utf-8"), name)
+        path = configs_root / name / tc.CONFIG_FILE
+        config = tc.parse(path.read_text(encoding="utf-8"), path)
         pending.extend(s.model_name for s in config.ensemble_scheduling.step)
     return sorted(wanted)
 

@@ -111,16 +111,16 @@ class TextEngine:
         values: dict[str, list] = {name: [None] * len(flat) for name in self.output_names}
         failed: dict[int, str] = {}
         for start, stop in plan_runs(lengths[order].tolist(), self.run_cost, self.max_rows):
-            rows = order[start:stop]
-            feeds = self.encoder.pad([flat[k] for k in rows])
+            run_rows = order[start:stop]
+            feeds = self.encoder.pad([flat[k] for k in run_rows])
             try:
                 outputs = self.session.run(self.output_names, feeds)
             except Exception as err:  # ONNX Runtime's own error types; only these rows fail
-                for k in rows:
+                for k in run_rows:
                     failed.setdefault(int(owner[k]), f"ONNX Runtime refused the batch: {err}")
                 continue
             for name, value in zip(self.output_names, outputs, strict=True):
-                for position, k in enumerate(rows):
+                for position, k in enumerate(run_rows):
                     values[name][k] = value[position]
         results: list[dict[str, np.ndarray] | str] = []
         first = 0
