@@ -16,7 +16,8 @@ if [ "${1:-}" = --mutants ]; then
   exec .venv/bin/python scripts/mutants.py "$@"
 fi
 .venv/bin/ruff check .
-# Type-checks the TensorRT backend against the TensorRT API stubs (pyproject.toml [tool.mypy]):
-# TensorRT cannot run here, so this is what catches a misused TensorRT API before a GPU does.
+# Type-checks the package (pyproject.toml [tool.mypy]), the TensorRT backend strictly against
+# the TensorRT API stubs: TensorRT cannot run here, so this is what catches a misused TensorRT
+# API before a GPU does.
 .venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"
