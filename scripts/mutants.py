@@ -81,7 +81,7 @@ MUTANTS = (
         "nan-metric-passes",
         "a NaN or infinite task metric fails the metric gate",
         "bert_compiler/stages/verify.py",
-        "        if not math.isfinite(result.value)\n",
+        "        if result.value is not None and not math.isfinite(result.value)\n",
         "        if False\n",
         ("tests/test_gates_nan.py",),
     ),

@@ -133,3 +133,17 @@ def test_cache_key_hashes_every_module_of_the_package():
         expected.update(path.relative_to(ROOT).as_posix().encode())
         expected.update(path.read_bytes())
     assert ci_cache_key.sources_sha256() == expected.hexdigest()
+
+
+def test_every_mutant_still_finds_the_code_it_plants_its_bug_in():
+    """scripts/mutants.py refuses a mutant whose text is not in its file exactly once (the code
+    moved); this catches that drift in every run, not only when the mutation check runs."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import mutants
+    finally:
+        sys.path.pop(0)
+    assert len(mutants.MUTANTS) >= 12
+    for mutant in mutants.MUTANTS:
+        assert (ROOT / mutant.path).read_text().count(mutant.old) == 1, mutant.name
+        assert all((ROOT / test.split("::")[0]).is_file() for test in mutant.tests), mutant.name
