@@ -869,3 +869,32 @@ def test_a_disk_that_fills_while_packaging_is_one_line_and_leaves_the_repository
     assert line.startswith("bert-compile: input error: no space left on the device while writing")
     assert "model.onnx" in line and "free space or choose another output folder" in line
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.e2e
+def test_a_model_folder_with_a_hostile_name_packages_under_a_safe_one(
+    tiny_embedding_model, tmp_path
+):
+    """HOSTILE row 21: quotes, braces, a dollar, spaces and leading dots in the model folder's
+    name never reach a path, a Triton model name or a config: every name is the slug, each
+    passes Triton's strict pattern, and the gate accepts the repository."""
+    model = tmp_path / '..we"ird {na}me $x'
+    shutil.copytree(tiny_embedding_model, model)
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(model), "--out", str(out), "--target", "cpu", "--json"]
+    result = CliRunner().invoke(cli, [*argv, "--metric-limit", "100", "--no-metric-gate"])
+    assert result.exit_code == 0, result.output
+    slug = "we-ird-na-me-x"
+    assert sorted(p.name for p in (out / "engines").iterdir()) == [slug]
+    repository = out / "triton"
+    names = sorted(p.name for p in repository.iterdir() if p.is_dir())
+    assert names and all(name.startswith(f"{slug}-") for name in names)
+    for name in names:
+        assert tc.check_name(name, "model name") == name
+        assert _configs(repository)[name].name == name
+    gate = CliRunner().invoke(
+        cli,
+        ["verify", "--model", str(model), "--out", str(out), "--repository", str(repository),
+         "--metric-limit", "100", "--no-metric-gate"],
+    )  # fmt: skip
+    assert gate.exit_code == 0, gate.output
