@@ -40,7 +40,7 @@ MUTANTS = (
     Mutant(
         "outputs-out-of-order",
         "the runtime returns each row's outputs at its input position",
-        "bert_compiler/runtime/encoder.py",
+        "bert_compiler/runtime/outputs.py",
         "            self.rowwise[name][batch.rows] = value",
         "            self.rowwise[name][np.sort(batch.rows)] = value",
         ("tests/test_runtime.py",),

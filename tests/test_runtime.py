@@ -18,6 +18,7 @@ from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.runtime import encoder as runtime
 from bert_compiler.runtime.encoder import Encoder
+from bert_compiler.runtime.tokens import Tokens
 from tests.conftest import cpu_engine_dir
 
 _BASE = [
@@ -173,7 +174,7 @@ def test_a_ladder_below_the_maximum_length_and_no_texts_are_refused(tiny_embeddi
     encoder = Encoder(RecordingEngine(), info, max_length=32)
     with pytest.raises(InputError, match="no texts"):
         encoder.encode([])
-    empty = runtime.Tokens(*(np.zeros(0, np.int64),) * 3)
+    empty = Tokens(*(np.zeros(0, np.int64),) * 3)
     with pytest.raises(InputError, match="no token rows"):
         encoder.run(empty)
     with pytest.raises(InputError, match="need a CUDA engine"):
@@ -328,9 +329,7 @@ def test_an_engine_of_another_model_is_refused_and_one_of_the_same_files_is_not(
         (lambda t: replace(t, lengths=t.lengths + 1), "they must agree"),
         (lambda t: replace(t, type_ids=t.type_ids[:-1]), "they must agree"),
         (
-            lambda t: runtime.Tokens(
-                np.tile(t.ids, 5), np.tile(t.type_ids, 5), np.array([5 * len(t.ids)])
-            ),
+            lambda t: Tokens(np.tile(t.ids, 5), np.tile(t.type_ids, 5), np.array([5 * len(t.ids)])),
             "each row holds 1 to 32 tokens",
         ),
     ],

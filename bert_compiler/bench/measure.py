@@ -53,13 +53,13 @@ from bert_compiler.models.loading import (
 )
 from bert_compiler.runtime.encoder import (
     Encoder,
-    Tokens,
     load_model_engine,
     new_row_tokenizer,
     tokenize_rows,
     usable_cores,
 )
 from bert_compiler.runtime.text import Text, encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.runtime.tokens import Tokens
 from bert_compiler.stages.layout import Layout
 
 log = logging.getLogger("bert_compile")

@@ -40,6 +40,7 @@ from bert_compiler.engines.batching import (
     plan_batches,
 )
 from bert_compiler.models.loading import ModelInfo, load_tokenizer, output_name
+from bert_compiler.runtime.outputs import BatchTimer, Collector, GpuOutputs
 from bert_compiler.runtime.text import (
     Text,
     check_texts,
@@ -52,6 +53,7 @@ from bert_compiler.runtime.text import (
     text_windows,
 )
 from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, TokenRows
+from bert_compiler.runtime.tokens import PinnedStaging, Tokens
 
 log = logging.getLogger("bert_compile")
 
@@ -96,107 +98,6 @@ WINDOW_ROWS = 32768
 POOL_MIN_CORES = 4
 POOL_MIN_TEXTS = 8192
 TOKENIZER_WORKERS_MAX = 8
-
-
-@dataclass(frozen=True)
-class Tokens:
-    """Token rows, flat: every row's ids (and type ids) concatenated, and each row's length."""
-
-    ids: np.ndarray
-    type_ids: np.ndarray
-    lengths: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def select(self, rows: np.ndarray) -> Tokens:
-        """The given rows, in that order."""
-        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])[rows]
-        lengths = self.lengths[rows]
-        index = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        index += np.arange(int(lengths.sum()))
-        return Tokens(self.ids[index], self.type_ids[index], lengths)
-
-    def fill_and_values(self, name: str, pad_id: int) -> tuple[int, np.ndarray | int]:
-        """What graph input ``name`` holds at padded positions and at real ones."""
-        values: dict[str, tuple[int, np.ndarray | int]] = {
-            "input_ids": (pad_id, self.ids),
-            "attention_mask": (0, 1),
-            "token_type_ids": (0, self.type_ids),
-        }
-        return values[name]
-
-    def matrices(
-        self, input_names: Sequence[str], pad_id: int, width: int = 0
-    ) -> dict[str, np.ndarray]:
-        """int64 [rows, max(width, longest row)] arrays for each graph input, padded on the
-        right."""
-        longest = max(int(self.lengths.max()) if len(self) else 1, width)
-        valid = np.arange(longest)[None, :] < self.lengths[:, None]
-        arrays = {}
-        for name in input_names:
-            fill, values = self.fill_and_values(name, pad_id)
-            matrix = np.full(valid.shape, fill, dtype=np.int64)
-            matrix[valid] = values
-            arrays[name] = matrix
-        return arrays
-
-    def device_matrices(
-        self, input_names: Sequence[str], pad_id: int, width: int, staging: PinnedStaging
-    ) -> dict[str, Any]:
-        """The same as ``matrices``, built on the GPU without a host wait: only the real tokens
-        cross the bus (through ``staging``'s pinned memory), the padding is written there."""
-        import torch
-
-        rows, total = len(self), int(self.lengths.sum())
-        lengths = staging.upload("lengths", self.lengths)
-        # Each real token's flat position in a [rows, width] matrix; output_size keeps
-        # repeat_interleave from asking the host for the total.
-        row_of_token = torch.repeat_interleave(
-            torch.arange(rows, device="cuda"), lengths, output_size=total
-        )
-        starts = torch.cumsum(lengths, 0) - lengths
-        flat = row_of_token * width + torch.arange(total, device="cuda") - starts[row_of_token]
-        matrices = {}
-        for name in input_names:
-            fill, values = self.fill_and_values(name, pad_id)
-            matrix = torch.full((rows * width,), fill, dtype=torch.int64, device="cuda")
-            if isinstance(values, int):
-                matrix.index_fill_(0, flat, values)
-            else:
-                matrix.index_copy_(0, flat, staging.upload(name, values))
-            matrices[name] = matrix.view(rows, width)
-        return matrices
-
-
-class PinnedStaging:
-    """Page-locked host buffers reused across calls, one per name, grown as needed: allocating
-    pinned memory costs milliseconds per call (three pin_memory() calls took 17 ms of a 49 ms
-    run in scripts/profile_runtime.py), copying into a kept buffer microseconds."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, Any] = {}
-
-    def host(self, name: str, count: int, dtype: Any) -> Any:
-        """A pinned 1-D torch tensor of ``count`` elements (contents undefined)."""
-        import torch
-
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < count or buffer.dtype != dtype:
-            buffer = torch.empty(max(count, 1024), dtype=dtype, pin_memory=True)
-            self._buffers[name] = buffer
-        return buffer[:count]
-
-    def upload(self, name: str, array: np.ndarray) -> Any:
-        """``array`` on the GPU, copied asynchronously from the pinned buffer ``name``.
-
-        The buffer is rewritten by the next upload of that name: callers synchronise (the
-        runtime does, when it collects results) before uploading under the same name again."""
-        import torch
-
-        host = self.host(name, array.size, torch.from_numpy(array[:0]).dtype)
-        host.numpy()[:] = array.reshape(-1)
-        return host.to("cuda", non_blocking=True).view(array.shape)
 
 
 def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
@@ -612,7 +513,7 @@ class Encoder:
         pieces in flight stage through alternate pinned buffers."""
         if device_outputs and not self.on_gpu:
             raise InputError("outputs on the GPU need a CUDA engine; this one runs on the CPU")
-        pending: _Launched | None = None
+        pending: Launched | None = None
         for index, piece in enumerate(pieces):
             launched = self._launch(piece, desc, device_outputs, self._stagings[index % 2])
             if pending is not None:
@@ -623,7 +524,7 @@ class Encoder:
 
     def _launch(
         self, tokens: Tokens, desc: str | None, device_outputs: bool, staging: PinnedStaging
-    ) -> _Launched:
+    ) -> Launched:
         """The batches of at most CHUNK_ROWS rows queued on the engine (on a CPU: run)."""
         batches = self.plan(tokens)
         stats = RunStats(
@@ -637,24 +538,24 @@ class Encoder:
                 else sum(b.size * b.length for b in batches)
             ),
         )
-        timer = _BatchTimer(self.time_batches, on_gpu=self.on_gpu)
+        timer = BatchTimer(self.time_batches, on_gpu=self.on_gpu)
         if self.packed:
             sink = self._launch_packed(tokens, batches, desc, device_outputs, staging, timer)
         elif self.on_gpu:
             sink = self._launch_gpu(tokens, batches, desc, device_outputs, staging, timer)
         else:
             sink = self._run_cpu(tokens, batches, desc, timer)
-        return _Launched(sink, timer, stats)
+        return Launched(sink, timer, stats)
 
     def _feeds(self, matrices: dict, batch: Batch) -> dict[str, np.ndarray]:
         rows = _padded_rows(batch)
         return {name: matrix[rows, : batch.length] for name, matrix in matrices.items()}
 
     def _run_cpu(
-        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, timer: _BatchTimer
-    ) -> _Collector:
+        self, tokens: Tokens, batches: Sequence[Batch], desc: str | None, timer: BatchTimer
+    ) -> Collector:
         matrices = tokens.matrices(self.engine.input_names, self.pad_id, _width(batches))
-        collected = _Collector(tokens)
+        collected = Collector(tokens)
         if self.concurrent_batches > 1:
             # The session's thread pool has cores - runs helper threads: each run's own thread
             # works too, so all runs together use every core (on 2 cores: two 1-thread runs).
@@ -681,8 +582,8 @@ class Encoder:
         matrices: dict,
         batches: Sequence[Batch],
         desc: str | None,
-        collected: _Collector,
-        timer: _BatchTimer,
+        collected: Collector,
+        timer: BatchTimer,
     ) -> None:
         """Batches run ``concurrent_batches`` at a time on ``engine``'s one session (ONNX
         Runtime sessions take concurrent runs), collected in order; at most two batches per run
@@ -718,8 +619,8 @@ class Encoder:
         desc: str | None,
         device_outputs: bool,
         staging: PinnedStaging,
-        timer: _BatchTimer,
-    ) -> _GpuOutputs:
+        timer: BatchTimer,
+    ) -> GpuOutputs:
         # One upload of the chunk's tokens, then every batch is a gather on the device. Nothing
         # below waits for the GPU: the engine orders its runs with this stream, so batches are
         # queued while earlier ones run.
@@ -729,7 +630,7 @@ class Encoder:
         rows = staging.upload(
             "rows", np.concatenate([_padded_rows(b) for b in batches]).astype(np.int64)
         )
-        sink = _GpuOutputs(tokens, staging, device_outputs)
+        sink = GpuOutputs(tokens, staging, device_outputs)
         offset = 0
         for batch in _shown(batches, desc):
             timer.start()
@@ -750,8 +651,8 @@ class Encoder:
         desc: str | None,
         device_outputs: bool,
         staging: PinnedStaging,
-        timer: _BatchTimer,
-    ) -> _GpuOutputs | _Collector:
+        timer: BatchTimer,
+    ) -> GpuOutputs | Collector:
         """Each batch as its rows' real tokens back to back: the chunk's tokens are put in
         batch order on the host and uploaded once, so each batch is a slice, and each batch's
         longest row is known here without asking the device."""
@@ -763,10 +664,10 @@ class Encoder:
         if self.on_gpu:
             on = {name: staging.upload(name, a) for name, a in arrays.items()}
             rows = staging.upload("rows", order.astype(np.int64))
-            sink: _GpuOutputs | _Collector = _GpuOutputs(tokens, staging, device_outputs)
+            sink: GpuOutputs | Collector = GpuOutputs(tokens, staging, device_outputs)
         else:
             on = {name: torch.from_numpy(a) for name, a in arrays.items()}
-            sink = _Collector(tokens)
+            sink = Collector(tokens)
         starts = np.concatenate([[0], np.cumsum(ordered.lengths)])
         first = 0
         for batch in _shown(batches, desc):
@@ -779,190 +680,27 @@ class Encoder:
                 on["lengths"][first:last],
                 int(ordered.lengths[first:last].max()),
             )
-            if isinstance(sink, _GpuOutputs):
+            if isinstance(sink, GpuOutputs):
                 sink.add(batch, outputs, rows[first:last])
             else:
                 sink.add(batch, {name: value.numpy() for name, value in outputs.items()})
             first = last
             timer.stop()
-        if isinstance(sink, _GpuOutputs):
+        if isinstance(sink, GpuOutputs):
             sink.queued()
         return sink
 
 
-class _Launched:
+class Launched:
     """A piece's batches, queued: ``collect`` waits for their outputs (in input order) and
     the stats of their run."""
 
-    def __init__(self, sink: _GpuOutputs | _Collector, timer: _BatchTimer, stats: RunStats):
+    def __init__(self, sink: GpuOutputs | Collector, timer: BatchTimer, stats: RunStats):
         self.sink, self.timer, self.stats = sink, timer, stats
 
     def collect(self) -> tuple[dict[str, Any], RunStats]:
         results = self.sink.results()
         return results, replace(self.stats, batch_ms=self.timer.milliseconds())
-
-
-class _BatchTimer:
-    """Each batch's milliseconds, when asked: on a GPU between events recorded around its work
-    (no host wait between batches), on a CPU by the clock."""
-
-    def __init__(self, enabled: bool, on_gpu: bool):
-        self.enabled, self.on_gpu = enabled, on_gpu
-        self.marks: list[Any] = []
-
-    def _mark(self) -> None:
-        if not self.enabled:
-            return
-        if self.on_gpu:
-            import torch
-
-            self.marks.append(torch.cuda.Event(enable_timing=True))
-            self.marks[-1].record()
-        else:
-            self.marks.append(time.perf_counter())
-
-    start = stop = _mark
-
-    def add(self, started: float, stopped: float) -> None:
-        """A batch timed by its own clock readings (a CPU batch run on another thread)."""
-        if self.enabled:
-            self.marks += [started, stopped]
-
-    def milliseconds(self) -> list[float]:
-        """Each batch's time (on a GPU: call once its work is done)."""
-        pairs = zip(self.marks[::2], self.marks[1::2], strict=True)
-        if self.on_gpu:
-            return [begin.elapsed_time(end) for begin, end in pairs]
-        return [(end - begin) * 1e3 for begin, end in pairs]
-
-
-class _GpuOutputs:
-    """Where a GPU batch's outputs go: token outputs to the host in input order; outputs with a
-    row per input downloaded while later batches run (_Downloads) or, with ``device_outputs``,
-    gathered in input order on the GPU. ``queued`` after the last batch marks where the piece's
-    work ends on the stream: ``results`` waits for that, not for work queued after it."""
-
-    def __init__(self, tokens: Tokens, staging: PinnedStaging, device_outputs: bool):
-        self.tokens = tokens
-        self.collected = _Collector(tokens)
-        self.on_device: dict[str, Any] = {}
-        self.downloads = None if device_outputs else _Downloads(staging, len(tokens))
-        self.done: Any = None
-
-    def add(self, batch: Batch, outputs: dict[str, Any], index: Any) -> None:
-        """``index``: the input positions of the batch's rows (then any filler), on the GPU."""
-        import torch
-
-        real = len(batch.rows)
-        token_outputs = {
-            name: value[:real].float().cpu().numpy()
-            for name, value in outputs.items()
-            if value.dim() == 3
-        }
-        if token_outputs:
-            self.collected.add(batch, token_outputs)
-        rowwise = {n: v[:real].float() for n, v in outputs.items() if v.dim() != 3}
-        if self.downloads is not None:
-            self.downloads.add(batch.rows, rowwise)
-            return
-        for name, value in rowwise.items():
-            if name not in self.on_device:
-                self.on_device[name] = torch.empty(
-                    (len(self.tokens), *value.shape[1:]), dtype=value.dtype, device=value.device
-                )
-            self.on_device[name].index_copy_(0, index[:real], value)
-
-    def queued(self) -> None:
-        import torch
-
-        if self.downloads is not None:
-            self.downloads.queued()
-        self.done = torch.cuda.Event()
-        self.done.record()
-
-    def results(self) -> dict[str, Any]:
-        results = self.collected.results()
-        if self.downloads is not None:
-            results.update(self.downloads.finish())
-        else:
-            results.update(self.on_device)
-        self.done.synchronize()
-        return results
-
-
-class _Downloads:
-    """Outputs with a row per input, brought back to the host while the GPU runs later batches.
-
-    Each batch's rows are appended on the GPU in batch order; every FLUSH_BYTES of them go to
-    pinned memory in one copy, and the host puts the groups that have arrived in input order
-    while later copies and batches run, never waiting for one before ``finish``. So the copy
-    back overlaps the GPU's work instead of following it (docs/benchmarks.md), and a run of many
-    one-row batches pays one copy per group, not per row.
-    """
-
-    FLUSH_BYTES = 4 << 20
-
-    def __init__(self, staging: PinnedStaging, total_rows: int):
-        self.staging = staging
-        self.total_rows = total_rows
-        self.staged = 0  # rows appended on the GPU, in batch order
-        self.flushed = 0  # of which copied (or being copied) to the host
-        self.rows: list[np.ndarray] = []  # input positions of the rows not yet flushed
-        self.device: dict[str, Any] = {}
-        self.pending: deque = deque()
-        self.results: dict[str, np.ndarray] = {}
-
-    def add(self, rows: np.ndarray, outputs: dict[str, Any]) -> None:
-        import torch
-
-        for name, value in outputs.items():
-            if name not in self.device:
-                self.device[name] = torch.empty(
-                    (self.total_rows, *value.shape[1:]), dtype=value.dtype, device=value.device
-                )
-            self.device[name][self.staged : self.staged + len(rows)].copy_(value)
-        self.staged += len(rows)
-        self.rows.append(rows)
-        row_bytes = sum(t[0].numel() * t.element_size() for t in self.device.values())
-        if (self.staged - self.flushed) * row_bytes >= self.FLUSH_BYTES:
-            self._flush()
-        while self.pending and self.pending[0][0].query():
-            self._place()
-
-    def queued(self) -> None:
-        """The last rows' copy queued (before any work queued after this piece's)."""
-        if self.staged > self.flushed:
-            self._flush()
-
-    def _flush(self) -> None:
-        import torch
-
-        first, last = self.flushed, self.staged
-        parts = {}
-        for name, tensor in self.device.items():
-            width = tensor[0].numel()
-            # One region per group in a buffer of every row: nothing is overwritten in flight.
-            host = self.staging.host(f"out:{name}", self.total_rows * width, tensor.dtype)
-            part = host[first * width : last * width]
-            part.copy_(tensor[first:last].reshape(-1), non_blocking=True)
-            parts[name] = (part, tuple(tensor.shape[1:]))
-        done = torch.cuda.Event()
-        done.record()
-        self.pending.append((done, np.concatenate(self.rows), parts))
-        self.rows, self.flushed = [], last
-
-    def _place(self) -> None:
-        done, rows, parts = self.pending.popleft()
-        done.synchronize()
-        for name, (part, shape) in parts.items():
-            if name not in self.results:
-                self.results[name] = np.empty((self.total_rows, *shape), np.float32)
-            self.results[name][rows] = part.numpy().reshape(len(rows), *shape)
-
-    def finish(self) -> dict[str, np.ndarray]:
-        while self.pending:
-            self._place()
-        return self.results
 
 
 def _joined(parts: list) -> Any:
@@ -1001,33 +739,6 @@ def _padded_rows(batch: Batch) -> np.ndarray:
     # Filler rows repeat the batch's first row: real tokens, so no kernel sees an empty row.
     filler = np.full(batch.size - len(batch.rows), batch.rows[0], dtype=batch.rows.dtype)
     return np.concatenate([batch.rows, filler])
-
-
-class _Collector:
-    """Outputs of batches put back in input order."""
-
-    def __init__(self, tokens: Tokens):
-        self.tokens = tokens
-        self.rowwise: dict[str, np.ndarray] = {}
-        self.token_rows: dict[str, list] = {}
-
-    def add(self, batch: Batch, outputs: dict[str, np.ndarray]) -> None:
-        count = len(batch.rows)
-        for name, value in outputs.items():
-            value = np.asarray(value)[:count]
-            if value.ndim == 3:
-                rows = self.token_rows.setdefault(name, [None] * len(self.tokens))
-                for row, array in zip(batch.rows, value, strict=True):
-                    rows[row] = array[: self.tokens.lengths[row]].astype(np.float32)
-                continue
-            if name not in self.rowwise:
-                self.rowwise[name] = np.empty((len(self.tokens), *value.shape[1:]), np.float32)
-            self.rowwise[name][batch.rows] = value
-
-    def results(self) -> dict[str, Any]:
-        merged: dict[str, Any] = dict(self.rowwise)
-        merged.update(self.token_rows)
-        return merged
 
 
 def pool_token_rows(rows: Sequence[np.ndarray], mode: str) -> np.ndarray:
