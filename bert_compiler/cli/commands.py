@@ -8,7 +8,6 @@ With --json the last stdout line is one JSON object, on success and on failure.
 
 from __future__ import annotations
 
-import errno
 import functools
 import json
 import logging
@@ -46,7 +45,13 @@ from bert_compiler.cli.options import (
 )
 from bert_compiler.core import interrupts, progress
 from bert_compiler.core.artifacts import ArtifactDir
-from bert_compiler.core.errors import BertCompileError, InputError, Interrupted, ParityError
+from bert_compiler.core.errors import (
+    NO_SPACE_ERRNOS,
+    BertCompileError,
+    InputError,
+    Interrupted,
+    ParityError,
+)
 from bert_compiler.core.lock import output_lock
 from bert_compiler.core.outdir import claim_output, release_if_unused
 from bert_compiler.core.stage import StageResult
@@ -88,7 +93,7 @@ class _Cli(click.Group):
         except BertCompileError as err:
             self._fail(ctx, err)
         except OSError as err:
-            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if err.errno not in NO_SPACE_ERRNOS:
                 raise
             # A disk that fills anywhere (a copy in package, a write a stage left to a
             # library): staging files are removed as the stack unwinds; one line says what.
@@ -107,19 +112,21 @@ class _Cli(click.Group):
                 f"interrupted by {err.signal_name}: the stage in progress has no manifest, so "
                 f"nothing half-written looks complete; run the command again {again}to resume"
             )
-            click.echo(f"bert-compile: {message}", err=True)
-            if ctx.meta.get(_JSON_KEY):
-                error = {"kind": "interrupted", "message": message, "exit_code": err.exit_code}
-                click.echo(json.dumps({"ok": False, "error": error}))
-            ctx.exit(err.exit_code)
+            _exit_with(ctx, f"bert-compile: {message}", "interrupted", message, err.exit_code)
 
     @staticmethod
     def _fail(ctx: click.Context, err: BertCompileError) -> None:
-        click.echo(f"bert-compile: {err.kind} error: {err}", err=True)
-        if ctx.meta.get(_JSON_KEY):
-            error = {"kind": err.kind, "message": str(err), "exit_code": err.exit_code}
-            click.echo(json.dumps({"ok": False, "error": error}))
-        ctx.exit(err.exit_code)
+        line = f"bert-compile: {err.kind} error: {err}"
+        _exit_with(ctx, line, err.kind, str(err), err.exit_code)
+
+
+def _exit_with(ctx: click.Context, line: str, kind: str, message: str, exit_code: int) -> None:
+    """One stderr line, with --json the error as the last stdout line, and the exit code."""
+    click.echo(line, err=True)
+    if ctx.meta.get(_JSON_KEY):
+        error = {"kind": kind, "message": message, "exit_code": exit_code}
+        click.echo(json.dumps({"ok": False, "error": error}))
+    ctx.exit(exit_code)
 
 
 def _set_json(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

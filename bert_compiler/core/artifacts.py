@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
@@ -21,10 +20,10 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from bert_compiler.core import __version__
-from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.core.errors import NO_SPACE_ERRNOS, ArtifactError, InputError
 from bert_compiler.core.files import open_regular_file, read_json_file
 
 MANIFEST_NAME = "manifest.json"
@@ -35,7 +34,6 @@ SCHEMA_VERSION = 1
 # user's own `.notes.tmp-1` must never match.
 _TMP_MARK = ".bert-compile.tmp-"
 _OLD_MARK = ".bert-compile.old-"
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _SPACE_MARGIN_MIB = 16
 _VERSIONED_PACKAGES = (
     "torch",
@@ -51,10 +49,14 @@ _VERSIONED_PACKAGES = (
 
 def sha256_file(path: Path) -> str:
     """Return the hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+        return _sha256_of(handle)
+
+
+def _sha256_of(handle: BinaryIO) -> str:
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 
@@ -66,11 +68,8 @@ def input_file(path: Path, what: str) -> dict[str, str]:
         InputError: missing, or not a regular file.
     """
     path = Path(path)
-    digest = hashlib.sha256()
     with open_regular_file(path, what) as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(path), "sha256": digest.hexdigest()}
+        return {"path": str(path), "sha256": _sha256_of(handle)}
 
 
 def sha256_json(value: Any) -> str:
@@ -133,7 +132,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             staging.unlink()
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
             raise InputError(
                 f"{final}: no space left while writing it ({_free_mib(final.parent)} MiB free); "
                 "free space or choose another --out, then rerun"

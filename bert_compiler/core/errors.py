@@ -6,6 +6,11 @@ other exception is an internal error and keeps its traceback. Codes are document
 
 from __future__ import annotations
 
+import errno
+
+# The OSError numbers of a full disk or an exhausted quota: a one-line error, never a traceback.
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
 
 class BertCompileError(Exception):
     """Base of all user-facing errors: bad input, unsupported model, failed gate."""

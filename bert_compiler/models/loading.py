@@ -278,7 +278,8 @@ def _check_safetensors_header(path: Path) -> None:
         if entry["dtype"] not in _FLOAT_DTYPES and not name.endswith(_INTEGER_BUFFERS):
             raise UnsupportedModelError(
                 f"{path}: tensor {name!r} is {entry['dtype']}: weights must be floating point "
-                "(an integer weight would be cast without a word); save the model in float32"
+                f"({', '.join(sorted(_FLOAT_DTYPES))}; another type would be cast without a "
+                "word); save the model in float32"
             )
 
 
@@ -301,11 +302,9 @@ def _tensor_entry_problem(entry: Any, data_bytes: int) -> str | None:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         return f"has shape {shape!r}, not a list of sizes"
-    if math.prod(shape) * _DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
-        return (
-            f"is {dtype} {shape} ({math.prod(shape) * _DTYPE_BYTES[dtype]} bytes) but spans "
-            f"{offsets[1] - offsets[0]} bytes"
-        )
+    size = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if size != offsets[1] - offsets[0]:
+        return f"is {dtype} {shape} ({size} bytes) but spans {offsets[1] - offsets[0]} bytes"
     return None
 
 

@@ -51,6 +51,7 @@ from bert_compiler.runtime.text import (
     resolve_max_length,
     text_list,
     text_windows,
+    truncation_side,
 )
 from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, TokenRows
 from bert_compiler.runtime.tokens import PinnedStaging, Tokens
@@ -105,7 +106,7 @@ def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
     ``max_length``, made once per tokenizer, length and truncation side (its piece cache is
     kept with it)."""
     made = _ROW_TOKENIZERS.setdefault(tokenizer, {})
-    key = (max_length, getattr(tokenizer, "truncation_side", "right"))
+    key = (max_length, truncation_side(tokenizer))
     if key not in made:
         made[key] = new_row_tokenizer(tokenizer, max_length)
     return made[key]
@@ -117,7 +118,7 @@ def new_row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
     return RowTokenizer(
         tokenizer.backend_tokenizer,
         max_length,
-        direction=getattr(tokenizer, "truncation_side", "right"),
+        direction=truncation_side(tokenizer),
         type_ids="token_type_ids" in tokenizer.model_input_names,
     )
 
@@ -420,8 +421,12 @@ class Encoder:
             InputError: as ``tokenize`` and ``run``, naming a text by its index in ``texts``.
         """
         windows = self._checked(text_windows(texts, _window_sizes()))
-        sized = isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
-        total = len(texts) if isinstance(texts, Sequence) and sized else None
+        # A list's length (for the progress bar and the pool's threshold); an iterator has none.
+        total = (
+            len(texts)
+            if isinstance(texts, Sequence) and not isinstance(texts, (str, bytes))
+            else None
+        )
         use_pool = self.tokenizer_workers > 0 and (total is None or total >= POOL_MIN_TEXTS)
         tokenized = (
             tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(windows)
@@ -527,16 +532,13 @@ class Encoder:
     ) -> Launched:
         """The batches of at most CHUNK_ROWS rows queued on the engine (on a CPU: run)."""
         batches = self.plan(tokens)
+        real = int(tokens.lengths.sum())
         stats = RunStats(
             rows=len(tokens),
             batches=len(batches),
             shape_set=frozenset((b.size, b.length) for b in batches),
-            tokens=int(tokens.lengths.sum()),
-            computed=(
-                int(tokens.lengths.sum())
-                if self.packed
-                else sum(b.size * b.length for b in batches)
-            ),
+            tokens=real,
+            computed=real if self.packed else sum(b.size * b.length for b in batches),
         )
         timer = BatchTimer(self.time_batches, on_gpu=self.on_gpu)
         if self.packed:

@@ -150,6 +150,12 @@ def _kind(text: Any) -> str:
     return type(text).__name__
 
 
+def truncation_side(tokenizer: Any) -> str:
+    """Which end of a text a Hugging Face tokenizer keeps when it truncates: "right" keeps the
+    first tokens (its default), "left" the last."""
+    return str(getattr(tokenizer, "truncation_side", "right"))
+
+
 def encode_texts(
     tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int | None, **kwargs: Any
 ):
@@ -164,8 +170,7 @@ def encode_texts(
     """
     check_texts(texts, info)
     if max_length is not None:
-        side = getattr(tokenizer, "truncation_side", "right")
-        texts = cut_texts(texts, max_length, side)
+        texts = cut_texts(texts, max_length, truncation_side(tokenizer))
     truncation: dict[str, Any] = (
         {"truncation": "longest_first", "max_length": max_length}
         if max_length is not None

@@ -346,9 +346,7 @@ def python_stubs(server_pid: int) -> dict[int, str]:
     stubs = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            stat = (entry / "stat").read_text()
-            parent = int(stat.rsplit(")", 1)[1].split()[1])
-            if parent != server_pid:
+            if int(_stat_fields(entry)[1]) != server_pid:
                 continue
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, ValueError, IndexError):
@@ -361,10 +359,15 @@ def python_stubs(server_pid: int) -> dict[int, str]:
 def _running(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie, exited and not yet reaped by its parent, does not)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return _stat_fields(Path(f"/proc/{pid}"))[0] not in ("Z", "X")
+    except (OSError, IndexError):
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def _stat_fields(process: Path) -> list[str]:
+    """The fields of /proc/PID/stat after the command name (which may hold spaces and
+    parentheses): state, parent pid, ..."""
+    return (process / "stat").read_text().rsplit(")", 1)[1].split()
 
 
 def check_port(host: str, port: int, option: str) -> None:
