@@ -520,11 +520,20 @@ def integer_weight_tensor(out, model, tmp):
     return _export(out, model), 4, "is I32: weights must be floating point"
 
 
-def dense_module_after_pooling(out, model, tmp):
+def dense_module_after_normalize(out, model, tmp):
     modules = json.loads((model / "modules.json").read_text())
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "x.models.Dense"})
     (model / "modules.json").write_text(json.dumps(modules))
-    return _export(out, model), 4, "module '3_Dense' (x.models.Dense) is not supported"
+    return _export(out, model), 4, "modules run as Transformer Pooling Normalize Dense; the"
+
+
+def dense_module_without_weights(out, model, tmp):
+    modules = json.loads((model / "modules.json").read_text())
+    modules.insert(2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "x.models.Dense"})
+    (model / "modules.json").write_text(json.dumps(modules))
+    (model / "2_Dense").mkdir()
+    (model / "2_Dense" / "config.json").write_text('{"in_features": 32, "out_features": 8}')
+    return _export(out, model), 3, "the Dense module has no model.safetensors"
 
 
 def pooling_settings_of_the_wrong_type(out, model, tmp):
@@ -636,7 +645,8 @@ CASES = [
     tokenizer_max_length_of_text,
     safetensors_shape_past_its_bytes,
     integer_weight_tensor,
-    dense_module_after_pooling,
+    dense_module_after_normalize,
+    dense_module_without_weights,
     pooling_settings_of_the_wrong_type,
     engine_of_another_model,
     calibration_data_on_a_fifo,

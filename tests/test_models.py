@@ -409,19 +409,105 @@ def test_an_integer_weight_is_refused_and_id_buffers_are_not(tiny_model_copy):
         resolve_model(tiny_model_copy)
 
 
-def test_sentence_transformers_modules_the_engine_does_not_run_are_refused(tiny_model_copy):
-    """A Dense layer after pooling (distiluse-base-multilingual has one) changes the embedding:
-    refused in one line rather than built without it."""
-    modules = json.loads((tiny_model_copy / "modules.json").read_text())
-    modules.insert(
-        2, {"idx": 2, "name": "2", "path": "2_Dense", "type": "sentence_transformers.models.Dense"}
+def _edit_modules(folder, edit) -> None:
+    modules = json.loads((folder / "modules.json").read_text())
+    (folder / "modules.json").write_text(json.dumps(edit(modules)))
+
+
+def test_sentence_transformers_modules_the_engines_do_not_run_are_refused(tiny_model_copy):
+    """A module the engines do not run (a word-embedding model, custom code), modules in another
+    order, an encoder in a subfolder or a module path out of the folder: refused in one line
+    rather than built into embeddings that are not the model's."""
+    original = json.loads((tiny_model_copy / "modules.json").read_text())
+    word = {"idx": 2, "name": "2", "path": "2_W", "type": "sentence_transformers.WordEmbeddings"}
+    cases = [
+        (lambda m: [*m[:2], word], UnsupportedModelError, r"module '2_W' \(.*\) is not supp"),
+        (lambda m: [m[0], m[2], m[1]], UnsupportedModelError, "modules run as Transformer "),
+        (lambda m: [{**m[0], "path": "enc"}, *m[1:]], UnsupportedModelError, "path is 'enc'"),
+        (lambda m: [m[0], {**m[1], "path": "../x"}], InputError, "'../x' leaves the model"),
+        (lambda m: [*m[:2], 5], InputError, "a JSON list of module objects"),
+    ]
+    for edit, error, message in cases:
+        _edit_modules(tiny_model_copy, lambda _m, edit=edit: edit(list(original)))
+        with pytest.raises(error, match=message):
+            resolve_model(tiny_model_copy)
+
+
+def test_pooling_as_sentence_transformers_5_writes_it_is_read(tiny_model_copy):
+    """sentence-transformers 5+ saves one "pooling_mode" string; earlier releases one true
+    "pooling_mode_*" key. Both are read; a mode the engines do not run is refused."""
+    path = tiny_model_copy / "1_Pooling" / "config.json"
+    assert resolve_model(tiny_model_copy).pooling == "mean"
+    path.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "cls"}))
+    assert resolve_model(tiny_model_copy).pooling == "cls"
+    path.write_text(json.dumps({"embedding_dimension": 32, "pooling_mode": "max"}))
+    with pytest.raises(UnsupportedModelError, match=r"pooling modes \['max'\] are not supp"):
+        resolve_model(tiny_model_copy)
+
+
+@pytest.fixture
+def dense_model(tmp_path):
+    from tests.tiny_models import make_tiny_model
+
+    return make_tiny_model(tmp_path / "dense", dense_features=24)
+
+
+IDENTITY = "torch.nn.modules.linear.Identity"
+
+
+def test_a_dense_module_is_read_with_its_width_and_shapes_every_hash(dense_model):
+    info = resolve_model(dense_model)
+    ((layer,),) = [info.dense]
+    assert (layer.in_features, layer.out_features, layer.bias, layer.activation) == (
+        32,
+        24,
+        True,
+        "tanh",
     )
-    (tiny_model_copy / "modules.json").write_text(json.dumps(modules))
-    with pytest.raises(UnsupportedModelError, match=r"module '2_Dense' \(.*Dense\) is not supp"):
-        resolve_model(tiny_model_copy)
-    (tiny_model_copy / "modules.json").write_text(json.dumps([*modules[:2], 5]))
-    with pytest.raises(InputError, match="a JSON list of module objects"):
-        resolve_model(tiny_model_copy)
+    assert info.normalize and info.pooling == "mean"
+    before = info.fingerprint()
+    assert {"2_Dense/config.json", "2_Dense/model.safetensors"} <= set(before["files"])
+    settings = json.loads((dense_model / "2_Dense" / "config.json").read_text())
+    (dense_model / "2_Dense" / "config.json").write_text(
+        json.dumps({**settings, "activation_function": IDENTITY})
+    )
+    changed = resolve_model(dense_model)
+    assert changed.dense[0].activation == "none"
+    assert changed.fingerprint()["sha256"] != before["sha256"]
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"activation_function": "torch.nn.modules.activation.GELU"}, UnsupportedModelError,
+         "activation_function 'torch.nn.modules.activation.GELU' is not supported"),
+        ({"in_features": 16}, InputError, "in_features 16 does not match the 32 features"),
+        ({"out_features": 12}, InputError, "holds .* but config.json asks for"),
+        ({"out_features": True}, InputError, "out_features is True, not an integer"),
+        ({"bias": "yes"}, InputError, "bias is 'yes', not true or false"),
+        ({"use_residual": True}, UnsupportedModelError, "use_residual Dense layers"),
+        ({"module_input_name": "token_embeddings"}, UnsupportedModelError,
+         "module_input_name 'token_embeddings' is not supported"),
+        ({"weights": None}, InputError, "the Dense module has no model.safetensors"),
+    ],
+    ids=["activation", "in", "shape", "bool", "bias", "residual", "input", "no-weights"],
+)  # fmt: skip
+def test_dense_settings_that_do_not_fit_the_model_are_one_line(dense_model, change, error, message):
+    folder = dense_model / "2_Dense"
+    if change.pop("weights", 0) is None:
+        (folder / "model.safetensors").unlink()
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, **change}))
+    with pytest.raises(error, match=message):
+        resolve_model(dense_model)
+
+
+def test_a_dense_model_needs_pooling_in_the_graph(dense_model):
+    from bert_compiler.models.loading import build_wrapper
+
+    info = resolve_model(dense_model)
+    with pytest.raises(UnsupportedModelError, match="pooling must be in the graph"):
+        build_wrapper(info, load_torch_model(info), pooling_in_graph=False)
 
 
 def test_pooling_settings_of_the_wrong_json_type_are_one_line(tiny_model_copy):

@@ -366,6 +366,27 @@ def test_architectures_build_or_are_refused_in_one_line(model_type, tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_dense_module_after_pooling_runs_in_both_engines_as_sentence_transformers_runs_it(
+    tmp_path,
+):
+    """A sentence-transformers Dense layer (Tanh, 32 -> 24, as distiluse-base-multilingual's
+    768 -> 512) between pooling and normalisation: the torch engine and the ORT engine, both
+    verified, give sentence-transformers' own embeddings of the model (an independent
+    reference), in its projected width."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = make_tiny_model(tmp_path / "model", dense_features=24)
+    info, torch_dir, ort_dir = _torch_and_ort_engines(folder, tmp_path / "out")
+    layout = json.loads((torch_dir / "manifest.json").read_text())["results"]["layout"]
+    assert (layout["pooling"], layout["head"], layout["normalize"]) == ("mean", ["tanh"], True)
+    expected = SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
+    assert expected.shape == (len(TEXTS), 24)
+    for engine in (torch_dir, ort_dir):
+        got = Encoder.open(engine, info).encode(TEXTS)["sentence_embedding"]
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("model_type", "labels", "head"),
     [("bert", 2, "tanh"), ("bert", 1, "tanh"), ("distilbert", 2, "relu")],

