@@ -220,3 +220,38 @@ def test_a_signal_swallowed_in_a_finalizer_prints_no_traceback():
     assert result.stdout.strip() == "checkpoint raised Interrupted", result.stderr
     assert "Interrupted" not in result.stderr
     assert "ValueError: other fault" in result.stderr
+
+
+def test_a_rust_tokenizer_panic_is_one_line_and_no_traceback(
+    tiny_embedding_model, tmp_path, monkeypatch
+):
+    """The Rust tokenizer panics on some tokenizer.json regexes (a split whose look-behind holds
+    \\K, on any text with a space); pyo3 raises PanicException, a BaseException that escaped
+    ``except Exception`` as a traceback. The model's tokenizer is given that pre-tokenizer
+    where it is loaded (transformers rebuilds a BERT tokenizer's pre-tokenizer from its class,
+    so the file alone does not reach it): the run stops in one line, exit 4."""
+    from tokenizers import Regex, pre_tokenizers
+
+    from bert_compiler.models import loading
+
+    original = loading.load_tokenizer
+
+    def panicking(*args, **kwargs):
+        tokenizer = original(*args, **kwargs)
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex("(?<=\\K.)."), "isolated"), pre_tokenizers.Whitespace()]
+        )
+        return tokenizer
+
+    for module in list(sys.modules.values()):
+        if getattr(module, "load_tokenizer", None) is original:
+            monkeypatch.setattr(module, "load_tokenizer", panicking)
+    result = _invoke(
+        "run", "--model", tiny_embedding_model, "--out", tmp_path, "--target", "cpu",
+        "--no-package", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 4, result.output
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("bert-compile:")]
+    assert "a Rust library (tokenizers or safetensors) panicked" in line
+    assert json.loads(result.stdout.splitlines()[-1])["error"]["kind"] == "unsupported-model"
+    assert "Traceback" not in result.output

@@ -305,6 +305,35 @@ def test_text_engine_fails_only_the_requests_of_a_refused_run():
         )  # fmt: skip
 
 
+def test_a_text_that_makes_the_rust_tokenizer_panic_fails_only_its_own_request():
+    """A tokenizer.json regex that makes the Rust tokenizer panic on some texts (here: a split
+    whose look-behind holds \\K, on any text with a space). pyo3 raises PanicException, a
+    BaseException that ``except Exception`` let through, failing every request of the call:
+    now the request whose text panics fails alone, and the others get their rows."""
+    from tokenizers import Regex, pre_tokenizers
+
+    tokenizer = word_tokenizer()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex("(?<=\\K.)."), "isolated"), pre_tokenizers.Whitespace()]
+    )
+    with pytest.raises(BaseException, match="byte range|bad split") as raised:
+        tokenizer.encode("a b")
+    assert not isinstance(raised.value, Exception)  # the real panic, as Triton would see it
+    engine = text_engine_model.TextEngine(
+        CountingSession(), TextEncoder(tokenizer, NAMES), ["out"], run_cost=0, max_rows=64
+    )
+    results = tokenizer_model.respond_all(
+        [["a"], ["c", "a b"], ["d"]],
+        lambda request: [np.array([t.encode() for t in request], dtype=object)],
+        ["TEXT"],
+        engine,
+        respond=lambda outputs: outputs,
+        fail=lambda message: message,
+    )
+    assert results[0]["out"].shape == results[2]["out"].shape == (1, 1)
+    assert results[1].startswith("the text engine failed: PanicException")
+
+
 def test_text_engine_model_reads_requests_and_answers_each(pb_utils):
     engine = text_engine_model.TextEngine(
         CountingSession(), TextEncoder(word_tokenizer(), NAMES), ["out"], run_cost=8, max_rows=64

@@ -51,6 +51,8 @@ from bert_compiler.core.errors import (
     InputError,
     Interrupted,
     ParityError,
+    UnsupportedModelError,
+    is_rust_panic,
 )
 from bert_compiler.core.lock import output_lock
 from bert_compiler.core.outdir import claim_output, release_if_unused
@@ -113,6 +115,19 @@ class _Cli(click.Group):
                 f"nothing half-written looks complete; run the command again {again}to resume"
             )
             _exit_with(ctx, f"bert-compile: {message}", "interrupted", message, err.exit_code)
+        except BaseException as err:
+            if not is_rust_panic(err):
+                raise
+            # A text or a tokenizer.json that makes the Rust tokenizer panic: what it said, in
+            # one line (its own report went to stderr above, as Rust prints it).
+            said = str(err).splitlines()[0] if str(err) else type(err).__name__
+            self._fail(
+                ctx,
+                UnsupportedModelError(
+                    f"a Rust library (tokenizers or safetensors) panicked: {said}; the model's "
+                    "tokenizer.json (or weights) holds something it cannot run"
+                ),
+            )
 
     @staticmethod
     def _fail(ctx: click.Context, err: BertCompileError) -> None:

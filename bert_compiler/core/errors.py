@@ -12,6 +12,13 @@ import errno
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
+def is_rust_panic(err: BaseException) -> bool:
+    """A panic in a Rust library (tokenizers, safetensors): pyo3 raises it as PanicException, a
+    BaseException that ``except Exception`` lets through; its class is made at run time, so it
+    is known by name."""
+    return type(err).__name__ == "PanicException"
+
+
 class BertCompileError(Exception):
     """Base of all user-facing errors: bad input, unsupported model, failed gate."""
 

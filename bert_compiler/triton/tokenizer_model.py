@@ -109,13 +109,34 @@ def respond_all(
     responses: list = [None] * len(requests)
     for index, message in unreadable.items():
         responses[index] = fail(message)
-    try:
-        results = engine.run(list(readable.values()))
-    except Exception as err:  # a tokenizer or numpy error: every readable request gets it
-        results = [f"the text engine failed: {type(err).__name__}: {err}"] * len(readable)
+    results = _run_each_alone_on_failure(engine, list(readable.values()))
     for index, result in zip(readable, results, strict=True):
         responses[index] = fail(result) if isinstance(result, str) else respond(result)
     return responses
+
+
+def _is_failure(err: BaseException) -> bool:
+    """An error of the work itself (not an interrupt): any Exception, or a panic of a Rust
+    library (tokenizers), which pyo3 raises as PanicException, a BaseException that ``except
+    Exception`` lets through. Its class is made at run time, so it is known by name."""
+    return isinstance(err, Exception) or type(err).__name__ == "PanicException"
+
+
+def _run_each_alone_on_failure(engine: Any, batch: list) -> list:
+    """``engine.run`` over every request of ``batch`` together; when that fails (a tokenizer or
+    engine error), each request alone, so the request that breaks it fails alone rather than
+    every request batched with it."""
+    try:
+        return list(engine.run(batch))
+    except BaseException as err:
+        if not _is_failure(err):
+            raise
+        if len(batch) == 1:
+            return [f"the text engine failed: {type(err).__name__}: {err}"]
+    results: list = []
+    for texts in batch:
+        results += _run_each_alone_on_failure(engine, [texts])
+    return results
 
 
 def answer_requests(requests: Sequence[Any], inputs: Sequence[str], engine: Any) -> list:
