@@ -159,3 +159,17 @@ def test_a_link_planted_at_a_staging_name_is_refused_and_never_followed(tmp_path
     staging.write_text("half a summary from an interrupted run")
     atomic_write_text(final, "{}\n")
     assert final.read_text() == "{}\n" and not staging.exists()
+
+
+def test_a_link_planted_at_a_final_name_is_replaced_and_never_followed(tmp_path):
+    """HOSTILE row 34, the final name: a link where run.json will be (pointing at a user's
+    file) is replaced by the rename, so the user's file keeps its bytes and run.json is the
+    tool's own regular file."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("a user's file\n")
+    final = tmp_path / "out" / "run.json"
+    final.parent.mkdir()
+    final.symlink_to(victim)
+    atomic_write_text(final, "{}\n")
+    assert victim.read_text() == "a user's file\n"
+    assert not final.is_symlink() and final.read_text() == "{}\n"

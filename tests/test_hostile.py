@@ -577,6 +577,39 @@ def model_config_is_a_fifo(out, model, tmp):
     return _export(out, model), 3, "config.json: not a regular file"
 
 
+def tokenizer_json_is_a_fifo(out, model, tmp):
+    (model / "tokenizer.json").unlink()
+    os.mkfifo(model / "tokenizer.json")  # transformers would block reading it
+    return _export(out, model), 3, "tokenizer.json: not a regular file"
+
+
+def tokenizer_config_on_dev_zero(out, model, tmp):
+    (model / "tokenizer_config.json").unlink()
+    (model / "tokenizer_config.json").symlink_to("/dev/zero")
+    return _export(out, model), 3, "tokenizer_config.json: not a regular file"
+
+
+def pt_weights_only(out, model, tmp):
+    # A folder whose only weights are a pickle under another name than pytorch_model.bin: not
+    # loaded (a pickle can run code), and the message says what is looked for.
+    _pickle_only(model, tmp / "pwned")
+    (model / "pytorch_model.bin").rename(model / "model.pt")
+    return _export(out, model), 3, "no model.safetensors (or pytorch_model.bin)"
+
+
+def stage_input_with_a_control_flow_op(out, model, tmp):
+    from onnx import helper
+
+    from tests.test_onnx_io import _graph
+
+    node = helper.make_node(
+        "If", ["x"], ["y"], then_branch=_graph().graph, else_branch=_graph().graph
+    )
+    path = tmp / "if.onnx"
+    path.write_bytes(_graph(node=node).SerializeToString())
+    return ["simplify", "--input", path, "--out", out], 3, "ai.onnx::If, which is outside the BERT"
+
+
 def sentence_transformers_modules_is_a_folder(out, model, tmp):
     (model / "modules.json").unlink()
     (model / "modules.json").mkdir()
@@ -654,6 +687,10 @@ CASES = [
     parity_data_is_a_folder,
     model_config_is_a_fifo,
     sentence_transformers_modules_is_a_folder,
+    tokenizer_json_is_a_fifo,
+    tokenizer_config_on_dev_zero,
+    pt_weights_only,
+    stage_input_with_a_control_flow_op,
 ]
 
 

@@ -93,12 +93,37 @@ def test_truncated_graph_is_a_user_error(tmp_path):
         load_onnx(path)
 
 
+def _loop_body():
+    """A Loop body that passes its one loop variable through (iteration, condition, x)."""
+    return helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["x_in"], ["x_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", TensorProto.FLOAT, [4]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", TensorProto.FLOAT, [4]),
+        ],
+    )
+
+
 @pytest.mark.parametrize(
     "node",
     [
         helper.make_node("MyPlugin", ["x", "w"], ["y"], domain="trt.plugins"),
         helper.make_node("EPContext", ["x", "w"], ["y"], domain="com.microsoft"),
+        helper.make_node(
+            "If", ["x"], ["y"], then_branch=_graph().graph, else_branch=_graph().graph
+        ),
+        helper.make_node("Loop", ["", "", "x"], ["y"], body=_loop_body()),
     ],
+    ids=["plugin", "EPContext", "If", "Loop"],
 )
 def test_operators_outside_the_allowlist_are_rejected(tmp_path, node):
     model = _graph(node=node)

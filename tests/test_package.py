@@ -877,9 +877,14 @@ def test_a_model_folder_with_a_hostile_name_packages_under_a_safe_one(
 ):
     """HOSTILE row 21: quotes, braces, a dollar, spaces and leading dots in the model folder's
     name never reach a path, a Triton model name or a config: every name is the slug, each
-    passes Triton's strict pattern, and the gate accepts the repository."""
+    passes Triton's strict pattern, and the gate accepts the repository. HOSTILE row 22: files
+    planted in the model folder (a model.py, a library, a script) are not copied into it."""
     model = tmp_path / '..we"ird {na}me $x'
     shutil.copytree(tiny_embedding_model, model)
+    planted = {"model.py": b"import os  # planted\n", "libevil.so": b"\x7fELF planted"}
+    planted["1_Pooling/evil.py"] = b"print('planted')\n"
+    for name, data in planted.items():
+        (model / name).write_bytes(data)
     out = tmp_path / "out"
     argv = ["run", "--model", str(model), "--out", str(out), "--target", "cpu", "--json"]
     result = CliRunner().invoke(cli, [*argv, "--metric-limit", "100", "--no-metric-gate"])
@@ -892,6 +897,9 @@ def test_a_model_folder_with_a_hostile_name_packages_under_a_safe_one(
     for name in names:
         assert tc.check_name(name, "model name") == name
         assert _configs(repository)[name].name == name
+    copied = [p for p in repository.rglob("*") if p.is_file()]
+    assert not [p for p in copied if p.name in ("libevil.so", "evil.py")]
+    assert not [p for p in copied if p.read_bytes() in planted.values()]
     gate = CliRunner().invoke(
         cli,
         ["verify", "--model", str(model), "--out", str(out), "--repository", str(repository),

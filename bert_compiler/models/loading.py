@@ -16,6 +16,7 @@ from typing import Any
 
 from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import InputError, UnsupportedModelError
+from bert_compiler.core.files import open_regular_file
 from bert_compiler.models.architectures import ArchitectureSpec, architecture_for
 from bert_compiler.models.embedding_modules import (
     DenseLayer,
@@ -365,6 +366,34 @@ TOKENIZER_FILES = (
     "tokenizer.json", "vocab.txt", "vocab.json", "sentencepiece.bpe.model", "spm.model",
     "tokenizer.model",
 )  # fmt: skip
+# The other files transformers reads to make the tokenizer.
+_TOKENIZER_SETTINGS = (
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+)  # fmt: skip
+# The largest tokenizer file read (multilingual tokenizer.json files run to tens of MiB).
+_MAX_TOKENIZER_FILE_BYTES = 512 << 20
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Every tokenizer file present is a regular file (links followed, as a model cache's
+    are) of at most _MAX_TOKENIZER_FILE_BYTES: transformers opens them itself, and passes over
+    one that is not a regular file without a word (a FIFO tokenizer.json: the tokenizer is made
+    from the other files), so the tokenizer run would not be the folder's.
+
+    Raises:
+        InputError: one is a folder, device or pipe, or too large.
+    """
+    for name in (*TOKENIZER_FILES, *_TOKENIZER_SETTINGS):
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        with open_regular_file(path, "tokenizer file") as handle:
+            size = os.fstat(handle.fileno()).st_size
+        if size > _MAX_TOKENIZER_FILE_BYTES:
+            raise InputError(
+                f"{path}: tokenizer file of {size >> 20} MiB, over the "
+                f"{_MAX_TOKENIZER_FILE_BYTES >> 20} MiB a tokenizer file may have"
+            )
 
 
 def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
@@ -377,6 +406,7 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
     """
     from transformers import AutoTokenizer
 
+    _check_tokenizer_files(info.path)
     if not any((info.path / name).is_file() for name in TOKENIZER_FILES):
         raise InputError(
             f"{info.path}: no tokenizer file ({', '.join(TOKENIZER_FILES)}); copy the model's "
