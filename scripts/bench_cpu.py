@@ -62,6 +62,7 @@ def _parse() -> argparse.Namespace:
 def _stages(info, out: Path, threads: int, int8: bool):
     """Build (or reuse) the fp32 and INT8 engines; return them and the graphs peers start from."""
     from bert_compiler.engines.backend import BuildSpec
+    from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
     from bert_compiler.stages.build import build, engine_folder_name
     from bert_compiler.stages.calibrate import calibrate
     from bert_compiler.stages.export import export
@@ -79,14 +80,15 @@ def _stages(info, out: Path, threads: int, int8: bool):
         "simplify": simplified.output("model.onnx"),
         "fuse": fused.output("model.onnx"),
     }
-    fp32 = BuildSpec(intra_op_num_threads=threads)
+    threads_only = OnnxRuntimeBuildOptions(intra_op_num_threads=threads)
+    fp32 = BuildSpec(options=threads_only)
     built_fp32 = build(
         source=graphs["fuse"], out_dir=layout.engine(info.name, engine_folder_name(fp32)), spec=fp32
     )
     engines = {"fp32": quiet_engine(built_fp32.path)}
     if int8:
         calibrated = calibrate(info=info, source=graphs["simplify"], out_dir=layout.calibrate)
-        spec = BuildSpec(intra_op_num_threads=threads, precision="int8")
+        spec = BuildSpec(precision="int8", options=threads_only)
         built = build(
             source=calibrated.output("model.onnx"),
             out_dir=layout.engine(info.name, engine_folder_name(spec)),

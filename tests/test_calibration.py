@@ -292,6 +292,7 @@ def test_per_tensor_weight_scale_is_the_largest_magnitude_over_127():
 @pytest.mark.e2e
 def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tiny_run, tmp_path):
     from bert_compiler.engines.backend import BuildSpec, load_engine
+    from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
     from bert_compiler.stages.build import build
 
     info, out, _spec, _summary = tiny_run
@@ -315,7 +316,7 @@ def test_per_tensor_calibration_is_recorded_and_its_int8_engine_tracks_float(tin
     built = build(
         source=result.output("model.onnx"),
         out_dir=tmp_path / "engine",
-        spec=BuildSpec(precision="int8", intra_op_num_threads=1),
+        spec=BuildSpec(precision="int8", options=OnnxRuntimeBuildOptions(intra_op_num_threads=1)),
     )
     engine, _manifest = load_engine(built.path)
     float_graph = onnx.load(str(out / "simplify" / "model.onnx"))

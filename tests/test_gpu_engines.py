@@ -19,6 +19,7 @@ import pytest
 from bert_compiler.core.errors import EnvironmentProblem
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import row_sizes
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
@@ -70,7 +71,9 @@ def test_ort_cuda_fp16_engine_builds_runs_and_verifies(tiny_embedding_model, tmp
     info = resolve_model(tiny_embedding_model)
     builds = (
         BuildSpec(device="cuda", precision="fp16"),
-        BuildSpec(device="cuda", precision="fp16", cuda_graph=True),
+        BuildSpec(
+            device="cuda", precision="fp16", options=OnnxRuntimeBuildOptions(cuda_graph=True)
+        ),
         BuildSpec(device="cuda", precision="fp32"),
     )
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
@@ -160,8 +163,8 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         profiles=(Profile(1, 8, 16, 1, 16, 16), Profile(1, 16, 64, 17, 128, 128))
     )
     builds = (
-        BuildSpec(backend="tensorrt", device="cuda", precision="fp16", tensorrt=two_profiles),
-        BuildSpec(backend="tensorrt", device="cuda", precision="fp32", tensorrt=two_profiles),
+        BuildSpec(backend="tensorrt", device="cuda", precision="fp16", options=two_profiles),
+        BuildSpec(backend="tensorrt", device="cuda", precision="fp32", options=two_profiles),
     )
     from bert_compiler.triton.gate import verify_repository
     from bert_compiler.triton.package import PackageSpec
@@ -236,7 +239,8 @@ def test_runtime_on_a_cuda_graph_engine_matches_one_row_at_a_time(tiny_embedding
     from bert_compiler.runtime.encoder import Encoder
 
     info = resolve_model(tiny_embedding_model)
-    builds = (BuildSpec(device="cuda", precision="fp16", cuda_graph=True),)
+    graphs = OnnxRuntimeBuildOptions(cuda_graph=True)
+    builds = (BuildSpec(device="cuda", precision="fp16", options=graphs),)
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
     assert summary["ok"], summary["engines"]
     encoder = Encoder.open(Path(summary["engines"][0]["manifest"]).parent, info)
@@ -274,8 +278,10 @@ def test_packed_attention_engine_matches_the_padded_fp16_engine(tiny_embedding_m
     padded = BuildSpec(device="cuda", precision="fp16")
     builds = (
         padded,
-        replace(padded, packed_attention=True),
-        BuildSpec(device="cuda", precision="fp32", packed_attention=True),
+        replace(padded, options=OnnxRuntimeBuildOptions(packed_attention=True)),
+        BuildSpec(
+            device="cuda", precision="fp32", options=OnnxRuntimeBuildOptions(packed_attention=True)
+        ),
     )
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
     assert summary["ok"], summary["engines"]

@@ -12,6 +12,7 @@ import pytest
 
 from bert_compiler.calibration import datasets
 from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
 from bert_compiler.stages import fallback as fallback_module
@@ -86,7 +87,12 @@ def test_int8_dynamic_scopes_lower_to_their_operators_and_stay_close(
     import onnx
 
     spec = RunSpec(
-        builds=(BuildSpec(precision="int8", int8_weights=weights, int8_dynamic=scope),),
+        builds=(
+            BuildSpec(
+                precision="int8",
+                options=OnnxRuntimeBuildOptions(int8_weights=weights, int8_dynamic=scope),
+            ),
+        ),
         verify=TINY_VERIFY,
         calibration=replace(CALIBRATION, smooth_alpha=0.5),
     )
@@ -292,7 +298,9 @@ def test_an_explicit_int8_weight_type_names_its_engine_and_is_recorded(
         manifest = json.loads(Path(engine["manifest"]).read_text())
         assert manifest["spec"]["session"]["int8_weights"] == weights
         assert manifest["spec"]["int8_weights"] == weights
-        assert get_backend("onnxruntime").from_record(manifest["spec"]).int8_weights == weights
+        assert (
+            get_backend("onnxruntime").from_record(manifest["spec"]).options.int8_weights == weights
+        )
     assert [n.rsplit("-", 2)[1:] for n in names] == [["int8", "s8"], ["int8", "u8"]]
     result = CliRunner().invoke(cli, [*args, "--int8-weights", "s16"])
     assert result.exit_code == 2 and "s16" in result.output

@@ -19,6 +19,7 @@ import pytest
 from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import BuildSpec, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.engines.packed_attention import pack_attention, require_packable
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.stages.export import export
@@ -105,7 +106,8 @@ def test_a_graph_without_fused_attention_is_one_line(tiny_run):
     message = str(caught.value)
     assert "\n" not in message and "without --packed-attention" in message
     # The build checks it before touching an earlier engine (prepare), not after exporting.
-    spec = BuildSpec(device="cuda", precision="fp16", packed_attention=True)
+    packed = OnnxRuntimeBuildOptions(packed_attention=True)
+    spec = BuildSpec(device="cuda", precision="fp16", options=packed)
     job = get_backend("onnxruntime").build_job(
         out / "simplify" / "model.onnx", spec, input_names=()
     )

@@ -20,6 +20,7 @@ from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi, pl
 from bert_compiler.engines import onnxruntime as ort_engine
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions as OrtBuild
 from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.engines.tensorrt_options import (
     Profile,
@@ -122,7 +123,7 @@ def test_explicit_gpu_targets_fail_clearly_without_their_backend():
             BuildSpec(
                 backend="tensorrt",
                 device="cuda",
-                tensorrt=TensorRTOptions(builder_optimization_level=9),
+                options=TensorRTOptions(builder_optimization_level=9),
             ),
             "expected 0-5",
         ),
@@ -135,7 +136,9 @@ def test_build_spec_refuses_impossible_combinations(spec, message):
 
 def test_engine_names_carry_backend_version_gpu_and_precision():
     assert engine_name(BuildSpec(), "1.32.0") == "ort1.32.0-cpu-fp32"
-    cuda = BuildSpec(device="cuda", precision="fp16", compute_capability="9.0", cuda_graph=True)
+    cuda = BuildSpec(
+        device="cuda", precision="fp16", compute_capability="9.0", options=OrtBuild(cuda_graph=True)
+    )
     assert engine_name(cuda, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-cudagraph"
     trt = BuildSpec(backend="tensorrt", device="cuda", precision="int8", compute_capability="8.9")
     assert engine_name(trt, "10.13.3") == "trt10.13.3-sm89-int8"
@@ -144,11 +147,11 @@ def test_engine_names_carry_backend_version_gpu_and_precision():
         device="cuda",
         compute_capability="9.0",
         precision="fp16",
-        tensorrt=TensorRTOptions(hardware_compatibility="ampere_plus", version_compatible=True),
+        options=TensorRTOptions(hardware_compatibility="ampere_plus", version_compatible=True),
     )
     assert engine_name(portable, "10.13.3") == "trt10.13.3-ampere_plus-fp16-vc"
     # The non-default attention kernels name the engine.
-    fused = replace(cuda, attention_kernels="fused")
+    fused = replace(cuda, options=replace(cuda.options, attention_kernels="fused"))
     assert engine_name(fused, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-cudagraph-attn-fused"
     assert model_slug("../odd name/") == "odd-name"
 
@@ -185,52 +188,60 @@ def test_ort_cuda_provider_options_are_explicit(tmp_path):
 
 def test_attention_kernels_reach_the_cuda_engine_only():
     backend = get_backend("onnxruntime")
-    cuda = backend.applicable(BuildSpec(device="cuda", precision="fp16", attention_kernels="fused"))
-    assert backend.options(cuda).attention_kernels == "fused"
-    cpu = backend.applicable(BuildSpec(attention_kernels="fused"))
-    assert cpu.attention_kernels == backend.options(cpu).attention_kernels == "default"
+    fused = OrtBuild(attention_kernels="fused")
+    cuda = backend.applicable(BuildSpec(device="cuda", precision="fp16", options=fused))
+    assert backend.session_options(cuda).attention_kernels == "fused"
+    cpu = backend.applicable(BuildSpec(options=fused))
+    assert cpu.options.attention_kernels == backend.session_options(cpu).attention_kernels
+    assert cpu.options.attention_kernels == "default"
     assert engine_name(cpu, "1") == "ort1-cpu-fp32"
-    recorded = {"device": "cuda", "precision": "fp16", "session": backend.options(cuda).to_dict()}
-    assert backend.from_record(recorded).attention_kernels == "fused"
+    session = backend.session_options(cuda).to_dict()
+    recorded = {"device": "cuda", "precision": "fp16", "session": session}
+    assert backend.from_record(recorded).options.attention_kernels == "fused"
     with pytest.raises(InputError, match="--attention-kernels 'x'"):
-        BuildSpec(device="cuda", precision="fp16", attention_kernels="x").validate()
+        BuildSpec(
+            device="cuda", precision="fp16", options=OrtBuild(attention_kernels="x")
+        ).validate()
 
 
 def test_packed_attention_names_and_records_the_cuda_engine(tmp_path):
     backend = get_backend("onnxruntime")
     packed = BuildSpec(
-        device="cuda", precision="fp16", compute_capability="9.0", packed_attention=True
+        device="cuda",
+        precision="fp16",
+        compute_capability="9.0",
+        options=OrtBuild(packed_attention=True),
     )
     assert engine_name(packed, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-packed-attention"
-    fused = replace(packed, attention_kernels="fused")
+    fused = replace(packed, options=replace(packed.options, attention_kernels="fused"))
     assert engine_name(fused, "1.31.1") == "ort1.31.1-cuda-sm90-fp16-attn-fused-packed-attention"
-    assert engine_name(replace(packed, packed_attention=False), "1") == "ort1-cuda-sm90-fp16"
+    assert engine_name(replace(packed, options=OrtBuild()), "1") == "ort1-cuda-sm90-fp16"
     # The build record (the manifest's spec) carries it; from_record reads it back, and an
     # engine recorded before the option existed was built unpacked.
     job = backend.build_job(tmp_path / "model.onnx", packed, input_names=())
     assert job.settings["session"]["packed_attention"] is True
     recorded = {"device": "cuda", "precision": "fp16", "compute_capability": "9.0", **job.settings}
-    assert backend.from_record(recorded).packed_attention is True
+    assert backend.from_record(recorded).options.packed_attention is True
     assert engine_name(backend.from_record(recorded), "1.31.1") == engine_name(packed, "1.31.1")
     assert backend.triton_kind(recorded) == "ort-cuda-fp16-packed-attention"
     older = {**recorded, "session": dict(job.settings["session"])}
     del older["session"]["packed_attention"]
-    assert backend.from_record(older).packed_attention is False
+    assert backend.from_record(older).options.packed_attention is False
     # A CPU engine never records it, whatever the flags said.
-    cpu = backend.applicable(BuildSpec(packed_attention=True))
-    assert not cpu.packed_attention and not backend.options(cpu).packed_attention
+    cpu = backend.applicable(BuildSpec(options=OrtBuild(packed_attention=True)))
+    assert not cpu.options.packed_attention and not backend.session_options(cpu).packed_attention
 
 
 @pytest.mark.parametrize(
     ("spec", "needle"),
     [
-        (BuildSpec(packed_attention=True), "not onnxruntime on cpu"),
+        (BuildSpec(options=OrtBuild(packed_attention=True)), "not onnxruntime on cpu"),
         (
-            BuildSpec(backend="tensorrt", device="cuda", precision="fp16", packed_attention=True),
-            "not tensorrt on cuda",
-        ),
-        (
-            BuildSpec(device="cuda", precision="fp16", cuda_graph=True, packed_attention=True),
+            BuildSpec(
+                device="cuda",
+                precision="fp16",
+                options=OrtBuild(cuda_graph=True, packed_attention=True),
+            ),
             "--packed-attention with --cuda-graph",
         ),
     ],
@@ -239,6 +250,17 @@ def test_packed_attention_refuses_other_targets_and_cuda_graphs(spec, needle):
     with pytest.raises(InputError, match=needle) as caught:
         spec.validate()
     assert "\n" not in str(caught.value)
+
+
+def test_a_backend_is_built_with_its_own_options_only():
+    """A backend's options are its own dataclass: ONNX Runtime's settings (packed attention)
+    handed to TensorRT are a programming error, not silently ignored."""
+    ort_options = OrtBuild(packed_attention=True)
+    spec = BuildSpec(backend="tensorrt", device="cuda", precision="fp16", options=ort_options)
+    with pytest.raises(TypeError, match="tensorrt build options must be TensorRTOptions"):
+        spec.validate()
+    assert isinstance(BuildSpec(backend="tensorrt").options, TensorRTOptions)
+    assert BuildSpec().options == OrtBuild()
 
 
 def test_packed_attention_engine_options_need_cuda_without_graphs():

@@ -37,10 +37,11 @@ from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import atomic_write_text, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.engines.backend import DEFAULT_ATTENTION_KERNELS, load_engine
+from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import BatchingSpec, padding_fraction, plan_batches
 from bert_compiler.engines.onnxruntime import (
     ATTENTION_KERNELS,
+    DEFAULT_ATTENTION_KERNELS,
     OrtEngine,
     OrtEngineOptions,
     provider_entries,

@@ -1,18 +1,14 @@
-"""Option groups: each owns its command-line flags and builds the frozen spec they describe.
-
-Shaped after Polygraphy's ``tools/args`` classes: a group declares its options (``options``, like
-``add_parser_args_impl``) and turns the parsed values into its spec (``parse``, like
-``parse_impl`` + ``create_config``). A command lists the groups it uses (``@uses(...)``) and
-calls each group's ``parse`` on the values click hands it. Defaults and choices are never written
-here: they come from the spec dataclass or the module that owns the concept (``default_of``).
+"""The commands' option groups (cli/option_group.py): each owns its command-line flags and builds
+the frozen spec they describe. A command lists the groups it uses (``@uses(...)``) and calls each
+group's ``parse`` on the values click hands it. The backends' own flags are their groups in
+cli/backend_flags.py, which TargetOptions gathers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +24,15 @@ from bert_compiler.calibration.qdq import (
     WEIGHT_GRANULARITIES,
 )
 from bert_compiler.calibration.ranges import METHODS
+from bert_compiler.cli.backend_flags import BACKEND_FLAGS, TENSORRT_FLAGS
 from bert_compiler.cli.config import PerPrecisionOption, per_precision_values
+from bert_compiler.cli.option_group import (
+    Decorator,
+    OptionGroup,
+    Values,
+    default_of,
+    int_range,
+)
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import (
     DEFAULT_TARGET,
@@ -39,15 +43,8 @@ from bert_compiler.core.targets import (
     plan_targets,
 )
 from bert_compiler.engines.backend import BuildSpec, get_backend
-from bert_compiler.engines.onnxruntime import ATTENTION_KERNELS, check_packed_attention
-from bert_compiler.engines.ort_int8 import DYNAMIC_SCOPES, WEIGHT_CHOICES
-from bert_compiler.engines.tensorrt_options import (
-    BUILDER_OPTIMIZATION_LEVELS,
-    HARDWARE_COMPATIBILITY,
-    Profile,
-    ProfileDerivation,
-    TensorRTOptions,
-)
+from bert_compiler.engines.ort_int8 import DYNAMIC_SCOPES
+from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.models.loading import (
     DEFAULT_MODEL_ALIAS,
     DEFAULT_MODEL_ALIASES,
@@ -74,36 +71,6 @@ from bert_compiler.triton.package import (
 )
 
 log = logging.getLogger("bert_compile")
-
-Values = Mapping[str, Any]
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-def default_of(spec: type, name: str) -> Any:
-    """The default of field ``name`` of the dataclass ``spec``: the one place it is written."""
-    for item in dataclasses.fields(spec):
-        if item.name == name:
-            if item.default is not dataclasses.MISSING:
-                return item.default
-            if item.default_factory is not dataclasses.MISSING:
-                return item.default_factory()
-    raise KeyError(f"{spec.__name__} has no field {name!r} with a default")
-
-
-def _int_range(bounds: tuple[int, int]) -> click.IntRange:
-    return click.IntRange(*bounds)
-
-
-class OptionGroup:
-    """A set of options and the spec they build. Subclasses implement ``options`` and ``parse``."""
-
-    def options(self) -> list[Decorator]:
-        raise NotImplementedError
-
-    def parse(self, values: Values, *args: Any, **kwargs: Any) -> Any:
-        """The spec of these options (a group may take what its spec also needs: the model, a
-        precision)."""
-        raise NotImplementedError
 
 
 def uses(*groups: OptionGroup) -> Decorator:
@@ -564,8 +531,9 @@ class CalibrationOptions(OptionGroup):
 
 
 class TargetOptions(OptionGroup):
-    """Where engines are built for and the GPU backends' settings -> one BuildSpec per engine to
-    build on this machine, and the notes of how ``--target`` resolved (build and run)."""
+    """Where engines are built for, and every backend's own flags (cli/backend_flags.py) -> one
+    BuildSpec per engine to build on this machine, and the notes of how ``--target`` resolved
+    (build and run)."""
 
     def options(self) -> list[Decorator]:
         return [
@@ -576,129 +544,21 @@ class TargetOptions(OptionGroup):
                 "fp32 on the CPU; BERT-layout encoders)."
             ),
             click.option(
-                "--threads",
-                type=int,
-                default=default_of(BuildSpec, "intra_op_num_threads"),
-                show_default=True,
-                help="ONNX Runtime CPU intra-op threads recorded with the engine (0: one per "
-                "core).",
-            ),
-            click.option(
                 "--keep-float-op",
                 "keep_float_ops",
                 multiple=True,
                 help="fp16: also keep this op type in float32 (repeatable), e.g. Softmax.",
             ),
-            click.option(
-                "--cuda-graph", is_flag=True, help="ONNX Runtime CUDA: replay CUDA graphs."
-            ),
-            click.option(
-                "--int8-weights",
-                type=click.Choice(WEIGHT_CHOICES),
-                default=default_of(BuildSpec, "int8_weights"),
-                show_default=True,
-                help="CPU INT8 engine weights: s8 (exact with VNNI; saturating without, judged "
-                "by verify), u8 (exact everywhere) or auto (s8 with VNNI, else u8). An explicit "
-                "choice names the engine (...-int8-s8), so both can be compared.",
-            ),
-            click.option(
-                "--attention-kernels",
-                type=click.Choice(list(ATTENTION_KERNELS)),
-                default=default_of(BuildSpec, "attention_kernels"),
-                show_default=True,
-                help="ONNX Runtime CUDA attention kernels: default (ORT chooses: cuDNN flash "
-                "attention on compute capability 9.0+), fused (ORT's and TensorRT's fused "
-                "kernels, no cuDNN) or unfused (batched GEMMs and softmax). A non-default choice "
-                "names the engine (...-attn-fused).",
-            ),
-            click.option(
-                "--packed-attention/--no-packed-attention",
-                default=default_of(BuildSpec, "packed_attention"),
-                show_default=True,
-                help="ONNX Runtime CUDA: rewrite the fused graph into ORT's packing mode "
-                "(RemovePadding, PackedAttention, RestorePadding: the encoder runs on the valid "
-                "tokens only). Not with --cuda-graph; names the engine (...-packed-attention).",
-            ),
-            click.option(
-                "--int8-dynamic",
-                type=click.Choice(DYNAMIC_SCOPES),
-                default=default_of(BuildSpec, "int8_dynamic"),
-                show_default=True,
-                help="CPU INT8 engine: MatMuls whose input is quantized per batch at run time "
-                "instead of with its calibrated scale: none, ffn-down (the feed-forward "
-                "down-projection, after GELU) or all. TensorRT uses the calibrated scales.",
-            ),
-            click.option(
-                "--ort-tensorrt-provider",
-                is_flag=True,
-                help="ONNX Runtime CUDA: put ORT's TensorRT provider first (needs TensorRT).",
-            ),
-            click.option(
-                "--profile",
-                "profiles",
-                multiple=True,
-                help="TensorRT optimization profile min:opt:max as BxS:BxS:BxS (batch x "
-                "sequence), repeatable; default: derived from the calibration sentences' token "
-                "lengths.",
-            ),
-            click.option(
-                "--profile-max-batch",
-                type=int,
-                default=default_of(ProfileDerivation, "max_batch"),
-                show_default=True,
-                help="Largest batch of derived TensorRT profiles.",
-            ),
-            click.option(
-                "--builder-optimization-level",
-                type=_int_range(BUILDER_OPTIMIZATION_LEVELS),
-                default=default_of(TensorRTOptions, "builder_optimization_level"),
-                show_default=True,
-                help="TensorRT builder optimization level.",
-            ),
-            click.option(
-                "--timing-cache",
-                type=click.Path(path_type=Path),
-                default=None,
-                help="TensorRT timing cache file (default: OUT/engines/timing-cache/...).",
-            ),
-            click.option(
-                "--hardware-compatibility",
-                type=click.Choice(HARDWARE_COMPATIBILITY),
-                default=default_of(TensorRTOptions, "hardware_compatibility"),
-                show_default=True,
-                help="TensorRT: build one plan for several GPU generations (slower).",
-            ),
-            click.option(
-                "--version-compatible",
-                is_flag=True,
-                help="TensorRT: plan runs on later TensorRT versions (embeds host code).",
-            ),
-            click.option(
-                "--workspace-mib",
-                type=int,
-                default=default_of(TensorRTOptions, "workspace_mib"),
-                help="TensorRT workspace cap (MiB).",
-            ),
+            *(option for flags in BACKEND_FLAGS.values() for option in flags.options()),
         ]
 
     def parse_derivation(self, values: Values) -> ProfileDerivation:
-        return ProfileDerivation(max_batch=values["profile_max_batch"])
+        return TENSORRT_FLAGS.parse_derivation(values)
 
     def parse(self, values: Values) -> tuple[tuple[BuildSpec, ...], tuple[str, ...]]:
         # Flags first: a malformed profile is a usage problem on any machine, not hidden behind
         # "no GPU found".
-        tensorrt = TensorRTOptions(
-            profiles=tuple(Profile.parse(p) for p in values["profiles"]),
-            builder_optimization_level=values["builder_optimization_level"],
-            workspace_mib=values["workspace_mib"],
-            timing_cache=str(values["timing_cache"] or ""),
-            hardware_compatibility=values["hardware_compatibility"],
-            version_compatible=values["version_compatible"],
-        )
-        tensorrt.validate()
-        check_packed_attention(
-            packed_attention=values["packed_attention"], cuda_graph=values["cuda_graph"]
-        )
+        requested = {name: flags.parse(values) for name, flags in BACKEND_FLAGS.items()}
         # --target cpu needs nothing from the machine; every other target looks at it.
         env = Environment() if values["target"] == "cpu" else detect()
         precisions = tuple(dict.fromkeys(values["precisions"] or ()))
@@ -707,38 +567,18 @@ class TargetOptions(OptionGroup):
             log.warning("[target] %s", note)
         specs = []
         for target in plan.engines:
-            requested = BuildSpec(
+            spec = BuildSpec(
                 **target,
-                intra_op_num_threads=values["threads"],
-                cuda_graph=values["cuda_graph"],
-                int8_weights=values["int8_weights"],
-                attention_kernels=values["attention_kernels"],
-                packed_attention=values["packed_attention"],
-                int8_dynamic=values["int8_dynamic"],
-                ort_tensorrt_provider=values["ort_tensorrt_provider"],
                 keep_float_ops=tuple(values["keep_float_ops"]),
-                tensorrt=tensorrt,
+                options=requested[target["backend"]],
             )
-            # Flags for another backend or device (--cuda-graph on the CPU engine) do not apply.
-            spec = get_backend(requested.backend).applicable(requested)
+            # Flags for another device (--cuda-graph on the CPU engine) do not apply to it.
+            spec = get_backend(spec.backend).applicable(spec)
             spec.validate()
             specs.append(spec)
-        if values["packed_attention"]:
-            _check_packed_attention_engines(specs)
+        for flags in BACKEND_FLAGS.values():
+            flags.check_run(values, specs)
         return tuple(specs), plan.notes
-
-
-def _check_packed_attention_engines(specs: Sequence[BuildSpec]) -> None:
-    """--packed-attention applies to the run's ONNX Runtime CUDA engines: refuse a run with
-    none, and say which engines of a mixed run (``--target auto``) are built without it."""
-    without = [f"{s.backend} {s.device} {s.precision}" for s in specs if not s.packed_attention]
-    if len(without) == len(specs):
-        raise InputError(
-            "--packed-attention: this run builds no ONNX Runtime CUDA engine "
-            f"({', '.join(without)}); build with --target cuda, or without --packed-attention"
-        )
-    for engine in without:
-        log.warning("[target] --packed-attention does not apply to the %s engine", engine)
 
 
 class PackageOptions(OptionGroup):
@@ -754,21 +594,21 @@ class PackageOptions(OptionGroup):
             ),
             click.option(
                 "--max-batch-size",
-                type=_int_range(PACKAGE_LIMITS["max_batch_size"]),
+                type=int_range(PACKAGE_LIMITS["max_batch_size"]),
                 default=default_of(PackageSpec, "max_batch_size"),
                 show_default=True,
                 help="Largest batch of ONNX Runtime models (TensorRT: from the profiles).",
             ),
             click.option(
                 "--max-queue-delay-us",
-                type=_int_range(PACKAGE_LIMITS["max_queue_delay_us"]),
+                type=int_range(PACKAGE_LIMITS["max_queue_delay_us"]),
                 default=default_of(PackageSpec, "max_queue_delay_us"),
                 show_default=True,
                 help="Dynamic batcher: microseconds to wait for a fuller batch.",
             ),
             click.option(
                 "--instances",
-                type=_int_range(PACKAGE_LIMITS["instances"]),
+                type=int_range(PACKAGE_LIMITS["instances"]),
                 default=default_of(PackageSpec, "instances"),
                 show_default=True,
                 help="Instances of each onnxruntime or tensorrt engine model: per GPU (GPU "
@@ -776,7 +616,7 @@ class PackageOptions(OptionGroup):
             ),
             click.option(
                 "--python-instances",
-                type=_int_range(PACKAGE_LIMITS["python_instances"]),
+                type=int_range(PACKAGE_LIMITS["python_instances"]),
                 default=default_of(PackageSpec, "python_instances"),
                 show_default=True,
                 help="Instances of each Python-backend model (the tokenizer, --python-cpu-engine "
@@ -784,7 +624,7 @@ class PackageOptions(OptionGroup):
             ),
             click.option(
                 "--gpu-text-instances",
-                type=_int_range(PACKAGE_LIMITS["gpu_text_instances"]),
+                type=int_range(PACKAGE_LIMITS["gpu_text_instances"]),
                 default=default_of(PackageSpec, "gpu_text_instances"),
                 show_default=True,
                 help="Instances per GPU of each GPU engine's Python-backend text model (the torch "
@@ -807,7 +647,7 @@ class PackageOptions(OptionGroup):
             ),
             click.option(
                 "--text-run-cost",
-                type=_int_range(PACKAGE_LIMITS["text_run_cost"]),
+                type=int_range(PACKAGE_LIMITS["text_run_cost"]),
                 default=default_of(PackageSpec, "text_run_cost"),
                 show_default=True,
                 help="The one-model text engine's cost of one more engine run, in padded tokens: "
@@ -830,7 +670,7 @@ class PackageOptions(OptionGroup):
             ),
             click.option(
                 "--ladder-rungs",
-                type=_int_range(PACKAGE_LIMITS["ladder_rungs"]),
+                type=int_range(PACKAGE_LIMITS["ladder_rungs"]),
                 default=default_of(PackageSpec, "ladder_rungs"),
                 show_default=True,
                 help="Rungs of the tokenizer's length ladder fitted to the calibration sentences "

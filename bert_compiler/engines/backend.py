@@ -10,14 +10,14 @@ name.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu, fp8_refusal
-from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
+from bert_compiler.engines.tensorrt_options import Profile
 
 
 class Engine(Protocol):
@@ -47,16 +47,6 @@ class Engine(Protocol):
     def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         """One batch of int64 numpy feeds [batch, sequence] -> float32 numpy outputs."""
         ...
-
-
-# The attention kernels an ONNX Runtime CUDA engine is built with unless told otherwise (the
-# choices are engines/onnxruntime.py's ATTENTION_KERNELS): ORT's own choice was as fast or faster
-# than "fused" for MiniLM and BERT-base on the H100, timed on the calibration sentences
-# (docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
-DEFAULT_ATTENTION_KERNELS = "default"
-# ORT CUDA engines run padded attention unless asked for packing mode (engines/packed_attention.py):
-# off until it measures faster on the H100 (issue 13).
-DEFAULT_PACKED_ATTENTION = False
 
 
 def quantized_types(model: Any) -> set[str]:
@@ -99,47 +89,27 @@ class BuildSpec:
     """Settings of the build stage: one engine for one target.
 
     Attributes:
-        backend: a registered backend's name (``onnxruntime``, ``tensorrt``).
+        backend: a registered backend's name (``onnxruntime``, ``tensorrt``, ``torch``).
         device: ``cpu`` or ``cuda`` (TensorRT is always ``cuda``).
         precision: ``fp32``; ``fp16`` (GPU only); ``int8`` from the calibrated Q/DQ graph;
             ``fp8`` (backends with ``builds_fp8`` only: TensorRT) from the fp8 Q/DQ graph.
         compute_capability: the target GPU's (``"9.0"``) for GPU engines; detected when empty.
-        intra_op_num_threads: ONNX Runtime CPU threads; 0 means one per physical core.
-        pack_tokens: CPU ORT: run feed-forward blocks on valid tokens only where the graph has
-            them (the standard-ops INT8 graph does; the fused fp32 graph's blocks are not
-            matched yet).
-        cuda_graph: ORT CUDA: capture and replay CUDA graphs per input shape.
-        ort_tensorrt_provider: ORT CUDA: put ORT's TensorRT provider first.
         keep_float_ops: fp16: op types kept in float32 beyond the defaults (engines/fp16.py).
-        int8_weights: CPU ORT int8: ``s8`` (exact only with VNNI; without it ORT's u8 x s8 kernel
-            saturates, to be judged by verify), ``u8`` (exact everywhere, slower without VNNI)
-            or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
-        attention_kernels: ORT CUDA: which attention kernels the provider may use
-            (engines/onnxruntime.py ATTENTION_KERNELS).
-        packed_attention: ORT CUDA: rewrite the fused graph into ORT's packing mode
-            (engines/packed_attention.py: attention and the layers around it on the valid tokens
-            only); not with ``cuda_graph``.
-        int8_dynamic: CPU ORT int8: which MatMuls quantize their activation per batch at run
-            time instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES);
-            TensorRT uses the calibrated scales of the same graph. ``all`` was chosen on the
-            selection split with `bert-compile calibrate --sweep` (docs/benchmarks.md, issue 14).
-        tensorrt: TensorRT builder options; empty profiles are derived from the dataset.
+        options: the backend's own settings, an instance of its ``Backend.options_type``
+            (engines/onnxruntime.py OnnxRuntimeBuildOptions, engines/tensorrt_options.py
+            TensorRTOptions); None means the backend's defaults.
     """
 
     backend: str = "onnxruntime"
     device: str = "cpu"
     precision: str = "fp32"
     compute_capability: str = ""
-    intra_op_num_threads: int = 0
-    pack_tokens: bool = True
-    cuda_graph: bool = False
-    ort_tensorrt_provider: bool = False
     keep_float_ops: tuple[str, ...] = ()
-    int8_weights: str = "auto"
-    attention_kernels: str = DEFAULT_ATTENTION_KERNELS
-    packed_attention: bool = DEFAULT_PACKED_ATTENTION
-    int8_dynamic: str = "all"
-    tensorrt: TensorRTOptions = field(default_factory=TensorRTOptions)
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None and self.backend in _REGISTRY:
+            object.__setattr__(self, "options", _REGISTRY[self.backend].options_type())
 
     def validate(self) -> None:
         """Raises InputError for a combination no backend builds."""
@@ -152,18 +122,22 @@ class BuildSpec:
             raise InputError("--precision fp16 needs a GPU target; the CPU engine is fp32 or int8")
         if self.precision == "fp8" and not backend.builds_fp8:
             raise InputError(fp8_refusal(f"--backend {self.backend} --device {self.device}"))
-        backend.check(self)
-        if self.packed_attention and not backend.applicable(self).packed_attention:
-            raise InputError(
-                f"--packed-attention: only ONNX Runtime CUDA engines take it, not {self.backend} "
-                f"on {self.device}; build with --target cuda, or without --packed-attention"
+        if not isinstance(self.options, backend.options_type):
+            raise TypeError(
+                f"{self.backend} build options must be {backend.options_type.__name__}, "
+                f"not {type(self.options).__name__}"
             )
-        self.tensorrt.validate()
+        backend.check(self)
 
     @property
     def source_stage(self) -> str:
         """The stage folder whose model.onnx this engine builds from."""
         return get_backend(self.backend).source_stage(self)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that has none of its own."""
 
 
 @dataclass(frozen=True)
@@ -212,6 +186,9 @@ class Backend:
         serves_as_python_text: package serves its engines in a Python-backend text model whose
             model.py runs the engine itself (the torch backend: no Triton backend runs it), not
             on a backend of Triton's own (onnxruntime, tensorrt).
+        options_type: the frozen dataclass of the backend's own build options (BuildSpec.options);
+            its defaults are the backend's defaults, and the CLI's option group for the backend
+            (cli/backend_flags.py) builds it from the flags.
     """
 
     name: str
@@ -222,6 +199,7 @@ class Backend:
     opaque: bool = False
     builds_fp8: bool = False
     serves_as_python_text: bool = False
+    options_type: type = NoOptions
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).
@@ -232,18 +210,12 @@ class Backend:
         raise NotImplementedError
 
     def check(self, spec: BuildSpec) -> None:
-        """Raises InputError for a device or precision this backend does not build."""
+        """Raises InputError for a device, precision or option this backend does not build."""
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
-        """``spec`` without the settings that do not apply to this backend on its device (one
-        set of command-line flags feeds every engine of a run)."""
-        return replace(
-            spec,
-            cuda_graph=False,
-            ort_tensorrt_provider=False,
-            attention_kernels=DEFAULT_ATTENTION_KERNELS,
-            packed_attention=DEFAULT_PACKED_ATTENTION,
-        )
+        """``spec`` without the options that do not apply on its device and precision (one set
+        of command-line flags feeds every engine of a run: --cuda-graph and the CPU engine)."""
+        return spec
 
     def source_stage(self, spec: BuildSpec) -> str:
         """The stage folder whose graph this engine builds from."""

@@ -14,7 +14,6 @@ from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputEr
 from bert_compiler.core.onnx_io import check_onnx_file, load_onnx
 from bert_compiler.core.targets import current_gpu
 from bert_compiler.engines.backend import (
-    DEFAULT_ATTENTION_KERNELS,
     Backend,
     BuildJob,
     BuildSpec,
@@ -31,9 +30,6 @@ from bert_compiler.engines.ort_int8 import (
 )
 from bert_compiler.engines.packed_attention import PACKED_OPS, pack_attention, require_packable
 from bert_compiler.engines.token_packing import find_feed_forward_regions, pack_feed_forward
-
-# An INT8 engine with another dynamic scope than the default is named for it.
-_DEFAULT_DYNAMIC = str(BuildSpec.__dataclass_fields__["int8_dynamic"].default)
 
 ENGINE_FILE = "model.onnx"
 _LEVELS = {
@@ -57,6 +53,51 @@ TRITON_GRAPH_LEVELS = {"all": 0, "extended": 1, "basic": -1, "disable": 2}
 # kernel: no faster on short rows there, slower at 128 tokens. "unfused": batched GEMMs and a
 # softmax kernel, not yet timed (a candidate for rows of a few dozen tokens).
 ATTENTION_KERNELS = {"default": None, "fused": 1 | 2 | 4 | 16 | 32 | 64, "unfused": 16}
+# The attention kernels an ONNX Runtime CUDA engine is built with unless told otherwise: ORT's own
+# choice was as fast or faster than "fused" for MiniLM and BERT-base on the H100, timed on the
+# calibration sentences (docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
+DEFAULT_ATTENTION_KERNELS = "default"
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeBuildOptions:
+    """The ONNX Runtime backend's own build settings (BuildSpec.options), as the flags of
+    cli/backend_flags.py give them; those that do not apply to an engine's device and precision
+    are reset by ``OnnxRuntimeBackend.applicable``.
+
+    Attributes:
+        intra_op_num_threads: CPU threads; 0 means one per physical core.
+        pack_tokens: CPU: run feed-forward blocks on valid tokens only where the graph has them
+            (the standard-ops INT8 graph does; the fused fp32 graph's blocks are not matched
+            yet).
+        cuda_graph: CUDA: capture and replay CUDA graphs per input shape.
+        ort_tensorrt_provider: CUDA: put ORT's TensorRT provider first.
+        int8_weights: CPU int8: ``s8`` (exact only with VNNI; without it ORT's u8 x s8 kernel
+            saturates, to be judged by verify), ``u8`` (exact everywhere, slower without VNNI)
+            or ``auto`` (s8 with VNNI, else u8; engines/ort_int8.py).
+        attention_kernels: CUDA: which attention kernels the provider may use
+            (ATTENTION_KERNELS).
+        packed_attention: CUDA: rewrite the fused graph into ORT's packing mode
+            (engines/packed_attention.py: attention and the layers around it on the valid tokens
+            only); not with ``cuda_graph``. Off until it measures faster on the H100 (issue 13).
+        int8_dynamic: CPU int8: which MatMuls quantize their activation per batch at run time
+            instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES). ``all``
+            was chosen on the selection split with `bert-compile calibrate --sweep`
+            (docs/benchmarks.md, issue 14).
+    """
+
+    intra_op_num_threads: int = 0
+    pack_tokens: bool = True
+    cuda_graph: bool = False
+    ort_tensorrt_provider: bool = False
+    int8_weights: str = "auto"
+    attention_kernels: str = DEFAULT_ATTENTION_KERNELS
+    packed_attention: bool = False
+    int8_dynamic: str = "all"
+
+
+# An INT8 engine with another dynamic scope than the default is named for it.
+_DEFAULT_DYNAMIC = OnnxRuntimeBuildOptions.int8_dynamic
 
 
 def check_packed_attention(*, packed_attention: bool, cuda_graph: bool) -> None:
@@ -537,6 +578,7 @@ class OnnxRuntimeBackend(Backend):
     file_suffix = ".onnx"
     triton_platform = "onnxruntime_onnx"
     version_key = "onnxruntime"
+    options_type = OnnxRuntimeBuildOptions
 
     def version(self) -> str:
         import onnxruntime
@@ -544,14 +586,22 @@ class OnnxRuntimeBackend(Backend):
         return onnxruntime.__version__
 
     def check(self, spec: BuildSpec) -> None:
-        resolve_weight_type(spec.int8_weights)
-        if spec.attention_kernels not in ATTENTION_KERNELS:
+        options: OnnxRuntimeBuildOptions = spec.options
+        resolve_weight_type(options.int8_weights)
+        if options.attention_kernels not in ATTENTION_KERNELS:
             raise InputError(
-                f"--attention-kernels {spec.attention_kernels!r}: expected one of "
+                f"--attention-kernels {options.attention_kernels!r}: expected one of "
                 f"{', '.join(ATTENTION_KERNELS)}"
             )
-        check_dynamic_scope(spec.int8_dynamic)
-        check_packed_attention(packed_attention=spec.packed_attention, cuda_graph=spec.cuda_graph)
+        check_dynamic_scope(options.int8_dynamic)
+        check_packed_attention(
+            packed_attention=options.packed_attention, cuda_graph=options.cuda_graph
+        )
+        if options.packed_attention and spec.device != "cuda":
+            raise InputError(
+                f"--packed-attention: only ONNX Runtime CUDA engines take it, not {self.name} "
+                f"on {spec.device}; build with --target cuda, or without --packed-attention"
+            )
         if spec.device == "cuda" and spec.precision == "int8":
             raise InputError(
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
@@ -559,17 +609,31 @@ class OnnxRuntimeBackend(Backend):
             )
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
-        # CUDA graphs and ORT's TensorRT provider exist only on the CUDA provider, the INT8
-        # weight type only on the CPU int8 engine.
+        # CUDA graphs, ORT's TensorRT provider, the attention kernels and packing mode exist
+        # only on the CUDA provider; the INT8 weight type and dynamic scope only on the CPU
+        # int8 engine.
+        options: OnnxRuntimeBuildOptions = spec.options
+        defaults = OnnxRuntimeBuildOptions()
         if spec.device != "cpu" or spec.precision != "int8":
-            spec = replace(spec, int8_weights="auto", int8_dynamic=_DEFAULT_DYNAMIC)
-        return spec if spec.device == "cuda" else super().applicable(spec)
+            options = replace(
+                options, int8_weights=defaults.int8_weights, int8_dynamic=defaults.int8_dynamic
+            )
+        if spec.device != "cuda":
+            options = replace(
+                options,
+                cuda_graph=defaults.cuda_graph,
+                ort_tensorrt_provider=defaults.ort_tensorrt_provider,
+                attention_kernels=defaults.attention_kernels,
+                packed_attention=defaults.packed_attention,
+            )
+        return replace(spec, options=options)
 
     @staticmethod
     def _attention_variant(spec: BuildSpec) -> str:
         # The build's default kernels keep the plain name; the other choice names its engine.
-        named = spec.device == "cuda" and spec.attention_kernels != DEFAULT_ATTENTION_KERNELS
-        return f"attn-{spec.attention_kernels}" if named else ""
+        kernels = spec.options.attention_kernels
+        named = spec.device == "cuda" and kernels != DEFAULT_ATTENTION_KERNELS
+        return f"attn-{kernels}" if named else ""
 
     def source_stage(self, spec: BuildSpec) -> str:
         return "calibrate" if spec.precision == "int8" else "fuse"
@@ -582,43 +646,45 @@ class OnnxRuntimeBackend(Backend):
     def variants(self, spec: BuildSpec) -> list[str]:
         # An explicit INT8 weight type names its engine, so that s8 and u8 engines of one model
         # can be built, verified and benchmarked side by side; ``auto`` keeps the plain name.
+        options: OnnxRuntimeBuildOptions = spec.options
         return [
             name
             for name, on in (
-                ("cudagraph", spec.cuda_graph),
-                ("trtep", spec.ort_tensorrt_provider),
-                (spec.int8_weights, spec.int8_weights != "auto"),
+                ("cudagraph", options.cuda_graph),
+                ("trtep", options.ort_tensorrt_provider),
+                (options.int8_weights, options.int8_weights != "auto"),
                 (self._attention_variant(spec), bool(self._attention_variant(spec))),
-                ("packed-attention", spec.packed_attention),
-                (f"dynamic-{spec.int8_dynamic}", spec.int8_dynamic != _DEFAULT_DYNAMIC),
+                ("packed-attention", options.packed_attention),
+                (f"dynamic-{options.int8_dynamic}", options.int8_dynamic != _DEFAULT_DYNAMIC),
             )
             if on
         ]
 
     @staticmethod
-    def options(spec: BuildSpec) -> OrtEngineOptions:
-        """The engine options a build spec asks for."""
+    def session_options(spec: BuildSpec) -> OrtEngineOptions:
+        """The engine's session options a build spec asks for."""
+        build: OnnxRuntimeBuildOptions = spec.options
         int8 = spec.precision == "int8"
         return OrtEngineOptions(
             device=spec.device,
-            intra_op_num_threads=spec.intra_op_num_threads,
+            intra_op_num_threads=build.intra_op_num_threads,
             lower_int8=int8,
             # Part of the build record: an engine built on a VNNI CPU differs from one without.
-            int8_weights=resolve_weight_type(spec.int8_weights) if int8 else "s8",
-            int8_dynamic=spec.int8_dynamic if int8 else "none",
-            pack_tokens=spec.pack_tokens and spec.device == "cpu",
+            int8_weights=resolve_weight_type(build.int8_weights) if int8 else "s8",
+            int8_dynamic=build.int8_dynamic if int8 else "none",
+            pack_tokens=build.pack_tokens and spec.device == "cpu",
             fp16=spec.precision == "fp16",
             keep_float_ops=spec.keep_float_ops,
-            cuda_graph=spec.cuda_graph,
-            tensorrt_provider=spec.ort_tensorrt_provider,
-            attention_kernels=spec.attention_kernels
+            cuda_graph=build.cuda_graph,
+            tensorrt_provider=build.ort_tensorrt_provider,
+            attention_kernels=build.attention_kernels
             if spec.device == "cuda"
             else DEFAULT_ATTENTION_KERNELS,
-            packed_attention=spec.packed_attention and spec.device == "cuda",
+            packed_attention=build.packed_attention and spec.device == "cuda",
         )
 
     def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
-        options = self.options(spec)
+        options = self.session_options(spec)
 
         def prepare() -> None:
             # ORT would follow the graph's external-data paths itself: check containment first.
@@ -645,9 +711,9 @@ class OnnxRuntimeBackend(Backend):
             # Relative cache path: the record must not change when the output tree moves.
             "providers": provider_entries(options, Path(".")),
         }
-        if spec.int8_weights != "auto":
+        if spec.options.int8_weights != "auto":
             # What was asked for (it names the engine); the session records what it resolved to.
-            settings["int8_weights"] = spec.int8_weights
+            settings["int8_weights"] = spec.options.int8_weights
         return BuildJob(settings=settings, prepare=prepare, body=body)
 
     def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
@@ -670,15 +736,19 @@ class OnnxRuntimeBackend(Backend):
             device=spec["device"],
             precision=spec["precision"],
             compute_capability=spec.get("compute_capability", ""),
-            intra_op_num_threads=session.intra_op_num_threads,
-            pack_tokens=session.pack_tokens,
-            cuda_graph=session.cuda_graph,
-            ort_tensorrt_provider=session.tensorrt_provider,
             keep_float_ops=session.keep_float_ops,
-            int8_weights=spec.get("int8_weights", "auto"),
-            attention_kernels=session.attention_kernels,
-            packed_attention=session.packed_attention,
-            int8_dynamic=session.int8_dynamic if spec["precision"] == "int8" else _DEFAULT_DYNAMIC,
+            options=OnnxRuntimeBuildOptions(
+                intra_op_num_threads=session.intra_op_num_threads,
+                pack_tokens=session.pack_tokens,
+                cuda_graph=session.cuda_graph,
+                ort_tensorrt_provider=session.tensorrt_provider,
+                int8_weights=spec.get("int8_weights", "auto"),
+                attention_kernels=session.attention_kernels,
+                packed_attention=session.packed_attention,
+                int8_dynamic=session.int8_dynamic
+                if spec["precision"] == "int8"
+                else _DEFAULT_DYNAMIC,
+            ),
         )
 
     def kind_parts(self, spec: BuildSpec) -> list[str]:

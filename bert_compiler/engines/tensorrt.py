@@ -448,6 +448,7 @@ class TensorRTBackend(Backend):
     version_key = "tensorrt"
     opaque = True
     builds_fp8 = True
+    options_type = TensorRTOptions
 
     def version(self) -> str:
         return str(_import_tensorrt().__version__)
@@ -455,10 +456,11 @@ class TensorRTBackend(Backend):
     def check(self, spec: BuildSpec) -> None:
         if spec.device != "cuda":
             raise InputError("TensorRT engines run on cuda only")
+        spec.options.validate()
         capability = spec.compute_capability
         if spec.precision == "fp8" and capability and not fp8_capable(capability):
             raise InputError(fp8_refusal(f"--backend tensorrt, compute capability {capability}"))
-        if spec.precision == "fp8" and spec.tensorrt.hardware_compatibility == "ampere_plus":
+        if spec.precision == "fp8" and spec.options.hardware_compatibility == "ampere_plus":
             raise InputError(
                 "--precision fp8 --hardware-compatibility ampere_plus: an Ampere GPU has no fp8 "
                 "GEMMs; build fp8 for this GPU only (--hardware-compatibility none)"
@@ -469,10 +471,10 @@ class TensorRTBackend(Backend):
         return {"int8": "calibrate", "fp8": "calibrate-fp8"}.get(spec.precision, "simplify")
 
     def folder_parts(self, spec: BuildSpec) -> list[str]:
-        return [target_tag(spec.compute_capability, spec.tensorrt)]
+        return [target_tag(spec.compute_capability, spec.options)]
 
     def variants(self, spec: BuildSpec) -> list[str]:
-        return ["vc"] if spec.tensorrt.version_compatible else []
+        return ["vc"] if spec.options.version_compatible else []
 
     def complete(
         self,
@@ -481,16 +483,16 @@ class TensorRTBackend(Backend):
         derive_profiles: Callable[[], tuple[Profile, ...]],
         timing_cache: Callable[[str, str], Path],
     ) -> BuildSpec:
-        options = spec.tensorrt
+        options = spec.options
         if not options.profiles:
             options = replace(options, profiles=derive_profiles())
         if not options.timing_cache:
             cache = timing_cache(self.version(), spec.compute_capability)
             options = replace(options, timing_cache=str(cache))
-        return replace(spec, tensorrt=options)
+        return replace(spec, options=options)
 
     def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
-        if not spec.tensorrt.profiles:
+        if not spec.options.profiles:
             raise InputError("TensorRT build needs profiles (given, or derived by the runner)")
         loaded = {}
 
@@ -507,11 +509,11 @@ class TensorRTBackend(Backend):
             save_onnx(network, folder / NETWORK_FILE)
             with atomic_path(folder / PLAN_FILE) as staging:
                 facts = build_engine(
-                    folder / NETWORK_FILE, staging, spec.tensorrt, input_names=names
+                    folder / NETWORK_FILE, staging, spec.options, input_names=names
                 )
             engine = load(
                 folder / PLAN_FILE,
-                spec.tensorrt,
+                spec.options,
                 built_tensorrt=facts["tensorrt"],
                 built_compute_capability=facts["compute_capability"],
             )
@@ -525,7 +527,7 @@ class TensorRTBackend(Backend):
 
         settings = {
             "keep_float_ops": list(spec.keep_float_ops),
-            "tensorrt": spec.tensorrt.to_dict(),
+            "tensorrt": spec.options.to_dict(),
         }
         return BuildJob(settings=settings, prepare=prepare, body=body)
 
@@ -534,7 +536,7 @@ class TensorRTBackend(Backend):
     ) -> TensorRTEngine:
         return load(
             engine_path,
-            self.from_record(spec).tensorrt,
+            self.from_record(spec).options,
             built_tensorrt=results["tensorrt"],
             built_compute_capability=results["compute_capability"],
         )
@@ -546,17 +548,17 @@ class TensorRTBackend(Backend):
             precision=spec["precision"],
             compute_capability=spec.get("compute_capability", ""),
             keep_float_ops=tuple(spec.get("keep_float_ops", ())),
-            tensorrt=TensorRTOptions.from_dict(spec.get("tensorrt", {})),
+            options=TensorRTOptions.from_dict(spec.get("tensorrt", {})),
         )
 
     def kind_parts(self, spec: BuildSpec) -> list[str]:
-        level = spec.tensorrt.hardware_compatibility
+        level = spec.options.hardware_compatibility
         return [] if level == "none" else [level]
 
     def portable(self, spec: Mapping[str, Any]) -> bool:
         # An ampere_plus plan runs on every sm80+ GPU; a same_compute_capability plan still
         # belongs to one compute capability.
-        return self.from_record(spec).tensorrt.hardware_compatibility == "ampere_plus"
+        return self.from_record(spec).options.hardware_compatibility == "ampere_plus"
 
     def shared_settings(self, spec: Mapping[str, Any]) -> Any:
         # One config serves every GPU's plan: batch limits come from one set of profiles.
@@ -578,7 +580,7 @@ class TensorRTBackend(Backend):
     ) -> TritonBatching:
         # The profiles decide: their opt batches are the preferred sizes. Every rung of the
         # ladder is a length up to max_length, which the check below covers.
-        profiles = self.from_record(spec).tensorrt.profiles
+        profiles = self.from_record(spec).options.profiles
         max_batch = min(p.max_batch for p in profiles)
         covered = 0
         for profile in sorted(profiles, key=lambda p: p.min_seq):

@@ -44,6 +44,7 @@ from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
 from bert_compiler.engines import onnxruntime as ort_engine
 from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.runtime.text import resolve_max_length, tokenize
@@ -321,7 +322,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                 _session_embedder(session, tokenizer, info, max_length),
                 session_run(session),
             )
-    base = BuildSpec(intra_op_num_threads=spec.threads, precision="int8")
+    threads = OnnxRuntimeBuildOptions(intra_op_num_threads=spec.threads)
     for alpha, (variant, histograms) in variants.items():
         for method_text in spec.methods:
             method, percentile = parse_method(method_text)
@@ -336,7 +337,7 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
                 built = build(
                     source=_save_variant(quantized, folder),
                     out_dir=folder / "engine",
-                    spec=replace(base, int8_dynamic=scope),
+                    spec=BuildSpec(precision="int8", options=replace(threads, int8_dynamic=scope)),
                 )
                 engine = quiet_engine(built.path)
                 row = {
