@@ -24,6 +24,7 @@ from bert_compiler.runtime.encoder import CPU_BATCHING, ladder_from_text
 from bert_compiler.runtime.text import tokenize
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.gate import verify_repository
+from bert_compiler.triton.onnxruntime_model import CUDA_OPTIONS_PARAMETER, DEVICE_PARAMETER
 from bert_compiler.triton.package import (
     PYTHON_INSTANCES,
     TEMPLATES,
@@ -35,7 +36,9 @@ from bert_compiler.triton.package import (
     _engine_files,
     engine_kind,
     package,
+    plan_repository,
     tokenizer_json,
+    verified_engines,
 )
 from bert_compiler.triton.repository import open_repository, repository_problems
 from bert_compiler.triton.tokenizer_model import decode_texts, encode, parse_ladder
@@ -125,9 +128,10 @@ def test_python_text_model_holds_the_engine_and_the_tokenizer(repository):
     assert record["role"] == "python-text" and record["files"]["1/model.onnx"]["verification"]
 
 
-def _load_text_model(folder: Path, config, monkeypatch):
+def _load_text_model(folder: Path, config, monkeypatch, gpu: int | None = None):
     """model.py of a Python text model loaded as Triton loads it (a file of its own, importing
-    the copies beside it) and initialized on the packaged folder and config."""
+    the copies beside it) and initialized on the packaged folder and config (``gpu``: as an
+    instance on that GPU)."""
     import importlib.util
     import sys
 
@@ -146,6 +150,8 @@ def _load_text_model(folder: Path, config, monkeypatch):
             "model_config": json_format.MessageToJson(config, preserving_proto_field_name=True),
             "model_repository": str(folder),
             "model_version": "1",
+            "model_instance_kind": "CPU" if gpu is None else "GPU",
+            "model_instance_device_id": str(gpu or 0),
         }
     )
     return model
@@ -906,3 +912,106 @@ def test_a_model_folder_with_a_hostile_name_packages_under_a_safe_one(
          "--metric-limit", "100", "--no-metric-gate"],
     )  # fmt: skip
     assert gate.exit_code == 0, gate.output
+
+
+def _as_cuda_engine(engine, capability: str, **session):
+    """A CPU engine's record rewritten as a CUDA build of ``capability`` records it (the file
+    stays the CPU graph: planning reads its tensors, nothing runs it)."""
+    cuda = {"device_id": "0", "enable_cuda_graph": "0", "use_tf32": "0", "sdpa_kernel": "16"}
+    spec = {
+        **engine.spec,
+        "device": "cuda",
+        "precision": "fp16",
+        "compute_capability": capability,
+        "session": {**engine.spec["session"], "device": "cuda", **session},
+        "providers": [["CUDAExecutionProvider", cuda]],
+    }
+    results = {**engine.results, "compute_capability": capability}
+    name = f"ort-cuda-sm{capability.replace('.', '')}-fp16"
+    return replace(engine, name=name, spec=spec, results=results)
+
+
+@pytest.mark.e2e
+def test_python_gpu_engine_serves_ort_cuda_engines_as_gpu_text_models(tiny_run, caplog):
+    """--python-gpu-engine: ONNX Runtime CUDA engines of two GPUs become one Python-backend
+    text model on GPU instances holding each GPU's file, told the device and the CUDA provider
+    options the build recorded (without its device id); a CUDA-graph engine gets none, with a
+    warning saying why."""
+    info, out, _spec, _summary = tiny_run
+    (cpu,) = verified_engines(info=info, out=out)
+    engines = [_as_cuda_engine(cpu, "9.0"), _as_cuda_engine(cpu, "8.0")]
+    spec = PackageSpec(python_gpu_engine=True, gpu_text_instances=2)
+    plans = {p.name: p for p in plan_repository(info=info, engines=engines, spec=spec)}
+    text = plans[f"{info.name}-ort-cuda-fp16-python-text"]
+    assert text.role == "python-text"
+    (group,) = text.config.instance_group
+    assert group.kind == group.KIND_GPU and group.count == 2
+    parameters = {k: v.string_value for k, v in text.config.parameters.items()}
+    assert parameters[DEVICE_PARAMETER] == "cuda"
+    assert json.loads(parameters[CUDA_OPTIONS_PARAMETER]) == {
+        "enable_cuda_graph": "0", "use_tf32": "0", "sdpa_kernel": "16"
+    }  # fmt: skip
+    assert {"1/model.sm90.onnx", "1/model.sm80.onnx", "1/model.py"} <= set(text.files)
+    assert text.files["1/model.py"] == TEMPLATES["python-text"]
+    # The engine model's own copies are the same files: the gate verifies each once.
+    engine_model = plans[f"{info.name}-ort-cuda-fp16"]
+    assert text.files["1/model.sm90.onnx"] == engine_model.files["1/model.sm90.onnx"]
+    without = plan_repository(info=info, engines=engines, spec=PackageSpec())
+    assert not [p for p in without if p.role == "python-text"]
+    graphs = [_as_cuda_engine(cpu, "9.0", cuda_graph=True)]
+    with caplog.at_level("WARNING", logger="bert_compile"):
+        plans = plan_repository(info=info, engines=graphs, spec=spec)
+    assert not [p for p in plans if p.role == "python-text"]
+    assert "no Python text model: a CUDA-graph engine replays" in caplog.text
+
+
+def test_a_gpu_instance_opens_its_gpus_engine_file(tmp_path, monkeypatch):
+    """Each GPU instance of a Python ONNX Runtime text model opens the file of its GPU's compute
+    capability, and says which files there are when none is its GPU's; a CPU model opens
+    model.onnx."""
+    from bert_compiler.triton import onnxruntime_model
+
+    for name in ("model.sm90.onnx", "model.sm80.onnx"):
+        (tmp_path / name).write_bytes(b"")
+    capabilities = {0: "90", 1: "80", 2: "89"}
+    monkeypatch.setattr(onnxruntime_model, "gpu_capability", capabilities.__getitem__)
+    gpu = {DEVICE_PARAMETER: "cuda"}
+    assert onnxruntime_model.engine_path(tmp_path, gpu, 0).name == "model.sm90.onnx"
+    assert onnxruntime_model.engine_path(tmp_path, gpu, 1).name == "model.sm80.onnx"
+    with pytest.raises(FileNotFoundError, match=r"capability 8.9 and this model holds engines"):
+        onnxruntime_model.engine_path(tmp_path, gpu, 2)
+    assert onnxruntime_model.engine_path(tmp_path, {}, 0).name == "model.onnx"
+
+
+@pytest.mark.gpu
+@pytest.mark.e2e
+def test_python_gpu_text_model_runs_the_cuda_engine_as_the_runtime_does(
+    tiny_embedding_model, tmp_path, monkeypatch
+):
+    """On a GPU with onnxruntime-gpu: `run --target cuda` and `package --python-gpu-engine`; the
+    text model's model.py, loaded as Triton loads a GPU instance, opens its GPU's engine file on
+    the CUDA provider and answers each request with the runtime's embeddings of that engine."""
+    from bert_compiler.models.loading import resolve_model
+    from bert_compiler.runtime.encoder import Encoder
+    from tests.test_gpu_engines import _ort_cuda_reason, _skip_unless
+
+    _skip_unless(_ort_cuda_reason())
+    out = tmp_path / "out"
+    common = ["--model", str(tiny_embedding_model), "--out", str(out)]
+    gates = ["--metric-limit", "100", "--no-metric-gate", "--json"]
+    built = CliRunner().invoke(cli, ["run", *common, *gates, "--target", "cuda", "--no-package"])
+    assert built.exit_code == 0, built.output
+    (engine,) = json.loads(built.stdout.strip().splitlines()[-1])["engines"]
+    packaged = CliRunner().invoke(cli, ["package", *common, "--python-gpu-engine", "--json"])
+    assert packaged.exit_code == 0, packaged.output
+    repository = out / "triton"
+    info_name = tiny_embedding_model.name
+    name = f"{info_name}-ort-cuda-fp16-python-text"
+    model = _load_text_model(repository / name, _configs(repository)[name], monkeypatch, gpu=0)
+    assert model.engine.session.get_providers()[0] == "CUDAExecutionProvider"
+    texts = [*HARD_TEXTS, "A man plays a guitar.", "Two dogs run across a wide green field."]
+    answers = model.engine.run([texts[:2], texts[2:]])
+    served = np.concatenate([a["sentence_embedding"] for a in answers])
+    info = resolve_model(tiny_embedding_model)
+    expected = Encoder.open(Path(engine["manifest"]).parent, info).encode(texts)
+    np.testing.assert_allclose(served, expected["sentence_embedding"], atol=2e-3)

@@ -637,6 +637,14 @@ class PackageOptions(OptionGroup):
                 "builds without the onnxruntime backend).",
             ),
             click.option(
+                "--python-gpu-engine",
+                is_flag=True,
+                help="Also serve ONNX Runtime CUDA engines as Python-backend text models on GPU "
+                "instances (<engine>-python-text; for Triton builds without the onnxruntime "
+                "backend, like nvidia-pytriton's). Engines built with --cuda-graph or "
+                "--ort-tensorrt-provider are left out.",
+            ),
+            click.option(
                 "--python-text",
                 type=click.Choice(PYTHON_TEXTS),
                 default=default_of(PackageSpec, "python_text"),
@@ -707,6 +715,7 @@ class PackageOptions(OptionGroup):
             python_instances=values["python_instances"],
             gpu_text_instances=values["gpu_text_instances"],
             python_cpu_engine=values["python_cpu_engine"],
+            python_gpu_engine=values["python_gpu_engine"],
             python_text=values["python_text"],
             text_run_cost=values["text_run_cost"],
             warmup=values["warmup"],

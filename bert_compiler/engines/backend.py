@@ -278,6 +278,11 @@ class Backend:
         """True when one engine file runs on every GPU of its kind (the model's default file)."""
         return False
 
+    def python_session_problem(self, spec: Mapping[str, Any]) -> str:
+        """Why a recorded engine cannot run in an ONNX Runtime session inside Triton's Python
+        backend (triton/onnxruntime_model.py), or '' when it can."""
+        return f"{self.name} engines do not run in an ONNX Runtime session"
+
     def shared_settings(self, spec: Mapping[str, Any]) -> Any:
         """Recorded settings every engine of one Triton model must share (they set its config)."""
         return None

@@ -754,6 +754,17 @@ class OnnxRuntimeBackend(Backend):
     def kind_parts(self, spec: BuildSpec) -> list[str]:
         return [spec.device]
 
+    def python_session_problem(self, spec: Mapping[str, Any]) -> str:
+        session = spec.get("session", {})
+        if session.get("cuda_graph"):
+            return (
+                "a CUDA-graph engine replays runs of fixed shapes through bound buffers, and a "
+                "text model's runs vary in shape; package an engine built without --cuda-graph"
+            )
+        if session.get("tensorrt_provider"):
+            return "it runs through ORT's TensorRT provider, which Triton's Python lacks"
+        return ""
+
     def triton_parameters(self, spec: Mapping[str, Any]) -> dict[str, Any]:
         session = spec.get("session", {})
         gpu = spec["device"] == "cuda"
@@ -763,6 +774,20 @@ class OnnxRuntimeBackend(Backend):
             # fp32 CUDA engines were verified without TF32; ORT's CUDA provider enables it.
             "gpu_accelerator": {"use_tf32": "0"} if gpu and spec["precision"] == "fp32" else None,
         }
+
+
+def recorded_cuda_options(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The CUDA provider options a recorded CUDA engine's build ran it with, but its device id
+    (a server runs each copy on the GPU it is given).
+
+    Raises:
+        ArtifactError: the record names no CUDA provider (not a CUDA engine).
+    """
+    for name, options in spec.get("providers", []):
+        if name == _PROVIDERS["cuda"]:
+            return {k: str(v) for k, v in options.items() if k != "device_id"}
+    names = [entry[0] for entry in spec.get("providers", [])]
+    raise ArtifactError(f"the build record has no {_PROVIDERS['cuda']} (providers: {names})")
 
 
 def session_parameters(session: Mapping[str, Any], python: bool = False) -> dict[str, str]:

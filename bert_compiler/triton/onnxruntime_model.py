@@ -1,4 +1,5 @@
-"""Triton Python-backend model that runs a CPU ONNX Runtime engine.
+"""Triton Python-backend model that runs an ONNX Runtime engine (CPU; CUDA for the one-model text
+engine of a GPU engine, `package --python-gpu-engine`).
 
 For Triton builds without the onnxruntime backend (`bert-compile package --python-cpu-engine
 --python-text ensemble`):
@@ -20,9 +21,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 ENGINE_FILE = "model.onnx"
+# Config parameters of a GPU engine: its device, and the CUDA provider options its build recorded
+# (JSON, without the device id: each instance runs on the GPU Triton gives it).
+DEVICE_PARAMETER = "device"
+CUDA_OPTIONS_PARAMETER = "cuda_provider_options"
 # The names engines/onnxruntime.py records; repeated here because this file runs inside Triton's
 # Python, where bert-compiler is not installed.
 _LEVELS = {
@@ -63,9 +69,52 @@ class TritonPythonModel:
         )
 
 
-def open_session(path: Path, config: dict, parameters: dict):
-    """An ONNX Runtime CPU session on ``path`` with the graph optimization level and thread
-    count the config's parameters record (the packager takes them from the engine's manifest)."""
+def engine_path(folder: Path, parameters: dict, device_id: int) -> Path:
+    """The engine file of this instance: model.onnx, or on a GPU the file built for its compute
+    capability (package copies one per GPU it has an engine for: model.sm90.onnx, ...).
+
+    Raises:
+        FileNotFoundError: no engine for this GPU's compute capability.
+    """
+    if parameters.get(DEVICE_PARAMETER) != "cuda":
+        return folder / ENGINE_FILE
+    capability = gpu_capability(device_id)
+    path = folder / f"model.sm{capability}.onnx"
+    if not path.is_file():
+        built = sorted(p.name for p in folder.glob("model.sm*.onnx"))
+        raise FileNotFoundError(
+            f"GPU {device_id} has compute capability {capability[:-1]}.{capability[-1]} and "
+            f"this model holds engines for {', '.join(built) or 'no GPU'}; build one for it"
+        )
+    return path
+
+
+def gpu_capability(device_id: int) -> str:
+    """The compute capability of GPU ``device_id`` as engine files name it (``90``), from torch
+    where Triton's Python has it, else from nvidia-smi."""
+    try:
+        import torch
+
+        major, minor = torch.cuda.get_device_capability(device_id)
+        return f"{major}{minor}"
+    except ImportError:
+        query = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader", "-i"]
+        found = subprocess.run(
+            [*query, str(device_id)], capture_output=True, text=True, check=True, timeout=30
+        )
+        return found.stdout.strip().replace(".", "")
+
+
+def open_session(path: Path, config: dict, parameters: dict, device_id: int = 0):
+    """An ONNX Runtime session on ``path`` with the graph optimization level and thread count
+    the config's parameters record (the packager takes them from the engine's manifest); for a
+    GPU engine, on the CUDA provider of GPU ``device_id`` with the provider options its build
+    recorded.
+
+    Raises:
+        RuntimeError: ONNX Runtime did not put the session on the CUDA provider (a CPU
+            onnxruntime, or no GPU): serving a GPU engine on the CPU is refused, not done slowly.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -77,7 +126,16 @@ def open_session(path: Path, config: dict, parameters: dict):
     # while idle after each run would take them from the requests still being decoded and
     # tokenized. (A scheduling setting; the numbers are the same.)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if parameters.get(DEVICE_PARAMETER) != "cuda":
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    cuda = {**json.loads(parameters[CUDA_OPTIONS_PARAMETER]), "device_id": str(device_id)}
+    session = ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", cuda)])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        raise RuntimeError(
+            f"{path}: ONNX Runtime {ort.__version__} runs it on {session.get_providers()[0]}, "
+            "not the CUDA provider it was built for; install onnxruntime-gpu in Triton's Python"
+        )
+    return session
 
 
 def intra_op_threads(config: dict, parameters: dict) -> int:

@@ -65,7 +65,7 @@ from bert_compiler.core.stage import StageResult
 from bert_compiler.engines import torch_module
 from bert_compiler.engines.backend import get_backend
 from bert_compiler.engines.batching import BatchingSpec, rung
-from bert_compiler.engines.onnxruntime import session_parameters
+from bert_compiler.engines.onnxruntime import recorded_cuda_options, session_parameters
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
 from bert_compiler.runtime import token_rows
 from bert_compiler.runtime.encoder import (
@@ -82,6 +82,7 @@ from bert_compiler.runtime.text import (
 )
 from bert_compiler.stages.layout import Layout, model_slug
 from bert_compiler.triton import config as tc
+from bert_compiler.triton.onnxruntime_model import CUDA_OPTIONS_PARAMETER, DEVICE_PARAMETER
 from bert_compiler.triton.repository import (
     JOURNAL_FILE,
     VERSION,
@@ -186,6 +187,10 @@ class PackageSpec:
         gpu_text_instances: instances per GPU of a GPU engine's text model.
         python_cpu_engine: also serve each CPU ONNX Runtime engine through Triton's Python
             backend, for Triton builds without the onnxruntime backend.
+        python_gpu_engine: also serve each ONNX Runtime CUDA engine as a Python-backend text
+            model on GPU instances (``<engine>-python-text``), for Triton builds without the
+            onnxruntime backend (nvidia-pytriton's); engines built with CUDA graphs or ORT's
+            TensorRT provider are left out, with a warning.
         python_text: how those engines take text: ``model``, one Python model
             (``<engine>-python-text``) that tokenizes every text of an execute call and runs
             the engine on them; ``ensemble``, the tokenizer model -> a Python engine model
@@ -211,6 +216,7 @@ class PackageSpec:
     python_instances: int = PYTHON_INSTANCES
     gpu_text_instances: int = GPU_TEXT_INSTANCES
     python_cpu_engine: bool = False
+    python_gpu_engine: bool = False
     python_text: str = "model"
     text_run_cost: int = TEXT_RUN_COST_TOKENS
     warmup: bool = True
@@ -571,6 +577,14 @@ def plan_repository(
                 served.append(_plan_python_engine(engine_plan, members[0], spec))
             else:
                 python_text.append((engine_plan, members[0]))
+        if spec.python_gpu_engine and engine_plan.record["device"] == "cuda":
+            backend = get_backend(members[0].spec["backend"])
+            problems = {m.name: backend.python_session_problem(m.spec) for m in members}
+            if any(problems.values()):
+                name, problem = next((n, p) for n, p in problems.items() if p)
+                log.warning("[package] %s: no Python text model: %s", name, problem)
+            else:
+                python_text.append((engine_plan, members[0]))
     tokenizer = _plan_tokenizer(
         f"{slug}-tokenizer",
         info,
@@ -687,22 +701,31 @@ def _plan_python_engine(
 def _plan_python_text(
     engine_plan: _ModelPlan, engine: VerifiedEngine, tokenizer: _ModelPlan, spec: PackageSpec
 ) -> _ModelPlan:
-    """Text -> the same CPU engine's outputs in one Python-backend model (text_engine_model.py,
-    importing the tokenizer and engine models' files, copied beside it)."""
+    """Text -> the same engine's outputs in one Python-backend model (text_engine_model.py,
+    importing the tokenizer and engine models' files, copied beside it): on CPU instances for a
+    CPU engine; on GPU instances, each opening its GPU's engine file on the CUDA provider with
+    the recorded options, for a CUDA engine."""
     name = tc.check_name(f"{engine_plan.name}-python-text", "model name")
     _inputs, outputs = tc.tensor_specs(engine_plan.config)
     texts, _tokens = tc.tensor_specs(tokenizer.config)
+    gpu = engine.spec["device"] == "cuda"
+    device: dict[str, str] = {}
+    if gpu:
+        cuda = json.dumps(recorded_cuda_options(engine.spec), sort_keys=True)
+        device = {DEVICE_PARAMETER: "cuda", CUDA_OPTIONS_PARAMETER: cuda}
     config = tc.python_config(
         name=name,
         inputs=texts,
         outputs=tc.text_outputs(outputs),
         max_batch_size=engine_plan.config.max_batch_size,
-        instance_count=spec.python_instances,
+        instance_count=spec.gpu_text_instances if gpu else spec.python_instances,
         parameters={
             **session_parameters(engine.spec.get("session", {}), python=True),
             RUN_COST_PARAMETER: str(spec.text_run_cost),
+            **device,
         },
         max_queue_delay_us=spec.max_queue_delay_us,
+        gpu=gpu,
     )
     tokenizer_file = f"{VERSION}/{TOKENIZER_FILE}"
     files = {

@@ -217,8 +217,8 @@ def plan_serving(
             f"{path}: no engine model this server can load: its engines need the "
             f"{' and '.join(lacking) or 'missing'}, and the local Triton has only the "
             f"{', '.join(sorted(backends))} backend; package again with --python-cpu-engine "
-            "(CPU ONNX Runtime engines on the Python backend too), or serve it in NGC's Triton "
-            "container (README)"
+            "or --python-gpu-engine (ONNX Runtime engines on the Python backend too), or serve "
+            "it in NGC's Triton container (README)"
         )
     chosen = tuple(models) if models else tuple(servable)
     return ServePlan(opened, chosen, {n: r for n, r in skipped.items() if n not in chosen})

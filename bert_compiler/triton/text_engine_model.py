@@ -1,10 +1,13 @@
-"""Triton Python-backend model: text in, a CPU ONNX Runtime engine's outputs out, in one process.
+"""Triton Python-backend model: text in, an ONNX Runtime engine's outputs out, in one process.
 
 `bert-compile package --python-cpu-engine` copies this file to
 ``<model>-ort-cpu-<precision>-python-text/1/model.py``, and beside it the two files it imports
 (tokenizer_model.py and onnxruntime_model.py, verbatim), the ``tokenizer.json`` the tokenizer
 model gets and the engine's ``model.onnx``. It replaces the ensemble tokenizer model -> Python
 engine model: one process instead of two, and no token tensors through Triton between them.
+`--python-gpu-engine` does the same for ONNX Runtime CUDA engines
+(``<model>-ort-cuda-<precision>-python-text``, on GPU instances, one engine file per compute
+capability: each instance opens its GPU's, on the CUDA provider with the recorded options).
 
 Every text of one ``execute`` call (all the requests Triton batched) is tokenized in one batch,
 sorted by length and cut into engine runs by ``plan_runs``: each run is padded to its own longest
@@ -26,11 +29,11 @@ from typing import Any
 import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
-    from .onnxruntime_model import ENGINE_FILE, open_session
+    from .onnxruntime_model import engine_path, open_session
     from .tokenizer_model import TOKENIZER_FILE, ModelArgs, TextEncoder, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from onnxruntime_model import ENGINE_FILE, open_session  # type: ignore[no-redef]
+    from onnxruntime_model import engine_path, open_session  # type: ignore[no-redef]
     from tokenizer_model import (  # type: ignore[no-redef]
         TOKENIZER_FILE,
         ModelArgs,
@@ -164,7 +167,10 @@ class TritonPythonModel:
         model = ModelArgs.read(args)
         config, parameters, folder = model.config, model.parameters, model.folder
         self.inputs = model.inputs
-        session = open_session(folder / ENGINE_FILE, config, parameters)
+        # Triton names each GPU instance's device; a CPU instance has none.
+        device_id = int(args.get("model_instance_device_id") or 0)
+        path = engine_path(folder, parameters, device_id)
+        session = open_session(path, config, parameters, device_id)
         engine_inputs = [tensor.name for tensor in session.get_inputs()]
         outputs = [o for o in config["output"] if o["name"] != MASK_OUTPUT]
         self.engine = TextEngine(
