@@ -372,6 +372,11 @@ def test_python_text_options(tiny_run, tmp_path):
     assert "--python-text ensemble: it sets how --python-cpu-engine engines take text" in (
         refused.output
     )
+    # The run cost applies to the GPU engines' text models too; alone it changes nothing.
+    gpu = _package_cli(tiny_run, tmp_path / "g", "--python-gpu-engine", "--text-run-cost", "100")
+    assert gpu.exit_code == 0, gpu.output
+    alone = _package_cli(tiny_run, tmp_path / "a", "--text-run-cost", "100")
+    assert alone.exit_code != 0 and "--text-run-cost 100: it sets how" in alone.output
 
 
 @pytest.mark.e2e

@@ -687,11 +687,14 @@ class PackageOptions(OptionGroup):
         ]
 
     def parse(self, values: Values, engines: tuple[str, ...] = ()) -> PackageSpec:
-        """Raises InputError for --ladder-rungs with --tokenizer-padding request (no ladder), and
-        for --python-text or --text-run-cost without --python-cpu-engine (they would change
-        nothing)."""
+        """Raises InputError for --ladder-rungs with --tokenizer-padding request (no ladder), for
+        --python-text without --python-cpu-engine, and for --text-run-cost without either
+        --python-cpu-engine or --python-gpu-engine (they would change nothing)."""
         for flag in _given("python_text", "text_run_cost", config=True):
-            if not values["python_cpu_engine"]:
+            takes_it = values["python_cpu_engine"] or (
+                flag == "--text-run-cost" and values["python_gpu_engine"]
+            )
+            if not takes_it:
                 raise InputError(
                     f"{flag} {values[flag[2:].replace('-', '_')]}: it sets how "
                     "--python-cpu-engine engines take text; add --python-cpu-engine or drop it"
