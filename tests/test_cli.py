@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -334,3 +336,14 @@ def test_the_interrupt_message_says_how_to_resume(
     argv = ["export", "--model", tiny_embedding_model, "--out", tmp_path / "out"]
     result = _invoke(*argv, *(["--force"] if force else []))
     assert result.exit_code == 130 and f"run the command {advice}" in result.stderr
+
+
+def test_the_cli_reference_is_the_one_the_option_groups_make():
+    """docs/cli.md is generated from the commands' option groups
+    (scripts/cli_reference.py): a flag added, removed or re-described without regenerating it
+    fails here, naming the command that fixes it."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
+    checked = subprocess.run(
+        [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert checked.returncode == 0, checked.stderr
