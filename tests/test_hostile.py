@@ -420,12 +420,15 @@ def _victim(tmp: Path) -> Path:
 
 
 def lock_file_linked_out(out, model, tmp):
-    # The lock opens its file with O_TRUNC: through a planted link, a file outside OUT.
+    # The lock opens its file with O_TRUNC: through a planted link, a file outside OUT. (The
+    # shared run's tree may hold the lock file an earlier command left, as locks do.)
+    (out / ".bert-compile.lock").unlink(missing_ok=True)
     (out / ".bert-compile.lock").symlink_to(_victim(tmp))
     return ["export", "--model", model, "--out", out, "--force"], 3, "where bert-compile keeps"
 
 
 def lock_holder_linked_out(out, model, tmp):
+    (out / ".bert-compile.lock.json").unlink(missing_ok=True)
     (out / ".bert-compile.lock.json").symlink_to(_victim(tmp))
     return ["export", "--model", model, "--out", out, "--force"], 3, "a link where bert-compile"
 

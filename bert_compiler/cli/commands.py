@@ -21,19 +21,17 @@ from typing import Any
 import click
 
 from bert_compiler.bench.measure import format_table, run_bench, write_report
+from bert_compiler.cli.bench_options import BenchOptions
 from bert_compiler.cli.config import apply_config
 from bert_compiler.cli.doctor import diagnose, require_target
 from bert_compiler.cli.options import (
-    BenchOptions,
     CalibrationOptions,
     ExportOptions,
     FallbackOptions,
     FuseOptions,
     MaxLengthOptions,
     ModelOptions,
-    PackageOptions,
     ProgressOptions,
-    SweepOptions,
     TargetOptions,
     TextOptions,
     VerifyOptions,
@@ -43,6 +41,8 @@ from bert_compiler.cli.options import (
     target_option,
     uses,
 )
+from bert_compiler.cli.package_options import PackageOptions
+from bert_compiler.cli.sweep_options import SweepOptions
 from bert_compiler.core import interrupts, progress
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import (
