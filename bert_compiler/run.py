@@ -33,7 +33,11 @@ from bert_compiler.stages.fuse import FuseSpec, fuse
 from bert_compiler.stages.layout import Layout
 from bert_compiler.stages.simplify import SimplifySpec, simplify
 from bert_compiler.stages.verify import REPORT_FILE, VerifySpec, summarize_parity, verify
-from bert_compiler.triton.package import PackageSpec, package, repository_summary
+from bert_compiler.triton.package import (
+    package,
+    repository_summary,
+)
+from bert_compiler.triton.package_spec import PackageSpec
 
 log = logging.getLogger("bert_compile")
 

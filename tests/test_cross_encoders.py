@@ -18,7 +18,8 @@ from bert_compiler.models.loading import load_tokenizer, resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
 from bert_compiler.runtime.encoder import tokenize_rows
 from bert_compiler.runtime.text import iter_file_texts, parity_batches, parity_texts, tokenize
-from bert_compiler.triton.package import PackageSpec, package
+from bert_compiler.triton.package import package
+from bert_compiler.triton.package_spec import PackageSpec
 from tests.conftest import TINY_VERIFY, run_fp32_and_int8
 from tests.tiny_models import make_tiny_model
 from tests.triton_server import find_server, triton_server

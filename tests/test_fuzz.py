@@ -285,7 +285,8 @@ def test_the_pass_tried_every_format(request):
 @pytest.mark.e2e
 def test_repository_manifest(tiny_run, tmp_path):
     """The repository gate reads the models' records of its manifest: odd ones are refused."""
-    from bert_compiler.triton.package import PackageSpec, package
+    from bert_compiler.triton.package import package
+    from bert_compiler.triton.package_spec import PackageSpec
     from bert_compiler.triton.repository import open_repository
 
     info, out = tiny_run[0], tmp_path / "out"

@@ -121,7 +121,7 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     pytest.importorskip("tritonclient.grpc")
     from bert_compiler.core.targets import current_gpu
     from bert_compiler.triton.gate import verify_repository
-    from bert_compiler.triton.package import PackageSpec
+    from bert_compiler.triton.package_spec import PackageSpec
 
     info = resolve_model(tiny_embedding_model)
     builds = (
@@ -167,7 +167,7 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         BuildSpec(backend="tensorrt", device="cuda", precision="fp32", options=two_profiles),
     )
     from bert_compiler.triton.gate import verify_repository
-    from bert_compiler.triton.package import PackageSpec
+    from bert_compiler.triton.package_spec import PackageSpec
 
     summary = run_pipeline(
         info=info,

@@ -25,22 +25,24 @@ from bert_compiler.runtime.text import tokenize
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.gate import verify_repository
 from bert_compiler.triton.onnxruntime_model import CUDA_OPTIONS_PARAMETER, DEVICE_PARAMETER
-from bert_compiler.triton.package import (
+from bert_compiler.triton.package import package
+from bert_compiler.triton.package_spec import (
     PYTHON_INSTANCES,
     TEMPLATES,
     TEXT_RUN_COST_TOKENS,
     TRITON_LADDER_RUNGS,
     PackageSpec,
     VerifiedEngine,
+    verified_engines,
+)
+from bert_compiler.triton.plan import (
     _batching,
     _engine_files,
     engine_kind,
-    package,
     plan_repository,
-    tokenizer_json,
-    verified_engines,
 )
 from bert_compiler.triton.repository import open_repository, repository_problems
+from bert_compiler.triton.tokenizer_json import tokenizer_json
 from bert_compiler.triton.tokenizer_model import decode_texts, encode, parse_ladder
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 
@@ -837,7 +839,10 @@ def test_the_gate_tells_a_tokenizer_that_lost_its_lowercasing(tmp_path):
     and accent stripping turned off tokenizes the parity texts differently, and the check names
     the batch; the file as package writes it has no mismatch."""
     from bert_compiler.models.loading import resolve_model
-    from bert_compiler.triton.package import tokenizer_json, tokenizer_mismatches
+    from bert_compiler.triton.tokenizer_json import (
+        tokenizer_json,
+        tokenizer_mismatches,
+    )
 
     info = resolve_model("default")
     written = json.loads(tokenizer_json(info, 128))

@@ -25,7 +25,8 @@ from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.models.loading import load_tokenizer
 from bert_compiler.runtime.text import tokenize
-from bert_compiler.triton.package import PackageSpec, package
+from bert_compiler.triton.package import package
+from bert_compiler.triton.package_spec import PackageSpec
 from bert_compiler.triton.repository import open_repository
 from bert_compiler.triton.server import (
     PYTHON_SITE_VARIABLE,

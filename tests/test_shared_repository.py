@@ -18,7 +18,8 @@ from bert_compiler.core.errors import BusyError, InputError
 from bert_compiler.core.lock import output_lock
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
-from bert_compiler.triton.package import PackageSpec, package
+from bert_compiler.triton.package import package
+from bert_compiler.triton.package_spec import PackageSpec
 from bert_compiler.triton.repository import open_repository
 from tests.conftest import TINY_VERIFY
 

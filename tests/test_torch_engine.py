@@ -48,7 +48,7 @@ from bert_compiler.runtime import encoder as runtime
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.stages.build import build
 from bert_compiler.triton import config as tc
-from bert_compiler.triton.package import PYTHON_INSTANCES
+from bert_compiler.triton.package_spec import PYTHON_INSTANCES
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 from tests.gpus import H100
 from tests.test_gpu_engines import _cuda_reason, _skip_unless

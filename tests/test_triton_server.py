@@ -16,7 +16,11 @@ from bert_compiler.engines.batching import rung
 from bert_compiler.models.loading import load_tokenizer
 from bert_compiler.runtime.text import tokenize
 from bert_compiler.stages.verify import torch_runner
-from bert_compiler.triton.package import PYTHON_INSTANCES, PackageSpec, package
+from bert_compiler.triton.package import package
+from bert_compiler.triton.package_spec import (
+    PYTHON_INSTANCES,
+    PackageSpec,
+)
 from bert_compiler.triton.repository import open_repository
 from bert_compiler.triton.tokenizer_model import parse_ladder
 from tests.conftest import cpu_engine_dir

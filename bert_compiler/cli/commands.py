@@ -71,7 +71,10 @@ from bert_compiler.stages.sweep import run_sweep
 from bert_compiler.stages.sweep import write_report as write_sweep
 from bert_compiler.stages.verify import REPORT_FILE, require_passed, verify
 from bert_compiler.triton.gate import verify_repository
-from bert_compiler.triton.package import package, repository_summary
+from bert_compiler.triton.package import (
+    package,
+    repository_summary,
+)
 from bert_compiler.triton.server import (
     LOG_FILE,
     READY_TIMEOUT_S,

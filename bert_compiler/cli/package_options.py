@@ -17,12 +17,12 @@ from bert_compiler.cli.option_group import (
 )
 from bert_compiler.core.errors import InputError
 from bert_compiler.stages.layout import Layout
-from bert_compiler.triton.package import (
+from bert_compiler.triton.package import check_repository_target
+from bert_compiler.triton.package_spec import (
     PACKAGE_LIMITS,
     PADDINGS,
     PYTHON_TEXTS,
     PackageSpec,
-    check_repository_target,
 )
 
 log = logging.getLogger("bert_compile")

@@ -13,13 +13,12 @@ from bert_compiler.engines.backend import load_recorded_engine
 from bert_compiler.models.loading import ModelInfo
 from bert_compiler.stages.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
 from bert_compiler.triton import config as tc
-from bert_compiler.triton.package import (
+from bert_compiler.triton.package_spec import (
     TEMPLATES,
     PackageSpec,
     VerifiedEngine,
-    plan_repository,
-    tokenizer_mismatches,
 )
+from bert_compiler.triton.plan import plan_repository
 from bert_compiler.triton.repository import (
     ENGINE_ROLES,
     SOURCE_ROLES,
@@ -27,6 +26,7 @@ from bert_compiler.triton.repository import (
     engine_tensors,
     open_repository,
 )
+from bert_compiler.triton.tokenizer_json import tokenizer_mismatches
 from bert_compiler.triton.tokenizer_model import LADDER_PARAMETER, parse_ladder
 
 
