@@ -24,8 +24,9 @@ from bert_compiler.calibration.qdq import (
 )
 from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.core.targets import Environment, plan_targets
+from bert_compiler.core.targets import Environment
 from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.stages.calibrate import CalibrationSpec

@@ -16,11 +16,12 @@ from click.testing import CliRunner
 from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
-from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi, plan_targets
+from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi
 from bert_compiler.engines import onnxruntime as ort_engine
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
 from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions as OrtBuild
+from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.tensorrt import prepare_network_graph
 from bert_compiler.engines.tensorrt_options import (
     Profile,
@@ -90,6 +91,31 @@ def test_auto_builds_per_distinct_compute_capability():
     )
     assert [e["backend"] for e in both.engines] == ["tensorrt", "onnxruntime"]
     assert not both.notes
+
+
+def test_auto_says_which_gpu_backend_it_builds_without():
+    """TensorRT here but no CUDA provider in ONNX Runtime: TensorRT engines only, and a note
+    naming what is missing (each backend says what it lacks: Backend.gpu_problem)."""
+    env = Environment(gpus=(H100,), tensorrt="10.13.3", onnxruntime="1.32.0")
+    plan = plan_targets("auto", ("fp16",), env)
+    assert [e["backend"] for e in plan.engines] == ["tensorrt"]
+    assert plan.notes == (
+        "no ONNX Runtime CUDA (ONNX Runtime 1.32.0 has no CUDAExecutionProvider (install "
+        "onnxruntime-gpu)): building TensorRT only",
+    )
+
+
+def test_every_target_but_auto_is_one_backends_own():
+    """--target's choices come from the backends (Backend.targets): each names one backend,
+    which plans it."""
+    from bert_compiler.engines.backend import backends
+    from bert_compiler.engines.targets import TARGET_CHOICES
+
+    owners = {t: [b.name for b in backends() if t in b.targets] for t in TARGET_CHOICES}
+    assert owners == {
+        "auto": [], "cpu": ["onnxruntime"], "cuda": ["onnxruntime"],
+        "tensorrt": ["tensorrt"], "torch": ["torch"],
+    }  # fmt: skip
 
 
 def test_explicit_gpu_targets_fail_clearly_without_their_backend():

@@ -29,10 +29,11 @@ from bert_compiler.core.errors import (
     InputError,
     UnsupportedModelError,
 )
-from bert_compiler.core.targets import Environment, plan_targets
+from bert_compiler.core.targets import Environment
 from bert_compiler.engines import torch_module
 from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import BatchingSpec
+from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.torch_encoder import read_encoder
 from bert_compiler.engines.torch_module import (
     EncoderLayout,

@@ -57,7 +57,8 @@ from bert_compiler.core.errors import (
 from bert_compiler.core.lock import output_lock
 from bert_compiler.core.outdir import claim_output, release_if_unused
 from bert_compiler.core.stage import StageResult
-from bert_compiler.core.targets import detect, plan_targets
+from bert_compiler.core.targets import detect
+from bert_compiler.engines.targets import plan_targets
 from bert_compiler.models.loading import ModelInfo
 from bert_compiler.run import RunSpec, run_pipeline
 from bert_compiler.stages.build import ProfileText, build, engine_folder_name, resolve_build_spec

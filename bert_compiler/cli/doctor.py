@@ -15,7 +15,8 @@ from typing import Any
 
 from bert_compiler.core.artifacts import existing_ancestor, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.core.targets import DEFAULT_TARGET, TARGET_CHOICES, Environment, plan_targets
+from bert_compiler.core.targets import Environment
+from bert_compiler.engines.targets import DEFAULT_TARGET, TARGET_CHOICES, plan_targets
 
 # Every target but auto, which only picks among them.
 TARGETS = tuple(t for t in TARGET_CHOICES if t != DEFAULT_TARGET)

@@ -31,15 +31,9 @@ from bert_compiler.cli.option_group import (
     default_of,
     given,
 )
-from bert_compiler.core.targets import (
-    DEFAULT_TARGET,
-    PRECISIONS,
-    TARGET_CHOICES,
-    Environment,
-    detect,
-    plan_targets,
-)
+from bert_compiler.core.targets import PRECISIONS, Environment, detect
 from bert_compiler.engines.backend import BuildSpec, get_backend
+from bert_compiler.engines.targets import DEFAULT_TARGET, TARGET_CHOICES, plan_targets
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.models.loading import (
     DEFAULT_MODEL_ALIAS,

@@ -16,7 +16,15 @@ from typing import Any, Protocol
 
 from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import ArtifactError, InputError
-from bert_compiler.core.targets import DEVICES, PRECISIONS, current_gpu, fp8_refusal
+from bert_compiler.core.targets import (
+    DEVICES,
+    PRECISIONS,
+    Environment,
+    Gpu,
+    current_gpu,
+    fp8_capable,
+    fp8_refusal,
+)
 from bert_compiler.engines.tensorrt_options import Profile
 
 
@@ -157,6 +165,14 @@ class BuildJob:
 
 
 @dataclass(frozen=True)
+class TargetPlan:
+    """The engines one ``--target`` resolves to on this machine, and why (engines/targets.py)."""
+
+    engines: tuple[dict[str, Any], ...]  # backend, device, precision, compute_capability
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class TritonBatching:
     """How Triton batches an engine model: its largest batch, the preferred batch sizes, the
     optimization profiles each instance may use, and the sequence lengths worth warming up."""
@@ -189,6 +205,12 @@ class Backend:
         options_type: the frozen dataclass of the backend's own build options (BuildSpec.options);
             its defaults are the backend's defaults, and the CLI's option group for the backend
             (cli/backend_flags.py) builds it from the flags.
+        label: its name in messages (``TensorRT``, ``ONNX Runtime CUDA``).
+        targets: the ``--target`` values that build its engines alone (``plan``).
+        auto_gpu_rank: where ``--target auto`` plans its GPU engines among the GPU backends
+            (lowest first); None: ``auto`` builds none of its engines on GPUs.
+        auto_cpu_fallback: the backend whose CPU engine ``--target auto`` builds when no GPU
+            backend can build here (``plan_cpu``); ``cpu_label`` names that engine.
     """
 
     name: str
@@ -200,6 +222,11 @@ class Backend:
     builds_fp8: bool = False
     serves_as_python_text: bool = False
     options_type: type = NoOptions
+    label: str = ""
+    targets: tuple[str, ...] = ()
+    auto_gpu_rank: int | None = None
+    auto_cpu_fallback: bool = False
+    cpu_label: str = ""
 
     def version(self) -> str:
         """The installed version (it goes into engine folder names and manifests).
@@ -211,6 +238,38 @@ class Backend:
 
     def check(self, spec: BuildSpec) -> None:
         """Raises InputError for a device, precision or option this backend does not build."""
+
+    def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+        """The engines ``--target <target>`` (one of ``targets``) builds on this machine.
+
+        Raises:
+            InputError: a precision this backend does not build there.
+            EnvironmentProblem: this machine cannot build them (no GPU, no package).
+        """
+        raise NotImplementedError
+
+    def gpu_problem(self, env: Environment) -> str:
+        """Why this machine cannot build the backend's GPU engines ('' when it can)."""
+        return f"{self.name} builds no GPU engines"
+
+    def plan_cpu(self, precisions: tuple[str, ...]) -> TargetPlan:
+        """Its CPU engines for ``precisions`` (``auto_cpu_fallback`` backends)."""
+        raise NotImplementedError
+
+    def gpu_engines(self, precisions: tuple[str, ...], gpus: Sequence[Gpu]) -> tuple[dict, ...]:
+        """One engine per GPU (one per distinct compute capability) and precision, fp16 by
+        default; fp8 only where the backend builds it and the GPU has fp8 tensor cores."""
+        return tuple(
+            {
+                "backend": self.name,
+                "device": "cuda",
+                "precision": precision,
+                "compute_capability": gpu.compute_capability,
+            }
+            for gpu in gpus
+            for precision in precisions or ("fp16",)
+            if precision != "fp8" or (self.builds_fp8 and fp8_capable(gpu.compute_capability))
+        )
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
         """``spec`` without the options that do not apply on its device and precision (one set
@@ -352,6 +411,11 @@ def gpu_facts(spec: BuildSpec) -> dict[str, Any]:
 
 
 _REGISTRY: dict[str, Backend] = {}
+
+
+def backends() -> tuple[Backend, ...]:
+    """Every registered backend, in registration order (engines/__init__.py)."""
+    return tuple(_REGISTRY.values())
 
 
 def register(backend: Backend) -> Backend:

@@ -12,11 +12,12 @@ from typing import Any
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import check_onnx_file, load_onnx
-from bert_compiler.core.targets import current_gpu
+from bert_compiler.core.targets import Environment, current_gpu, fp8_refusal
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
     BuildSpec,
+    TargetPlan,
     check_float_source,
     gpu_facts,
     register,
@@ -579,6 +580,11 @@ class OnnxRuntimeBackend(Backend):
     triton_platform = "onnxruntime_onnx"
     version_key = "onnxruntime"
     options_type = OnnxRuntimeBuildOptions
+    label = "ONNX Runtime CUDA"
+    targets = ("cpu", "cuda")
+    auto_gpu_rank = 1
+    auto_cpu_fallback = True
+    cpu_label = "CPU ONNX Runtime engine"
 
     def version(self) -> str:
         import onnxruntime
@@ -607,6 +613,38 @@ class OnnxRuntimeBackend(Backend):
                 "ONNX Runtime's CUDA provider has no fast path for Q/DQ INT8 graphs; build int8 "
                 "with --target tensorrt, or fp16 for ONNX Runtime CUDA"
             )
+
+    def gpu_problem(self, env: Environment) -> str:
+        if env.has_ort_cuda:
+            return ""
+        return (
+            f"ONNX Runtime {env.onnxruntime} has no CUDAExecutionProvider (install onnxruntime-gpu)"
+        )
+
+    def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+        if "fp8" in precisions:
+            raise InputError(fp8_refusal(f"--target {target}"))
+        if target == "cpu":
+            if "fp16" in precisions:
+                raise InputError("--target cpu --precision fp16: the CPU engine is fp32 or int8")
+            return self.plan_cpu(precisions)
+        gpus = env.compute_capabilities()
+        problem = self.gpu_problem(env) if gpus else "no NVIDIA GPU found"
+        if problem:
+            raise EnvironmentProblem(
+                f"--target {target}: {problem}; use --target auto to fall back to the CPU engine"
+            )
+        return TargetPlan(self.gpu_engines(precisions, gpus))
+
+    def plan_cpu(self, precisions: tuple[str, ...]) -> TargetPlan:
+        # fp16 has no CPU engine: it becomes fp32, and says so.
+        chosen = dict.fromkeys("fp32" if p == "fp16" else p for p in precisions or ("fp32",))
+        engines = tuple(
+            {"backend": self.name, "device": "cpu", "precision": p, "compute_capability": ""}
+            for p in chosen
+        )
+        fp16 = "fp16" in precisions
+        return TargetPlan(engines, ("fp16 has no CPU engine: built fp32 instead",) if fp16 else ())
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
         # CUDA graphs, ORT's TensorRT provider, the attention kernels and packing mode exist

@@ -33,11 +33,12 @@ from typing import TYPE_CHECKING, Any
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
-from bert_compiler.core.targets import current_gpu, fp8_capable, fp8_refusal
+from bert_compiler.core.targets import Environment, current_gpu, fp8_capable, fp8_refusal
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
     BuildSpec,
+    TargetPlan,
     TritonBatching,
     check_float_source,
     gpu_facts,
@@ -449,9 +450,24 @@ class TensorRTBackend(Backend):
     opaque = True
     builds_fp8 = True
     options_type = TensorRTOptions
+    label = "TensorRT"
+    targets = ("tensorrt",)
+    auto_gpu_rank = 0
 
     def version(self) -> str:
         return str(_import_tensorrt().__version__)
+
+    def gpu_problem(self, env: Environment) -> str:
+        return "" if env.tensorrt else env.tensorrt_problem or "TensorRT is not installed"
+
+    def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+        gpus = env.compute_capabilities()
+        problem = self.gpu_problem(env) if gpus else "no NVIDIA GPU found"
+        if problem:
+            raise EnvironmentProblem(
+                f"--target {target}: {problem}; use --target auto to fall back to ONNX Runtime"
+            )
+        return TargetPlan(self.gpu_engines(precisions, gpus))
 
     def check(self, spec: BuildSpec) -> None:
         if spec.device != "cuda":

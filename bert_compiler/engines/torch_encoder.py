@@ -41,10 +41,12 @@ from bert_compiler.core.errors import (
     UnsupportedModelError,
 )
 from bert_compiler.core.onnx_io import load_onnx
+from bert_compiler.core.targets import Environment
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
     BuildSpec,
+    TargetPlan,
     check_float_source,
     register,
 )
@@ -523,11 +525,38 @@ class TorchBackend(Backend):
     triton_platform = ""  # no Triton backend runs it: a Python-backend text model does
     version_key = "torch"
     serves_as_python_text = True
+    label = "torch"
+    targets = ("torch",)
 
     def version(self) -> str:
         import torch
 
         return torch.__version__.split("+")[0]
+
+    def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
+        """One engine for every GPU here (its file is the weights: it runs on any GPU), fp16 by
+        default; the CPU engine, fp32, where torch sees no GPU."""
+        refused = sorted(set(precisions) - {"fp32", "fp16"})
+        if refused:
+            raise InputError(
+                f"--target {target} --precision {','.join(refused)}: the torch backend builds "
+                "fp32 and fp16 engines; int8 and fp8 are ONNX Runtime's and TensorRT's"
+            )
+        notes: tuple[str, ...]
+        if env.gpus and env.torch_cuda:
+            device, chosen, notes = "cuda", precisions or ("fp16",), ()
+        else:
+            why = "no NVIDIA GPU found" if not env.gpus else "torch here is a CPU build"
+            if "fp16" in precisions:
+                raise EnvironmentProblem(
+                    f"--target {target} --precision fp16: {why}; fp16 needs a GPU"
+                )
+            device, chosen, notes = "cpu", ("fp32",), (f"{why}: building the torch CPU engine",)
+        engines = tuple(
+            {"backend": self.name, "device": device, "precision": p, "compute_capability": ""}
+            for p in chosen
+        )
+        return TargetPlan(engines, notes)
 
     def check(self, spec: BuildSpec) -> None:
         if spec.precision not in ("fp32", "fp16"):
