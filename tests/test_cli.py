@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,16 @@ from tests.conftest import cpu_engine_dir
 from tests.tiny_models import edit_config
 
 QUICK = ["--metric-limit", "100", "--no-metric-gate"]  # see conftest.TINY_VERIFY
+
+
+RUN_KEYS = {
+    "ok", "model", "out", "fused_operators", "fusion_note", "pytorch_fp32_metric", "engines",
+    "stages", "repository", "notes",
+}  # fmt: skip
+ENGINE_KEYS = {
+    "name", "backend", "device", "precision", "compute_capability", "path", "manifest", "report",
+    "passed", "failures", "parity", "metric", "float_ops", "speed",
+}  # fmt: skip
 
 
 def _invoke(*args):
@@ -34,10 +45,22 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
     summary = _last_json(result)
     engine = summary["engines"][0]
     assert summary["ok"] and engine["passed"]
-    for key in ("backend", "precision", "device", "path", "parity", "metric"):
-        assert key in engine
-    assert set(engine["parity"]) >= {"max_abs_err", "rel_l2_err", "min_cosine", "passed"}
-    assert set(engine["metric"]) == {"name", "value"}
+    # The schema the README documents ("Machine-readable output"), key for key.
+    schema = {
+        "top level": (summary, RUN_KEYS),
+        "each of `engines`": (engine, ENGINE_KEYS),
+        "an engine's `parity`": (engine["parity"], {"max_abs_err", "rel_l2_err", "min_cosine",
+                                                     "passed"}),
+        "its `metric`": (engine["metric"], {"name", "value"}),
+        "its `speed`": (engine["speed"], {"measured", "sentences", "sentences_per_s"}),
+        "each of `stages`": (summary["stages"]["export"], {"path", "seconds", "skipped"}),
+    }  # fmt: skip
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    documented = readme.split("### Machine-readable output", 1)[1].split("### ", 1)[0]
+    for where, (value, keys) in schema.items():
+        assert set(value) == keys, where
+        line = documented.split(where, 1)[1].split(";", 1)[0]
+        assert keys <= set(re.findall(r"`([^`]+)`", line)), where
     assert summary["pytorch_fp32_metric"]["name"] == "stsb_spearman"
     assert Path(engine["path"]).is_file()
     assert engine["float_ops"] is None  # fp32: nothing quantized
