@@ -18,6 +18,7 @@ from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx, sample_token_feeds
 from bert_compiler.core.targets import Environment, detect, parse_nvidia_smi
 from bert_compiler.engines import onnxruntime as ort_engine
+from bert_compiler.engines import ort_session
 from bert_compiler.engines.backend import BuildSpec, engine_name, get_backend
 from bert_compiler.engines.fp16 import convert_to_fp16, float16_fraction, head_nodes
 from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions as OrtBuild
@@ -191,25 +192,25 @@ def test_source_stage_per_backend_and_precision():
 
 
 def test_ort_cuda_provider_options_are_explicit(tmp_path):
-    options = ort_engine.OrtEngineOptions(device="cuda", fp16=True, cuda_graph=True)
-    ((name, cuda),) = ort_engine.provider_entries(options, tmp_path)
+    options = ort_session.OrtEngineOptions(device="cuda", fp16=True, cuda_graph=True)
+    ((name, cuda),) = ort_session.provider_entries(options, tmp_path)
     assert name == "CUDAExecutionProvider" and cuda["enable_cuda_graph"] == "1"
-    with_trt = ort_engine.provider_entries(
-        ort_engine.OrtEngineOptions(device="cuda", fp16=True, tensorrt_provider=True), tmp_path
+    with_trt = ort_session.provider_entries(
+        ort_session.OrtEngineOptions(device="cuda", fp16=True, tensorrt_provider=True), tmp_path
     )
     assert [n for n, _ in with_trt] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert with_trt[0][1]["trt_engine_cache_path"] == str(tmp_path / "trt-cache")
     with pytest.raises(InputError, match="need --device cuda"):
-        ort_engine.OrtEngineOptions(device="cpu", fp16=True).validate()
+        ort_session.OrtEngineOptions(device="cpu", fp16=True).validate()
     # Attention kernels: ORT's own choice sets no mask; "fused" every backend but cuDNN (8).
     assert "sdpa_kernel" not in cuda
-    fused = ort_engine.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="fused")
-    ((_, fused_cuda),) = ort_engine.provider_entries(fused, tmp_path)
+    fused = ort_session.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="fused")
+    ((_, fused_cuda),) = ort_session.provider_entries(fused, tmp_path)
     assert int(fused_cuda["sdpa_kernel"]) & 8 == 0 and int(fused_cuda["sdpa_kernel"]) & 4
-    unfused = ort_engine.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="unfused")
-    assert ort_engine.provider_entries(unfused, tmp_path)[0][1]["sdpa_kernel"] == "16"
+    unfused = ort_session.OrtEngineOptions(device="cuda", fp16=True, attention_kernels="unfused")
+    assert ort_session.provider_entries(unfused, tmp_path)[0][1]["sdpa_kernel"] == "16"
     with pytest.raises(InputError, match="attention kernels 'cudnn'"):
-        ort_engine.OrtEngineOptions(device="cuda", attention_kernels="cudnn").validate()
+        ort_session.OrtEngineOptions(device="cuda", attention_kernels="cudnn").validate()
 
 
 def test_attention_kernels_reach_the_cuda_engine_only():
@@ -291,12 +292,12 @@ def test_a_backend_is_built_with_its_own_options_only():
 
 def test_packed_attention_engine_options_need_cuda_without_graphs():
     with pytest.raises(InputError, match="need --device cuda"):
-        ort_engine.OrtEngineOptions(device="cpu", packed_attention=True).validate()
+        ort_session.OrtEngineOptions(device="cpu", packed_attention=True).validate()
     with pytest.raises(InputError, match="no CUDA graph can capture"):
-        ort_engine.OrtEngineOptions(
+        ort_session.OrtEngineOptions(
             device="cuda", fp16=True, cuda_graph=True, packed_attention=True
         ).validate()
-    ort_engine.OrtEngineOptions(device="cuda", fp16=True, packed_attention=True).validate()
+    ort_session.OrtEngineOptions(device="cuda", fp16=True, packed_attention=True).validate()
 
 
 @pytest.mark.parametrize(
@@ -325,7 +326,7 @@ def test_cuda_engine_on_a_cpu_machine_is_an_environment_error(tmp_path):
         pytest.skip("this machine has ORT's CUDA provider")
     with pytest.raises(EnvironmentProblem, match="onnxruntime-gpu"):
         ort_engine.build_engine(
-            tmp_path / "x.onnx", tmp_path / "y.onnx", ort_engine.OrtEngineOptions(device="cuda")
+            tmp_path / "x.onnx", tmp_path / "y.onnx", ort_session.OrtEngineOptions(device="cuda")
         )
 
 

@@ -39,7 +39,7 @@ from bert_compiler.core.artifacts import atomic_write_text, tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
 from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import BatchingSpec, padding_fraction, plan_batches
-from bert_compiler.engines.onnxruntime import (
+from bert_compiler.engines.ort_session import (
     ATTENTION_KERNELS,
     DEFAULT_ATTENTION_KERNELS,
     OrtEngine,
@@ -349,7 +349,7 @@ def plain_ort_engine(
 ) -> OrtEngine:
     """The ONNX Runtime peer: ORT's transformer optimizer on the exported graph (and, on a GPU,
     its fp16 conversion and CUDA graphs), nothing of this project's but, when asked, its choice
-    of attention kernels (``attention``: engines/onnxruntime.py ATTENTION_KERNELS)."""
+    of attention kernels (``attention``: engines/ort_session.py ATTENTION_KERNELS)."""
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 

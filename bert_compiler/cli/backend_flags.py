@@ -18,12 +18,9 @@ import click
 from bert_compiler.cli.option_group import Decorator, OptionGroup, Values, default_of, int_range
 from bert_compiler.core.errors import InputError
 from bert_compiler.engines.backend import BuildSpec, NoOptions
-from bert_compiler.engines.onnxruntime import (
-    ATTENTION_KERNELS,
-    OnnxRuntimeBuildOptions,
-    check_packed_attention,
-)
+from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.engines.ort_int8 import DYNAMIC_SCOPES, WEIGHT_CHOICES
+from bert_compiler.engines.ort_session import ATTENTION_KERNELS, check_packed_attention
 from bert_compiler.engines.tensorrt_options import (
     BUILDER_OPTIMIZATION_LEVELS,
     HARDWARE_COMPATIBILITY,

@@ -150,7 +150,7 @@ def _detect_onnxruntime() -> tuple[str | None, tuple[str, ...]]:
         import onnxruntime
     except ImportError:
         return None, ()
-    # Listing providers needs no CUDA libraries; engines/onnxruntime.py preloads them before
+    # Listing providers needs no CUDA libraries; engines/ort_session.py preloads them before
     # it creates a CUDA session.
     return onnxruntime.__version__, tuple(onnxruntime.get_available_providers())
 

@@ -39,7 +39,7 @@ class Engine(Protocol):
         packed_rows: it has ``run_packed(ids, type_ids, lengths, longest)``
             (engines/torch_module.py), taking rows packed back to back instead of padded; the
             runtime feeds it that way.
-        concurrent_runs: it has ``with_threads(n)`` (engines/onnxruntime.py), a session of
+        concurrent_runs: it has ``with_threads(n)`` (engines/ort_session.py), a session of
             ``n`` threads that takes concurrent runs, and its build left the thread count to the
             runtime; the runtime runs several batches at once on a CPU engine that has this.
     """

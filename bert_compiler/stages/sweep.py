@@ -42,7 +42,7 @@ from bert_compiler.calibration.smooth import apply_smoothing, smoothing_factors
 from bert_compiler.core.artifacts import ArtifactDir, atomic_write_text
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
-from bert_compiler.engines import onnxruntime as ort_engine
+from bert_compiler.engines import ort_session
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
@@ -119,9 +119,9 @@ def quiet_engine(engine_dir: Path):
     idle threads not spinning (side by side in one process, spinning runners slow the others)."""
     folder = ArtifactDir(engine_dir)
     manifest = folder.require_complete()
-    options = ort_engine.OrtEngineOptions.from_dict(manifest["spec"]["session"])
+    options = ort_session.OrtEngineOptions.from_dict(manifest["spec"]["session"])
     engine_file = folder.output_path(manifest["results"]["engine_file"])
-    return ort_engine.load(engine_file, replace(options, allow_spinning=False))
+    return ort_session.load(engine_file, replace(options, allow_spinning=False))
 
 
 def peer_session(path: Path, threads: int):

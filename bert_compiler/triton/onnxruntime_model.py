@@ -29,7 +29,7 @@ ENGINE_FILE = "model.onnx"
 # (JSON, without the device id: each instance runs on the GPU Triton gives it).
 DEVICE_PARAMETER = "device"
 CUDA_OPTIONS_PARAMETER = "cuda_provider_options"
-# The names engines/onnxruntime.py records; repeated here because this file runs inside Triton's
+# The names engines/ort_session.py records; repeated here because this file runs inside Triton's
 # Python, where bert-compiler is not installed.
 _LEVELS = {
     "disable": "ORT_DISABLE_ALL",
