@@ -349,7 +349,7 @@ def test_verify_takes_an_engine_or_a_repository(tiny_embedding_model, tmp_path):
 def test_the_interrupt_message_says_how_to_resume(
     tiny_embedding_model, tmp_path, monkeypatch, force, advice
 ):
-    from bert_compiler.cli import commands as cli_module
+    from bert_compiler.cli import stage_commands as cli_module
     from bert_compiler.core.errors import Interrupted
 
     def interrupted(**_kwargs):

@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bert_compiler.calibration import datasets
-from bert_compiler.cli.commands import VERIFY, cli
+from bert_compiler.cli.app import VERIFY
+from bert_compiler.cli.commands import cli
 from bert_compiler.cli.config import command_defaults
 from bert_compiler.cli.doctor import diagnose
 from bert_compiler.core.errors import InputError

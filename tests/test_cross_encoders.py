@@ -196,7 +196,7 @@ def test_columns_given_for_the_bundled_pairs_keep_the_others_bundled(
 ):
     """--pair-column alone read the bundled pairs' first text from a 'sentence' column they do
     not have; the columns not given stay the bundled file's."""
-    from bert_compiler.cli import commands as cli_module
+    from bert_compiler.cli import stage_commands as cli_module
 
     seen = {}
 
@@ -478,7 +478,7 @@ def test_serves_try_line_for_a_cross_encoder_sends_a_pair(served_cross_encoder):
     import subprocess
     import sys
 
-    from bert_compiler.cli.commands import _serve_lines
+    from bert_compiler.cli.delivery_commands import _serve_lines
     from bert_compiler.triton.server import describe
     from tests.triton_server import REPO_ROOT
 

@@ -12,7 +12,8 @@ import click
 import numpy as np
 import pytest
 
-from bert_compiler.cli.commands import cli, strict_json
+from bert_compiler.cli.app import strict_json
+from bert_compiler.cli.commands import cli
 from bert_compiler.cli.options import VerifyOptions
 from bert_compiler.core.errors import InputError
 from bert_compiler.runtime.parity import DEFAULT_TOLERANCES, OutputParity, Tolerance

@@ -214,7 +214,7 @@ def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
 def test_the_run_summary_gives_a_labelled_speed_figure(tiny_run):
     """Issue 15 item 3: each engine's summary says how fast verify's metric pass ran through the
     runtime, and says that it is a rough figure."""
-    from bert_compiler.cli.commands import _speed_line
+    from bert_compiler.cli.app import speed_line
 
     _info, _out, spec, summary = tiny_run
     (engine,) = summary["engines"]
@@ -222,6 +222,6 @@ def test_the_run_summary_gives_a_labelled_speed_figure(tiny_run):
     # Embedding models: both columns of the STS-B pairs.
     assert speed["sentences"] == 2 * spec.verify.metric_limit and speed["sentences_per_s"] > 0
     assert "bench" in speed["measured"] and "tokenization included" in speed["measured"]
-    line = _speed_line(engine)
+    line = speed_line(engine)
     assert "sentences/s" in line and "rough" in line
-    assert _speed_line({"speed": None}) == ""
+    assert speed_line({"speed": None}) == ""

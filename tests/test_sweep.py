@@ -140,7 +140,7 @@ def test_a_grid_point_given_twice_is_swept_once(
     tiny_embedding_model, flag, value, parsed, monkeypatch, tmp_path
 ):
     """Two spellings of one value (0 and 00, -0 and 0.0) are one grid point, not two rows."""
-    from bert_compiler.cli import commands as cli_module
+    from bert_compiler.cli import stage_commands as cli_module
 
     seen = {}
 
