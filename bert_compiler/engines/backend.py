@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from bert_compiler.core.artifacts import ArtifactDir
-from bert_compiler.core.errors import ArtifactError, InputError
+from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.core.targets import (
     DEVICES,
     PRECISIONS,
@@ -255,6 +255,23 @@ class Backend:
     def plan_cpu(self, precisions: tuple[str, ...]) -> TargetPlan:
         """Its CPU engines for ``precisions`` (``auto_cpu_fallback`` backends)."""
         raise NotImplementedError
+
+    def plan_gpus(
+        self, target: str, precisions: tuple[str, ...], env: Environment, fallback: str
+    ) -> TargetPlan:
+        """``--target <target>`` for this backend's GPU engines: one per GPU here, or refused in
+        one line naming what is missing and ``fallback``, what ``--target auto`` would build.
+
+        Raises:
+            EnvironmentProblem: no GPU, or ``gpu_problem`` says why not.
+        """
+        gpus = env.compute_capabilities()
+        problem = self.gpu_problem(env) if gpus else "no NVIDIA GPU found"
+        if problem:
+            raise EnvironmentProblem(
+                f"--target {target}: {problem}; use --target auto to fall back to {fallback}"
+            )
+        return TargetPlan(self.gpu_engines(precisions, gpus))
 
     def gpu_engines(self, precisions: tuple[str, ...], gpus: Sequence[Gpu]) -> tuple[dict, ...]:
         """One engine per GPU (one per distinct compute capability) and precision, fp16 by

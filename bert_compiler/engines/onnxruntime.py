@@ -205,13 +205,7 @@ class OnnxRuntimeBackend(Backend):
             if "fp16" in precisions:
                 raise InputError("--target cpu --precision fp16: the CPU engine is fp32 or int8")
             return self.plan_cpu(precisions)
-        gpus = env.compute_capabilities()
-        problem = self.gpu_problem(env) if gpus else "no NVIDIA GPU found"
-        if problem:
-            raise EnvironmentProblem(
-                f"--target {target}: {problem}; use --target auto to fall back to the CPU engine"
-            )
-        return TargetPlan(self.gpu_engines(precisions, gpus))
+        return self.plan_gpus(target, precisions, env, "the CPU engine")
 
     def plan_cpu(self, precisions: tuple[str, ...]) -> TargetPlan:
         # fp16 has no CPU engine: it becomes fp32, and says so.

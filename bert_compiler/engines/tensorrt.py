@@ -461,13 +461,7 @@ class TensorRTBackend(Backend):
         return "" if env.tensorrt else env.tensorrt_problem or "TensorRT is not installed"
 
     def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
-        gpus = env.compute_capabilities()
-        problem = self.gpu_problem(env) if gpus else "no NVIDIA GPU found"
-        if problem:
-            raise EnvironmentProblem(
-                f"--target {target}: {problem}; use --target auto to fall back to ONNX Runtime"
-            )
-        return TargetPlan(self.gpu_engines(precisions, gpus))
+        return self.plan_gpus(target, precisions, env, "ONNX Runtime")
 
     def check(self, spec: BuildSpec) -> None:
         if spec.device != "cuda":
