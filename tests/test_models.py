@@ -527,3 +527,23 @@ def test_a_tokenizer_that_pads_on_the_left_pads_the_reference_on_the_right(tiny_
     assert tokenizer.padding_side == "right"
     ids = tokenizer(["a", "the movie was long"], padding=True)["input_ids"]
     assert ids[0][0] == tokenizer.cls_token_id and ids[0][-1] == tokenizer.pad_token_id
+
+
+def test_dense_weights_in_a_pickle_run_no_code(dense_model, tmp_path):
+    """A Dense module's pytorch_model.bin is refused without --allow-pickle; with it, a payload
+    in the pickle is refused by weights_only loading in one line, and never runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    from bert_compiler.models.embedding_modules import embedding_head
+
+    folder, marker = dense_model / "2_Dense", tmp_path / "pwned"
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "exploit": _Exploit(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="--allow-pickle"):
+        resolve_model(dense_model)
+    info = resolve_model(dense_model, allow_pickle=True)
+    with pytest.raises(InputError, match="cannot load the Dense weights"):
+        embedding_head(info.modules)
+    assert not marker.exists()

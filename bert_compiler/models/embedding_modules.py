@@ -10,6 +10,7 @@ custom code) is refused in one line: the engine's embeddings would not be the mo
 
 from __future__ import annotations
 
+import pickle  # only for its exception type: weights load through safetensors/weights_only
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,7 +242,7 @@ def embedding_head(modules: EmbeddingModules):
         linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias)
         try:
             linear.load_state_dict(_linear_weights(layer.weights), strict=True)
-        except (RuntimeError, OSError, ValueError) as err:
+        except (RuntimeError, OSError, ValueError, pickle.UnpicklingError) as err:
             raise InputError(
                 f"{layer.weights}: cannot load the Dense weights ({str(err).splitlines()[0]})"
             ) from None
