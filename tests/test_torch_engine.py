@@ -21,7 +21,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bert_compiler.bench.measure import _packed_fixed
+from bert_compiler.bench.runners import _packed_fixed
 from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import (
     ArtifactError,

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import platform
 import statistics
 import time
 from collections.abc import Callable, Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -33,24 +32,22 @@ from typing import Any, cast
 
 import numpy as np
 
+from bert_compiler.bench.runners import (
+    Runner,
+    engine_runner,
+    fresh,
+    fresh_in_order,
+    peer_factories,
+    sentence_transformers_factories,
+    text_runner,
+)
 from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
-from bert_compiler.core.artifacts import atomic_write_text, tool_versions
+from bert_compiler.core.artifacts import tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
-from bert_compiler.engines.backend import load_engine
-from bert_compiler.engines.batching import BatchingSpec, padding_fraction, plan_batches
-from bert_compiler.engines.ort_session import (
-    ATTENTION_KERNELS,
-    DEFAULT_ATTENTION_KERNELS,
-    OrtEngine,
-    OrtEngineOptions,
-    provider_entries,
-)
 from bert_compiler.models.loading import (
     ModelInfo,
-    build_wrapper,
     load_tokenizer,
-    load_torch_model,
 )
 from bert_compiler.runtime.encoder import (
     Encoder,
@@ -65,13 +62,8 @@ from bert_compiler.stages.layout import Layout
 
 log = logging.getLogger("bert_compile")
 
-RESULTS_FILE = "bench.json"
-CHART_FILE = "bench.png"
-TABLE_FILE = "bench.txt"
 # Fixed-shape calls are repeated for at least this long (after a warm-up) per runner and shape.
 FIXED_SECONDS = 0.5
-# A batch size that means "no limit on padded tokens": peers are batched by row count alone.
-_UNLIMITED = 1 << 40
 # What bench keeps of --data without --limit (a pipe or FIFO may never end): at most this many
 # sentences and characters, the first ones, said in a warning.
 DATA_MAX_SENTENCES = 1_000_000
@@ -137,23 +129,6 @@ class Measurement:
     includes_tokenization: bool = False
 
 
-@dataclass
-class _Runner:
-    """A runner on real text: ``run(tokens)`` returns per-batch milliseconds and the padding
-    fraction; ``fixed(feeds)`` runs one fixed-shape batch (None: not timed there)."""
-
-    name: str
-    batching: str
-    batch: int
-    run: Callable[[Tokens], tuple[list[float], float]]
-    fixed: Callable[[dict[str, np.ndarray]], Any] | None = None
-    rounds: list[float] = field(default_factory=list)
-    batch_ms: list[float] = field(default_factory=list)
-    padding: float = 0.0
-    # End to end: ``run`` ignores the shared token rows and encodes the texts itself.
-    includes_tokenization: bool = False
-
-
 def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]:
     """The benchmark's sentences (a cross-encoder's: pairs): the data (limited), repeated to the
     minimum count."""
@@ -209,176 +184,6 @@ def _capped(texts: Iterator[Text], path: Path) -> list[Text]:
 
 def _percentile(values: Sequence[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 4) if len(values) else None
-
-
-def _engine_runner(
-    name: str, batching: str, encoder: Encoder, device_outputs: bool = False
-) -> _Runner:
-    def run(tokens: Tokens) -> tuple[list[float], float]:
-        encoder.run(tokens, device_outputs=device_outputs)
-        return encoder.stats.batch_ms, encoder.stats.padding_fraction
-
-    engine = encoder.engine
-    if encoder.packed:
-        fixed = _packed_fixed(engine)
-    else:
-        fixed = engine.run_device if encoder.on_gpu else engine.run
-    return _Runner(name, batching, encoder.batching.max_batch, run, fixed)
-
-
-def _text_runner(
-    name: str, batching: str, encoder: Encoder, texts: list[Text], device_outputs: bool = False
-) -> _Runner:
-    """An engine end to end: the texts in (tokenized by the runtime as ``encode`` does it,
-    windows ahead of the engine), outputs out."""
-
-    def run(_tokens: Tokens) -> tuple[list[float], float]:
-        encoder.encode(texts, device_outputs=device_outputs)
-        return encoder.stats.batch_ms, encoder.stats.padding_fraction
-
-    runner = _Runner(name, batching, encoder.batching.max_batch, run)
-    runner.includes_tokenization = True
-    return runner
-
-
-def _sentence_transformers_runner(
-    info: ModelInfo, texts: list[Text], batch: int, on_gpu: bool
-) -> _Runner:
-    """sentence-transformers' ``SentenceTransformer.encode`` on the model folder, end to end
-    (its own tokenization and batching, length-sorted inside), fp16 on a GPU, fp32 on a CPU;
-    embeddings to host memory as numpy."""
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(info.path), device="cuda" if on_gpu else "cpu")
-    if on_gpu:
-        model = model.half()
-
-    def run(_tokens: Tokens) -> tuple[list[float], float]:
-        model.encode(texts, batch_size=batch, convert_to_numpy=True, show_progress_bar=False)
-        return [], 0.0
-
-    precision = "fp16" if on_gpu else "fp32"
-    runner = _Runner(
-        f"sentence-transformers {precision} encode", f"its own, batch {batch}", batch, run
-    )
-    runner.includes_tokenization = True
-    return runner
-
-
-def _packed_fixed(engine: Any) -> Callable[[dict[str, Any]], Any]:
-    """A packed-row engine at a fixed shape, fed as the runtime feeds it: every position of a
-    fixed shape is a real token, so its rows back to back."""
-    import torch
-
-    def run(feeds):
-        ids = torch.as_tensor(feeds["input_ids"])
-        rows, seq = ids.shape
-        types = feeds.get("token_type_ids")
-        types = torch.zeros_like(ids) if types is None else torch.as_tensor(types)
-        lengths = torch.full((rows,), seq, dtype=torch.int64, device=ids.device)
-        return engine.run_packed(ids.reshape(-1), types.reshape(-1), lengths, seq)
-
-    return run
-
-
-def _feeds_runner(
-    name: str,
-    run_feeds: Callable[[dict[str, Any]], Any],
-    *,
-    input_names: Sequence[str],
-    pad_id: int,
-    batch: int,
-    sort: bool,
-    on_gpu: bool,
-) -> _Runner:
-    """A peer on real text: rows batched by count (sorted or in dataset order), each batch padded
-    to its longest row; on a GPU the batches are uploaded before timing (in the peer's favour)."""
-    prepared: dict[int, tuple[list, float]] = {}
-
-    def run(tokens: Tokens) -> tuple[list[float], float]:
-        key = id(tokens)
-        if key not in prepared:
-            prepared.clear()
-            batches = plan_batches(tokens.lengths, BatchingSpec(batch, _UNLIMITED, sort=sort))
-            matrices = tokens.matrices(input_names, pad_id)
-            feeds: list[dict[str, Any]] = [
-                {n: m[b.rows, : b.length] for n, m in matrices.items()} for b in batches
-            ]
-            if on_gpu:
-                import torch
-
-                feeds = [{n: torch.from_numpy(a).cuda() for n, a in f.items()} for f in feeds]
-            prepared[key] = (feeds, padding_fraction(batches, tokens.lengths))
-        feeds, padding = prepared[key]
-        times = []
-        for item in feeds:
-            started = time.perf_counter()
-            run_feeds(item)
-            if on_gpu:
-                import torch
-
-                torch.cuda.synchronize()
-            times.append((time.perf_counter() - started) * 1e3)
-        return times, padding
-
-    batching = f"{'length-sorted' if sort else 'dataset order'}, batch {batch}"
-    return _Runner(name, batching, batch, run, run_feeds)
-
-
-def _torch_runner(info: ModelInfo, on_gpu: bool) -> Callable[[dict[str, Any]], Any]:
-    import torch
-
-    wrapper = build_wrapper(info, load_torch_model(info, attn_implementation=None))
-    if on_gpu:
-        wrapper = wrapper.half().cuda()
-    names = info.architecture.input_names
-
-    def run(feeds):
-        with torch.inference_mode():
-            args = [
-                f if isinstance(f, torch.Tensor) else torch.from_numpy(f)
-                for f in (feeds[n] for n in names)
-            ]
-            return wrapper(*args)
-
-    return run
-
-
-def plain_ort_engine(
-    info: ModelInfo, exported: Path, folder: Path, on_gpu: bool, attention: str = "default"
-) -> OrtEngine:
-    """The ONNX Runtime peer: ORT's transformer optimizer on the exported graph (and, on a GPU,
-    its fp16 conversion and CUDA graphs), nothing of this project's but, when asked, its choice
-    of attention kernels (``attention``: engines/ort_session.py ATTENTION_KERNELS)."""
-    import onnxruntime as ort
-    from onnxruntime.transformers.optimizer import optimize_model
-
-    destination = folder / ("ort-plain-fp16.onnx" if on_gpu else "ort-plain-fp32.onnx")
-    if not destination.is_file():
-        model = optimize_model(
-            str(exported),
-            model_type=info.architecture.ort_optimizer_type,
-            num_heads=info.num_heads,
-            hidden_size=info.hidden_size,
-            use_gpu=on_gpu,
-        )
-        if on_gpu:
-            model.convert_float_to_float16(keep_io_types=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        model.save_model_to_file(str(destination))
-    options = OrtEngineOptions(
-        device="cuda" if on_gpu else "cpu",
-        fp16=on_gpu,
-        cuda_graph=on_gpu,
-        attention_kernels=attention if on_gpu else "default",
-    )
-    entries = provider_entries(options, None)
-    session = ort.InferenceSession(
-        str(destination),
-        providers=[name for name, _ in entries],
-        provider_options=[opts for _, opts in entries],
-    )
-    return OrtEngine(session, entries[0][0], destination, options)
 
 
 def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[Path]:
@@ -440,7 +245,7 @@ def run_bench(
     # Factories: on a GPU each runner is made, measured and dropped in turn (fresh engine
     # sessions), since the CUDA graphs and arenas of a dozen sessions at once crowd the GPU's
     # memory and slow whichever runner allocates; on a CPU they alternate round by round.
-    factories: list[Callable[[], _Runner]] = []
+    factories: list[Callable[[], Runner]] = []
     for folder, engine in engines:
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
@@ -478,7 +283,7 @@ def run_bench(
             ):
                 ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
                 encoder = Encoder(
-                    _fresh(folder, engine, on_gpu),
+                    fresh(folder, engine, on_gpu),
                     info,
                     max_length=max_length,
                     batching=batching,
@@ -490,7 +295,7 @@ def run_bench(
                     f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "
                     f"tokens{', outputs left on the GPU' if kept else ''}{at_once}{ladder}"
                 )
-                return _engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
+                return engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
 
             factories.append(make)
         text_settings: list[tuple[bool, int | None]] = [(False, None)]
@@ -500,7 +305,7 @@ def run_bench(
 
             def make_text(folder=folder, engine=engine, kept=kept, workers=workers):
                 encoder = Encoder(
-                    _fresh(folder, engine, on_gpu),
+                    fresh(folder, engine, on_gpu),
                     info,
                     max_length=max_length,
                     tokenizer=tokenizer,
@@ -513,17 +318,17 @@ def run_bench(
                     f"tokenized {f'in {workers} processes' if workers else 'on a thread'}"
                     f"{', outputs left on the GPU' if kept else ''}"
                 )
-                return _text_runner(
+                return text_runner(
                     f"{folder.name} (runtime, texts in)", label, encoder, sentences, kept
                 )
 
             factories.append(make_text)
-        factories.append(partial(_fresh_in_order, folder, engine, pad_id, on_gpu))
+        factories.append(partial(fresh_in_order, folder, engine, pad_id, on_gpu))
     if spec.peers:
-        factories.extend(_peer_factories(info, layout, spec, pad_id, on_gpu))
-        factories.extend(_sentence_transformers_factories(info, sentences, on_gpu))
+        factories.extend(peer_factories(info, layout, spec.peer_batches, pad_id, on_gpu))
+        factories.extend(sentence_transformers_factories(info, sentences, on_gpu))
 
-    runners: list[_Runner] = []
+    runners: list[Runner] = []
     fixed: list[Measurement] = []
     measured: set[str] = set()
     if on_gpu:
@@ -614,104 +419,7 @@ def _time_tokenizers(
     return rows
 
 
-def _sentence_transformers_factories(
-    info: ModelInfo, sentences: list[Text], on_gpu: bool
-) -> list[Callable[[], _Runner]]:
-    """The peer users know for embeddings, at its default batch (32) and a large one; none for
-    a classifier, or where sentence-transformers is not installed (said in a warning)."""
-    import importlib.util
-
-    if info.task != "sentence-embedding":
-        return []
-    if importlib.util.find_spec("sentence_transformers") is None:
-        log.warning("[bench] sentence-transformers is not installed: no end-to-end peer")
-        return []
-    return [
-        partial(_sentence_transformers_runner, info, sentences, batch, on_gpu)
-        for batch in (32, 1024 if on_gpu else 256)
-    ]
-
-
-def _fresh(folder: Path, loaded: Any, on_gpu: bool) -> Any:
-    """A newly loaded engine on a GPU (its graphs and arena go with the runner), else the one
-    already loaded."""
-    return load_engine(folder)[0] if on_gpu else loaded
-
-
-def _fresh_in_order(folder: Path, engine: Any, pad_id: int, on_gpu: bool) -> _Runner:
-    """The engine itself fed in dataset order, loaded afresh on a GPU (_fresh)."""
-    return _engine_in_order(folder.name, _fresh(folder, engine, on_gpu), pad_id, on_gpu)
-
-
-def _engine_in_order(name: str, engine: Any, pad_id: int, on_gpu: bool) -> _Runner:
-    """The engine fed as without the runtime: dataset order, each batch padded to its longest
-    row (batch 128 on a GPU, 32 on a CPU)."""
-    return _feeds_runner(
-        f"{name} (fed in dataset order)",
-        engine.run_device if on_gpu else engine.run,
-        input_names=engine.input_names,
-        pad_id=pad_id,
-        batch=128 if on_gpu else 32,
-        sort=False,
-        on_gpu=on_gpu,
-    )
-
-
-def _peer_factories(
-    info: ModelInfo, layout: Layout, spec: BenchSpec, pad_id: int, on_gpu: bool
-) -> list[Callable[[], _Runner]]:
-    """PyTorch in dataset order and length-sorted, and plain ONNX Runtime length-sorted."""
-    torch_run = _torch_runner(info, on_gpu)
-    label = "torch fp16 eager" if on_gpu else "torch fp32 eager"
-    batches = spec.peer_batches or ((32, 128, 512, 1024) if on_gpu else (32, 128))
-    common: dict[str, Any] = {
-        "input_names": list(info.architecture.input_names),
-        "pad_id": pad_id,
-        "on_gpu": on_gpu,
-    }
-    factories: list[Callable[[], _Runner]] = [
-        lambda: _feeds_runner(label, torch_run, batch=128 if on_gpu else 32, sort=False, **common)
-    ]
-    for batch in batches:
-        factories.append(partial(_feeds_runner, label, torch_run, batch=batch, sort=True, **common))
-    exported = layout.export / "model.onnx"
-    if not exported.is_file():
-        log.warning("[bench] %s missing: no plain ONNX Runtime peer", exported)
-        return factories
-    if on_gpu and "CUDAExecutionProvider" not in _ort_providers():
-        log.warning("[bench] ONNX Runtime has no CUDA provider here: no plain ONNX Runtime peer")
-        return factories
-    folder = layout.root / "bench" / "peers"
-    plain_label = (
-        "ORT fp16 + CUDA graphs (ORT's optimizer)" if on_gpu else "ORT fp32 (ORT's optimizer)"
-    )
-    shared = None if on_gpu else plain_ort_engine(info, exported, folder, on_gpu)
-
-    def plain_runner(batch: int, attention: str = "default") -> _Runner:
-        plain = shared or plain_ort_engine(info, exported, folder, on_gpu, attention)
-        run = plain.run_device if on_gpu else plain.run
-        label = plain_label + (f", {attention} attention kernels" if attention != "default" else "")
-        return _feeds_runner(label, run, batch=batch, sort=True, **common)
-
-    # With CUDA graphs every distinct padded shape keeps its own graph and buffers: small
-    # batches of exact lengths would make hundreds of them.
-    for batch in [b for b in batches if b >= 128] if on_gpu else batches:
-        factories.append(partial(plain_runner, batch))
-    if on_gpu:
-        # The same peer with the other attention kernels, at its largest batch: what that one
-        # setting is worth apart from the runtime.
-        other = next(k for k in ATTENTION_KERNELS if k != DEFAULT_ATTENTION_KERNELS)
-        factories.append(lambda: plain_runner(max(batches), other))
-    return factories
-
-
-def _ort_providers() -> list[str]:
-    import onnxruntime as ort
-
-    return list(ort.get_available_providers())
-
-
-def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bool) -> None:
+def _measure(runners: Sequence[Runner], tokens: Tokens, rounds: int, on_gpu: bool) -> None:
     """A warm-up pass (sessions, allocators, CUDA graphs of every shape), then ``rounds`` timed
     passes, alternating between ``runners``."""
     import torch
@@ -732,7 +440,7 @@ def _measure(runners: Sequence[_Runner], tokens: Tokens, rounds: int, on_gpu: bo
 
 def _fixed_shapes(
     info: ModelInfo,
-    runners: Sequence[_Runner],
+    runners: Sequence[Runner],
     spec: BenchSpec,
     max_length: int,
     on_gpu: bool,
@@ -819,65 +527,3 @@ def _device(on_gpu: bool) -> dict[str, Any]:
         "name": platform.processor() or platform.machine(),
         "cores": usable_cores(),
     }
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The results as a fixed-width table."""
-    header = (
-        f"{'runner':<52} {'data':<5} {'batching':<44} {'sent/s':>10} {'pad':>5} "
-        f"{'p50 ms':>8} {'p99 ms':>8}"
-    )
-    lines = [header]
-    for row in report["results"]:
-        shape = f"{row['batch']}x{row['seq']}" if row["data"] == "fixed" else row["batching"]
-        lines.append(
-            f"{row['runner'][:52]:<52} {row['data']:<5} {shape[:44]:<44} "
-            f"{row['sentences_per_s']:>10,.0f} {row['padding_fraction']:>5.0%} "
-            f"{_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8}"
-        )
-    return "\n".join(lines)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def write_chart(report: dict[str, Any], path: Path) -> Path | None:
-    """A bar chart of real-text throughput per runner (None when matplotlib is not installed)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("[bench] no chart: matplotlib is not installed")
-        return None
-    rows = [r for r in report["results"] if r["data"] == "real" and "tokenizer" not in r["runner"]]
-    labels = [f"{r['runner']}\n{r['batching']}" for r in rows]
-    figure, axes = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
-    axes.barh(range(len(rows)), [r["sentences_per_s"] for r in rows], color="tab:blue")
-    axes.set_yticks(range(len(rows)), labels, fontsize=7)
-    axes.invert_yaxis()
-    axes.set_xlabel("sentences/s")
-    device = report["device"]["name"]
-    axes.set_title(
-        f"{rows[0]['model'] if rows else ''} on {device}: {report['sentences']} sentences"
-    )
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
-
-
-def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
-    """bench.json, bench.txt and bench.png (when matplotlib is there) in ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = {"json": folder / RESULTS_FILE, "table": folder / TABLE_FILE}
-    atomic_write_text(written["json"], json.dumps(report, indent=2) + "\n")
-    atomic_write_text(written["table"], format_table(report) + "\n")
-    chart = write_chart(report, folder / CHART_FILE)
-    if chart is not None:
-        written["chart"] = chart
-    return written

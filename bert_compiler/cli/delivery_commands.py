@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from bert_compiler.bench.measure import format_table, run_bench, write_report
+from bert_compiler.bench.measure import run_bench
+from bert_compiler.bench.report import format_table, write_report
 from bert_compiler.cli.app import (
     BENCH,
     MAX_LENGTH,

@@ -1,0 +1,78 @@
+"""bench's report: the results as a fixed-width table, a chart, and the files under OUT/bench."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from bert_compiler.core.artifacts import atomic_write_text
+
+log = logging.getLogger("bert_compile")
+
+RESULTS_FILE = "bench.json"
+CHART_FILE = "bench.png"
+TABLE_FILE = "bench.txt"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The results as a fixed-width table."""
+    header = (
+        f"{'runner':<52} {'data':<5} {'batching':<44} {'sent/s':>10} {'pad':>5} "
+        f"{'p50 ms':>8} {'p99 ms':>8}"
+    )
+    lines = [header]
+    for row in report["results"]:
+        shape = f"{row['batch']}x{row['seq']}" if row["data"] == "fixed" else row["batching"]
+        lines.append(
+            f"{row['runner'][:52]:<52} {row['data']:<5} {shape[:44]:<44} "
+            f"{row['sentences_per_s']:>10,.0f} {row['padding_fraction']:>5.0%} "
+            f"{_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8}"
+        )
+    return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def write_chart(report: dict[str, Any], path: Path) -> Path | None:
+    """A bar chart of real-text throughput per runner (None when matplotlib is not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("[bench] no chart: matplotlib is not installed")
+        return None
+    rows = [r for r in report["results"] if r["data"] == "real" and "tokenizer" not in r["runner"]]
+    labels = [f"{r['runner']}\n{r['batching']}" for r in rows]
+    figure, axes = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
+    axes.barh(range(len(rows)), [r["sentences_per_s"] for r in rows], color="tab:blue")
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("sentences/s")
+    device = report["device"]["name"]
+    axes.set_title(
+        f"{rows[0]['model'] if rows else ''} on {device}: {report['sentences']} sentences"
+    )
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    """bench.json, bench.txt and bench.png (when matplotlib is there) in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"json": folder / RESULTS_FILE, "table": folder / TABLE_FILE}
+    atomic_write_text(written["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(written["table"], format_table(report) + "\n")
+    chart = write_chart(report, folder / CHART_FILE)
+    if chart is not None:
+        written["chart"] = chart
+    return written
