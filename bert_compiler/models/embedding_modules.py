@@ -10,6 +10,7 @@ custom code) is refused in one line: the engine's embeddings would not be the mo
 
 from __future__ import annotations
 
+import os
 import pickle  # only for its exception type: weights load through safetensors/weights_only
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from bert_compiler.core.errors import InputError, UnsupportedModelError
 from bert_compiler.models.model_files import (
     check_safetensors_header,
+    find_weights,
     module_folder,
     read_model_json,
 )
@@ -88,7 +90,7 @@ def read_embedding_modules(
             run.
     """
     modules_path = folder / "modules.json"
-    if not modules_path.exists() and not modules_path.is_symlink():
+    if not os.path.lexists(modules_path):
         return EmbeddingModules()  # a FIFO or folder there is refused below, not skipped
     modules = read_model_json(modules_path)
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
@@ -196,7 +198,7 @@ def _read_dense(folder: Path, width: int, allow_pickle: bool) -> DenseLayer:
                 f"on the pooled {_EMBEDDING_NAME!r} is)"
             )
     layer = DenseLayer(
-        weights=_dense_weights(folder, allow_pickle),
+        weights=find_weights(folder, allow_pickle, "the Dense module"),
         bias=bias,
         activation=_DENSE_ACTIVATIONS[activation],
         **features,
@@ -211,20 +213,6 @@ def _read_dense(folder: Path, width: int, allow_pickle: bool) -> DenseLayer:
         if found != expected:
             raise InputError(f"{layer.weights}: holds {found}, but config.json asks for {expected}")
     return layer
-
-
-def _dense_weights(folder: Path, allow_pickle: bool) -> Path:
-    safetensors, pickle = folder / "model.safetensors", folder / "pytorch_model.bin"
-    if safetensors.is_file():
-        return safetensors
-    if pickle.is_file():
-        if not allow_pickle:
-            raise InputError(
-                f"{pickle}: pickle checkpoints can run code when loaded and are refused; "
-                "convert to model.safetensors, or pass --allow-pickle"
-            )
-        return pickle
-    raise InputError(f"{folder}: the Dense module has no model.safetensors")
 
 
 def embedding_head(modules: EmbeddingModules):
@@ -255,7 +243,7 @@ def embedding_head(modules: EmbeddingModules):
             self.dense = torch.nn.Sequential(*layers)
 
         def forward(self, hidden, attention_mask):
-            pooled = pool_token_rows(hidden, attention_mask, pooling or "mean")
+            pooled = _pool(hidden, attention_mask, pooling or "mean")
             pooled = self.dense(pooled)
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2.0, dim=1)
@@ -281,7 +269,7 @@ def _linear_weights(path: Path) -> dict[str, Any]:
     }
 
 
-def pool_token_rows(hidden, attention_mask, mode: str):
+def _pool(hidden, attention_mask, mode: str):
     """sentence-transformers pooling of token rows: the masked mean, or the first token."""
     if mode == "cls":
         return hidden[:, 0]

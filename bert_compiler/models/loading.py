@@ -24,7 +24,11 @@ from bert_compiler.models.embedding_modules import (
     embedding_head,
     read_embedding_modules,
 )
-from bert_compiler.models.model_files import check_safetensors_header, read_model_json
+from bert_compiler.models.model_files import (
+    check_safetensors_header,
+    find_weights,
+    read_model_json,
+)
 
 log = logging.getLogger("bert_compile")
 
@@ -244,28 +248,6 @@ def _is_label_map(value: Any, ids_first: bool) -> bool:
     return all(isinstance(v, int) and not isinstance(v, bool) for v in value.values())
 
 
-def _find_weights(folder: Path, allow_pickle: bool) -> Path:
-    safetensors = folder / "model.safetensors"
-    if safetensors.is_file():
-        check_safetensors_header(safetensors)
-        return safetensors
-    if (folder / "model.safetensors.index.json").is_file():
-        raise UnsupportedModelError(
-            f"{folder}: sharded safetensors checkpoints are not supported yet; "
-            "save the model as one model.safetensors"
-        )
-    pickle = folder / "pytorch_model.bin"
-    if pickle.is_file():
-        if not allow_pickle:
-            raise InputError(
-                f"{pickle}: pickle checkpoints can run code when loaded and are refused; convert "
-                "to model.safetensors, or pass --allow-pickle to load it with "
-                "torch.load(weights_only=True)"
-            )
-        return pickle
-    raise InputError(f"{folder}: no model.safetensors (or pytorch_model.bin) in the model folder")
-
-
 def resolve_model(
     model: str | Path,
     *,
@@ -314,7 +296,9 @@ def resolve_model(
     architecture = architecture_for(config.get("model_type"), str(config_path))
     config = architecture.canonical_config(config)
     _validate_config(config, config_path, architecture)
-    weights = _find_weights(folder, allow_pickle)
+    weights = find_weights(folder, allow_pickle, "the model folder")
+    if weights.suffix == ".safetensors":
+        check_safetensors_header(weights)
 
     modules = read_embedding_modules(folder, config["hidden_size"], allow_pickle=allow_pickle)
     pooling, normalize, dense = modules.pooling, modules.normalize, modules.dense

@@ -120,3 +120,32 @@ def _tensor_entry_problem(entry: Any, data_bytes: int) -> str | None:
     if size != offsets[1] - offsets[0]:
         return f"is {dtype} {shape} ({size} bytes) but spans {offsets[1] - offsets[0]} bytes"
     return None
+
+
+def find_weights(folder: Path, allow_pickle: bool, holder: str) -> Path:
+    """The weights file in ``folder`` (``holder`` names it in messages: the model folder, a
+    Dense module): model.safetensors, or pytorch_model.bin where pickles are allowed (loaded
+    with ``torch.load(weights_only=True)``). Its header is the caller's to check.
+
+    Raises:
+        InputError: a pickle without ``allow_pickle``, or no weights file.
+        UnsupportedModelError: a sharded safetensors checkpoint.
+    """
+    safetensors = folder / "model.safetensors"
+    if safetensors.is_file():
+        return safetensors
+    if (folder / "model.safetensors.index.json").is_file():
+        raise UnsupportedModelError(
+            f"{folder}: sharded safetensors checkpoints are not supported yet; "
+            "save the model as one model.safetensors"
+        )
+    pickle = folder / "pytorch_model.bin"
+    if pickle.is_file():
+        if not allow_pickle:
+            raise InputError(
+                f"{pickle}: pickle checkpoints can run code when loaded and are refused; convert "
+                "to model.safetensors, or pass --allow-pickle to load it with "
+                "torch.load(weights_only=True)"
+            )
+        return pickle
+    raise InputError(f"{folder}: {holder} has no model.safetensors (or pytorch_model.bin)")

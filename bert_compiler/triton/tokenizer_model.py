@@ -118,7 +118,8 @@ def respond_all(
 def _is_failure(err: BaseException) -> bool:
     """An error of the work itself (not an interrupt): any Exception, or a panic of a Rust
     library (tokenizers), which pyo3 raises as PanicException, a BaseException that ``except
-    Exception`` lets through. Its class is made at run time, so it is known by name."""
+    Exception`` lets through. Its class is made at run time, so it is known by name (as
+    core/errors.py is_rust_panic knows it: repeated here, where bert-compiler is not installed)."""
     return isinstance(err, Exception) or type(err).__name__ == "PanicException"
 
 
