@@ -28,12 +28,11 @@ from bert_compiler.runtime.text import tokenize
 from bert_compiler.triton.package import package
 from bert_compiler.triton.package_spec import PackageSpec
 from bert_compiler.triton.repository import open_repository
+from bert_compiler.triton.serve_plan import make_view, plan_serving
 from bert_compiler.triton.server import (
     PYTHON_SITE_VARIABLE,
     check_port,
     log_error,
-    make_view,
-    plan_serving,
 )
 from tests.conftest import cpu_engine_dir
 from tests.triton_server import REPO_ROOT, find_server
@@ -482,7 +481,7 @@ def test_a_model_on_gpu_instances_is_served_only_where_a_gpu_is():
     """A torch engine's text model on KIND_GPU: left out, saying why, on a machine without a
     GPU; loaded where one is. A CPU model and ensembles are unaffected."""
     from bert_compiler.triton import config as tc
-    from bert_compiler.triton.server import LOCAL_BACKENDS, unservable
+    from bert_compiler.triton.serve_plan import LOCAL_BACKENDS, unservable
 
     text = [tc.TensorSpec("TEXT", "TYPE_STRING", (1,))]
     out = [tc.TensorSpec("sentence_embedding", "TYPE_FP32", (8,))]
