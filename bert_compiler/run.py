@@ -17,9 +17,19 @@ from typing import Any
 from bert_compiler.calibration.qdq import FP8, INT8
 from bert_compiler.core.artifacts import atomic_write_text
 from bert_compiler.core.outdir import claim_output
+from bert_compiler.core.stage import StageReport, StageResult
 from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.models.loading import ModelInfo
+from bert_compiler.run_summary import (
+    EngineReport,
+    FallbackReport,
+    FloatOps,
+    Metric,
+    ParitySummary,
+    RunSummary,
+    VerifySpeed,
+)
 from bert_compiler.stages.build import (
     ProfileText,
     build,
@@ -60,7 +70,7 @@ class RunSpec:
 
 def run_pipeline(
     *, info: ModelInfo, out: Path, spec: RunSpec, force: bool = False, wait_lock: float = 0.0
-) -> dict[str, Any]:
+) -> RunSummary:
     """Run every stage for ``info`` into ``out`` and return the summary (also written to run.json).
 
     A failed verification does not raise here: the summary's ``ok`` is False and each engine lists
@@ -73,7 +83,7 @@ def run_pipeline(
     # Library callers get the command line's guard too: never the root, the home folder, the
     # model's parents or a user's folder (a no-op for a folder this tool already claimed).
     claim_output(layout.root, model_folder=info.path)
-    stages = {}
+    stages: dict[str, StageReport] = {}
     exported = export(info=info, out_dir=layout.export, spec=spec.export, force=force)
     simplified = simplify(
         source=exported.output(MODEL_FILE), out_dir=layout.simplify, spec=spec.simplify, force=force
@@ -86,8 +96,8 @@ def run_pipeline(
         force=force,
     )
     for result in (exported, simplified, fused):
-        stages[result.stage] = _stage_summary(result)
-    engines = []
+        stages[result.stage] = result.report()
+    engines: list[EngineReport] = []
     pytorch_metric = None
     graphs = {"simplify": simplified.output(MODEL_FILE), "fuse": fused.output(MODEL_FILE)}
     for requested in spec.builds:
@@ -103,78 +113,15 @@ def run_pipeline(
             ),
             derivation=spec.profiles,
         )
-        if build_spec.precision == "int8":
-            built, verified, fallback = int8_with_fallback(
-                info=info,
-                float_graph=graphs["simplify"],
-                calibrate_dir=layout.calibrate,
-                calibration=replace(spec.calibration, format=INT8.name),
-                fallback=spec.fallback,
-                build_and_verify=functools.partial(
-                    _build_and_verify,
-                    info=info,
-                    layout=layout,
-                    build_spec=build_spec,
-                    spec=spec,
-                    stages=stages,
-                ),
-                reporting=spec.verify.metric_file(info),
-                force=force,
-                stages=stages,
-            )
-        else:
-            if build_spec.precision == FP8.name:
-                calibrated = calibrate(
-                    info=info,
-                    source=graphs["simplify"],
-                    out_dir=layout.calibration(FP8.name),
-                    spec=replace(spec.calibration, format=FP8.name),
-                    force=force,
-                )
-                stages[f"calibrate:{FP8.name}"] = _stage_summary(calibrated)
-                source = calibrated.output(MODEL_FILE)
-            else:
-                source = graphs[build_spec.source_stage]
-            built, verified = _build_and_verify(
-                source,
-                force,
-                info=info,
-                layout=layout,
-                build_spec=build_spec,
-                spec=spec,
-                stages=stages,
-            )
-            fallback = None
-        report = verified.results
-        pytorch_metric = report["pytorch_metric"]
-        failures = list(report["failures"])
-        if fallback is not None and fallback["failure"]:
-            failures.append(fallback["failure"])
-        float_ops = built.results.get("float_ops")
-        engines.append(
-            {
-                "backend": build_spec.backend,
-                "precision": build_spec.precision,
-                "device": build_spec.device,
-                "compute_capability": build_spec.compute_capability or None,
-                "name": built.path.name,
-                "path": str(built.output(built.results["engine_file"])),
-                "manifest": str(built.path / "manifest.json"),
-                "report": str(verified.output(REPORT_FILE)),
-                "parity": summarize_parity(report["parity"]),
-                "metric": {"name": report["metric"]["name"], "value": report["metric"]["value"]},
-                "passed": report["passed"] and not failures,
-                "failures": failures,
-                # Quantized ops an INT8 engine runs in float: {"float": k, "total": n}.
-                "float_ops": float_ops and {k: float_ops[k] for k in ("float", "total")},
-                "speed": report.get("speed"),
-                **({"fallback": fallback} if fallback is not None else {}),
-            }
+        built, verified, fallback = _engine(
+            build_spec, graphs, info=info, layout=layout, spec=spec, stages=stages, force=force
         )
-    ok = all(e["passed"] for e in engines)
+        engines.append(_engine_report(build_spec, built, verified, fallback))
+        pytorch_metric = Metric.of(verified.results["pytorch_metric"])
+    ok = all(engine.passed for engine in engines)
     repository = None
     # Only this run's engines: older engine folders under OUT are not silently shipped.
-    served = tuple(str(e["name"]) for e in engines)
+    served = tuple(engine.name for engine in engines)
     if ok and spec.package is not None and served:
         packaged = package(
             info=info,
@@ -184,22 +131,103 @@ def run_pipeline(
             force=force,
             wait_lock=wait_lock,
         )
-        stages["package"] = _stage_summary(packaged)
+        stages["package"] = packaged.report()
         repository = repository_summary(packaged)
-    summary = {
-        "ok": ok,
-        "model": {"name": info.name, "path": str(info.path), "task": info.task},
-        "out": str(layout.root),
-        "fused_operators": fused.results.get("fused_operators", {}),
-        "fusion_note": fused.results.get("fusion_note", ""),
-        "pytorch_fp32_metric": pytorch_metric
-        and {"name": pytorch_metric["name"], "value": pytorch_metric["value"]},
-        "engines": engines,
-        "repository": repository,
-        "stages": stages,
-    }
-    atomic_write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
+    summary = RunSummary(
+        ok=ok,
+        model_name=info.name,
+        model_path=info.path,
+        task=info.task,
+        out=layout.root,
+        fused_operators=fused.results.get("fused_operators", {}),
+        fusion_note=fused.results.get("fusion_note", ""),
+        pytorch_fp32_metric=pytorch_metric,
+        engines=tuple(engines),
+        repository=repository,
+        stages=stages,
+    )
+    atomic_write_text(layout.summary, json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
+
+
+def _engine(
+    build_spec: BuildSpec,
+    graphs: dict[str, Path],
+    *,
+    info: ModelInfo,
+    layout: Layout,
+    spec: RunSpec,
+    stages: dict[str, StageReport],
+    force: bool,
+) -> tuple[StageResult, StageResult, dict[str, Any] | None]:
+    """Build and verify one engine: int8 through the precision fallback, fp8 from its own
+    calibration, the rest from the graph its backend builds from."""
+    if build_spec.precision == INT8.name:
+        return int8_with_fallback(
+            info=info,
+            float_graph=graphs["simplify"],
+            calibrate_dir=layout.calibrate,
+            calibration=replace(spec.calibration, format=INT8.name),
+            fallback=spec.fallback,
+            build_and_verify=functools.partial(
+                _build_and_verify,
+                info=info,
+                layout=layout,
+                build_spec=build_spec,
+                spec=spec,
+                stages=stages,
+            ),
+            reporting=spec.verify.metric_file(info),
+            force=force,
+            stages=stages,
+        )
+    if build_spec.precision == FP8.name:
+        calibrated = calibrate(
+            info=info,
+            source=graphs["simplify"],
+            out_dir=layout.calibration(FP8.name),
+            spec=replace(spec.calibration, format=FP8.name),
+            force=force,
+        )
+        stages[f"calibrate:{FP8.name}"] = calibrated.report()
+        source = calibrated.output(MODEL_FILE)
+    else:
+        source = graphs[build_spec.source_stage]
+    built, verified = _build_and_verify(
+        source, force, info=info, layout=layout, build_spec=build_spec, spec=spec, stages=stages
+    )
+    return built, verified, None
+
+
+def _engine_report(
+    build_spec: BuildSpec,
+    built: StageResult,
+    verified: StageResult,
+    fallback: dict[str, Any] | None,
+) -> EngineReport:
+    """What the run summary says of one engine, read once from its build and verify records."""
+    report = verified.results
+    failures = list(report["failures"])
+    if fallback is not None and fallback["failure"]:
+        failures.append(fallback["failure"])
+    float_ops = built.results.get("float_ops")
+    return EngineReport(
+        backend=build_spec.backend,
+        precision=build_spec.precision,
+        device=build_spec.device,
+        compute_capability=build_spec.compute_capability or None,
+        name=built.path.name,
+        path=built.output(built.results["engine_file"]),
+        manifest=built.path / "manifest.json",
+        report=verified.output(REPORT_FILE),
+        parity=ParitySummary.of(summarize_parity(report["parity"])),
+        metric=Metric.of(report["metric"]),
+        passed=report["passed"] and not failures,
+        failures=tuple(failures),
+        float_ops=float_ops and FloatOps(float_ops["float"], float_ops["total"]),
+        speed=VerifySpeed.of(report.get("speed")),
+        fallback=FallbackReport.of(fallback) if fallback is not None else None,
+    )
 
 
 def _build_and_verify(
@@ -225,14 +253,6 @@ def _build_and_verify(
     verified = verify(
         info=info, engine_dir=built.path, out_dir=out_dir, spec=verify_spec, force=force
     )
-    stages[f"build:{name}"] = _stage_summary(built)
-    stages[f"verify:{name}" + (f"@{split.name}" if split else "")] = _stage_summary(verified)
+    stages[f"build:{name}"] = built.report()
+    stages[f"verify:{name}" + (f"@{split.name}" if split else "")] = verified.report()
     return built, verified
-
-
-def _stage_summary(result) -> dict[str, Any]:
-    return {
-        "path": str(result.path),
-        "skipped": result.skipped,
-        "seconds": result.results.get("seconds"),
-    }

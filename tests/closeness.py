@@ -10,6 +10,7 @@ import numpy as np
 
 from bert_compiler.calibration import datasets
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
+from bert_compiler.run_summary import EngineReport
 from bert_compiler.runtime.parity import DEFAULT_TOLERANCES
 
 # A quantized row's distance to its own float row, at most this fraction of its distance to the
@@ -44,12 +45,12 @@ def assert_tracks_float(reference: np.ndarray, quantized: np.ndarray, precision:
     assert (own <= NEIGHBOUR_MARGIN * distances.min(axis=1)).all(), (own, distances.min(axis=1))
 
 
-def assert_passed_at_the_gate(engine: dict, precision: str) -> None:
+def assert_passed_at_the_gate(engine: EngineReport, precision: str) -> None:
     """A run summary's engine passed, its parity inside the gate's default limits for
     ``precision`` (whatever limits the run was given), and quantized: not identical."""
     tolerance = DEFAULT_TOLERANCES[precision]
-    parity = engine["parity"]
-    assert engine["passed"], engine.get("failures")
-    assert parity["min_cosine"] >= tolerance.min_cosine, parity
-    assert 0 < parity["rel_l2_err"] <= tolerance.rel_l2_err, parity
-    assert 0 < parity["max_abs_err"] <= tolerance.max_abs_err, parity
+    parity = engine.parity
+    assert engine.passed, engine.failures
+    assert parity.min_cosine >= tolerance.min_cosine, parity
+    assert 0 < parity.rel_l2_err <= tolerance.rel_l2_err, parity
+    assert 0 < parity.max_abs_err <= tolerance.max_abs_err, parity

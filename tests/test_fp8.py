@@ -310,6 +310,6 @@ def test_tensorrt_fp8_engine_from_the_fp8_qdq_graph(tiny_embedding_model, tmp_pa
     if reason:
         pytest.skip(reason)
     engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "fp8")
-    assert engine["name"].endswith("-fp8")
+    assert engine.name.endswith("-fp8")
     assert_passed_at_the_gate(engine, "fp8")
     assert (tmp_path / "calibrate-fp8" / "model.onnx").is_file()

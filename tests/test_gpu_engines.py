@@ -23,6 +23,7 @@ from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.run_summary import EngineReport
 from tests.closeness import assert_passed_at_the_gate
 from tests.conftest import TINY_VERIFY
 
@@ -77,14 +78,14 @@ def test_ort_cuda_fp16_engine_builds_runs_and_verifies(tiny_embedding_model, tmp
         BuildSpec(device="cuda", precision="fp32"),
     )
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
-    assert summary["ok"], summary["engines"]
-    names = [e["name"] for e in summary["engines"]]
+    assert summary.ok, summary.engines
+    names = [e.name for e in summary.engines]
     assert all("-cuda-sm" in n for n in names) and names[1].endswith("-fp16-cudagraph")
-    for engine in summary["engines"]:
-        manifest = json.loads(Path(engine["manifest"]).read_text())
+    for engine in summary.engines:
+        manifest = json.loads(engine.manifest.read_text())
         assert manifest["results"]["provider"] == "CUDAExecutionProvider"
         assert manifest["spec"]["providers"][0][0] == "CUDAExecutionProvider"
-    fp16 = json.loads(Path(summary["engines"][0]["manifest"]).read_text())
+    fp16 = json.loads(summary.engines[0].manifest.read_text())
     assert fp16["results"]["fp16_weight_fraction"] > 0.9
 
 
@@ -94,7 +95,7 @@ def test_ort_cuda_engine_refused_on_another_gpu(tiny_embedding_model, tmp_path):
     info = resolve_model(tiny_embedding_model)
     spec = RunSpec(builds=(BuildSpec(device="cuda", precision="fp16"),), verify=TINY_VERIFY)
     summary = run_pipeline(info=info, out=tmp_path / "run", spec=spec)
-    engine_dir = Path(summary["engines"][0]["manifest"]).parent
+    engine_dir = summary.engines[0].manifest.parent
     moved = tmp_path / "other-gpu"
     shutil.copytree(engine_dir, moved)
     manifest = json.loads((moved / "manifest.json").read_text())
@@ -131,8 +132,8 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     )
     spec = RunSpec(builds=builds, verify=TINY_VERIFY, package=PackageSpec())
     summary = run_pipeline(info=info, out=tmp_path, spec=spec)
-    assert summary["ok"], summary["engines"]
-    repository = Path(summary["repository"]["path"])
+    assert summary.ok, summary.engines
+    repository = Path(summary.repository["path"])
     capability, _ = current_gpu("the test")
     filename = f"model.sm{capability.replace('.', '')}.onnx"
     fp16 = _engine_config(repository, f"{info.name}-ort-cuda-fp16")
@@ -174,9 +175,9 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         out=tmp_path,
         spec=RunSpec(builds=builds, verify=TINY_VERIFY, package=PackageSpec()),
     )
-    assert summary["ok"], summary["engines"]
-    fp16, fp32 = summary["engines"]
-    repository = Path(summary["repository"]["path"])
+    assert summary.ok, summary.engines
+    fp16, fp32 = summary.engines
+    repository = Path(summary.repository["path"])
     config = _engine_config(repository, f"{info.name}-trt-fp16")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
     assert list(config.instance_group[0].profile) == ["0", "1"]
@@ -187,8 +188,8 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         info=info, repository=repository, out_root=tmp_path / "gate", spec=TINY_VERIFY
     )
     assert gate["ok"] and {e["status"] for e in gate["engines"]} == {"passed"}
-    assert fp16["name"].startswith("trt") and "-sm" in fp16["name"]
-    engine, manifest = load_engine(Path(fp16["manifest"]).parent)
+    assert fp16.name.startswith("trt") and "-sm" in fp16.name
+    engine, manifest = load_engine(fp16.manifest.parent)
     assert manifest["results"]["profiles"] == [str(p) for p in two_profiles.profiles]
     # A shape in each profile, then one outside all of them.
     import numpy as np
@@ -208,17 +209,17 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
         spec=RunSpec(builds=builds[:1], verify=TINY_VERIFY),
         force=True,
     )
-    manifest = json.loads(Path(rebuilt["engines"][0]["manifest"]).read_text())
+    manifest = json.loads(rebuilt.engines[0].manifest.read_text())
     assert manifest["results"]["timing_cache_hit"] is True
 
 
-def run_tensorrt_engine(model, out: Path, precision: str) -> dict:
+def run_tensorrt_engine(model, out: Path, precision: str) -> EngineReport:
     """`run` of one TensorRT engine of ``precision`` from ``model`` into ``out``: its summary."""
     spec = RunSpec(
         builds=(BuildSpec(backend="tensorrt", device="cuda", precision=precision),),
         verify=replace(TINY_VERIFY, precision=precision),
     )
-    (engine,) = run_pipeline(info=resolve_model(model), out=out, spec=spec)["engines"]
+    (engine,) = run_pipeline(info=resolve_model(model), out=out, spec=spec).engines
     return engine
 
 
@@ -226,7 +227,7 @@ def run_tensorrt_engine(model, out: Path, precision: str) -> dict:
 def test_tensorrt_int8_engine_from_qdq_graph(tiny_embedding_model, tmp_path):
     _skip_unless(_tensorrt_reason())
     engine = run_tensorrt_engine(tiny_embedding_model, tmp_path, "int8")
-    assert engine["name"].endswith("-int8")
+    assert engine.name.endswith("-int8")
     assert_passed_at_the_gate(engine, "int8")
 
 
@@ -242,8 +243,8 @@ def test_runtime_on_a_cuda_graph_engine_matches_one_row_at_a_time(tiny_embedding
     graphs = OnnxRuntimeBuildOptions(cuda_graph=True)
     builds = (BuildSpec(device="cuda", precision="fp16", options=graphs),)
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
-    assert summary["ok"], summary["engines"]
-    encoder = Encoder.open(Path(summary["engines"][0]["manifest"]).parent, info)
+    assert summary.ok, summary.engines
+    encoder = Encoder.open(summary.engines[0].manifest.parent, info)
     texts = [("word " * (i % 23)).strip() for i in range(300)]
     embeddings = encoder.encode(texts)["sentence_embedding"]
     assert encoder.on_gpu and encoder.batching.ladder and encoder.batching.round_rows
@@ -284,13 +285,13 @@ def test_packed_attention_engine_matches_the_padded_fp16_engine(tiny_embedding_m
         ),
     )
     summary = run_pipeline(info=info, out=tmp_path, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
-    assert summary["ok"], summary["engines"]
-    names = [e["name"] for e in summary["engines"]]
+    assert summary.ok, summary.engines
+    names = [e.name for e in summary.engines]
     assert not names[0].endswith("-packed-attention")
     assert names[1].endswith("-fp16-packed-attention") and names[2].endswith(
         "-fp32-packed-attention"
     )
-    folders = [Path(e["manifest"]).parent for e in summary["engines"]]
+    folders = [e.manifest.parent for e in summary.engines]
     for folder in folders[1:]:
         manifest = json.loads((folder / "manifest.json").read_text())
         assert manifest["spec"]["session"]["packed_attention"] is True

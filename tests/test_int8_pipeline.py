@@ -15,6 +15,7 @@ from bert_compiler.engines.backend import BuildSpec
 from bert_compiler.engines.onnxruntime import OnnxRuntimeBuildOptions
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.run_summary import FloatOps
 from bert_compiler.stages import fallback as fallback_module
 from bert_compiler.stages.calibrate import CalibrationSpec
 from bert_compiler.stages.fallback import FallbackSpec
@@ -39,7 +40,7 @@ def _run(
         fallback=fallback or FallbackSpec(),
     )
     summary = run_pipeline(info=resolve_model(model), out=out, spec=spec)
-    (engine,) = summary["engines"]
+    (engine,) = summary.engines
     return summary, engine
 
 
@@ -54,8 +55,8 @@ def test_int8_engine_is_built_from_the_calibrated_graph_and_verified(int8_run):
     import json
 
     out, summary, engine = int8_run
-    assert summary["ok"] and engine["precision"] == "int8"
-    assert engine["fallback"]["kept_float"] == []
+    assert summary.ok and engine.precision == "int8"
+    assert engine.fallback.record["kept_float"] == []
     for name in ("model.onnx", "scales.json", "ranges.json", "calibration.cache", "manifest.json"):
         assert (out / "calibrate" / name).is_file()
     manifest = json.loads((cpu_engine_dir(out, "int8") / "manifest.json").read_text())
@@ -97,20 +98,20 @@ def test_int8_dynamic_scopes_lower_to_their_operators_and_stay_close(
         calibration=replace(CALIBRATION, smooth_alpha=0.5),
     )
     summary = run_pipeline(info=resolve_model(tiny_embedding_model), out=tmp_path, spec=spec)
-    (engine,) = summary["engines"]
-    assert summary["ok"] and engine["passed"]
-    manifest = json.loads((Path(engine["manifest"])).read_text())
+    (engine,) = summary.engines
+    assert summary.ok and engine.passed
+    manifest = json.loads(engine.manifest.read_text())
     assert manifest["results"]["int8_dynamic"] == scope
-    assert f"dynamic-{scope}" in engine["name"] or scope == "all"  # the default keeps its name
-    graph = onnx.load(str(Path(engine["path"])))
+    assert f"dynamic-{scope}" in engine.name or scope == "all"  # the default keeps its name
+    graph = onnx.load(str(engine.path))
     ops = [n.op_type for n in graph.graph.node]
     assert ops.count("DynamicQuantizeMatMul") == dynamic
     assert ops.count("MatMulIntegerToFloat") == 12 - dynamic
-    assert engine["float_ops"] == {"float": 0, "total": 12}
+    assert engine.float_ops == FloatOps(0, 12)
     # Quantized, so not float-exact; bounded (unit-norm embeddings: 1e-2 is 1% of the largest
     # possible component).
-    assert 0 < engine["parity"]["max_abs_err"] < 1e-2
-    assert engine["parity"]["min_cosine"] > 0.999
+    assert 0 < engine.parity.max_abs_err < 1e-2
+    assert engine.parity.min_cosine > 0.999
 
 
 @pytest.mark.e2e
@@ -120,29 +121,29 @@ def test_fallback_keeps_the_fewest_sensitive_matmuls_that_pass(
     import json
 
     _out, _summary, engine = int8_run
-    assert engine["float_ops"] == {"float": 0, "total": 12}
+    assert engine.float_ops == FloatOps(0, 12)
     # Half the error the fully quantized engine showed: only keeping some MatMuls float passes.
-    limit = engine["parity"]["max_abs_err"] / 2
+    limit = engine.parity.max_abs_err / 2
     summary, engine = _run(
         tiny_embedding_model,
         tmp_path,
         fallback=FallbackSpec(max_float=1.0),
         tolerance_overrides=(("max_abs_err", limit),),
     )
-    fallback = engine["fallback"]
-    assert engine["passed"] and summary["ok"] and fallback["failure"] is None
-    kept = fallback["kept_float"]
+    fallback = engine.fallback
+    assert engine.passed and summary.ok and fallback.failure is None
+    kept = fallback.record["kept_float"]
     assert 1 <= len(kept) <= 12
-    errors = [r["error"] for r in fallback["ranking"]]
+    errors = [r["error"] for r in fallback.record["ranking"]]
     assert errors == sorted(errors, reverse=True) and len(errors) == 12
-    assert kept == [r["node"] for r in fallback["ranking"]][: len(kept)]
+    assert kept == [r["node"] for r in fallback.record["ranking"]][: len(kept)]
     # Growing groups and bisection: far fewer rounds than one per MatMul, and every round that
     # kept fewer in float failed (the result is the smallest that passed).
-    steps = fallback["steps"]
-    assert fallback["rounds"] == len(steps) - 1 <= 2 * 4 + 1
+    steps = fallback.record["steps"]
+    assert fallback.rounds == len(steps) - 1 <= 2 * 4 + 1
     assert steps[-1]["passed"] and steps[-1]["kept_float"] == kept
     assert all(not s["passed"] for s in steps if len(s["kept_float"]) < len(kept))
-    assert engine["float_ops"] == {"float": len(kept), "total": 12}
+    assert engine.float_ops == FloatOps(len(kept), 12)
     manifest = json.loads((cpu_engine_dir(tmp_path, "int8") / "manifest.json").read_text())
     assert sorted(manifest["results"]["float_ops"]["float_nodes"]) == sorted(kept)
     # Calibrated once: the last round's calibration reused the first one's ranges.
@@ -193,7 +194,7 @@ def test_fallback_rounds_never_read_the_reporting_set(tiny_embedding_model, tmp_
     # Four rounds (0..3 MatMuls float), each gated on the selection split; the dev set is read
     # only after the last round's selection verify, to report the engine left on disk.
     roles = [role for role, _ in events]
-    assert roles.count("round") == 4 == len(engine["fallback"]["steps"])
+    assert roles.count("round") == 4 == len(engine.fallback.record["steps"])
     last_round = max(i for i, role in enumerate(roles) if role == "round")
     first_dev = roles.index("dev")
     assert "selection" in roles[last_round:first_dev]
@@ -202,14 +203,14 @@ def test_fallback_rounds_never_read_the_reporting_set(tiny_embedding_model, tmp_
         "stsb-selection.tsv",
         "sst2-selection.tsv",
     }
-    assert {step["split"] for step in engine["fallback"]["steps"]} == {"selection"}
-    decided = engine["fallback"]["decided_by"]
+    assert {step["split"] for step in engine.fallback.record["steps"]} == {"selection"}
+    decided = engine.fallback.record["decided_by"]
     assert decided["kept_float"]["metric"] == str(datasets.STSB_SELECTION)
-    assert "still fails" in engine["fallback"]["failure"]
-    assert "selection split" in engine["fallback"]["failure"]
-    report = json.loads(Path(engine["report"]).read_text())
+    assert "still fails" in engine.fallback.failure
+    assert "selection split" in engine.fallback.failure
+    report = json.loads(engine.report.read_text())
     assert report["split"] == "reporting"
-    selection = tmp_path / "select" / Path(engine["report"]).parent.relative_to(tmp_path / "verify")
+    selection = tmp_path / "select" / engine.report.parent.relative_to(tmp_path / "verify")
     manifest = json.loads((selection / "manifest.json").read_text())
     assert manifest["spec"]["split"] == "selection"
     assert manifest["inputs"]["data"]["metric"]["path"] == str(datasets.STSB_SELECTION)
@@ -226,7 +227,7 @@ def test_fallback_off_verifies_on_the_reporting_set_only(tiny_embedding_model, t
     finally:
         _RECORDING.remove(events)
     assert {role for role, _ in events} == {"dev"}
-    assert engine["fallback"]["decided_by"]["kept_float"] is None
+    assert engine.fallback.record["decided_by"]["kept_float"] is None
     assert not (tmp_path / "select").exists()
 
 
@@ -235,14 +236,14 @@ def test_fallback_stops_at_the_float_limit_and_fails(tiny_embedding_model, tmp_p
     summary, engine = _run(
         tiny_embedding_model, tmp_path, metric_gate=True, min_metric_retention=2.0
     )
-    assert not summary["ok"] and not engine["passed"]
-    fallback = engine["fallback"]
+    assert not summary.ok and not engine.passed
+    fallback = engine.fallback
     # --fallback-max-float 0.25 of 12 MatMuls: rounds at 1, 2, then 3 float, never more.
-    assert [len(s["kept_float"]) for s in fallback["steps"]] == [0, 1, 2, 3]
-    assert fallback["float_limit"] == 3 and engine["float_ops"] == {"float": 3, "total": 12}
-    assert any("keeps" in f and "needs 200.0%" in f for f in engine["failures"])
-    assert fallback["failure"] in engine["failures"]
-    assert "still fails with 3/12 MatMuls in float" in fallback["failure"]
+    assert [len(s["kept_float"]) for s in fallback.record["steps"]] == [0, 1, 2, 3]
+    assert fallback.record["float_limit"] == 3 and engine.float_ops == FloatOps(3, 12)
+    assert any("keeps" in f and "needs 200.0%" in f for f in engine.failures)
+    assert fallback.failure in engine.failures
+    assert "still fails with 3/12 MatMuls in float" in fallback.failure
 
 
 def test_metric_gates():

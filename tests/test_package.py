@@ -457,7 +457,7 @@ def test_engines_named_or_selected_are_one_package(tiny_run, tmp_path):
     # `run` packages the engines it built by name; a later `package` names none and selects
     # the verified engines, the same ones here: nothing to rewrite.
     info, out, _spec, summary = tiny_run
-    names = tuple(engine["name"] for engine in summary["engines"])
+    names = tuple(engine.name for engine in summary.engines)
     first = package(
         info=info, out=out, repository=tmp_path / "repo", spec=PackageSpec(engines=names)
     )

@@ -24,23 +24,23 @@ from tests.conftest import TINY_VERIFY, cpu_engine_dir
 @pytest.mark.e2e
 def test_run_produces_a_verified_engine(tiny_run):
     info, out, _spec, summary = tiny_run
-    assert summary["ok"]
-    (engine,) = summary["engines"]
-    assert (engine["backend"], engine["device"], engine["precision"]) == (
+    assert summary.ok
+    (engine,) = summary.engines
+    assert (engine.backend, engine.device, engine.precision) == (
         "onnxruntime",
         "cpu",
         "fp32",
     )
-    assert engine["parity"]["passed"] and engine["parity"]["min_cosine"] > 0.9999
-    assert engine["parity"]["max_abs_err"] < 1e-4
-    assert engine["metric"]["name"] == "stsb_spearman"
-    assert summary["fused_operators"] == {
+    assert engine.parity.passed and engine.parity.min_cosine > 0.9999
+    assert engine.parity.max_abs_err < 1e-4
+    assert engine.metric.name == "stsb_spearman"
+    assert summary.fused_operators == {
         "EmbedLayerNormalization": 1,
         "Attention": 2,
         "BiasGelu": 2,
         "SkipLayerNormalization": 4,
     }
-    assert json.loads((out / "run.json").read_text()) == summary
+    assert json.loads((out / "run.json").read_text()) == summary.to_json()
 
 
 @pytest.mark.e2e
@@ -111,7 +111,7 @@ def test_engine_loads_in_a_fresh_process(tiny_run):
 def test_rerun_skips_every_stage(tiny_run):
     info, out, spec, _summary = tiny_run
     again = run_pipeline(info=info, out=out, spec=spec)
-    assert all(stage["skipped"] for stage in again["stages"].values())
+    assert all(stage.skipped for stage in again.stages.values())
 
 
 @pytest.mark.e2e
@@ -182,13 +182,13 @@ def test_classifier_and_host_pooling_variants(
         out=tmp_path / "cls",
         spec=RunSpec(verify=TINY_VERIFY),
     )
-    assert classifier["ok"] and classifier["engines"][0]["metric"]["name"] == "sst2_accuracy"
+    assert classifier.ok and classifier.engines[0].metric.name == "sst2_accuracy"
     host_pooled = run_pipeline(
         info=resolve_model(tiny_embedding_model),
         out=tmp_path / "tok",
         spec=RunSpec(export=ExportSpec(pooling_in_graph=False), verify=TINY_VERIFY),
     )
-    assert host_pooled["ok"]
+    assert host_pooled.ok
     model = onnx.load(str(tmp_path / "tok" / "fuse" / "model.onnx"))
     assert [o.name for o in model.graph.output] == ["last_hidden_state"]
 
@@ -214,14 +214,12 @@ def test_parity_batches_cover_sizes_and_edge_rows(tiny_embedding_model):
 def test_the_run_summary_gives_a_labelled_speed_figure(tiny_run):
     """Issue 15 item 3: each engine's summary says how fast verify's metric pass ran through the
     runtime, and says that it is a rough figure."""
-    from bert_compiler.cli.app import speed_line
-
     _info, _out, spec, summary = tiny_run
-    (engine,) = summary["engines"]
-    speed = engine["speed"]
+    (engine,) = summary.engines
+    speed = engine.speed
     # Embedding models: both columns of the STS-B pairs.
-    assert speed["sentences"] == 2 * spec.verify.metric_limit and speed["sentences_per_s"] > 0
-    assert "bench" in speed["measured"] and "tokenization included" in speed["measured"]
-    line = speed_line(engine)
+    assert speed.sentences == 2 * spec.verify.metric_limit and speed.sentences_per_s > 0
+    assert "bench" in speed.measured and "tokenization included" in speed.measured
+    line = engine.lines(summary.pytorch_fp32_metric)
     assert "sentences/s" in line and "rough" in line
-    assert speed_line({"speed": None}) == ""
+    assert "speed" not in replace(engine, speed=None).lines(summary.pytorch_fp32_metric)

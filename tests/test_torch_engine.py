@@ -334,8 +334,8 @@ def _torch_and_ort_engines(folder: Path, out: Path):
     info = resolve_model(folder)
     builds = (BuildSpec(backend="torch"), BuildSpec())
     summary = run_pipeline(info=info, out=out, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
-    assert summary["ok"], summary["engines"]
-    torch_dir, ort_dir = (Path(e["manifest"]).parent for e in summary["engines"])
+    assert summary.ok, summary.engines
+    torch_dir, ort_dir = (e.manifest.parent for e in summary.engines)
     return info, torch_dir, ort_dir
 
 
@@ -615,8 +615,8 @@ def test_torch_cuda_fp16_engines_of_other_layouts(model_type, task, labels, tmp_
     summary = run_pipeline(
         info=info, out=tmp_path / "out", spec=RunSpec(builds=builds, verify=TINY_VERIFY)
     )
-    assert summary["ok"], summary["engines"]
-    cuda_dir, cpu_dir = (Path(e["manifest"]).parent for e in summary["engines"])
+    assert summary.ok, summary.engines
+    cuda_dir, cpu_dir = (e.manifest.parent for e in summary.engines)
     texts = [(a, b) for a, b in zip(TEXTS, reversed(TEXTS), strict=True)] if labels == 1 else TEXTS
     got = Encoder.open(cuda_dir, info).encode(texts)
     expected = Encoder.open(cpu_dir, info).encode(texts)

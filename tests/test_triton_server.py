@@ -421,12 +421,12 @@ def served_torch_text(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch-out")
     builds = (BuildSpec(backend="torch"),)
     summary = run_pipeline(info=info, out=out, spec=RunSpec(builds=builds, verify=TINY_VERIFY))
-    assert summary["ok"], summary["engines"]
+    assert summary.ok, summary.engines
     repository = tmp_path_factory.mktemp("torch-served") / "repo"
     spec = PackageSpec(max_queue_delay_us=QUEUE_DELAY_US)
     package(info=info, out=out, repository=repository, spec=spec)
     model = f"{info.name}-pt-cpu-fp32-text"
-    engine = out / "engines" / info.name / summary["engines"][0]["name"]
+    engine = out / "engines" / info.name / summary.engines[0].name
     with triton_server(SERVER, repository, [model], tmp_path_factory.mktemp("server")) as server:
         yield info, engine, server, model
 

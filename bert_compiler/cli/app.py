@@ -283,33 +283,6 @@ def model_stage_file(layout: Layout, folder: Path, info: ModelInfo) -> Path:
     return stage_file(folder)
 
 
-def fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
-def speed_line(engine: dict[str, Any]) -> str:
-    """``\n  speed: ...`` from verify's timed metric pass, labelled as the rough figure it is."""
-    speed = engine.get("speed")
-    if not speed:
-        return ""
-    return (
-        f"\n  speed: {speed['sentences_per_s']:,.0f} sentences/s over {speed['sentences']} "
-        "metric sentences in verify (tokenization included; rough: `bert-compile bench` measures)"
-    )
-
-
-def float_ops_line(engine: dict[str, Any]) -> str:
-    """``\n  float_ops: 2/36 ...`` for an INT8 engine: its quantizable MatMuls left in float."""
-    float_ops = engine.get("float_ops")
-    if not float_ops:
-        return ""
-    line = f"\n  float_ops: {float_ops['float']}/{float_ops['total']} quantizable MatMuls in float"
-    fallback = engine.get("fallback")
-    if fallback and fallback["rounds"]:
-        line += f" (fallback: {fallback['rounds']} rounds, {fallback['seconds']:.0f}s)"
-    return line
-
-
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bert-compiler")
 def cli() -> None:

@@ -21,11 +21,8 @@ from bert_compiler.cli.app import (
     VERIFY,
     cli,
     emit,
-    float_ops_line,
-    fmt,
     json_option,
     model_stage_file,
-    speed_line,
     stage_command,
     stage_file,
     stage_output,
@@ -47,6 +44,7 @@ from bert_compiler.core.errors import (
 from bert_compiler.core.targets import detect
 from bert_compiler.engines.targets import plan_targets
 from bert_compiler.run import RunSpec, run_pipeline
+from bert_compiler.run_summary import FloatOps, float_ops_line, format_metric
 from bert_compiler.stages.build import ProfileText, build, engine_folder_name, resolve_build_spec
 from bert_compiler.stages.calibrate import calibrate
 from bert_compiler.stages.export import MODEL_FILE, export
@@ -297,13 +295,17 @@ def verify_command(
         force=values["force"],
     )
     # The engine's manifest was checked by verify; an INT8 one counts its float MatMuls.
-    float_ops = (ArtifactDir(engine_dir).read_manifest() or {}).get("results", {}).get("float_ops")
-    float_ops = float_ops and {k: float_ops[k] for k in ("float", "total")}
+    counted = (ArtifactDir(engine_dir).read_manifest() or {}).get("results", {}).get("float_ops")
+    float_ops = counted and FloatOps(counted["float"], counted["total"])
     emit(
-        {**stage_output(result), "ok": bool(result.results.get("passed")), "float_ops": float_ops},
+        {
+            **stage_output(result),
+            "ok": bool(result.results.get("passed")),
+            "float_ops": float_ops and float_ops.to_json(),
+        },
         values["as_json"],
         f"{'PASS' if result.results.get('passed') else 'FAIL'} {engine_dir}"
-        f"{float_ops_line({'float_ops': float_ops})}\n  report: {result.output(REPORT_FILE)}",
+        f"{float_ops_line(float_ops)}\n  report: {result.output(REPORT_FILE)}",
     )
     require_passed(result)
 
@@ -334,7 +336,7 @@ def _verify_repository(
             lines.append(
                 f"{entry['status'].upper()} {where}: min_cosine="
                 f"{entry['parity']['min_cosine']:.6f} {entry['metric']['name']}="
-                f"{fmt(entry['metric']['value'])}"
+                f"{format_metric(entry['metric']['value'])}"
             )
     emit(summary, values["as_json"], "\n".join(lines))
     if not summary["ok"]:
@@ -410,26 +412,10 @@ def run_command(make_package: bool, **values: Any) -> None:
         force=values["force"],
         wait_lock=values["wait_lock"],
     )
-    summary["notes"] = list(notes)
-    lines = [*(f"note: {n}" for n in notes), f"summary: {Layout(Path(summary['out'])).summary}"]
-    torch_value = (summary["pytorch_fp32_metric"] or {}).get("value")
-    for engine in summary["engines"]:
-        metric = engine["metric"]
-        lines.append(
-            f"{'PASS' if engine['passed'] else 'FAIL'} {engine['backend']} {engine['device']} "
-            f"{engine['precision']}: {engine['path']}\n"
-            f"  parity min_cosine={engine['parity']['min_cosine']:.6f} "
-            f"max_abs_err={engine['parity']['max_abs_err']:.2e}; "
-            f"{metric['name']}={fmt(metric['value'])} (PyTorch fp32 {fmt(torch_value)})"
-            f"{float_ops_line(engine)}{speed_line(engine)}\n  report: {engine['report']}"
-        )
-    if summary.get("repository"):
-        lines.append(f"Triton repository: {summary['repository']['path']}")
-    emit(summary, values["as_json"], "\n".join(lines))
-    if not summary["ok"]:
-        failed = [
-            f"{e['path']}: {'; '.join(e['failures'])}"
-            for e in summary["engines"]
-            if not e["passed"]
-        ]
-        raise ParityError(" | ".join(failed))
+    lines = [*(f"note: {n}" for n in notes), f"summary: {Layout(summary.out).summary}"]
+    lines += [engine.lines(summary.pytorch_fp32_metric) for engine in summary.engines]
+    if summary.repository:
+        lines.append(f"Triton repository: {summary.repository['path']}")
+    emit({**summary.to_json(), "notes": list(notes)}, values["as_json"], "\n".join(lines))
+    if not summary.ok:
+        raise ParityError(summary.failures())

@@ -34,6 +34,22 @@ class StageResult:
     def results(self) -> dict[str, Any]:
         return self.manifest.get("results", {})
 
+    def report(self) -> StageReport:
+        return StageReport(self.path, self.skipped, self.results.get("seconds"))
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """One stage of a run, as the run summary lists it: its folder, whether it was up to date,
+    how long it took."""
+
+    path: Path
+    skipped: bool
+    seconds: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "skipped": self.skipped, "seconds": self.seconds}
+
 
 def run_stage(
     record: StageRecord,

@@ -29,7 +29,7 @@ from bert_compiler.calibration.sensitivity import smallest_passing_prefix
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import sha256_file
 from bert_compiler.core.errors import InputError
-from bert_compiler.core.stage import StageResult
+from bert_compiler.core.stage import StageReport, StageResult
 from bert_compiler.models.loading import ModelInfo
 from bert_compiler.stages.calibrate import (
     MODEL_FILE,
@@ -122,7 +122,7 @@ def int8_with_fallback(
     build_and_verify: BuildAndVerify,
     reporting: Path,
     force: bool,
-    stages: dict[str, Any],
+    stages: dict[str, StageReport],
 ) -> tuple[StageResult, StageResult, dict[str, Any]]:
     """Calibrate, build and verify an INT8 engine; when it fails its gate and the fallback is
     on, search the fewest most-sensitive MatMuls to keep in float.
@@ -213,7 +213,7 @@ class _Rounds:
         calibrate_dir: Path,
         calibration: CalibrationSpec,
         build_and_verify: _RoundBuild,
-        stages: dict[str, Any],
+        stages: dict[str, StageReport],
     ):
         self.info = info
         self.float_graph = float_graph
@@ -239,11 +239,7 @@ class _Rounds:
             spec=replace(self.calibration, keep_float=kept),
             force=force,
         )
-        self.stages["calibrate"] = {
-            "path": str(calibrated.path),
-            "skipped": calibrated.skipped,
-            "seconds": calibrated.results.get("seconds"),
-        }
+        self.stages["calibrate"] = calibrated.report()
         self.built, self.verified = self.build_and_verify(calibrated.output(MODEL_FILE), force)
         self.calibrated = calibrated
         report = self.verified.results
