@@ -32,6 +32,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from bert_compiler.bench.report import BenchDevice, BenchReport, Measurement
 from bert_compiler.bench.runners import (
     Runner,
     engine_runner,
@@ -45,6 +46,7 @@ from bert_compiler.calibration import datasets
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import tool_versions
 from bert_compiler.core.errors import EnvironmentProblem, InputError
+from bert_compiler.engines.backend import Engine
 from bert_compiler.models.loading import (
     ModelInfo,
     load_tokenizer,
@@ -107,26 +109,6 @@ class BenchSpec:
     tokenizer_workers: tuple[int, ...] = ()
     peers: bool = True
     max_length: int | None = None
-
-
-@dataclass
-class Measurement:
-    """One row of bench's results (the JSON schema of ``results``)."""
-
-    model: str
-    runner: str
-    data: str
-    batching: str
-    batch: int
-    seq: int | None
-    sentences_per_s: float
-    tokens_per_s: float
-    padding_fraction: float
-    p50_ms: float | None
-    p99_ms: float | None
-    # Whether the time includes turning texts into token rows (end to end: texts in, outputs
-    # out), or starts from the token rows every runner shares.
-    includes_tokenization: bool = False
 
 
 def real_sentences(spec: BenchSpec, on_gpu: bool, info: ModelInfo) -> list[Text]:
@@ -205,7 +187,7 @@ def _engine_folders(layout: Layout, model: str, given: Sequence[Path]) -> list[P
 
 def _loadable_engines(
     folders: Sequence[Path], explicit: bool, info: ModelInfo
-) -> list[tuple[Path, Any]]:
+) -> list[tuple[Path, Engine]]:
     """(folder, engine) for every folder this machine can run; an engine built for another
     device is skipped with a note, unless it was asked for by name. An engine of another model
     is refused (load_model_engine)."""
@@ -226,10 +208,9 @@ def _loadable_engines(
 
 def run_bench(
     *, info: ModelInfo, layout: Layout, engine_dirs: Sequence[Path], spec: BenchSpec
-) -> dict[str, Any]:
-    """Measure, and return bench's JSON object (``device``, ``results``, settings)."""
-    import torch
-
+) -> BenchReport:
+    """Measure every engine of ``layout`` (or ``engine_dirs``) and the peers on real text and
+    fixed shapes, side by side."""
     engines = _loadable_engines(
         _engine_folders(layout, info.name, engine_dirs), bool(engine_dirs), info
     )
@@ -241,159 +222,192 @@ def run_bench(
     tokenizer_rows = _time_tokenizers(tokenizer, sentences, info, max_length)
     tokens = tokenize_rows(tokenizer, sentences, info, max_length)
     pad_id = int(tokenizer.pad_token_id or 0)
-
-    # Factories: on a GPU each runner is made, measured and dropped in turn (fresh engine
-    # sessions), since the CUDA graphs and arenas of a dozen sessions at once crowd the GPU's
-    # memory and slow whichever runner allocates; on a CPU they alternate round by round.
+    setting = _Setting(info, tokenizer, max_length, on_gpu, spec)
     factories: list[Callable[[], Runner]] = []
     for folder, engine in engines:
         if on_gpu and engine.device != "cuda":
             continue  # a CPU engine beside GPU peers measures nothing useful
-        probe = Encoder(engine, info, max_length=max_length, tokenizer=tokenizer)
-        default, concurrent = probe.batching, probe.concurrent_batches
-        variants = [
-            replace(
-                default,
-                max_batch=rows,
-                token_budget=budget or rows * default.token_budget // default.max_batch,
-            )
-            for rows, budget in spec.runtime_batches
-        ]
-        variants = [v for v in dict.fromkeys(variants) if v != default]
-        # On a GPU the default batching also with the outputs left there (what the plain ORT
-        # peer does: its outputs are never copied back nor put in input order).
-        # On a CPU the default batching also one batch at a time: what running batches at once adds.
-        settings = [(default, False, concurrent), *((v, False, concurrent) for v in variants)]
-        if on_gpu:
-            settings.insert(1, (default, True, concurrent))
-        elif concurrent > 1:
-            settings.insert(1, (default, False, 1))
-        for batching, device_outputs, at_a_time in settings:
-            at_once = f", {at_a_time} batches at a time" if at_a_time > 1 else ""
-            if concurrent > 1 and at_a_time == 1:
-                at_once = ", one batch at a time"
-
-            def make(
-                folder=folder,
-                engine=engine,
-                batching=batching,
-                kept=device_outputs,
-                at_a_time=at_a_time,
-                at_once=at_once,
-            ):
-                ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
-                encoder = Encoder(
-                    fresh(folder, engine, on_gpu),
-                    info,
-                    max_length=max_length,
-                    batching=batching,
-                    tokenizer=tokenizer,
-                    time_batches=True,
-                    concurrent_batches=at_a_time,
-                )
-                label = (
-                    f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "
-                    f"tokens{', outputs left on the GPU' if kept else ''}{at_once}{ladder}"
-                )
-                return engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
-
-            factories.append(make)
-        text_settings: list[tuple[bool, int | None]] = [(False, None)]
-        text_settings += [(True, None)] if on_gpu else []
-        text_settings += [(False, workers) for workers in spec.tokenizer_workers]
-        for kept, workers in text_settings:
-
-            def make_text(folder=folder, engine=engine, kept=kept, workers=workers):
-                encoder = Encoder(
-                    fresh(folder, engine, on_gpu),
-                    info,
-                    max_length=max_length,
-                    tokenizer=tokenizer,
-                    time_batches=True,
-                    tokenizer_workers=workers,
-                )
-                workers = encoder.tokenizer_workers
-                label = (
-                    f"length-sorted in windows, <= {encoder.batching.max_batch} rows, "
-                    f"tokenized {f'in {workers} processes' if workers else 'on a thread'}"
-                    f"{', outputs left on the GPU' if kept else ''}"
-                )
-                return text_runner(
-                    f"{folder.name} (runtime, texts in)", label, encoder, sentences, kept
-                )
-
-            factories.append(make_text)
+        factories += _runtime_factories(folder, engine, setting)
+        factories += _text_factories(folder, engine, setting, sentences)
         factories.append(partial(fresh_in_order, folder, engine, pad_id, on_gpu))
     if spec.peers:
         factories.extend(peer_factories(info, layout, spec.peer_batches, pad_id, on_gpu))
         factories.extend(sentence_transformers_factories(info, sentences, on_gpu))
-
-    runners: list[Runner] = []
-    fixed: list[Measurement] = []
-    measured: set[str] = set()
-    if on_gpu:
-        for factory in factories:
-            runner = factory()
-            _measure([runner], tokens, spec.rounds, on_gpu)
-            fixed.extend(_fixed_shapes(info, [runner], spec, max_length, on_gpu, measured))
-            runner.run = runner.fixed = None  # type: ignore[assignment]
-            runners.append(runner)
-            gc.collect()
-            torch.cuda.empty_cache()
-    else:
-        runners = [make() for make in factories]
-        _measure(runners, tokens, spec.rounds, on_gpu)
-        fixed = _fixed_shapes(info, runners, spec, max_length, on_gpu, measured)
-
-    results = [
-        Measurement(
-            model=info.name,
-            runner=name,
-            data="real",
-            batching="all sentences in one call",
-            batch=len(tokens),
-            seq=None,
-            sentences_per_s=round(len(tokens) / seconds, 1),
-            tokens_per_s=round(float(tokens.lengths.sum()) / seconds, 1),
-            padding_fraction=0.0,
-            p50_ms=None,
-            p99_ms=None,
-            includes_tokenization=True,
-        )
-        for name, seconds in tokenizer_rows
-    ]
-    total_tokens = float(tokens.lengths.sum())
-    for runner in runners:
-        seconds = statistics.median(runner.rounds)
-        results.append(
-            Measurement(
-                model=info.name,
-                runner=runner.name,
-                data="real",
-                batching=runner.batching,
-                batch=runner.batch,
-                seq=None,
-                sentences_per_s=round(len(tokens) / seconds, 1),
-                tokens_per_s=round(total_tokens / seconds, 1),
-                padding_fraction=round(runner.padding, 4),
-                p50_ms=_percentile(runner.batch_ms, 50),
-                p99_ms=_percentile(runner.batch_ms, 99),
-                includes_tokenization=runner.includes_tokenization,
-            )
-        )
+    runners, fixed = _measure_all(factories, tokens, setting)
+    results = [_tokenizer_row(info, tokens, name, seconds) for name, seconds in tokenizer_rows]
+    results += [_real_text_row(info, tokens, runner) for runner in runners]
     results.extend(sorted(fixed, key=lambda row: (row.batch, row.seq)))
-    return {
-        "ok": True,
-        "device": _device(on_gpu),
-        "engine_load": "fresh engine per runner, measured in turn"
+    return BenchReport(
+        device=_device(on_gpu),
+        engine_load="fresh engine per runner, measured in turn"
         if on_gpu
         else "runners alternate round by round",
-        "sentences": len(tokens),
-        "data": str(spec.data or datasets.STSB_DEV),
-        "spec": {**asdict(spec), "data": str(spec.data) if spec.data else None},
-        "versions": tool_versions(),
-        "results": [asdict(r) for r in results],
-    }
+        sentences=len(tokens),
+        data=str(spec.data or datasets.STSB_DEV),
+        settings={**asdict(spec), "data": str(spec.data) if spec.data else None},
+        versions=tool_versions(),
+        results=tuple(results),
+    )
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every runner of one bench shares."""
+
+    info: ModelInfo
+    tokenizer: Any
+    max_length: int
+    on_gpu: bool
+    spec: BenchSpec
+
+
+def _runtime_factories(
+    folder: Path, engine: Engine, setting: _Setting
+) -> list[Callable[[], Runner]]:
+    """The engine through the runtime on token rows: its default batching, the spec's other
+    batchings, and (on a GPU) its outputs left there, or (on a CPU) one batch at a time."""
+    info, max_length, on_gpu = setting.info, setting.max_length, setting.on_gpu
+    probe = Encoder(engine, info, max_length=max_length, tokenizer=setting.tokenizer)
+    default, concurrent = probe.batching, probe.concurrent_batches
+    variants = [
+        replace(
+            default,
+            max_batch=rows,
+            token_budget=budget or rows * default.token_budget // default.max_batch,
+        )
+        for rows, budget in setting.spec.runtime_batches
+    ]
+    variants = [v for v in dict.fromkeys(variants) if v != default]
+    # On a GPU the default batching also with the outputs left there (what the plain ORT
+    # peer does: its outputs are never copied back nor put in input order).
+    # On a CPU the default batching also one batch at a time: what running batches at once adds.
+    settings = [(default, False, concurrent), *((v, False, concurrent) for v in variants)]
+    if on_gpu:
+        settings.insert(1, (default, True, concurrent))
+    elif concurrent > 1:
+        settings.insert(1, (default, False, 1))
+    factories: list[Callable[[], Runner]] = []
+    for batching, device_outputs, at_a_time in settings:
+        at_once = f", {at_a_time} batches at a time" if at_a_time > 1 else ""
+        if concurrent > 1 and at_a_time == 1:
+            at_once = ", one batch at a time"
+
+        def make(batching=batching, kept=device_outputs, at_a_time=at_a_time, at_once=at_once):
+            ladder = f", ladder {list(batching.ladder)}" if batching.ladder else ""
+            encoder = Encoder(
+                fresh(folder, engine, on_gpu),
+                info,
+                max_length=max_length,
+                batching=batching,
+                tokenizer=setting.tokenizer,
+                time_batches=True,
+                concurrent_batches=at_a_time,
+            )
+            label = (
+                f"length-sorted, <= {batching.max_batch} rows, <= {batching.token_budget} "
+                f"tokens{', outputs left on the GPU' if kept else ''}{at_once}{ladder}"
+            )
+            return engine_runner(f"{folder.name} (runtime)", label, encoder, kept)
+
+        factories.append(make)
+    return factories
+
+
+def _text_factories(
+    folder: Path, engine: Engine, setting: _Setting, sentences: list[Text]
+) -> list[Callable[[], Runner]]:
+    """The engine end to end, texts in: tokenized on a thread (and, on a GPU, its outputs left
+    there), then in each of the spec's numbers of tokenizer processes."""
+    text_settings: list[tuple[bool, int | None]] = [(False, None)]
+    text_settings += [(True, None)] if setting.on_gpu else []
+    text_settings += [(False, workers) for workers in setting.spec.tokenizer_workers]
+    factories: list[Callable[[], Runner]] = []
+    for kept, workers in text_settings:
+
+        def make_text(kept=kept, workers=workers):
+            encoder = Encoder(
+                fresh(folder, engine, setting.on_gpu),
+                setting.info,
+                max_length=setting.max_length,
+                tokenizer=setting.tokenizer,
+                time_batches=True,
+                tokenizer_workers=workers,
+            )
+            workers = encoder.tokenizer_workers
+            label = (
+                f"length-sorted in windows, <= {encoder.batching.max_batch} rows, "
+                f"tokenized {f'in {workers} processes' if workers else 'on a thread'}"
+                f"{', outputs left on the GPU' if kept else ''}"
+            )
+            return text_runner(
+                f"{folder.name} (runtime, texts in)", label, encoder, sentences, kept
+            )
+
+        factories.append(make_text)
+    return factories
+
+
+def _measure_all(
+    factories: Sequence[Callable[[], Runner]], tokens: Tokens, setting: _Setting
+) -> tuple[list[Runner], list[Measurement]]:
+    """Every runner timed on real text, then at the fixed shapes.
+
+    On a GPU each runner is made, measured and dropped in turn (fresh engine sessions), since
+    the CUDA graphs and arenas of a dozen sessions at once crowd the GPU's memory and slow
+    whichever runner allocates; on a CPU they alternate round by round."""
+    info, spec, on_gpu = setting.info, setting.spec, setting.on_gpu
+    measured: set[str] = set()
+    if not on_gpu:
+        runners = [make() for make in factories]
+        _measure(runners, tokens, spec.rounds, on_gpu)
+        return runners, _fixed_shapes(info, runners, spec, setting.max_length, on_gpu, measured)
+    import torch
+
+    runners, fixed = [], []
+    for factory in factories:
+        runner = factory()
+        _measure([runner], tokens, spec.rounds, on_gpu)
+        fixed.extend(_fixed_shapes(info, [runner], spec, setting.max_length, on_gpu, measured))
+        runner.run = runner.fixed = None  # type: ignore[assignment]
+        runners.append(runner)
+        gc.collect()
+        torch.cuda.empty_cache()
+    return runners, fixed
+
+
+def _tokenizer_row(info: ModelInfo, tokens: Tokens, name: str, seconds: float) -> Measurement:
+    return Measurement(
+        model=info.name,
+        runner=name,
+        data="real",
+        batching="all sentences in one call",
+        batch=len(tokens),
+        seq=None,
+        sentences_per_s=round(len(tokens) / seconds, 1),
+        tokens_per_s=round(float(tokens.lengths.sum()) / seconds, 1),
+        padding_fraction=0.0,
+        p50_ms=None,
+        p99_ms=None,
+        includes_tokenization=True,
+    )
+
+
+def _real_text_row(info: ModelInfo, tokens: Tokens, runner: Runner) -> Measurement:
+    seconds = statistics.median(runner.rounds)
+    return Measurement(
+        model=info.name,
+        runner=runner.name,
+        data="real",
+        batching=runner.batching,
+        batch=runner.batch,
+        seq=None,
+        sentences_per_s=round(len(tokens) / seconds, 1),
+        tokens_per_s=round(float(tokens.lengths.sum()) / seconds, 1),
+        padding_fraction=round(runner.padding, 4),
+        p50_ms=_percentile(runner.batch_ms, 50),
+        p99_ms=_percentile(runner.batch_ms, 99),
+        includes_tokenization=runner.includes_tokenization,
+    )
 
 
 def _time_tokenizers(
@@ -512,18 +526,12 @@ def _time_calls(run: Callable, feeds: dict[str, Any], on_gpu: bool) -> list[floa
     return times
 
 
-def _device(on_gpu: bool) -> dict[str, Any]:
+def _device(on_gpu: bool) -> BenchDevice:
     if on_gpu:
         import torch
 
         major, minor = torch.cuda.get_device_capability()
-        return {
-            "kind": "cuda",
-            "name": torch.cuda.get_device_name(),
-            "compute_capability": f"{major}.{minor}",
-        }
-    return {
-        "kind": "cpu",
-        "name": platform.processor() or platform.machine(),
-        "cores": usable_cores(),
-    }
+        return BenchDevice(
+            "cuda", torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}"
+        )
+    return BenchDevice("cpu", platform.processor() or platform.machine(), cores=usable_cores())

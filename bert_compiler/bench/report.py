@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +18,82 @@ CHART_FILE = "bench.png"
 TABLE_FILE = "bench.txt"
 
 
-def format_table(report: dict[str, Any]) -> str:
+@dataclass
+class Measurement:
+    """One row of bench's results (the JSON schema of ``results``)."""
+
+    model: str
+    runner: str
+    data: str
+    batching: str
+    batch: int
+    seq: int | None
+    sentences_per_s: float
+    tokens_per_s: float
+    padding_fraction: float
+    p50_ms: float | None
+    p99_ms: float | None
+    # Whether the time includes turning texts into token rows (end to end: texts in, outputs
+    # out), or starts from the token rows every runner shares.
+    includes_tokenization: bool = False
+
+
+@dataclass(frozen=True)
+class BenchDevice:
+    """Where bench ran: a GPU's name and compute capability, or a CPU's and its usable cores."""
+
+    kind: str
+    name: str
+    compute_capability: str | None = None
+    cores: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        extra = (
+            {"compute_capability": self.compute_capability}
+            if self.kind == "cuda"
+            else {"cores": self.cores}
+        )
+        return {"kind": self.kind, "name": self.name, **extra}
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """Everything one bench measured, side by side; ``to_json`` is OUT/bench/bench.json."""
+
+    device: BenchDevice
+    engine_load: str
+    sentences: int
+    data: str
+    settings: Mapping[str, Any]
+    versions: Mapping[str, str]
+    results: tuple[Measurement, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "device": self.device.to_json(),
+            "engine_load": self.engine_load,
+            "sentences": self.sentences,
+            "data": self.data,
+            "spec": dict(self.settings),
+            "versions": dict(self.versions),
+            "results": [asdict(row) for row in self.results],
+        }
+
+
+def format_table(report: BenchReport) -> str:
     """The results as a fixed-width table."""
     header = (
         f"{'runner':<52} {'data':<5} {'batching':<44} {'sent/s':>10} {'pad':>5} "
         f"{'p50 ms':>8} {'p99 ms':>8}"
     )
     lines = [header]
-    for row in report["results"]:
-        shape = f"{row['batch']}x{row['seq']}" if row["data"] == "fixed" else row["batching"]
+    for row in report.results:
+        shape = f"{row.batch}x{row.seq}" if row.data == "fixed" else row.batching
         lines.append(
-            f"{row['runner'][:52]:<52} {row['data']:<5} {shape[:44]:<44} "
-            f"{row['sentences_per_s']:>10,.0f} {row['padding_fraction']:>5.0%} "
-            f"{_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8}"
+            f"{row.runner[:52]:<52} {row.data:<5} {shape[:44]:<44} "
+            f"{row.sentences_per_s:>10,.0f} {row.padding_fraction:>5.0%} "
+            f"{_ms(row.p50_ms):>8} {_ms(row.p99_ms):>8}"
         )
     return "\n".join(lines)
 
@@ -37,7 +102,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def write_chart(report: dict[str, Any], path: Path) -> Path | None:
+def write_chart(report: BenchReport, path: Path) -> Path | None:
     """A bar chart of real-text throughput per runner (None when matplotlib is not installed)."""
     try:
         import matplotlib
@@ -47,16 +112,15 @@ def write_chart(report: dict[str, Any], path: Path) -> Path | None:
     except ImportError:
         log.warning("[bench] no chart: matplotlib is not installed")
         return None
-    rows = [r for r in report["results"] if r["data"] == "real" and "tokenizer" not in r["runner"]]
-    labels = [f"{r['runner']}\n{r['batching']}" for r in rows]
+    rows = [r for r in report.results if r.data == "real" and "tokenizer" not in r.runner]
+    labels = [f"{r.runner}\n{r.batching}" for r in rows]
     figure, axes = plt.subplots(figsize=(10, 0.5 * len(rows) + 1.5))
-    axes.barh(range(len(rows)), [r["sentences_per_s"] for r in rows], color="tab:blue")
+    axes.barh(range(len(rows)), [r.sentences_per_s for r in rows], color="tab:blue")
     axes.set_yticks(range(len(rows)), labels, fontsize=7)
     axes.invert_yaxis()
     axes.set_xlabel("sentences/s")
-    device = report["device"]["name"]
     axes.set_title(
-        f"{rows[0]['model'] if rows else ''} on {device}: {report['sentences']} sentences"
+        f"{rows[0].model if rows else ''} on {report.device.name}: {report.sentences} sentences"
     )
     figure.tight_layout()
     temporary = path.with_name(f".{path.name}.tmp")
@@ -66,11 +130,11 @@ def write_chart(report: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def write_report(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+def write_report(report: BenchReport, folder: Path) -> dict[str, Path]:
     """bench.json, bench.txt and bench.png (when matplotlib is there) in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     written = {"json": folder / RESULTS_FILE, "table": folder / TABLE_FILE}
-    atomic_write_text(written["json"], json.dumps(report, indent=2) + "\n")
+    atomic_write_text(written["json"], json.dumps(report.to_json(), indent=2) + "\n")
     atomic_write_text(written["table"], format_table(report) + "\n")
     chart = write_chart(report, folder / CHART_FILE)
     if chart is not None:

@@ -80,9 +80,9 @@ def bench_command(engine_dirs: tuple[Path, ...], force_out: bool, **values: Any)
             release_if_unused(layout.root)
         raise
     written = write_report(report, layout.root / "bench")
-    report["files"] = {kind: str(path) for kind, path in written.items()}
+    files = {kind: str(path) for kind, path in written.items()}
     lines = [format_table(report), *(f"{kind}: {path}" for kind, path in written.items())]
-    emit(report, values["as_json"], "\n".join(lines))
+    emit({**report.to_json(), "files": files}, values["as_json"], "\n".join(lines))
 
 
 @cli.command("serve")
