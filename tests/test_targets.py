@@ -564,7 +564,7 @@ def test_signal_watch_sees_sigterm_while_the_main_thread_waits_in_native_code():
     import threading
     import time
 
-    from bert_compiler.engines.tensorrt import SignalWatch
+    from bert_compiler.engines.tensorrt_build import SignalWatch
 
     handled = []
     previous = {

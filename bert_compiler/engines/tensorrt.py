@@ -16,24 +16,20 @@ per-tensor fp16 scales, as TensorRT's FP8 scheme (castToFp8(clip(x / s, -448, 44
 
 Everything here that needs no GPU (profiles, profile choice, compatibility checks, graph checks,
 options) is plain Python and tested on CPU; ``tensorrt`` and ``torch.cuda`` are imported only by
-``build_engine`` and ``load``.
+``build_engine`` (engines/tensorrt_build.py) and ``load_plan`` (engines/tensorrt_runtime.py).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import signal
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bert_compiler.core.artifacts import atomic_path
-from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError, Interrupted
+from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
-from bert_compiler.core.targets import Environment, current_gpu, fp8_capable, fp8_refusal
+from bert_compiler.core.targets import Environment, fp8_capable, fp8_refusal
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
@@ -45,17 +41,10 @@ from bert_compiler.engines.backend import (
     quantized_types,
     register,
 )
-from bert_compiler.engines.feeds import require_inputs, run_numpy_on_gpu
 from bert_compiler.engines.fp16 import convert_to_fp16
-from bert_compiler.engines.tensorrt_options import (
-    Profile,
-    TensorRTOptions,
-    compatibility_problems,
-    select_profile,
-    target_tag,
-)
-
-log = logging.getLogger("bert_compile")
+from bert_compiler.engines.tensorrt_build import build_engine
+from bert_compiler.engines.tensorrt_options import Profile, TensorRTOptions, target_tag
+from bert_compiler.engines.tensorrt_runtime import TensorRTEngine, import_tensorrt, load_plan
 
 PLAN_FILE = "model.plan"
 NETWORK_FILE = "network.onnx"
@@ -93,350 +82,6 @@ def prepare_network_graph(model: Any, *, precision: str, keep_float_ops: Sequenc
     raise InputError(f"TensorRT precision {precision!r}: expected fp32, fp16, int8 or fp8")
 
 
-if TYPE_CHECKING:
-    # The TensorRT API as the type check sees it (tensorrt-stubs; pyproject.toml [tool.mypy]). At
-    # run time tensorrt is imported only inside the functions that need it, after
-    # _import_tensorrt() has checked that it imports, as `import tensorrt as trt`: a local name
-    # bound by an import keeps the module's types, where one returned by a function would not.
-    import tensorrt as trt
-
-
-def _import_tensorrt() -> ModuleType:
-    try:
-        import tensorrt
-    except (ImportError, OSError) as err:
-        raise EnvironmentProblem(
-            f"the TensorRT backend needs the tensorrt package with its libraries ({err}); "
-            "use --target auto to fall back to ONNX Runtime"
-        ) from err
-    if not getattr(tensorrt, "__version__", None):
-        raise EnvironmentProblem("import tensorrt gave a module without __version__ (a stub?)")
-    return tensorrt
-
-
-def _make_logger() -> tuple[trt.ILogger, list[str]]:
-    """A logger for Builder/Runtime, and the list it collects TensorRT's error messages in."""
-    import tensorrt as trt
-
-    errors: list[str] = []
-
-    class Logger(trt.ILogger):
-        """Routes TensorRT's messages to our log and keeps the errors for the one-line report."""
-
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: trt.ILogger.Severity, msg: str) -> None:
-            levels = trt.ILogger.Severity
-            if severity in (levels.INTERNAL_ERROR, levels.ERROR):
-                errors.append(msg)
-                log.error("[tensorrt] %s", msg)
-            elif severity == levels.WARNING:
-                log.warning("[tensorrt] %s", msg)
-            else:
-                log.debug("[tensorrt] %s", msg)
-
-    return Logger(), errors
-
-
-class SignalWatch:
-    """Notices SIGINT/SIGTERM while the main thread is inside a long native call.
-
-    Python runs signal handlers only between bytecodes, so during ``build_serialized_network``
-    a Ctrl-C would wait for the whole build. The interpreter's C-level handler writes each
-    signal's number to the fd given to ``signal.set_wakeup_fd`` at once, whatever the main thread
-    is doing; TensorRT's progress monitor (called on its own threads) polls it through
-    ``requested()`` and cancels the build. Inactive (never requested) off the main thread.
-    """
-
-    def __init__(self) -> None:
-        self.received: signal.Signals | None = None
-        self._read = self._write = -1
-        self._previous: int | None = None
-
-    def __enter__(self) -> SignalWatch:
-        self._read, self._write = os.pipe()
-        os.set_blocking(self._read, False)
-        os.set_blocking(self._write, False)
-        try:
-            self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
-        except ValueError:  # not the main thread: signals are not ours to watch
-            self._previous = None
-        return self
-
-    def requested(self) -> bool:
-        """True once SIGINT or SIGTERM arrived (other signals are ignored)."""
-        try:
-            data = os.read(self._read, 64)
-        except (BlockingIOError, OSError):
-            data = b""
-        for number in data:
-            if number in (signal.SIGINT, signal.SIGTERM):
-                self.received = signal.Signals(number)
-        return self.received is not None
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.set_wakeup_fd(self._previous)
-        self.requested()
-        os.close(self._read)
-        os.close(self._write)
-
-
-def _make_progress_monitor(signals: SignalWatch) -> trt.IProgressMonitor:
-    import tensorrt as trt
-
-    class ProgressMonitor(trt.IProgressMonitor):
-        """Logs the builder's phases (a long build shows progress) and cancels it on a signal."""
-
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-
-        # parent_phase is None for a top-level phase (the stubs say str; TensorRT passes None).
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            if parent_phase is None:
-                log.info("[tensorrt] %s (%d steps)", phase_name, num_steps)
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            return not signals.requested()  # False asks TensorRT to cancel the build
-
-        def phase_finish(self, phase_name: str) -> None:
-            pass
-
-    return ProgressMonitor()
-
-
-@dataclass
-class BuildFacts:
-    """What the manifest records about a TensorRT build."""
-
-    tensorrt: str
-    compute_capability: str
-    gpu: str
-    profiles: list[str] = field(default_factory=list)
-    timing_cache_hit: bool = False
-    plan_bytes: int = 0
-
-
-def build_engine(
-    network_onnx: Path,
-    plan_path: Path,
-    options: TensorRTOptions,
-    *,
-    input_names: Sequence[str],
-) -> dict[str, Any]:
-    """Parse ``network_onnx`` into a strongly typed network and write the serialized plan.
-
-    Args:
-        network_onnx: the prepared graph (prepare_network_graph), on disk so the parser resolves
-            external data beside it.
-        plan_path: where the plan goes (a staging path; the caller renames it into place).
-        options: profiles must be resolved (non-empty) by now.
-        input_names: the [batch, sequence] token inputs every profile sets.
-
-    Raises:
-        InputError: the parser or builder rejects the graph (their messages included).
-        EnvironmentProblem: tensorrt or a GPU is missing.
-    """
-
-    _import_tensorrt()
-    import tensorrt as trt
-
-    capability, gpu = current_gpu("building a TensorRT plan")
-    if not options.profiles:
-        raise InputError("TensorRT build needs at least one optimization profile")
-    logger, trt_errors = _make_logger()
-    builder = trt.Builder(logger)
-    # TensorRT 11 builds every network strongly typed and ignores this flag (still defined there,
-    # deprecated); 10.x needs it. The bit comes from the enum, whose value differs between the two.
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(network_onnx)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise InputError(f"{network_onnx}: TensorRT's ONNX parser refused the graph: {errors}")
-    config = builder.create_builder_config()
-    config.builder_optimization_level = options.builder_optimization_level
-    if options.workspace_mib:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_mib << 20)
-    # One member looked up at a time: SAME_COMPUTE_CAPABILITY first appears in TensorRT 10.10.
-    if options.hardware_compatibility == "ampere_plus":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
-    elif options.hardware_compatibility == "same_compute_capability":
-        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY
-    if options.version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    network_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-    if network_inputs != set(input_names):
-        raise InputError(
-            f"{network_onnx}: network inputs {sorted(network_inputs)} differ from the model's "
-            f"{sorted(input_names)}"
-        )
-    for profile in options.profiles:
-        trt_profile = builder.create_optimization_profile()
-        # Dims built here rather than by pybind11's implicit tuple conversion, which the stubs lack.
-        low, opt, high = (trt.Dims(list(shape)) for shape in profile.shapes())
-        for name in input_names:
-            trt_profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(trt_profile)
-    cache_file = Path(options.timing_cache) if options.timing_cache else None
-    cache_bytes = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(timing_cache, ignore_mismatch=False)
-    with SignalWatch() as signals:
-        # Kept referenced until the build returns: TensorRT holds only a raw pointer to it.
-        monitor = _make_progress_monitor(signals)
-        config.progress_monitor = monitor
-        plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        if signals.received is not None:
-            raise Interrupted(signals.received.name, 128 + signals.received)
-        raise InputError(
-            f"{network_onnx}: TensorRT could not build a plan: {'; '.join(trt_errors) or '?'}"
-        )
-    Path(plan_path).write_bytes(memoryview(plan))
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache_file) as staging:
-            staging.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return asdict(
-        BuildFacts(
-            tensorrt=trt.__version__,
-            compute_capability=capability,
-            gpu=gpu,
-            profiles=[str(p) for p in options.profiles],
-            timing_cache_hit=bool(cache_bytes),
-            plan_bytes=Path(plan_path).stat().st_size,
-        )
-    )
-
-
-_TORCH_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT8": "int8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "BOOL": "bool",
-}
-
-
-def _torch_dtype(torch: Any, dtype: trt.DataType) -> Any:
-    """The torch dtype of a TensorRT DataType (matched by member name across versions)."""
-    if dtype.name in _TORCH_DTYPES:
-        return getattr(torch, _TORCH_DTYPES[dtype.name])
-    raise InputError(f"engine tensor type {dtype} has no torch equivalent")
-
-
-class TensorRTEngine:
-    """A deserialized plan with one execution context on its own CUDA stream.
-
-    ``run_device`` takes and returns torch CUDA tensors (no host copies); ``run`` wraps it for the
-    numpy feeds verify uses.
-    """
-
-    packed_rows = False
-    concurrent_runs = False
-
-    def __init__(self, plan: bytes, options: TensorRTOptions, path: Path):
-        import torch
-
-        _import_tensorrt()
-        import tensorrt as trt
-
-        self._torch = torch
-        self.path = path
-        self.options = options
-        self.device = "cuda"
-        # The largest batch some optimization profile accepts.
-        self.max_batch: int | None = max((p.max_batch for p in options.profiles), default=None)
-        self._logger, self._errors = _make_logger()
-        self._runtime = trt.Runtime(self._logger)
-        # Version-compatible plans carry a lean runtime (host code); allowed only for them.
-        self._runtime.engine_host_code_allowed = options.version_compatible
-        self.engine = self._runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise ArtifactError(
-                f"{path}: TensorRT could not deserialize the plan: "
-                f"{'; '.join(self._errors) or 'no message'}"
-            )
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        is_input = {n: self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in names}
-        self.input_names = [n for n in names if is_input[n]]
-        self.output_names = [n for n in names if not is_input[n]]
-        self._dtypes = {n: _torch_dtype(torch, self.engine.get_tensor_dtype(n)) for n in names}
-        self._profile = 0
-
-    def run_device(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one batch of CUDA tensors [batch, sequence]; returns CUDA tensors, synchronised
-        with the caller's current stream."""
-        torch = self._torch
-        require_inputs(self.path, self.input_names, tensors)
-        batch, seq = tensors[self.input_names[0]].shape
-        profile = select_profile(self.options.profiles, batch, seq)
-        caller = torch.cuda.current_stream()
-        self.stream.wait_stream(caller)
-        if profile != self._profile:
-            self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
-            self._profile = profile
-        keep_alive = []
-        for name in self.input_names:
-            tensor = tensors[name].to(device="cuda", dtype=self._dtypes[name]).contiguous()
-            keep_alive.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        outputs = {}
-        for name in self.output_names:
-            # Dims[:] is a tuple; tuple(Dims) iterates only through __getitem__, unknown to mypy.
-            shape = self.context.get_tensor_shape(name)[:]
-            outputs[name] = torch.empty(shape, dtype=self._dtypes[name], device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise InputError(f"{self.path}: TensorRT failed to run batch={batch} sequence={seq}")
-        for tensor in (*keep_alive, *outputs.values()):
-            tensor.record_stream(self.stream)
-        caller.wait_stream(self.stream)
-        return outputs
-
-    def run(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
-        """Run one batch of numpy int64 feeds; returns float32 numpy outputs."""
-        require_inputs(self.path, self.input_names, feeds)
-        return run_numpy_on_gpu(self.run_device, self.input_names, feeds)
-
-
-def load(
-    plan_path: Path,
-    options: TensorRTOptions,
-    *,
-    built_tensorrt: str,
-    built_compute_capability: str,
-) -> TensorRTEngine:
-    """Check the plan fits this GPU and TensorRT version, then deserialize it.
-
-    The caller has checked the plan's sha256 against its manifest (backend.load_engine):
-    a plan is executable code and only plans this tool recorded are loaded.
-
-    Raises:
-        EnvironmentProblem: no GPU, no tensorrt, or the plan does not fit this machine.
-        ArtifactError: TensorRT cannot deserialize the plan.
-    """
-
-    trt = _import_tensorrt()
-    capability, _ = current_gpu(f"{plan_path}: running a TensorRT plan")
-    problems = compatibility_problems(
-        built_tensorrt=built_tensorrt,
-        built_compute_capability=built_compute_capability,
-        options=options,
-        runtime_tensorrt=trt.__version__,
-        runtime_compute_capability=capability,
-    )
-    if problems:
-        raise EnvironmentProblem(f"{plan_path}: " + "; ".join(problems))
-    return TensorRTEngine(Path(plan_path).read_bytes(), options, Path(plan_path))
-
-
 class TensorRTBackend(Backend):
     """TensorRT plans, strongly typed, from the standard-ops graph (fp32, fp16) or the calibrated
     Q/DQ graph (int8; fp8 from the float8 one), with optimization profiles and a timing cache
@@ -455,7 +100,7 @@ class TensorRTBackend(Backend):
     auto_gpu_rank = 0
 
     def version(self) -> str:
-        return str(_import_tensorrt().__version__)
+        return str(import_tensorrt().__version__)
 
     def gpu_problem(self, env: Environment) -> str:
         return "" if env.tensorrt else env.tensorrt_problem or "TensorRT is not installed"
@@ -521,7 +166,7 @@ class TensorRTBackend(Backend):
                 facts = build_engine(
                     folder / NETWORK_FILE, staging, spec.options, input_names=names
                 )
-            engine = load(
+            engine = load_plan(
                 folder / PLAN_FILE,
                 spec.options,
                 built_tensorrt=facts["tensorrt"],
@@ -544,7 +189,7 @@ class TensorRTBackend(Backend):
     def load(
         self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]
     ) -> TensorRTEngine:
-        return load(
+        return load_plan(
             engine_path,
             self.from_record(spec).options,
             built_tensorrt=results["tensorrt"],
