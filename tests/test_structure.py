@@ -22,11 +22,16 @@ def _sources() -> list[Path]:
 
 def test_the_package_is_one_folder_of_wings():
     """Every product module lives under bert_compiler/, in a wing (or run.py, the pipeline
-    that chains the stages); nothing of the product is left at the repository root."""
+    that chains the stages, and run_summary.py, what it returns); nothing of the product is left
+    at the repository root."""
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(
         WINGS
     )
-    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "run.py"]
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == [
+        "__init__.py",
+        "run.py",
+        "run_summary.py",
+    ]
     assert not [name for name in (*WINGS, "pipeline") if (ROOT / name).exists()]
 
 

@@ -51,9 +51,9 @@ from bert_compiler.stages.export import MODEL_FILE, export
 from bert_compiler.stages.fuse import fuse
 from bert_compiler.stages.layout import Layout, find_engine
 from bert_compiler.stages.simplify import simplify
-from bert_compiler.stages.sweep import format_table as sweep_table
 from bert_compiler.stages.sweep import run_sweep
-from bert_compiler.stages.sweep import write_report as write_sweep
+from bert_compiler.stages.sweep_report import format_table as sweep_table
+from bert_compiler.stages.sweep_report import write_report as write_sweep
 from bert_compiler.stages.verify import REPORT_FILE, require_passed, verify
 from bert_compiler.triton.gate import verify_repository
 from bert_compiler.triton.package import (
@@ -183,8 +183,11 @@ def calibrate_command(input_path: Path | None, **values: Any) -> None:
     if sweep is not None:
         report = run_sweep(info=info, layout=layout, spec=sweep)
         written = write_sweep(report, layout.root / "sweep")
-        report["file"] = str(written)
-        emit(report, values["as_json"], f"{sweep_table(report)}\nresults: {written}")
+        emit(
+            {**report.to_json(), "file": str(written)},
+            values["as_json"],
+            f"{sweep_table(report)}\nresults: {written}",
+        )
         return
     source = input_path or model_stage_file(layout, layout.simplify, info)
     spec = CALIBRATION.parse(values, info)

@@ -22,7 +22,6 @@ None, printed n/a). The dynamic axis is the CPU INT8 engine's, so fp8 rows do no
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ from bert_compiler.calibration.qdq import FP8, INT8, insert_qdq, quantizable_mat
 from bert_compiler.calibration.ranges import collect_channel_amax, collect_histograms, compute_amax
 from bert_compiler.calibration.sensitivity import rank_sensitivity
 from bert_compiler.calibration.smooth import apply_smoothing, smoothing_factors
-from bert_compiler.core.artifacts import ArtifactDir, atomic_write_text
+from bert_compiler.core.artifacts import ArtifactDir
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.onnx_io import load_onnx, save_onnx
 from bert_compiler.engines import ort_session
@@ -59,6 +58,7 @@ from bert_compiler.stages.fallback import FallbackSpec
 from bert_compiler.stages.fuse import fuse
 from bert_compiler.stages.layout import Layout
 from bert_compiler.stages.simplify import simplify
+from bert_compiler.stages.sweep_report import SweepPoint, SweepReport, SweepRow
 from bert_compiler.stages.verify import (
     compute_metric,
     engine_embedder,
@@ -66,7 +66,6 @@ from bert_compiler.stages.verify import (
     torch_runner,
 )
 
-RESULTS_FILE = "sweep.json"
 TIMED_BATCH = 32
 
 
@@ -231,9 +230,28 @@ def _save_variant(quantized, folder: Path) -> Path:
     return folder / "model.onnx"
 
 
-def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Any]:
+@dataclass
+class _Scored:
+    """A row scored on both splits, and what times it (None: scored only)."""
+
+    runner: str
+    point: SweepPoint | None
+    scores: dict[str, float | None]
+    run: Callable[[dict], Any] | None
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One smoothing variant of the float graph with its activation histograms."""
+
+    alpha: float | None
+    model: Any
+    histograms: Any
+
+
+def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> SweepReport:
     """Build every grid point's engine under OUT/sweep/, score and time them beside PyTorch
-    fp32; return the JSON object (``splits``, ``rows``)."""
+    fp32."""
     import torch
 
     if info.pairs or info.task == "sequence-classification":
@@ -244,13 +262,116 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
     selection = Path(spec.selection_data or datasets.STSB_SELECTION)
     # Before the first export: a bad file is one line in seconds, naming the file and line.
     selection_rows, dev_rows = check_selection(selection, datasets.STSB_DEV)
-    scratch = tempfile.TemporaryDirectory()
-    splits = {
-        "selection": _strided(selection, selection_rows, spec.pairs, Path(scratch.name)),
-        "dev": _strided(datasets.STSB_DEV, dev_rows, spec.pairs, Path(scratch.name)),
-    }
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    torch.set_num_threads(spec.threads)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        splits = {
+            "selection": _strided(selection, selection_rows, spec.pairs, scratch),
+            "dev": _strided(datasets.STSB_DEV, dev_rows, spec.pairs, scratch),
+        }
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        torch.set_num_threads(spec.threads)
+        graphs = _graphs(info, layout, spec)
+        model = load_onnx(graphs["simplify"])
+        quantizable = len(quantizable_matmuls(model))
+        if max(spec.kept_float) > quantizable:
+            raise InputError(
+                f"--sweep-kept-float {max(spec.kept_float)}: {info.name} has {quantizable} "
+                "quantizable MatMuls; keep at most that many in float"
+            )
+        calibration = CalibrationSpec()
+        texts, _ = calibration_texts(calibration)
+        batches = calibration_batches(info, texts, calibration)
+        variants = _variants(model, spec, calibration, batches)
+        order = _sensitivity_order(model, spec, calibration, batches)
+
+        scorer = _Scorer(info, splits, resolve_max_length(info, None), load_tokenizer(info))
+        pairs = datasets.load_stsb(splits["selection"])
+        timed = (pairs.sentences1 + pairs.sentences2)[: spec.sentences]
+        feeds = [
+            tokenize(scorer.tokenizer, timed[i : i + TIMED_BATCH], info, scorer.max_length)
+            for i in range(0, len(timed), TIMED_BATCH)
+        ]
+        scored = [scorer.torch_fp32()]
+        if spec.peers:
+            for label, graph, per_channel in PEERS:
+                quantized_peer = scratch / f"{graph}-dynamic-int8.onnx"
+                session = peer_session(
+                    ort_dynamic_int8(graphs[graph], quantized_peer, per_channel), spec.threads
+                )
+                scored.append(scorer.session(label, None, session, timed=True))
+        for variant in variants:
+            for method_text in spec.methods:
+                for point, quantized in _grid(variant, method_text, spec, order):
+                    scored.append(scorer.grid_point(point, quantized, layout, spec))
+        speeds = _speeds_vs_first([row.run for row in scored], feeds, spec.rounds)
+    first = scored[0].scores
+    rows = tuple(
+        SweepRow(
+            runner=row.runner,
+            point=row.point,
+            selection=row.scores["selection"],
+            dev=row.scores["dev"],
+            selection_drop=_drop(first["selection"], row.scores["selection"]),
+            dev_drop=_drop(first["dev"], row.scores["dev"]),
+            vs_torch=speed,
+        )
+        for row, speed in zip(scored, speeds, strict=True)
+    )
+    return SweepReport(info.name, selection, spec.pairs, len(timed), spec.rounds, rows)
+
+
+class _Scorer:
+    """Scores runners on both splits with one tokenizer and truncation length."""
+
+    def __init__(self, info: ModelInfo, splits: dict[str, Path], max_length: int, tokenizer):
+        self.info, self.splits = info, splits
+        self.max_length, self.tokenizer = max_length, tokenizer
+
+    def score(
+        self, runner: str, point: SweepPoint | None, embed, run: Callable[[dict], Any] | None
+    ) -> _Scored:
+        scores = {
+            split: compute_metric(embed, self.info, None, path).value
+            for split, path in self.splits.items()
+        }
+        return _Scored(runner, point, scores, run)
+
+    def torch_fp32(self) -> _Scored:
+        reference = torch_runner(self.info, pooling_in_graph=True)
+        embed = torch_embedder(reference, self.tokenizer, self.info, self.max_length, "torch")
+        return self.score("torch fp32", None, embed, reference)
+
+    def session(self, runner: str, point: SweepPoint | None, session, *, timed: bool) -> _Scored:
+        embed = _session_embedder(session, self.tokenizer, self.info, self.max_length)
+        return self.score(runner, point, embed, session_run(session) if timed else None)
+
+    def grid_point(self, point: SweepPoint, quantized, layout: Layout, spec: SweepSpec) -> _Scored:
+        """An INT8 point as the CPU INT8 engine the pipeline builds; an fp8 point as its Q/DQ
+        graph run as written, scored only."""
+        label = _label(
+            point.smooth_alpha,
+            point.method,
+            point.weight_granularity,
+            point.dynamic,
+            point.kept_float,
+        )
+        folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
+        if point.format != INT8.name:
+            session = peer_session(_save_variant(quantized, folder), spec.threads)
+            return self.session(label, point, session, timed=False)
+        engine = _int8_engine(quantized, folder, point, spec)
+        encoder = Encoder(engine, self.info, max_length=self.max_length)
+        return self.score(label, point, engine_embedder(encoder), engine.run)
+
+
+def _drop(reference: float | None, value: float | None) -> float | None:
+    """How far ``value`` fell below PyTorch fp32's (None where either has no value: a constant
+    embedding has no Spearman)."""
+    return None if reference is None or value is None else reference - value
+
+
+def _graphs(info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, Path]:
+    """The exported and simplified graphs (and, for the peers, the fused one)."""
     exported = export(info=info, out_dir=layout.export)
     simplified = simplify(source=exported.output("model.onnx"), out_dir=layout.simplify)
     graphs = {"export": exported.output("model.onnx"), "simplify": simplified.output("model.onnx")}
@@ -258,153 +379,90 @@ def run_sweep(*, info: ModelInfo, layout: Layout, spec: SweepSpec) -> dict[str, 
         graphs["fuse"] = fuse(info=info, source=graphs["simplify"], out_dir=layout.fuse).output(
             "model.onnx"
         )
-    model = load_onnx(simplified.output("model.onnx"))
-    quantizable = len(quantizable_matmuls(model))
-    if max(spec.kept_float) > quantizable:
-        raise InputError(
-            f"--sweep-kept-float {max(spec.kept_float)}: {info.name} has {quantizable} "
-            "quantizable MatMuls; keep at most that many in float"
-        )
-    calibration = CalibrationSpec()
-    texts, _ = calibration_texts(calibration)
-    batches = calibration_batches(info, texts, calibration)
+    return graphs
+
+
+def _variants(model, spec: SweepSpec, calibration: CalibrationSpec, batches) -> list[_Variant]:
+    """Each smoothing alpha's graph (None: the float graph) with its activation histograms."""
     activations = sorted({t.activation for t in quantizable_matmuls(model)})
     channel_amax = collect_channel_amax(model, activations, batches)
-    variants = {}
+    variants = []
     for alpha in spec.smooth_alpha:
         variant = model
         if alpha is not None:
             variant = apply_smoothing(model, smoothing_factors(model, channel_amax, alpha=alpha))
         names = sorted({t.activation for t in quantizable_matmuls(variant)})
         histograms = collect_histograms(variant, names, batches, bins=calibration.bins)
-        variants[alpha] = (variant, histograms)
-    order: list[str] = []
-    if max(spec.kept_float) > 0:
-        histograms = collect_histograms(model, activations, batches, bins=calibration.bins)
-        amax = compute_amax(histograms, calibration.method, percentile=calibration.percentile)
-        rows_used = FallbackSpec().ranking_sentences // calibration.batch_size or 1
-        ranking = rank_sensitivity(float_model=model, amax=amax, batches=batches[:rows_used])
-        order = [s.node for s in ranking]
+        variants.append(_Variant(alpha, variant, histograms))
+    return variants
 
-    max_length = resolve_max_length(info, None)
-    tokenizer = load_tokenizer(info)
-    reference = torch_runner(info, pooling_in_graph=True)
-    pairs = datasets.load_stsb(splits["selection"])
-    timed = (pairs.sentences1 + pairs.sentences2)[: spec.sentences]
-    feeds = [
-        tokenize(tokenizer, timed[i : i + TIMED_BATCH], info, max_length)
-        for i in range(0, len(timed), TIMED_BATCH)
-    ]
 
-    rows: list[dict[str, Any]] = []
-    # None: a row scored but not timed (fp8: no CPU speed to report).
-    runners: list[Callable[[dict], Any] | None] = []
+def _sensitivity_order(model, spec: SweepSpec, calibration: CalibrationSpec, batches) -> list[str]:
+    """The quantizable MatMuls, most sensitive first (the fallback's ranking on the calibration
+    sentences, the default method, the unsmoothed graph); empty when none is kept float."""
+    if max(spec.kept_float) == 0:
+        return []
+    activations = sorted({t.activation for t in quantizable_matmuls(model)})
+    histograms = collect_histograms(model, activations, batches, bins=calibration.bins)
+    amax = compute_amax(histograms, calibration.method, percentile=calibration.percentile)
+    rows_used = FallbackSpec().ranking_sentences // calibration.batch_size or 1
+    ranking = rank_sensitivity(float_model=model, amax=amax, batches=batches[:rows_used])
+    return [s.node for s in ranking]
 
-    def add(row: dict[str, Any], embed, run: Callable[[dict], Any] | None) -> None:
-        for split, path in splits.items():
-            row[split] = compute_metric(embed, info, None, path).value
-        rows.append(row)
-        runners.append(run)
 
-    add(
-        {"runner": "torch fp32"},
-        torch_embedder(reference, tokenizer, info, max_length, "torch"),
-        reference,
+def _grid(variant: _Variant, method_text: str, spec: SweepSpec, order: list[str]):
+    """(grid point, its Q/DQ graph) for one variant and method: the INT8 points (weights x
+    kept float x dynamic scope), then the fp8 ones (weights x kept float)."""
+    method, percentile = parse_method(method_text)
+    amax = compute_amax(variant.histograms, method, percentile=percentile)
+    points: list[tuple[str, str, int, str | None]] = []
+    if INT8.name in spec.formats:
+        grid = itertools.product(spec.weight_granularity, spec.kept_float, spec.dynamic)
+        points += [(INT8.name, weights, kept, scope) for weights, kept, scope in grid]
+    if FP8.name in spec.formats:
+        grid_fp8 = itertools.product(spec.weight_granularity, spec.kept_float)
+        points += [(FP8.name, weights, kept, None) for weights, kept in grid_fp8]
+    for format_name, weights, kept, scope in points:
+        quantized, _ = insert_qdq(
+            variant.model,
+            amax,
+            exclude=frozenset(order[:kept]),
+            weight_granularity=weights,
+            format=format_name,
+        )
+        point = SweepPoint(format_name, method_text, variant.alpha, scope, kept, weights)
+        yield point, quantized
+
+
+def _int8_engine(quantized, folder: Path, point: SweepPoint, spec: SweepSpec):
+    """The CPU INT8 engine of one grid point, built by the pipeline's own build stage."""
+    assert point.dynamic is not None  # every INT8 point has a dynamic scope
+    options = OnnxRuntimeBuildOptions(intra_op_num_threads=spec.threads)
+    built = build(
+        source=_save_variant(quantized, folder),
+        out_dir=folder / "engine",
+        spec=BuildSpec(precision="int8", options=replace(options, int8_dynamic=point.dynamic)),
     )
-    if spec.peers:
-        for label, graph, per_channel in PEERS:
-            quantized_peer = Path(scratch.name) / f"{graph}-dynamic-int8.onnx"
-            session = peer_session(
-                ort_dynamic_int8(graphs[graph], quantized_peer, per_channel), spec.threads
-            )
-            add(
-                {"runner": label},
-                _session_embedder(session, tokenizer, info, max_length),
-                session_run(session),
-            )
-    threads = OnnxRuntimeBuildOptions(intra_op_num_threads=spec.threads)
-    for alpha, (variant, histograms) in variants.items():
-        for method_text in spec.methods:
-            method, percentile = parse_method(method_text)
-            amax = compute_amax(histograms, method, percentile=percentile)
-            grid = itertools.product(spec.weight_granularity, spec.kept_float, spec.dynamic)
-            for weights, kept, scope in grid if INT8.name in spec.formats else ():
-                label = _label(alpha, method_text, weights, scope, kept)
-                folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
-                quantized, _ = insert_qdq(
-                    variant, amax, exclude=frozenset(order[:kept]), weight_granularity=weights
-                )
-                built = build(
-                    source=_save_variant(quantized, folder),
-                    out_dir=folder / "engine",
-                    spec=BuildSpec(precision="int8", options=replace(threads, int8_dynamic=scope)),
-                )
-                engine = quiet_engine(built.path)
-                row = {
-                    "runner": label,
-                    "format": INT8.name,
-                    "method": method_text,
-                    "smooth_alpha": alpha,
-                    "dynamic": scope,
-                    "kept_float": kept,
-                    "weight_granularity": weights,
-                }
-                encoder = Encoder(engine, info, max_length=max_length)
-                add(row, engine_embedder(encoder), engine.run)
-            fp8_grid = itertools.product(spec.weight_granularity, spec.kept_float)
-            for weights, kept in fp8_grid if FP8.name in spec.formats else ():
-                label = _label(alpha, method_text, weights, None, kept)
-                folder = layout.root / "sweep" / label.replace(" ", "-").replace(":", "")
-                quantized, _ = insert_qdq(
-                    variant,
-                    amax,
-                    exclude=frozenset(order[:kept]),
-                    weight_granularity=weights,
-                    format=FP8.name,
-                )
-                session = peer_session(_save_variant(quantized, folder), spec.threads)
-                row = {
-                    "runner": label,
-                    "format": FP8.name,
-                    "method": method_text,
-                    "smooth_alpha": alpha,
-                    "dynamic": None,
-                    "kept_float": kept,
-                    "weight_granularity": weights,
-                }
-                add(row, _session_embedder(session, tokenizer, info, max_length), None)
+    return quiet_engine(built.path)
 
-    timings: list[list[float]] = [[] for _ in runners]
-    timed_runners = [(times, run) for times, run in zip(timings, runners, strict=True) if run]
+
+def _speeds_vs_first(
+    runs: list[Callable[[dict], Any] | None], feeds: list[dict], rounds: int
+) -> list[float | None]:
+    """Each runner's speed as a multiple of the first's (PyTorch fp32): a warm-up call, then
+    ``rounds`` timed passes over ``feeds``, runners interleaved round by round, median."""
+    timings: list[list[float]] = [[] for _ in runs]
+    timed_runners = [(times, run) for times, run in zip(timings, runs, strict=True) if run]
     for _, run in timed_runners:
         run(feeds[0])
-    for _ in range(spec.rounds):
+    for _ in range(rounds):
         for times, run in timed_runners:
             begun = time.perf_counter()
             for feed in feeds:
                 run(feed)
             times.append(time.perf_counter() - begun)
     torch_s = statistics.median(timings[0])
-    for row, times in zip(rows, timings, strict=True):
-        row["vs_torch"] = torch_s / statistics.median(times) if times else None
-        row["selection_drop"] = rows[0]["selection"] - row["selection"]
-        row["dev_drop"] = rows[0]["dev"] - row["dev"]
-    scratch.cleanup()
-    return {
-        "model": info.name,
-        "splits": {
-            "selection": {
-                "file": str(selection),
-                "role": "choices are read from this split",
-            },
-            "dev": {"file": str(datasets.STSB_DEV), "role": "reported only"},
-        },
-        "metric": "stsb_spearman",
-        "pairs": spec.pairs,
-        "sentences": len(timed),
-        "rounds": spec.rounds,
-        "rows": rows,
-    }
+    return [torch_s / statistics.median(times) if times else None for times in timings]
 
 
 def session_run(session) -> Callable[[dict], Any]:
@@ -430,29 +488,3 @@ def _session_embedder(session, tokenizer, info: ModelInfo, max_length: int):
         return np.concatenate(rows)
 
     return embed
-
-
-def format_table(report: dict[str, Any]) -> str:
-    """The table: one row per runner, the selection split's columns first."""
-    width = max(len(row["runner"]) for row in report["rows"])
-    lines = [
-        f"STS-B Spearman on {report['pairs']} pairs per split; selection: choose on it; "
-        "dev: reported only",
-        f"{'runner':<{width}} {'selection':>9} {'sel drop':>8} {'dev':>6} {'dev drop':>8} "
-        f"{'vs torch':>8}",
-    ]
-    for row in report["rows"]:
-        lines.append(
-            f"{row['runner']:<{width}} {row['selection']:>9.2f} {row['selection_drop']:>8.2f} "
-            f"{row['dev']:>6.2f} {row['dev_drop']:>8.2f} "
-            + ("     n/a" if row["vs_torch"] is None else f"{row['vs_torch']:>7.2f}x")
-        )
-    return "\n".join(lines)
-
-
-def write_report(report: dict[str, Any], folder: Path) -> Path:
-    """OUT/sweep/sweep.json, written last (after every engine)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / RESULTS_FILE
-    atomic_write_text(path, json.dumps(report, indent=2, default=str))
-    return path
