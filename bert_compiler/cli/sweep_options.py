@@ -96,93 +96,8 @@ class SweepOptions(OptionGroup):
 
     def options(self) -> list[Decorator]:
         return [
-            click.option(
-                "--sweep",
-                is_flag=True,
-                help="Instead of calibrating: build one CPU INT8 engine per grid point and print "
-                "the method table (selection-split metric, dev metric reported only, speed vs "
-                "PyTorch fp32); results in OUT/sweep/sweep.json.",
-            ),
-            click.option(
-                "--sweep-methods",
-                default=",".join(default_of(SweepSpec, "methods")),
-                show_default=True,
-                help="Comma-separated METHOD or percentile:P.",
-            ),
-            click.option(
-                "--sweep-dynamic",
-                default=",".join(default_of(SweepSpec, "dynamic")),
-                show_default=True,
-                help=f"Comma-separated CPU INT8 dynamic scopes ({', '.join(DYNAMIC_SCOPES)}).",
-            ),
-            click.option(
-                "--sweep-weight-granularity",
-                default=",".join(default_of(SweepSpec, "weight_granularity")),
-                show_default=True,
-                help=f"Comma-separated weight scales ({', '.join(WEIGHT_GRANULARITIES)}).",
-            ),
-            click.option(
-                "--sweep-formats",
-                default=",".join(default_of(SweepSpec, "formats")),
-                show_default=True,
-                help=f"Comma-separated quantized types ({', '.join(QUANTIZED_FORMATS)}); fp8 rows "
-                "score the fp8 Q/DQ graph as written on the CPU (no speed: TensorRT runs it).",
-            ),
-            click.option(
-                "--sweep-kept-float",
-                default=",".join(str(k) for k in default_of(SweepSpec, "kept_float")),
-                show_default=True,
-                help="Comma-separated counts of the most sensitive MatMuls kept in float.",
-            ),
-            click.option(
-                "--sweep-smooth-alpha",
-                default=",".join(
-                    "none" if a is None else str(a) for a in default_of(SweepSpec, "smooth_alpha")
-                ),
-                show_default=True,
-                help="Comma-separated SmoothQuant alphas, or none.",
-            ),
-            click.option(
-                "--sweep-pairs",
-                type=click.IntRange(1, None),
-                default=default_of(SweepSpec, "pairs"),
-                show_default=True,
-                help="STS-B pairs scored per split (every k-th pair).",
-            ),
-            click.option(
-                "--sweep-selection-data",
-                type=click.Path(dir_okay=False, path_type=Path),
-                default=None,
-                help="STS-B TSV scored as the selection split (default: the bundled "
-                "stsb-selection.tsv).",
-            ),
-            click.option(
-                "--sweep-sentences",
-                type=click.IntRange(1, None),
-                default=default_of(SweepSpec, "sentences"),
-                show_default=True,
-                help="Selection sentences per timed pass (batches of 32).",
-            ),
-            click.option(
-                "--sweep-rounds",
-                type=click.IntRange(1, 100),
-                default=default_of(SweepSpec, "rounds"),
-                show_default=True,
-                help="Timed passes per runner, interleaved; the median is reported.",
-            ),
-            click.option(
-                "--sweep-threads",
-                type=click.IntRange(1, 1024),
-                default=default_of(SweepSpec, "threads"),
-                show_default=True,
-                help="ONNX Runtime and PyTorch threads.",
-            ),
-            click.option(
-                "--sweep-peers/--no-sweep-peers",
-                default=default_of(SweepSpec, "peers"),
-                show_default=True,
-                help="Also score and time ORT's dynamic INT8 quantization.",
-            ),
+            *_grid_options(),
+            *_scoring_options(),
         ]
 
     # The sweep's own settings, read only with --sweep.
@@ -277,3 +192,102 @@ class SweepOptions(OptionGroup):
             selection_data=values["sweep_selection_data"],
             peers=values["sweep_peers"],
         )
+
+
+def _grid_options() -> list[Decorator]:
+    """--sweep, and the grid of INT8 settings it tries."""
+    return [
+        click.option(
+            "--sweep",
+            is_flag=True,
+            help="Instead of calibrating: build one CPU INT8 engine per grid point and print "
+            "the method table (selection-split metric, dev metric reported only, speed vs "
+            "PyTorch fp32); results in OUT/sweep/sweep.json.",
+        ),
+        click.option(
+            "--sweep-methods",
+            default=",".join(default_of(SweepSpec, "methods")),
+            show_default=True,
+            help="Comma-separated METHOD or percentile:P.",
+        ),
+        click.option(
+            "--sweep-dynamic",
+            default=",".join(default_of(SweepSpec, "dynamic")),
+            show_default=True,
+            help=f"Comma-separated CPU INT8 dynamic scopes ({', '.join(DYNAMIC_SCOPES)}).",
+        ),
+        click.option(
+            "--sweep-weight-granularity",
+            default=",".join(default_of(SweepSpec, "weight_granularity")),
+            show_default=True,
+            help=f"Comma-separated weight scales ({', '.join(WEIGHT_GRANULARITIES)}).",
+        ),
+        click.option(
+            "--sweep-formats",
+            default=",".join(default_of(SweepSpec, "formats")),
+            show_default=True,
+            help=f"Comma-separated quantized types ({', '.join(QUANTIZED_FORMATS)}); fp8 rows "
+            "score the fp8 Q/DQ graph as written on the CPU (no speed: TensorRT runs it).",
+        ),
+        click.option(
+            "--sweep-kept-float",
+            default=",".join(str(k) for k in default_of(SweepSpec, "kept_float")),
+            show_default=True,
+            help="Comma-separated counts of the most sensitive MatMuls kept in float.",
+        ),
+        click.option(
+            "--sweep-smooth-alpha",
+            default=",".join(
+                "none" if a is None else str(a) for a in default_of(SweepSpec, "smooth_alpha")
+            ),
+            show_default=True,
+            help="Comma-separated SmoothQuant alphas, or none.",
+        ),
+    ]
+
+
+def _scoring_options() -> list[Decorator]:
+    """How each grid point is scored and timed, and beside which peer."""
+    return [
+        click.option(
+            "--sweep-pairs",
+            type=click.IntRange(1, None),
+            default=default_of(SweepSpec, "pairs"),
+            show_default=True,
+            help="STS-B pairs scored per split (every k-th pair).",
+        ),
+        click.option(
+            "--sweep-selection-data",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="STS-B TSV scored as the selection split (default: the bundled "
+            "stsb-selection.tsv).",
+        ),
+        click.option(
+            "--sweep-sentences",
+            type=click.IntRange(1, None),
+            default=default_of(SweepSpec, "sentences"),
+            show_default=True,
+            help="Selection sentences per timed pass (batches of 32).",
+        ),
+        click.option(
+            "--sweep-rounds",
+            type=click.IntRange(1, 100),
+            default=default_of(SweepSpec, "rounds"),
+            show_default=True,
+            help="Timed passes per runner, interleaved; the median is reported.",
+        ),
+        click.option(
+            "--sweep-threads",
+            type=click.IntRange(1, 1024),
+            default=default_of(SweepSpec, "threads"),
+            show_default=True,
+            help="ONNX Runtime and PyTorch threads.",
+        ),
+        click.option(
+            "--sweep-peers/--no-sweep-peers",
+            default=default_of(SweepSpec, "peers"),
+            show_default=True,
+            help="Also score and time ORT's dynamic INT8 quantization.",
+        ),
+    ]
