@@ -38,7 +38,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,12 @@ from bert_compiler.core.stage import StageResult
 from bert_compiler.models.loading import ModelInfo
 from bert_compiler.stages.layout import model_slug
 from bert_compiler.triton import config as tc
-from bert_compiler.triton.package_spec import TEMPLATES, PackageSpec, verified_engines
+from bert_compiler.triton.package_spec import (
+    TEMPLATES,
+    PackageSpec,
+    VerifiedEngine,
+    verified_engines,
+)
 from bert_compiler.triton.plan import ModelPlan, plan_repository, recorded_results
 from bert_compiler.triton.repository import (
     JOURNAL_FILE,
@@ -102,6 +107,18 @@ def _write(plans: list[ModelPlan], folder: Path) -> list[str]:
     return written
 
 
+@dataclass(frozen=True)
+class _Package:
+    """One model's package as the manifest seals it: the model, its folder-name prefix (slug),
+    the settings, and the inputs (model, engines, templates, tool versions)."""
+
+    info: ModelInfo
+    slug: str
+    spec: PackageSpec
+    inputs: dict[str, Any]
+    settings: dict[str, Any]
+
+
 def package(
     *,
     info: ModelInfo,
@@ -133,7 +150,43 @@ def package(
     # The ladder goes into the sealed settings: the gate plans again from exactly this one.
     spec = spec.with_ladder(info, engines[0].max_length)
     slug = tc.check_name(model_slug(info.name), "model name")
-    inputs = {
+    this = _Package(info, slug, spec, _package_inputs(info, engines), asdict(spec))
+    check_repository_target(repository)
+    with output_lock(repository, wait_s=wait_lock):
+        # Again under the lock: another packager may have written it meanwhile.
+        check_repository_target(repository)
+        folder = ArtifactDir(repository)
+        existing, own = _open_existing(folder, slug)
+        _check_same_model(this, repository, existing, force)
+        if (
+            not force
+            and existing
+            and _up_to_date(folder, existing, slug, this.inputs, this.settings)
+        ):
+            log.info("[package] up to date: %s (%s)", repository, slug)
+            return StageResult("package", repository, existing, skipped=True)
+        log.info("[package] writing %s into the Triton repository %s", slug, repository)
+        started = time.perf_counter()
+        plans = plan_repository(info=info, engines=engines, spec=spec)
+        others = _check_room(this, folder, existing, plans, own)
+        outputs, check, records = _write_and_swap(
+            this, plans, repository, own, max_length=engines[0].max_length
+        )
+        record, results = _package_record(this, existing, records, own, check)
+        manifest = folder.commit(
+            record,
+            [*sorted(others), *outputs],
+            {**results, "seconds": round(time.perf_counter() - started, 3)},
+        )
+        # The manifest now describes every folder the journal named.
+        (repository / JOURNAL_FILE).unlink(missing_ok=True)
+    log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
+    return StageResult("package", repository, manifest, skipped=False)
+
+
+def _package_inputs(info: ModelInfo, engines: list[VerifiedEngine]) -> dict[str, Any]:
+    """What the package is made from, as its manifest seals it."""
+    return {
         "model": info.fingerprint(),
         # Each engine's build spec and results too: sealed with the manifest, so the gate can
         # tell an edited model record from the one package wrote.
@@ -151,122 +204,152 @@ def package(
         # of the tool must not make this one look up to date.
         "versions": tool_versions(),
     }
-    settings = asdict(spec)
-    check_repository_target(repository)
-    with output_lock(repository, wait_s=wait_lock):
-        # Again under the lock: another packager may have written it meanwhile.
-        check_repository_target(repository)
-        folder = ArtifactDir(repository)
-        clear_leftovers(repository)
-        # Model folders an interrupted package of this model swapped in before it could record
-        # them: its own. An interrupted package of another model must be finished first.
-        pending = _pending_models(repository, slug)
-        existing = folder.read_manifest()
-        if existing is not None:
-            existing = checked_manifest(folder, existing)
-            # No link or stray entry inside the packages' folders; a user's own entries beside
-            # them, and the pending folders, are left alone.
-            check_entries(
-                repository, existing, foreign=foreign_entries(repository, existing) | pending
-            )
-        own = (package_models(existing, slug) if existing else set()) | pending
-        section = (existing or {}).get("inputs", {}).get("packages", {}).get(slug)
-        if section and section["model"]["sha256"] != inputs["model"]["sha256"] and not force:
+
+
+def _open_existing(folder: ArtifactDir, slug: str) -> tuple[dict[str, Any] | None, set[str]]:
+    """The repository's manifest, checked (None for a new repository), and the model folders of
+    package ``slug`` in it: those its manifest names, and those an interrupted package of it
+    swapped in before it could record them. Leftovers of an interrupted write are cleared.
+
+    Raises:
+        ArtifactError: the manifest or an entry does not check, or an interrupted package of
+            another model must be finished first.
+    """
+    repository = folder.path
+    clear_leftovers(repository)
+    # Model folders an interrupted package of this model swapped in before it could record
+    # them: its own. An interrupted package of another model must be finished first.
+    pending = _pending_models(repository, slug)
+    existing = folder.read_manifest()
+    if existing is not None:
+        existing = checked_manifest(folder, existing)
+        # No link or stray entry inside the packages' folders; a user's own entries beside
+        # them, and the pending folders, are left alone.
+        check_entries(repository, existing, foreign=foreign_entries(repository, existing) | pending)
+    own = (package_models(existing, slug) if existing else set()) | pending
+    return existing, own
+
+
+def _check_same_model(
+    this: _Package, repository: Path, existing: Mapping[str, Any] | None, force: bool
+) -> None:
+    """Raises InputError when the repository's package of this slug is of another model (and
+    ``force`` does not replace it)."""
+    section = (existing or {}).get("inputs", {}).get("packages", {}).get(this.slug)
+    if section and section["model"]["sha256"] != this.inputs["model"]["sha256"] and not force:
+        raise InputError(
+            f"{repository}: its package {this.slug!r} is of another model (a folder of the same "
+            f"name than {this.info.path}); rename this model's folder, or pass --force to replace "
+            "that package"
+        )
+
+
+def _check_room(
+    this: _Package,
+    folder: ArtifactDir,
+    existing: Mapping[str, Any] | None,
+    plans: list[ModelPlan],
+    own: set[str],
+) -> dict[str, Any]:
+    """Check that the planned model folders are free or this package's, that the other packages'
+    files are intact, and that the disk holds the new folders beside the old ones; returns the
+    other packages' outputs (name -> manifest entry).
+
+    Raises:
+        InputError: a planned folder is another model's or a user's.
+        ArtifactError: another package's file does not match the manifest.
+    """
+    repository = folder.path
+    names = {p.name for p in plans}
+    taken = sorted(n for n in names if os.path.lexists(repository / n) and n not in own)
+    if taken:
+        raise InputError(
+            f"{repository}: model folders {taken} exist and are not {this.info.name}'s (another "
+            "model's, or your own); rename the model or package into another --repository"
+        )
+    others = package_outputs(existing, set(existing["results"]["models"]) - own) if existing else {}
+    for name, entry in others.items():
+        folder.check_output(name, entry)
+    # The new model folders are complete beside the old ones before they swap: room for both.
+    check_free_space(
+        repository,
+        sum(Path(f).stat().st_size for p in plans for f in p.files.values() if isinstance(f, Path)),
+    )
+    return others
+
+
+def _write_and_swap(
+    this: _Package, plans: list[ModelPlan], repository: Path, own: set[str], *, max_length: int
+) -> tuple[list[str], dict[str, Any], dict[str, Any]]:
+    """Write the planned models into a staging tree, check them (the tokenizer model against
+    verify's tokenization, every config), and swap them into the repository under a journal;
+    this package's stale folders are removed. Returns (the files written, relative to the
+    repository; the tokenizer check; the model records).
+
+    Raises:
+        InputError: the tokenizer model or a config fails its check.
+    """
+    names = {p.name for p in plans}
+    tokenizer = next(p for p in plans if p.role == "tokenizer")
+    staging = staging_tree(repository / this.slug)
+    try:
+        outputs = _write(plans, staging)
+        check = tokenizer_mismatches(
+            this.info,
+            staging / tokenizer.name / VERSION / "tokenizer.json",
+            max_length,
+            this.spec.length_ladder,
+        )
+        if check["mismatches"]:
             raise InputError(
-                f"{repository}: its package {slug!r} is of another model (a folder of the same "
-                f"name than {info.path}); rename this model's folder, or pass --force to replace "
-                "that package"
+                f"{this.info.path}: the tokenizer model would not tokenize as verify did: "
+                + "; ".join(check["mismatches"][:3])
             )
-        if not force and existing and _up_to_date(folder, existing, slug, inputs, settings):
-            log.info("[package] up to date: %s (%s)", repository, slug)
-            return StageResult("package", repository, existing, skipped=True)
-        log.info("[package] writing %s into the Triton repository %s", slug, repository)
-        started = time.perf_counter()
-        plans = plan_repository(info=info, engines=engines, spec=spec)
-        names = {p.name for p in plans}
-        taken = sorted(n for n in names if os.path.lexists(repository / n) and n not in own)
-        if taken:
-            raise InputError(
-                f"{repository}: model folders {taken} exist and are not {info.name}'s (another "
-                "model's, or your own); rename the model or package into another --repository"
-            )
-        others = (
-            package_outputs(existing, set(existing["results"]["models"]) - own) if existing else {}
-        )
-        for name, entry in others.items():
-            folder.check_output(name, entry)
-        # The new model folders are complete beside the old ones before they swap: room for both.
-        check_free_space(
-            repository,
-            sum(
-                Path(f).stat().st_size
-                for p in plans
-                for f in p.files.values()
-                if isinstance(f, Path)
-            ),
-        )
-        tokenizer = next(p for p in plans if p.role == "tokenizer")
-        staging = staging_tree(repository / slug)
-        try:
-            outputs = _write(plans, staging)
-            check = tokenizer_mismatches(
-                info,
-                staging / tokenizer.name / VERSION / "tokenizer.json",
-                engines[0].max_length,
-                spec.length_ladder,
-            )
-            if check["mismatches"]:
-                raise InputError(
-                    f"{info.path}: the tokenizer model would not tokenize as verify did: "
-                    + "; ".join(check["mismatches"][:3])
-                )
-            records = {p.name: {**p.record, "package": slug} for p in plans}
-            problems = repository_problems(staging, records)
-            if problems:
-                raise InputError("generated repository fails its checks: " + "; ".join(problems))
-            checkpoint()
-            journal = {"package": slug, "models": sorted(names | own)}
-            atomic_write_text(repository / JOURNAL_FILE, json.dumps(journal) + "\n")
-            for plan in plans:
-                replace_tree(staging / plan.name, repository / plan.name)
-            for stale in sorted(own - names):
-                shutil.rmtree(repository / stale, ignore_errors=True)
-        finally:
-            clear_staging(repository / slug)
-        previous = existing or {"inputs": {}, "spec": {}, "results": {}}
-        packages = dict(previous["results"].get("packages", {}))
-        packages[slug] = {
-            "model": {"name": info.name, "task": info.task},
-            "tokenizer_check": {"batches": check["batches"], "identical": True},
-            "length_ladder": list(spec.length_ladder),
-        }
-        other_records = {
-            n: r for n, r in previous["results"].get("models", {}).items() if n not in own
-        }
-        record = StageRecord(
-            stage="package",
-            inputs={
-                "packages": {
-                    **previous["inputs"].get("packages", {}),
-                    # The package's model records, sealed: an edited record is refused.
-                    slug: {**inputs, "records": sha256_json(records)},
-                }
-            },
-            spec={"packages": {**previous["spec"].get("packages", {}), slug: settings}},
-        )
-        manifest = folder.commit(
-            record,
-            [*sorted(others), *outputs],
-            {
-                "models": {**other_records, **records},
-                "packages": packages,
-                "seconds": round(time.perf_counter() - started, 3),
-            },
-        )
-        # The manifest now describes every folder the journal named.
-        (repository / JOURNAL_FILE).unlink(missing_ok=True)
-    log.info("[package] %d models: %s", len(plans), ", ".join(p.name for p in plans))
-    return StageResult("package", repository, manifest, skipped=False)
+        records = {p.name: {**p.record, "package": this.slug} for p in plans}
+        problems = repository_problems(staging, records)
+        if problems:
+            raise InputError("generated repository fails its checks: " + "; ".join(problems))
+        checkpoint()
+        journal = {"package": this.slug, "models": sorted(names | own)}
+        atomic_write_text(repository / JOURNAL_FILE, json.dumps(journal) + "\n")
+        for plan in plans:
+            replace_tree(staging / plan.name, repository / plan.name)
+        for stale in sorted(own - names):
+            shutil.rmtree(repository / stale, ignore_errors=True)
+    finally:
+        clear_staging(repository / this.slug)
+    return outputs, check, records
+
+
+def _package_record(
+    this: _Package,
+    existing: Mapping[str, Any] | None,
+    records: dict[str, Any],
+    own: set[str],
+    check: Mapping[str, Any],
+) -> tuple[StageRecord, dict[str, Any]]:
+    """The repository manifest's record and results with this package in them (the other
+    packages' kept as they were)."""
+    previous = existing or {"inputs": {}, "spec": {}, "results": {}}
+    packages = dict(previous["results"].get("packages", {}))
+    packages[this.slug] = {
+        "model": {"name": this.info.name, "task": this.info.task},
+        "tokenizer_check": {"batches": check["batches"], "identical": True},
+        "length_ladder": list(this.spec.length_ladder),
+    }
+    other_records = {n: r for n, r in previous["results"].get("models", {}).items() if n not in own}
+    record = StageRecord(
+        stage="package",
+        inputs={
+            "packages": {
+                **previous["inputs"].get("packages", {}),
+                # The package's model records, sealed: an edited record is refused.
+                this.slug: {**this.inputs, "records": sha256_json(records)},
+            }
+        },
+        spec={"packages": {**previous["spec"].get("packages", {}), this.slug: this.settings}},
+    )
+    return record, {"models": {**other_records, **records}, "packages": packages}
 
 
 def _pending_models(repository: Path, slug: str) -> set[str]:
