@@ -21,7 +21,7 @@ from bert_compiler.engines.batching import (
     plan_batches,
 )
 from bert_compiler.models.loading import load_tokenizer, resolve_model
-from bert_compiler.runtime.encoder import tokenize_rows
+from bert_compiler.runtime.tokenizing import tokenize_rows
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 
 from bert_compiler.calibration import datasets
 from bert_compiler.models.loading import resolve_model
-from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime import tokenizing
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.runtime.text import text_windows
 
@@ -69,7 +69,7 @@ def main() -> None:
             what="rows, outputs on the GPU",
             per_s=rate(timed(lambda: encoder.run(tokens, device_outputs=True))),
         )
-    sizes = [len(w) for w in text_windows(texts, runtime._window_sizes())]
+    sizes = [len(w) for w in text_windows(texts, tokenizing.window_sizes())]
     bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
     import numpy as np
 
@@ -82,8 +82,8 @@ def main() -> None:
     for count in workers:
         encoder.tokenizer_workers = count
         if count:
-            pool = runtime.tokenizer_pool(encoder.row_tokenizer, count)
-            windows = list(enumerate(text_windows(texts, runtime._window_sizes())))
+            pool = tokenizing.tokenizer_pool(encoder.row_tokenizer, count)
+            windows = list(enumerate(text_windows(texts, tokenizing.window_sizes())))
             say(
                 what="pool alone",
                 workers=count,

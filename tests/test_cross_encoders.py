@@ -16,8 +16,8 @@ from bert_compiler.cli.commands import cli
 from bert_compiler.core.errors import InputError
 from bert_compiler.models.loading import load_tokenizer, resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
-from bert_compiler.runtime.encoder import tokenize_rows
 from bert_compiler.runtime.text import iter_file_texts, parity_batches, parity_texts, tokenize
+from bert_compiler.runtime.tokenizing import tokenize_rows
 from bert_compiler.triton.package import package
 from bert_compiler.triton.package_spec import PackageSpec
 from tests.conftest import TINY_VERIFY, run_fp32_and_int8

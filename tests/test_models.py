@@ -211,8 +211,8 @@ def test_hostile_roberta_configs_are_refused(tiny_roberta, tmp_path, changes, me
 
 def test_roberta_rows_are_padded_with_its_pad_id_everywhere(tiny_roberta):
     from bert_compiler.models.loading import load_tokenizer
-    from bert_compiler.runtime.encoder import tokenize_rows
     from bert_compiler.runtime.text import tokenize
+    from bert_compiler.runtime.tokenizing import tokenize_rows
 
     info = resolve_model(tiny_roberta)
     tokenizer = load_tokenizer(info)

@@ -20,8 +20,9 @@ from bert_compiler.core.errors import ArtifactError, InputError, ParityError
 from bert_compiler.core.lock import HOLDER_FILE, LOCK_FILE
 from bert_compiler.engines.backend import budget_batch_sizes
 from bert_compiler.engines.batching import rung
-from bert_compiler.runtime.encoder import CPU_BATCHING, ladder_from_text
+from bert_compiler.runtime.encoder import CPU_BATCHING
 from bert_compiler.runtime.text import tokenize
+from bert_compiler.runtime.tokenizing import ladder_from_text
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.gate import verify_repository
 from bert_compiler.triton.onnxruntime_model import CUDA_OPTIONS_PARAMETER, DEVICE_PARAMETER

@@ -16,7 +16,7 @@ from bert_compiler.core.errors import InputError
 from bert_compiler.models.architectures import ARCHITECTURES
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.runtime import encoder as runtime
-from bert_compiler.runtime import token_rows
+from bert_compiler.runtime import token_rows, tokenizing
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, piecewise
 from tests.test_runtime import RecordingEngine
@@ -138,7 +138,7 @@ def test_pairs_equal_hugging_face_for_every_architecture(tmp_path, model_type):
     texts = TEXTS[:200] + HOSTILE
     pairs = list(zip(texts, texts[1:] + texts[:1], strict=True))
     for max_length in (128, 12):
-        rows = runtime.row_tokenizer(hf, max_length)
+        rows = tokenizing.row_tokenizer(hf, max_length)
         _assert_same(rows.encode(pairs), _expected(hf, pairs, max_length, pairs=True), pairs)
 
 
@@ -216,8 +216,8 @@ def _recording_encoder(**kwargs) -> Encoder:
 def test_streaming_encode_equals_one_run_in_input_order(monkeypatch):
     """Windows of 64 texts, tokenized a window ahead: outputs equal one run over all the
     texts' tokens, in input order; an iterator's texts as a list's."""
-    monkeypatch.setattr(runtime, "WINDOW_FIRST", 16)
-    monkeypatch.setattr(runtime, "WINDOW_ROWS", 64)
+    monkeypatch.setattr(tokenizing, "WINDOW_FIRST", 16)
+    monkeypatch.setattr(tokenizing, "WINDOW_ROWS", 64)
     encoder = _recording_encoder(tokenizer_workers=0)
     texts = TEXTS[:500]
     expected = encoder.run(encoder.tokenize(texts))
@@ -230,8 +230,8 @@ def test_streaming_encode_equals_one_run_in_input_order(monkeypatch):
 
 
 def test_streaming_encode_through_the_pool(monkeypatch):
-    monkeypatch.setattr(runtime, "WINDOW_FIRST", 32)
-    monkeypatch.setattr(runtime, "WINDOW_ROWS", 256)
+    monkeypatch.setattr(tokenizing, "WINDOW_FIRST", 32)
+    monkeypatch.setattr(tokenizing, "WINDOW_ROWS", 256)
     monkeypatch.setattr(runtime, "POOL_MIN_TEXTS", 100)
     encoder = _recording_encoder(tokenizer_workers=2)
     texts = TEXTS[:700]
@@ -242,8 +242,8 @@ def test_streaming_encode_through_the_pool(monkeypatch):
 
 
 def test_stream_reads_an_endless_iterator_window_by_window(monkeypatch):
-    monkeypatch.setattr(runtime, "WINDOW_FIRST", 8)
-    monkeypatch.setattr(runtime, "WINDOW_ROWS", 16)
+    monkeypatch.setattr(tokenizing, "WINDOW_FIRST", 8)
+    monkeypatch.setattr(tokenizing, "WINDOW_ROWS", 16)
     encoder = _recording_encoder(tokenizer_workers=0)
     read = count()
     endless = (f"sentence number {next(read)}" for _ in iter(int, 1))
@@ -254,8 +254,8 @@ def test_stream_reads_an_endless_iterator_window_by_window(monkeypatch):
 
 
 def test_encode_names_the_bad_text_by_its_index_in_a_stream(monkeypatch):
-    monkeypatch.setattr(runtime, "WINDOW_FIRST", 4)
-    monkeypatch.setattr(runtime, "WINDOW_ROWS", 4)
+    monkeypatch.setattr(tokenizing, "WINDOW_FIRST", 4)
+    monkeypatch.setattr(tokenizing, "WINDOW_ROWS", 4)
     encoder = _recording_encoder(tokenizer_workers=0)
     texts = ["fine"] * 9 + [7]
     with pytest.raises(InputError, match=r"^text 9: .* reads single texts, not int"):
@@ -290,7 +290,7 @@ def test_the_reference_reads_the_same_cut_text_as_the_engine():
     hf = _minilm_tokenizer()
     text = "hello" + " " * (16 * token_rows.TEXT_CHARS_PER_TOKEN) + "world"
     reference = encode_texts(hf, [text], info, 16)["input_ids"]
-    rows = runtime.row_tokenizer(hf, 16).encode([text])
+    rows = tokenizing.row_tokenizer(hf, 16).encode([text])
     assert reference == [rows.ids.tolist()]
     assert hf.convert_ids_to_tokens(reference[0]) == ["[CLS]", "hello", "[SEP]"]
 

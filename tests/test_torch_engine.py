@@ -46,6 +46,7 @@ from bert_compiler.models.architectures import ARCHITECTURES
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
 from bert_compiler.runtime import encoder as runtime
+from bert_compiler.runtime import tokenizing
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.stages.build import build
 from bert_compiler.triton import config as tc
@@ -557,8 +558,8 @@ def test_windows_in_flight_two_at_a_time_keep_every_output_in_its_place(
     encoder = Encoder(engine, info, batching=BatchingSpec(4, 512), tokenizer_workers=0)
     tokens = encoder.tokenize(texts)
     whole = encoder.run(tokens)["sentence_embedding"]
-    monkeypatch.setattr(runtime, "WINDOW_FIRST", 8)
-    monkeypatch.setattr(runtime, "WINDOW_ROWS", 24)
+    monkeypatch.setattr(tokenizing, "WINDOW_FIRST", 8)
+    monkeypatch.setattr(tokenizing, "WINDOW_ROWS", 24)
     encoder.time_batches = True
     got = encoder.encode(texts)
     np.testing.assert_allclose(got["sentence_embedding"], whole, atol=1e-6)

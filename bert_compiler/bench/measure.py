@@ -51,14 +51,9 @@ from bert_compiler.models.loading import (
     ModelInfo,
     load_tokenizer,
 )
-from bert_compiler.runtime.encoder import (
-    Encoder,
-    load_model_engine,
-    new_row_tokenizer,
-    tokenize_rows,
-    usable_cores,
-)
+from bert_compiler.runtime.encoder import Encoder, load_model_engine, usable_cores
 from bert_compiler.runtime.text import Text, encode_texts, iter_file_texts, resolve_max_length
+from bert_compiler.runtime.tokenizing import new_row_tokenizer, tokenize_rows
 from bert_compiler.runtime.tokens import Tokens
 from bert_compiler.stages.layout import Layout
 

@@ -19,12 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-import weakref
 from collections import deque
-from collections.abc import Generator, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +34,27 @@ from bert_compiler.engines.backend import load_engine
 from bert_compiler.engines.batching import (
     Batch,
     BatchingSpec,
-    derive_ladder,
     plan_batches,
 )
 from bert_compiler.models.loading import ModelInfo, load_tokenizer, output_name
 from bert_compiler.runtime.outputs import BatchTimer, Collector, GpuOutputs
 from bert_compiler.runtime.text import (
     Text,
-    check_texts,
-    check_token_values,
-    default_text_source,
-    iter_file_texts,
-    raise_unencodable,
     resolve_max_length,
     text_list,
     text_windows,
-    truncation_side,
 )
-from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, TokenRows
+from bert_compiler.runtime.tokenizing import (
+    check_rows,
+    checked_window,
+    checked_windows,
+    ladder_from_text,
+    row_tokenizer,
+    tokenize_checked,
+    tokenize_on_a_thread,
+    tokenizer_pool,
+    window_sizes,
+)
 from bert_compiler.runtime.tokens import PinnedStaging, Tokens
 
 log = logging.getLogger("bert_compile")
@@ -61,151 +62,20 @@ log = logging.getLogger("bert_compile")
 # Rows per device upload: bounds the device copy of the token matrix (and, for token outputs, the
 # host copy of the results) whatever the input size.
 CHUNK_ROWS = 65536
-# Sentences of the bundled calibration text a derived ladder is fitted to (never the text a
-# benchmark or verify reports on).
-LADDER_SENTENCES = 4096
-# Chosen on the calibration sentences, never on the text benchmarks report (scripts/
-# ladder_padding.py: ladder fitted to one half, batches planned on the other): at the GPU batching
-# below 32 rungs pad 10.8% of the positions, as exact lengths do, 12 rungs 17.6%, for about as many
-# distinct shapes (12 vs 11). The number of CUDA graphs an engine captures is bounded by rungs x
-# power-of-two row counts.
-LADDER_RUNGS = 32
 # Defaults per device. A CPU gains nothing from big batches or a ladder (no graphs: every batch
-# padded to its own longest row). A GPU wants full batches with a narrow span of lengths: timed
-# on the H100 on the calibration sentences (docs/benchmarks.md), 1024 rows x 32,768 tokens was
-# the best of six settings for BERT-base and second for MiniLM (2048 x 32,768 first, 8% more).
+# padded to its own longest row). A GPU wants full batches with a narrow span of lengths; its
+# default was chosen on the calibration sentences (docs/benchmarks.md).
 CPU_BATCHING = BatchingSpec(max_batch=32, token_budget=4096)
 # A CPU engine whose thread count its build left to ONNX Runtime runs this many batches at once,
 # on one session of its own (``with_threads``): short rows leave a run's helper threads waiting
-# at every sync point. Chosen on the calibration sentences on a 2-core machine
-# (docs/benchmarks.md): MiniLM INT8 1,213 vs 795 sentences/s one batch at a time, fp32 421 vs
-# 406; on 16 cores 2,771 vs 1,763 and 2,042 vs 1,684 (docs/cpu-bench/2026-11-24-xeon-16/).
+# at every sync point. Chosen on the calibration sentences (docs/benchmarks.md,
+# docs/cpu-bench/2026-11-24-xeon-16/).
 CPU_CONCURRENT_BATCHES = 2
 GPU_BATCHING = BatchingSpec(max_batch=1024, token_budget=32768, round_rows=True)
 # A packed-row engine on a GPU (the torch backend) launches its large batches eagerly (its CUDA
-# graphs are for small ones), so fewer, larger batches pay for its kernel launches: of 512 x
-# 16,384 to 4096 x 131,072 tokens, timed on the H100 on the calibration sentences, the largest
-# was best for MiniLM (404k vs 326k sentences/s at the GPU default) and BERT-base (114k vs 110k);
-# docs/gpu-bench/2026-11-24-h100-torch/.
+# graphs are for small ones), so fewer, larger batches pay for its kernel launches. Chosen on
+# the calibration sentences (docs/gpu-bench/2026-11-24-h100-torch/).
 PACKED_GPU_BATCHING = BatchingSpec(max_batch=4096, token_budget=131072)
-# encode's windows: the first is small, so the engine starts soon; each next one doubles up to
-# WINDOW_ROWS, which bounds memory and still holds several full GPU batches to sort by length.
-# A window is one piece of the runtime's pipeline (_pipelined), so at most CHUNK_ROWS.
-WINDOW_FIRST = 4096
-WINDOW_ROWS = 32768
-# encode tokenizes in worker processes (token_rows.TokenizerPool) on a GPU engine's host with at
-# least this many usable cores, for inputs of at least POOL_MIN_TEXTS texts (or of unknown
-# length), in at most TOKENIZER_WORKERS_MAX processes; smaller inputs never wait for a pool.
-POOL_MIN_CORES = 4
-POOL_MIN_TEXTS = 8192
-TOKENIZER_WORKERS_MAX = 8
-
-
-def row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
-    """The RowTokenizer (runtime/token_rows.py) of a Hugging Face fast tokenizer at
-    ``max_length``, made once per tokenizer, length and truncation side (its piece cache is
-    kept with it)."""
-    made = _ROW_TOKENIZERS.setdefault(tokenizer, {})
-    key = (max_length, truncation_side(tokenizer))
-    if key not in made:
-        made[key] = new_row_tokenizer(tokenizer, max_length)
-    return made[key]
-
-
-def new_row_tokenizer(tokenizer, max_length: int) -> RowTokenizer:
-    """A new RowTokenizer (an empty piece cache) of a Hugging Face fast tokenizer: its
-    truncation side, and type ids only where the tokenizer gives the model some."""
-    return RowTokenizer(
-        tokenizer.backend_tokenizer,
-        max_length,
-        direction=truncation_side(tokenizer),
-        type_ids="token_type_ids" in tokenizer.model_input_names,
-    )
-
-
-_ROW_TOKENIZERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def tokenize_rows(tokenizer, texts: Sequence[Text], info: ModelInfo, max_length: int) -> Tokens:
-    """Tokenize without padding; every row (a cross-encoder's: every pair) truncated at
-    ``max_length``: the Hugging Face tokenizer's ids and type ids, bit for bit
-    (runtime/token_rows.py)."""
-    texts = text_list(texts)
-    if not texts:
-        raise InputError("no texts to encode")
-    return _tokenize_checked(row_tokenizer(tokenizer, max_length), texts, info)
-
-
-def _tokenize_checked(rows: RowTokenizer, texts: list[Text], info: ModelInfo) -> Tokens:
-    check_texts(texts, info)
-    try:
-        encoded = rows.encode(texts)
-    except TypeError as err:
-        raise_unencodable(texts, err)
-        raise
-    return _checked_tokens(encoded, info)
-
-
-def _checked_tokens(encoded: TokenRows, info: ModelInfo) -> Tokens:
-    check_token_values(encoded.ids, encoded.type_ids, info)
-    return Tokens(encoded.ids, encoded.type_ids, encoded.lengths)
-
-
-def _check_rows(tokens: Tokens, info: ModelInfo, max_length: int) -> None:
-    """Token rows given to ``run`` as the engine's contract has them, checked on the host: flat
-    integer ids and type ids of one length, each row 1 to ``max_length`` tokens that add up to
-    them, every id inside the model's vocabularies (past it, an engine gathers outside its
-    embedding table: an error deep in the backend, or another row's numbers).
-
-    Raises:
-        InputError: the first thing out of contract, in one line.
-    """
-    ids, types, lengths = (np.asarray(a) for a in (tokens.ids, tokens.type_ids, tokens.lengths))
-    if any(a.ndim != 1 or a.dtype.kind not in "iu" for a in (ids, types, lengths)):
-        raise InputError(
-            "token rows: ids, type ids and lengths must be flat integer arrays, got "
-            f"{[f'{a.dtype}{list(a.shape)}' for a in (ids, types, lengths)]}"
-        )
-    if len(types) != len(ids) or int(lengths.sum()) != len(ids):
-        raise InputError(
-            f"token rows: {len(ids)} ids, {len(types)} type ids and lengths adding up to "
-            f"{int(lengths.sum())}: they must agree"
-        )
-    if lengths.min() < 1 or lengths.max() > max_length:
-        raise InputError(
-            f"token rows: lengths from {lengths.min()} to {lengths.max()}; each row holds 1 to "
-            f"{max_length} tokens"
-        )
-    check_token_values(ids, types, info)
-
-
-def _checked_window(encoded: Any, window: list[Text], info: ModelInfo, start: int) -> Tokens:
-    """A window's Tokens, or its tokenization's TypeError as one line naming the text."""
-    if isinstance(encoded, TypeError):
-        raise_unencodable(window, encoded, start)
-        raise encoded
-    return _checked_tokens(encoded, info)
-
-
-def _window_sizes() -> Iterator[int]:
-    size = WINDOW_FIRST
-    while True:
-        yield size
-        size = min(2 * size, WINDOW_ROWS)
-
-
-_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def tokenizer_pool(rows: RowTokenizer, workers: int) -> TokenizerPool:
-    """The worker pool of ``rows`` (one per RowTokenizer and worker count, kept while it
-    lives; its processes are stopped when it is collected, or at exit)."""
-    pools = _POOLS.setdefault(rows, {})
-    if workers not in pools:
-        pool = TokenizerPool(rows, workers)
-        weakref.finalize(rows, pool.close)
-        pools[workers] = pool
-    return pools[workers]
 
 
 def _merged_stats(parts: Sequence[RunStats]) -> RunStats:
@@ -218,18 +88,6 @@ def _merged_stats(parts: Sequence[RunStats]) -> RunStats:
         tokens=sum(p.tokens for p in parts),
         computed=sum(p.computed for p in parts),
     )
-
-
-def ladder_from_text(
-    tokenizer, info: ModelInfo, max_length: int, rungs: int = LADDER_RUNGS
-) -> tuple:
-    """The length ladder of at most ``rungs`` fitted lengths (engines/batching.derive_ladder)
-    for the first LADDER_SENTENCES texts of the bundled calibration text of the model's kind
-    (sentences, or pairs for a cross-encoder: text.default_text_source)."""
-    path, column, pair_column = default_text_source(info)
-    texts = iter_file_texts(info, path, column=column, pair_column=pair_column)
-    tokens = tokenize_rows(tokenizer, list(islice(texts, LADDER_SENTENCES)), info, max_length)
-    return derive_ladder(tokens.lengths, max_length, rungs)
 
 
 def load_model_engine(engine_dir: Path, info: ModelInfo) -> tuple[Any, dict[str, Any]]:
@@ -267,6 +125,14 @@ def _check_outputs(engine, info: ModelInfo) -> None:
             f"{' or '.join(sorted(expected))}: an engine of another model; pass the --model it "
             "was built from"
         )
+
+
+# encode tokenizes in worker processes (token_rows.TokenizerPool) on a GPU engine's host with at
+# least this many usable cores, for inputs of at least POOL_MIN_TEXTS texts (or of unknown
+# length), in at most TOKENIZER_WORKERS_MAX processes; smaller inputs never wait for a pool.
+POOL_MIN_CORES = 4
+POOL_MIN_TEXTS = 8192
+TOKENIZER_WORKERS_MAX = 8
 
 
 @dataclass
@@ -390,7 +256,7 @@ class Encoder:
         )
 
     def tokenize(self, texts: Sequence[Text]) -> Tokens:
-        return _tokenize_checked(self.row_tokenizer, text_list(texts), self.info)
+        return tokenize_checked(self.row_tokenizer, text_list(texts), self.info)
 
     def encode(
         self, texts: Iterable[Text], desc: str | None = None, *, device_outputs: bool = False
@@ -420,7 +286,7 @@ class Encoder:
         Raises:
             InputError: as ``tokenize`` and ``run``, naming a text by its index in ``texts``.
         """
-        windows = self._checked(text_windows(texts, _window_sizes()))
+        windows = checked_windows(text_windows(texts, window_sizes()), self.info)
         # A list's length (for the progress bar and the pool's threshold); an iterator has none.
         total = (
             len(texts)
@@ -431,13 +297,13 @@ class Encoder:
         tokenized = (
             tokenizer_pool(self.row_tokenizer, self.tokenizer_workers).map_windows(windows)
             if use_pool
-            else self._threaded(windows)
+            else tokenize_on_a_thread(self.row_tokenizer, windows)
         )
         shown = progress.bar(desc=desc, total=total, unit="text") if desc else None
 
         def pieces() -> Iterator[Tokens]:
             for start, window, encoded in tokenized:
-                yield _checked_window(encoded, window, self.info, start)
+                yield checked_window(encoded, window, self.info, start)
 
         try:
             for outputs, stats in self._pipelined(pieces(), None, device_outputs):
@@ -449,42 +315,6 @@ class Encoder:
             if shown is not None:
                 shown.close()
             tokenized.close()
-
-    def _checked(self, windows: Iterator[list[Text]]) -> Iterator[tuple[int, list[Text]]]:
-        """(index of its first text in the input, window), each window's texts checked
-        (check_texts) as it is read."""
-        start = 0
-        for window in windows:
-            check_texts(window, self.info, start)
-            yield start, window
-            start += len(window)
-
-    def _threaded(
-        self, windows: Iterator[tuple[int, list[Text]]]
-    ) -> Generator[tuple[int, list[Text], Any], None, None]:
-        """(start, window, TokenRows or the TypeError its tokenization raised), the next
-        window tokenized on a thread while the caller runs this one (the Rust tokenizer
-        releases the GIL; the piece cache's loop holds it, briefly)."""
-        rows = self.row_tokenizer
-
-        def tokenize(window: list[Text]) -> Any:
-            try:
-                return rows.encode(window)
-            except TypeError as err:
-                return err
-
-        pool = ThreadPoolExecutor(1, thread_name_prefix="bert-compiler-tokenize")
-        try:
-            pending = None
-            for start, window in windows:
-                submitted = (start, window, pool.submit(tokenize, window))
-                if pending is not None:
-                    yield pending[0], pending[1], pending[2].result()
-                pending = submitted
-            if pending is not None:
-                yield pending[0], pending[1], pending[2].result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
 
     def plan(self, tokens: Tokens) -> list[Batch]:
         return plan_batches(tokens.lengths, self.batching)
@@ -498,7 +328,7 @@ class Encoder:
         on there (a similarity search, a reranker)."""
         if not len(tokens):
             raise InputError("no token rows to run")
-        _check_rows(tokens, self.info, self.max_length)
+        check_rows(tokens, self.info, self.max_length)
         chunks = (
             tokens
             if len(tokens) <= CHUNK_ROWS

@@ -17,12 +17,10 @@ from bert_compiler.engines import torch_module
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
 from bert_compiler.runtime import token_rows
-from bert_compiler.runtime.encoder import (
-    ladder_from_text,
-)
 from bert_compiler.runtime.text import (
     resolve_max_length,
 )
+from bert_compiler.runtime.tokenizing import ladder_from_text
 from bert_compiler.stages.layout import Layout
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.tokenizer_model import (
