@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from bert_compiler.triton.package_spec import (
     PackageSpec,
     VerifiedEngine,
 )
-from bert_compiler.triton.plan import plan_repository
+from bert_compiler.triton.plan import ModelPlan, plan_repository
 from bert_compiler.triton.repository import (
     ENGINE_ROLES,
     SOURCE_ROLES,
@@ -59,14 +59,7 @@ def verify_repository(
         EnvironmentProblem: no engine in it can run on this machine.
     """
     opened = open_repository(repository, foreign=foreign)
-    fingerprint = info.fingerprint()["sha256"]
-    packages = opened.manifest["inputs"]["packages"]
-    slug = next((s for s, p in packages.items() if p["model"]["sha256"] == fingerprint), None)
-    if slug is None:
-        raise InputError(
-            f"{repository}: packaged from another model than {info.path} (it holds "
-            f"{', '.join(sorted(packages))}); pass that model with --model"
-        )
+    slug = _package_of(opened, info, repository)
     rederived = rederived_problems(opened, info, slug)
     if rederived:
         raise ArtifactError(
@@ -86,68 +79,9 @@ def verify_repository(
     check = tokenizer_mismatches(
         info, opened.file(tokenizer_name, "1/tokenizer.json"), max_length, ladder
     )
-    entries: list[dict[str, Any]] = []
-    by_hash: dict[str, dict[str, Any]] = {}
-    for name, record in opened.models.items():
-        if record["role"] not in ENGINE_ROLES:
-            continue
-        if record["package"] != slug:
-            entries.extend(
-                {
-                    "model": name,
-                    "file": relative,
-                    "status": "skipped",
-                    "reason": f"packaged from {record['package']}: gate it with that --model",
-                }
-                for relative in record["files"]
-            )
-            continue
-        for relative, entry in record["files"].items():
-            label = f"{name}/{relative}"
-            if entry["sha256"] in by_hash:
-                # A Python-backend model serves a byte-identical copy: one verification.
-                entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
-                continue
-            try:
-                engine = load_recorded_engine(
-                    opened.file(name, relative), entry["spec"], entry["results"]
-                )
-            except EnvironmentProblem as err:
-                entries.append(
-                    {"model": name, "file": relative, "status": "skipped", "reason": str(err)}
-                )
-                continue
-            result = verify_engine(
-                info=info,
-                engine=engine,
-                engine_spec=entry["spec"],
-                label=label,
-                out_dir=Path(out_root) / name / Path(relative).stem,
-                spec=replace(spec, precision=entry["spec"]["precision"], max_length=max_length),
-                force=force,
-            )
-            # What was verified is the file as it was loaded: it must still be the one recorded
-            # (a file replaced during the run would be deployed unverified).
-            if sha256_file(opened.file(name, relative)) != entry["sha256"]:
-                raise ArtifactError(
-                    f"{label}: changed while the gate verified it; run verify --repository again"
-                )
-            report = result.results
-            entries.append(
-                {
-                    "model": name,
-                    "file": relative,
-                    "status": "passed" if report["passed"] else "failed",
-                    "failures": report["failures"],
-                    "parity": summarize_parity(report["parity"]),
-                    "metric": {
-                        "name": report["metric"]["name"],
-                        "value": report["metric"]["value"],
-                    },
-                    "report": str(result.output(REPORT_FILE)),
-                }
-            )
-            by_hash[entry["sha256"]] = entries[-1]
+    entries = _gate_engines(
+        opened, info, slug, out_root=out_root, spec=spec, force=force, max_length=max_length
+    )
     ran = [e for e in entries if e["status"] != "skipped"]
     if not ran:
         reasons = "; ".join(e["reason"] for e in entries) or "no engine models"
@@ -171,6 +105,125 @@ def verify_repository(
             "mismatches": check["mismatches"],
         },
         "engines": entries,
+    }
+
+
+def _package_of(opened: Repository, info: ModelInfo, repository: Path) -> str:
+    """The package (slug) of ``info`` in the repository.
+
+    Raises:
+        InputError: the repository holds no package of this model.
+    """
+    fingerprint = info.fingerprint()["sha256"]
+    packages = opened.manifest["inputs"]["packages"]
+    slug = next((s for s, p in packages.items() if p["model"]["sha256"] == fingerprint), None)
+    if slug is None:
+        raise InputError(
+            f"{repository}: packaged from another model than {info.path} (it holds "
+            f"{', '.join(sorted(packages))}); pass that model with --model"
+        )
+    return slug
+
+
+def _gate_engines(
+    opened: Repository,
+    info: ModelInfo,
+    slug: str,
+    *,
+    out_root: Path,
+    spec: VerifySpec,
+    force: bool,
+    max_length: int,
+) -> list[dict[str, Any]]:
+    """One entry per engine model file of the repository: verified when it is package
+    ``slug``'s and this machine runs it (a byte-identical copy verified once), else skipped
+    with the reason."""
+    entries: list[dict[str, Any]] = []
+    by_hash: dict[str, dict[str, Any]] = {}
+    for name, record in opened.models.items():
+        if record["role"] not in ENGINE_ROLES:
+            continue
+        if record["package"] != slug:
+            entries.extend(
+                {
+                    "model": name,
+                    "file": relative,
+                    "status": "skipped",
+                    "reason": f"packaged from {record['package']}: gate it with that --model",
+                }
+                for relative in record["files"]
+            )
+            continue
+        for relative, entry in record["files"].items():
+            if entry["sha256"] in by_hash:
+                # A Python-backend model serves a byte-identical copy: one verification.
+                entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
+                continue
+            gated = _gate_engine_file(
+                opened,
+                info,
+                name,
+                relative,
+                entry,
+                out_dir=Path(out_root) / name / Path(relative).stem,
+                spec=replace(spec, precision=entry["spec"]["precision"], max_length=max_length),
+                force=force,
+            )
+            entries.append(gated)
+            if gated["status"] != "skipped":
+                by_hash[entry["sha256"]] = gated
+    return entries
+
+
+def _gate_engine_file(
+    opened: Repository,
+    info: ModelInfo,
+    name: str,
+    relative: str,
+    entry: dict[str, Any],
+    *,
+    out_dir: Path,
+    spec: VerifySpec,
+    force: bool,
+) -> dict[str, Any]:
+    """Load one engine file from the repository and verify it against PyTorch into
+    ``out_dir``: its entry (skipped, with the reason, where this machine cannot run it).
+
+    Raises:
+        ArtifactError: the file changed while it was verified.
+    """
+    label = f"{name}/{relative}"
+    try:
+        engine = load_recorded_engine(opened.file(name, relative), entry["spec"], entry["results"])
+    except EnvironmentProblem as err:
+        return {"model": name, "file": relative, "status": "skipped", "reason": str(err)}
+    result = verify_engine(
+        info=info,
+        engine=engine,
+        engine_spec=entry["spec"],
+        label=label,
+        out_dir=out_dir,
+        spec=spec,
+        force=force,
+    )
+    # What was verified is the file as it was loaded: it must still be the one recorded
+    # (a file replaced during the run would be deployed unverified).
+    if sha256_file(opened.file(name, relative)) != entry["sha256"]:
+        raise ArtifactError(
+            f"{label}: changed while the gate verified it; run verify --repository again"
+        )
+    report = result.results
+    return {
+        "model": name,
+        "file": relative,
+        "status": "passed" if report["passed"] else "failed",
+        "failures": report["failures"],
+        "parity": summarize_parity(report["parity"]),
+        "metric": {
+            "name": report["metric"]["name"],
+            "value": report["metric"]["value"],
+        },
+        "report": str(result.output(REPORT_FILE)),
     }
 
 
@@ -201,7 +254,6 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
     """
     manifest = opened.manifest
     sealed_inputs = manifest["inputs"]["packages"][slug]
-    sealed_engines = sealed_inputs.get("engines", {})
     settings = dict(manifest["spec"]["packages"][slug])
     # A package written before --python-text served Python engines through the ensemble.
     settings.setdefault("python_text", "ensemble")
@@ -212,9 +264,36 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
         spec.validate()
     except (TypeError, ValueError, InputError) as err:
         return [f"{slug}: recorded package settings are not package's ({err})"]
+    own = {n: r for n, r in opened.models.items() if r["package"] == slug}
+    engines, problems = _recorded_engines(opened, own, sealed_inputs.get("engines", {}))
+    if problems or not engines:
+        return problems or [f"{slug}: no engine model to plan from"]
+    plans = plan_repository(info=info, engines=engines, spec=spec)
+    if {p.name for p in plans} != set(own):
+        return [
+            f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
+            f"repository holds {sorted(own)}"
+        ]
+    # Exactly the files package writes: an added file (a version folder 2/ with its own engine,
+    # listed in the manifest) is no file of the plan.
+    planned = {
+        f"{plan.name}/{relative}" for plan in plans for relative in [tc.CONFIG_FILE, *plan.files]
+    }
+    listed = {o for o in manifest["outputs"] if o.split("/", 1)[0] in own}
+    problems.extend(f"{name}: not a file package writes" for name in sorted(listed - planned))
+    problems.extend(f"{name}: missing" for name in sorted(planned - listed))
+    problems.extend(_plan_differences(opened, plans, own))
+    return problems
+
+
+def _recorded_engines(
+    opened: Repository, own: Mapping[str, Mapping[str, Any]], sealed_engines: Mapping[str, Any]
+) -> tuple[list[VerifiedEngine], list[str]]:
+    """The engines a package's model records describe, as package planned from them, and one
+    line per record whose engine hash, spec or results differ from those sealed in the
+    manifest (``sealed_engines``)."""
     problems: list[str] = []
     engines: list[VerifiedEngine] = []
-    own = {n: r for n, r in opened.models.items() if r["package"] == slug}
     for name, record in own.items():
         if record["role"] not in ENGINE_ROLES:
             continue
@@ -239,22 +318,15 @@ def rederived_problems(opened: Repository, info: ModelInfo, slug: str) -> list[s
                     io=engine_tensors(path, record),
                 )
             )
-    if problems or not engines:
-        return problems or [f"{slug}: no engine model to plan from"]
-    plans = plan_repository(info=info, engines=engines, spec=spec)
-    if {p.name for p in plans} != set(own):
-        return [
-            f"{slug}: package would write models {sorted(p.name for p in plans)}, the "
-            f"repository holds {sorted(own)}"
-        ]
-    # Exactly the files package writes: an added file (a version folder 2/ with its own engine,
-    # listed in the manifest) is no file of the plan.
-    planned = {
-        f"{plan.name}/{relative}" for plan in plans for relative in [tc.CONFIG_FILE, *plan.files]
-    }
-    listed = {o for o in manifest["outputs"] if o.split("/", 1)[0] in own}
-    problems.extend(f"{name}: not a file package writes" for name in sorted(listed - planned))
-    problems.extend(f"{name}: missing" for name in sorted(planned - listed))
+    return engines, problems
+
+
+def _plan_differences(
+    opened: Repository, plans: Sequence[ModelPlan], own: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """One line per planned model whose record, config or files in the repository differ from
+    what package writes."""
+    problems: list[str] = []
     for plan in plans:
         recorded = {k: v for k, v in own[plan.name].items() if k != "package"}
         if sha256_json(recorded) != sha256_json(plan.record):
