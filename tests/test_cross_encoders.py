@@ -295,7 +295,7 @@ SERVER = find_server()
 @pytest.fixture(scope="module")
 def served_cross_encoder(cross_encoders, tmp_path_factory):
     """The tiny BERT cross-encoder run, packaged with its Python-backend engine and served by
-    the real Triton server (CPU, Python backend)."""
+    the real Triton server (Python backend, on the CPU here)."""
     if isinstance(SERVER, str):
         pytest.skip(SERVER)
     info = resolve_model(cross_encoders["bert"])
@@ -478,16 +478,15 @@ def test_serves_try_line_for_a_cross_encoder_sends_a_pair(served_cross_encoder):
     import subprocess
     import sys
 
-    from bert_compiler.cli.delivery_commands import _serve_lines
     from bert_compiler.triton.server import describe
     from tests.triton_server import REPO_ROOT
 
     _info, _out, server, ensemble = served_cross_encoder
     summary = describe(server, SERVER, server.repository)
     # The fixture serves the tokenizer model too, which takes pairs as well.
-    assert sorted(summary["text_pairs"]) == sorted(summary["models"])
-    assert ensemble in summary["models"]
-    (line,) = [x for x in _serve_lines(summary).splitlines() if x.startswith("  try: ")]
+    assert sorted(summary.text_pairs) == sorted(summary.models)
+    assert ensemble in summary.models
+    (line,) = [x for x in summary.lines().splitlines() if x.startswith("  try: ")]
     command = line.removeprefix("  try: ").replace("python ", f"{sys.executable} ", 1)
     result = subprocess.run(
         ["bash", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60

@@ -162,7 +162,7 @@ def serve_command(
             ready_timeout_s=ready_timeout,
         ) as server:
             summary = describe(server, files, repository)
-            emit(summary, as_json, _serve_lines(summary))
+            emit(summary.to_json(), as_json, summary.lines())
             click.echo("bert-compile: serving; Ctrl-C stops it", err=True)
             server.wait()  # returns only by an exception: the server exited, or a signal came
     except Interrupted as err:
@@ -176,30 +176,3 @@ def serve_command(
         for entry in workdir.iterdir() if keep else [workdir]:
             if entry.name != LOG_FILE:
                 shutil.rmtree(entry, ignore_errors=True)
-
-
-def _serve_lines(summary: dict[str, Any]) -> str:
-    server = summary["server"]
-    lines = [
-        f"serving {summary['repository']} with Triton {server['triton']} (nvidia-pytriton "
-        f"{server['nvidia-pytriton']}: CPU, {', '.join(server['backends'])} backend)",
-        f"  HTTP: http://{summary['http']}",
-        f"  gRPC: {summary['grpc']}",
-        *(f"  model: {name}" for name in summary["models"]),
-        *(f"  not served: {name} ({why})" for name, why in summary["not_served"].items()),
-        f"  log: {summary['log']}",
-    ]
-    text_models = [m for m in summary["models"] if m.endswith("-text")]
-    if text_models:
-        # A cross-encoder's text model scores pairs: query<TAB>passage, as bash's $'...' writes
-        # it.
-        text = (
-            "$'A man plays a guitar.\\tSomeone plays music.'"
-            if text_models[0] in summary.get("text_pairs", ())
-            else "'A man plays a guitar.'"
-        )
-        lines.append(
-            f"  try: python scripts/triton_client.py --url {summary['http']} --model "
-            f"{text_models[0]} {text}"
-        )
-    return "\n".join(lines)

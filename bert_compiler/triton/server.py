@@ -508,23 +508,80 @@ def _takes_pairs(repository: Path, model: str) -> bool:
     return any(tensor.name == TEXT_PAIR_INPUT for tensor in inputs)
 
 
-def describe(server: RunningServer, files: ServerFiles, repository: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ServeSummary:
     """What `bert-compile serve` prints: where the server listens and what it serves."""
-    return {
-        "ok": True,
-        "repository": str(repository),
-        "server": {
-            "triton": server.version,
-            DISTRIBUTION: files.version,
-            "backends": sorted(LOCAL_BACKENDS),
-        },
-        # host:port, as tritonclient takes them.
-        "http": server.http,
-        "grpc": server.grpc,
-        "models": list(server.models),
-        # Cross-encoders' models: they take TEXT_PAIR beside TEXT.
-        "text_pairs": [name for name in server.models if _takes_pairs(repository, name)],
-        "not_served": dict(server.skipped),
-        "log": str(server.log),
-        "pid": server.process.pid,
-    }
+
+    repository: Path
+    triton: str
+    distribution_version: str
+    # host:port, as tritonclient takes them.
+    http: str
+    grpc: str
+    models: tuple[str, ...]
+    # Cross-encoders' models: they take TEXT_PAIR beside TEXT.
+    text_pairs: tuple[str, ...]
+    not_served: Mapping[str, str]
+    log: Path
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": True,
+            "repository": str(self.repository),
+            "server": {
+                "triton": self.triton,
+                DISTRIBUTION: self.distribution_version,
+                "backends": sorted(LOCAL_BACKENDS),
+            },
+            "http": self.http,
+            "grpc": self.grpc,
+            "models": list(self.models),
+            "text_pairs": list(self.text_pairs),
+            "not_served": dict(self.not_served),
+            "log": str(self.log),
+            "pid": self.pid,
+        }
+
+    def lines(self) -> str:
+        """Where it listens, each model served and each left out with why, the log, and a
+        client line to try the first text model with."""
+        lines = [
+            f"serving {self.repository} with Triton {self.triton} ({DISTRIBUTION} "
+            f"{self.distribution_version}: {', '.join(sorted(LOCAL_BACKENDS))} backend only)",
+            f"  HTTP: http://{self.http}",
+            f"  gRPC: {self.grpc}",
+            *(f"  model: {name}" for name in self.models),
+            *(f"  not served: {name} ({why})" for name, why in self.not_served.items()),
+            f"  log: {self.log}",
+        ]
+        text_models = [m for m in self.models if m.endswith("-text")]
+        if text_models:
+            # A cross-encoder's text model scores pairs: query<TAB>passage, as bash's $'...'
+            # writes it.
+            text = (
+                "$'A man plays a guitar.\\tSomeone plays music.'"
+                if text_models[0] in self.text_pairs
+                else "'A man plays a guitar.'"
+            )
+            lines.append(
+                f"  try: python scripts/triton_client.py --url {self.http} --model "
+                f"{text_models[0]} {text}"
+            )
+        return "\n".join(lines)
+
+
+def describe(server: RunningServer, files: ServerFiles, repository: Path) -> ServeSummary:
+    """What `bert-compile serve` says of a running server."""
+    return ServeSummary(
+        repository=Path(repository),
+        triton=server.version,
+        distribution_version=files.version,
+        http=server.http,
+        grpc=server.grpc,
+        models=tuple(server.models),
+        text_pairs=tuple(name for name in server.models if _takes_pairs(repository, name)),
+        not_served=dict(server.skipped),
+        log=Path(server.log),
+        pid=server.process.pid,
+    )
