@@ -45,7 +45,7 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
     summary = _last_json(result)
     engine = summary["engines"][0]
     assert summary["ok"] and engine["passed"]
-    # The schema the README documents ("Machine-readable output"), key for key.
+    # The schema docs/guides/ci.md documents ("Machine-readable output"), key for key.
     schema = {
         "top level": (summary, RUN_KEYS),
         "each of `engines`": (engine, ENGINE_KEYS),
@@ -55,8 +55,8 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
         "its `speed`": (engine["speed"], {"measured", "sentences", "sentences_per_s"}),
         "each of `stages`": (summary["stages"]["export"], {"path", "seconds", "skipped"}),
     }  # fmt: skip
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    documented = readme.split("### Machine-readable output", 1)[1].split("### ", 1)[0]
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "ci.md").read_text()
+    documented = guide.split("\n## Machine-readable output", 1)[1].split("\n## ", 1)[0]
     for where, (value, keys) in schema.items():
         assert set(value) == keys, where
         line = documented.split(where, 1)[1].split(";", 1)[0]

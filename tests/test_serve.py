@@ -1,4 +1,4 @@
-"""bert-compile serve: the README's package, serve and client lines run as written against the
+"""bert-compile serve: the Triton guide's package, serve and client lines run as written against the
 local Triton it starts, a clean stop on Ctrl-C and SIGTERM, and every failure as one line with
 a non-zero exit."""
 
@@ -43,13 +43,13 @@ BIN = Path(sys.executable).parent
 SENTENCES = ["A man is playing a guitar.", "Ünïcödé façade — naïve café 東京", "Two dogs run."]
 
 
-def readme_serving_commands() -> list[str]:
-    """The command lines of the README's two code blocks under "Serving a repository" (the
-    local server's), continuation lines joined."""
-    text = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+def guide_serving_commands() -> list[str]:
+    """The command lines of docs/guides/triton.md's two code blocks under "Serving a repository"
+    (the local server's), continuation lines joined."""
+    text = (REPO_ROOT / "docs" / "guides" / "triton.md").read_text(encoding="utf-8")
     section = text.split("### Serving a repository", 1)[1].split("In production", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 2, "the README's serving section lost a code block"
+    assert len(blocks) == 2, "the Triton guide's serving section lost a code block"
     commands = [
         " ".join(line.strip() for line in command.split("\\\n"))
         for block in blocks
@@ -59,7 +59,7 @@ def readme_serving_commands() -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    # The README's lines run in an activated .venv: bert-compile and python from there.
+    # The guide's lines run in an activated .venv: bert-compile and python from there.
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
@@ -148,9 +148,9 @@ def repository(tiny_run, tmp_path_factory):
 
 @pytest.mark.e2e
 @needs_server
-def test_the_readme_lines_serve_and_stop_on_ctrl_c(tiny_run, tiny_embedding_model, tmp_path):
+def test_the_guide_lines_serve_and_stop_on_ctrl_c(tiny_run, tiny_embedding_model, tmp_path):
     info, out, _spec, _summary = tiny_run
-    commands = readme_serving_commands()
+    commands = guide_serving_commands()
     assert [c.split(" --")[0] for c in commands] == [
         "scripts/setup.sh",
         "source .venv/bin/activate",
