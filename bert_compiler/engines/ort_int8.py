@@ -89,130 +89,195 @@ def lower_qdq_matmuls(model, *, weights: str = "s8", dynamic: str = "none"):
         InputError: a Q/DQ pattern it cannot lower (non-constant scales, mismatched scales).
     """
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     if weights not in WEIGHT_TYPES:
         raise InputError(f"INT8 weight type {weights!r}: expected one of {', '.join(WEIGHT_TYPES)}")
     lowered = onnx.ModelProto()
     lowered.CopyFrom(model)
     graph = lowered.graph
-    inits = {i.name: i for i in graph.initializer}
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    lowering = _QdqLowering(graph, weights=weights, dynamic=dynamic)
+    check_dynamic_scope(dynamic)
+    for node in list(graph.node):
+        lowering.lower(node)
+    if not lowering.quantized and not lowering.dynamic_count:
+        return lowered
+    if weights == "u8":
+        # The int8 weights (and zero points) are now unused: drop them from the engine file.
+        lowering.drop_unused_initializers()
+    splice_nodes(graph, before=lowering.replacements, remove=lowering.removed)
+    if not any(o.domain == CONTRIB for o in lowered.opset_import):
+        lowered.opset_import.append(helper.make_opsetid(CONTRIB, 1))
+    return lowered
 
-    def const(name):
-        if name not in inits:
+
+class _QdqLowering:
+    """One lowering in progress: the graph's constants, producers and consumers, the nodes to
+    remove and to insert (by the name of the node they replace), and the activations quantized
+    so far (float tensor -> (u8 tensor, scale name, scale value))."""
+
+    def __init__(self, graph: Any, *, weights: str, dynamic: str) -> None:
+        self.graph = graph
+        self.weights = weights
+        self.dynamic = dynamic
+        self.inits = {i.name: i for i in graph.initializer}
+        self.producer = {out: node for node in graph.node for out in node.output}
+        self.consumers: defaultdict[str, list[Any]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
+        self.removed: set[str] = set()
+        self.replacements: dict[str, list[Any]] = {}  # node name -> nodes to insert in its place
+        self.quantized: dict[str, tuple[str, str, float]] = {}
+        self.dynamic_count = 0
+
+    def const(self, name: str) -> np.ndarray:
+        """A constant's value.
+
+        Raises:
+            InputError: ``name`` is not an initializer.
+        """
+        from onnx import numpy_helper
+
+        if name not in self.inits:
             raise InputError(f"Q/DQ lowering: {name!r} is not a constant")
-        return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(self.inits[name])
 
-    def add_init(name, array):
-        if name not in inits:
+    def add_init(self, name: str, array: np.ndarray) -> str:
+        """``name``, added as an initializer holding ``array`` unless the graph has it."""
+        from onnx import numpy_helper
+
+        if name not in self.inits:
             tensor = numpy_helper.from_array(array, name)
-            graph.initializer.append(tensor)
-            inits[name] = tensor
+            self.graph.initializer.append(tensor)
+            self.inits[name] = tensor
         return name
 
-    removed: set[str] = set()
-    replacements: dict[str, list[Any]] = {}  # node name -> nodes to insert in its place
-    quantized: dict[str, tuple[str, str, float]] = {}  # float tensor -> (u8 tensor, scale, value)
-
-    def fold_bias(node, weight_dq, inputs: list[str]) -> str:
+    def fold_bias(self, node: Any, weight_dq: Any, inputs: list[str]) -> str:
         """Append the bias of a following constant bias Add to ``inputs``; the output to write."""
         output = node.output[0]
-        users = consumers[output]
+        users = self.consumers[output]
         bias_add = users[0] if len(users) == 1 and users[0].op_type == "Add" else None
         if bias_add is not None:
             other = [i for i in bias_add.input if i != output]
-            bias = inits.get(other[0]) if len(other) == 1 else None
-            width = const(weight_dq.input[0]).shape[1]
+            bias = self.inits.get(other[0]) if len(other) == 1 else None
+            width = self.const(weight_dq.input[0]).shape[1]
             if bias is not None and list(bias.dims) == [width]:
                 inputs.append(other[0])
-                removed.add(bias_add.name)
+                self.removed.add(bias_add.name)
                 return bias_add.output[0]
         return output
 
-    check_dynamic_scope(dynamic)
-    dynamic_count = 0
-    for node in list(graph.node):
+    def lower(self, node: Any) -> None:
+        """Lower ``node`` when it is a MatMul of a quantized activation (Q -> DQ) and a constant
+        quantized weight (DQ): dynamically where the scope says, else with the calibrated scale.
+
+        Raises:
+            InputError: a pattern it cannot lower (non-constant scales, mismatched scales).
+        """
         if node.op_type != "MatMul":
-            continue
-        act_dq, weight_dq = (producer.get(i) for i in node.input)
+            return
+        act_dq, weight_dq = (self.producer.get(i) for i in node.input)
         if not (act_dq and weight_dq and act_dq.op_type == weight_dq.op_type == "DequantizeLinear"):
-            continue
-        act_q = producer.get(act_dq.input[0])
-        if act_q is None or act_q.op_type != "QuantizeLinear" or weight_dq.input[0] not in inits:
-            continue
+            return
+        act_q = self.producer.get(act_dq.input[0])
+        if (
+            act_q is None
+            or act_q.op_type != "QuantizeLinear"
+            or weight_dq.input[0] not in self.inits
+        ):
+            return
         source = act_q.input[0]
-        scale = float(const(act_q.input[1]))
+        scale = float(self.const(act_q.input[1]))
         weight, weight_zero = (
             weight_dq.input[0],
             weight_dq.input[2] if len(weight_dq.input) > 2 else "",
         )
-        rows, columns = const(weight).shape
-        if dynamic == "all" or (dynamic == "ffn-down" and rows > columns):
-            if weights == "u8":
-                weight, weight_zero = _shift_to_uint8(weight, weight_zero, const, add_init)
-            inputs = [source, weight, weight_dq.input[1], weight_zero]
-            output = fold_bias(node, weight_dq, inputs)
-            replacements.setdefault(node.name, []).append(
-                helper.make_node(
-                    "DynamicQuantizeMatMul",
-                    inputs,
-                    [output],
-                    name=f"{node.name}_int8_dynamic",
-                    domain=CONTRIB,
-                )
+        rows, columns = self.const(weight).shape
+        if self.dynamic == "all" or (self.dynamic == "ffn-down" and rows > columns):
+            self._lower_dynamic(node, weight_dq, source, weight, weight_zero)
+        else:
+            self._lower_static(node, act_q, weight_dq, source, scale, weight, weight_zero)
+        self.removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
+
+    def _lower_dynamic(
+        self, node: Any, weight_dq: Any, source: str, weight: str, weight_zero: str
+    ) -> None:
+        """``node`` as DynamicQuantizeMatMul: its float input ``source`` quantized at run time."""
+        from onnx import helper
+
+        if self.weights == "u8":
+            weight, weight_zero = _shift_to_uint8(weight, weight_zero, self.const, self.add_init)
+        inputs = [source, weight, weight_dq.input[1], weight_zero]
+        output = self.fold_bias(node, weight_dq, inputs)
+        self.replacements.setdefault(node.name, []).append(
+            helper.make_node(
+                "DynamicQuantizeMatMul",
+                inputs,
+                [output],
+                name=f"{node.name}_int8_dynamic",
+                domain=CONTRIB,
             )
-            removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
-            dynamic_count += 1
-            continue
-        if source not in quantized:
+        )
+        self.dynamic_count += 1
+
+    def _lower_static(
+        self,
+        node: Any,
+        act_q: Any,
+        weight_dq: Any,
+        source: str,
+        scale: float,
+        weight: str,
+        weight_zero: str,
+    ) -> None:
+        """``node`` as MatMulIntegerToFloat on ``source`` quantized once (the first of its
+        consumers puts its QuantizeLinear in place of ``act_q``) with the calibrated ``scale``.
+
+        Raises:
+            InputError: ``source`` was quantized with another scale for another MatMul.
+        """
+        from onnx import helper
+
+        if source not in self.quantized:
             u8 = f"{source}_u8"
-            scale_name = add_init(f"{u8}_scale", np.array(scale, dtype=np.float32))
-            zero_name = add_init(f"{u8}_zero_point", np.array(_UINT8_ZERO, dtype=np.uint8))
-            replacements.setdefault(act_q.name, []).append(
+            scale_name = self.add_init(f"{u8}_scale", np.array(scale, dtype=np.float32))
+            zero_name = self.add_init(f"{u8}_zero_point", np.array(_UINT8_ZERO, dtype=np.uint8))
+            self.replacements.setdefault(act_q.name, []).append(
                 helper.make_node(
                     "QuantizeLinear", [source, scale_name, zero_name], [u8], name=f"{u8}_Q"
                 )
             )
-            quantized[source] = (u8, scale_name, scale)
-        u8, scale_name, first_scale = quantized[source]
+            self.quantized[source] = (u8, scale_name, scale)
+        u8, scale_name, first_scale = self.quantized[source]
         if not np.isclose(scale, first_scale, rtol=1e-6):
             raise InputError(f"Q/DQ lowering: tensor {source!r} has two different scales")
-        if weights == "u8":
-            weight, weight_zero = _shift_to_uint8(weight, weight_zero, const, add_init)
+        if self.weights == "u8":
+            weight, weight_zero = _shift_to_uint8(weight, weight_zero, self.const, self.add_init)
         inputs = [
             u8,
             weight,
             scale_name,
             weight_dq.input[1],
-            add_init(f"{u8}_zero_point", np.array(_UINT8_ZERO, dtype=np.uint8)),
+            self.add_init(f"{u8}_zero_point", np.array(_UINT8_ZERO, dtype=np.uint8)),
             weight_zero,
         ]
-        output = fold_bias(node, weight_dq, inputs)
-        replacements.setdefault(node.name, []).append(
+        output = self.fold_bias(node, weight_dq, inputs)
+        self.replacements.setdefault(node.name, []).append(
             helper.make_node(
                 "MatMulIntegerToFloat", inputs, [output], name=f"{node.name}_int8", domain=CONTRIB
             )
         )
-        removed.update({node.name, act_dq.name, weight_dq.name, act_q.name})
 
-    if not quantized and not dynamic_count:
-        return lowered
-    if weights == "u8":
-        # The int8 weights (and zero points) are now unused: drop them from the engine file.
+    def drop_unused_initializers(self) -> None:
+        """Drop the initializers no node reads once the replacements are in (after a u8
+        lowering: the int8 weights and zero points)."""
+        graph = self.graph
         used = {name for node in graph.node for name in node.input}
-        used |= {name for nodes in replacements.values() for n in nodes for name in n.input}
+        used |= {name for nodes in self.replacements.values() for n in nodes for name in n.input}
         kept = [i for i in graph.initializer if i.name in used]
         del graph.initializer[:]
         graph.initializer.extend(kept)
-    splice_nodes(graph, before=replacements, remove=removed)
-    if not any(o.domain == CONTRIB for o in lowered.opset_import):
-        lowered.opset_import.append(helper.make_opsetid(CONTRIB, 1))
-    return lowered
 
 
 def _shift_to_uint8(weight: str, zero: str, const, add_init) -> tuple[str, str]:
