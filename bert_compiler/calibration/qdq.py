@@ -277,7 +277,6 @@ def insert_qdq(
             granularity, or a graph that cannot reach the format's opset.
     """
     import onnx
-    from onnx import helper, numpy_helper
 
     if weight_granularity not in WEIGHT_GRANULARITIES:
         raise InputError(
@@ -285,39 +284,74 @@ def insert_qdq(
             f"{', '.join(WEIGHT_GRANULARITIES)}"
         )
     fmt = format_of(format)
-    per_channel = weight_granularity == "channel"
     quantized = onnx.ModelProto()
     quantized.CopyFrom(raise_opset(model, fmt.min_opset))
     graph = quantized.graph
-    initializers = {init.name: init for init in graph.initializer}
+    insertion = _QdqInsertion(graph, amax, fmt, per_channel=weight_granularity == "channel")
     targets = [m for m in quantizable_matmuls(quantized) if m.node_name not in exclude]
     nodes_by_name = {node.name: node for node in graph.node}
-    record: dict[str, dict] = {}
-    new_nodes: dict[str, list] = {}  # weight DQs, inserted before their MatMul
-    dequantized: dict[str, str] = {}
+    extra = optional_inputs(quantized, quantize_ops)
+    for target in targets:
+        node = nodes_by_name[target.node_name]
+        before = insertion.new_nodes.setdefault(target.node_name, [])
+        activation_dq = insertion.quantize_activation(target.activation)
+        weight_dq = insertion.quantize_weight(target, before)
+        node.input[0], node.input[1] = activation_dq, weight_dq
+    for node_name, index, tensor in extra:
+        nodes_by_name[node_name].input[index] = insertion.quantize_activation(tensor)
 
-    def add_const(name: str, array: np.ndarray) -> str:
-        graph.initializer.append(numpy_helper.from_array(array, name))
+    splice_nodes(graph, before=insertion.new_nodes, after=insertion.after_nodes)
+    return quantized, insertion.record
+
+
+class _QdqInsertion:
+    """Q/DQ being added to a graph: the nodes to insert before a node (weight DQs before their
+    MatMul; an input's Q/DQ before the first node) and after one (an activation's Q/DQ after its
+    producer), each tensor's DQ output once made, and the record of every quantized tensor."""
+
+    def __init__(
+        self, graph: Any, amax: Mapping[str, float], fmt: QuantizedFormat, *, per_channel: bool
+    ) -> None:
+        self.graph = graph
+        self.amax = amax
+        self.fmt = fmt
+        self.per_channel = per_channel
+        self.initializers = {init.name: init for init in graph.initializer}
+        self.producers = {out: node.name for node in graph.node for out in node.output}
+        self.record: dict[str, dict] = {}
+        self.new_nodes: dict[str, list] = {}  # weight DQs, inserted before their MatMul
+        self.after_nodes: dict[str, list] = {}
+        self.dequantized: dict[str, str] = {}
+
+    def add_const(self, name: str, array: np.ndarray) -> str:
+        """``name``, added as an initializer holding ``array``."""
+        from onnx import numpy_helper
+
+        self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
-    producers = {out: node.name for node in graph.node for out in node.output}
-    after_nodes: dict[str, list] = {}
+    def quantize_activation(self, tensor: str) -> str:
+        """The DQ output standing for ``tensor``: one Q/DQ pair per tensor, shared.
 
-    def quantize_activation(tensor: str) -> str:
-        """The DQ output standing for ``tensor``: one Q/DQ pair per tensor, shared."""
+        Raises:
+            InputError: ``tensor`` has no calibrated range.
+        """
+        from onnx import helper
+
+        amax, fmt, dequantized = self.amax, self.fmt, self.dequantized
         if tensor not in dequantized:
             if tensor not in amax:
                 raise InputError(f"calibration: no range for tensor {tensor!r}")
             scale = activation_scale(amax[tensor], fmt)
             base = f"{tensor}_{fmt.name}"
-            s_name = add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
-            z_name = add_const(f"{base}_zero_point", zero_points((), fmt))
+            s_name = self.add_const(f"{base}_scale", np.array(scale, dtype=np.float32))
+            z_name = self.add_const(f"{base}_zero_point", zero_points((), fmt))
             # Right after the producer (first, for a graph input): valid for every consumer.
-            producer = producers.get(tensor)
+            producer = self.producers.get(tensor)
             if producer is None:
-                slot = new_nodes.setdefault(graph.node[0].name, [])
+                slot = self.new_nodes.setdefault(self.graph.node[0].name, [])
             else:
-                slot = after_nodes.setdefault(producer, [])
+                slot = self.after_nodes.setdefault(producer, [])
             slot.extend(
                 [
                     helper.make_node(
@@ -332,16 +366,18 @@ def insert_qdq(
                 ]
             )
             dequantized[tensor] = f"{base}_dq"
-            record[tensor] = {"kind": "activation", "amax": amax[tensor], "scale": scale}
+            self.record[tensor] = {"kind": "activation", "amax": amax[tensor], "scale": scale}
         return dequantized[tensor]
 
-    extra = optional_inputs(quantized, quantize_ops)
-    for target in targets:
-        node = nodes_by_name[target.node_name]
-        pending = new_nodes.setdefault(target.node_name, [])
-        activation_dq = quantize_activation(target.activation)
-        if target.weight not in dequantized:
-            weight = numpy_helper.to_array(initializers[target.weight]).astype(np.float32)
+    def quantize_weight(self, target: QuantizableMatMul, before: list) -> str:
+        """The DQ output standing for ``target``'s weight, stored quantized ahead of time (its
+        DequantizeLinear appended to ``before``, the nodes inserted before the MatMul, the first
+        time the weight is seen)."""
+        from onnx import helper, numpy_helper
+
+        fmt, per_channel = self.fmt, self.per_channel
+        if target.weight not in self.dequantized:
+            weight = numpy_helper.to_array(self.initializers[target.weight]).astype(np.float32)
             if per_channel:
                 scales = weight_scales(weight, target.weight_axis, fmt)
                 shaped = scales if target.weight_axis == 1 else scales[:, None]
@@ -350,12 +386,12 @@ def insert_qdq(
             # Quantized ahead of time: the graph stores the weight in the quantized type.
             q_weight = quantize_values(weight / shaped, fmt)
             base = f"{target.weight}_{fmt.name}"
-            q_name = add_const(f"{base}_q", q_weight)
-            s_name = add_const(f"{base}_scale", scales)
-            z_name = add_const(f"{base}_zero_point", zero_points(scales.shape, fmt))
+            q_name = self.add_const(f"{base}_q", q_weight)
+            s_name = self.add_const(f"{base}_scale", scales)
+            z_name = self.add_const(f"{base}_zero_point", zero_points(scales.shape, fmt))
             # A scalar scale is per tensor: DequantizeLinear takes no axis then.
             axis: dict[str, Any] = {"axis": target.weight_axis} if per_channel else {}
-            pending.append(
+            before.append(
                 helper.make_node(
                     "DequantizeLinear",
                     [q_name, s_name, z_name],
@@ -364,16 +400,10 @@ def insert_qdq(
                     **axis,
                 )
             )
-            dequantized[target.weight] = f"{base}_dq"
-            record[target.weight] = {
+            self.dequantized[target.weight] = f"{base}_dq"
+            self.record[target.weight] = {
                 "kind": "weight",
                 "axis": target.weight_axis if per_channel else None,
                 "scale": scales.tolist(),
             }
-        node.input[0] = activation_dq
-        node.input[1] = dequantized[target.weight]
-    for node_name, index, tensor in extra:
-        nodes_by_name[node_name].input[index] = quantize_activation(tensor)
-
-    splice_nodes(graph, before=new_nodes, after=after_nodes)
-    return quantized, record
+        return self.dequantized[target.weight]
