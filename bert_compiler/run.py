@@ -26,7 +26,6 @@ from bert_compiler.run_summary import (
     FallbackReport,
     FloatOps,
     Metric,
-    ParitySummary,
     RunSummary,
     VerifySpeed,
 )
@@ -220,7 +219,7 @@ def _engine_report(
         path=built.output(built.results["engine_file"]),
         manifest=built.path / "manifest.json",
         report=verified.output(REPORT_FILE),
-        parity=ParitySummary.of(summarize_parity(report["parity"])),
+        parity=summarize_parity(report["parity"]),
         metric=Metric.of(report["metric"]),
         passed=report["passed"] and not failures,
         failures=tuple(failures),

@@ -12,49 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.stage import StageReport
+from bert_compiler.stages.verify import Metric, ParitySummary
+from bert_compiler.triton.package import PackagedRepository
 
 
 def format_metric(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-@dataclass(frozen=True)
-class Metric:
-    """A task metric's name and value (None where it could not be computed)."""
-
-    name: str
-    value: float | None
-
-    @classmethod
-    def of(cls, record: Mapping[str, Any]) -> Metric:
-        return cls(record["name"], record["value"])
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "value": self.value}
-
-
-@dataclass(frozen=True)
-class ParitySummary:
-    """The worst case over an engine's outputs (None where no output was compared)."""
-
-    max_abs_err: float | None
-    rel_l2_err: float | None
-    min_cosine: float | None
-    passed: bool
-
-    @classmethod
-    def of(cls, record: Mapping[str, Any]) -> ParitySummary:
-        return cls(
-            record["max_abs_err"], record["rel_l2_err"], record["min_cosine"], record["passed"]
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "max_abs_err": self.max_abs_err,
-            "rel_l2_err": self.rel_l2_err,
-            "min_cosine": self.min_cosine,
-            "passed": self.passed,
-        }
 
 
 @dataclass(frozen=True)
@@ -196,7 +159,7 @@ class RunSummary:
     fusion_note: str
     pytorch_fp32_metric: Metric | None
     engines: tuple[EngineReport, ...]
-    repository: Mapping[str, Any] | None
+    repository: PackagedRepository | None
     stages: Mapping[str, StageReport]
 
     def to_json(self) -> dict[str, Any]:
@@ -208,7 +171,7 @@ class RunSummary:
             "fusion_note": self.fusion_note,
             "pytorch_fp32_metric": self.pytorch_fp32_metric and self.pytorch_fp32_metric.to_json(),
             "engines": [engine.to_json() for engine in self.engines],
-            "repository": self.repository and dict(self.repository),
+            "repository": self.repository and self.repository.to_json(),
             "stages": {name: stage.to_json() for name, stage in self.stages.items()},
         }
 

@@ -133,7 +133,7 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     spec = RunSpec(builds=builds, verify=TINY_VERIFY, package=PackageSpec())
     summary = run_pipeline(info=info, out=tmp_path, spec=spec)
     assert summary.ok, summary.engines
-    repository = Path(summary.repository["path"])
+    repository = summary.repository.path
     capability, _ = current_gpu("the test")
     filename = f"model.sm{capability.replace('.', '')}.onnx"
     fp16 = _engine_config(repository, f"{info.name}-ort-cuda-fp16")
@@ -148,8 +148,8 @@ def test_gpu_and_cpu_engines_in_one_triton_repository(tiny_embedding_model, tmp_
     gate = verify_repository(
         info=info, repository=repository, out_root=tmp_path / "gate", spec=TINY_VERIFY
     )
-    assert gate["ok"], gate
-    assert sorted((e["model"], e["status"]) for e in gate["engines"]) == [
+    assert gate.ok, gate
+    assert sorted((e.model, e.status) for e in gate.engines) == [
         (f"{info.name}-ort-cpu-fp32", "passed"),
         (f"{info.name}-ort-cuda-fp16", "passed"),
         (f"{info.name}-ort-cuda-fp32", "passed"),
@@ -177,7 +177,7 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
     )
     assert summary.ok, summary.engines
     fp16, fp32 = summary.engines
-    repository = Path(summary.repository["path"])
+    repository = summary.repository.path
     config = _engine_config(repository, f"{info.name}-trt-fp16")
     assert config.platform == "tensorrt_plan" and config.max_batch_size == 16
     assert list(config.instance_group[0].profile) == ["0", "1"]
@@ -187,7 +187,7 @@ def test_tensorrt_engine_builds_runs_and_verifies(tiny_embedding_model, tmp_path
     gate = verify_repository(
         info=info, repository=repository, out_root=tmp_path / "gate", spec=TINY_VERIFY
     )
-    assert gate["ok"] and {e["status"] for e in gate["engines"]} == {"passed"}
+    assert gate.ok and {e.status for e in gate.engines} == {"passed"}
     assert fp16.name.startswith("trt") and "-sm" in fp16.name
     engine, manifest = load_engine(fp16.manifest.parent)
     assert manifest["results"]["profiles"] == [str(p) for p in two_profiles.profiles]

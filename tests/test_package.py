@@ -396,7 +396,7 @@ def test_request_padding_packages_per_request_padding(tiny_run, tmp_path):
     summary = verify_repository(
         info=info, repository=result.path, out_root=tmp_path / "v", spec=TINY_VERIFY
     )
-    assert summary["ok"] and summary["tokenizer"]["length_ladder"] == []
+    assert summary.ok and summary.tokenizer.length_ladder == ()
 
 
 def test_package_settings_are_checked():
@@ -473,13 +473,13 @@ def test_verify_repository_passes(repository):
     summary = verify_repository(
         info=info, repository=result.path, out_root=out / "verify-repo", spec=TINY_VERIFY
     )
-    assert summary["ok"] and summary["tokenizer"]["identical"]
-    statuses = {(e["model"], e["status"]) for e in summary["engines"]}
+    assert summary.ok and summary.tokenizer.identical
+    statuses = {(e.model, e.status) for e in summary.engines}
     assert statuses == {
         (f"{info.name}-ort-cpu-fp32", "passed"),
         (f"{info.name}-ort-cpu-fp32-python-text", "passed"),
     }
-    assert all(e["parity"]["min_cosine"] > 0.9999 for e in summary["engines"])
+    assert all(e.parity.min_cosine > 0.9999 for e in summary.engines)
 
 
 @pytest.fixture()
@@ -552,9 +552,9 @@ def test_tampered_weights_with_rewritten_hashes_fail_parity(repository_copy, tmp
     summary = verify_repository(
         info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY
     )
-    assert not summary["ok"]
-    failed = [e for e in summary["engines"] if e["status"] == "failed"]
-    assert [e["model"] for e in failed] == [name, text_name] and failed[0]["failures"]
+    assert not summary.ok
+    failed = [e for e in summary.engines if e.status == "failed"]
+    assert [e.model for e in failed] == [name, text_name] and failed[0].failures
 
 
 def _reseal(manifest_path: Path, manifest: dict) -> None:
@@ -613,8 +613,8 @@ def test_a_package_from_before_python_text_is_read_as_the_ensemble(ensemble_repo
     summary = verify_repository(
         info=info, repository=copy, out_root=tmp_path / "v", spec=TINY_VERIFY
     )
-    assert summary["ok"]
-    assert f"{info.name}-ort-cpu-fp32-python" in {e["model"] for e in summary["engines"]}
+    assert summary.ok
+    assert f"{info.name}-ort-cpu-fp32-python" in {e.model for e in summary.engines}
 
 
 @pytest.mark.e2e

@@ -311,8 +311,8 @@ def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path,
         out_root=tmp_path / "gate",
         spec=TINY_VERIFY,
     )
-    checked = [e for e in gate["engines"] if e["model"] == name]
-    assert gate["ok"] and [e["status"] for e in checked] == ["passed"]
+    checked = [e for e in gate.engines if e.model == name]
+    assert gate.ok and [e.status for e in checked] == ["passed"]
 
     model = _load_text_model(folder, config, monkeypatch)
     texts = [*TEXTS, "two dogs run across a wide green field", "a man plays a guitar"]

@@ -44,7 +44,7 @@ from bert_compiler.core.errors import (
 from bert_compiler.core.targets import detect
 from bert_compiler.engines.targets import plan_targets
 from bert_compiler.run import RunSpec, run_pipeline
-from bert_compiler.run_summary import FloatOps, float_ops_line, format_metric
+from bert_compiler.run_summary import FloatOps, float_ops_line
 from bert_compiler.stages.build import ProfileText, build, engine_folder_name, resolve_build_spec
 from bert_compiler.stages.calibrate import calibrate
 from bert_compiler.stages.export import MODEL_FILE, export
@@ -324,32 +324,9 @@ def _verify_repository(
         force=values["force"],
         foreign=foreign,
     )
-    tokenizer = summary["tokenizer"]
-    lines = [
-        f"{'PASS' if tokenizer['identical'] else 'FAIL'} tokenizer {tokenizer['model']}: "
-        f"{tokenizer['batches']} batches compared with the pipeline's tokenization"
-    ]
-    lines += [f"FOREIGN {name}: yours, left alone (not verified)" for name in summary["foreign"]]
-    lines.append(f"reports: {summary['reports']}")
-    for entry in summary["engines"]:
-        where = f"{entry['model']}/{entry['file']}"
-        if entry["status"] == "skipped":
-            lines.append(f"SKIP {where}: {entry['reason']}")
-        else:
-            lines.append(
-                f"{entry['status'].upper()} {where}: min_cosine="
-                f"{entry['parity']['min_cosine']:.6f} {entry['metric']['name']}="
-                f"{format_metric(entry['metric']['value'])}"
-            )
-    emit(summary, values["as_json"], "\n".join(lines))
-    if not summary["ok"]:
-        failed = [
-            f"{e['model']}/{e['file']}: {'; '.join(e['failures'])}"
-            for e in summary["engines"]
-            if e["status"] == "failed"
-        ]
-        failed += [f"tokenizer: {m}" for m in tokenizer["mismatches"][:3]]
-        raise ParityError(f"{repository}: " + " | ".join(failed))
+    emit(summary.to_json(), values["as_json"], summary.lines())
+    if not summary.ok:
+        raise ParityError(summary.failures())
 
 
 @cli.command("package")
@@ -371,11 +348,8 @@ def package_command(engines: tuple[str, ...], **values: Any) -> None:
         force=values["force"],
         wait_lock=values["wait_lock"],
     )
-    summary = {"ok": True, "stage": "package", **repository_summary(result)}
-    lines = [f"repository: {result.path}"] + [
-        f"  {name} ({role})" for name, role in summary["models"].items()
-    ]
-    emit(summary, values["as_json"], "\n".join(lines))
+    summary = repository_summary(result)
+    emit({"ok": True, "stage": "package", **summary.to_json()}, values["as_json"], summary.lines())
 
 
 @cli.command("run")
@@ -418,7 +392,7 @@ def run_command(make_package: bool, **values: Any) -> None:
     lines = [*(f"note: {n}" for n in notes), f"summary: {Layout(summary.out).summary}"]
     lines += [engine.lines(summary.pytorch_fp32_metric) for engine in summary.engines]
     if summary.repository:
-        lines.append(f"Triton repository: {summary.repository['path']}")
+        lines.append(f"Triton repository: {summary.repository.path}")
     emit({**summary.to_json(), "notes": list(notes)}, values["as_json"], "\n".join(lines))
     if not summary.ok:
         raise ParityError(summary.failures())

@@ -179,6 +179,39 @@ class MetricResult:
     note: str = ""
 
 
+@dataclass(frozen=True)
+class Metric:
+    """A task metric's name and value (None where it could not be computed)."""
+
+    name: str
+    value: float | None
+
+    @classmethod
+    def of(cls, record: Mapping[str, Any]) -> Metric:
+        return cls(record["name"], record["value"])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value}
+
+
+@dataclass(frozen=True)
+class ParitySummary:
+    """The worst case over an engine's outputs (None where no output was compared)."""
+
+    max_abs_err: float | None
+    rel_l2_err: float | None
+    min_cosine: float | None
+    passed: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "max_abs_err": self.max_abs_err,
+            "rel_l2_err": self.rel_l2_err,
+            "min_cosine": self.min_cosine,
+            "passed": self.passed,
+        }
+
+
 @dataclass
 class VerifyOutcome:
     parity: dict[str, dict]
@@ -418,15 +451,15 @@ def run_verification(
     return VerifyOutcome(parity_report, torch_metric, engine_metric, not failures, failures, speed)
 
 
-def summarize_parity(parity: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """Worst case over all outputs, the shape the run summary reports."""
+def summarize_parity(parity: Mapping[str, Mapping[str, Any]]) -> ParitySummary:
+    """Worst case over all outputs, the shape the run summary and the gate report."""
     reports = list(parity.values())
-    return {
-        "max_abs_err": max((r["max_abs_err"] for r in reports), default=None),
-        "rel_l2_err": max((r["rel_l2_err"] for r in reports), default=None),
-        "min_cosine": min((r["min_cosine"] for r in reports), default=None),
-        "passed": bool(reports) and all(r["passed"] for r in reports),
-    }
+    return ParitySummary(
+        max_abs_err=max((r["max_abs_err"] for r in reports), default=None),
+        rel_l2_err=max((r["rel_l2_err"] for r in reports), default=None),
+        min_cosine=min((r["min_cosine"] for r in reports), default=None),
+        passed=bool(reports) and all(r["passed"] for r in reports),
+    )
 
 
 def verify(
@@ -506,7 +539,7 @@ def verify_engine(
             "passed": outcome.passed,
             "failures": outcome.failures,
             "parity": outcome.parity,
-            "summary": summarize_parity(outcome.parity),
+            "summary": summarize_parity(outcome.parity).to_json(),
             "metric": asdict(outcome.engine_metric),
             "pytorch_metric": asdict(outcome.pytorch_metric),
             "batching": asdict(encoder.batching),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +11,14 @@ from bert_compiler.core.artifacts import sha256_file, sha256_json
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.engines.backend import load_recorded_engine
 from bert_compiler.models.loading import ModelInfo
-from bert_compiler.stages.verify import REPORT_FILE, VerifySpec, summarize_parity, verify_engine
+from bert_compiler.stages.verify import (
+    REPORT_FILE,
+    Metric,
+    ParitySummary,
+    VerifySpec,
+    summarize_parity,
+    verify_engine,
+)
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.package_spec import (
     TEMPLATES,
@@ -29,6 +36,123 @@ from bert_compiler.triton.repository import (
 from bert_compiler.triton.tokenizer_json import tokenizer_mismatches
 from bert_compiler.triton.tokenizer_model import LADDER_PARAMETER, parse_ladder
 
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+@dataclass(frozen=True)
+class GatedEngine:
+    """One engine model file of the repository: passed or failed against PyTorch, or skipped
+    with the reason (another package's, or one this machine cannot run)."""
+
+    model: str
+    file: str
+    status: str
+    reason: str | None = None
+    failures: tuple[str, ...] = ()
+    parity: ParitySummary | None = None
+    metric: Metric | None = None
+    report: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}/{self.file}"
+
+    def to_json(self) -> dict[str, Any]:
+        head = {"model": self.model, "file": self.file, "status": self.status}
+        if self.status == SKIPPED:
+            return {**head, "reason": self.reason}
+        assert self.parity is not None and self.metric is not None
+        return {
+            **head,
+            "failures": list(self.failures),
+            "parity": self.parity.to_json(),
+            "metric": self.metric.to_json(),
+            "report": str(self.report),
+        }
+
+    def line(self) -> str:
+        if self.status == SKIPPED:
+            return f"SKIP {self.label}: {self.reason}"
+        assert self.parity is not None and self.metric is not None
+        min_cosine = float("nan") if self.parity.min_cosine is None else self.parity.min_cosine
+        value = "n/a" if self.metric.value is None else f"{self.metric.value:.2f}"
+        return (
+            f"{self.status.upper()} {self.label}: min_cosine={min_cosine:.6f} "
+            f"{self.metric.name}={value}"
+        )
+
+
+@dataclass(frozen=True)
+class TokenizerCheck:
+    """The tokenizer model's tokenizer.json against the pipeline's tokenization."""
+
+    model: str
+    batches: int
+    length_ladder: tuple[int, ...]
+    mismatches: tuple[str, ...]
+
+    @property
+    def identical(self) -> bool:
+        return not self.mismatches
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "batches": self.batches,
+            "identical": self.identical,
+            "length_ladder": list(self.length_ladder),
+            "mismatches": list(self.mismatches),
+        }
+
+
+@dataclass(frozen=True)
+class RepositoryReport:
+    """What the gate found: ``ok`` only when the tokenizer matches and every engine it ran
+    passed."""
+
+    repository: Path
+    package: str
+    reports: Path
+    # Entries the user named as their own: left alone, never verified.
+    foreign: tuple[str, ...]
+    tokenizer: TokenizerCheck
+    engines: tuple[GatedEngine, ...]
+
+    @property
+    def ok(self) -> bool:
+        ran = [e for e in self.engines if e.status != SKIPPED]
+        return self.tokenizer.identical and all(e.status == PASSED for e in ran)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "repository": str(self.repository),
+            "package": self.package,
+            "reports": str(self.reports),
+            "foreign": list(self.foreign),
+            "tokenizer": self.tokenizer.to_json(),
+            "engines": [engine.to_json() for engine in self.engines],
+        }
+
+    def lines(self) -> str:
+        """The tokenizer check, the foreign entries, where the reports are, each engine."""
+        tokenizer = self.tokenizer
+        return "\n".join(
+            [
+                f"{'PASS' if tokenizer.identical else 'FAIL'} tokenizer {tokenizer.model}: "
+                f"{tokenizer.batches} batches compared with the pipeline's tokenization",
+                *(f"FOREIGN {name}: yours, left alone (not verified)" for name in self.foreign),
+                f"reports: {self.reports}",
+                *(engine.line() for engine in self.engines),
+            ]
+        )
+
+    def failures(self) -> str:
+        """Each failed engine and the first tokenizer mismatches, for the one-line error."""
+        failed = [f"{e.label}: {'; '.join(e.failures)}" for e in self.engines if e.status == FAILED]
+        failed += [f"tokenizer: {m}" for m in self.tokenizer.mismatches[:3]]
+        return f"{self.repository}: " + " | ".join(failed)
+
 
 def verify_repository(
     *,
@@ -38,7 +162,7 @@ def verify_repository(
     spec: VerifySpec,
     force: bool = False,
     foreign: Sequence[str] = (),
-) -> dict[str, Any]:
+) -> RepositoryReport:
     """The pre-deployment gate for a Triton repository this tool wrote, for the package of
     ``info`` (a repository may hold several models' packages and, named in ``foreign``, entries
     of the user's own that the gate leaves alone).
@@ -49,9 +173,6 @@ def verify_repository(
     the repository and verified against PyTorch (parity and task metric) into
     ``out_root/<triton model>/``. Engines this machine cannot run (another GPU, no TensorRT) are
     listed as skipped with the reason.
-
-    Returns:
-        The summary: ``ok``, the tokenizer check, and one entry per engine model file.
 
     Raises:
         ArtifactError: the repository does not match its manifest.
@@ -82,30 +203,23 @@ def verify_repository(
     entries = _gate_engines(
         opened, info, slug, out_root=out_root, spec=spec, force=force, max_length=max_length
     )
-    ran = [e for e in entries if e["status"] != "skipped"]
+    ran = [e for e in entries if e.status != SKIPPED]
     if not ran:
-        reasons = "; ".join(e["reason"] for e in entries) or "no engine models"
+        reasons = "; ".join(str(e.reason) for e in entries) or "no engine models"
         raise EnvironmentProblem(
             f"{repository}: no engine in it can run on this machine ({reasons})"
         )
-    tokenizer_ok = not check["mismatches"]
     present = sorted(n for n in foreign if (Path(repository) / n).exists())
-    return {
-        "ok": tokenizer_ok and all(e["status"] == "passed" for e in ran),
-        "repository": str(repository),
-        "package": slug,
-        "reports": str(out_root),
-        # Entries the user named as their own: left alone, never verified.
-        "foreign": present,
-        "tokenizer": {
-            "model": tokenizer_name,
-            "batches": check["batches"],
-            "identical": tokenizer_ok,
-            "length_ladder": list(ladder),
-            "mismatches": check["mismatches"],
-        },
-        "engines": entries,
-    }
+    return RepositoryReport(
+        repository=Path(repository),
+        package=slug,
+        reports=Path(out_root),
+        foreign=tuple(present),
+        tokenizer=TokenizerCheck(
+            tokenizer_name, check["batches"], tuple(ladder), tuple(check["mismatches"])
+        ),
+        engines=tuple(entries),
+    )
 
 
 def _package_of(opened: Repository, info: ModelInfo, repository: Path) -> str:
@@ -134,30 +248,25 @@ def _gate_engines(
     spec: VerifySpec,
     force: bool,
     max_length: int,
-) -> list[dict[str, Any]]:
+) -> list[GatedEngine]:
     """One entry per engine model file of the repository: verified when it is package
     ``slug``'s and this machine runs it (a byte-identical copy verified once), else skipped
     with the reason."""
-    entries: list[dict[str, Any]] = []
-    by_hash: dict[str, dict[str, Any]] = {}
+    entries: list[GatedEngine] = []
+    by_hash: dict[str, GatedEngine] = {}
     for name, record in opened.models.items():
         if record["role"] not in ENGINE_ROLES:
             continue
         if record["package"] != slug:
+            why = f"packaged from {record['package']}: gate it with that --model"
             entries.extend(
-                {
-                    "model": name,
-                    "file": relative,
-                    "status": "skipped",
-                    "reason": f"packaged from {record['package']}: gate it with that --model",
-                }
-                for relative in record["files"]
+                GatedEngine(name, relative, SKIPPED, reason=why) for relative in record["files"]
             )
             continue
         for relative, entry in record["files"].items():
             if entry["sha256"] in by_hash:
                 # A Python-backend model serves a byte-identical copy: one verification.
-                entries.append({**by_hash[entry["sha256"]], "model": name, "file": relative})
+                entries.append(replace(by_hash[entry["sha256"]], model=name, file=relative))
                 continue
             gated = _gate_engine_file(
                 opened,
@@ -170,7 +279,7 @@ def _gate_engines(
                 force=force,
             )
             entries.append(gated)
-            if gated["status"] != "skipped":
+            if gated.status != SKIPPED:
                 by_hash[entry["sha256"]] = gated
     return entries
 
@@ -185,7 +294,7 @@ def _gate_engine_file(
     out_dir: Path,
     spec: VerifySpec,
     force: bool,
-) -> dict[str, Any]:
+) -> GatedEngine:
     """Load one engine file from the repository and verify it against PyTorch into
     ``out_dir``: its entry (skipped, with the reason, where this machine cannot run it).
 
@@ -196,7 +305,7 @@ def _gate_engine_file(
     try:
         engine = load_recorded_engine(opened.file(name, relative), entry["spec"], entry["results"])
     except EnvironmentProblem as err:
-        return {"model": name, "file": relative, "status": "skipped", "reason": str(err)}
+        return GatedEngine(name, relative, SKIPPED, reason=str(err))
     result = verify_engine(
         info=info,
         engine=engine,
@@ -213,18 +322,15 @@ def _gate_engine_file(
             f"{label}: changed while the gate verified it; run verify --repository again"
         )
     report = result.results
-    return {
-        "model": name,
-        "file": relative,
-        "status": "passed" if report["passed"] else "failed",
-        "failures": report["failures"],
-        "parity": summarize_parity(report["parity"]),
-        "metric": {
-            "name": report["metric"]["name"],
-            "value": report["metric"]["value"],
-        },
-        "report": str(result.output(REPORT_FILE)),
-    }
+    return GatedEngine(
+        name,
+        relative,
+        PASSED if report["passed"] else FAILED,
+        failures=tuple(report["failures"]),
+        parity=summarize_parity(report["parity"]),
+        metric=Metric.of(report["metric"]),
+        report=result.output(REPORT_FILE),
+    )
 
 
 def tokenizer_ladder(config_path: Path) -> tuple[int, ...]:

@@ -436,11 +436,28 @@ def check_repository_target(repository: Path) -> None:
         )
 
 
-def repository_summary(result: StageResult) -> dict[str, Any]:
-    """The part of ``run --json`` / ``package --json`` that describes a repository."""
+@dataclass(frozen=True)
+class PackagedRepository:
+    """A repository `package` wrote (or found up to date): each model's name and role."""
+
+    path: Path
+    skipped: bool
+    models: Mapping[str, str]
+
+    def to_json(self) -> dict[str, Any]:
+        """The part of ``run --json`` / ``package --json`` that describes a repository."""
+        return {"path": str(self.path), "skipped": self.skipped, "models": dict(self.models)}
+
+    def lines(self) -> str:
+        return "\n".join(
+            [f"repository: {self.path}"]
+            + [f"  {name} ({role})" for name, role in self.models.items()]
+        )
+
+
+def repository_summary(result: StageResult) -> PackagedRepository:
+    """What ``package`` returned, as run and the CLI report it."""
     models = result.results.get("models", {})
-    return {
-        "path": str(result.path),
-        "skipped": result.skipped,
-        "models": {name: record["role"] for name, record in models.items()},
-    }
+    return PackagedRepository(
+        result.path, result.skipped, {name: record["role"] for name, record in models.items()}
+    )
