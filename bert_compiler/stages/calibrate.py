@@ -23,12 +23,14 @@ import struct
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bert_compiler.calibration import datasets
 from bert_compiler.calibration.qdq import (
     INT8,
     QUANTIZED_FORMATS,
     WEIGHT_GRANULARITIES,
+    QuantizableMatMul,
     insert_qdq,
     optional_inputs,
     quantizable_matmuls,
@@ -255,38 +257,77 @@ def calibrate(
         spec={**asdict(spec), "max_length": max_length, "outputs": list(spec.outputs)},
     )
 
-    loaded = {}
+    calibration = _Calibration(info, source, Path(out_dir), spec, record, max_length)
+    return run_stage(
+        record, Path(out_dir), calibration.body, force=force, prepare=calibration.prepare
+    )
 
-    def prepare():
+
+class _Calibration:
+    """One calibrate run: ``prepare`` reads and checks the data and the graph (the MatMuls to
+    quantize, the tensors to range, a previous calibration's ranges to reuse) before the folder
+    is touched; ``body`` ranges the tensors and writes the Q/DQ graph."""
+
+    def __init__(
+        self,
+        info: ModelInfo,
+        source: Path,
+        out_dir: Path,
+        spec: CalibrationSpec,
+        record: StageRecord,
+        max_length: int,
+    ) -> None:
+        self.info = info
+        self.source = source
+        self.out_dir = out_dir
+        self.spec = spec
+        self.record = record
+        self.max_length = max_length
+        # What prepare reads.
+        self.texts: list[Text] = []
+        self.counts: dict[str, int] = {}
+        self.model: Any = None
+        self.targets: list[QuantizableMatMul] = []
+        # The MatMul inputs SmoothQuant scales, and every tensor to range (smoothed names).
+        self.smoothed: list[str] = []
+        self.activations: list[str] = []
+        # The previous calibration's ranges and smoothing factors, when they can be reused.
+        self.ranges: dict[str, float] | None = None
+        self.smoothing: dict[str, list[float]] | None = None
+
+    def prepare(self) -> None:
+        """Raises InputError for bad data, --keep-float naming no quantizable MatMul, or a graph
+        with nothing to quantize."""
+        spec, source = self.spec, self.source
         # Data and graph are checked before the previous calibration is touched.
-        check_pair_column(info, spec.data_file(), spec.pair_column, column=spec.text_column)
-        loaded["texts"], loaded["counts"] = calibration_texts(spec)
-        loaded["model"] = load_onnx(source)
-        targets = quantizable_matmuls(loaded["model"])
+        check_pair_column(self.info, spec.data_file(), spec.pair_column, column=spec.text_column)
+        self.texts, self.counts = calibration_texts(spec)
+        self.model = load_onnx(source)
+        targets = quantizable_matmuls(self.model)
         unknown = set(spec.keep_float) - {t.node_name for t in targets}
         if unknown:
             raise InputError(f"--keep-float names no quantizable MatMul: {sorted(unknown)}")
         if not targets:
             raise InputError(f"{source}: no MatMul with a constant weight to quantize")
-        loaded["targets"] = targets
-        extra = optional_inputs(loaded["model"], spec.quantize_ops)
-        loaded["smoothed"] = sorted({t.activation for t in targets})
+        self.targets = targets
+        extra = optional_inputs(self.model, spec.quantize_ops)
+        self.smoothed = sorted({t.activation for t in targets})
         rename = smoothed_name if spec.smooth_alpha is not None else str
-        loaded["activations"] = sorted(
+        self.activations = sorted(
             {rename(t.activation) for t in targets} | {tensor for *_, tensor in extra}
         )
         # Before the folder is touched: the previous calibration's ranges, if only keep_float
         # differs from this one.
-        loaded["ranges"], loaded["smoothing"] = _previous_ranges(
-            ArtifactDir(Path(out_dir)), record, loaded["activations"]
+        self.ranges, self.smoothing = _previous_ranges(
+            ArtifactDir(self.out_dir), self.record, self.activations
         )
 
-    def body(artifact):
-        texts, counts, model, targets = (loaded[k] for k in ("texts", "counts", "model", "targets"))
-        activations, amax = loaded["activations"], loaded["ranges"]
-        tokenizer = load_tokenizer(info)
+    def body(self, artifact: ArtifactDir) -> tuple[list[str], dict[str, Any]]:
+        spec, texts, targets = self.spec, self.texts, self.targets
+        tokenizer = load_tokenizer(self.info)
         truncated = sum(
-            len(ids) > max_length for ids in encode_texts(tokenizer, texts, info, None)["input_ids"]
+            len(ids) > self.max_length
+            for ids in encode_texts(tokenizer, texts, self.info, None)["input_ids"]
         )
         log.info(
             "[calibrate] %d sentences, %d MatMuls (%d kept float), method %s, %s",
@@ -296,25 +337,7 @@ def calibrate(
             spec.method,
             spec.format,
         )
-        factors = loaded["smoothing"]
-        if amax is not None:
-            log.info("[calibrate] ranges reused: only --keep-float differs from the last one")
-        else:
-            batches = calibration_batches(info, texts, spec)
-            if spec.smooth_alpha is not None:
-                channel_amax = collect_channel_amax(model, loaded["smoothed"], batches)
-                factors = smoothing_factors(model, channel_amax, alpha=spec.smooth_alpha)
-                model = apply_smoothing(model, factors)
-            histograms = collect_histograms(
-                model,
-                activations,
-                batches,
-                bins=spec.bins,
-                progress=lambda it: progress.bar(it, total=len(batches), desc="calibrate"),
-            )
-            amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
-        if factors is not None and loaded["ranges"] is not None:
-            model = apply_smoothing(model, factors)
+        model, amax, factors = self._ranged_model()
         quantized, scales = insert_qdq(
             model,
             amax,
@@ -323,10 +346,62 @@ def calibrate(
             weight_granularity=spec.weight_granularity,
             format=spec.format,
         )
-        save_onnx(quantized, artifact.path / MODEL_FILE)
-        atomic_write_text(artifact.path / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
+        self._write(artifact.path, quantized, scales, amax, factors)
+        quantized_nodes = [t.node_name for t in targets if t.node_name not in spec.keep_float]
+        return list(spec.outputs), {
+            **self.counts,
+            "sentences_truncated": int(truncated),
+            "method": spec.method,
+            "format": spec.format,
+            "ranges": "reused" if self.ranges is not None else "collected",
+            "quantized_matmuls": quantized_nodes,
+            "kept_float": list(spec.keep_float),
+            "scales": scales,
+            "op_counts": op_counts(quantized),
+        }
+
+    def _ranged_model(
+        self,
+    ) -> tuple[Any, dict[str, float], dict[str, list[float]] | None]:
+        """The graph to quantize (smoothed, when SmoothQuant is on), every tensor's amax, and
+        the smoothing factors (None without): reused from the previous calibration, or collected
+        on the calibration sentences."""
+        spec, model = self.spec, self.model
+        amax, factors = self.ranges, self.smoothing
+        if amax is not None:
+            log.info("[calibrate] ranges reused: only --keep-float differs from the last one")
+        else:
+            batches = calibration_batches(self.info, self.texts, spec)
+            if spec.smooth_alpha is not None:
+                channel_amax = collect_channel_amax(model, self.smoothed, batches)
+                factors = smoothing_factors(model, channel_amax, alpha=spec.smooth_alpha)
+                model = apply_smoothing(model, factors)
+            histograms = collect_histograms(
+                model,
+                self.activations,
+                batches,
+                bins=spec.bins,
+                progress=lambda it: progress.bar(it, total=len(batches), desc="calibrate"),
+            )
+            amax = compute_amax(histograms, spec.method, percentile=spec.percentile)
+        if factors is not None and self.ranges is not None:
+            model = apply_smoothing(model, factors)
+        return model, amax, factors
+
+    def _write(
+        self,
+        folder: Path,
+        quantized: Any,
+        scales: dict[str, dict],
+        amax: dict[str, float],
+        factors: dict[str, list[float]] | None,
+    ) -> None:
+        """The Q/DQ graph, its scales, the ranges (and smoothing factors) and, for INT8,
+        TensorRT's calibration cache."""
+        save_onnx(quantized, folder / MODEL_FILE)
+        atomic_write_text(folder / SCALES_FILE, json.dumps(scales, indent=1) + "\n")
         atomic_write_text(
-            artifact.path / RANGES_FILE,
+            folder / RANGES_FILE,
             json.dumps(
                 {"amax": amax, **({"smooth": factors} if factors is not None else {})},
                 indent=1,
@@ -334,27 +409,11 @@ def calibrate(
             )
             + "\n",
         )
-        if TRT_CACHE_FILE in spec.outputs:
+        if TRT_CACHE_FILE in self.spec.outputs:
             activation_scales = {
                 n: r["scale"] for n, r in scales.items() if r["kind"] == "activation"
             }
-            atomic_write_text(
-                artifact.path / TRT_CACHE_FILE, trt_calibration_cache(activation_scales)
-            )
-        quantized_nodes = [t.node_name for t in targets if t.node_name not in spec.keep_float]
-        return list(spec.outputs), {
-            **counts,
-            "sentences_truncated": int(truncated),
-            "method": spec.method,
-            "format": spec.format,
-            "ranges": "reused" if loaded["ranges"] is not None else "collected",
-            "quantized_matmuls": quantized_nodes,
-            "kept_float": list(spec.keep_float),
-            "scales": scales,
-            "op_counts": op_counts(quantized),
-        }
-
-    return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)
+            atomic_write_text(folder / TRT_CACHE_FILE, trt_calibration_cache(activation_scales))
 
 
 def _previous_ranges(
