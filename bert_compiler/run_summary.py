@@ -1,4 +1,4 @@
-"""What `run` returns and writes to run.json: typed results with the JSON the README's
+"""What `run` returns and writes to run.json: typed results with the JSON docs/guides/ci.md's
 "Machine-readable output" documents (``to_json``) and the lines the CLI prints (``lines``).
 
 Verify's report and the fallback's record are JSON files other tools read; these types are read

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU CI runner's job: check the machine, build and verify every engine the config asks for,
-# package them for Triton and gate the repository. Exit status is bert-compile's (README: exit
+# package them for Triton and gate the repository. Exit status is bert-compile's (docs/guides/ci.md: exit
 # codes), so a parity failure (5) or a missing backend (6) fails the job.
 #   scripts/ci-gpu-build.sh CONFIG.toml [OUT]
 # Machine-readable results land in OUT/ci/: doctor.json, run.json, gate.json.

@@ -3,7 +3,8 @@ float8 e4m3fn (QUANTIZED_FORMATS).
 
 This is the form TensorRT 10/11 builds INT8 and FP8 from (explicit quantization: precision lives
 in the graph) and ONNX Runtime runs too: the INT8 graph as a CPU engine, the fp8 graph only as
-written (float math on exactly rounded float8 values; ORT has no fast fp8 path, README).
+written (float math on exactly rounded float8 values; ORT has no fast fp8 path:
+docs/guides/int8.md).
 
 Only MatMuls with a constant 2-D weight (the projections and the FFN) are quantized; LayerNorm,
 Softmax, GELU, residual adds and the attention score products stay in float. Activations get one

@@ -145,7 +145,7 @@ def serve_command(
     is checked first as the gate reads it (every file against its manifest, every config; exit
     8); Triton loads it through a temporary view, so nothing is written into it. Prints the HTTP
     and gRPC addresses and the models once every model is ready (with --json, one JSON object).
-    Production: NGC's Triton container (README).
+    Production: NGC's Triton container (docs/guides/triton.md).
     """
     workdir = Path(tempfile.mkdtemp(prefix="bert-compile-serve-"))
     failed = True

@@ -1,7 +1,8 @@
 """Errors the user can act on, each with a stable exit code.
 
 A ``BertCompileError`` is printed as one line (what, where, what to do) and exits with its code; any
-other exception is an internal error and keeps its traceback. Codes are documented in the README.
+other exception is an internal error and keeps its traceback. Codes are documented in
+docs/guides/ci.md.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def plan_serving(
             f"{' and '.join(lacking) or 'missing'}, and the local Triton has only the "
             f"{', '.join(sorted(backends))} backend; package again with --python-cpu-engine "
             "or --python-gpu-engine (ONNX Runtime engines on the Python backend too), or serve "
-            "it in NGC's Triton container (README)"
+            "it in NGC's Triton container (docs/guides/triton.md)"
         )
     chosen = tuple(models) if models else tuple(servable)
     return ServePlan(opened, chosen, {n: r for n, r in skipped.items() if n not in chosen})

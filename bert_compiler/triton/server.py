@@ -5,7 +5,7 @@ The server is ``tritonserver`` from the PyPI wheel nvidia-pytriton (installed by
 ``scripts/setup.sh --triton-server``, without pytriton's own Python dependencies): a CPU build
 with the Python backend only, so it serves the tokenizer model, Python-backend engine models
 (``package --python-cpu-engine``) and their ensembles, not the onnxruntime or tensorrt backends
-(production runs NGC's Triton container, which has them: README).
+(production runs NGC's Triton container, which has them: docs/guides/triton.md).
 
 Its Python-backend stub embeds the system Python (it links libpythonX.Y) with an isolated
 configuration: it ignores PYTHONPATH, PYTHONDONTWRITEBYTECODE and PYTHONPYCACHEPREFIX, but keeps
