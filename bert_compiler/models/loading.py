@@ -270,49 +270,15 @@ def resolve_model(
         InputError: the folder is missing or its files are unreadable or corrupt.
         UnsupportedModelError: the architecture or configuration is not supported.
     """
-    text = str(model)
-    if text.lower() in DEFAULT_MODEL_ALIASES:
-        folder, name = default_model_path(), DEFAULT_MODEL
-    else:
-        folder = Path(text).expanduser()
-        if not folder.is_dir():
-            raise InputError(
-                f"model {text!r}: no such local folder; give a folder with config.json and "
-                "model.safetensors, or 'default' (the model hub is not used)"
-            )
-        name = folder.resolve().name
-    folder = folder.resolve()
-    config_path = folder / "config.json"
-    if not os.path.lexists(config_path):
-        raise InputError(f"{folder}: no config.json; this is not a Hugging Face model folder")
-    config = read_model_json(config_path)
-    if not isinstance(config, dict):
-        raise InputError(f"{config_path}: config.json must be a JSON object")
-    if config.get("auto_map") and not trust_remote_code:
-        raise UnsupportedModelError(
-            f"{config_path}: auto_map asks to run the model's own Python code; refused "
-            "(pass --trust-remote-code only for code you have reviewed)"
-        )
-    architecture = architecture_for(config.get("model_type"), str(config_path))
-    config = architecture.canonical_config(config)
-    _validate_config(config, config_path, architecture)
+    folder, name = _model_folder(model)
+    config, architecture = _read_config(folder, trust_remote_code)
     weights = find_weights(folder, allow_pickle, "the model folder")
     if weights.suffix == ".safetensors":
         check_safetensors_header(weights)
 
     modules = read_embedding_modules(folder, config["hidden_size"], allow_pickle=allow_pickle)
     pooling, normalize, dense = modules.pooling, modules.normalize, modules.dense
-    architectures = config.get("architectures") or []
-    is_classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
-    if task == "auto":
-        if is_classifier:
-            task = "sequence-classification"
-        elif pooling:
-            task = "sentence-embedding"
-        else:
-            task = "feature-extraction"
-    if task not in TASKS:
-        raise InputError(f"--task {task!r}: expected auto or one of {', '.join(TASKS)}")
+    task = _resolve_task(task, config, pooling)
     if task == "sentence-embedding" and pooling is None:
         pooling, normalize = "mean", True
     if task != "sentence-embedding":
@@ -321,13 +287,7 @@ def resolve_model(
     if task == "sequence-classification":
         labels = config.get("id2label") or {}
         num_labels = int(config.get("num_labels", len(labels) or 2))
-
-    max_length = architecture.max_tokens(config)
-    st_config = folder / "sentence_bert_config.json"
-    if os.path.lexists(st_config):
-        seq = read_model_json(st_config).get("max_seq_length")
-        if isinstance(seq, int) and 0 < seq < max_length:
-            max_length = seq
+    max_length = _max_length(folder, config, architecture)
     return ModelInfo(
         path=folder,
         name=name,
@@ -342,6 +302,85 @@ def resolve_model(
         dense=dense,
         module_files=modules.files,
     )
+
+
+def _model_folder(model: str | Path) -> tuple[Path, str]:
+    """The model's folder (resolved) and name: the default model's, or a local folder's.
+
+    Raises:
+        InputError: no such local folder.
+    """
+    text = str(model)
+    if text.lower() in DEFAULT_MODEL_ALIASES:
+        folder, name = default_model_path(), DEFAULT_MODEL
+    else:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise InputError(
+                f"model {text!r}: no such local folder; give a folder with config.json and "
+                "model.safetensors, or 'default' (the model hub is not used)"
+            )
+        name = folder.resolve().name
+    return folder.resolve(), name
+
+
+def _read_config(folder: Path, trust_remote_code: bool) -> tuple[dict[str, Any], ArchitectureSpec]:
+    """The folder's config.json, canonical for its architecture and validated, and the
+    architecture.
+
+    Raises:
+        InputError: no config.json, or not a JSON object.
+        UnsupportedModelError: custom code without ``trust_remote_code``, or an architecture or
+            configuration that is not supported.
+    """
+    config_path = folder / "config.json"
+    if not os.path.lexists(config_path):
+        raise InputError(f"{folder}: no config.json; this is not a Hugging Face model folder")
+    config = read_model_json(config_path)
+    if not isinstance(config, dict):
+        raise InputError(f"{config_path}: config.json must be a JSON object")
+    if config.get("auto_map") and not trust_remote_code:
+        raise UnsupportedModelError(
+            f"{config_path}: auto_map asks to run the model's own Python code; refused "
+            "(pass --trust-remote-code only for code you have reviewed)"
+        )
+    architecture = architecture_for(config.get("model_type"), str(config_path))
+    config = architecture.canonical_config(config)
+    _validate_config(config, config_path, architecture)
+    return config, architecture
+
+
+def _resolve_task(task: str, config: dict[str, Any], pooling: str | None) -> str:
+    """``task``, or for ``auto`` the model's: a classifier's, a sentence-transformers model's
+    (it pools), else feature extraction.
+
+    Raises:
+        InputError: an unknown task.
+    """
+    architectures = config.get("architectures") or []
+    is_classifier = any(str(a).endswith("ForSequenceClassification") for a in architectures)
+    if task == "auto":
+        if is_classifier:
+            task = "sequence-classification"
+        elif pooling:
+            task = "sentence-embedding"
+        else:
+            task = "feature-extraction"
+    if task not in TASKS:
+        raise InputError(f"--task {task!r}: expected auto or one of {', '.join(TASKS)}")
+    return task
+
+
+def _max_length(folder: Path, config: dict[str, Any], architecture: ArchitectureSpec) -> int:
+    """The longest input in tokens: the architecture's, or sentence-transformers' shorter
+    max_seq_length."""
+    max_length = architecture.max_tokens(config)
+    st_config = folder / "sentence_bert_config.json"
+    if os.path.lexists(st_config):
+        seq = read_model_json(st_config).get("max_seq_length")
+        if isinstance(seq, int) and 0 < seq < max_length:
+            max_length = seq
+    return max_length
 
 
 # The files a Hugging Face tokenizer is made from: without one of them, transformers makes a
