@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bert_compiler.core import progress
 from bert_compiler.core.artifacts import StageRecord, atomic_path
@@ -119,33 +120,9 @@ def fuse(
         loaded["model"] = load_onnx(source)
 
     def body(artifact):
-        from onnxruntime.transformers.fusion_options import FusionOptions
-        from onnxruntime.transformers.optimizer import optimize_model
-
-        model = loaded["model"]
-        options = FusionOptions(info.architecture.ort_optimizer_type)
-        try:
-            with progress.captured("fuse"):  # the optimizer's own log and print lines
-                optimized = optimize_model(
-                    model,
-                    model_type=info.architecture.ort_optimizer_type,
-                    num_heads=info.num_heads,
-                    hidden_size=info.hidden_size,
-                    optimization_options=options,
-                    opt_level=0,  # pattern fusions only; ORT's own graph passes run in build
-                )
-        except (RuntimeError, ValueError, KeyError, AssertionError) as err:
-            raise FusionError(f"{source}: ORT's transformers optimizer failed ({err})") from err
+        optimized = _optimize(loaded["model"], info, source)
         fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-        problems = compare_fusions(fused, expected)
-        if problems:
-            message = (
-                f"{source}: fusion incomplete for {info.architecture.model_type} "
-                f"({'; '.join(problems)}); the engine would run unfused attention"
-            )
-            if spec.require_fusions:
-                raise FusionError(message + " (pass --allow-unfused to build it anyway)")
-            log.warning("[fuse] %s", message)
+        problems = _fusion_problems(fused, expected, info, source, spec)
         with atomic_path(artifact.path / MODEL_FILE) as staging:
             optimized.save_model_to_file(str(staging))
             fused_graph = load_onnx(staging)
@@ -170,3 +147,48 @@ def fuse(
         }
 
     return run_stage(record, Path(out_dir), body, force=force, prepare=prepare)
+
+
+def _optimize(model: Any, info: ModelInfo, source: Path) -> Any:
+    """``model`` after ORT's transformers optimizer's pattern fusions (ORT's OnnxModel).
+
+    Raises:
+        FusionError: the optimizer failed.
+    """
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions(info.architecture.ort_optimizer_type)
+    try:
+        with progress.captured("fuse"):  # the optimizer's own log and print lines
+            return optimize_model(
+                model,
+                model_type=info.architecture.ort_optimizer_type,
+                num_heads=info.num_heads,
+                hidden_size=info.hidden_size,
+                optimization_options=options,
+                opt_level=0,  # pattern fusions only; ORT's own graph passes run in build
+            )
+    except (RuntimeError, ValueError, KeyError, AssertionError) as err:
+        raise FusionError(f"{source}: ORT's transformers optimizer failed ({err})") from err
+
+
+def _fusion_problems(
+    fused: dict[str, int], expected: dict[str, int], info: ModelInfo, source: Path, spec: FuseSpec
+) -> list[str]:
+    """How the fused counts differ from the architecture's expectation, logged as a warning
+    where ``spec.require_fusions`` is off.
+
+    Raises:
+        FusionError: they differ and ``spec.require_fusions`` is on.
+    """
+    problems = compare_fusions(fused, expected)
+    if problems:
+        message = (
+            f"{source}: fusion incomplete for {info.architecture.model_type} "
+            f"({'; '.join(problems)}); the engine would run unfused attention"
+        )
+        if spec.require_fusions:
+            raise FusionError(message + " (pass --allow-unfused to build it anyway)")
+        log.warning("[fuse] %s", message)
+    return problems
