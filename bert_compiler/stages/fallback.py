@@ -151,12 +151,7 @@ def int8_with_fallback(
         InputError: the selection split holds the same rows as ``reporting``.
     """
     fallback.validate()
-    split = fallback.selection_split(info) if fallback.enabled else None
-    if split is not None and same_rows(split.metric, reporting):
-        raise InputError(
-            f"--selection-data {split.metric}: the same rows as the set verify reports "
-            f"({reporting}); choose on another split, e.g. a train subset"
-        )
+    split = _selection_split(info, fallback, reporting)
     rounds = _Rounds(
         info=info,
         float_graph=float_graph,
@@ -167,20 +162,7 @@ def int8_with_fallback(
     )
     with progress.bar(desc="int8 rounds", unit="round") as bar:
         rounds.bar = bar
-        passed = rounds.trial((), force)
-        assert rounds.calibrated is not None  # the first trial calibrates
-        quantizable = len(
-            set(rounds.calibrated.results["quantized_matmuls"]) | set(rounds.user_kept)
-        )
-        record: dict[str, Any] = {
-            "max_float": fallback.max_float,
-            "float_limit": fallback.float_limit(quantizable),
-            "quantizable": quantizable,
-            "ranking": [],
-            "failure": None,
-        }
-        if not passed and fallback.enabled:
-            record.update(rounds.search(fallback, quantizable, record["float_limit"]))
+        record = _first_round_and_search(rounds, fallback, force)
         if split is not None:
             # The only read of the reporting set: the engine the selection split chose.
             rounds.built, rounds.verified = build_and_verify(rounds.graph(), False, None)
@@ -199,6 +181,39 @@ def int8_with_fallback(
     )
     assert rounds.built is not None and rounds.verified is not None
     return rounds.built, rounds.verified, record
+
+
+def _selection_split(info: ModelInfo, fallback: FallbackSpec, reporting: Path) -> Split | None:
+    """The selection split the fallback gates rounds on (None with the fallback off).
+
+    Raises:
+        InputError: it holds the same rows as ``reporting``.
+    """
+    split = fallback.selection_split(info) if fallback.enabled else None
+    if split is not None and same_rows(split.metric, reporting):
+        raise InputError(
+            f"--selection-data {split.metric}: the same rows as the set verify reports "
+            f"({reporting}); choose on another split, e.g. a train subset"
+        )
+    return split
+
+
+def _first_round_and_search(rounds: _Rounds, fallback: FallbackSpec, force: bool) -> dict[str, Any]:
+    """The first round (nothing more kept in float) and, when it fails and the fallback is on,
+    the search; returns the fallback record so far."""
+    passed = rounds.trial((), force)
+    assert rounds.calibrated is not None  # the first trial calibrates
+    quantizable = len(set(rounds.calibrated.results["quantized_matmuls"]) | set(rounds.user_kept))
+    record: dict[str, Any] = {
+        "max_float": fallback.max_float,
+        "float_limit": fallback.float_limit(quantizable),
+        "quantizable": quantizable,
+        "ranking": [],
+        "failure": None,
+    }
+    if not passed and fallback.enabled:
+        record.update(rounds.search(fallback, quantizable, record["float_limit"]))
+    return record
 
 
 class _Rounds:
