@@ -35,13 +35,8 @@ from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.torch_encoder import read_encoder
-from bert_compiler.engines.torch_module import (
-    EncoderLayout,
-    LayoutError,
-    TorchEncoder,
-    graph_bucket,
-    kernel_tiles,
-)
+from bert_compiler.engines.torch_layout import EncoderLayout, LayoutError
+from bert_compiler.engines.torch_module import TorchEncoder, graph_bucket, kernel_tiles
 from bert_compiler.models.architectures import ARCHITECTURES
 from bert_compiler.models.loading import resolve_model
 from bert_compiler.run import RunSpec, run_pipeline
@@ -293,7 +288,7 @@ def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path,
     folder = repository / name
     assert sorted(p.name for p in (folder / "1").iterdir()) == [
         "encoder.safetensors", "model.py", "token_rows.py", "tokenizer.json",
-        "tokenizer_model.py", "torch_module.py",
+        "tokenizer_model.py", "torch_layout.py", "torch_module.py",
     ]  # fmt: skip
     manifest = json.loads((repository / "manifest.json").read_text())
     record = manifest["results"]["models"][name]

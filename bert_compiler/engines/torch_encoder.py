@@ -39,13 +39,8 @@ from bert_compiler.engines.backend import (
     check_float_source,
     register,
 )
-from bert_compiler.engines.torch_module import (
-    ENGINE_FILE,
-    EncoderLayout,
-    LayoutError,
-    TorchEncoder,
-    read_layout,
-)
+from bert_compiler.engines.torch_layout import ENGINE_FILE, EncoderLayout, LayoutError, read_layout
+from bert_compiler.engines.torch_module import TorchEncoder
 from bert_compiler.engines.torch_reader import read_encoder, unsupported
 
 log = logging.getLogger("bert_compile")

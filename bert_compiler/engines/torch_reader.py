@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bert_compiler.core.errors import UnsupportedModelError
-from bert_compiler.engines.torch_module import ACTIVATIONS, HEAD_ACTIVATIONS, EncoderLayout
+from bert_compiler.engines.torch_layout import ACTIVATIONS, HEAD_ACTIVATIONS, EncoderLayout
 
 # Ops a pooling head may use between the last layer and the output; anything else (a Gemm of a
 # classifier) is a head this backend does not build.

@@ -13,7 +13,7 @@ from bert_compiler.core.artifacts import (
     ArtifactDir,
 )
 from bert_compiler.core.errors import ArtifactError, InputError, ParityError
-from bert_compiler.engines import torch_module
+from bert_compiler.engines import torch_layout, torch_module
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
 from bert_compiler.runtime import token_rows
@@ -42,6 +42,7 @@ TEMPLATES = {
     # holding tokenizer_model.py).
     "token-rows": Path(token_rows.__file__),
     "torch-module": Path(torch_module.__file__),
+    "torch-layout": Path(torch_layout.__file__),
 }
 WARMUP_TEXT = (
     "A man is playing a large flute while a small crowd listens in the park, and two dogs run "

@@ -17,7 +17,7 @@ from bert_compiler.core.artifacts import (
 )
 from bert_compiler.core.errors import ArtifactError, InputError
 from bert_compiler.core.onnx_io import load_onnx
-from bert_compiler.engines import torch_module
+from bert_compiler.engines import torch_layout
 from bert_compiler.engines.backend import get_backend
 from bert_compiler.engines.onnxruntime import recorded_cuda_options, session_parameters
 from bert_compiler.models.loading import ModelInfo, load_tokenizer
@@ -388,9 +388,10 @@ def _plan_torch_text(
     spec: PackageSpec,
 ) -> ModelPlan:
     """Text -> a torch engine's outputs in one Python-backend model (torch_text_model.py, with
-    token_rows.py, torch_module.py and tokenizer_model.py copied beside it), on GPU instances
-    for a cuda engine: every text of an execute call tokenized at once and run packed, in the
-    runtime's packed batches. Its dynamic batcher joins up to the runtime's rows per batch.
+    token_rows.py, torch_module.py, torch_layout.py and tokenizer_model.py copied beside it), on
+    GPU instances for a cuda engine: every text of an execute call tokenized at once and run
+    packed, in the runtime's packed batches. Its dynamic batcher joins up to the runtime's rows
+    per batch.
 
     Raises:
         InputError: several engines of one kind (one file serves every GPU).
@@ -428,17 +429,17 @@ def _plan_torch_text(
         f"{VERSION}/model.py": TEMPLATES["torch-text"],
         **{
             f"{VERSION}/{TEMPLATES[role].name}": TEMPLATES[role]
-            for role in ("token-rows", "torch-module", "tokenizer")
+            for role in ("token-rows", "torch-module", "torch-layout", "tokenizer")
         },
         tokenizer_file: tokenizer.files[tokenizer_file],
-        f"{VERSION}/{torch_module.ENGINE_FILE}": engine.engine_file,
+        f"{VERSION}/{torch_layout.ENGINE_FILE}": engine.engine_file,
     }
     record = {
         **_engine_record(
             kind,
             backend.name,
             version,
-            {torch_module.ENGINE_FILE: engine},
+            {torch_layout.ENGINE_FILE: engine},
             members,
             engine.max_length,
         ),
@@ -459,8 +460,8 @@ def _torch_engine_io(engine: VerifiedEngine) -> tuple[list[tc.TensorSpec], list[
     from safetensors import safe_open
 
     try:
-        layout = torch_module.read_layout(engine.engine_file)
-    except torch_module.LayoutError as err:
+        layout = torch_layout.read_layout(engine.engine_file)
+    except torch_layout.LayoutError as err:
         raise ArtifactError(str(err)) from None
     width = layout.hidden
     if layout.head:

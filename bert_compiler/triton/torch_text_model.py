@@ -2,9 +2,10 @@
 
 `bert-compile package` copies this file to ``<model>-pt-<device>-<precision>-text/1/model.py``,
 and beside it the files it imports, verbatim: token_rows.py (texts -> token rows, bit-identical
-to the model's Hugging Face tokenizer), torch_module.py (the torch engine at run time) and
-tokenizer_model.py (how a request's strings are read); with them ``tokenizer.json`` (truncation
-set to what verify used) and the engine file ``encoder.safetensors``.
+to the model's Hugging Face tokenizer), torch_module.py and torch_layout.py (the torch engine at
+run time, its file's layout) and tokenizer_model.py (how a request's strings are
+read); with them ``tokenizer.json`` (truncation set to what verify used) and the engine file
+``encoder.safetensors``.
 
 Every text of one ``execute`` call (all the requests Triton's dynamic batcher joined) is
 tokenized in one batch and run packed: rows sorted by length, their real tokens back to back
@@ -27,7 +28,8 @@ from typing import Any
 import numpy as np
 
 try:  # inside bert_compiler (package, the tests)
-    from ..engines.torch_module import ENGINE_FILE, open_engine
+    from ..engines.torch_layout import ENGINE_FILE
+    from ..engines.torch_module import open_engine
     from ..runtime.token_rows import RowTokenizer, TokenRows
     from .tokenizer_model import TOKENIZER_FILE, ModelArgs, answer_requests
 except ImportError:  # inside Triton: the copies package puts beside this file
@@ -38,7 +40,8 @@ except ImportError:  # inside Triton: the copies package puts beside this file
         ModelArgs,
         answer_requests,
     )
-    from torch_module import ENGINE_FILE, open_engine  # type: ignore[no-redef]
+    from torch_layout import ENGINE_FILE  # type: ignore[no-redef]
+    from torch_module import open_engine  # type: ignore[no-redef]
 
 # Config parameters: the engine's precision, the truncation length, and the packed batches'
 # bounds.
