@@ -129,8 +129,8 @@ MUTANTS = (
         "fusion-counts-unchecked",
         "fuse refuses a graph whose fused operators fall short",
         "bert_compiler/stages/fuse.py",
-        "        problems = compare_fusions(fused, expected)",
-        "        problems = []",
+        "    problems = compare_fusions(fused, expected)",
+        "    problems = []",
         ("tests/test_fuse.py",),
     ),
     Mutant(
