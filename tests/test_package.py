@@ -141,7 +141,8 @@ def _load_text_model(folder: Path, config, monkeypatch, gpu: int | None = None):
     from google.protobuf import json_format
 
     monkeypatch.setattr(sys, "path", list(sys.path))
-    for module in ("tokenizer_model", "onnxruntime_model", "token_rows", "torch_module"):
+    copies = ("tokenizer_model", "onnxruntime_model", "token_rows", "torch_module", "torch_layout")
+    for module in copies:
         monkeypatch.delitem(sys.modules, module, raising=False)
     loaded = importlib.util.spec_from_file_location("model", folder / "1" / "model.py")
     module = importlib.util.module_from_spec(loaded)

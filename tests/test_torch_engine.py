@@ -35,7 +35,7 @@ from bert_compiler.engines.backend import BuildSpec, load_engine
 from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.torch_encoder import read_encoder
-from bert_compiler.engines.torch_layout import EncoderLayout, LayoutError
+from bert_compiler.engines.torch_layout import EncoderLayout, LayoutError, TorchEngineOptions
 from bert_compiler.engines.torch_module import TorchEncoder, graph_bucket, kernel_tiles
 from bert_compiler.models.architectures import ARCHITECTURES
 from bert_compiler.models.loading import resolve_model
@@ -104,6 +104,27 @@ def test_a_layout_this_tool_did_not_write_is_one_line():
         # reports it as an ArtifactError).
         with pytest.raises(LayoutError, match="^f: the engine's layout is not one this tool"):
             EncoderLayout.from_dict(bad, "f")
+
+
+@pytest.mark.unit
+def test_engine_options_this_tool_did_not_write_are_one_line():
+    """The options an engine file records: the defaults where it records none (built before
+    there were any), else exactly this tool's, or LayoutError (ArtifactError at load)."""
+    assert TorchEngineOptions.from_metadata(None, "f") == TorchEngineOptions()
+    sdpa = TorchEngineOptions(attention="sdpa", cuda_graphs=False)
+    assert TorchEngineOptions.from_metadata(sdpa.to_metadata(), "f") == sdpa
+    for bad in ("{", "[]", '{"attention": "flash"}', '{"cuda_graphs": 1}', '{"extra": true}'):
+        with pytest.raises(LayoutError, match="^f: the engine file's options"):
+            TorchEngineOptions.from_metadata(bad, "f")
+
+
+@pytest.mark.unit
+def test_torch_flags_where_no_torch_engine_is_built_are_refused(tiny_embedding_model, tmp_path):
+    argv = ["run", "--model", str(tiny_embedding_model), "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(cli, [*argv, "--target", "cpu", "--torch-attention", "sdpa"])
+    assert result.exit_code == 3, result.output  # an input error
+    assert result.stderr.count("\n") == 1 and "builds no torch engine" in result.stderr
+    assert not (tmp_path / "o" / "export").exists()
 
 
 @pytest.mark.unit
@@ -325,6 +346,37 @@ def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path,
     )
 
 
+@pytest.mark.e2e
+@pytest.mark.usefixtures("pb_utils")
+def test_torch_options_name_the_engine_and_travel_in_its_file(tiny_run, tmp_path, monkeypatch):
+    """--torch-attention sdpa names the engine and is written into its file, so the runtime and
+    the packaged Triton text model both run it so; --no-torch-cuda-graphs does not apply to a
+    CPU engine (no graphs there) and leaves its name alone."""
+    from tests.test_package import _load_text_model
+
+    info = tiny_run[0]
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(info.path), "--out", str(out), "--target", "torch"]
+    options = ["--torch-attention", "sdpa", "--no-torch-cuda-graphs"]
+    gates = ["--metric-limit", "50", "--no-metric-gate", "--json"]
+    result = CliRunner().invoke(cli, [*argv, *options, *gates])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    (engine,) = summary["engines"]
+    assert engine["name"].endswith("-cpu-fp32-sdpa") and engine["passed"]
+    manifest = json.loads(Path(engine["manifest"]).read_text())
+    assert (manifest["spec"]["attention"], manifest["spec"]["cuda_graphs"]) == ("sdpa", True)
+    loaded, _ = load_engine(Path(engine["manifest"]).parent)
+    assert loaded.options == TorchEngineOptions(attention="sdpa") and not loaded.short_attention
+    folder = Path(summary["repository"]["path"]) / f"{info.name}-pt-cpu-fp32-sdpa-text"
+    config = tc.parse((folder / "config.pbtxt").read_text(), folder)
+    model = _load_text_model(folder, config, monkeypatch)
+    assert sys.modules["torch_layout"].__file__ == str(folder / "1" / "torch_layout.py")
+    # The copy's own TorchEngineOptions class: equal fields, not an equal object.
+    served = model.engine.engine
+    assert (served.options.attention, served.options.cuda_graphs) == ("sdpa", True)
+
+
 def _torch_and_ort_engines(folder: Path, out: Path):
     """`run` of a tiny model with the torch engine and the ORT CPU engine, both verified."""
     info = resolve_model(folder)
@@ -507,7 +559,9 @@ def test_small_gpu_batches_replay_cuda_graphs_with_the_eager_outputs(
     also past GRAPH_LIMIT, where batches run eagerly."""
     info = tiny_run[0]
     engine, _ = load_engine(cuda_torch_engine)
-    eager = TorchEncoder(engine.path, engine.layout, "cuda", "fp16", graphs=False)
+    eager = TorchEncoder(
+        engine.path, engine.layout, "cuda", "fp16", options=TorchEngineOptions(cuda_graphs=False)
+    )
     assert engine.graphs and not eager.graphs
     texts = [f"{text} {index}" for index in range(6) for text in TEXTS]
     for batching in (BatchingSpec(max_batch=1, token_budget=512), BatchingSpec(5, 512)):

@@ -28,6 +28,7 @@ from bert_compiler.engines.tensorrt_options import (
     ProfileDerivation,
     TensorRTOptions,
 )
+from bert_compiler.engines.torch_layout import ATTENTION_CHOICES, TorchEngineOptions
 
 log = logging.getLogger("bert_compile")
 
@@ -207,10 +208,51 @@ class TensorRTFlags(BackendFlags):
         return ProfileDerivation(max_batch=values["profile_max_batch"])
 
 
+class TorchFlags(BackendFlags):
+    """The torch engine's run-time choices -> TorchEngineOptions (written into the engine file)."""
+
+    def options(self) -> list[Decorator]:
+        return [
+            click.option(
+                "--torch-attention",
+                type=click.Choice(ATTENTION_CHOICES),
+                default=default_of(TorchEngineOptions, "attention"),
+                show_default=True,
+                help="torch engine attention: triton (rows of up to 128 tokens in this "
+                "project's Triton kernel on a GPU, longer ones in PyTorch's "
+                "scaled_dot_product_attention) or sdpa (every batch in "
+                "scaled_dot_product_attention on padded rows). sdpa names the engine "
+                "(...-sdpa).",
+            ),
+            click.option(
+                "--torch-cuda-graphs/--no-torch-cuda-graphs",
+                default=default_of(TorchEngineOptions, "cuda_graphs"),
+                show_default=True,
+                help="torch engine on a GPU: small batches replay CUDA graphs (they need "
+                "--torch-attention triton). Off names the engine (...-nographs).",
+            ),
+        ]
+
+    def parse(self, values: Values, *args: Any, **kwargs: Any) -> TorchEngineOptions:
+        return TorchEngineOptions(
+            attention=values["torch_attention"], cuda_graphs=values["torch_cuda_graphs"]
+        )
+
+    def check_run(self, values: Values, specs: Sequence[BuildSpec]) -> None:
+        """A torch flag changed from its default where the run builds no torch engine is a
+        mistake: say so rather than build without it."""
+        if self.parse(values) == TorchEngineOptions() or any(s.backend == "torch" for s in specs):
+            return
+        raise InputError(
+            "--torch-attention / --torch-cuda-graphs: this run builds no torch engine; add "
+            "--target torch, or leave them out"
+        )
+
+
 TENSORRT_FLAGS = TensorRTFlags()
 # Every backend's flags, by its registered name (engines/backend.py get_backend).
 BACKEND_FLAGS: dict[str, BackendFlags] = {
     "onnxruntime": OnnxRuntimeFlags(),
     "tensorrt": TENSORRT_FLAGS,
-    "torch": BackendFlags(),
+    "torch": TorchFlags(),
 }

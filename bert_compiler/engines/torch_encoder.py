@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,15 @@ from bert_compiler.engines.backend import (
     check_float_source,
     register,
 )
-from bert_compiler.engines.torch_layout import ENGINE_FILE, EncoderLayout, LayoutError, read_layout
+from bert_compiler.engines.torch_layout import (
+    ENGINE_FILE,
+    OPTIONS_METADATA,
+    EncoderLayout,
+    LayoutError,
+    TorchEngineOptions,
+    read_layout,
+    read_options,
+)
 from bert_compiler.engines.torch_module import TorchEncoder
 from bert_compiler.engines.torch_reader import read_encoder, unsupported
 
@@ -143,6 +152,7 @@ class TorchBackend(Backend):
     serves_as_python_text = True
     label = "torch"
     targets = ("torch",)
+    options_type = TorchEngineOptions
 
     def version(self) -> str:
         import torch
@@ -181,6 +191,23 @@ class TorchBackend(Backend):
                 "int8 and fp8 are ONNX Runtime's and TensorRT's"
             )
 
+    def applicable(self, spec: BuildSpec) -> BuildSpec:
+        # CUDA graphs exist only on a GPU.
+        if spec.device != "cuda":
+            return replace(spec, options=replace(spec.options, cuda_graphs=True))
+        return spec
+
+    def variants(self, spec: BuildSpec) -> list[str]:
+        options: TorchEngineOptions = spec.options
+        return [
+            name
+            for name, on in (
+                ("sdpa", options.attention == "sdpa"),
+                ("nographs", not options.cuda_graphs),
+            )
+            if on
+        ]
+
     def source_stage(self, spec: BuildSpec) -> str:
         return "fuse"
 
@@ -194,7 +221,14 @@ class TorchBackend(Backend):
         return True
 
     def from_record(self, spec: Mapping[str, Any]) -> BuildSpec:
-        return BuildSpec(backend=self.name, device=spec["device"], precision=spec["precision"])
+        defaults = TorchEngineOptions()
+        options = TorchEngineOptions(
+            attention=spec.get("attention", defaults.attention),
+            cuda_graphs=spec.get("cuda_graphs", defaults.cuda_graphs),
+        )
+        return BuildSpec(
+            backend=self.name, device=spec["device"], precision=spec["precision"], options=options
+        )
 
     def build_job(self, source: Path, spec: BuildSpec, *, input_names: tuple[str, ...]) -> BuildJob:
         read: dict[str, Any] = {}
@@ -218,14 +252,20 @@ class TorchBackend(Backend):
             tensors = {
                 n: torch.from_numpy(a).to(dtype).contiguous() for n, a in read["tensors"].items()
             }
-            metadata = {"layout": json.dumps(layout.to_dict(), sort_keys=True)}
+            options: TorchEngineOptions = spec.options
+            metadata = {
+                "layout": json.dumps(layout.to_dict(), sort_keys=True),
+                OPTIONS_METADATA: options.to_metadata(),
+            }
             with atomic_path(folder / ENGINE_FILE) as staging:
                 save_file(tensors, str(staging), metadata=metadata)
             # The weights as read (fp32, before an fp16 engine rounds them), on the CPU, against
             # ONNX Runtime on the same graph: the reader is checked, verify judges the rounding.
             read_weights = {n: torch.from_numpy(a) for n, a in read["tensors"].items()}
             check = TorchEncoder(source, layout, "cpu", "fp32", tensors=read_weights)
-            engine = TorchEncoder(folder / ENGINE_FILE, layout, spec.device, spec.precision)
+            engine = TorchEncoder(
+                folder / ENGINE_FILE, layout, spec.device, spec.precision, options=options
+            )
             differences = _check_against_onnxruntime(source, check, str(source), built=engine)
             return [ENGINE_FILE], {
                 "engine_file": ENGINE_FILE,
@@ -240,9 +280,11 @@ class TorchBackend(Backend):
                     else {}
                 ),
                 "short_attention": engine.short_attention,
+                "cuda_graphs": engine.graphs,
             }
 
-        return BuildJob(settings={"engine": "packed rows"}, prepare=prepare, body=body)
+        settings = {"engine": "packed rows", **asdict(spec.options)}
+        return BuildJob(settings=settings, prepare=prepare, body=body)
 
     def load(self, engine_path: Path, spec: Mapping[str, Any], results: Mapping[str, Any]):
         import torch
@@ -254,8 +296,10 @@ class TorchBackend(Backend):
         # The layout inside the engine file, whose sha256 the caller checked (the manifest's
         # results are a copy for readers).
         try:
-            layout = read_layout(engine_path)
-            return TorchEncoder(engine_path, layout, spec["device"], spec["precision"])
+            layout, options = read_layout(engine_path), read_options(engine_path)
+            return TorchEncoder(
+                engine_path, layout, spec["device"], spec["precision"], options=options
+            )
         except LayoutError as err:
             raise ArtifactError(str(err)) from None
 

@@ -1,5 +1,5 @@
-"""The torch engine's file format: the layout of the encoder it holds, in the safetensors metadata
-of the engine file (ENGINE_FILE).
+"""The torch engine's file format: the layout of the encoder it holds and the options it runs
+with, both in the safetensors metadata of the engine file (ENGINE_FILE).
 
 Like torch_module.py, it imports no bert_compiler module: `bert-compile package` copies both
 beside the Triton text model of a torch engine (triton/torch_text_model.py). Problems with the
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,9 @@ POOLINGS = ("mean", "cls", "none")
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 # After a classifier head's dense layers: BERT's pooler (tanh), DistilBERT's pre-classifier (relu).
 HEAD_ACTIVATIONS = {"Tanh": "tanh", "Relu": "relu"}
+ATTENTION_CHOICES = ("triton", "sdpa")
+# The engine file's metadata key of its TorchEngineOptions.
+OPTIONS_METADATA = "options"
 
 
 class LayoutError(ValueError):
@@ -129,6 +132,51 @@ class EncoderLayout:
         return shapes
 
 
+@dataclass(frozen=True)
+class TorchEngineOptions:
+    """How a torch engine runs: the torch backend's own build options (BuildSpec.options, its
+    flags --torch-attention and --torch-cuda-graphs), stored in the engine file beside its
+    layout, so that the runtime and the Triton text model run the engine as verify ran it.
+
+    Attributes:
+        attention: ``triton``: rows of up to SHORT_ATTENTION_MAX tokens attend in this module's
+            kernel where it runs (a GPU with Triton), longer ones in PyTorch's
+            scaled_dot_product_attention; ``sdpa``: every batch in scaled_dot_product_attention
+            on padded rows.
+        cuda_graphs: on a GPU, small packed batches replay CUDA graphs (they need the ``triton``
+            attention); off, every batch launches its kernels and no graph memory is held.
+    """
+
+    attention: str = "triton"
+    cuda_graphs: bool = True
+
+    def to_metadata(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, recorded: str | None, where: str) -> TorchEngineOptions:
+        """The options an engine file records; the defaults for one built before there were
+        any (it ran with them).
+
+        Raises:
+            LayoutError: options that are not this tool's.
+        """
+        if recorded is None:
+            return cls()
+        try:
+            data = json.loads(recorded)
+            options = cls(**data)
+        except (ValueError, TypeError):
+            raise LayoutError(
+                f"{where}: the engine file's options are not this tool's; rebuild the engine"
+            ) from None
+        if options.attention not in ATTENTION_CHOICES or not isinstance(options.cuda_graphs, bool):
+            raise LayoutError(
+                f"{where}: the engine file's options {data} are not this tool's; rebuild the engine"
+            )
+        return options
+
+
 def read_layout(engine_path: Path) -> EncoderLayout:
     """The layout stored in an engine file's metadata.
 
@@ -143,6 +191,16 @@ def read_layout(engine_path: Path) -> EncoderLayout:
     if not isinstance(data, dict):
         raise LayoutError(f"{engine_path}: no layout in the engine file; rebuild the engine")
     return EncoderLayout.from_dict(data, str(engine_path))
+
+
+def read_options(engine_path: Path) -> TorchEngineOptions:
+    """The TorchEngineOptions stored in an engine file's metadata.
+
+    Raises:
+        LayoutError: options there that are not this tool's.
+    """
+    recorded = _metadata(engine_path).get(OPTIONS_METADATA)
+    return TorchEngineOptions.from_metadata(recorded, str(engine_path))
 
 
 def _metadata(engine_path: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""The torch engine at run time: a built engine file (safetensors weights; its layout in its
-metadata, engines/torch_layout.py) run by PyTorch on packed rows, with a Triton kernel for
+"""The torch engine at run time: a built engine file (safetensors weights; its layout and options
+in its metadata, engines/torch_layout.py) run by PyTorch on packed rows, with a Triton kernel for
 short rows' attention and CUDA graphs for small GPU batches. engines/torch_encoder.py reads the
 fused graph and builds the file; this module only runs it.
 
@@ -24,13 +24,17 @@ try:  # inside bert_compiler
     from .torch_layout import (
         EncoderLayout,
         LayoutError,
+        TorchEngineOptions,
         read_layout,
+        read_options,
     )
 except ImportError:  # inside Triton: the copy package puts beside this file
     from torch_layout import (  # type: ignore[no-redef]
         EncoderLayout,
         LayoutError,
+        TorchEngineOptions,
         read_layout,
+        read_options,
     )
 
 log = logging.getLogger("bert_compile")
@@ -175,10 +179,10 @@ class TorchEncoder:
         device: str,
         dtype_name: str,
         tensors: Mapping[str, Any] | None = None,
-        graphs: bool = True,
+        options: TorchEngineOptions | None = None,
     ):
-        """``tensors``: the weights, instead of reading them from ``path``; ``graphs``: whether
-        small packed batches on a GPU replay CUDA graphs."""
+        """``tensors``: the weights, instead of reading them from ``path``; ``options``: the
+        attention kernels and whether small packed batches on a GPU replay CUDA graphs."""
         import torch
         from safetensors.torch import load_file
 
@@ -210,14 +214,16 @@ class TorchEncoder:
         }
         # fp16 only on a GPU: tl.dot would take fp32 inputs as TF32, which fp32 engines are
         # verified without.
+        self.options = options = options or TorchEngineOptions()
         self.short_attention = (
-            kernel_tiles(layout.hidden // layout.heads)
+            options.attention == "triton"
+            and kernel_tiles(layout.hidden // layout.heads)
             and (device != "cuda" or dtype_name == "fp16")
             and short_attention_available(device)
         )
         # Graphs need the short-row kernel: its only shape argument is the tile, where
         # scaled_dot_product_attention's padded rows would need a graph per longest row.
-        self.graphs = graphs and device == "cuda" and self.short_attention
+        self.graphs = options.cuda_graphs and device == "cuda" and self.short_attention
         self._captured: dict[tuple[int, int, int], _CapturedBatch] = {}
         self._graph_pool: Any = None
         # A captured batch's spare row may be longer than the position table; its positions are
@@ -457,9 +463,16 @@ class TorchEncoder:
 
 
 def open_engine(engine_path: Path, device: str, precision: str) -> TorchEncoder:
-    """The engine file as a TorchEncoder on ``device`` (``precision``: fp32 or fp16).
+    """The engine file as a TorchEncoder on ``device`` (``precision``: fp32 or fp16), run with
+    the options it was built with.
 
     Raises:
-        LayoutError: as read_layout, or a tensor that does not fit the layout.
+        LayoutError: as read_layout and read_options, or a tensor that does not fit the layout.
     """
-    return TorchEncoder(engine_path, read_layout(engine_path), device, precision)
+    return TorchEncoder(
+        engine_path,
+        read_layout(engine_path),
+        device,
+        precision,
+        options=read_options(engine_path),
+    )
