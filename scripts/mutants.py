@@ -43,7 +43,7 @@ MUTANTS = (
         "bert_compiler/runtime/outputs.py",
         "            self.rowwise[name][batch.rows] = value",
         "            self.rowwise[name][np.sort(batch.rows)] = value",
-        ("tests/test_runtime.py",),
+        ("tests/runtime/test_runtime.py",),
     ),
     Mutant(
         "stream-window-order",
@@ -51,7 +51,7 @@ MUTANTS = (
         "bert_compiler/runtime/encoder.py",
         "        return {name: _joined([part[name] for part in parts]) for name in parts[0]}",
         "        return {name: _joined([part[name] for part in parts[::-1]]) for name in parts[0]}",
-        ("tests/test_token_rows.py",),
+        ("tests/runtime/test_token_rows.py",),
     ),
     Mutant(
         "parity-max-abs-err-ignored",
@@ -59,7 +59,7 @@ MUTANTS = (
         "bert_compiler/runtime/parity.py",
         "        if self.max_abs_err > tolerance.max_abs_err:",
         "        if self.max_abs_err > tolerance.max_abs_err * 1e6:",
-        ("tests/test_gates_nan.py", "tests/test_parity.py"),
+        ("tests/stages/test_gates_nan.py", "tests/runtime/test_parity.py"),
     ),
     Mutant(
         "parity-rel-l2-ignored",
@@ -67,7 +67,7 @@ MUTANTS = (
         "bert_compiler/runtime/parity.py",
         "        if self.rel_l2_err > tolerance.rel_l2_err:",
         "        if self.rel_l2_err > tolerance.rel_l2_err * 1e6:",
-        ("tests/test_gates_nan.py", "tests/test_parity.py"),
+        ("tests/stages/test_gates_nan.py", "tests/runtime/test_parity.py"),
     ),
     Mutant(
         "parity-nan-limit-passes",
@@ -75,7 +75,7 @@ MUTANTS = (
         "bert_compiler/runtime/parity.py",
         "            if math.isnan(value)\n",
         "            if False\n",
-        ("tests/test_gates_nan.py",),
+        ("tests/stages/test_gates_nan.py",),
     ),
     Mutant(
         "nan-metric-passes",
@@ -83,7 +83,7 @@ MUTANTS = (
         "bert_compiler/stages/verify.py",
         "        if result.value is not None and not math.isfinite(result.value)\n",
         "        if False\n",
-        ("tests/test_gates_nan.py",),
+        ("tests/stages/test_gates_nan.py",),
     ),
     Mutant(
         "calibration-reads-padding",
@@ -91,7 +91,7 @@ MUTANTS = (
         "bert_compiler/calibration/ranges.py",
         "        return value[mask.astype(bool)]",
         "        return value.reshape(-1, *value.shape[2:])",
-        ("tests/test_calibration.py",),
+        ("tests/calibration/test_calibration.py",),
     ),
     Mutant(
         "engine-hash-unchecked",
@@ -99,7 +99,7 @@ MUTANTS = (
         "bert_compiler/core/artifacts.py",
         '        if actual != entry.get("sha256"):',
         "        if False:",
-        ("tests/test_artifacts.py", "tests/test_hostile.py"),
+        ("tests/core/test_artifacts.py", "tests/product/test_hostile.py"),
     ),
     Mutant(
         "gate-tokenizer-unchecked",
@@ -107,7 +107,7 @@ MUTANTS = (
         "bert_compiler/triton/tokenizer_json.py",
         "                if got.shape != wanted.shape or (got != wanted).any():",
         "                if False:",
-        ("tests/test_package.py",),
+        ("tests/triton/test_package.py",),
     ),
     Mutant(
         "pairs-truncated-first-only",
@@ -115,7 +115,7 @@ MUTANTS = (
         "bert_compiler/runtime/token_rows.py",
         'enable_truncation(max_length, strategy="longest_first", direction=direction)',
         'enable_truncation(max_length, strategy="only_first", direction=direction)',
-        ("tests/test_token_rows.py",),
+        ("tests/runtime/test_token_rows.py",),
     ),
     Mutant(
         "truncation-side-ignored",
@@ -123,7 +123,7 @@ MUTANTS = (
         "bert_compiler/runtime/token_rows.py",
         "                content = content[:limit] if right else content[len(content) - limit :]",
         "                content = content[:limit]",
-        ("tests/test_token_rows.py",),
+        ("tests/runtime/test_token_rows.py",),
     ),
     Mutant(
         "fusion-counts-unchecked",
@@ -131,7 +131,7 @@ MUTANTS = (
         "bert_compiler/stages/fuse.py",
         "    problems = compare_fusions(fused, expected)",
         "    problems = []",
-        ("tests/test_fuse.py",),
+        ("tests/stages/test_fuse.py",),
     ),
     Mutant(
         "fallback-float-limit-ignored",
@@ -139,7 +139,7 @@ MUTANTS = (
         "bert_compiler/stages/fallback.py",
         "        return math.floor(self.max_float * quantizable + 1e-9)",
         "        return quantizable",
-        ("tests/test_int8_pipeline.py",),
+        ("tests/run/test_int8_pipeline.py",),
     ),
     Mutant(
         "text-model-rows-shifted",
@@ -147,7 +147,7 @@ MUTANTS = (
         "bert_compiler/triton/torch_text_model.py",
         "            taken = slice(first, first + len(request))",
         "            taken = slice(0, len(request))",
-        ("tests/test_torch_engine.py",),
+        ("tests/engines/test_torch_engine.py",),
     ),
 )
 

@@ -122,7 +122,7 @@ class _Guard:
         here = [
             f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
             for frame in traceback.extract_stack()[:-2]
-            if Path(frame.filename).parent.name == "tests"
+            if Path(frame.filename).is_relative_to(Path(__file__).parent)
         ]
         where = f" (from {', '.join(here[-3:])})" if here else ""
         if self.fixtures:
@@ -302,12 +302,12 @@ def cpu_engine_dir(out: Path, precision: str = "fp32", stage: str = "engines") -
 
 
 def pytest_terminal_summary(terminalreporter):
-    """How many hostile cases and fuzzed inputs this session tried (tests/test_hostile.py,
-    tests/test_fuzz.py), so CI's log says how large the pass over bad input was."""
+    """How many hostile cases and fuzzed inputs this session tried (tests/product/test_hostile.py,
+    tests/product/test_fuzz.py), so CI's log says how large the pass over bad input was."""
     import sys
 
-    hostile = sys.modules.get("tests.test_hostile")
-    fuzz = sys.modules.get("tests.test_fuzz")
+    hostile = sys.modules.get("tests.product.test_hostile")
+    fuzz = sys.modules.get("tests.product.test_fuzz")
     lines = []
     if hostile is not None and hostile.TRIED:
         lines.append(f"hostile corpus: {len(hostile.TRIED)} cases tried")

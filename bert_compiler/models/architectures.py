@@ -1,8 +1,9 @@
 """Registry of supported encoder architectures, one spec each.
 
 A spec says what the exporter feeds the model, what ORT's transformers optimizer should produce
-for it, and a tiny configuration the tests build a random model from. tests/test_architectures.py
-fails when a registered architecture has no test model, so adding one here means adding its tests.
+for it, and a tiny configuration the tests build a random model from.
+tests/run/test_architectures.py fails when a registered architecture has no test model, so adding
+one here means adding its tests.
 """
 
 from __future__ import annotations

@@ -442,7 +442,7 @@ def load_tokenizer(info: ModelInfo, *, trust_remote_code: bool = False):
     except Exception as err:
         # The tokenizer files are the user's input, and a malformed one makes transformers and
         # tokenizers raise nearly anything (KeyError, TypeError, tokenizers' own Exception):
-        # found by tests/test_fuzz.py. The cause stays chained.
+        # found by tests/product/test_fuzz.py. The cause stays chained.
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise InputError(f"{info.path}: cannot load the tokenizer ({reason})") from err
     tokens, specials = len(tokenizer), len(set(tokenizer.all_special_ids))

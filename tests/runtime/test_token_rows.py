@@ -19,7 +19,7 @@ from bert_compiler.runtime import encoder as runtime
 from bert_compiler.runtime import token_rows, tokenizing
 from bert_compiler.runtime.encoder import Encoder
 from bert_compiler.runtime.token_rows import RowTokenizer, TokenizerPool, piecewise
-from tests.test_runtime import RecordingEngine
+from tests.runtime.test_runtime import RecordingEngine
 from tests.tiny_models import _bert_family
 
 # Texts a tokenizer gets wrong first: empty and blank, runs of spaces, every Unicode plane,

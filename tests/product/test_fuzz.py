@@ -1,6 +1,6 @@
 """No traceback for any input file: every format the tool reads, mutated at random (bytes flipped,
 cut, inserted or truncated; JSON values swapped for odd ones), is either read or refused with a
-BertCompileError, which the CLI prints as one line with its exit code (tests/test_cli.py).
+BertCompileError, which the CLI prints as one line with its exit code (tests/cli/test_cli.py).
 
 hypothesis runs derandomized (the same examples on every run, so CI is reproducible); raise
 FUZZ_EXAMPLES in the environment for a longer local pass.
@@ -193,7 +193,7 @@ def test_dataset_files(name, tmp_path):
 
 
 def test_pipeline_toml(tmp_path):
-    base = (Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml").read_bytes()
+    base = (Path(__file__).resolve().parents[2] / "docs" / "pipeline.toml").read_bytes()
     _fuzz_file(tmp_path / "pipeline.toml", base, read_toml)
 
 
@@ -222,7 +222,7 @@ def test_stage_manifest(tmp_path):
 def test_onnx_graph(tmp_path):
     import onnx
 
-    from tests.test_onnx_io import _graph
+    from tests.core.test_onnx_io import _graph
 
     base = _graph().SerializeToString()
     assert onnx.load_from_string(base)

@@ -9,7 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The one package folder, and its wings (pyproject.toml [tool.setuptools] packages).
 PACKAGE = ROOT / "bert_compiler"
 WINGS = ("cli", "bench", "triton", "stages", "runtime", "models", "engines", "calibration", "core")

@@ -289,7 +289,7 @@ def test_sweep_fp8_rows_are_scored_and_not_timed(tiny_embedding_model, tmp_path)
 
 def _tensorrt_fp8_reason() -> str | None:
     """Why no TensorRT fp8 engine can be built here (None: it can)."""
-    from tests.test_gpu_engines import _tensorrt_reason
+    from tests.engines.test_gpu_engines import _tensorrt_reason
 
     reason = _tensorrt_reason()
     if reason is None:
@@ -304,7 +304,7 @@ def _tensorrt_fp8_reason() -> str | None:
 @pytest.mark.e2e
 @pytest.mark.tensorrt
 def test_tensorrt_fp8_engine_from_the_fp8_qdq_graph(tiny_embedding_model, tmp_path):
-    from tests.test_gpu_engines import run_tensorrt_engine
+    from tests.engines.test_gpu_engines import run_tensorrt_engine
 
     reason = _tensorrt_fp8_reason()
     if reason:

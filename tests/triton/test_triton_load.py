@@ -1,5 +1,5 @@
 """scripts/triton_load.py's bad input: one line and a non-zero exit (its measurements against a
-real server are in tests/test_triton_server.py)."""
+real server are in tests/triton/test_triton_server.py)."""
 
 from __future__ import annotations
 

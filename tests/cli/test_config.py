@@ -26,7 +26,7 @@ from bert_compiler.runtime.parity import DEFAULT_MIN_METRIC_RETENTION, DEFAULT_T
 from bert_compiler.stages.verify import VerifySpec
 from tests.conftest import cpu_engine_dir
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "pipeline.toml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "pipeline.toml"
 
 
 def _invoke(*args):

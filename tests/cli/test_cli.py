@@ -55,7 +55,7 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
         "its `speed`": (engine["speed"], {"measured", "sentences", "sentences_per_s"}),
         "each of `stages`": (summary["stages"]["export"], {"path", "seconds", "skipped"}),
     }  # fmt: skip
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "guides" / "ci.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "ci.md").read_text()
     documented = guide.split("\n## Machine-readable output", 1)[1].split("\n## ", 1)[0]
     for where, (value, keys) in schema.items():
         assert set(value) == keys, where
@@ -365,7 +365,7 @@ def test_the_cli_reference_is_the_one_the_option_groups_make():
     """docs/cli.md is generated from the commands' option groups
     (scripts/cli_reference.py): a flag added, removed or re-described without regenerating it
     fails here, naming the command that fixes it."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / "cli_reference.py"
+    script = Path(__file__).resolve().parents[2] / "scripts" / "cli_reference.py"
     checked = subprocess.run(
         [sys.executable, str(script), "--check"], capture_output=True, text=True, timeout=120
     )

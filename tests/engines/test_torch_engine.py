@@ -47,8 +47,8 @@ from bert_compiler.stages.build import build
 from bert_compiler.triton import config as tc
 from bert_compiler.triton.package_spec import PYTHON_INSTANCES
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
+from tests.engines.test_gpu_engines import _cuda_reason, _skip_unless
 from tests.gpus import H100
-from tests.test_gpu_engines import _cuda_reason, _skip_unless
 from tests.tiny_models import make_tiny_model
 
 TEXTS = [
@@ -292,7 +292,7 @@ def test_cli_builds_verifies_and_packages_a_torch_text_model(tiny_run, tmp_path,
     re-plans and verifies it, and its model.py, loaded as Triton loads it on the CPU engine,
     answers each request with the runtime's embeddings."""
     from bert_compiler.triton.gate import verify_repository
-    from tests.test_package import _load_text_model
+    from tests.triton.test_package import _load_text_model
 
     info, _out, _spec, _summary = tiny_run
     out = tmp_path / "out"
@@ -352,7 +352,7 @@ def test_torch_options_name_the_engine_and_travel_in_its_file(tiny_run, tmp_path
     """--torch-attention sdpa names the engine and is written into its file, so the runtime and
     the packaged Triton text model both run it so; --no-torch-cuda-graphs does not apply to a
     CPU engine (no graphs there) and leaves its name alone."""
-    from tests.test_package import _load_text_model
+    from tests.triton.test_package import _load_text_model
 
     info = tiny_run[0]
     out = tmp_path / "out"

@@ -35,7 +35,7 @@ def test_registered_architecture_compiles_with_full_fusion(model_type, task, tmp
     assert [i.name for i in graph.graph.input] == list(info.architecture.input_names)
 
 
-# BERT's run to a gated repository is tests/test_cli.py's (and test_pipeline's, test_package's).
+# BERT's run to a gated repository is tests/cli/test_cli.py's (and test_pipeline's, test_package's).
 @pytest.mark.e2e
 @pytest.mark.parametrize("model_type", sorted(set(ARCHITECTURES) - {"bert"}))
 def test_registered_architecture_runs_fp32_and_int8_to_a_gated_repository(model_type, tmp_path):
@@ -57,7 +57,7 @@ def test_architecture_tables_list_every_registered_architecture(document):
     """The README's support matrix and the concepts page's table of fused operators: one row per
     registered architecture, its graph inputs, ORT optimizer type and partial fusion as the spec
     says."""
-    text = (Path(__file__).parent.parent / document).read_text()
+    text = (Path(__file__).resolve().parents[2] / document).read_text()
     section = text.split("## Architectures", 1)[1].split("\n#", 1)[0]
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| `")]
     listed = {cells[0].strip().strip("`"): cells for cells in rows}

@@ -17,8 +17,8 @@ from bert_compiler.calibration import datasets
 from bert_compiler.cli.commands import cli
 from bert_compiler.core.artifacts import StageRecord, sha256_file
 from tests.conftest import cpu_engine_dir
-from tests.test_models import _pickle_only
-from tests.test_onnx_io import _with_external_location
+from tests.core.test_onnx_io import _with_external_location
+from tests.models.test_models import _pickle_only
 from tests.tiny_models import edit_config
 
 pytestmark = pytest.mark.e2e
@@ -505,7 +505,7 @@ def tokenizer_max_length_of_text(out, model, tmp):
 
 
 def safetensors_shape_past_its_bytes(out, model, tmp):
-    from tests.test_models import _first_tensor, _rewrite_header
+    from tests.models.test_models import _first_tensor, _rewrite_header
 
     _rewrite_header(
         model / "model.safetensors", lambda h: h[_first_tensor(h)].update(shape=[10**6])
@@ -516,7 +516,7 @@ def safetensors_shape_past_its_bytes(out, model, tmp):
 def integer_weight_tensor(out, model, tmp):
     import torch
 
-    from tests.test_models import _rewrite_weights
+    from tests.models.test_models import _rewrite_weights
 
     name = "encoder.layer.0.output.dense.bias"
     _rewrite_weights(model, lambda state: state.update({name: state[name].to(torch.int32)}))
@@ -547,7 +547,7 @@ def pooling_settings_of_the_wrong_type(out, model, tmp):
 def engine_of_another_model(out, model, tmp):
     import torch
 
-    from tests.test_models import _rewrite_weights
+    from tests.models.test_models import _rewrite_weights
 
     name = "encoder.layer.0.output.dense.bias"
     _rewrite_weights(model, lambda state: state.update({name: state[name] + torch.ones(1)}))
@@ -603,7 +603,7 @@ def pt_weights_only(out, model, tmp):
 def stage_input_with_a_control_flow_op(out, model, tmp):
     from onnx import helper
 
-    from tests.test_onnx_io import _graph
+    from tests.core.test_onnx_io import _graph
 
     node = helper.make_node(
         "If", ["x"], ["y"], then_branch=_graph().graph, else_branch=_graph().graph

@@ -1005,7 +1005,7 @@ def test_python_gpu_text_model_runs_the_cuda_engine_as_the_runtime_does(
     the CUDA provider and answers each request with the runtime's embeddings of that engine."""
     from bert_compiler.models.loading import resolve_model
     from bert_compiler.runtime.encoder import Encoder
-    from tests.test_gpu_engines import _ort_cuda_reason, _skip_unless
+    from tests.engines.test_gpu_engines import _ort_cuda_reason, _skip_unless
 
     _skip_unless(_ort_cuda_reason())
     out = tmp_path / "out"

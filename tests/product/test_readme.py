@@ -4,9 +4,10 @@ The README's fenced bash blocks are, in order: `scripts/run-default.sh`, `script
 CLI quickstart; then one Python block, the Encoder quickstart. The two scripts set up `.venv`
 (pip installs) before their main job, so here their setup is a stub and the rest runs for real:
 run-default's `bert-compile run` on a tiny model, test.sh's steps in order against recording
-stand-ins (the suite itself is what CI runs through `.ci/run`; `tests/test_default_model.py` runs
-the same `run --out` on the default model). The quickstarts run as written on a tiny model: its
-folder for `default`, and the quick gates of a random model (conftest.TINY_VERIFY) added.
+stand-ins (the suite itself is what CI runs through `.ci/run`;
+`tests/run/test_default_model.py` runs the same `run --out` on the default model). The quickstarts
+run as written on a tiny model: its folder for `default`, and the quick gates of a random model
+(conftest.TINY_VERIFY) added.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 VENV = Path(sys.prefix)  # the environment running the tests: the README's .venv
 # A random model's metric is noise (conftest.TINY_VERIFY), and a small calibration set is enough.
