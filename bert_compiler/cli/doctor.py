@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -24,29 +26,107 @@ TARGETS = tuple(t for t in TARGET_CHOICES if t != DEFAULT_TARGET)
 MIN_FREE_MIB = 4096
 
 
-def diagnose(env: Environment, out: Path) -> dict[str, Any]:
-    """The doctor's report: ``ok`` when the CPU target is ready and OUT is writable with room."""
-    targets: dict[str, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class Readiness:
+    """Whether one target (or the package stage) can be built here: what it builds, or what is
+    missing."""
+
+    ready: bool
+    builds: tuple[str, ...] = ()
+    missing: str = ""
+    tritonclient: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.ready:
+            return {"ready": False, "missing": self.missing}
+        if self.tritonclient:
+            return {"ready": True, "tritonclient": self.tritonclient}
+        return {"ready": True, "builds": list(self.builds)}
+
+    def state(self) -> str:
+        return "ready: " + ", ".join(self.builds) if self.ready else self.missing
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    path: Path
+    free_mib: int
+    writable: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": str(self.path), "free_mib": self.free_mib, "writable": self.writable}
+
+
+@dataclass(frozen=True)
+class DoctorReport:
+    """What this machine can build; ``ok`` when the CPU target is ready and OUT is writable with
+    room."""
+
+    versions: Mapping[str, str | None]
+    env: Environment
+    targets: Mapping[str, Readiness]
+    package: Readiness
+    disk: DiskSpace
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.targets["cpu"].ready and not self.problems
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "versions": dict(self.versions),
+            "gpus": self.env.to_dict()["gpus"],
+            "tensorrt": self.env.tensorrt or f"no ({self.env.tensorrt_problem})",
+            "onnxruntime_providers": list(self.env.ort_providers),
+            "targets": {name: entry.to_json() for name, entry in self.targets.items()},
+            "package": self.package.to_json(),
+            "disk": self.disk.to_json(),
+            "problems": list(self.problems),
+            "notes": list(self.env.notes),
+        }
+
+    def lines(self) -> str:
+        versions, disk = self.versions, self.disk
+        lines = [
+            f"bert-compiler {versions['bert-compiler']}, python {versions['python']}, "
+            f"onnxruntime {versions.get('onnxruntime')}"
+        ]
+        lines += [f"GPU {g.index}: {g.name} ({g.sm})" for g in self.env.gpus] or ["GPU: none"]
+        lines.append(f"TensorRT: {self.env.tensorrt or f'no ({self.env.tensorrt_problem})'}")
+        lines += [f"target {name}: {entry.state()}" for name, entry in self.targets.items()]
+        lines.append(f"package: {'ready' if self.package.ready else self.package.missing}")
+        lines.append(
+            f"disk: {disk.free_mib} MiB free at {disk.path}"
+            f"{'' if disk.writable else ' (not writable)'}"
+        )
+        lines += [f"problem: {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+def diagnose(env: Environment, out: Path) -> DoctorReport:
+    """The doctor's report for this machine (``env``) and the output folder ``out``."""
+    targets: dict[str, Readiness] = {}
     for target in TARGETS:
         if target == "cpu" and env.onnxruntime is None:
-            targets[target] = {"ready": False, "missing": "onnxruntime is not installed"}
+            targets[target] = Readiness(False, missing="onnxruntime is not installed")
             continue
         try:
             plan = plan_targets(target, (), env)
         except (EnvironmentProblem, InputError) as err:
-            targets[target] = {"ready": False, "missing": str(err)}
+            targets[target] = Readiness(False, missing=str(err))
             continue
-        builds = [
+        builds = tuple(
             f"{e['backend']}-{e['device']}"
             + (f"-sm{e['compute_capability'].replace('.', '')}" if e["compute_capability"] else "")
             + f"-{e['precision']}"
             for e in plan.engines
-        ]
-        targets[target] = {"ready": True, "builds": builds}
+        )
+        targets[target] = Readiness(True, builds=builds)
     folder = existing_ancestor(Path(out).resolve())
     free_mib = shutil.disk_usage(folder).free >> 20
     writable = os.access(folder, os.W_OK)
-    disk = {"path": str(folder), "free_mib": free_mib, "writable": writable}
     problems = []
     if not writable:
         problems.append(f"{folder}: not writable; choose another --out")
@@ -55,27 +135,23 @@ def diagnose(env: Environment, out: Path) -> dict[str, Any]:
             f"{folder}: {free_mib} MiB free, a BERT-base run needs about {MIN_FREE_MIB}"
         )
     if importlib.util.find_spec("tritonclient") is None:
-        package_stage = {"ready": False, "missing": "tritonclient[grpc] (run scripts/setup.sh)"}
+        package_stage = Readiness(False, missing="tritonclient[grpc] (run scripts/setup.sh)")
     else:
-        package_stage = {"ready": True, "tritonclient": metadata.version("tritonclient")}
-    return {
-        "ok": targets["cpu"]["ready"] and not problems,
-        "versions": tool_versions(),
-        "gpus": env.to_dict()["gpus"],
-        "tensorrt": env.tensorrt or f"no ({env.tensorrt_problem})",
-        "onnxruntime_providers": list(env.ort_providers),
-        "targets": targets,
-        "package": package_stage,
-        "disk": disk,
-        "problems": problems,
-        "notes": list(env.notes),
-    }
+        package_stage = Readiness(True, tritonclient=metadata.version("tritonclient"))
+    return DoctorReport(
+        versions=tool_versions(),
+        env=env,
+        targets=targets,
+        package=package_stage,
+        disk=DiskSpace(folder, free_mib, writable),
+        problems=tuple(problems),
+    )
 
 
-def require_target(report: dict[str, Any], target: str) -> None:
+def require_target(report: DoctorReport, target: str) -> None:
     """Raise EnvironmentProblem when ``target`` (``auto``: any) cannot be built here."""
     if target == "auto":
         return
-    entry = report["targets"][target]
-    if not entry["ready"]:
-        raise EnvironmentProblem(f"doctor: {entry['missing']}")
+    entry = report.targets[target]
+    if not entry.ready:
+        raise EnvironmentProblem(f"doctor: {entry.missing}")

@@ -97,26 +97,9 @@ def doctor_command(out: Path, target: str, as_json: bool) -> None:
     """Check this machine: versions, GPUs, TensorRT, ONNX Runtime providers, disk; say what is
     missing for which target."""
     report = diagnose(detect(), out)
-    lines = [
-        f"bert-compiler {report['versions']['bert-compiler']}, python "
-        f"{report['versions']['python']}, onnxruntime {report['versions'].get('onnxruntime')}"
-    ]
-    lines += [f"GPU {g['index']}: {g['name']} ({g['sm']})" for g in report["gpus"]] or ["GPU: none"]
-    lines.append(f"TensorRT: {report['tensorrt']}")
-    for name, entry in report["targets"].items():
-        state = "ready: " + ", ".join(entry["builds"]) if entry["ready"] else entry["missing"]
-        lines.append(f"target {name}: {state}")
-    package = report["package"]
-    lines.append(f"package: {'ready' if package['ready'] else package['missing']}")
-    disk = report["disk"]
-    lines.append(
-        f"disk: {disk['free_mib']} MiB free at {disk['path']}"
-        f"{'' if disk['writable'] else ' (not writable)'}"
-    )
-    lines += [f"problem: {p}" for p in report["problems"]]
-    emit(report, as_json, "\n".join(lines))
-    if not disk["writable"]:
-        raise InputError(report["problems"][0])
+    emit(report.to_json(), as_json, report.lines())
+    if not report.disk.writable:
+        raise InputError(report.problems[0])
     require_target(report, target)
 
 

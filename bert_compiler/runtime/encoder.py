@@ -30,7 +30,7 @@ import numpy as np
 
 from bert_compiler.core import progress
 from bert_compiler.core.errors import ArtifactError, InputError
-from bert_compiler.engines.backend import load_engine
+from bert_compiler.engines.backend import Engine, load_engine
 from bert_compiler.engines.batching import (
     Batch,
     BatchingSpec,
@@ -110,7 +110,7 @@ def load_model_engine(engine_dir: Path, info: ModelInfo) -> tuple[Any, dict[str,
     return engine, manifest
 
 
-def _check_outputs(engine, info: ModelInfo) -> None:
+def _check_outputs(engine: Engine, info: ModelInfo) -> None:
     """An engine of ``info``'s kind: one of its outputs is the model's (an engine of another
     model's kind would be fed texts it does not read, and its outputs taken for the model's).
 
@@ -118,7 +118,7 @@ def _check_outputs(engine, info: ModelInfo) -> None:
         InputError: none of the engine's outputs is one the model's export writes.
     """
     expected = {output_name(info, pooling_in_graph=pooled) for pooled in (True, False)}
-    names = list(getattr(engine, "output_names", ()))
+    names = list(engine.output_names)
     if not expected & set(names):
         raise InputError(
             f"{engine.path}: outputs {names}, and {info.name} ({info.task}) exports "

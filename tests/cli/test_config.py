@@ -19,7 +19,7 @@ from bert_compiler.calibration import datasets
 from bert_compiler.cli.app import VERIFY
 from bert_compiler.cli.commands import cli
 from bert_compiler.cli.config import command_defaults
-from bert_compiler.cli.doctor import diagnose
+from bert_compiler.cli.doctor import Readiness, diagnose
 from bert_compiler.core.errors import InputError
 from bert_compiler.core.targets import Environment, Gpu
 from bert_compiler.runtime.parity import DEFAULT_MIN_METRIC_RETENTION, DEFAULT_TOLERANCES
@@ -310,13 +310,13 @@ def test_doctor_names_what_each_target_lacks(tmp_path):
         onnxruntime="1.31.1",
         ort_providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
     )
-    report = diagnose(env, tmp_path)
+    report = diagnose(env, tmp_path).to_json()
     assert report["targets"]["cuda"] == {"ready": True, "builds": ["onnxruntime-cuda-sm90-fp16"]}
     assert "tensorrt package is not installed" in report["targets"]["tensorrt"]["missing"]
     assert report["targets"]["cpu"]["ready"] and report["ok"]
     no_ort = diagnose(Environment(), tmp_path)
-    assert no_ort["targets"]["cpu"] == {"ready": False, "missing": "onnxruntime is not installed"}
-    assert not no_ort["ok"]
+    assert no_ort.targets["cpu"] == Readiness(False, missing="onnxruntime is not installed")
+    assert not no_ort.ok
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
