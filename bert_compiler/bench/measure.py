@@ -33,6 +33,7 @@ from typing import Any, cast
 import numpy as np
 
 from bert_compiler.bench.report import BenchDevice, BenchReport, Measurement
+from bert_compiler.bench.roofline import EncoderShape, Roofline, gpu_peak, roofline
 from bert_compiler.bench.runners import (
     Runner,
     engine_runner,
@@ -232,8 +233,10 @@ def run_bench(
     results = [_tokenizer_row(info, tokens, name, seconds) for name, seconds in tokenizer_rows]
     results += [_real_text_row(info, tokens, runner) for runner in runners]
     results.extend(sorted(fixed, key=lambda row: (row.batch, row.seq)))
+    device = _device(on_gpu)
+    results, roof = with_roofline(results, info, device, float(tokens.lengths.mean()))
     return BenchReport(
-        device=_device(on_gpu),
+        device=device,
         engine_load="fresh engine per runner, measured in turn"
         if on_gpu
         else "runners alternate round by round",
@@ -242,6 +245,7 @@ def run_bench(
         settings={**asdict(spec), "data": str(spec.data) if spec.data else None},
         versions=tool_versions(),
         results=tuple(results),
+        roofline=roof,
     )
 
 
@@ -403,6 +407,39 @@ def _real_text_row(info: ModelInfo, tokens: Tokens, runner: Runner) -> Measureme
         p99_ms=_percentile(runner.batch_ms, 99),
         includes_tokenization=runner.includes_tokenization,
     )
+
+
+def with_roofline(
+    results: list[Measurement], info: ModelInfo, device: BenchDevice, mean_length: float
+) -> tuple[list[Measurement], Roofline | None]:
+    """Each engine and peer row with its share of the model's roofline on this GPU at the row's
+    own mean length (fixed shapes: their sequence), and the roofline at the data's mean length;
+    the rows unchanged and None on a CPU, for a GPU the table lacks, or a config without sizes."""
+    peak = gpu_peak(device.name) if device.kind == "cuda" else None
+    if peak is None:
+        if device.kind == "cuda":
+            log.warning("[bench] no roofline: %s is not in bench/roofline.py's table", device.name)
+        return results, None
+    try:
+        shape = EncoderShape.from_config(info.config)
+    except InputError as err:
+        log.warning("[bench] no roofline: %s", err)
+        return results, None
+    rows = [
+        row
+        if row.runner.startswith("tokenizer") or not row.sentences_per_s
+        else replace(
+            row,
+            roofline_fraction=round(
+                roofline(shape, peak, row.tokens_per_s / row.sentences_per_s).fraction(
+                    row.tokens_per_s
+                ),
+                4,
+            ),
+        )
+        for row in results
+    ]
+    return rows, roofline(shape, peak, mean_length)
 
 
 def _time_tokenizers(

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bert_compiler.bench.roofline import Roofline
 from bert_compiler.core.artifacts import atomic_write_text
 
 log = logging.getLogger("bert_compile")
@@ -36,6 +37,9 @@ class Measurement:
     # Whether the time includes turning texts into token rows (end to end: texts in, outputs
     # out), or starts from the token rows every runner shares.
     includes_tokenization: bool = False
+    # Its tokens per second over the roofline of the model on this GPU (bench/roofline.py), at
+    # its own mean row length; None on a CPU, for a GPU the table lacks, and for the tokenizer.
+    roofline_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,8 @@ class BenchReport:
     settings: Mapping[str, Any]
     versions: Mapping[str, str]
     results: tuple[Measurement, ...]
+    # At the data's mean row length; None where no row has a fraction.
+    roofline: Roofline | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +84,7 @@ class BenchReport:
             "spec": dict(self.settings),
             "versions": dict(self.versions),
             "results": [asdict(row) for row in self.results],
+            "roofline": self.roofline and self.roofline.to_json(),
         }
 
 
@@ -85,7 +92,7 @@ def format_table(report: BenchReport) -> str:
     """The results as a fixed-width table."""
     header = (
         f"{'runner':<52} {'data':<5} {'batching':<44} {'sent/s':>10} {'pad':>5} "
-        f"{'p50 ms':>8} {'p99 ms':>8}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'roof':>5}"
     )
     lines = [header]
     for row in report.results:
@@ -93,9 +100,20 @@ def format_table(report: BenchReport) -> str:
         lines.append(
             f"{row.runner[:52]:<52} {row.data:<5} {shape[:44]:<44} "
             f"{row.sentences_per_s:>10,.0f} {row.padding_fraction:>5.0%} "
-            f"{_ms(row.p50_ms):>8} {_ms(row.p99_ms):>8}"
+            f"{_ms(row.p50_ms):>8} {_ms(row.p99_ms):>8} {_share(row.roofline_fraction):>5}"
+        )
+    if report.roofline is not None:
+        roof = report.roofline
+        lines.append(
+            f"roof: the share of the {roof.bound}-bound limit of this model on the "
+            f"{roof.gpu.name} ({roof.sentences_per_s:,.0f} sentences/s at {roof.mean_length:.2f} "
+            f"tokens per sentence; bench/roofline.py)"
         )
     return "\n".join(lines)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _ms(value: float | None) -> str:

@@ -29,6 +29,7 @@ FIELDS = {
     "p50_ms",
     "p99_ms",
     "includes_tokenization",
+    "roofline_fraction",
 }
 
 
@@ -48,6 +49,8 @@ def test_bench_times_engines_and_peers_side_by_side(tiny_run, tmp_path):
     assert report["device"]["kind"] == "cpu" and report["sentences"] == 40
     rows = report["results"]
     assert all(set(row) == FIELDS for row in rows)
+    # The roofline is a GPU's (bench/roofline.py): none on a CPU.
+    assert report["roofline"] is None and {r["roofline_fraction"] for r in rows} == {None}
     runners = [(row["runner"], row["data"]) for row in rows]
     engine = next(r["runner"] for r in rows if r["runner"].endswith("(runtime)"))
     name = engine.removesuffix(" (runtime)")
