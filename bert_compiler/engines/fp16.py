@@ -97,7 +97,7 @@ def convert_to_fp16(model, *, keep_float_ops: Iterable[str] = ()):
 def _unique_node_names(model) -> None:
     # onnxruntime-gpu 1.31's converter adds one Cast per float32 consumer of an fp16 tensor and
     # names node and output after the tensor, so two consumers give two identical Casts with the
-    # same names, which ORT refuses to load (seen on the H100). Keep the first of each.
+    # same names, which ORT refuses to load. Keep the first of each.
     produced: set[str] = set()
     names: set[str] = set()
     kept = []

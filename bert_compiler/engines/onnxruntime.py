@@ -69,11 +69,12 @@ class OnnxRuntimeBuildOptions:
             (ATTENTION_KERNELS).
         packed_attention: CUDA: rewrite the fused graph into ORT's packing mode
             (engines/packed_attention.py: attention and the layers around it on the valid tokens
-            only); not with ``cuda_graph``. Off until it measures faster on the H100 (issue 13).
+            only); not with ``cuda_graph``. Off by default: slower than CUDA graphs for MiniLM
+            and for one row per call (docs/benchmarks.md, "GPU third pass").
         int8_dynamic: CPU int8: which MatMuls quantize their activation per batch at run time
             instead of with the calibrated scale (engines/ort_int8.py DYNAMIC_SCOPES). ``all``
             was chosen on the selection split with `bert-compile calibrate --sweep`
-            (docs/benchmarks.md, issue 14).
+            (docs/benchmarks.md, "CPU INT8 chosen on a selection split").
     """
 
     intra_op_num_threads: int = 0

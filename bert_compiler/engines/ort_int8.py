@@ -82,8 +82,8 @@ def lower_qdq_matmuls(model, *, weights: str = "s8", dynamic: str = "none"):
         weights: ``s8`` keeps the int8 weights (u8 x s8: VNNI's product, fastest there);
             ``u8`` stores them as uint8 with zero point 128, the same integers shifted. On x86
             CPUs without VNNI, ONNX Runtime computes u8 x s8 with VPMADDUBSW, whose int16
-            pair sums saturate (measured on an AVX2-only EPYC: 4e-4 off the Q/DQ graph for a
-            tiny BERT); its u8 x u8 kernel widens first and stays exact.
+            pair sums saturate (how far off that is: docs/guides/int8.md); its u8 x u8 kernel
+            widens first and stays exact.
 
     Raises:
         InputError: a Q/DQ pattern it cannot lower (non-constant scales, mismatched scales).

@@ -25,15 +25,16 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # Attention kernels of ORT's CUDA provider (its `sdpa_kernel` option, a bit mask of backends:
 # flash 1, memory-efficient 2, TensorRT fused 4, cuDNN flash 8, unfused 16, TensorRT flash 32,
 # TensorRT cross 64). "default" leaves ORT to choose: on compute capability 9.0 and later it
-# prefers cuDNN's flash attention, which took 44% of the GPU time of MiniLM batches of 1024 short
-# rows on the H100 (docs/gpu-bench/2026-11-24-h100-runtime/profile-minilm.txt). "fused": every
-# backend but cuDNN's, which for BERT's self-attention up to 512 tokens is TensorRT's fused MHA
-# kernel: no faster on short rows there, slower at 128 tokens. "unfused": batched GEMMs and a
-# softmax kernel, not yet timed (a candidate for rows of a few dozen tokens).
+# prefers cuDNN's flash attention, the largest single cost of MiniLM's short-row batches in the
+# profile (docs/gpu-bench/2026-11-24-h100-runtime/profile-minilm.txt). "fused": every backend but
+# cuDNN's, which for BERT's self-attention up to 512 tokens is TensorRT's fused MHA kernel: no
+# faster on short rows, slower at 128 tokens. "unfused": batched GEMMs and a softmax kernel,
+# slower than ORT's choice on short rows (docs/benchmarks.md, "GPU third pass").
 ATTENTION_KERNELS = {"default": None, "fused": 1 | 2 | 4 | 16 | 32 | 64, "unfused": 16}
 # The attention kernels an ONNX Runtime CUDA engine is built with unless told otherwise: ORT's own
-# choice was as fast or faster than "fused" for MiniLM and BERT-base on the H100, timed on the
-# calibration sentences (docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
+# choice, which neither alternative beat for MiniLM or BERT-base on the calibration sentences
+# (docs/benchmarks.md, "GPU real text through the runtime, second pass" and "GPU third pass"; raw:
+# docs/gpu-bench/2026-11-24-h100-runtime/choose-*.txt).
 DEFAULT_ATTENTION_KERNELS = "default"
 
 
@@ -69,14 +70,14 @@ class OrtEngineOptions:
         intra_op_num_threads: 0 lets ORT use one thread per physical core.
         lower_int8: rewrite Q/DQ MatMuls to MatMulIntegerToFloat before optimizing
             (engines/ort_int8.py): ORT's own QDQ fusion quantizes a shared input once per
-            consumer and keeps every bias Add apart (about 10% slower, one-off measurement).
+            consumer and keeps every bias Add apart, which runs slower (docs/guides/int8.md).
         int8_weights: weight type of the lowered INT8 MatMuls (engines/ort_int8.py): ``s8``
             where the building CPU has VNNI, else ``u8``, which stays exact on CPUs without it.
         int8_dynamic: the lowered MatMuls whose activation is quantized per batch at run time
             (engines/ort_int8.py DYNAMIC_SCOPES).
         pack_tokens: run each layer's feed-forward block on the valid tokens only
-            (engines/token_packing.py; about 1.37x for INT8 on STS-B dev in a one-off measurement,
-            batch 32, where 39% of the positions are padding).
+            (engines/token_packing.py), so the padding of a batch costs it nothing there (what
+            that buys INT8: docs/guides/int8.md, "Token packing").
         allow_spinning: let idle intra-op threads spin (ORT's default: lowest latency for one
             model alone); turn off where several models or processes share the cores.
         fp16: convert the graph to fp16 before optimizing (engines/fp16.py: LayerNorm

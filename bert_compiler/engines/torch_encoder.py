@@ -2,13 +2,14 @@
 
 Real sentences are short (STS-B: median 14 tokens). ONNX Runtime's and PyTorch's attention
 kernels work in 64-128-row tiles, mostly empty for such rows, and a padded batch spends every
-GEMM on its padding as well. This engine runs each batch packed (the rows' real tokens back to
-back, no padding anywhere) and attention by a small Triton kernel that holds one row and head in
-registers (``short_attention_kernel``); rows longer than SHORT_ATTENTION_MAX, and machines without
-Triton, take PyTorch's scaled_dot_product_attention on the padded rows instead. Measured on an
-H100 (docs/benchmarks.md, scripts/probe_gpu_encoder.py) this is where most of the GPU time of
-short text went. Small batches on a GPU (one sentence per call) would spend their time launching
-kernels, so they replay CUDA graphs captured per bucket of tokens and rows (``run_packed``).
+GEMM on its padding as well: that is where most of the GPU time of short text goes (the probe:
+docs/benchmarks.md, "GPU fourth pass"; scripts/probe_gpu_encoder.py). This engine runs each batch
+packed (the rows' real tokens back to back, no padding anywhere) and attention by a small Triton
+kernel that holds one row and head in registers (``short_attention_kernel``); rows longer than
+SHORT_ATTENTION_MAX, and machines without Triton, take PyTorch's scaled_dot_product_attention on
+the padded rows instead. Small batches on a GPU (one sentence per call) would spend their time
+launching kernels, so they replay CUDA graphs captured per bucket of tokens and rows
+(``run_packed``).
 
 Build: the fused fp32 graph (OUT/fuse) is read, not re-exported (engines/torch_reader.py says
 which layouts and heads it reads; anything else is refused in one line). The engine file is
@@ -60,8 +61,9 @@ CHECK_LONGEST = 160
 # The engine as built on its GPU (fp16 weights and math) against the same rows: a loose bound
 # that only broken kernels exceed (verify then judges the engine at its real tolerances).
 DEVICE_TOLERANCE = 5e-2
-# Of the largest output magnitude, fp32 against fp32: read correctly, MiniLM and the tiny test
-# models differ by under 1e-6; a LayerNorm epsilon read as 1e-5 instead of 1e-12 by 2e-4.
+# Of the largest output magnitude, fp32 against fp32: a loose bound that a correct reading stays
+# far below and a wrong one exceeds, even one as small as a LayerNorm epsilon read as 1e-5
+# instead of 1e-12 (figures: docs/benchmarks.md, "GPU fifth pass").
 CHECK_TOLERANCE = 1e-4
 
 
