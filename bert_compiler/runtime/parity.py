@@ -30,14 +30,14 @@ class Tolerance:
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(max_abs_err=1e-3, rel_l2_err=1e-4, min_cosine=0.9999),
     "fp16": Tolerance(max_abs_err=5e-2, rel_l2_err=1e-2, min_cosine=0.999),
-    # Measured on all-MiniLM-L6-v2 INT8: per-row cosine median 0.987, lowest 0.937 (the empty
-    # string). The floor catches a broken engine (a wrong scale gives < 0.5); the task-metric
-    # retention gate is what judges INT8 accuracy.
+    # The floor catches a broken engine: a correct INT8 engine's rows stay above it, a wrong
+    # scale's fall far below (all-MiniLM-L6-v2's figures: docs/benchmarks.md, "INT8 range
+    # methods on STS-B dev"); the task-metric retention gate is what judges INT8 accuracy.
     "int8": Tolerance(max_abs_err=math.inf, rel_l2_err=0.25, min_cosine=0.90),
-    # INT8's limits, as a start: no TensorRT fp8 engine has been verified yet (TensorRT cannot run
-    # where this was written). e4m3 keeps 3 mantissa bits (relative rounding up to 2^-4) against
-    # INT8's 7 bits of a shared scale; the CPU sweep of its Q/DQ graph (docs/benchmarks.md,
-    # 2026-11-24) scores it beside INT8, so INT8's floor and gates are where to begin.
+    # INT8's limits, as a start until a TensorRT fp8 engine has been verified: e4m3 keeps 3
+    # mantissa bits (relative rounding up to 2^-4) against INT8's 7 bits of a shared scale, and
+    # the CPU sweep of its Q/DQ graph scores it beside INT8 (docs/benchmarks.md, "fp8 accuracy on
+    # the CPU"), so INT8's floor and gates are where to begin.
     "fp8": Tolerance(max_abs_err=math.inf, rel_l2_err=0.25, min_cosine=0.90),
 }
 # Task-metric gates against PyTorch fp32: the largest drop in points (x100 scale), and the smallest

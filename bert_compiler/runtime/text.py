@@ -28,8 +28,8 @@ PARITY_SENTENCES = 96
 # The long edge row of verify has as many words as the model's maximum length, but at most this
 # many: so it is truncated at exactly the maximum length for models of up to 512 positions (every
 # BERT-family encoder trained here), while a model allowing 65,536 positions gets a row of a few
-# hundred to a few thousand tokens instead of a full-length attention matrix (about 12 GB for a
-# tiny BERT).
+# hundred to a few thousand tokens instead of a full-length attention matrix (gigabytes even for
+# a tiny BERT: docs/benchmarks.md, "Memory of one long text").
 EDGE_ROW_MAX_WORDS = 512
 
 

@@ -41,10 +41,11 @@ CACHE_PIECES = 1 << 18
 CACHE_PIECE_CHARS = 64
 # Characters of a text read per token of max_length: a text is cut at max_length x this many
 # before it is tokenized, from its end where truncation keeps the last tokens. The Rust tokenizer
-# tokenizes a whole text before truncating it (about 235 bytes of memory per input byte), so a
-# 20 MB text cost gigabytes; a WordPiece token spans at most 100 characters of its word, and real
-# text about 5, so the first max_length tokens change only for a text whose tokens are spread
-# over more than this many characters each (runs of thousands of spaces or control characters).
+# tokenizes a whole text before truncating it, in memory many times the text's size (figures:
+# docs/benchmarks.md, "Memory of one long text"); a WordPiece token spans at most 100 characters
+# of its word, and real text about 5, so the first max_length tokens change only for a text whose
+# tokens are spread over more than this many characters each (runs of thousands of spaces or
+# control characters).
 TEXT_CHARS_PER_TOKEN = 128
 _SPACE = " "
 # Normalizers and pre-tokenizers whose steps map characters one at a time and split at U+0020,

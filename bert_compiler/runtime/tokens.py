@@ -83,8 +83,8 @@ class Tokens:
 
 class PinnedStaging:
     """Page-locked host buffers reused across calls, one per name, grown as needed: allocating
-    pinned memory costs milliseconds per call (three pin_memory() calls took 17 ms of a 49 ms
-    run in scripts/profile_runtime.py), copying into a kept buffer microseconds."""
+    pinned memory costs milliseconds per call, copying into a kept buffer microseconds (the
+    profile in docs/benchmarks.md, "GPU real text through the runtime, 2026-11-24")."""
 
     def __init__(self) -> None:
         self._buffers: dict[str, Any] = {}
