@@ -10,9 +10,10 @@ weights stored as float8), the graph TensorRT's fp8 engine builds from; it goes 
 
 It runs on the standard-ops (simplified, unfused) graph, and the one Q/DQ graph it writes is the
 input of both INT8 engines: TensorRT builds from it, and ONNX Runtime turns every Q/DQ MatMul into
-MatMulIntegerToFloat. Measured on all-MiniLM-L6-v2 (2-core CPU, batch 32): faster than ORT's dynamic
-INT8 in the same run and 0.14 Spearman points more accurate; the fused-graph alternative (Q/DQ on
-the FFN plus dynamic QAttention) was slower and needed two quantization recipes.
+MatMulIntegerToFloat. On the CPU that engine ran faster than ORT's dynamic INT8 and scored higher,
+while the fused-graph alternative (Q/DQ on the FFN plus dynamic QAttention) ran slower and needs
+two quantization recipes (docs/benchmarks.md, "INT8 range methods on STS-B dev";
+docs/guides/int8.md).
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class CalibrationSpec:
         method: minmax, percentile, entropy or mse.
         percentile: for ``percentile``: the share of magnitudes kept unclipped. Chosen on the
             selection split (STS-B train pairs, never dev) with `calibrate --sweep`, static
-            activations (what TensorRT runs; docs/benchmarks.md, issue 14). It was 99.999,
-            chosen on STS-B dev before.
+            activations (what TensorRT runs; docs/benchmarks.md, "CPU INT8 chosen on a selection
+            split").
         num_samples: sentences used (the first N of the file).
         min_samples: fewer usable sentences than this is an error.
         batch_size: sentences per calibration batch, in file order (realistic mixed lengths).

@@ -65,9 +65,9 @@ class FallbackSpec:
         enabled: search for MatMuls to keep in float when the INT8 engine fails its gate.
         max_float: the largest fraction of the quantizable MatMuls that may end in float
             (--keep-float ones included); an engine that needs more fails.
-        ranking_sentences: calibration sentences the sensitivity ranking runs on. Measured on
-            all-MiniLM-L6-v2 (2-core CPU, 30 MatMuls): 128 sentences 60 s, 64 sentences 31 s,
-            the same two most sensitive MatMuls and the next four in nearly the same order.
+        ranking_sentences: calibration sentences the sensitivity ranking runs on: its time grows
+            with them, and 64 rank the most sensitive MatMuls as 128 do, in half the time
+            (docs/benchmarks.md, "CPU INT8 chosen on a selection split").
         selection_data: the task-metric file every round's gate reads (None: the bundled
             selection split for the model's task); never the reporting set.
     """

@@ -74,9 +74,10 @@ class SweepSpec:
     """The grid and how each row is scored.
 
     Attributes:
-        methods: calibration methods, ``method`` or ``method:percentile``. The default grid runs
-            in a few minutes on 2 cores: the chosen recipe (dynamic activations) against the
-            static engine at two percentiles.
+        methods: calibration methods, ``method`` or ``method:percentile``. The default grid is
+            kept small enough for minutes on 2 cores (docs/benchmarks.md, "CPU INT8 chosen on a
+            selection split"): the chosen recipe (dynamic activations) against the static
+            engine at two percentiles.
         dynamic: ``int8_dynamic`` scopes of the CPU INT8 engine (engines/ort_int8.py).
         kept_float: how many of the most sensitive MatMuls stay in float.
         weight_granularity: weight scales per output channel and/or per tensor
