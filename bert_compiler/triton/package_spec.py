@@ -57,26 +57,26 @@ PYTHON_TEXTS = ("model", "ensemble")
 # What one more engine run costs the one-model text engine, in padded tokens: it cuts an execute
 # call's length-sorted texts into runs where the padding a cut saves is worth more than this
 # (text_engine_model.plan_runs). Chosen with --text-run-cost on the calibration sentences, MiniLM
-# fp32 and INT8 on 2 cores (docs/benchmarks.md); near what a run costs there beyond its tokens
-# (about 6 tokens' worth for fp32, 4 for INT8).
+# fp32 and INT8 on 2 cores; near what a run costs there beyond its tokens (docs/benchmarks.md,
+# "Triton on CPU: one Python model for text").
 TEXT_RUN_COST_TOKENS = 8
 # Fitted rungs of the Triton ladder (derive_ladder adds rungs 1.5x apart above the calibration
 # sentences' longest row). Fewer than the runtime's: the runtime sorts rows before padding, but
 # Triton pads requests as they come, and joins (onnxruntime, tensorrt backends) or runs together
-# (the Python-backend engine) only requests of one rung. MiniLM on 2 CPU cores, concurrency 32,
-# on the calibration sentences (scripts/triton_load.py --data; the report uses STS-B dev):
-# 8 rungs 266 sentences/s, 4 256, 32 255, 12 250 (docs/benchmarks.md).
+# (the Python-backend engine) only requests of one rung: more rungs pad less but split an execute
+# call into more, smaller engine runs. Chosen on the calibration sentences, MiniLM on 2 CPU cores
+# at concurrency 32 (scripts/triton_load.py --data; docs/benchmarks.md, "Triton on CPU:
+# per-request padding vs the length ladder", which reports on STS-B dev).
 TRITON_LADDER_RUNGS = 8
 # Instances of each Python-backend model (the tokenizer, a Python CPU engine): each is a process
 # of its own, so two run two execute calls at once, each engine instance on half the usable
 # cores (onnxruntime_model.intra_op_threads). Chosen on the calibration sentences at
-# concurrency 32 on a 2-core machine (docs/benchmarks.md): MiniLM INT8 1.33x one instance,
-# fp32 1.17x.
+# concurrency 32 on a 2-core machine, MiniLM INT8 and fp32 (docs/benchmarks.md, "Triton on CPU:
+# two instances of the Python-backend models").
 PYTHON_INSTANCES = 2
 # Instances per GPU of a GPU engine's text model (torch_text_model.py): each tokenizes the texts
 # of its execute calls on one core, so one instance holds the GPU back. Chosen on the calibration
-# sentences on an H100 host (16 cores), MiniLM, 64 texts a request, concurrency 256: 1 instance
-# 47,830 sentences/s, 2 94,549, 4 165,697 (docs/gpu-bench/2026-12-07-h100-serving/).
+# sentences with MiniLM (docs/gpu-bench/2026-12-07-h100-serving/).
 GPU_TEXT_INSTANCES = 4
 # Inclusive bounds of PackageSpec's numbers (the CLI's option types are made from them).
 PACKAGE_LIMITS = {

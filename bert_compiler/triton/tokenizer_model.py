@@ -17,8 +17,9 @@ library spreads it over threads); each request is then padded on its own, so its
 depends on the requests Triton batched with it.
 
 Every text is first cut as the runtime cuts it (token_rows.cut_texts, from token_rows.py copied
-beside this file): the Rust tokenizer reads a whole text before truncating it, so one 20 MB text
-held gigabytes of the server's memory.
+beside this file): the Rust tokenizer reads a whole text before truncating it, so one long text
+would hold many times its size of the server's memory (docs/benchmarks.md, "Memory of one long
+text").
 
 Triton's Python environment needs numpy and ``tokenizers``. This module imports neither Triton's
 ``triton_python_backend_utils`` nor ``tokenizers`` at import time, so it can be tested anywhere.
