@@ -18,7 +18,7 @@ from bert_compiler.calibration.qdq import FP8, INT8
 from bert_compiler.core.artifacts import atomic_write_text
 from bert_compiler.core.outdir import claim_output
 from bert_compiler.core.stage import StageReport, StageResult
-from bert_compiler.engines.backend import BuildSpec
+from bert_compiler.engines.backend import BuildSpec, get_backend
 from bert_compiler.engines.tensorrt_options import ProfileDerivation
 from bert_compiler.models.loading import ModelInfo
 from bert_compiler.run_summary import (
@@ -161,7 +161,7 @@ def _engine(
 ) -> tuple[StageResult, StageResult, dict[str, Any] | None]:
     """Build and verify one engine: int8 through the precision fallback, fp8 from its own
     calibration, the rest from the graph its backend builds from."""
-    if build_spec.precision == INT8.name:
+    if build_spec.precision == INT8.name and get_backend(build_spec.backend).quantizes_from_qdq:
         return int8_with_fallback(
             info=info,
             float_graph=graphs["simplify"],

@@ -199,6 +199,9 @@ class Backend:
             tensors are those of the graph it was built from, recorded beside it.
         builds_fp8: the backend builds ``--precision fp8`` engines (TensorRT: fp8 GEMMs from
             the fp8 Q/DQ graph); BuildSpec.validate refuses fp8 for the others.
+        quantizes_from_qdq: its quantized engines build from a calibrated Q/DQ graph (run
+            calibrates it, through the INT8 precision fallback); False: the backend quantizes
+            the float graph's weights itself at build (the torch engine's int8).
         serves_as_python_text: package serves its engines in a Python-backend text model whose
             model.py runs the engine itself (the torch backend: no Triton backend runs it), not
             on a backend of Triton's own (onnxruntime, tensorrt).
@@ -220,6 +223,7 @@ class Backend:
     version_key: str
     opaque: bool = False
     builds_fp8: bool = False
+    quantizes_from_qdq: bool = True
     serves_as_python_text: bool = False
     options_type: type = NoOptions
     label: str = ""

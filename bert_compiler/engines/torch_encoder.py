@@ -50,7 +50,7 @@ from bert_compiler.engines.torch_layout import (
     read_layout,
     read_options,
 )
-from bert_compiler.engines.torch_module import TorchEncoder
+from bert_compiler.engines.torch_module import TorchEncoder, quantize_weight, quantized_linear
 from bert_compiler.engines.torch_reader import read_encoder, unsupported
 
 log = logging.getLogger("bert_compile")
@@ -142,6 +142,37 @@ def _check_against_onnxruntime(
     return differences
 
 
+# The precisions the torch backend builds; int8 quantizes the fused graph's weights itself
+# (engines/torch_module.py int8_linear), from no calibrated graph.
+PRECISIONS = ("fp32", "fp16", "int8")
+# torch._int_mm's integer GEMMs on a GPU: Ampere (8.0) and later.
+INT8_CAPABILITY = (8, 0)
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    return int(major), int(minor or 0)
+
+
+def _engine_tensors(read: Mapping[str, np.ndarray], spec: BuildSpec) -> dict[str, Any]:
+    """The engine file's tensors from the fp32 weights as read: fp16 for a GPU fp16 engine; for
+    an int8 engine, the projections' and feed-forward's weights as int8 with their per-channel
+    scales (torch_module.quantize_weight), the rest fp16 on a GPU and fp32 on a CPU."""
+    import torch
+
+    half = spec.precision == "fp16" or (spec.precision == "int8" and spec.device == "cuda")
+    dtype = torch.float16 if half else torch.float32
+    tensors: dict[str, Any] = {}
+    for name, array in read.items():
+        weight = torch.from_numpy(array)
+        if spec.precision == "int8" and quantized_linear(name):
+            quantized, scale = quantize_weight(weight)
+            tensors[name], tensors[name.removesuffix("weight") + "scale"] = quantized, scale
+        else:
+            tensors[name] = weight.to(dtype).contiguous()
+    return tensors
+
+
 class TorchBackend(Backend):
     """PyTorch on packed rows (engines/torch_encoder.py): fp32 on the CPU or a GPU, fp16 on a
     GPU, from the fused fp32 graph."""
@@ -155,6 +186,7 @@ class TorchBackend(Backend):
     label = "torch"
     targets = ("torch",)
     options_type = TorchEngineOptions
+    quantizes_from_qdq = False
 
     def version(self) -> str:
         import torch
@@ -163,23 +195,31 @@ class TorchBackend(Backend):
 
     def plan(self, target: str, precisions: tuple[str, ...], env: Environment) -> TargetPlan:
         """One engine for every GPU here (its file is the weights: it runs on any GPU), fp16 by
-        default; the CPU engine, fp32, where torch sees no GPU."""
-        refused = sorted(set(precisions) - {"fp32", "fp16"})
+        default; the CPU engine, fp32 by default, where torch sees no GPU."""
+        refused = sorted(set(precisions) - set(PRECISIONS))
         if refused:
             raise InputError(
                 f"--target {target} --precision {','.join(refused)}: the torch backend builds "
-                "fp32 and fp16 engines; int8 and fp8 are ONNX Runtime's and TensorRT's"
+                f"{', '.join(PRECISIONS)} engines; fp8 is TensorRT's"
             )
         notes: tuple[str, ...]
         if env.gpus and env.torch_cuda:
             device, chosen, notes = "cuda", precisions or ("fp16",), ()
+            older = [g for g in env.gpus if _capability(g.compute_capability) < INT8_CAPABILITY]
+            if "int8" in chosen and older:
+                raise EnvironmentProblem(
+                    f"--target {target} --precision int8: {older[0].name} has compute "
+                    f"capability {older[0].compute_capability}; the torch engine's integer GEMMs "
+                    "(torch._int_mm) need 8.0 or later"
+                )
         else:
             why = "no NVIDIA GPU found" if not env.gpus else "torch here is a CPU build"
             if "fp16" in precisions:
                 raise EnvironmentProblem(
                     f"--target {target} --precision fp16: {why}; fp16 needs a GPU"
                 )
-            device, chosen, notes = "cpu", ("fp32",), (f"{why}: building the torch CPU engine",)
+            device, chosen = "cpu", precisions or ("fp32",)
+            notes = (f"{why}: building the torch CPU engine",)
         engines = tuple(
             {"backend": self.name, "device": device, "precision": p, "compute_capability": ""}
             for p in chosen
@@ -187,10 +227,10 @@ class TorchBackend(Backend):
         return TargetPlan(engines, notes)
 
     def check(self, spec: BuildSpec) -> None:
-        if spec.precision not in ("fp32", "fp16"):
+        if spec.precision not in PRECISIONS:
             raise InputError(
-                f"--precision {spec.precision}: the torch backend builds fp32 and fp16 engines; "
-                "int8 and fp8 are ONNX Runtime's and TensorRT's"
+                f"--precision {spec.precision}: the torch backend builds "
+                f"{', '.join(PRECISIONS)} engines; fp8 is TensorRT's"
             )
 
     def applicable(self, spec: BuildSpec) -> BuildSpec:
@@ -250,10 +290,7 @@ class TorchBackend(Backend):
                     "where torch's CUDA build runs"
                 )
             layout: EncoderLayout = read["layout"]
-            dtype = torch.float16 if spec.precision == "fp16" else torch.float32
-            tensors = {
-                n: torch.from_numpy(a).to(dtype).contiguous() for n, a in read["tensors"].items()
-            }
+            tensors = _engine_tensors(read["tensors"], spec)
             options: TorchEngineOptions = spec.options
             metadata = {
                 "layout": json.dumps(layout.to_dict(), sort_keys=True),
@@ -295,6 +332,14 @@ class TorchBackend(Backend):
             raise EnvironmentProblem(
                 f"{engine_path}: a cuda engine, and torch {torch.__version__} sees no CUDA GPU"
             )
+        if spec["device"] == "cuda" and spec["precision"] == "int8":
+            capability = torch.cuda.get_device_capability()
+            if capability < INT8_CAPABILITY:
+                raise EnvironmentProblem(
+                    f"{engine_path}: an int8 engine, and this GPU's compute capability is "
+                    f"{capability[0]}.{capability[1]}; its integer GEMMs (torch._int_mm) need "
+                    "8.0 or later"
+                )
         # The layout inside the engine file, whose sha256 the caller checked (the manifest's
         # results are a copy for readers).
         try:

@@ -48,6 +48,49 @@ SHORT_ATTENTION_MAX = 128
 GRAPH_MAX_TOKENS = 8192
 # At most this many graphs per engine (they share one memory pool); later buckets run eagerly.
 GRAPH_LIMIT = 48
+# An INT8 engine's integer GEMMs: the projections and the feed-forward (``layers.N.<name>``).
+QUANTIZED_LINEARS = ("qkv", "out", "up", "down")
+# torch._int_mm on a GPU (cuBLASLt's int8 GEMM) takes more than 16 rows; fewer are padded.
+INT_MM_MIN_ROWS = 17
+
+
+def quantized_linear(name: str) -> bool:
+    """Whether ``name`` is the weight of a linear an INT8 engine runs as an integer GEMM."""
+    parts = name.split(".")
+    return (
+        len(parts) == 4
+        and parts[0] == "layers"
+        and parts[2] in QUANTIZED_LINEARS
+        and (parts[3] == "weight")
+    )
+
+
+def quantize_weight(weight: Any) -> tuple[Any, Any]:
+    """A float weight [out, in] as int8 with one float32 scale per output channel (its absolute
+    maximum over 127, symmetric)."""
+    import torch
+
+    weight = weight.float()
+    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return quantized.contiguous(), scale.contiguous()
+
+
+def int8_linear(x: Any, weight: Any, scale: Any, bias: Any) -> Any:
+    """``x`` [..., in] times an int8 ``weight`` [out, in] of per-channel ``scale``, plus
+    ``bias``: each row of ``x`` quantized to int8 by its own absolute maximum (per token, at run
+    time), an exact int32 product (torch._int_mm), scaled back to ``x``'s dtype."""
+    import torch
+
+    flat = x.reshape(-1, x.shape[-1])
+    row_scale = flat.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / 127
+    rows = flat.shape[0]
+    quantized = torch.round(flat.float() / row_scale).clamp(-127, 127).to(torch.int8)
+    if quantized.is_cuda and rows < INT_MM_MIN_ROWS:
+        quantized = torch.nn.functional.pad(quantized, (0, 0, 0, INT_MM_MIN_ROWS - rows))
+    product = torch._int_mm(quantized, weight.t())[:rows]
+    out = product.float() * row_scale * scale + bias.float()
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def short_attention_kernel():
@@ -164,6 +207,19 @@ class _CapturedBatch:
     outputs: dict[str, Any]
 
 
+def _stored_dtype(name: str, dtype: Any, int8: bool) -> Any:
+    """How a tensor is kept on the device: an INT8 engine's quantized weights as int8 and their
+    scales in float32; the classifier head in float32 (it runs on the float32 pooled rows, a few
+    small GEMMs); everything else in the engine's dtype."""
+    import torch
+
+    if int8 and quantized_linear(name):
+        return torch.int8
+    if name.startswith("head.") or name.endswith(".scale"):
+        return torch.float32
+    return dtype
+
+
 class TorchEncoder:
     """A built torch engine: ``run`` (numpy, padded), ``run_device`` (torch, padded) and
     ``run_packed`` (torch, packed rows: what the runtime uses)."""
@@ -191,9 +247,22 @@ class TorchEncoder:
         self.device = device
         self.input_names = list(layout.input_names)
         self.output_names = [layout.output]
-        dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype_name]
+        # An INT8 engine computes in fp16 on a GPU and fp32 on a CPU, its projections and
+        # feed-forward as integer GEMMs (int8_linear).
+        self.int8 = dtype_name == "int8"
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(
+            dtype_name, torch.float16 if device == "cuda" else torch.float32
+        )
         read = tensors if tensors is not None else load_file(str(path), device="cpu")
         expected = layout.shapes(read)
+        if self.int8:
+            expected.update(
+                {
+                    name.removesuffix("weight") + "scale": (shape[0],)
+                    for name, shape in list(expected.items())
+                    if quantized_linear(name)
+                }
+            )
         for name, shape in expected.items():
             got = tuple(read[name].shape) if name in read else None
             if (
@@ -205,11 +274,8 @@ class TorchEncoder:
                     f"{path}: tensor {name} is {got or 'missing'}, the layout needs {shape}; "
                     "rebuild the engine"
                 )
-        # The classifier head runs in float32 on the float32 pooled rows (a few small GEMMs).
         self.weights = {
-            name: read[name].to(
-                device=device, dtype=torch.float32 if name.startswith("head.") else dtype
-            )
+            name: read[name].to(device=device, dtype=_stored_dtype(name, dtype, self.int8))
             for name in expected
         }
         # fp16 only on a GPU: tl.dot would take fp32 inputs as TF32, which fp32 engines are
@@ -218,7 +284,7 @@ class TorchEncoder:
         self.short_attention = (
             options.attention == "triton"
             and kernel_tiles(layout.hidden // layout.heads)
-            and (device != "cuda" or dtype_name == "fp16")
+            and (device != "cuda" or dtype == torch.float16)
             and short_attention_available(device)
         )
         # Graphs need the short-row kernel: its only shape argument is the tile, where
@@ -255,12 +321,19 @@ class TorchEncoder:
         approximate = "tanh" if layout.activation == "gelu_tanh" else "none"
         for index in range(layout.layers):
             p = f"layers.{index}."
-            qkv = F.linear(x, w[p + "qkv.weight"], w[p + "qkv.bias"])
-            attended = F.linear(attend(qkv), w[p + "out.weight"], w[p + "out.bias"])
-            x = self._norm(x + attended, p + "norm1")
-            up = F.gelu(F.linear(x, w[p + "up.weight"], w[p + "up.bias"]), approximate=approximate)
-            x = self._norm(x + F.linear(up, w[p + "down.weight"], w[p + "down.bias"]), p + "norm2")
+            qkv = self._linear(x, p + "qkv")
+            x = self._norm(x + self._linear(attend(qkv), p + "out"), p + "norm1")
+            up = F.gelu(self._linear(x, p + "up"), approximate=approximate)
+            x = self._norm(x + self._linear(up, p + "down"), p + "norm2")
         return x
+
+    def _linear(self, x, name: str):
+        import torch.nn.functional as F
+
+        w = self.weights
+        if self.int8:
+            return int8_linear(x, w[name + ".weight"], w[name + ".scale"], w[name + ".bias"])
+        return F.linear(x, w[name + ".weight"], w[name + ".bias"])
 
     def _short_rows(self, positions: int, longest: int) -> bool:
         """Whether the short-row kernel attends: rows short enough for its registers, and

@@ -142,7 +142,9 @@ def build(
     def body(artifact):
         outputs, results = job.body(artifact.path)
         # A quantized engine's quantizable MatMuls that stayed float (--keep-float, the fallback).
-        quantized = spec.precision in QUANTIZED_FORMATS
+        quantized = (
+            spec.precision in QUANTIZED_FORMATS and get_backend(spec.backend).quantizes_from_qdq
+        )
         counted = float_matmuls(load_onnx(source)) if quantized else None
         return outputs, {**results, **({"float_ops": counted} if counted else {})}
 

@@ -48,7 +48,7 @@ from bert_compiler.triton import config as tc
 from bert_compiler.triton.package_spec import PYTHON_INSTANCES
 from tests.conftest import TINY_VERIFY, cpu_engine_dir
 from tests.engines.test_gpu_engines import _cuda_reason, _skip_unless
-from tests.gpus import H100
+from tests.gpus import A100, H100, T4
 from tests.tiny_models import make_tiny_model
 
 TEXTS = [
@@ -71,14 +71,20 @@ def test_target_torch_builds_fp16_on_a_gpu_and_fp32_on_the_cpu():
     assert cpu.notes == ("torch here is a CPU build: building the torch CPU engine",)
     with pytest.raises(EnvironmentProblem, match="no NVIDIA GPU found; fp16 needs a GPU"):
         plan_targets("torch", ("fp16",), Environment())
-    with pytest.raises(InputError, match="--target torch --precision int8: the torch backend"):
-        plan_targets("torch", ("int8",), gpu)
+    with pytest.raises(InputError, match="--target torch --precision fp8: the torch backend"):
+        plan_targets("torch", ("fp8",), gpu)
 
 
 @pytest.mark.unit
-def test_build_spec_refuses_quantized_torch_engines():
-    with pytest.raises(InputError, match="builds fp32 and fp16 engines"):
-        BuildSpec(backend="torch", precision="int8").validate()
+def test_torch_int8_is_refused_where_the_gpu_has_no_integer_gemms():
+    """torch._int_mm's integer GEMMs need compute capability 8.0: a machine with an older GPU is
+    refused in one line, before anything is built; fp8 stays TensorRT's."""
+    older = Environment(gpus=(A100, T4), torch_cuda="13.0")
+    with pytest.raises(EnvironmentProblem, match="Tesla T4 has compute capability 7.5; .* 8.0"):
+        plan_targets("torch", ("int8",), older)
+    assert plan_targets("torch", ("int8",), Environment(gpus=(A100,), torch_cuda="13.0")).engines
+    with pytest.raises(InputError, match="fp8"):
+        BuildSpec(backend="torch", precision="fp8").validate()
 
 
 @pytest.mark.unit
