@@ -12,12 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bert_compiler.core.stage import StageReport
-from bert_compiler.stages.verify import Metric, ParitySummary
+from bert_compiler.stages.verify import Metric, ParitySummary, format_metric, or_nan
 from bert_compiler.triton.package import PackagedRepository
-
-
-def format_metric(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
 
 
 @dataclass(frozen=True)
@@ -123,7 +119,8 @@ class EngineReport:
             "passed": self.passed,
             "failures": list(self.failures),
             "float_ops": self.float_ops and self.float_ops.to_json(),
-            "speed": self.speed and self.speed.to_json(),
+            # verify writes {} where it timed nothing (a metric without an embedding pass).
+            "speed": self.speed.to_json() if self.speed else {},
             **({"fallback": self.fallback.to_json()} if self.fallback is not None else {}),
         }
 
@@ -133,17 +130,13 @@ class EngineReport:
         return (
             f"{'PASS' if self.passed else 'FAIL'} {self.backend} {self.device} "
             f"{self.precision}: {self.path}\n"
-            f"  parity min_cosine={_or_nan(self.parity.min_cosine):.6f} "
-            f"max_abs_err={_or_nan(self.parity.max_abs_err):.2e}; "
+            f"  parity min_cosine={or_nan(self.parity.min_cosine):.6f} "
+            f"max_abs_err={or_nan(self.parity.max_abs_err):.2e}; "
             f"{self.metric.name}={format_metric(self.metric.value)} "
             f"(PyTorch fp32 {format_metric(reference)})"
             f"{float_ops_line(self.float_ops, self.fallback)}"
             f"{self.speed.line() if self.speed else ''}\n  report: {self.report}"
         )
-
-
-def _or_nan(value: float | None) -> float:
-    return float("nan") if value is None else value
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,18 @@ def main() -> int:
     args = parser.parse_args()
     try:
         layers, hidden, intermediate = (int(n) for n in args.shape.split(","))
+        if min(layers, hidden, intermediate) < 1:
+            raise ValueError("--shape: sizes of 1 or more")
         report = json.loads(args.bench_json.read_text())
         device = BenchDevice(**report["device"])
         known = {f.name for f in fields(Measurement)}
         rows = [
             Measurement(**{k: v for k, v in r.items() if k in known}) for r in report["results"]
         ]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        real = [r for r in rows if r.data == "real" and not r.runner.startswith("tokenizer")]
+        if not real or not all(r.sentences_per_s > 0 for r in real):
+            raise ValueError("no engine or peer row on real text to take the mean length from")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         print(f"roofline: {args.bench_json}: {err}", file=sys.stderr)
         return 2
     config = {
@@ -42,7 +47,6 @@ def main() -> int:
         "hidden_size": hidden,
         "intermediate_size": intermediate,
     }
-    real = [r for r in rows if r.data == "real" and not r.runner.startswith("tokenizer")]
     mean = sum(r.tokens_per_s for r in real) / sum(r.sentences_per_s for r in real)
     rows, roof = with_roofline(rows, SimpleNamespace(config=config), device, mean)
     if roof is None:

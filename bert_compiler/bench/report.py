@@ -105,7 +105,7 @@ def format_table(report: BenchReport) -> str:
     if report.roofline is not None:
         roof = report.roofline
         lines.append(
-            f"roof: the share of the {roof.bound}-bound limit of this model on the "
+            f"roof: the share of the fp16 {roof.bound}-bound limit of this model on the "
             f"{roof.gpu.name} ({roof.sentences_per_s:,.0f} sentences/s at {roof.mean_length:.2f} "
             f"tokens per sentence; bench/roofline.py)"
         )

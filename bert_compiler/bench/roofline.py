@@ -1,18 +1,20 @@
 """How far an encoder engine is from what its GPU allows: the roofline of a BERT-family encoder
 on packed rows (every position a real token).
 
-Per token and layer, the encoder's GEMMs do 8h² (the query, key, value and output projections)
-plus 4·h·f (the feed-forward up and down projections) multiply-adds of two FLOPs' worth each, and
-attention 4·s·h more (scores and context over a row of s tokens): for BERT-base (h 768, f 3,072,
-12 layers) at STS-B's mean 16.24 tokens, 170.5 MFLOP per token. The bytes are the activations
-each kernel must read and write when every elementwise step (bias, GELU, residual, LayerNorm) is
-fused into a GEMM's epilogue: 14·h + 2·f values per token and layer (QKV reads h and writes 3h,
-attention reads 3h and writes h, the output projection reads h and the residual h and writes h,
-the up projection reads h and writes f, the down projection reads f and the residual h and
-writes h), two bytes each in fp16. Weights are read once per batch and left out: at the batch
-sizes measured they are a small fraction. An engine's limit is the lower of the GPU's peak
-FLOP rate over the FLOPs and its memory bandwidth over the bytes; its fraction of the roofline is
-its measured tokens per second over that limit.
+Per token and layer, the encoder's GEMMs do 8h² FLOPs (the query, key, value and output
+projections: 4h² multiply-adds of two FLOPs each) plus 4·h·f (the feed-forward up and down
+projections), and attention 4·s·h more (scores and context over a row of s tokens). The bytes are
+the activations each kernel must read and write when every elementwise step (bias, GELU, residual,
+LayerNorm) is fused into a GEMM's epilogue: 14·h + 2·f values per token and layer (QKV reads h and
+writes 3h, attention reads 3h and writes h, the output projection reads h and the residual h and
+writes h, the up projection reads h and writes f, the down projection reads f and the residual h
+and writes h), two bytes each in fp16. Weights are read once per batch and left out: at the batch
+sizes measured they are a small fraction. An engine's limit is the lower of the GPU's peak FLOP
+rate over the FLOPs and its memory bandwidth over the bytes; its fraction of the roofline is its
+measured tokens per second over that limit.
+
+It is the fp16 roofline: fp16 tensor-core peaks and two-byte activations, whatever the engine's
+precision (an fp32 engine's share is lower than its own limit's, an INT8 one's may exceed 1).
 
 The GPU peaks are dense (no 2:4 sparsity) fp16 tensor-core rates and memory bandwidths from
 NVIDIA's datasheets (each entry names its source); a GPU missing from the table has no roofline.
@@ -89,6 +91,7 @@ GPU_PEAKS: tuple[tuple[tuple[str, ...], GpuPeak], ...] = (
     (("H100", "NVL"), GpuPeak("H100 NVL", 835.0, 3.9, DATASHEET_H100)),
     (("H100", "PCIE"), GpuPeak("H100 PCIe", 756.0, 2.0, DATASHEET_H100)),
     (("H100",), GpuPeak("H100 SXM", 989.4, 3.35, DATASHEET_H100)),
+    (("H200", "NVL"), GpuPeak("H200 NVL", 835.0, 4.8, DATASHEET_H200)),
     (("H200",), GpuPeak("H200 SXM", 989.4, 4.8, DATASHEET_H200)),
     (("A100", "40GB"), GpuPeak("A100 40GB", 312.0, 1.555, DATASHEET_A100)),
     (("A100", "PCIE"), GpuPeak("A100 80GB PCIe", 312.0, 1.935, DATASHEET_A100)),

@@ -523,7 +523,7 @@ class TargetOptions(OptionGroup):
                 "auto: TensorRT and ONNX Runtime CUDA engines for every distinct GPU here, or "
                 "the CPU engine when there is no GPU or GPU backend; cuda: ONNX Runtime CUDA; "
                 "tensorrt; torch: this project's PyTorch engine on packed rows (fp16 on a GPU, "
-                "fp32 on the CPU; BERT-layout encoders)."
+                "fp32 on the CPU by default, int8 on either; BERT-layout encoders)."
             ),
             click.option(
                 "--keep-float-op",

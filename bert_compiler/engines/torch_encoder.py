@@ -68,11 +68,17 @@ CHECK_TOLERANCE = 1e-4
 
 
 def _check_against_onnxruntime(
-    source: Path, engine: TorchEncoder, where: str, built: TorchEncoder | None = None
+    source: Path,
+    engine: TorchEncoder,
+    where: str,
+    built: TorchEncoder | None = None,
+    built_reference: TorchEncoder | None = None,
 ) -> dict[str, float]:
     """The largest differences, relative to the largest output, between ONNX Runtime on the
     source graph and ``engine`` (the weights as read, padded and packed: ``onnxruntime``), and
-    ``built`` (the engine as built, on its GPU: ``device``), on the same rows.
+    ``built`` (the engine as built, on its GPU: ``device``), on the same rows. The GPU engine
+    is held to ONNX Runtime's outputs, or to ``built_reference``'s where given (an INT8 engine:
+    the same file on the CPU, the same integer arithmetic).
 
     Raises:
         UnsupportedModelError: the weights as read differ by more than CHECK_TOLERANCE.
@@ -133,11 +139,18 @@ def _check_against_onnxruntime(
             "with --target cuda (ONNX Runtime) instead"
         ) from err
     got = got[valid] if got.ndim == 3 else got
-    differences["device"] = float(np.abs(got - expected).max()) / scale
+    if built_reference is None:
+        reference, agrees = expected, "fp32 on the CPU agrees"
+    else:
+        reference = built_reference.run_packed(*packed_rows, longest)[engine.layout.output]
+        reference = reference.numpy()[valid] if reference.ndim == 3 else reference.numpy()
+        agrees = f"the {built.precision} engine on the CPU agrees"
+    differences["device"] = float(np.abs(got - reference).max()) / scale
     if not differences["device"] <= DEVICE_TOLERANCE:
         raise EnvironmentProblem(
             f"{where}: the torch engine differs on this GPU by {differences['device']:.2e} of "
-            "the output (fp32 on the CPU agrees); build it with --target cuda (ONNX Runtime)"
+            f"the output ({agrees} with ONNX Runtime); build it with --target cuda (ONNX "
+            "Runtime)"
         )
     return differences
 
@@ -145,13 +158,33 @@ def _check_against_onnxruntime(
 # The precisions the torch backend builds; int8 quantizes the fused graph's weights itself
 # (engines/torch_module.py int8_linear), from no calibrated graph.
 PRECISIONS = ("fp32", "fp16", "int8")
-# torch._int_mm's integer GEMMs on a GPU: Ampere (8.0) and later.
+# torch._int_mm's integer GEMMs on a GPU: Ampere (8.0) and later, and the two sizes of every
+# weight multiples of 8.
 INT8_CAPABILITY = (8, 0)
+INT_MM_MULTIPLE = 8
 
 
 def _capability(text: str) -> tuple[int, int]:
     major, _, minor = text.partition(".")
     return int(major), int(minor or 0)
+
+
+def _check_int_mm_sizes(tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """torch._int_mm on a GPU multiplies only sizes that are multiples of 8: the hidden and
+    feed-forward sizes of every integer GEMM.
+
+    Raises:
+        UnsupportedModelError: a size that is not.
+    """
+    for name, weight in tensors.items():
+        odd = [n for n in weight.shape if n % INT_MM_MULTIPLE] if quantized_linear(name) else []
+        if odd:
+            raise unsupported(
+                where,
+                f"{name} is {list(weight.shape)}: the int8 engine's integer GEMMs on a GPU "
+                f"(torch._int_mm) need sizes that are multiples of {INT_MM_MULTIPLE}; build "
+                "it in fp16, or int8 on the CPU",
+            )
 
 
 def _engine_tensors(read: Mapping[str, np.ndarray], spec: BuildSpec) -> dict[str, Any]:
@@ -279,6 +312,8 @@ class TorchBackend(Backend):
             graph = load_onnx(source)
             check_float_source(graph, precision=spec.precision, where=str(source))
             read["layout"], read["tensors"] = read_encoder(graph, str(source))
+            if spec.precision == "int8" and spec.device == "cuda":
+                _check_int_mm_sizes(read["tensors"], str(source))
 
         def body(folder: Path) -> tuple[list[str], dict[str, Any]]:
             import torch
@@ -305,7 +340,12 @@ class TorchBackend(Backend):
             engine = TorchEncoder(
                 folder / ENGINE_FILE, layout, spec.device, spec.precision, options=options
             )
-            differences = _check_against_onnxruntime(source, check, str(source), built=engine)
+            on_cpu = None
+            if spec.precision == "int8" and spec.device == "cuda":
+                on_cpu = TorchEncoder(folder / ENGINE_FILE, layout, "cpu", "int8")
+            differences = _check_against_onnxruntime(
+                source, check, str(source), built=engine, built_reference=on_cpu
+            )
             return [ENGINE_FILE], {
                 "engine_file": ENGINE_FILE,
                 "torch": self.version(),

@@ -207,6 +207,38 @@ class _CapturedBatch:
     outputs: dict[str, Any]
 
 
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def _check_dtypes(read: Mapping[str, Any], names: Any, int8: bool, where: str) -> None:
+    """An INT8 engine's quantized weights are int8 with finite positive float scales, and no
+    other tensor is integer: a file opened as another precision than it was built for, or one
+    written by something else, would otherwise run as silent garbage.
+
+    Raises:
+        LayoutError: the first tensor that is not so.
+    """
+    import torch
+
+    for name in names:
+        tensor = read[name]
+        quantized = int8 and quantized_linear(name)
+        if quantized != (tensor.dtype == torch.int8):
+            kind = "int8" if quantized else "float"
+            raise LayoutError(
+                f"{where}: tensor {name} is {tensor.dtype}, a {'int8' if int8 else 'float'} "
+                f"engine's is {kind}; open the engine at the precision it was built for, or "
+                "rebuild it"
+            )
+        if name.endswith(".scale") and not (
+            tensor.is_floating_point() and bool(torch.isfinite(tensor).all() and (tensor > 0).all())
+        ):
+            raise LayoutError(
+                f"{where}: tensor {name} holds scales that are not finite and positive; "
+                "rebuild the engine"
+            )
+
+
 def _stored_dtype(name: str, dtype: Any, int8: bool) -> Any:
     """How a tensor is kept on the device: an INT8 engine's quantized weights as int8 and their
     scales in float32; the classifier head in float32 (it runs on the float32 pooled rows, a few
@@ -249,6 +281,12 @@ class TorchEncoder:
         self.output_names = [layout.output]
         # An INT8 engine computes in fp16 on a GPU and fp32 on a CPU, its projections and
         # feed-forward as integer GEMMs (int8_linear).
+        if dtype_name not in PRECISIONS:
+            raise LayoutError(
+                f"{path}: precision {dtype_name!r}; a torch engine is one of "
+                f"{', '.join(PRECISIONS)}"
+            )
+        self.precision = dtype_name
         self.int8 = dtype_name == "int8"
         dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(
             dtype_name, torch.float16 if device == "cuda" else torch.float32
@@ -274,6 +312,7 @@ class TorchEncoder:
                     f"{path}: tensor {name} is {got or 'missing'}, the layout needs {shape}; "
                     "rebuild the engine"
                 )
+        _check_dtypes(read, expected, self.int8, str(path))
         self.weights = {
             name: read[name].to(device=device, dtype=_stored_dtype(name, dtype, self.int8))
             for name in expected
@@ -536,8 +575,8 @@ class TorchEncoder:
 
 
 def open_engine(engine_path: Path, device: str, precision: str) -> TorchEncoder:
-    """The engine file as a TorchEncoder on ``device`` (``precision``: fp32 or fp16), run with
-    the options it was built with.
+    """The engine file as a TorchEncoder on ``device`` (``precision``: fp32, fp16 or int8), run
+    with the options it was built with.
 
     Raises:
         LayoutError: as read_layout and read_options, or a tensor that does not fit the layout.

@@ -388,7 +388,7 @@ def _variants(model, spec: SweepSpec, calibration: CalibrationSpec, batches) -> 
     activations = sorted({t.activation for t in quantizable_matmuls(model)})
     channel_amax = collect_channel_amax(model, activations, batches)
     variants = []
-    for alpha in spec.smooth_alpha:
+    for alpha in dict.fromkeys(spec.smooth_alpha):
         variant = model
         if alpha is not None:
             variant = apply_smoothing(model, smoothing_factors(model, channel_amax, alpha=alpha))

@@ -179,6 +179,16 @@ class MetricResult:
     note: str = ""
 
 
+def format_metric(value: float | None) -> str:
+    """A metric value as the CLI prints it (n/a where it could not be computed)."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def or_nan(value: float | None) -> float:
+    """A parity figure to print with a float format (nan where nothing was compared)."""
+    return float("nan") if value is None else value
+
+
 @dataclass(frozen=True)
 class Metric:
     """A task metric's name and value (None where it could not be computed)."""

@@ -16,6 +16,8 @@ from bert_compiler.stages.verify import (
     Metric,
     ParitySummary,
     VerifySpec,
+    format_metric,
+    or_nan,
     summarize_parity,
     verify_engine,
 )
@@ -74,11 +76,9 @@ class GatedEngine:
         if self.status == SKIPPED:
             return f"SKIP {self.label}: {self.reason}"
         assert self.parity is not None and self.metric is not None
-        min_cosine = float("nan") if self.parity.min_cosine is None else self.parity.min_cosine
-        value = "n/a" if self.metric.value is None else f"{self.metric.value:.2f}"
         return (
-            f"{self.status.upper()} {self.label}: min_cosine={min_cosine:.6f} "
-            f"{self.metric.name}={value}"
+            f"{self.status.upper()} {self.label}: min_cosine={or_nan(self.parity.min_cosine):.6f} "
+            f"{self.metric.name}={format_metric(self.metric.value)}"
         )
 
 

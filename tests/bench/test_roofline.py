@@ -64,6 +64,7 @@ def test_device_names_as_torch_reports_them_find_their_peak():
         "NVIDIA H100 PCIe": "H100 PCIe",
         "NVIDIA H100 NVL": "H100 NVL",
         "NVIDIA H200": "H200 SXM",
+        "NVIDIA H200 NVL": "H200 NVL",
         "NVIDIA A100-SXM4-80GB": "A100 80GB SXM",
         "NVIDIA A100-SXM4-40GB": "A100 40GB",
         "NVIDIA A100 80GB PCIe": "A100 80GB PCIe",
@@ -148,6 +149,15 @@ def test_the_script_gives_a_recorded_run_its_shares(tmp_path):
     share = roofline(shape, gpu_peak(H100.name), length).fraction(engine["tokens_per_s"])
     line = next(x for x in lines if x.startswith("pt2.11.0-cuda-fp16 (runtime)"))
     assert line.endswith(f"{round(share, 4):.1%}")  # bench keeps four places
+    only_tokenizer = json.loads(recorded.read_text())
+    only_tokenizer["results"] = [
+        r for r in only_tokenizer["results"] if r["runner"].startswith("tokenizer")
+    ]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(only_tokenizer))
+    for path, shape in ((tmp_path / "tokenizer.json", "6,384,1536"), (recorded, "0,384,1536")):
+        refused = subprocess.run([*script, str(path), "--shape", shape],
+                                 capture_output=True, text=True)  # fmt: skip
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
     (tmp_path / "bad.json").write_text("{")
     bad = subprocess.run([*script, str(tmp_path / "bad.json"), "--shape", "6,384,1536"],
                          capture_output=True, text=True)  # fmt: skip

@@ -61,6 +61,15 @@ def test_run_json_last_line(tiny_embedding_model, tmp_path):
         assert set(value) == keys, where
         line = documented.split(where, 1)[1].split(";", 1)[0]
         assert keys <= set(re.findall(r"`([^`]+)`", line)), where
+    # The order too: the typed results write what the dicts they replaced wrote.
+    assert list(summary) == [
+        "ok", "model", "out", "fused_operators", "fusion_note", "pytorch_fp32_metric", "engines",
+        "repository", "stages", "notes",
+    ]  # fmt: skip
+    assert list(engine) == [
+        "backend", "precision", "device", "compute_capability", "name", "path", "manifest",
+        "report", "parity", "metric", "passed", "failures", "float_ops", "speed",
+    ]  # fmt: skip
     assert summary["pytorch_fp32_metric"]["name"] == "stsb_spearman"
     assert Path(engine["path"]).is_file()
     assert engine["float_ops"] is None  # fp32: nothing quantized

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from bert_compiler.cli.commands import cli
 from bert_compiler.core.targets import Environment
 from bert_compiler.engines.backend import BuildSpec, load_engine
+from bert_compiler.engines.batching import BatchingSpec
 from bert_compiler.engines.targets import plan_targets
 from bert_compiler.engines.torch_module import int8_linear, quantize_weight
 from bert_compiler.runtime.encoder import Encoder
@@ -117,20 +118,71 @@ def _float_engine(tiny_run, tmp_path: Path) -> Path:
 
 @pytest.mark.gpu
 @pytest.mark.e2e
-def test_torch_cuda_int8_engine_matches_the_cpu_int8_engine(tiny_run, tmp_path):
+def test_torch_cuda_int8_engine_matches_the_cpu_int8_engine(tmp_path):
     """On a GPU (cuBLASLt's int8 GEMM, fp16 activations, batches under 17 rows padded) the
     engine tracks the CPU INT8 engine's outputs."""
     _skip_unless(_cuda_reason())
+    from bert_compiler.models.loading import resolve_model
+    from bert_compiler.run import RunSpec, run_pipeline
     from bert_compiler.stages.build import build
+    from tests.conftest import TINY_VERIFY
+    from tests.tiny_models import make_tiny_model
 
-    info, out, _spec, _summary = tiny_run
-    source = out / "fuse" / "model.onnx"
+    # The tiny config's feed-forward (37) is no multiple of 8: torch._int_mm's GPU sizes.
+    folder = make_tiny_model(tmp_path / "model", config_overrides={"intermediate_size": 64})
+    info = resolve_model(folder)
+    run_pipeline(info=info, out=tmp_path / "run", spec=RunSpec(verify=TINY_VERIFY))
+    source = tmp_path / "run" / "fuse" / "model.onnx"
     engines = {}
     for device in ("cpu", "cuda"):
         folder = tmp_path / device
         build(source=source, out_dir=folder,
               spec=BuildSpec(backend="torch", device=device, precision="int8"))  # fmt: skip
         engines[device], _ = load_engine(folder)
+    # Batches under 17 rows (padded for torch._int_mm) and over, each replayed as CUDA graphs.
     texts = ["A man is playing a guitar.", "short"] * 20
-    cpu, cuda = (Encoder(engines[d], info).encode(texts)["sentence_embedding"] for d in engines)
-    np.testing.assert_allclose(cuda, cpu, atol=2e-2)
+    for rows in (1, 5, 16, 17, 40):
+        batching = BatchingSpec(max_batch=rows, token_budget=4096)
+        cpu, cuda = (
+            Encoder(engines[d], info, batching=batching).encode(texts)["sentence_embedding"]
+            for d in ("cpu", "cuda")
+        )
+        np.testing.assert_allclose(cuda, cpu, atol=2e-2)
+    assert engines["cuda"]._captured  # the small batches ran as graphs
+
+
+def test_a_gpu_int8_engine_needs_sizes_its_integer_gemms_take():
+    """torch._int_mm on a GPU multiplies sizes that are multiples of 8 only: refused at build in
+    one line naming the tensor, rather than failing on the GPU as if the GPU were to blame."""
+    from bert_compiler.core.errors import UnsupportedModelError
+    from bert_compiler.engines.torch_encoder import _check_int_mm_sizes
+
+    fits = {"layers.0.up.weight": np.zeros((64, 32)), "layers.0.norm1.weight": np.zeros(37)}
+    _check_int_mm_sizes(fits, "g.onnx")  # a LayerNorm of 37 is no GEMM
+    odd = {**fits, "layers.0.down.weight": np.zeros((32, 37))}
+    with pytest.raises(UnsupportedModelError, match=r"layers.0.down.weight is \[32, 37\]"):
+        _check_int_mm_sizes(odd, "g.onnx")
+
+
+@pytest.mark.e2e
+def test_an_engine_file_opened_at_another_precision_is_one_line(tiny_run, tmp_path):
+    """An INT8 file opened as fp32 (its int8 weights would run as floats, unscaled), a float file
+    opened as int8 (no scales), and a precision no torch engine has: each a LayoutError (an
+    ArtifactError at load) rather than silent garbage."""
+    from bert_compiler.engines.torch_layout import LayoutError, read_layout
+    from bert_compiler.engines.torch_module import TorchEncoder
+    from bert_compiler.stages.build import build
+
+    _info, out, _spec, _summary = tiny_run
+    files = {}
+    for precision in ("int8", "fp32"):
+        spec = BuildSpec(backend="torch", precision=precision)
+        build(source=out / "fuse" / "model.onnx", out_dir=tmp_path / precision, spec=spec)
+        files[precision] = tmp_path / precision / "encoder.safetensors"
+    layout = read_layout(files["int8"])
+    with pytest.raises(LayoutError, match="a float engine's is float"):
+        TorchEncoder(files["int8"], layout, "cpu", "fp32")
+    with pytest.raises(LayoutError, match=r"qkv.scale is missing"):
+        TorchEncoder(files["fp32"], layout, "cpu", "int8")
+    with pytest.raises(LayoutError, match="precision 'int4'"):
+        TorchEncoder(files["int8"], layout, "cpu", "int4")
