@@ -126,33 +126,40 @@ def _check_against_onnxruntime(
     differences = {"onnxruntime": worst}
     if built is None or built.device == "cpu":
         return differences
-    # The engine as built, on its GPU (the Triton kernel compiles here): a GPU or Triton that
-    # cannot run it fails at build, in one line, rather than in the middle of a verify.
+    if built_reference is None:
+        reference, against = expected, "fp32 on the CPU agrees with ONNX Runtime"
+    else:
+        reference = built_reference.run_packed(*packed_rows, longest)[engine.layout.output]
+        reference = reference.numpy()[valid] if reference.ndim == 3 else reference.numpy()
+        against = f"against the {built.precision} engine on the CPU"
+    got = _run_on_device(built, packed_rows, longest, where)
+    got = got[valid] if got.ndim == 3 else got
+    differences["device"] = float(np.abs(got - reference).max()) / scale
+    if not differences["device"] <= DEVICE_TOLERANCE:
+        raise EnvironmentProblem(
+            f"{where}: the torch engine differs on this GPU by {differences['device']:.2e} of "
+            f"the output ({against}); build it with --target cuda (ONNX Runtime)"
+        )
+    return differences
+
+
+def _run_on_device(built: TorchEncoder, packed_rows: tuple, longest: int, where: str):
+    """The engine as built, on its GPU (the Triton kernel compiles here): a GPU or Triton that
+    cannot run it fails at build, in one line, rather than in the middle of a verify.
+
+    Raises:
+        EnvironmentProblem: it fails to run there.
+    """
     try:
         ids_on, types_on, lengths_on = (t.to(built.device) for t in packed_rows)
         on_device = built.run_packed(ids_on, types_on, lengths_on, longest)
-        got = on_device[engine.layout.output].cpu().numpy()
+        return on_device[built.layout.output].cpu().numpy()
     except Exception as err:  # noqa: BLE001 - Triton's compiler raises many kinds of error
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise EnvironmentProblem(
             f"{where}: the torch engine failed to run on this GPU ({first[:200]}); build it "
             "with --target cuda (ONNX Runtime) instead"
         ) from err
-    got = got[valid] if got.ndim == 3 else got
-    if built_reference is None:
-        reference, agrees = expected, "fp32 on the CPU agrees"
-    else:
-        reference = built_reference.run_packed(*packed_rows, longest)[engine.layout.output]
-        reference = reference.numpy()[valid] if reference.ndim == 3 else reference.numpy()
-        agrees = f"the {built.precision} engine on the CPU agrees"
-    differences["device"] = float(np.abs(got - reference).max()) / scale
-    if not differences["device"] <= DEVICE_TOLERANCE:
-        raise EnvironmentProblem(
-            f"{where}: the torch engine differs on this GPU by {differences['device']:.2e} of "
-            f"the output ({agrees} with ONNX Runtime); build it with --target cuda (ONNX "
-            "Runtime)"
-        )
-    return differences
 
 
 # The precisions the torch backend builds; int8 quantizes the fused graph's weights itself
