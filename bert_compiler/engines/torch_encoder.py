@@ -50,7 +50,12 @@ from bert_compiler.engines.torch_layout import (
     read_layout,
     read_options,
 )
-from bert_compiler.engines.torch_module import TorchEncoder, quantize_weight, quantized_linear
+from bert_compiler.engines.torch_module import (
+    PRECISIONS,
+    TorchEncoder,
+    quantize_weight,
+    quantized_linear,
+)
 from bert_compiler.engines.torch_reader import read_encoder, unsupported
 
 log = logging.getLogger("bert_compile")
@@ -162,9 +167,6 @@ def _run_on_device(built: TorchEncoder, packed_rows: tuple, longest: int, where:
         ) from err
 
 
-# The precisions the torch backend builds; int8 quantizes the fused graph's weights itself
-# (engines/torch_module.py int8_linear), from no calibrated graph.
-PRECISIONS = ("fp32", "fp16", "int8")
 # torch._int_mm's integer GEMMs on a GPU: Ampere (8.0) and later, and the two sizes of every
 # weight multiples of 8.
 INT8_CAPABILITY = (8, 0)

@@ -207,6 +207,7 @@ class _CapturedBatch:
     outputs: dict[str, Any]
 
 
+# The precisions of a torch engine (int8: int8_linear's integer GEMMs).
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
