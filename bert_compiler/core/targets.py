@@ -180,10 +180,15 @@ def detect() -> Environment:
     )
 
 
+def parse_capability(compute_capability: str) -> tuple[int, ...]:
+    """A compute capability as nvidia-smi writes it (``"8.9"``) as numbers to compare with a
+    minimum (``(8, 9)``)."""
+    return tuple(int(p) for p in compute_capability.split(".") if p.isdigit())
+
+
 def fp8_capable(compute_capability: str) -> bool:
     """True for a GPU with fp8 tensor cores (compute capability ``"8.9"`` or newer)."""
-    parts = tuple(int(p) for p in compute_capability.split(".") if p.isdigit())
-    return parts >= FP8_MIN_COMPUTE_CAPABILITY
+    return parse_capability(compute_capability) >= FP8_MIN_COMPUTE_CAPABILITY
 
 
 def fp8_refusal(where: str) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from bert_compiler.core.artifacts import atomic_path
 from bert_compiler.core.errors import ArtifactError, EnvironmentProblem, InputError
 from bert_compiler.core.onnx_io import load_onnx
-from bert_compiler.core.targets import Environment
+from bert_compiler.core.targets import Environment, parse_capability
 from bert_compiler.engines.backend import (
     Backend,
     BuildJob,
@@ -173,11 +173,6 @@ INT8_CAPABILITY = (8, 0)
 INT_MM_MULTIPLE = 8
 
 
-def _capability(text: str) -> tuple[int, int]:
-    major, _, minor = text.partition(".")
-    return int(major), int(minor or 0)
-
-
 def _check_int_mm_sizes(tensors: Mapping[str, np.ndarray], where: str) -> None:
     """torch._int_mm on a GPU multiplies only sizes that are multiples of 8: the hidden and
     feed-forward sizes of every integer GEMM.
@@ -247,7 +242,9 @@ class TorchBackend(Backend):
         notes: tuple[str, ...]
         if env.gpus and env.torch_cuda:
             device, chosen, notes = "cuda", precisions or ("fp16",), ()
-            older = [g for g in env.gpus if _capability(g.compute_capability) < INT8_CAPABILITY]
+            older = [
+                g for g in env.gpus if parse_capability(g.compute_capability) < INT8_CAPABILITY
+            ]
             if "int8" in chosen and older:
                 raise EnvironmentProblem(
                     f"--target {target} --precision int8: {older[0].name} has compute "
