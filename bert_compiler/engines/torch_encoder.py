@@ -47,12 +47,12 @@ from bert_compiler.engines.torch_layout import (
     EncoderLayout,
     LayoutError,
     TorchEngineOptions,
-    read_layout,
-    read_options,
 )
 from bert_compiler.engines.torch_module import (
     PRECISIONS,
     TorchEncoder,
+    compute_dtype,
+    open_engine,
     quantize_weight,
     quantized_linear,
 )
@@ -197,8 +197,7 @@ def _engine_tensors(read: Mapping[str, np.ndarray], spec: BuildSpec) -> dict[str
     scales (torch_module.quantize_weight), the rest fp16 on a GPU and fp32 on a CPU."""
     import torch
 
-    half = spec.precision == "fp16" or (spec.precision == "int8" and spec.device == "cuda")
-    dtype = torch.float16 if half else torch.float32
+    dtype = compute_dtype(spec.precision, spec.device)
     tensors: dict[str, Any] = {}
     for name, array in read.items():
         weight = torch.from_numpy(array)
@@ -386,13 +385,10 @@ class TorchBackend(Backend):
                     f"{capability[0]}.{capability[1]}; its integer GEMMs (torch._int_mm) need "
                     "8.0 or later"
                 )
-        # The layout inside the engine file, whose sha256 the caller checked (the manifest's
-        # results are a copy for readers).
+        # The layout and options inside the engine file, whose sha256 the caller checked (the
+        # manifest's results are a copy for readers).
         try:
-            layout, options = read_layout(engine_path), read_options(engine_path)
-            return TorchEncoder(
-                engine_path, layout, spec["device"], spec["precision"], options=options
-            )
+            return open_engine(engine_path, spec["device"], spec["precision"])
         except LayoutError as err:
             raise ArtifactError(str(err)) from None
 

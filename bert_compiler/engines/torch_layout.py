@@ -183,7 +183,23 @@ def read_layout(engine_path: Path) -> EncoderLayout:
     Raises:
         LayoutError: none there, or not one this tool wrote.
     """
-    recorded = _metadata(engine_path).get("layout", "")
+    return _layout_of(_metadata(engine_path), engine_path)
+
+
+def read_header(engine_path: Path) -> tuple[EncoderLayout, TorchEngineOptions]:
+    """The layout and the options stored in an engine file's metadata, read once.
+
+    Raises:
+        LayoutError: no layout there, or a layout or options not this tool's.
+    """
+    metadata = _metadata(engine_path)
+    recorded = metadata.get(OPTIONS_METADATA)
+    options = TorchEngineOptions.from_metadata(recorded, str(engine_path))
+    return _layout_of(metadata, engine_path), options
+
+
+def _layout_of(metadata: Mapping[str, str], engine_path: Path) -> EncoderLayout:
+    recorded = metadata.get("layout", "")
     try:
         data = json.loads(recorded)
     except ValueError:
@@ -191,16 +207,6 @@ def read_layout(engine_path: Path) -> EncoderLayout:
     if not isinstance(data, dict):
         raise LayoutError(f"{engine_path}: no layout in the engine file; rebuild the engine")
     return EncoderLayout.from_dict(data, str(engine_path))
-
-
-def read_options(engine_path: Path) -> TorchEngineOptions:
-    """The TorchEngineOptions stored in an engine file's metadata.
-
-    Raises:
-        LayoutError: options there that are not this tool's.
-    """
-    recorded = _metadata(engine_path).get(OPTIONS_METADATA)
-    return TorchEngineOptions.from_metadata(recorded, str(engine_path))
 
 
 def _metadata(engine_path: Path) -> dict[str, str]:

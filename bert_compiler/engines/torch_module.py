@@ -25,16 +25,14 @@ try:  # inside bert_compiler
         EncoderLayout,
         LayoutError,
         TorchEngineOptions,
-        read_layout,
-        read_options,
+        read_header,
     )
 except ImportError:  # inside Triton: the copy package puts beside this file
     from torch_layout import (  # type: ignore[no-redef]
         EncoderLayout,
         LayoutError,
         TorchEngineOptions,
-        read_layout,
-        read_options,
+        read_header,
     )
 
 log = logging.getLogger("bert_compile")
@@ -63,6 +61,15 @@ def quantized_linear(name: str) -> bool:
         and parts[2] in QUANTIZED_LINEARS
         and (parts[3] == "weight")
     )
+
+
+def compute_dtype(precision: str, device: str) -> Any:
+    """The float type an engine computes in: fp16 for an fp16 engine and for an INT8 one on a
+    GPU (around its integer GEMMs), fp32 otherwise."""
+    import torch
+
+    half = precision == "fp16" or (precision == "int8" and device == "cuda")
+    return torch.float16 if half else torch.float32
 
 
 def quantize_weight(weight: Any) -> tuple[Any, Any]:
@@ -289,9 +296,7 @@ class TorchEncoder:
             )
         self.precision = dtype_name
         self.int8 = dtype_name == "int8"
-        dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(
-            dtype_name, torch.float16 if device == "cuda" else torch.float32
-        )
+        dtype = compute_dtype(dtype_name, device)
         read = tensors if tensors is not None else load_file(str(path), device="cpu")
         expected = layout.shapes(read)
         if self.int8:
@@ -580,12 +585,7 @@ def open_engine(engine_path: Path, device: str, precision: str) -> TorchEncoder:
     with the options it was built with.
 
     Raises:
-        LayoutError: as read_layout and read_options, or a tensor that does not fit the layout.
+        LayoutError: as read_header, or a tensor that does not fit the layout.
     """
-    return TorchEncoder(
-        engine_path,
-        read_layout(engine_path),
-        device,
-        precision,
-        options=read_options(engine_path),
-    )
+    layout, options = read_header(engine_path)
+    return TorchEncoder(engine_path, layout, device, precision, options=options)
