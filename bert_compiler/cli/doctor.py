@@ -73,12 +73,17 @@ class DoctorReport:
     def ok(self) -> bool:
         return self.targets["cpu"].ready and not self.problems
 
+    @property
+    def tensorrt(self) -> str:
+        """TensorRT's version, or why there is none."""
+        return self.env.tensorrt or f"no ({self.env.tensorrt_problem})"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
             "versions": dict(self.versions),
             "gpus": self.env.to_dict()["gpus"],
-            "tensorrt": self.env.tensorrt or f"no ({self.env.tensorrt_problem})",
+            "tensorrt": self.tensorrt,
             "onnxruntime_providers": list(self.env.ort_providers),
             "targets": {name: entry.to_json() for name, entry in self.targets.items()},
             "package": self.package.to_json(),
@@ -94,7 +99,7 @@ class DoctorReport:
             f"onnxruntime {versions.get('onnxruntime')}"
         ]
         lines += [f"GPU {g.index}: {g.name} ({g.sm})" for g in self.env.gpus] or ["GPU: none"]
-        lines.append(f"TensorRT: {self.env.tensorrt or f'no ({self.env.tensorrt_problem})'}")
+        lines.append(f"TensorRT: {self.tensorrt}")
         lines += [f"target {name}: {entry.state()}" for name, entry in self.targets.items()]
         lines.append(f"package: {'ready' if self.package.ready else self.package.missing}")
         lines.append(
